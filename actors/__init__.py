@@ -1,0 +1,1 @@
+"""A supervised actor runtime on trio: actors, mailboxes, OTP-style supervisors."""

@@ -1,0 +1,1 @@
+"""KVMemo benchmarks: ``just bench`` runs them all (``python -m benchmarks``)."""

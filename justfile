@@ -1,0 +1,25 @@
+# KVMemo development recipes. `just test` is what CI runs.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env_var_or_default("PYTHON", "python")
+
+# Lint, type-check, then run the whole test suite.
+test: lint typecheck
+    {{python}} -m pytest -q
+
+# ruff over the whole tree.
+lint:
+    {{python}} -m ruff check .
+
+# mypy --strict over both packages.
+typecheck:
+    {{python}} -m mypy --strict kvmemo actors
+
+# Run the server with the embedded default configuration.
+serve *ARGS:
+    {{python}} -m kvmemo serve {{ARGS}}
+
+# Run every benchmark and print its figures (never fails on speed).
+bench:
+    {{python}} -m benchmarks

@@ -1,0 +1,5 @@
+"""``python -m kvmemo``: the same as the ``kvmemo`` console script."""
+
+from .cli import main
+
+raise SystemExit(main())

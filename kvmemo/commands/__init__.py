@@ -1,0 +1,1 @@
+"""KVMemo commands layer (see ../shared/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""KVMemo engine layer (see ../shared/ARCHITECTURE.md)."""

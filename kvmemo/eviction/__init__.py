@@ -1,0 +1,1 @@
+"""KVMemo eviction layer (see ../shared/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""KVMemo expiry layer (see ../shared/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""KVMemo observability layer (see ../shared/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""KVMemo server layer (see ../shared/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""KVMemo storage layer (see ../shared/ARCHITECTURE.md)."""
