@@ -1,0 +1,272 @@
+"""The runtime's record of one supervised child: mailbox, state, incarnations.
+
+A cell belongs to its supervisor's child spec and lives as long as the actor
+system: the mailbox and the state that outlives incarnations live here, so a
+restart keeps every queued message and the state survives its task.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .actor import Actor, ActorContext, ActorState
+from .errors import ActorCrashed, ActorKilled, ActorStopped
+from .events import EventKind
+from .reply import ReplySlot
+from .spec import ChildSpec, RestartType
+
+if TYPE_CHECKING:
+    from .system import ActorSystem
+
+Envelope = tuple[Any, ReplySlot | None]
+"""A queued message and, for an ask, the slot its reply goes to."""
+
+
+class _StopSignal:
+    """Queued behind every pending message to stop an actor gracefully."""
+
+
+STOP = _StopSignal()
+
+
+class ExitReason(enum.Enum):
+    """How an incarnation ended."""
+
+    NORMAL = "normal"  # the actor stopped itself, or finished a graceful stop
+    CRASHED = "crashed"  # an exception escaped
+    KILLED = "killed"  # killed through the chaos API
+    STOPPED = "stopped"  # cancelled by its supervisor (restart of a group or shutdown)
+
+
+class ChildCell:
+    """One supervised child: its mailbox, its lifecycle and its lasting state.
+
+    Invariants: at most one incarnation runs at a time (``scope`` is set while
+    it runs); ``current`` is the reply slot of the message being handled, so a
+    crash can fail exactly that ask; a closed cell (``STOPPED``) has a closed
+    mailbox and no queued message left.
+    """
+
+    def __init__(self, spec: ChildSpec, system: ActorSystem) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.system = system
+        self.capacity = spec.mailbox_capacity
+        self.send: trio.MemorySendChannel[Envelope]
+        self.receive: trio.MemoryReceiveChannel[Envelope]
+        self.send, self.receive = trio.open_memory_channel[Envelope](self.capacity)
+        self.state = ActorState.STARTING
+        self.incarnation = 0
+        self.restarts = 0
+        self.failures = 0  # consecutive failures, for backoff
+        self.last_start = 0.0
+        self.restart_at: float | None = None
+        self.scope: trio.CancelScope | None = None
+        self.done = trio.Event()
+        self.kill_requested = False
+        self.stop_requested = False
+        self.ignore_exit_of = 0  # incarnation whose exit the supervisor caused itself
+        self.fault: BaseException | None = None
+        self.current: ReplySlot | None = None
+        self.handler_started = False
+        self.processed = 0
+        self.heir_state: Any = None
+        self._has_state = False
+
+    @property
+    def is_supervisor(self) -> bool:
+        return self.spec.supervisor is not None
+
+    def mailbox_depth(self) -> int:
+        return self.receive.statistics().current_buffer_used
+
+    def restart_wanted(self, reason: ExitReason) -> bool:
+        """Whether the spec's restart type asks for a restart after ``reason``."""
+        restart = self.spec.restart
+        if restart is RestartType.PERMANENT:
+            return True
+        if restart is RestartType.TRANSIENT:
+            return reason in (ExitReason.CRASHED, ExitReason.KILLED)
+        return False
+
+    # -- running one incarnation ------------------------------------------------
+
+    async def run(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> tuple[ExitReason, BaseException | None]:
+        """Run one incarnation to its end and say how it ended; never raises.
+
+        Only the supervisor stops a child: the incarnation runs in a shielded
+        scope that the supervisor (or a kill) cancels explicitly.
+        """
+        self.incarnation += 1
+        self.kill_requested = False
+        self.stop_requested = False
+        self.done = trio.Event()
+        reason = ExitReason.NORMAL
+        error: BaseException | None = None
+        started = False
+
+        def report_started() -> None:
+            nonlocal started
+            started = True
+            self.state = ActorState.RUNNING
+            self.restart_at = None
+            self.last_start = trio.current_time()
+            first = self.incarnation == 1
+            self.system.events.emit(self.name, EventKind.STARTED if first else EventKind.RESTARTED)
+            task_status.started()
+
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                self.scope = scope
+                try:
+                    if self.spec.supervisor is not None:
+                        await self.spec.supervisor.run_as_child(self, report_started)
+                    else:
+                        await self._run_actor(report_started)
+                except Exception as exc:  # noqa: BLE001 - the supervisor classifies every exit
+                    reason, error = ExitReason.CRASHED, exc
+            if scope.cancelled_caught:
+                if self.kill_requested:
+                    reason, error = ExitReason.KILLED, ActorKilled(f"{self.name} was killed")
+                else:
+                    reason = ExitReason.STOPPED
+        finally:
+            self.scope = None
+            current = self.current
+            if current is not None:
+                self.current = None
+                cause = error if error is not None else ActorStopped(self.name)
+                current.fail(ActorCrashed(self.name, cause, handler_started=self.handler_started))
+            if not started:
+                task_status.started()
+            self.done.set()
+        return reason, error
+
+    async def _run_actor(self, report_started: Any) -> None:
+        assert self.spec.start is not None
+        self._prepare_state()
+        ctx = ActorContext(self.name, self.system, self.heir_state, self.incarnation, self)
+        actor = self.spec.start(ctx)
+        actor.ctx = ctx
+        await actor.on_start()
+        report_started()
+        if type(actor).background is Actor.background:
+            graceful = await self._serve(actor)
+        else:
+            graceful = False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(actor.background)
+                graceful = await self._serve(actor)
+                nursery.cancel_scope.cancel()
+        if graceful:
+            await actor.on_stop()
+
+    def _prepare_state(self) -> None:
+        hooks = self.spec.state
+        if hooks is None:
+            return
+        if not self._has_state:
+            self.heir_state = hooks.initial()
+            self._has_state = True
+            return
+        try:
+            trusted = bool(hooks.check(self.heir_state))
+        except Exception:  # noqa: BLE001 - a failing check is a rejection, not a crash
+            trusted = False
+        if not trusted:
+            self.heir_state = hooks.rebuild(self.heir_state)
+            self.system.events.emit(self.name, EventKind.STATE_REBUILT)
+
+    async def _serve(self, actor: Actor) -> bool:
+        """The mailbox loop: handle messages in order, draining per wake-up.
+
+        Returns True for a graceful stop (the stop signal was reached), False
+        when the actor stopped itself.
+        """
+        receive = self.receive
+        handle = actor.handle
+        expected = actor.expected_errors
+        while True:
+            message, reply = await receive.receive()
+            while True:
+                if message is STOP:
+                    return True
+                self.current = reply
+                self.handler_started = False
+                fault = self.fault
+                if fault is not None:
+                    self.fault = None
+                    raise fault
+                self.handler_started = True
+                try:
+                    result = await handle(message)
+                except expected as exc:
+                    if reply is not None:
+                        reply.fail(exc)
+                else:
+                    if reply is not None:
+                        reply.set(result)
+                self.current = None
+                self.processed += 1
+                if self.stop_requested:
+                    return False
+                try:
+                    message, reply = receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+
+    # -- control from the supervisor and the chaos API ----------------------------
+
+    def kill(self) -> bool:
+        """Kill the running incarnation now; False if it is not running."""
+        if self.scope is None:
+            return False
+        self.kill_requested = True
+        self.scope.cancel()
+        return True
+
+    async def stop(self, *, graceful: bool) -> None:
+        """Stop the running incarnation (if any) and wait until it has ended.
+
+        A graceful stop lets an actor handle what is already queued and run
+        ``on_stop``, within ``shutdown_timeout``; then it is cancelled.
+        """
+        scope = self.scope
+        if scope is None:
+            return
+        self.ignore_exit_of = self.incarnation
+        if graceful and not self.is_supervisor:
+            scope.deadline = min(scope.deadline, trio.current_time() + self.spec.shutdown_timeout)
+            try:
+                self.send.send_nowait((STOP, None))
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                scope.cancel()
+        else:
+            scope.cancel()
+        await self.done.wait()
+
+    def close(self) -> None:
+        """Stop for good: close the mailbox and fail every queued ask."""
+        self.state = ActorState.STOPPED
+        self.restart_at = None
+        if self.spec.supervisor is not None:
+            self.spec.supervisor.close()
+        self.send.close()
+        while True:
+            try:
+                _, reply = self.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if reply is not None:
+                reply.fail(ActorStopped(self.name))
+
+    def reopen(self) -> None:
+        """Give a closed cell a fresh mailbox before its supervisor runs again."""
+        if self.state is ActorState.STOPPED:
+            self.send, self.receive = trio.open_memory_channel[Envelope](self.capacity)
+            self.state = ActorState.STARTING

@@ -1,0 +1,221 @@
+"""Actors, their references and their context.
+
+An actor is a trio task with a mailbox. It owns its state; nothing outside
+touches it; the only way in is a message through an :class:`ActorRef`.
+
+- ``tell`` queues a message and does not wait for a result.
+- ``ask`` queues a message and waits for the reply, which travels back
+  through a one-shot :class:`~actors.reply.ReplySlot` (no task, no channel).
+
+The runtime calls :meth:`Actor.handle` for one message at a time, in mailbox
+order, and drains every queued message per wake-up, so per-message scheduling
+cost is paid once per batch. A handler that raises one of the actor's
+``expected_errors`` answers its asker with that error and the actor lives on;
+any other exception is a crash: the asker of that message gets
+:class:`~actors.errors.ActorCrashed` at once and the supervisor decides what
+happens next. Messages queued behind it stay in the mailbox, which belongs to
+the supervisor's child spec, for the next incarnation.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import trio
+
+from .errors import ActorStopped, AskTimeout, MailboxFull
+from .reply import ReplySlot
+
+if TYPE_CHECKING:
+    from ._cell import ChildCell
+    from .system import ActorSystem
+
+
+class ActorState(enum.Enum):
+    """Where an actor is in its lifecycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"  # down, a restart is scheduled
+    STOPPED = "stopped"  # for good: its mailbox is closed
+
+
+@attrs.frozen
+class ActorInfo:
+    """A snapshot of one actor, for observability and chaos tests."""
+
+    name: str
+    state: ActorState
+    restarts: int
+    mailbox: int
+    supervisor: bool = False
+
+
+class Actor:
+    """Base class of every actor: override :meth:`handle`.
+
+    Subclasses may also override :meth:`on_start` (runs before the actor is
+    reported started; supervisors start children in order, so a later sibling
+    can rely on an earlier one being ready), :meth:`on_stop` (runs on a graceful
+    stop) and :meth:`background` (a loop run beside the mailbox for this
+    incarnation, e.g. a timer; its crash is the actor's crash).
+
+    ``self.ctx`` is set by the runtime before :meth:`on_start`.
+    """
+
+    expected_errors: ClassVar[tuple[type[Exception], ...]] = ()
+    """Errors that are an answer, not a crash: raised by ``handle`` they go to the asker."""
+
+    ctx: ActorContext
+
+    async def on_start(self) -> None:
+        """Prepare the incarnation; an exception here is a crash."""
+
+    async def on_stop(self) -> None:
+        """Clean up on a graceful stop (not on a crash or a kill)."""
+
+    async def handle(self, message: Any) -> Any:
+        """Handle one message and return the reply (ignored for ``tell``)."""
+        raise NotImplementedError
+
+    async def background(self) -> None:
+        """Optional concurrent loop of this incarnation; by default none runs."""
+
+
+@attrs.define
+class ActorContext:
+    """What the runtime gives an actor incarnation.
+
+    Attributes:
+        name: the actor's registered name.
+        system: the actor system, for looking up peers.
+        state: the state that outlives incarnations (None when the child spec
+            keeps none); already checked, or rebuilt, before ``on_start``.
+        incarnation: 1 for the first start, +1 per restart.
+    """
+
+    name: str
+    system: ActorSystem
+    state: Any
+    incarnation: int
+    _cell: ChildCell
+
+    @property
+    def self_ref(self) -> ActorRef:
+        """A reference to this actor."""
+        return ActorRef(self._cell)
+
+    def stop(self) -> None:
+        """Stop normally once the current message is handled.
+
+        A transient child that stops this way is not restarted.
+        """
+        self._cell.stop_requested = True
+
+
+class ActorRef:
+    """The only handle on an actor that the rest of the program gets.
+
+    A reference stays valid across restarts: it points at the mailbox, which
+    belongs to the child spec, not at an incarnation.
+    """
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: ChildCell) -> None:
+        self._cell = cell
+
+    @property
+    def name(self) -> str:
+        """The actor's registered name."""
+        return self._cell.name
+
+    @property
+    def state(self) -> ActorState:
+        """The actor's current lifecycle state."""
+        return self._cell.state
+
+    @property
+    def mailbox_depth(self) -> int:
+        """Messages queued and not yet taken by the actor."""
+        return self._cell.mailbox_depth()
+
+    def restart_eta(self) -> float | None:
+        """``trio.current_time()`` at which a pending restart is due, else None."""
+        return self._cell.restart_at
+
+    def tell_nowait(self, message: Any) -> None:
+        """Queue ``message`` without waiting.
+
+        Raises:
+            MailboxFull: the bounded mailbox is full; nothing was queued.
+            ActorStopped: the actor is stopped for good.
+        """
+        try:
+            self._cell.send.send_nowait((message, None))
+        except trio.WouldBlock:
+            raise MailboxFull(self._cell.name, self._cell.capacity) from None
+        except trio.ClosedResourceError:
+            raise ActorStopped(self._cell.name) from None
+
+    async def tell(self, message: Any) -> None:
+        """Queue ``message``, waiting for room in the mailbox (backpressure).
+
+        Raises:
+            ActorStopped: the actor is stopped for good.
+        """
+        try:
+            await self._cell.send.send((message, None))
+        except trio.ClosedResourceError:
+            raise ActorStopped(self._cell.name) from None
+
+    async def ask(self, message: Any, *, timeout: float | None = None) -> Any:
+        """Send ``message`` and wait for its reply.
+
+        Args:
+            message: the message (a frozen attrs object by convention).
+            timeout: seconds to wait for room in the mailbox and for the reply;
+                None waits as long as the actor lives.
+
+        Returns:
+            What the actor's handler returned.
+
+        Raises:
+            ActorCrashed: the actor crashed or was killed handling this message.
+            ActorStopped: the actor is (or became) stopped for good.
+            AskTimeout: no reply in time; the message may still take effect.
+            Exception: an error of the actor's ``expected_errors``.
+        """
+        slot = ReplySlot()
+        cell = self._cell
+        try:
+            cell.send.send_nowait((message, slot))
+        except trio.WouldBlock:
+            pass
+        except trio.ClosedResourceError:
+            raise ActorStopped(cell.name) from None
+        else:
+            if timeout is None:
+                return await slot.wait()
+            with trio.move_on_after(timeout):
+                return await slot.wait()
+            raise AskTimeout(cell.name, timeout)
+        # Slow path: the mailbox is full, wait for room under the same deadline.
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            try:
+                await cell.send.send((message, slot))
+            except trio.ClosedResourceError:
+                raise ActorStopped(cell.name) from None
+            return await slot.wait()
+        raise AskTimeout(cell.name, timeout if timeout is not None else float("inf"))
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self._cell.name} {self._cell.state.value}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorRef) and other._cell is self._cell
+
+    def __hash__(self) -> int:
+        return id(self._cell)

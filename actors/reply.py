@@ -1,0 +1,68 @@
+"""A one-shot reply slot: the cheapest way back from an actor to its asker.
+
+Design: an ask must not cost a task or a channel. The asker parks its own task
+with ``wait_task_rescheduled``; the actor, when it has the answer, reschedules
+that task with the outcome. Setting the slot never blocks and never
+checkpoints, so an actor can answer a whole drained batch synchronously.
+
+Invariant: a slot is completed at most once; later ``set``/``fail`` calls are
+ignored. A waiter cancelled before the reply abandons the slot; the actor's
+later reply is dropped, which leaves both sides consistent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import outcome
+import trio
+
+
+class ReplySlot:
+    """One reply, delivered once, to at most one waiting task."""
+
+    __slots__ = ("_outcome", "_task")
+
+    def __init__(self) -> None:
+        self._outcome: outcome.Outcome[Any] | None = None
+        self._task: trio.lowlevel.Task | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether a value or an error has been delivered."""
+        return self._outcome is not None
+
+    def set(self, value: Any) -> None:
+        """Deliver ``value``; ignored if the slot is already completed."""
+        if self._outcome is None:
+            self._complete(outcome.Value(value))
+
+    def fail(self, error: BaseException) -> None:
+        """Deliver ``error`` to be raised in the waiter; ignored if already completed."""
+        if self._outcome is None:
+            self._complete(outcome.Error(error))
+
+    def _complete(self, result: outcome.Outcome[Any]) -> None:
+        self._outcome = result
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task, result)
+
+    async def wait(self) -> Any:
+        """Wait for the reply and return it (or raise the delivered error).
+
+        Cancellation while waiting abandons the slot and is always safe.
+        """
+        if self._outcome is not None:
+            await trio.lowlevel.checkpoint()
+            return self._outcome.unwrap()
+        if self._task is not None:
+            raise RuntimeError("a reply slot can have only one waiter")
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
