@@ -171,6 +171,36 @@ class ActorRef:
         except trio.ClosedResourceError:
             raise ActorStopped(self._cell.name) from None
 
+    def ask_nowait(self, message: Any, slot: ReplySlot | None = None) -> ReplySlot:
+        """Queue ``message`` and return the slot its reply will arrive in.
+
+        For fanning one request out to several actors without a task each:
+        queue to all, then ``await slot.wait()`` on each.
+
+        Raises:
+            MailboxFull: the mailbox is full; nothing was queued.
+            ActorStopped: the actor is stopped for good.
+        """
+        if slot is None:
+            slot = ReplySlot()
+        try:
+            self._cell.send.send_nowait((message, slot))
+        except trio.WouldBlock:
+            raise MailboxFull(self._cell.name, self._cell.capacity) from None
+        except trio.ClosedResourceError:
+            raise ActorStopped(self._cell.name) from None
+        return slot
+
+    async def ask_start(self, message: Any, slot: ReplySlot | None = None) -> ReplySlot:
+        """Like :meth:`ask_nowait`, but wait for room in a full mailbox."""
+        if slot is None:
+            slot = ReplySlot()
+        try:
+            await self._cell.send.send((message, slot))
+        except trio.ClosedResourceError:
+            raise ActorStopped(self._cell.name) from None
+        return slot
+
     async def ask(self, message: Any, *, timeout: float | None = None) -> Any:
         """Send ``message`` and wait for its reply.
 

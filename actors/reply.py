@@ -49,6 +49,12 @@ class ReplySlot:
             self._task = None
             trio.lowlevel.reschedule(task, result)
 
+    def result(self) -> Any:
+        """The delivered value (or raise the delivered error); only once ``done``."""
+        if self._outcome is None:
+            raise RuntimeError("no reply yet")
+        return self._outcome.unwrap()
+
     async def wait(self) -> Any:
         """Wait for the reply and return it (or raise the delivered error).
 

@@ -62,9 +62,7 @@ class Supervisor:
     rng: random.Random = attrs.field(factory=random.Random)
     system: ActorSystem | None = attrs.field(default=None, init=False)
     _cells: list[ChildCell] = attrs.field(factory=list, init=False)
-    _restart_times: collections.deque[float] = attrs.field(
-        factory=collections.deque, init=False
-    )
+    _restart_times: collections.deque[float] = attrs.field(factory=collections.deque, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _exits: trio.MemorySendChannel[_Exit] | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)

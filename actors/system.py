@@ -77,8 +77,8 @@ class ActorSystem:
         That message's asker gets ``ActorCrashed`` with ``handler_started``
         False: the message had no effect.
         """
-        self._cell(name).fault = error if error is not None else InjectedFault(
-            f"fault injected into {name}"
+        self._cell(name).fault = (
+            error if error is not None else InjectedFault(f"fault injected into {name}")
         )
 
     def info(self) -> dict[str, Any]:

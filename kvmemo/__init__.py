@@ -1,5 +1,16 @@
-"""KVMemo: an in-memory key-value store on trio, built as a supervised actor system."""
+"""KVMemo: an in-memory key-value store on trio, built as a supervised actor system.
 
+Embedded use::
+
+    async with kvmemo.open_store(shards=16, maxmemory="64MiB") as kv:
+        await kv.set("k", "v", ex=10)
+"""
+
+from ._version import __version__ as __version__
+from .api import Commands as Commands
+from .config import StoreConfig as StoreConfig
+from .embedded import Store as Store
+from .embedded import open_store as open_store
+from .embedded import serve as serve
+from .engine.engine import KVEngine as KVEngine
 from .errors import KVMemoError as KVMemoError
-
-__version__ = "0.1.0"

@@ -1,0 +1,276 @@
+"""One interface, several implementations: the typed command methods.
+
+:class:`Commands` defines one async method per command on top of a single
+abstract :meth:`Commands.execute`. The embedded store implements ``execute``
+by calling the engine in-process; the WebSocket client by sending JSON-RPC.
+The same test suite runs against both, which is how we know they agree.
+
+Arguments may be ``bytes``, ``str`` (UTF-8 encoded) or ``int``; results follow
+the protocol's mapping with bulk strings as ``bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+Arg = bytes | str | int | float
+
+
+def encode_arg(value: Arg) -> bytes:
+    """One command argument as bytes."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bool):
+        raise TypeError(f"a command argument cannot be a bool, got {value!r}")
+    if isinstance(value, int):
+        return str(value).encode("ascii")
+    if isinstance(value, float):
+        return repr(value).encode("ascii")
+    raise TypeError(f"a command argument must be bytes, str, int or float, got {value!r}")
+
+
+def _expiry_args(ex: int | None, px: int | None, exat: int | None, pxat: int | None) -> list[Arg]:
+    out: list[Arg] = []
+    for name, value in (("EX", ex), ("PX", px), ("EXAT", exat), ("PXAT", pxat)):
+        if value is not None:
+            out += [name, value]
+    return out
+
+
+class Commands:
+    """Typed async methods for every command; subclasses provide :meth:`execute`."""
+
+    async def execute(self, command: str, *args: Arg) -> Any:
+        """Run any command by name: ``await kv.execute("SET", "k", "v", "EX", 10)``."""
+        raise NotImplementedError
+
+    # -- connection and server ---------------------------------------------------------
+
+    async def ping(self, message: Arg | None = None) -> Any:
+        return await (self.execute("ping") if message is None else self.execute("ping", message))
+
+    async def echo(self, message: Arg) -> bytes:
+        result: bytes = await self.execute("echo", message)
+        return result
+
+    async def time(self) -> list[bytes]:
+        result: list[bytes] = await self.execute("time")
+        return result
+
+    async def info(self, section: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await (
+            self.execute("info") if section is None else self.execute("info", section)
+        )
+        return result
+
+    async def dbsize(self) -> int:
+        result: int = await self.execute("dbsize")
+        return result
+
+    async def flushall(self) -> str:
+        result: str = await self.execute("flushall")
+        return result
+
+    # -- strings -------------------------------------------------------------------------
+
+    async def get(self, key: Arg) -> bytes | None:
+        result: bytes | None = await self.execute("get", key)
+        return result
+
+    async def set(
+        self,
+        key: Arg,
+        value: Arg,
+        *,
+        ex: int | None = None,
+        px: int | None = None,
+        exat: int | None = None,
+        pxat: int | None = None,
+        keepttl: bool = False,
+        nx: bool = False,
+        xx: bool = False,
+        get: bool = False,
+    ) -> Any:
+        """SET; returns "OK", None when NX/XX was not met, or with ``get`` the old value."""
+        args: list[Arg] = [key, value, *_expiry_args(ex, px, exat, pxat)]
+        for flag, on in (("KEEPTTL", keepttl), ("NX", nx), ("XX", xx), ("GET", get)):
+            if on:
+                args.append(flag)
+        return await self.execute("set", *args)
+
+    async def setnx(self, key: Arg, value: Arg) -> int:
+        result: int = await self.execute("setnx", key, value)
+        return result
+
+    async def setex(self, key: Arg, seconds: int, value: Arg) -> str:
+        result: str = await self.execute("setex", key, seconds, value)
+        return result
+
+    async def psetex(self, key: Arg, milliseconds: int, value: Arg) -> str:
+        result: str = await self.execute("psetex", key, milliseconds, value)
+        return result
+
+    async def getset(self, key: Arg, value: Arg) -> bytes | None:
+        result: bytes | None = await self.execute("getset", key, value)
+        return result
+
+    async def getdel(self, key: Arg) -> bytes | None:
+        result: bytes | None = await self.execute("getdel", key)
+        return result
+
+    async def getex(
+        self,
+        key: Arg,
+        *,
+        ex: int | None = None,
+        px: int | None = None,
+        exat: int | None = None,
+        pxat: int | None = None,
+        persist: bool = False,
+    ) -> bytes | None:
+        args: list[Arg] = [key, *_expiry_args(ex, px, exat, pxat)]
+        if persist:
+            args.append("PERSIST")
+        result: bytes | None = await self.execute("getex", *args)
+        return result
+
+    async def incr(self, key: Arg) -> int:
+        result: int = await self.execute("incr", key)
+        return result
+
+    async def decr(self, key: Arg) -> int:
+        result: int = await self.execute("decr", key)
+        return result
+
+    async def incrby(self, key: Arg, delta: int) -> int:
+        result: int = await self.execute("incrby", key, delta)
+        return result
+
+    async def decrby(self, key: Arg, delta: int) -> int:
+        result: int = await self.execute("decrby", key, delta)
+        return result
+
+    async def incrbyfloat(self, key: Arg, delta: float) -> bytes:
+        result: bytes = await self.execute("incrbyfloat", key, delta)
+        return result
+
+    async def append(self, key: Arg, value: Arg) -> int:
+        result: int = await self.execute("append", key, value)
+        return result
+
+    async def strlen(self, key: Arg) -> int:
+        result: int = await self.execute("strlen", key)
+        return result
+
+    async def getrange(self, key: Arg, start: int, end: int) -> bytes:
+        result: bytes = await self.execute("getrange", key, start, end)
+        return result
+
+    async def setrange(self, key: Arg, offset: int, value: Arg) -> int:
+        result: int = await self.execute("setrange", key, offset, value)
+        return result
+
+    async def mget(self, *keys: Arg) -> list[bytes | None]:
+        result: list[bytes | None] = await self.execute("mget", *keys)
+        return result
+
+    async def mset(self, mapping: Mapping[Arg, Arg] | Sequence[tuple[Arg, Arg]]) -> str:
+        items = mapping.items() if isinstance(mapping, Mapping) else mapping
+        result: str = await self.execute("mset", *[x for kv in items for x in kv])
+        return result
+
+    async def msetnx(self, mapping: Mapping[Arg, Arg] | Sequence[tuple[Arg, Arg]]) -> int:
+        items = mapping.items() if isinstance(mapping, Mapping) else mapping
+        result: int = await self.execute("msetnx", *[x for kv in items for x in kv])
+        return result
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def delete(self, *keys: Arg) -> int:
+        """DEL (``del`` is a Python keyword)."""
+        result: int = await self.execute("del", *keys)
+        return result
+
+    async def unlink(self, *keys: Arg) -> int:
+        result: int = await self.execute("unlink", *keys)
+        return result
+
+    async def exists(self, *keys: Arg) -> int:
+        result: int = await self.execute("exists", *keys)
+        return result
+
+    async def touch(self, *keys: Arg) -> int:
+        result: int = await self.execute("touch", *keys)
+        return result
+
+    async def type(self, key: Arg) -> str:
+        result: str = await self.execute("type", key)
+        return result
+
+    async def _expire(self, command: str, key: Arg, amount: int, condition: str | None) -> int:
+        args: list[Arg] = [key, amount] + ([condition] if condition else [])
+        result: int = await self.execute(command, *args)
+        return result
+
+    async def expire(self, key: Arg, seconds: int, condition: str | None = None) -> int:
+        return await self._expire("expire", key, seconds, condition)
+
+    async def pexpire(self, key: Arg, milliseconds: int, condition: str | None = None) -> int:
+        return await self._expire("pexpire", key, milliseconds, condition)
+
+    async def expireat(self, key: Arg, unix_seconds: int, condition: str | None = None) -> int:
+        return await self._expire("expireat", key, unix_seconds, condition)
+
+    async def pexpireat(self, key: Arg, unix_ms: int, condition: str | None = None) -> int:
+        return await self._expire("pexpireat", key, unix_ms, condition)
+
+    async def ttl(self, key: Arg) -> int:
+        result: int = await self.execute("ttl", key)
+        return result
+
+    async def pttl(self, key: Arg) -> int:
+        result: int = await self.execute("pttl", key)
+        return result
+
+    async def expiretime(self, key: Arg) -> int:
+        result: int = await self.execute("expiretime", key)
+        return result
+
+    async def pexpiretime(self, key: Arg) -> int:
+        result: int = await self.execute("pexpiretime", key)
+        return result
+
+    async def persist(self, key: Arg) -> int:
+        result: int = await self.execute("persist", key)
+        return result
+
+    async def keys(self, pattern: Arg = "*") -> list[bytes]:
+        result: list[bytes] = await self.execute("keys", pattern)
+        return result
+
+    async def scan(
+        self, cursor: int | bytes | str = 0, *, match: Arg | None = None, count: int | None = None
+    ) -> tuple[int, list[bytes]]:
+        """One SCAN step: (next cursor, keys); cursor 0 starts and ends."""
+        args: list[Arg] = [cursor if not isinstance(cursor, int) else str(cursor)]
+        if match is not None:
+            args += ["MATCH", match]
+        if count is not None:
+            args += ["COUNT", count]
+        next_cursor, keys = await self.execute("scan", *args)
+        return int(next_cursor), list(keys)
+
+    async def scan_iter(
+        self, *, match: Arg | None = None, count: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Every key, by SCAN (a key present throughout is yielded at least once)."""
+        cursor = 0
+        while True:
+            cursor, keys = await self.scan(cursor, match=match, count=count)
+            for key in keys:
+                yield key
+            if cursor == 0:
+                return

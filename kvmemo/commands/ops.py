@@ -1,0 +1,594 @@
+"""What each command does to the data: the operations the engine routes.
+
+Each command parses into one operation object of one of these shapes, and
+the engine knows only the shapes, never the commands:
+
+- :class:`ShardOp`: one key, one shard; ``apply(store, now)`` runs inside the
+  shard actor, synchronously (atomic with respect to cancellation).
+- :class:`FanOutOp`: several keys, split per shard, results combined; not
+  atomic across shards (DEL, EXISTS, TOUCH, UNLINK), as in Redis Cluster.
+- :class:`AtomicOp`: several keys that must change (or be read) together
+  across shards (MSET, MSETNX, MGET). Writes run a two-phase protocol: every
+  involved shard *prepares* (checks, reserves memory) and holds, the engine
+  decides, every shard commits or aborts. Reads run under the engine's
+  reader lock, so no reader sees part of a write.
+- :class:`KeyspaceOp`: every shard (DBSIZE, KEYS, FLUSHALL).
+
+Results follow the protocol's JSON mapping: ``str`` for simple strings
+(``"OK"``), ``bytes`` for bulk strings, ``int``, ``None``, lists of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import CommandSyntaxError, NotIntegerError
+from ..storage.store import NeedMemory, ShardStore
+from .args import INT64_MAX, INT64_MIN, Clock, Expiry, ExpiryMode, parse_int
+from .glob import glob_match, is_match_all
+
+OK = "OK"
+
+
+class ShardOp:
+    """An operation on one key, run by the shard that owns it."""
+
+    __slots__ = ("key",)
+    write = False
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        raise NotImplementedError
+
+
+class Part:
+    """The piece of a multi-shard operation that one shard runs."""
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        raise NotImplementedError
+
+
+class FanOutOp:
+    """A multi-key operation split per shard; results combined, not atomic."""
+
+    write = False
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        self.keys = tuple(keys)
+
+    def part(self, keys: list[bytes]) -> Part:
+        raise NotImplementedError
+
+    def combine(self, results: list[Any], positions: list[list[int]]) -> Any:
+        return sum(results)
+
+
+class AtomicPart:
+    """One shard's piece of an atomic write: prepare, then commit or abort.
+
+    ``prepare`` returns a vote: True to go ahead, False when the command's
+    condition fails (MSETNX's existing key), or a :class:`NeedMemory`. It
+    must leave the store unchanged except for a memory reservation that
+    ``commit`` uses and ``abort`` gives back. ``commit`` never fails.
+    """
+
+    def prepare(self, store: ShardStore, now: float) -> object:
+        raise NotImplementedError
+
+    def commit(self, store: ShardStore, now: float) -> Any:
+        raise NotImplementedError
+
+    def abort(self, store: ShardStore) -> None:
+        """Give back what ``prepare`` reserved."""
+
+
+class AtomicOp:
+    """A multi-key operation that is all-or-nothing across shards."""
+
+    write = True
+    readonly = False
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        self.keys = tuple(keys)
+
+    def part(self, positions: list[int]) -> AtomicPart:
+        raise NotImplementedError
+
+    def read_part(self, positions: list[int]) -> Part:
+        raise NotImplementedError
+
+    def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
+        raise NotImplementedError
+
+
+class KeyspaceOp:
+    """An operation on every shard, results combined."""
+
+    write = False
+
+    def part(self) -> Part:
+        raise NotImplementedError
+
+    def combine(self, results: list[Any]) -> Any:
+        raise NotImplementedError
+
+
+# -- strings ------------------------------------------------------------------------
+
+
+class Get(ShardOp):
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> bytes | None:
+        return store.get(self.key, now)
+
+
+class Set(ShardOp):
+    __slots__ = ("expiry", "get", "nx", "value", "xx")
+    write = True
+
+    def __init__(
+        self, key: bytes, value: bytes, expiry: Expiry, *, nx: bool, xx: bool, get: bool
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.expiry = expiry
+        self.nx = nx
+        self.xx = xx
+        self.get = get
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        old = store.peek(self.key, now)
+        if (self.nx and old is not None) or (self.xx and old is None):
+            return old if self.get else None
+        mode = self.expiry.mode
+        deadline = self.expiry.deadline(now)
+        if deadline is not None and deadline <= now:
+            # An absolute time already past: set-then-expire, i.e. the key is gone.
+            store.delete(self.key, now)
+        else:
+            store.put(
+                self.key, self.value, now, expires_at=deadline, keep_ttl=mode is ExpiryMode.KEEP
+            )
+        return old if self.get else OK
+
+
+class GetDel(ShardOp):
+    __slots__ = ()
+    write = True
+
+    def apply(self, store: ShardStore, now: float) -> bytes | None:
+        value = store.peek(self.key, now)
+        if value is not None:
+            store.delete(self.key, now)
+        return value
+
+
+class GetEx(ShardOp):
+    __slots__ = ("expiry",)
+    write = True
+
+    def __init__(self, key: bytes, expiry: Expiry) -> None:
+        self.key = key
+        self.expiry = expiry
+
+    def apply(self, store: ShardStore, now: float) -> bytes | None:
+        value = store.get(self.key, now)
+        if value is None:
+            return None
+        mode = self.expiry.mode
+        if mode is ExpiryMode.PERSIST:
+            store.set_expiry(self.key, None)
+        elif mode is not ExpiryMode.NONE:
+            deadline = self.expiry.deadline(now)
+            assert deadline is not None
+            if deadline <= now:
+                store.delete(self.key, now)
+            else:
+                store.set_expiry(self.key, deadline)
+        return value
+
+
+def _current_int(store: ShardStore, key: bytes, now: float) -> int:
+    value = store.peek(key, now)
+    if value is None:
+        return 0
+    return parse_int(value)
+
+
+class IncrBy(ShardOp):
+    __slots__ = ("delta",)
+    write = True
+
+    def __init__(self, key: bytes, delta: int) -> None:
+        self.key = key
+        self.delta = delta
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        current = _current_int(store, self.key, now)
+        result = current + self.delta
+        if not INT64_MIN <= result <= INT64_MAX:
+            raise NotIntegerError("increment or decrement would overflow")
+        store.put(self.key, str(result).encode(), now, expires_at=None, keep_ttl=True)
+        return result
+
+
+class IncrByFloat(ShardOp):
+    __slots__ = ("delta",)
+    write = True
+
+    def __init__(self, key: bytes, delta: float) -> None:
+        self.key = key
+        self.delta = delta
+
+    def apply(self, store: ShardStore, now: float) -> bytes:
+        raw = store.peek(self.key, now)
+        current = 0.0
+        if raw is not None:
+            current = parse_float(raw, what="value")
+        result = current + self.delta
+        if result != result or result in (float("inf"), float("-inf")):
+            raise NotIntegerError("increment would produce NaN or Infinity")
+        text = format_float(result).encode()
+        store.put(self.key, text, now, expires_at=None, keep_ttl=True)
+        return text
+
+
+def parse_float(raw: bytes, *, what: str = "value") -> float:
+    """A float argument as Redis reads it (no spaces, finite)."""
+    text = raw.decode("ascii", "replace")
+    bad = not text or text != text.strip() or text.lower() in ("nan", "+nan", "-nan") or "_" in text
+    try:
+        value = float(text)
+    except ValueError:
+        bad = True
+    if bad or value in (float("inf"), float("-inf")):
+        raise NotIntegerError(f"{what} is not a valid float")
+    return value
+
+
+def format_float(value: float) -> str:
+    """A float as Redis prints INCRBYFLOAT results: up to 17 digits, no exponent."""
+    text = f"{value:.17f}".rstrip("0").rstrip(".")
+    shortest = repr(value)
+    if "e" not in shortest and "inf" not in shortest:
+        text = shortest[:-2] if shortest.endswith(".0") else shortest
+    return text if text not in ("-0", "") else "0"
+
+
+class Append(ShardOp):
+    __slots__ = ("value",)
+    write = True
+
+    def __init__(self, key: bytes, value: bytes) -> None:
+        self.key = key
+        self.value = value
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        old = store.peek(self.key, now)
+        new = self.value if old is None else old + self.value
+        store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+        return len(new)
+
+
+class StrLen(ShardOp):
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        value = store.peek(self.key, now)
+        return 0 if value is None else len(value)
+
+
+class Type(ShardOp):
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> str:
+        return "string" if store.contains(self.key, now) else "none"
+
+
+class GetRange(ShardOp):
+    __slots__ = ("end", "start")
+
+    def __init__(self, key: bytes, start: int, end: int) -> None:
+        self.key = key
+        self.start = start
+        self.end = end
+
+    def apply(self, store: ShardStore, now: float) -> bytes:
+        value = store.peek(self.key, now) or b""
+        n = len(value)
+        start, end = self.start, self.end
+        if start < 0 and end < 0 and start > end:
+            return b""
+        if start < 0:
+            start = max(0, n + start)
+        if end < 0:
+            end = max(0, n + end)
+        end = min(end, n - 1)
+        if start > end or n == 0:
+            return b""
+        return value[start : end + 1]
+
+
+class SetRange(ShardOp):
+    __slots__ = ("max_size", "offset", "value")
+    write = True
+
+    def __init__(self, key: bytes, offset: int, value: bytes, max_size: int) -> None:
+        self.key = key
+        self.offset = offset
+        self.value = value
+        self.max_size = max_size
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        old = store.peek(self.key, now)
+        if not self.value:
+            return 0 if old is None else len(old)
+        if self.offset + len(self.value) > self.max_size:
+            raise CommandSyntaxError("string exceeds maximum allowed size (proto-max-bulk-len)")
+        base = old or b""
+        if len(base) < self.offset:
+            base = base + b"\x00" * (self.offset - len(base))
+        new = base[: self.offset] + self.value + base[self.offset + len(self.value) :]
+        store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+        return len(new)
+
+
+# -- expiry ----------------------------------------------------------------------------
+
+
+class Expire(ShardOp):
+    """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT with NX / XX / GT / LT."""
+
+    __slots__ = ("conditions", "expiry")
+    write = True
+
+    def __init__(self, key: bytes, expiry: Expiry, conditions: frozenset[bytes]) -> None:
+        self.key = key
+        self.expiry = expiry
+        self.conditions = conditions
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        if not store.contains(self.key, now):
+            return 0
+        current = store.expiry_of(self.key)  # None: no TTL, i.e. infinite
+        new = self.expiry.deadline(now)
+        assert new is not None
+        cond = self.conditions
+        if cond:
+            if b"NX" in cond and current is not None:
+                return 0
+            if b"XX" in cond and current is None:
+                return 0
+            if b"GT" in cond and (current is None or new <= current):
+                return 0
+            if b"LT" in cond and current is not None and new >= current:
+                return 0
+        if new <= now:
+            store.delete(self.key, now)
+            return 1
+        store.set_expiry(self.key, new)
+        return 1
+
+
+class Ttl(ShardOp):
+    __slots__ = ("millis",)
+
+    def __init__(self, key: bytes, millis: bool) -> None:
+        self.key = key
+        self.millis = millis
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        if not store.contains(self.key, now):
+            return -2
+        exp = store.expiry_of(self.key)
+        if exp is None:
+            return -1
+        remaining_ms = max(0, round((exp - now) * 1000))
+        return remaining_ms if self.millis else (remaining_ms + 500) // 1000
+
+
+class ExpireTime(ShardOp):
+    __slots__ = ("clock", "millis")
+
+    def __init__(self, key: bytes, millis: bool, clock: Clock) -> None:
+        self.key = key
+        self.millis = millis
+        self.clock = clock
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        if not store.contains(self.key, now):
+            return -2
+        exp = store.expiry_of(self.key)
+        if exp is None:
+            return -1
+        unix = self.clock.to_unix(exp)
+        return round(unix * 1000) if self.millis else int(unix)
+
+
+class Persist(ShardOp):
+    __slots__ = ()
+    write = True
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        if not store.contains(self.key, now) or store.expiry_of(self.key) is None:
+            return 0
+        store.set_expiry(self.key, None)
+        return 1
+
+
+# -- multi-key -------------------------------------------------------------------------
+
+
+class _KeysPart(Part):
+    __slots__ = ("fn", "keys")
+
+    def __init__(self, keys: list[bytes], fn: Any) -> None:
+        self.keys = keys
+        self.fn = fn
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        return self.fn(store, self.keys, now)
+
+
+def _delete_keys(store: ShardStore, keys: list[bytes], now: float) -> int:
+    return sum(store.delete(k, now) for k in keys)
+
+
+def _count_live(store: ShardStore, keys: list[bytes], now: float) -> int:
+    return sum(store.contains(k, now) for k in keys)
+
+
+def _touch_keys(store: ShardStore, keys: list[bytes], now: float) -> int:
+    return sum(store.get(k, now) is not None for k in keys)
+
+
+class Del(FanOutOp):
+    write = True
+
+    def part(self, keys: list[bytes]) -> Part:
+        return _KeysPart(keys, _delete_keys)
+
+
+class Exists(FanOutOp):
+    def part(self, keys: list[bytes]) -> Part:
+        return _KeysPart(keys, _count_live)
+
+
+class Touch(FanOutOp):
+    def part(self, keys: list[bytes]) -> Part:
+        return _KeysPart(keys, _touch_keys)
+
+
+def _read_values(store: ShardStore, keys: list[bytes], now: float) -> list[bytes | None]:
+    return [store.get(k, now) for k in keys]
+
+
+class _MSetPart(AtomicPart):
+    def __init__(self, items: list[tuple[bytes, bytes]], only_new: bool) -> None:
+        self.items = items
+        self.only_new = only_new
+        self.reserved = 0
+
+    def prepare(self, store: ShardStore, now: float) -> object:
+        if self.only_new and any(store.contains(k, now) for k, _ in self.items):
+            return False
+        delta = store.put_delta(self.items, now)
+        if not store.tracker.try_reserve(store.shard_id, delta):
+            return NeedMemory(delta)
+        self.reserved = delta
+        return True
+
+    def commit(self, store: ShardStore, now: float) -> None:
+        for key, value in self.items:
+            store.put(key, value, now, expires_at=None, charge=False)
+        self.reserved = 0
+
+    def abort(self, store: ShardStore) -> None:
+        if self.reserved:
+            store.tracker.release(store.shard_id, self.reserved)
+            self.reserved = 0
+
+
+class MSet(AtomicOp):
+    """MSET and MSETNX: every pair or none, as one atomic step for every reader."""
+
+    def __init__(self, items: list[tuple[bytes, bytes]], *, only_new: bool) -> None:
+        super().__init__([k for k, _ in items])
+        self.items = items
+        self.only_new = only_new
+
+    def part(self, positions: list[int]) -> AtomicPart:
+        return _MSetPart([self.items[i] for i in positions], self.only_new)
+
+    def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
+        if self.only_new:
+            return 1 if committed else 0
+        return OK
+
+
+class MGet(AtomicOp):
+    """MGET: read under the engine's reader lock, so no MSET is seen in part."""
+
+    write = False
+    readonly = True
+
+    def read_part(self, positions: list[int]) -> Part:
+        return _KeysPart([self.keys[i] for i in positions], _read_values)
+
+    def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
+        out: list[bytes | None] = [None] * len(self.keys)
+        for values, where in zip(results, positions, strict=True):
+            for value, i in zip(values, where, strict=True):
+                out[i] = value
+        return out
+
+
+# -- keyspace -------------------------------------------------------------------------
+
+
+class _FnPart(Part):
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        return self.fn(store, now)
+
+
+class DbSize(KeyspaceOp):
+    def part(self) -> Part:
+        return _FnPart(lambda store, now: store.live_count(now))
+
+    def combine(self, results: list[Any]) -> int:
+        return sum(results)
+
+
+class Keys(KeyspaceOp):
+    def __init__(self, pattern: bytes) -> None:
+        self.pattern = pattern
+
+    def part(self) -> Part:
+        pattern = self.pattern
+        match_all = is_match_all(pattern)
+
+        def matching(store: ShardStore, now: float) -> list[bytes]:
+            return [k for k in store.live_keys(now) if match_all or glob_match(pattern, k)]
+
+        return _FnPart(matching)
+
+    def combine(self, results: list[Any]) -> list[bytes]:
+        return [k for keys in results for k in keys]
+
+
+class FlushAll(KeyspaceOp):
+    write = True
+
+    def part(self) -> Part:
+        return _FnPart(lambda store, now: store.flush())
+
+    def combine(self, results: list[Any]) -> str:
+        return OK
+
+
+class ScanStep(Part):
+    """One SCAN call's work on one shard."""
+
+    __slots__ = ("count", "offset", "pattern", "scan_id")
+
+    def __init__(self, scan_id: int, offset: int, count: int, pattern: bytes | None) -> None:
+        self.scan_id = scan_id
+        self.offset = offset
+        self.count = count
+        self.pattern = pattern
+
+    def apply(self, store: ShardStore, now: float) -> tuple[int, int, list[bytes]]:
+        scan_id, offset, keys = store.scan(self.scan_id, self.offset, self.count, now)
+        pattern = self.pattern
+        if pattern is not None:
+            keys = [k for k in keys if glob_match(pattern, k)]
+        return scan_id, offset, keys

@@ -1,0 +1,471 @@
+"""The command table: every command declared once, for every front end.
+
+A :class:`Command` holds the name, Redis-style arity (counting the name;
+negative means "at least"), flags, key positions and the parser that turns
+arguments into an operation (:mod:`kvmemo.commands.ops`) or, for commands the
+engine answers itself, a :class:`ServerCall`. The WebSocket server, the RESP
+server and the embedded API all look commands up here, which is why they
+agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import CommandSyntaxError, NotIntegerError, UnknownCommandError
+from . import ops
+from .args import (
+    MAX_EXPIRE_MS,
+    NO_EXPIRY,
+    SYNTAX,
+    Clock,
+    Expiry,
+    ExpiryMode,
+    check_arity,
+    expiry_option,
+    pairs,
+    parse_count,
+    parse_int,
+    upper,
+)
+
+
+@attrs.frozen
+class ServerCall:
+    """A command the engine answers itself (no key routing)."""
+
+    name: str
+    args: tuple[bytes, ...]
+
+
+@attrs.frozen
+class ParseContext:
+    """What a parser may need from the edge: the clock and the size limits."""
+
+    clock: Clock
+    max_value_size: int
+
+
+Parser = Callable[[Sequence[bytes], ParseContext], Any]
+
+
+@attrs.frozen
+class Command:
+    """One command's declaration.
+
+    Attributes:
+        name: lower-case name (the JSON-RPC method, the RESP command name).
+        arity: Redis arity counting the name; negative: at least ``-arity``.
+        flags: ``write``, ``readonly``, ``fast``, ``admin``, ``chaos``, ``connection``.
+        first_key, last_key, key_step: 1-based key positions as Redis's
+            COMMAND reports them (last_key -1: through the last argument).
+        parse: arguments (without the name) → operation.
+        summary: one line for ``command.list`` and COMMAND DOCS.
+        since: the protocol version that added it (``"1"`` or ``"1.1"``).
+    """
+
+    name: str
+    arity: int
+    flags: frozenset[str]
+    first_key: int
+    last_key: int
+    key_step: int
+    parse: Parser
+    summary: str
+    since: str = "1"
+
+    def keys_of(self, args: Sequence[bytes]) -> list[bytes]:
+        """The key arguments (args without the name)."""
+        if not self.first_key:
+            return []
+        last = len(args) if self.last_key < 0 else self.last_key
+        return list(args[self.first_key - 1 : last : self.key_step])
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str,
+    arity: int,
+    flags: str,
+    keys: tuple[int, int, int],
+    summary: str,
+    since: str = "1",
+) -> Callable[[Parser], Parser]:
+    """Declare a command (a decorator on its parser)."""
+
+    def register(parse: Parser) -> Parser:
+        COMMANDS[name] = Command(
+            name,
+            arity,
+            frozenset(flags.split()),
+            *keys,
+            parse=parse,
+            summary=summary,
+            since=since,
+        )
+        return parse
+
+    return register
+
+
+def lookup(name: str) -> Command:
+    """The command called ``name`` (case-insensitive).
+
+    Raises:
+        UnknownCommandError: no such command.
+    """
+    spec = COMMANDS.get(name) or COMMANDS.get(name.lower())
+    if spec is None:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise UnknownCommandError(f"unknown command '{shown}'")
+    return spec
+
+
+def parse(name: str, args: Sequence[bytes], ctx: ParseContext) -> tuple[Command, Any]:
+    """Look up, check arity and parse one call.
+
+    Raises:
+        KVMemoError: unknown command, wrong arity, bad syntax or argument.
+    """
+    spec = lookup(name)
+    check_arity(spec.name, spec.arity, len(args))
+    return spec, spec.parse(args, ctx)
+
+
+NOKEYS = (0, 0, 0)
+KEY1 = (1, 1, 1)
+ALLKEYS = (1, -1, 1)
+PAIRS = (1, -1, 2)
+
+
+def _server(name: str) -> Parser:
+    def parse_server(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
+        return ServerCall(name, tuple(args))
+
+    return parse_server
+
+
+# -- connection and server ------------------------------------------------------------
+
+for _name, _arity, _flags, _summary, _since in [
+    ("ping", -1, "fast connection", "PONG, or the message", "1"),
+    ("echo", 2, "fast connection", "the message", "1.1"),
+    ("time", 1, "fast", "server time as [unix seconds, microseconds]", "1.1"),
+    ("info", -1, "admin", "server, memory, stats, keyspace, actors, persistence", "1"),
+    ("auth", -2, "fast connection", "authenticate the session", "1"),
+    ("save", 1, "admin", "snapshot every shard", "1"),
+    ("debug.actors", 1, "admin", "every actor: name, state, restarts, mailbox", "1"),
+    ("debug.kill", 2, "admin chaos", "kill an actor by name (chaos mode only)", "1"),
+    ("command.list", 1, "connection", "the methods this server has", "1.1"),
+]:
+    command(_name, _arity, _flags, NOKEYS, _summary, _since)(_server(_name))
+
+
+@command("dbsize", 1, "readonly fast", NOKEYS, "number of live keys")
+def _dbsize(args: Sequence[bytes], ctx: ParseContext) -> ops.DbSize:
+    return ops.DbSize()
+
+
+@command("flushall", -1, "write", NOKEYS, "remove every key")
+def _flushall(args: Sequence[bytes], ctx: ParseContext) -> ops.FlushAll:
+    if args and (len(args) > 1 or upper(args[0]) not in (b"ASYNC", b"SYNC")):
+        raise CommandSyntaxError(SYNTAX)
+    return ops.FlushAll()
+
+
+command("flushdb", -1, "write", NOKEYS, "remove every key (the only database)", "1.1")(_flushall)
+
+
+@command("keys", 2, "readonly", NOKEYS, "keys matching a glob pattern")
+def _keys(args: Sequence[bytes], ctx: ParseContext) -> ops.Keys:
+    return ops.Keys(args[0])
+
+
+@command("scan", -2, "readonly", NOKEYS, "iterate the keys with a cursor")
+def _scan(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
+    try:
+        cursor = int(args[0])
+        if not 0 <= cursor < 1 << 64 or not args[0].isdigit():
+            raise ValueError
+    except ValueError:
+        raise CommandSyntaxError("invalid cursor") from None
+    i = 1
+    while i < len(args):
+        opt = upper(args[i])
+        if opt in (b"MATCH", b"COUNT", b"TYPE") and i + 1 < len(args):
+            if opt == b"COUNT" and parse_count(args[i + 1]) < 1:
+                raise CommandSyntaxError(SYNTAX)
+            i += 2
+        else:
+            raise CommandSyntaxError(SYNTAX)
+    return ServerCall("scan", tuple(args))
+
+
+# -- strings ----------------------------------------------------------------------------
+
+
+@command("get", 2, "readonly fast", KEY1, "the value of a key")
+def _get(args: Sequence[bytes], ctx: ParseContext) -> ops.Get:
+    return ops.Get(args[0])
+
+
+def _parse_set_options(
+    args: Sequence[bytes], ctx: ParseContext, command_name: str
+) -> tuple[Expiry, bool, bool, bool]:
+    expiry = NO_EXPIRY
+    nx = xx = get = False
+    i = 0
+    while i < len(args):
+        opt = upper(args[i])
+        if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and i + 1 < len(args):
+            if expiry is not NO_EXPIRY:
+                raise CommandSyntaxError(SYNTAX)
+            expiry = expiry_option(opt, args[i + 1], ctx.clock, command_name)
+            i += 2
+            continue
+        if opt == b"KEEPTTL" and expiry is NO_EXPIRY:
+            expiry = Expiry(ExpiryMode.KEEP)
+        elif opt == b"NX" and not xx:
+            nx = True
+        elif opt == b"XX" and not nx:
+            xx = True
+        elif opt == b"GET":
+            get = True
+        else:
+            raise CommandSyntaxError(SYNTAX)
+        i += 1
+    return expiry, nx, xx, get
+
+
+@command("set", -3, "write", KEY1, "set a value, with expiry and conditions")
+def _set(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+    expiry, nx, xx, get = _parse_set_options(args[2:], ctx, "set")
+    return ops.Set(args[0], args[1], expiry, nx=nx, xx=xx, get=get)
+
+
+@command("setnx", 3, "write fast", KEY1, "set a value if the key is absent", "1.1")
+def _setnx(args: Sequence[bytes], ctx: ParseContext) -> Any:
+    return _Bool(ops.Set(args[0], args[1], NO_EXPIRY, nx=True, xx=False, get=False))
+
+
+@command("setex", 4, "write", KEY1, "set a value with a TTL in seconds", "1.1")
+def _setex(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+    return ops.Set(
+        args[0],
+        args[2],
+        expiry_option(b"EX", args[1], ctx.clock, "setex"),
+        nx=False,
+        xx=False,
+        get=False,
+    )
+
+
+@command("psetex", 4, "write", KEY1, "set a value with a TTL in milliseconds", "1.1")
+def _psetex(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+    return ops.Set(
+        args[0],
+        args[2],
+        expiry_option(b"PX", args[1], ctx.clock, "psetex"),
+        nx=False,
+        xx=False,
+        get=False,
+    )
+
+
+@command("getset", 3, "write fast", KEY1, "set a value, return the old one", "1.1")
+def _getset(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+    return ops.Set(args[0], args[1], NO_EXPIRY, nx=False, xx=False, get=True)
+
+
+class _Bool(ops.ShardOp):
+    """Wraps a conditional SET into SETNX's 1/0 answer."""
+
+    __slots__ = ("inner",)
+    write = True
+
+    def __init__(self, inner: ops.Set) -> None:
+        self.key = inner.key
+        self.inner = inner
+
+    def apply(self, store: Any, now: float) -> int:
+        return 1 if self.inner.apply(store, now) == ops.OK else 0
+
+
+@command("getdel", 2, "write fast", KEY1, "get a value and delete the key")
+def _getdel(args: Sequence[bytes], ctx: ParseContext) -> ops.GetDel:
+    return ops.GetDel(args[0])
+
+
+@command("getex", -2, "write fast", KEY1, "get a value and set or clear its expiry")
+def _getex(args: Sequence[bytes], ctx: ParseContext) -> ops.GetEx:
+    expiry = NO_EXPIRY
+    rest = args[1:]
+    if rest:
+        opt = upper(rest[0])
+        if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(rest) == 2:
+            expiry = expiry_option(opt, rest[1], ctx.clock, "getex")
+        elif opt == b"PERSIST" and len(rest) == 1:
+            expiry = Expiry(ExpiryMode.PERSIST)
+        else:
+            raise CommandSyntaxError(SYNTAX)
+    return ops.GetEx(args[0], expiry)
+
+
+@command("incr", 2, "write fast", KEY1, "add 1 to an integer value")
+def _incr(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
+    return ops.IncrBy(args[0], 1)
+
+
+@command("decr", 2, "write fast", KEY1, "subtract 1 from an integer value")
+def _decr(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
+    return ops.IncrBy(args[0], -1)
+
+
+@command("incrby", 3, "write fast", KEY1, "add to an integer value")
+def _incrby(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
+    return ops.IncrBy(args[0], parse_int(args[1]))
+
+
+@command("decrby", 3, "write fast", KEY1, "subtract from an integer value")
+def _decrby(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
+    delta = parse_int(args[1])
+    if delta == -(1 << 63):
+        raise NotIntegerError("decrement would overflow")
+    return ops.IncrBy(args[0], -delta)
+
+
+@command("incrbyfloat", 3, "write fast", KEY1, "add a float to a value", "1.1")
+def _incrbyfloat(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrByFloat:
+    return ops.IncrByFloat(args[0], ops.parse_float(args[1]))
+
+
+@command("append", 3, "write fast", KEY1, "append to a value")
+def _append(args: Sequence[bytes], ctx: ParseContext) -> ops.Append:
+    return ops.Append(args[0], args[1])
+
+
+@command("strlen", 2, "readonly fast", KEY1, "length of a value in bytes")
+def _strlen(args: Sequence[bytes], ctx: ParseContext) -> ops.StrLen:
+    return ops.StrLen(args[0])
+
+
+@command("getrange", 4, "readonly", KEY1, "a substring of a value", "1.1")
+def _getrange(args: Sequence[bytes], ctx: ParseContext) -> ops.GetRange:
+    return ops.GetRange(args[0], parse_int(args[1]), parse_int(args[2]))
+
+
+command("substr", 4, "readonly", KEY1, "a substring of a value (old name)", "1.1")(_getrange)
+
+
+@command("setrange", 4, "write", KEY1, "overwrite part of a value", "1.1")
+def _setrange(args: Sequence[bytes], ctx: ParseContext) -> ops.SetRange:
+    offset = parse_int(args[1])
+    if offset < 0:
+        raise NotIntegerError("offset is out of range")
+    return ops.SetRange(args[0], offset, args[2], ctx.max_value_size)
+
+
+@command("type", 2, "readonly fast", KEY1, "the type of a key")
+def _type(args: Sequence[bytes], ctx: ParseContext) -> ops.Type:
+    return ops.Type(args[0])
+
+
+@command("mget", -2, "readonly fast", ALLKEYS, "the values of several keys")
+def _mget(args: Sequence[bytes], ctx: ParseContext) -> ops.MGet:
+    return ops.MGet(args)
+
+
+@command("mset", -3, "write", PAIRS, "set several keys at once, atomically")
+def _mset(args: Sequence[bytes], ctx: ParseContext) -> ops.MSet:
+    return ops.MSet(pairs(args, "mset"), only_new=False)
+
+
+@command("msetnx", -3, "write", PAIRS, "set several keys only if none exists")
+def _msetnx(args: Sequence[bytes], ctx: ParseContext) -> ops.MSet:
+    return ops.MSet(pairs(args, "msetnx"), only_new=True)
+
+
+# -- keys and expiry ---------------------------------------------------------------------
+
+
+@command("del", -2, "write", ALLKEYS, "remove keys")
+def _del(args: Sequence[bytes], ctx: ParseContext) -> ops.Del:
+    return ops.Del(args)
+
+
+command("unlink", -2, "write fast", ALLKEYS, "remove keys", "1.1")(_del)
+
+
+@command("exists", -2, "readonly fast", ALLKEYS, "count existing keys")
+def _exists(args: Sequence[bytes], ctx: ParseContext) -> ops.Exists:
+    return ops.Exists(args)
+
+
+@command("touch", -2, "readonly fast", ALLKEYS, "count keys and touch them", "1.1")
+def _touch(args: Sequence[bytes], ctx: ParseContext) -> ops.Touch:
+    return ops.Touch(args)
+
+
+def _expire_parser(name: str, unit_ms: bool, absolute: bool) -> Parser:
+    def parse_expire(args: Sequence[bytes], ctx: ParseContext) -> ops.Expire:
+        amount = parse_int(args[1])
+        limit = MAX_EXPIRE_MS if unit_ms else MAX_EXPIRE_MS // 1000
+        if abs(amount) > limit:
+            raise CommandSyntaxError(f"invalid expire time in '{name}' command")
+        seconds = amount / 1000 if unit_ms else float(amount)
+        if absolute:
+            expiry = Expiry(ExpiryMode.ABSOLUTE, ctx.clock.to_monotonic(seconds))
+        else:
+            expiry = Expiry(ExpiryMode.RELATIVE, seconds)
+        flags = {upper(a) for a in args[2:]}
+        unknown = flags - {b"NX", b"XX", b"GT", b"LT"}
+        if unknown:
+            raise CommandSyntaxError(f"Unsupported option {sorted(unknown)[0].decode()}")
+        if b"NX" in flags and flags & {b"XX", b"GT", b"LT"}:
+            raise CommandSyntaxError(
+                "NX and XX, GT or LT options at the same time are not compatible"
+            )
+        if {b"GT", b"LT"} <= flags:
+            raise CommandSyntaxError("GT and LT options at the same time are not compatible")
+        return ops.Expire(args[0], expiry, frozenset(flags))
+
+    return parse_expire
+
+
+for _name, _unit_ms, _absolute, _summary in [
+    ("expire", False, False, "set a TTL in seconds"),
+    ("pexpire", True, False, "set a TTL in milliseconds"),
+    ("expireat", False, True, "set an expiry as a Unix time in seconds"),
+    ("pexpireat", True, True, "set an expiry as a Unix time in milliseconds"),
+]:
+    command(_name, -3, "write fast", KEY1, _summary)(_expire_parser(_name, _unit_ms, _absolute))
+
+
+@command("ttl", 2, "readonly fast", KEY1, "remaining TTL in seconds")
+def _ttl(args: Sequence[bytes], ctx: ParseContext) -> ops.Ttl:
+    return ops.Ttl(args[0], millis=False)
+
+
+@command("pttl", 2, "readonly fast", KEY1, "remaining TTL in milliseconds")
+def _pttl(args: Sequence[bytes], ctx: ParseContext) -> ops.Ttl:
+    return ops.Ttl(args[0], millis=True)
+
+
+@command("expiretime", 2, "readonly fast", KEY1, "expiry as a Unix time in seconds", "1.1")
+def _expiretime(args: Sequence[bytes], ctx: ParseContext) -> ops.ExpireTime:
+    return ops.ExpireTime(args[0], False, ctx.clock)
+
+
+@command("pexpiretime", 2, "readonly fast", KEY1, "expiry as a Unix time in ms", "1.1")
+def _pexpiretime(args: Sequence[bytes], ctx: ParseContext) -> ops.ExpireTime:
+    return ops.ExpireTime(args[0], True, ctx.clock)
+
+
+@command("persist", 2, "write fast", KEY1, "remove a key's TTL")
+def _persist(args: Sequence[bytes], ctx: ParseContext) -> ops.Persist:
+    return ops.Persist(args[0])

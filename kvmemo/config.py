@@ -1,0 +1,135 @@
+"""Configuration of a store (and, later, of a server), validated up front.
+
+Every limit of the engine lives here with its default and unit; the README's
+configuration table lists the same names. Invalid values raise ``ValueError``
+with an exact message (STYLE.md rule 12).
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from .eviction.policies import POLICY_NAMES, make_policy
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}  # Redis reads "mb" as 1024*1024 and "m" as 10^6; so do we
+
+
+def parse_size(value: int | str, *, what: str = "maxmemory") -> int:
+    """Bytes from an int or a string like ``"64MiB"``, ``"256mb"``, ``"1gb"``, ``"100"``.
+
+    Raises:
+        ValueError: negative, or not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a size like 64MiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{what} must be >= 0, got {value}")
+        return value
+    match = _SIZE.match(value)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{what} must be a size like 64MiB, got {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+def _fraction(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{attribute.name} must be in (0, 1], got {value}")
+
+
+def _policy(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    make_policy(value)  # raises ValueError naming the known policies
+
+
+def _size(value: int | str) -> int:
+    return parse_size(value)
+
+
+@attrs.frozen
+class StoreConfig:
+    """Settings of one store (the engine and its actors).
+
+    Attributes:
+        shards: number of shard actors (1..16384).
+        maxmemory: hard memory limit in bytes (0: none); strings like "64MiB" accepted.
+        eviction_policy: one of ``POLICY_NAMES``.
+        eviction_watermark: fraction of maxmemory that wakes eviction.
+        eviction_target: fraction of maxmemory eviction frees down to.
+        eviction_sample: candidates each shard offers per eviction round.
+        oom_wait: seconds a write over the limit waits for eviction before OOM.
+        ttl_tick: seconds between active-expiry sweeps.
+        expiry_budget: keys each shard may expire per sweep.
+        reconcile_every: sweeps between TTL-index reconciliations.
+        request_timeout: seconds a command may take before TIMEOUT.
+        hold_timeout: seconds a shard holds for an atomic multi-shard write.
+        mailbox_capacity: bound of each actor's mailbox (messages).
+        max_key_size, max_value_size: bytes; bigger arguments get TOO_LARGE.
+        restart_backoff: first restart delay of a crashed actor (seconds).
+        restart_backoff_max: cap of the restart delay (seconds).
+        max_restarts, restart_period: a supervisor gives up after more than
+            ``max_restarts`` restarts within ``restart_period`` seconds.
+        chaos: allow killing actors through commands (``debug.kill``).
+    """
+
+    shards: int = attrs.field(default=16, validator=_at_least_one)
+    maxmemory: int = attrs.field(default=0, converter=_size)
+    eviction_policy: str = attrs.field(default="lru", validator=_policy)
+    eviction_watermark: float = attrs.field(default=0.95, validator=_fraction)
+    eviction_target: float = attrs.field(default=0.9, validator=_fraction)
+    eviction_sample: int = attrs.field(default=16, validator=_at_least_one)
+    oom_wait: float = attrs.field(default=0.05, validator=_positive)
+    ttl_tick: float = attrs.field(default=0.1, validator=_positive)
+    expiry_budget: int = attrs.field(default=1000, validator=_at_least_one)
+    reconcile_every: int = attrs.field(default=600, validator=_at_least_one)
+    request_timeout: float = attrs.field(default=5.0, validator=_positive)
+    hold_timeout: float = attrs.field(default=1.0, validator=_positive)
+    mailbox_capacity: int = attrs.field(default=4096, validator=_at_least_one)
+    max_key_size: int = attrs.field(default=512 * 1024 * 1024, converter=_size)
+    max_value_size: int = attrs.field(default=512 * 1024 * 1024, converter=_size)
+    restart_backoff: float = attrs.field(default=0.005, validator=_positive)
+    restart_backoff_max: float = attrs.field(default=1.0, validator=_positive)
+    max_restarts: int = attrs.field(default=20, validator=_at_least_one)
+    restart_period: float = attrs.field(default=10.0, validator=_positive)
+    chaos: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.shards > 16384:
+            raise ValueError(f"shards must be <= 16384, got {self.shards}")
+        if self.eviction_target > self.eviction_watermark:
+            raise ValueError(
+                "eviction_target must be <= eviction_watermark, got"
+                f" {self.eviction_target} > {self.eviction_watermark}"
+            )
+        if self.restart_backoff_max < self.restart_backoff:
+            raise ValueError(
+                "restart_backoff_max must be >= restart_backoff, got"
+                f" {self.restart_backoff_max} < {self.restart_backoff}"
+            )
+
+
+__all__ = ["POLICY_NAMES", "StoreConfig", "parse_size"]

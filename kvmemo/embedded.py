@@ -1,0 +1,100 @@
+"""The embedded store: KVMemo inside a trio application, no server needed.
+
+::
+
+    async with kvmemo.open_store(shards=16, maxmemory="64MiB") as kv:
+        await kv.set("user:1", "alice", ex=60)
+        assert await kv.get("user:1") == b"alice"
+
+``open_store`` starts the engine's supervision tree (shards, ttl-manager,
+eviction-manager) in a nursery it owns and stops it on exit: every actor
+ends with the block. ``serve(nursery, ...)`` is the form for callers that
+own their nursery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from actors import ActorSystem
+
+from .api import Arg, Commands, encode_arg
+from .config import StoreConfig
+from .engine.engine import KVEngine
+
+
+class Store(Commands):
+    """A running embedded store: one async method per command.
+
+    Errors raise subclasses of :class:`kvmemo.KVMemoError` whose ``kind`` is
+    the protocol's error kind.
+    """
+
+    def __init__(self, engine: KVEngine, system: ActorSystem, scope: trio.CancelScope) -> None:
+        self.engine = engine
+        self.system = system
+        self._scope = scope
+
+    async def execute(self, command: str, *args: Arg) -> Any:
+        return await self.engine.execute(command, [encode_arg(a) for a in args])
+
+    async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
+        """Run several commands grouped per shard; errors are returned, not raised."""
+        return await self.engine.execute_many(
+            [(str(c[0]), [encode_arg(a) for a in c[1:]]) for c in calls]
+        )
+
+    def actors(self) -> list[dict[str, Any]]:
+        """Every actor: name, state, restarts, mailbox depth (for chaos tests)."""
+        return self.engine.actors()
+
+    def kill_actor(self, name: str) -> bool:
+        """Kill an actor by name; its supervisor restarts it. False if it was down."""
+        return self.engine.kill_actor(name)
+
+    def close(self) -> None:
+        """Stop the store (its actors end; the owning nursery then returns)."""
+        self._scope.cancel()
+
+
+async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **settings: Any) -> Store:
+    """Start a store in ``nursery`` and return it once every actor is running.
+
+    Settings are :class:`StoreConfig` fields (``shards=4``, ``maxmemory="64MiB"``).
+    ``store.close()`` (or cancelling the nursery) stops it.
+    """
+    cfg = config if config is not None else StoreConfig(**settings)
+    engine = KVEngine(cfg)
+    root = engine.supervisor()
+
+    async def run(*, task_status: trio.TaskStatus[Store]) -> None:
+        async with trio.open_nursery() as inner:
+            system: ActorSystem = await inner.start(root.run)
+            engine.attach(system)
+            task_status.started(Store(engine, system, inner.cancel_scope))
+
+    store: Store = await nursery.start(run)
+    return store
+
+
+@asynccontextmanager
+async def open_store(config: StoreConfig | None = None, **settings: Any) -> AsyncIterator[Store]:
+    """Run an embedded store for the duration of the block.
+
+    Raises:
+        ValueError: invalid settings (exact message naming the setting).
+    """
+    cfg = config if config is not None else StoreConfig(**settings)
+    async with trio.open_nursery() as nursery:
+        engine = KVEngine(cfg)
+        system: ActorSystem = await nursery.start(engine.supervisor().run)
+        engine.attach(system)
+        store = Store(engine, system, nursery.cancel_scope)
+        try:
+            yield store
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,792 @@
+"""KVEngine: routes every command to the shards that own its keys.
+
+The engine owns no data. It parses a call through the command table, checks
+the size limits, routes the operation by hash slot to the owning shard actor
+(or fans it out, or runs the two-phase protocol for atomic multi-shard
+writes), translates actor failures into the protocol's errors, and executes
+what the TTLManager and the EvictionManager decide (sweeps, victims).
+
+Errors the caller sees, and when:
+- ``UNAVAILABLE`` (nothing applied): the owning shard is restarting, or its
+  handler never started (an injected fault).
+- ``TIMEOUT`` with ``applied`` null: no answer within ``request_timeout``;
+  the operation may still take effect.
+- ``OOM``: a write over ``maxmemory`` after eviction had ``oom_wait`` seconds
+  to make room (immediately when the eviction manager is down).
+- ``INTERNAL`` with ``applied`` null: a shard crashed inside the handler (a bug).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from actors import (
+    ActorCrashed,
+    ActorRef,
+    ActorState,
+    ActorStopped,
+    ActorSystem,
+    AskTimeout,
+    Backoff,
+    ChildSpec,
+    Intensity,
+    MailboxFull,
+    ReplySlot,
+    RestartType,
+    StateHooks,
+    Strategy,
+    Supervisor,
+)
+
+from .._version import __version__
+from ..commands import ops
+from ..commands.args import Clock
+from ..commands.table import COMMANDS, Command, ParseContext, ServerCall, parse
+from ..config import StoreConfig
+from ..errors import (
+    CommandSyntaxError,
+    DisabledError,
+    InternalError,
+    KVMemoError,
+    OutOfMemoryError,
+    RequestTimeoutError,
+    TooLargeError,
+    UnavailableError,
+    UnknownCommandError,
+)
+from ..eviction.manager import Candidate, EvictionManager, EvictNow, Wake
+from ..eviction.memory import MemoryTracker
+from ..eviction.policies import make_policy
+from ..expiry.ttl_manager import TTLManager
+from ..observability.metrics import MetricsRegistry
+from ..storage.shard import (
+    ABORTED,
+    Barrier,
+    Candidates,
+    Evict,
+    ExpireDue,
+    Hold,
+    PartSlot,
+    Reconcile,
+    ShardActor,
+    ShardBatch,
+    Stats,
+    shard_state_factory,
+)
+from ..storage.slots import SlotMap
+from ..storage.store import NeedMemory
+from .locks import RWLock
+
+TTL_MANAGER = "ttl-manager"
+EVICTION_MANAGER = "eviction-manager"
+STORAGE_SUPERVISOR = "storage"
+EVICTION_SUPERVISOR = "eviction"
+SCAN_DEFAULT_COUNT = 10  # keys per SCAN call when COUNT is not given (as Redis)
+WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
+OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i}"
+
+
+class KVEngine:
+    """Routes commands to shard actors and runs expiry and eviction.
+
+    Build it, run :meth:`supervisor` (or the ``kvmemo.open_store`` helper),
+    then :meth:`attach` the running actor system before executing commands.
+
+    Args:
+        config: the store's configuration (validated).
+        metrics: where to record; a fresh registry by default.
+    """
+
+    def __init__(self, config: StoreConfig, metrics: MetricsRegistry | None = None) -> None:
+        self.config = config
+        self.slots = SlotMap(config.shards)
+        self.tracker = MemoryTracker(
+            config.maxmemory,
+            config.shards,
+            watermark=config.eviction_watermark,
+            target=config.eviction_target,
+        )
+        self.metrics = metrics if metrics is not None else MetricsRegistry()
+        self.system: ActorSystem | None = None
+        self._shards: list[ActorRef] = []
+        self._eviction: ActorRef | None = None
+        self._txn_lock = RWLock()
+        self._last_wake = -1.0
+        self._started_at = time.time()
+        self._init_metrics()
+
+    # -- the supervision tree ---------------------------------------------------------
+
+    def child_specs(self) -> list[ChildSpec]:
+        """The engine's subtree: storage supervisor, ttl-manager, eviction supervisor."""
+        cfg = self.config
+        backoff = Backoff(initial=cfg.restart_backoff, maximum=cfg.restart_backoff_max)
+        intensity = Intensity(cfg.max_restarts, cfg.restart_period)
+        shard_specs = []
+        for i in range(cfg.shards):
+            initial, check, rebuild = shard_state_factory(
+                i, self.tracker, lambda: make_policy(cfg.eviction_policy)
+            )
+            shard_specs.append(
+                ChildSpec(
+                    shard_name(i),
+                    start=lambda ctx: ShardActor(ctx, cfg.hold_timeout),
+                    mailbox_capacity=cfg.mailbox_capacity,
+                    state=StateHooks(initial, check, rebuild),
+                )
+            )
+        storage = Supervisor(
+            STORAGE_SUPERVISOR, shard_specs, Strategy.ONE_FOR_ONE, intensity, backoff
+        )
+        ttl = ChildSpec(
+            TTL_MANAGER,
+            start=lambda ctx: TTLManager(
+                self.process_expired,
+                self.reconcile_ttl,
+                tick=cfg.ttl_tick,
+                reconcile_every=cfg.reconcile_every,
+                on_sweep=self._expired_sweep.observe,
+            ),
+        )
+        eviction = Supervisor(
+            EVICTION_SUPERVISOR,
+            [
+                ChildSpec(
+                    EVICTION_MANAGER,
+                    start=lambda ctx: EvictionManager(
+                        self.tracker,
+                        self.gather_candidates,
+                        self.evict,
+                        sample=cfg.eviction_sample,
+                        on_cycle=self._record_eviction,
+                    ),
+                )
+            ],
+            Strategy.ONE_FOR_ONE,
+            Intensity(5, 10.0),
+            backoff,
+        )
+        # The eviction subtree is temporary: once it gives up, the engine
+        # bypasses eviction (writes past maxmemory get OOM) instead of taking
+        # the whole node down with it.
+        return [
+            ChildSpec.for_supervisor(storage),
+            ttl,
+            ChildSpec.for_supervisor(eviction, restart=RestartType.TEMPORARY),
+        ]
+
+    def supervisor(self, extra: Sequence[ChildSpec] = ()) -> Supervisor:
+        """The root supervisor of a node running this engine (plus ``extra`` children)."""
+        cfg = self.config
+        return Supervisor(
+            "root",
+            [*self.child_specs(), *extra],
+            Strategy.ONE_FOR_ONE,
+            Intensity(cfg.max_restarts, cfg.restart_period),
+            Backoff(initial=cfg.restart_backoff, maximum=cfg.restart_backoff_max),
+        )
+
+    def attach(self, system: ActorSystem) -> None:
+        """Bind to the running actor system (after the supervisor started)."""
+        self.system = system
+        self._shards = [system.ref(shard_name(i)) for i in range(self.config.shards)]
+        self._eviction = system.ref(EVICTION_MANAGER)
+
+    # -- metrics ----------------------------------------------------------------------
+
+    def _init_metrics(self) -> None:
+        m = self.metrics
+        self._latency = m.histogram(
+            "kvmemo_command_duration_seconds", "Command latency in the engine", ["command"]
+        )
+        self._latency_by_name = {name: self._latency.labels(name) for name in COMMANDS}
+        self._errors = m.counter("kvmemo_command_errors_total", "Commands failed", ["kind"])
+        count_buckets = (0, 1, 10, 100, 1000, 10_000, 100_000)
+        self._expired_sweep = m.histogram(
+            "kvmemo_expired_keys_per_sweep",
+            "Keys removed by each expiry sweep",
+            (),
+            buckets=count_buckets[1:],
+        )
+        self._evicted_keys = m.counter("kvmemo_evicted_keys_total", "Keys evicted")
+        self._freed_cycle = m.histogram(
+            "kvmemo_eviction_freed_bytes_per_cycle",
+            "Bytes freed by each eviction cycle",
+            (),
+            buckets=(1024, 16 * 1024, 256 * 1024, 4 * 1024**2, 64 * 1024**2, 1024**3),
+        )
+        m.gauge("kvmemo_memory_used_bytes", "Tracked memory use").set_function(
+            lambda: float(self.tracker.used)
+        )
+        m.gauge("kvmemo_memory_max_bytes", "maxmemory (0: no limit)").set_function(
+            lambda: float(self.tracker.maxmemory)
+        )
+        self._restarts_gauge = m.gauge("kvmemo_actor_restarts", "Restarts per actor", ["actor"])
+        self._mailbox_gauge = m.gauge(
+            "kvmemo_actor_mailbox_depth", "Messages queued per actor", ["actor"]
+        )
+
+    def refresh_actor_metrics(self) -> None:
+        """Copy restart counts and mailbox depths into their gauges (before a scrape)."""
+        if self.system is None:
+            return
+        for info in self.system.actors():
+            self._restarts_gauge.labels(info.name).set(info.restarts)
+            self._mailbox_gauge.labels(info.name).set(info.mailbox)
+
+    def _record_eviction(self, keys: int, freed: int) -> None:
+        self._evicted_keys.inc(keys)
+        self._freed_cycle.observe(freed)
+
+    # -- executing commands ----------------------------------------------------------------
+
+    def _context(self) -> ParseContext:
+        return ParseContext(Clock(trio.current_time(), time.time()), self.config.max_value_size)
+
+    def _check_sizes(self, spec: Command, args: Sequence[bytes]) -> None:
+        cfg = self.config
+        limit = max(cfg.max_key_size, cfg.max_value_size)
+        for arg in args:
+            if len(arg) > limit:
+                raise TooLargeError(f"argument of {len(arg)} bytes is over the limit")
+        if spec.first_key:
+            for key in spec.keys_of(args):
+                if len(key) > cfg.max_key_size:
+                    raise TooLargeError(
+                        f"key of {len(key)} bytes is over max_key_size ({cfg.max_key_size})"
+                    )
+        if cfg.max_value_size < limit:
+            keys = set(map(id, spec.keys_of(args)))
+            for arg in args:
+                if id(arg) not in keys and len(arg) > cfg.max_value_size:
+                    raise TooLargeError(
+                        f"value of {len(arg)} bytes is over max_value_size ({cfg.max_value_size})"
+                    )
+
+    def parse(self, name: str, args: Sequence[bytes]) -> tuple[Command, Any]:
+        """Parse and validate one call (no I/O)."""
+        spec, op = parse(name, args, self._context())
+        self._check_sizes(spec, args)
+        return spec, op
+
+    async def execute(self, name: str, args: Sequence[bytes]) -> Any:
+        """Run one command by name and return its protocol result.
+
+        Raises:
+            KVMemoError: the protocol error for whatever went wrong.
+        """
+        started = time.perf_counter()
+        try:
+            spec, op = self.parse(name, args)
+            result = await self._run(op)
+        except KVMemoError as exc:
+            self._errors.labels(exc.kind).inc()
+            raise
+        hist = self._latency_by_name.get(spec.name)
+        if hist is not None:
+            hist.observe(time.perf_counter() - started)
+        return result
+
+    async def execute_many(self, calls: Sequence[tuple[str, Sequence[bytes]]]) -> list[Any]:
+        """Run several commands, grouping single-key ones per shard.
+
+        Commands take effect in the order given for each key (a multi-key
+        command waits for what came before it). Returns one entry per call:
+        its result, or the :class:`KVMemoError` it failed with.
+        """
+        results: list[Any] = [None] * len(calls)
+        segment: list[tuple[int, Any]] = []
+        for i, (name, args) in enumerate(calls):
+            try:
+                _, op = self.parse(name, args)
+            except KVMemoError as exc:
+                self._errors.labels(exc.kind).inc()
+                results[i] = exc
+                continue
+            if isinstance(op, ops.ShardOp):
+                segment.append((i, op))
+                continue
+            if segment:
+                await self._run_segment(segment, results)
+                segment = []
+            try:
+                results[i] = await self._run(op)
+            except KVMemoError as exc:
+                self._errors.labels(exc.kind).inc()
+                results[i] = exc
+        if segment:
+            await self._run_segment(segment, results)
+        return results
+
+    async def _run(self, op: Any) -> Any:
+        if isinstance(op, ops.ShardOp):
+            return await self._run_single(op)
+        with trio.move_on_after(self.config.request_timeout):
+            if isinstance(op, ops.FanOutOp):
+                return await self._run_fanout(op)
+            if isinstance(op, ops.AtomicOp):
+                return await self._run_atomic(op)
+            if isinstance(op, ops.KeyspaceOp):
+                return await self._run_keyspace(op)
+            if isinstance(op, ServerCall):
+                return await self._run_server(op)
+            raise InternalError(f"no route for {type(op).__name__}")
+        raise RequestTimeoutError("the command did not finish in time", applied=None)
+
+    def _shard_for(self, index: int) -> ActorRef:
+        ref = self._shards[index]
+        if ref.state is not ActorState.RUNNING:
+            eta = ref.restart_eta()
+            retry = 10 if eta is None else max(1, round((eta - trio.current_time()) * 1000))
+            raise UnavailableError(f"{ref.name} is restarting", retry_after_ms=retry)
+        return ref
+
+    def _translate(self, exc: Exception, ref: ActorRef) -> KVMemoError:
+        if isinstance(exc, KVMemoError):
+            return exc
+        if isinstance(exc, ActorCrashed):
+            if not exc.handler_started:
+                return UnavailableError(f"{ref.name} is restarting", retry_after_ms=10)
+            return InternalError(f"{ref.name} crashed handling the command", applied=None)
+        if isinstance(exc, ActorStopped):
+            return UnavailableError(f"{ref.name} is stopped", retry_after_ms=1000)
+        if isinstance(exc, AskTimeout):
+            return RequestTimeoutError("the command did not finish in time", applied=None)
+        return InternalError(f"unexpected failure: {exc!r}", applied=None)
+
+    async def _run_single(self, op: ops.ShardOp) -> Any:
+        ref = self._shard_for(self.slots.shard_of(op.key))
+        timeout = self.config.request_timeout
+        for attempt in (0, 1):
+            try:
+                result = await ref.ask(op, timeout=timeout)
+            except NeedMemory as exc:
+                if attempt:
+                    raise OutOfMemoryError(OOM_MESSAGE) from None
+                await self._make_room(exc.nbytes)
+                continue
+            except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+                raise self._translate(exc, ref) from None
+            if op.write:
+                self._maybe_wake_eviction()
+            return result
+        raise AssertionError("unreachable")
+
+    async def _run_segment(self, segment: list[tuple[int, Any]], results: list[Any]) -> None:
+        """Run single-key operations grouped per shard, in order per shard."""
+        groups: dict[int, list[tuple[int, Any]]] = {}
+        shard_of = self.slots.shard_of
+        for item in segment:
+            groups.setdefault(shard_of(item[1].key), []).append(item)
+        with trio.move_on_after(self.config.request_timeout):
+            pending = []
+            for shard, items in groups.items():
+                try:
+                    ref = self._shard_for(shard)
+                    slot = await self._send(ref, ShardBatch([op for _, op in items]))
+                except KVMemoError as exc:
+                    for i, _ in items:
+                        results[i] = exc
+                    continue
+                pending.append((ref, items, slot))
+            for ref, items, slot in pending:
+                await self._finish_batch(ref, items, slot, results)
+            return
+        for i, _ in segment:
+            if results[i] is None:
+                results[i] = RequestTimeoutError("the command did not finish in time", applied=None)
+
+    async def _send(self, ref: ActorRef, message: Any, slot: ReplySlot | None = None) -> ReplySlot:
+        try:
+            return ref.ask_nowait(message, slot)
+        except MailboxFull:
+            return await ref.ask_start(message, slot)
+        except ActorStopped as exc:
+            raise self._translate(exc, ref) from None
+
+    async def _finish_batch(
+        self, ref: ActorRef, items: list[tuple[int, Any]], slot: ReplySlot, results: list[Any]
+    ) -> None:
+        retried = False
+        while True:
+            try:
+                answers = await slot.wait()
+            except (ActorCrashed, ActorStopped) as exc:
+                error = self._translate(exc, ref)
+                for i, _ in items:
+                    results[i] = error
+                return
+            for (i, _), answer in zip(items, answers, strict=False):
+                results[i] = answer
+            done = len(answers)
+            if done == len(items) and not isinstance(answers[-1], NeedMemory):
+                break
+            # A write needed memory: make room, then resubmit it and the rest in order.
+            last = answers[-1]
+            assert isinstance(last, NeedMemory)
+            if retried:
+                results[items[done - 1][0]] = OutOfMemoryError(OOM_MESSAGE)
+                items = items[done:]
+                retried = False
+            else:
+                await self._make_room(last.nbytes)
+                items = items[done - 1 :]
+                retried = True
+            if not items:
+                break
+            slot = await self._send(ref, ShardBatch([op for _, op in items]))
+        if any(op.write for _, op in items):
+            self._maybe_wake_eviction()
+
+    async def _run_fanout(self, op: ops.FanOutOp) -> Any:
+        groups = self.slots.group_by_shard(op.keys)
+        parts = []
+        for shard, where in groups.items():
+            ref = self._shard_for(shard)
+            parts.append((ref, where, await self._send(ref, op.part([op.keys[i] for i in where]))))
+        results = []
+        for ref, _, slot in parts:
+            try:
+                results.append(await slot.wait())
+            except (ActorCrashed, ActorStopped) as exc:
+                raise self._translate(exc, ref) from None
+        return op.combine(results, [where for _, where, _ in parts])
+
+    async def _run_atomic(self, op: ops.AtomicOp) -> Any:
+        groups = self.slots.group_by_shard(op.keys)
+        shards = sorted(groups)
+        refs = [self._shard_for(s) for s in shards]
+        positions = [groups[s] for s in shards]
+        if op.readonly:
+            if len(shards) == 1:
+                return await self._read_parts(op, refs, positions)
+            await self._txn_lock.acquire(write=False)
+            try:
+                return await self._read_parts(op, refs, positions)
+            finally:
+                self._txn_lock.release(write=False)
+        for attempt in (0, 1):
+            await self._txn_lock.acquire(write=True)
+            try:
+                committed, votes, results = await self._two_phase(op, refs, positions)
+            finally:
+                self._txn_lock.release(write=True)
+            need = [v for v in votes if isinstance(v, NeedMemory)]
+            if need:
+                if attempt:
+                    raise OutOfMemoryError(OOM_MESSAGE)
+                await self._make_room(sum(v.nbytes for v in need))
+                continue
+            self._maybe_wake_eviction()
+            return op.combine(results, positions, committed)
+        raise AssertionError("unreachable")
+
+    async def _read_parts(
+        self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
+    ) -> Any:
+        slots = [
+            await self._send(ref, op.read_part(where))
+            for ref, where in zip(refs, positions, strict=True)
+        ]
+        results = []
+        for ref, slot in zip(refs, slots, strict=True):
+            try:
+                results.append(await slot.wait())
+            except (ActorCrashed, ActorStopped) as exc:
+                raise self._translate(exc, ref) from None
+        return op.combine(results, positions, True)
+
+    async def _two_phase(
+        self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
+    ) -> tuple[bool, list[object], list[Any]]:
+        """Prepare on every shard (each holds), decide, commit or abort everywhere."""
+        barrier = Barrier(len(refs))
+        slots: list[ReplySlot] = []
+        commit = False
+        try:
+            for i, (ref, where) in enumerate(zip(refs, positions, strict=True)):
+                hold = Hold(barrier, i, op.part(where))
+                slots.append(await self._send(ref, hold, PartSlot(barrier)))
+            await barrier.ready.wait()
+            commit = not barrier.failed and all(v is True for v in barrier.votes)
+        finally:
+            # Whatever happened (a failure, a cancellation), the held shards
+            # must not wait for a decision that never comes.
+            commit = barrier.decide(commit)
+        votes = list(barrier.votes)
+        results = []
+        error: KVMemoError | None = None
+        for ref, slot in zip(refs, slots, strict=True):
+            try:
+                result = await slot.wait()
+            except (ActorCrashed, ActorStopped, KVMemoError) as exc:
+                error = error or self._translate(exc, ref)
+                continue
+            results.append(None if result is ABORTED else result)
+        if error is not None:
+            raise error
+        return commit, votes, results
+
+    async def _run_keyspace(self, op: ops.KeyspaceOp) -> Any:
+        slots = []
+        for i in range(self.config.shards):
+            ref = self._shard_for(i)
+            slots.append((ref, await self._send(ref, op.part())))
+        results = []
+        for ref, slot in slots:
+            try:
+                results.append(await slot.wait())
+            except (ActorCrashed, ActorStopped) as exc:
+                raise self._translate(exc, ref) from None
+        if op.write:
+            self._maybe_wake_eviction()
+        return op.combine(results)
+
+    # -- commands the engine answers itself ---------------------------------------------------
+
+    async def _run_server(self, call: ServerCall) -> Any:
+        name, args = call.name, call.args
+        if name == "ping":
+            return args[0] if args else "PONG"
+        if name == "echo":
+            return args[0]
+        if name == "time":
+            now = time.time()
+            return [str(int(now)).encode(), str(int(now % 1 * 1_000_000)).encode()]
+        if name == "info":
+            section = args[0].decode("utf-8", "replace").lower() if args else None
+            return await self.info(section)
+        if name == "scan":
+            return await self._scan(args)
+        if name == "save":
+            raise DisabledError("persistence is not enabled on this server")
+        if name == "debug.actors":
+            return self.actors()
+        if name == "debug.kill":
+            if not self.config.chaos:
+                raise UnknownCommandError("unknown command 'debug.kill' (chaos is not enabled)")
+            self.kill_actor(args[0].decode("utf-8", "replace"))
+            return ops.OK
+        if name == "command.list":
+            return sorted(COMMANDS)
+        if name == "auth":
+            raise CommandSyntaxError("AUTH called without any password configured")
+        raise UnknownCommandError(f"unknown command '{name}'")
+
+    async def _scan(self, args: tuple[bytes, ...]) -> list[Any]:
+        cursor = int(args[0])
+        count = SCAN_DEFAULT_COUNT
+        pattern: bytes | None = None
+        type_filter: bytes | None = None
+        for i in range(1, len(args), 2):
+            opt = args[i].upper()
+            if opt == b"COUNT":
+                count = int(args[i + 1])
+            elif opt == b"MATCH":
+                pattern = None if args[i + 1] == b"*" else args[i + 1]
+            else:
+                type_filter = args[i + 1].lower()
+        shard = cursor & 0x3FFF
+        offset = (cursor >> 14) & 0xFFFFFFFF
+        scan_id = cursor >> 46
+        if shard >= self.config.shards:
+            return [b"0", []]
+        keys: list[bytes] = []
+        while True:
+            ref = self._shard_for(shard)
+            try:
+                scan_id, offset, found = await ref.ask(
+                    ops.ScanStep(scan_id, offset, count, pattern),
+                    timeout=self.config.request_timeout,
+                )
+            except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+                raise self._translate(exc, ref) from None
+            keys.extend(found)
+            if offset == 0:
+                shard += 1
+                scan_id = 0
+                if shard >= self.config.shards:
+                    next_cursor = 0
+                    break
+            if len(keys) >= count:
+                next_cursor = shard | (offset << 14) | (scan_id << 46)
+                break
+        if type_filter is not None and type_filter != b"string":
+            keys = []
+        return [str(next_cursor).encode(), keys]
+
+    def actors(self) -> list[dict[str, Any]]:
+        """Every actor: name, state, restarts, mailbox depth."""
+        if self.system is None:
+            return []
+        return [
+            {"name": a.name, "state": a.state.value, "restarts": a.restarts, "mailbox": a.mailbox}
+            for a in self.system.actors()
+        ]
+
+    def kill_actor(self, name: str) -> bool:
+        """Kill an actor by name (chaos); False if it was not running.
+
+        Raises:
+            CommandSyntaxError: no such actor.
+        """
+        assert self.system is not None
+        if name not in self.system.names():
+            raise CommandSyntaxError(f"no actor named {name!r}")
+        return self.system.kill(name)
+
+    async def info(self, section: str | None = None) -> dict[str, Any]:
+        """The ``info`` sections as a JSON-ready dict (one section, or all)."""
+        stats = await self._shard_stats()
+        keys = sum(s["keys"] for s in stats)
+        sections: dict[str, Any] = {
+            "server": {
+                "version": __version__,
+                "process_id": os.getpid(),
+                "uptime_in_seconds": int(time.time() - self._started_at),
+                "shards": self.config.shards,
+            },
+            "memory": {
+                "used_memory": self.tracker.used,
+                "maxmemory": self.tracker.maxmemory,
+                "maxmemory_policy": self.config.eviction_policy,
+                "eviction_watermark": self.config.eviction_watermark,
+                "oom_refusals": self.tracker.refused,
+            },
+            "stats": {
+                "expired_keys": sum(s["expired_keys"] for s in stats),
+                "evicted_keys": sum(s["evicted_keys"] for s in stats),
+                "eviction_manager_running": self._eviction_running(),
+                "metrics": self.metrics.to_dict(),
+            },
+            "keyspace": {
+                "keys": keys,
+                "expires": sum(s["expires"] for s in stats),
+                "shards": [s["keys"] for s in stats],
+            },
+            "actors": self.actors(),
+            "persistence": {"enabled": False},
+        }
+        if section is None or section in ("all", "everything", "default"):
+            return sections
+        if section not in sections:
+            return {}
+        return {section: sections[section]}
+
+    async def _shard_stats(self) -> list[dict[str, int]]:
+        out = []
+        for ref in self._shards:
+            empty = {"keys": 0, "expires": 0, "expired_keys": 0, "evicted_keys": 0}
+            if ref.state is not ActorState.RUNNING:
+                out.append(empty)
+                continue
+            try:
+                out.append(await ref.ask(Stats(), timeout=self.config.request_timeout))
+            except (ActorCrashed, ActorStopped, AskTimeout):
+                out.append(empty)
+        return out
+
+    # -- expiry and eviction, as the managers decide -------------------------------------------
+
+    async def process_expired(self) -> tuple[int, bool]:
+        """One expiry sweep over every running shard; (removed, backlog remains)."""
+        message = ExpireDue(self.config.expiry_budget)
+        slots = []
+        for ref in self._shards:
+            if ref.state is ActorState.RUNNING:
+                try:
+                    slots.append(ref.ask_nowait(message))
+                except (MailboxFull, ActorStopped):
+                    continue
+        removed = 0
+        backlog = False
+        for slot in slots:
+            try:
+                n, more = await slot.wait()
+            except (ActorCrashed, ActorStopped):
+                continue
+            removed += n
+            backlog = backlog or more
+        return removed, backlog
+
+    async def reconcile_ttl(self) -> int:
+        """Repair drifted TTL indexes; return how many shards needed it."""
+        repaired = 0
+        for ref in self._shards:
+            if ref.state is ActorState.RUNNING:
+                try:
+                    repaired += bool(
+                        await ref.ask(Reconcile(), timeout=self.config.request_timeout)
+                    )
+                except (ActorCrashed, ActorStopped, AskTimeout):
+                    continue
+        return repaired
+
+    async def gather_candidates(self, sample: int) -> list[Candidate]:
+        """Eviction candidates of every running shard, tagged with their shard."""
+        message = Candidates(sample)
+        slots = []
+        for i, ref in enumerate(self._shards):
+            if ref.state is ActorState.RUNNING:
+                try:
+                    slots.append((i, ref.ask_nowait(message)))
+                except (MailboxFull, ActorStopped):
+                    continue
+        out: list[Candidate] = []
+        for i, slot in slots:
+            try:
+                found = await slot.wait()
+            except (ActorCrashed, ActorStopped):
+                continue
+            out.extend((score, i, key, size) for score, key, size in found)
+        return out
+
+    async def evict(self, victims: list[Candidate]) -> int:
+        """Delete the chosen victims in their shards; return bytes freed."""
+        by_shard: dict[int, list[bytes]] = {}
+        for _, shard, key, _ in victims:
+            by_shard.setdefault(shard, []).append(key)
+        freed = 0
+        for shard, keys in by_shard.items():
+            ref = self._shards[shard]
+            try:
+                _, nbytes = await ref.ask(Evict(keys), timeout=self.config.request_timeout)
+            except (ActorCrashed, ActorStopped, AskTimeout):
+                continue
+            freed += nbytes
+        return freed
+
+    def _eviction_running(self) -> bool:
+        return self._eviction is not None and self._eviction.state is ActorState.RUNNING
+
+    def _maybe_wake_eviction(self) -> None:
+        if not self.tracker.over_watermark or not self._eviction_running():
+            return
+        now = trio.current_time()
+        if now - self._last_wake < WAKE_INTERVAL:
+            return
+        self._last_wake = now
+        assert self._eviction is not None
+        try:
+            self._eviction.tell_nowait(Wake())
+        except (MailboxFull, ActorStopped):
+            pass
+
+    async def _make_room(self, nbytes: int) -> None:
+        """Ask eviction for room and wait at most ``oom_wait``; bypass it when down."""
+        if not self._eviction_running():
+            return
+        assert self._eviction is not None
+        try:
+            await self._eviction.ask(EvictNow(nbytes), timeout=self.config.oom_wait)
+        except (ActorCrashed, ActorStopped, AskTimeout):
+            return

@@ -1,0 +1,647 @@
+"""Eviction policies: which keys a shard gives up first under memory pressure.
+
+Each shard owns one policy instance. A policy is a pure core (no trio, no
+actors): it keeps metadata about keys only, never values, and never deletes
+anything. The shard reports what happens to its keys through the ``record_*``
+methods; the ``EvictionManager`` asks every shard for ``candidates(count)``,
+merges them by score and picks the globally lowest; the ``KVEngine`` deletes
+the victims, and each shard then calls ``record_remove``.
+
+Design of the scores: the manager compares candidates of *different* shards,
+so a score must mean the same thing in every instance of a policy. All
+policies therefore read one module-level logical clock, ``_CLOCK``: every
+touch of every key in every shard of the process takes the next tick, so
+ticks are unique and totally ordered across shards. Scores are plain ints;
+lower means "evict first". A score is only comparable with scores of the same
+policy.
+
+Semantics shared by all policies (the shard may rely on them):
+
+- ``record_insert`` of a key already tracked counts as an overwrite: an access
+  followed by ``record_volatile``.
+- ``record_access`` or ``record_volatile`` of an untracked key records it as
+  inserted (not volatile for ``record_access``). A policy that lost track of a
+  key learns it again the next time the key is touched, instead of never
+  offering it for eviction.
+- ``record_volatile`` that changes a key's flag refreshes its recency (gaining
+  or losing a TTL is a write to the key, as EXPIRE and PERSIST are in Redis)
+  but is not an access: LFU frequencies do not change. Setting the flag it
+  already has is a no-op. This keeps every ``record_*`` O(1) for the
+  ``volatile-*`` variants: a key joining the volatile set goes to the
+  most-recent end of the volatile order, never into its middle.
+- ``record_remove`` of an untracked key is a no-op.
+- ``volatile-X`` offers exactly the volatile keys of the order ``X`` would
+  offer, in the same order.
+
+New policies plug in with :func:`register_policy`; :func:`make_policy` builds
+one by name (Redis ``allkeys-*`` aliases accepted).
+"""
+
+from __future__ import annotations
+
+import abc
+import heapq
+import itertools
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from operator import itemgetter
+from typing import ClassVar, Self, TypeVar
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICY_NAMES",
+    "EvictionPolicy",
+    "FIFOPolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "NoEvictionPolicy",
+    "RandomPolicy",
+    "VolatileLFUPolicy",
+    "VolatileLRUPolicy",
+    "VolatileRandomPolicy",
+    "make_policy",
+    "register_policy",
+]
+
+# The shared logical clock: one tick per touch, process-wide, so that scores of
+# different shards (different instances) compare. ``next()`` on a count is
+# atomic, and ticks never repeat.
+_CLOCK = itertools.count(1)
+
+# LFU score = freq << LFU_TICK_BITS | tick: the frequency dominates, the tick
+# breaks ties by recency. 2**64 ticks is centuries at 10**9 touches per second,
+# so a tick never spills into the frequency bits.
+LFU_TICK_BITS = 64
+
+# Random scores are uniform in [0, 2**RANDOM_SCORE_BITS): the manager's "lowest
+# score" then picks uniformly among the candidates it was offered.
+RANDOM_SCORE_BITS = 62
+
+DEFAULT_POLICY = "lru"
+
+_by_tick = itemgetter(1)
+
+
+def _check_count(count: int) -> None:
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+
+
+class EvictionPolicy(abc.ABC):
+    """Metadata about one shard's keys, ranking them for eviction.
+
+    Subclasses set ``name`` (the registry name) and may set ``volatile_only``
+    (candidates only among keys that have a TTL). Every ``record_*`` method is
+    O(1) and synchronous, so a shard updates its policy in the same
+    checkpoint-free section as its dict.
+
+    Invariant: ``len(policy)`` is the number of keys recorded and not removed;
+    ``candidates`` returns only such keys (for ``volatile_only`` policies, only
+    those last recorded as volatile).
+    """
+
+    name: ClassVar[str]
+    volatile_only: ClassVar[bool] = False
+
+    @classmethod
+    def create(cls, *, rng: random.Random | None = None) -> Self:
+        """Build an instance for :func:`make_policy`.
+
+        Args:
+            rng: a random source; policies that need none ignore it.
+        """
+        return cls()
+
+    @abc.abstractmethod
+    def record_insert(self, key: bytes, *, volatile: bool) -> None:
+        """A new key was stored; ``volatile`` tells whether it has a TTL."""
+
+    @abc.abstractmethod
+    def record_access(self, key: bytes) -> None:
+        """An existing key was read or overwritten."""
+
+    @abc.abstractmethod
+    def record_volatile(self, key: bytes, volatile: bool) -> None:
+        """The key gained (``True``) or lost (``False``) a TTL."""
+
+    @abc.abstractmethod
+    def record_remove(self, key: bytes) -> None:
+        """The key left the shard; no error if it is not tracked."""
+
+    @abc.abstractmethod
+    def candidates(self, count: int) -> list[tuple[int, bytes]]:
+        """Up to ``count`` eviction candidates, best victim first.
+
+        Args:
+            count: the most candidates wanted.
+
+        Returns:
+            ``(score, key)`` pairs sorted by ascending score; a lower score
+            means evict first, comparably across instances of the policy.
+
+        Raises:
+            ValueError: ``count`` is negative.
+        """
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Forget every key (the shard was flushed)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of keys tracked, volatile or not."""
+
+
+class NoEvictionPolicy(EvictionPolicy):
+    """Never evict: track nothing and offer no candidates.
+
+    The engine then answers a write past ``maxmemory`` with ``OOM``.
+    """
+
+    name = "noeviction"
+
+    def record_insert(self, key: bytes, *, volatile: bool) -> None:
+        pass
+
+    def record_access(self, key: bytes) -> None:
+        pass
+
+    def record_volatile(self, key: bytes, volatile: bool) -> None:
+        pass
+
+    def record_remove(self, key: bytes) -> None:
+        pass
+
+    def candidates(self, count: int) -> list[tuple[int, bytes]]:
+        _check_count(count)
+        return []
+
+    def clear(self) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 0
+
+
+class LRUPolicy(EvictionPolicy):
+    """Exact least-recently-used order; score = tick of the last touch.
+
+    Design: two ``OrderedDict`` partitions, key -> tick of last touch, one for
+    keys without a TTL and one for volatile keys. Each is kept in increasing
+    tick order by appending at the end on every touch (``move_to_end``, O(1)).
+    ``volatile-lru`` reads the volatile partition from its front; ``lru``
+    merges the two fronts by tick (``heapq.merge``), O(count). Keeping the
+    partitions disjoint (rather than one order plus a filter) means a
+    ``volatile-lru`` shard full of persistent keys never scans them.
+
+    Invariant: every tracked key is in exactly one partition, and the ticks of
+    each partition increase from front to back.
+    """
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._persistent: OrderedDict[bytes, int] = OrderedDict()
+        self._volatile: OrderedDict[bytes, int] = OrderedDict()
+
+    def record_insert(self, key: bytes, *, volatile: bool) -> None:
+        # A re-insert is an access plus a flag change: both move the key to
+        # the most-recent end, so one pop and one append do both.
+        self._persistent.pop(key, None)
+        self._volatile.pop(key, None)
+        (self._volatile if volatile else self._persistent)[key] = next(_CLOCK)
+
+    def record_access(self, key: bytes) -> None:
+        order = self._persistent
+        if key in order:
+            order.move_to_end(key)
+        elif key in self._volatile:
+            order = self._volatile
+            order.move_to_end(key)
+        order[key] = next(_CLOCK)
+
+    def record_volatile(self, key: bytes, volatile: bool) -> None:
+        src, dst = (
+            (self._persistent, self._volatile) if volatile else (self._volatile, self._persistent)
+        )
+        if key in dst:
+            return
+        src.pop(key, None)
+        dst[key] = next(_CLOCK)
+
+    def record_remove(self, key: bytes) -> None:
+        if self._persistent.pop(key, None) is None:
+            self._volatile.pop(key, None)
+
+    def candidates(self, count: int) -> list[tuple[int, bytes]]:
+        _check_count(count)
+        items: Iterable[tuple[bytes, int]]
+        if self.volatile_only:
+            items = self._volatile.items()
+        elif not self._volatile:
+            items = self._persistent.items()
+        else:
+            items = heapq.merge(self._persistent.items(), self._volatile.items(), key=_by_tick)
+        return [(tick, key) for key, tick in itertools.islice(items, count)]
+
+    def clear(self) -> None:
+        self._persistent.clear()
+        self._volatile.clear()
+
+    def __len__(self) -> int:
+        return len(self._persistent) + len(self._volatile)
+
+
+class VolatileLRUPolicy(LRUPolicy):
+    """LRU among keys that have a TTL only (Redis ``volatile-lru``)."""
+
+    name = "volatile-lru"
+    volatile_only = True
+
+
+class FIFOPolicy(EvictionPolicy):
+    """First in, first out: the oldest insertion goes first; score = insert tick.
+
+    Design: one ``OrderedDict`` key -> insert tick, appended on insert and never
+    reordered: accesses, overwrites and TTL changes leave the order alone.
+    There is no ``volatile-fifo``: keeping a volatile sub-order at insertion
+    positions would need an ordered insert, not O(1).
+
+    Invariant: ticks increase from front to back.
+    """
+
+    name = "fifo"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[bytes, int] = OrderedDict()
+
+    def record_insert(self, key: bytes, *, volatile: bool) -> None:
+        if key not in self._order:
+            self._order[key] = next(_CLOCK)
+
+    def record_access(self, key: bytes) -> None:
+        if key not in self._order:
+            self._order[key] = next(_CLOCK)
+
+    def record_volatile(self, key: bytes, volatile: bool) -> None:
+        if key not in self._order:
+            self._order[key] = next(_CLOCK)
+
+    def record_remove(self, key: bytes) -> None:
+        self._order.pop(key, None)
+
+    def candidates(self, count: int) -> list[tuple[int, bytes]]:
+        _check_count(count)
+        return [(tick, key) for key, tick in itertools.islice(self._order.items(), count)]
+
+    def clear(self) -> None:
+        self._order.clear()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class _FreqBucket:
+    """The keys touched exactly ``freq`` times: a node of LFU's bucket list.
+
+    Each partition maps key -> tick of its last touch, in increasing tick order.
+    """
+
+    __slots__ = ("freq", "next", "persistent", "prev", "volatile")
+
+    def __init__(self, freq: int, prev: _FreqBucket | None, next: _FreqBucket | None) -> None:
+        self.freq = freq
+        self.prev = prev
+        self.next = next
+        self.persistent: OrderedDict[bytes, int] = OrderedDict()
+        self.volatile: OrderedDict[bytes, int] = OrderedDict()
+
+
+class LFUPolicy(EvictionPolicy):
+    """Exact least-frequently-used order, ties broken by least recent touch.
+
+    Design: the O(1) LFU of Shah, Mitra and Matani (2010). A doubly linked list
+    of frequency buckets in increasing ``freq``, only non-empty buckets linked;
+    ``_where`` maps each key to its bucket. An access moves the key from bucket
+    ``f`` to bucket ``f + 1``, which is ``f``'s successor or is created right
+    after it, and unlinks ``f`` if it empties: O(1), no search. The head is the
+    minimum frequency. Inside a bucket, keys sit in order of their last touch
+    (two partitions, persistent and volatile, as in :class:`LRUPolicy`), so
+    the walk from the head yields candidates in score order,
+    ``score = freq << LFU_TICK_BITS | tick``.
+
+    Frequencies count accesses in this shard since insertion (1 on insert) and
+    never decay: a key that was hot long ago stays protected. Cost of
+    ``candidates``: O(count) for ``lfu``; ``volatile-lfu`` also steps over
+    buckets holding no volatile key, at most the number of distinct
+    frequencies (which is below sqrt(2 * accesses)).
+
+    Invariant: every tracked key is in exactly one partition of exactly one
+    bucket, ``_where[key]`` is that bucket, and every linked bucket is
+    non-empty, with ``freq`` strictly increasing from ``_head``.
+    """
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._head: _FreqBucket | None = None
+        self._where: dict[bytes, _FreqBucket] = {}
+
+    def _unlink_if_empty(self, bucket: _FreqBucket) -> None:
+        if bucket.persistent or bucket.volatile:
+            return
+        if bucket.prev is None:
+            self._head = bucket.next
+        else:
+            bucket.prev.next = bucket.next
+        if bucket.next is not None:
+            bucket.next.prev = bucket.prev
+
+    def _insert_new(self, key: bytes, volatile: bool) -> None:
+        head = self._head
+        if head is None or head.freq != 1:
+            head = _FreqBucket(1, None, head)
+            if head.next is not None:
+                head.next.prev = head
+            self._head = head
+        (head.volatile if volatile else head.persistent)[key] = next(_CLOCK)
+        self._where[key] = head
+
+    def record_insert(self, key: bytes, *, volatile: bool) -> None:
+        if key in self._where:
+            self.record_access(key)
+            self.record_volatile(key, volatile)
+        else:
+            self._insert_new(key, volatile)
+
+    def record_access(self, key: bytes) -> None:
+        bucket = self._where.get(key)
+        if bucket is None:
+            self._insert_new(key, False)
+            return
+        volatile = key in bucket.volatile
+        del (bucket.volatile if volatile else bucket.persistent)[key]
+        succ = bucket.next
+        if succ is None or succ.freq != bucket.freq + 1:
+            succ = _FreqBucket(bucket.freq + 1, bucket, bucket.next)
+            if bucket.next is not None:
+                bucket.next.prev = succ
+            bucket.next = succ
+        (succ.volatile if volatile else succ.persistent)[key] = next(_CLOCK)
+        self._where[key] = succ
+        self._unlink_if_empty(bucket)
+
+    def record_volatile(self, key: bytes, volatile: bool) -> None:
+        bucket = self._where.get(key)
+        if bucket is None:
+            self._insert_new(key, volatile)
+            return
+        if volatile:
+            src, dst = bucket.persistent, bucket.volatile
+        else:
+            src, dst = bucket.volatile, bucket.persistent
+        if key in dst:
+            return
+        del src[key]
+        dst[key] = next(_CLOCK)
+
+    def record_remove(self, key: bytes) -> None:
+        bucket = self._where.pop(key, None)
+        if bucket is None:
+            return
+        if bucket.persistent.pop(key, None) is None:
+            del bucket.volatile[key]
+        self._unlink_if_empty(bucket)
+
+    def candidates(self, count: int) -> list[tuple[int, bytes]]:
+        _check_count(count)
+        out: list[tuple[int, bytes]] = []
+        bucket = self._head
+        while bucket is not None and len(out) < count:
+            persistent, volatile = bucket.persistent, bucket.volatile
+            items: Iterable[tuple[bytes, int]]
+            if self.volatile_only:
+                items = volatile.items()
+            elif not volatile:
+                items = persistent.items()
+            else:
+                items = heapq.merge(persistent.items(), volatile.items(), key=_by_tick)
+            base = bucket.freq << LFU_TICK_BITS
+            wanted = count - len(out)
+            out.extend((base | tick, key) for key, tick in itertools.islice(items, wanted))
+            bucket = bucket.next
+        return out
+
+    def clear(self) -> None:
+        self._head = None
+        self._where.clear()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+class VolatileLFUPolicy(LFUPolicy):
+    """LFU among keys that have a TTL only (Redis ``volatile-lfu``)."""
+
+    name = "volatile-lfu"
+    volatile_only = True
+
+
+class _IndexedSet:
+    """A set with O(1) add, discard and access by position (for random choice).
+
+    Invariant: ``self._index[k] == i`` if and only if ``self._keys[i] == k``.
+    """
+
+    __slots__ = ("_index", "_keys")
+
+    def __init__(self) -> None:
+        self._keys: list[bytes] = []
+        self._index: dict[bytes, int] = {}
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._keys[i]
+
+    def add(self, key: bytes) -> None:
+        if key not in self._index:
+            self._index[key] = len(self._keys)
+            self._keys.append(key)
+
+    def discard(self, key: bytes) -> bool:
+        """Remove ``key`` if present (swap with the last, pop); return whether it was."""
+        i = self._index.pop(key, None)
+        if i is None:
+            return False
+        last = self._keys.pop()
+        if last != key:
+            self._keys[i] = last
+            self._index[last] = i
+        return True
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._index.clear()
+
+
+class RandomPolicy(EvictionPolicy):
+    """Uniformly random victims; score = a fresh random number per candidate.
+
+    Design: two indexed sets (persistent and volatile keys), each a list plus a
+    key -> position map with swap-remove, so record_* is O(1) and
+    ``candidates(count)`` draws ``count`` distinct positions with
+    ``Random.sample`` over a ``range`` in O(count). Scores are independent
+    uniform draws, so the manager's lowest-score pick across shards is uniform
+    among the candidates it gathered (not among all keys: a small shard offers
+    as many candidates as a big one).
+
+    Invariant: every tracked key is in exactly one of the two sets.
+    """
+
+    name = "random"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        """Start empty.
+
+        Args:
+            rng: the random source; seed it for reproducible victims. Default:
+                a ``random.Random`` seeded from ``os.urandom``.
+        """
+        self._rng = rng if rng is not None else random.Random(os.urandom(32))
+        self._persistent = _IndexedSet()
+        self._volatile = _IndexedSet()
+
+    @classmethod
+    def create(cls, *, rng: random.Random | None = None) -> Self:
+        return cls(rng)
+
+    def record_insert(self, key: bytes, *, volatile: bool) -> None:
+        self.record_volatile(key, volatile)
+
+    def record_access(self, key: bytes) -> None:
+        if key not in self._volatile:
+            self._persistent.add(key)
+
+    def record_volatile(self, key: bytes, volatile: bool) -> None:
+        src, dst = (
+            (self._persistent, self._volatile) if volatile else (self._volatile, self._persistent)
+        )
+        src.discard(key)
+        dst.add(key)
+
+    def record_remove(self, key: bytes) -> None:
+        if not self._persistent.discard(key):
+            self._volatile.discard(key)
+
+    def candidates(self, count: int) -> list[tuple[int, bytes]]:
+        _check_count(count)
+        rng = self._rng
+        volatile = self._volatile
+        if self.volatile_only:
+            picks = rng.sample(range(len(volatile)), min(count, len(volatile)))
+            keys = [volatile[i] for i in picks]
+        else:
+            persistent = self._persistent
+            n = len(persistent)
+            total = n + len(volatile)
+            picks = rng.sample(range(total), min(count, total))
+            keys = [persistent[i] if i < n else volatile[i - n] for i in picks]
+        return sorted((rng.getrandbits(RANDOM_SCORE_BITS), key) for key in keys)
+
+    def clear(self) -> None:
+        self._persistent.clear()
+        self._volatile.clear()
+
+    def __len__(self) -> int:
+        return len(self._persistent) + len(self._volatile)
+
+
+class VolatileRandomPolicy(RandomPolicy):
+    """Random among keys that have a TTL only (Redis ``volatile-random``)."""
+
+    name = "volatile-random"
+    volatile_only = True
+
+
+# --- Registry -----------------------------------------------------------------
+
+_REGISTRY: dict[str, type[EvictionPolicy]] = {}
+
+# Redis spells the all-keys policies with a prefix; both spellings are accepted.
+_ALIASES: dict[str, str] = {
+    "allkeys-lru": "lru",
+    "allkeys-lfu": "lfu",
+    "allkeys-random": "random",
+}
+
+# Canonical names in registration order; grows with register_policy.
+POLICY_NAMES: tuple[str, ...] = ()
+
+_P = TypeVar("_P", bound=EvictionPolicy)
+
+
+def register_policy(cls: type[_P]) -> type[_P]:
+    """Make a policy class available to :func:`make_policy` under ``cls.name``.
+
+    Usable as a class decorator. The engine needs no change to use it.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        ValueError: the name is missing, not lowercase, or already taken
+            (by a policy or an alias).
+    """
+    global POLICY_NAMES
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"eviction policy class {cls.__qualname__} has no name")
+    if name != name.lower():
+        raise ValueError(f"eviction policy name must be lowercase, got {name!r}")
+    if name in _REGISTRY or name in _ALIASES:
+        raise ValueError(f"eviction policy {name!r} is already registered")
+    _REGISTRY[name] = cls
+    POLICY_NAMES = (*POLICY_NAMES, name)
+    return cls
+
+
+for _cls in (
+    LRUPolicy,
+    LFUPolicy,
+    FIFOPolicy,
+    RandomPolicy,
+    NoEvictionPolicy,
+    VolatileLRUPolicy,
+    VolatileLFUPolicy,
+    VolatileRandomPolicy,
+):
+    register_policy(_cls)
+del _cls
+
+
+def make_policy(name: str, *, rng: random.Random | None = None) -> EvictionPolicy:
+    """Build a fresh policy instance (one per shard) by name.
+
+    Args:
+        name: a name of ``POLICY_NAMES`` or a Redis alias (``allkeys-lru``,
+            ``allkeys-lfu``, ``allkeys-random``), case-insensitive.
+        rng: random source for the random policies (seed it for reproducible
+            victims); ignored by the others.
+
+    Raises:
+        ValueError: the name is unknown.
+    """
+    wanted = name.lower()
+    cls = _REGISTRY.get(_ALIASES.get(wanted, wanted))
+    if cls is None:
+        raise ValueError(
+            f"unknown eviction policy {name!r}; expected one of {', '.join(POLICY_NAMES)}"
+        )
+    return cls.create(rng=rng)

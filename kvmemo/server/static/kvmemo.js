@@ -1,0 +1,940 @@
+/**
+ * kvmemo.js — a dependency-free client for KVMemo's WebSocket port.
+ *
+ * Plain ES module; runs as served in any browser with WebSocket and
+ * EventTarget, and in Node >= 20 when given a WebSocket implementation
+ * (`WebSocketImpl` option). Speaks PROTOCOL.md version 1: JSON-RPC 2.0 over
+ * one WebSocket, subprotocol "kvmemo.v1".
+ *
+ *     import {KVMemoClient} from "/static/kvmemo.js";
+ *     const kv = await KVMemoClient.connect("/ws");
+ *     await kv.set("greeting", "hello", "EX", 60);
+ *     const [a, b] = await Promise.all([kv.get("a"), kv.get("b")]); // one batch
+ *
+ * Design
+ * ------
+ * Batching. Every call is serialized at once (bad params fail immediately)
+ * and put in an outbox; the first call of a turn schedules a flush with
+ * `queueMicrotask`. The flush therefore runs when the code that is running
+ * now, and the microtasks queued before the flush, have finished: calls made
+ * synchronously one after another (for example the arguments of one
+ * `Promise.all`) leave as ONE WebSocket message. A flush of one request sends
+ * the plain request object; of several, a JSON-RPC batch array. A microtask
+ * (not `setTimeout(0)`) was chosen so that batching never adds latency: the
+ * message leaves before the browser yields to rendering or I/O. Calls made
+ * after an `await` that really waits land in a later batch.
+ *
+ * Ids. Integers from a counter that starts at 1 and is never reset, not even
+ * across reconnections, so a reply can never be matched to the wrong call.
+ * Replies (single or batch, in any order) are matched by id alone.
+ *
+ * Delivery is at most once. A call that was sent and whose socket died before
+ * the reply rejects with kind "DISCONNECTED" (code null): it may or may not
+ * have been applied, so it is never resent. A call that was not sent yet (made
+ * while connecting, reconnecting, or in the turn the socket died) waits in the
+ * outbox — at most `queueLimit` of them, more reject with kind "QUEUE_FULL" —
+ * and leaves in the first batch after the next successful (re)connection.
+ *
+ * Reconnection. When the socket closes without `close()` having been called,
+ * and `reconnect` is true, a new socket is opened after
+ * `min(maxMs, initialMs * factor ** (attempt - 1))` milliseconds, spread by
+ * ±`jitter` (a fraction; 0.2 = ±20 %) so that many browsers restarted by one
+ * server restart do not reconnect in lock step; the delay is capped at
+ * `maxMs`. The attempt count resets after a connection succeeds. A failed
+ * first connection is retried the same way; `ready` resolves on the first
+ * success. With a `token`, `auth` is the first request of every socket and the
+ * outbox is held until it succeeds; a NOAUTH reply is permanent (a wrong token
+ * stays wrong) and closes the client.
+ *
+ * Whole-message errors. The server answers a message it cannot split into
+ * requests (a batch over its length limit, say) with one error whose id is
+ * null. Such an error is given to the calls of the single message of which no
+ * reply has arrived yet, when exactly one such message exists; otherwise it is
+ * reported as an "error" event only.
+ *
+ * Errors. Server errors reject with KVMemoError {code, kind, data} as in
+ * PROTOCOL.md ("Errors"). Errors made on this side have code null and one of
+ * the kinds in `ClientErrorKind`.
+ *
+ * Events (an EventTarget; each also calls the `on<type>` property if set):
+ *   "open"          {reconnected}                a socket is ready (after auth)
+ *   "close"         {code, reason, wasClean, willReconnect}
+ *   "reconnecting"  {attempt, delayMs}           a reconnection is scheduled
+ *   "error"         {error}                      something went wrong that
+ *                                                no call can be told about
+ * Each event is a KVMemoEvent whose `detail` holds the fields above.
+ */
+
+/** The subprotocol the server offers for version 1 (PROTOCOL.md, "Transport"). */
+export const DEFAULT_SUBPROTOCOL = "kvmemo.v1";
+
+/** Calls that may wait for a connection; bounds memory while the server is away. */
+export const DEFAULT_QUEUE_LIMIT = 1000; // calls
+
+/** Reconnection delays: milliseconds, growth factor, and ± jitter fraction. */
+export const DEFAULT_BACKOFF = Object.freeze({initialMs: 100, maxMs: 5000, factor: 2, jitter: 0.2});
+
+/** The states of a client, in `client.state`. */
+export const ClientState = Object.freeze({
+  CONNECTING: "connecting", // first socket being opened (or authenticated)
+  OPEN: "open", // connected and authenticated; calls are sent as made
+  RECONNECTING: "reconnecting", // waiting for, or opening, a later socket
+  CLOSED: "closed", // for good: close() was called, or the connection ended with reconnect off
+});
+
+/** Error kinds of errors made by the client itself (their `code` is null). */
+export const ClientErrorKind = Object.freeze({
+  DISCONNECTED: "DISCONNECTED", // the socket died before the reply; the call may have been applied
+  CLOSED: "CLOSED", // the client was closed with close(), or could not open a socket at all
+  QUEUE_FULL: "QUEUE_FULL", // too many calls waiting for a connection; this one was not sent
+  BAD_RESPONSE: "BAD_RESPONSE", // the server sent something that is not a JSON-RPC response
+});
+
+// Kinds for codes that have exactly one (PROTOCOL.md "Errors"); used only when
+// a server error comes without data.kind. -32602 has two kinds, so none.
+const KIND_BY_CODE = new Map([
+  [-32700, "PARSE"],
+  [-32600, "INVALID_REQUEST"],
+  [-32601, "UNKNOWN_METHOD"],
+  [-32603, "INTERNAL"],
+  [-32000, "NOT_INTEGER"],
+  [-32001, "NOAUTH"],
+  [-32002, "OOM"],
+  [-32003, "UNAVAILABLE"],
+  [-32004, "TOO_LARGE"],
+  [-32005, "OVERLOADED"],
+  [-32006, "TIMEOUT"],
+  [-32007, "DISABLED"],
+  [-32008, "IO"],
+]);
+
+const WS_OPEN = 1; // WebSocket.OPEN, spelled out so fakes need not define it
+
+/** A failed call: a server error (code, kind from error.data.kind, data) or a client one (code null). */
+export class KVMemoError extends Error {
+  /**
+   * @param {string} message for people
+   * @param {{code?: number|null, kind?: string|null, data?: any, cause?: any}} [fields]
+   */
+  constructor(message, {code = null, kind = null, data = null, cause = undefined} = {}) {
+    super(message, cause === undefined ? undefined : {cause});
+    this.name = "KVMemoError";
+    /** JSON-RPC error code, or null for errors made by the client. */
+    this.code = code;
+    /** Stable machine-readable name ("SYNTAX", "OOM", "DISCONNECTED", ...). */
+    this.kind = kind;
+    /** error.data as sent by the server (includes kind), or null. */
+    this.data = data;
+  }
+
+  /**
+   * Builds the error for a JSON-RPC error object as received.
+   * @param {any} error the `error` member of a response
+   * @returns {KVMemoError}
+   */
+  static fromWire(error) {
+    if (error === null || typeof error !== "object") {
+      return new KVMemoError(`malformed error from server: ${JSON.stringify(error)}`, {
+        kind: ClientErrorKind.BAD_RESPONSE,
+      });
+    }
+    const code = Number.isInteger(error.code) ? error.code : null;
+    const data = error.data === undefined ? null : error.data;
+    const kind =
+      data !== null && typeof data === "object" && typeof data.kind === "string"
+        ? data.kind
+        : KIND_BY_CODE.get(code) ?? null;
+    const message = typeof error.message === "string" ? error.message : `server error ${code}`;
+    return new KVMemoError(message, {code, kind, data});
+  }
+}
+
+/** The events a KVMemoClient dispatches; `detail` holds the event's fields. */
+export class KVMemoEvent extends Event {
+  constructor(type, detail = {}) {
+    super(type);
+    this.detail = detail;
+  }
+}
+
+/**
+ * The delay before reconnection attempt `attempt` (1 for the first).
+ *
+ * @param {number} attempt 1, 2, 3, ...
+ * @param {{initialMs?: number, maxMs?: number, factor?: number, jitter?: number}} [backoff]
+ * @param {() => number} [random] a source of numbers in [0, 1)
+ * @returns {number} whole milliseconds in [0, maxMs]
+ */
+export function backoffDelay(attempt, backoff = DEFAULT_BACKOFF, random = Math.random) {
+  const {initialMs, maxMs, factor, jitter} = {...DEFAULT_BACKOFF, ...backoff};
+  const base = Math.min(maxMs, initialMs * factor ** Math.max(0, attempt - 1));
+  const spread = base * jitter * (2 * random() - 1);
+  return Math.round(Math.min(maxMs, Math.max(0, base + spread)));
+}
+
+/**
+ * Splits a Redis-like command line into words, as redis-cli does: words are
+ * separated by blanks; "double quotes" allow the escapes \" \\ \n \r \t \b \a
+ * and \xHH; 'single quotes' allow only \'. Quoted parts glue to adjacent text
+ * (`a"b c"` is one word `ab c`); `""` is an empty word.
+ *
+ * @param {string} line
+ * @returns {string[]}
+ * @throws {SyntaxError} on an unterminated quote
+ */
+export function tokenize(line) {
+  const words = [];
+  const escapes = {n: "\n", r: "\r", t: "\t", b: "\b", a: "\x07", '"': '"', "\\": "\\"};
+  let i = 0;
+  const n = line.length;
+  while (i < n) {
+    while (i < n && /\s/.test(line[i])) i++;
+    if (i >= n) break;
+    let word = "";
+    while (i < n && !/\s/.test(line[i])) {
+      const ch = line[i];
+      if (ch === '"') {
+        const start = i++;
+        for (;;) {
+          if (i >= n) throw new SyntaxError(`unterminated double quote at column ${start + 1}`);
+          const c = line[i];
+          if (c === '"') {
+            i++;
+            break;
+          }
+          if (c === "\\" && i + 1 < n) {
+            const e = line[i + 1];
+            if (e === "x" && /^[0-9a-fA-F]{2}$/.test(line.slice(i + 2, i + 4))) {
+              word += String.fromCharCode(parseInt(line.slice(i + 2, i + 4), 16));
+              i += 4;
+            } else {
+              word += escapes[e] ?? e;
+              i += 2;
+            }
+            continue;
+          }
+          word += c;
+          i++;
+        }
+      } else if (ch === "'") {
+        const start = i++;
+        for (;;) {
+          if (i >= n) throw new SyntaxError(`unterminated single quote at column ${start + 1}`);
+          const c = line[i];
+          if (c === "'") {
+            i++;
+            break;
+          }
+          if (c === "\\" && line[i + 1] === "'") {
+            word += "'";
+            i += 2;
+            continue;
+          }
+          word += c;
+          i++;
+        }
+      } else {
+        word += ch;
+        i++;
+      }
+    }
+    words.push(word);
+  }
+  return words;
+}
+
+// Keys and values travel as JSON strings; numbers given for them are sent as
+// their decimal text so that `set("n", 42)` does what it says.
+function asString(what, x) {
+  if (typeof x === "string") return x;
+  if (typeof x === "number" || typeof x === "bigint") return String(x);
+  throw new TypeError(`${what} must be a string or a number, got ${x === null ? "null" : typeof x}`);
+}
+
+// Numeric arguments may be integers or decimal strings; BigInts (not JSON) become strings.
+function asNumberArg(x) {
+  return typeof x === "bigint" ? String(x) : x;
+}
+
+// {ex: 10, nx: true, get: true} -> ["EX", 10, "NX", "GET"], in the order of SET's syntax.
+const SET_VALUE_OPTIONS = ["ex", "px", "exat", "pxat"];
+const SET_FLAG_OPTIONS = ["keepttl", "nx", "xx", "get"];
+function setOptionWords(options) {
+  const words = [];
+  for (const name of Object.keys(options)) {
+    if (!SET_VALUE_OPTIONS.includes(name) && !SET_FLAG_OPTIONS.includes(name)) {
+      throw new TypeError(`unknown SET option '${name}'`);
+    }
+  }
+  for (const name of SET_VALUE_OPTIONS) {
+    if (options[name] !== undefined && options[name] !== null) words.push(name.toUpperCase(), asNumberArg(options[name]));
+  }
+  for (const name of SET_FLAG_OPTIONS) if (options[name]) words.push(name.toUpperCase());
+  return words;
+}
+
+function isPlainObject(x) {
+  return x !== null && typeof x === "object" && !Array.isArray(x) && Object.getPrototypeOf(x) === Object.prototype;
+}
+
+// A relative "/ws" is taken against the page's origin, and http(s) becomes ws(s).
+function resolveUrl(url) {
+  let text = String(url);
+  const loc = globalThis.location;
+  if (text.startsWith("/") && !text.startsWith("//") && loc && loc.host) {
+    text = `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}${text}`;
+  }
+  return text.replace(/^http(s?):/i, "ws$1:");
+}
+
+/**
+ * A KVMemo connection with automatic batching, id matching and reconnection.
+ *
+ * Invariant: every call is in exactly one place until it settles — the outbox
+ * (not sent), or `#inflight` (sent on the current socket) — and every call in
+ * `#inflight` was sent on `#ws`; when that socket dies they all reject.
+ */
+export class KVMemoClient extends EventTarget {
+  /** @type {((ev: KVMemoEvent) => void) | null} */ onopen = null;
+  /** @type {((ev: KVMemoEvent) => void) | null} */ onclose = null;
+  /** @type {((ev: KVMemoEvent) => void) | null} */ onerror = null;
+  /** @type {((ev: KVMemoEvent) => void) | null} */ onreconnecting = null;
+  /** Resolves (to the client) once the first connection is open and authenticated. */
+  ready;
+
+  #url;
+  #subprotocol;
+  #reconnect;
+  #backoff;
+  #token;
+  #queueLimit;
+  #maxBatch;
+  #WebSocket;
+
+  #state = ClientState.CONNECTING;
+  #ws = null;
+  #nextId = 1;
+  #nextSeq = 1;
+  /** @type {{text: string, entry: object | null}[]} requests not yet sent */
+  #outbox = [];
+  #flushScheduled = false;
+  /** @type {Map<number, {method: string, resolve: Function, reject: Function, seq: number}>} */
+  #inflight = new Map();
+  /** @type {Map<number, {size: number, remaining: number}>} sent messages with replies outstanding */
+  #messages = new Map();
+  #attempt = 0;
+  #reconnectTimer = null;
+  #everOpened = false;
+  #closeError = null;
+  #resolveReady;
+  #rejectReady;
+  #closedWaiters = [];
+
+  /**
+   * Opens the connection at once; await `client.ready` (or use the static
+   * `connect`) before relying on it. Calls made before then are queued.
+   *
+   * @param {string | URL} url ws://host:port/ws, wss://..., or "/ws" (same origin as the page)
+   * @param {object} [options]
+   * @param {string | null} [options.subprotocol="kvmemo.v1"] null to ask for none
+   * @param {boolean} [options.reconnect=true]
+   * @param {{initialMs?: number, maxMs?: number, factor?: number, jitter?: number}} [options.backoff]
+   * @param {string | null} [options.token=null] sent with `auth` first on every socket
+   * @param {number} [options.queueLimit=1000] calls that may wait for a connection
+   * @param {number} [options.maxBatch=Infinity] longest batch sent; set it to the server's limit
+   *   to split the calls of a very busy turn into several messages
+   * @param {Function} [options.WebSocketImpl=globalThis.WebSocket] a WebSocket constructor
+   * @throws {TypeError|RangeError} on a bad option
+   */
+  constructor(url, options = {}) {
+    super();
+    const {
+      subprotocol = DEFAULT_SUBPROTOCOL,
+      reconnect = true,
+      backoff = {},
+      token = null,
+      queueLimit = DEFAULT_QUEUE_LIMIT,
+      maxBatch = Infinity,
+      WebSocketImpl = globalThis.WebSocket,
+    } = options;
+    if (typeof WebSocketImpl !== "function") {
+      throw new TypeError("no WebSocket implementation: pass options.WebSocketImpl");
+    }
+    if (!Number.isInteger(queueLimit) || queueLimit < 0) {
+      throw new RangeError(`queueLimit must be an integer >= 0, got ${queueLimit}`);
+    }
+    if (!(maxBatch === Infinity || (Number.isInteger(maxBatch) && maxBatch >= 1))) {
+      throw new RangeError(`maxBatch must be an integer >= 1, got ${maxBatch}`);
+    }
+    const merged = {...DEFAULT_BACKOFF, ...backoff};
+    for (const [name, value] of Object.entries(merged)) {
+      if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+        throw new RangeError(`backoff.${name} must be a finite number >= 0, got ${value}`);
+      }
+    }
+    if (token !== null && typeof token !== "string") {
+      throw new TypeError(`token must be a string or null, got ${typeof token}`);
+    }
+    this.#url = resolveUrl(url);
+    this.#subprotocol = subprotocol;
+    this.#reconnect = Boolean(reconnect);
+    this.#backoff = Object.freeze(merged);
+    this.#token = token;
+    this.#queueLimit = queueLimit;
+    this.#maxBatch = maxBatch;
+    this.#WebSocket = WebSocketImpl;
+    this.ready = new Promise((resolve, reject) => {
+      this.#resolveReady = resolve;
+      this.#rejectReady = reject;
+    });
+    this.ready.catch(() => {}); // a client nobody awaits must not raise "unhandled rejection"
+    this.#open();
+  }
+
+  /**
+   * Creates a client and waits for its first connection.
+   * @returns {Promise<KVMemoClient>}
+   * @throws {KVMemoError} when the client closes before it ever connects
+   */
+  static async connect(url, options = {}) {
+    const client = new KVMemoClient(url, options);
+    await client.ready;
+    return client;
+  }
+
+  /** One of the ClientState values. */
+  get state() {
+    return this.#state;
+  }
+
+  /** The WebSocket URL in use. */
+  get url() {
+    return this.#url;
+  }
+
+  /** Calls waiting to be sent. */
+  get queued() {
+    return this.#outbox.filter((item) => item.entry !== null).length;
+  }
+
+  /** Calls sent and waiting for their reply. */
+  get inflight() {
+    return this.#inflight.size;
+  }
+
+  /**
+   * Calls `method` with positional `params` (PROTOCOL.md, "Commands").
+   *
+   * @param {string} method lower-case command name, e.g. "set"
+   * @param {...any} params JSON values: strings, integers
+   * @returns {Promise<any>} the `result`
+   * @throws {KVMemoError} (as a rejection) a server error, or DISCONNECTED,
+   *   CLOSED, QUEUE_FULL; TypeError for params that are not JSON
+   */
+  call(method, ...params) {
+    return new Promise((resolve, reject) => {
+      const id = this.#nextId++;
+      this.#enqueue(method, params, id, {method, resolve, reject, seq: 0});
+    });
+  }
+
+  /**
+   * Sends a notification: the server runs it and replies nothing, not even
+   * an error. Queued like a call while disconnected.
+   *
+   * @throws {KVMemoError} CLOSED or QUEUE_FULL, synchronously; TypeError for bad params
+   */
+  notify(method, ...params) {
+    this.#enqueue(method, params, undefined, null, (error) => {
+      throw error;
+    });
+  }
+
+  /**
+   * Closes the client for good: no reconnection, and every call not settled
+   * yet rejects with kind CLOSED (one already sent may have been applied).
+   *
+   * @param {number} [code=1000]
+   * @param {string} [reason]
+   * @returns {Promise<void>} resolves when the socket is closed
+   */
+  close(code = 1000, reason = "client closed") {
+    const closed = new Promise((resolve) => this.#closedWaiters.push(resolve));
+    if (this.#state !== ClientState.CLOSED) {
+      this.#shutdown(new KVMemoError("the client was closed", {kind: ClientErrorKind.CLOSED}));
+    }
+    const ws = this.#ws;
+    if (ws === null) {
+      this.#settleClosedWaiters();
+    } else {
+      try {
+        ws.close(code, reason);
+      } catch (err) {
+        // An invalid code or reason: close with the default instead.
+        ws.close();
+      }
+    }
+    return closed;
+  }
+
+  // ---- convenience methods for the commands of version 1 ----
+
+  /** `PING [message]` → "PONG" or the message. */
+  ping(message) {
+    return message === undefined ? this.call("ping") : this.call("ping", asString("message", message));
+  }
+
+  /** `GET key` → value or null. */
+  get(key) {
+    return this.#try(() => this.call("get", asString("key", key)));
+  }
+
+  /**
+   * `SET key value [options]` → "OK", null, or the old value with GET.
+   * Options as words (`set(k, v, "EX", 10, "NX")`) or one object
+   * (`set(k, v, {ex: 10, nx: true})`; keys ex px exat pxat keepttl nx xx get).
+   */
+  set(key, value, ...options) {
+    return this.#try(() => {
+      const words =
+        options.length === 1 && isPlainObject(options[0]) ? setOptionWords(options[0]) : options.map(asNumberArg);
+      return this.call("set", asString("key", key), asString("value", value), ...words);
+    });
+  }
+
+  /** `DEL key [key ...]` → number of keys removed. */
+  del(...keys) {
+    return this.#try(() => this.call("del", ...keys.flat().map((k) => asString("key", k))));
+  }
+
+  /** `EXISTS key [key ...]` → number of keys that exist. */
+  exists(...keys) {
+    return this.#try(() => this.call("exists", ...keys.flat().map((k) => asString("key", k))));
+  }
+
+  /** `MGET key [key ...]` → array of values or null. Also `mget(["a", "b"])`. */
+  mget(...keys) {
+    return this.#try(() => this.call("mget", ...keys.flat().map((k) => asString("key", k))));
+  }
+
+  /**
+   * `MSET key value [key value ...]` → "OK", all-or-nothing.
+   * Also `mset({a: "1", b: "2"})` or `mset(new Map(...))`.
+   */
+  mset(...kv) {
+    return this.#try(() => {
+      let flat = kv;
+      if (kv.length === 1 && (kv[0] instanceof Map || isPlainObject(kv[0]))) {
+        const entries = kv[0] instanceof Map ? [...kv[0]] : Object.entries(kv[0]);
+        flat = entries.flat();
+      }
+      return this.call("mset", ...flat.map((x, i) => asString(i % 2 === 0 ? "key" : "value", x)));
+    });
+  }
+
+  /** `INCR key` → the new value. */
+  incr(key) {
+    return this.#try(() => this.call("incr", asString("key", key)));
+  }
+
+  /** `DECR key` → the new value. */
+  decr(key) {
+    return this.#try(() => this.call("decr", asString("key", key)));
+  }
+
+  /** `INCRBY key delta` → the new value. */
+  incrby(key, delta) {
+    return this.#try(() => this.call("incrby", asString("key", key), asNumberArg(delta)));
+  }
+
+  /** `EXPIRE key seconds [NX|XX|GT|LT]` → 1 or 0. */
+  expire(key, seconds, ...options) {
+    return this.#try(() => this.call("expire", asString("key", key), asNumberArg(seconds), ...options));
+  }
+
+  /** `PEXPIRE key ms [NX|XX|GT|LT]` → 1 or 0. */
+  pexpire(key, ms, ...options) {
+    return this.#try(() => this.call("pexpire", asString("key", key), asNumberArg(ms), ...options));
+  }
+
+  /** `TTL key` → seconds; -1 no timeout; -2 no such key. */
+  ttl(key) {
+    return this.#try(() => this.call("ttl", asString("key", key)));
+  }
+
+  /** `PTTL key` → milliseconds; -1 no timeout; -2 no such key. */
+  pttl(key) {
+    return this.#try(() => this.call("pttl", asString("key", key)));
+  }
+
+  /** `PERSIST key` → 1 if a timeout was removed. */
+  persist(key) {
+    return this.#try(() => this.call("persist", asString("key", key)));
+  }
+
+  /**
+   * `SCAN cursor [MATCH pattern] [COUNT n]` → [nextCursor, keys]. Start and
+   * end a full iteration with cursor "0".
+   * @param {string|number} [cursor="0"]
+   * @param {{match?: string, count?: number}} [options]
+   */
+  scan(cursor = "0", {match, count} = {}) {
+    return this.#try(() => {
+      const params = [asString("cursor", cursor)];
+      if (match !== undefined && match !== null && match !== "") params.push("MATCH", asString("match", match));
+      if (count !== undefined && count !== null) params.push("COUNT", asNumberArg(count));
+      return this.call("scan", ...params);
+    });
+  }
+
+  /**
+   * Iterates a whole SCAN, yielding each page of keys (a key may appear in
+   * more than one page, as with Redis).
+   * @param {{match?: string, count?: number}} [options]
+   */
+  async *scanIter({match, count} = {}) {
+    let cursor = "0";
+    do {
+      const [next, keys] = await this.scan(cursor, {match, count});
+      yield keys;
+      cursor = String(next);
+    } while (cursor !== "0");
+  }
+
+  /** `DBSIZE` → number of live keys. */
+  dbsize() {
+    return this.call("dbsize");
+  }
+
+  /** `INFO [section]` → object with sections server, memory, stats, keyspace, actors, persistence. */
+  info(section) {
+    return section === undefined || section === null ? this.call("info") : this.#try(() => this.call("info", asString("section", section)));
+  }
+
+  /** `AUTH token` → "OK" (the `token` option does this on every connection). */
+  auth(token) {
+    return this.#try(() => this.call("auth", asString("token", token)));
+  }
+
+  // ---- internals ----
+
+  // Runs a call builder, turning a synchronous argument error into a rejection.
+  #try(build) {
+    try {
+      return build();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  // Serializes one request and puts it in the outbox. `fail` receives the
+  // error when the request cannot be queued (default: reject the call).
+  #enqueue(method, params, id, entry, fail = (error) => entry.reject(error)) {
+    if (typeof method !== "string" || method === "") {
+      fail(new TypeError(`method must be a non-empty string, got ${JSON.stringify(method)}`));
+      return;
+    }
+    if (this.#state === ClientState.CLOSED) {
+      fail(this.#closedError());
+      return;
+    }
+    if (this.#state !== ClientState.OPEN && this.#outbox.length >= this.#queueLimit) {
+      fail(
+        new KVMemoError(`'${method}' not sent: ${this.#outbox.length} requests already wait for a connection`, {
+          kind: ClientErrorKind.QUEUE_FULL,
+        }),
+      );
+      return;
+    }
+    let text;
+    try {
+      const request = id === undefined ? {jsonrpc: "2.0", method, params} : {jsonrpc: "2.0", id, method, params};
+      text = JSON.stringify(request);
+    } catch (err) {
+      fail(new TypeError(`params of '${method}' are not JSON: ${err.message}`));
+      return;
+    }
+    this.#outbox.push({text, entry: entry === null ? null : {...entry, id}});
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      queueMicrotask(() => {
+        this.#flushScheduled = false;
+        this.#flush();
+      });
+    }
+  }
+
+  #closedError() {
+    const cause = this.#closeError;
+    return new KVMemoError(cause ? cause.message : "the client is closed", {
+      kind: cause ? cause.kind : ClientErrorKind.CLOSED,
+      code: cause ? cause.code : null,
+      data: cause ? cause.data : null,
+    });
+  }
+
+  // Sends the whole outbox if the connection is ready; otherwise leaves it.
+  #flush() {
+    const ws = this.#ws;
+    if (this.#state !== ClientState.OPEN || ws === null || ws.readyState !== WS_OPEN) return;
+    while (this.#outbox.length > 0) {
+      const chunk = this.#outbox.slice(0, this.#maxBatch);
+      const text = chunk.length === 1 ? chunk[0].text : `[${chunk.map((item) => item.text).join(",")}]`;
+      try {
+        ws.send(text);
+      } catch (err) {
+        // The socket is closing; its close event will come. Keep the chunk queued.
+        return;
+      }
+      this.#outbox.splice(0, chunk.length);
+      const entries = chunk.filter((item) => item.entry !== null).map((item) => item.entry);
+      if (entries.length > 0) {
+        const seq = this.#nextSeq++;
+        this.#messages.set(seq, {size: entries.length, remaining: entries.length});
+        for (const entry of entries) {
+          entry.seq = seq;
+          this.#inflight.set(entry.id, entry);
+        }
+      }
+    }
+  }
+
+  #open() {
+    this.#reconnectTimer = null;
+    let ws;
+    try {
+      ws = this.#subprotocol ? new this.#WebSocket(this.#url, this.#subprotocol) : new this.#WebSocket(this.#url);
+    } catch (err) {
+      // A malformed URL or a refused subprotocol name: retrying cannot help.
+      const error = new KVMemoError(`cannot open a WebSocket to ${this.#url}: ${err.message}`, {
+        kind: ClientErrorKind.CLOSED,
+        cause: err,
+      });
+      this.#emit("error", {error});
+      this.#shutdown(error);
+      return;
+    }
+    this.#ws = ws;
+    ws.onopen = () => this.#onSocketOpen(ws);
+    ws.onmessage = (ev) => this.#onSocketMessage(ws, ev);
+    ws.onerror = (ev) => this.#onSocketError(ws, ev);
+    ws.onclose = (ev) => this.#onSocketClose(ws, ev);
+  }
+
+  #onSocketOpen(ws) {
+    if (ws !== this.#ws || this.#state === ClientState.CLOSED) return;
+    if (this.#token === null) {
+      this.#markOpen();
+      return;
+    }
+    // auth goes first, on its own, and the outbox waits for its reply.
+    const id = this.#nextId++;
+    const seq = this.#nextSeq++;
+    this.#messages.set(seq, {size: 1, remaining: 1});
+    this.#inflight.set(id, {
+      id,
+      seq,
+      method: "auth",
+      resolve: () => {
+        if (ws === this.#ws) this.#markOpen();
+      },
+      reject: (error) => this.#onAuthFailed(ws, error),
+    });
+    ws.send(JSON.stringify({jsonrpc: "2.0", id, method: "auth", params: [this.#token]}));
+  }
+
+  #onAuthFailed(ws, error) {
+    if (ws !== this.#ws || error.kind === ClientErrorKind.DISCONNECTED || error.kind === ClientErrorKind.CLOSED) {
+      return; // the socket died first; reconnection (or close) handles it
+    }
+    const failure = new KVMemoError(`authentication failed: ${error.message}`, {
+      code: error.code,
+      kind: error.kind,
+      data: error.data,
+    });
+    this.#emit("error", {error: failure});
+    if (error.kind === "NOAUTH") {
+      this.#shutdown(failure); // a wrong token stays wrong
+      ws.close(1000, "authentication failed");
+    } else {
+      ws.close(4000, "authentication failed"); // try again on a new socket
+    }
+  }
+
+  #markOpen() {
+    const reconnected = this.#everOpened;
+    this.#state = ClientState.OPEN;
+    this.#everOpened = true;
+    this.#attempt = 0;
+    this.#resolveReady(this);
+    this.#flush();
+    this.#emit("open", {reconnected});
+  }
+
+  #onSocketMessage(ws, ev) {
+    if (ws !== this.#ws) return;
+    if (typeof ev.data !== "string") {
+      this.#emit("error", {
+        error: new KVMemoError("binary message from server ignored", {kind: ClientErrorKind.BAD_RESPONSE}),
+      });
+      return;
+    }
+    let message;
+    try {
+      message = JSON.parse(ev.data);
+    } catch (err) {
+      this.#emit("error", {
+        error: new KVMemoError(`message from server is not JSON: ${err.message}`, {
+          kind: ClientErrorKind.BAD_RESPONSE,
+        }),
+      });
+      return;
+    }
+    if (Array.isArray(message)) {
+      for (const response of message) this.#onResponse(response);
+    } else {
+      this.#onResponse(message);
+    }
+  }
+
+  #onResponse(response) {
+    if (response === null || typeof response !== "object" || Array.isArray(response)) {
+      this.#emit("error", {
+        error: new KVMemoError(`not a JSON-RPC response: ${JSON.stringify(response)}`, {
+          kind: ClientErrorKind.BAD_RESPONSE,
+        }),
+      });
+      return;
+    }
+    if (response.id === null || response.id === undefined) {
+      this.#onOrphanError(response);
+      return;
+    }
+    const entry = this.#inflight.get(response.id);
+    if (entry === undefined) return; // not ours (e.g. a duplicate); nothing waits for it
+    this.#inflight.delete(response.id);
+    const message = this.#messages.get(entry.seq);
+    if (message !== undefined && --message.remaining === 0) this.#messages.delete(entry.seq);
+    if (response.error !== undefined && response.error !== null) {
+      entry.reject(KVMemoError.fromWire(response.error));
+    } else if ("result" in response) {
+      entry.resolve(response.result);
+    } else {
+      entry.reject(
+        new KVMemoError(`response to '${entry.method}' has neither result nor error`, {
+          kind: ClientErrorKind.BAD_RESPONSE,
+        }),
+      );
+    }
+  }
+
+  // An error with id null answers a whole message (see "Whole-message errors").
+  #onOrphanError(response) {
+    const error = KVMemoError.fromWire(response.error);
+    const untouched = [...this.#messages].filter(([, m]) => m.remaining === m.size);
+    if (untouched.length === 1) {
+      const [seq] = untouched[0];
+      this.#messages.delete(seq);
+      for (const [id, entry] of [...this.#inflight]) {
+        if (entry.seq === seq) {
+          this.#inflight.delete(id);
+          entry.reject(KVMemoError.fromWire(response.error));
+        }
+      }
+      return;
+    }
+    this.#emit("error", {error});
+  }
+
+  #onSocketError(ws, ev) {
+    if (ws !== this.#ws) return;
+    // Browsers say nothing more; the close event that follows does the work.
+    this.#emit("error", {
+      error: new KVMemoError(`WebSocket error on ${this.#url}`, {kind: ClientErrorKind.DISCONNECTED, data: {event: ev}}),
+    });
+  }
+
+  #onSocketClose(ws, ev) {
+    if (ws !== this.#ws) return;
+    this.#ws = null;
+    const code = ev && typeof ev.code === "number" ? ev.code : 1006;
+    const reason = ev && typeof ev.reason === "string" ? ev.reason : "";
+    const wasClean = Boolean(ev && ev.wasClean);
+    this.#rejectInflight(
+      (method) =>
+        new KVMemoError(
+          `connection lost (close code ${code}) before the reply to '${method}'; it may or may not have been applied`,
+          {kind: ClientErrorKind.DISCONNECTED},
+        ),
+    );
+    if (this.#state === ClientState.CLOSED) {
+      this.#emit("close", {code, reason, wasClean, willReconnect: false});
+      this.#settleClosedWaiters();
+      return;
+    }
+    if (!this.#reconnect) {
+      this.#shutdown(
+        new KVMemoError(`connection closed (close code ${code}) and reconnect is off`, {
+          kind: ClientErrorKind.DISCONNECTED,
+        }),
+      );
+      this.#emit("close", {code, reason, wasClean, willReconnect: false});
+      this.#settleClosedWaiters();
+      return;
+    }
+    this.#state = ClientState.RECONNECTING;
+    this.#attempt += 1;
+    const attempt = this.#attempt;
+    const delayMs = backoffDelay(attempt, this.#backoff);
+    this.#reconnectTimer = setTimeout(() => this.#open(), delayMs);
+    this.#emit("close", {code, reason, wasClean, willReconnect: true});
+    if (this.#state === ClientState.RECONNECTING) this.#emit("reconnecting", {attempt, delayMs});
+  }
+
+  #rejectInflight(makeError) {
+    const entries = [...this.#inflight.values()];
+    this.#inflight.clear();
+    this.#messages.clear();
+    for (const entry of entries) entry.reject(makeError(entry.method));
+  }
+
+  // Enters CLOSED for good and fails everything that waits. Idempotent.
+  #shutdown(error) {
+    if (this.#state === ClientState.CLOSED) return;
+    this.#state = ClientState.CLOSED;
+    this.#closeError = error;
+    if (this.#reconnectTimer !== null) {
+      clearTimeout(this.#reconnectTimer);
+      this.#reconnectTimer = null;
+    }
+    const queued = this.#outbox;
+    this.#outbox = [];
+    this.#rejectInflight(() => this.#closedError());
+    for (const item of queued) if (item.entry !== null) item.entry.reject(this.#closedError());
+    this.#rejectReady(this.#closedError());
+  }
+
+  #settleClosedWaiters() {
+    const waiters = this.#closedWaiters;
+    this.#closedWaiters = [];
+    for (const resolve of waiters) resolve();
+  }
+
+  #emit(type, detail) {
+    const event = new KVMemoEvent(type, detail);
+    const handler = this[`on${type}`];
+    if (typeof handler === "function") {
+      try {
+        handler.call(this, event);
+      } catch (err) {
+        // Like a DOM event handler: report, do not break the client.
+        queueMicrotask(() => {
+          throw err;
+        });
+      }
+    }
+    this.dispatchEvent(event);
+  }
+}
+
+export default KVMemoClient;

@@ -1,0 +1,240 @@
+"""The Shard actor: a thin trio wrapper around one :class:`ShardStore`.
+
+The store is the actor's state that outlives its task (see
+``actors.StateHooks``): a killed or crashed shard comes back with its data,
+after :meth:`ShardStore.check_invariants` accepted it, or with a repaired
+copy when it did not.
+
+Every message has ``apply(store, now)``, run synchronously, so the shard's
+mailbox is its lock and each message's effect is atomic with respect to
+cancellation. The one exception is :class:`Hold`, the shard's side of an
+atomic multi-shard write: prepare, wait (shielded, bounded) for the engine's
+decision, then commit or abort; other shards keep serving meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from actors import Actor, ActorContext, ReplySlot
+
+from ..errors import KVMemoError
+from ..eviction.memory import MemoryTracker
+from ..eviction.policies import EvictionPolicy
+from .store import NeedMemory, ShardStore
+
+
+class Barrier:
+    """Coordinates the shards of one atomic multi-shard write.
+
+    Invariants: ``decided`` is set exactly once, by the engine (after every
+    shard arrived, or one failed) or by a shard whose hold timed out (an
+    abort); a shard commits only if the decision is ``commit``.
+    """
+
+    __slots__ = ("arrived", "commit", "decided", "failed", "n", "ready", "votes")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.votes: list[object] = [None] * n
+        self.arrived = 0
+        self.failed = False
+        self.commit = False
+        self.ready = trio.Event()  # every shard prepared, or one failed
+        self.decided = trio.Event()
+
+    def arrive(self, index: int, vote: object) -> None:
+        self.votes[index] = vote
+        self.arrived += 1
+        if self.arrived == self.n:
+            self.ready.set()
+
+    def fail(self) -> None:
+        self.failed = True
+        self.ready.set()
+
+    def decide(self, commit: bool) -> bool:
+        """Record the decision unless one was made; return the decision in force."""
+        if not self.decided.is_set():
+            self.commit = commit and not self.failed
+            self.decided.set()
+        return self.commit
+
+
+class PartSlot(ReplySlot):
+    """A reply slot that tells the barrier when its shard failed before arriving."""
+
+    __slots__ = ("barrier",)
+
+    def __init__(self, barrier: Barrier) -> None:
+        super().__init__()
+        self.barrier = barrier
+
+    def fail(self, error: BaseException) -> None:
+        super().fail(error)
+        self.barrier.fail()
+
+
+class Hold:
+    """Prepare ``part`` on this shard, hold until decided, then commit or abort."""
+
+    __slots__ = ("barrier", "index", "part")
+
+    def __init__(self, barrier: Barrier, index: int, part: Any) -> None:
+        self.barrier = barrier
+        self.index = index
+        self.part = part
+
+
+ABORTED = object()
+"""The reply of a shard whose part of an atomic write was aborted."""
+
+
+class ShardBatch:
+    """Several single-key operations for one shard, applied in order.
+
+    An operation's client error becomes its result; a :class:`NeedMemory`
+    stops the batch there, so that the engine can make room and resubmit the
+    rest in order (requests on one key take effect in sending order).
+    """
+
+    __slots__ = ("ops",)
+
+    def __init__(self, ops: list[Any]) -> None:
+        self.ops = ops
+
+    def apply(self, store: ShardStore, now: float) -> list[Any]:
+        results: list[Any] = []
+        for op in self.ops:
+            try:
+                results.append(op.apply(store, now))
+            except NeedMemory as exc:
+                results.append(exc)
+                break
+            except KVMemoError as exc:
+                results.append(exc)
+        return results
+
+
+class ExpireDue:
+    """Active expiry: remove up to ``budget`` due keys; reply (removed, backlog)."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def apply(self, store: ShardStore, now: float) -> tuple[int, bool]:
+        return store.expire_due(now, self.budget)
+
+
+class Candidates:
+    """Eviction candidates from the shard's policy: [(score, key, bytes)]."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def apply(self, store: ShardStore, now: float) -> list[tuple[int, bytes, int]]:
+        return store.eviction_candidates(self.count)
+
+
+class Evict:
+    """Delete these victims if still present; reply (keys, bytes) freed."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+
+    def apply(self, store: ShardStore, now: float) -> tuple[int, int]:
+        return store.evict(self.keys)
+
+
+class Reconcile:
+    """Repair the TTL index from the entries if it drifted; reply whether it did."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> bool:
+        return store.reconcile_ttl_index()
+
+
+class Stats:
+    """Counters of the shard for ``info``."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> dict[str, int]:
+        return {
+            "keys": store.live_count(now),
+            "expires": store.volatile_count(now),
+            "used_memory": store.used,
+            "expired_keys": store.expired_count,
+            "evicted_keys": store.evicted_count,
+            "ttl_index": len(store.ttl_index),
+        }
+
+
+class Inspect:
+    """Run ``fn(store)`` inside the shard (tests and chaos tooling only)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[ShardStore], Any]) -> None:
+        self.fn = fn
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        return self.fn(store)
+
+
+class ShardActor(Actor):
+    """Owns one shard's store; serves one message at a time."""
+
+    expected_errors = (KVMemoError,)
+
+    def __init__(self, ctx: ActorContext, hold_timeout: float) -> None:
+        self.store: ShardStore = ctx.state
+        self.hold_timeout = hold_timeout
+
+    async def handle(self, message: Any) -> Any:
+        if type(message) is Hold:
+            return await self._hold(message)
+        return message.apply(self.store, trio.current_time())
+
+    async def _hold(self, message: Hold) -> Any:
+        store = self.store
+        part = message.part
+        barrier = message.barrier
+        barrier.arrive(message.index, part.prepare(store, trio.current_time()))
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.hold_timeout):
+                await barrier.decided.wait()
+            if barrier.decide(False):
+                return part.commit(store, trio.current_time())
+            part.abort(store)
+            return ABORTED
+
+
+def shard_state_factory(
+    shard_id: int, tracker: MemoryTracker, make_policy: Callable[[], EvictionPolicy]
+) -> tuple[Callable[[], ShardStore], Callable[[Any], bool], Callable[[Any], ShardStore]]:
+    """The (initial, check, rebuild) hooks of one shard's lasting state."""
+
+    def initial() -> ShardStore:
+        return ShardStore(shard_id, make_policy(), tracker)
+
+    def check(store: Any) -> bool:
+        return isinstance(store, ShardStore) and store.check_invariants()
+
+    def rebuild(store: Any) -> ShardStore:
+        if isinstance(store, ShardStore):
+            return store.repaired(make_policy())
+        tracker.reset_shard(shard_id, 0)
+        return initial()
+
+    return initial, check, rebuild

@@ -1,0 +1,396 @@
+"""The data of one shard: a pure, synchronous core (no trio, no actors).
+
+Design: lean per-entry metadata, as ARCHITECTURE.md's measured costs ask.
+Values live in one plain dict ``data`` (key → value bytes); expiry times only
+for keys that have one, in ``expires`` (key → trio-monotonic seconds), as
+Redis keeps its ``expires`` dict; eviction order in the policy. Entry sizes
+are not stored: :func:`~kvmemo.eviction.memory.entry_size` recomputes them
+from the key and value, so adding and removing always agree.
+
+Every method that changes state runs without a checkpoint (the shard actor
+calls them from its message handler), so a mutation is atomic with respect to
+cancellation: it happens whole or not at all.
+
+Invariants (checked by :meth:`ShardStore.check_invariants`):
+- every key in ``expires`` is in ``data``;
+- ``TTLIndex`` holds exactly one entry ``(expires[k], k)`` per key with an
+  expiry (after reconciliation; between, it may hold stale entries and the
+  entry in ``expires`` decides);
+- ``used`` equals the sum of entry sizes, and equals the tracker's usage for
+  this shard;
+- the policy tracks exactly the keys of ``data``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+from ..errors import OutOfMemoryError
+from ..eviction.memory import MemoryTracker, entry_size
+from ..eviction.policies import EvictionPolicy
+from ..expiry.ttl_index import TTLIndex
+
+SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard; the oldest is dropped
+
+
+class NeedMemory(OutOfMemoryError):
+    """A write needs ``nbytes`` the tracker refused; nothing was changed.
+
+    The engine answers it by waking eviction and retrying once; only then
+    does the caller see ``OOM``.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__("command not allowed when used memory > 'maxmemory'", needed=nbytes)
+        self.nbytes = nbytes
+
+
+class ShardStore:
+    """The entries of one shard and their bookkeeping.
+
+    Args:
+        shard_id: this shard's number (its row in the tracker).
+        policy: the shard's eviction policy (owned by this store from now on).
+        tracker: the store-wide memory tracker (shared, synchronous).
+    """
+
+    def __init__(self, shard_id: int, policy: EvictionPolicy, tracker: MemoryTracker) -> None:
+        self.shard_id = shard_id
+        self.policy = policy
+        self.tracker = tracker
+        self.data: dict[bytes, bytes] = {}
+        self.expires: dict[bytes, float] = {}
+        self.ttl_index = TTLIndex()
+        self.used = 0
+        self.expired_count = 0  # keys removed because they expired (lazily or actively)
+        self.evicted_count = 0
+        self._scans: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
+        self._next_scan = 1
+
+    # -- reading --------------------------------------------------------------------
+
+    def _expired(self, key: bytes, now: float) -> bool:
+        """Remove ``key`` if it is past its expiry; True if it was."""
+        exp = self.expires.get(key)
+        if exp is not None and exp <= now:
+            self._remove(key)
+            self.expired_count += 1
+            return True
+        return False
+
+    def get(self, key: bytes, now: float) -> bytes | None:
+        """The live value of ``key`` (touching it for eviction), or None."""
+        value = self.data.get(key)
+        if value is None or (key in self.expires and self._expired(key, now)):
+            return None
+        self.policy.record_access(key)
+        return value
+
+    def peek(self, key: bytes, now: float) -> bytes | None:
+        """Like :meth:`get` but without touching the eviction order."""
+        value = self.data.get(key)
+        if value is None or (key in self.expires and self._expired(key, now)):
+            return None
+        return value
+
+    def contains(self, key: bytes, now: float) -> bool:
+        """Whether ``key`` is live."""
+        return self.peek(key, now) is not None
+
+    def expiry_of(self, key: bytes) -> float | None:
+        """The expiry of a live key (call after a read that checked liveness)."""
+        return self.expires.get(key)
+
+    def live_count(self, now: float) -> int:
+        """Live keys: all keys minus those past their expiry not yet removed."""
+        stale = sum(1 for t in self.expires.values() if t <= now)
+        return len(self.data) - stale
+
+    def volatile_count(self, now: float) -> int:
+        """Live keys that have an expiry."""
+        return sum(1 for t in self.expires.values() if t > now)
+
+    def live_keys(self, now: float) -> Iterator[bytes]:
+        """Every live key (a snapshot list is taken first; safe to mutate after)."""
+        expires = self.expires
+        for key in list(self.data):
+            exp = expires.get(key)
+            if exp is None or exp > now:
+                yield key
+
+    # -- writing ----------------------------------------------------------------------
+
+    def put(
+        self,
+        key: bytes,
+        value: bytes,
+        now: float,
+        *,
+        expires_at: float | None,
+        keep_ttl: bool = False,
+        charge: bool = True,
+    ) -> None:
+        """Store ``value`` under ``key``, replacing any old entry.
+
+        Args:
+            expires_at: the new expiry (trio-monotonic seconds) or None for none.
+            keep_ttl: keep the old entry's expiry instead (``expires_at`` ignored).
+            charge: reserve the bytes with the tracker; False when the caller
+                already reserved exactly :meth:`put_delta` for this write.
+
+        Raises:
+            NeedMemory: the tracker refused the extra bytes; nothing changed.
+        """
+        old = self.data.get(key)
+        old_exp = self.expires.get(key)
+        if old is not None and old_exp is not None and old_exp <= now:
+            # An expired entry is not an old value: it goes first (no KEEPTTL of it).
+            self._remove(key)
+            self.expired_count += 1
+            old, old_exp = None, None
+        if keep_ttl:
+            expires_at = old_exp
+        new_size = entry_size(key, value, has_ttl=expires_at is not None)
+        old_size = 0 if old is None else entry_size(key, old, has_ttl=old_exp is not None)
+        delta = new_size - old_size
+        if charge and not self.tracker.try_reserve(self.shard_id, delta):
+            raise NeedMemory(delta)
+        self.used += delta
+        self.data[key] = value
+        if old is None:
+            self.policy.record_insert(key, volatile=expires_at is not None)
+        else:
+            self.policy.record_access(key)
+            if (old_exp is None) != (expires_at is None):
+                self.policy.record_volatile(key, expires_at is not None)
+        if old_exp != expires_at:
+            if old_exp is not None:
+                self.ttl_index.discard(key, old_exp)
+                del self.expires[key]
+            if expires_at is not None:
+                self.expires[key] = expires_at
+                self.ttl_index.add(key, expires_at)
+
+    def put_delta(self, items: list[tuple[bytes, bytes]], now: float) -> int:
+        """Bytes that putting ``items`` in order (without expiry) would add."""
+        pending: dict[bytes, int] = {}
+        delta = 0
+        for key, value in items:
+            if key in pending:
+                old_size = pending[key]
+            else:
+                old = self.peek_raw(key, now)
+                old_size = 0 if old is None else entry_size(key, old, has_ttl=key in self.expires)
+            new_size = entry_size(key, value)
+            delta += new_size - old_size
+            pending[key] = new_size
+        return delta
+
+    def peek_raw(self, key: bytes, now: float) -> bytes | None:
+        """The live value of ``key`` without removing an expired entry."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        exp = self.expires.get(key)
+        if exp is not None and exp <= now:
+            return None
+        return value
+
+    def set_expiry(self, key: bytes, expires_at: float | None) -> bool:
+        """Give a live ``key`` a new expiry (None removes it).
+
+        Raises:
+            NeedMemory: gaining an expiry costs bytes the tracker refused.
+        """
+        value = self.data[key]
+        old_exp = self.expires.get(key)
+        if old_exp == expires_at:
+            return False
+        if (old_exp is None) != (expires_at is None):
+            delta = entry_size(key, value, has_ttl=expires_at is not None) - entry_size(
+                key, value, has_ttl=old_exp is not None
+            )
+            if not self.tracker.try_reserve(self.shard_id, delta):
+                raise NeedMemory(delta)
+            self.used += delta
+            self.policy.record_volatile(key, expires_at is not None)
+        if old_exp is not None:
+            self.ttl_index.discard(key, old_exp)
+            del self.expires[key]
+        if expires_at is not None:
+            self.expires[key] = expires_at
+            self.ttl_index.add(key, expires_at)
+        return True
+
+    def delete(self, key: bytes, now: float) -> bool:
+        """Remove ``key``; True if a live key was removed."""
+        if key not in self.data:
+            return False
+        if self._expired(key, now):
+            return False
+        self._remove(key)
+        return True
+
+    def _remove(self, key: bytes) -> int:
+        """Remove an entry that is present, live or not; return the bytes freed."""
+        value = self.data.pop(key)
+        exp = self.expires.pop(key, None)
+        if exp is not None:
+            self.ttl_index.discard(key, exp)
+        size = entry_size(key, value, has_ttl=exp is not None)
+        self.used -= size
+        self.tracker.release(self.shard_id, size)
+        self.policy.record_remove(key)
+        return size
+
+    def flush(self) -> int:
+        """Remove every entry; return how many there were."""
+        count = len(self.data)
+        self.data.clear()
+        self.expires.clear()
+        self.ttl_index.clear()
+        self.policy.clear()
+        self.tracker.release(self.shard_id, self.used)
+        self.used = 0
+        self._scans.clear()
+        return count
+
+    # -- expiry and eviction -------------------------------------------------------------
+
+    def expire_due(self, now: float, budget: int) -> tuple[int, bool]:
+        """Remove up to ``budget`` keys whose expiry has passed.
+
+        The index is only a schedule: a popped key is removed only if its
+        entry really is past its expiry (the entry is the source of truth).
+
+        Returns:
+            (keys removed, whether more are due: a backlog for the next tick).
+        """
+        removed = 0
+        for key in self.ttl_index.pop_due(now, budget):
+            exp = self.expires.get(key)
+            if exp is not None and exp <= now:
+                value = self.data.pop(key)
+                del self.expires[key]
+                size = entry_size(key, value, has_ttl=True)
+                self.used -= size
+                self.tracker.release(self.shard_id, size)
+                self.policy.record_remove(key)
+                removed += 1
+        self.expired_count += removed
+        return removed, self.ttl_index.due_count(now) > 0
+
+    def eviction_candidates(self, count: int) -> list[tuple[int, bytes, int]]:
+        """The policy's best ``count`` victims as (score, key, bytes it would free)."""
+        out = []
+        for score, key in self.policy.candidates(count):
+            value = self.data.get(key)
+            if value is not None:
+                out.append((score, key, entry_size(key, value, has_ttl=key in self.expires)))
+        return out
+
+    def evict(self, keys: list[bytes]) -> tuple[int, int]:
+        """Evict the given keys that are still present; return (keys, bytes) freed."""
+        count = freed = 0
+        for key in keys:
+            if key in self.data:
+                freed += self._remove(key)
+                count += 1
+        self.evicted_count += count
+        return count, freed
+
+    # -- iteration ------------------------------------------------------------------------
+
+    def scan(
+        self, scan_id: int, offset: int, count: int, now: float
+    ) -> tuple[int, int, list[bytes]]:
+        """Continue (or, with ``scan_id`` 0, begin) a SCAN of this shard.
+
+        A scan walks a snapshot of the key list taken when it began, so every
+        key present for the whole iteration is returned (once), whatever is
+        written meanwhile; keys no longer live are skipped when returned.
+
+        Returns:
+            (scan id, next offset or 0 when this shard is done, keys).
+        """
+        snapshot = self._scans.get(scan_id) if scan_id else None
+        if snapshot is None:
+            # A new scan, or one whose snapshot was dropped: start a fresh one
+            # and resume at the same offset (best effort for a dropped one).
+            snapshot = list(self.data)
+            scan_id = self._next_scan
+            self._next_scan = self._next_scan % (1 << 17) + 1
+            self._scans[scan_id] = snapshot
+            while len(self._scans) > SCAN_SNAPSHOTS:
+                self._scans.popitem(last=False)
+        else:
+            self._scans.move_to_end(scan_id)
+        end = min(len(snapshot), offset + count)
+        keys = [k for k in snapshot[offset:end] if self.contains(k, now)]
+        if end >= len(snapshot):
+            self._scans.pop(scan_id, None)
+            return scan_id, 0, keys
+        return scan_id, end, keys
+
+    # -- integrity --------------------------------------------------------------------------
+
+    def check_invariants(self) -> bool:
+        """Whether the state can be trusted (run before a restart reuses it)."""
+        data, expires = self.data, self.expires
+        if not isinstance(data, dict) or not isinstance(expires, dict):
+            return False
+        total = 0
+        for key, value in data.items():
+            if type(key) is not bytes or type(value) is not bytes:
+                return False
+            total += entry_size(key, value, has_ttl=key in expires)
+        if total != self.used or self.tracker.shard_used(self.shard_id) != self.used:
+            return False
+        if any(key not in data or type(t) is not float for key, t in expires.items()):
+            return False
+        if len(self.policy) != len(data):
+            return False
+        return self.ttl_index_consistent()
+
+    def ttl_index_consistent(self) -> bool:
+        """Whether the TTL index holds exactly one entry per key with an expiry."""
+        if len(self.ttl_index) != len(self.expires):
+            return False
+        return all((t, k) in self.ttl_index for k, t in self.expires.items())
+
+    def reconcile_ttl_index(self) -> bool:
+        """Rebuild the TTL index from ``expires`` if it drifted; True if it was repaired."""
+        if self.ttl_index_consistent():
+            return False
+        self.ttl_index.rebuild(self.expires)
+        return True
+
+    def repaired(self, policy: EvictionPolicy) -> ShardStore:
+        """A new, consistent store holding every trustworthy entry of this one.
+
+        Used when :meth:`check_invariants` rejects the state after a crash:
+        entries of the wrong type are dropped, sizes recomputed, and the TTL
+        index, the policy and the tracker's figure rebuilt from the entries.
+        """
+        fresh = ShardStore(self.shard_id, policy, self.tracker)
+        data = self.data if isinstance(self.data, dict) else {}
+        expires = self.expires if isinstance(self.expires, dict) else {}
+        total = 0
+        for key, value in list(data.items()):
+            if type(key) is not bytes or type(value) is not bytes:
+                continue
+            exp = expires.get(key)
+            if exp is not None and type(exp) is not float:
+                exp = None
+            fresh.data[key] = value
+            if exp is not None:
+                fresh.expires[key] = exp
+            policy.record_insert(key, volatile=exp is not None)
+            total += entry_size(key, value, has_ttl=exp is not None)
+        fresh.ttl_index.rebuild(fresh.expires)
+        fresh.used = total
+        fresh.expired_count = self.expired_count
+        fresh.evicted_count = self.evicted_count
+        self.tracker.reset_shard(self.shard_id, total)
+        return fresh

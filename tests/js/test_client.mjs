@@ -1,0 +1,453 @@
+// Unit tests of kvmemo/server/static/kvmemo.js against a fake WebSocket.
+// Run: node tests/js/test_client.mjs   (Node >= 20, no packages; exits 1 on failure)
+
+import assert from "node:assert/strict";
+import {
+  KVMemoClient,
+  KVMemoError,
+  backoffDelay,
+  tokenize,
+} from "../../kvmemo/server/static/kvmemo.js";
+
+// ---- a scriptable WebSocket ----
+
+class FakeWebSocket {
+  static instances = [];
+  static throwOnConstruct = null;
+
+  constructor(url, protocols) {
+    if (FakeWebSocket.throwOnConstruct) throw FakeWebSocket.throwOnConstruct;
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0;
+    this.sent = [];
+    this.onopen = this.onmessage = this.onerror = this.onclose = null;
+    FakeWebSocket.instances.push(this);
+  }
+
+  send(text) {
+    if (this.readyState !== 1) throw new Error("InvalidStateError");
+    this.sent.push(JSON.parse(text));
+  }
+
+  close(code = 1000, reason = "") {
+    if (this.readyState >= 2) return;
+    this.readyState = 2;
+    setTimeout(() => this.serverClose(code, reason, true), 0);
+  }
+
+  // -- the test plays the server --
+  serverOpen() {
+    this.readyState = 1;
+    this.onopen?.({type: "open"});
+  }
+
+  serverSend(message) {
+    this.onmessage?.({type: "message", data: typeof message === "string" ? message : JSON.stringify(message)});
+  }
+
+  serverClose(code = 1006, reason = "", wasClean = false) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.({type: "close", code, reason, wasClean});
+  }
+
+  /** Answers every request of the last message sent with fn(request) as result. */
+  replyAll(fn, {reverse = false} = {}) {
+    const last = this.sent[this.sent.length - 1];
+    const requests = (Array.isArray(last) ? last : [last]).filter((r) => "id" in r);
+    const responses = requests.map((r) => ({jsonrpc: "2.0", id: r.id, result: fn(r)}));
+    if (reverse) responses.reverse();
+    this.serverSend(Array.isArray(last) ? responses : responses[0]);
+  }
+}
+
+const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const lastSocket = () => FakeWebSocket.instances[FakeWebSocket.instances.length - 1];
+const FAST = {initialMs: 5, maxMs: 20, factor: 2, jitter: 0};
+
+function makeClient(options = {}) {
+  return new KVMemoClient("ws://kv.test/ws", {WebSocketImpl: FakeWebSocket, backoff: FAST, ...options});
+}
+
+async function openClient(options) {
+  const client = makeClient(options);
+  lastSocket().serverOpen();
+  await client.ready;
+  return client;
+}
+
+function settled(promise) {
+  const box = {done: false};
+  promise.then(
+    (value) => Object.assign(box, {done: true, value}),
+    (error) => Object.assign(box, {done: true, error}),
+  );
+  return box;
+}
+
+// ---- tests ----
+
+const tests = [];
+const test = (name, fn) => tests.push({name, fn});
+
+test("a single call is sent as a plain object with the subprotocol and an integer id", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  assert.equal(ws.protocols, "kvmemo.v1");
+  const p = client.call("get", "k");
+  await tick();
+  assert.equal(ws.sent.length, 1);
+  const req = ws.sent[0];
+  assert.ok(!Array.isArray(req));
+  assert.deepEqual({...req, id: 0}, {jsonrpc: "2.0", id: 0, method: "get", params: ["k"]});
+  assert.ok(Number.isInteger(req.id));
+  ws.serverSend({jsonrpc: "2.0", id: req.id, result: "v"});
+  assert.equal(await p, "v");
+});
+
+test("calls made in one turn leave as one batch and resolve by id in any order", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const ps = [client.get("a"), client.set("b", "2"), client.mget("a", "b"), client.incr("n")];
+  await tick();
+  assert.equal(ws.sent.length, 1);
+  const batch = ws.sent[0];
+  assert.ok(Array.isArray(batch));
+  assert.deepEqual(batch.map((r) => r.method), ["get", "set", "mget", "incr"]);
+  const ids = batch.map((r) => r.id);
+  assert.equal(new Set(ids).size, ids.length, "ids are unique");
+  ws.replyAll((r) => `result-of-${r.method}`, {reverse: true});
+  assert.deepEqual(await Promise.all(ps), ["result-of-get", "result-of-set", "result-of-mget", "result-of-incr"]);
+});
+
+test("responses split over several messages still find their calls", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const a = client.call("get", "a");
+  const b = client.call("get", "b");
+  await tick();
+  const [ra, rb] = ws.sent[0];
+  ws.serverSend({jsonrpc: "2.0", id: rb.id, result: "B"});
+  ws.serverSend([{jsonrpc: "2.0", id: ra.id, result: "A"}]);
+  assert.deepEqual(await Promise.all([a, b]), ["A", "B"]);
+});
+
+test("calls in different turns are different messages and ids never repeat", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  client.ping();
+  await tick();
+  client.ping();
+  await tick();
+  assert.equal(ws.sent.length, 2);
+  assert.ok(ws.sent[1].id > ws.sent[0].id);
+});
+
+test("a server error rejects with KVMemoError carrying code, kind and data", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const p = client.call("get");
+  await tick();
+  const data = {kind: "ARITY"};
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[0].id, error: {code: -32602, message: "wrong number of arguments for 'get'", data}});
+  const error = await p.then(() => assert.fail("should reject"), (e) => e);
+  assert.ok(error instanceof KVMemoError);
+  assert.ok(error instanceof Error);
+  assert.equal(error.code, -32602);
+  assert.equal(error.kind, "ARITY");
+  assert.deepEqual(error.data, data);
+  assert.equal(error.message, "wrong number of arguments for 'get'");
+});
+
+test("a notification has no id and can share a batch with calls", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  client.notify("set", "k", "v");
+  const p = client.get("k");
+  await tick();
+  const [note, req] = ws.sent[0];
+  assert.ok(!("id" in note));
+  assert.equal(note.method, "set");
+  ws.serverSend([{jsonrpc: "2.0", id: req.id, result: "v"}]);
+  assert.equal(await p, "v");
+});
+
+test("convenience methods build the params of the protocol", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  client.set("k", 42, "EX", 10, "NX");
+  client.set("k", "v", {px: 1500, xx: true, get: true});
+  client.del("a", "b");
+  client.mset({a: "1", b: "2"});
+  client.mset("x", "1", "y", "2");
+  client.expire("k", 5);
+  client.ttl("k");
+  client.scan("0", {match: "user:*", count: 100});
+  client.scan("7");
+  client.dbsize();
+  client.info("memory");
+  client.info();
+  client.ping();
+  await tick();
+  assert.deepEqual(
+    ws.sent[0].map((r) => [r.method, ...r.params]),
+    [
+      ["set", "k", "42", "EX", 10, "NX"],
+      ["set", "k", "v", "PX", 1500, "XX", "GET"],
+      ["del", "a", "b"],
+      ["mset", "a", "1", "b", "2"],
+      ["mset", "x", "1", "y", "2"],
+      ["expire", "k", 5],
+      ["ttl", "k"],
+      ["scan", "0", "MATCH", "user:*", "COUNT", 100],
+      ["scan", "7"],
+      ["dbsize"],
+      ["info", "memory"],
+      ["info"],
+      ["ping"],
+    ],
+  );
+});
+
+test("a key that is not a string or number rejects without sending", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  await assert.rejects(client.get({}), TypeError);
+  await tick();
+  assert.equal(ws.sent.length, 0);
+});
+
+test("calls in flight reject DISCONNECTED when the socket dies and are not resent", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const events = [];
+  client.addEventListener("close", (ev) => events.push(["close", ev.detail.willReconnect]));
+  client.addEventListener("reconnecting", (ev) => events.push(["reconnecting", ev.detail.attempt]));
+  client.addEventListener("open", (ev) => events.push(["open", ev.detail.reconnected]));
+  const p = client.set("k", "v");
+  await tick();
+  ws.serverClose(1006);
+  const error = await p.then(() => assert.fail("should reject"), (e) => e);
+  assert.ok(error instanceof KVMemoError);
+  assert.equal(error.kind, "DISCONNECTED");
+  assert.equal(error.code, null);
+  assert.equal(client.state, "reconnecting");
+  await sleep(15);
+  const ws2 = lastSocket();
+  assert.notEqual(ws2, ws);
+  ws2.serverOpen();
+  await tick();
+  assert.equal(ws2.sent.length, 0, "the lost call is not resent");
+  assert.deepEqual(events, [["close", true], ["reconnecting", 1], ["open", true]]);
+  assert.equal(client.state, "open");
+});
+
+test("calls made while disconnected are queued and sent as one batch after reconnecting", async () => {
+  const client = await openClient();
+  lastSocket().serverClose(1006);
+  const a = client.get("a");
+  const b = client.get("b");
+  await sleep(15);
+  const ws2 = lastSocket();
+  assert.equal(client.queued, 2);
+  ws2.serverOpen();
+  assert.equal(ws2.sent.length, 1);
+  assert.equal(ws2.sent[0].length, 2);
+  ws2.replyAll((r) => r.params[0].toUpperCase());
+  assert.deepEqual(await Promise.all([a, b]), ["A", "B"]);
+});
+
+test("a call made in the turn the socket died (not yet sent) waits and is sent later", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const p = client.get("a");
+  ws.serverClose(1006); // before the microtask flush
+  await sleep(15);
+  const ws2 = lastSocket();
+  ws2.serverOpen();
+  ws2.replyAll(() => "A");
+  assert.equal(await p, "A");
+  assert.equal(ws.sent.length, 0);
+});
+
+test("over queueLimit, calls made while disconnected reject with QUEUE_FULL", async () => {
+  const client = await openClient({queueLimit: 2, backoff: {initialMs: 1000, maxMs: 1000, jitter: 0}});
+  lastSocket().serverClose(1006);
+  const a = settled(client.get("a"));
+  const b = settled(client.get("b"));
+  const c = client.get("c");
+  const error = await c.then(() => assert.fail("should reject"), (e) => e);
+  assert.equal(error.kind, "QUEUE_FULL");
+  assert.equal(error.code, null);
+  assert.throws(() => client.notify("ping"), (e) => e.kind === "QUEUE_FULL");
+  await tick();
+  assert.equal(a.done || b.done, false);
+  await client.close();
+  assert.equal(a.error.kind, "CLOSED");
+});
+
+test("with a token, auth goes first on every socket and the queue waits for it", async () => {
+  const client = makeClient({token: "s3cret"});
+  const early = client.get("k");
+  const ws = lastSocket();
+  ws.serverOpen();
+  await tick();
+  assert.equal(ws.sent.length, 1);
+  assert.equal(ws.sent[0].method, "auth");
+  assert.deepEqual(ws.sent[0].params, ["s3cret"]);
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[0].id, result: "OK"});
+  await client.ready;
+  assert.equal(ws.sent.length, 2);
+  assert.equal(ws.sent[1].method, "get");
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[1].id, result: "v"});
+  assert.equal(await early, "v");
+
+  ws.serverClose(1006);
+  await sleep(15);
+  const ws2 = lastSocket();
+  ws2.serverOpen();
+  assert.equal(ws2.sent[0].method, "auth");
+  assert.equal(client.state, "reconnecting", "not open before auth succeeds");
+});
+
+test("a NOAUTH reply to auth closes the client and rejects ready", async () => {
+  const client = makeClient({token: "wrong"});
+  const queued = client.get("k");
+  const ws = lastSocket();
+  ws.serverOpen();
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[0].id, error: {code: -32001, message: "bad token", data: {kind: "NOAUTH"}}});
+  await assert.rejects(client.ready, (e) => e.kind === "NOAUTH" && e.code === -32001);
+  await assert.rejects(queued, (e) => e.kind === "NOAUTH");
+  assert.equal(client.state, "closed");
+  await sleep(30);
+  assert.equal(lastSocket(), ws, "no reconnection after a wrong token");
+});
+
+test("close() rejects pending calls with CLOSED and stops reconnecting", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const inflight = client.get("a");
+  await tick();
+  const closedEvents = [];
+  client.onclose = (ev) => closedEvents.push(ev.detail);
+  const done = client.close();
+  await assert.rejects(inflight, (e) => e instanceof KVMemoError && e.kind === "CLOSED" && e.code === null);
+  await assert.rejects(client.get("b"), (e) => e.kind === "CLOSED");
+  await done;
+  assert.equal(client.state, "closed");
+  assert.equal(closedEvents.length, 1);
+  assert.equal(closedEvents[0].willReconnect, false);
+  await sleep(30);
+  assert.equal(lastSocket(), ws);
+});
+
+test("with reconnect off, a dropped socket closes the client", async () => {
+  const client = await openClient({reconnect: false});
+  const p = client.get("a");
+  await tick();
+  lastSocket().serverClose(1006);
+  await assert.rejects(p, (e) => e.kind === "DISCONNECTED");
+  assert.equal(client.state, "closed");
+  await assert.rejects(client.get("b"), (e) => e.kind === "DISCONNECTED");
+});
+
+test("a failed first connection is retried and ready resolves later", async () => {
+  const client = makeClient();
+  let reconnecting = 0;
+  client.onreconnecting = () => reconnecting++;
+  lastSocket().serverClose(1006); // handshake refused
+  await sleep(15);
+  lastSocket().serverOpen();
+  assert.equal(await client.ready, client);
+  assert.equal(reconnecting, 1);
+});
+
+test("KVMemoClient.connect resolves with an open client", async () => {
+  const pending = KVMemoClient.connect("ws://kv.test/ws", {WebSocketImpl: FakeWebSocket});
+  await tick();
+  lastSocket().serverOpen();
+  const client = await pending;
+  assert.equal(client.state, "open");
+});
+
+test("a whole-batch error with id null rejects the calls of that batch", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const ps = [client.get("a"), client.get("b")];
+  await tick();
+  ws.serverSend({jsonrpc: "2.0", id: null, error: {code: -32004, message: "batch too long", data: {kind: "TOO_LARGE"}}});
+  for (const p of ps) await assert.rejects(p, (e) => e.kind === "TOO_LARGE" && e.code === -32004);
+});
+
+test("maxBatch splits a busy turn into several messages", async () => {
+  const client = await openClient({maxBatch: 2});
+  const ws = lastSocket();
+  for (let i = 0; i < 5; i++) client.get(`k${i}`);
+  await tick();
+  assert.deepEqual(ws.sent.map((m) => (Array.isArray(m) ? m.length : 1)), [2, 2, 1]);
+});
+
+test("backoffDelay grows by factor, is capped at maxMs and jitters within bounds", () => {
+  const b = {initialMs: 100, maxMs: 5000, factor: 2, jitter: 0.2};
+  assert.deepEqual([1, 2, 3, 4, 5, 6, 7, 10].map((n) => backoffDelay(n, b, () => 0.5)), [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+  assert.equal(backoffDelay(1, b, () => 0), 80);
+  assert.equal(backoffDelay(1, b, () => 0.999999), 120);
+  assert.ok(backoffDelay(20, b, () => 0.999999) <= 5000);
+});
+
+test("tokenize splits on blanks and honours double and single quotes", () => {
+  assert.deepEqual(tokenize("SET k v EX 10"), ["SET", "k", "v", "EX", "10"]);
+  assert.deepEqual(tokenize('get "a key"'), ["get", "a key"]);
+  assert.deepEqual(tokenize("get 'a key'"), ["get", "a key"]);
+  assert.deepEqual(tokenize('set k "line\\nnext \\"q\\" \\x41"'), ["set", "k", 'line\nnext "q" A']);
+  assert.deepEqual(tokenize("set k 'it\\'s'"), ["set", "k", "it's"]);
+  assert.deepEqual(tokenize('set "" x'), ["set", "", "x"]);
+  assert.deepEqual(tokenize('  a"b c"d  '), ["ab cd"]);
+  assert.deepEqual(tokenize("   "), []);
+  assert.throws(() => tokenize('get "open'), SyntaxError);
+  assert.throws(() => tokenize("get 'open"), SyntaxError);
+});
+
+test("a WebSocket constructor that throws closes the client with CLOSED", async () => {
+  FakeWebSocket.throwOnConstruct = new SyntaxError("bad url");
+  try {
+    const client = makeClient();
+    await assert.rejects(client.ready, (e) => e.kind === "CLOSED");
+    assert.equal(client.state, "closed");
+  } finally {
+    FakeWebSocket.throwOnConstruct = null;
+  }
+});
+
+// ---- runner ----
+
+const TEST_TIMEOUT_MS = 2000; // a test that hangs (a promise never settled) fails
+
+let failed = 0;
+let stray = [];
+process.on("unhandledRejection", (error) => stray.push(error));
+for (const {name, fn} of tests) {
+  FakeWebSocket.instances = [];
+  stray = [];
+  let timer;
+  try {
+    await Promise.race([
+      fn(),
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`timed out after ${TEST_TIMEOUT_MS} ms`)), TEST_TIMEOUT_MS);
+      }),
+    ]);
+    await tick();
+    if (stray.length) throw stray[0];
+    console.log(`ok    ${name}`);
+  } catch (error) {
+    failed++;
+    console.log(`FAIL  ${name}\n      ${String(error.stack ?? error).split("\n").join("\n      ")}`);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+console.log(`\n${tests.length - failed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
