@@ -25,11 +25,28 @@ Envelope = tuple[Any, ReplySlot | None]
 """A queued message and, for an ask, the slot its reply goes to."""
 
 
-class _StopSignal:
-    """Queued behind every pending message to stop an actor gracefully."""
+class StopSignal:
+    """Queued behind every pending message to stop one incarnation gracefully.
+
+    It names its incarnation: a signal left queued after that incarnation
+    ended some other way (a crash, the shutdown timeout) is skipped by the
+    next one instead of stopping it.
+    """
+
+    __slots__ = ("incarnation",)
+
+    def __init__(self, incarnation: int) -> None:
+        self.incarnation = incarnation
 
 
-STOP = _StopSignal()
+def _unwrap(exc: Exception) -> Exception:
+    """The error itself when a one-task nursery wrapped it in a group."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        inner = exc.exceptions[0]
+        if not isinstance(inner, Exception):
+            break
+        exc = inner
+    return exc
 
 
 class ExitReason(enum.Enum):
@@ -103,6 +120,7 @@ class ChildCell:
         scope that the supervisor (or a kill) cancels explicitly.
         """
         self.incarnation += 1
+        self.last_start = trio.current_time()  # an attempt, successful or not (backoff)
         self.kill_requested = False
         self.stop_requested = False
         self.done = trio.Event()
@@ -113,15 +131,18 @@ class ChildCell:
         def report_started() -> None:
             nonlocal started
             started = True
+            # Shielded from here on: only the supervisor (or a kill) stops a
+            # running child. Not before: a start cancelled from outside must
+            # be able to end the child, or the cancelled start would wait.
+            scope.shield = True
             self.state = ActorState.RUNNING
             self.restart_at = None
-            self.last_start = trio.current_time()
             first = self.incarnation == 1
             self.system.events.emit(self.name, EventKind.STARTED if first else EventKind.RESTARTED)
             task_status.started()
 
         try:
-            with trio.CancelScope(shield=True) as scope:
+            with trio.CancelScope() as scope:
                 self.scope = scope
                 try:
                     if self.spec.supervisor is not None:
@@ -129,7 +150,7 @@ class ChildCell:
                     else:
                         await self._run_actor(report_started)
                 except Exception as exc:  # noqa: BLE001 - the supervisor classifies every exit
-                    reason, error = ExitReason.CRASHED, exc
+                    reason, error = ExitReason.CRASHED, _unwrap(exc)
             if scope.cancelled_caught:
                 if self.kill_requested:
                     reason, error = ExitReason.KILLED, ActorKilled(f"{self.name} was killed")
@@ -137,6 +158,8 @@ class ChildCell:
                     reason = ExitReason.STOPPED
         finally:
             self.scope = None
+            if self.state in (ActorState.RUNNING, ActorState.STARTING):
+                self.state = ActorState.DOWN
             current = self.current
             if current is not None:
                 self.current = None
@@ -194,8 +217,14 @@ class ChildCell:
         while True:
             message, reply = await receive.receive()
             while True:
-                if message is STOP:
-                    return True
+                if type(message) is StopSignal:
+                    if message.incarnation == self.incarnation:
+                        return True
+                    try:  # a stale signal of an earlier incarnation: skip it
+                        message, reply = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    continue
                 self.current = reply
                 self.handler_started = False
                 fault = self.fault
@@ -243,7 +272,7 @@ class ChildCell:
         if graceful and not self.is_supervisor:
             scope.deadline = min(scope.deadline, trio.current_time() + self.spec.shutdown_timeout)
             try:
-                self.send.send_nowait((STOP, None))
+                self.send.send_nowait((StopSignal(self.incarnation), None))
             except (trio.WouldBlock, trio.ClosedResourceError):
                 scope.cancel()
         else:

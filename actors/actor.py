@@ -39,6 +39,7 @@ class ActorState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     RESTARTING = "restarting"  # down, a restart is scheduled
+    DOWN = "down"  # not running, no restart scheduled (its supervisor stopped or gave up)
     STOPPED = "stopped"  # for good: its mailbox is closed
 
 

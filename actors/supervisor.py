@@ -24,6 +24,7 @@ asks still queued, so no caller is left hanging.
 from __future__ import annotations
 
 import collections
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -118,7 +119,10 @@ class Supervisor:
         assert self.system is not None
         self._closing = False
         self._restart_times.clear()
-        send, receive = trio.open_memory_channel[_Exit](len(self._cells) + 1)
+        # Unbounded on purpose: every exit is of an incarnation this supervisor
+        # started itself, so the queue is bounded by its own restarts (which
+        # the intensity limit bounds); a full channel here would kill it.
+        send, receive = trio.open_memory_channel[_Exit](math.inf)
         self._exits = send
         gave_up: SupervisorGaveUp | None = None
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,339 @@
+"""The front door: one TCP port for WebSocket sessions and plain HTTP.
+
+Each connection's request head is read here (bounded in size and time). A
+WebSocket upgrade to ``/ws`` goes to trio-websocket (the bytes already read
+are replayed to it), after the Origin and token checks; ``GET /healthz``,
+``GET /metrics`` and the web console (``/`` and ``/static/...``) are
+answered directly. The server knows the engine only through its command
+interface, never the shards.
+
+The server runs as the ``server`` actor, the last child of the root
+supervisor: it starts after the engine's actors (so it can attach the
+engine) and stops first. Sessions live in the server's nursery; a session's
+crash is logged and ends that session only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any
+
+import trio
+import trio_websocket
+from trio_websocket import WebSocketConnection
+
+from actors import Actor, ActorState
+
+from ..engine.engine import KVEngine
+from ..observability.metrics import MetricsRegistry
+from . import http
+from .config import ServerConfig
+from .session import Session, check_token
+
+log = logging.getLogger("kvmemo.server")
+
+SUBPROTOCOL = "kvmemo.v1"
+WS_QUEUE = 64  # messages trio-websocket buffers per session before backpressure
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that first returns bytes already read from ``inner``."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            if max_bytes is None:
+                data, self._prefix = self._prefix, b""
+            else:
+                data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _static_files() -> dict[str, bytes]:
+    folder = resources.files("kvmemo.server") / "static"
+    files = {}
+    for entry in folder.iterdir():
+        if entry.is_file():
+            files[entry.name] = entry.read_bytes()
+    return files
+
+
+class Server:
+    """The WebSocket/HTTP server of one node.
+
+    Args:
+        engine: the engine every session calls.
+        config: listeners, security and limits.
+        metrics: where the server records its counters (the engine's by default).
+    """
+
+    def __init__(
+        self, engine: KVEngine, config: ServerConfig, metrics: MetricsRegistry | None = None
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics if metrics is not None else engine.metrics
+        self.sessions: set[Session] = set()
+        self.listeners: list[trio.SocketListener] = []
+        self.bound: tuple[str, int] | None = None
+        self._next_id = 1
+        self._draining = False
+        self._static = _static_files()
+        self._ssl = self._ssl_context()
+        m = self.metrics
+        self.messages_in = m.counter("kvmemo_ws_messages_received_total", "WebSocket messages in")
+        self.messages_out = m.counter("kvmemo_ws_messages_sent_total", "WebSocket messages out")
+        m.gauge("kvmemo_ws_sessions", "Open WebSocket sessions").set_function(
+            lambda: float(len(self.sessions))
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls:
+            return None
+        assert self.config.tls_cert is not None
+        assert self.config.tls_key is not None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.config.tls else "ws"
+
+    @property
+    def url(self) -> str:
+        """The session URL, with the real port once bound."""
+        assert self.bound is not None
+        host, port = self.bound
+        return f"{self.scheme}://{host}:{port}/ws"
+
+    async def bind(self) -> None:
+        """Open the listening socket (port 0 picks a free port, kept across restarts)."""
+        port = self.bound[1] if self.bound is not None else self.config.port
+        self.listeners = await trio.open_tcp_listeners(port, host=self.config.host)
+        sockname = self.listeners[0].socket.getsockname()
+        self.bound = (self.config.host, int(sockname[1]))
+
+    def allowed_origins(self) -> frozenset[str]:
+        if self.config.allowed_origins:
+            return self.config.allowed_origins
+        assert self.bound is not None
+        host, port = self.bound
+        scheme = "https" if self.config.tls else "http"
+        names = {host, "localhost", "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {host}
+        return frozenset(f"{scheme}://{name}:{port}" for name in names)
+
+    # -- serving ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until cancelled; each one in its own task."""
+        if not self.listeners:
+            await self.bind()
+        async with trio.open_nursery() as nursery:
+            for listener in self.listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while not self._draining:
+                try:
+                    stream: trio.abc.Stream = await listener.accept()
+                except (trio.ClosedResourceError, OSError):
+                    return
+                if self._ssl is not None:
+                    stream = trio.SSLStream(stream, self._ssl, server_side=True)
+                nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            pass
+        except Exception:  # a connection's bug ends that connection only (logged)
+            log.exception("connection failed")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _read_head(self, stream: trio.abc.Stream) -> bytes | None:
+        data = b""
+        limit = self.config.max_http_head
+        with trio.move_on_after(self.config.handshake_timeout or float("inf")):
+            while http.HEAD_END not in data:
+                if len(data) > limit:
+                    await stream.send_all(http.response(431, b"request head too large\n"))
+                    return None
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return None
+                data += chunk
+            return data
+        return None
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        data = await self._read_head(stream)
+        if data is None:
+            return
+        end = data.index(http.HEAD_END) + len(http.HEAD_END)
+        try:
+            head = http.parse_head(data[:end])
+        except http.BadRequest as exc:
+            await stream.send_all(http.response(400, f"bad request: {exc}\n".encode()))
+            return
+        if head.path == "/ws" and head.is_websocket:
+            await self._websocket(ReplayStream(stream, data), head)
+            return
+        if head.method not in ("GET", "HEAD"):
+            await stream.send_all(http.response(405, b"method not allowed\n"))
+            return
+        status, body, ctype = self._http_get(head)
+        await stream.send_all(http.response(status, body if head.method == "GET" else b"", ctype))
+
+    def _http_get(self, head: http.RequestHead) -> tuple[int, bytes, str]:
+        path = head.path
+        if path == "/healthz":
+            return self._healthz()
+        if path == "/metrics":
+            self.engine.refresh_actor_metrics()
+            body = self.metrics.render_prometheus().encode()
+            return 200, body, "text/plain; version=0.0.4; charset=utf-8"
+        if path in ("/", "/index.html"):
+            return 200, self._static["index.html"], STATIC_TYPES[".html"]
+        if path.startswith("/static/"):
+            name = path[len("/static/") :]
+            content = self._static.get(name)
+            if content is not None and "/" not in name:
+                ext = name[name.rfind(".") :]
+                return 200, content, STATIC_TYPES.get(ext, "application/octet-stream")
+        return 404, b"not found\n", "text/plain; charset=utf-8"
+
+    def _healthz(self) -> tuple[int, bytes, str]:
+        system = self.engine.system
+        down = []
+        total = 0
+        if system is not None:
+            for info in system.actors():
+                total += 1
+                if info.state is not ActorState.RUNNING:
+                    down.append(info.name)
+        status = "ok" if not down and system is not None else "degraded"
+        body = json.dumps({"status": status, "actors": total, "down": down}).encode()
+        return (200 if status == "ok" else 503), body, "application/json"
+
+    async def _websocket(self, stream: trio.abc.Stream, head: http.RequestHead) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(cfg.handshake_timeout or float("inf")) as handshake:
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, stream, WS_QUEUE, cfg.max_message_size
+                )
+            if handshake.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                return
+            origin = head.headers.get("origin")
+            if origin is not None and origin not in self.allowed_origins():
+                await request.reject(403, body=b"origin not allowed\n")
+                nursery.cancel_scope.cancel()
+                return
+            token = head.query.get("token")
+            if token is not None and cfg.tokens and not check_token(token, cfg.tokens):
+                await request.reject(403, body=b"invalid token\n")
+                nursery.cancel_scope.cancel()
+                return
+            offered = request.proposed_subprotocols
+            subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+            ws = await request.accept(subprotocol=subprotocol)
+            if len(self.sessions) >= cfg.max_sessions or self._draining:
+                await ws.aclose(
+                    1008, "too many sessions" if not self._draining else "shutting down"
+                )
+                nursery.cancel_scope.cancel()
+                return
+            authed = not cfg.tokens or token is not None
+            session = Session(self, ws, self._next_id, authed)
+            self._next_id += 1
+            self.sessions.add(session)
+            try:
+                await session.run()
+            except Exception:  # a session's bug ends that session only (logged)
+                log.exception("session %d failed", session.id)
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws.aclose(1011, "internal error")
+            finally:
+                self.sessions.discard(session)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws.aclose(1000 if not self._draining else 1001, None)
+            nursery.cancel_scope.cancel()
+
+    async def drain(self) -> None:
+        """Graceful shutdown: stop accepting, let in-flight requests finish
+        (within ``shutdown_grace``), close every session with 1001."""
+        self._draining = True
+        for listener in self.listeners:
+            await listener.aclose()
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.closing = True
+        with trio.move_on_after(self.config.shutdown_grace):
+            for session in sessions:
+                await session._idle.wait()
+        for session in sessions:
+            with trio.move_on_after(1):
+                await session.ws.aclose(1001, "server shutting down")
+
+
+class ServerActor(Actor):
+    """Runs the server as a supervised child; a restart rebinds the same port.
+
+    ``extra`` are further listeners of the server layer (the Redis port):
+    ``nursery.start``-able functions run beside the WebSocket server.
+    """
+
+    def __init__(self, server: Server, extra: Iterable[Any] = ()) -> None:
+        self.server = server
+        self.extra = list(extra)
+
+    async def on_start(self) -> None:
+        self.server.engine.attach(self.ctx.system)
+        self.server._draining = False
+        await self.server.bind()
+
+    async def background(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.server.serve)
+            for start in self.extra:
+                await nursery.start(start)
+
+    async def handle(self, message: Any) -> Any:
+        if message == "drain":
+            await self.server.drain()
+            return "OK"
+        raise TypeError(f"server got an unknown message {message!r}")
+
+
+__all__ = ["ReplayStream", "Server", "ServerActor", "WebSocketConnection"]
