@@ -88,6 +88,7 @@ class ChildCell:
         self.ignore_exit_of = 0  # incarnation whose exit the supervisor caused itself
         self.fault: BaseException | None = None
         self.current: ReplySlot | None = None
+        self.held: list[tuple[ReplySlot, Any, bool]] = []  # group commit: (slot, value, ok)
         self.handler_started = False
         self.processed = 0
         self.heir_state: Any = None
@@ -161,10 +162,13 @@ class ChildCell:
             if self.state in (ActorState.RUNNING, ActorState.STARTING):
                 self.state = ActorState.DOWN
             current = self.current
+            cause = error if error is not None else ActorStopped(self.name)
             if current is not None:
                 self.current = None
-                cause = error if error is not None else ActorStopped(self.name)
                 current.fail(ActorCrashed(self.name, cause, handler_started=self.handler_started))
+            held, self.held = self.held, []
+            for slot, _, _ in held:  # handled, but never committed: may or may not last
+                slot.fail(ActorCrashed(self.name, cause, handler_started=True))
             if not started:
                 task_status.started()
             self.done.set()
@@ -211,6 +215,8 @@ class ChildCell:
         Returns True for a graceful stop (the stop signal was reached), False
         when the actor stopped itself.
         """
+        if actor.group_commit:
+            return await self._serve_group_commit(actor)
         receive = self.receive
         handle = actor.handle
         expected = actor.expected_errors
@@ -248,6 +254,63 @@ class ChildCell:
                     message, reply = receive.receive_nowait()
                 except trio.WouldBlock:
                     break
+
+    async def _serve_group_commit(self, actor: Actor) -> bool:
+        """The mailbox loop of a ``group_commit`` actor.
+
+        Same order and drain as :meth:`_serve`, but the replies of one
+        drained batch are held until ``actor.commit()`` has made the batch
+        durable; then they are delivered together (or failed together).
+        """
+        receive = self.receive
+        handle = actor.handle
+        expected = actor.expected_errors
+        held = self.held
+        while True:
+            message, reply = await receive.receive()
+            graceful: bool | None = None
+            while True:
+                if type(message) is StopSignal:
+                    if message.incarnation == self.incarnation:
+                        graceful = True
+                        break
+                else:
+                    self.current = reply
+                    self.handler_started = False
+                    fault = self.fault
+                    if fault is not None:
+                        self.fault = None
+                        raise fault
+                    self.handler_started = True
+                    try:
+                        result = await handle(message)
+                    except expected as exc:
+                        if reply is not None:
+                            held.append((reply, exc, False))
+                    else:
+                        if reply is not None:
+                            held.append((reply, result, True))
+                    self.current = None
+                    self.processed += 1
+                    if self.stop_requested:
+                        graceful = False
+                        break
+                try:
+                    message, reply = receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            error = await actor.commit()
+            batch = held[:]
+            held.clear()
+            for slot, value, ok in batch:
+                if not ok:
+                    slot.fail(value)
+                elif error is not None:
+                    slot.fail(error)
+                else:
+                    slot.set(value)
+            if graceful is not None:
+                return graceful
 
     # -- control from the supervisor and the chaos API ----------------------------
 

@@ -69,6 +69,10 @@ class Actor:
     expected_errors: ClassVar[tuple[type[Exception], ...]] = ()
     """Errors that are an answer, not a crash: raised by ``handle`` they go to the asker."""
 
+    group_commit: ClassVar[bool] = False
+    """When True, replies of each drained batch are held until :meth:`commit` returns
+    (e.g. a write-ahead log synced once for the whole batch)."""
+
     ctx: ActorContext
 
     async def on_start(self) -> None:
@@ -83,6 +87,15 @@ class Actor:
 
     async def background(self) -> None:
         """Optional concurrent loop of this incarnation; by default none runs."""
+
+    async def commit(self) -> BaseException | None:
+        """Make the batch just handled durable (``group_commit`` actors only).
+
+        Returns:
+            None to deliver the batch's replies; an exception to fail every
+            successful reply of the batch with it instead (the actor lives on).
+        """
+        return None
 
 
 @attrs.define
