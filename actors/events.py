@@ -78,6 +78,8 @@ class EventLog:
                 sub.send.send_nowait(event)
             except trio.WouldBlock:
                 sub.dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the subscriber is leaving; it wants no more events
 
     def count(self, actor: str, kind: EventKind) -> int:
         """How many events of ``kind`` happened to ``actor``."""
@@ -92,8 +94,9 @@ class EventLog:
         sub = _Subscriber(send)
         self._subscribers.append(sub)
         try:
-            async with receive:
-                yield receive
+            yield receive
         finally:
+            # Unsubscribe first, then close: emit never sees a closed channel.
             self._subscribers.remove(sub)
             send.close()
+            receive.close()

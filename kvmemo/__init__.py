@@ -8,6 +8,9 @@ Embedded use::
 
 from ._version import __version__ as __version__
 from .api import Commands as Commands
+from .client import Client as Client
+from .client import DisconnectedError as DisconnectedError
+from .client import connect as connect
 from .config import StoreConfig as StoreConfig
 from .embedded import Store as Store
 from .embedded import open_store as open_store

@@ -74,6 +74,10 @@ class Commands:
         result: str = await self.execute("flushall")
         return result
 
+    async def flushdb(self) -> str:
+        result: str = await self.execute("flushdb")
+        return result
+
     # -- strings -------------------------------------------------------------------------
 
     async def get(self, key: Arg) -> bytes | None:
@@ -167,6 +171,11 @@ class Commands:
 
     async def getrange(self, key: Arg, start: int, end: int) -> bytes:
         result: bytes = await self.execute("getrange", key, start, end)
+        return result
+
+    async def substr(self, key: Arg, start: int, end: int) -> bytes:
+        """GETRANGE under its old name."""
+        result: bytes = await self.execute("substr", key, start, end)
         return result
 
     async def setrange(self, key: Arg, offset: int, value: Arg) -> int:

@@ -1,18 +1,142 @@
-"""The ``kvmemo`` command line."""
+"""The ``kvmemo`` command line: ``serve`` (and the tools beside it).
+
+``kvmemo serve`` prints ``KVMemo listening on ws://HOST:PORT/ws`` as its
+first stdout line (then the Redis URL, when that port is on), logs JSON
+lines on stderr, and on SIGINT or SIGTERM drains the server (in-flight
+requests finish within ``shutdown_grace``, sessions are closed with 1001)
+and exits 0. A configuration that cannot work (a bad value, an unknown
+setting, a port in use, an unreadable certificate) prints one line
+``kvmemo: error: ...`` on stderr and exits 2; a node that fails while
+running is logged and exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import logging
+import signal
 import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any, NoReturn
+
+import trio
+
+from .settings import Resolved, add_flags, resolve_all
+
+TOOLS: list[Any] = []
+"""Modules adding subcommands beside ``serve``: each has ``NAME``,
+``add_parser(subparsers)`` and ``run(args) -> int``."""
+
+for _name in ("repl", "loadgen", "chaos"):
+    try:
+        TOOLS.append(importlib.import_module(f"kvmemo.{_name}"))
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"kvmemo.{_name}":
+            raise
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kvmemo: error: {message}\n")
+
+
+class JsonFormatter(logging.Formatter):
+    """Structured logs: one JSON object per line on stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings become JSON lines too
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvmemo", description="KVMemo: an in-memory key-value store on trio.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run a server (WebSocket JSON-RPC + HTTP + Redis)")
+    serve.add_argument("--config", help="TOML configuration file")
+    add_flags(serve)
+    for module in TOOLS:
+        module.add_parser(sub)
+    return parser
+
+
+class StartError(Exception):
+    """The node could not start (a port in use, an unreadable certificate)."""
+
+
+async def _serve(resolved: Resolved) -> int:
+    from .node import open_node
+
+    log = logging.getLogger("kvmemo")
+    store = resolved.store
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with AsyncExitStack() as stack:
+            try:
+                node = await stack.enter_async_context(open_node(store, resolved.server))
+            except OSError as exc:
+                raise StartError(str(exc)) from None
+            print(f"KVMemo listening on {node.url}", flush=True)
+            if node.resp_url is not None:
+                print(f"KVMemo listening on {node.resp_url}", flush=True)
+            log.info(
+                "started: %s, %d shards, maxmemory %d, policy %s",
+                node.url,
+                store.shards,
+                store.maxmemory,
+                store.eviction_policy,
+            )
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                await node.server.drain()
+                break
+    log.info("stopped")
+    return 0
+
+
+def _fail(exc: Exception) -> None:
+    """The one error line of a configuration that cannot work."""
+    print("kvmemo: error: " + " ".join(str(exc).split()), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the process exit status."""
-    parser = argparse.ArgumentParser(prog="kvmemo", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the server")
+    """Run the command line; return the process exit status (2: bad configuration)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        print("kvmemo serve: the server is not built yet", file=sys.stderr)
-        return 1
-    return 2
+        try:
+            resolved = resolve_all(args)  # validate before anything starts
+        except ValueError as exc:
+            _fail(exc)
+            return 2
+        _setup_logging(resolved.log_level)
+        try:
+            return trio.run(_serve, resolved)
+        except StartError as exc:
+            _fail(exc)
+            return 2
+        except Exception:  # the node itself failed (its root supervisor gave up): logged
+            logging.getLogger("kvmemo").exception("the node failed")
+            return 1
+    for module in TOOLS:
+        if args.command == module.NAME:
+            code: int = module.run(args)
+            return code
+    parser.error(f"unknown command {args.command!r}")

@@ -66,8 +66,16 @@ def _policy(instance: object, attribute: attrs.Attribute[str], value: str) -> No
     make_policy(value)  # raises ValueError naming the known policies
 
 
-def _size(value: int | str) -> int:
-    return parse_size(value)
+def _maxmemory(value: int | str) -> int:
+    return parse_size(value, what="maxmemory")
+
+
+def _max_key_size(value: int | str) -> int:
+    return parse_size(value, what="max_key_size")
+
+
+def _max_value_size(value: int | str) -> int:
+    return parse_size(value, what="max_value_size")
 
 
 @attrs.frozen
@@ -97,7 +105,7 @@ class StoreConfig:
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)
-    maxmemory: int = attrs.field(default=0, converter=_size)
+    maxmemory: int = attrs.field(default=0, converter=_maxmemory)
     eviction_policy: str = attrs.field(default="lru", validator=_policy)
     eviction_watermark: float = attrs.field(default=0.95, validator=_fraction)
     eviction_target: float = attrs.field(default=0.9, validator=_fraction)
@@ -109,8 +117,8 @@ class StoreConfig:
     request_timeout: float = attrs.field(default=5.0, validator=_positive)
     hold_timeout: float = attrs.field(default=1.0, validator=_positive)
     mailbox_capacity: int = attrs.field(default=4096, validator=_at_least_one)
-    max_key_size: int = attrs.field(default=512 * 1024 * 1024, converter=_size)
-    max_value_size: int = attrs.field(default=512 * 1024 * 1024, converter=_size)
+    max_key_size: int = attrs.field(default=512 * 1024 * 1024, converter=_max_key_size)
+    max_value_size: int = attrs.field(default=512 * 1024 * 1024, converter=_max_value_size)
     restart_backoff: float = attrs.field(default=0.005, validator=_positive)
     restart_backoff_max: float = attrs.field(default=1.0, validator=_positive)
     max_restarts: int = attrs.field(default=20, validator=_at_least_one)

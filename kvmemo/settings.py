@@ -8,6 +8,7 @@ is this list.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -30,14 +31,65 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected a boolean, got {value!r}")
 
 
+def _int(value: Any) -> int:
+    """An integer from an int or a decimal string; never a bool or a fraction."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def _float(value: Any) -> float:
+    """A finite number from an int, a float or a decimal string; never a bool."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _size(name: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected a size like 64MiB, got {value!r}")
+        return parse_size(value, what=name)
+
+    return parse
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: Any) -> str:
+    level = _str(value).strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
 def _list(value: Any) -> frozenset[str]:
-    if isinstance(value, (list, tuple, frozenset, set)):
-        return frozenset(str(v) for v in value)
-    return frozenset(v.strip() for v in str(value).split(",") if v.strip())
+    """Items of a list (TOML), or of comma-separated strings (flags, environment)."""
+    items = value if isinstance(value, list | tuple | frozenset | set) else [value]
+    out: set[str] = set()
+    for item in items:
+        out.update(v.strip() for v in str(item).split(",") if v.strip())
+    return frozenset(out)
 
 
 def _ms(value: Any) -> float:
-    return float(value) / 1000
+    return _float(value) / 1000
 
 
 @attrs.frozen
@@ -45,7 +97,7 @@ class Setting:
     """One setting: its name (TOML key, ``--flag``, ``KVMEMO_NAME``), target and parser."""
 
     name: str
-    target: str  # "store" or "server"
+    target: str  # "store", "server" or "cli" (the command line itself)
     field: str
     parse: Callable[[Any], Any]
     help: str
@@ -62,14 +114,14 @@ class Setting:
 
 
 SETTINGS: list[Setting] = [
-    Setting("host", "server", "host", str, "address to bind (default 127.0.0.1)"),
+    Setting("host", "server", "host", _str, "address to bind (default 127.0.0.1)"),
     Setting(
-        "port", "server", "port", int, "WebSocket/HTTP port; 0 picks a free one (default 7070)"
+        "port", "server", "port", _int, "WebSocket/HTTP port; 0 picks a free one (default 7070)"
     ),
-    Setting("resp_port", "server", "resp_port", int, "Redis-protocol port; 0 picks one (6380)"),
+    Setting("resp_port", "server", "resp_port", _int, "Redis-protocol port; 0 picks one (6380)"),
     Setting("resp", "server", "resp", _bool, "serve the Redis protocol (default true)"),
-    Setting("tls_cert", "server", "tls_cert", str, "PEM certificate: serve wss:// and https://"),
-    Setting("tls_key", "server", "tls_key", str, "PEM private key for --tls-cert"),
+    Setting("tls_cert", "server", "tls_cert", _str, "PEM certificate: serve wss:// and https://"),
+    Setting("tls_key", "server", "tls_key", _str, "PEM private key for --tls-cert"),
     Setting("auth_token", "server", "tokens", _list, "accepted token (repeatable)", repeat=True),
     Setting(
         "allowed_origin",
@@ -83,63 +135,76 @@ SETTINGS: list[Setting] = [
         "max_message_size",
         "server",
         "max_message_size",
-        parse_size,
+        _size("max-message-size"),
         "bytes per WebSocket message; over it: close 1009 (16MiB)",
     ),
-    Setting("max_batch", "server", "max_batch", int, "requests per JSON-RPC batch (10000)"),
+    Setting("max_batch", "server", "max_batch", _int, "requests per JSON-RPC batch (10000)"),
     Setting(
         "max_in_flight",
         "server",
         "max_in_flight",
-        int,
+        _int,
         "requests in flight per session; over it: OVERLOADED (100000)",
     ),
-    Setting("max_sessions", "server", "max_sessions", int, "concurrent sessions (10000)"),
+    Setting("max_sessions", "server", "max_sessions", _int, "concurrent sessions (10000)"),
     Setting(
         "handshake_timeout",
         "server",
         "handshake_timeout",
-        float,
+        _float,
         "seconds to complete a handshake (10)",
     ),
     Setting(
         "idle_timeout",
         "server",
         "idle_timeout",
-        float,
+        _float,
         "seconds of silence before a session is closed; 0: never (0)",
     ),
     Setting(
         "shutdown_grace",
         "server",
         "shutdown_grace",
-        float,
+        _float,
         "seconds in-flight requests get at shutdown (5)",
     ),
-    Setting("shards", "store", "shards", int, "number of shard actors (16)"),
+    Setting("shards", "store", "shards", _int, "number of shard actors (16)"),
     Setting(
-        "maxmemory", "store", "maxmemory", parse_size, "memory limit, e.g. 256MiB; 0: none (256MiB)"
+        "maxmemory",
+        "store",
+        "maxmemory",
+        _size("maxmemory"),
+        "memory limit, e.g. 256MiB; 0: none (256MiB)",
     ),
     Setting(
         "eviction_policy",
         "store",
         "eviction_policy",
-        str,
+        _str,
         "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, volatile-random",
     ),
     Setting("ttl_tick_ms", "store", "ttl_tick", _ms, "milliseconds between expiry sweeps (100)"),
-    Setting("expiry_budget", "store", "expiry_budget", int, "keys per shard per sweep (1000)"),
+    Setting("expiry_budget", "store", "expiry_budget", _int, "keys per shard per sweep (1000)"),
     Setting(
         "request_timeout",
         "store",
         "request_timeout",
-        float,
+        _float,
         "seconds before a command gets TIMEOUT (5)",
     ),
-    Setting("max_key_size", "store", "max_key_size", parse_size, "bytes per key (512MiB)"),
-    Setting("max_value_size", "store", "max_value_size", parse_size, "bytes per value (512MiB)"),
-    Setting("mailbox_capacity", "store", "mailbox_capacity", int, "messages per actor mailbox"),
+    Setting(
+        "max_key_size", "store", "max_key_size", _size("max-key-size"), "bytes per key (512MiB)"
+    ),
+    Setting(
+        "max_value_size",
+        "store",
+        "max_value_size",
+        _size("max-value-size"),
+        "bytes per value (512MiB)",
+    ),
+    Setting("mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox"),
     Setting("chaos", "store", "chaos", _bool, "enable debug.kill (chaos testing)"),
+    Setting("log_level", "cli", "log_level", _log_level, "debug, info, warning or error (info)"),
 ]
 
 SERVE_DEFAULTS: dict[str, Any] = {"maxmemory": 256 * 1024 * 1024}
@@ -168,6 +233,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(s.flag, dest=s.name, default=None, help=s.help)
 
 
+TOML_TABLES = frozenset({"server", "store", "limits"})
+"""Tables a TOML file may group its settings under (or put them at the top level)."""
+
+
 def _from_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -180,46 +249,72 @@ def _from_toml(path: str) -> dict[str, Any]:
     known = {s.name for s in SETTINGS}
     for key, value in data.items():
         if isinstance(value, dict):
-            for sub, inner in value.items():
-                flat[sub.replace("-", "_")] = inner
+            if key not in TOML_TABLES:
+                raise ValueError(f"config file {path}: unknown table [{key}]")
+            items = [(f"{key}.{sub}", sub, inner) for sub, inner in value.items()]
         else:
-            flat[key.replace("-", "_")] = value
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise ValueError(f"config file {path}: unknown setting {unknown[0]!r}")
+            items = [(key, key, value)]
+        for shown, name, inner in items:
+            name = name.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"config file {path}: unknown setting {shown!r}")
+            if name in flat:
+                raise ValueError(f"config file {path}: {name!r} is given twice")
+            flat[name] = inner
     return flat
 
 
-def resolve(
-    args: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> tuple[StoreConfig, ServerConfig]:
+@attrs.frozen
+class Resolved:
+    """Everything ``kvmemo serve`` was asked for."""
+
+    store: StoreConfig
+    server: ServerConfig
+    log_level: str
+
+
+def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Resolved:
     """Combine defaults, the TOML file, the environment and the flags.
 
+    Precedence: default < TOML file < ``KVMEMO_*`` environment < flag.
+
     Raises:
-        ValueError: an invalid value, with a message naming the setting.
+        ValueError: an invalid value or file, with a one-line message naming
+            the setting and where its value came from.
     """
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = dict(SERVE_DEFAULTS)
+    source: dict[str, str] = {name: "default" for name in raw}
     config_file = getattr(args, "config", None) or environ.get("KVMEMO_CONFIG")
     if config_file:
-        raw.update(_from_toml(config_file))
+        for name, value in _from_toml(config_file).items():
+            raw[name], source[name] = value, f"{config_file}: {name}"
     for s in SETTINGS:
         if s.env in environ:
-            raw[s.name] = environ[s.env]
+            raw[s.name], source[s.name] = environ[s.env], s.env
         value = getattr(args, s.name, None)
         if value is not None:
-            raw[s.name] = value
-    store: dict[str, Any] = {}
-    server: dict[str, Any] = {}
+            raw[s.name], source[s.name] = value, s.flag
+    parsed: dict[str, dict[str, Any]] = {"store": {}, "server": {}, "cli": {}}
     for s in SETTINGS:
         if s.name not in raw:
             continue
         try:
             value = s.parse(raw[s.name])
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"invalid {s.name.replace('_', '-')}: {exc}") from None
-        (store if s.target == "store" else server)[s.field] = value
+            raise ValueError(f"invalid {source[s.name]}: {exc}") from None
+        parsed[s.target][s.field] = value
     try:
-        return StoreConfig(**store), ServerConfig(**server)
+        store = StoreConfig(**parsed["store"])
+        server = ServerConfig(**parsed["server"])
     except (ValueError, TypeError) as exc:
         raise ValueError(str(exc)) from None
+    return Resolved(store, server, parsed["cli"].get("log_level", "info"))
+
+
+def resolve(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[StoreConfig, ServerConfig]:
+    """The store and server configurations of :func:`resolve_all`."""
+    resolved = resolve_all(args, environ)
+    return resolved.store, resolved.server

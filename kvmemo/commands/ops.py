@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import CommandSyntaxError, NotIntegerError
+from ..errors import NotIntegerError, TooLargeError
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
@@ -259,16 +259,24 @@ def format_float(value: float) -> str:
     return text if text not in ("-0", "") else "0"
 
 
+STRING_TOO_LONG = "string exceeds maximum allowed size (proto-max-bulk-len)"
+
+
 class Append(ShardOp):
-    __slots__ = ("value",)
+    """APPEND; the result may not grow past ``max_size`` (TOO_LARGE, nothing changed)."""
+
+    __slots__ = ("max_size", "value")
     write = True
 
-    def __init__(self, key: bytes, value: bytes) -> None:
+    def __init__(self, key: bytes, value: bytes, max_size: int) -> None:
         self.key = key
         self.value = value
+        self.max_size = max_size
 
     def apply(self, store: ShardStore, now: float) -> int:
         old = store.peek(self.key, now)
+        if old is not None and len(old) + len(self.value) > self.max_size:
+            raise TooLargeError(STRING_TOO_LONG)
         new = self.value if old is None else old + self.value
         store.put(self.key, new, now, expires_at=None, keep_ttl=True)
         return len(new)
@@ -328,7 +336,7 @@ class SetRange(ShardOp):
         if not self.value:
             return 0 if old is None else len(old)
         if self.offset + len(self.value) > self.max_size:
-            raise CommandSyntaxError("string exceeds maximum allowed size (proto-max-bulk-len)")
+            raise TooLargeError(STRING_TOO_LONG)
         base = old or b""
         if len(base) < self.offset:
             base = base + b"\x00" * (self.offset - len(base))
@@ -468,10 +476,20 @@ def _read_values(store: ShardStore, keys: list[bytes], now: float) -> list[bytes
 
 
 class _MSetPart(AtomicPart):
+    """One shard's pairs of an MSET or MSETNX.
+
+    ``commit`` applies the pairs at the time ``prepare`` saw, not at the
+    (later) time of the decision: the reservation was computed from the
+    entries live at that time, and an entry that expired while the shard
+    held would otherwise be released twice (once by the expiry, once as the
+    overwritten value the reservation already netted out).
+    """
+
     def __init__(self, items: list[tuple[bytes, bytes]], only_new: bool) -> None:
         self.items = items
         self.only_new = only_new
         self.reserved = 0
+        self.prepared_at = 0.0
 
     def prepare(self, store: ShardStore, now: float) -> object:
         if self.only_new and any(store.contains(k, now) for k, _ in self.items):
@@ -480,11 +498,14 @@ class _MSetPart(AtomicPart):
         if not store.tracker.try_reserve(store.shard_id, delta):
             return NeedMemory(delta)
         self.reserved = delta
+        self.prepared_at = now
         return True
 
     def commit(self, store: ShardStore, now: float) -> None:
+        # The shard held (no other message ran) since prepare: the store is as
+        # prepare saw it, so applying at prepare's time matches the reservation.
         for key, value in self.items:
-            store.put(key, value, now, expires_at=None, charge=False)
+            store.put(key, value, self.prepared_at, expires_at=None, charge=False)
         self.reserved = 0
 
     def abort(self, store: ShardStore) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import CommandSyntaxError, NotIntegerError, UnknownCommandError
+from ..errors import ArityError, CommandSyntaxError, NotIntegerError, UnknownCommandError
 from . import ops
 from .args import (
     MAX_EXPIRE_MS,
@@ -27,7 +27,6 @@ from .args import (
     check_arity,
     expiry_option,
     pairs,
-    parse_count,
     parse_int,
     upper,
 )
@@ -143,8 +142,10 @@ ALLKEYS = (1, -1, 1)
 PAIRS = (1, -1, 2)
 
 
-def _server(name: str) -> Parser:
+def _server(name: str, max_args: int | None = None) -> Parser:
     def parse_server(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
+        if max_args is not None and len(args) > max_args:
+            raise ArityError(f"wrong number of arguments for '{name}' command")
         return ServerCall(name, tuple(args))
 
     return parse_server
@@ -152,18 +153,19 @@ def _server(name: str) -> Parser:
 
 # -- connection and server ------------------------------------------------------------
 
-for _name, _arity, _flags, _summary, _since in [
-    ("ping", -1, "fast connection", "PONG, or the message", "1"),
-    ("echo", 2, "fast connection", "the message", "1.1"),
-    ("time", 1, "fast", "server time as [unix seconds, microseconds]", "1.1"),
-    ("info", -1, "admin", "server, memory, stats, keyspace, actors, persistence", "1"),
-    ("auth", -2, "fast connection", "authenticate the session", "1"),
-    ("save", 1, "admin", "snapshot every shard", "1"),
-    ("debug.actors", 1, "admin", "every actor: name, state, restarts, mailbox", "1"),
-    ("debug.kill", 2, "admin chaos", "kill an actor by name (chaos mode only)", "1"),
-    ("command.list", 1, "connection", "the methods this server has", "1.1"),
+# Arity -1 is "at least none"; PING takes at most one argument (as in Redis).
+for _name, _arity, _max_args, _flags, _summary, _since in [
+    ("ping", -1, 1, "fast connection", "PONG, or the message", "1"),
+    ("echo", 2, None, "fast connection", "the message", "1.1"),
+    ("time", 1, None, "fast", "server time as [unix seconds, microseconds]", "1.1"),
+    ("info", -1, None, "admin", "server, memory, stats, keyspace, actors, persistence", "1"),
+    ("auth", -2, None, "fast connection", "authenticate the session", "1"),
+    ("save", 1, None, "admin", "snapshot every shard", "1"),
+    ("debug.actors", 1, None, "admin", "every actor: name, state, restarts, mailbox", "1"),
+    ("debug.kill", 2, None, "admin chaos", "kill an actor by name (chaos mode only)", "1"),
+    ("command.list", 1, None, "connection", "the methods this server has", "1.1"),
 ]:
-    command(_name, _arity, _flags, NOKEYS, _summary, _since)(_server(_name))
+    command(_name, _arity, _flags, NOKEYS, _summary, _since)(_server(_name, _max_args))
 
 
 @command("dbsize", 1, "readonly fast", NOKEYS, "number of live keys")
@@ -198,7 +200,8 @@ def _scan(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
     while i < len(args):
         opt = upper(args[i])
         if opt in (b"MATCH", b"COUNT", b"TYPE") and i + 1 < len(args):
-            if opt == b"COUNT" and parse_count(args[i + 1]) < 1:
+            # As Redis: not a number is NOT_INTEGER; zero or negative, a syntax error.
+            if opt == b"COUNT" and parse_int(args[i + 1]) < 1:
                 raise CommandSyntaxError(SYNTAX)
             i += 2
         else:
@@ -346,7 +349,7 @@ def _incrbyfloat(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrByFloat:
 
 @command("append", 3, "write fast", KEY1, "append to a value")
 def _append(args: Sequence[bytes], ctx: ParseContext) -> ops.Append:
-    return ops.Append(args[0], args[1])
+    return ops.Append(args[0], args[1], ctx.max_value_size)
 
 
 @command("strlen", 2, "readonly fast", KEY1, "length of a value in bytes")

@@ -88,7 +88,9 @@ STORAGE_SUPERVISOR = "storage"
 EVICTION_SUPERVISOR = "eviction"
 SCAN_DEFAULT_COUNT = 10  # keys per SCAN call when COUNT is not given (as Redis)
 WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
+MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
+_PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 
 
 def shard_name(i: int) -> str:
@@ -303,7 +305,7 @@ class KVEngine:
         command waits for what came before it). Returns one entry per call:
         its result, or the :class:`KVMemoError` it failed with.
         """
-        results: list[Any] = [None] * len(calls)
+        results: list[Any] = [_PENDING] * len(calls)
         segment: list[tuple[int, Any]] = []
         for i, (name, args) in enumerate(calls):
             try:
@@ -366,20 +368,19 @@ class KVEngine:
     async def _run_single(self, op: ops.ShardOp) -> Any:
         ref = self._shard_for(self.slots.shard_of(op.key))
         timeout = self.config.request_timeout
-        for attempt in (0, 1):
+        budget = _RoomBudget()
+        while True:
             try:
                 result = await ref.ask(op, timeout=timeout)
             except NeedMemory as exc:
-                if attempt:
+                if not await self._make_room(exc.nbytes, budget):
                     raise OutOfMemoryError(OOM_MESSAGE) from None
-                await self._make_room(exc.nbytes)
                 continue
             except (ActorCrashed, ActorStopped, AskTimeout) as exc:
                 raise self._translate(exc, ref) from None
             if op.write:
                 self._maybe_wake_eviction()
             return result
-        raise AssertionError("unreachable")
 
     async def _run_segment(self, segment: list[tuple[int, Any]], results: list[Any]) -> None:
         """Run single-key operations grouped per shard, in order per shard."""
@@ -402,7 +403,7 @@ class KVEngine:
                 await self._finish_batch(ref, items, slot, results)
             return
         for i, _ in segment:
-            if results[i] is None:
+            if results[i] is _PENDING:
                 results[i] = RequestTimeoutError("the command did not finish in time", applied=None)
 
     async def _send(self, ref: ActorRef, message: Any, slot: ReplySlot | None = None) -> ReplySlot:
@@ -416,7 +417,7 @@ class KVEngine:
     async def _finish_batch(
         self, ref: ActorRef, items: list[tuple[int, Any]], slot: ReplySlot, results: list[Any]
     ) -> None:
-        retried = False
+        budget = _RoomBudget()  # of the operation at the head of ``items``
         while True:
             try:
                 answers = await slot.wait()
@@ -433,14 +434,14 @@ class KVEngine:
             # A write needed memory: make room, then resubmit it and the rest in order.
             last = answers[-1]
             assert isinstance(last, NeedMemory)
-            if retried:
+            if done > 1:
+                budget = _RoomBudget()  # a later operation than last time: a fresh budget
+            if await self._make_room(last.nbytes, budget):
+                items = items[done - 1 :]
+            else:
                 results[items[done - 1][0]] = OutOfMemoryError(OOM_MESSAGE)
                 items = items[done:]
-                retried = False
-            else:
-                await self._make_room(last.nbytes)
-                items = items[done - 1 :]
-                retried = True
+                budget = _RoomBudget()
             if not items:
                 break
             slot = await self._send(ref, ShardBatch([op for _, op in items]))
@@ -449,9 +450,11 @@ class KVEngine:
 
     async def _run_fanout(self, op: ops.FanOutOp) -> Any:
         groups = self.slots.group_by_shard(op.keys)
+        # Every shard is checked before any part is sent, so that a restarting
+        # shard fails the command (UNAVAILABLE) before anything was applied.
+        refs = [(self._shard_for(shard), where) for shard, where in groups.items()]
         parts = []
-        for shard, where in groups.items():
-            ref = self._shard_for(shard)
+        for ref, where in refs:
             parts.append((ref, where, await self._send(ref, op.part([op.keys[i] for i in where]))))
         results = []
         for ref, _, slot in parts:
@@ -474,7 +477,8 @@ class KVEngine:
                 return await self._read_parts(op, refs, positions)
             finally:
                 self._txn_lock.release(write=False)
-        for attempt in (0, 1):
+        budget = _RoomBudget()
+        while True:
             await self._txn_lock.acquire(write=True)
             try:
                 committed, votes, results = await self._two_phase(op, refs, positions)
@@ -482,13 +486,18 @@ class KVEngine:
                 self._txn_lock.release(write=True)
             need = [v for v in votes if isinstance(v, NeedMemory)]
             if need:
-                if attempt:
+                if not await self._make_room(sum(v.nbytes for v in need), budget):
                     raise OutOfMemoryError(OOM_MESSAGE)
-                await self._make_room(sum(v.nbytes for v in need))
                 continue
+            if not committed and all(v is True for v in votes):
+                # Every shard agreed, yet the write was aborted: a shard's hold
+                # timed out before the last one prepared. Nothing was applied.
+                raise RequestTimeoutError(
+                    "the atomic write was aborted: a shard did not prepare in time",
+                    applied=False,
+                )
             self._maybe_wake_eviction()
             return op.combine(results, positions, committed)
-        raise AssertionError("unreachable")
 
     async def _read_parts(
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
@@ -781,12 +790,36 @@ class KVEngine:
         except (MailboxFull, ActorStopped):
             pass
 
-    async def _make_room(self, nbytes: int) -> None:
-        """Ask eviction for room and wait at most ``oom_wait``; bypass it when down."""
-        if not self._eviction_running():
-            return
-        assert self._eviction is not None
-        try:
-            await self._eviction.ask(EvictNow(nbytes), timeout=self.config.oom_wait)
-        except (ActorCrashed, ActorStopped, AskTimeout):
-            return
+    async def _make_room(self, nbytes: int, budget: _RoomBudget) -> bool:
+        """Ask eviction for ``nbytes``; tell whether retrying the write may succeed.
+
+        A write that needs memory may evict and retry up to ``MAKE_ROOM_ROUNDS``
+        times within ``oom_wait`` seconds in all: concurrent writers can take
+        the room one round made, so one round is not enough under a flood.
+        The answer is no (the write gets OOM) once the budget is spent, or when
+        eviction freed nothing (it is down, or has nothing to evict) and the
+        bytes still do not fit.
+        """
+        now = trio.current_time()
+        if budget.deadline is None:
+            budget.deadline = now + self.config.oom_wait
+        budget.rounds += 1
+        if budget.rounds > MAKE_ROOM_ROUNDS or now >= budget.deadline:
+            return False
+        freed = 0
+        if self._eviction is not None and self._eviction_running():
+            try:
+                freed = await self._eviction.ask(EvictNow(nbytes), timeout=budget.deadline - now)
+            except (ActorCrashed, ActorStopped, AskTimeout):
+                freed = 0
+        return freed > 0 or self.tracker.fits(nbytes)
+
+
+class _RoomBudget:
+    """How much evict-and-retry one write has used (see ``KVEngine._make_room``)."""
+
+    __slots__ = ("deadline", "rounds")
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.deadline: float | None = None

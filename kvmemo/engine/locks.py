@@ -27,10 +27,17 @@ class RWLock:
         self._queue: collections.deque[tuple[bool, trio.Event]] = collections.deque()
 
     async def acquire(self, *, write: bool) -> None:
-        """Acquire for writing (exclusive) or reading (shared)."""
+        """Acquire for writing (exclusive) or reading (shared).
+
+        Raises:
+            trio.Cancelled: and then the lock was not taken (a cancelled
+                acquire never leaves it held: the caller would not release it).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         if not self._queue and not self.writer and (not write or self.readers == 0):
             self._take(write)
-            await trio.lowlevel.checkpoint()
+            # Yield without a cancellation point: the lock is taken now.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         event = trio.Event()
         entry = (write, event)

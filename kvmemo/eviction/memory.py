@@ -15,6 +15,25 @@ which holds the estimate within ±20 % of measured growth):
 - ``TTL_OVERHEAD``: a float, a slot in the expiry dict and an entry in the
   ``TTLIndex`` (a tuple in a sorted list).
 
+Calibration (CPython 3.11, 64-bit; a ``ShardStore`` with the default ``lru``
+policy; 16-byte keys; bytes of traced growth per entry):
+
+    entries         5e3   2e4  4.5e4    1e5  1.7e5  2.5e5
+    16 B values     229   230    298    284    232    259
+    + a TTL         343   343    443    424    351    389
+
+At 10^5 entries: 4 KiB values 4364 B, with a TTL 4504 B. The figure swings
+with the fill ratio of the dicts (they double when 2/3 full), so the
+constants aim at the middle of the swing, not at one size: the estimate
+(262 B, 392 B with a TTL, 4342 B for 4 KiB values) stays within ±15 % of
+every figure above, and within 8 % at 10^5 entries.
+
+Other policies keep different bookkeeping: at 10^5 entries of 16 B values
+``lfu`` measures 336 B, ``random`` 239 B, ``fifo`` 284 B, ``noeviction``
+150 B; one estimate serves them all, so ``lfu`` is under-counted by ~22 %
+and ``noeviction`` over-counted by ~75 % (it never evicts: it only reaches
+OOM sooner than it must).
+
 Invariant: ``used == sum(shard usage)``, and when ``maxmemory`` is set,
 ``used <= maxmemory`` after any successful reservation.
 """
@@ -22,21 +41,21 @@ Invariant: ``used == sum(shard usage)``, and when ``maxmemory`` is set,
 from __future__ import annotations
 
 BYTES_HEADER = 33  # sys.getsizeof(b"") on 64-bit CPython
-ENTRY_OVERHEAD = 224  # bytes per entry beyond key and value payloads (calibrated)
-TTL_OVERHEAD = 160  # extra bytes per entry that has an expiry (calibrated)
+ENTRY_OVERHEAD = 200  # bytes per entry beyond key and value payloads (calibrated)
+TTL_OVERHEAD = 130  # extra bytes per entry that has an expiry (calibrated)
 
 
-def _alloc(payload: int) -> int:
-    # pymalloc hands out blocks in 16-byte steps; large objects are rounded too.
-    return (BYTES_HEADER + payload + 15) & ~15
+# pymalloc hands out blocks in 16-byte steps (large objects are rounded too):
+# a bytes object of n bytes takes (BYTES_HEADER + n + 15) & ~15. Folded into
+# two constants so that the hot path makes as few int objects as possible.
+_ROUND_UP = BYTES_HEADER + 15
+_BASE = ENTRY_OVERHEAD - 2 * BYTES_HEADER  # the headers are in ENTRY_OVERHEAD already
 
 
 def entry_size(key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
     """Estimated bytes one entry costs in memory, including bookkeeping."""
-    size = ENTRY_OVERHEAD + _alloc(len(key)) + _alloc(len(value)) - 2 * BYTES_HEADER
-    if has_ttl:
-        size += TTL_OVERHEAD
-    return size
+    size = _BASE + ((len(key) + _ROUND_UP) & ~15) + ((len(value) + _ROUND_UP) & ~15)
+    return size + TTL_OVERHEAD if has_ttl else size
 
 
 class MemoryTracker:
@@ -98,6 +117,10 @@ class MemoryTracker:
     def shard_used(self, shard: int) -> int:
         """Bytes tracked for one shard."""
         return self._per_shard[shard]
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether reserving ``nbytes`` more would succeed now."""
+        return nbytes <= 0 or not self.maxmemory or self.used + nbytes <= self.maxmemory
 
     @property
     def over_watermark(self) -> bool:

@@ -6,7 +6,7 @@ the manager asks the engine to process expired keys with a per-shard
 its budget reports a backlog; the manager then sweeps again right away,
 yielding to the scheduler between sweeps, at most ``MAX_CATCHUP_SWEEPS``
 times, so a mass expiry is worked off over following sweeps without ever
-stalling a shard for long. Every ``reconcile_every`` ticks it also asks for a
+stalling a shard for long. Every ``reconcile_every`` ticks (not sweeps) it also asks for a
 TTL-index reconciliation, which repairs an index that drifted from the
 entries.
 
@@ -40,7 +40,7 @@ class TTLManager(Actor):
         sweep: runs one sweep; returns (keys removed, backlog remains).
         reconcile: repairs TTL indexes; returns how many were repaired.
         tick: seconds between sweeps.
-        reconcile_every: sweeps between reconciliations.
+        reconcile_every: ticks between reconciliations.
         on_sweep: observer of each sweep's removed count (metrics).
     """
 
@@ -59,6 +59,7 @@ class TTLManager(Actor):
         self.reconcile_every = reconcile_every
         self._on_sweep = on_sweep
         self.sweeps = 0
+        self.ticks = 0
 
     async def _sweep_once(self) -> tuple[int, bool]:
         removed, backlog = await self._sweep()
@@ -77,7 +78,10 @@ class TTLManager(Actor):
                 rounds += 1
             await trio.sleep(self.tick)
             _, backlog = await self._sweep_once()
-            if self.sweeps % self.reconcile_every == 0:
+            # Counted in ticks, not sweeps: catch-up sweeps make the sweep
+            # count jump, and a modulus over it could skip every multiple.
+            self.ticks += 1
+            if self.ticks % self.reconcile_every == 0:
                 await self._reconcile()
 
     async def handle(self, message: Any) -> Any:

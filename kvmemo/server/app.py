@@ -1,16 +1,20 @@
 """The front door: one TCP port for WebSocket sessions and plain HTTP.
 
-Each connection's request head is read here (bounded in size and time). A
-WebSocket upgrade to ``/ws`` goes to trio-websocket (the bytes already read
-are replayed to it), after the Origin and token checks; ``GET /healthz``,
-``GET /metrics`` and the web console (``/`` and ``/static/...``) are
-answered directly. The server knows the engine only through its command
-interface, never the shards.
+Each connection's request head is read here (bounded in size and time:
+``max_http_head``, ``handshake_timeout``). A WebSocket upgrade to ``/ws``
+goes to trio-websocket (the bytes already read are replayed to it), after
+the Origin and token checks (403 when refused); ``GET``/``HEAD`` of
+``/healthz``, ``/metrics`` and the web console (``/`` and ``/static/...``)
+are answered directly, each response closing its connection. The server
+knows the engine only through its command interface, never the shards.
 
 The server runs as the ``server`` actor, the last child of the root
 supervisor: it starts after the engine's actors (so it can attach the
-engine) and stops first. Sessions live in the server's nursery; a session's
-crash is logged and ends that session only.
+engine) and stops first. Its port is bound before the actor starts (see
+``open_node``) and kept across the actor's restarts. Sessions live in the
+server's nursery; a session's crash is logged and ends that session only.
+:meth:`Server.drain` is the graceful shutdown: no new connections, every
+session finishes what is in flight, then is closed with 1001.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ log = logging.getLogger("kvmemo.server")
 
 SUBPROTOCOL = "kvmemo.v1"
 WS_QUEUE = 64  # messages trio-websocket buffers per session before backpressure
+LINGER = 1.0  # seconds an HTTP connection drains the client's leftovers after the answer
+LINGER_BYTES = 256 * 1024  # at most this many leftover bytes are read and dropped
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -73,6 +79,10 @@ class ReplayStream(trio.abc.Stream):
         await self._inner.aclose()
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _static_files() -> dict[str, bytes]:
     folder = resources.files("kvmemo.server") / "static"
     files = {}
@@ -102,6 +112,8 @@ class Server:
         self.bound: tuple[str, int] | None = None
         self._next_id = 1
         self._draining = False
+        self.ready = trio.Event()  # set once every listener started the first time (or failed)
+        self.start_error: OSError | None = None
         self._static = _static_files()
         self._ssl = self._ssl_context()
         m = self.metrics
@@ -114,10 +126,17 @@ class Server:
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls:
             return None
-        assert self.config.tls_cert is not None
-        assert self.config.tls_key is not None
+        cert, key = self.config.tls_cert, self.config.tls_key
+        assert cert is not None
+        assert key is not None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except OSError as exc:  # ssl.SSLError too
+            why = exc.strerror or getattr(exc, "reason", None) or str(exc)
+            raise OSError(
+                exc.errno, f"cannot load TLS certificate {cert} and key {key}: {why}"
+            ) from None
         return ctx
 
     @property
@@ -127,16 +146,45 @@ class Server:
     @property
     def url(self) -> str:
         """The session URL, with the real port once bound."""
+        return f"{self.scheme}://{self.authority}/ws"
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` as it appears in a URL (an IPv6 address in brackets)."""
         assert self.bound is not None
         host, port = self.bound
-        return f"{self.scheme}://{host}:{port}/ws"
+        return f"{_url_host(host)}:{port}"
 
     async def bind(self) -> None:
-        """Open the listening socket (port 0 picks a free port, kept across restarts)."""
+        """Open the listening sockets unless they are open (port 0 picks a free
+        port, kept across restarts of the server actor).
+
+        Raises:
+            OSError: the address cannot be bound (in use, not local, ...).
+        """
+        if self.listeners:
+            return
+        host = self.config.host
         port = self.bound[1] if self.bound is not None else self.config.port
-        self.listeners = await trio.open_tcp_listeners(port, host=self.config.host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"cannot listen on {_url_host(host)}:{port}: {why}") from None
+        if port == 0 and len(listeners) > 1:
+            # Each address got its own free port: keep one, so the port is one.
+            for extra in listeners[1:]:
+                await extra.aclose()
+            listeners = listeners[:1]
+        self.listeners = list(listeners)
         sockname = self.listeners[0].socket.getsockname()
-        self.bound = (self.config.host, int(sockname[1]))
+        self.bound = (host, int(sockname[1]))
+
+    def report_started(self, error: OSError | None) -> None:
+        """Record how the first start of every listener went (later ones are ignored)."""
+        if not self.ready.is_set():
+            self.start_error = error
+            self.ready.set()
 
     def allowed_origins(self) -> frozenset[str]:
         if self.config.allowed_origins:
@@ -144,19 +192,25 @@ class Server:
         assert self.bound is not None
         host, port = self.bound
         scheme = "https" if self.config.tls else "http"
-        names = {host, "localhost", "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {host}
-        return frozenset(f"{scheme}://{name}:{port}" for name in names)
+        loopback = ("127.0.0.1", "localhost", "::1")
+        names = {host, *loopback} if host in loopback else {host}
+        return frozenset(f"{scheme}://{_url_host(name)}:{port}" for name in names)
 
     # -- serving ------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until cancelled; each one in its own task."""
-        if not self.listeners:
-            await self.bind()
-        async with trio.open_nursery() as nursery:
-            for listener in self.listeners:
-                nursery.start_soon(self._accept_loop, listener, nursery)
-            task_status.started()
+        await self.bind()
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in self.listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                task_status.started()
+        finally:
+            listeners, self.listeners = self.listeners, []
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
@@ -172,13 +226,35 @@ class Server:
     async def _connection(self, stream: trio.abc.Stream) -> None:
         try:
             await self._handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-            pass
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ssl.SSLError,
+            trio_websocket.ConnectionClosed,
+        ):
+            pass  # the peer went away or spoke nonsense: nothing to report
         except Exception:  # a connection's bug ends that connection only (logged)
             log.exception("connection failed")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
+
+    async def _reply(self, stream: trio.abc.Stream, response: bytes) -> None:
+        """Send a whole HTTP response, then close gently: half-close and drop
+        what the client still sends (a body, the rest of a head), so that
+        closing with unread bytes does not reset the connection before the
+        client has read the response."""
+        await stream.send_all(response)
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            return  # TLS: the client waits for our close, lingering would only delay it
+        await stream.send_eof()
+        with trio.move_on_after(LINGER):
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                dropped += len(chunk)
 
     async def _read_head(self, stream: trio.abc.Stream) -> bytes | None:
         data = b""
@@ -186,7 +262,7 @@ class Server:
         with trio.move_on_after(self.config.handshake_timeout or float("inf")):
             while http.HEAD_END not in data:
                 if len(data) > limit:
-                    await stream.send_all(http.response(431, b"request head too large\n"))
+                    await self._reply(stream, http.response(431, b"request head too large\n"))
                     return None
                 chunk = await stream.receive_some(4096)
                 if not chunk:
@@ -203,16 +279,22 @@ class Server:
         try:
             head = http.parse_head(data[:end])
         except http.BadRequest as exc:
-            await stream.send_all(http.response(400, f"bad request: {exc}\n".encode()))
+            await self._reply(stream, http.response(400, f"bad request: {exc}\n".encode()))
             return
-        if head.path == "/ws" and head.is_websocket:
-            await self._websocket(ReplayStream(stream, data), head)
+        if head.path == "/ws":
+            if head.is_websocket:
+                await self._websocket(ReplayStream(stream, data), head)
+                return
+            upgrade = [("Upgrade", "websocket")]
+            await self._reply(stream, http.response(426, b"use a WebSocket here\n", extra=upgrade))
             return
         if head.method not in ("GET", "HEAD"):
-            await stream.send_all(http.response(405, b"method not allowed\n"))
+            await self._reply(stream, http.response(405, b"method not allowed\n"))
             return
         status, body, ctype = self._http_get(head)
-        await stream.send_all(http.response(status, body if head.method == "GET" else b"", ctype))
+        await self._reply(
+            stream, http.response(status, body, ctype, head_only=head.method == "HEAD")
+        )
 
     def _http_get(self, head: http.RequestHead) -> tuple[int, bytes, str]:
         path = head.path
@@ -268,10 +350,12 @@ class Server:
             offered = request.proposed_subprotocols
             subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
             ws = await request.accept(subprotocol=subprotocol)
-            if len(self.sessions) >= cfg.max_sessions or self._draining:
-                await ws.aclose(
-                    1008, "too many sessions" if not self._draining else "shutting down"
-                )
+            if self._draining:
+                await ws.aclose(1001, "server shutting down")
+                nursery.cancel_scope.cancel()
+                return
+            if len(self.sessions) >= cfg.max_sessions:
+                await ws.aclose(1008, "too many sessions")
                 nursery.cancel_scope.cancel()
                 return
             authed = not cfg.tokens or token is not None
@@ -296,15 +380,9 @@ class Server:
         self._draining = True
         for listener in self.listeners:
             await listener.aclose()
-        sessions = list(self.sessions)
-        for session in sessions:
-            session.closing = True
-        with trio.move_on_after(self.config.shutdown_grace):
-            for session in sessions:
-                await session._idle.wait()
-        for session in sessions:
-            with trio.move_on_after(1):
-                await session.ws.aclose(1001, "server shutting down")
+        async with trio.open_nursery() as nursery:
+            for session in list(self.sessions):
+                nursery.start_soon(session.drain, self.config.shutdown_grace)
 
 
 class ServerActor(Actor):
@@ -321,13 +399,19 @@ class ServerActor(Actor):
     async def on_start(self) -> None:
         self.server.engine.attach(self.ctx.system)
         self.server._draining = False
-        await self.server.bind()
+        await self.server.bind()  # already bound by open_node on the first start
 
     async def background(self) -> None:
+        server = self.server
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.server.serve)
-            for start in self.extra:
-                await nursery.start(start)
+            await nursery.start(server.serve)
+            try:
+                for start in self.extra:
+                    await nursery.start(start)
+            except OSError as exc:  # an extra port cannot be bound: a crash, reported first
+                server.report_started(exc)
+                raise
+            server.report_started(None)
 
     async def handle(self, message: Any) -> Any:
         if message == "drain":

@@ -58,7 +58,7 @@ def parse_head(data: bytes) -> RequestHead:
         raise BadRequest("incomplete request head")
     target = event.target.decode("latin-1")
     parts = urlsplit(target)
-    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
     return RequestHead(event.method.decode("ascii"), parts.path or "/", query, headers)
 
@@ -70,6 +70,7 @@ REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
@@ -80,8 +81,14 @@ def response(
     body: bytes,
     content_type: str = "text/plain; charset=utf-8",
     extra: list[tuple[str, str]] | None = None,
+    *,
+    head_only: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection."""
+    """A complete HTTP/1.1 response that closes the connection.
+
+    With ``head_only`` (the answer to ``HEAD``) the headers describe ``body``
+    but the body itself is not sent.
+    """
     lines = [
         f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
         f"Content-Type: {content_type}",
@@ -91,4 +98,4 @@ def response(
         "X-Content-Type-Options: nosniff",
     ]
     lines += [f"{k}: {v}" for k, v in extra or []]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)

@@ -1,22 +1,41 @@
 """One WebSocket session: JSON-RPC in, engine calls, responses out.
 
 Design: the session's reader task decodes each message (sans-IO codec) and
-dispatches it in arrival order; each message's calls then run in a task of
-the session's nursery, so pipelined messages proceed concurrently and
-responses go out as work completes, matched by id.
+dispatches it in arrival order, without waiting for the work: each
+message's calls run in a task of the session's nursery, so pipelined
+messages proceed concurrently and responses go out as work completes,
+matched by id. The reader never blocks on a request (only on sending an
+error it answers itself), so a slow key never holds up the others.
 
 Ordering: requests of one session that touch the same key take effect in
-sending order. The reader keeps, per key, the completion event of the last
-message that touched it, and waits for those events before dispatching a
-message on the same keys (a keyless write such as ``flushall`` waits for
-everything in flight). Within one message, :meth:`KVEngine.execute_many`
-keeps the order per key. Messages on other keys never wait for each other.
+sending order. At dispatch the reader records, per key, the completion
+event of the last message touching it (``_tails``); a new message's task
+first waits for the events of its keys, then runs. A command that reads or
+writes the whole keyspace (``flushall``, ``dbsize``, ``keys``, ``scan``) is
+a barrier: it waits for everything dispatched before it, and everything
+dispatched after it waits for it. Within one message,
+:meth:`KVEngine.execute_many` keeps the order per key. Messages on other
+keys never wait for each other.
 
-Limits: at most ``max_in_flight`` requests running (more get OVERLOADED,
-nothing applied); batch length in the codec; message size in the WebSocket
-layer (close 1009); idle timeout (close 1008).
+Limits: at most ``max_in_flight`` requests dispatched and not finished
+(waiting for their turn counts); more get OVERLOADED, nothing applied.
+Batch length in the codec; message size in the WebSocket layer (close
+1009); idle timeout (close 1008, only when nothing is in flight).
 
-A session's failure (a bug) ends that session only; the server catches it.
+Throughput: the reader takes every message already received in one go
+(after one await) and runs the ordinary single requests among them
+together, one task and one :meth:`KVEngine.execute_many` per group, so the
+shards see one batch per wake-up (a JSON-RPC batch message runs as a group
+of its own); a writer task sends every response that is ready in one socket
+write. Both reach into trio-websocket's connection (its receive channel,
+wsproto state and send lock; checked at import, with a fallback to the
+public one-message API), because its public API has neither a
+non-blocking receive nor a multi-message send.
+
+Errors: a client's bad input becomes an error response; a bug of ours in a
+request becomes ``INTERNAL`` for that request and is logged, and the
+session lives on. A failure of the session itself ends that session only;
+the server catches it.
 """
 
 from __future__ import annotations
@@ -27,9 +46,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.events import TextMessage
 
 from ..commands.table import COMMANDS
-from ..errors import KVMemoError, NoAuthError, OverloadedError
+from ..errors import (
+    InternalError,
+    KVMemoError,
+    NoAuthError,
+    OverloadedError,
+    UnavailableError,
+    UnknownCommandError,
+)
 from . import jsonrpc
 
 if TYPE_CHECKING:
@@ -38,14 +65,56 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvmemo.session")
 
 SESSION_METHODS = frozenset({"auth"})  # answered by the session itself
+KEYSPACE_FLAGS = frozenset({"readonly", "write"})  # keyless commands with these touch every key
+DRAIN_RETRY_MS = 1000  # retry_after_ms told to requests arriving during a shutdown
+CLOSE_TIMEOUT = 1.0  # seconds the peer gets to answer our close frame
+DRAIN_MAX = 256  # messages the reader takes in one go
+OUTBOX_LIMIT = 64 * 1024 * 1024  # bytes of unsent responses before the reader pauses
+
+
+def _receive_nowait(ws: WebSocketConnection) -> str | bytes | None:
+    """A message already received, without waiting; None if there is none."""
+    channel = getattr(ws, "_recv_channel", None)
+    if channel is None:
+        return None
+    try:
+        message: str | bytes = channel.receive_nowait()
+    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+        return None
+    return message
+
+
+async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
+    """Send several text messages with one socket write (one message each)."""
+    conn = getattr(ws, "_wsproto", None)
+    lock = getattr(ws, "_stream_lock", None)
+    stream = getattr(ws, "_stream", None)
+    if conn is None or lock is None or stream is None or len(texts) == 1:
+        for text in texts:
+            await ws.send_message(text)
+        return
+    if ws.closed:
+        raise ConnectionClosed(ws.closed)
+    data = b"".join(conn.send(TextMessage(data=text)) for text in texts)
+    async with lock:
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            abort = getattr(ws, "_abort_web_socket", None)
+            if abort is not None:
+                await abort()
+            raise ConnectionClosed(ws.closed) from None
 
 
 class Session:
     """State of one WebSocket session.
 
-    Invariant: ``in_flight`` counts the requests dispatched and not yet
-    answered; ``_tails[key]`` is the completion event of the last message
-    touching ``key`` that is still running.
+    Invariants: ``in_flight`` counts the requests dispatched and not yet
+    finished; ``_tails[key]`` is the completion event of the last message
+    touching ``key`` that is still unfinished; ``_barrier`` is that of the
+    last keyspace-wide message, or None; ``_active`` counts the request
+    tasks not yet done (their responses sent), and ``_idle`` is set
+    whenever it is zero.
     """
 
     def __init__(self, server: Server, ws: WebSocketConnection, sid: int, authed: bool) -> None:
@@ -56,109 +125,254 @@ class Session:
         self.in_flight = 0
         self.closing = False
         self._tails: dict[bytes, trio.Event] = {}
+        self._barrier: trio.Event | None = None
         self._running: set[trio.Event] = set()
+        self._active = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._reader = trio.CancelScope()  # the read loop's; drain cancels it
+        self._close: tuple[int, str] | None = None  # (code, reason) the session closes with
+        self._ended = trio.Event()
+        self._outbox: list[str] = []  # responses not yet handed to the socket
+        self._outbox_bytes = 0
+        self._outbox_ready = trio.Event()
+        self._outbox_space = trio.Event()
+        self._outbox_space.set()
+        self._flushed = trio.Event()
+        self._flushed.set()
+        self._broken = False
+        self._group: list[_Unit] = []  # ordinary messages of the current read, not started yet
+
+    # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the session until the peer closes it or the server drains it."""
-        cfg = self.server.config
+        """Serve the session until the peer closes it, it idles out, or the server drains it.
+
+        The session closes its own socket when it is drained: trio-websocket
+        completes a close handshake only while the connection's reader task
+        runs, and that task ends with the session.
+        """
         async with trio.open_nursery() as nursery:
-            try:
-                while not self.closing:
-                    if cfg.idle_timeout:
-                        with trio.move_on_after(cfg.idle_timeout) as idle:
-                            message = await self.ws.get_message()
-                        if idle.cancelled_caught:
-                            await self.ws.aclose(1008, "idle timeout")
-                            break
-                    else:
-                        message = await self.ws.get_message()
-                    self.server.messages_in.inc()
-                    await self._dispatch(message, nursery)
-            except ConnectionClosed:
-                pass
-            # Let running requests finish (their replies may still be sent).
+            nursery.start_soon(self._writer)
+            with self._reader:
+                try:
+                    await self._read_loop(nursery)
+                except ConnectionClosed:
+                    pass
+            if self._close is None:
+                # The peer left: let dispatched requests finish (replies may fail).
+                await self.wait_idle()
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._flushed.wait()
+            nursery.cancel_scope.cancel()  # drained: the grace is over for the rest
+        if self._close is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.ws.aclose(*self._close)
+        self._ended.set()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        idle_timeout = self.server.config.idle_timeout
+        ws = self.ws
+        while True:
+            if not self._outbox_space.is_set():
+                await self._outbox_space.wait()  # the peer is not reading its responses
+            if idle_timeout:
+                with trio.move_on_after(idle_timeout) as idle:
+                    message = await ws.get_message()
+                if idle.cancelled_caught:
+                    if self._active:
+                        continue  # not idle: requests are still running
+                    await ws.aclose(1008, "idle timeout")
+                    return
+            else:
+                message = await ws.get_message()
+            messages = [message]
+            while len(messages) < DRAIN_MAX:
+                more = _receive_nowait(ws)
+                if more is None:
+                    break
+                messages.append(more)
+            self.server.messages_in.inc(len(messages))
+            for message in messages:
+                await self._dispatch(message, nursery)
+            self._flush_group(nursery)
+
+    async def wait_idle(self) -> None:
+        """Wait until every dispatched request has finished and been answered."""
+        while self._active:
             await self._idle.wait()
 
+    async def drain(self, grace: float) -> None:
+        """Graceful close: refuse new requests, let those in flight finish
+        (within ``grace`` seconds), then close the socket with 1001."""
+        self.closing = True
+        with trio.move_on_after(grace):
+            await self.wait_idle()
+        self._close = (1001, "server shutting down")
+        self._reader.cancel()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self._ended.wait()
+
+    def _task_started(self) -> None:
+        if self._active == 0:
+            self._idle = trio.Event()
+        self._active += 1
+
+    def _task_done(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    # -- dispatch -----------------------------------------------------------------------
+
     async def _dispatch(self, message: str | bytes, nursery: trio.Nursery) -> None:
+        """Handle one message: ordinary ones join the current group (run later, together)."""
         if isinstance(message, bytes):
             await self._send([jsonrpc.binary_message_response()], is_batch=False)
             return
         decoded = jsonrpc.decode_message(message, max_batch=self.server.config.max_batch)
-        calls = decoded.calls
+        calls: list[jsonrpc.Call] = []
+        errors = list(decoded.errors)
+        for call in decoded.calls:
+            if call.method in COMMANDS:
+                calls.append(call)
+            elif not call.notification:
+                # Method names are lower case and case-sensitive on this port
+                # (the engine itself also accepts Redis's any-case names).
+                unknown = UnknownCommandError(f"unknown method '{call.method}'")
+                errors.append(jsonrpc.error_response(call.id, unknown))
         if not calls:
-            if decoded.errors:
-                await self._send(decoded.errors, is_batch=decoded.is_batch)
+            await self._send(errors, is_batch=decoded.is_batch)
+            return
+        if self.closing:
+            refused = UnavailableError("the server is shutting down", retry_after_ms=DRAIN_RETRY_MS)
+            await self._refuse(calls, errors, refused, is_batch=decoded.is_batch)
             return
         if not self.authed or any(c.method in SESSION_METHODS for c in calls):
-            # Rare and stateful: handled in the reader, in order.
-            await self._run_inline(decoded)
+            # Rare and stateful: handled in the reader, in order, after the rest.
+            self._flush_group(nursery)
+            await self._run_inline(calls, errors, is_batch=decoded.is_batch)
             return
-        if self.in_flight + len(calls) > self.server.config.max_in_flight:
-            error = OverloadedError(
-                f"more than {self.server.config.max_in_flight} requests in flight"
-            )
-            responses = list(decoded.errors)
-            responses += [jsonrpc.error_response(c.id, error) for c in calls if not c.notification]
-            await self._send(responses, is_batch=decoded.is_batch)
+        limit = self.server.config.max_in_flight
+        if self.in_flight + len(calls) > limit:
+            overloaded = OverloadedError(f"more than {limit} requests in flight")
+            await self._refuse(calls, errors, overloaded, is_batch=decoded.is_batch)
             return
-        keys, barrier = self._keys_of(calls)
-        waits = (
-            list(self._running) if barrier else [self._tails[k] for k in keys if k in self._tails]
-        )
-        for event in waits:
-            await event.wait()
+        self.in_flight += len(calls)  # counted now: the limit sees the whole group
+        if decoded.is_batch:
+            # A batch is already a group: it runs on its own, so that quick
+            # requests around it are not held back by its work.
+            self._flush_group(nursery)
+            self._group.append(_Unit(calls, errors, decoded.is_batch))
+            self._flush_group(nursery)
+            return
+        self._group.append(_Unit(calls, errors, decoded.is_batch))
+
+    def _flush_group(self, nursery: trio.Nursery) -> None:
+        """Start one task running the calls of the grouped messages, in order."""
+        units, self._group = self._group, []
+        if not units:
+            return
+        calls = [c for unit in units for c in unit.calls]
+        keys, barrier = _keys_of(calls)
+        if barrier:
+            waits = list(self._running)
+        else:
+            waits = [self._tails[k] for k in keys if k in self._tails]
+            if self._barrier is not None:
+                waits.append(self._barrier)
         done = trio.Event()
         for key in keys:
             self._tails[key] = done
+        if barrier:
+            self._barrier = done
         self._running.add(done)
-        self.in_flight += len(calls)
-        self._idle = trio.Event()
-        nursery.start_soon(self._execute, decoded, keys, done)
+        self._task_started()
+        nursery.start_soon(self._execute, units, calls, keys, waits, done)
 
-    def _keys_of(self, calls: list[jsonrpc.Call]) -> tuple[set[bytes], bool]:
-        keys: set[bytes] = set()
-        barrier = False
-        for call in calls:
-            spec = COMMANDS.get(call.method)
-            if spec is None:
-                continue
-            if spec.first_key:
-                keys.update(spec.keys_of(call.args))
-            elif "write" in spec.flags:
-                barrier = True
-        return keys, barrier
+    async def _refuse(
+        self,
+        calls: list[jsonrpc.Call],
+        errors: list[jsonrpc.Response],
+        error: KVMemoError,
+        *,
+        is_batch: bool,
+    ) -> None:
+        responses = errors + [
+            jsonrpc.error_response(c.id, error) for c in calls if not c.notification
+        ]
+        await self._send(responses, is_batch=is_batch)
 
-    async def _execute(self, decoded: jsonrpc.Decoded, keys: set[bytes], done: trio.Event) -> None:
-        calls = decoded.calls
+    async def _execute(
+        self,
+        units: list[_Unit],
+        calls: list[jsonrpc.Call],
+        keys: set[bytes],
+        waits: list[trio.Event],
+        done: trio.Event,
+    ) -> None:
         try:
-            results = await self.server.engine.execute_many([(c.method, c.args) for c in calls])
+            try:
+                for event in waits:
+                    await event.wait()
+                results = await self.server.engine.execute_many([(c.method, c.args) for c in calls])
+            except Exception:  # a bug of ours: INTERNAL for these requests only (logged)
+                log.exception("session %d: request failed", self.id)
+                results = [
+                    InternalError("internal error; see the server log", applied=None) for _ in calls
+                ]
+            finally:
+                self._finished(len(calls), keys, done)
+            start = 0
+            for unit in units:
+                end = start + len(unit.calls)
+                responses = unit.errors + [
+                    self._response(call, res)
+                    for call, res in zip(unit.calls, results[start:end], strict=True)
+                    if not call.notification
+                ]
+                start = end
+                await self._send(responses, is_batch=unit.is_batch)
         finally:
-            self.in_flight -= len(calls)
-            done.set()
-            self._running.discard(done)
-            for key in keys:
-                if self._tails.get(key) is done:
-                    del self._tails[key]
-            if not self._running:
-                self._idle.set()
-        responses = list(decoded.errors)
-        for call, result in zip(calls, results, strict=True):
-            if call.notification:
-                continue
-            responses.append(self._response(call, result))
-        await self._send(responses, is_batch=decoded.is_batch)
+            self._task_done()
 
-    @staticmethod
-    def _response(call: jsonrpc.Call, result: Any) -> jsonrpc.Response:
-        if isinstance(result, KVMemoError):
-            return jsonrpc.error_response(call.id, result)
-        return jsonrpc.result_response(call.id, result)
+    def _finished(self, count: int, keys: set[bytes], done: trio.Event) -> None:
+        self.in_flight -= count
+        done.set()
+        self._running.discard(done)
+        for key in keys:
+            if self._tails.get(key) is done:
+                del self._tails[key]
+        if self._barrier is done:
+            self._barrier = None
 
-    async def _run_inline(self, decoded: jsonrpc.Decoded) -> None:
-        responses = list(decoded.errors)
-        for call in decoded.calls:
+    def _response(self, call: jsonrpc.Call, result: Any) -> jsonrpc.Response:
+        try:
+            if isinstance(result, KVMemoError):
+                return jsonrpc.error_response(call.id, result)
+            return jsonrpc.result_response(call.id, result)
+        except (TypeError, ValueError):  # a result JSON cannot hold: our bug
+            log.exception("session %d: cannot encode the result of %s", self.id, call.method)
+            bug = InternalError("internal error; see the server log", applied=None)
+            return jsonrpc.error_response(call.id, bug)
+
+    async def _run_inline(
+        self, calls: list[jsonrpc.Call], errors: list[jsonrpc.Response], *, is_batch: bool
+    ) -> None:
+        self._task_started()
+        try:
+            # Keep the per-key order: everything dispatched before runs first.
+            for event in list(self._running):
+                await event.wait()
+            await self._send(await self._inline_responses(calls, errors), is_batch=is_batch)
+        finally:
+            self._task_done()
+
+    async def _inline_responses(
+        self, calls: list[jsonrpc.Call], errors: list[jsonrpc.Response]
+    ) -> list[jsonrpc.Response]:
+        responses = list(errors)
+        for call in calls:
             result: Any
             if call.method == "auth":
                 result = self._auth(call.args)
@@ -169,9 +383,12 @@ class Session:
                     result = await self.server.engine.execute(call.method, call.args)
                 except KVMemoError as exc:
                     result = exc
+                except Exception:  # a bug of ours: INTERNAL for this request only (logged)
+                    log.exception("session %d: request failed", self.id)
+                    result = InternalError("internal error; see the server log", applied=None)
             if not call.notification:
                 responses.append(self._response(call, result))
-        await self._send(responses, is_batch=decoded.is_batch)
+        return responses
 
     def _auth(self, args: tuple[bytes, ...]) -> Any:
         tokens = self.server.config.tokens
@@ -184,14 +401,61 @@ class Session:
         return NoAuthError("invalid token")
 
     async def _send(self, responses: list[jsonrpc.Response], *, is_batch: bool) -> None:
+        """Queue one response message for the writer (never blocks on the socket)."""
         text = jsonrpc.encode(responses, is_batch=is_batch)
-        if text is None:
+        if text is None or self._broken:
             return
-        try:
-            await self.ws.send_message(text)
-        except ConnectionClosed:
-            return
-        self.server.messages_out.inc()
+        self._outbox.append(text)
+        self._outbox_bytes += len(text)
+        self._flushed = trio.Event() if self._flushed.is_set() else self._flushed
+        self._outbox_ready.set()
+        if self._outbox_bytes > OUTBOX_LIMIT and self._outbox_space.is_set():
+            self._outbox_space = trio.Event()
+        await trio.lowlevel.checkpoint()
+
+    async def _writer(self) -> None:
+        """Send every queued response, as many per socket write as are ready."""
+        while True:
+            await self._outbox_ready.wait()
+            texts, self._outbox = self._outbox, []
+            self._outbox_bytes = 0
+            self._outbox_ready = trio.Event()
+            self._outbox_space.set()
+            try:
+                await _send_many(self.ws, texts)
+            except ConnectionClosed:
+                self._broken = True
+                self._flushed.set()
+                return
+            self.server.messages_out.inc(len(texts))
+            if not self._outbox:
+                self._flushed.set()
+
+
+class _Unit:
+    """One message's share of a group: its calls, its early errors, its shape."""
+
+    __slots__ = ("calls", "errors", "is_batch")
+
+    def __init__(
+        self, calls: list[jsonrpc.Call], errors: list[jsonrpc.Response], is_batch: bool
+    ) -> None:
+        self.calls = calls
+        self.errors = errors
+        self.is_batch = is_batch
+
+
+def _keys_of(calls: list[jsonrpc.Call]) -> tuple[set[bytes], bool]:
+    """The keys a message touches, and whether it touches the whole keyspace."""
+    keys: set[bytes] = set()
+    barrier = False
+    for call in calls:
+        spec = COMMANDS[call.method]
+        if spec.first_key:
+            keys.update(spec.keys_of(call.args))
+        elif spec.flags & KEYSPACE_FLAGS:
+            barrier = True
+    return keys, barrier
 
 
 def check_token(token: str, tokens: frozenset[str]) -> bool:

@@ -18,7 +18,7 @@ Invariants (checked by :meth:`ShardStore.check_invariants`):
   entry in ``expires`` decides);
 - ``used`` equals the sum of entry sizes, and equals the tracker's usage for
   this shard;
-- the policy tracks exactly the keys of ``data``.
+- the policy tracks exactly the keys of ``data`` (``noeviction`` tracks none).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from ..errors import OutOfMemoryError
 from ..eviction.memory import MemoryTracker, entry_size
-from ..eviction.policies import EvictionPolicy
+from ..eviction.policies import EvictionPolicy, NoEvictionPolicy
 from ..expiry.ttl_index import TTLIndex
 
 SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard; the oldest is dropped
@@ -151,9 +151,9 @@ class ShardStore:
             old, old_exp = None, None
         if keep_ttl:
             expires_at = old_exp
-        new_size = entry_size(key, value, has_ttl=expires_at is not None)
-        old_size = 0 if old is None else entry_size(key, old, has_ttl=old_exp is not None)
-        delta = new_size - old_size
+        delta = entry_size(key, value, has_ttl=expires_at is not None)
+        if old is not None:
+            delta -= entry_size(key, old, has_ttl=old_exp is not None)
         if charge and not self.tracker.try_reserve(self.shard_id, delta):
             raise NeedMemory(delta)
         self.used += delta
@@ -273,6 +273,8 @@ class ShardStore:
             if exp is not None and exp <= now:
                 value = self.data.pop(key)
                 del self.expires[key]
+                # The popped pair may have been a stale one; drop the real one too.
+                self.ttl_index.discard(key, exp)
                 size = entry_size(key, value, has_ttl=True)
                 self.used -= size
                 self.tracker.release(self.shard_id, size)
@@ -316,9 +318,13 @@ class ShardStore:
         """
         snapshot = self._scans.get(scan_id) if scan_id else None
         if snapshot is None:
-            # A new scan, or one whose snapshot was dropped: start a fresh one
-            # and resume at the same offset (best effort for a dropped one).
+            # A new scan, or one whose snapshot was dropped (too many open
+            # scans, or the shard's state was rebuilt): take a fresh snapshot
+            # and walk it from the start. Resuming at the old offset would
+            # skip keys (positions shift as keys come and go); starting over
+            # returns some keys twice, which SCAN allows.
             snapshot = list(self.data)
+            offset = 0
             scan_id = self._next_scan
             self._next_scan = self._next_scan % (1 << 17) + 1
             self._scans[scan_id] = snapshot
@@ -349,8 +355,8 @@ class ShardStore:
             return False
         if any(key not in data or type(t) is not float for key, t in expires.items()):
             return False
-        if len(self.policy) != len(data):
-            return False
+        if len(self.policy) != len(data) and not isinstance(self.policy, NoEvictionPolicy):
+            return False  # noeviction tracks no key at all
         return self.ttl_index_consistent()
 
     def ttl_index_consistent(self) -> bool:

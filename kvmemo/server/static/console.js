@@ -383,6 +383,10 @@ function renderMetrics(info, dbsize) {
   renderActors(Array.isArray(info.actors) ? info.actors : null);
 }
 
+// "<section>/<field>" of the nested values whose <details> the user opened,
+// so that the once-a-second re-render keeps them open.
+const openNested = new Set();
+
 function renderPairs(target, object, label) {
   if (object === null || Object.keys(object).length === 0) {
     target.replaceChildren(el("dt", {text: label}), el("dd", {text: "n/a"}));
@@ -390,7 +394,27 @@ function renderPairs(target, object, label) {
   }
   const nodes = [];
   for (const [name, value] of Object.entries(object)) {
-    nodes.push(el("dt", {text: name}), el("dd", {text: formatValue(value)}));
+    const dd = el("dd");
+    if (value !== null && typeof value === "object") {
+      // A nested value (INFO stats carries the whole metrics registry, say) is
+      // folded away: as one line of JSON it would flood the panel.
+      const key = `${label}/${name}`;
+      const size = Array.isArray(value) ? value.length : Object.keys(value).length;
+      const unit = Array.isArray(value) ? "item" : "field";
+      const details = el("details", {className: "nested"}, [
+        el("summary", {text: `${size} ${unit}${size === 1 ? "" : "s"}`}),
+        el("pre", {text: JSON.stringify(value, null, 2)}),
+      ]);
+      details.open = openNested.has(key);
+      details.addEventListener("toggle", () => {
+        if (details.open) openNested.add(key);
+        else openNested.delete(key);
+      });
+      dd.append(details);
+    } else {
+      dd.textContent = formatValue(value);
+    }
+    nodes.push(el("dt", {text: name}), dd);
   }
   target.replaceChildren(...nodes);
 }

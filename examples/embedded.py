@@ -1,0 +1,51 @@
+"""A small trio application embedding KVMemo: a rate limiter and a cache.
+
+Run it with ``python examples/embedded.py``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+import kvmemo
+
+
+async def allow(kv: kvmemo.Store, user: str, limit: int, window: int) -> bool:
+    """Fixed-window rate limiting: at most ``limit`` calls per ``window`` seconds."""
+    key = f"rate:{user}"
+    count = await kv.incr(key)
+    if count == 1:
+        await kv.expire(key, window)
+    return count <= limit
+
+
+async def cached_square(kv: kvmemo.Store, n: int) -> int:
+    """Memoise an expensive computation for 30 seconds."""
+    key = f"square:{n}"
+    hit = await kv.get(key)
+    if hit is not None:
+        return int(hit)
+    await trio.sleep(0.01)  # pretend to work
+    value = n * n
+    await kv.set(key, value, ex=30)
+    return value
+
+
+async def main() -> None:
+    async with kvmemo.open_store(shards=4, maxmemory="16MiB", eviction_policy="lru") as kv:
+        results = [await allow(kv, "alice", limit=3, window=60) for _ in range(5)]
+        print("rate limit:", results)  # [True, True, True, False, False]
+
+        async with trio.open_nursery() as nursery:
+            for n in range(10):
+                nursery.start_soon(cached_square, kv, n)
+        print("cached keys:", sorted(await kv.keys("square:*")))
+
+        await kv.mset({"a": "1", "b": "2"})
+        print("mget:", await kv.mget("a", "b", "missing"))
+        print("ttl of rate:alice:", await kv.ttl("rate:alice"))
+        print("actors:", [(a["name"], a["state"]) for a in kv.actors()][:4], "...")
+
+
+if __name__ == "__main__":
+    trio.run(main)

@@ -1,0 +1,218 @@
+"""The chaos workload: concurrent clients, unique values, recorded history.
+
+Each worker loops over random operations on a small key space, recording
+each one (invocation, completion, outcome) for the history checker:
+
+- register keys ``reg:N``: ``set`` (unique values, some with a TTL), ``get``,
+  ``del``, ``expire``;
+- counter keys ``ctr:N``: ``incr`` (checked at the end against the number of
+  acknowledged and possibly-applied increments);
+- MSET groups ``grp:N:a|b|c`` (no hash tag, so a group spans shards): ``mset``
+  of one unique value per key, ``mget`` of the whole group.
+
+Meanwhile a killer task kills actors at the given rate through the target's
+own chaos API (random shards, the ttl-manager, the eviction-manager), and,
+against a server, drops one of the workers' sessions now and then.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ..errors import KVMemoError
+from .history import Op, Outcome
+
+WRITE_TTL = 0.5  # seconds of TTL given to a share of the sets and expires
+
+
+@attrs.define
+class Recorder:
+    """Collects the history of a run."""
+
+    ops: list[Op] = attrs.field(factory=list)
+    _next: int = 0
+    baseline_until: float = 0.0
+
+    def next_id(self) -> int:
+        self._next += 1
+        return self._next
+
+
+def classify(exc: BaseException) -> tuple[Outcome, str]:
+    """How a failed call counts: certainly not applied, or maybe applied."""
+    if isinstance(exc, KVMemoError):
+        kind = exc.kind
+        applied = exc.data.get("applied", False)
+        if kind in ("TIMEOUT", "IO", "INTERNAL") and applied is None:
+            return Outcome.UNKNOWN, kind
+        if kind == "INTERNAL":
+            return Outcome.UNKNOWN, kind
+        return Outcome.FAILED, kind
+    # Lost connection and anything else: the request may have been applied.
+    return Outcome.UNKNOWN, type(exc).__name__
+
+
+@attrs.frozen
+class WorkloadConfig:
+    clients: int = 8
+    keys: int = 20
+    counters: int = 4
+    groups: int = 4
+    duration: float = 10.0
+    kill_rate: float = 2.0  # kills per second
+    baseline: float = 0.2  # fraction of the duration run without kills first
+    seed: int = 0
+
+
+Target = Any  # a kvmemo.api.Commands with execute(); kill via `kill(name)`
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+async def worker(
+    client_id: int,
+    kv: Target,
+    cfg: WorkloadConfig,
+    rec: Recorder,
+    rng: random.Random,
+    end: float,
+    clock: Callable[[], float],
+) -> None:
+    """Run random operations until ``end``, recording each."""
+    seq = 0
+    while clock() < end and not getattr(kv, "closed", False):
+        seq += 1
+        value = f"c{client_id}-{seq}"
+        roll = rng.random()
+        if roll < 0.3:
+            key = f"reg:{rng.randrange(cfg.keys)}"
+            ttl = WRITE_TTL if rng.random() < 0.2 else None
+            args: list[Any] = [key, value] + (["PX", int(ttl * 1000)] if ttl else [])
+            await _record(rec, client_id, kv, "set", (key,), (value,), ("set", *args),
+                          clock, ttl=ttl)
+        elif roll < 0.6:
+            key = f"reg:{rng.randrange(cfg.keys)}"
+            await _record(rec, client_id, kv, "get", (key,), (None,), ("get", key), clock)
+        elif roll < 0.65:
+            key = f"reg:{rng.randrange(cfg.keys)}"
+            await _record(rec, client_id, kv, "del", (key,), (None,), ("del", key), clock)
+        elif roll < 0.7:
+            key = f"reg:{rng.randrange(cfg.keys)}"
+            await _record(rec, client_id, kv, "expire", (key,), (None,),
+                          ("pexpire", key, int(WRITE_TTL * 1000)), clock, ttl=WRITE_TTL)
+        elif roll < 0.8:
+            key = f"ctr:{rng.randrange(cfg.counters)}"
+            await _record(rec, client_id, kv, "incr", (key,), (None,), ("incr", key), clock)
+        elif roll < 0.9:
+            g = rng.randrange(cfg.groups)
+            keys = tuple(f"grp:{g}:{part}" for part in "abc")
+            values = tuple(f"{value}:{part}" for part in "abc")
+            flat = [x for kv_ in zip(keys, values, strict=True) for x in kv_]
+            await _record(rec, client_id, kv, "mset", keys, values, ("mset", *flat), clock)
+        else:
+            g = rng.randrange(cfg.groups)
+            keys = tuple(f"grp:{g}:{part}" for part in "abc")
+            await _record(rec, client_id, kv, "mget", keys, (None,) * 3, ("mget", *keys), clock)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+async def _record(
+    rec: Recorder,
+    client_id: int,
+    kv: Target,
+    kind: str,
+    keys: tuple[str, ...],
+    values: tuple[str | None, ...],
+    command: tuple[Any, ...],
+    clock: Callable[[], float],
+    ttl: float | None = None,
+) -> None:
+    op_id = rec.next_id()
+    start = clock()
+    result: Any = None
+    error: str | None = None
+    try:
+        result = await kv.execute(*command)
+        outcome = Outcome.OK
+    except (KVMemoError, ConnectionError, OSError, trio.BrokenResourceError) as exc:
+        outcome, error = classify(exc)
+    except Exception as exc:  # noqa: BLE001 - any other failure is recorded: may have happened
+        outcome, error = Outcome.UNKNOWN, type(exc).__name__
+    done = clock()
+    int_result: int | None = None
+    if kind in ("get", "mget") and outcome is Outcome.OK:
+        got = result if kind == "mget" else [result]
+        values = tuple(_text(v) for v in got)
+    elif kind in ("expire", "incr") and outcome is Outcome.OK:
+        int_result = int(result)
+    if kind == "expire" and int_result == 0:
+        ttl = None
+    rec.ops.append(Op(op_id, client_id, kind, keys, values, start, done, outcome, ttl, error,
+                      int_result))
+
+
+@attrs.define
+class KillLog:
+    kills: list[tuple[float, str]] = attrs.field(factory=list)
+
+    def by_kind(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for _, name in self.kills:
+            counts["shard" if name.startswith("shard-") else name] += 1
+        return dict(counts)
+
+
+async def killer(
+    kill: Callable[[str], Awaitable[bool] | bool],
+    names: list[str],
+    rate: float,
+    start: float,
+    end: float,
+    rng: random.Random,
+    log: KillLog,
+    clock: Callable[[], float],
+    drop_session: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Kill random actors (and sessions) between ``start`` and ``end``."""
+    await trio.sleep(max(0.0, start - clock()))
+    while True:
+        await trio.sleep(rng.expovariate(rate))
+        if clock() >= end:
+            return
+        roll = rng.random()
+        if drop_session is not None and roll < 0.1:
+            if await drop_session():
+                log.kills.append((clock(), "session"))
+            continue
+        name = rng.choice(names)
+        try:
+            killed = await _call(kill, name)
+        except (KVMemoError, ConnectionError, OSError):
+            continue
+        if killed is not False:
+            log.kills.append((clock(), name))
+
+
+def now() -> float:
+    """The run's clock (monotonic seconds)."""
+    return time.monotonic()

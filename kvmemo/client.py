@@ -1,0 +1,662 @@
+"""The WebSocket client: the same :class:`~kvmemo.api.Commands` as the embedded store.
+
+::
+
+    async with kvmemo.client.connect("ws://127.0.0.1:7070/ws") as kv:
+        await kv.set("user:1", "alice", ex=60)
+        assert await kv.get("user:1") == b"alice"
+
+Design
+------
+Problem: many tasks of one application share one WebSocket session
+(PROTOCOL.md, "Messages"). Each call must get its own answer although the
+server answers out of order, and a burst of small calls should not cost one
+WebSocket message each.
+
+Approach: pipelining with one-shot slots and a tick-batching sender.
+
+- :meth:`Client.execute` gives every request a fresh integer id, registers a
+  :class:`_Slot` (an event plus the raw response) under that id in
+  ``_pending``, puts the request into the bounded outbox and parks on the
+  slot. Nothing else waits for the answer: callers never block each other.
+- The *sender* task takes the first request from the outbox, yields once
+  (``trio.lowlevel.checkpoint()``) so every other task runnable in the same
+  scheduling tick can enqueue too, then sends everything queued as one
+  message: a plain request object for one request, a JSON-RPC batch array for
+  several, split every ``max_batch`` requests.
+- The *reader* task decodes each incoming message (an object or a batch
+  array) and resolves the slot of each response by id. Responses may arrive
+  in any order; an id with no slot (its caller was cancelled or timed out) is
+  dropped.
+- The caller decodes its own response (:func:`decode_result`,
+  :func:`error_from_payload`): the work is spread over the callers and each
+  one raises its own exception instance.
+
+Cancellation: a caller cancelled before its request was sent removes its slot
+and the sender skips the request (it never reaches the server); once sent, a
+cancelled request may still take effect, and its answer is dropped.
+
+Connection loss (the peer closes, the network fails, the server breaks the
+protocol, or the ``connect`` block ends) fails every pending request with
+:class:`DisconnectedError` (``data["applied"]`` is ``None``: the request may
+or may not have happened), and every later call raises it at once. Nothing
+ever waits for an answer that cannot come.
+
+Results are identical to the embedded store's: JSON strings come back as
+``bytes`` (bulk strings), except the protocol's simple-string replies
+(``"OK"``, ``"PONG"``, ``type``'s ``"string"``/``"none"``), which stay ``str``.
+
+Limits: values travel as JSON text, so a ``bytes`` argument must be valid
+UTF-8 (a ``ValueError`` says which one is not), and a stored value that is not
+UTF-8 comes back with U+FFFD in place of its bad bytes (the server's mapping).
+A message over the server's ``max_message_size`` makes the server close the
+connection (1009): keep ``max_batch`` times the request size under it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar, NoReturn
+
+import attrs
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from .api import Arg, Commands, encode_arg
+from .errors import ERROR_KINDS, InternalError, KVMemoError, RequestTimeoutError
+
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "SUBPROTOCOL",
+    "Client",
+    "ClientStatistics",
+    "DisconnectedError",
+    "connect",
+    "decode_result",
+    "encode_params",
+    "error_class",
+    "error_from_payload",
+]
+
+SUBPROTOCOL = "kvmemo.v1"
+
+DEFAULT_MAX_BATCH = 1000  # requests per message; the server's default limit is 10_000
+OUTBOX_SIZE = 10_000  # requests queued for the sender; more callers wait (backpressure)
+CONNECT_TIMEOUT = 10.0  # seconds for the handshake when ``timeout`` is None
+DISCONNECT_TIMEOUT = 5.0  # seconds for the closing handshake when the block ends
+MAX_MESSAGE_SIZE = 256 * 1024 * 1024  # bytes per received message (``keys *`` can be big)
+MAX_EXTRA_KINDS = 64  # error classes made for kinds this version does not know
+
+_JSONRPC = "2.0"
+_COMPACT = (",", ":")
+
+# Methods whose "OK" reply is a simple string (``str``), as in the embedded store
+# (``rename`` is Redis's; listed for when the server adds it, per PROTOCOL.md 1.1).
+_OK_METHODS = frozenset(
+    {
+        "set",
+        "mset",
+        "flushall",
+        "flushdb",
+        "setex",
+        "psetex",
+        "save",
+        "debug.kill",
+        "auth",
+        "rename",
+    }
+)
+# Methods whose result is not made of bulk strings: passed through as decoded JSON.
+_JSON_METHODS = frozenset({"info", "debug.actors", "command.list"})
+
+
+class DisconnectedError(KVMemoError, ConnectionError):
+    """The connection to the server is gone (or could not be opened).
+
+    Raised by every request that was pending when the connection was lost,
+    and by every later call. ``data["applied"]`` is ``None`` for a request
+    that was pending: it may or may not have taken effect.
+    """
+
+    kind: ClassVar[str] = "DISCONNECTED"
+    code: ClassVar[int] = 0  # client-side only: never sent on the wire
+
+
+@attrs.frozen
+class ClientStatistics:
+    """Counters of one client connection.
+
+    Attributes:
+        messages_sent: WebSocket messages sent (one per batch or single request).
+        requests_sent: JSON-RPC requests sent (every element of every batch).
+        messages_received: WebSocket messages received.
+        pending: requests waiting for their answer (queued or sent).
+    """
+
+    messages_sent: int
+    requests_sent: int
+    messages_received: int
+    pending: int
+
+
+# ----------------------------------------------------------------------------
+# Pure mapping between command calls and JSON-RPC (no I/O)
+
+
+def encode_params(args: Sequence[Arg]) -> list[str | int]:
+    """The ``params`` array for ``args``, meaning exactly what the embedded store gets.
+
+    Integers stay JSON integers; ``bytes`` are decoded as UTF-8; floats are
+    sent as their ``repr`` (as :func:`kvmemo.api.encode_arg` does).
+
+    Raises:
+        TypeError: an argument of another type (a ``bool`` included).
+        ValueError: a ``bytes`` argument that is not valid UTF-8, or a ``str``
+            with a lone surrogate: the JSON protocol carries text only.
+    """
+    params: list[str | int] = []
+    for position, arg in enumerate(args):
+        if isinstance(arg, int) and not isinstance(arg, bool):
+            params.append(arg)
+            continue
+        if isinstance(arg, str):
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"argument {position} is not valid Unicode (lone surrogate)"
+                ) from None
+            params.append(arg)
+            continue
+        raw = encode_arg(arg)
+        try:
+            params.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"argument {position} is not valid UTF-8; the JSON-RPC protocol carries text only"
+            ) from None
+    return params
+
+
+def decode_result(method: str, args: Sequence[Arg], result: Any) -> Any:
+    """A JSON result as the embedded store returns it.
+
+    Args:
+        method: the lower-case method of the request.
+        args: the request's arguments (``set ... GET`` and ``ping`` depend on them).
+        result: the decoded JSON ``result``.
+
+    Returns:
+        Strings as ``bytes`` (also inside arrays), except the simple-string
+        replies ``"OK"`` (set without GET, mset, flushall, flushdb, setex,
+        psetex, save, debug.kill, auth, rename), ``"PONG"`` (ping without a
+        message) and ``type``'s reply, which stay ``str``; ``info``,
+        ``debug.actors`` and ``command.list`` are returned as decoded.
+    """
+    if method in _JSON_METHODS:
+        return result
+    if isinstance(result, str):
+        if method == "type":
+            return result
+        if method == "ping" and not args and result == "PONG":
+            return result
+        if method in _OK_METHODS and result == "OK" and not _has_get_flag(method, args):
+            return result
+    return _bulk(result)
+
+
+def _has_get_flag(method: str, args: Sequence[Arg]) -> bool:
+    if method != "set":
+        return False
+    return any(
+        isinstance(arg, str | bytes) and encode_arg(arg).upper() == b"GET" for arg in args[2:]
+    )
+
+
+def _bulk(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, list):
+        return [_bulk(item) for item in value]
+    return value
+
+
+_extra_kinds: dict[str, type[KVMemoError]] = {}
+
+
+def error_class(kind: str, code: int | None = None) -> type[KVMemoError]:
+    """The exception class for an error kind.
+
+    The classes of :data:`kvmemo.errors.ERROR_KINDS` for the kinds they know;
+    for any other kind (``PARSE``, ``INVALID_REQUEST``, kinds of a newer
+    server) a :class:`KVMemoError` subclass made once per kind, whose
+    ``kind`` and ``code`` are those given.
+    """
+    known = ERROR_KINDS.get(kind) or _extra_kinds.get(kind)
+    if known is not None:
+        return known
+    words = [word for word in re.split(r"[^0-9A-Za-z]+", kind) if word]
+    name = "".join(word.capitalize() for word in words) + "Error"
+    if not name[0].isalpha():
+        name = "Kind" + name
+    made = type(
+        name,
+        (KVMemoError,),
+        {
+            "kind": kind,
+            "code": code if code is not None else InternalError.code,
+            "__module__": __name__,
+            "__doc__": f"Error kind {kind!r}, which this version of the client does not know.",
+        },
+    )
+    if len(_extra_kinds) < MAX_EXTRA_KINDS:  # a hostile server cannot grow it forever
+        _extra_kinds[kind] = made
+    return made
+
+
+def error_from_payload(error: Any) -> KVMemoError:
+    """The exception for a JSON-RPC ``error`` object.
+
+    Its class is chosen by ``error.data.kind`` (:func:`error_class`); its
+    message is ``error.message``; its ``data`` holds the other fields of
+    ``error.data`` (``retry_after_ms``, ``applied``, ...). A malformed object
+    gives an :class:`~kvmemo.errors.InternalError`.
+    """
+    if not isinstance(error, dict):
+        return InternalError(f"malformed error object from the server: {error!r}")
+    message = error.get("message")
+    message = message if isinstance(message, str) else repr(message)
+    code = error.get("code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    data = error.get("data")
+    extra: dict[str, Any] = dict(data) if isinstance(data, dict) else {}
+    kind = extra.pop("kind", None)
+    if not isinstance(kind, str) or not kind:
+        kind = InternalError.kind
+    exc = error_class(kind, code)(message)
+    exc.data = extra
+    return exc
+
+
+# ----------------------------------------------------------------------------
+# The connection
+
+
+@attrs.define
+class _Slot:
+    """Where the reader leaves one request's answer; the caller parks on ``done``.
+
+    Invariant: ``done`` is set exactly when ``response`` or ``lost`` is set.
+    """
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    response: dict[str, Any] | None = None
+    lost: str | None = None
+
+
+@attrs.frozen
+class _Request:
+    """One registered request: its id, its slot and the JSON object to send."""
+
+    id: int
+    slot: _Slot
+    payload: dict[str, Any]
+
+
+class Client(Commands):
+    """A connection to a KVMemo server: one async method per command.
+
+    Made by :func:`connect`. Safe to share between any number of tasks.
+    Errors raise subclasses of :class:`kvmemo.KVMemoError` whose ``kind`` is
+    the protocol's error kind; a lost connection raises
+    :class:`DisconnectedError`.
+
+    Invariant: every id in ``_pending`` belongs to a caller parked on (or
+    about to read) its slot; the sender sends only requests whose id is there.
+    """
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        *,
+        url: str,
+        timeout: float | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        self.url = url
+        self._ws = ws
+        self._timeout = timeout
+        self._max_batch = max_batch
+        self._next_id = 1
+        self._pending: dict[int, _Slot] = {}
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[dict[str, Any]](OUTBOX_SIZE)
+        self._lost: str | None = None
+        self._messages_sent = 0
+        self._requests_sent = 0
+        self._messages_received = 0
+
+    # -- the Commands interface ---------------------------------------------------------
+
+    async def execute(self, command: str, *args: Arg) -> Any:
+        """Run any command by name: ``await kv.execute("SET", "k", "v", "EX", 10)``.
+
+        Raises:
+            KVMemoError: the server's error, as the class of its kind.
+            RequestTimeoutError: no answer within the client's ``timeout``
+                (``data["applied"]`` is ``None``: it may have happened).
+            DisconnectedError: the connection is lost.
+            TypeError, ValueError: an argument that cannot be sent (nothing is sent).
+        """
+        method = command.lower()
+        params = encode_params(args)
+        self._check_open()
+        request = self._register(method, params)
+        try:
+            with trio.fail_after(self._deadline_seconds()):
+                await self._enqueue(request)
+                await request.slot.done.wait()
+        except trio.TooSlowError:
+            raise self._timeout_error(repr(method)) from None
+        finally:
+            self._pending.pop(request.id, None)
+        return _unwrap(request.slot, method, args)
+
+    async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
+        """Run several commands, sent together; errors are returned, not raised.
+
+        Each call is ``(command, *args)``. The requests travel in one message
+        (or several of ``max_batch``) and run concurrently on the server,
+        in sending order for the same key.
+
+        Returns:
+            One entry per call, in order: its result or its
+            :class:`KVMemoError` (a lost connection included).
+
+        Raises:
+            TypeError, ValueError: a call that cannot be sent (nothing is sent).
+            RequestTimeoutError: not every answer came within ``timeout``.
+        """
+        prepared = [(str(call[0]).lower(), call[1:], encode_params(call[1:])) for call in calls]
+        self._check_open()
+        registered = [self._register(method, params) for method, _, params in prepared]
+        try:
+            with trio.fail_after(self._deadline_seconds()):
+                for request in registered:
+                    await self._enqueue(request)
+                for request in registered:
+                    await request.slot.done.wait()
+        except trio.TooSlowError:
+            raise self._timeout_error(f"a batch of {len(calls)} calls") from None
+        finally:
+            for request in registered:
+                self._pending.pop(request.id, None)
+        results: list[Any] = []
+        for (method, args, _), request in zip(prepared, registered, strict=True):
+            try:
+                results.append(_unwrap(request.slot, method, args))
+            except KVMemoError as exc:
+                results.append(exc)
+        return results
+
+    async def actors(self) -> list[dict[str, Any]]:
+        """Every actor of the server: name, state, restarts, mailbox (``debug.actors``).
+
+        Async here, unlike the embedded store's synchronous ``actors()``: it is
+        a round trip.
+        """
+        result: list[dict[str, Any]] = await self.execute("debug.actors")
+        return result
+
+    async def kill_actor(self, name: str) -> bool:
+        """Kill a server actor by name (``debug.kill``); its supervisor restarts it.
+
+        Async here, unlike the embedded store's synchronous ``kill_actor``. The
+        protocol answers ``"OK"`` whether or not the actor was running, so
+        this returns ``True`` whenever the server accepted the command.
+
+        Raises:
+            UnknownCommandError: the server was not started with chaos enabled.
+            CommandSyntaxError: no actor of that name.
+        """
+        await self.execute("debug.kill", name)
+        return True
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is lost or closed (every call then raises)."""
+        return self._lost is not None
+
+    def statistics(self) -> ClientStatistics:
+        """Counters of this connection (messages, requests, pending)."""
+        return ClientStatistics(
+            messages_sent=self._messages_sent,
+            requests_sent=self._requests_sent,
+            messages_received=self._messages_received,
+            pending=len(self._pending),
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._lost is not None:
+            raise DisconnectedError(self._lost)
+
+    def _deadline_seconds(self) -> float:
+        return self._timeout if self._timeout is not None else math.inf
+
+    def _timeout_error(self, what: str) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"no answer to {what} within {self._timeout} s (client timeout)", applied=None
+        )
+
+    def _register(self, method: str, params: list[str | int]) -> _Request:
+        """A fresh id and slot for one request. Synchronous: no checkpoint."""
+        request_id = self._next_id
+        self._next_id += 1
+        slot = _Slot()
+        self._pending[request_id] = slot
+        payload = {"jsonrpc": _JSONRPC, "id": request_id, "method": method, "params": params}
+        return _Request(request_id, slot, payload)
+
+    async def _enqueue(self, request: _Request) -> None:
+        try:
+            self._outbox_in.send_nowait(request.payload)
+        except trio.WouldBlock:
+            await self._outbox_in.send(request.payload)  # backpressure: the outbox is full
+
+    def _lose(self, reason: str) -> None:
+        """Mark the connection lost and fail every pending request. Synchronous."""
+        if self._lost is None:
+            self._lost = reason
+        for slot in self._pending.values():
+            if not slot.done.is_set():
+                slot.lost = self._lost
+                slot.done.set()
+
+    async def abort(self) -> None:
+        """Drop the connection now (chaos tooling): pending requests fail with
+        :class:`DisconnectedError`, as on any lost connection (they may or may
+        not have been applied)."""
+        self._lose(f"the connection to {self.url} was dropped")
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            await self._ws.aclose(1001, "dropped by the client")
+
+    async def _send_loop(self) -> None:
+        """The sender task: one message per tick's worth of requests (see the design)."""
+        while True:
+            first = await self._outbox_out.receive()
+            await trio.lowlevel.checkpoint()  # let the other tasks of this tick enqueue
+            queued = [first]
+            while len(queued) < self._max_batch:
+                try:
+                    queued.append(self._outbox_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            live = [request for request in queued if request["id"] in self._pending]
+            if not live or self._lost is not None:
+                continue
+            document: Any = live[0] if len(live) == 1 else live
+            text = json.dumps(document, separators=_COMPACT, ensure_ascii=False)
+            try:
+                await self._ws.send_message(text)
+            except ConnectionClosed as exc:
+                self._lose(_closed_reason(self.url, exc))
+                return
+            self._messages_sent += 1
+            self._requests_sent += len(live)
+
+    async def _read_loop(self) -> None:
+        """The reader task: resolve slots by id until the connection ends."""
+        while True:
+            try:
+                message = await self._ws.get_message()
+            except ConnectionClosed as exc:
+                self._lose(_closed_reason(self.url, exc))
+                return
+            self._messages_received += 1
+            problem = self._on_message(message)
+            if problem is not None:
+                self._lose(f"connection to {self.url} closed: {problem}")
+                await self._ws.aclose(1002, "protocol error")
+                return
+
+    def _on_message(self, message: str | bytes) -> str | None:
+        """Resolve the slots answered by one message; the problem, if it breaks the protocol.
+
+        Synchronous: slots are resolved atomically with respect to cancellation.
+        """
+        if isinstance(message, bytes):
+            return "the server sent a binary message"
+        try:
+            document = json.loads(message)
+        except ValueError:
+            return "the server sent a message that is not JSON"
+        responses = document if isinstance(document, list) else [document]
+        for response in responses:
+            if not isinstance(response, dict):
+                return "the server sent a response that is not an object"
+            request_id = response.get("id")
+            if request_id is None:
+                # An error the server could not attach to a request (a whole
+                # batch refused, say): its requests would never be answered.
+                error = error_from_payload(response.get("error"))
+                return f"the server refused a message: {error.kind} {error.message}"
+            slot = self._pending.get(request_id) if isinstance(request_id, int) else None
+            if slot is None or slot.done.is_set():
+                continue  # its caller was cancelled or timed out
+            slot.response = response
+            slot.done.set()
+        return None
+
+
+def _unwrap(slot: _Slot, method: str, args: Sequence[Arg]) -> Any:
+    if slot.lost is not None:
+        raise DisconnectedError(slot.lost, applied=None)
+    response = slot.response
+    assert response is not None
+    if "error" in response:
+        raise error_from_payload(response["error"])
+    return decode_result(method, args, response.get("result"))
+
+
+def _closed_reason(url: str, exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return f"connection to {url} lost"
+    detail = f" ({reason.reason})" if reason.reason else ""
+    return f"connection to {url} lost: close code {reason.code} {reason.name}{detail}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    cause = exc.__cause__
+    if not text and cause is not None:
+        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    return text or type(exc).__name__
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again, keeping its own ``__context__`` (not the group's)."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    token: str | None = None,
+    timeout: float | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> AsyncIterator[Client]:
+    """Connect to a server for the duration of the block.
+
+    Args:
+        url: the session URL, ``ws://host:port/ws`` (``wss://`` for TLS).
+        token: sent with ``auth`` before anything else when given.
+        timeout: seconds for the handshake and for each request's answer
+            (a late request raises :class:`~kvmemo.errors.RequestTimeoutError`
+            with ``applied`` ``None``); ``None``: no request deadline and a
+            handshake deadline of ``CONNECT_TIMEOUT``.
+        max_batch: the most requests sent in one message; keep it at or under
+            the server's ``max_batch``.
+
+    Yields:
+        The :class:`Client`, shared safely by any number of tasks.
+
+    Raises:
+        ValueError: ``max_batch`` below 1, ``timeout`` not positive, or a bad URL.
+        DisconnectedError: the connection could not be opened.
+        NoAuthError: the token was refused.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be > 0, got {timeout}")
+    opened = False
+    try:
+        async with open_websocket_url(
+            url,
+            subprotocols=[SUBPROTOCOL],
+            max_message_size=MAX_MESSAGE_SIZE,
+            connect_timeout=timeout if timeout is not None else CONNECT_TIMEOUT,
+            disconnect_timeout=DISCONNECT_TIMEOUT,
+        ) as ws:
+            opened = True
+            client = Client(ws, url=url, timeout=timeout, max_batch=max_batch)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client._read_loop)
+                    nursery.start_soon(client._send_loop)
+                    try:
+                        if token is not None:
+                            await client.execute("auth", token)
+                        yield client
+                    finally:
+                        client._lose(f"the client of {url} was closed")
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The reader and sender never raise, so the group holds the
+                # block's own exception: give it back unwrapped.
+                if len(group.exceptions) == 1:
+                    _reraise(group.exceptions[0])
+                raise
+    except HandshakeError as exc:
+        if opened:
+            raise
+        raise DisconnectedError(f"cannot connect to {url}: {_describe(exc)}") from None

@@ -1,0 +1,150 @@
+"""A KVMemo node: the engine's actors plus the server layer, under one root.
+
+::
+
+    root supervisor (one_for_one)
+    ├── storage supervisor ── shard-0 … shard-N-1
+    ├── ttl-manager
+    ├── eviction supervisor ── eviction-manager   (temporary)
+    └── server   (WebSocket/HTTP port, Redis port; sessions under it)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from actors import ActorSystem, ChildSpec
+
+from .config import StoreConfig
+from .engine.engine import KVEngine
+from .server.app import Server, ServerActor
+from .server.config import ServerConfig
+
+SERVER = "server"
+
+
+@attrs.define
+class Node:
+    """A running node: its engine, server and actor system."""
+
+    engine: KVEngine
+    server: Server
+    system: ActorSystem
+    resp_bound: tuple[str, int] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def resp_url(self) -> str | None:
+        if self.resp_bound is None:
+            return None
+        host, port = self.resp_bound
+        return f"redis://{host}:{port}"
+
+
+def build(
+    store: StoreConfig, server_config: ServerConfig
+) -> tuple[KVEngine, Server, list[ChildSpec], dict[str, Any]]:
+    """The engine, the server and the server's child spec for the root supervisor."""
+    engine = KVEngine(store)
+    server = Server(engine, server_config)
+    bound: dict[str, Any] = {}
+    extra = []
+    if server_config.resp:
+        from .server.resp_server import RespLimits, serve_resp
+
+        async def run_resp(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            # Keep the port across restarts of the server actor (port 0 included).
+            port = bound["resp"][1] if "resp" in bound else server_config.resp_port
+            recorder = _Recorder(bound, task_status)
+            try:
+                await serve_resp(
+                    engine,
+                    host=server_config.host,
+                    port=port,
+                    tokens=server_config.tokens,
+                    limits=RespLimits(),
+                    task_status=recorder,
+                )
+            except OSError as exc:
+                if recorder.done:
+                    raise
+                host = server_config.host
+                host = f"[{host}]" if ":" in host else host
+                why = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {why}") from None
+
+        extra.append(run_resp)
+    spec = ChildSpec(SERVER, start=lambda ctx: ServerActor(server, extra))
+    return engine, server, [spec], bound
+
+
+class _Recorder:
+    """Passes ``started`` on, keeping the bound address for the node."""
+
+    def __init__(self, bound: dict[str, Any], status: trio.TaskStatus[Any]) -> None:
+        self.bound = bound
+        self.status = status
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        self.bound["resp"] = value
+        self.done = True
+        self.status.started(value)
+
+
+@asynccontextmanager
+async def open_node(
+    store: StoreConfig | None = None, server_config: ServerConfig | None = None
+) -> AsyncIterator[Node]:
+    """Run a whole node (engine + server) for the duration of the block.
+
+    The WebSocket/HTTP port is bound before any actor starts and the block
+    runs once every listener (the Redis port too) is bound, so a port that
+    cannot be had fails here at once with ``OSError``. An exception raised by
+    the block comes out as itself, not wrapped in an exception group.
+
+    Raises:
+        OSError: an address cannot be bound.
+    """
+    store = store if store is not None else StoreConfig()
+    server_config = server_config if server_config is not None else ServerConfig()
+    engine, server, extra, bound = build(store, server_config)
+    await server.bind()
+    body_error: BaseException | None = None
+    start_error: OSError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            system: ActorSystem = await nursery.start(engine.supervisor(extra).run)
+            await server.ready.wait()  # every listener bound (the Redis port too)
+            start_error = server.start_error
+            if start_error is not None:
+                nursery.cancel_scope.cancel()
+            else:
+                node = Node(engine, server, system, bound.get("resp"))
+                try:
+                    yield node
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if body_error is not None and list(group.exceptions) == [body_error]:
+            raise body_error from None
+        if start_error is not None:
+            raise start_error from None
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in server.listeners:  # when the server actor never started
+                await listener.aclose()
+    if start_error is not None:
+        raise start_error

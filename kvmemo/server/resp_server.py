@@ -1,0 +1,1369 @@
+"""The Redis-protocol port: RESP2/RESP3 in front of the engine.
+
+Design
+------
+Problem: Redis clients (redis-cli, redis-benchmark, redis-py, twemproxy) must
+be able to use KVMemo as they use Redis (PROTOCOL.md, "Transport"): the same
+commands from the same command table, Redis's replies and Redis's error
+wording, pipelining, ``HELLO 3``, ``AUTH``, and the connection commands those
+clients send on their own (``CLIENT SETINFO``, ``COMMAND DOCS``, ``CONFIG
+GET save``, ``INFO``). Like the WebSocket port this is a Server-layer
+component: it never touches storage or shards, it only calls the engine.
+
+Approach: :func:`serve_resp` accepts connections, each served in a task of a
+nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
+(:mod:`kvmemo.server.resp`) to the socket and the engine.
+
+* **Reading and pipelining.** The reader receives what is available (at most
+  ``RECEIVE_SIZE`` bytes), parses every complete request and runs them in
+  order. Consecutive data commands run as one ``engine.execute_many`` call,
+  which groups them per shard and keeps per-key order; a connection command
+  (``HELLO``, ``AUTH``, ``CLIENT``, ``CONFIG``, ``INFO``, ...) first finishes
+  the commands before it, then runs by itself, so connection state and
+  replies stay in sending order. ``PING`` and early errors (unknown command,
+  arity, ``NOAUTH``) have no effect to order and are answered in place.
+* **Writing and the output limit.** Replies are staged during a read and
+  handed to a writer task once per read (one ``send_all`` for a typical
+  pipeline), or earlier when ``FLUSH_THRESHOLD`` bytes pile up. The writer
+  sends in pieces of at most ``WRITE_PIECE`` bytes so that progress is
+  observable. ``pending`` counts reply bytes not yet taken by the kernel.
+  When a new reply would take ``pending`` over
+  ``RespLimits.max_output_buffer``, the reader stops (no more reading, no
+  more executing) until the writer makes room; if the writer makes no
+  progress for ``RespLimits.output_timeout`` seconds (the client does not read
+  its replies) the client is disconnected and logged, as Redis does past its
+  ``client-output-buffer-limit``. A single reply is always accepted when
+  nothing is pending, so a value bigger than the limit can still be read.
+  Memory per connection: at most ``max_output_buffer`` plus one reply of
+  output, and ``max_query_buffer`` of input.
+* **Failure isolation.** A connection's crash (any bug) is logged and ends
+  that connection only; protocol errors are answered in Redis's wording and
+  close the connection after the replies before them are sent, as Redis does.
+
+Deliberate differences from Redis: one database (``SELECT 0`` only); no
+``MULTI``/``EXEC``, pub/sub, scripting or ACL users (the only user is
+``default``, whose passwords are the server's tokens); the limits Redis
+imposes on unauthenticated clients (10 arguments, 16 KiB per argument) are
+checked once a request is parsed, not while it is read; ``INFO`` adds a
+``# Actors`` section.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import platform
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, Final
+
+import attrs
+import trio
+
+from .._version import __version__
+from ..commands.args import parse_int
+from ..commands.glob import glob_match
+from ..commands.table import COMMANDS
+from ..commands.table import Command as TableCommand
+from ..config import parse_size
+from ..engine.engine import KVEngine
+from ..errors import KVMemoError
+from .resp import ErrorReply, ProtocolError, RespParser, Set, Verbatim, encode_reply
+
+__all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT: Final = 6380
+REDIS_VERSION: Final = "7.2.0-kvmemo"  # what HELLO and INFO report as the Redis version
+
+RECEIVE_SIZE: Final = 64 * 1024  # bytes per receive: Redis reads 16 KiB; more amortises trio
+FLUSH_THRESHOLD: Final = 256 * 1024  # staged reply bytes handed to the writer mid-read
+WRITE_PIECE: Final = 256 * 1024  # bytes per send_all, the unit of observable progress
+CLOSE_DRAIN_TIMEOUT: Final = 10.0  # seconds to send the last replies before a close
+REJECT_TIMEOUT: Final = 1.0  # seconds to tell a client over max_clients why it is refused
+UNAUTH_MAX_ARGS: Final = 10  # Redis's limit on requests of unauthenticated clients
+UNAUTH_MAX_BULK: Final = 16 * 1024  # bytes; idem, per argument
+
+# -- Redis's error replies, word for word ------------------------------------------------
+
+NOAUTH: Final = ErrorReply("NOAUTH Authentication required.")
+WRONGPASS: Final = ErrorReply("WRONGPASS invalid username-password pair or user is disabled.")
+OOM: Final = ErrorReply("OOM command not allowed when used memory > 'maxmemory'.")
+NOPROTO: Final = ErrorReply("NOPROTO unsupported protocol version")
+SYNTAX_ERROR: Final = ErrorReply("ERR syntax error")
+NOT_INTEGER: Final = ErrorReply("ERR value is not an integer or out of range")
+MAX_CLIENTS: Final = b"-ERR max number of clients reached\r\n"
+AUTH_NOT_CONFIGURED: Final = ErrorReply(
+    "ERR AUTH <password> called without any password configured for the default user."
+    " Are you sure your configuration is correct?"
+)
+HELLO_NOAUTH: Final = ErrorReply(
+    "NOAUTH HELLO must be called with the client already authenticated, otherwise the"
+    " HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and"
+    " select the RESP protocol version at the same time"
+)
+_UNAUTH_MBULK: Final = "ERR Protocol error: unauthenticated multibulk length"
+_UNAUTH_BULK: Final = "ERR Protocol error: unauthenticated bulk length"
+
+# Our eviction policy names, as Redis spells them.
+_POLICY_TO_REDIS: Final = {"lru": "allkeys-lru", "lfu": "allkeys-lfu", "random": "allkeys-random"}
+
+
+def _text(data: bytes) -> str:
+    """Bytes as text that goes back out byte for byte (see :mod:`.resp`)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _check_min(name: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@attrs.frozen
+class RespLimits:
+    """Limits of the Redis port; each going over is handled as Redis does.
+
+    Attributes:
+        max_bulk_len: longest argument in bytes (``proto-max-bulk-len``);
+            longer gets ``invalid bulk length`` and a close.
+        max_args: most arguments in one request.
+        max_inline_len: longest inline request in bytes.
+        max_query_buffer: most unparsed input bytes held for one client
+            (``client-query-buffer-limit``); more closes it without a reply.
+        max_output_buffer: most reply bytes pending for one client before it
+            must read some; see :attr:`output_timeout`.
+        output_timeout: seconds a client over ``max_output_buffer`` may go
+            without reading anything before it is disconnected.
+        max_clients: most connections at once (``maxclients``); one more gets
+            ``-ERR max number of clients reached`` and is closed.
+        idle_timeout: seconds without traffic before a client is closed
+            (Redis's ``timeout``); 0 means never.
+    """
+
+    max_bulk_len: int = 512 * 1024 * 1024
+    max_args: int = 1024 * 1024
+    max_inline_len: int = 64 * 1024
+    max_query_buffer: int = 1024 * 1024 * 1024
+    max_output_buffer: int = 64 * 1024 * 1024
+    output_timeout: float = 10.0
+    max_clients: int = 10_000
+    idle_timeout: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        _check_min("max_bulk_len", self.max_bulk_len, 0)
+        for name in ("max_args", "max_inline_len", "max_query_buffer", "max_output_buffer"):
+            _check_min(name, getattr(self, name), 1)
+        _check_min("max_clients", self.max_clients, 1)
+        if not self.output_timeout > 0:
+            raise ValueError(f"output_timeout must be > 0, got {self.output_timeout}")
+        _check_min("idle_timeout", self.idle_timeout, 0)
+
+
+class _OutputStalled(Exception):
+    """The client is over its output limit and not reading: disconnect it."""
+
+
+@attrs.define(eq=False)
+class _Server:
+    """What the connections of one :func:`serve_resp` share."""
+
+    engine: KVEngine
+    tokens: tuple[bytes, ...]
+    limits: RespLimits
+    host: str = ""
+    port: int = 0
+    clients: dict[int, _Connection] = attrs.Factory(dict)
+    next_id: int = 0
+    total_connections: int = 0
+    total_commands: int = 0
+    rejected_connections: int = 0
+    started_at: float = attrs.Factory(time.time)
+    run_id: str = attrs.Factory(lambda: secrets.token_hex(20))
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.tokens)
+
+    def check_password(self, password: bytes) -> bool:
+        """Whether ``password`` is one of the tokens (constant time per token)."""
+        ok = False
+        for token in self.tokens:
+            ok |= hmac.compare_digest(password, token)
+        return ok
+
+
+# -- how connection commands are declared -----------------------------------------------
+
+Handler = Callable[["_Connection", tuple[bytes, ...]], Awaitable[object]]
+
+
+@attrs.frozen
+class _ConnCommand:
+    """A command the connection answers itself (its state, or the server's)."""
+
+    name: str
+    arity: int
+    flags: tuple[str, ...]
+    handler: Handler
+    summary: str
+    no_auth: bool = False  # allowed before authentication
+
+
+@attrs.frozen
+class _SubCommand:
+    arity: int
+    handler: Handler
+
+
+_CONNECTION_COMMANDS: dict[str, _ConnCommand] = {}
+
+
+def _unknown_subcommand(argv: tuple[bytes, ...]) -> ErrorReply:
+    return ErrorReply(
+        f"ERR unknown subcommand '{_text(argv[1][:128])}'. Try {_text(argv[0]).upper()} HELP."
+    )
+
+
+def _dispatch(subcommands: dict[str, _SubCommand]) -> Handler:
+    """A handler for a container command (CLIENT, CONFIG, ...) by subcommand."""
+
+    async def handle(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+        sub = subcommands.get(_text(argv[1].lower()))
+        if sub is None:
+            return _unknown_subcommand(argv)
+        full = f"{_text(argv[0].lower())}|{_text(argv[1].lower())}"
+        conn.last_cmd = full
+        if not _arity_ok(sub.arity, len(argv)):
+            return _arity_error(full)
+        return await sub.handler(conn, argv)
+
+    return handle
+
+
+def _arity_ok(arity: int, argc: int) -> bool:
+    return argc == arity if arity > 0 else argc >= -arity
+
+
+def _arity_error(name: str) -> ErrorReply:
+    return ErrorReply(f"ERR wrong number of arguments for '{name}' command")
+
+
+def unknown_command(argv: Sequence[bytes]) -> ErrorReply:
+    """Redis's reply to an unknown command (``processCommand``'s wording)."""
+    shown = b""
+    for arg in argv[1:]:
+        if len(shown) >= 128:
+            break
+        shown += b"'" + arg[: 128 - len(shown)] + b"' "
+    return ErrorReply(
+        f"ERR unknown command '{_text(argv[0][:128])}', with args beginning with: {_text(shown)}"
+    )
+
+
+def redis_error(exc: KVMemoError) -> ErrorReply:
+    """The Redis error reply for an engine error, by its kind."""
+    kind = exc.kind
+    if kind == "OOM":
+        return OOM
+    if kind == "NOAUTH":
+        return NOAUTH
+    if kind == "UNAVAILABLE":
+        retry = exc.data.get("retry_after_ms")
+        after = f", retry after {retry} ms" if retry is not None else ""
+        return ErrorReply(f"TRYAGAIN {exc.message}; nothing was applied{after}")
+    if kind == "TIMEOUT":
+        applied = exc.data.get("applied")
+        effect = "was not applied" if applied is False else "may have been applied"
+        return ErrorReply(f"ERR timeout: {exc.message}; the command {effect}")
+    if kind == "WRONGTYPE":
+        return ErrorReply("WRONGTYPE Operation against a key holding the wrong kind of value")
+    if kind == "IO":
+        return ErrorReply(f"MISCONF {exc.message}")
+    if kind == "INTERNAL":
+        return ErrorReply(f"ERR internal error: {exc.message}")
+    return ErrorReply(f"ERR {exc.message}")
+
+
+# -- the connection ------------------------------------------------------------------------
+
+
+class _Connection:
+    """One client of the Redis port: a reader task and a writer task.
+
+    Invariant: ``pending`` is the number of reply bytes in ``_stage`` and
+    ``_queue`` plus those of the piece being sent; replies leave in the order
+    they were pushed.
+    """
+
+    def __init__(self, server: _Server, stream: trio.SocketStream, client_id: int) -> None:
+        self.server = server
+        self.stream = stream
+        self.id = client_id
+        self.addr = _address(stream, peer=True)
+        self.laddr = _address(stream, peer=False)
+        self.created = trio.current_time()
+        self.last_activity = self.created
+        self.name = b""
+        self.lib_name = b""
+        self.lib_ver = b""
+        self.last_cmd = "NULL"
+        self.protocol = 2
+        self.authenticated = not server.auth_required
+        self.closing = False  # QUIT, or a request too big before AUTH: close after the replies
+        self.pending = 0
+        self.query_buffered = 0
+        self._stage: list[bytes] = []
+        self._staged = 0  # bytes in _stage
+        self._queue: deque[bytes | memoryview] = deque()
+        self._data = trio.lowlevel.ParkingLot()  # the writer waits here for replies
+        self._progress = trio.lowlevel.ParkingLot()  # the reader waits here for room
+        self._broken = False
+        self._scope: trio.CancelScope | None = None
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until it leaves, breaks the protocol or must be dropped."""
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._writer)
+            try:
+                drain = await self._reader()
+            except _OutputStalled:
+                logger.warning(
+                    "closing RESP client id=%d addr=%s: %d reply bytes pending (limit %d)"
+                    " and nothing read for %.1f s",
+                    self.id,
+                    self.addr,
+                    self.pending,
+                    self.server.limits.max_output_buffer,
+                    self.server.limits.output_timeout,
+                )
+                drain = False
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                drain = False
+            if drain:
+                self._flush_stage()
+                with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
+                    while self.pending and not self._broken:
+                        await self._progress.park()
+            nursery.cancel_scope.cancel()
+
+    async def _receive(self) -> bytes | None:
+        """The next bytes; ``b""`` at end of stream, None when idle for too long."""
+        idle = self.server.limits.idle_timeout
+        if not idle:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        while True:
+            deadline = self.last_activity + idle
+            with trio.move_on_at(deadline):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.last_activity = trio.current_time()
+                return data
+            if trio.current_time() >= self.last_activity + idle:
+                return None
+
+    async def _reader(self) -> bool:
+        """Read, parse and execute until the end; return whether to drain replies."""
+        limits = self.server.limits
+        parser = RespParser(
+            max_bulk_len=limits.max_bulk_len,
+            max_args=limits.max_args,
+            max_inline_len=limits.max_inline_len,
+            max_buffer=limits.max_query_buffer,
+        )
+        while True:
+            data = await self._receive()
+            if data is None:
+                logger.info("closing idle RESP client id=%d addr=%s", self.id, self.addr)
+                return False
+            if not data:
+                return True
+            parser.feed(data)
+            commands: list[tuple[bytes, ...]] = []
+            error: ProtocolError | None = None
+            while True:
+                event = parser.next_event()
+                if event is None:
+                    break
+                if isinstance(event, ProtocolError):
+                    error = event
+                    break
+                commands.append(event.args)
+            self.query_buffered = parser.buffered
+            if commands:
+                await self._execute(commands)
+                if self.closing:
+                    return True
+            if error is not None:
+                logger.info(
+                    "RESP client id=%d addr=%s: %s; closing it", self.id, self.addr, error.message
+                )
+                if error.reply:
+                    await self._push(self._encode(ErrorReply(error.message)))
+                return error.reply
+            self._flush_stage()
+
+    async def _writer(self) -> None:
+        """Send the queued replies in order, piece by piece."""
+        try:
+            while True:
+                while not self._queue:
+                    await self._data.park()
+                piece = self._take_piece()
+                await self.stream.send_all(piece)
+                self.pending -= len(piece)
+                self.last_activity = trio.current_time()
+                self._progress.unpark_all()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._broken = True
+            self._progress.unpark_all()
+            if self._scope is not None:
+                self._scope.cancel()
+
+    def _take_piece(self) -> bytes | memoryview:
+        first = self._queue[0]
+        if len(first) >= WRITE_PIECE:
+            view = memoryview(first)
+            if len(view) > WRITE_PIECE:
+                self._queue[0] = view[WRITE_PIECE:]
+            else:
+                self._queue.popleft()
+            return view[:WRITE_PIECE]
+        parts: list[bytes | memoryview] = []
+        size = 0
+        while self._queue and size + len(self._queue[0]) <= WRITE_PIECE:
+            chunk = self._queue.popleft()
+            parts.append(chunk)
+            size += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- output --------------------------------------------------------------------
+
+    async def _push(self, reply: bytes) -> None:
+        """Stage one encoded reply, first waiting for room if over the output limit.
+
+        Raises:
+            _OutputStalled: over the limit and the client read nothing for
+                ``output_timeout`` seconds.
+        """
+        limits = self.server.limits
+        while self.pending and self.pending + len(reply) > limits.max_output_buffer:
+            self._flush_stage()
+            if self._broken:
+                raise trio.BrokenResourceError("the client went away")
+            with trio.move_on_after(limits.output_timeout) as scope:
+                await self._progress.park()
+            if scope.cancelled_caught:
+                raise _OutputStalled
+        self._stage.append(reply)
+        self._staged += len(reply)
+        self.pending += len(reply)
+        if self._staged >= FLUSH_THRESHOLD:
+            self._flush_stage()
+
+    def _flush_stage(self) -> None:
+        """Hand the staged replies to the writer (one send for all of them)."""
+        if not self._stage:
+            return
+        self._queue.append(self._stage[0] if len(self._stage) == 1 else b"".join(self._stage))
+        self._stage = []
+        self._staged = 0
+        self._data.unpark_all()
+
+    def _encode(self, value: object) -> bytes:
+        if isinstance(value, KVMemoError):
+            value = redis_error(value)
+        return encode_reply(value, protocol=self.protocol)
+
+    # -- executing -----------------------------------------------------------------
+
+    async def _execute(self, commands: list[tuple[bytes, ...]]) -> None:
+        """Run the commands of one read in order and stage their replies.
+
+        Data commands are gathered into one ``execute_many`` call until a
+        connection command (or the end) comes; ``None`` in ``order`` marks
+        the place of the next engine result.
+        """
+        server = self.server
+        engine = server.engine
+        calls: list[tuple[str, Sequence[bytes]]] = []
+        order: list[bytes | None] = []
+
+        async def flush() -> None:
+            if not order:
+                return
+            results = iter(await engine.execute_many(calls) if calls else [])
+            for item in order:
+                await self._push(self._encode(next(results)) if item is None else item)
+            calls.clear()
+            order.clear()
+
+        for argv in commands:
+            server.total_commands += 1
+            if not self.authenticated and (
+                len(argv) > UNAUTH_MAX_ARGS or any(len(a) > UNAUTH_MAX_BULK for a in argv)
+            ):
+                await flush()
+                message = _UNAUTH_MBULK if len(argv) > UNAUTH_MAX_ARGS else _UNAUTH_BULK
+                logger.info("RESP client id=%d addr=%s: %s", self.id, self.addr, message)
+                await self._push(self._encode(ErrorReply(message)))
+                self.closing = True
+                return
+            name = _text(argv[0].lower())
+            conn_command = _CONNECTION_COMMANDS.get(name)
+            spec = COMMANDS.get(name)
+            if conn_command is not None:
+                arity = conn_command.arity
+            elif spec is not None:
+                arity = spec.arity
+            else:
+                order.append(self._encode(unknown_command(argv)))
+                continue
+            self.last_cmd = name
+            if not _arity_ok(arity, len(argv)):
+                order.append(self._encode(_arity_error(name)))
+                continue
+            if not self.authenticated and (conn_command is None or not conn_command.no_auth):
+                order.append(self._encode(NOAUTH))
+                continue
+            if conn_command is None:
+                calls.append((name, argv[1:]))
+                order.append(None)
+                continue
+            if name == "ping":  # no effect to keep in order: answer in place
+                order.append(self._encode(_ping(argv)))
+                continue
+            await flush()
+            reply = await conn_command.handler(self, argv)
+            await self._push(self._encode(reply))
+            if self.closing:
+                return
+        await flush()
+
+    # -- describing the client -------------------------------------------------------
+
+    def info_line(self) -> str:
+        """This client as one line of CLIENT LIST."""
+        now = trio.current_time()
+        fd = self.stream.socket.fileno()
+        return (
+            f"id={self.id} addr={self.addr} laddr={self.laddr} fd={fd} name={_text(self.name)}"
+            f" age={int(now - self.created)} idle={int(now - self.last_activity)} flags=N db=0"
+            f" sub=0 psub=0 ssub=0 multi=-1 qbuf={self.query_buffered} qbuf-free=0"
+            f" argv-mem=0 multi-mem=0 rbs={RECEIVE_SIZE} rbp=0 obl=0 oll={len(self._queue)}"
+            f" omem={self.pending} tot-mem={self.pending + self.query_buffered} events=r"
+            f" cmd={self.last_cmd} user=default redir=-1 resp={self.protocol}"
+            f" lib-name={_text(self.lib_name)} lib-ver={_text(self.lib_ver)}\n"
+        )
+
+
+def _address(stream: trio.SocketStream, *, peer: bool) -> str:
+    try:
+        where = stream.socket.getpeername() if peer else stream.socket.getsockname()
+    except OSError:
+        return "?:0"
+    if isinstance(where, tuple):
+        host = where[0]
+        return f"[{host}]:{where[1]}" if ":" in host else f"{host}:{where[1]}"
+    return str(where)
+
+
+# -- connection commands -----------------------------------------------------------------
+
+
+def _ping(argv: tuple[bytes, ...]) -> object:
+    if len(argv) > 2:
+        return _arity_error("ping")
+    return argv[1] if len(argv) == 2 else "PONG"
+
+
+def _connection_command(
+    name: str, arity: int, flags: str, summary: str, *, no_auth: bool = False
+) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        _CONNECTION_COMMANDS[name] = _ConnCommand(
+            name, arity, tuple(flags.split()), handler, summary, no_auth
+        )
+        return handler
+
+    return register
+
+
+async def _ping_handler(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return _ping(argv)
+
+
+_connection_command("ping", -1, "fast sentinel", "PONG, or the message")(_ping_handler)
+
+
+@_connection_command("quit", -1, "noscript loading stale fast no_auth", "close", no_auth=True)
+async def _quit(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    conn.closing = True
+    return "OK"
+
+
+def _valid_attr(value: bytes) -> bool:
+    return all(0x21 <= c <= 0x7E for c in value)
+
+
+@_connection_command(
+    "hello",
+    -1,
+    "noscript loading stale fast no_auth sentinel",
+    "handshake: protocol version, authentication, client name",
+    no_auth=True,
+)
+async def _hello(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    version = 0
+    if len(argv) >= 2:
+        try:
+            version = parse_int(argv[1])
+        except KVMemoError:
+            return ErrorReply("ERR Protocol version is not an integer or out of range")
+        if version not in (2, 3):
+            return NOPROTO
+    user: bytes | None = None
+    password = b""
+    name: bytes | None = None
+    i = 2
+    while i < len(argv):
+        opt = argv[i].upper()
+        more = len(argv) - 1 - i
+        if opt == b"AUTH" and more >= 2:
+            user, password = argv[i + 1], argv[i + 2]
+            i += 3
+        elif opt == b"SETNAME" and more >= 1:
+            name = argv[i + 1]
+            if not _valid_attr(name):
+                return ErrorReply(
+                    "ERR Client names cannot contain spaces, newlines or special characters."
+                )
+            i += 2
+        else:
+            return ErrorReply(f"ERR Syntax error in HELLO option '{_text(argv[i])}'")
+    if user is not None:
+        error = _authenticate(conn, user, password)
+        if error is not None:
+            return error
+    if not conn.authenticated:
+        return HELLO_NOAUTH
+    if name is not None:
+        conn.name = name
+    if version:
+        conn.protocol = version
+    return {
+        b"server": b"redis",
+        b"version": REDIS_VERSION.encode(),
+        b"proto": conn.protocol,
+        b"id": conn.id,
+        b"mode": b"standalone",
+        b"role": b"master",
+        b"modules": [],
+    }
+
+
+def _authenticate(conn: _Connection, user: bytes, password: bytes) -> ErrorReply | None:
+    """AUTH user password: the only user is ``default``; its passwords are the tokens."""
+    server = conn.server
+    if user != b"default":
+        return WRONGPASS
+    if server.auth_required and not server.check_password(password):
+        return WRONGPASS
+    conn.authenticated = True
+    return None
+
+
+@_connection_command(
+    "auth", -2, "noscript loading stale fast no_auth sentinel", "authenticate", no_auth=True
+)
+async def _auth(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if len(argv) > 3:
+        return SYNTAX_ERROR
+    if len(argv) == 2:
+        if not conn.server.auth_required:
+            return AUTH_NOT_CONFIGURED
+        error = _authenticate(conn, b"default", argv[1])
+    else:
+        error = _authenticate(conn, argv[1], argv[2])
+    return "OK" if error is None else error
+
+
+@_connection_command(
+    "reset", 1, "noscript loading stale fast no_auth", "reset the connection", no_auth=True
+)
+async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    conn.protocol = 2
+    conn.name = b""
+    conn.authenticated = not conn.server.auth_required
+    return "RESET"
+
+
+@_connection_command("select", 2, "loading stale fast", "change the database (only 0)")
+async def _select(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    try:
+        index = parse_int(argv[1])
+    except KVMemoError:
+        return NOT_INTEGER
+    if index != 0:
+        return ErrorReply("ERR DB index is out of range")
+    return "OK"
+
+
+# CLIENT ---------------------------------------------------------------------------------
+
+
+async def _client_id(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return conn.id
+
+
+async def _client_setname(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if not _valid_attr(argv[2]):
+        return ErrorReply("ERR Client names cannot contain spaces, newlines or special characters.")
+    conn.name = argv[2]
+    return "OK"
+
+
+async def _client_getname(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return conn.name or None
+
+
+async def _client_list(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    clients = list(conn.server.clients.values())
+    i = 2
+    while i < len(argv):
+        opt = argv[i].upper()
+        if opt == b"TYPE" and i + 1 < len(argv):
+            kind = argv[i + 1].lower()
+            if kind not in (b"normal", b"master", b"replica", b"slave", b"pubsub"):
+                return ErrorReply(f"ERR Unknown client type '{_text(argv[i + 1])}'")
+            if kind != b"normal":
+                clients = []
+            i += 2
+        elif opt == b"ID" and i + 1 < len(argv):
+            ids = set()
+            for raw in argv[i + 1 :]:
+                try:
+                    ids.add(parse_int(raw))
+                except KVMemoError:
+                    return ErrorReply("ERR Invalid client ID")
+            clients = [c for c in clients if c.id in ids]
+            break
+        else:
+            return SYNTAX_ERROR
+    return Verbatim("".join(c.info_line() for c in clients))
+
+
+async def _client_info(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return Verbatim(conn.info_line())
+
+
+async def _client_setinfo(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    attr = argv[2].upper()
+    if attr not in (b"LIB-NAME", b"LIB-VER"):
+        return ErrorReply(f"ERR Unrecognized option '{_text(argv[2])}'")
+    if not _valid_attr(argv[3]):
+        return ErrorReply(
+            f"ERR {_text(attr)} cannot contain spaces, newlines or special characters."
+        )
+    if attr == b"LIB-NAME":
+        conn.lib_name = argv[3]
+    else:
+        conn.lib_ver = argv[3]
+    return "OK"
+
+
+async def _client_ok(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if argv[2].upper() not in (b"ON", b"OFF"):
+        return SYNTAX_ERROR
+    return "OK"
+
+
+async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [
+        "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "GETNAME",
+        "    Return the name of the current connection.",
+        "ID",
+        "    Return the ID of the current connection.",
+        "INFO",
+        "    Return information about the current client connection.",
+        "LIST [TYPE <normal|master|replica|pubsub>] [ID <id> [<id> ...]]",
+        "    Return information about client connections.",
+        "SETNAME <name>",
+        "    Assign the name <name> to the current connection.",
+        "SETINFO <option> <value>",
+        "    Set client meta attr (LIB-NAME, LIB-VER).",
+        "NO-EVICT (ON|OFF)",
+        "NO-TOUCH (ON|OFF)",
+        "    Accepted and ignored.",
+        "HELP",
+        "    Print this help.",
+    ]
+
+
+_connection_command("client", -2, "noscript loading stale", "the connection's client")(
+    _dispatch(
+        {
+            "id": _SubCommand(2, _client_id),
+            "setname": _SubCommand(3, _client_setname),
+            "getname": _SubCommand(2, _client_getname),
+            "list": _SubCommand(-2, _client_list),
+            "info": _SubCommand(2, _client_info),
+            "setinfo": _SubCommand(4, _client_setinfo),
+            "no-evict": _SubCommand(3, _client_ok),
+            "no-touch": _SubCommand(3, _client_ok),
+            "help": _SubCommand(2, _client_help),
+        }
+    )
+)
+
+# COMMAND --------------------------------------------------------------------------------
+
+_GENERIC: Final = frozenset(
+    "del unlink exists touch expire pexpire expireat pexpireat ttl pttl expiretime"
+    " pexpiretime persist type keys scan rename renamenx copy randomkey".split()
+)
+
+
+def _flags_of(spec: TableCommand) -> list[str]:
+    flags = []
+    if "write" in spec.flags:
+        flags += ["write", "denyoom"]
+    if "readonly" in spec.flags:
+        flags.append("readonly")
+    if "admin" in spec.flags:
+        flags += ["admin", "noscript"]
+    if "fast" in spec.flags:
+        flags.append("fast")
+    return flags
+
+
+def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
+    out = []
+    if "write" in flags:
+        out.append("@write")
+    if "readonly" in flags:
+        out.append("@read")
+    if keyed:
+        out.append("@keyspace" if group == "generic" else "@string")
+    if "admin" in flags:
+        out += ["@admin", "@dangerous"]
+    out.append("@fast" if "fast" in flags else "@slow")
+    if group == "connection":
+        out.append("@connection")
+    return out
+
+
+def _group_of(spec: TableCommand) -> str:
+    if "connection" in spec.flags:
+        return "connection"
+    if spec.name in _GENERIC:
+        return "generic"
+    return "string" if spec.first_key else "server"
+
+
+def _command_entry(name: str) -> list[object] | None:
+    """One COMMAND INFO entry, in Redis 7's ten-field layout."""
+    conn_command = _CONNECTION_COMMANDS.get(name)
+    if conn_command is not None:
+        flags = list(conn_command.flags)
+        categories = _categories_of(flags, False, "connection")
+        return [name.encode(), conn_command.arity, Set(flags), 0, 0, 0, Set(categories), [], [], []]
+    spec = COMMANDS.get(name)
+    if spec is None:
+        return None
+    flags = _flags_of(spec)
+    key_specs: list[object] = []
+    if spec.first_key:
+        last = spec.last_key - spec.first_key if spec.last_key > 0 else spec.last_key
+        key_specs.append(
+            {
+                b"flags": Set(["RW", "UPDATE"] if "write" in spec.flags else ["RO", "ACCESS"]),
+                b"begin_search": {b"type": b"index", b"spec": {b"index": spec.first_key}},
+                b"find_keys": {
+                    b"type": b"range",
+                    b"spec": {b"lastkey": last, b"keystep": spec.key_step, b"limit": 0},
+                },
+            }
+        )
+    return [
+        name.encode(),
+        spec.arity,
+        Set(flags),
+        spec.first_key,
+        spec.last_key,
+        spec.key_step,
+        Set(_categories_of(flags, bool(spec.first_key), _group_of(spec))),
+        [],
+        key_specs,
+        [],
+    ]
+
+
+def _all_command_names() -> list[str]:
+    return sorted(set(COMMANDS) | set(_CONNECTION_COMMANDS))
+
+
+def _command_doc(name: str) -> dict[bytes, object] | None:
+    conn_command = _CONNECTION_COMMANDS.get(name)
+    if conn_command is not None:
+        summary, since, group = conn_command.summary, "1.0.0", "connection"
+    else:
+        spec = COMMANDS.get(name)
+        if spec is None:
+            return None
+        summary, group = spec.summary, _group_of(spec)
+        since = ".".join((spec.since.split(".") + ["0", "0"])[:3])
+    return {b"summary": summary.encode(), b"since": since.encode(), b"group": group.encode()}
+
+
+async def _command_all(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [_command_entry(name) for name in _all_command_names()]
+
+
+async def _command_count(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return len(_all_command_names())
+
+
+async def _command_list(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [name.encode() for name in _all_command_names()]
+
+
+async def _command_info(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if len(argv) == 2:
+        return await _command_all(conn, argv)
+    return [_command_entry(_text(arg.lower())) for arg in argv[2:]]
+
+
+async def _command_docs(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    names = [_text(arg.lower()) for arg in argv[2:]] or _all_command_names()
+    docs: dict[bytes, object] = {}
+    for name in names:
+        doc = _command_doc(name)
+        if doc is not None:
+            docs[name.encode()] = doc
+    return docs
+
+
+async def _command_getkeys(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    name = _text(argv[2].lower())
+    spec = COMMANDS.get(name)
+    if spec is None and name not in _CONNECTION_COMMANDS:
+        return ErrorReply("ERR Invalid command specified")
+    arity = spec.arity if spec is not None else _CONNECTION_COMMANDS[name].arity
+    if not _arity_ok(arity, len(argv) - 2):
+        return ErrorReply("ERR Invalid number of arguments specified for command")
+    keys = spec.keys_of(argv[3:]) if spec is not None else []
+    if not keys:
+        return ErrorReply("ERR The command has no key arguments")
+    return keys
+
+
+async def _command_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [
+        "COMMAND <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "(no subcommand)",
+        "    Return details about all commands.",
+        "COUNT",
+        "    Return the total number of commands in this server.",
+        "LIST",
+        "    Return a list of all commands in this server.",
+        "INFO [<command-name> ...]",
+        "    Return details about multiple commands.",
+        "DOCS [<command-name> ...]",
+        "    Return documentation details about multiple commands.",
+        "GETKEYS <full-command>",
+        "    Return the keys from a full command.",
+        "HELP",
+        "    Print this help.",
+    ]
+
+
+_COMMAND_SUBCOMMANDS: Final = {
+    "count": _SubCommand(2, _command_count),
+    "list": _SubCommand(-2, _command_list),
+    "info": _SubCommand(-2, _command_info),
+    "docs": _SubCommand(-2, _command_docs),
+    "getkeys": _SubCommand(-3, _command_getkeys),
+    "help": _SubCommand(2, _command_help),
+}
+_command_dispatch = _dispatch(_COMMAND_SUBCOMMANDS)
+
+
+@_connection_command("command", -1, "loading stale sentinel", "the command table")
+async def _command(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if len(argv) == 1:
+        return await _command_all(conn, argv)
+    return await _command_dispatch(conn, argv)
+
+
+# INFO -----------------------------------------------------------------------------------
+
+# Section name -> its title, in INFO's order.
+_SECTIONS: Final = {
+    "server": "Server",
+    "clients": "Clients",
+    "memory": "Memory",
+    "persistence": "Persistence",
+    "stats": "Stats",
+    "replication": "Replication",
+    "cpu": "CPU",
+    "actors": "Actors",
+    "keyspace": "Keyspace",
+}
+
+
+def _human(nbytes: int) -> str:
+    """Redis's ``bytesToHuman``."""
+    for unit, size in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f}{unit}"
+    return f"{nbytes}B"
+
+
+def _redis_policy(name: str) -> str:
+    return _POLICY_TO_REDIS.get(name, name)
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
+    """INFO's text: ``# Section`` headers and ``key:value`` lines, CRLF, as Redis.
+
+    Args:
+        sections: lower-case names; empty, ``default``, ``all`` or
+            ``everything`` for every section. Unknown names are ignored.
+    """
+    wanted = set(sections)
+    if not wanted or wanted & {"default", "all", "everything"}:
+        wanted = set(_SECTIONS)
+    engine = server.engine
+    info = await engine.info()
+    now = time.time()
+    uptime = int(now - server.started_at)
+    memory = info["memory"]
+    stats = info["stats"]
+    keyspace = info["keyspace"]
+    cpu = os.times()
+    content: dict[str, list[tuple[str, object]]] = {
+        "server": [
+            ("redis_version", REDIS_VERSION),
+            ("redis_mode", "standalone"),
+            ("kvmemo_version", __version__),
+            ("os", f"{platform.system()} {platform.release()} {platform.machine()}"),
+            ("arch_bits", 64),
+            ("multiplexing_api", "trio"),
+            ("python_version", platform.python_version()),
+            ("process_id", os.getpid()),
+            ("run_id", server.run_id),
+            ("tcp_port", server.port),
+            ("server_time_usec", int(now * 1_000_000)),
+            ("uptime_in_seconds", uptime),
+            ("uptime_in_days", uptime // 86400),
+            ("shards", engine.config.shards),
+        ],
+        "clients": [
+            ("connected_clients", len(server.clients)),
+            ("maxclients", server.limits.max_clients),
+            ("blocked_clients", 0),
+            ("tracking_clients", 0),
+        ],
+        "memory": [
+            ("used_memory", memory["used_memory"]),
+            ("used_memory_human", _human(memory["used_memory"])),
+            ("maxmemory", memory["maxmemory"]),
+            ("maxmemory_human", _human(memory["maxmemory"])),
+            ("maxmemory_policy", _redis_policy(memory["maxmemory_policy"])),
+            ("eviction_watermark", memory["eviction_watermark"]),
+            ("oom_refusals", memory["oom_refusals"]),
+        ],
+        "persistence": [
+            ("loading", 0),
+            ("async_loading", 0),
+            ("rdb_changes_since_last_save", 0),
+            ("rdb_bgsave_in_progress", 0),
+            ("rdb_last_bgsave_status", "ok"),
+            ("aof_enabled", 0),
+            ("aof_rewrite_in_progress", 0),
+        ],
+        "stats": [
+            ("total_connections_received", server.total_connections),
+            ("total_commands_processed", server.total_commands),
+            ("rejected_connections", server.rejected_connections),
+            ("expired_keys", stats["expired_keys"]),
+            ("evicted_keys", stats["evicted_keys"]),
+            ("eviction_manager_running", stats["eviction_manager_running"]),
+        ],
+        "replication": [
+            ("role", "master"),
+            ("connected_slaves", 0),
+            ("master_replid", server.run_id),
+            ("master_repl_offset", 0),
+        ],
+        "cpu": [
+            ("used_cpu_sys", f"{cpu.system:.6f}"),
+            ("used_cpu_user", f"{cpu.user:.6f}"),
+        ],
+        "actors": [
+            (a["name"], f"state={a['state']},restarts={a['restarts']},mailbox={a['mailbox']}")
+            for a in info["actors"]
+        ],
+        "keyspace": (
+            [("db0", f"keys={keyspace['keys']},expires={keyspace['expires']},avg_ttl=0")]
+            if keyspace["keys"]
+            else []
+        ),
+    }
+    blocks = []
+    for section, title in _SECTIONS.items():
+        if section in wanted:
+            lines = [f"# {title}\r\n"]
+            lines += [f"{key}:{_value(value)}\r\n" for key, value in content[section]]
+            blocks.append("".join(lines))
+    return "\r\n".join(blocks)
+
+
+@_connection_command("info", -1, "loading stale sentinel", "server information, as Redis")
+async def _info(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    sections = [_text(arg.lower()) for arg in argv[1:]]
+    return Verbatim(await info_text(conn.server, sections))
+
+
+# CONFIG ---------------------------------------------------------------------------------
+
+
+def _config_values(server: _Server) -> dict[str, str]:
+    """Every parameter CONFIG GET knows, by Redis name."""
+    engine = server.engine
+    limits = server.limits
+    return {
+        "maxmemory": str(engine.tracker.maxmemory),
+        "maxmemory-policy": _redis_policy(engine.config.eviction_policy),
+        "maxmemory-samples": str(engine.config.eviction_sample),
+        "maxclients": str(limits.max_clients),
+        "timeout": str(int(limits.idle_timeout)),
+        "proto-max-bulk-len": str(limits.max_bulk_len),
+        "client-query-buffer-limit": str(limits.max_query_buffer),
+        "save": "",
+        "appendonly": "no",
+        "databases": "1",
+        "port": str(server.port),
+        "bind": server.host,
+        "cluster-enabled": "no",
+    }
+
+
+async def _config_get(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    values = _config_values(conn.server)
+    found: dict[bytes, bytes] = {}
+    for pattern in argv[2:]:
+        for name, value in values.items():
+            if glob_match(pattern, name.encode(), nocase=True):
+                found[name.encode()] = value.encode()
+    return found
+
+
+def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
+    """Apply one CONFIG SET pair; the reason it failed, or None."""
+    engine = server.engine
+    if name == "maxmemory":
+        try:
+            engine.tracker.set_limit(parse_size(raw.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            return "argument must be a memory value"
+        return None
+    if name == "maxmemory-policy":
+        if raw.lower().decode("ascii", "replace") == _redis_policy(engine.config.eviction_policy):
+            return None
+        return "changing the eviction policy at runtime is not supported"
+    if name == "save":
+        return None if raw == b"" else "persistence is not enabled on this server"
+    if name == "appendonly":
+        return None if raw.lower() == b"no" else "persistence is not enabled on this server"
+    return "can't set immutable config"
+
+
+async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if len(argv) % 2:
+        return _arity_error("config|set")
+    known = _config_values(conn.server)
+    pairs = [(_text(argv[i].lower()), argv[i + 1]) for i in range(2, len(argv), 2)]
+    for name, _ in pairs:
+        if name not in known:
+            return ErrorReply(
+                f"ERR Unknown option or number of arguments for CONFIG SET - '{name}'"
+            )
+    for name, raw in pairs:
+        reason = _config_set_one(conn.server, name, raw)
+        if reason is not None:
+            return ErrorReply(
+                f"ERR CONFIG SET failed (possibly related to argument '{name}') - {reason}"
+            )
+    return "OK"
+
+
+async def _config_resetstat(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    server = conn.server
+    server.total_commands = 0
+    server.total_connections = 0
+    server.rejected_connections = 0
+    return "OK"
+
+
+async def _config_rewrite(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return ErrorReply("ERR The server is running without a config file")
+
+
+async def _config_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [
+        "CONFIG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "GET <pattern>",
+        "    Return parameters matching the glob-like <pattern> and their values.",
+        "SET <directive> <value>",
+        "    Set the configuration <directive> to <value> (maxmemory).",
+        "RESETSTAT",
+        "    Reset statistics reported by the INFO command.",
+        "HELP",
+        "    Print this help.",
+    ]
+
+
+_connection_command("config", -2, "admin noscript loading stale", "get or set settings")(
+    _dispatch(
+        {
+            "get": _SubCommand(-3, _config_get),
+            "set": _SubCommand(-4, _config_set),
+            "resetstat": _SubCommand(2, _config_resetstat),
+            "rewrite": _SubCommand(2, _config_rewrite),
+            "help": _SubCommand(2, _config_help),
+        }
+    )
+)
+
+# DEBUG ----------------------------------------------------------------------------------
+
+
+async def _debug_actors(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [
+        {b"name": a["name"].encode(), b"state": a["state"].encode(), **_counters(a)}
+        for a in conn.server.engine.actors()
+    ]
+
+
+def _counters(actor: dict[str, Any]) -> dict[bytes, object]:
+    return {b"restarts": actor["restarts"], b"mailbox": actor["mailbox"]}
+
+
+async def _debug_kill(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    try:
+        return await conn.server.engine.execute("debug.kill", [argv[2]])
+    except KVMemoError as exc:
+        return redis_error(exc)
+
+
+async def _debug_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [
+        "DEBUG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "ACTORS",
+        "    Every actor: name, state, restarts, mailbox depth.",
+        "KILL <actor-name>",
+        "    Kill an actor (only when the server runs with chaos enabled).",
+        "HELP",
+        "    Print this help.",
+    ]
+
+
+_connection_command("debug", -2, "admin noscript loading stale", "actors and chaos")(
+    _dispatch(
+        {
+            "actors": _SubCommand(2, _debug_actors),
+            "kill": _SubCommand(3, _debug_kill),
+            "help": _SubCommand(2, _debug_help),
+        }
+    )
+)
+
+
+# -- the listener ------------------------------------------------------------------------
+
+
+async def _handle(server: _Server, stream: trio.SocketStream) -> None:
+    """Serve one accepted connection; whatever happens, only it ends."""
+    server.total_connections += 1
+    if len(server.clients) >= server.limits.max_clients:
+        server.rejected_connections += 1
+        with trio.move_on_after(REJECT_TIMEOUT):
+            try:
+                await stream.send_all(MAX_CLIENTS)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(stream)
+        return
+    server.next_id += 1
+    conn = _Connection(server, stream, server.next_id)
+    server.clients[conn.id] = conn
+    try:
+        await conn.run()
+    except Exception:
+        logger.exception("RESP connection id=%d addr=%s crashed; closed it", conn.id, conn.addr)
+    finally:
+        del server.clients[conn.id]
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_resp(
+    engine: KVEngine,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    tokens: frozenset[str] = frozenset(),
+    limits: RespLimits = RespLimits(),
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the Redis protocol for ``engine`` until cancelled.
+
+    Binds ``host:port`` (port 0 picks a free port), then reports the bound
+    ``(host, port)`` through ``task_status.started``. Each connection runs in
+    a task of a nursery this function owns; a connection's failure ends that
+    connection only. The engine must be attached to its running actor system.
+
+    Args:
+        engine: the engine every command goes to.
+        host: address to bind.
+        port: TCP port; 0 for any free one.
+        tokens: passwords of the ``default`` user; when not empty, clients
+            must ``AUTH`` (or ``HELLO ... AUTH``) before anything else.
+        limits: the port's limits.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    server = _Server(engine, tuple(t.encode("utf-8") for t in sorted(tokens)), limits)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    trio.serve_listeners,
+                    partial(_handle, server),
+                    listeners,
+                    handler_nursery=nursery,
+                )
+            )
+            bound = listeners[0].socket.getsockname()
+            server.host, server.port = bound[0], bound[1]
+            logger.info("RESP port listening on %s:%d", server.host, server.port)
+            task_status.started((server.host, server.port))
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)

@@ -1,0 +1,263 @@
+"""MSET and MSETNX are atomic across shards: no reader ever sees part of one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvmemo
+from actors import ActorState, ActorSystem, EventKind
+from kvmemo.embedded import Store
+from kvmemo.engine.engine import shard_name
+from kvmemo.errors import KVMemoError
+from kvmemo.storage.shard import Inspect
+from kvmemo.storage.store import ShardStore
+
+DETERMINISTIC = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def spread_keys(kv: Store, per_shard: int, prefix: str = "k") -> list[str]:
+    """Keys covering every shard, ``per_shard`` on each."""
+    slots = kv.engine.slots
+    buckets: dict[int, list[str]] = {i: [] for i in range(slots.shards)}
+    i = 0
+    while any(len(b) < per_shard for b in buckets.values()):
+        name = f"{prefix}{i}"
+        bucket = buckets[slots.shard_of(name.encode())]
+        if len(bucket) < per_shard:
+            bucket.append(name)
+        i += 1
+    return [name for bucket in buckets.values() for name in bucket]
+
+
+def key_on(kv: Store, shard: int, prefix: str) -> str:
+    i = 0
+    while kv.engine.slots.shard_of(f"{prefix}{i}".encode()) != shard:
+        i += 1
+    return f"{prefix}{i}"
+
+
+async def wait_running(system: ActorSystem, name: str) -> None:
+    """Wait until the actor ``name`` is running (again), by its lifecycle events."""
+    async with system.events.subscribe() as events:
+        if system.state(name) is ActorState.RUNNING:
+            return
+        async for event in events:
+            if event.actor == name and event.kind in (EventKind.STARTED, EventKind.RESTARTED):
+                return
+
+
+async def test_concurrent_msets_are_each_seen_whole_by_every_mget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=4) as kv:
+        names = spread_keys(kv, 3)
+        await kv.mset(dict.fromkeys(names, "w0-0"))
+        torn: list[list[bytes | None]] = []
+        reads = 0
+
+        async def writer(w: int) -> None:
+            for n in range(40):
+                await kv.mset(dict.fromkeys(names, f"w{w}-{n}"))
+
+        async def reader() -> None:
+            nonlocal reads
+            for _ in range(60):
+                values = await kv.mget(*names)
+                reads += 1
+                if len(set(values)) != 1:
+                    torn.append(values)
+
+        async with trio.open_nursery() as nursery:
+            for w in range(3):
+                nursery.start_soon(writer, w)
+            for _ in range(4):
+                nursery.start_soon(reader)
+        assert torn == []
+        assert reads == 240
+        assert len(set(await kv.mget(*names))) == 1
+
+
+async def test_of_two_racing_msetnx_on_overlapping_keys_exactly_one_wins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=4) as kv:
+        for round_ in range(20):
+            names = spread_keys(kv, 2, prefix=f"r{round_}:")
+            first, second = names[:5], names[3:]
+            results: dict[str, int] = {}
+
+            async def attempt(label: str, keys: list[str]) -> None:
+                results[label] = await kv.msetnx(dict.fromkeys(keys, label))  # noqa: B023
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt, "a", first)
+                nursery.start_soon(attempt, "b", second)
+            assert sorted(results.values()) == [0, 1]
+            winner = "a" if results["a"] else "b"
+            won = first if winner == "a" else second
+            lost = set(second if winner == "a" else first) - set(won)
+            assert await kv.mget(*won) == [winner.encode()] * len(won)
+            assert await kv.exists(*lost) == 0
+
+
+# -- a property: random interleavings --------------------------------------------------------
+
+READER_OPS = st.lists(
+    st.tuples(st.sampled_from(["mget", "get"]), st.integers(0, 7), st.integers(0, 3)),
+    min_size=1,
+    max_size=15,
+)
+
+
+@settings(DETERMINISTIC, max_examples=30)
+@given(
+    shards=st.sampled_from([2, 3, 5]),
+    writes=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    readers=st.lists(READER_OPS, min_size=1, max_size=4),
+    msetnx_first=st.booleans(),
+)
+def test_random_interleavings_of_mset_and_reads_never_observe_a_torn_mset(
+    shards: int,
+    writes: list[int],
+    readers: list[list[tuple[str, int, int]]],
+    msetnx_first: bool,
+) -> None:
+    """One writer MSETs version n to every key (pausing for the drawn number of
+    scheduler passes); readers MGET all keys or GET one. Every MGET sees one
+    version; every reader sees versions that never go back; an MSETNX on a
+    second group of keys is seen all-or-nothing.
+    """
+
+    async def scenario() -> None:
+        async with kvmemo.open_store(shards=shards) as kv:
+            names = [f"key{i}" for i in range(8)]
+            group = [f"nx{i}" for i in range(6)]
+            failures: list[str] = []
+
+            async def pause(n: int) -> None:
+                for _ in range(n):
+                    await trio.lowlevel.checkpoint()
+
+            async def writer() -> None:
+                if msetnx_first:
+                    await kv.msetnx(dict.fromkeys(group, "nx"))
+                for version, gap in enumerate(writes, start=1):
+                    await kv.mset(dict.fromkeys(names, str(version)))
+                    await pause(gap)
+                if not msetnx_first:
+                    await kv.msetnx(dict.fromkeys(group, "nx"))
+
+            async def reader(ops: list[tuple[str, int, int]]) -> None:
+                last = 0
+                for op, n, gap in ops:
+                    if op == "mget":
+                        values = await kv.mget(*names)
+                        if len(set(values)) != 1:
+                            failures.append(f"torn MGET {values}")
+                        seen = await kv.mget(*group)
+                        if len(set(seen)) != 1:
+                            failures.append(f"torn MSETNX {seen}")
+                        value = values[0]
+                    else:
+                        value = await kv.get(names[n])
+                    version = 0 if value is None else int(value)
+                    if version < last:
+                        failures.append(f"went back from {last} to {version}")
+                    last = version
+                    await pause(gap)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                for ops in readers:
+                    nursery.start_soon(reader, ops)
+            assert failures == []
+            assert await kv.mget(*names) == [str(len(writes)).encode()] * len(names)
+            assert await kv.mget(*group) == [b"nx"] * len(group)
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# -- failures inside an atomic write ---------------------------------------------------------
+
+
+async def test_an_mset_over_the_memory_limit_applies_on_no_shard(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=4, maxmemory=20_000, eviction_policy="noeviction") as kv:
+        names = spread_keys(kv, 2)
+        await kv.mset(dict.fromkeys(names, "old"))
+        used = kv.engine.tracker.used
+        big = {name: ("x" * 4000 if i == 0 else "new") for i, name in enumerate(names)}
+        big.update({f"extra{i}": "x" * 4000 for i in range(4)})
+        with pytest.raises(KVMemoError) as caught:
+            await kv.mset(big)
+        assert caught.value.kind == "OOM"
+        assert await kv.mget(*names) == [b"old"] * len(names)
+        assert await kv.exists(*(f"extra{i}" for i in range(4))) == 0
+        assert kv.engine.tracker.used == used
+
+
+async def test_an_mset_touching_a_restarting_shard_is_unavailable_and_applies_nowhere(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=3, restart_backoff=0.5, restart_backoff_max=1.0) as kv:
+        names = spread_keys(kv, 2)
+        await kv.mset(dict.fromkeys(names, "old"))
+        kv.kill_actor(shard_name(2))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(KVMemoError) as caught:
+            await kv.mset(dict.fromkeys(names, "new"))
+        assert caught.value.kind == "UNAVAILABLE"
+        assert caught.value.data["retry_after_ms"] > 0
+        await wait_running(kv.system, shard_name(2))
+        assert await kv.mget(*names) == [b"old"] * len(names)
+
+
+async def test_an_mset_aborted_because_a_shard_held_too_long_is_not_reported_as_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every shard would vote yes, but one comes back only after the others'
+    hold timed out: the write is aborted everywhere, and the caller must hear
+    so (TIMEOUT, not applied), not "OK".
+    """
+    async with kvmemo.open_store(
+        shards=2, hold_timeout=0.5, restart_backoff=1.0, restart_backoff_max=1.0
+    ) as kv:
+        a, b = key_on(kv, 0, "a"), key_on(kv, 1, "b")
+        await kv.mset({a: "old", b: "old"})
+        outcome: dict[str, Any] = {}
+
+        async def mset() -> None:
+            try:
+                outcome["result"] = await kv.mset({a: "new", b: "new"})
+            except KVMemoError as exc:
+                outcome["error"] = exc
+
+        # Hold the engine's transaction lock as a reader would, so that the
+        # MSET passes its shard check, then waits; kill shard 1 meanwhile.
+        lock = kv.engine._txn_lock
+        await lock.acquire(write=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mset)
+            await trio.testing.wait_all_tasks_blocked()
+            kv.kill_actor(shard_name(1))
+            await trio.testing.wait_all_tasks_blocked()
+            lock.release(write=False)
+        assert "result" not in outcome, f"an aborted MSET answered {outcome.get('result')!r}"
+        assert outcome["error"].kind == "TIMEOUT"
+        assert outcome["error"].data["applied"] is False
+        assert await kv.mget(a, b) == [b"old", b"old"]
+        for i in range(2):
+            ref = kv.system.ref(shard_name(i))
+            assert await ref.ask(Inspect(ShardStore.check_invariants))

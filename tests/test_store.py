@@ -1,0 +1,458 @@
+"""ShardStore, the pure core of a shard: data, expiry, accounting, scans (synchronous)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from kvmemo.commands import ops
+from kvmemo.eviction.memory import MemoryTracker, entry_size
+from kvmemo.eviction.policies import POLICY_NAMES, make_policy
+from kvmemo.storage.store import SCAN_SNAPSHOTS, NeedMemory, ShardStore
+
+DETERMINISTIC = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def make_store(maxmemory: int = 0, policy: str = "lru") -> ShardStore:
+    return ShardStore(0, make_policy(policy), MemoryTracker(maxmemory, 1))
+
+
+def assert_consistent(store: ShardStore) -> None:
+    assert store.check_invariants()
+    assert store.tracker.used == store.used == store.tracker.shard_used(0)
+
+
+# -- reading and writing ----------------------------------------------------------------
+
+
+def test_put_then_get_returns_the_value_and_accounts_its_size() -> None:
+    store = make_store()
+    assert store.get(b"k", 0.0) is None
+    store.put(b"k", b"v", 0.0, expires_at=None)
+    assert store.get(b"k", 0.0) == b"v"
+    assert store.used == entry_size(b"k", b"v")
+    store.put(b"k", b"longer value", 0.0, expires_at=5.0)
+    assert store.used == entry_size(b"k", b"longer value", has_ttl=True)
+    assert_consistent(store)
+
+
+def test_an_entry_is_live_until_just_before_its_expiry() -> None:
+    store = make_store()
+    store.put(b"k", b"v", 0.0, expires_at=10.0)
+    assert store.peek(b"k", 9.999) == b"v"
+    assert store.live_count(9.999) == 1
+    assert store.peek(b"k", 10.0) is None  # due exactly at its time, as Redis
+    assert b"k" not in store.data
+
+
+def test_an_expired_entry_is_never_returned_and_is_removed_by_the_read() -> None:
+    store = make_store()
+    store.put(b"gone", b"v", 0.0, expires_at=1.0)
+    store.put(b"live", b"v", 0.0, expires_at=None)
+    for read in (store.get, store.peek, store.peek_raw):
+        assert read(b"gone", 2.0) is None
+    assert not store.contains(b"gone", 2.0)
+    assert list(store.live_keys(2.0)) == [b"live"]
+    assert store.live_count(2.0) == 1
+    assert b"gone" not in store.data
+    assert store.expired_count == 1
+    assert_consistent(store)
+
+
+def test_counts_and_key_lists_skip_expired_entries_not_yet_removed() -> None:
+    store = make_store()
+    store.put(b"a", b"v", 0.0, expires_at=1.0)
+    store.put(b"b", b"v", 0.0, expires_at=5.0)
+    store.put(b"c", b"v", 0.0, expires_at=None)
+    assert store.live_count(2.0) == 2
+    assert store.volatile_count(2.0) == 1
+    assert sorted(store.live_keys(2.0)) == [b"b", b"c"]
+    assert store.delete(b"a", 2.0) is False  # an expired key is not "removed" by DEL
+
+
+def test_keep_ttl_keeps_a_live_expiry_but_not_an_expired_one() -> None:
+    store = make_store()
+    store.put(b"k", b"v", 0.0, expires_at=10.0)
+    store.put(b"k", b"w", 1.0, expires_at=None, keep_ttl=True)
+    assert store.expiry_of(b"k") == 10.0
+    store.put(b"k", b"x", 11.0, expires_at=None, keep_ttl=True)
+    assert store.peek(b"k", 11.0) == b"x"
+    assert store.expiry_of(b"k") is None
+    assert_consistent(store)
+
+
+def test_a_write_the_tracker_refuses_changes_nothing() -> None:
+    store = make_store(maxmemory=entry_size(b"a", b"1") + 10)
+    store.put(b"a", b"1", 0.0, expires_at=None)
+    before = (dict(store.data), store.used, store.tracker.used)
+    with pytest.raises(NeedMemory) as caught:
+        store.put(b"b", b"2", 0.0, expires_at=None)
+    assert caught.value.nbytes == entry_size(b"b", b"2")
+    with pytest.raises(NeedMemory):
+        store.set_expiry(b"a", 5.0)  # an expiry costs bytes too
+    assert (dict(store.data), store.used, store.tracker.used) == before
+    assert store.expiry_of(b"a") is None
+    assert store.tracker.refused == 2
+    # A write that shrinks the entry needs no room.
+    store.put(b"a", b"", 0.0, expires_at=None)
+    assert_consistent(store)
+
+
+def test_set_expiry_adds_and_removes_the_ttl_overhead() -> None:
+    store = make_store()
+    store.put(b"k", b"v", 0.0, expires_at=None)
+    assert store.set_expiry(b"k", 5.0) is True
+    assert store.used == entry_size(b"k", b"v", has_ttl=True)
+    assert store.set_expiry(b"k", 5.0) is False
+    assert store.set_expiry(b"k", 7.0) is True
+    assert store.ttl_index.entries() == [(7.0, b"k")]
+    assert store.set_expiry(b"k", None) is True
+    assert store.used == entry_size(b"k", b"v")
+    assert len(store.ttl_index) == 0
+    assert_consistent(store)
+
+
+def test_put_delta_reserved_up_front_matches_uncharged_puts_exactly() -> None:
+    store = make_store()
+    store.put(b"ttl", b"old value", 0.0, expires_at=100.0)
+    store.put(b"plain", b"x", 0.0, expires_at=None)
+    store.put(b"expired", b"x" * 50, 0.0, expires_at=1.0)
+    items = [(b"ttl", b"n"), (b"new", b"abc"), (b"new", b"abcdef"), (b"expired", b"e")]
+    delta = store.put_delta(items, 2.0)
+    assert store.tracker.try_reserve(0, delta)
+    for key, value in items:
+        store.put(key, value, 2.0, expires_at=None, charge=False)
+    assert_consistent(store)
+    assert store.used == sum(entry_size(k, v) for k, v in store.data.items())
+
+
+def test_flush_removes_everything_and_releases_every_byte() -> None:
+    store = make_store()
+    for i in range(10):
+        store.put(b"k%d" % i, b"v", 0.0, expires_at=5.0 if i % 2 else None)
+    assert store.flush() == 10
+    assert store.data == {}
+    assert len(store.ttl_index) == 0
+    assert store.used == store.tracker.used == 0
+    assert len(store.policy) == 0
+    assert_consistent(store)
+
+
+# -- active expiry --------------------------------------------------------------------------
+
+
+def test_expire_due_removes_at_most_budget_keys_and_reports_the_backlog() -> None:
+    store = make_store()
+    for i in range(25):
+        store.put(b"k%02d" % i, b"v", 0.0, expires_at=1.0 + i / 100)
+    store.put(b"later", b"v", 0.0, expires_at=100.0)
+    assert store.expire_due(5.0, 10) == (10, True)
+    assert store.expire_due(5.0, 10) == (10, True)
+    assert store.expire_due(5.0, 10) == (5, False)
+    assert store.expire_due(5.0, 10) == (0, False)
+    assert list(store.data) == [b"later"]
+    assert store.expired_count == 25
+    assert_consistent(store)
+
+
+def test_expire_due_trusts_the_entry_not_a_stale_index_pair() -> None:
+    store = make_store()
+    store.put(b"extended", b"v", 0.0, expires_at=1.0)
+    store.set_expiry(b"extended", 50.0)
+    store.put(b"deleted", b"v", 0.0, expires_at=1.0)
+    store.delete(b"deleted", 0.0)
+    # Corrupt the index: stale pairs for a live key and for a missing key.
+    store.ttl_index.add(b"extended", 1.0)
+    store.ttl_index.add(b"ghost", 1.0)
+    assert store.expire_due(2.0, 100) == (0, False)
+    assert store.peek(b"extended", 2.0) == b"v"
+    assert store.expiry_of(b"extended") == 50.0
+    assert_consistent(store)
+
+
+def test_expire_due_drops_the_real_pair_when_a_stale_earlier_one_came_first() -> None:
+    store = make_store()
+    store.put(b"k", b"v", 0.0, expires_at=3.0)
+    store.ttl_index.add(b"k", 1.0)  # a stale, earlier pair
+    assert store.expire_due(5.0, 1) == (1, False)
+    assert b"k" not in store.data
+    assert len(store.ttl_index) == 0
+    assert store.ttl_index_consistent()
+    assert_consistent(store)
+
+
+def test_reconciliation_rebuilds_an_index_that_lost_and_gained_pairs() -> None:
+    store = make_store()
+    for i in range(10):
+        store.put(b"k%d" % i, b"v", 0.0, expires_at=10.0 + i)
+    store.ttl_index.discard(b"k3", 13.0)
+    store.ttl_index.discard(b"k7", 17.0)
+    store.ttl_index.add(b"k5", 1.0)
+    store.ttl_index.add(b"ghost", 2.0)
+    assert not store.ttl_index_consistent()
+    assert not store.check_invariants()
+    assert store.reconcile_ttl_index() is True
+    assert store.ttl_index_consistent()
+    assert store.reconcile_ttl_index() is False
+    assert store.expire_due(100.0, 100) == (10, False)
+    assert_consistent(store)
+
+
+# -- eviction ---------------------------------------------------------------------------------
+
+
+def test_evict_removes_only_present_keys_and_reports_bytes_freed() -> None:
+    store = make_store()
+    for key in (b"a", b"b", b"c"):
+        store.put(key, b"value", 0.0, expires_at=None)
+    store.get(b"a", 0.0)
+    candidates = store.eviction_candidates(2)
+    assert [key for _, key, _ in candidates] == [b"b", b"c"]
+    assert all(size == entry_size(b"b", b"value") for _, _, size in candidates)
+    assert store.evict([b"b", b"missing"]) == (1, entry_size(b"b", b"value"))
+    assert store.evicted_count == 1
+    assert sorted(store.data) == [b"a", b"c"]
+    assert_consistent(store)
+
+
+# -- integrity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_a_consistent_store_passes_its_invariant_check_with_every_policy(policy: str) -> None:
+    store = make_store(policy=policy)
+    for i in range(20):
+        store.put(b"k%d" % i, b"v", 0.0, expires_at=5.0 if i % 3 else None)
+    store.delete(b"k4", 0.0)
+    assert store.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda s: s.data.__setitem__(b"sneaky", b"v"),
+        lambda s: s.data.__setitem__(b"k1", "not bytes"),
+        lambda s: s.expires.__setitem__(b"missing", 5.0),
+        lambda s: setattr(s, "used", s.used + 1),
+        lambda s: s.ttl_index.add(b"k1", 99.0),
+        lambda s: s.policy.record_remove(b"k1"),
+    ],
+    ids=["untracked-key", "wrong-type", "expiry-without-key", "used", "index", "policy"],
+)
+def test_the_invariant_check_rejects_a_corrupted_store(corrupt: object) -> None:
+    store = make_store()
+    for i in range(5):
+        store.put(b"k%d" % i, b"v", 0.0, expires_at=5.0 if i % 2 else None)
+    assert store.check_invariants()
+    corrupt(store)  # type: ignore[operator]
+    assert not store.check_invariants()
+
+
+def test_repaired_keeps_every_trustworthy_entry_and_fixes_the_accounting() -> None:
+    store = make_store()
+    for i in range(6):
+        store.put(b"k%d" % i, b"v%d" % i, 0.0, expires_at=5.0 + i if i % 2 else None)
+    store.data[b"bad"] = "not bytes"  # type: ignore[assignment]
+    store.used += 1000
+    store.ttl_index.clear()
+    fresh = store.repaired(make_policy("lru"))
+    assert fresh.data == {b"k%d" % i: b"v%d" % i for i in range(6)}
+    assert fresh.expires == {b"k1": 6.0, b"k3": 8.0, b"k5": 10.0}
+    assert_consistent(fresh)
+
+
+# -- atomic multi-shard writes (the shard's side) ----------------------------------------------
+
+
+def test_mset_commit_after_an_entry_expired_during_the_hold_keeps_accounting_exact() -> None:
+    store = make_store()
+    store.put(b"k", b"old value", 0.0, expires_at=2.0)
+    part = ops.MSet([(b"k", b"new"), (b"j", b"x")], only_new=False).part([0, 1])
+    assert part.prepare(store, 1.0) is True  # k is live at prepare time
+    part.commit(store, 3.0)  # the decision came after k's expiry
+    assert store.peek(b"k", 3.0) == b"new"
+    assert store.peek(b"j", 3.0) == b"x"
+    assert store.expiry_of(b"k") is None
+    assert_consistent(store)
+
+
+def test_an_aborted_mset_gives_back_its_reservation() -> None:
+    store = make_store(maxmemory=10_000)
+    part = ops.MSet([(b"a", b"1"), (b"b", b"2")], only_new=False).part([0, 1])
+    assert part.prepare(store, 0.0) is True
+    assert store.tracker.used > 0
+    part.abort(store)
+    assert store.tracker.used == 0
+    assert store.data == {}
+
+
+def test_an_mset_part_over_the_limit_votes_need_memory_and_reserves_nothing() -> None:
+    store = make_store(maxmemory=100)
+    part = ops.MSet([(b"a", b"x" * 200)], only_new=False).part([0])
+    vote = part.prepare(store, 0.0)
+    assert isinstance(vote, NeedMemory)
+    assert store.tracker.used == 0
+
+
+def test_an_msetnx_part_votes_no_when_a_key_is_live() -> None:
+    store = make_store()
+    store.put(b"a", b"1", 0.0, expires_at=5.0)
+    msetnx = ops.MSet([(b"a", b"2"), (b"b", b"2")], only_new=True)
+    assert msetnx.part([0, 1]).prepare(store, 1.0) is False
+    assert msetnx.part([0, 1]).prepare(store, 6.0) is True  # a is expired by then
+
+
+# -- SCAN ----------------------------------------------------------------------------------------
+
+
+def scan_all(store: ShardStore, count: int, now: float, between: object = None) -> list[bytes]:
+    seen: list[bytes] = []
+    scan_id, offset = 0, 0
+    while True:
+        scan_id, offset, keys = store.scan(scan_id, offset, count, now)
+        seen.extend(keys)
+        if offset == 0:
+            return seen
+        if callable(between):
+            between()
+
+
+def test_scan_returns_each_key_present_throughout_once_despite_writes() -> None:
+    store = make_store()
+    stable = [b"s%03d" % i for i in range(100)]
+    for key in stable:
+        store.put(key, b"v", 0.0, expires_at=None)
+    churn = iter(range(1000))
+
+    def write() -> None:
+        i = next(churn)
+        store.put(b"new%d" % i, b"v", 0.0, expires_at=None)
+        store.delete(stable[i % 100] if i % 7 == 0 else b"none", 0.0)
+
+    seen = scan_all(store, 7, 0.0, write)
+    deleted = {stable[i % 100] for i in range(next(churn)) if i % 7 == 0}
+    assert len(seen) == len(set(seen))
+    assert set(stable) - deleted <= set(seen)
+    assert set(seen) <= set(stable)  # keys written after the start are not included
+
+
+def test_scan_skips_keys_that_expired_meanwhile() -> None:
+    store = make_store()
+    store.put(b"a", b"v", 0.0, expires_at=1.0)
+    store.put(b"b", b"v", 0.0, expires_at=None)
+    assert scan_all(store, 10, 2.0) == [b"b"]
+
+
+def test_a_scan_whose_snapshot_was_dropped_starts_over_and_misses_nothing() -> None:
+    store = make_store()
+    keys = [b"k%03d" % i for i in range(100)]
+    for key in keys:
+        store.put(key, b"v", 0.0, expires_at=None)
+    scan_id, offset, seen = store.scan(0, 0, 50, 0.0)
+    assert offset == 50
+    for _ in range(SCAN_SNAPSHOTS):  # other clients' scans push this one out
+        store.scan(0, 0, 1, 0.0)
+    for key in keys[:40]:  # keys before the offset go: positions shift left
+        store.delete(key, 0.0)
+    while offset:
+        scan_id, offset, more = store.scan(scan_id, offset, 50, 0.0)
+        seen += more
+    assert set(keys[40:]) <= set(seen)
+
+
+# -- a model-based property --------------------------------------------------------------------
+
+KEYS = st.sampled_from([b"a", b"b", b"c", b"d", b"e"])
+VALUES = st.binary(max_size=40)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random operations against a dict model; accounting and liveness checked after each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = make_store(maxmemory=3000)
+        self.model: dict[bytes, tuple[bytes, float | None]] = {}
+        self.now = 0.0
+
+    def _live(self, key: bytes) -> bool:
+        entry = self.model.get(key)
+        return entry is not None and (entry[1] is None or entry[1] > self.now)
+
+    def _forget_expired(self, key: bytes) -> None:
+        if key in self.model and not self._live(key):
+            del self.model[key]
+
+    @rule(
+        key=KEYS,
+        value=VALUES,
+        ttl=st.none() | st.floats(0.1, 5.0),
+        keep=st.booleans(),
+    )
+    def put(self, key: bytes, value: bytes, ttl: float | None, keep: bool) -> None:
+        self._forget_expired(key)
+        expires_at = None if ttl is None else self.now + ttl
+        try:
+            self.store.put(key, value, self.now, expires_at=expires_at, keep_ttl=keep)
+        except NeedMemory:
+            return
+        old = self.model.get(key)
+        self.model[key] = (value, (old[1] if old else None) if keep else expires_at)
+
+    @rule(key=KEYS)
+    def delete(self, key: bytes) -> None:
+        self._forget_expired(key)
+        assert self.store.delete(key, self.now) == (key in self.model)
+        self.model.pop(key, None)
+
+    @rule(key=KEYS, ttl=st.none() | st.floats(0.1, 5.0))
+    def set_expiry(self, key: bytes, ttl: float | None) -> None:
+        self._forget_expired(key)
+        if not self.store.contains(key, self.now):
+            return
+        expires_at = None if ttl is None else self.now + ttl
+        try:
+            self.store.set_expiry(key, expires_at)
+        except NeedMemory:
+            return
+        self.model[key] = (self.model[key][0], expires_at)
+
+    @rule(dt=st.floats(0.0, 3.0))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(budget=st.integers(1, 3))
+    def expire_due(self, budget: int) -> None:
+        self.store.expire_due(self.now, budget)
+
+    @rule(key=KEYS)
+    def evict(self, key: bytes) -> None:
+        self.store.evict([key])
+        self.model.pop(key, None)
+
+    @rule(key=KEYS)
+    def read(self, key: bytes) -> None:
+        expected = self.model[key][0] if self._live(key) else None
+        assert self.store.get(key, self.now) == expected
+
+    @invariant()
+    def accounting_is_exact(self) -> None:
+        assert_consistent(self.store)
+        assert self.store.tracker.used <= self.store.tracker.maxmemory
+
+    @invariant()
+    def liveness_matches_the_model(self) -> None:
+        for key in (b"a", b"b", b"c", b"d", b"e"):
+            expected = self.model[key][0] if self._live(key) else None
+            assert self.store.peek_raw(key, self.now) == expected
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(DETERMINISTIC, max_examples=60, stateful_step_count=40)
