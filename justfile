@@ -23,3 +23,11 @@ serve *ARGS:
 # Run every benchmark and print its figures (never fails on speed).
 bench:
     {{python}} -m benchmarks
+
+# A long chaos run against an embedded store (5 minutes); prints the report.
+chaos DURATION="300":
+    {{python}} -m kvmemo chaos --duration {{DURATION}}
+
+# Three nodes behind twemproxy (nutcracker, ketama); prints the proxy's redis:// address.
+cluster *ARGS:
+    {{python}} examples/cluster/run_cluster.py {{ARGS}}

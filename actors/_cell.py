@@ -181,6 +181,9 @@ class ChildCell:
         actor = self.spec.start(ctx)
         actor.ctx = ctx
         await actor.on_start()
+        # A start cancelled meanwhile (the supervisor is shutting down) must
+        # end here, before the child shields itself from outside cancellation.
+        await trio.lowlevel.checkpoint_if_cancelled()
         report_started()
         if type(actor).background is Actor.background:
             graceful = await self._serve(actor)

@@ -243,9 +243,12 @@ class ActorRef:
         else:
             if timeout is None:
                 return await slot.wait()
-            with trio.move_on_after(timeout):
+            deadlines = cell.system.deadlines
+            deadlines.add(slot, timeout, cell.name)
+            try:
                 return await slot.wait()
-            raise AskTimeout(cell.name, timeout)
+            finally:
+                deadlines.discard(slot, timeout)
         # Slow path: the mailbox is full, wait for room under the same deadline.
         with trio.move_on_after(float("inf") if timeout is None else timeout):
             try:

@@ -21,11 +21,12 @@ import trio
 class ReplySlot:
     """One reply, delivered once, to at most one waiting task."""
 
-    __slots__ = ("_outcome", "_task")
+    __slots__ = ("_outcome", "_task", "_value")
 
     def __init__(self) -> None:
         self._outcome: outcome.Outcome[Any] | None = None
         self._task: trio.lowlevel.Task | None = None
+        self._value: tuple[bool, Any] | None = None  # (ok, value or error), kept for rereads
 
     @property
     def done(self) -> bool:
@@ -44,25 +45,36 @@ class ReplySlot:
 
     def _complete(self, result: outcome.Outcome[Any]) -> None:
         self._outcome = result
+        if isinstance(result, outcome.Value):
+            self._value = (True, result.value)
+        else:
+            assert isinstance(result, outcome.Error)
+            self._value = (False, result.error)
         task = self._task
         if task is not None:
             self._task = None
             trio.lowlevel.reschedule(task, result)
 
     def result(self) -> Any:
-        """The delivered value (or raise the delivered error); only once ``done``."""
-        if self._outcome is None:
+        """The delivered value (or raise the delivered error); only once ``done``.
+
+        May be called any number of times, before or after :meth:`wait`.
+        """
+        if self._value is None:
             raise RuntimeError("no reply yet")
-        return self._outcome.unwrap()
+        ok, value = self._value
+        if ok:
+            return value
+        raise value
 
     async def wait(self) -> Any:
         """Wait for the reply and return it (or raise the delivered error).
 
         Cancellation while waiting abandons the slot and is always safe.
         """
-        if self._outcome is not None:
+        if self._value is not None:
             await trio.lowlevel.checkpoint()
-            return self._outcome.unwrap()
+            return self.result()
         if self._task is not None:
             raise RuntimeError("a reply slot can have only one waiter")
         self._task = trio.lowlevel.current_task()

@@ -94,10 +94,19 @@ class Supervisor:
         """
         system = ActorSystem(self)
         self._attach(system)
+        gave_up: SupervisorGaveUp | None = None
         try:
-            await self._run(lambda: task_status.started(system))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(system.deadlines.run)
+                try:
+                    await self._run(lambda: task_status.started(system))
+                except SupervisorGaveUp as exc:
+                    gave_up = exc  # raised below, not wrapped in the nursery's group
+                nursery.cancel_scope.cancel()
         finally:
             self.close()
+        if gave_up is not None:
+            raise gave_up
 
     async def run_as_child(self, cell: ChildCell, report_started: Callable[[], None]) -> None:
         """Run as the child ``cell`` of a parent supervisor (a nested supervisor)."""
@@ -106,10 +115,14 @@ class Supervisor:
 
     def _attach(self, system: ActorSystem) -> None:
         if self.system is None:
-            self.system = system
+            # Check every name before taking any: a clash must fail every
+            # run, not only the first (a half-registered tree would run
+            # actors no reference can reach).
+            system.check_new_names([spec.name for spec in self.children])
             self._cells = [ChildCell(spec, system) for spec in self.children]
             for cell in self._cells:
                 system.register(cell)
+            self.system = system
         elif self.system is not system:
             raise RuntimeError(f"supervisor {self.name!r} already belongs to another actor system")
         for cell in self._cells:
@@ -130,6 +143,7 @@ class Supervisor:
             try:
                 for cell in self._cells:
                     await nursery.start(self._child_task, cell)
+                await trio.lowlevel.checkpoint_if_cancelled()
                 report_started()
                 gave_up = await self._control_loop(nursery, receive)
             finally:
@@ -170,9 +184,11 @@ class Supervisor:
             while self._restart_times and self._restart_times[0] < now - self.intensity.period:
                 self._restart_times.popleft()
             if len(self._restart_times) > self.intensity.max_restarts:
-                return SupervisorGaveUp(
+                gave_up = SupervisorGaveUp(
                     self.name, cell.name, self.intensity.max_restarts, self.intensity.period
                 )
+                gave_up.__cause__ = error  # the last failure, for whoever reads the escalation
+                return gave_up
             if now - cell.last_start >= self.backoff.reset_after:
                 cell.failures = 0
             cell.failures += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .actor import ActorInfo, ActorRef, ActorState
+from .deadlines import Deadlines
 from .errors import InjectedFault, UnknownActor
 from .events import EventLog
 
@@ -23,7 +24,16 @@ class ActorSystem:
     def __init__(self, root: Supervisor) -> None:
         self.root = root
         self.events = EventLog()
+        self.deadlines = Deadlines()
         self._cells: dict[str, ChildCell] = {}
+
+    def check_new_names(self, names: list[str]) -> None:
+        """Raise ``ValueError`` unless every name is new to the system and unique."""
+        seen = set(self._cells)
+        for name in names:
+            if name in seen:
+                raise ValueError(f"an actor named {name!r} already exists")
+            seen.add(name)
 
     def register(self, cell: ChildCell) -> None:
         """Add a child; its name must be new to the system."""

@@ -230,6 +230,19 @@ async def test_a_slow_subscriber_loses_events_instead_of_blocking_the_runtime(
         assert system.events.count("a", EventKind.RESTARTED) == 5
 
 
+async def test_a_subscriber_that_closed_its_stream_early_never_breaks_the_runtime(
+    autojump_clock: Any,
+) -> None:
+    root = Supervisor("root", [ChildSpec("a", lambda ctx: Counter())], backoff=NO_JITTER)
+    async with open_actor_system(root) as system:
+        async with system.events.subscribe() as stream:
+            await stream.aclose()  # this reader has seen enough
+            system.kill("a")
+            await wait_for(system, "a", EventKind.RESTARTED)
+        assert await system.ref("a").ask("get") is None
+        assert system.events.count("a", EventKind.CRASHED) == 1
+
+
 # -- chaos ---------------------------------------------------------------------------------
 
 
@@ -258,7 +271,7 @@ async def test_kill_by_name_crashes_the_message_being_handled_and_restarts_the_a
         assert c.state is ActorState.RESTARTING
         assert system.kill("c") is False  # nothing runs to kill
         await trio.sleep(5.5)
-        assert c.state is ActorState.RUNNING
+        assert system.state("c") is ActorState.RUNNING
         assert system.kill("c") is True
         assert system.actors()[0].restarts == 1
 

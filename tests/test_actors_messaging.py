@@ -288,11 +288,6 @@ async def test_ask_nowait_fans_out_without_a_task_per_request(autojump_clock: An
         assert Echo("no room") not in [m for _, m in handled]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: ReplySlot keeps an outcome.Outcome, which unwraps only once; result()"
-    " after wait() (or a second result()) raises outcome.AlreadyUsedError",
-)
 async def test_a_reply_slot_can_be_read_after_it_was_awaited(autojump_clock: Any) -> None:
     async with open_actor_system(one([])) as system:
         slot = system.ref("w").ask_nowait(Echo("v"))

@@ -569,10 +569,11 @@ class Observer(Actor):
 async def test_children_start_in_order_each_seeing_its_elders_running(autojump_clock: Any) -> None:
     seen: dict[str, list[tuple[str, ActorState, Any]]] = {}
     names = ["a", "b", "c"]
-    children = [
-        ChildSpec(name, lambda ctx, elders=names[:i]: Observer(elders, seen))
-        for i, name in enumerate(names)
-    ]
+
+    def observer(elders: list[str]) -> Callable[[ActorContext], Actor]:
+        return lambda ctx: Observer(elders, seen)
+
+    children = [ChildSpec(name, observer(names[:i])) for i, name in enumerate(names)]
     async with open_actor_system(Supervisor("root", children)) as system:
         assert all(system.state(n) is ActorState.RUNNING for n in names)
     running = ActorState.RUNNING
@@ -688,12 +689,6 @@ async def shutdown_as_a_restart_fires() -> bool:
     return hung
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: a child spawned by a restart that runs only after its supervisor's"
-    " shutdown loop reaches report_started without a checkpoint, shields itself and serves"
-    " forever in the cancelled nursery.start (about one run in three hangs)",
-)
 def test_shutting_down_as_a_restart_fires_never_hangs() -> None:
     # Which of the two tasks woken at that instant runs first is up to trio's
     # scheduler, so the race is run many times (each run takes ~2 ms).

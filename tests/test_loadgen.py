@@ -83,7 +83,8 @@ async def test_run_load_counts_single_requests_without_errors() -> None:
 async def test_run_load_batches_count_every_command_and_write_the_server() -> None:
     with trio.fail_after(TIMEOUT):
         async with node() as n:
-            result = await run_load(n.url, **load(batch=10, read_ratio=0.0))
+            # A longer window: batches of 10 on a loaded machine need it to see any reply.
+            result = await run_load(n.url, **load(batch=10, read_ratio=0.0, duration=1.0))
             stored = await n.engine.execute("dbsize", ())
     assert result.errors == {}
     assert_sane(result)
