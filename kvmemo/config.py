@@ -92,7 +92,7 @@ class StoreConfig:
         oom_wait: seconds a write over the limit waits for eviction before OOM.
         ttl_tick: seconds between active-expiry sweeps.
         expiry_budget: keys each shard may expire per sweep.
-        reconcile_every: sweeps between TTL-index reconciliations.
+        reconcile_every: ttl-manager ticks between TTL-index reconciliations.
         request_timeout: seconds a command may take before TIMEOUT.
         hold_timeout: seconds a shard holds for an atomic multi-shard write.
         mailbox_capacity: bound of each actor's mailbox (messages).

@@ -85,10 +85,14 @@ async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **sett
 async def open_store(config: StoreConfig | None = None, **settings: Any) -> AsyncIterator[Store]:
     """Run an embedded store for the duration of the block.
 
+    An exception raised by the block reaches the caller unchanged (not
+    wrapped in an ``ExceptionGroup``).
+
     Raises:
         ValueError: invalid settings (exact message naming the setting).
     """
     cfg = config if config is not None else StoreConfig(**settings)
+    error: Exception | None = None
     async with trio.open_nursery() as nursery:
         engine = KVEngine(cfg)
         system: ActorSystem = await nursery.start(engine.supervisor().run)
@@ -96,5 +100,13 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
         store = Store(engine, system, nursery.cancel_scope)
         try:
             yield store
+        except Exception as exc:  # noqa: BLE001 - re-raised below, unchanged
+            # The caller's block failed: stop the store, then re-raise the
+            # error outside the nursery, so that it reaches the caller as
+            # itself (a KVMemoError stays catchable as one), not wrapped in
+            # an ExceptionGroup by the nursery.
+            error = exc
         finally:
             nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error

@@ -60,9 +60,11 @@ def test_an_invalid_setting_raises_value_error_naming_it(
 
 
 @pytest.mark.parametrize("name", ["max_key_size", "max_value_size"])
-def test_a_negative_size_limit_names_its_own_setting(name: str) -> None:
+def test_a_bad_size_limit_names_its_own_setting(name: str) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must be >= 0, got -1$"):
         StoreConfig(**{name: -1})
+    with pytest.raises(ValueError, match=rf"^{name} must be a size like 64MiB, got 'x'$"):
+        StoreConfig(**{name: "x"})
 
 
 @pytest.mark.parametrize(

@@ -191,3 +191,44 @@ async def test_a_batch_over_the_memory_limit_evicts_or_refuses_call_by_call(
         assert kinds[150:152] == ["OK", b"small"]
         assert set(kinds[first_oom:150]) == {"OOM"}
         assert kv.engine.tracker.used <= limit
+
+
+async def test_execute_and_execute_many_count_latency_and_errors_alike(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=2) as kv:
+        latency = kv.engine._latency
+        errors = kv.engine._errors
+        await kv.set("a", "1")
+        await kv.execute_many(
+            ("set", "b", "2"),
+            ("SET", "c", "3"),
+            ("mget", "a", "b"),
+            ("incr", "a"),
+            ("set", "d", "x"),
+            ("incr", "d"),  # NOT_INTEGER inside a shard batch
+            ("get",),  # ARITY at parse time
+            ("mset", "a"),  # ARITY of an atomic command
+        )
+        assert latency.labels("set").count == 4
+        assert latency.labels("mget").count == 1
+        assert latency.labels("incr").count == 1
+        assert errors.labels("NOT_INTEGER").value == 1
+        assert errors.labels("ARITY").value == 2
+
+
+async def test_an_error_escaping_the_store_block_reaches_the_caller_unwrapped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+
+    async def increment_text() -> None:
+        async with kvmemo.open_store(shards=2) as kv:
+            await kv.set("k", "text")
+            await kv.incr("k")
+
+    with pytest.raises(KVMemoError) as caught:
+        await increment_text()
+    assert caught.value.kind == "NOT_INTEGER"
+    with pytest.raises(LookupError, match=r"^mine$"):
+        async with kvmemo.open_store(shards=2):
+            raise LookupError("mine")

@@ -215,10 +215,6 @@ async def test_metrics_is_valid_prometheus_text_with_the_promised_families() -> 
     assert value_of(samples, "kvmemo_ws_messages_received_total") == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: KVEngine.execute_many (every WebSocket request) records no command latency",
-)
 async def test_websocket_commands_are_counted_in_the_latency_histogram() -> None:
     with trio.fail_after(TIMEOUT):
         async with node() as n:

@@ -8,11 +8,15 @@ what the TTLManager and the EvictionManager decide (sweeps, victims).
 
 Errors the caller sees, and when:
 - ``UNAVAILABLE`` (nothing applied): the owning shard is restarting, or its
-  handler never started (an injected fault).
+  handler never started (an injected fault). A multi-key command checks
+  every shard it needs before it sends anything.
 - ``TIMEOUT`` with ``applied`` null: no answer within ``request_timeout``;
-  the operation may still take effect.
+  the operation may still take effect. With ``applied`` false: an atomic
+  multi-shard write was aborted everywhere because a shard held its part
+  longer than ``hold_timeout`` waiting for another.
 - ``OOM``: a write over ``maxmemory`` after eviction had ``oom_wait`` seconds
-  to make room (immediately when the eviction manager is down).
+  (and ``MAKE_ROOM_ROUNDS`` rounds) to make room; at once when eviction
+  freed nothing (``noeviction``, or the eviction manager is down).
 - ``INTERNAL`` with ``applied`` null: a shard crashed inside the handler (a bug).
 """
 
@@ -303,30 +307,51 @@ class KVEngine:
 
         Commands take effect in the order given for each key (a multi-key
         command waits for what came before it). Returns one entry per call:
-        its result, or the :class:`KVMemoError` it failed with.
+        its result, or the :class:`KVMemoError` it failed with. Each call is
+        counted in the metrics as :meth:`execute` counts it: an error by
+        kind, a success in its command's latency (from the start of the
+        batch to the end of the part that ran it).
         """
+        started = time.perf_counter()
         results: list[Any] = [_PENDING] * len(calls)
+        names: list[str | None] = [None] * len(calls)
+        finished = [started] * len(calls)
         segment: list[tuple[int, Any]] = []
+
+        async def run_segment() -> None:
+            await self._run_segment(segment, results)
+            now = time.perf_counter()
+            for i, _ in segment:
+                finished[i] = now
+
         for i, (name, args) in enumerate(calls):
             try:
-                _, op = self.parse(name, args)
+                spec, op = self.parse(name, args)
             except KVMemoError as exc:
-                self._errors.labels(exc.kind).inc()
                 results[i] = exc
                 continue
+            names[i] = spec.name
             if isinstance(op, ops.ShardOp):
                 segment.append((i, op))
                 continue
             if segment:
-                await self._run_segment(segment, results)
+                await run_segment()
                 segment = []
             try:
                 results[i] = await self._run(op)
             except KVMemoError as exc:
-                self._errors.labels(exc.kind).inc()
                 results[i] = exc
+            finished[i] = time.perf_counter()
         if segment:
-            await self._run_segment(segment, results)
+            await run_segment()
+        for i, result in enumerate(results):
+            if isinstance(result, KVMemoError):
+                self._errors.labels(result.kind).inc()
+                continue
+            command = names[i]
+            hist = None if command is None else self._latency_by_name.get(command)
+            if hist is not None:
+                hist.observe(finished[i] - started)
         return results
 
     async def _run(self, op: Any) -> Any:
