@@ -30,6 +30,7 @@ from ..errors import OutOfMemoryError
 from ..eviction.memory import MemoryTracker, entry_size
 from ..eviction.policies import EvictionPolicy, NoEvictionPolicy
 from ..expiry.ttl_index import TTLIndex
+from .durability import Journal, ShardDurability
 
 SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard; the oldest is dropped
 
@@ -67,6 +68,10 @@ class ShardStore:
         self.evicted_count = 0
         self._scans: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
         self._next_scan = 1
+        # Persistence (None when off): effects of writes are journalled here.
+        self.durability: ShardDurability | None = None
+        self.journal: Journal | None = None
+        self.needs_recovery = False  # set by a rebuild that must reload from disk
 
     # -- reading --------------------------------------------------------------------
 
@@ -171,6 +176,9 @@ class ShardStore:
             if expires_at is not None:
                 self.expires[key] = expires_at
                 self.ttl_index.add(key, expires_at)
+        journal = self.journal
+        if journal is not None:
+            journal.set(key, value, expires_at)
 
     def put_delta(self, items: list[tuple[bytes, bytes]], now: float) -> int:
         """Bytes that putting ``items`` in order (without expiry) would add."""
@@ -221,6 +229,9 @@ class ShardStore:
         if expires_at is not None:
             self.expires[key] = expires_at
             self.ttl_index.add(key, expires_at)
+        journal = self.journal
+        if journal is not None:
+            journal.expire(key, expires_at)
         return True
 
     def delete(self, key: bytes, now: float) -> bool:
@@ -230,6 +241,9 @@ class ShardStore:
         if self._expired(key, now):
             return False
         self._remove(key)
+        journal = self.journal
+        if journal is not None:
+            journal.delete(key)
         return True
 
     def _remove(self, key: bytes) -> int:
@@ -254,6 +268,9 @@ class ShardStore:
         self.tracker.release(self.shard_id, self.used)
         self.used = 0
         self._scans.clear()
+        journal = self.journal
+        if journal is not None:
+            journal.flush()
         return count
 
     # -- expiry and eviction -------------------------------------------------------------
@@ -295,10 +312,13 @@ class ShardStore:
     def evict(self, keys: list[bytes]) -> tuple[int, int]:
         """Evict the given keys that are still present; return (keys, bytes) freed."""
         count = freed = 0
+        journal = self.journal
         for key in keys:
             if key in self.data:
                 freed += self._remove(key)
                 count += 1
+                if journal is not None:
+                    journal.delete(key)
         self.evicted_count += count
         return count, freed
 
@@ -398,5 +418,31 @@ class ShardStore:
         fresh.used = total
         fresh.expired_count = self.expired_count
         fresh.evicted_count = self.evicted_count
+        fresh.durability = self.durability
+        fresh.journal = self.journal
         self.tracker.reset_shard(self.shard_id, total)
         return fresh
+
+    def load(self, data: dict[bytes, bytes], expires: dict[bytes, float]) -> None:
+        """Replace the whole content with recovered entries (not journalled).
+
+        Args:
+            data: key -> value.
+            expires: key -> trio-monotonic expiry, for keys of ``data`` that have one.
+        """
+        self.data.clear()
+        self.expires.clear()
+        self.policy.clear()
+        self._scans.clear()
+        self.data.update(data)
+        self.expires.update(expires)
+        total = 0
+        expires_get = expires.get
+        record_insert = self.policy.record_insert
+        for key, value in data.items():
+            has_ttl = expires_get(key) is not None
+            record_insert(key, volatile=has_ttl)
+            total += entry_size(key, value, has_ttl=has_ttl)
+        self.ttl_index.rebuild(self.expires)
+        self.used = total
+        self.tracker.reset_shard(self.shard_id, total)

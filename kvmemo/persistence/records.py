@@ -1,0 +1,435 @@
+"""The record format of the write-ahead log and of snapshots: a pure codec (no I/O).
+
+Design. A record is the *effect* of one write on one shard, never the command
+that caused it: ``APPEND`` and ``INCR`` are logged as a ``SET`` of the full new
+value, a relative ``EXPIRE`` as an absolute Unix time in milliseconds,
+``RENAME`` as a ``DEL`` and a ``SET``. Every record is therefore self-contained,
+so replay is deterministic and does not depend on the clock or on any earlier
+record being present (recovery relies on this when it keeps the records of a
+later segment after damage in an earlier one).
+
+Layout of one record, little-endian::
+
+    offset  size  field
+    0       4     CRC32 of every byte from offset 4 to the end of the payload
+    4       1     format version (FORMAT_VERSION)
+    5       1     op (:class:`Op`)
+    6       4     payload length P
+    10      P     payload: key length u32, key, value length u32, value,
+                  expiry flag u8 (0: none, 1: set), expiry int64 (Unix ms; 0 if none)
+
+The CRC covers everything but itself, so no damaged byte anywhere in a record
+goes unnoticed (up to CRC32's 2**-32 chance of a random collision; any burst of
+at most 32 flipped bits is always caught). Lengths are checked against each
+other and against :data:`MAX_PAYLOAD`, so no length, however damaged, makes
+the decoder read outside its buffer or allocate more than the buffer holds.
+
+Damage comes in two kinds, which :class:`Scanner` and :func:`replay` tell apart:
+
+- :class:`Torn`: the data ends inside a record, and every field of it that is
+  present agrees with a valid record (version, op, and the payload, key and
+  value lengths add up). This is what a crash in the middle of an append
+  leaves; the record was never acknowledged, so cutting it off loses nothing.
+- :class:`Corrupt`: anything else: a CRC mismatch, an unknown version or op,
+  an impossible length, lengths that do not add up, an invalid expiry field.
+
+A damaged length field cannot pass for a torn tail: the payload length is
+checked against the key and value lengths as soon as they are present, and in
+a complete record they all are. (It would take two length fields damaged so
+as to agree with each other.) No forward search for the next valid record is
+ever made: it would cost time in proportion to the size of a torn value, and
+a value may contain anything, encoded records included.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import struct
+import zlib
+from collections.abc import Generator
+from typing import TypeAlias
+
+import attrs
+
+FORMAT_VERSION = 1  # the version byte of every record this module writes
+
+HEADER = struct.Struct("<IBBI")  # crc32, version, op, payload length
+HEADER_SIZE = HEADER.size  # 10 bytes
+_U32 = struct.Struct("<I")
+_HEAD_KLEN = struct.Struct("<IBBII")  # the header and the key length after it
+_HEAD_KLEN_SIZE = _HEAD_KLEN.size  # 14 bytes
+_VOP_LEN_KLEN = struct.Struct("<BBII")  # version, op, payload length, key length
+_EXPIRY = struct.Struct("<Bq")  # expiry flag, expiry in Unix ms
+MIN_PAYLOAD = 4 + 4 + _EXPIRY.size  # 17 bytes: empty key, empty value, expiry field
+MAX_PAYLOAD = 1 << 30  # bytes; a larger length field is damage, not data
+MAX_EXPIRES_MS = (1 << 63) - 1  # the largest int64
+
+
+class PersistenceError(Exception):
+    """Base class of the errors of the persistence layer (other than OSError)."""
+
+
+class Op(enum.IntEnum):
+    """What a record does to its shard when replayed.
+
+    0 is not an op, so a run of zero bytes never decodes as a record.
+    """
+
+    SET = 1  # key := value, with expiry ``expires_ms`` (None: no expiry)
+    DEL = 2  # remove key (absent: nothing)
+    EXPIRE = 3  # key's expiry := ``expires_ms`` (None: persist); absent key: nothing
+    FLUSH = 4  # remove every key of the shard
+
+
+_SET, _DEL, _EXPIRE, _FLUSH = int(Op.SET), int(Op.DEL), int(Op.EXPIRE), int(Op.FLUSH)
+_OPS = frozenset(int(op) for op in Op)
+
+Buffer: TypeAlias = bytes | mmap.mmap
+"""What the decoder reads: slicing either gives ``bytes``."""
+
+Fields: TypeAlias = tuple[int, bytes, bytes, int | None]
+"""A decoded record as a plain tuple ``(op, key, value, expires_ms)``."""
+
+
+@attrs.frozen
+class Record:
+    """One logged effect. See :class:`Op` for what each field means per op.
+
+    Shape rules (checked by :func:`encode`): ``DEL`` has no value and no
+    expiry, ``EXPIRE`` no value, ``FLUSH`` no key, value nor expiry;
+    ``expires_ms`` is None or in ``[0, 2**63)``.
+    """
+
+    op: Op
+    key: bytes = b""
+    value: bytes = b""
+    expires_ms: int | None = None
+
+
+@attrs.frozen
+class Torn:
+    """The data ends inside an incomplete record that starts at ``offset``."""
+
+    offset: int
+
+
+@attrs.frozen
+class Corrupt:
+    """The record at ``offset`` is damaged; ``reason`` says how."""
+
+    offset: int
+    reason: str
+
+
+Problem: TypeAlias = Torn | Corrupt
+
+
+@attrs.frozen
+class DecodeResult:
+    """What :func:`decode_stream` found.
+
+    Invariant: ``records`` are exactly the records of ``data[:end]``, and
+    ``problem`` is None if and only if ``end == len(data)``.
+    """
+
+    records: list[Record]
+    end: int
+    problem: Problem | None
+
+
+def _shape_error(op: int, key: bytes, value: bytes, expires_ms: int | None) -> str | None:
+    """Why these fields are not a valid record, or None if they are."""
+    if expires_ms is not None and not 0 <= expires_ms <= MAX_EXPIRES_MS:
+        return f"expires_ms must be in [0, 2**63), got {expires_ms}"
+    if op == _SET:
+        return None
+    if op == _DEL:
+        if value or expires_ms is not None:
+            return "a DEL record has no value and no expiry"
+    elif op == _EXPIRE:
+        if value:
+            return "an EXPIRE record has no value"
+    elif op == _FLUSH:
+        if key or value or expires_ms is not None:
+            return "a FLUSH record has no key, value nor expiry"
+    else:
+        return f"unknown op {op}"
+    return None
+
+
+def encode_fields(op: int, key: bytes, value: bytes = b"", expires_ms: int | None = None) -> bytes:
+    """Encode one record from its fields (the allocation-free form of :func:`encode`).
+
+    Raises:
+        ValueError: the fields break a shape rule of :class:`Record`, or the
+            payload would exceed :data:`MAX_PAYLOAD`.
+    """
+    reason = _shape_error(op, key, value, expires_ms)
+    if reason is not None:
+        raise ValueError(reason)
+    plen = MIN_PAYLOAD + len(key) + len(value)
+    if plen > MAX_PAYLOAD:
+        raise ValueError(f"record payload must be <= {MAX_PAYLOAD} bytes, got {plen}")
+    if expires_ms is None:
+        tail = _EXPIRY.pack(0, 0)
+    else:
+        tail = _EXPIRY.pack(1, expires_ms)
+    body = b"".join(
+        (
+            _VOP_LEN_KLEN.pack(FORMAT_VERSION, op, plen, len(key)),
+            key,
+            _U32.pack(len(value)),
+            value,
+            tail,
+        )
+    )
+    return _U32.pack(zlib.crc32(body)) + body
+
+
+def encode(record: Record) -> bytes:
+    """Encode one record (see the module docstring for the layout).
+
+    Raises:
+        ValueError: as :func:`encode_fields`.
+    """
+    return encode_fields(record.op, record.key, record.value, record.expires_ms)
+
+
+def _mismatch(klen: int, vlen: int, plen: int) -> str:
+    return f"key length {klen} and value length {vlen} do not add up to payload length {plen}"
+
+
+def _decode_at(data: Buffer, mv: memoryview, pos: int, n: int) -> tuple[int, Fields] | str | None:
+    """Decode the record at ``pos`` of ``data[:n]``.
+
+    Returns:
+        ``(end, fields)`` for a valid record; a reason string if the bytes at
+        ``pos`` cannot be a valid record; None if the data ends inside a
+        record whose fields present agree with a valid one (a torn tail).
+    """
+    avail = n - pos
+    if avail < HEADER_SIZE:
+        if avail > 4 and data[pos + 4] != FORMAT_VERSION:
+            return f"unknown format version {data[pos + 4]}"
+        if avail > 5 and data[pos + 5] not in _OPS:
+            return f"unknown op {data[pos + 5]}"
+        return None
+    crc, version, op, plen = HEADER.unpack_from(data, pos)
+    if version != FORMAT_VERSION:
+        return f"unknown format version {version}"
+    if op not in _OPS:
+        return f"unknown op {op}"
+    if not MIN_PAYLOAD <= plen <= MAX_PAYLOAD:
+        return f"impossible payload length {plen}"
+    end = pos + HEADER_SIZE + plen
+    kstart = pos + HEADER_SIZE + 4
+    if end > n:
+        if avail >= HEADER_SIZE + 4:
+            (klen,) = _U32.unpack_from(data, pos + HEADER_SIZE)
+            if MIN_PAYLOAD + klen > plen:
+                return f"key length {klen} does not fit payload length {plen}"
+            if kstart + klen + 4 <= n:
+                (vlen,) = _U32.unpack_from(data, kstart + klen)
+                if MIN_PAYLOAD + klen + vlen != plen:
+                    return _mismatch(klen, vlen, plen)
+        return None
+    if zlib.crc32(mv[pos + 4 : end]) != crc:
+        return "CRC mismatch"
+    (klen,) = _U32.unpack_from(data, pos + HEADER_SIZE)
+    if MIN_PAYLOAD + klen > plen:
+        return f"key length {klen} does not fit payload length {plen}"
+    kend = kstart + klen
+    (vlen,) = _U32.unpack_from(data, kend)
+    vend = kend + 4 + vlen
+    if MIN_PAYLOAD + klen + vlen != plen:
+        return _mismatch(klen, vlen, plen)
+    flag, exp = _EXPIRY.unpack_from(data, vend)
+    expires_ms: int | None
+    if flag == 0 and exp == 0:
+        expires_ms = None
+    elif flag == 1 and exp >= 0:
+        expires_ms = exp
+    else:
+        return f"invalid expiry field ({flag}, {exp})"
+    key = data[kstart:kend]
+    value = data[kend + 4 : vend]
+    if op != _SET:
+        reason = _shape_error(op, key, value, expires_ms)
+        if reason is not None:
+            return reason
+    return end, (op, key, value, expires_ms)
+
+
+class Scanner:
+    """Iterate the records of a buffer as plain :data:`Fields` tuples.
+
+    The fast path of recovery: no object per record beyond the tuple and its
+    key and value. After iteration, ``end`` is the offset just after the last
+    valid record and ``problem`` says why the scan stopped before
+    ``len(data)`` (None if it did not). While iterating, ``end`` is the end of
+    the record just yielded. Never raises on any bytes.
+
+    Args:
+        data: ``bytes`` or a read-only ``mmap`` (the scan holds a memoryview
+            of it until iteration ends or the iterator is closed).
+        start: the offset of the first record.
+    """
+
+    def __init__(self, data: Buffer, start: int = 0) -> None:
+        self._data = data
+        self.end = start
+        self.problem: Problem | None = None
+
+    def __iter__(self) -> Generator[Fields, None, None]:
+        data = self._data
+        n = len(data)
+        pos = self.end
+        decode_at = _decode_at
+        with memoryview(data) as mv:
+            while pos < n:
+                got = decode_at(data, mv, pos, n)
+                if isinstance(got, tuple):
+                    pos, fields = got
+                    self.end = pos
+                    yield fields
+                    continue
+                self.problem = Torn(pos) if got is None else Corrupt(pos, got)
+                return
+
+
+@attrs.frozen
+class ReplayResult:
+    """What :func:`replay` did: ``count`` records applied, ending at ``end``.
+
+    ``problem`` is None if and only if ``end`` is the end of the data.
+    """
+
+    count: int
+    end: int
+    problem: Problem | None
+
+
+def _apply(
+    fields: Fields, data: dict[bytes, bytes], expires: dict[bytes, int], sets_only: bool
+) -> str | None:
+    """Apply one decoded record to ``data`` and ``expires``; a reason if it is refused."""
+    op, key, value, exp = fields
+    if op == _SET:
+        data[key] = value
+        if exp is None:
+            expires.pop(key, None)
+        else:
+            expires[key] = exp
+    elif sets_only:
+        return f"a {Op(op).name} record where only SET records may be"
+    elif op == _DEL:
+        data.pop(key, None)
+        expires.pop(key, None)
+    elif op == _EXPIRE:
+        if key in data:
+            if exp is None:
+                expires.pop(key, None)
+            else:
+                expires[key] = exp
+    else:
+        data.clear()
+        expires.clear()
+    return None
+
+
+def replay(
+    buf: Buffer,
+    data: dict[bytes, bytes],
+    expires: dict[bytes, int],
+    *,
+    start: int = 0,
+    sets_only: bool = False,
+) -> ReplayResult:
+    """Apply the records of ``buf`` in order to a shard's ``data`` and ``expires``.
+
+    The hot loop of recovery. ``data`` maps key to value and ``expires`` key
+    to absolute expiry (Unix ms), the layout of the shard store; what each op
+    does is said in :class:`Op`. Expired keys are kept: a later record may
+    still change their expiry, so only the caller, once every record is in,
+    knows which keys are expired.
+
+    Design: the common record, a ``SET``, is decoded inline with
+    ``struct.unpack_from`` and one ``zlib.crc32`` over a memoryview (no
+    function call and no object but its key and value); anything else,
+    including every damaged record, goes through the one decoder that
+    :class:`Scanner` uses too, which is the authority on validity. The inline
+    path only accepts what that decoder accepts.
+
+    Args:
+        buf: the records (``bytes`` or a read-only ``mmap``).
+        data, expires: the state to update in place.
+        start: the offset of the first record.
+        sets_only: refuse every op but ``SET`` (snapshots hold only SETs).
+
+    Returns:
+        How many records were applied and where and why the replay stopped.
+        Never raises on any bytes; a damaged record changes nothing.
+    """
+    n = len(buf)
+    pos = start
+    count = 0
+    head = _HEAD_KLEN.unpack_from
+    u32 = _U32.unpack_from
+    expiry = _EXPIRY.unpack_from
+    crc32 = zlib.crc32
+    problem: Problem | None = None
+    with memoryview(buf) as mv:
+        while pos < n:
+            if n - pos >= _HEAD_KLEN_SIZE:
+                crc, version, op, plen, klen = head(buf, pos)
+                end = pos + HEADER_SIZE + plen
+                if (
+                    op == _SET
+                    and version == FORMAT_VERSION
+                    and MIN_PAYLOAD <= plen <= MAX_PAYLOAD
+                    and end <= n
+                    and MIN_PAYLOAD + klen <= plen
+                    and crc32(mv[pos + 4 : end]) == crc
+                ):
+                    kend = pos + _HEAD_KLEN_SIZE + klen
+                    vend = kend + 4 + u32(buf, kend)[0]
+                    if vend + 9 == end:  # 9: the expiry field
+                        flag, exp = expiry(buf, vend)
+                        if flag == 1 and exp >= 0:
+                            key = buf[pos + _HEAD_KLEN_SIZE : kend]
+                            data[key] = buf[kend + 4 : vend]
+                            expires[key] = exp
+                            count += 1
+                            pos = end
+                            continue
+                        if flag == 0 and exp == 0:
+                            key = buf[pos + _HEAD_KLEN_SIZE : kend]
+                            data[key] = buf[kend + 4 : vend]
+                            if expires:
+                                expires.pop(key, None)
+                            count += 1
+                            pos = end
+                            continue
+            got = _decode_at(buf, mv, pos, n)
+            if not isinstance(got, tuple):
+                problem = Torn(pos) if got is None else Corrupt(pos, got)
+                break
+            end, fields = got
+            refused = _apply(fields, data, expires, sets_only)
+            if refused is not None:
+                problem = Corrupt(pos, refused)
+                break
+            count += 1
+            pos = end
+    return ReplayResult(count, pos, problem)
+
+
+def decode_stream(data: bytes) -> DecodeResult:
+    """Decode every record of ``data`` up to the first damaged one.
+
+    Never raises, and never returns a record that fails its CRC or shape check.
+    """
+    scanner = Scanner(data)
+    records = [Record(Op(op), key, value, exp) for op, key, value, exp in scanner]
+    return DecodeResult(records, scanner.end, scanner.problem)

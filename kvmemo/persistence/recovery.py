@@ -1,0 +1,289 @@
+"""Recovery of one shard at start: its newest valid snapshot, then its log.
+
+Design. The state of a shard is its newest valid snapshot plus every record
+of the log segments that snapshot does not cover, replayed in order
+(segment number, then offset). Records are absolute effects (see
+:mod:`.records`), so replay needs no clock; expiry is applied once at the end
+(``now_ms``), because a later record may still change the expiry of a key an
+earlier one made expired-looking.
+
+What recovery does about damage:
+
+- A **torn tail** (a record cut short at the end of a segment: a crash during
+  an append; the record was never acknowledged) is truncated in place, with
+  a warning. Recovery repairs this without being asked: it loses nothing.
+- A **corrupt record** (CRC mismatch, garbage, impossible lengths) stops the
+  start with :class:`CorruptLog`, naming the file and offset, unless
+  ``repair`` is given: then the records before the damage are kept, the rest
+  of that segment is moved aside to ``<segment>.corrupt-<offset>`` (nothing
+  is ever deleted), and the later segments are replayed. Keeping later
+  segments is sound because every record is self-contained: a ``SET``
+  carries the full value and absolute expiry, so no later record depends on
+  a lost one. The state is then the true state minus the lost records'
+  effects (a lost ``DEL`` lets an old value reappear; an ``EXPIRE`` of a key
+  whose ``SET`` was lost does nothing). Records after the damage *in the same
+  segment* are not searched for: once a length is damaged there is no
+  trustworthy record boundary, and a value may contain bytes that look like
+  records; they stay in the ``.corrupt`` file for an operator.
+- A **damaged snapshot** is skipped for an older valid one (or none) when the
+  log segments that one needs are all still there: nothing is lost, so a
+  warning says so and no repair is needed. Otherwise it stops the start with
+  :class:`~.snapshot.CorruptSnapshot`, unless ``repair``: then its entries
+  before the damage are loaded and the file is moved aside.
+- A **missing segment** (a gap in the numbers after the snapshot) stops the
+  start with :class:`CorruptLog`, unless ``repair``: then the segments
+  present are replayed.
+
+After a repair that lost a snapshot's or a missing segment's part, recovery
+writes a fresh snapshot of what it recovered, covering every segment, and
+deletes those segments, so that the next start needs no repair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from pathlib import Path
+
+import attrs
+
+from .records import Corrupt, PersistenceError, Torn, replay
+from .snapshot import (
+    TEMP_SUFFIX,
+    CorruptSnapshot,
+    list_snapshots,
+    load_snapshot_into,
+    write_snapshot,
+)
+from .wal import fsync_directory, list_segments, segment_name
+
+
+class CorruptLog(PersistenceError):
+    """A log segment is damaged at ``offset`` (or missing, at offset 0).
+
+    Attributes:
+        path: the segment file.
+        offset: the byte offset of the first damaged record.
+        reason: what is wrong there.
+    """
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(
+            f"{path}: corrupt write-ahead log at offset {offset}: {reason} "
+            "(start with repair to keep the records before it and move the rest aside)"
+        )
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+@attrs.frozen
+class Recovered:
+    """The state of one shard rebuilt from disk.
+
+    Attributes:
+        data: key -> value of every live key.
+        expires: key -> absolute expiry (Unix ms) of the live keys that have one.
+        warnings: what recovery found and did, one sentence each, for the log.
+        last_segment: the highest segment number in use (by a segment or a
+            snapshot); a new :class:`~.wal.SegmentedLog` starts after it.
+        records_replayed: log records applied.
+        snapshot_entries: entries loaded from the snapshot.
+        expired_dropped: keys not loaded because they expired at ``now_ms``.
+        snapshot: the snapshot loaded, or None.
+
+    Invariants: every key of ``expires`` is in ``data``, and its expiry is
+    after ``now_ms``.
+    """
+
+    data: dict[bytes, bytes]
+    expires: dict[bytes, int]
+    warnings: list[str]
+    last_segment: int
+    records_replayed: int
+    snapshot_entries: int
+    expired_dropped: int
+    snapshot: Path | None
+
+
+@attrs.define
+class _Base:
+    """The snapshot recovery starts from (covers 0 and no path: none)."""
+
+    covers: int
+    path: Path | None
+    data: dict[bytes, bytes]
+    expires: dict[bytes, int]
+    count: int
+
+
+def _missing(present: set[int], first: int, last: int) -> list[int]:
+    return [n for n in range(first, last + 1) if n not in present]
+
+
+def _choose_base(
+    directory: Path, present: set[int], repair: bool, warnings: list[str]
+) -> tuple[_Base, bool]:
+    """The snapshot to start from, and whether a repair lost part of one.
+
+    Tries the snapshots newest first; an older one (or none) replaces a
+    damaged newer one only if the segments between them are all present.
+    """
+    damaged: tuple[CorruptSnapshot, _Base] | None = None
+    chosen = _Base(0, None, {}, {}, 0)
+    for covers, path in reversed(list_snapshots(directory)):
+        candidate = _Base(covers, path, {}, {}, 0)
+        try:
+            candidate.count = load_snapshot_into(path, candidate.data, candidate.expires)
+        except CorruptSnapshot as exc:
+            if damaged is None:
+                damaged = (exc, candidate)
+            warnings.append(str(exc))
+            continue
+        chosen = candidate
+        break
+    if damaged is None:
+        return chosen, False
+    error, partial = damaged
+    gap = _missing(present, chosen.covers + 1, partial.covers)
+    if not gap:
+        source = chosen.path.name if chosen.path is not None else "no snapshot"
+        warnings.append(f"recovering from {source} and the log instead: nothing is lost")
+        return chosen, False
+    if not repair:
+        raise error
+    assert partial.path is not None
+    aside = partial.path.with_name(f"{partial.path.name}.corrupt-{error.offset}")
+    os.replace(partial.path, aside)
+    partial.count = len(partial.data)
+    warnings.append(
+        f"repair: kept the {partial.count} entries of {partial.path.name} before offset "
+        f"{error.offset} and moved the file to {aside.name}"
+    )
+    partial.path = None
+    return partial, True
+
+
+def _remove_temp_files(directory: Path, warnings: list[str]) -> None:
+    for path in directory.iterdir():
+        if path.name.startswith("snap-") and path.name.endswith(TEMP_SUFFIX):
+            path.unlink()
+            warnings.append(f"removed {path.name}, a snapshot a crash left unfinished")
+
+
+def _replay_segment(
+    path: Path,
+    data: dict[bytes, bytes],
+    expires: dict[bytes, int],
+    repair: bool,
+    warnings: list[str],
+) -> int:
+    """Apply the records of segment ``path``; deal with a damaged tail; return the count."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            return 0
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            result = replay(buf, data, expires)
+            problem = result.problem
+            remainder = buf[result.end :] if isinstance(problem, Corrupt) and repair else b""
+    if problem is None:
+        return result.count
+    offset = problem.offset
+    if isinstance(problem, Torn):
+        _truncate(path, offset)
+        warnings.append(
+            f"{path}: truncated a torn record at offset {offset} ({size - offset} bytes, "
+            "left by a crash during an append)"
+        )
+        return result.count
+    if not repair:
+        raise CorruptLog(path, offset, problem.reason)
+    aside = path.with_name(f"{path.name}.corrupt-{offset}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(remainder)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _truncate(path, offset)
+    warnings.append(
+        f"repair: {path}: {problem.reason} at offset {offset}; kept the {result.count} records "
+        f"before it and moved the remaining {size - offset} bytes to {aside.name}"
+    )
+    return result.count
+
+
+def _truncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(directory: Path, *, now_ms: int, repair: bool = False) -> Recovered:
+    """Rebuild a shard's state from its snapshot and log in ``directory``.
+
+    Blocking (reads every byte of the snapshot and the log): run it in a
+    worker thread. Changes files only as the module docstring says (torn
+    tails, and with ``repair`` the damaged parts, moved aside).
+
+    Args:
+        directory: the shard's data directory (missing: an empty shard).
+        now_ms: the current Unix time in ms; keys expired by then are dropped.
+        repair: keep every valid record instead of stopping at damage.
+
+    Raises:
+        CorruptLog: a corrupt record or a missing segment (not with ``repair``).
+        CorruptSnapshot: a damaged snapshot that no older one can replace
+            (not with ``repair``).
+        OSError: a file cannot be read, truncated or written.
+    """
+    warnings: list[str] = []
+    if not directory.exists():
+        return Recovered({}, {}, warnings, 0, 0, 0, 0, None)
+    _remove_temp_files(directory, warnings)
+    segments = list_segments(directory)
+    present = {n for n, _ in segments}
+    base, rebase = _choose_base(directory, present, repair, warnings)
+    after = [(n, path) for n, path in segments if n > base.covers]
+    last = max([base.covers, *present, *(covers for covers, _ in list_snapshots(directory))])
+    if after:
+        gap = _missing(present, base.covers + 1, after[-1][0])
+        if gap:
+            where = directory / segment_name(gap[0])
+            reason = (
+                f"segments {gap[0]}..{gap[-1]} are missing, and segment {after[-1][0]} needs them"
+            )
+            if not repair:
+                raise CorruptLog(where, 0, reason)
+            warnings.append(f"repair: {where}: {reason}; replaying the segments present")
+            rebase = True
+    data, expires = base.data, base.expires
+    replayed = 0
+    for _, path in after:
+        replayed += _replay_segment(path, data, expires, repair, warnings)
+    expired = [key for key, at in expires.items() if at <= now_ms]
+    for key in expired:
+        del data[key]
+        del expires[key]
+    snapshot = base.path
+    if rebase:
+        snapshot = write_snapshot(
+            directory, ((key, value, expires.get(key)) for key, value in data.items()), covers=last
+        )
+        for n, path in segments:
+            if n <= last:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        fsync_directory(directory)
+        warnings.append(
+            f"repair: wrote {snapshot.name} of the recovered state and removed the segments "
+            "it covers, so the next start needs no repair"
+        )
+    return Recovered(data, expires, warnings, last, replayed, base.count, len(expired), snapshot)

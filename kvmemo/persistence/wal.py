@@ -1,0 +1,405 @@
+"""The write-ahead log of one shard: append-only segment files (synchronous, no trio).
+
+Design. A shard's log is a sequence of segment files ``wal-00000001.log``,
+``wal-00000002.log``, ... in the shard's data directory, each a plain
+concatenation of encoded records (:mod:`.records`). Only the newest segment,
+the *current* one, is written, through a file descriptor opened ``O_APPEND``.
+A snapshot covering segment N makes every segment <= N redundant, and
+:meth:`SegmentedLog.remove_through` deletes them. Segment numbers only grow,
+across restarts too: a new log starts after the highest number in use by a
+segment *or a snapshot*, so no segment written later can ever be mistaken for
+one a snapshot already covers.
+
+Durability is split in two calls so that the integration can group commits:
+:meth:`SegmentedLog.append` writes a batch with ``os.write`` (into the page
+cache: fast, called from the event loop) and :meth:`SegmentedLog.sync` makes
+every batch appended before it durable with ``os.fsync`` (slow, called from a
+worker thread). With ``appendfsync always`` a batch is acknowledged after the
+``sync`` that follows its ``append``; with ``everysec`` a timer syncs once a
+second and batches are acknowledged after their append; with ``no`` the
+kernel decides (see :class:`AppendFsync`).
+
+Failures. A failed append (disk full, file too large, I/O error) truncates
+the segment back to its size before the batch, so the log never holds part
+of a batch followed by later records, and re-raises the ``OSError`` with the
+segment's path in it. A failed sync raises too, and from then on the segment
+is not trusted: after an ``fsync`` error Linux may drop the dirty pages and
+report success to the next ``fsync``, so the next append starts a new segment
+instead of writing after data that may be gone (and :meth:`sync` refuses with
+:class:`LogFailedError` until then). Records acknowledged before the failure
+stay in their segments; the integration should write a snapshot soon after,
+so that the suspect segment is no longer needed. The same happens when an
+append fails and its truncation fails too.
+
+Threads. ``append``, ``rotate``, ``remove_through`` and ``close`` are called
+from one thread (the event loop); ``sync`` from one worker thread at a time.
+``os.write`` on an ``O_APPEND`` descriptor and ``os.fsync`` on the same
+descriptor may run concurrently (the kernel serialises them on the inode);
+``sync`` makes durable at least every record whose ``append`` returned before
+``sync`` was called. A short lock guards the Python state; a second lock is
+held by ``sync`` for its whole run, and a descriptor is only ever closed by a
+holder of that second lock, so ``rotate`` and ``remove_through`` never close a
+descriptor a running ``fsync`` uses (they hand it over to the next ``sync``
+or to ``close``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .records import Record, encode
+from .snapshot import list_snapshots
+
+SEGMENT_BYTES = 64 * 1024 * 1024  # bytes in a segment before the next append rotates
+_SEGMENT_RE = re.compile(r"wal-(\d{8,})\.log")
+
+
+class AppendFsync(enum.Enum):
+    """When the integration calls :meth:`SegmentedLog.sync` (``appendfsync`` option).
+
+    - ``ALWAYS``: after each batch's append, before acknowledging it (group
+      commit: one fsync per batch). Nothing acknowledged is ever lost.
+    - ``EVERYSEC``: once a second; acknowledge after the append. A crash of
+      the machine loses at most about a second of writes; a crash of the
+      process alone loses nothing (the page cache survives it).
+    - ``NO``: never; the kernel writes back when it likes.
+    """
+
+    ALWAYS = "always"
+    EVERYSEC = "everysec"
+    NO = "no"
+
+
+class LogFailedError(OSError):
+    """A sync failed earlier and the segment is no longer trusted; see the module docstring."""
+
+
+def segment_name(number: int) -> str:
+    """The file name of segment ``number`` (``wal-00000001.log``)."""
+    return f"wal-{number:08d}.log"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """The segments of ``directory`` as ``(number, path)``, oldest first.
+
+    Files with other names (``.corrupt-*`` leftovers, snapshots) are ignored.
+    """
+    found = []
+    for path in directory.iterdir():
+        match = _SEGMENT_RE.fullmatch(path.name)
+        if match is not None:
+            found.append((int(match.group(1)), path))
+    found.sort()
+    return found
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` (created, renamed files) durable.
+
+    Raises:
+        OSError: the directory cannot be opened or synced.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        raise named(err, directory) from err
+    finally:
+        os.close(fd)
+
+
+def named(err: OSError, path: Path) -> OSError:
+    """``err`` again, as the same ``OSError`` subclass, with ``path`` in its message."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror, str(path))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may be short).
+
+    Raises:
+        OSError: a write failed; part of ``data`` may have been written.
+    """
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _close_quietly(fd: int) -> None:
+    # A descriptor is closed only after its fsync succeeded or once its data
+    # no longer matters; a close error tells nothing more about the data.
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class SegmentedLog:
+    """The append-only log of one shard, as numbered segment files.
+
+    Opening the log creates the directory if needed and a new, empty segment
+    numbered after every segment and snapshot already there; recovery
+    (:func:`~.recovery.recover`) must have run before, since appends never go
+    after old records.
+
+    Args:
+        directory: the shard's data directory.
+        segment_bytes: size past which the next append starts a new segment.
+
+    Raises:
+        ValueError: ``segment_bytes`` < 1.
+        OSError: the directory or the segment cannot be created.
+
+    Invariants: the current segment is the highest-numbered one; its size is
+    ``self._size`` and every byte of it belongs to a complete record of a
+    completed ``append`` (unless the log is failed); ``self._sizes`` has an
+    entry for every segment on disk this log knows of.
+    """
+
+    def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+        if segment_bytes < 1:
+            raise ValueError(f"segment_bytes must be >= 1, got {segment_bytes}")
+        self._directory = directory
+        self._segment_bytes = segment_bytes
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            fsync_directory(directory.parent)
+        self._sizes: dict[int, int] = {n: p.stat().st_size for n, p in list_segments(directory)}
+        last = max([0, *self._sizes, *(covers for covers, _ in list_snapshots(directory))])
+        self._lock = threading.Lock()  # guards the state below; held briefly
+        self._sync_lock = threading.Lock()  # held by sync() and close(); only holders close fds
+        self._retired: list[tuple[int, int]] = []  # (number, fd) of closed segments to fsync
+        self._abandoned: list[int] = []  # fds to close without fsync (their segment is gone)
+        self._dir_dirty = True  # a segment was created since the directory was last synced
+        self._failed: OSError | None = None
+        self._closed = False
+        self._number = last + 1
+        self._fd = self._create(self._number)
+        self._size = 0
+        self._sizes[self._number] = 0
+
+    @property
+    def directory(self) -> Path:
+        """The shard's data directory."""
+        return self._directory
+
+    @property
+    def current(self) -> int:
+        """The number of the segment appends go to."""
+        return self._number
+
+    def path(self, number: int) -> Path:
+        """The path of segment ``number``."""
+        return self._directory / segment_name(number)
+
+    def _create(self, number: int) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        return os.open(self.path(number), flags, 0o644)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed log")
+
+    def append(self, records: Sequence[Record]) -> int:
+        """Write ``records`` at the end of the current segment, as one batch.
+
+        Not durable until the next :meth:`sync`. If the current segment has
+        reached ``segment_bytes``, or the log has failed, a new segment is
+        started first.
+
+        Returns:
+            The number of bytes written (0 for no records).
+
+        Raises:
+            ValueError: a record breaks a shape rule (nothing written), or
+                the log is closed.
+            OSError: the write failed (the segment is truncated back to its
+                size before the batch when possible; see the module docstring)
+                or a new segment could not be created.
+        """
+        return self.append_encoded(b"".join([encode(record) for record in records]))
+
+    def append_encoded(self, data: bytes) -> int:
+        """:meth:`append` for records already encoded (``records.encode_fields``).
+
+        ``data`` must be whole encoded records; they are written as one batch.
+        """
+        if not data:
+            return 0
+        with self._lock:
+            self._check_open()
+            if self._failed is not None or self._size >= self._segment_bytes:
+                self._rotate_locked()
+            fd = self._fd
+            before = self._size
+            try:
+                write_all(fd, data)
+            except OSError as exc:
+                error = named(exc, self.path(self._number))
+                self._truncate_back(fd, before, error)
+                if error is exc:
+                    raise
+                raise error from exc
+            except BaseException:
+                self._truncate_back(fd, before, None)
+                raise
+            self._size = before + len(data)
+            self._sizes[self._number] = self._size
+            return len(data)
+
+    def _truncate_back(self, fd: int, size: int, error: OSError | None) -> None:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as err:
+            # Part of the batch stays at the end of the segment: a torn tail
+            # that recovery cuts off. Nothing may be written after it.
+            self._failed = named(err, self.path(self._number))
+            if error is not None:
+                error.add_note(f"truncating the segment back to {size} bytes failed too: {err}")
+
+    def sync(self) -> None:
+        """Make every record appended before this call durable (``os.fsync``).
+
+        Syncs the segments retired by :meth:`rotate` since the last sync, the
+        current segment, and the directory if a segment was created.
+
+        Raises:
+            LogFailedError: an earlier sync failed and nothing was appended
+                since (the next append starts a new segment).
+            OSError: an fsync failed; the log is failed from now on.
+            ValueError: the log is closed.
+        """
+        with self._sync_lock:
+            with self._lock:
+                self._check_open()
+                if self._failed is not None:
+                    failed = self._failed
+                    raise LogFailedError(
+                        failed.errno if failed.errno is not None else errno.EIO,
+                        f"segment {segment_name(self._number)} failed earlier ({failed}); "
+                        "append to continue in a new segment",
+                    )
+                retired, self._retired = self._retired, []
+                abandoned, self._abandoned = self._abandoned, []
+                fd, number = self._fd, self._number
+                dir_dirty, self._dir_dirty = self._dir_dirty, False
+            for old in abandoned:
+                _close_quietly(old)
+            current = number  # the segment being synced, to name it in an error
+            try:
+                for n, old in retired:
+                    current = n
+                    os.fsync(old)
+                current = number
+                os.fsync(fd)
+                if dir_dirty:
+                    fsync_directory(self._directory)
+            except OSError as err:
+                failure = named(err, self.path(current))
+                with self._lock:
+                    self._failed = failure
+                    self._dir_dirty = self._dir_dirty or dir_dirty
+                if failure is err:
+                    raise
+                raise failure from err
+            finally:
+                for _, old in retired:
+                    _close_quietly(old)
+
+    def rotate(self) -> int:
+        """Start a new segment; later appends go to it.
+
+        The closed segment stays on disk and is synced by the next
+        :meth:`sync`. Use before a snapshot: the snapshot covers the
+        returned number, then :meth:`remove_through` it.
+
+        Returns:
+            The number of the segment just closed.
+
+        Raises:
+            OSError: the new segment cannot be created (nothing changed).
+            ValueError: the log is closed.
+        """
+        with self._lock:
+            self._check_open()
+            return self._rotate_locked()
+
+    def _rotate_locked(self) -> int:
+        closed = self._number
+        fd = self._create(closed + 1)
+        self._retired.append((closed, self._fd))
+        self._fd, self._number, self._size = fd, closed + 1, 0
+        self._sizes[self._number] = 0
+        self._dir_dirty = True
+        self._failed = None
+        return closed
+
+    def segments(self) -> list[Path]:
+        """The paths of every segment on disk, oldest first (the current one last)."""
+        with self._lock:
+            return [self.path(n) for n in sorted(self._sizes)]
+
+    def size(self) -> int:
+        """Bytes in all segments (as appended; a failed append counts nothing)."""
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def remove_through(self, number: int) -> None:
+        """Delete every segment numbered <= ``number`` (a snapshot covers them).
+
+        Raises:
+            ValueError: ``number`` is the current segment or later, or the
+                log is closed.
+            OSError: a segment cannot be deleted (those before it are gone).
+        """
+        with self._lock:
+            self._check_open()
+            if number >= self._number:
+                raise ValueError(
+                    f"number must be < the current segment {self._number}, got {number}"
+                )
+            for n in sorted(k for k in self._sizes if k <= number):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(n))
+                del self._sizes[n]
+            keep = []
+            for n, fd in self._retired:
+                if n <= number:
+                    self._abandoned.append(fd)
+                else:
+                    keep.append((n, fd))
+            self._retired = keep
+            if self._abandoned and self._sync_lock.acquire(blocking=False):
+                try:
+                    for fd in self._abandoned:
+                        _close_quietly(fd)
+                    self._abandoned.clear()
+                finally:
+                    self._sync_lock.release()
+
+    def close(self) -> None:
+        """Close every descriptor, without syncing (call :meth:`sync` first).
+
+        Waits for a running :meth:`sync`. Idempotent.
+        """
+        with self._sync_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in [self._fd, *(fd for _, fd in self._retired), *self._abandoned]:
+                _close_quietly(fd)
+            self._retired.clear()
+            self._abandoned.clear()
+
+    def __enter__(self) -> SegmentedLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

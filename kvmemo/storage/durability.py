@@ -1,0 +1,147 @@
+"""A shard's durability: the effects it journals and the log they go to.
+
+Design: a shard's store records the *effect* of every write in its
+:class:`Journal` (a SET with the full value and an absolute expiry in Unix
+milliseconds, a DEL, an EXPIRE, a FLUSH), synchronously, in the same
+checkpoint-free section as the change itself. The shard actor commits the
+journal once per drained batch of messages (group commit): one append to
+its :class:`~kvmemo.persistence.SegmentedLog`, then, with
+``appendfsync always``, one fsync in a worker thread before any reply of
+the batch is delivered. ``everysec`` syncs from a background loop at least
+once a second; ``no`` leaves syncing to the OS.
+
+Expiry is journalled as an absolute time, so replay is deterministic and a
+key that expired while the server was down is not loaded. Lazy and active
+expiry deletions are not journalled (the absolute expiry says it all);
+evictions and deletions are.
+
+:class:`ShardDurability` belongs to the shard's lasting state (like the
+store), so a restarted shard keeps appending to the same log.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from pathlib import Path
+
+from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields
+
+
+class Journal:
+    """Encoded effects of writes not yet handed to the log.
+
+    ``offset`` converts the store's monotonic times to Unix time (seconds):
+    the shard refreshes it from both clocks before each batch.
+    """
+
+    __slots__ = ("offset", "records")
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.offset = 0.0
+
+    def unix_ms(self, expires_at: float | None) -> int | None:
+        return None if expires_at is None else round((expires_at + self.offset) * 1000)
+
+    def set(self, key: bytes, value: bytes, expires_at: float | None) -> None:
+        self.records.append(encode_fields(Op.SET, key, value, self.unix_ms(expires_at)))
+
+    def delete(self, key: bytes) -> None:
+        self.records.append(encode_fields(Op.DEL, key))
+
+    def expire(self, key: bytes, expires_at: float | None) -> None:
+        self.records.append(encode_fields(Op.EXPIRE, key, b"", self.unix_ms(expires_at)))
+
+    def flush(self) -> None:
+        self.records.append(encode_fields(Op.FLUSH, b""))
+
+    def take(self) -> bytes:
+        """Everything journalled since the last take, as one buffer."""
+        data = b"".join(self.records)
+        self.records.clear()
+        return data
+
+
+class Health(enum.Enum):
+    """Whether the shard's writes are being made durable."""
+
+    OK = "ok"
+    FAILING = "failing"  # the last append or sync failed; writes are refused until one succeeds
+
+
+class ShardDurability:
+    """The log, policy and health of one shard's persistence.
+
+    Invariants: ``dirty`` is True when bytes were appended since the last
+    successful sync; ``error`` holds the last failure while ``health`` is
+    FAILING.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        fsync: AppendFsync,
+        *,
+        segment_bytes: int,
+        snapshot_bytes: int,
+    ) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.snapshot_bytes = snapshot_bytes
+        self.journal = Journal()
+        self.log: SegmentedLog | None = None
+        self.dirty = False
+        self.health = Health.OK
+        self.error: str | None = None
+        self.last_sync = time.time()
+        self.last_save: float | None = None
+        self.last_snapshot_pause_ms: float | None = None
+        self.saving = False
+
+    def open(self) -> None:
+        """Open the log for appending (after recovery ran)."""
+        if self.log is None:
+            self.log = SegmentedLog(self.directory, segment_bytes=self.segment_bytes)
+
+    def append(self) -> int:
+        """Append the journal to the log (buffered, no sync); bytes written.
+
+        Raises:
+            OSError: the write failed (disk full, read-only, ...).
+        """
+        data = self.journal.take()
+        if not data:
+            return 0
+        assert self.log is not None
+        self.log.append_encoded(data)
+        self.dirty = True
+        return len(data)
+
+    def synced(self) -> None:
+        self.dirty = False
+        self.last_sync = time.time()
+        self.health = Health.OK
+        self.error = None
+
+    def failed(self, exc: OSError) -> None:
+        self.health = Health.FAILING
+        self.error = f"{exc.strerror or exc}: {exc.filename or self.directory}"
+
+    def log_size(self) -> int:
+        return 0 if self.log is None else self.log.size()
+
+    def sync_lag(self) -> float:
+        """Seconds since the log was last known durable (0 when nothing is pending)."""
+        return round(time.time() - self.last_sync, 3) if self.dirty else 0.0
+
+    def info(self) -> dict[str, object]:
+        return {
+            "health": self.health.value,
+            "error": self.error,
+            "log_bytes": self.log_size(),
+            "sync_lag_seconds": self.sync_lag(),
+            "last_save": self.last_save,
+            "last_snapshot_pause_ms": self.last_snapshot_pause_ms,
+        }
