@@ -78,6 +78,10 @@ def _max_value_size(value: int | str) -> int:
     return parse_size(value, what="max_value_size")
 
 
+def _snapshot_bytes(value: int | str) -> int:
+    return parse_size(value, what="snapshot_log_bytes")
+
+
 @attrs.frozen
 class StoreConfig:
     """Settings of one store (the engine and its actors).
@@ -102,6 +106,12 @@ class StoreConfig:
         max_restarts, restart_period: a supervisor gives up after more than
             ``max_restarts`` restarts within ``restart_period`` seconds.
         chaos: allow killing actors through commands (``debug.kill``).
+        data_dir: the data directory; persistence is off when None.
+        appendfsync: ``always`` (acknowledge after fsync, group commit),
+            ``everysec`` (fsync at least once a second) or ``no`` (the OS decides).
+        repair: start despite a corrupt log, keeping every valid record and
+            moving the rest aside.
+        snapshot_log_bytes: log size of one shard that triggers its snapshot.
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)
@@ -124,6 +134,10 @@ class StoreConfig:
     max_restarts: int = attrs.field(default=20, validator=_at_least_one)
     restart_period: float = attrs.field(default=10.0, validator=_positive)
     chaos: bool = False
+    data_dir: str | None = None
+    appendfsync: str = "everysec"
+    repair: bool = False
+    snapshot_log_bytes: int = attrs.field(default=256 * 1024 * 1024, converter=_snapshot_bytes)
 
     def __attrs_post_init__(self) -> None:
         if self.shards > 16384:
@@ -133,6 +147,12 @@ class StoreConfig:
                 "eviction_target must be <= eviction_watermark, got"
                 f" {self.eviction_target} > {self.eviction_watermark}"
             )
+        if self.appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(
+                f"appendfsync must be always, everysec or no, got {self.appendfsync!r}"
+            )
+        if self.data_dir is not None and not self.data_dir:
+            raise ValueError("data_dir must not be empty")
         if self.restart_backoff_max < self.restart_backoff:
             raise ValueError(
                 "restart_backoff_max must be >= restart_backoff, got"

@@ -118,6 +118,7 @@ async def open_node(
     server_config = server_config if server_config is not None else ServerConfig()
     engine, server, extra, bound = build(store, server_config)
     await server.bind()
+    await engine.prepare()  # recovery from disk, when persistence is on
     body_error: BaseException | None = None
     start_error: OSError | None = None
     try:

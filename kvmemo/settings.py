@@ -204,6 +204,18 @@ SETTINGS: list[Setting] = [
     ),
     Setting("mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox"),
     Setting("chaos", "store", "chaos", _bool, "enable debug.kill (chaos testing)"),
+    Setting("dir", "store", "data_dir", _str, "data directory: turns persistence on (off)"),
+    Setting("appendfsync", "store", "appendfsync", _str, "always, everysec or no (everysec)"),
+    Setting(
+        "repair", "store", "repair", _bool, "start despite a corrupt log, keeping valid records"
+    ),
+    Setting(
+        "snapshot_log_size",
+        "store",
+        "snapshot_log_bytes",
+        _size("snapshot-log-size"),
+        "log size of a shard that triggers its snapshot (256MiB)",
+    ),
     Setting("log_level", "cli", "log_level", _log_level, "debug, info, warning or error (info)"),
 ]
 
@@ -233,7 +245,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(s.flag, dest=s.name, default=None, help=s.help)
 
 
-TOML_TABLES = frozenset({"server", "store", "limits"})
+TOML_TABLES = frozenset({"server", "store", "limits", "persistence"})
 """Tables a TOML file may group its settings under (or put them at the top level)."""
 
 

@@ -1,0 +1,122 @@
+"""The engine's side of persistence: recovery before start, SAVE, and its report.
+
+The engine still owns no data: it asks each shard actor to snapshot itself
+(:class:`~kvmemo.storage.durable_shard.Save`) and waits for every shard's
+ticket; it gathers each shard's figures for ``info persistence``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from actors import ActorCrashed, ActorRef, ActorState, ActorStopped, AskTimeout
+
+from ..config import StoreConfig
+from ..errors import DisabledError, PersistenceIOError, UnavailableError
+from ..eviction.memory import MemoryTracker
+from ..eviction.policies import make_policy
+from ..persistence import AppendFsync
+from ..storage.durable_shard import PersistenceConfig, PersistenceInfo, Save, prepare_stores
+from ..storage.store import ShardStore
+
+log = logging.getLogger("kvmemo.persistence")
+
+
+def persistence_config(config: StoreConfig) -> PersistenceConfig | None:
+    """The persistence settings of a store, or None when persistence is off."""
+    if config.data_dir is None:
+        return None
+    return PersistenceConfig(
+        Path(config.data_dir),
+        AppendFsync(config.appendfsync),
+        repair=config.repair,
+        snapshot_bytes=config.snapshot_log_bytes,
+    )
+
+
+async def recover_all(
+    config: StoreConfig, persistence: PersistenceConfig, tracker: MemoryTracker
+) -> dict[int, ShardStore]:
+    """Rebuild every shard from disk before the tree starts (logs each warning)."""
+    stores, warnings = await prepare_stores(
+        config.shards, tracker, lambda: make_policy(config.eviction_policy), persistence
+    )
+    for warning in warnings:
+        log.warning("%s", warning)
+    keys = sum(len(s.data) for s in stores.values())
+    log.info("recovered %d keys from %s", keys, persistence.directory)
+    return stores
+
+
+async def save(
+    shards: list[ActorRef], persistence: PersistenceConfig | None, timeout: float
+) -> str:
+    """SAVE: a snapshot of every shard; "OK" once all are durable.
+
+    Raises:
+        DisabledError: persistence is off.
+        UnavailableError: a shard is restarting.
+        PersistenceIOError: a snapshot could not be written.
+    """
+    if persistence is None:
+        raise DisabledError("persistence is not enabled on this server (start it with --dir)")
+    tickets = []
+    for ref in shards:
+        if ref.state is not ActorState.RUNNING:
+            raise UnavailableError(f"{ref.name} is restarting", retry_after_ms=100)
+        try:
+            tickets.append(await ref.ask(Save(), timeout=timeout))
+        except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+            raise PersistenceIOError(
+                f"{ref.name} could not snapshot: {exc}", applied=False
+            ) from None
+    for ticket in tickets:
+        await ticket.wait()
+    return "OK"
+
+
+async def info(
+    shards: list[ActorRef], persistence: PersistenceConfig | None, timeout: float
+) -> dict[str, Any]:
+    """The ``persistence`` section of ``info``."""
+    if persistence is None:
+        return {"enabled": False}
+    per_shard = []
+    for ref in shards:
+        if ref.state is not ActorState.RUNNING:
+            per_shard.append({"shard": ref.name, "health": "restarting"})
+            continue
+        try:
+            figures = await ref.ask(PersistenceInfo(), timeout=timeout)
+        except (ActorCrashed, ActorStopped, AskTimeout):
+            per_shard.append({"shard": ref.name, "health": "restarting"})
+            continue
+        per_shard.append({"shard": ref.name, **figures})
+    saves = [s["last_save"] for s in per_shard if s.get("last_save")]
+    failing = [s["shard"] for s in per_shard if s.get("health") == "failing"]
+    return {
+        "enabled": True,
+        "dir": str(persistence.directory),
+        "appendfsync": persistence.appendfsync.value,
+        "health": "failing" if failing else "ok",
+        "failing_shards": failing,
+        "errors": [s["error"] for s in per_shard if s.get("error")],
+        "log_bytes": sum(int(s.get("log_bytes") or 0) for s in per_shard),
+        "sync_lag_seconds": max(
+            (float(s.get("sync_lag_seconds") or 0) for s in per_shard), default=0.0
+        ),
+        "last_save": min(saves) if len(saves) == len(per_shard) and saves else None,
+        "last_snapshot_pause_ms": max(
+            (
+                float(s["last_snapshot_pause_ms"])
+                for s in per_shard
+                if s.get("last_snapshot_pause_ms") is not None
+            ),
+            default=None,
+        ),
+        "shards": per_shard,
+    }
+
+

@@ -1,0 +1,367 @@
+"""Shards with persistence: group commit, background sync, snapshots, recovery.
+
+Design (see :mod:`kvmemo.storage.durability` for the journal):
+
+- **Group commit.** :class:`DurableShardActor` is a ``group_commit`` actor:
+  the runtime holds the replies of each drained batch until :meth:`commit`
+  has appended the batch's journal to the log and, with ``appendfsync
+  always``, synced it once in a worker thread. A failed append or sync
+  fails that batch's replies with ``IO`` (``applied`` null: the change is
+  in memory but may not be on disk); reads keep working.
+- **everysec / no.** A background loop syncs a dirty log at least once a
+  second (``everysec``); ``no`` leaves it to the OS.
+- **Snapshots without a global pause.** ``Save`` rotates the log, copies the
+  shard's two dicts (the only pause, measured and reported) and hands the
+  copy to the shard's background writer; the snapshot is written, synced
+  and renamed in a worker thread while the shard keeps serving, then the
+  log segments it covers are removed. Only this shard pauses, only for the
+  copy. Triggered by the ``save`` command, by log size, and on graceful stop.
+- **Recovery.** Before the tree starts, every shard's directory is
+  recovered in a worker thread (newest valid snapshot, then the log); a
+  restarted shard whose in-memory state fails its invariant check reloads
+  from its own directory in ``on_start``, in a worker thread, while the
+  other shards serve.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from actors import ActorContext
+
+from ..errors import PersistenceIOError
+from ..eviction.memory import MemoryTracker
+from ..eviction.policies import EvictionPolicy
+from ..persistence import AppendFsync, recover, write_snapshot
+from .durability import Health, ShardDurability
+from .shard import ShardActor
+from .store import ShardStore
+
+SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
+SNAPSHOT_QUEUE = 2  # snapshots a shard may have waiting for its writer
+
+
+@attrs.frozen
+class PersistenceConfig:
+    """Where and how shards persist.
+
+    Attributes:
+        directory: the data directory; each shard uses ``shard-N/`` in it.
+        appendfsync: ``always``, ``everysec`` or ``no``.
+        repair: start despite a corrupt log, keeping every valid record.
+        segment_bytes: log segment size.
+        snapshot_bytes: log size of a shard that triggers its snapshot.
+    """
+
+    directory: Path
+    appendfsync: AppendFsync = AppendFsync.EVERYSEC
+    repair: bool = False
+    segment_bytes: int = 64 * 1024 * 1024
+    snapshot_bytes: int = 256 * 1024 * 1024
+
+    def shard_dir(self, shard: int) -> Path:
+        return self.directory / f"shard-{shard}"
+
+
+def _wall_offset() -> float:
+    """Unix time minus trio time: adds to a monotonic deadline to make it absolute."""
+    return time.time() - trio.current_time()
+
+
+def _to_monotonic(expires_ms: dict[bytes, int]) -> dict[bytes, float]:
+    offset = _wall_offset()
+    return {k: ms / 1000 - offset for k, ms in expires_ms.items()}
+
+
+async def recover_store(store: ShardStore, config: PersistenceConfig, *, repair: bool) -> list[str]:
+    """Reload ``store`` from its shard directory (in a worker thread); the warnings.
+
+    Raises:
+        CorruptLog, CorruptSnapshot: damage recovery may not skip (without repair).
+        OSError: the directory cannot be read.
+    """
+    directory = config.shard_dir(store.shard_id)
+    now_ms = int(time.time() * 1000)
+    recovered = await trio.to_thread.run_sync(
+        lambda: recover(directory, now_ms=now_ms, repair=repair)
+    )
+    store.load(recovered.data, _to_monotonic(recovered.expires))
+    return list(recovered.warnings)
+
+
+@attrs.define
+class SaveTicket:
+    """The promise of one shard's snapshot; ``wait`` returns when it is durable."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: BaseException | None = None
+    pause_ms: float = 0.0
+    entries: int = 0
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Save:
+    """Snapshot this shard; the reply is a :class:`SaveTicket`."""
+
+    __slots__ = ()
+
+
+class SyncNow:
+    """Sync the log now (tests and shutdown); reply None, or raise IO."""
+
+    __slots__ = ()
+
+
+class PersistenceInfo:
+    """The shard's persistence figures for ``info persistence``."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> dict[str, object]:
+        assert store.durability is not None
+        return store.durability.info()
+
+
+class DurableShardActor(ShardActor):
+    """A shard whose acknowledged writes survive a crash of the process."""
+
+    group_commit = True
+
+    def __init__(self, ctx: ActorContext, hold_timeout: float, config: PersistenceConfig) -> None:
+        super().__init__(ctx, hold_timeout)
+        assert self.store.durability is not None
+        self.dur: ShardDurability = self.store.durability
+        self.config = config
+        self._sync_lock = trio.Lock()
+        self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
+            SNAPSHOT_QUEUE
+        )
+
+    async def on_start(self) -> None:
+        store = self.store
+        if store.needs_recovery:
+            # Our memory could not be trusted: reload this shard from disk
+            # (in a thread: the other shards keep serving).
+            if self.dur.log is not None:
+                self.dur.log.close()
+                self.dur.log = None
+            await recover_store(store, self.config, repair=True)
+            store.needs_recovery = False
+        self.dur.journal.offset = _wall_offset()
+        self.dur.open()
+
+    async def handle(self, message: Any) -> Any:
+        if type(message) is Save:
+            return self._start_snapshot()
+        if type(message) is SyncNow:
+            error = await self._sync()
+            if error is not None:
+                raise error
+            return None
+        return await super().handle(message)
+
+    async def commit(self) -> BaseException | None:
+        dur = self.dur
+        dur.journal.offset = _wall_offset()
+        try:
+            written = dur.append()
+        except OSError as exc:
+            dur.failed(exc)
+            return self._io_error(exc)
+        if written and dur.fsync is AppendFsync.ALWAYS:
+            error = await self._sync()
+            if error is not None:
+                return error
+        if not dur.saving and dur.log_size() > dur.snapshot_bytes:
+            self._start_snapshot()
+        return None
+
+    async def _sync(self) -> PersistenceIOError | None:
+        dur = self.dur
+        log = dur.log
+        if log is None or not dur.dirty:
+            return None
+        async with self._sync_lock:
+            try:
+                await trio.to_thread.run_sync(log.sync)
+            except OSError as exc:
+                dur.failed(exc)
+                return self._io_error(exc)
+        dur.synced()
+        return None
+
+    def _io_error(self, exc: OSError) -> PersistenceIOError:
+        return PersistenceIOError(
+            f"could not make the write durable: {self.dur.error or exc}", applied=None
+        )
+
+    def _start_snapshot(self) -> SaveTicket:
+        """Rotate, copy (the only pause), and queue the write; never blocks."""
+        ticket = SaveTicket()
+        dur = self.dur
+        store = self.store
+        if dur.log is None:
+            ticket.error = PersistenceIOError("the log is not open", applied=False)
+            ticket.done.set()
+            return ticket
+        started = time.perf_counter()
+        try:
+            dur.append()
+            covers = dur.log.rotate()
+        except OSError as exc:
+            dur.failed(exc)
+            ticket.error = self._io_error(exc)
+            ticket.done.set()
+            return ticket
+        data = store.data.copy()
+        expires = store.expires.copy()
+        offset = dur.journal.offset
+        ticket.pause_ms = round((time.perf_counter() - started) * 1000, 3)
+        ticket.entries = len(data)
+        dur.last_snapshot_pause_ms = ticket.pause_ms
+        dur.saving = True
+        job = (_Job(data, expires, offset, covers), ticket)
+        try:
+            self._jobs_send.send_nowait(job)
+        except trio.WouldBlock:
+            dur.saving = False
+            ticket.error = PersistenceIOError("too many snapshots queued", applied=False)
+            ticket.done.set()
+        return ticket
+
+    async def background(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._snapshot_writer)
+            if self.dur.fsync is AppendFsync.EVERYSEC:
+                while True:
+                    await trio.sleep(SYNC_INTERVAL)
+                    await self._sync()
+            await trio.sleep_forever()
+
+    async def _snapshot_writer(self) -> None:
+        async for job, ticket in self._jobs:
+            await self._write(job, ticket)
+
+    async def _write(self, job: _Job, ticket: SaveTicket) -> None:
+        """Write one snapshot in a worker thread, then drop the segments it covers."""
+        dur = self.dur
+        try:
+            await trio.to_thread.run_sync(
+                lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
+            )
+            if dur.log is not None:
+                dur.log.remove_through(job.covers)
+            dur.last_save = time.time()
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError):
+                dur.failed(exc)
+            ticket.error = PersistenceIOError(f"snapshot failed: {exc}", applied=False)
+        finally:
+            dur.saving = False
+            ticket.done.set()
+
+    async def on_stop(self) -> None:
+        # Graceful stop: make everything durable, then snapshot (bounded by
+        # the child's shutdown timeout; the log alone is enough if cut short).
+        await self.commit()
+        await self._sync()
+        ticket = self._start_snapshot()
+        if not ticket.done.is_set():
+            job, _ = self._jobs.receive_nowait()
+            await self._write(job, ticket)
+
+
+@attrs.frozen
+class _Job:
+    data: dict[bytes, bytes]
+    expires: dict[bytes, float]
+    offset: float
+    covers: int
+
+    def entries(self) -> Iterator[tuple[bytes, bytes, int | None]]:
+        expires_get = self.expires.get
+        offset = self.offset
+        for key, value in self.data.items():
+            exp = expires_get(key)
+            yield key, value, (None if exp is None else round((exp + offset) * 1000))
+
+
+def durable_state_factory(
+    shard_id: int,
+    tracker: MemoryTracker,
+    make_policy: Callable[[], EvictionPolicy],
+    config: PersistenceConfig,
+    prepared: dict[int, ShardStore],
+) -> tuple[Callable[[], ShardStore], Callable[[Any], bool], Callable[[Any], ShardStore]]:
+    """The (initial, check, rebuild) hooks of a persistent shard's lasting state.
+
+    ``prepared[shard_id]`` is the store recovery built before the tree started.
+    """
+
+    def new_store() -> ShardStore:
+        store = ShardStore(shard_id, make_policy(), tracker)
+        store.durability = ShardDurability(
+            config.shard_dir(shard_id),
+            config.appendfsync,
+            segment_bytes=config.segment_bytes,
+            snapshot_bytes=config.snapshot_bytes,
+        )
+        store.journal = store.durability.journal
+        return store
+
+    def initial() -> ShardStore:
+        store = prepared.pop(shard_id, None)
+        return store if store is not None else new_store()
+
+    def check(store: Any) -> bool:
+        return isinstance(store, ShardStore) and store.check_invariants()
+
+    def rebuild(store: Any) -> ShardStore:
+        fresh = new_store()
+        if isinstance(store, ShardStore) and store.durability is not None:
+            fresh.durability = store.durability
+            fresh.journal = store.durability.journal
+            fresh.journal.records.clear()  # effects of an untrusted state: not logged
+        fresh.needs_recovery = True
+        tracker.reset_shard(shard_id, 0)
+        return fresh
+
+    return initial, check, rebuild
+
+
+async def prepare_stores(
+    shards: int,
+    tracker: MemoryTracker,
+    make_policy: Callable[[], EvictionPolicy],
+    config: PersistenceConfig,
+) -> tuple[dict[int, ShardStore], list[str]]:
+    """Recover every shard from disk before the tree starts; (stores, warnings).
+
+    Raises:
+        CorruptLog, CorruptSnapshot: damage without ``repair`` (names file and offset).
+        OSError: the data directory cannot be used.
+    """
+    stores: dict[int, ShardStore] = {}
+    warnings: list[str] = []
+    for shard in range(shards):
+        make, _, _ = durable_state_factory(shard, tracker, make_policy, config, {})
+        store = make()
+        warnings += [f"shard-{shard}: {w}" for w in await recover_store(
+            store, config, repair=config.repair
+        )]
+        stores[shard] = store
+    return stores, warnings
+
+
+def health_of(store: ShardStore) -> Health:
+    return Health.OK if store.durability is None else store.durability.health

@@ -1,0 +1,91 @@
+"""Persistence through the store: writes survive a restart, SAVE, rebuilds from disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+import kvmemo
+from actors import EventKind
+from kvmemo.storage.shard import Inspect
+
+
+async def test_acknowledged_writes_survive_a_restart_with_appendfsync_always(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with kvmemo.open_store(shards=4, data_dir=str(tmp_path), appendfsync="always") as kv:
+            await kv.mset({f"k{i}": f"v{i}" for i in range(200)})
+            await kv.set("ttl", "x", ex=3600)
+            await kv.incr("counter")
+            await kv.incr("counter")
+            await kv.delete("k0")
+            await kv.append("k1", "+more")
+            await kv.expire("k2", -1)  # in the past: deleted
+        async with kvmemo.open_store(shards=4, data_dir=str(tmp_path)) as kv:
+            assert await kv.get("k0") is None
+            assert await kv.get("k1") == b"v1+more"
+            assert await kv.get("k2") is None
+            assert await kv.get("k199") == b"v199"
+            assert await kv.get("counter") == b"2"
+            assert 3500 < await kv.ttl("ttl") <= 3600
+            assert await kv.dbsize() == 200  # 200 - k0 - k2 + ttl + counter
+
+
+async def test_save_writes_a_snapshot_per_shard_and_compacts_the_log(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with kvmemo.open_store(shards=2, data_dir=str(tmp_path)) as kv:
+            for i in range(100):
+                await kv.set(f"key{i}", "x" * 50)
+            assert await kv.execute("save") == "OK"
+            info = (await kv.info("persistence"))["persistence"]
+            assert info["enabled"] is True
+            assert info["last_save"] is not None
+            assert info["health"] == "ok"
+            await kv.set("after-save", "1")
+        for shard in ("shard-0", "shard-1"):
+            assert list((tmp_path / shard).glob("snap-*.kvs")), "a snapshot per shard"
+        async with kvmemo.open_store(shards=2, data_dir=str(tmp_path)) as kv:
+            assert await kv.dbsize() == 101
+            assert await kv.get("key42") == b"x" * 50
+            assert await kv.get("after-save") == b"1"
+
+
+async def test_save_without_persistence_is_disabled() -> None:
+    async with kvmemo.open_store(shards=1) as kv:
+        with pytest.raises(kvmemo.KVMemoError) as err:
+            await kv.execute("save")
+        assert err.value.kind == "DISABLED"
+
+
+async def test_a_shard_whose_state_is_corrupt_reloads_from_disk_while_others_serve(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with kvmemo.open_store(shards=4, data_dir=str(tmp_path), appendfsync="always") as kv:
+            for i in range(100):
+                await kv.set(f"key{i}", f"value{i}")
+            shard = kv.engine.slots.shard_of(b"key7")
+            ref = kv.system.ref(f"shard-{shard}")
+
+            def corrupt(store: object) -> None:
+                store.data[b"key7"] = "not bytes"  # type: ignore[attr-defined]
+
+            await ref.ask(Inspect(corrupt))
+            other = next(
+                f"key{i}"
+                for i in range(100)
+                if kv.engine.slots.shard_of(f"key{i}".encode()) != shard
+            )
+            async with kv.system.events.subscribe() as events:
+                kv.kill_actor(f"shard-{shard}")
+                # The other shards serve while this one reloads its own files.
+                assert await kv.get(other) is not None
+                async for event in events:
+                    if event.actor == f"shard-{shard}" and event.kind is EventKind.RESTARTED:
+                        break
+            for i in range(100):
+                assert await kv.get(f"key{i}") == f"value{i}".encode()
+            assert kv.system.events.count(f"shard-{shard}", EventKind.STATE_REBUILT) == 1
