@@ -90,7 +90,6 @@ class ChildCell:
         self.current: ReplySlot | None = None
         self.held: list[tuple[ReplySlot, Any, bool]] = []  # group commit: (slot, value, ok)
         self.handler_started = False
-        self.processed = 0
         self.heir_state: Any = None
         self._has_state = False
 
@@ -223,6 +222,10 @@ class ChildCell:
         receive = self.receive
         handle = actor.handle
         expected = actor.expected_errors
+        # Hot loop: per message, one attribute write (``current``, the slot a
+        # crash must fail; a slot left there after its reply is ignored by a
+        # late fail) and two reads (``fault``, ``stop_requested``).
+        self.handler_started = True
         while True:
             message, reply = await receive.receive()
             while True:
@@ -235,12 +238,10 @@ class ChildCell:
                         break
                     continue
                 self.current = reply
-                self.handler_started = False
-                fault = self.fault
-                if fault is not None:
-                    self.fault = None
+                if self.fault is not None:
+                    fault, self.fault = self.fault, None
+                    self.handler_started = False  # the message had no effect
                     raise fault
-                self.handler_started = True
                 try:
                     result = await handle(message)
                 except expected as exc:
@@ -249,8 +250,6 @@ class ChildCell:
                 else:
                     if reply is not None:
                         reply.set(result)
-                self.current = None
-                self.processed += 1
                 if self.stop_requested:
                     return False
                 try:
@@ -294,7 +293,6 @@ class ChildCell:
                         if reply is not None:
                             held.append((reply, result, True))
                     self.current = None
-                    self.processed += 1
                     if self.stop_requested:
                         graceful = False
                         break
