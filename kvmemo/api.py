@@ -32,6 +32,18 @@ def encode_arg(value: Arg) -> bytes:
     raise TypeError(f"a command argument must be bytes, str, int or float, got {value!r}")
 
 
+def encode_args(args: Sequence[Arg]) -> Sequence[bytes]:
+    """Command arguments as bytes: ``args`` itself when all are bytes already.
+
+    The common case (every argument is ``bytes``) costs one type check per
+    argument and no new list.
+    """
+    for arg in args:
+        if arg.__class__ is not bytes:
+            return [encode_arg(a) for a in args]
+    return args  # type: ignore[return-value]  # every item is bytes: checked above
+
+
 def _expiry_args(ex: int | None, px: int | None, exat: int | None, pxat: int | None) -> list[Arg]:
     out: list[Arg] = []
     for name, value in (("EX", ex), ("PX", px), ("EXAT", exat), ("PXAT", pxat)):

@@ -22,7 +22,7 @@ import trio
 
 from actors import ActorSystem
 
-from .api import Arg, Commands, encode_arg
+from .api import Arg, Commands, encode_args
 from .config import StoreConfig
 from .engine.engine import KVEngine
 
@@ -40,13 +40,11 @@ class Store(Commands):
         self._scope = scope
 
     async def execute(self, command: str, *args: Arg) -> Any:
-        return await self.engine.execute(command, [encode_arg(a) for a in args])
+        return await self.engine.execute(command, encode_args(args))
 
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands grouped per shard; errors are returned, not raised."""
-        return await self.engine.execute_many(
-            [(str(c[0]), [encode_arg(a) for a in c[1:]]) for c in calls]
-        )
+        return await self.engine.execute_many([(str(c[0]), encode_args(c[1:])) for c in calls])
 
     def actors(self) -> list[dict[str, Any]]:
         """Every actor: name, state, restarts, mailbox depth (for chaos tests)."""
@@ -72,6 +70,7 @@ async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **sett
     root = engine.supervisor()
 
     async def run(*, task_status: trio.TaskStatus[Store]) -> None:
+        await engine.prepare()  # recovery from disk, when persistence is on
         async with trio.open_nursery() as inner:
             system: ActorSystem = await inner.start(root.run)
             engine.attach(system)
@@ -93,8 +92,9 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
     """
     cfg = config if config is not None else StoreConfig(**settings)
     error: Exception | None = None
+    engine = KVEngine(cfg)
+    await engine.prepare()  # recovery from disk, when persistence is on
     async with trio.open_nursery() as nursery:
-        engine = KVEngine(cfg)
         system: ActorSystem = await nursery.start(engine.supervisor().run)
         engine.attach(system)
         store = Store(engine, system, nursery.cancel_scope)

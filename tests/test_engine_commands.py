@@ -7,8 +7,10 @@ import trio
 import trio.testing
 
 import kvmemo
-from kvmemo.api import encode_arg
+from kvmemo.api import encode_arg, encode_args
 from kvmemo.commands import ops
+from kvmemo.commands.args import Clock
+from kvmemo.commands.table import ParseContext, parse
 from kvmemo.embedded import Store
 from kvmemo.engine.engine import EVICTION_MANAGER, TTL_MANAGER, shard_name
 from kvmemo.errors import KVMemoError
@@ -167,6 +169,35 @@ def test_arguments_encode_as_bytes(value: bytes | str | int | float, encoded: by
 def test_a_bool_argument_is_refused() -> None:
     with pytest.raises(TypeError, match=r"^a command argument cannot be a bool, got True$"):
         encode_arg(True)
+    with pytest.raises(TypeError, match=r"^a command argument cannot be a bool, got True$"):
+        encode_args((b"k", True))
+
+
+def test_arguments_already_bytes_are_passed_on_as_they_are() -> None:
+    args = (b"k", b"v")
+    assert encode_args(args) is args
+    assert encode_args((b"k", "v", 1)) == [b"k", b"v", b"1"]
+
+
+def test_the_clock_is_read_only_by_absolute_times_and_once_until_restarted() -> None:
+    reads: list[Clock] = []
+
+    def read_clock() -> Clock:
+        reads.append(Clock(100.0 + len(reads), 1_000_000.0))
+        return reads[-1]
+
+    ctx = ParseContext(read_clock, 1024)
+    parse("get", [b"k"], ctx)
+    parse("set", [b"k", b"v", b"EX", b"10"], ctx)
+    assert reads == []
+    _, first = parse("set", [b"k", b"v", b"EXAT", b"1000010"], ctx)
+    _, second = parse("pexpireat", [b"k", b"1000020000"], ctx)
+    assert len(reads) == 1  # one offset for every absolute time until a restart
+    assert (first.expiry.value, second.expiry.value) == (110.0, 120.0)
+    ctx.restart()
+    _, third = parse("expireat", [b"k", b"1000010"], ctx)
+    assert len(reads) == 2
+    assert third.expiry.value == 111.0
 
 
 async def test_a_batch_over_the_memory_limit_evicts_or_refuses_call_by_call(

@@ -233,6 +233,58 @@ def test_scores_of_different_shards_merge_into_one_global_order(name: str) -> No
     assert [key for _, key in merged] == victims(single)
 
 
+@pytest.mark.parametrize("name", ["lru", "volatile-lru"])
+def test_lru_stays_exact_through_front_rescans_and_rebuilds(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small constants, so that a few thousand operations go through many
+    # front rescans and partition rebuilds (the hole bookkeeping).
+    monkeypatch.setattr(LRUPolicy, "FRONT_SPARE", 3)
+    monkeypatch.setattr(LRUPolicy, "COPY_COST", 2)
+    monkeypatch.setattr(LRUPolicy, "COMPACT_SLACK", 4)
+    policy = make_policy(name)
+    rebuilds = 0
+    rebuild = policy._compact  # type: ignore[attr-defined]
+
+    def counted() -> None:
+        nonlocal rebuilds
+        rebuilds += 1
+        rebuild()
+
+    monkeypatch.setattr(policy, "_compact", counted)
+    reference: dict[bytes, bool] = {}  # key -> volatile, in least-recent-first order
+    rng = random.Random(9)
+    keys = [b"k%d" % i for i in range(300)]
+    for _ in range(20_000):
+        key = rng.choice(keys)
+        roll = rng.random()
+        if roll < 0.35:
+            volatile = rng.random() < 0.5
+            policy.record_insert(key, volatile=volatile)
+            reference.pop(key, None)
+            reference[key] = volatile
+        elif roll < 0.7:
+            policy.record_access(key)
+            volatile = reference.pop(key, False)
+            reference[key] = volatile
+        elif roll < 0.8:
+            volatile = rng.random() < 0.5
+            policy.record_volatile(key, volatile)
+            if reference.get(key) is not volatile:
+                reference.pop(key, None)
+                reference[key] = volatile
+        else:  # evict the best candidates, as the eviction manager does
+            count = rng.randrange(1, 6)
+            eligible = [k for k, v in reference.items() if v or not policy.volatile_only]
+            found = [k for _, k in policy.candidates(count)]
+            assert found == eligible[:count]
+            for k in found[: rng.randrange(len(found) + 1)]:
+                policy.record_remove(k)
+                del reference[k]
+    assert len(policy) == len(reference)
+    assert rebuilds > 10
+
+
 # --- Registry -----------------------------------------------------------------
 
 

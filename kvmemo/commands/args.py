@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 
@@ -108,17 +109,27 @@ def parse_expire_value(raw: bytes, unit_ms: bool, command: str) -> int:
     return value
 
 
-def expiry_option(opt: bytes, raw: bytes, clock: Clock, command: str) -> Expiry:
-    """Build an :class:`Expiry` from one of EX, PX, EXAT, PXAT and its argument."""
+class ClockSource(Protocol):
+    """Where a parser gets its :class:`Clock` (read only when needed)."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+
+def expiry_option(opt: bytes, raw: bytes, source: ClockSource, command: str) -> Expiry:
+    """Build an :class:`Expiry` from one of EX, PX, EXAT, PXAT and its argument.
+
+    Only EXAT and PXAT read ``source.clock``.
+    """
     if opt == b"EX":
         return Expiry(ExpiryMode.RELATIVE, parse_expire_value(raw, False, command))
     if opt == b"PX":
         return Expiry(ExpiryMode.RELATIVE, parse_expire_value(raw, True, command) / 1000)
     if opt == b"EXAT":
         unix = parse_expire_value(raw, False, command)
-        return Expiry(ExpiryMode.ABSOLUTE, clock.to_monotonic(unix))
+        return Expiry(ExpiryMode.ABSOLUTE, source.clock.to_monotonic(unix))
     unix_ms = parse_expire_value(raw, True, command)
-    return Expiry(ExpiryMode.ABSOLUTE, clock.to_monotonic(unix_ms / 1000))
+    return Expiry(ExpiryMode.ABSOLUTE, source.clock.to_monotonic(unix_ms / 1000))
 
 
 def upper(arg: bytes) -> bytes:
@@ -130,7 +141,7 @@ def pairs(args: Sequence[bytes], name: str) -> list[tuple[bytes, bytes]]:
     """Key/value pairs of MSET-like commands; an odd count is an arity error."""
     if not args or len(args) % 2:
         raise ArityError(f"wrong number of arguments for '{name}' command")
-    return [(args[i], args[i + 1]) for i in range(0, len(args), 2)]
+    return list(zip(args[0::2], args[1::2], strict=True))
 
 
 SYNTAX = "syntax error"

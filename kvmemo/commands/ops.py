@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import NotIntegerError, TooLargeError
 from ..storage.store import NeedMemory, ShardStore
-from .args import INT64_MAX, INT64_MIN, Clock, Expiry, ExpiryMode, parse_int
+from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
 
 OK = "OK"
@@ -141,11 +141,18 @@ class Set(ShardOp):
         self.get = get
 
     def apply(self, store: ShardStore, now: float) -> Any:
-        old = store.peek(self.key, now)
-        if (self.nx and old is not None) or (self.xx and old is None):
-            return old if self.get else None
-        mode = self.expiry.mode
-        deadline = self.expiry.deadline(now)
+        if self.nx or self.xx or self.get:
+            old = store.peek(self.key, now)
+            if (self.nx and old is not None) or (self.xx and old is None):
+                return old if self.get else None
+        else:
+            old = None  # not needed: put replaces any old entry (an expired one included)
+        expiry = self.expiry
+        if expiry is NO_EXPIRY:  # the plain SET: no deadline to compute
+            store.put(self.key, self.value, now, expires_at=None)
+            return old if self.get else OK
+        mode = expiry.mode
+        deadline = expiry.deadline(now)
         if deadline is not None and deadline <= now:
             # An absolute time already past: set-then-expire, i.e. the key is gone.
             store.delete(self.key, now)
@@ -517,8 +524,15 @@ class _MSetPart(AtomicPart):
 class MSet(AtomicOp):
     """MSET and MSETNX: every pair or none, as one atomic step for every reader."""
 
-    def __init__(self, items: list[tuple[bytes, bytes]], *, only_new: bool) -> None:
-        super().__init__([k for k, _ in items])
+    def __init__(
+        self,
+        items: list[tuple[bytes, bytes]],
+        *,
+        only_new: bool,
+        keys: Sequence[bytes] | None = None,
+    ) -> None:
+        """``keys``: the keys of ``items`` in order, when the caller has them already."""
+        super().__init__([k for k, _ in items] if keys is None else keys)
         self.items = items
         self.only_new = only_new
 

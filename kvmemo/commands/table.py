@@ -24,7 +24,6 @@ from .args import (
     Clock,
     Expiry,
     ExpiryMode,
-    check_arity,
     expiry_option,
     pairs,
     parse_int,
@@ -40,12 +39,40 @@ class ServerCall:
     args: tuple[bytes, ...]
 
 
-@attrs.frozen
 class ParseContext:
-    """What a parser may need from the edge: the clock and the size limits."""
+    """What a parser may need from the edge: the clock and the size limits.
 
-    clock: Clock
-    max_value_size: int
+    The clock is read lazily, on a parser's first use of :attr:`clock`, and
+    then kept until :meth:`restart`: only parsers of absolute times (EXAT,
+    PXAT, EXPIREAT, PEXPIREAT, EXPIRETIME) need it, and reading both clocks
+    costs more than parsing a GET. The engine reuses one context, restarted
+    before each command (or each batch, whose absolute times are then all
+    converted with one offset), so a parser may keep what :attr:`clock`
+    returns but never the context itself.
+
+    Args:
+        read_clock: makes a :class:`Clock` of the present moment.
+        max_value_size: bytes; the limit of a value a command builds (APPEND).
+    """
+
+    __slots__ = ("_clock", "_read_clock", "max_value_size")
+
+    def __init__(self, read_clock: Callable[[], Clock], max_value_size: int) -> None:
+        self._read_clock = read_clock
+        self._clock: Clock | None = None
+        self.max_value_size = max_value_size
+
+    @property
+    def clock(self) -> Clock:
+        """The clock of this command (or batch), read on first use."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = self._read_clock()
+        return clock
+
+    def restart(self) -> None:
+        """Forget the clock: the next command reads the time again."""
+        self._clock = None
 
 
 Parser = Callable[[Sequence[bytes], ParseContext], Any]
@@ -131,8 +158,11 @@ def parse(name: str, args: Sequence[bytes], ctx: ParseContext) -> tuple[Command,
     Raises:
         KVMemoError: unknown command, wrong arity, bad syntax or argument.
     """
-    spec = lookup(name)
-    check_arity(spec.name, spec.arity, len(args))
+    spec = COMMANDS.get(name) or lookup(name)
+    arity = spec.arity
+    total = len(args) + 1  # counting the name, as args.check_arity (inlined: hot path)
+    if (total != arity) if arity > 0 else (total < -arity):
+        raise ArityError(f"wrong number of arguments for '{spec.name}' command")
     return spec, spec.parse(args, ctx)
 
 
@@ -228,7 +258,7 @@ def _parse_set_options(
         if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and i + 1 < len(args):
             if expiry is not NO_EXPIRY:
                 raise CommandSyntaxError(SYNTAX)
-            expiry = expiry_option(opt, args[i + 1], ctx.clock, command_name)
+            expiry = expiry_option(opt, args[i + 1], ctx, command_name)
             i += 2
             continue
         if opt == b"KEEPTTL" and expiry is NO_EXPIRY:
@@ -247,6 +277,8 @@ def _parse_set_options(
 
 @command("set", -3, "write", KEY1, "set a value, with expiry and conditions")
 def _set(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+    if len(args) == 2:  # no option: the common case
+        return ops.Set(args[0], args[1], NO_EXPIRY, nx=False, xx=False, get=False)
     expiry, nx, xx, get = _parse_set_options(args[2:], ctx, "set")
     return ops.Set(args[0], args[1], expiry, nx=nx, xx=xx, get=get)
 
@@ -261,7 +293,7 @@ def _setex(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
     return ops.Set(
         args[0],
         args[2],
-        expiry_option(b"EX", args[1], ctx.clock, "setex"),
+        expiry_option(b"EX", args[1], ctx, "setex"),
         nx=False,
         xx=False,
         get=False,
@@ -273,7 +305,7 @@ def _psetex(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
     return ops.Set(
         args[0],
         args[2],
-        expiry_option(b"PX", args[1], ctx.clock, "psetex"),
+        expiry_option(b"PX", args[1], ctx, "psetex"),
         nx=False,
         xx=False,
         get=False,
@@ -311,7 +343,7 @@ def _getex(args: Sequence[bytes], ctx: ParseContext) -> ops.GetEx:
     if rest:
         opt = upper(rest[0])
         if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(rest) == 2:
-            expiry = expiry_option(opt, rest[1], ctx.clock, "getex")
+            expiry = expiry_option(opt, rest[1], ctx, "getex")
         elif opt == b"PERSIST" and len(rest) == 1:
             expiry = Expiry(ExpiryMode.PERSIST)
         else:
@@ -385,12 +417,12 @@ def _mget(args: Sequence[bytes], ctx: ParseContext) -> ops.MGet:
 
 @command("mset", -3, "write", PAIRS, "set several keys at once, atomically")
 def _mset(args: Sequence[bytes], ctx: ParseContext) -> ops.MSet:
-    return ops.MSet(pairs(args, "mset"), only_new=False)
+    return ops.MSet(pairs(args, "mset"), only_new=False, keys=args[0::2])
 
 
 @command("msetnx", -3, "write", PAIRS, "set several keys only if none exists")
 def _msetnx(args: Sequence[bytes], ctx: ParseContext) -> ops.MSet:
-    return ops.MSet(pairs(args, "msetnx"), only_new=True)
+    return ops.MSet(pairs(args, "msetnx"), only_new=True, keys=args[0::2])
 
 
 # -- keys and expiry ---------------------------------------------------------------------

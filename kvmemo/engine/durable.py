@@ -61,7 +61,7 @@ async def save(
         PersistenceIOError: a snapshot could not be written.
     """
     if persistence is None:
-        raise DisabledError("persistence is not enabled on this server (start it with --dir)")
+        raise DisabledError("persistence is not enabled on this server")
     tickets = []
     for ref in shards:
         if ref.state is not ActorState.RUNNING:
@@ -72,8 +72,16 @@ async def save(
             raise PersistenceIOError(
                 f"{ref.name} could not snapshot: {exc}", applied=False
             ) from None
+    # Wait for every shard before reporting a failure: a SAVE that returns
+    # leaves no snapshot being written behind it.
+    failures: list[PersistenceIOError] = []
     for ticket in tickets:
-        await ticket.wait()
+        try:
+            await ticket.wait()
+        except PersistenceIOError as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
     return "OK"
 
 

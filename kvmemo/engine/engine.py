@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from actors import (
+    ActorContext,
     ActorCrashed,
     ActorRef,
     ActorState,
@@ -54,7 +55,6 @@ from ..commands.table import COMMANDS, Command, ParseContext, ServerCall, parse
 from ..config import StoreConfig
 from ..errors import (
     CommandSyntaxError,
-    DisabledError,
     InternalError,
     KVMemoError,
     OutOfMemoryError,
@@ -68,6 +68,8 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import make_policy
 from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
+from ..storage.durability import Health, ShardDurability
+from ..storage.durable_shard import DurableShardActor, durable_state_factory
 from ..storage.shard import (
     ABORTED,
     Barrier,
@@ -83,7 +85,8 @@ from ..storage.shard import (
     shard_state_factory,
 )
 from ..storage.slots import SlotMap
-from ..storage.store import NeedMemory
+from ..storage.store import NeedMemory, ShardStore
+from . import durable
 from .locks import RWLock
 
 TTL_MANAGER = "ttl-manager"
@@ -95,6 +98,9 @@ WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
+_FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
+_RUNNING = ActorState.RUNNING
+_perf_counter = time.perf_counter
 
 
 def shard_name(i: int) -> str:
@@ -126,8 +132,14 @@ class KVEngine:
         self._shards: list[ActorRef] = []
         self._eviction: ActorRef | None = None
         self._txn_lock = RWLock()
+        self.persistence = durable.persistence_config(config)
+        self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
+        self._durabilities: list[ShardDurability] = []
         self._last_wake = -1.0
         self._started_at = time.time()
+        # Reused by every parse, restarted per command or batch (see ParseContext).
+        self._parse_context = ParseContext(self._read_clock, config.max_value_size)
+        self._small_size_limit = min(config.max_key_size, config.max_value_size)
         self._init_metrics()
 
     # -- the supervision tree ---------------------------------------------------------
@@ -138,16 +150,25 @@ class KVEngine:
         backoff = Backoff(initial=cfg.restart_backoff, maximum=cfg.restart_backoff_max)
         intensity = Intensity(cfg.max_restarts, cfg.restart_period)
         shard_specs = []
+        persistence = self.persistence
+
+        def start_shard(ctx: ActorContext) -> ShardActor:
+            if persistence is not None:
+                return DurableShardActor(ctx, cfg.hold_timeout, persistence)
+            return ShardActor(ctx, cfg.hold_timeout)
+
         for i in range(cfg.shards):
-            initial, check, rebuild = shard_state_factory(
-                i, self.tracker, lambda: make_policy(cfg.eviction_policy)
-            )
+            policy = lambda: make_policy(cfg.eviction_policy)  # noqa: E731 - one per shard
+            if persistence is not None:
+                hooks = durable_state_factory(i, self.tracker, policy, persistence, self._prepared)
+            else:
+                hooks = shard_state_factory(i, self.tracker, policy)
             shard_specs.append(
                 ChildSpec(
                     shard_name(i),
-                    start=lambda ctx: ShardActor(ctx, cfg.hold_timeout),
+                    start=start_shard,
                     mailbox_capacity=cfg.mailbox_capacity,
-                    state=StateHooks(initial, check, rebuild),
+                    state=StateHooks(*hooks),
                 )
             )
         storage = Supervisor(
@@ -200,6 +221,32 @@ class KVEngine:
             Intensity(cfg.max_restarts, cfg.restart_period),
             Backoff(initial=cfg.restart_backoff, maximum=cfg.restart_backoff_max),
         )
+
+    async def prepare(self) -> None:
+        """Recover every shard from disk, when persistence is on (before the tree starts).
+
+        Raises:
+            CorruptLog, CorruptSnapshot: damage without ``repair``; the message
+                names the file and the offset.
+            OSError: the data directory cannot be used.
+        """
+        if self.persistence is not None:
+            self._prepared = await durable.recover_all(self.config, self.persistence, self.tracker)
+            self._durabilities = [
+                s.durability for s in self._prepared.values() if s.durability is not None
+            ]
+
+    def persistence_problems(self) -> list[str]:
+        """Shards whose writes are not being made durable, with the error (for /healthz).
+
+        Reads each shard's durability health, an observability figure its
+        actor maintains; nothing here changes it.
+        """
+        return [
+            f"shard-{i}: {d.error}"
+            for i, d in enumerate(self._durabilities)
+            if d.health is not Health.OK
+        ]
 
     def attach(self, system: ActorSystem) -> None:
         """Bind to the running actor system (after the supervisor started)."""
@@ -255,10 +302,11 @@ class KVEngine:
 
     # -- executing commands ----------------------------------------------------------------
 
-    def _context(self) -> ParseContext:
-        return ParseContext(Clock(trio.current_time(), time.time()), self.config.max_value_size)
+    def _read_clock(self) -> Clock:
+        return Clock(trio.current_time(), time.time())
 
     def _check_sizes(self, spec: Command, args: Sequence[bytes]) -> None:
+        """Refuse an argument over the size limits (after the fast check of :meth:`parse`)."""
         cfg = self.config
         limit = max(cfg.max_key_size, cfg.max_value_size)
         for arg in args:
@@ -279,9 +327,24 @@ class KVEngine:
                     )
 
     def parse(self, name: str, args: Sequence[bytes]) -> tuple[Command, Any]:
-        """Parse and validate one call (no I/O)."""
-        spec, op = parse(name, args, self._context())
-        self._check_sizes(spec, args)
+        """Parse and validate one call (no I/O), with a clock of its own."""
+        self._parse_context.restart()
+        return self._parse(name, args)
+
+    def _parse(self, name: str, args: Sequence[bytes]) -> tuple[Command, Any]:
+        """Parse and validate one call with the current parse context (a batch's)."""
+        spec, op = parse(name, args, self._parse_context)
+        # One cheap pass over the lengths: an argument within the smaller limit
+        # is within both, so only a long argument needs the checks per role.
+        # (A loop is the cheapest for a few arguments, sum(map(...)) for many.)
+        limit = self._small_size_limit
+        if len(args) <= _FEW_ARGS:
+            for arg in args:
+                if len(arg) > limit:
+                    self._check_sizes(spec, args)
+                    break
+        elif sum(map(len, args)) > limit:
+            self._check_sizes(spec, args)
         return spec, op
 
     async def execute(self, name: str, args: Sequence[bytes]) -> Any:
@@ -290,16 +353,20 @@ class KVEngine:
         Raises:
             KVMemoError: the protocol error for whatever went wrong.
         """
-        started = time.perf_counter()
+        started = _perf_counter()
         try:
-            spec, op = self.parse(name, args)
-            result = await self._run(op)
+            self._parse_context.restart()
+            spec, op = self._parse(name, args)
+            if isinstance(op, ops.ShardOp):
+                result = await self._run_single(op)
+            else:
+                result = await self._run(op)
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
             raise
         hist = self._latency_by_name.get(spec.name)
         if hist is not None:
-            hist.observe(time.perf_counter() - started)
+            hist.observe(_perf_counter() - started)
         return result
 
     async def execute_many(self, calls: Sequence[tuple[str, Sequence[bytes]]]) -> list[Any]:
@@ -312,7 +379,7 @@ class KVEngine:
         kind, a success in its command's latency (from the start of the
         batch to the end of the part that ran it).
         """
-        started = time.perf_counter()
+        started = _perf_counter()
         results: list[Any] = [_PENDING] * len(calls)
         names: list[str | None] = [None] * len(calls)
         finished = [started] * len(calls)
@@ -320,13 +387,15 @@ class KVEngine:
 
         async def run_segment() -> None:
             await self._run_segment(segment, results)
-            now = time.perf_counter()
+            now = _perf_counter()
             for i, _ in segment:
                 finished[i] = now
 
+        self._parse_context.restart()  # one clock per batch (up to its first wait)
+        parse_call = self._parse
         for i, (name, args) in enumerate(calls):
             try:
-                spec, op = self.parse(name, args)
+                spec, op = parse_call(name, args)
             except KVMemoError as exc:
                 results[i] = exc
                 continue
@@ -341,7 +410,8 @@ class KVEngine:
                 results[i] = await self._run(op)
             except KVMemoError as exc:
                 results[i] = exc
-            finished[i] = time.perf_counter()
+            finished[i] = _perf_counter()
+            self._parse_context.restart()  # time passed: the calls after read it again
         if segment:
             await run_segment()
         for i, result in enumerate(results):
@@ -391,13 +461,18 @@ class KVEngine:
         return InternalError(f"unexpected failure: {exc!r}", applied=None)
 
     async def _run_single(self, op: ops.ShardOp) -> Any:
-        ref = self._shard_for(self.slots.shard_of(op.key))
+        index = self.slots.shard_of(op.key)
+        ref = self._shards[index]
+        if ref.state is not _RUNNING:
+            ref = self._shard_for(index)  # raises UNAVAILABLE
         timeout = self.config.request_timeout
-        budget = _RoomBudget()
+        budget: _RoomBudget | None = None  # made on the first NeedMemory (rare)
         while True:
             try:
                 result = await ref.ask(op, timeout=timeout)
             except NeedMemory as exc:
+                if budget is None:
+                    budget = _RoomBudget()
                 if not await self._make_room(exc.nbytes, budget):
                     raise OutOfMemoryError(OOM_MESSAGE) from None
                 continue
@@ -431,6 +506,12 @@ class KVEngine:
             if results[i] is _PENDING:
                 results[i] = RequestTimeoutError("the command did not finish in time", applied=None)
 
+    # The batch paths send every part first, then read the replies with
+    # ``slot.result() if slot.done else await slot.wait()``: a reply already
+    # delivered is read at once, because waiting on it would still cost a
+    # scheduler pass (~3.5 µs) for nothing. The batch still checkpoints: a
+    # reply comes only after the caller yielded (waiting, or in a send).
+
     async def _send(self, ref: ActorRef, message: Any, slot: ReplySlot | None = None) -> ReplySlot:
         try:
             return ref.ask_nowait(message, slot)
@@ -445,7 +526,7 @@ class KVEngine:
         budget = _RoomBudget()  # of the operation at the head of ``items``
         while True:
             try:
-                answers = await slot.wait()
+                answers = slot.result() if slot.done else await slot.wait()
             except (ActorCrashed, ActorStopped) as exc:
                 error = self._translate(exc, ref)
                 for i, _ in items:
@@ -484,7 +565,7 @@ class KVEngine:
         results = []
         for ref, _, slot in parts:
             try:
-                results.append(await slot.wait())
+                results.append(slot.result() if slot.done else await slot.wait())
             except (ActorCrashed, ActorStopped) as exc:
                 raise self._translate(exc, ref) from None
         return op.combine(results, [where for _, where, _ in parts])
@@ -534,7 +615,7 @@ class KVEngine:
         results = []
         for ref, slot in zip(refs, slots, strict=True):
             try:
-                results.append(await slot.wait())
+                results.append(slot.result() if slot.done else await slot.wait())
             except (ActorCrashed, ActorStopped) as exc:
                 raise self._translate(exc, ref) from None
         return op.combine(results, positions, True)
@@ -561,7 +642,7 @@ class KVEngine:
         error: KVMemoError | None = None
         for ref, slot in zip(refs, slots, strict=True):
             try:
-                result = await slot.wait()
+                result = slot.result() if slot.done else await slot.wait()
             except (ActorCrashed, ActorStopped, KVMemoError) as exc:
                 error = error or self._translate(exc, ref)
                 continue
@@ -578,7 +659,7 @@ class KVEngine:
         results = []
         for ref, slot in slots:
             try:
-                results.append(await slot.wait())
+                results.append(slot.result() if slot.done else await slot.wait())
             except (ActorCrashed, ActorStopped) as exc:
                 raise self._translate(exc, ref) from None
         if op.write:
@@ -602,7 +683,7 @@ class KVEngine:
         if name == "scan":
             return await self._scan(args)
         if name == "save":
-            raise DisabledError("persistence is not enabled on this server")
+            return await durable.save(self._shards, self.persistence, self.config.request_timeout)
         if name == "debug.actors":
             return self.actors()
         if name == "debug.kill":
@@ -708,7 +789,9 @@ class KVEngine:
                 "shards": [s["keys"] for s in stats],
             },
             "actors": self.actors(),
-            "persistence": {"enabled": False},
+            "persistence": await durable.info(
+                self._shards, self.persistence, self.config.request_timeout
+            ),
         }
         if section is None or section in ("all", "everything", "default"):
             return sections
@@ -745,7 +828,7 @@ class KVEngine:
         backlog = False
         for slot in slots:
             try:
-                n, more = await slot.wait()
+                n, more = slot.result() if slot.done else await slot.wait()
             except (ActorCrashed, ActorStopped):
                 continue
             removed += n
@@ -778,7 +861,7 @@ class KVEngine:
         out: list[Candidate] = []
         for i, slot in slots:
             try:
-                found = await slot.wait()
+                found = slot.result() if slot.done else await slot.wait()
             except (ActorCrashed, ActorStopped):
                 continue
             out.extend((score, i, key, size) for score, key, size in found)

@@ -16,22 +16,23 @@ which holds the estimate within ±20 % of measured growth):
   ``TTLIndex`` (a tuple in a sorted list).
 
 Calibration (CPython 3.11, 64-bit; a ``ShardStore`` with the default ``lru``
-policy; 16-byte keys; bytes of traced growth per entry):
+policy, plain dicts of key -> tick; 16-byte keys; bytes of traced growth per
+entry):
 
     entries         5e3   2e4  4.5e4    1e5  1.7e5  2.5e5
-    16 B values     229   230    298    284    232    259
-    + a TTL         343   343    443    424    351    389
+    16 B values     184   185    243    231    188    210
+    + a TTL         303   304    390    372    308    341
 
-At 10^5 entries: 4 KiB values 4364 B, with a TTL 4504 B. The figure swings
+At 10^5 entries: 4 KiB values 4311 B, with a TTL 4452 B. The figure swings
 with the fill ratio of the dicts (they double when 2/3 full), so the
 constants aim at the middle of the swing, not at one size: the estimate
-(262 B, 392 B with a TTL, 4342 B for 4 KiB values) stays within ±15 % of
-every figure above, and within 8 % at 10^5 entries.
+(212 B, 342 B with a TTL, 4292 B for 4 KiB values) stays within ±15 % of
+every figure above, and within 9 % at 10^5 entries.
 
 Other policies keep different bookkeeping: at 10^5 entries of 16 B values
 ``lfu`` measures 336 B, ``random`` 239 B, ``fifo`` 284 B, ``noeviction``
-150 B; one estimate serves them all, so ``lfu`` is under-counted by ~22 %
-and ``noeviction`` over-counted by ~75 % (it never evicts: it only reaches
+150 B; one estimate serves them all, so ``lfu`` is under-counted by ~37 %
+and ``noeviction`` over-counted by ~40 % (it never evicts: it only reaches
 OOM sooner than it must).
 
 Invariant: ``used == sum(shard usage)``, and when ``maxmemory`` is set,
@@ -41,7 +42,7 @@ Invariant: ``used == sum(shard usage)``, and when ``maxmemory`` is set,
 from __future__ import annotations
 
 BYTES_HEADER = 33  # sys.getsizeof(b"") on 64-bit CPython
-ENTRY_OVERHEAD = 200  # bytes per entry beyond key and value payloads (calibrated)
+ENTRY_OVERHEAD = 150  # bytes per entry beyond key and value payloads (calibrated)
 TTL_OVERHEAD = 130  # extra bytes per entry that has an expiry (calibrated)
 
 

@@ -185,16 +185,54 @@ class NoEvictionPolicy(EvictionPolicy):
         return 0
 
 
+class _Front:
+    """The oldest entries of one LRU partition, as its last front scan saw them.
+
+    Invariant: an entry ``(key, tick)`` that is still current (the partition
+    maps ``key`` to ``tick``) precedes every live key of the partition that is
+    not a current entry here. A key touched or inserted since the scan took a
+    newer tick than any key had then, and the keys past the scanned prefix were
+    newer already; an entry that is not current never becomes current again
+    (ticks are unique), so it can be dropped for good.
+    """
+
+    __slots__ = ("entries", "start")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[bytes, int]] = []
+        self.start = 0  # entries before it are not current
+
+
 class LRUPolicy(EvictionPolicy):
     """Exact least-recently-used order; score = tick of the last touch.
 
-    Design: two ``OrderedDict`` partitions, key -> tick of last touch, one for
-    keys without a TTL and one for volatile keys. Each is kept in increasing
-    tick order by appending at the end on every touch (``move_to_end``, O(1)).
-    ``volatile-lru`` reads the volatile partition from its front; ``lru``
-    merges the two fronts by tick (``heapq.merge``), O(count). Keeping the
-    partitions disjoint (rather than one order plus a filter) means a
-    ``volatile-lru`` shard full of persistent keys never scans them.
+    Design: two plain dict partitions, key -> tick of last touch, one for keys
+    without a TTL and one for volatile keys. A dict keeps insertion order, so
+    each partition is in increasing tick order when a touch pops the key and
+    inserts it again at the end: two O(1) dict operations, cheaper in time and
+    in memory than an ``OrderedDict`` (whose ``move_to_end`` also keeps a
+    linked-list node per key: ~50 B more per key, ~30 % slower per touch).
+    ``volatile-lru`` reads the volatile partition's front; ``lru`` merges the
+    two fronts by tick. Keeping the partitions disjoint (rather than one order
+    plus a filter) means a ``volatile-lru`` shard full of persistent keys
+    never scans them.
+
+    Holes: a popped key leaves a hole in its dict's entry array until the dict
+    is next resized (CPython compacts then, after up to about three times as
+    many appends as live keys), and iteration from the front steps over holes;
+    evictions pop the front, so holes gather there. Two measures keep
+    ``candidates`` O(count) amortised:
+
+    - each partition keeps a :class:`_Front`, the oldest ``count +
+      FRONT_SPARE`` entries its last scan saw. ``candidates`` serves the
+      current ones (checked with one dict lookup each) and scans the dict
+      again only when fewer than ``count`` are left;
+    - a rebuild (a copy, O(len)) removes every hole, and copying a key costs
+      about what stepping over ``COPY_COST`` holes does, so the ski-rental
+      rule applies: ``_holes`` counts pops since the last rebuild (an upper
+      bound of the holes a scan meets), each scan adds it to ``_scan_debt``,
+      and once that debt exceeds what a rebuild costs, the next scan rebuilds
+      first. A store that never evicts never copies; touches only count.
 
     Invariant: every tracked key is in exactly one partition, and the ticks of
     each partition increase from front to back.
@@ -202,24 +240,32 @@ class LRUPolicy(EvictionPolicy):
 
     name = "lru"
 
+    FRONT_SPARE: ClassVar[int] = 128  # entries a front scan keeps beyond the count asked for
+    COPY_COST: ClassVar[int] = 32  # holes a scan steps over in the time a rebuild copies a key
+    COMPACT_SLACK: ClassVar[int] = 1024  # keys; a rebuild is worth at least this many copies
+
     def __init__(self) -> None:
-        self._persistent: OrderedDict[bytes, int] = OrderedDict()
-        self._volatile: OrderedDict[bytes, int] = OrderedDict()
+        self._persistent: dict[bytes, int] = {}
+        self._volatile: dict[bytes, int] = {}
+        self._persistent_front = _Front()
+        self._volatile_front = _Front()
+        self._holes = 0  # pops since the partitions were last rebuilt
+        self._scan_debt = 0  # sum of _holes over the scans since then
 
     def record_insert(self, key: bytes, *, volatile: bool) -> None:
         # A re-insert is an access plus a flag change: both move the key to
-        # the most-recent end, so one pop and one append do both.
-        self._persistent.pop(key, None)
-        self._volatile.pop(key, None)
+        # the most-recent end, so one pop and one insert do both.
+        if self._persistent.pop(key, None) is not None or self._volatile.pop(key, None) is not None:
+            self._holes += 1
         (self._volatile if volatile else self._persistent)[key] = next(_CLOCK)
 
     def record_access(self, key: bytes) -> None:
         order = self._persistent
-        if key in order:
-            order.move_to_end(key)
-        elif key in self._volatile:
+        if order.pop(key, None) is not None:
+            self._holes += 1
+        elif self._volatile.pop(key, None) is not None:
+            self._holes += 1
             order = self._volatile
-            order.move_to_end(key)
         order[key] = next(_CLOCK)
 
     def record_volatile(self, key: bytes, volatile: bool) -> None:
@@ -228,27 +274,69 @@ class LRUPolicy(EvictionPolicy):
         )
         if key in dst:
             return
-        src.pop(key, None)
+        if src.pop(key, None) is not None:
+            self._holes += 1
         dst[key] = next(_CLOCK)
 
     def record_remove(self, key: bytes) -> None:
-        if self._persistent.pop(key, None) is None:
-            self._volatile.pop(key, None)
+        if self._persistent.pop(key, None) is not None or self._volatile.pop(key, None) is not None:
+            self._holes += 1
 
     def candidates(self, count: int) -> list[tuple[int, bytes]]:
         _check_count(count)
-        items: Iterable[tuple[bytes, int]]
+        if not count:
+            return []
+        volatile = self._oldest(False, count) if self._volatile else []
         if self.volatile_only:
-            items = self._volatile.items()
-        elif not self._volatile:
-            items = self._persistent.items()
-        else:
-            items = heapq.merge(self._persistent.items(), self._volatile.items(), key=_by_tick)
-        return [(tick, key) for key, tick in itertools.islice(items, count)]
+            return volatile
+        persistent = self._oldest(True, count) if self._persistent else []
+        if not volatile:
+            return persistent
+        return list(itertools.islice(heapq.merge(persistent, volatile), count))
+
+    def _oldest(self, persistent: bool, count: int) -> list[tuple[int, bytes]]:
+        """The ``count`` oldest ``(tick, key)`` of one partition, oldest first."""
+        order = self._persistent if persistent else self._volatile
+        front = self._persistent_front if persistent else self._volatile_front
+        get = order.get
+        entries = front.entries
+        n = len(entries)
+        i = front.start
+        while i < n and get(entries[i][0]) != entries[i][1]:
+            i += 1
+        front.start = i
+        out: list[tuple[int, bytes]] = []
+        while i < n:
+            key, tick = entries[i]
+            if get(key) == tick:
+                out.append((tick, key))
+                if len(out) == count:
+                    return out
+            i += 1
+        if len(out) == len(order):
+            return out  # every key of the partition
+        # Too few left: scan the front again (rebuilding first when the scans
+        # so far stepped over more holes than a rebuild would copy keys).
+        self._scan_debt += self._holes
+        if self._scan_debt > self.COPY_COST * (len(self) + self.COMPACT_SLACK):
+            self._compact()
+            order = self._persistent if persistent else self._volatile
+        front.entries = entries = list(itertools.islice(order.items(), count + self.FRONT_SPARE))
+        front.start = 0
+        return [(tick, key) for key, tick in entries[:count]]
+
+    def _compact(self) -> None:
+        """Rebuild both partitions without holes (same keys, same order)."""
+        self._persistent = dict(self._persistent)
+        self._volatile = dict(self._volatile)
+        self._holes = self._scan_debt = 0
 
     def clear(self) -> None:
         self._persistent.clear()
         self._volatile.clear()
+        self._persistent_front = _Front()
+        self._volatile_front = _Front()
+        self._holes = self._scan_debt = 0
 
     def __len__(self) -> int:
         return len(self._persistent) + len(self._volatile)
