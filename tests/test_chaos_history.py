@@ -120,3 +120,15 @@ def test_counters_must_count_every_acknowledged_increment() -> None:
     assert [v.rule for v in counter_violations(h, {"c": 2})] == ["counter"]
     unknown = [*h, op(9, "incr", ("c",), (None,), 9, 9.5, UNKNOWN)]
     assert counter_violations(unknown, {"c": 4}) == []
+
+
+def test_errors_that_may_have_applied_count_as_unknown() -> None:
+    from kvmemo.chaos.workload import classify
+    from kvmemo.client import DisconnectedError
+    from kvmemo.errors import RequestTimeoutError, UnavailableError
+
+    assert classify(UnavailableError("restarting", retry_after_ms=5))[0] is FAILED
+    assert classify(RequestTimeoutError("late", applied=False))[0] is FAILED
+    assert classify(RequestTimeoutError("late", applied=None))[0] is UNKNOWN
+    assert classify(DisconnectedError("dropped", applied=None))[0] is UNKNOWN
+    assert classify(ConnectionResetError())[0] is UNKNOWN

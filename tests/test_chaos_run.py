@@ -6,9 +6,12 @@ a few seconds each; ``just chaos`` runs the long version.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import trio
 
-from kvmemo.chaos import run_embedded
+from kvmemo.chaos import run_embedded, run_remote
 from kvmemo.chaos.workload import WorkloadConfig
 
 
@@ -24,3 +27,51 @@ async def test_embedded_store_survives_actor_kills_without_violations() -> None:
     assert report.availability_untouched == 1.0
     # Every failure is one the protocol allows.
     assert set(report.errors) <= {"UNAVAILABLE", "TIMEOUT"}
+
+
+async def test_a_real_server_process_survives_actor_and_session_kills() -> None:
+    # The server runs in its own process (started with --chaos); the harness
+    # talks to it over WebSocket sessions, kills actors through debug.kill
+    # and drops its own sessions now and then.
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "kvmemo",
+            "serve",
+            "--port",
+            "0",
+            "--no-resp",
+            "--shards",
+            "4",
+            "--chaos",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        data = b""
+        with trio.fail_after(30):
+            while b"\n" not in data:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "the server exited before its first line"
+                data += chunk
+        url = data.split(b"\n", 1)[0].decode().split()[-1]
+        cfg = WorkloadConfig(clients=4, keys=16, duration=6.0, kill_rate=3.0, seed=11)
+        with trio.fail_after(90):
+            report = await run_remote(cfg, url)
+    finally:
+        process.terminate()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+    assert report.violations == [], "\n".join(v.describe() for v in report.violations)
+    assert sum(report.kills.values()) >= 5
+    assert report.operations["ok"] > 200
+    assert report.availability_untouched == 1.0
+    # Errors are the ones the protocol allows, plus dropped sessions (may have happened).
+    assert set(report.errors) <= {"UNAVAILABLE", "TIMEOUT", "DISCONNECTED", "DisconnectedError"}

@@ -10,6 +10,7 @@ no violation was found.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from .workload import KillLog, Recorder, WorkloadConfig, killer, now, worker
 NAME = "chaos"
 DISTURBED = 0.25  # seconds after a kill during which that shard counts as restarting
 SETTLE = 5.0  # seconds allowed for every actor to be running again at the end
+SESSION_ERRORS = frozenset({"DISCONNECTED"})  # failures caused by dropping the client's session
 
 
 @attrs.frozen
@@ -67,8 +69,11 @@ class Report:
             f"restarts seen: {self.restarts}",
             f"errors: {self.errors or 'none'}",
             "availability of untouched shards: "
-            + ("n/a" if self.availability_untouched is None
-               else f"{self.availability_untouched * 100:.3f}% (target 100%)"),
+            + (
+                "n/a"
+                if self.availability_untouched is None
+                else f"{self.availability_untouched * 100:.3f}% (target 100%)"
+            ),
             f"p99 latency: {_ms(self.p99_ms_baseline)} without chaos,"
             f" {_ms(self.p99_ms_chaos)} during chaos",
             f"violations: {len(self.violations)} (target 0)",
@@ -85,8 +90,7 @@ def _p99(durations: list[float]) -> float | None:
     if not durations:
         return None
     durations.sort()
-    return round(durations[min(len(durations) - 1, math.ceil(0.99 * len(durations)) - 1)]
-                 * 1000, 3)
+    return round(durations[min(len(durations) - 1, math.ceil(0.99 * len(durations)) - 1)] * 1000, 3)
 
 
 def counter_violations(ops: list[Op], finals: dict[str, int | None]) -> list[Violation]:
@@ -98,16 +102,20 @@ def counter_violations(ops: list[Op], finals: dict[str, int | None]) -> list[Vio
         maybe = [o for o in incrs if o.outcome is Outcome.UNKNOWN]
         results = [o.result for o in acked]
         if len(set(results)) != len(results):
-            out.append(Violation("counter", key, "two INCRs returned the same value",
-                                 tuple(acked[:10])))
+            out.append(
+                Violation("counter", key, "two INCRs returned the same value", tuple(acked[:10]))
+            )
         value = final or 0
         if not len(acked) <= value <= len(acked) + len(maybe):
-            out.append(Violation(
-                "counter", key,
-                f"final value {value}, expected {len(acked)}..{len(acked) + len(maybe)}"
-                f" ({len(acked)} acknowledged, {len(maybe)} unknown increments)",
-                tuple(acked[-3:]),
-            ))
+            out.append(
+                Violation(
+                    "counter",
+                    key,
+                    f"final value {value}, expected {len(acked)}..{len(acked) + len(maybe)}"
+                    f" ({len(acked)} acknowledged, {len(maybe)} unknown increments)",
+                    tuple(acked[-3:]),
+                )
+            )
     return out
 
 
@@ -134,8 +142,8 @@ def summarize(
     during: list[float] = []
     for o in ops:
         (base if o.invoke < chaos_start else during).append(o.complete - o.invoke)
-        if o.invoke < chaos_start:
-            continue
+        if o.invoke < chaos_start or o.error in SESSION_ERRORS:
+            continue  # a dropped session is a session kill, not a shard's availability
         op_shards = {slots.shard_of(k.encode()) for k in o.keys}
         touched = any(
             t - DISTURBED <= o.complete and o.invoke <= t + DISTURBED
@@ -181,35 +189,46 @@ async def _progress(end: float, start: float, rec: Recorder, kills: KillLog) -> 
         await trio.sleep(0.25)
 
 
-async def run_embedded(
-    cfg: WorkloadConfig, *, shards: int = 4, progress: bool = False
-) -> Report:
+async def run_embedded(cfg: WorkloadConfig, *, shards: int = 4, progress: bool = False) -> Report:
     """A chaos run against an in-process store."""
     from ..embedded import open_store
 
     rng = random.Random(cfg.seed)
     rec = Recorder()
     kills = KillLog()
-    async with open_store(
-        shards=shards, max_restarts=10_000, restart_period=1.0, chaos=True
-    ) as kv:
+    async with open_store(shards=shards, max_restarts=10_000, restart_period=1.0, chaos=True) as kv:
         names = [f"shard-{i}" for i in range(shards)] + ["ttl-manager", "eviction-manager"]
         start = now()
         chaos_start = start + cfg.duration * cfg.baseline
         end = start + cfg.duration
         async with trio.open_nursery() as nursery:
             for c in range(cfg.clients):
-                nursery.start_soon(worker, c, kv, cfg, rec, random.Random(rng.random()),
-                                   end, now)
-            nursery.start_soon(killer, kv.kill_actor, names, cfg.kill_rate, chaos_start,
-                               end, random.Random(rng.random()), kills, now)
+                nursery.start_soon(worker, c, kv, cfg, rec, random.Random(rng.random()), end, now)
+            nursery.start_soon(
+                killer,
+                kv.kill_actor,
+                names,
+                cfg.kill_rate,
+                chaos_start,
+                end,
+                random.Random(rng.random()),
+                kills,
+                now,
+            )
             if progress:
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(kv, cfg)
         restarts = sum(a["restarts"] for a in kv.actors())
     violations = check(rec.ops) + counter_violations(rec.ops, finals)
-    return summarize(rec.ops, kills, restarts, violations, shards=shards,
-                     chaos_start=chaos_start, duration=cfg.duration)
+    return summarize(
+        rec.ops,
+        kills,
+        restarts,
+        violations,
+        shards=shards,
+        chaos_start=chaos_start,
+        duration=cfg.duration,
+    )
 
 
 async def _settle_and_read_counters(kv: Any, cfg: WorkloadConfig) -> dict[str, int | None]:
@@ -258,15 +277,32 @@ async def run_remote(
                 await rng.choice(live).drop()
                 return True
 
-            nursery.start_soon(killer, admin.kill_actor, names, cfg.kill_rate, chaos_start,
-                               end, random.Random(rng.random()), kills, now, drop)
+            nursery.start_soon(
+                killer,
+                admin.kill_actor,
+                names,
+                cfg.kill_rate,
+                chaos_start,
+                end,
+                random.Random(rng.random()),
+                kills,
+                now,
+                drop,
+            )
             if progress:
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(admin, cfg)
         restarts = sum(a["restarts"] for a in await admin.actors())
     violations = check(rec.ops) + counter_violations(rec.ops, finals)
-    return summarize(rec.ops, kills, restarts, violations, shards=shards,
-                     chaos_start=chaos_start, duration=cfg.duration)
+    return summarize(
+        rec.ops,
+        kills,
+        restarts,
+        violations,
+        shards=shards,
+        chaos_start=chaos_start,
+        duration=cfg.duration,
+    )
 
 
 class _Session:
@@ -283,15 +319,17 @@ class _Session:
         if kv is not None:
             await kv.abort()
 
-    async def run(self, client_id: int, cfg: WorkloadConfig, rec: Recorder,
-                  rng: random.Random, end: float) -> None:
+    async def run(
+        self, client_id: int, cfg: WorkloadConfig, rec: Recorder, rng: random.Random, end: float
+    ) -> None:
         from ..client import connect
 
+        seq = itertools.count(1)  # shared by every session of this client: values stay unique
         while now() < end:
             try:
                 async with connect(self.url, token=self.token) as kv:
                     self.kv = kv
-                    await worker(client_id, kv, cfg, rec, rng, end, now)
+                    await worker(client_id, kv, cfg, rec, rng, end, now, seq)
             except (ConnectionError, OSError, trio.BrokenResourceError):
                 pass
             finally:
@@ -313,16 +351,24 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = WorkloadConfig(clients=args.clients, keys=args.keys, duration=args.duration,
-                         kill_rate=args.kill_rate, seed=args.seed)
+    cfg = WorkloadConfig(
+        clients=args.clients,
+        keys=args.keys,
+        duration=args.duration,
+        kill_rate=args.kill_rate,
+        seed=args.seed,
+    )
     progress = not args.no_progress and not args.json
     runner: Callable[[], Any]
     if args.url:
+
         def runner() -> Any:
             return run_remote(cfg, args.url, token=args.token, progress=progress)
     else:
+
         def runner() -> Any:
             return run_embedded(cfg, shards=args.shards, progress=progress)
+
     report: Report = trio.run(runner)
     if args.json:
         print(json.dumps(report.to_json()))

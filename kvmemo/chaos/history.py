@@ -181,26 +181,43 @@ def _check_read(
         if w is None:
             return [Violation("phantom", key, f"read {value!r}, never written", (read,))]
         if w.start > read.complete:
-            return [Violation("phantom", key, f"read {value!r} before its write began",
-                              (read, w.op))]
+            return [
+                Violation("phantom", key, f"read {value!r} before its write began", (read, w.op))
+            ]
         for w2 in ws:
             if w2 is not w and w2.end < read.invoke and w2.start > w.end:
-                out.append(Violation(
-                    "stale-read", key,
-                    f"read {value!r} though a later write was acknowledged before the read",
-                    (read, w.op, w2.op),
-                ))
+                out.append(
+                    Violation(
+                        "stale-read",
+                        key,
+                        f"read {value!r} though a later write was acknowledged before the read",
+                        (read, w.op, w2.op),
+                    )
+                )
                 break
         if w.expires is not None and read.invoke > w.expires + CLOCK_SLACK:
-            out.append(Violation("expired-read", key,
-                                 f"read {value!r} after its expiry deadline", (read, w.op)))
+            out.append(
+                Violation(
+                    "expired-read", key, f"read {value!r} after its expiry deadline", (read, w.op)
+                )
+            )
         for e in exps:
-            if (e.outcome is Outcome.OK and e.result == 1 and e.ttl is not None
-                    and e.invoke > w.end and read.invoke > e.complete + e.ttl + CLOCK_SLACK
-                    and not _rewritten_between(ws, w, e, read)):
-                out.append(Violation("expired-read", key,
-                                     f"read {value!r} after an EXPIRE deadline",
-                                     (read, w.op, e)))
+            if (
+                e.outcome is Outcome.OK
+                and e.result == 1
+                and e.ttl is not None
+                and e.invoke > w.end
+                and read.invoke > e.complete + e.ttl + CLOCK_SLACK
+                and not _rewritten_between(ws, w, e, read)
+            ):
+                out.append(
+                    Violation(
+                        "expired-read",
+                        key,
+                        f"read {value!r} after an EXPIRE deadline",
+                        (read, w.op, e),
+                    )
+                )
                 break
         return out
     # A missing value: explain it, or the last acknowledged write was lost.
@@ -223,11 +240,14 @@ def _check_read(
         if e.invoke < read.complete and (e.outcome is not Outcome.OK or e.result != 0):
             explained = True
     if not explained:
-        out.append(Violation(
-            "lost-write", key,
-            f"read nil though {latest.value!r} was acknowledged before the read",
-            (read, latest.op),
-        ))
+        out.append(
+            Violation(
+                "lost-write",
+                key,
+                f"read nil though {latest.value!r} was acknowledged before the read",
+                (read, latest.op),
+            )
+        )
     return out
 
 
@@ -259,11 +279,14 @@ def _check_read_order(
                 newest = cand
             i += 1
         if newest is not None and w.end < newest[1].start:
-            out.append(Violation(
-                "read-order", key,
-                "a read returned a value older than one an earlier read had returned",
-                (newest[0], read, w.op, newest[1].op),
-            ))
+            out.append(
+                Violation(
+                    "read-order",
+                    key,
+                    "a read returned a value older than one an earlier read had returned",
+                    (newest[0], read, w.op, newest[1].op),
+                )
+            )
             if len(out) >= 3:
                 break
     return out
@@ -288,8 +311,17 @@ def _check_msets(ops: Sequence[Op]) -> list[Violation]:
         }
         missing = any(v is None for v in op.values)
         if len(sources) > 1 or (missing and sources):
-            parts = tuple(mset_of[(k, v)] for k, v in zip(op.keys, op.values, strict=True)
-                          if v is not None and (k, v) in mset_of)
-            out.append(Violation("torn-mset", ",".join(op.keys),
-                                 "an MGET saw parts of different MSETs", (op, *parts)))
+            parts = tuple(
+                mset_of[(k, v)]
+                for k, v in zip(op.keys, op.values, strict=True)
+                if v is not None and (k, v) in mset_of
+            )
+            out.append(
+                Violation(
+                    "torn-mset",
+                    ",".join(op.keys),
+                    "an MGET saw parts of different MSETs",
+                    (op, *parts),
+                )
+            )
     return out

@@ -18,6 +18,7 @@ against a server, drops one of the workers' sessions now and then.
 from __future__ import annotations
 
 import inspect
+import itertools
 import random
 import time
 from collections import Counter
@@ -46,16 +47,36 @@ class Recorder:
         return self._next
 
 
+NOT_APPLIED = frozenset(
+    {
+        "UNAVAILABLE",
+        "OVERLOADED",
+        "OOM",
+        "TOO_LARGE",
+        "SYNTAX",
+        "ARITY",
+        "NOT_INTEGER",
+        "UNKNOWN_METHOD",
+        "NOAUTH",
+        "DISABLED",
+        "INVALID_REQUEST",
+        "PARSE",
+    }
+)  # error kinds that guarantee nothing was applied
+
+
 def classify(exc: BaseException) -> tuple[Outcome, str]:
-    """How a failed call counts: certainly not applied, or maybe applied."""
+    """How a failed call counts: certainly not applied, or maybe applied.
+
+    An error says "not applied" only by its kind (UNAVAILABLE, OVERLOADED,
+    client errors) or by ``applied: false``; anything else (a TIMEOUT with
+    ``applied`` null, INTERNAL, a dropped session) may have happened.
+    """
     if isinstance(exc, KVMemoError):
         kind = exc.kind
-        applied = exc.data.get("applied", False)
-        if kind in ("TIMEOUT", "IO", "INTERNAL") and applied is None:
-            return Outcome.UNKNOWN, kind
-        if kind == "INTERNAL":
-            return Outcome.UNKNOWN, kind
-        return Outcome.FAILED, kind
+        if kind in NOT_APPLIED or exc.data.get("applied", None) is False:
+            return Outcome.FAILED, kind
+        return Outcome.UNKNOWN, kind
     # Lost connection and anything else: the request may have been applied.
     return Outcome.UNKNOWN, type(exc).__name__
 
@@ -90,19 +111,24 @@ async def worker(
     rng: random.Random,
     end: float,
     clock: Callable[[], float],
+    seq: itertools.count[int] | None = None,
 ) -> None:
-    """Run random operations until ``end``, recording each."""
-    seq = 0
+    """Run random operations until ``end``, recording each.
+
+    ``seq`` numbers this client's values; pass the same counter when the
+    worker resumes on a new session, so that every value stays unique.
+    """
+    seq = seq if seq is not None else itertools.count(1)
     while clock() < end and not getattr(kv, "closed", False):
-        seq += 1
-        value = f"c{client_id}-{seq}"
+        value = f"c{client_id}-{next(seq)}"
         roll = rng.random()
         if roll < 0.3:
             key = f"reg:{rng.randrange(cfg.keys)}"
             ttl = WRITE_TTL if rng.random() < 0.2 else None
             args: list[Any] = [key, value] + (["PX", int(ttl * 1000)] if ttl else [])
-            await _record(rec, client_id, kv, "set", (key,), (value,), ("set", *args),
-                          clock, ttl=ttl)
+            await _record(
+                rec, client_id, kv, "set", (key,), (value,), ("set", *args), clock, ttl=ttl
+            )
         elif roll < 0.6:
             key = f"reg:{rng.randrange(cfg.keys)}"
             await _record(rec, client_id, kv, "get", (key,), (None,), ("get", key), clock)
@@ -111,8 +137,17 @@ async def worker(
             await _record(rec, client_id, kv, "del", (key,), (None,), ("del", key), clock)
         elif roll < 0.7:
             key = f"reg:{rng.randrange(cfg.keys)}"
-            await _record(rec, client_id, kv, "expire", (key,), (None,),
-                          ("pexpire", key, int(WRITE_TTL * 1000)), clock, ttl=WRITE_TTL)
+            await _record(
+                rec,
+                client_id,
+                kv,
+                "expire",
+                (key,),
+                (None,),
+                ("pexpire", key, int(WRITE_TTL * 1000)),
+                clock,
+                ttl=WRITE_TTL,
+            )
         elif roll < 0.8:
             key = f"ctr:{rng.randrange(cfg.counters)}"
             await _record(rec, client_id, kv, "incr", (key,), (None,), ("incr", key), clock)
@@ -167,8 +202,9 @@ async def _record(
         int_result = int(result)
     if kind == "expire" and int_result == 0:
         ttl = None
-    rec.ops.append(Op(op_id, client_id, kind, keys, values, start, done, outcome, ttl, error,
-                      int_result))
+    rec.ops.append(
+        Op(op_id, client_id, kind, keys, values, start, done, outcome, ttl, error, int_result)
+    )
 
 
 @attrs.define
