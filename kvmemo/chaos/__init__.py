@@ -27,7 +27,10 @@ from .history import Op, Outcome, Violation, check
 from .workload import KillLog, Recorder, WorkloadConfig, killer, now, worker
 
 NAME = "chaos"
-DISTURBED = 0.25  # seconds after a kill during which that shard counts as restarting
+# Seconds after a kill during which that shard counts as restarting: the
+# restart backoff grows with repeated kills up to its cap (1 s by default),
+# plus a margin. Operations on other shards must all succeed.
+DISTURBED = 1.5
 SETTLE = 5.0  # seconds allowed for every actor to be running again at the end
 SESSION_ERRORS = frozenset({"DISCONNECTED"})  # failures caused by dropping the client's session
 
