@@ -84,6 +84,7 @@ class StartError(Exception):
 
 async def _serve(resolved: Resolved) -> int:
     from .node import open_node
+    from .persistence import PersistenceError
 
     log = logging.getLogger("kvmemo")
     store = resolved.store
@@ -91,7 +92,9 @@ async def _serve(resolved: Resolved) -> int:
         async with AsyncExitStack() as stack:
             try:
                 node = await stack.enter_async_context(open_node(store, resolved.server))
-            except OSError as exc:
+            except (OSError, PersistenceError) as exc:
+                # A port in use, a bad certificate, a corrupt log (the message
+                # names the file and offset): one line, exit 2.
                 raise StartError(str(exc)) from None
             print(f"KVMemo listening on {node.url}", flush=True)
             if node.resp_url is not None:

@@ -126,5 +126,3 @@ async def info(
         ),
         "shards": per_shard,
     }
-
-

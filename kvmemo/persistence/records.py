@@ -61,6 +61,7 @@ _HEAD_KLEN = struct.Struct("<IBBII")  # the header and the key length after it
 _HEAD_KLEN_SIZE = _HEAD_KLEN.size  # 14 bytes
 _VOP_LEN_KLEN = struct.Struct("<BBII")  # version, op, payload length, key length
 _EXPIRY = struct.Struct("<Bq")  # expiry flag, expiry in Unix ms
+_NO_EXPIRY = _EXPIRY.pack(0, 0)  # the expiry field of a record without expiry
 MIN_PAYLOAD = 4 + 4 + _EXPIRY.size  # 17 bytes: empty key, empty value, expiry field
 MAX_PAYLOAD = 1 << 30  # bytes; a larger length field is damage, not data
 MAX_EXPIRES_MS = (1 << 63) - 1  # the largest int64
@@ -165,16 +166,14 @@ def encode_fields(op: int, key: bytes, value: bytes = b"", expires_ms: int | Non
         ValueError: the fields break a shape rule of :class:`Record`, or the
             payload would exceed :data:`MAX_PAYLOAD`.
     """
-    reason = _shape_error(op, key, value, expires_ms)
-    if reason is not None:
-        raise ValueError(reason)
+    if op != _SET or expires_ms is not None:  # a SET without expiry has no shape rule
+        reason = _shape_error(op, key, value, expires_ms)
+        if reason is not None:
+            raise ValueError(reason)
     plen = MIN_PAYLOAD + len(key) + len(value)
     if plen > MAX_PAYLOAD:
         raise ValueError(f"record payload must be <= {MAX_PAYLOAD} bytes, got {plen}")
-    if expires_ms is None:
-        tail = _EXPIRY.pack(0, 0)
-    else:
-        tail = _EXPIRY.pack(1, expires_ms)
+    tail = _NO_EXPIRY if expires_ms is None else _EXPIRY.pack(1, expires_ms)
     body = b"".join(
         (
             _VOP_LEN_KLEN.pack(FORMAT_VERSION, op, plen, len(key)),

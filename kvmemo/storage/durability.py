@@ -73,9 +73,12 @@ class Health(enum.Enum):
 class ShardDurability:
     """The log, policy and health of one shard's persistence.
 
-    Invariants: ``dirty`` is True when bytes were appended since the last
-    successful sync; ``error`` holds the last failure while ``health`` is
-    FAILING.
+    Invariants: ``dirty`` is True when bytes were appended since the
+    start of the last successful sync (appends made while a background sync
+    runs are not covered by it); ``appends`` counts the successful appends;
+    ``unsaved`` is the bytes appended since the last snapshot's rotation (the
+    log's size when opened, at first); ``error`` holds the last failure
+    while ``health`` is FAILING.
     """
 
     def __init__(
@@ -93,6 +96,8 @@ class ShardDurability:
         self.journal = Journal()
         self.log: SegmentedLog | None = None
         self.dirty = False
+        self.appends = 0
+        self.unsaved = 0
         self.health = Health.OK
         self.error: str | None = None
         self.last_sync = time.time()
@@ -101,27 +106,50 @@ class ShardDurability:
         self.saving = False
 
     def open(self) -> None:
-        """Open the log for appending (after recovery ran)."""
+        """Open the log for appending (after recovery ran), unless it is open.
+
+        Raises:
+            OSError: the directory or a new segment cannot be created
+                (read-only file system, permissions, disk full).
+        """
         if self.log is None:
             self.log = SegmentedLog(self.directory, segment_bytes=self.segment_bytes)
+            self.unsaved = self.log.size()
 
     def append(self) -> int:
         """Append the journal to the log (buffered, no sync); bytes written.
 
+        Opens the log first if it is not open (it could not be at start: a
+        read-only directory), so that writes resume once the directory is
+        usable again. The journal is emptied either way: the records of a
+        failed batch are not retried (their replies fail with ``IO``).
+
         Raises:
-            OSError: the write failed (disk full, read-only, ...).
+            OSError: the write failed, or the log could not be opened (disk
+                full, read-only, ...).
         """
         data = self.journal.take()
         if not data:
             return 0
+        self.open()
         assert self.log is not None
         self.log.append_encoded(data)
         self.dirty = True
+        self.appends += 1
+        self.unsaved += len(data)
+        if self.fsync is AppendFsync.NO and self.health is Health.FAILING:
+            # Nothing ever syncs with ``no``: a successful append is the recovery.
+            self.health = Health.OK
+            self.error = None
         return len(data)
 
-    def synced(self) -> None:
-        self.dirty = False
-        self.last_sync = time.time()
+    def synced(self, appends: int, started: float) -> None:
+        """A sync succeeded that began at Unix time ``started``, after ``appends`` appends.
+
+        Appends made while it ran are not covered by it: the log stays dirty.
+        """
+        self.dirty = self.appends != appends
+        self.last_sync = started
         self.health = Health.OK
         self.error = None
 

@@ -8,6 +8,19 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
   always``, synced it once in a worker thread. A failed append or sync
   fails that batch's replies with ``IO`` (``applied`` null: the change is
   in memory but may not be on disk); reads keep working.
+- **Gathering a batch.** With ``always``, the writers answered by a commit
+  can only send their next write once they run; if the shard drained its
+  mailbox first, they would miss the next batch and wait a whole extra
+  fsync, splitting the writers into two alternating halves. So the first
+  message handled after such a commit yields once (one scheduler pass,
+  ~6 µs, before any state is touched) and the writers just answered join
+  the batch being drained: batches approach the number of writers waiting
+  on the shard (64 writers over 4 shards: ~14 records per fsync instead of
+  ~11).
+- **A log that cannot be opened** (a read-only or full directory at start)
+  does not stop the shard: it serves reads, reports the failure in ``info
+  persistence``, and fails every write with ``IO``; each commit tries to
+  open the log again, so writes resume once the directory is usable.
 - **everysec / no.** A background loop syncs a dirty log at least once a
   second (``everysec``); ``no`` leaves it to the OS.
 - **Snapshots without a global pause.** ``Save`` rotates the log, copies the
@@ -40,7 +53,7 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
 from ..persistence import AppendFsync, recover, write_snapshot
 from .durability import Health, ShardDurability
-from .shard import ShardActor
+from .shard import Hold, ShardActor
 from .store import ShardStore
 
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
@@ -143,6 +156,7 @@ class DurableShardActor(ShardActor):
         self.dur: ShardDurability = self.store.durability
         self.config = config
         self._sync_lock = trio.Lock()
+        self._gather = False  # the next message handled yields first (group commit)
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
             SNAPSHOT_QUEUE
         )
@@ -158,17 +172,33 @@ class DurableShardActor(ShardActor):
             await recover_store(store, self.config, repair=True)
             store.needs_recovery = False
         self.dur.journal.offset = _wall_offset()
-        self.dur.open()
+        try:
+            self.dur.open()
+        except OSError as exc:
+            # A read-only or full directory: serve reads anyway; every write
+            # fails with IO (commit retries the open) until the log can open.
+            self.dur.failed(exc)
 
     async def handle(self, message: Any) -> Any:
-        if type(message) is Save:
+        if self._gather:
+            # The first message after an ``always`` commit: let the writers it
+            # answered send their next writes into this batch (see the module
+            # docstring). No state has been touched yet.
+            self._gather = False
+            await trio.lowlevel.checkpoint()
+        kind = type(message)
+        if kind is Save:
             return self._start_snapshot()
-        if type(message) is SyncNow:
+        if kind is SyncNow:
             error = await self._sync()
             if error is not None:
                 raise error
             return None
-        return await super().handle(message)
+        # ShardActor.handle, inlined (one coroutine less per message on the
+        # hot path); keep the two in step.
+        if kind is Hold:
+            return await self._hold(message)
+        return message.apply(self.store, trio.current_time())
 
     async def commit(self) -> BaseException | None:
         dur = self.dur
@@ -182,8 +212,9 @@ class DurableShardActor(ShardActor):
             error = await self._sync()
             if error is not None:
                 return error
-        if not dur.saving and dur.log_size() > dur.snapshot_bytes:
+        if dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
+        self._gather = written > 0 and dur.fsync is AppendFsync.ALWAYS
         return None
 
     async def _sync(self) -> PersistenceIOError | None:
@@ -192,12 +223,13 @@ class DurableShardActor(ShardActor):
         if log is None or not dur.dirty:
             return None
         async with self._sync_lock:
+            appends, started = dur.appends, time.time()
             try:
                 await trio.to_thread.run_sync(log.sync)
             except OSError as exc:
                 dur.failed(exc)
                 return self._io_error(exc)
-        dur.synced()
+            dur.synced(appends, started)
         return None
 
     def _io_error(self, exc: OSError) -> PersistenceIOError:
@@ -211,13 +243,15 @@ class DurableShardActor(ShardActor):
         dur = self.dur
         store = self.store
         if dur.log is None:
-            ticket.error = PersistenceIOError("the log is not open", applied=False)
+            why = f": {dur.error}" if dur.error else ""
+            ticket.error = PersistenceIOError(f"the log is not open{why}", applied=False)
             ticket.done.set()
             return ticket
         started = time.perf_counter()
         try:
             dur.append()
             covers = dur.log.rotate()
+            dur.unsaved = 0  # even if the snapshot fails: retried after as many bytes again
         except OSError as exc:
             dur.failed(exc)
             ticket.error = self._io_error(exc)
@@ -272,13 +306,29 @@ class DurableShardActor(ShardActor):
 
     async def on_stop(self) -> None:
         # Graceful stop: make everything durable, then snapshot (bounded by
-        # the child's shutdown timeout; the log alone is enough if cut short).
+        # the child's shutdown timeout; the log alone is enough if cut short),
+        # then close the log so that no descriptor outlives the store (a
+        # restart opens a new segment in on_start).
         await self.commit()
         await self._sync()
+        # Snapshots still queued for the (cancelled) background writer are
+        # superseded by the last one, which covers more: only it is written.
+        superseded = []
+        while True:
+            try:
+                superseded.append(self._jobs.receive_nowait()[1])
+            except trio.WouldBlock:
+                break
         ticket = self._start_snapshot()
         if not ticket.done.is_set():
             job, _ = self._jobs.receive_nowait()
             await self._write(job, ticket)
+        for older in superseded:
+            older.error = ticket.error
+            older.done.set()
+        log, self.dur.log = self.dur.log, None
+        if log is not None:
+            await trio.to_thread.run_sync(log.close)  # waits for a running sync
 
 
 @attrs.frozen
@@ -356,9 +406,9 @@ async def prepare_stores(
     for shard in range(shards):
         make, _, _ = durable_state_factory(shard, tracker, make_policy, config, {})
         store = make()
-        warnings += [f"shard-{shard}: {w}" for w in await recover_store(
-            store, config, repair=config.repair
-        )]
+        warnings += [
+            f"shard-{shard}: {w}" for w in await recover_store(store, config, repair=config.repair)
+        ]
         stores[shard] = store
     return stores, warnings
 
