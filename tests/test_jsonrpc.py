@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmemo import errors
+from kvmemo.server import jsonrpc
 from kvmemo.server.jsonrpc import (
     INVALID_REQUEST_CODE,
     INVALID_REQUEST_KIND,
@@ -22,9 +24,13 @@ from kvmemo.server.jsonrpc import (
     binary_message_response,
     decode_message,
     encode,
+    encode_texts,
     error_response,
     error_response_for,
+    error_text,
+    response_text,
     result_response,
+    text_of,
     to_json_result,
 )
 
@@ -734,3 +740,136 @@ def test_single_item_gets_at_most_one_response_as_an_object(item: Any) -> None:
     else:
         assert isinstance(answered, dict)
         assert json.dumps(answered["id"]) == json.dumps(expected[0])
+
+
+# ----------------------------------------------------------------------------
+# Fast paths: the same answers as the general code
+
+any_char_text = st.text(st.characters(exclude_categories=()), max_size=8)
+
+plain_requests = st.fixed_dictionaries(
+    {
+        "jsonrpc": st.just("2.0"),
+        "id": st.integers() | any_char_text,
+        "method": st.sampled_from(["get", "set", "mget", "ping"]) | any_char_text,
+        "params": st.lists(any_char_text | st.integers(), max_size=4),
+    }
+)
+
+
+class _RefusingDecoder:
+    """Stands in for the prebuilt decoder: every text goes to the general parse."""
+
+    def decode(self, text: str) -> Any:
+        raise ValueError("fast path off")
+
+
+def decode_slow(text: str, *, max_batch: int = MAX_BATCH) -> Decoded:
+    """decode_message with both of its fast paths turned off: the general code alone."""
+    with (
+        mock.patch.object(jsonrpc, "_FAST_DECODER", _RefusingDecoder()),
+        mock.patch.object(jsonrpc, "_plain_call", return_value=None),
+    ):
+        return decode_message(text, max_batch=max_batch)
+
+
+@FUZZ
+@given(st.lists(plain_requests, min_size=1, max_size=6) | plain_requests)
+def test_fast_decoding_of_valid_requests_equals_the_general_code(document: Any) -> None:
+    text = json.dumps(document)
+    assert decode_message(text, max_batch=MAX_BATCH) == decode_slow(text)
+
+
+@FUZZ
+@given(st.lists(request_like(), min_size=1, max_size=6) | request_like() | json_values)
+def test_fast_decoding_of_anything_equals_the_general_code(document: Any) -> None:
+    text = json.dumps(document)
+    assert decode_message(text, max_batch=MAX_BATCH) == decode_slow(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"jsonrpc":"2.0","id":1,"method":"get","params":[' + "9" * 5000 + "]}",
+        '{"jsonrpc":"2.0","id":' + "9" * 5000 + ',"method":"get","params":[]}',
+        '{"jsonrpc":"2.0","id":1,"method":"get","params":[NaN]}',
+        '\ufeff{"jsonrpc":"2.0","id":1,"method":"get","params":[]}',
+        '{"jsonrpc":"2.0","id":1,"method":"get","params":["\\ud800"]}',
+        '{"jsonrpc":"2.0","id":true,"method":"get","params":[]}',
+        '{"jsonrpc":"2.0","id":1,"method":"get","params":[1.5, false]}',
+        "[" * 100_000,
+    ],
+)
+def test_fast_decoding_of_edge_cases_equals_the_general_code(text: str) -> None:
+    assert decode_message(text, max_batch=MAX_BATCH) == decode_slow(text)
+
+
+results = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | any_char_text
+    | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(any_char_text | st.binary(max_size=4), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+request_ids = st.none() | st.integers() | any_char_text
+
+
+@FUZZ
+@given(st.lists(st.tuples(request_ids, results), min_size=1, max_size=5), st.booleans())
+def test_response_texts_equal_encoded_responses(
+    answers: list[tuple[Any, Any]], is_batch: bool
+) -> None:
+    if not is_batch:
+        answers = answers[:1]
+    responses = [result_response(id, result) for id, result in answers]
+    texts = [response_text(id, result) for id, result in answers]
+    assert texts == [text_of(response) for response in responses]
+    assert encode_texts(texts, is_batch=is_batch) == encode(responses, is_batch=is_batch)
+
+
+@FUZZ
+@given(request_ids, any_char_text)
+def test_error_texts_equal_encoded_error_responses(id: Any, message: str) -> None:
+    error = errors.UnavailableError(message, retry_after_ms=5)
+    response = error_response(id, error)
+    assert error_text(id, error) == text_of(response)
+    assert encode_texts([error_text(id, error)], is_batch=False) == encode(
+        [response], is_batch=False
+    )
+
+
+def test_response_text_refuses_what_to_json_result_refuses() -> None:
+    with pytest.raises(ValueError, match=r"^cannot send non-finite float nan as JSON$"):
+        response_text(1, math.nan)
+    with pytest.raises(TypeError, match=r"^cannot send a result of type object as JSON$"):
+        response_text(1, object())
+
+
+def test_encode_texts_of_nothing_is_nothing_and_single_takes_one() -> None:
+    assert encode_texts([], is_batch=True) is None
+    with pytest.raises(ValueError, match=r"^a single request has at most one response, got 2$"):
+        encode_texts(["{}", "{}"], is_batch=False)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        "\udc80",
+        "caf\u00e9 \ud800 \U0001f600 \x7f \u2028",
+        ["\udfff", {"k\u00e9": "\ud83d"}],
+        b"\xff",
+    ],
+)
+def test_response_texts_with_lone_surrogates_are_escaped_as_encode_escapes_them(
+    result: Any,
+) -> None:
+    responses = [result_response(7, result), result_response("\u00e9", "x")]
+    texts = [response_text(7, result), response_text("\u00e9", "x")]
+    assert encode_texts(texts, is_batch=True) == encode(responses, is_batch=True)
+    assert encode_texts(texts[:1], is_batch=False) == encode(responses[:1], is_batch=False)

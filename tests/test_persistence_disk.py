@@ -419,3 +419,24 @@ async def test_repair_starts_keeps_the_valid_records_and_drops_keys_expired_whil
         for m in messages
     ), messages
     assert (segment.parent / f"{segment.name}.corrupt-{offset}").exists()
+
+
+def test_healthz_reports_a_shard_whose_writes_are_not_durable(tmp_path: Path) -> None:
+    from kvmemo.config import StoreConfig
+    from kvmemo.engine.engine import KVEngine
+    from kvmemo.server.app import Server
+    from kvmemo.server.config import ServerConfig
+    from kvmemo.storage.durability import Health
+
+    async def main() -> tuple[int, dict[str, object]]:
+        engine = KVEngine(StoreConfig(shards=2, data_dir=str(tmp_path)))
+        await engine.prepare()
+        server = Server(engine, ServerConfig(port=0, resp=False))
+        engine._durabilities[1].failed(OSError(28, "No space left on device", "wal-1.log"))
+        assert engine._durabilities[1].health is Health.FAILING
+        status, body, _ = server._healthz()
+        return status, json.loads(body)
+
+    status, body = trio.run(main)
+    assert status == 503
+    assert body["persistence"] == ["shard-1: No space left on device: wal-1.log"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import string
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -694,3 +695,104 @@ def test_encoded_replies_parse_back(values: list[object], protocol: int, cuts: l
         while (reply := parser.next_reply()) is not NEED_DATA:
             got.append(reply)
     assert decodes_as(got, values, protocol == 3)
+
+
+# --------------------------------------------------------------------------
+# Request parser: the fast path reads what the state machine reads
+# --------------------------------------------------------------------------
+
+
+def parse_chunks_slow(chunks: list[bytes], **limits: int) -> tuple[list[Event], int]:
+    """parse_chunks with the fast path off: the state machine alone."""
+    with mock.patch.object(RespParser, "_fast", return_value=None):
+        return parse_chunks(chunks, **limits)
+
+
+def parse_chunks_batched(chunks: list[bytes], **limits: int) -> tuple[list[Event], int]:
+    """parse_chunks through next_commands, as the server reads."""
+    parser = RespParser(**limits)
+    events: list[Event] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        commands, error = parser.next_commands()
+        events += [Command(args) for args in commands]
+        if error is not None:
+            events.append(error)
+            break
+    return events, parser.buffered
+
+
+PIPELINES = st.lists(
+    st.one_of(
+        ARGS.map(lambda args: encode_command(*args)),
+        REQUEST_BYTES,
+        st.sampled_from(
+            [b"PING\r\n", b"*0\r\n", b"*-1\r\n", b"*1\r\n$4\r\nPINGxx", b"*2\r\n$9\r\n"]
+        ),
+    ),
+    max_size=8,
+).map(b"".join)
+
+
+@FAST
+@given(data=PIPELINES, cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_fast_path_and_next_commands_give_the_state_machines_events(
+    data: bytes, cuts: list[int]
+) -> None:
+    for limits in (
+        SMALL_LIMITS,
+        {},
+        {"max_inline_len": 1},
+        {"max_inline_len": 2},
+        {"max_args": 1, "max_bulk_len": 0},
+    ):
+        for chunks in ([data], split_at(data, cuts)):
+            expected = parse_chunks_slow(chunks, **limits)
+            assert parse_chunks(chunks, **limits) == expected
+            assert parse_chunks_batched(chunks, **limits) == expected
+
+
+def test_fast_path_reads_long_counts_and_lengths_as_the_state_machine() -> None:
+    value = b"v" * 5000
+    data = encode_command(*([b"k"] * 1500)) + encode_command(b"SET", b"k", value) + b"*1\r\n"
+    for chunks in ([data], [data[:7000], data[7000:]]):
+        assert parse_chunks(chunks) == parse_chunks_slow(chunks)
+        assert parse_chunks_batched(chunks) == parse_chunks_slow(chunks)
+    events, buffered = parse_chunks_batched([data])
+    assert events == [Command((b"k",) * 1500), cmd(b"SET", b"k", value)]
+    assert buffered == 0  # the unfinished request's count line is consumed
+    # Over the limits: the same errors from both.
+    for limits in ({"max_args": 1499}, {"max_bulk_len": 4999}):
+        assert parse_chunks_batched([data], **limits) == parse_chunks_slow([data], **limits)
+
+
+def test_small_pieces_after_a_large_held_bulk_are_appended_in_place() -> None:
+    parser = RespParser()
+    data = encode_command(b"SET", b"k", b"x" * 100_000) + encode_command(b"GET", b"k")
+    parser.feed(data[:70_000])
+    assert parser.next_commands() == ([], None)
+    for i in range(70_000, len(data), 1000):
+        parser.feed(data[i : i + 1000])
+    assert parser.next_commands() == ([(b"SET", b"k", b"x" * 100_000), (b"GET", b"k")], None)
+    assert parser.buffered == 0
+
+
+def test_fast_path_keeps_the_line_limit_of_length_lines() -> None:
+    data = b"*1\r\n$10\r\n0123456789\r\n"
+    expected = [err("ERR Protocol error: too big bulk count string")]
+    assert parse(data, max_inline_len=2) == expected
+    assert parse_chunks_batched([data], max_inline_len=2)[0] == expected
+
+
+PING_THEN_GET = b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$3\r\nfoo\r\n"
+
+
+@pytest.mark.parametrize("cut", range(14, len(PING_THEN_GET)))
+def test_a_request_is_taken_only_once_its_last_crlf_has_arrived(cut: int) -> None:
+    chunks = [PING_THEN_GET[:cut], PING_THEN_GET[cut:]]
+    expected = parse_chunks_slow(chunks)
+    assert expected == ([cmd(b"PING"), cmd(b"GET", b"foo")], 0)
+    assert parse_chunks_batched(chunks) == expected
+    parser = RespParser()
+    parser.feed(chunks[0])
+    assert parser.next_commands() == ([(b"PING",)], None)

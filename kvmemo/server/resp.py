@@ -256,14 +256,26 @@ class _State(enum.Enum):
     FAILED = enum.auto()  # a ProtocolError was returned; nothing more is parsed
 
 
-# Consumed bytes at the front of the buffer are dropped only once they are at
-# least this many and at least half the buffer: each compaction then moves no
-# more bytes than it frees, so copying costs O(1) per byte received however
-# the requests are pipelined or split.
+# Consumed bytes at the front of a bytearray buffer are dropped only once they
+# are at least this many and at least half the buffer: each compaction then
+# moves no more bytes than it frees, so copying costs O(1) per byte received
+# however the requests are pipelined or split.
 _COMPACT_MIN: Final = 64 * 1024  # bytes
 
 _STAR: Final = ord("*")
 _DOLLAR: Final = ord("$")
+
+# The fast path reads the count and bulk-length lines it sees most by one dict
+# lookup of the whole line; a line not in these tables is read with
+# _string2ll. The keys are exactly the canonical spellings _string2ll accepts,
+# so a hit gives what _string2ll would. Sizes: about 100 KiB in all.
+_FAST_LINES_MAX: Final = 1024  # largest count / bulk length in the tables
+_COUNT_LINES: Final = {b"*%d" % n: n for n in range(1, _FAST_LINES_MAX + 1)}
+_BULK_LINES: Final = {b"$%d" % n: n for n in range(_FAST_LINES_MAX + 1)}
+_NO_LIMIT: Final = 1 << 62  # "as many requests as are complete"
+# The longest line in the tables ("*1024", "$1024"): with a smaller
+# max_inline_len a line in the tables could be too long, so no split.
+_SPLIT_MIN_INLINE: Final = len(b"$%d" % _FAST_LINES_MAX)  # bytes
 
 
 def _check_limit(name: str, value: int, minimum: int) -> None:
@@ -279,11 +291,28 @@ class RespParser:
     (``*<n>\\r\\n`` then ``n`` times ``$<len>\\r\\n<bytes>\\r\\n``); any other line
     is an inline request split by :func:`_split_inline`.
 
-    Design: the received bytes sit in one ``bytearray`` with a read offset
-    ``_pos``; a request is parsed in place and only its arguments are copied
-    out, so a pipeline of many requests costs time linear in its size. A line
-    terminator is searched from ``_scan``, where the last search stopped, so
-    a line arriving one byte at a time is scanned once, not once per byte.
+    Design: the received bytes sit in one buffer with a read offset ``_pos``;
+    a request is parsed in place and only its arguments are copied out, so a
+    pipeline of many requests costs time linear in its size. The buffer is a
+    ``bytes`` object whenever that is cheap (nothing held when bytes arrive:
+    the received object itself; or less held than arrives: one join), else a
+    ``bytearray`` grown in place (a large bulk arriving in small pieces), so
+    copying stays O(1) per byte received either way.
+
+    Two paths read requests. The fast path (:meth:`_fast`) takes, from a
+    ``bytes`` buffer, every complete multibulk request that is plainly
+    valid. Once per feed, for a pipeline, it splits what is held at every
+    CRLF in one call and walks the pieces (:meth:`_fast_split`); then, or
+    for one request, it finds each line with ``bytes.find``. Either way a
+    count or length line is read by one dict lookup and each argument is
+    one slice. At the first thing that is not that (an inline request, an
+    incomplete request, anything odd or invalid) it stops without consuming
+    it, and the state machine (:meth:`_next_slow`) reads that request
+    byte-exactly, errors and limits included; the paths read the same bytes
+    the same way (the tests compare them). In the state machine a line
+    terminator is searched from ``_scan``, where the last search stopped,
+    so a line arriving one byte at a time is scanned once, not once per
+    byte.
 
     What Redis accepts, this accepts, with these deliberate choices:
 
@@ -336,7 +365,7 @@ class RespParser:
         self._max_args = max_args
         self._max_inline_len = max_inline_len
         self._max_buffer = max_buffer
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._scan = 0
         self._state = _State.IDLE
@@ -345,6 +374,7 @@ class RespParser:
         self._remaining = 0  # arguments still to read in this multibulk request
         self._bulk_len = 0  # length of the bulk argument being read
         self._error: ProtocolError | None = None
+        self._split = False  # whether _fast may split the buffer (once per feed)
 
     @property
     def failed(self) -> bool:
@@ -373,10 +403,56 @@ class RespParser:
         """
         if self._error is not None or not data:
             return
-        self._compact()
-        self._buf += data
+        self._split = True
+        buf, pos = self._buf, self._pos
+        held = len(buf) - pos
+        if held == 0:
+            # The common case: every byte before was consumed. Keep the
+            # received object itself (a copy only if it is not bytes).
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._scan -= pos
+            self._pos = 0
+        elif held <= len(data):
+            # One copy of what is held and the new bytes: at most twice the
+            # size of the new bytes.
+            self._buf = b"".join((memoryview(buf)[pos:], data))
+            self._scan -= pos
+            self._pos = 0
+        else:
+            # More held than arrives (a large bulk in small pieces): grow a
+            # bytearray in place instead of copying what is held each time.
+            if isinstance(buf, bytes):
+                buf = bytearray(memoryview(buf)[pos:])
+                self._scan -= pos
+                self._pos = 0
+                self._buf = buf
+            else:
+                self._compact(buf)
+            buf += data
         if self.buffered > self._max_buffer:
             self._fail(_ERR_QUERY_BUFFER, reply=False)
+
+    def next_commands(self) -> tuple[list[tuple[bytes, ...]], ProtocolError | None]:
+        """Parse every complete request fed so far.
+
+        The same requests as calling :meth:`next_event` until it returns
+        ``None`` or an error, without a :class:`Command` for each.
+
+        Returns:
+            The arguments of each request in order (``args[0]`` the command
+            name, never empty), and the :class:`ProtocolError` that ended
+            parsing after them, if any (again on every later call).
+        """
+        out: list[tuple[bytes, ...]] = []
+        while True:
+            if self._state is _State.IDLE and self._error is None:
+                self._fast(out, _NO_LIMIT)
+            event = self._next_slow()
+            if event is None:
+                return out, None
+            if isinstance(event, ProtocolError):
+                return out, event
+            out.append(event.args)
 
     def next_event(self) -> Command | ProtocolError | None:
         """Parse the next request from the bytes fed so far.
@@ -386,6 +462,120 @@ class RespParser:
             call; or ``None`` when more bytes are needed. Empty requests
             (``*0``, ``*-1``, blank inline lines) give no event.
         """
+        if self._state is _State.IDLE and self._error is None:
+            out: list[tuple[bytes, ...]] = []
+            self._fast(out, 1)
+            if out:
+                return Command(out[0])
+        return self._next_slow()
+
+    def _fast(self, out: list[tuple[bytes, ...]], most: int) -> None:
+        """Append to ``out`` up to ``most`` plainly valid complete multibulk requests.
+
+        Runs only between requests (state ``IDLE``) on a ``bytes`` buffer.
+        Stops, consuming nothing of it, at the first request that is not
+        complete, not multibulk, or not read exactly as :meth:`_next_slow`
+        would read it without an error: a count not in 1..``max_args``, a
+        length line that is not ``$`` and a valid length up to
+        ``max_bulk_len``, a line longer than ``max_inline_len``.
+        """
+        buf = self._buf
+        if type(buf) is not bytes:
+            return
+        if self._split and most > 1 and self._max_inline_len >= _SPLIT_MIN_INLINE:
+            self._split = False
+            self._fast_split(buf, out)
+        pos = self._pos
+        size = len(buf)
+        find = buf.find
+        span = self._max_inline_len + 1  # a line's CR is found within this many bytes
+        max_args = self._max_args
+        max_bulk = self._max_bulk_len
+        counts = _COUNT_LINES
+        lengths = _BULK_LINES
+        taken = 0
+        while taken < most and pos < size and buf[pos] == _STAR:
+            cr = find(b"\r", pos, pos + span)
+            if cr < 0 or cr + 2 > size:
+                break
+            line = buf[pos:cr]
+            count = counts.get(line)
+            if count is None:
+                count = _string2ll(line[1:])
+                if count is None or count <= 0:
+                    break
+            if count > max_args:
+                break
+            at = cr + 2
+            args: list[bytes] = []
+            for _ in range(count):
+                cr = find(b"\r", at, at + span)
+                if cr < 0:
+                    break
+                line = buf[at:cr]
+                length = lengths.get(line)
+                if length is None:
+                    if line[:1] != b"$":
+                        break
+                    length = _string2ll(line[1:])
+                    if length is None or length < 0:
+                        break
+                if length > max_bulk:
+                    break
+                start = cr + 2
+                stop = start + length
+                if stop + 2 > size:
+                    break
+                args.append(buf[start:stop])
+                at = stop + 2
+            else:
+                out.append(tuple(args))
+                pos = at
+                taken += 1
+                continue
+            break
+        self._pos = self._scan = pos
+
+    def _fast_split(self, buf: bytes, out: list[tuple[bytes, ...]]) -> None:
+        """The start of :meth:`_fast` for a whole pipeline: one split, then a walk.
+
+        Splits what is held at every CRLF (one C call) and walks the pieces:
+        a count or length line must be in the tables (so it holds no CR and
+        is short enough), and a value piece is the argument itself when its
+        length is the one declared (it was then followed by CRLF, as the
+        state machine requires). The last piece, never followed by CRLF, is
+        not used. Stops at the first request that does not fit (a value
+        holding CRLF, a long count or value, an incomplete request);
+        ``bytes.find`` takes over from there.
+        """
+        pos = self._pos
+        pieces = (buf[pos:] if pos else buf).split(b"\r\n")
+        usable = len(pieces) - 1
+        counts = _COUNT_LINES
+        lengths = _BULK_LINES
+        max_args = self._max_args
+        max_bulk = self._max_bulk_len
+        i = 0  # pieces consumed
+        while i < usable:
+            count = counts.get(pieces[i])
+            if count is None or count > max_args or i + 2 * count >= usable:
+                break
+            j = i + 1
+            for _ in range(count):
+                length = lengths.get(pieces[j])
+                if length is None or length > max_bulk or len(pieces[j + 1]) != length:
+                    break
+                j += 2
+            else:
+                out.append(tuple(pieces[i + 2 : j : 2]))
+                i = j
+                continue
+            break
+        if i:
+            self._pos = self._scan = pos + sum(map(len, pieces[:i])) + 2 * i
+
+    def _next_slow(self) -> Command | ProtocolError | None:
+        """The state machine: the next event, one line or bulk at a time (see the class doc)."""
         while True:
             if self._error is not None:
                 return self._error
@@ -439,7 +629,11 @@ class RespParser:
                 start = self._pos
                 if len(buf) - start < self._bulk_len + 2:
                     return None
-                self._args.append(bytes(buf[start : start + self._bulk_len]))
+                stop = start + self._bulk_len
+                if isinstance(buf, bytes):
+                    self._args.append(buf[start:stop])
+                else:  # one copy, not a bytearray slice and then bytes
+                    self._args.append(bytes(memoryview(buf)[start:stop]))
                 self._args_bytes += self._bulk_len
                 self._pos = self._scan = start + self._bulk_len + 2
                 self._remaining -= 1
@@ -460,7 +654,7 @@ class RespParser:
         error = ProtocolError(message, reply)
         self._error = error
         self._state = _State.FAILED
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = self._scan = 0
         self._args = []
         self._args_bytes = 0
@@ -495,14 +689,15 @@ class RespParser:
     def _consume_line(self, cr: int) -> None:
         self._pos = self._scan = cr + 2
 
-    def _compact(self) -> None:
+    def _compact(self, buf: bytearray) -> None:
+        """Drop the consumed front of ``buf`` (the buffer) when that is worth it."""
         pos = self._pos
         if pos == 0:
             return
-        if pos == len(self._buf):
-            self._buf.clear()
-        elif pos >= _COMPACT_MIN and 2 * pos >= len(self._buf):
-            del self._buf[:pos]
+        if pos == len(buf):
+            buf.clear()
+        elif pos >= _COMPACT_MIN and 2 * pos >= len(buf):
+            del buf[:pos]
         else:
             return
         self._scan -= pos
@@ -622,6 +817,14 @@ def _check_protocol(protocol: int) -> None:
         raise ValueError(f"protocol must be 2 or 3, got {protocol}")
 
 
+# The replies sent most, ready-made: simple strings by text, small integers by
+# value, nil by protocol. Everything else is built by _encode_into.
+_SIMPLE_REPLIES: Final = {text: b"+%s\r\n" % text.encode() for text in ("OK", "PONG", "QUEUED")}
+_SMALL_INTS: Final = range(-2, 1024)  # TTL's -2/-1, counts, flags
+_INT_REPLIES: Final = tuple(b":%d\r\n" % n for n in _SMALL_INTS)
+_NIL_REPLIES: Final = {2: b"$-1\r\n", 3: b"_\r\n"}
+
+
 def encode_reply(value: object, *, protocol: int = 2) -> bytes:
     """Encode ``value`` as one RESP reply.
 
@@ -655,6 +858,20 @@ def encode_reply(value: object, *, protocol: int = 2) -> bytes:
         TypeError: ``value`` holds something that has no RESP form (a bug
             of the caller, not of the client).
     """
+    if protocol == 2 or protocol == 3:
+        # The common replies first, without building a list.
+        if type(value) is bytes:
+            return b"$%d\r\n%b\r\n" % (len(value), value)
+        if value is None:
+            return _NIL_REPLIES[protocol]
+        if type(value) is str:
+            simple = _SIMPLE_REPLIES.get(value)
+            if simple is not None:
+                return simple
+        elif type(value) is int:  # not bool
+            if value in _SMALL_INTS:
+                return _INT_REPLIES[value + 2]
+            return b":%d\r\n" % value
     _check_protocol(protocol)
     out: list[bytes] = []
     _encode_into(out, value, protocol == 3)

@@ -15,18 +15,24 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
 (:mod:`kvmemo.server.resp`) to the socket and the engine.
 
 * **Reading and pipelining.** The reader receives what is available (at most
-  ``RECEIVE_SIZE`` bytes), parses every complete request and runs them in
-  order. Consecutive data commands run as one ``engine.execute_many`` call,
-  which groups them per shard and keeps per-key order; a connection command
+  ``RECEIVE_SIZE`` bytes; bytes already waiting are taken from the socket
+  without a scheduler pass, and every read still yields at least once, so a
+  busy client cannot starve the others), parses every complete request (the
+  codec's fast path) and runs them in order. Consecutive data commands run
+  as one ``engine.execute_many`` call (``engine.execute`` for a lone one,
+  which costs less than a batch of one), which groups them per shard and
+  keeps per-key order; a connection command
   (``HELLO``, ``AUTH``, ``CLIENT``, ``CONFIG``, ``INFO``, ...) first finishes
   the commands before it, then runs by itself, so connection state and
   replies stay in sending order. ``PING`` and early errors (unknown command,
   arity, ``NOAUTH``) have no effect to order and are answered in place.
 * **Writing and the output limit.** Replies are staged during a read and
-  handed to a writer task once per read (one ``send_all`` for a typical
-  pipeline), or earlier when ``FLUSH_THRESHOLD`` bytes pile up. The writer
-  sends in pieces of at most ``WRITE_PIECE`` bytes so that progress is
-  observable. ``pending`` counts reply bytes not yet taken by the kernel.
+  written once per read (one ``send`` for a typical pipeline), or earlier
+  when ``FLUSH_THRESHOLD`` bytes pile up: directly, with one non-blocking
+  ``send``, when the writer task is idle; what the kernel does not take
+  goes to the writer task, which sends in pieces of at most ``WRITE_PIECE``
+  bytes so that progress is observable. ``pending`` counts reply bytes not
+  yet taken by the kernel.
   When a new reply would take ``pending`` over
   ``RespLimits.max_output_buffer``, the reader stops (no more reading, no
   more executing) until the writer makes room; if the writer makes no
@@ -55,6 +61,7 @@ import logging
 import os
 import platform
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -72,7 +79,7 @@ from ..commands.table import Command as TableCommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
-from .resp import ErrorReply, ProtocolError, RespParser, Set, Verbatim, encode_reply
+from .resp import ErrorReply, RespParser, Set, Verbatim, encode_reply
 
 __all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
 
@@ -107,6 +114,12 @@ HELLO_NOAUTH: Final = ErrorReply(
     " HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and"
     " select the RESP protocol version at the same time"
 )
+# Data commands by the bytes a client named them with (b"GET", b"get", ...) ->
+# (table name, arity): one lookup instead of lower(), decode and two tables.
+# Bounded: a client could send every spelling of every name.
+DATA_NAMES_MAX: Final = 4096  # spellings remembered, process-wide
+_DATA_NAMES: dict[bytes, tuple[str, int]] = {}
+
 _UNAUTH_MBULK: Final = "ERR Protocol error: unauthenticated multibulk length"
 _UNAUTH_BULK: Final = "ERR Protocol error: unauthenticated bulk length"
 
@@ -323,7 +336,13 @@ class _Connection:
         self._data = trio.lowlevel.ParkingLot()  # the writer waits here for replies
         self._progress = trio.lowlevel.ParkingLot()  # the reader waits here for room
         self._broken = False
+        self._writing = False  # the writer holds a piece it is sending
         self._scope: trio.CancelScope | None = None
+        # The stdlib socket under the trio one (non-blocking, as trio keeps
+        # it) for the direct write of _flush_stage; None if trio's layout
+        # differs, then every reply goes through the writer.
+        raw = getattr(stream.socket, "_sock", None)
+        self._raw: socket.socket | None = raw if isinstance(raw, socket.socket) else None
 
     # -- running -------------------------------------------------------------------
 
@@ -355,8 +374,22 @@ class _Connection:
             nursery.cancel_scope.cancel()
 
     async def _receive(self) -> bytes | None:
-        """The next bytes; ``b""`` at end of stream, None when idle for too long."""
+        """The next bytes; ``b""`` at end of stream, None when idle for too long.
+
+        Bytes already waiting are taken from the socket directly, without
+        the scheduler pass ``receive_some`` makes even then; the reader
+        yields once per read in any case (see :meth:`_reader`).
+        """
         idle = self.server.limits.idle_timeout
+        raw = self._raw
+        if not idle and raw is not None:
+            while True:
+                try:
+                    return raw.recv(RECEIVE_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(raw)
+                except OSError as exc:  # as trio's SocketStream words it
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         if not idle:
             return await self.stream.receive_some(RECEIVE_SIZE)
         while True:
@@ -377,7 +410,17 @@ class _Connection:
             max_inline_len=limits.max_inline_len,
             max_buffer=limits.max_query_buffer,
         )
+        task = trio.lowlevel.current_task()
+        points: int | None = None
         while True:
+            # Fairness: every read yields to the other tasks at least once.
+            # The engine's replies are waited for (a yield); a read answered
+            # without one (PING, errors, a receive that did not wait) gets an
+            # explicit one. The count of the task's yields is trio's own, as
+            # trio.testing reads it; without it, every read yields here.
+            if points is None or _schedule_points(task) == points:
+                await trio.lowlevel.checkpoint()
+            points = _schedule_points(task)
             data = await self._receive()
             if data is None:
                 logger.info("closing idle RESP client id=%d addr=%s", self.id, self.addr)
@@ -385,16 +428,7 @@ class _Connection:
             if not data:
                 return True
             parser.feed(data)
-            commands: list[tuple[bytes, ...]] = []
-            error: ProtocolError | None = None
-            while True:
-                event = parser.next_event()
-                if event is None:
-                    break
-                if isinstance(event, ProtocolError):
-                    error = event
-                    break
-                commands.append(event.args)
+            commands, error = parser.next_commands()
             self.query_buffered = parser.buffered
             if commands:
                 await self._execute(commands)
@@ -416,7 +450,9 @@ class _Connection:
                 while not self._queue:
                     await self._data.park()
                 piece = self._take_piece()
+                self._writing = True
                 await self.stream.send_all(piece)
+                self._writing = False
                 self.pending -= len(piece)
                 self.last_activity = trio.current_time()
                 self._progress.unpark_all()
@@ -457,6 +493,8 @@ class _Connection:
             self._flush_stage()
             if self._broken:
                 raise trio.BrokenResourceError("the client went away")
+            if not (self.pending and self.pending + len(reply) > limits.max_output_buffer):
+                break  # the flush itself made room
             with trio.move_on_after(limits.output_timeout) as scope:
                 await self._progress.park()
             if scope.cancelled_caught:
@@ -467,13 +505,51 @@ class _Connection:
         if self._staged >= FLUSH_THRESHOLD:
             self._flush_stage()
 
+    async def _push_all(self, replies: list[bytes]) -> None:
+        """:meth:`_push` each reply in order; those that fit are staged without an await."""
+        limit = self.server.limits.max_output_buffer
+        stage = self._stage
+        for reply in replies:
+            size = len(reply)
+            if self.pending and self.pending + size > limit:
+                await self._push(reply)  # waits for room
+                stage = self._stage
+                continue
+            stage.append(reply)
+            self._staged += size
+            self.pending += size
+            if self._staged >= FLUSH_THRESHOLD:
+                self._flush_stage()
+                stage = self._stage
+
     def _flush_stage(self) -> None:
-        """Hand the staged replies to the writer (one send for all of them)."""
+        """Send the staged replies, all in one write (one send for all of them).
+
+        When the writer is idle and has nothing queued, they are written
+        here at once, without waking it: one non-blocking ``send`` on the
+        socket, which for a typical read takes everything. Whatever the
+        kernel does not take (or all of it, on any error, which the writer
+        then meets and handles) is queued for the writer, in order.
+        """
         if not self._stage:
             return
-        self._queue.append(self._stage[0] if len(self._stage) == 1 else b"".join(self._stage))
+        data = self._stage[0] if len(self._stage) == 1 else b"".join(self._stage)
         self._stage = []
         self._staged = 0
+        raw = self._raw
+        if raw is not None and not self._queue and not self._writing and not self._broken:
+            try:
+                sent = raw.send(data)
+            except OSError:  # would block, or broken: the writer waits or reports
+                sent = 0
+            if sent:
+                self.pending -= sent
+                self.last_activity = trio.current_time()
+                self._progress.unpark_all()
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self._queue.append(data)
         self._data.unpark_all()
 
     def _encode(self, value: object) -> bytes:
@@ -498,9 +574,20 @@ class _Connection:
         async def flush() -> None:
             if not order:
                 return
-            results = iter(await engine.execute_many(calls) if calls else [])
-            for item in order:
-                await self._push(self._encode(next(results)) if item is None else item)
+            if calls:
+                if len(calls) == 1:  # execute costs less than a batch of one
+                    try:
+                        result = await engine.execute(*calls[0])
+                    except KVMemoError as exc:
+                        result = exc
+                    results = iter((result,))
+                else:
+                    results = iter(await engine.execute_many(calls))
+                encode = self._encode
+                replies = [encode(next(results)) if item is None else item for item in order]
+            else:
+                replies = [item for item in order if item is not None]  # none is None
+            await self._push_all(replies)
             calls.clear()
             order.clear()
 
@@ -515,16 +602,23 @@ class _Connection:
                 await self._push(self._encode(ErrorReply(message)))
                 self.closing = True
                 return
-            name = _text(argv[0].lower())
-            conn_command = _CONNECTION_COMMANDS.get(name)
-            spec = COMMANDS.get(name)
-            if conn_command is not None:
-                arity = conn_command.arity
-            elif spec is not None:
-                arity = spec.arity
+            known = _DATA_NAMES.get(argv[0])
+            if known is not None:  # a data command, spelled as seen before
+                name, arity = known
+                conn_command = None
             else:
-                order.append(self._encode(unknown_command(argv)))
-                continue
+                name = _text(argv[0].lower())
+                conn_command = _CONNECTION_COMMANDS.get(name)
+                spec = COMMANDS.get(name)
+                if conn_command is not None:
+                    arity = conn_command.arity
+                elif spec is not None:
+                    arity = spec.arity
+                    if len(_DATA_NAMES) < DATA_NAMES_MAX:
+                        _DATA_NAMES[argv[0]] = (name, arity)
+                else:
+                    order.append(self._encode(unknown_command(argv)))
+                    continue
             self.last_cmd = name
             if not _arity_ok(arity, len(argv)):
                 order.append(self._encode(_arity_error(name)))
@@ -561,6 +655,12 @@ class _Connection:
             f" cmd={self.last_cmd} user=default redir=-1 resp={self.protocol}"
             f" lib-name={_text(self.lib_name)} lib-ver={_text(self.lib_ver)}\n"
         )
+
+
+def _schedule_points(task: trio.lowlevel.Task) -> int | None:
+    """How many times ``task`` has yielded to the scheduler; None if trio does not say."""
+    points = getattr(task, "_schedule_points", None)
+    return points if isinstance(points, int) else None
 
 
 def _address(stream: trio.SocketStream, *, peer: bool) -> str:
