@@ -982,3 +982,21 @@ async def keys_star_and_a_full_scan_see_the_whole_keyspace(kv: Commands) -> None
     assert sorted(await kv.keys("*")) == sorted(k.encode() for k in names)
     assert sorted([k async for k in kv.scan_iter()]) == sorted(k.encode() for k in names)
     assert sorted([k async for k in kv.scan_iter(count=1)]) == sorted(k.encode() for k in names)
+
+
+@case()
+async def rename_renamenx_and_copy_move_values_with_their_ttl(kv: Commands) -> None:
+    src, dst, other = keys("src", "dst", "other")
+    await kv.set(src, "v", ex=100)
+    assert await kv.execute("rename", src, dst) == "OK"
+    assert await kv.get(src) is None
+    assert await kv.get(dst) == b"v"
+    assert 0 < await kv.ttl(dst) <= 100
+    await assert_error("SYNTAX", kv.execute("rename", src, dst))  # no such key
+    await kv.set(other, "o")
+    assert await kv.execute("renamenx", dst, other) == 0
+    assert await kv.execute("copy", dst, other) == 0
+    assert await kv.execute("copy", dst, other, "REPLACE") == 1
+    assert await kv.mget(dst, other) == [b"v", b"v"]
+    assert await kv.execute("renamenx", dst, src) == 1
+    assert await kv.mget(src, dst) == [b"v", None]

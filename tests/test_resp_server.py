@@ -937,7 +937,9 @@ def error_kind(exc: redis.exceptions.RedisError) -> str:
 
 # Commands whose reply is a simple string (when it is not nil or a bulk): redis-py
 # returns simple and bulk strings alike as bytes, so the adapter names them.
-_STATUS = frozenset({"set", "setex", "psetex", "mset", "flushall", "flushdb", "type", "ping"})
+_STATUS = frozenset(
+    {"set", "setex", "psetex", "mset", "flushall", "flushdb", "type", "ping", "rename"}
+)
 
 
 def _as_protocol_result(command: str, args: list[bytes], result: Any) -> Any:

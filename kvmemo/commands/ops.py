@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import NotIntegerError, TooLargeError
+from ..errors import CommandSyntaxError, NotIntegerError, TooLargeError
+from ..eviction.memory import entry_size
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
@@ -627,3 +628,105 @@ class ScanStep(Part):
         if pattern is not None:
             keys = [k for k in keys if glob_match(pattern, k)]
         return scan_id, offset, keys
+
+
+# -- moving a value between keys (RENAME, RENAMENX, COPY) -------------------------------
+
+CHANGED = "changed"
+"""The vote of a source whose value changed since the engine read it: retry."""
+
+
+class PeekEntry(ShardOp):
+    """The live value and expiry of a key, or None (for RENAME and COPY)."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> tuple[bytes, float | None] | None:
+        value = store.peek(self.key, now)
+        if value is None:
+            return None
+        return value, store.expiry_of(self.key)
+
+
+class _MovePart(AtomicPart):
+    """One shard's share of a move: verify and (RENAME) delete the source, write the target."""
+
+    def __init__(self, op: Move, source: bool, target: bool) -> None:
+        self.op = op
+        self.source = source
+        self.target = target
+        self.reserved = 0
+
+    def prepare(self, store: ShardStore, now: float) -> object:
+        op = self.op
+        assert op.entry is not None
+        value, expires_at = op.entry
+        if self.source and (
+            store.peek(op.src, now) is not value or store.expiry_of(op.src) != expires_at
+        ):
+            return CHANGED  # written meanwhile: the engine reads it again
+        if self.target:
+            if not op.replace and store.contains(op.dst, now):
+                return False
+            old = store.peek_raw(op.dst, now)
+            delta = entry_size(op.dst, value, has_ttl=expires_at is not None)
+            if old is not None:
+                delta -= entry_size(op.dst, old, has_ttl=store.expiry_of(op.dst) is not None)
+            if not store.tracker.try_reserve(store.shard_id, delta):
+                return NeedMemory(delta)
+            self.reserved = delta
+        return True
+
+    def commit(self, store: ShardStore, now: float) -> None:
+        op = self.op
+        assert op.entry is not None
+        value, expires_at = op.entry
+        if self.target:
+            store.put(op.dst, value, now, expires_at=expires_at, charge=False)
+            self.reserved = 0
+        if self.source and op.kind != "copy":
+            store.delete(op.src, now)
+
+    def abort(self, store: ShardStore) -> None:
+        if self.reserved:
+            store.tracker.release(store.shard_id, self.reserved)
+            self.reserved = 0
+
+
+class Move(AtomicOp):
+    """RENAME, RENAMENX and COPY: atomic across shards like MSET.
+
+    The engine reads the source (:class:`PeekEntry`) under its writer lock,
+    then runs the two-phase write: the source's shard checks the value is
+    the one read (else the engine retries) and, for RENAME, deletes it; the
+    target's shard checks its condition, reserves memory and writes the
+    value with the source's expiry. No reader sees both keys, or neither.
+    """
+
+    def __init__(self, src: bytes, dst: bytes, *, kind: str, replace: bool) -> None:
+        super().__init__([src, dst])
+        self.src = src
+        self.dst = dst
+        self.kind = kind  # "rename", "renamenx" or "copy"
+        self.replace = replace
+        self.entry: tuple[bytes, float | None] | None = None
+
+    def part(self, positions: list[int]) -> AtomicPart:
+        return _MovePart(self, 0 in positions, 1 in positions)
+
+    def missing(self) -> Any:
+        """The answer when the source does not exist."""
+        if self.kind == "copy":
+            return 0
+        raise CommandSyntaxError("no such key")
+
+    def same_key(self) -> Any:
+        """The answer when source and target are one key (and the source exists)."""
+        if self.kind == "copy":
+            raise CommandSyntaxError("source and destination objects are the same")
+        return OK if self.kind == "rename" else 0
+
+    def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
+        if self.kind == "rename":
+            return OK
+        return 1 if committed else 0

@@ -504,3 +504,34 @@ def _pexpiretime(args: Sequence[bytes], ctx: ParseContext) -> ops.ExpireTime:
 @command("persist", 2, "write fast", KEY1, "remove a key's TTL")
 def _persist(args: Sequence[bytes], ctx: ParseContext) -> ops.Persist:
     return ops.Persist(args[0])
+
+
+# -- moving values between keys ---------------------------------------------------------
+
+
+@command("rename", 3, "write", (1, 2, 1), "rename a key (atomic across shards)", "1.1")
+def _rename(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
+    return ops.Move(args[0], args[1], kind="rename", replace=True)
+
+
+@command("renamenx", 3, "write fast", (1, 2, 1), "rename a key if the new name is free", "1.1")
+def _renamenx(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
+    return ops.Move(args[0], args[1], kind="renamenx", replace=False)
+
+
+@command("copy", -3, "write", (1, 2, 1), "copy a key's value and expiry to another key", "1.1")
+def _copy(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
+    replace = False
+    i = 2
+    while i < len(args):
+        opt = upper(args[i])
+        if opt == b"REPLACE":
+            replace = True
+            i += 1
+        elif opt == b"DB" and i + 1 < len(args):
+            if parse_int(args[i + 1]) != 0:
+                raise CommandSyntaxError("DB index is out of range")
+            i += 2
+        else:
+            raise CommandSyntaxError(SYNTAX)
+    return ops.Move(args[0], args[1], kind="copy", replace=replace)

@@ -97,6 +97,8 @@ SCAN_DEFAULT_COUNT = 10  # keys per SCAN call when COUNT is not given (as Redis)
 WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
+MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
+_NO_ANSWER = object()
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
 _RUNNING = ActorState.RUNNING
@@ -584,12 +586,25 @@ class KVEngine:
             finally:
                 self._txn_lock.release(write=False)
         budget = _RoomBudget()
+        retries = 0
         while True:
             await self._txn_lock.acquire(write=True)
             try:
+                if isinstance(op, ops.Move):
+                    answer = await self._read_move_source(op, refs, positions)
+                    if answer is not _NO_ANSWER:
+                        return answer
                 committed, votes, results = await self._two_phase(op, refs, positions)
             finally:
                 self._txn_lock.release(write=True)
+            if ops.CHANGED in votes:
+                # The source was written between our read and the hold: read it again.
+                retries += 1
+                if retries > MOVE_RETRIES:
+                    raise RequestTimeoutError(
+                        "the source kept changing; nothing was applied", applied=False
+                    )
+                continue
             need = [v for v in votes if isinstance(v, NeedMemory)]
             if need:
                 if not await self._make_room(sum(v.nbytes for v in need), budget):
@@ -604,6 +619,21 @@ class KVEngine:
                 )
             self._maybe_wake_eviction()
             return op.combine(results, positions, committed)
+
+    async def _read_move_source(
+        self, op: ops.Move, refs: list[ActorRef], positions: list[list[int]]
+    ) -> Any:
+        """Read the source of a RENAME/COPY (under the writer lock); an early answer, if any."""
+        ref = next(r for r, where in zip(refs, positions, strict=True) if 0 in where)
+        try:
+            op.entry = await ref.ask(ops.PeekEntry(op.src), timeout=self.config.request_timeout)
+        except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+            raise self._translate(exc, ref) from None
+        if op.entry is None:
+            return op.missing()
+        if op.src == op.dst:
+            return op.same_key()
+        return _NO_ANSWER
 
     async def _read_parts(
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]

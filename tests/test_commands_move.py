@@ -1,0 +1,99 @@
+"""RENAME, RENAMENX and COPY: Redis semantics, atomic across shards."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import kvmemo
+
+
+def two_keys_on_different_shards(kv: kvmemo.Store) -> tuple[str, str]:
+    shard_of = kv.engine.slots.shard_of
+    src = "src"
+    dst = next(f"dst{i}" for i in range(100) if shard_of(f"dst{i}".encode()) != shard_of(b"src"))
+    return src, dst
+
+
+async def test_rename_moves_value_and_ttl_across_shards() -> None:
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.set(src, "v", ex=100)
+        await kv.set(dst, "old")
+        assert await kv.execute("rename", src, dst) == "OK"
+        assert await kv.get(src) is None
+        assert await kv.get(dst) == b"v"
+        assert 0 < await kv.ttl(dst) <= 100
+
+
+async def test_rename_of_a_missing_key_is_an_error_and_changes_nothing() -> None:
+    async with kvmemo.open_store(shards=4) as kv:
+        await kv.set("other", "x")
+        with pytest.raises(kvmemo.KVMemoError, match="^no such key$"):
+            await kv.execute("rename", "missing", "other")
+        assert await kv.get("other") == b"x"
+
+
+async def test_renamenx_only_to_a_free_name() -> None:
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.mset({src: "a", dst: "b"})
+        assert await kv.execute("renamenx", src, dst) == 0
+        assert await kv.mget(src, dst) == [b"a", b"b"]
+        await kv.delete(dst)
+        assert await kv.execute("renamenx", src, dst) == 1
+        assert await kv.mget(src, dst) == [None, b"a"]
+        assert await kv.execute("renamenx", dst, dst) == 0
+
+
+async def test_copy_with_and_without_replace() -> None:
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.set(src, "a", px=100_000)
+        await kv.set(dst, "b")
+        assert await kv.execute("copy", src, dst) == 0
+        assert await kv.execute("copy", src, dst, "REPLACE") == 1
+        assert await kv.mget(src, dst) == [b"a", b"a"]
+        assert await kv.pttl(dst) > 0
+        assert await kv.execute("copy", "missing", dst) == 0
+        with pytest.raises(kvmemo.KVMemoError) as same:
+            await kv.execute("copy", src, src)
+        assert same.value.kind == "SYNTAX"
+        with pytest.raises(kvmemo.KVMemoError) as db:
+            await kv.execute("copy", src, dst, "DB", 1)
+        assert db.value.kind == "SYNTAX"
+
+
+async def test_rename_to_itself_is_ok_when_the_key_exists() -> None:
+    async with kvmemo.open_store(shards=2) as kv:
+        await kv.set("k", "v")
+        assert await kv.execute("rename", "k", "k") == "OK"
+        assert await kv.get("k") == b"v"
+
+
+async def test_no_reader_sees_a_rename_half_done() -> None:
+    # Readers MGET both names while a writer renames back and forth: exactly
+    # one of the two names holds the value at every read.
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.set(src, "v")
+        seen: list[list[bytes | None]] = []
+        done = False
+
+        async def writer() -> None:
+            nonlocal done
+            for i in range(200):
+                a, b = (src, dst) if i % 2 == 0 else (dst, src)
+                await kv.execute("rename", a, b)
+            done = True
+
+        async def reader() -> None:
+            while not done:
+                seen.append(await kv.mget(src, dst))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                nursery.start_soon(reader)
+        assert seen
+        assert all(sorted(v is None for v in pair) == [False, True] for pair in seen), seen[:5]
