@@ -1000,3 +1000,19 @@ async def rename_renamenx_and_copy_move_values_with_their_ttl(kv: Commands) -> N
     assert await kv.mget(dst, other) == [b"v", b"v"]
     assert await kv.execute("renamenx", dst, src) == 1
     assert await kv.mget(src, dst) == [b"v", None]
+
+
+@case()
+async def bit_commands_and_lcs_follow_redis(kv: Commands) -> None:
+    bits, a, b = keys("bits", "a", "b")
+    assert await kv.execute("setbit", bits, 7, 1) == 0
+    assert await kv.execute("setbit", bits, 7, 1) == 1
+    assert await kv.get(bits) == b"\x01"
+    assert await kv.execute("getbit", bits, 7) == 1
+    assert await kv.execute("getbit", bits, 100) == 0
+    assert await kv.execute("bitcount", bits) == 1
+    await assert_error("NOT_INTEGER", kv.execute("setbit", bits, 0, 2))
+    await kv.mset({a: "ohmytext", b: "mynewtext"})
+    assert await kv.execute("lcs", a, b) == b"mytext"
+    assert await kv.execute("lcs", a, b, "LEN") == 6
+    assert await kv.execute("randomkey") is not None

@@ -535,3 +535,6 @@ def _copy(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
         else:
             raise CommandSyntaxError(SYNTAX)
     return ops.Move(args[0], args[1], kind="copy", replace=replace)
+
+
+from . import bits  # noqa: E402, F401 - registers GETBIT, SETBIT, BITCOUNT, LCS, RANDOMKEY
