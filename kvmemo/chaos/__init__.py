@@ -222,6 +222,19 @@ async def run_embedded(cfg: WorkloadConfig, *, shards: int = 4, progress: bool =
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(kv, cfg)
         restarts = sum(a["restarts"] for a in kv.actors())
+    return _report(rec, kills, restarts, finals, shards, chaos_start, cfg)
+
+
+def _report(
+    rec: Recorder,
+    kills: KillLog,
+    restarts: int,
+    finals: dict[str, int | None],
+    shards: int,
+    chaos_start: float,
+    cfg: WorkloadConfig,
+) -> Report:
+    """Check the recorded history and summarise the run."""
     violations = check(rec.ops) + counter_violations(rec.ops, finals)
     return summarize(
         rec.ops,
@@ -296,16 +309,7 @@ async def run_remote(
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(admin, cfg)
         restarts = sum(a["restarts"] for a in await admin.actors())
-    violations = check(rec.ops) + counter_violations(rec.ops, finals)
-    return summarize(
-        rec.ops,
-        kills,
-        restarts,
-        violations,
-        shards=shards,
-        chaos_start=chaos_start,
-        duration=cfg.duration,
-    )
+    return _report(rec, kills, restarts, finals, shards, chaos_start, cfg)
 
 
 class _Session:
