@@ -261,3 +261,54 @@ async def test_an_mset_aborted_because_a_shard_held_too_long_is_not_reported_as_
         for i in range(2):
             ref = kv.system.ref(shard_name(i))
             assert await ref.ask(Inspect(ShardStore.check_invariants))
+
+
+async def test_concurrent_msets_are_grouped_and_each_stays_atomic(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import kvmemo
+
+    async with kvmemo.open_store(shards=8) as kv:
+        groups = [[f"g{g}:{i}" for i in range(6)] for g in range(20)]
+        seen: list[list[bytes | None]] = []
+
+        async def writer(g: int) -> None:
+            for round_ in range(10):
+                await kv.mset({k: f"{g}-{round_}" for k in groups[g]})
+
+        async def reader() -> None:
+            for _ in range(200):
+                for keys in groups[:5]:
+                    seen.append(await kv.mget(*keys))
+
+        async with trio.open_nursery() as nursery:
+            for g in range(20):
+                nursery.start_soon(writer, g)
+            nursery.start_soon(reader)
+        for values in seen:
+            assert len(set(values)) == 1, values  # never two different MSETs in one group
+        for g, keys in enumerate(groups):
+            assert await kv.mget(*keys) == [f"{g}-9".encode()] * 6
+        assert not kv.engine._mset_leading
+        assert not kv.engine._mset_waiting
+
+
+async def test_a_waiting_mset_cancelled_by_its_caller_does_not_stall_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import kvmemo
+
+    async with kvmemo.open_store(shards=8) as kv:
+
+        async def mset(g: int) -> None:
+            await kv.mset({f"c{g}:{i}": str(g) for i in range(4)})
+
+        async with trio.open_nursery() as nursery:
+            for g in range(10):
+                nursery.start_soon(mset, g)
+            await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+        with trio.fail_after(5):
+            await mset(99)
+            assert await kv.get("c99:0") == b"99"
+        assert not kv.engine._mset_leading

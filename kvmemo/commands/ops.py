@@ -536,6 +536,7 @@ class MSet(AtomicOp):
         super().__init__([k for k, _ in items] if keys is None else keys)
         self.items = items
         self.only_new = only_new
+        self.grouped = False  # already the engine's union of several MSETs
 
     def part(self, positions: list[int]) -> AtomicPart:
         return _MSetPart([self.items[i] for i in positions], self.only_new)

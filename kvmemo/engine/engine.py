@@ -99,6 +99,7 @@ MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wa
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
 _NO_ANSWER = object()
+_LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
 _RUNNING = ActorState.RUNNING
@@ -134,6 +135,8 @@ class KVEngine:
         self._shards: list[ActorRef] = []
         self._eviction: ActorRef | None = None
         self._txn_lock = RWLock()
+        self._mset_waiting: list[tuple[ops.MSet, ReplySlot]] = []
+        self._mset_leading = False
         self.persistence = durable.persistence_config(config)
         self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
         self._durabilities: list[ShardDurability] = []
@@ -585,6 +588,8 @@ class KVEngine:
                 return await self._read_parts(op, refs, positions)
             finally:
                 self._txn_lock.release(write=False)
+        if type(op) is ops.MSet and not op.only_new and len(shards) > 1 and not op.grouped:
+            return await self._grouped_mset(op)
         budget = _RoomBudget()
         retries = 0
         while True:
@@ -619,6 +624,87 @@ class KVEngine:
                 )
             self._maybe_wake_eviction()
             return op.combine(results, positions, committed)
+
+    async def _grouped_mset(self, op: ops.MSet) -> Any:
+        """Run concurrent multi-shard MSETs together, one two-phase round for many.
+
+        Design: a multi-shard MSET costs one hold per shard, and MSETs are
+        serialised by the writer lock, so under concurrency they queue. While
+        one round runs, arriving MSETs wait in ``_mset_waiting``; the next
+        round applies all of them as one atomic write, in arrival order (a
+        later MSET's value wins for a key both set). Each MSET stays atomic
+        (every reader sees all of a round or none of it). One task leads
+        the rounds; when its own MSET is done it promotes the next waiter,
+        so no leader serves others forever.
+        """
+        slot = ReplySlot()
+        entry = (op, slot)
+        self._mset_waiting.append(entry)
+        if self._mset_leading:
+            try:
+                result = await slot.wait()
+            except BaseException:
+                # Cancelled (a request timeout) while waiting: leave the queue,
+                # so no leader hands this entry the lead it could not take.
+                if entry in self._mset_waiting:
+                    self._mset_waiting.remove(entry)
+                raise
+            if result is not _LEAD:
+                return result
+        self._mset_leading = True
+        own: tuple[bool, Any] | None = None
+        try:
+            while own is None:
+                batch, self._mset_waiting = self._mset_waiting, []
+                try:
+                    outcomes = await self._mset_round([o for o, _ in batch])
+                except BaseException:
+                    lost = RequestTimeoutError("the MSET was interrupted", applied=None)
+                    for _, s in batch:
+                        if s is not slot:
+                            s.fail(lost)
+                    raise
+                for (_, s), outcome in zip(batch, outcomes, strict=True):
+                    if s is slot:
+                        own = outcome
+                    elif outcome[0]:
+                        s.set(outcome[1])
+                    else:
+                        s.fail(outcome[1])
+        finally:
+            if self._mset_waiting:
+                self._mset_waiting[0][1].set(_LEAD)  # the next waiter leads the next round
+            else:
+                self._mset_leading = False
+        ok, value = own
+        if not ok:
+            raise value
+        return value
+
+    async def _mset_round(self, msets: list[ops.MSet]) -> list[tuple[bool, Any]]:
+        """Apply MSETs as one atomic write; (ok, result or error) for each.
+
+        When the union does not fit in memory, each MSET gets its own try
+        (alone it may fit), so grouping never makes a write fail that would
+        have succeeded by itself.
+        """
+        combined = ops.MSet([kv for o in msets for kv in o.items], only_new=False)
+        combined.grouped = True
+        try:
+            return [(True, await self._run_atomic(combined))] * len(msets)
+        except OutOfMemoryError as exc:
+            if len(msets) == 1:
+                return [(False, exc)]
+        except KVMemoError as exc:
+            return [(False, exc)] * len(msets)
+        outcomes: list[tuple[bool, Any]] = []
+        for op in msets:
+            op.grouped = True
+            try:
+                outcomes.append((True, await self._run_atomic(op)))
+            except KVMemoError as exc:
+                outcomes.append((False, exc))
+        return outcomes
 
     async def _read_move_source(
         self, op: ops.Move, refs: list[ActorRef], positions: list[list[int]]
