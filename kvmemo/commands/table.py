@@ -288,28 +288,22 @@ def _setnx(args: Sequence[bytes], ctx: ParseContext) -> Any:
     return _Bool(ops.Set(args[0], args[1], NO_EXPIRY, nx=True, xx=False, get=False))
 
 
-@command("setex", 4, "write", KEY1, "set a value with a TTL in seconds", "1.1")
-def _setex(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
-    return ops.Set(
-        args[0],
-        args[2],
-        expiry_option(b"EX", args[1], ctx, "setex"),
-        nx=False,
-        xx=False,
-        get=False,
-    )
+def _set_with_ttl(option: bytes, name: str) -> Parser:
+    """SETEX / PSETEX: ``key ttl value``, the TTL in the unit of ``option``."""
+
+    def parse_set_with_ttl(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+        expiry = expiry_option(option, args[1], ctx, name)
+        return ops.Set(args[0], args[2], expiry, nx=False, xx=False, get=False)
+
+    return parse_set_with_ttl
 
 
-@command("psetex", 4, "write", KEY1, "set a value with a TTL in milliseconds", "1.1")
-def _psetex(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
-    return ops.Set(
-        args[0],
-        args[2],
-        expiry_option(b"PX", args[1], ctx, "psetex"),
-        nx=False,
-        xx=False,
-        get=False,
-    )
+command("setex", 4, "write", KEY1, "set a value with a TTL in seconds", "1.1")(
+    _set_with_ttl(b"EX", "setex")
+)
+command("psetex", 4, "write", KEY1, "set a value with a TTL in milliseconds", "1.1")(
+    _set_with_ttl(b"PX", "psetex")
+)
 
 
 @command("getset", 3, "write fast", KEY1, "set a value, return the old one", "1.1")

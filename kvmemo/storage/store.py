@@ -288,14 +288,9 @@ class ShardStore:
         for key in self.ttl_index.pop_due(now, budget):
             exp = self.expires.get(key)
             if exp is not None and exp <= now:
-                value = self.data.pop(key)
-                del self.expires[key]
-                # The popped pair may have been a stale one; drop the real one too.
-                self.ttl_index.discard(key, exp)
-                size = entry_size(key, value, has_ttl=True)
-                self.used -= size
-                self.tracker.release(self.shard_id, size)
-                self.policy.record_remove(key)
+                # _remove also drops the real index entry (the popped pair may
+                # have been a stale one).
+                self._remove(key)
                 removed += 1
         self.expired_count += removed
         return removed, self.ttl_index.due_count(now) > 0
