@@ -3,6 +3,7 @@
 It knows nothing about what its actors do: no keys, no values.
 """
 
+from .actor import DEFER as DEFER
 from .actor import Actor as Actor
 from .actor import ActorContext as ActorContext
 from .actor import ActorInfo as ActorInfo

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .actor import Actor, ActorContext, ActorState
+from .actor import DEFER, Actor, ActorContext, ActorState
 from .errors import ActorCrashed, ActorKilled, ActorStopped
 from .events import EventKind
 from .reply import ReplySlot
@@ -221,6 +221,10 @@ class ChildCell:
             return await self._serve_group_commit(actor)
         receive = self.receive
         handle = actor.handle
+        # The synchronous handler, when the actor has one (see Actor.handle_nowait).
+        handle_nowait = (
+            actor.handle_nowait if type(actor).handle_nowait is not Actor.handle_nowait else None
+        )
         expected = actor.expected_errors
         # Hot loop: per message, one attribute write (``current``, the slot a
         # crash must fail; a slot left there after its reply is ignored by a
@@ -243,7 +247,12 @@ class ChildCell:
                     self.handler_started = False  # the message had no effect
                     raise fault
                 try:
-                    result = await handle(message)
+                    if handle_nowait is None:
+                        result = await handle(message)
+                    else:
+                        result = handle_nowait(message)
+                        if result is DEFER:
+                            result = await handle(message)
                 except expected as exc:
                     if reply is not None:
                         reply.fail(exc)

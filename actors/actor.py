@@ -33,6 +33,19 @@ if TYPE_CHECKING:
     from .system import ActorSystem
 
 
+class _Defer:
+    """The type of :data:`DEFER` (one instance)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFER"
+
+
+DEFER: Any = _Defer()
+"""Returned by :meth:`Actor.handle_nowait`: "this message needs :meth:`Actor.handle`"."""
+
+
 class ActorState(enum.Enum):
     """Where an actor is in its lifecycle."""
 
@@ -84,6 +97,21 @@ class Actor:
     async def handle(self, message: Any) -> Any:
         """Handle one message and return the reply (ignored for ``tell``)."""
         raise NotImplementedError
+
+    def handle_nowait(self, message: Any) -> Any:
+        """Optionally handle ``message`` synchronously; :data:`DEFER` if it cannot.
+
+        The fast path: most messages of a typical actor need no ``await``, and
+        a plain call costs less than creating and running a coroutine. When
+        a subclass overrides this method, the runtime calls it first for
+        every message and awaits :meth:`handle` only for those it answers
+        with :data:`DEFER`. Both must agree: the reply and the effect of a
+        message must not depend on which of the two ran it, and a subclass
+        that overrides :meth:`handle` must override this too (or both go
+        through :meth:`handle` by returning :data:`DEFER`). Errors work as in
+        :meth:`handle`. Not used by ``group_commit`` actors.
+        """
+        return DEFER
 
     async def background(self) -> None:
         """Optional concurrent loop of this incarnation; by default none runs."""

@@ -19,60 +19,63 @@ import trio
 
 
 class ReplySlot:
-    """One reply, delivered once, to at most one waiting task."""
+    """One reply, delivered once, to at most one waiting task.
 
-    __slots__ = ("_outcome", "_task", "_value")
+    State: ``_ok`` is None until completed, then True (``_value`` is the
+    reply) or False (``_value`` is the error). ``_task`` is the parked waiter,
+    if any; it is cleared when rescheduled or when its wait is aborted.
+    """
+
+    __slots__ = ("_ok", "_task", "_value")
 
     def __init__(self) -> None:
-        self._outcome: outcome.Outcome[Any] | None = None
+        self._ok: bool | None = None
         self._task: trio.lowlevel.Task | None = None
-        self._value: tuple[bool, Any] | None = None  # (ok, value or error), kept for rereads
+        self._value: Any = None
 
     @property
     def done(self) -> bool:
         """Whether a value or an error has been delivered."""
-        return self._outcome is not None
+        return self._ok is not None
 
     def set(self, value: Any) -> None:
         """Deliver ``value``; ignored if the slot is already completed."""
-        if self._outcome is None:
-            self._complete(outcome.Value(value))
+        if self._ok is None:
+            self._ok = True
+            self._value = value
+            task = self._task
+            if task is not None:
+                self._task = None
+                _reschedule(task, outcome.Value(value))
 
     def fail(self, error: BaseException) -> None:
         """Deliver ``error`` to be raised in the waiter; ignored if already completed."""
-        if self._outcome is None:
-            self._complete(outcome.Error(error))
-
-    def _complete(self, result: outcome.Outcome[Any]) -> None:
-        self._outcome = result
-        if isinstance(result, outcome.Value):
-            self._value = (True, result.value)
-        else:
-            assert isinstance(result, outcome.Error)
-            self._value = (False, result.error)
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task, result)
+        if self._ok is None:
+            self._ok = False
+            self._value = error
+            task = self._task
+            if task is not None:
+                self._task = None
+                _reschedule(task, outcome.Error(error))
 
     def result(self) -> Any:
         """The delivered value (or raise the delivered error); only once ``done``.
 
         May be called any number of times, before or after :meth:`wait`.
         """
-        if self._value is None:
-            raise RuntimeError("no reply yet")
-        ok, value = self._value
+        ok = self._ok
         if ok:
-            return value
-        raise value
+            return self._value
+        if ok is None:
+            raise RuntimeError("no reply yet")
+        raise self._value
 
     async def wait(self) -> Any:
         """Wait for the reply and return it (or raise the delivered error).
 
         Cancellation while waiting abandons the slot and is always safe.
         """
-        if self._value is not None:
+        if self._ok is not None:
             await trio.lowlevel.checkpoint()
             return self.result()
         if self._task is not None:
@@ -83,4 +86,8 @@ class ReplySlot:
             self._task = None
             return trio.lowlevel.Abort.SUCCEEDED
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        return await _wait_task_rescheduled(abort)
+
+
+_reschedule = trio.lowlevel.reschedule
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled

@@ -22,7 +22,7 @@ import trio
 
 from actors import ActorSystem
 
-from .api import Arg, Commands, encode_args
+from .api import Arg, Commands, encode_arg, encode_args
 from .config import StoreConfig
 from .engine.engine import KVEngine
 
@@ -41,6 +41,34 @@ class Store(Commands):
 
     async def execute(self, command: str, *args: Arg) -> Any:
         return await self.engine.execute(command, encode_args(args))
+
+    async def get(self, key: Arg) -> bytes | None:
+        """GET, through the engine's fast path (no command-table parse)."""
+        return await self.engine.get(key if key.__class__ is bytes else encode_arg(key))
+
+    async def set(
+        self,
+        key: Arg,
+        value: Arg,
+        *,
+        ex: int | None = None,
+        px: int | None = None,
+        exat: int | None = None,
+        pxat: int | None = None,
+        keepttl: bool = False,
+        nx: bool = False,
+        xx: bool = False,
+        get: bool = False,
+    ) -> Any:
+        """SET; without options, through the engine's fast path (no command-table parse)."""
+        if ex is px is exat is pxat is None and not (keepttl or nx or xx or get):
+            return await self.engine.set(
+                key if key.__class__ is bytes else encode_arg(key),
+                value if value.__class__ is bytes else encode_arg(value),
+            )
+        return await super().set(
+            key, value, ex=ex, px=px, exat=exat, pxat=pxat, keepttl=keepttl, nx=nx, xx=xx, get=get
+        )
 
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands grouped per shard; errors are returned, not raised."""

@@ -263,3 +263,36 @@ async def test_an_error_escaping_the_store_block_reaches_the_caller_unwrapped(
     with pytest.raises(LookupError, match=r"^mine$"):
         async with kvmemo.open_store(shards=2):
             raise LookupError("mine")
+
+
+async def test_the_get_and_set_fast_paths_answer_count_and_refuse_as_execute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=2, max_key_size=8, max_value_size=16) as kv:
+        engine = kv.engine
+        latency = engine._latency
+        errors = engine._errors
+        assert await kv.set("a", 1) == await kv.execute("set", "b", 1) == "OK"
+        assert await kv.get("a") == await kv.execute("get", "b") == b"1"
+        assert await kv.get(b"missing") is await kv.execute("get", "missing") is None
+        await kv.set("t", "v", ex=10)  # with an option: the generic path
+        assert await kv.ttl("t") == 10
+        assert await kv.set("t", "w") == "OK"  # the fast path drops the TTL, as SET does
+        assert await kv.ttl("t") == -1
+        assert latency.labels("set").count == 4
+        assert latency.labels("get").count == 4
+        for fast, generic in (
+            (lambda: kv.get("k" * 9), lambda: kv.execute("get", "k" * 9)),
+            (lambda: kv.set("k" * 9, "v"), lambda: kv.execute("set", "k" * 9, "v")),
+            (lambda: kv.set("k", "v" * 17), lambda: kv.execute("set", "k", "v" * 17)),
+        ):
+            with pytest.raises(KVMemoError) as by_fast:
+                await fast()
+            with pytest.raises(KVMemoError) as by_generic:
+                await generic()
+            assert (by_fast.value.kind, str(by_fast.value)) == (
+                by_generic.value.kind,
+                str(by_generic.value),
+            )
+        assert errors.labels("TOO_LARGE").value == 6
+        assert await kv.exists("k") == 0

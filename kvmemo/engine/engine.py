@@ -50,7 +50,7 @@ from actors import (
 
 from .._version import __version__
 from ..commands import ops
-from ..commands.args import Clock
+from ..commands.args import NO_EXPIRY, Clock
 from ..commands.table import COMMANDS, Command, ParseContext, ServerCall, parse
 from ..config import StoreConfig
 from ..errors import (
@@ -103,6 +103,8 @@ _LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
 _RUNNING = ActorState.RUNNING
+_GET = COMMANDS["get"]
+_SET = COMMANDS["set"]
 _perf_counter = time.perf_counter
 
 
@@ -267,6 +269,8 @@ class KVEngine:
             "kvmemo_command_duration_seconds", "Command latency in the engine", ["command"]
         )
         self._latency_by_name = {name: self._latency.labels(name) for name in COMMANDS}
+        self._get_latency = self._latency_by_name["get"]
+        self._set_latency = self._latency_by_name["set"]
         self._errors = m.counter("kvmemo_command_errors_total", "Commands failed", ["kind"])
         count_buckets = (0, 1, 10, 100, 1000, 10_000, 100_000)
         self._expired_sweep = m.histogram(
@@ -372,6 +376,39 @@ class KVEngine:
         hist = self._latency_by_name.get(spec.name)
         if hist is not None:
             hist.observe(_perf_counter() - started)
+        return result
+
+    # The embedded API's fast paths: the two commands an application calls
+    # most, without the command table's name lookup and option parsing. Same
+    # result, errors and metrics as ``execute("get", [key])`` and
+    # ``execute("set", [key, value])``; a test holds them equal.
+
+    async def get(self, key: bytes) -> bytes | None:
+        """GET ``key``: its value, or None."""
+        started = _perf_counter()
+        try:
+            if len(key) > self._small_size_limit:
+                self._check_sizes(_GET, (key,))
+            result: bytes | None = await self._run_single(ops.Get(key))
+        except KVMemoError as exc:
+            self._errors.labels(exc.kind).inc()
+            raise
+        self._get_latency.observe(_perf_counter() - started)
+        return result
+
+    async def set(self, key: bytes, value: bytes) -> Any:
+        """SET ``key`` to ``value`` without options (drops any TTL): "OK"."""
+        started = _perf_counter()
+        try:
+            limit = self._small_size_limit
+            if len(key) > limit or len(value) > limit:
+                self._check_sizes(_SET, (key, value))
+            op = ops.Set(key, value, NO_EXPIRY, nx=False, xx=False, get=False)
+            result = await self._run_single(op)
+        except KVMemoError as exc:
+            self._errors.labels(exc.kind).inc()
+            raise
+        self._set_latency.observe(_perf_counter() - started)
         return result
 
     async def execute_many(self, calls: Sequence[tuple[str, Sequence[bytes]]]) -> list[Any]:

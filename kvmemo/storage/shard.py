@@ -19,12 +19,14 @@ from typing import Any
 
 import trio
 
-from actors import Actor, ActorContext, ReplySlot
+from actors import DEFER, Actor, ActorContext, ReplySlot
 
 from ..errors import KVMemoError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
 from .store import NeedMemory, ShardStore
+
+_current_time = trio.current_time
 
 
 class Barrier:
@@ -205,6 +207,12 @@ class ShardActor(Actor):
         if type(message) is Hold:
             return await self._hold(message)
         return message.apply(self.store, trio.current_time())
+
+    def handle_nowait(self, message: Any) -> Any:
+        """Every message but :class:`Hold` runs synchronously (the runtime's fast path)."""
+        if type(message) is Hold:
+            return DEFER
+        return message.apply(self.store, _current_time())
 
     async def _hold(self, message: Hold) -> Any:
         store = self.store
