@@ -28,6 +28,11 @@ class Round:
         return self.cpu / self.elapsed if self.elapsed > 0 else float("nan")
 
     @property
+    def cpu_rate(self) -> float:
+        """Units per second of process CPU (steadier than ``rate`` on shared cores)."""
+        return self.units / self.cpu if self.cpu > 0 else float("nan")
+
+    @property
     def rate(self) -> float:
         """Units per second."""
         return self.units / self.elapsed if self.elapsed > 0 else float("inf")
