@@ -271,12 +271,11 @@ class ActorRef:
         else:
             if timeout is None:
                 return await slot.wait()
-            deadlines = cell.system.deadlines
-            deadlines.add(slot, timeout, cell.name)
+            pending = cell.system.deadlines.add(slot, timeout, cell.name)
             try:
                 return await slot.wait()
             finally:
-                deadlines.discard(slot, timeout)
+                pending.pop(slot, None)
         # Slow path: the mailbox is full, wait for room under the same deadline.
         with trio.move_on_after(float("inf") if timeout is None else timeout):
             try:

@@ -18,8 +18,9 @@ second completion anyway).
 
 from __future__ import annotations
 
-import collections
 import math
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -28,22 +29,36 @@ from .reply import ReplySlot
 
 
 class Deadlines:
-    """Pending ask deadlines of one actor system."""
+    """Pending ask deadlines of one actor system.
+
+    Each FIFO maps a pending slot to ``(deadline, actor)``; a plain dict keeps
+    insertion order, which is deadline order within one timeout value.
+    """
 
     def __init__(self) -> None:
-        self._fifos: dict[float, collections.OrderedDict[ReplySlot, tuple[float, str]]] = {}
+        self._fifos: dict[float, dict[ReplySlot, tuple[float, str]]] = {}
         self._wake = trio.Event()
         self._sleeping_until = math.inf
+        # The run's clock, read directly (the sweeper sets it once it runs);
+        # trio.current_time reads the same clock through two more calls.
+        self._now: Callable[[], float] = trio.current_time
 
-    def add(self, slot: ReplySlot, timeout: float, actor: str) -> None:
-        """Fail ``slot`` with ``AskTimeout`` if it is still pending ``timeout`` seconds from now."""
-        deadline = trio.current_time() + timeout
+    def add(self, slot: ReplySlot, timeout: float, actor: str) -> dict[ReplySlot, Any]:
+        """Fail ``slot`` with ``AskTimeout`` if it is still pending ``timeout`` seconds from now.
+
+        Returns:
+            The FIFO the slot went into: the asker forgets the slot with
+            ``fifo.pop(slot, None)`` once its reply came (what :meth:`discard`
+            does, without the lookup).
+        """
+        deadline = self._now() + timeout
         fifo = self._fifos.get(timeout)
         if fifo is None:
-            fifo = self._fifos[timeout] = collections.OrderedDict()
+            fifo = self._fifos[timeout] = {}
         fifo[slot] = (deadline, actor)
         if deadline < self._sleeping_until:
             self._wake.set()
+        return fifo
 
     def discard(self, slot: ReplySlot, timeout: float) -> None:
         """Forget ``slot`` (its reply came)."""
@@ -69,6 +84,7 @@ class Deadlines:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The sweeper; runs for the life of the actor system."""
+        self._now = trio.lowlevel.current_clock().current_time
         task_status.started()
         while True:
             target = self._expire(trio.current_time())
