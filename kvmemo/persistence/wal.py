@@ -31,8 +31,11 @@ stay in their segments; the integration should write a snapshot soon after,
 so that the suspect segment is no longer needed. The same happens when an
 append fails and its truncation fails too.
 
-Threads. ``append``, ``rotate``, ``remove_through`` and ``close`` are called
-from one thread (the event loop); ``sync`` from one worker thread at a time.
+Threads. ``rotate``, ``remove_through`` and ``close`` are called from one
+thread (the event loop); ``append`` from the event loop, or (``appendfsync
+always``: the store's sync round appends and syncs a batch together) from a
+worker thread while the event loop does not append; ``sync`` from one worker
+thread at a time.
 ``os.write`` on an ``O_APPEND`` descriptor and ``os.fsync`` on the same
 descriptor may run concurrently (the kernel serialises them on the inode);
 ``sync`` makes durable at least every record whose ``append`` returned before
