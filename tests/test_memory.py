@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 
 from kvmemo.eviction.memory import ENTRY_OVERHEAD, TTL_OVERHEAD, MemoryTracker, entry_size
-from kvmemo.eviction.policies import make_policy
+from kvmemo.eviction.policies import POLICY_NAMES, EvictionPolicy, make_policy
 from kvmemo.storage.store import ShardStore
 
 # -- the tracker ------------------------------------------------------------------------
@@ -93,14 +93,14 @@ ENTRIES = 100_000
 TOLERANCE = 0.20  # the estimate must be within ±20 % of measured growth
 
 
-def measure(value_size: int, with_ttl: bool) -> tuple[int, int]:
-    """Fill a fresh lru store with ENTRIES entries; (traced growth, tracked usage).
+def measure(value_size: int, with_ttl: bool, policy: str = "lru") -> tuple[int, int]:
+    """Fill a fresh store with ENTRIES entries; (traced growth, tracked usage).
 
     Keys and values are made inside the traced section, as a request's would
     be: their objects are part of what an entry costs.
     """
     tracker = MemoryTracker(0, 1)
-    store = ShardStore(0, make_policy("lru"), tracker)
+    store = ShardStore(0, make_policy(policy), tracker)
     put = store.put
     gc.collect()
     tracemalloc.start()
@@ -117,6 +117,15 @@ def measure(value_size: int, with_ttl: bool) -> tuple[int, int]:
     return grown, tracker.used
 
 
+def check_within_tolerance(value_size: int, with_ttl: bool, policy: str) -> None:
+    grown, tracked = measure(value_size, with_ttl, policy)
+    ratio = tracked / grown
+    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (
+        f"{policy}, {value_size} B values{' with a TTL' if with_ttl else ''}: tracked"
+        f" {tracked / ENTRIES:.0f} B per entry, measured {grown / ENTRIES:.0f} B"
+    )
+
+
 @pytest.mark.parametrize(
     ("value_size", "with_ttl"),
     [(16, False), (16, True), (4096, False)],
@@ -125,9 +134,25 @@ def measure(value_size: int, with_ttl: bool) -> tuple[int, int]:
 def test_tracked_usage_is_within_20_percent_of_traced_growth(
     value_size: int, with_ttl: bool
 ) -> None:
-    grown, tracked = measure(value_size, with_ttl)
-    ratio = tracked / grown
-    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (
-        f"{value_size} B values{' with a TTL' if with_ttl else ''}: tracked"
-        f" {tracked / ENTRIES:.0f} B per entry, measured {grown / ENTRIES:.0f} B"
-    )
+    check_within_tolerance(value_size, with_ttl, "lru")
+
+
+# One policy per kind of bookkeeping (each volatile-* variant shares its base's).
+OTHER_POLICIES = ["noeviction", "lfu", "fifo", "random"]
+
+
+@pytest.mark.parametrize("policy", OTHER_POLICIES)
+def test_every_policy_s_bookkeeping_is_counted_within_20_percent(policy: str) -> None:
+    """Each policy keeps different metadata per key; the estimate counts each one's."""
+    check_within_tolerance(16, False, policy)
+
+
+def bookkeeping_of(name: str) -> type:
+    """The class right below EvictionPolicy: the one whose metadata a policy keeps."""
+    mro = type(make_policy(name)).__mro__
+    return mro[mro.index(EvictionPolicy) - 1]
+
+
+def test_every_policy_is_covered_by_the_calibration() -> None:
+    covered = {bookkeeping_of(name) for name in ["lru", *OTHER_POLICIES]}
+    assert {bookkeeping_of(name) for name in POLICY_NAMES} == covered

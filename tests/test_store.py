@@ -37,9 +37,9 @@ def test_put_then_get_returns_the_value_and_accounts_its_size() -> None:
     assert store.get(b"k", 0.0) is None
     store.put(b"k", b"v", 0.0, expires_at=None)
     assert store.get(b"k", 0.0) == b"v"
-    assert store.used == entry_size(b"k", b"v")
+    assert store.used == store.entry_size(b"k", b"v") == entry_size(b"k", b"v") + 75  # lru
     store.put(b"k", b"longer value", 0.0, expires_at=5.0)
-    assert store.used == entry_size(b"k", b"longer value", has_ttl=True)
+    assert store.used == store.entry_size(b"k", b"longer value", has_ttl=True)
     assert_consistent(store)
 
 
@@ -89,12 +89,12 @@ def test_keep_ttl_keeps_a_live_expiry_but_not_an_expired_one() -> None:
 
 
 def test_a_write_the_tracker_refuses_changes_nothing() -> None:
-    store = make_store(maxmemory=entry_size(b"a", b"1") + 10)
+    store = make_store(maxmemory=make_store().entry_size(b"a", b"1") + 10)
     store.put(b"a", b"1", 0.0, expires_at=None)
     before = (dict(store.data), store.used, store.tracker.used)
     with pytest.raises(NeedMemory) as caught:
         store.put(b"b", b"2", 0.0, expires_at=None)
-    assert caught.value.nbytes == entry_size(b"b", b"2")
+    assert caught.value.nbytes == store.entry_size(b"b", b"2")
     with pytest.raises(NeedMemory):
         store.set_expiry(b"a", 5.0)  # an expiry costs bytes too
     assert (dict(store.data), store.used, store.tracker.used) == before
@@ -109,12 +109,12 @@ def test_set_expiry_adds_and_removes_the_ttl_overhead() -> None:
     store = make_store()
     store.put(b"k", b"v", 0.0, expires_at=None)
     assert store.set_expiry(b"k", 5.0) is True
-    assert store.used == entry_size(b"k", b"v", has_ttl=True)
+    assert store.used == store.entry_size(b"k", b"v", has_ttl=True)
     assert store.set_expiry(b"k", 5.0) is False
     assert store.set_expiry(b"k", 7.0) is True
     assert store.ttl_index.entries() == [(7.0, b"k")]
     assert store.set_expiry(b"k", None) is True
-    assert store.used == entry_size(b"k", b"v")
+    assert store.used == store.entry_size(b"k", b"v")
     assert len(store.ttl_index) == 0
     assert_consistent(store)
 
@@ -130,7 +130,7 @@ def test_put_delta_reserved_up_front_matches_uncharged_puts_exactly() -> None:
     for key, value in items:
         store.put(key, value, 2.0, expires_at=None, charge=False)
     assert_consistent(store)
-    assert store.used == sum(entry_size(k, v) for k, v in store.data.items())
+    assert store.used == sum(store.entry_size(k, v) for k, v in store.data.items())
 
 
 def test_flush_removes_everything_and_releases_every_byte() -> None:
@@ -215,8 +215,8 @@ def test_evict_removes_only_present_keys_and_reports_bytes_freed() -> None:
     store.get(b"a", 0.0)
     candidates = store.eviction_candidates(2)
     assert [key for _, key, _ in candidates] == [b"b", b"c"]
-    assert all(size == entry_size(b"b", b"value") for _, _, size in candidates)
-    assert store.evict([b"b", b"missing"]) == (1, entry_size(b"b", b"value"))
+    assert all(size == store.entry_size(b"b", b"value") for _, _, size in candidates)
+    assert store.evict([b"b", b"missing"]) == (1, store.entry_size(b"b", b"value"))
     assert store.evicted_count == 1
     assert sorted(store.data) == [b"a", b"c"]
     assert_consistent(store)

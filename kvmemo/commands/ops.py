@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CommandSyntaxError, NotIntegerError, TooLargeError
-from ..eviction.memory import entry_size
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
@@ -670,9 +669,9 @@ class _MovePart(AtomicPart):
             if not op.replace and store.contains(op.dst, now):
                 return False
             old = store.peek_raw(op.dst, now)
-            delta = entry_size(op.dst, value, has_ttl=expires_at is not None)
+            delta = store.entry_size(op.dst, value, has_ttl=expires_at is not None)
             if old is not None:
-                delta -= entry_size(op.dst, old, has_ttl=store.expiry_of(op.dst) is not None)
+                delta -= store.entry_size(op.dst, old, has_ttl=store.expiry_of(op.dst) is not None)
             if not store.tracker.try_reserve(store.shard_id, delta):
                 return NeedMemory(delta)
             self.reserved = delta

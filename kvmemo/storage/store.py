@@ -4,8 +4,9 @@ Design: lean per-entry metadata, as ARCHITECTURE.md's measured costs ask.
 Values live in one plain dict ``data`` (key → value bytes); expiry times only
 for keys that have one, in ``expires`` (key → trio-monotonic seconds), as
 Redis keeps its ``expires`` dict; eviction order in the policy. Entry sizes
-are not stored: :func:`~kvmemo.eviction.memory.entry_size` recomputes them
-from the key and value, so adding and removing always agree.
+are not stored: :meth:`ShardStore.entry_size` recomputes them from the key,
+the value and the policy's bookkeeping per key, so adding and removing always
+agree.
 
 Every method that changes state runs without a checkpoint (the shard actor
 calls them from its message handler), so a mutation is atomic with respect to
@@ -27,7 +28,8 @@ import collections
 from collections.abc import Iterator
 
 from ..errors import OutOfMemoryError
-from ..eviction.memory import MemoryTracker, entry_size
+from ..eviction.memory import MemoryTracker
+from ..eviction.memory import entry_size as _entry_size
 from ..eviction.policies import EvictionPolicy, NoEvictionPolicy
 from ..expiry.ttl_index import TTLIndex
 from .durability import Journal, ShardDurability
@@ -59,6 +61,7 @@ class ShardStore:
     def __init__(self, shard_id: int, policy: EvictionPolicy, tracker: MemoryTracker) -> None:
         self.shard_id = shard_id
         self.policy = policy
+        self._key_overhead = policy.key_overhead
         self.tracker = tracker
         self.data: dict[bytes, bytes] = {}
         self.expires: dict[bytes, float] = {}
@@ -72,6 +75,10 @@ class ShardStore:
         self.durability: ShardDurability | None = None
         self.journal: Journal | None = None
         self.needs_recovery = False  # set by a rebuild that must reload from disk
+
+    def entry_size(self, key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
+        """Estimated bytes of one entry of this store, its policy's bookkeeping included."""
+        return _entry_size(key, value, has_ttl=has_ttl) + self._key_overhead
 
     # -- reading --------------------------------------------------------------------
 
@@ -156,9 +163,12 @@ class ShardStore:
             old, old_exp = None, None
         if keep_ttl:
             expires_at = old_exp
-        delta = entry_size(key, value, has_ttl=expires_at is not None)
+        # The policy's bookkeeping per key (entry_size) cancels out on an overwrite.
+        delta = _entry_size(key, value, has_ttl=expires_at is not None)
         if old is not None:
-            delta -= entry_size(key, old, has_ttl=old_exp is not None)
+            delta -= _entry_size(key, old, has_ttl=old_exp is not None)
+        else:
+            delta += self._key_overhead
         if charge and not self.tracker.try_reserve(self.shard_id, delta):
             raise NeedMemory(delta)
         self.used += delta
@@ -189,8 +199,9 @@ class ShardStore:
                 old_size = pending[key]
             else:
                 old = self.peek_raw(key, now)
-                old_size = 0 if old is None else entry_size(key, old, has_ttl=key in self.expires)
-            new_size = entry_size(key, value)
+                has_ttl = key in self.expires
+                old_size = 0 if old is None else self.entry_size(key, old, has_ttl=has_ttl)
+            new_size = self.entry_size(key, value)
             delta += new_size - old_size
             pending[key] = new_size
         return delta
@@ -216,7 +227,7 @@ class ShardStore:
         if old_exp == expires_at:
             return False
         if (old_exp is None) != (expires_at is None):
-            delta = entry_size(key, value, has_ttl=expires_at is not None) - entry_size(
+            delta = self.entry_size(key, value, has_ttl=expires_at is not None) - self.entry_size(
                 key, value, has_ttl=old_exp is not None
             )
             if not self.tracker.try_reserve(self.shard_id, delta):
@@ -252,7 +263,7 @@ class ShardStore:
         exp = self.expires.pop(key, None)
         if exp is not None:
             self.ttl_index.discard(key, exp)
-        size = entry_size(key, value, has_ttl=exp is not None)
+        size = self.entry_size(key, value, has_ttl=exp is not None)
         self.used -= size
         self.tracker.release(self.shard_id, size)
         self.policy.record_remove(key)
@@ -301,7 +312,7 @@ class ShardStore:
         for score, key in self.policy.candidates(count):
             value = self.data.get(key)
             if value is not None:
-                out.append((score, key, entry_size(key, value, has_ttl=key in self.expires)))
+                out.append((score, key, self.entry_size(key, value, has_ttl=key in self.expires)))
         return out
 
     def evict(self, keys: list[bytes]) -> tuple[int, int]:
@@ -365,7 +376,7 @@ class ShardStore:
         for key, value in data.items():
             if type(key) is not bytes or type(value) is not bytes:
                 return False
-            total += entry_size(key, value, has_ttl=key in expires)
+            total += self.entry_size(key, value, has_ttl=key in expires)
         if total != self.used or self.tracker.shard_used(self.shard_id) != self.used:
             return False
         if any(key not in data or type(t) is not float for key, t in expires.items()):
@@ -408,7 +419,7 @@ class ShardStore:
             if exp is not None:
                 fresh.expires[key] = exp
             policy.record_insert(key, volatile=exp is not None)
-            total += entry_size(key, value, has_ttl=exp is not None)
+            total += fresh.entry_size(key, value, has_ttl=exp is not None)
         fresh.ttl_index.rebuild(fresh.expires)
         fresh.used = total
         fresh.expired_count = self.expired_count
@@ -437,7 +448,7 @@ class ShardStore:
         for key, value in data.items():
             has_ttl = expires_get(key) is not None
             record_insert(key, volatile=has_ttl)
-            total += entry_size(key, value, has_ttl=has_ttl)
+            total += self.entry_size(key, value, has_ttl=has_ttl)
         self.ttl_index.rebuild(self.expires)
         self.used = total
         self.tracker.reset_shard(self.shard_id, total)
