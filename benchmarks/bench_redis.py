@@ -28,8 +28,13 @@ GET / SET at least 0.1 of Redis's rate; ``-P 1`` (50 clients) at least 0.25.
 Skipped, with a message, when ``redis-server`` or ``redis-benchmark`` is not
 installed (Debian: ``apt-get install -y redis-server redis-tools``).
 
-Run: ``python -m benchmarks.bench_redis [--quick]``; the full run takes about
-a minute on 2 cores, ``--quick`` about 15 s.
+On a shared machine single runs are noisy (Redis's own rate moves by half
+between runs); ``--rounds N`` runs every pair N times, alternating the order
+each time, and reports each server's median rate and its CPU time over all
+rounds (total CPU / total requests).
+
+Run: ``python -m benchmarks.bench_redis [--quick] [--rounds N]``; the full run
+takes about a minute on 2 cores per round, ``--quick`` about 15 s.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -240,6 +246,21 @@ class Result:
         return self.cpu / self.requests if self.cpu is not None else None
 
 
+def combine(results: Sequence[Result]) -> Result:
+    """Several runs of one test on one server as one: median rate and p50, total CPU."""
+    first = results[0]
+    cpus = [r.cpu for r in results]
+    return Result(
+        first.server,
+        first.test,
+        first.pipeline,
+        sum(r.requests for r in results),
+        statistics.median(r.rps for r in results),
+        statistics.median(r.p50_ms for r in results),
+        None if None in cpus else sum(c for c in cpus if c is not None),
+    )
+
+
 def parse_csv(text: str) -> dict[str, tuple[float, float]]:
     """redis-benchmark ``--csv`` output: test name (first word) -> (rps, p50 ms)."""
     rows = list(csv.reader(line for line in text.splitlines() if line.strip()))
@@ -349,7 +370,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--requests", type=int, default=None, help="-n for -P 1 (-P 16 runs 3 times as many)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of every test per server; medians are reported (default 1)",
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         requests = {1: args.requests, 16: 3 * args.requests}
     print(
         f"redis-benchmark -c {CLIENTS} -r {KEYSPACE:,}, -P {' and -P '.join(map(str, PIPELINES))},"
-        f" -n {requests[1]:,} / {requests[16]:,} per test (MSET a tenth);"
+        f" -n {requests[1]:,} / {requests[16]:,} per test (MSET a tenth), {args.rounds} round(s);"
         f" KVMemo {SHARDS} shards vs redis-server; load {load_average()}",
         flush=True,
     )
@@ -393,12 +423,15 @@ def main(argv: list[str] | None = None) -> None:
             for pipeline in PIPELINES:
                 for test in TESTS:
                     n = requests[pipeline] // (MSET_SHARE if test == "mset" else 1)
-                    order = servers[::-1] if flip else servers
-                    flip = not flip
-                    results: dict[str, Result] = {}
-                    for server in order:
-                        results[server.name] = redis_benchmark(benchmark, server, test, pipeline, n)
-                    pair = (results["Redis"], results["KVMemo"])
+                    results: dict[str, list[Result]] = {s.name: [] for s in servers}
+                    for _ in range(args.rounds):
+                        order = servers[::-1] if flip else servers
+                        flip = not flip
+                        for server in order:
+                            results[server.name].append(
+                                redis_benchmark(benchmark, server, test, pipeline, n)
+                            )
+                    pair = (combine(results["Redis"]), combine(results["KVMemo"]))
                     pairs.append(pair)
                     print(row(*pair), flush=True)
         finally:

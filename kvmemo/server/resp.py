@@ -7,7 +7,8 @@ feeds it the bytes it received and writes the bytes it is given.
 * :class:`RespParser` turns request bytes into :class:`Command` and
   :class:`ProtocolError` events, accepting what Redis accepts (multibulk and
   inline requests) and failing with Redis's own error wording.
-* :func:`encode_reply` turns a Python value into a RESP2 or RESP3 reply, with
+* :func:`encode_reply` (and :func:`encode_replies`, for a pipeline's worth)
+  turns a Python value into a RESP2 or RESP3 reply, with
   marker types (:class:`ErrorReply`, :class:`NullArray`, :class:`Verbatim`,
   :class:`Set`, :class:`Push`) for the forms that plain Python values cannot
   say.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
@@ -46,6 +47,7 @@ __all__ = [
     "Set",
     "Verbatim",
     "encode_command",
+    "encode_replies",
     "encode_reply",
 ]
 
@@ -268,14 +270,40 @@ _DOLLAR: Final = ord("$")
 # The fast path reads the count and bulk-length lines it sees most by one dict
 # lookup of the whole line; a line not in these tables is read with
 # _string2ll. The keys are exactly the canonical spellings _string2ll accepts,
-# so a hit gives what _string2ll would. Sizes: about 100 KiB in all.
+# so a hit gives what _string2ll would. Sizes: about 100 KiB in all. A parser
+# whose limits refuse some of these lines uses copies without them
+# (_fast_tables), so a hit is also within its limits.
 _FAST_LINES_MAX: Final = 1024  # largest count / bulk length in the tables
 _COUNT_LINES: Final = {b"*%d" % n: n for n in range(1, _FAST_LINES_MAX + 1)}
 _BULK_LINES: Final = {b"$%d" % n: n for n in range(_FAST_LINES_MAX + 1)}
 _NO_LIMIT: Final = 1 << 62  # "as many requests as are complete"
-# The longest line in the tables ("*1024", "$1024"): with a smaller
-# max_inline_len a line in the tables could be too long, so no split.
-_SPLIT_MIN_INLINE: Final = len(b"$%d" % _FAST_LINES_MAX)  # bytes
+# Up to this many arguments _fast_split checks a request's lengths one by one;
+# above, in one comparison of two lists (measured: the crossover is near 4).
+_SHORT_REQUEST: Final = 4  # arguments
+_LONGEST_FAST_LINE: Final = len(b"$%d" % _FAST_LINES_MAX)  # bytes ("*1024", "$1024")
+
+
+def _fast_tables(
+    max_args: int, max_bulk_len: int, max_inline_len: int
+) -> tuple[dict[bytes, int], dict[bytes, int]]:
+    """The count and length tables of a parser with these limits.
+
+    A line is kept when the state machine would accept it without an error:
+    its value within ``max_args`` or ``max_bulk_len``, and the line no longer
+    than ``max_inline_len`` bytes. With limits at least the tables' largest
+    values (the defaults), the shared tables themselves.
+    """
+    if min(max_args, max_bulk_len) >= _FAST_LINES_MAX and max_inline_len >= _LONGEST_FAST_LINE:
+        return _COUNT_LINES, _BULK_LINES
+    counts = {
+        line: n for line, n in _COUNT_LINES.items() if n <= max_args and len(line) <= max_inline_len
+    }
+    lengths = {
+        line: n
+        for line, n in _BULK_LINES.items()
+        if n <= max_bulk_len and len(line) <= max_inline_len
+    }
+    return counts, lengths
 
 
 def _check_limit(name: str, value: int, minimum: int) -> None:
@@ -375,6 +403,7 @@ class RespParser:
         self._bulk_len = 0  # length of the bulk argument being read
         self._error: ProtocolError | None = None
         self._split = False  # whether _fast may split the buffer (once per feed)
+        self._counts, self._lengths = _fast_tables(max_args, max_bulk_len, max_inline_len)
 
     @property
     def failed(self) -> bool:
@@ -447,6 +476,8 @@ class RespParser:
         while True:
             if self._state is _State.IDLE and self._error is None:
                 self._fast(out, _NO_LIMIT)
+                if self._pos >= len(self._buf):  # all taken: what _next_slow would say
+                    return out, None
             event = self._next_slow()
             if event is None:
                 return out, None
@@ -482,17 +513,19 @@ class RespParser:
         buf = self._buf
         if type(buf) is not bytes:
             return
-        if self._split and most > 1 and self._max_inline_len >= _SPLIT_MIN_INLINE:
+        if self._split and most > 1:
             self._split = False
             self._fast_split(buf, out)
         pos = self._pos
         size = len(buf)
+        if pos >= size:
+            return
         find = buf.find
         span = self._max_inline_len + 1  # a line's CR is found within this many bytes
         max_args = self._max_args
         max_bulk = self._max_bulk_len
-        counts = _COUNT_LINES
-        lengths = _BULK_LINES
+        counts = self._counts
+        lengths = self._lengths
         taken = 0
         while taken < most and pos < size and buf[pos] == _STAR:
             cr = find(b"\r", pos, pos + span)
@@ -500,12 +533,10 @@ class RespParser:
                 break
             line = buf[pos:cr]
             count = counts.get(line)
-            if count is None:
+            if count is None:  # not in the table: read and check it in full
                 count = _string2ll(line[1:])
-                if count is None or count <= 0:
+                if count is None or not 0 < count <= max_args:
                     break
-            if count > max_args:
-                break
             at = cr + 2
             args: list[bytes] = []
             for _ in range(count):
@@ -514,14 +545,12 @@ class RespParser:
                     break
                 line = buf[at:cr]
                 length = lengths.get(line)
-                if length is None:
+                if length is None:  # idem
                     if line[:1] != b"$":
                         break
                     length = _string2ll(line[1:])
-                    if length is None or length < 0:
+                    if length is None or not 0 <= length <= max_bulk:
                         break
-                if length > max_bulk:
-                    break
                 start = cr + 2
                 stop = start + length
                 if stop + 2 > size:
@@ -540,37 +569,44 @@ class RespParser:
         """The start of :meth:`_fast` for a whole pipeline: one split, then a walk.
 
         Splits what is held at every CRLF (one C call) and walks the pieces:
-        a count or length line must be in the tables (so it holds no CR and
-        is short enough), and a value piece is the argument itself when its
-        length is the one declared (it was then followed by CRLF, as the
-        state machine requires). The last piece, never followed by CRLF, is
-        not used. Stops at the first request that does not fit (a value
-        holding CRLF, a long count or value, an incomplete request);
-        ``bytes.find`` takes over from there.
+        a count or length line must be in the parser's tables (so it holds no
+        CR, is within the limits and short enough), and a value piece is the
+        argument itself when its length is the one declared (it was then
+        followed by CRLF, as the state machine requires). The lengths of a
+        request's values are checked against its length lines one by one, or,
+        for a long request, in one comparison of two lists. The last piece,
+        never followed by CRLF, is not used. Stops at the first request that
+        does not fit (a value holding CRLF, a long count or value, an
+        incomplete request); ``bytes.find`` takes over from there.
         """
         pos = self._pos
         pieces = (buf[pos:] if pos else buf).split(b"\r\n")
         usable = len(pieces) - 1
-        counts = _COUNT_LINES
-        lengths = _BULK_LINES
-        max_args = self._max_args
-        max_bulk = self._max_bulk_len
+        counts = self._counts
+        lengths_of = self._lengths.get
         i = 0  # pieces consumed
         while i < usable:
             count = counts.get(pieces[i])
-            if count is None or count > max_args or i + 2 * count >= usable:
+            if count is None:
                 break
-            j = i + 1
-            for _ in range(count):
-                length = lengths.get(pieces[j])
-                if length is None or length > max_bulk or len(pieces[j + 1]) != length:
-                    break
-                j += 2
-            else:
-                out.append(tuple(pieces[i + 2 : j : 2]))
-                i = j
-                continue
-            break
+            end = i + 1 + 2 * count  # the pieces of this request are [i, end)
+            if end > usable:
+                break
+            # A length line not in the table gives None, never equal to a length.
+            if count <= _SHORT_REQUEST:
+                for j in range(i + 1, end, 2):
+                    if lengths_of(pieces[j]) != len(pieces[j + 1]):
+                        break
+                else:
+                    out.append(tuple(pieces[i + 2 : end : 2]))
+                    i = end
+                    continue
+                break
+            values = pieces[i + 2 : end : 2]
+            if list(map(len, values)) != list(map(lengths_of, pieces[i + 1 : end : 2])):
+                break
+            out.append(tuple(values))
+            i = end
         if i:
             self._pos = self._scan = pos + sum(map(len, pieces[:i])) + 2 * i
 
@@ -822,6 +858,8 @@ def _check_protocol(protocol: int) -> None:
 _SIMPLE_REPLIES: Final = {text: b"+%s\r\n" % text.encode() for text in ("OK", "PONG", "QUEUED")}
 _SMALL_INTS: Final = range(-2, 1024)  # TTL's -2/-1, counts, flags
 _INT_REPLIES: Final = tuple(b":%d\r\n" % n for n in _SMALL_INTS)
+_INT_MIN: Final = _SMALL_INTS.start
+_INT_STOP: Final = _SMALL_INTS.stop
 _NIL_REPLIES: Final = {2: b"$-1\r\n", 3: b"_\r\n"}
 
 
@@ -876,6 +914,52 @@ def encode_reply(value: object, *, protocol: int = 2) -> bytes:
     out: list[bytes] = []
     _encode_into(out, value, protocol == 3)
     return b"".join(out)
+
+
+def encode_replies(
+    values: Iterable[object],
+    *,
+    protocol: int = 2,
+    convert: Callable[[object], object] | None = None,
+) -> list[bytes]:
+    """Encode each of ``values`` as :func:`encode_reply` does, in order.
+
+    The replies a pipeline gets most (bulk strings, nil, ``OK``, small
+    integers) are written inline, without a call per value; the rest go
+    through :func:`encode_reply`. The result is the same list as
+    ``[encode_reply(v, protocol=protocol) for v in values]``.
+
+    Args:
+        values: the replies.
+        protocol: 2 or 3.
+        convert: applied first to each value that is not ``bytes``,
+            ``None``, ``str`` or ``int`` (a server maps its own error
+            objects to :class:`ErrorReply` this way).
+
+    Raises:
+        ValueError: ``protocol`` is not 2 or 3.
+        TypeError: as :func:`encode_reply`.
+    """
+    _check_protocol(protocol)
+    nil = _NIL_REPLIES[protocol]
+    simple_replies = _SIMPLE_REPLIES
+    int_replies = _INT_REPLIES
+    out: list[bytes] = []
+    append = out.append
+    for value in values:
+        if type(value) is bytes:
+            append(b"$%d\r\n%b\r\n" % (len(value), value))
+        elif value is None:
+            append(nil)
+        elif type(value) is str and value in simple_replies:
+            append(simple_replies[value])
+        elif type(value) is int and _INT_MIN <= value < _INT_STOP:
+            append(int_replies[value - _INT_MIN])
+        else:
+            if convert is not None and type(value) is not str and type(value) is not int:
+                value = convert(value)
+            append(encode_reply(value, protocol=protocol))
+    return out
 
 
 def _encode_into(out: list[bytes], value: object, resp3: bool) -> None:

@@ -25,7 +25,21 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   (``HELLO``, ``AUTH``, ``CLIENT``, ``CONFIG``, ``INFO``, ...) first finishes
   the commands before it, then runs by itself, so connection state and
   replies stay in sending order. ``PING`` and early errors (unknown command,
-  arity, ``NOAUTH``) have no effect to order and are answered in place.
+  arity, ``NOAUTH``) have no effect to order and are answered in place: kept
+  aside with their place and merged with the engine's replies.
+* **Cost per read and per command.** Measured with an engine stub that
+  only yields, the front end's own CPU is most of a ``-P 1`` request (a
+  read, a parse, a send and trio's wake-ups for one command) and a small
+  part of a ``-P 16`` one. So: a read that finds bytes waiting is one
+  ``recv`` in the reader loop, with no call to :meth:`_Connection._receive`;
+  a lone data command from an authenticated client (``-P 1``) goes from the
+  parser to ``engine.execute`` and its reply to the stage without the batch
+  machinery; a data command is known by one dict lookup of its spelling,
+  which also gives its argument range; a batch's replies are encoded by
+  ``encode_replies`` (no call per common reply) and staged as one piece
+  when they fit under the output limit; the clock is read through the
+  run's clock object. Every shortcut keeps the replies, counters, limits
+  and errors of the general path (``tests/test_resp_perf.py``).
 * **Writing and the output limit.** Replies are staged during a read and
   written once per read (one ``send`` for a typical pipeline), or earlier
   when ``FLUSH_THRESHOLD`` bytes pile up: directly, with one non-blocking
@@ -66,6 +80,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from itertools import islice
 from typing import Any, Final
 
 import attrs
@@ -79,7 +94,7 @@ from ..commands.table import Command as TableCommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
-from .resp import ErrorReply, RespParser, Set, Verbatim, encode_reply
+from .resp import ErrorReply, RespParser, Set, Verbatim, encode_replies, encode_reply
 
 __all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
 
@@ -115,10 +130,12 @@ HELLO_NOAUTH: Final = ErrorReply(
     " select the RESP protocol version at the same time"
 )
 # Data commands by the bytes a client named them with (b"GET", b"get", ...) ->
-# (table name, arity): one lookup instead of lower(), decode and two tables.
-# Bounded: a client could send every spelling of every name.
+# (table name, fewest arguments, most arguments, the name included): one
+# lookup and one chained comparison instead of lower(), decode, two tables and
+# an arity rule. Bounded: a client could send every spelling of every name.
 DATA_NAMES_MAX: Final = 4096  # spellings remembered, process-wide
-_DATA_NAMES: dict[bytes, tuple[str, int]] = {}
+_DATA_NAMES: dict[bytes, tuple[str, int, int]] = {}
+_NO_MOST: Final = 1 << 62  # "any number of arguments", beyond every max_args
 
 _UNAUTH_MBULK: Final = "ERR Protocol error: unauthenticated multibulk length"
 _UNAUTH_BULK: Final = "ERR Protocol error: unauthenticated bulk length"
@@ -262,6 +279,16 @@ def _arity_ok(arity: int, argc: int) -> bool:
     return argc == arity if arity > 0 else argc >= -arity
 
 
+def _arity_range(arity: int) -> tuple[int, int]:
+    """The fewest and most arguments ``arity`` allows: ``lo <= argc <= hi`` is :func:`_arity_ok`."""
+    return (arity, arity) if arity > 0 else (-arity, _NO_MOST)
+
+
+def _to_reply(value: object) -> object:
+    """An engine result as a reply: a :class:`KVMemoError` becomes Redis's error."""
+    return redis_error(value) if isinstance(value, KVMemoError) else value
+
+
 def _arity_error(name: str) -> ErrorReply:
     return ErrorReply(f"ERR wrong number of arguments for '{name}' command")
 
@@ -310,7 +337,8 @@ class _Connection:
 
     Invariant: ``pending`` is the number of reply bytes in ``_stage`` and
     ``_queue`` plus those of the piece being sent; replies leave in the order
-    they were pushed.
+    they were pushed. The request parser (``_parser``) is fed and read by
+    the reader task only; others only read its ``buffered`` count.
     """
 
     def __init__(self, server: _Server, stream: trio.SocketStream, client_id: int) -> None:
@@ -329,7 +357,14 @@ class _Connection:
         self.authenticated = not server.auth_required
         self.closing = False  # QUIT, or a request too big before AUTH: close after the replies
         self.pending = 0
-        self.query_buffered = 0
+        limits = server.limits
+        self._parser = RespParser(
+            max_bulk_len=limits.max_bulk_len,
+            max_args=limits.max_args,
+            max_inline_len=limits.max_inline_len,
+            max_buffer=limits.max_query_buffer,
+        )
+        self._clock = trio.lowlevel.current_clock()  # trio.current_time(), one call nearer
         self._stage: list[bytes] = []
         self._staged = 0  # bytes in _stage
         self._queue: deque[bytes | memoryview] = deque()
@@ -343,6 +378,11 @@ class _Connection:
         # differs, then every reply goes through the writer.
         raw = getattr(stream.socket, "_sock", None)
         self._raw: socket.socket | None = raw if isinstance(raw, socket.socket) else None
+
+    @property
+    def query_buffered(self) -> int:
+        """Request bytes received and not yet parsed into a command (CLIENT LIST's qbuf)."""
+        return self._parser.buffered
 
     # -- running -------------------------------------------------------------------
 
@@ -374,20 +414,25 @@ class _Connection:
             nursery.cancel_scope.cancel()
 
     async def _receive(self) -> bytes | None:
-        """The next bytes; ``b""`` at end of stream, None when idle for too long.
+        """Wait for the next bytes; ``b""`` at end of stream, None when idle for too long.
 
-        Bytes already waiting are taken from the socket directly, without
-        the scheduler pass ``receive_some`` makes even then; the reader
-        yields once per read in any case (see :meth:`_reader`).
+        Without an idle timeout the reader first takes the bytes already
+        waiting from the stdlib socket itself (see :meth:`_reader`), and
+        calls this only when there were none: it then waits for readability
+        first and receives after, rather than trying a ``recv`` it knows
+        would fail. Otherwise it is ``receive_some`` (which makes a
+        scheduler pass even when bytes are waiting), under the idle timeout
+        if there is one.
         """
         idle = self.server.limits.idle_timeout
         raw = self._raw
         if not idle and raw is not None:
             while True:
+                await trio.lowlevel.wait_readable(raw)
                 try:
                     return raw.recv(RECEIVE_SIZE)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(raw)
+                    continue
                 except OSError as exc:  # as trio's SocketStream words it
                     raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         if not idle:
@@ -396,32 +441,43 @@ class _Connection:
             deadline = self.last_activity + idle
             with trio.move_on_at(deadline):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.last_activity = trio.current_time()
+                self.last_activity = self._clock.current_time()
                 return data
-            if trio.current_time() >= self.last_activity + idle:
+            if self._clock.current_time() >= self.last_activity + idle:
                 return None
 
     async def _reader(self) -> bool:
-        """Read, parse and execute until the end; return whether to drain replies."""
-        limits = self.server.limits
-        parser = RespParser(
-            max_bulk_len=limits.max_bulk_len,
-            max_args=limits.max_args,
-            max_inline_len=limits.max_inline_len,
-            max_buffer=limits.max_query_buffer,
-        )
+        """Read, parse and execute until the end; return whether to drain replies.
+
+        At one request per read (``-P 1``, many clients) the fixed cost of a
+        read is most of the work, so a read that finds bytes waiting costs
+        one ``recv`` here, no call to :meth:`_receive` and no scheduler pass
+        of its own beyond the fairness rule below.
+        """
+        parser = self._parser
+        direct = self._raw if not self.server.limits.idle_timeout else None
         task = trio.lowlevel.current_task()
-        points: int | None = None
+        points = _schedule_points(task)  # so that the first read yields too
         while True:
             # Fairness: every read yields to the other tasks at least once.
             # The engine's replies are waited for (a yield); a read answered
             # without one (PING, errors, a receive that did not wait) gets an
             # explicit one. The count of the task's yields is trio's own, as
             # trio.testing reads it; without it, every read yields here.
-            if points is None or _schedule_points(task) == points:
+            current = _schedule_points(task)
+            if current is None or current == points:
                 await trio.lowlevel.checkpoint()
-            points = _schedule_points(task)
-            data = await self._receive()
+                current = _schedule_points(task)
+            points = current
+            if direct is not None:
+                try:
+                    data: bytes | None = direct.recv(RECEIVE_SIZE)
+                except BlockingIOError:
+                    data = await self._receive()
+                except OSError as exc:  # as trio's SocketStream words it
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            else:
+                data = await self._receive()
             if data is None:
                 logger.info("closing idle RESP client id=%d addr=%s", self.id, self.addr)
                 return False
@@ -429,7 +485,6 @@ class _Connection:
                 return True
             parser.feed(data)
             commands, error = parser.next_commands()
-            self.query_buffered = parser.buffered
             if commands:
                 await self._execute(commands)
                 if self.closing:
@@ -454,7 +509,7 @@ class _Connection:
                 await self.stream.send_all(piece)
                 self._writing = False
                 self.pending -= len(piece)
-                self.last_activity = trio.current_time()
+                self.last_activity = self._clock.current_time()
                 self._progress.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._broken = True
@@ -506,8 +561,19 @@ class _Connection:
             self._flush_stage()
 
     async def _push_all(self, replies: list[bytes]) -> None:
-        """:meth:`_push` each reply in order; those that fit are staged without an await."""
+        """:meth:`_push` each reply in order; those that fit are staged without an await.
+
+        When the whole batch fits under the output limit and the flush
+        threshold (the common case), it is staged as one piece: no reply of
+        it would have waited or flushed.
+        """
         limit = self.server.limits.max_output_buffer
+        total = sum(map(len, replies))
+        if self.pending + total <= limit and self._staged + total < FLUSH_THRESHOLD:
+            self._stage.append(replies[0] if len(replies) == 1 else b"".join(replies))
+            self._staged += total
+            self.pending += total
+            return
         stage = self._stage
         for reply in replies:
             size = len(reply)
@@ -531,9 +597,10 @@ class _Connection:
         kernel does not take (or all of it, on any error, which the writer
         then meets and handles) is queued for the writer, in order.
         """
-        if not self._stage:
+        stage = self._stage
+        if not stage:
             return
-        data = self._stage[0] if len(self._stage) == 1 else b"".join(self._stage)
+        data = stage[0] if len(stage) == 1 else b"".join(stage)
         self._stage = []
         self._staged = 0
         raw = self._raw
@@ -544,8 +611,9 @@ class _Connection:
                 sent = 0
             if sent:
                 self.pending -= sent
-                self.last_activity = trio.current_time()
-                self._progress.unpark_all()
+                self.last_activity = self._clock.current_time()
+                if self._progress:  # only the reader parks there, and it is running this
+                    self._progress.unpark_all()
                 if sent == len(data):
                     return
                 data = data[sent:]
@@ -562,83 +630,136 @@ class _Connection:
     async def _execute(self, commands: list[tuple[bytes, ...]]) -> None:
         """Run the commands of one read in order and stage their replies.
 
+        A lone data command from an authenticated client (one request per
+        read, as at ``-P 1``) goes straight to ``engine.execute``; anything
+        else goes through :meth:`_execute_batch`. Both give the replies,
+        counters and errors the batch path gives.
+        """
+        if len(commands) == 1 and self.authenticated:
+            argv = commands[0]
+            known = _DATA_NAMES.get(argv[0])
+            if known is not None and known[1] <= len(argv) <= known[2]:
+                name = known[0]
+                server = self.server
+                server.total_commands += 1
+                self.last_cmd = name
+                try:
+                    result = await server.engine.execute(name, argv[1:])
+                except KVMemoError as exc:
+                    result = redis_error(exc)
+                reply = encode_reply(result, protocol=self.protocol)
+                size = len(reply)
+                if (
+                    self.pending + size <= server.limits.max_output_buffer
+                    and self._staged + size < FLUSH_THRESHOLD
+                ):  # what _push does when nothing waits or flushes
+                    self._stage.append(reply)
+                    self._staged += size
+                    self.pending += size
+                else:
+                    await self._push(reply)
+                return
+        await self._execute_batch(commands)
+
+    async def _execute_batch(self, commands: list[tuple[bytes, ...]]) -> None:
+        """Run commands in order, data commands gathered into one engine call.
+
         Data commands are gathered into one ``execute_many`` call until a
-        connection command (or the end) comes; ``None`` in ``order`` marks
-        the place of the next engine result.
+        connection command (or the end) comes. Replies known without the
+        engine (errors, ``PING``) are kept in ``early`` with their place among
+        the replies, and merged with the engine's by :meth:`_run_calls`.
         """
         server = self.server
-        engine = server.engine
         calls: list[tuple[str, Sequence[bytes]]] = []
-        order: list[bytes | None] = []
-
-        async def flush() -> None:
-            if not order:
-                return
-            if calls:
-                if len(calls) == 1:  # execute costs less than a batch of one
-                    try:
-                        result = await engine.execute(*calls[0])
-                    except KVMemoError as exc:
-                        result = exc
-                    results = iter((result,))
-                else:
-                    results = iter(await engine.execute_many(calls))
-                encode = self._encode
-                replies = [encode(next(results)) if item is None else item for item in order]
-            else:
-                replies = [item for item in order if item is not None]  # none is None
-            await self._push_all(replies)
-            calls.clear()
-            order.clear()
-
+        early: list[tuple[int, bytes]] = []  # (place among the replies, reply)
+        authenticated = self.authenticated  # changed only by connection commands
+        data_names = _DATA_NAMES
         for argv in commands:
             server.total_commands += 1
-            if not self.authenticated and (
+            if not authenticated and (
                 len(argv) > UNAUTH_MAX_ARGS or any(len(a) > UNAUTH_MAX_BULK for a in argv)
             ):
-                await flush()
+                await self._run_calls(calls, early)
                 message = _UNAUTH_MBULK if len(argv) > UNAUTH_MAX_ARGS else _UNAUTH_BULK
                 logger.info("RESP client id=%d addr=%s: %s", self.id, self.addr, message)
                 await self._push(self._encode(ErrorReply(message)))
                 self.closing = True
                 return
-            known = _DATA_NAMES.get(argv[0])
+            known = data_names.get(argv[0])
             if known is not None:  # a data command, spelled as seen before
-                name, arity = known
-                conn_command = None
-            else:
-                name = _text(argv[0].lower())
-                conn_command = _CONNECTION_COMMANDS.get(name)
-                spec = COMMANDS.get(name)
-                if conn_command is not None:
-                    arity = conn_command.arity
-                elif spec is not None:
-                    arity = spec.arity
-                    if len(_DATA_NAMES) < DATA_NAMES_MAX:
-                        _DATA_NAMES[argv[0]] = (name, arity)
+                name, least, most = known
+                self.last_cmd = name
+                if not least <= len(argv) <= most:
+                    early.append((len(calls) + len(early), self._encode(_arity_error(name))))
+                elif not authenticated:
+                    early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 else:
-                    order.append(self._encode(unknown_command(argv)))
-                    continue
-            self.last_cmd = name
-            if not _arity_ok(arity, len(argv)):
-                order.append(self._encode(_arity_error(name)))
+                    calls.append((name, argv[1:]))
                 continue
-            if not self.authenticated and (conn_command is None or not conn_command.no_auth):
-                order.append(self._encode(NOAUTH))
-                continue
+            name = _text(argv[0].lower())
+            conn_command = _CONNECTION_COMMANDS.get(name)
             if conn_command is None:
-                calls.append((name, argv[1:]))
-                order.append(None)
+                spec = COMMANDS.get(name)
+                if spec is None:
+                    early.append((len(calls) + len(early), self._encode(unknown_command(argv))))
+                    continue
+                least, most = _arity_range(spec.arity)
+                if len(data_names) < DATA_NAMES_MAX:
+                    data_names[argv[0]] = (name, least, most)
+                self.last_cmd = name
+                if not least <= len(argv) <= most:
+                    early.append((len(calls) + len(early), self._encode(_arity_error(name))))
+                elif not authenticated:
+                    early.append((len(calls) + len(early), self._encode(NOAUTH)))
+                else:
+                    calls.append((name, argv[1:]))
+                continue
+            self.last_cmd = name
+            if not _arity_ok(conn_command.arity, len(argv)):
+                early.append((len(calls) + len(early), self._encode(_arity_error(name))))
+                continue
+            if not authenticated and not conn_command.no_auth:
+                early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 continue
             if name == "ping":  # no effect to keep in order: answer in place
-                order.append(self._encode(_ping(argv)))
+                early.append((len(calls) + len(early), self._encode(_ping(argv))))
                 continue
-            await flush()
+            await self._run_calls(calls, early)
             reply = await conn_command.handler(self, argv)
             await self._push(self._encode(reply))
             if self.closing:
                 return
-        await flush()
+            authenticated = self.authenticated
+        await self._run_calls(calls, early)
+
+    async def _run_calls(
+        self, calls: list[tuple[str, Sequence[bytes]]], early: list[tuple[int, bytes]]
+    ) -> None:
+        """Run the gathered data commands, stage every reply in order, empty both lists.
+
+        ``engine.execute`` for one call (it costs less than a batch of one),
+        ``engine.execute_many`` for more.
+        """
+        if calls:
+            engine = self.server.engine
+            if len(calls) == 1:
+                try:
+                    result = await engine.execute(*calls[0])
+                except KVMemoError as exc:
+                    result = exc
+                results: list[Any] = [result]
+            else:
+                results = await engine.execute_many(calls)
+            replies = encode_replies(results, protocol=self.protocol, convert=_to_reply)
+            calls.clear()
+            if early:
+                replies = _merge(replies, early)
+        elif early:
+            replies = [reply for _, reply in early]
+        else:
+            return
+        early.clear()
+        await self._push_all(replies)
 
     # -- describing the client -------------------------------------------------------
 
@@ -655,6 +776,21 @@ class _Connection:
             f" cmd={self.last_cmd} user=default redir=-1 resp={self.protocol}"
             f" lib-name={_text(self.lib_name)} lib-ver={_text(self.lib_ver)}\n"
         )
+
+
+def _merge(replies: list[bytes], early: list[tuple[int, bytes]]) -> list[bytes]:
+    """``replies`` with each ``(place, reply)`` of ``early`` put at its place.
+
+    The places are increasing and count both kinds of reply, so the result is
+    the replies in the order of the requests.
+    """
+    merged: list[bytes] = []
+    rest = iter(replies)
+    for place, reply in early:
+        merged.extend(islice(rest, place - len(merged)))
+        merged.append(reply)
+    merged.extend(rest)
+    return merged
 
 
 def _schedule_points(task: trio.lowlevel.Task) -> int | None:
