@@ -275,6 +275,9 @@ class ChildCell:
         """
         receive = self.receive
         handle = actor.handle
+        handle_nowait = (
+            actor.handle_nowait if type(actor).handle_nowait is not Actor.handle_nowait else None
+        )
         expected = actor.expected_errors
         held = self.held
         while True:
@@ -294,7 +297,12 @@ class ChildCell:
                         raise fault
                     self.handler_started = True
                     try:
-                        result = await handle(message)
+                        if handle_nowait is None:
+                            result = await handle(message)
+                        else:
+                            result = handle_nowait(message)
+                            if result is DEFER:
+                                result = await handle(message)
                     except expected as exc:
                         if reply is not None:
                             held.append((reply, exc, False))

@@ -109,7 +109,8 @@ class Actor:
         message must not depend on which of the two ran it, and a subclass
         that overrides :meth:`handle` must override this too (or both go
         through :meth:`handle` by returning :data:`DEFER`). Errors work as in
-        :meth:`handle`. Not used by ``group_commit`` actors.
+        :meth:`handle`; a ``group_commit`` actor's replies are held for
+        :meth:`commit` whichever of the two produced them.
         """
         return DEFER
 

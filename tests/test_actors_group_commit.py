@@ -8,7 +8,15 @@ import pytest
 import trio
 import trio.testing
 
-from actors import Actor, ActorContext, ActorCrashed, ChildSpec, Supervisor, open_actor_system
+from actors import (
+    DEFER,
+    Actor,
+    ActorContext,
+    ActorCrashed,
+    ChildSpec,
+    Supervisor,
+    open_actor_system,
+)
 
 
 class Journal(Actor):
@@ -35,18 +43,39 @@ class Journal(Actor):
         return self.fail.pop() if self.fail else None
 
 
-def journal_system(log: list[Any], fail: list[BaseException]) -> Supervisor:
+class SyncJournal(Journal):
+    """The same journal with the synchronous fast path (``handle_nowait``):
+    its replies must be held for the commit all the same."""
+
+    def handle_nowait(self, message: Any) -> Any:
+        if message == "crash":
+            return DEFER  # through handle, which crashes
+        if message == "missing":
+            raise KeyError(message)
+        self.pending.append(message)
+        return message
+
+
+@pytest.fixture(params=[Journal, SyncJournal], ids=["async", "sync"])
+def journal_class(request: pytest.FixtureRequest) -> type[Journal]:
+    cls: type[Journal] = request.param
+    return cls
+
+
+def journal_system(
+    log: list[Any], fail: list[BaseException], cls: type[Journal] = Journal
+) -> Supervisor:
     def start(ctx: ActorContext) -> Actor:
-        return Journal(log, fail)
+        return cls(log, fail)
 
     return Supervisor("root", [ChildSpec("journal", start=start)])
 
 
 async def test_replies_of_one_drained_batch_are_delivered_after_one_commit(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, journal_class: type[Journal]
 ) -> None:
     log: list[Any] = []
-    async with open_actor_system(journal_system(log, [])) as system:
+    async with open_actor_system(journal_system(log, [], journal_class)) as system:
         ref = system.ref("journal")
         slots = [ref.ask_nowait(i) for i in range(5)]
         assert not any(s.done for s in slots)
@@ -56,10 +85,11 @@ async def test_replies_of_one_drained_batch_are_delivered_after_one_commit(
 
 
 async def test_a_failed_commit_fails_the_successful_replies_of_its_batch_only(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, journal_class: type[Journal]
 ) -> None:
     log: list[Any] = []
-    async with open_actor_system(journal_system(log, [OSError("disk full")])) as system:
+    root = journal_system(log, [OSError("disk full")], journal_class)
+    async with open_actor_system(root) as system:
         ref = system.ref("journal")
         slots = [ref.ask_nowait(m) for m in ("a", "missing", "b")]
         outcomes = []
@@ -73,10 +103,10 @@ async def test_a_failed_commit_fails_the_successful_replies_of_its_batch_only(
 
 
 async def test_a_crash_fails_held_replies_instead_of_leaving_them_hanging(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, journal_class: type[Journal]
 ) -> None:
     log: list[Any] = []
-    async with open_actor_system(journal_system(log, [])) as system:
+    async with open_actor_system(journal_system(log, [], journal_class)) as system:
         ref = system.ref("journal")
         slots = [ref.ask_nowait(m) for m in ("a", "crash", "b")]
         with trio.fail_after(5):

@@ -54,7 +54,7 @@ from typing import Any
 import attrs
 import trio
 
-from actors import Actor, ActorContext
+from actors import DEFER, ActorContext
 
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
@@ -65,6 +65,7 @@ from .shard import Hold, ShardActor
 from .store import ShardStore
 from .sync_coordinator import SyncCoordinator
 
+_current_time = trio.current_time
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
 SNAPSHOT_QUEUE = 2  # snapshots a shard may have waiting for its writer
 
@@ -164,10 +165,6 @@ class DurableShardActor(ShardActor):
     """A shard whose acknowledged writes survive a crash of the process."""
 
     group_commit = True
-    # Every message goes through ``handle`` (which adds Save and SyncNow, and
-    # gathers batches): ShardActor's synchronous fast path would bypass it.
-    # (Group-commit actors never take that path; this keeps the rule explicit.)
-    handle_nowait = Actor.handle_nowait
 
     def __init__(self, ctx: ActorContext, hold_timeout: float, config: PersistenceConfig) -> None:
         super().__init__(ctx, hold_timeout)
@@ -198,7 +195,19 @@ class DurableShardActor(ShardActor):
             # fails with IO (commit retries the open) until the log can open.
             self.dur.failed(exc)
 
+    def handle_nowait(self, message: Any) -> Any:
+        """:meth:`handle` without a coroutine, for every message that needs no await."""
+        if self._gather:
+            return DEFER  # the first message after an ``always`` commit yields first
+        kind = type(message)
+        if kind is Save:
+            return self._start_snapshot()
+        if kind is SyncNow or kind is Hold:
+            return DEFER
+        return message.apply(self.store, _current_time())
+
     async def handle(self, message: Any) -> Any:
+        # Keep in step with handle_nowait (the runtime calls it first).
         if self._gather:
             # The first message after an ``always`` commit: let the writers it
             # answered send their next writes into this batch (see the module
