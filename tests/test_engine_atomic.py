@@ -312,3 +312,71 @@ async def test_a_waiting_mset_cancelled_by_its_caller_does_not_stall_the_others(
             await mset(99)
             assert await kv.get("c99:0") == b"99"
         assert not kv.engine._mset_leading
+
+
+async def test_msets_waiting_behind_a_stuck_round_time_out_and_the_lead_is_not_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A round stuck past request_timeout: its leader and every MSET waiting
+    for the next round get TIMEOUT at their deadline (waiters through the ask
+    deadlines, not a cancel scope each), and the next MSET leads a round of
+    its own instead of waiting forever for a lead nobody passed on."""
+    import kvmemo
+
+    async with kvmemo.open_store(shards=4, request_timeout=1.0) as kv:
+        outcomes: dict[int, str] = {}
+
+        async def mset(g: int) -> None:
+            try:
+                await kv.mset({f"t{g}:{i}": str(g) for i in range(4)})
+            except KVMemoError as exc:
+                outcomes[g] = f"{exc.kind} {exc.data['applied']}"
+            else:
+                outcomes[g] = "OK"
+
+        lock = kv.engine._txn_lock
+        await lock.acquire(write=False)  # the first round waits for the writer lock
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for g in range(5):  # all at the same instant: the same deadline
+                nursery.start_soon(mset, g)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(kv.engine._mset_waiting) == 4  # one leads, four wait
+        assert trio.current_time() - started == pytest.approx(1.0)
+        assert outcomes == dict.fromkeys(range(5), "TIMEOUT None")
+        lock.release(write=False)
+        assert not kv.engine._mset_leading
+        assert not kv.engine._mset_waiting
+        with trio.fail_after(0.5):
+            await mset(9)
+        assert outcomes[9] == "OK"
+        assert await kv.get("t9:0") == b"9"
+        assert await kv.exists(*(f"t{g}:0" for g in range(5))) == 0  # none was applied
+
+
+async def test_the_mset_lead_skips_waiters_that_timed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A waiter whose deadline failed its slot before the leader finished cannot
+    lead: the lead goes to the next open waiter, or leadership ends."""
+    import kvmemo
+    from actors import ReplySlot
+    from kvmemo.commands import ops
+    from kvmemo.engine.engine import _LEAD
+
+    async with kvmemo.open_store(shards=2) as kv:
+        engine = kv.engine
+        timed_out, waiting = ReplySlot(), ReplySlot()
+        timed_out.fail(RuntimeError("deadline"))
+        op = ops.MSet([(b"k", b"v")], only_new=False)
+        engine._mset_leading = True
+        engine._mset_waiting = [(op, timed_out), (op, waiting)]
+        engine._promote_mset_leader()
+        assert waiting.done
+        assert waiting.result() is _LEAD
+        assert engine._mset_waiting == [(op, waiting)]
+        assert engine._mset_leading
+        engine._mset_waiting = [(op, timed_out)]
+        engine._promote_mset_leader()
+        assert engine._mset_waiting == []
+        assert not engine._mset_leading

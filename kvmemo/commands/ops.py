@@ -536,6 +536,9 @@ class MSet(AtomicOp):
         self.items = items
         self.only_new = only_new
         self.grouped = False  # already the engine's union of several MSETs
+        # The engine's shard -> positions of the keys, once computed (kept so
+        # that grouping several MSETs does not hash every key again).
+        self.groups: dict[int, list[int]] | None = None
 
     def part(self, positions: list[int]) -> AtomicPart:
         return _MSetPart([self.items[i] for i in positions], self.only_new)

@@ -103,6 +103,7 @@ _LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
 _RUNNING = ActorState.RUNNING
+_current_time = trio.current_time
 _GET = COMMANDS["get"]
 _SET = COMMANDS["set"]
 _perf_counter = time.perf_counter
@@ -259,6 +260,7 @@ class KVEngine:
         """Bind to the running actor system (after the supervisor started)."""
         self.system = system
         self._shards = [system.ref(shard_name(i)) for i in range(self.config.shards)]
+        self._deadlines = system.deadlines
         self._eviction = system.ref(EVICTION_MANAGER)
 
     # -- metrics ----------------------------------------------------------------------
@@ -469,6 +471,13 @@ class KVEngine:
     async def _run(self, op: Any) -> Any:
         if isinstance(op, ops.ShardOp):
             return await self._run_single(op)
+        if type(op) is ops.MSet and not op.only_new and not op.grouped:
+            groups = self.slots.group_by_shard(op.keys)
+            if len(groups) > 1:
+                for shard in groups:
+                    self._shard_for(shard)  # UNAVAILABLE before it waits for a round
+                op.groups = groups
+                return await self._grouped_mset(op)  # bounds its own time
         with trio.move_on_after(self.config.request_timeout):
             if isinstance(op, ops.FanOutOp):
                 return await self._run_fanout(op)
@@ -612,8 +621,12 @@ class KVEngine:
                 raise self._translate(exc, ref) from None
         return op.combine(results, [where for _, where, _ in parts])
 
-    async def _run_atomic(self, op: ops.AtomicOp) -> Any:
-        groups = self.slots.group_by_shard(op.keys)
+    async def _run_atomic(
+        self, op: ops.AtomicOp, groups: dict[int, list[int]] | None = None
+    ) -> Any:
+        """Run a multi-key atomic command; ``groups``: its keys' positions per shard, if known."""
+        if groups is None:
+            groups = self.slots.group_by_shard(op.keys)
         shards = sorted(groups)
         refs = [self._shard_for(s) for s in shards]
         positions = [groups[s] for s in shards]
@@ -625,8 +638,6 @@ class KVEngine:
                 return await self._read_parts(op, refs, positions)
             finally:
                 self._txn_lock.release(write=False)
-        if type(op) is ops.MSet and not op.only_new and len(shards) > 1 and not op.grouped:
-            return await self._grouped_mset(op)
         budget = _RoomBudget()
         retries = 0
         while True:
@@ -673,19 +684,37 @@ class KVEngine:
         (every reader sees all of a round or none of it). One task leads
         the rounds; when its own MSET is done it promotes the next waiter,
         so no leader serves others forever.
+
+        Time: ``request_timeout`` from the call bounds it, as ``_run`` bounds
+        the other commands; a waiting MSET's slot is registered with the
+        actor system's ask deadlines (no cancel scope per MSET: at several µs
+        each, a tenth of a grouped MSET's cost), a leader's rounds run under
+        one cancel scope with the same deadline.
         """
+        timeout = self.config.request_timeout
+        deadline = _current_time() + timeout
         slot = ReplySlot()
         entry = (op, slot)
         self._mset_waiting.append(entry)
         if self._mset_leading:
+            pending = self._deadlines.add(slot, timeout, "mset")
             try:
                 result = await slot.wait()
-            except BaseException:
-                # Cancelled (a request timeout) while waiting: leave the queue,
-                # so no leader hands this entry the lead it could not take.
+            except BaseException as exc:
+                # Timed out or cancelled while waiting: leave the queue, so no
+                # leader hands this entry the lead it could not take (in a
+                # round already, it may still be applied).
                 if entry in self._mset_waiting:
                     self._mset_waiting.remove(entry)
+                if slot.done and _holds_lead(slot):
+                    self._promote_mset_leader()  # promoted as it left: pass the lead on
+                if isinstance(exc, AskTimeout):
+                    raise RequestTimeoutError(
+                        "the command did not finish in time", applied=None
+                    ) from None
                 raise
+            finally:
+                pending.pop(slot, None)
             if result is not _LEAD:
                 return result
         self._mset_leading = True
@@ -693,14 +722,18 @@ class KVEngine:
         try:
             while own is None:
                 batch, self._mset_waiting = self._mset_waiting, []
-                try:
-                    outcomes = await self._mset_round([o for o, _ in batch])
-                except BaseException:
-                    lost = RequestTimeoutError("the MSET was interrupted", applied=None)
-                    for _, s in batch:
-                        if s is not slot:
-                            s.fail(lost)
-                    raise
+                outcomes: list[tuple[bool, Any]] | None = None
+                with trio.move_on_at(deadline):
+                    try:
+                        outcomes = await self._mset_round([o for o, _ in batch])
+                    except BaseException:
+                        lost = RequestTimeoutError("the MSET was interrupted", applied=None)
+                        for _, s in batch:
+                            if s is not slot:
+                                s.fail(lost)
+                        raise
+                if outcomes is None:
+                    raise RequestTimeoutError("the command did not finish in time", applied=None)
                 for (_, s), outcome in zip(batch, outcomes, strict=True):
                     if s is slot:
                         own = outcome
@@ -709,14 +742,26 @@ class KVEngine:
                     else:
                         s.fail(outcome[1])
         finally:
-            if self._mset_waiting:
-                self._mset_waiting[0][1].set(_LEAD)  # the next waiter leads the next round
-            else:
-                self._mset_leading = False
+            self._promote_mset_leader()
         ok, value = own
         if not ok:
             raise value
         return value
+
+    def _promote_mset_leader(self) -> None:
+        """Hand the lead to the oldest waiting MSET still waiting, or end the leadership.
+
+        A waiter whose slot is done already (its deadline failed it) is
+        leaving; it cannot take the lead, so it is dropped from the queue here.
+        """
+        waiting = self._mset_waiting
+        while waiting:
+            slot = waiting[0][1]
+            if not slot.done:
+                slot.set(_LEAD)  # the next waiter leads the next round
+                return
+            del waiting[0]
+        self._mset_leading = False
 
     async def _mset_round(self, msets: list[ops.MSet]) -> list[tuple[bool, Any]]:
         """Apply MSETs as one atomic write; (ok, result or error) for each.
@@ -727,8 +772,20 @@ class KVEngine:
         """
         combined = ops.MSet([kv for o in msets for kv in o.items], only_new=False)
         combined.grouped = True
+        # The union's positions per shard, from each MSET's (its keys are hashed once).
+        merged: dict[int, list[int]] = {}
+        offset = 0
+        for o in msets:
+            assert o.groups is not None
+            for shard, where in o.groups.items():
+                at = merged.get(shard)
+                if at is None:
+                    merged[shard] = at = []
+                at.extend([i + offset for i in where] if offset else where)
+            offset += len(o.items)
+        groups = {shard: merged[shard] for shard in sorted(merged)}  # the fixed hold order
         try:
-            return [(True, await self._run_atomic(combined))] * len(msets)
+            return [(True, await self._run_atomic(combined, groups))] * len(msets)
         except OutOfMemoryError as exc:
             if len(msets) == 1:
                 return [(False, exc)]
@@ -738,7 +795,7 @@ class KVEngine:
         for op in msets:
             op.grouped = True
             try:
-                outcomes.append((True, await self._run_atomic(op)))
+                outcomes.append((True, await self._run_atomic(op, op.groups)))
             except KVMemoError as exc:
                 outcomes.append((False, exc))
         return outcomes
@@ -1084,3 +1141,11 @@ class _RoomBudget:
     def __init__(self) -> None:
         self.rounds = 0
         self.deadline: float | None = None
+
+
+def _holds_lead(slot: ReplySlot) -> bool:
+    """Whether a completed slot was handed the MSET lead."""
+    try:
+        return slot.result() is _LEAD
+    except Exception:  # noqa: BLE001 - failed: no lead
+        return False
