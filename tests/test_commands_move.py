@@ -97,3 +97,29 @@ async def test_no_reader_sees_a_rename_half_done() -> None:
                 nursery.start_soon(reader)
         assert seen
         assert all(sorted(v is None for v in pair) == [False, True] for pair in seen), seen[:5]
+
+
+@pytest.mark.parametrize("kind", ["rename", "copy"])
+def test_a_target_that_expires_while_its_shard_holds_is_accounted_once(kind: str) -> None:
+    """The reservation nets out the target's old value as prepare saw it; the
+    commit must apply at that time, or the expiry releases the old bytes again."""
+    from kvmemo.commands import ops
+    from kvmemo.eviction.memory import MemoryTracker
+    from kvmemo.eviction.policies import make_policy
+    from kvmemo.storage.store import ShardStore
+
+    store = ShardStore(0, make_policy("lru"), MemoryTracker(0, 1))
+    store.put(b"src", b"new value", 0.0, expires_at=None)
+    store.put(b"dst", b"old value, longer", 0.0, expires_at=1.0)  # due at t=1
+    move = ops.Move(b"src", b"dst", kind=kind, replace=True)
+    move.entry = (b"new value", None)
+    part = move.part([0, 1])  # both keys on this shard
+    assert part.prepare(store, 0.5) is True  # before the target's expiry...
+    part.commit(store, 2.0)  # ...decided after it
+    assert store.check_invariants()
+    assert (
+        store.tracker.used
+        == store.used
+        == sum(store.entry_size(k, v, has_ttl=k in store.expires) for k, v in store.data.items())
+    )
+    assert store.get(b"dst", 2.0) == b"new value"

@@ -296,3 +296,18 @@ async def test_the_get_and_set_fast_paths_answer_count_and_refuse_as_execute(
             )
         assert errors.labels("TOO_LARGE").value == 6
         assert await kv.exists("k") == 0
+
+
+async def test_option_less_get_and_set_never_go_through_execute(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with kvmemo.open_store(shards=2) as kv:
+
+        async def no_execute(name: str, args: object) -> object:
+            raise AssertionError(f"{name} went through execute")
+
+        monkeypatch.setattr(kv.engine, "execute", no_execute)
+        assert await kv.set("k", "v") == "OK"
+        assert await kv.get("k") == b"v"
+        with pytest.raises(AssertionError, match="set went through execute"):
+            await kv.set("k", "v", nx=True)  # an option: the general path

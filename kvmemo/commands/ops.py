@@ -652,13 +652,20 @@ class PeekEntry(ShardOp):
 
 
 class _MovePart(AtomicPart):
-    """One shard's share of a move: verify and (RENAME) delete the source, write the target."""
+    """One shard's share of a move: verify and (RENAME) delete the source, write the target.
+
+    ``commit`` applies at the time ``prepare`` saw, as :class:`_MSetPart`
+    does: a target that expired while the shard held would otherwise be
+    released twice (by the expiry, and as the old value the reservation
+    already netted out).
+    """
 
     def __init__(self, op: Move, source: bool, target: bool) -> None:
         self.op = op
         self.source = source
         self.target = target
         self.reserved = 0
+        self.prepared_at = 0.0
 
     def prepare(self, store: ShardStore, now: float) -> object:
         op = self.op
@@ -678,17 +685,20 @@ class _MovePart(AtomicPart):
             if not store.tracker.try_reserve(store.shard_id, delta):
                 return NeedMemory(delta)
             self.reserved = delta
+        self.prepared_at = now
         return True
 
     def commit(self, store: ShardStore, now: float) -> None:
+        # The shard held (no other message ran) since prepare: the store is as
+        # prepare saw it, so applying at prepare's time matches the reservation.
         op = self.op
         assert op.entry is not None
         value, expires_at = op.entry
         if self.target:
-            store.put(op.dst, value, now, expires_at=expires_at, charge=False)
+            store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
             self.reserved = 0
         if self.source and op.kind != "copy":
-            store.delete(op.src, now)
+            store.delete(op.src, self.prepared_at)
 
     def abort(self, store: ShardStore) -> None:
         if self.reserved:

@@ -25,6 +25,7 @@ sent as ``?``. The reply parser decodes text the same way.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -283,10 +284,14 @@ _SHORT_REQUEST: Final = 4  # arguments
 _LONGEST_FAST_LINE: Final = len(b"$%d" % _FAST_LINES_MAX)  # bytes ("*1024", "$1024")
 
 
+@functools.lru_cache(maxsize=16)
 def _fast_tables(
     max_args: int, max_bulk_len: int, max_inline_len: int
 ) -> tuple[dict[bytes, int], dict[bytes, int]]:
-    """The count and length tables of a parser with these limits.
+    """The count and length tables of a parser with these limits (shared, read-only).
+
+    Cached: every connection of a server has the same limits, and a filtered
+    copy is about 40 KB.
 
     A line is kept when the state machine would accept it without an error:
     its value within ``max_args`` or ``max_bulk_len``, and the line no longer

@@ -204,12 +204,14 @@ class LogBatch:
     (``_claim`` decides which, under a lock).
     """
 
-    __slots__ = ("_claim", "_claimed", "appended", "data", "log")
+    __slots__ = ("_claim", "_claimed", "appended", "data", "error", "log", "synced")
 
     def __init__(self, log: SegmentedLog, data: bytes) -> None:
         self.log = log
         self.data = data
         self.appended = False
+        self.synced = False
+        self.error: OSError | None = None  # what the round's append or sync raised
         self._claim = threading.Lock()
         self._claimed = False
 
@@ -230,9 +232,14 @@ class LogBatch:
         """
         if not self._take():
             return
-        self.log.append_encoded(self.data)
-        self.appended = True
-        self.log.sync()
+        try:
+            self.log.append_encoded(self.data)
+            self.appended = True
+            self.log.sync()
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.synced = True
 
     def take_back(self) -> bool:
         """Append the batch here, without a sync, unless a round started it; True if appended.

@@ -173,6 +173,7 @@ class DurableShardActor(ShardActor):
         self.config = config
         self._sync_lock = trio.Lock()
         self._gather = False  # the next message handled yields first (group commit)
+        self._saved_unsynced = False  # a Save appended this batch's writes without a sync
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
             SNAPSHOT_QUEUE
         )
@@ -233,6 +234,11 @@ class DurableShardActor(ShardActor):
         dur.journal.offset = _wall_offset()
         if dur.fsync is AppendFsync.ALWAYS:
             written, error = await self._append_durably()
+            if error is None and self._saved_unsynced:
+                # A Save in this batch appended the batch's writes before its
+                # rotation, without a sync: they are not durable yet.
+                error = await self._sync()
+            self._saved_unsynced = False
             if error is not None:
                 return error
         else:
@@ -275,17 +281,35 @@ class DurableShardActor(ShardActor):
         try:
             lock.acquire_nowait()  # the usual case, without a scheduler pass
         except trio.WouldBlock:
-            await lock.acquire()
+            try:
+                await lock.acquire()
+            except trio.Cancelled:  # killed before the batch was filed: as below
+                with contextlib.suppress(OSError, ValueError):
+                    if batch.take_back():
+                        dur.appended(len(data))
+                raise
         try:
             started = time.time()
             try:
                 await self.config.sync_coordinator.sync(batch)
             except trio.Cancelled:
-                # Killed while the batch waited for its round: the memory has
-                # the batch's effects, so the log gets them too (unsynced).
-                with contextlib.suppress(OSError, ValueError):
+                # Killed while the batch waited. Not taken by a round: the log
+                # gets it here, unsynced (the memory has its effects). Run by
+                # the round meanwhile (the coordinator waited for it): record
+                # what the round did.
+                try:
                     if batch.take_back():
                         dur.appended(len(data))
+                    elif batch.appended:
+                        dur.appended(len(data))
+                        if batch.synced:
+                            dur.synced(dur.appends, started)
+                    if batch.error is not None:
+                        dur.failed(batch.error)
+                except OSError as exc:  # take_back's append failed
+                    dur.failed(exc)
+                except ValueError:  # the log was closed (a rebuild reopens it)
+                    pass
                 raise
             except OSError as exc:
                 if batch.appended:
@@ -349,7 +373,8 @@ class DurableShardActor(ShardActor):
             return ticket
         started = time.perf_counter()
         try:
-            dur.append()
+            if dur.append() and dur.fsync is AppendFsync.ALWAYS:
+                self._saved_unsynced = True  # commit syncs before the batch's replies
             covers = dur.log.rotate()
             dur.unsaved = 0  # even if the snapshot fails: retried after as many bytes again
         except OSError as exc:

@@ -47,9 +47,10 @@ promotes the next leader and returns its own outcome; its cancellation is
 delivered at its next checkpoint. A shard's kill waits at most for one
 round, as it waited for its own fsync before. A
 requester cancelled while its request is gathering withdraws it (its call
-never runs); one cancelled while its request is in the running round leaves
-it there (the call runs; the outcome is dropped). Either way, if that leaves
-requests gathering and no round claimed, the oldest is promoted.
+never runs; if that leaves requests gathering and no round claimed, the
+oldest is promoted); one cancelled while its request is in the running round
+waits, shielded, for that round to end (its call has then run: the caller
+reads what happened from the call itself) and then takes its cancellation.
 
 Invariants (at every checkpoint): a request not yet done is either in
 ``_gathering`` or in the running round's batch; ``_leading`` is True from
@@ -156,10 +157,22 @@ def _run_round(calls: Sequence[Callable[[], object]], width: int) -> list[BaseEx
 
         return put
 
-    for lane in range(1, width):
-        trio.lowlevel.start_thread_soon(
-            functools.partial(_run_calls, lanes[lane]), deliver(lane), "kvmemo sync lane"
-        )
+    started = 1
+    try:
+        for lane in range(1, width):
+            trio.lowlevel.start_thread_soon(
+                functools.partial(_run_calls, lanes[lane]), deliver(lane), "kvmemo sync lane"
+            )
+            started += 1
+    except BaseException as exc:
+        # A lane could not start: wait for those that did (no helper's work
+        # may outlive the round), then fail the round.
+        with lock:
+            left -= width - started
+            if left == 0:
+                finished.set()
+        finished.wait()
+        raise RoundIncompleteError(f"a sync lane could not start: {exc!r}") from exc
     first = _run_calls(lanes[0])
     finished.wait()
     errors: list[BaseException | None] = [None] * len(calls)
@@ -230,6 +243,18 @@ class SyncCoordinator:
                     if request.wake.is_set():
                         request.wake = trio.Event()
                     await request.wake.wait()
+        except BaseException:
+            if not request.done and request not in self._gathering:
+                # Cancelled while the running round holds the request: its call
+                # may be running in a worker thread right now. Wait for the
+                # round (shielded; at most one round), so that the caller's
+                # end (a shard's kill or restart) never outruns its own call.
+                with trio.CancelScope(shield=True):
+                    while not request.done:
+                        await request.wake.wait()
+                        if not request.done:
+                            request.wake = trio.Event()
+            raise
         finally:
             if not request.done:
                 self._withdraw(request)
