@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -206,6 +206,22 @@ def key_on_shard(kv: kvmemo.Store, shard: int, prefix: str = "k") -> bytes:
     return f"{prefix}-{n}".encode()
 
 
+def writer(
+    kv: kvmemo.Store, keys: list[bytes], outcomes: dict[int, str]
+) -> Callable[[int], Awaitable[None]]:
+    """``write(shard)``: SET that shard's key to b"v"; record "ok" or "KIND applied"."""
+
+    async def write(shard: int) -> None:
+        try:
+            await kv.set(keys[shard], b"v")
+        except KVMemoError as exc:
+            outcomes[shard] = f"{exc.kind} {exc.data['applied']}"
+        else:
+            outcomes[shard] = "ok"
+
+    return write
+
+
 def coordinator_of(kv: kvmemo.Store) -> SyncCoordinator:
     assert kv.engine.persistence is not None
     return kv.engine.persistence.sync_coordinator
@@ -260,14 +276,7 @@ async def test_a_failed_sync_of_one_shard_fails_only_that_shards_batch(
         async with kvmemo.open_store(shards=4, data_dir=data_dir, appendfsync="always") as kv:
             coord = coordinator_of(kv)
             keys = [key_on_shard(kv, shard) for shard in range(4)]
-
-            async def write(shard: int) -> None:
-                try:
-                    await kv.set(keys[shard], b"v")
-                except KVMemoError as exc:
-                    outcomes[shard] = f"{exc.kind} {exc.data['applied']}"
-                else:
-                    outcomes[shard] = "ok"
+            write = writer(kv, keys, outcomes)
 
             async with trio.open_nursery() as nursery:
                 gate = await hold_a_round(coord, nursery)
@@ -294,14 +303,7 @@ async def test_a_shard_killed_while_its_batch_waits_fails_that_batch_and_restart
         async with kvmemo.open_store(shards=4, data_dir=data_dir, appendfsync="always") as kv:
             coord = coordinator_of(kv)
             keys = [key_on_shard(kv, shard) for shard in range(4)]
-
-            async def write(shard: int) -> None:
-                try:
-                    await kv.set(keys[shard], b"v")
-                except KVMemoError as exc:
-                    outcomes[shard] = f"{exc.kind} {exc.data['applied']}"
-                else:
-                    outcomes[shard] = "ok"
+            write = writer(kv, keys, outcomes)
 
             async with kv.system.events.subscribe() as events:
                 async with trio.open_nursery() as nursery:
@@ -388,14 +390,7 @@ async def test_a_shard_killed_while_its_batch_is_in_the_running_round_waits_for_
         async with kvmemo.open_store(shards=4, data_dir=data_dir, appendfsync="always") as kv:
             coord = coordinator_of(kv)
             keys = [key_on_shard(kv, shard) for shard in range(4)]
-
-            async def write(shard: int) -> None:
-                try:
-                    await kv.set(keys[shard], b"v")
-                except KVMemoError as exc:
-                    outcomes[shard] = f"{exc.kind} {exc.data['applied']}"
-                else:
-                    outcomes[shard] = "ok"
+            write = writer(kv, keys, outcomes)
 
             async with kv.system.events.subscribe() as events:
                 async with trio.open_nursery() as nursery:

@@ -685,8 +685,20 @@ class _Connection:
                 await self._push(self._encode(ErrorReply(message)))
                 self.closing = True
                 return
-            known = data_names.get(argv[0])
-            if known is not None:  # a data command, spelled as seen before
+            known = data_names.get(argv[0])  # a data command, spelled as seen before
+            conn_command = None
+            if known is None:
+                name = _text(argv[0].lower())
+                conn_command = _CONNECTION_COMMANDS.get(name)
+                if conn_command is None:
+                    spec = COMMANDS.get(name)
+                    if spec is None:
+                        early.append((len(calls) + len(early), self._encode(unknown_command(argv))))
+                        continue
+                    known = (name, *_arity_range(spec.arity))
+                    if len(data_names) < DATA_NAMES_MAX:
+                        data_names[argv[0]] = known
+            if known is not None:
                 name, least, most = known
                 self.last_cmd = name
                 if not least <= len(argv) <= most:
@@ -696,24 +708,7 @@ class _Connection:
                 else:
                     calls.append((name, argv[1:]))
                 continue
-            name = _text(argv[0].lower())
-            conn_command = _CONNECTION_COMMANDS.get(name)
-            if conn_command is None:
-                spec = COMMANDS.get(name)
-                if spec is None:
-                    early.append((len(calls) + len(early), self._encode(unknown_command(argv))))
-                    continue
-                least, most = _arity_range(spec.arity)
-                if len(data_names) < DATA_NAMES_MAX:
-                    data_names[argv[0]] = (name, least, most)
-                self.last_cmd = name
-                if not least <= len(argv) <= most:
-                    early.append((len(calls) + len(early), self._encode(_arity_error(name))))
-                elif not authenticated:
-                    early.append((len(calls) + len(early), self._encode(NOAUTH)))
-                else:
-                    calls.append((name, argv[1:]))
-                continue
+            assert conn_command is not None
             self.last_cmd = name
             if not _arity_ok(conn_command.arity, len(argv)):
                 early.append((len(calls) + len(early), self._encode(_arity_error(name))))
