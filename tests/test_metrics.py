@@ -254,6 +254,18 @@ def test_histogram_counts_and_sums_observations() -> None:
     assert histogram.sum == 6.0
 
 
+@given(st.lists(st.tuples(st.floats(0, 10), st.integers(1, 20)), max_size=10))
+def test_observe_many_is_observe_repeated(runs: list[tuple[float, int]]) -> None:
+    many = MetricsRegistry().histogram("h", "H.", buckets=(1, 2, 4))
+    one_by_one = MetricsRegistry().histogram("h", "H.", buckets=(1, 2, 4))
+    for value, times in runs:
+        many.observe_many(value, times)
+        for _ in range(times):
+            one_by_one.observe(value)
+    assert many.snapshot().buckets == one_by_one.snapshot().buckets
+    assert many.sum == pytest.approx(one_by_one.sum)
+
+
 def test_bucket_upper_bounds_are_inclusive() -> None:
     histogram = MetricsRegistry().histogram("h", "H.", buckets=(1, 2))
     histogram.observe(1.0)

@@ -458,14 +458,27 @@ class KVEngine:
             self._parse_context.restart()  # time passed: the calls after read it again
         if segment:
             await run_segment()
+        # Latencies: a run of calls of one command that ended together (a
+        # pipeline of GETs: one segment) is one observe_many.
+        latency_of = self._latency_by_name
+        run_name = ""
+        run_end = started
+        run_length = 0
         for i, result in enumerate(results):
             if isinstance(result, KVMemoError):
                 self._errors.labels(result.kind).inc()
                 continue
             command = names[i]
-            hist = None if command is None else self._latency_by_name.get(command)
-            if hist is not None:
-                hist.observe(finished[i] - started)
+            assert command is not None  # it parsed, or it would be an error
+            end = finished[i]
+            if command == run_name and end == run_end:
+                run_length += 1
+                continue
+            if run_length:
+                latency_of[run_name].observe_many(run_end - started, run_length)
+            run_name, run_end, run_length = command, end, 1
+        if run_length:
+            latency_of[run_name].observe_many(run_end - started, run_length)
         return results
 
     async def _run(self, op: Any) -> Any:
@@ -538,7 +551,12 @@ class KVEngine:
         groups: dict[int, list[tuple[int, Any]]] = {}
         shard_of = self.slots.shard_of
         for item in segment:
-            groups.setdefault(shard_of(item[1].key), []).append(item)
+            shard = shard_of(item[1].key)
+            group = groups.get(shard)
+            if group is None:
+                groups[shard] = [item]
+            else:
+                group.append(item)
         with trio.move_on_after(self.config.request_timeout):
             pending = []
             for shard, items in groups.items():
@@ -552,6 +570,7 @@ class KVEngine:
                 pending.append((ref, items, slot))
             for ref, items, slot in pending:
                 await self._finish_batch(ref, items, slot, results)
+            self._maybe_wake_eviction()  # a no-op unless over the watermark: no write check
             return
         for i, _ in segment:
             if results[i] is _PENDING:
@@ -574,7 +593,7 @@ class KVEngine:
     async def _finish_batch(
         self, ref: ActorRef, items: list[tuple[int, Any]], slot: ReplySlot, results: list[Any]
     ) -> None:
-        budget = _RoomBudget()  # of the operation at the head of ``items``
+        budget: _RoomBudget | None = None  # of the operation at the head of ``items``
         while True:
             try:
                 answers = slot.result() if slot.done else await slot.wait()
@@ -591,19 +610,17 @@ class KVEngine:
             # A write needed memory: make room, then resubmit it and the rest in order.
             last = answers[-1]
             assert isinstance(last, NeedMemory)
-            if done > 1:
+            if done > 1 or budget is None:
                 budget = _RoomBudget()  # a later operation than last time: a fresh budget
             if await self._make_room(last.nbytes, budget):
                 items = items[done - 1 :]
             else:
                 results[items[done - 1][0]] = OutOfMemoryError(OOM_MESSAGE)
                 items = items[done:]
-                budget = _RoomBudget()
+                budget = None
             if not items:
                 break
             slot = await self._send(ref, ShardBatch([op for _, op in items]))
-        if any(op.write for _, op in items):
-            self._maybe_wake_eviction()
 
     async def _run_fanout(self, op: ops.FanOutOp) -> Any:
         groups = self.slots.group_by_shard(op.keys)

@@ -385,6 +385,17 @@ class Histogram(_Metric):
         self._counts[bisect_left(self.buckets, value)] += 1
         self._sum += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        """Record ``times`` observations of one ``value`` (a batch that ended together).
+
+        Raises:
+            ValueError: this is a labelled family.
+        """
+        if self.labelnames:
+            raise self._labelled_error()
+        self._counts[bisect_left(self.buckets, value)] += times
+        self._sum += value * times
+
     @property
     def count(self) -> int:
         """The number of observations.
