@@ -36,6 +36,7 @@ from kvmemo.server.resp import (
     encode_command,
 )
 from kvmemo.server.resp_server import RespLimits, serve_resp
+from kvmemo.storage.shard import Inspect
 
 pytest.register_assert_rewrite("command_suite")
 
@@ -1032,3 +1033,64 @@ async def test_command_suite_over_redis_py(case: SuiteCase, protocol: int, clien
             connect = CLIENTS[client]
             async with connect(server.port, protocol) as call:
                 await case.run(RedisPyKV(call))
+
+
+async def test_config_set_maxmemory_policy_switches_every_shard_at_runtime() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running(maxmemory="64MiB") as server:
+            client = await Client.connect(server)
+            for i in range(200):
+                assert await client.call("SET", f"k{i}", "v") == "OK"
+            assert await client.call("EXPIRE", "k0", "100") == 1
+            used_lru = server.engine.tracker.used
+            assert await client.call("CONFIG", "SET", "maxmemory-policy", "allkeys-lfu") == "OK"
+            assert await client.call("CONFIG", "GET", "maxmemory-policy") == [
+                b"maxmemory-policy",
+                b"allkeys-lfu",
+            ]
+            assert server.engine.eviction_policy == "lfu"
+            info = await client.call("INFO", "memory")  # RESP2: a bulk string
+            assert isinstance(info, bytes)
+            assert b"maxmemory_policy:allkeys-lfu\r\n" in info
+            # Every shard ranks its keys with the new policy and counts its bookkeeping.
+            stores = [
+                await server.engine.system.ref(f"shard-{i}").ask(Inspect(lambda s: s))
+                for i in range(4)
+            ]
+            assert all(type(s.policy).name == "lfu" for s in stores)
+            assert all(len(s.policy) == len(s.data) for s in stores)
+            assert all(s.check_invariants() for s in stores)
+            assert server.engine.tracker.used == sum(s.used for s in stores) > used_lru
+            assert await client.call("CONFIG", "SET", "maxmemory-policy", "volatile-lru") == "OK"
+            stores = [
+                await server.engine.system.ref(f"shard-{i}").ask(Inspect(lambda s: s))
+                for i in range(4)
+            ]
+            assert sum(len(s.policy) for s in stores) == 200  # volatile-lru tracks every key
+            assert all(s.check_invariants() for s in stores)
+            refused = await client.call("CONFIG", "SET", "maxmemory-policy", "most-recent")
+            assert isinstance(refused, ErrorReply)
+            assert refused.message.startswith(
+                "ERR CONFIG SET failed (possibly related to argument 'maxmemory-policy') -"
+                " argument(s) must be one of the following: allkeys-lfu, allkeys-lru,"
+            )
+            assert server.engine.eviction_policy == "volatile-lru"  # unchanged by the refusal
+            assert await client.call("GET", "k1") == b"v"
+
+
+async def test_config_reports_persistence_and_keeps_it_fixed(tmp_path: Any) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running(data_dir=str(tmp_path), appendfsync="always") as server:
+            client = await Client.connect(server)
+            got = await client.call("CONFIG", "GET", "append*")
+            assert isinstance(got, list)
+            assert dict(zip(got[::2], got[1::2], strict=True)) == {
+                b"appendonly": b"yes",
+                b"appendfsync": b"always",
+            }
+            assert await client.call("CONFIG", "GET", "dir") == [b"dir", str(tmp_path).encode()]
+            assert await client.call("CONFIG", "SET", "appendonly", "yes") == "OK"
+            assert await client.call("CONFIG", "SET", "appendfsync", "no") == ErrorReply(
+                "ERR CONFIG SET failed (possibly related to argument 'appendfsync')"
+                " - persistence settings are fixed at start (--dir, --appendfsync)"
+            )

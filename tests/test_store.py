@@ -456,3 +456,19 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(DETERMINISTIC, max_examples=60, stateful_step_count=40)
+
+
+@pytest.mark.parametrize("to", ["lfu", "fifo", "random", "noeviction", "volatile-lru"])
+def test_switching_the_policy_ranks_every_key_and_recounts_the_bookkeeping(to: str) -> None:
+    store = make_store(policy="lru")
+    for i in range(50):
+        store.put(b"k%d" % i, b"v", 0.0, expires_at=10.0 if i % 2 else None)
+    store.switch_policy(make_policy(to))
+    assert type(store.policy) is type(make_policy(to))
+    assert_consistent(store)
+    assert store.used == sum(
+        store.entry_size(k, v, has_ttl=k in store.expires) for k, v in store.data.items()
+    )
+    if to != "noeviction":
+        assert {key for _, key in store.policy.candidates(100)} <= set(store.data)
+        assert len(store.policy) == len(store.data)

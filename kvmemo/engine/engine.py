@@ -65,7 +65,7 @@ from ..errors import (
 )
 from ..eviction.manager import Candidate, EvictionManager, EvictNow, Wake
 from ..eviction.memory import MemoryTracker
-from ..eviction.policies import make_policy
+from ..eviction.policies import EvictionPolicy, make_policy
 from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
 from ..storage.durability import Health, ShardDurability
@@ -82,6 +82,7 @@ from ..storage.shard import (
     ShardActor,
     ShardBatch,
     Stats,
+    SwitchPolicy,
     shard_state_factory,
 )
 from ..storage.slots import SlotMap
@@ -147,6 +148,7 @@ class KVEngine:
         self._started_at = time.time()
         # Reused by every parse, restarted per command or batch (see ParseContext).
         self._parse_context = ParseContext(self._read_clock, config.max_value_size)
+        self._policy_name = type(make_policy(config.eviction_policy)).name
         self._small_size_limit = min(config.max_key_size, config.max_value_size)
         self._init_metrics()
 
@@ -165,8 +167,8 @@ class KVEngine:
                 return DurableShardActor(ctx, cfg.hold_timeout, persistence)
             return ShardActor(ctx, cfg.hold_timeout)
 
+        policy = self._make_policy  # the current policy (CONFIG SET may change it)
         for i in range(cfg.shards):
-            policy = lambda: make_policy(cfg.eviction_policy)  # noqa: E731 - one per shard
             if persistence is not None:
                 hooks = durable_state_factory(i, self.tracker, policy, persistence, self._prepared)
             else:
@@ -243,6 +245,42 @@ class KVEngine:
             self._durabilities = [
                 s.durability for s in self._prepared.values() if s.durability is not None
             ]
+
+    @property
+    def eviction_policy(self) -> str:
+        """The eviction policy the shards use now (the configured one, or the last set)."""
+        return self._policy_name
+
+    def _make_policy(self) -> EvictionPolicy:
+        return make_policy(self._policy_name)
+
+    async def set_eviction_policy(self, name: str) -> None:
+        """Switch every shard to the eviction policy ``name`` (a Redis alias too).
+
+        Each shard re-ranks its keys with the new policy in one step (its
+        keys in insertion order; the old policy's history is not carried
+        over) and recounts its memory with the new policy's bookkeeping. A
+        shard restarting meanwhile gets the new policy when it handles the
+        switch, which waits in its mailbox; a shard rebuilt from scratch
+        starts with it.
+
+        Raises:
+            ValueError: unknown policy (the message names the known ones).
+            KVMemoError: a shard did not answer (``UNAVAILABLE``, ``TIMEOUT``).
+        """
+        chosen = type(make_policy(name)).name
+        self._policy_name = chosen
+        make = self._make_policy
+        timeout = self.config.request_timeout
+        with trio.move_on_after(timeout):
+            slots = [(ref, await self._send(ref, SwitchPolicy(make))) for ref in self._shards]
+            for ref, slot in slots:
+                try:
+                    await slot.wait()
+                except (ActorCrashed, ActorStopped) as exc:
+                    raise self._translate(exc, ref) from None
+            return
+        raise RequestTimeoutError("a shard did not switch its policy in time", applied=None)
 
     def persistence_problems(self) -> list[str]:
         """Shards whose writes are not being made durable, with the error (for /healthz).
@@ -1000,7 +1038,7 @@ class KVEngine:
             "memory": {
                 "used_memory": self.tracker.used,
                 "maxmemory": self.tracker.maxmemory,
-                "maxmemory_policy": self.config.eviction_policy,
+                "maxmemory_policy": self._policy_name,
                 "eviction_watermark": self.config.eviction_watermark,
                 "oom_refusals": self.tracker.refused,
             },

@@ -94,6 +94,7 @@ from ..commands.table import Command as TableCommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
+from ..eviction.policies import POLICY_NAMES
 from .resp import ErrorReply, RespParser, Set, Verbatim, encode_replies, encode_reply
 
 __all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
@@ -1379,14 +1380,18 @@ def _config_values(server: _Server) -> dict[str, str]:
     limits = server.limits
     return {
         "maxmemory": str(engine.tracker.maxmemory),
-        "maxmemory-policy": _redis_policy(engine.config.eviction_policy),
+        "maxmemory-policy": _redis_policy(engine.eviction_policy),
         "maxmemory-samples": str(engine.config.eviction_sample),
         "maxclients": str(limits.max_clients),
         "timeout": str(int(limits.idle_timeout)),
         "proto-max-bulk-len": str(limits.max_bulk_len),
         "client-query-buffer-limit": str(limits.max_query_buffer),
         "save": "",
-        "appendonly": "no",
+        "appendonly": "no" if engine.persistence is None else "yes",
+        "appendfsync": (
+            "everysec" if engine.persistence is None else engine.persistence.appendfsync.value
+        ),
+        "dir": "" if engine.persistence is None else str(engine.persistence.directory),
         "databases": "1",
         "port": str(server.port),
         "bind": server.host,
@@ -1404,7 +1409,7 @@ async def _config_get(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return found
 
 
-def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
+async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
     """Apply one CONFIG SET pair; the reason it failed, or None."""
     engine = server.engine
     if name == "maxmemory":
@@ -1414,13 +1419,20 @@ def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
             return "argument must be a memory value"
         return None
     if name == "maxmemory-policy":
-        if raw.lower().decode("ascii", "replace") == _redis_policy(engine.config.eviction_policy):
+        try:
+            await engine.set_eviction_policy(raw.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            return "argument(s) must be one of the following: " + ", ".join(
+                sorted({_redis_policy(p) for p in POLICY_NAMES})
+            )
+        except KVMemoError as exc:
+            return str(exc)
+        return None
+    current = _config_values(server).get(name)
+    if name in ("save", "appendonly", "appendfsync", "dir"):
+        if raw.decode("utf-8", "replace").lower() == (current or "").lower():
             return None
-        return "changing the eviction policy at runtime is not supported"
-    if name == "save":
-        return None if raw == b"" else "persistence is not enabled on this server"
-    if name == "appendonly":
-        return None if raw.lower() == b"no" else "persistence is not enabled on this server"
+        return "persistence settings are fixed at start (--dir, --appendfsync)"
     return "can't set immutable config"
 
 
@@ -1435,7 +1447,7 @@ async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
                 f"ERR Unknown option or number of arguments for CONFIG SET - '{name}'"
             )
     for name, raw in pairs:
-        reason = _config_set_one(conn.server, name, raw)
+        reason = await _config_set_one(conn.server, name, raw)
         if reason is not None:
             return ErrorReply(
                 f"ERR CONFIG SET failed (possibly related to argument '{name}') - {reason}"

@@ -121,6 +121,18 @@ class ShardBatch:
         return results
 
 
+class SwitchPolicy:
+    """Rank this shard's keys with a new eviction policy (see ``ShardStore.switch_policy``)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], EvictionPolicy]) -> None:
+        self.make = make
+
+    def apply(self, store: ShardStore, now: float) -> None:
+        store.switch_policy(self.make())
+
+
 class ExpireDue:
     """Active expiry: remove up to ``budget`` due keys; reply (removed, backlog)."""
 

@@ -398,6 +398,22 @@ class ShardStore:
         self.ttl_index.rebuild(self.expires)
         return True
 
+    def switch_policy(self, policy: EvictionPolicy) -> None:
+        """Rank the keys with ``policy`` from now on (``CONFIG SET maxmemory-policy``).
+
+        The new policy learns every key in the order the store holds them
+        (insertion order), without the old policy's history; the entries'
+        estimated sizes change by the difference in bookkeeping per key, and
+        the tracker's figure with them. O(keys), in one synchronous step.
+        """
+        expires = self.expires
+        for key in self.data:
+            policy.record_insert(key, volatile=key in expires)
+        self.used += (policy.key_overhead - self._key_overhead) * len(self.data)
+        self.policy = policy
+        self._key_overhead = policy.key_overhead
+        self.tracker.reset_shard(self.shard_id, self.used)
+
     def repaired(self, policy: EvictionPolicy) -> ShardStore:
         """A new, consistent store holding every trustworthy entry of this one.
 
