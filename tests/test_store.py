@@ -472,3 +472,17 @@ def test_switching_the_policy_ranks_every_key_and_recounts_the_bookkeeping(to: s
     if to != "noeviction":
         assert {key for _, key in store.policy.candidates(100)} <= set(store.data)
         assert len(store.policy) == len(store.data)
+
+
+def test_victims_chosen_under_an_earlier_policy_go_only_if_the_current_one_allows() -> None:
+    store = make_store(policy="lru")
+    store.put(b"plain", b"v", 0.0, expires_at=None)
+    store.put(b"volatile", b"v", 0.0, expires_at=10.0)
+    victims = [key for _, key, _ in store.eviction_candidates(2)]
+    assert sorted(victims) == [b"plain", b"volatile"]
+    store.switch_policy(make_policy("noeviction"))
+    assert store.evict(victims) == (0, 0)
+    store.switch_policy(make_policy("volatile-lru"))
+    assert store.evict(victims) == (1, store.entry_size(b"volatile", b"v", has_ttl=True))
+    assert set(store.data) == {b"plain"}
+    assert_consistent(store)

@@ -100,6 +100,7 @@ MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wa
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
 _NO_ANSWER = object()
+_LATE = "the command did not finish in time"
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
@@ -139,7 +140,7 @@ class KVEngine:
         self._shards: list[ActorRef] = []
         self._eviction: ActorRef | None = None
         self._txn_lock = RWLock()
-        self._mset_waiting: list[tuple[ops.MSet, ReplySlot]] = []
+        self._mset_waiting: list[tuple[ops.MSet, ReplySlot, float]] = []  # (op, slot, deadline)
         self._mset_leading = False
         self.persistence = durable.persistence_config(config)
         self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
@@ -259,7 +260,8 @@ class KVEngine:
 
         Each shard re-ranks its keys with the new policy in one step (its
         keys in insertion order; the old policy's history is not carried
-        over) and recounts its memory with the new policy's bookkeeping. A
+        over) and recounts its memory with the new policy's bookkeeping, so
+        usage may jump (past ``maxmemory`` even: eviction is woken). A
         shard restarting meanwhile gets the new policy when it handles the
         switch, which waits in its mailbox; a shard rebuilt from scratch
         starts with it.
@@ -279,6 +281,9 @@ class KVEngine:
                     await slot.wait()
                 except (ActorCrashed, ActorStopped) as exc:
                     raise self._translate(exc, ref) from None
+            # A policy with more bookkeeping per key can take usage past the
+            # watermark, or past maxmemory itself: eviction brings it back.
+            self._maybe_wake_eviction()
             return
         raise RequestTimeoutError("a shard did not switch its policy in time", applied=None)
 
@@ -749,7 +754,7 @@ class KVEngine:
         timeout = self.config.request_timeout
         deadline = _current_time() + timeout
         slot = ReplySlot()
-        entry = (op, slot)
+        entry = (op, slot, deadline)
         self._mset_waiting.append(entry)
         if self._mset_leading:
             pending = self._deadlines.add(slot, timeout, "mset")
@@ -775,46 +780,77 @@ class KVEngine:
         self._mset_leading = True
         own: tuple[bool, Any] | None = None
         try:
-            while own is None:
-                batch, self._mset_waiting = self._mset_waiting, []
-                outcomes: list[tuple[bool, Any]] | None = None
-                with trio.move_on_at(deadline):
-                    try:
-                        outcomes = await self._mset_round([o for o, _ in batch])
-                    except BaseException:
-                        lost = RequestTimeoutError("the MSET was interrupted", applied=None)
-                        for _, s in batch:
-                            if s is not slot:
-                                s.fail(lost)
-                        raise
-                if outcomes is None:
-                    raise RequestTimeoutError("the command did not finish in time", applied=None)
-                for (_, s), outcome in zip(batch, outcomes, strict=True):
-                    if s is slot:
-                        own = outcome
-                    elif outcome[0]:
-                        s.set(outcome[1])
-                    else:
-                        s.fail(outcome[1])
+            batch = self._take_mset_batch(slot)
+            # The round may run until the latest deadline among its MSETs: a
+            # waiter is bounded by its own deadline (the ask deadlines), and the
+            # leader, which carries the others, answers its own once the round
+            # is over (at most that long).
+            until = max(d for _, _, d in batch)
+            outcomes: list[tuple[bool, Any]] | None = None
+            with trio.move_on_at(until):
+                try:
+                    outcomes = await self._mset_round([o for o, _, _ in batch])
+                except BaseException:
+                    lost = RequestTimeoutError("the MSET was interrupted", applied=None)
+                    for _, s, _ in batch:
+                        if s is not slot:
+                            s.fail(lost)
+                    raise
+            if outcomes is None:
+                raise RequestTimeoutError("the command did not finish in time", applied=None)
+            for (_, s, _), outcome in zip(batch, outcomes, strict=True):
+                if s is slot:
+                    own = outcome
+                elif outcome[0]:
+                    s.set(outcome[1])
+                else:
+                    s.fail(outcome[1])
         finally:
             self._promote_mset_leader()
+        assert own is not None  # the leader's MSET is always in its round
         ok, value = own
         if not ok:
             raise value
         return value
 
-    def _promote_mset_leader(self) -> None:
-        """Hand the lead to the oldest waiting MSET still waiting, or end the leadership.
+    def _take_mset_batch(self, own: ReplySlot) -> list[tuple[ops.MSet, ReplySlot, float]]:
+        """The MSETs of the next round: the leader's own and every waiter still in time.
 
-        A waiter whose slot is done already (its deadline failed it) is
-        leaving; it cannot take the lead, so it is dropped from the queue here.
+        A waiter that left (its slot is done: cancelled, or failed by its
+        deadline) is dropped; one whose deadline passed but whose slot the
+        sweeper has not failed yet gets ``TIMEOUT`` here, not applied.
+        """
+        now = _current_time()
+        batch = []
+        for entry in self._mset_waiting:
+            _, waiter, deadline = entry
+            if waiter is own:
+                batch.append(entry)
+            elif waiter.done:
+                continue
+            elif deadline <= now:
+                waiter.fail(RequestTimeoutError(_LATE, applied=False))
+            else:
+                batch.append(entry)
+        self._mset_waiting = []
+        return batch
+
+    def _promote_mset_leader(self) -> None:
+        """Hand the lead to the oldest MSET still waiting in time, or end the leadership.
+
+        A waiter whose slot is done already (it left) is dropped from the
+        queue; one past its deadline gets ``TIMEOUT`` (not applied) instead of
+        a lead it would have no time to use.
         """
         waiting = self._mset_waiting
+        now = _current_time()
         while waiting:
-            slot = waiting[0][1]
+            _, slot, deadline = waiting[0]
             if not slot.done:
-                slot.set(_LEAD)  # the next waiter leads the next round
-                return
+                if deadline > now:
+                    slot.set(_LEAD)  # the next waiter leads the next round
+                    return
+                slot.fail(RequestTimeoutError(_LATE, applied=False))
             del waiting[0]
         self._mset_leading = False
 
@@ -841,7 +877,8 @@ class KVEngine:
         groups = {shard: merged[shard] for shard in sorted(merged)}  # the fixed hold order
         try:
             return [(True, await self._run_atomic(combined, groups))] * len(msets)
-        except OutOfMemoryError as exc:
+        except (OutOfMemoryError, UnavailableError) as exc:
+            # Alone, an MSET may fit in memory, or not touch the shard that is down.
             if len(msets) == 1:
                 return [(False, exc)]
         except KVMemoError as exc:

@@ -46,6 +46,7 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,7 +64,7 @@ from ..persistence import AppendFsync, recover, write_snapshot
 from .durability import Health, LogBatch, ShardDurability
 from .shard import Hold, ShardActor
 from .store import ShardStore
-from .sync_coordinator import SyncCoordinator
+from .sync_coordinator import RoundIncompleteError, SyncCoordinator
 
 _current_time = trio.current_time
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
@@ -311,11 +312,14 @@ class DurableShardActor(ShardActor):
                 except ValueError:  # the log was closed (a rebuild reopens it)
                     pass
                 raise
-            except OSError as exc:
+            except (OSError, RoundIncompleteError) as exc:
+                # RoundIncompleteError: the round itself failed (a thread did
+                # not start); the batch may or may not be in the log.
+                error = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
                 if batch.appended:
                     dur.appended(len(data))
-                dur.failed(exc)
-                return len(data), self._io_error(exc)
+                dur.failed(error)
+                return len(data), self._io_error(error)
             dur.appended(len(data))
             dur.synced(dur.appends, started)
         finally:

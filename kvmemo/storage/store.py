@@ -316,11 +316,22 @@ class ShardStore:
         return out
 
     def evict(self, keys: list[bytes]) -> tuple[int, int]:
-        """Evict the given keys that are still present; return (keys, bytes) freed."""
+        """Evict the given keys that are still present; return (keys, bytes) freed.
+
+        Only keys the current policy may evict go: victims picked under an
+        earlier policy (the policy was switched between the choice and the
+        eviction) are skipped when the policy now is ``noeviction``, or a
+        ``volatile-*`` one and the key has no TTL.
+        """
+        policy = self.policy
+        if isinstance(policy, NoEvictionPolicy):
+            return 0, 0
+        volatile_only = policy.volatile_only
+        expires = self.expires
         count = freed = 0
         journal = self.journal
         for key in keys:
-            if key in self.data:
+            if key in self.data and (not volatile_only or key in expires):
                 freed += self._remove(key)
                 count += 1
                 if journal is not None:
