@@ -10,34 +10,26 @@ the state machine, :func:`encode_reply`, the batch path, Redis's order.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
-from typing import Any
 from unittest import mock
 
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_resp_server import Client, running
 
-from kvmemo.config import StoreConfig
-from kvmemo.engine.engine import KVEngine
 from kvmemo.server import resp_server
 from kvmemo.server.resp import (
-    NEED_DATA,
     Command,
     ErrorReply,
     NullArray,
     ProtocolError,
     RespParser,
-    RespReplyParser,
     Set,
     encode_command,
     encode_replies,
     encode_reply,
 )
-from kvmemo.server.resp_server import serve_resp
 
 FAST = settings(derandomize=True, database=None, deadline=None, max_examples=200)
 TIMEOUT = 30  # seconds per network test; real sockets and real time
@@ -206,42 +198,6 @@ def test_merge_puts_each_early_reply_at_its_place() -> None:
     assert merge([b"a", b"b"], []) == [b"a", b"b"]
 
 
-@asynccontextmanager
-async def running(**settings_: Any) -> AsyncIterator[tuple[str, int]]:
-    tokens = settings_.pop("tokens", frozenset())
-    async with trio.open_nursery() as nursery:
-        engine = KVEngine(StoreConfig(shards=4, **settings_))
-        engine.attach(await nursery.start(engine.supervisor().run))
-        address = await nursery.start(partial(serve_resp, engine, port=0, tokens=tokens))
-        try:
-            yield address
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-class Client:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.parser = RespReplyParser()
-
-    async def replies(self, n: int) -> list[object]:
-        out: list[object] = []
-        while len(out) < n:
-            value = self.parser.next_reply()
-            if value is NEED_DATA:
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise EOFError("the server closed the connection")
-                self.parser.feed(data)
-            else:
-                out.append(value)
-        return out
-
-    async def call(self, *args: bytes | str | int) -> object:
-        await self.stream.send_all(encode_command(*args))
-        return (await self.replies(1))[0]
-
-
 def _arity(name: str) -> ErrorReply:
     return ErrorReply(f"ERR wrong number of arguments for '{name}' command")
 
@@ -253,8 +209,8 @@ NOT_INTEGER = ErrorReply("ERR value is not an integer or out of range")
 
 async def test_early_replies_and_engine_results_keep_the_order_of_the_requests() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running() as (host, port):
-            client = Client(await trio.open_tcp_stream(host, port))
+        async with running() as server:
+            client = await Client.connect(server)
             requests = [
                 ("NOSUCH",),  # an early reply first
                 ("SET", "a", "1"),
@@ -277,8 +233,8 @@ async def test_early_replies_and_engine_results_keep_the_order_of_the_requests()
 
 async def test_a_lone_command_and_the_same_in_a_pipeline_get_the_same_replies() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running() as (host, port):
-            client = Client(await trio.open_tcp_stream(host, port))
+        async with running() as server:
+            client = await Client.connect(server)
             requests: list[tuple[str, ...]] = [
                 ("SET", "n", "abc"),
                 ("INCR", "n"),  # an engine error
@@ -302,8 +258,8 @@ async def test_a_lone_command_and_the_same_in_a_pipeline_get_the_same_replies() 
 
 async def test_a_pipeline_authenticating_midway_is_refused_before_and_served_after() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running(tokens=frozenset({"pw"})) as (host, port):
-            client = Client(await trio.open_tcp_stream(host, port))
+        async with running(tokens=frozenset({"pw"})) as server:
+            client = await Client.connect(server)
             requests = [
                 ("SET", "k", "v"),
                 ("GET",),  # arity comes before authentication, as in Redis
@@ -317,8 +273,8 @@ async def test_a_pipeline_authenticating_midway_is_refused_before_and_served_aft
 
 async def test_every_command_is_counted_once_in_total_commands_processed() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running() as (host, port):
-            client = Client(await trio.open_tcp_stream(host, port))
+        async with running() as server:
+            client = await Client.connect(server)
             assert await client.call("CONFIG", "RESETSTAT") == "OK"  # counted, then reset
             assert await client.call("GET", "k") is None  # 1: a lone command
             batch = [("SET", "k", "v"), ("NOSUCH",), ("GET", "k"), ("PING",)]
@@ -331,9 +287,9 @@ async def test_every_command_is_counted_once_in_total_commands_processed() -> No
 
 async def test_client_list_reports_the_last_command_of_a_pipeline() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running() as (host, port):
-            client = Client(await trio.open_tcp_stream(host, port))
-            other = Client(await trio.open_tcp_stream(host, port))
+        async with running() as server:
+            client = await Client.connect(server)
+            other = await Client.connect(server)
             client_id = await client.call("CLIENT", "ID")
             batch = encode_command("SET", "k", "v") + encode_command("GET", "k")
             await client.stream.send_all(batch)
