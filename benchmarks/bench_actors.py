@@ -157,6 +157,15 @@ class Count(Actor):
             self.done.set()
 
 
+class SyncCount(Count):
+    """``Count`` with the synchronous handler fast path (``Actor.handle_nowait``)."""
+
+    def handle_nowait(self, message: Any) -> None:
+        self.count += 1
+        if self.count == self.total:
+            self.done.set()
+
+
 async def actors_ask(callers: int, servers: int, total: int, timeout: float | None) -> Round:
     """Like :func:`floor_ask`, through ``ActorRef.ask`` to ``servers`` echo actors."""
     names = [f"echo{i}" for i in range(servers)]
@@ -178,10 +187,14 @@ async def actors_ask(callers: int, servers: int, total: int, timeout: float | No
         return await _timed(callers * per_caller, _spawn(caller, refs, callers))
 
 
-async def actors_tell(total: int) -> Round:
-    """Like :func:`floor_tell`, through ``tell_nowait`` (``tell`` when the mailbox is full)."""
+async def actors_tell(total: int, sync: bool = False) -> Round:
+    """Like :func:`floor_tell`, through ``tell_nowait`` (``tell`` when the mailbox is full).
+
+    ``sync``: the receiver handles messages with ``handle_nowait`` (no coroutine each).
+    """
     done = trio.Event()
-    root = Supervisor("bench", [ChildSpec("count", lambda ctx: Count(total, done))])
+    actor = SyncCount if sync else Count
+    root = Supervisor("bench", [ChildSpec("count", lambda ctx: actor(total, done))])
     async with open_actor_system(root) as system:
         ref = system.ref("count")
 
@@ -241,6 +254,11 @@ def _rows(round_trips: int, tells: int) -> list[tuple[str, Measure, Measure]]:
             run(actors_ask, *many, 10.0),
         ),
         ("tell, 1 sender draining", run(floor_tell, tells), run(actors_tell, tells)),
+        (
+            "tell, handle_nowait",
+            run(floor_tell, tells),
+            run(actors_tell, tells, True),
+        ),
     ]
 
 
