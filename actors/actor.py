@@ -9,9 +9,12 @@ touches it; the only way in is a message through an :class:`ActorRef`.
 
 The runtime calls :meth:`Actor.handle` for one message at a time, in mailbox
 order, and drains every queued message per wake-up, so per-message scheduling
-cost is paid once per batch. A handler that raises one of the actor's
-``expected_errors`` answers its asker with that error and the actor lives on;
-any other exception is a crash: the asker of that message gets
+cost is paid once per batch. An actor whose messages mostly need no ``await``
+also defines :meth:`Actor.handle_nowait`, a plain call the runtime tries first
+(no coroutine per message); it answers :data:`DEFER` for the others.
+A handler that raises one of the actor's ``expected_errors`` answers its
+asker with that error and the actor lives on; any other exception is a
+crash: the asker of that message gets
 :class:`~actors.errors.ActorCrashed` at once and the supervisor decides what
 happens next. Messages queued behind it stay in the mailbox, which belongs to
 the supervisor's child spec, for the next incarnation.
