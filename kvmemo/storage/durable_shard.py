@@ -45,7 +45,6 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import time
 from collections.abc import Callable, Iterator
@@ -284,33 +283,15 @@ class DurableShardActor(ShardActor):
         except trio.WouldBlock:
             try:
                 await lock.acquire()
-            except trio.Cancelled:  # killed before the batch was filed: as below
-                with contextlib.suppress(OSError, ValueError):
-                    if batch.take_back():
-                        dur.appended(len(data))
+            except trio.Cancelled:  # killed before the batch was filed
+                self._record_killed_batch(batch, time.time())
                 raise
         try:
             started = time.time()
             try:
                 await self.config.sync_coordinator.sync(batch)
             except trio.Cancelled:
-                # Killed while the batch waited. Not taken by a round: the log
-                # gets it here, unsynced (the memory has its effects). Run by
-                # the round meanwhile (the coordinator waited for it): record
-                # what the round did.
-                try:
-                    if batch.take_back():
-                        dur.appended(len(data))
-                    elif batch.appended:
-                        dur.appended(len(data))
-                        if batch.synced:
-                            dur.synced(dur.appends, started)
-                    if batch.error is not None:
-                        dur.failed(batch.error)
-                except OSError as exc:  # take_back's append failed
-                    dur.failed(exc)
-                except ValueError:  # the log was closed (a rebuild reopens it)
-                    pass
+                self._record_killed_batch(batch, started)
                 raise
             except (OSError, RoundIncompleteError) as exc:
                 # RoundIncompleteError: the round itself failed (a thread did
@@ -325,6 +306,29 @@ class DurableShardActor(ShardActor):
         finally:
             lock.release()
         return len(data), None
+
+    def _record_killed_batch(self, batch: LogBatch, started: float) -> None:
+        """Bookkeeping of a batch whose commit was killed (no checkpoint).
+
+        Not taken by a round: the log gets it here, unsynced (the memory has
+        its effects). Run by the round meanwhile (the coordinator waited for
+        it): record what the round did.
+        """
+        dur = self.dur
+        size = len(batch.data)
+        try:
+            if batch.take_back():
+                dur.appended(size)
+            elif batch.appended:
+                dur.appended(size)
+                if batch.synced:
+                    dur.synced(dur.appends, started)
+            if batch.error is not None:
+                dur.failed(batch.error)
+        except OSError as exc:  # take_back's append failed
+            dur.failed(exc)
+        except ValueError:  # the log was closed (a rebuild reopens it)
+            pass
 
     async def _sync(self) -> PersistenceIOError | None:
         """Make every append so far durable, in the store's next sync round.
