@@ -9,8 +9,15 @@ OK, FAILED, UNKNOWN = Outcome.OK, Outcome.FAILED, Outcome.UNKNOWN
 
 
 def op(
-    i: int, kind: str, keys: tuple[str, ...], values: tuple[str | None, ...], t0: float,
-    t1: float, outcome: Outcome = OK, ttl: float | None = None, result: int | None = None,
+    i: int,
+    kind: str,
+    keys: tuple[str, ...],
+    values: tuple[str | None, ...],
+    t0: float,
+    t1: float,
+    outcome: Outcome = OK,
+    ttl: float | None = None,
+    result: int | None = None,
 ) -> Op:
     return Op(i, 0, kind, keys, values, t0, t1, outcome, ttl, None, result)
 

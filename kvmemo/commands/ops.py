@@ -511,8 +511,7 @@ class _MSetPart(AtomicPart):
     def commit(self, store: ShardStore, now: float) -> None:
         # The shard held (no other message ran) since prepare: the store is as
         # prepare saw it, so applying at prepare's time matches the reservation.
-        for key, value in self.items:
-            store.put(key, value, self.prepared_at, expires_at=None, charge=False)
+        store.put_many(self.items, self.prepared_at)
         self.reserved = 0
 
     def abort(self, store: ShardStore) -> None:

@@ -49,14 +49,15 @@ TTL_OVERHEAD = 130  # extra bytes per entry that has an expiry (calibrated)
 
 # pymalloc hands out blocks in 16-byte steps (large objects are rounded too):
 # a bytes object of n bytes takes (BYTES_HEADER + n + 15) & ~15. Folded into
-# two constants so that the hot path makes as few int objects as possible.
-_ROUND_UP = BYTES_HEADER + 15
-_BASE = ENTRY_OVERHEAD - 2 * BYTES_HEADER  # the headers are in ENTRY_OVERHEAD already
+# two constants so that the hot path makes as few int objects as possible (public:
+# ShardStore inlines the formula in its MSET path, see ShardStore.put_delta).
+ROUND_UP = BYTES_HEADER + 15
+ENTRY_BASE = ENTRY_OVERHEAD - 2 * BYTES_HEADER  # the headers are in ENTRY_OVERHEAD already
 
 
 def entry_size(key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
     """Estimated bytes one entry costs in memory, including bookkeeping."""
-    size = _BASE + ((len(key) + _ROUND_UP) & ~15) + ((len(value) + _ROUND_UP) & ~15)
+    size = ENTRY_BASE + ((len(key) + ROUND_UP) & ~15) + ((len(value) + ROUND_UP) & ~15)
     return size + TTL_OVERHEAD if has_ttl else size
 
 
