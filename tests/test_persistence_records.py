@@ -94,6 +94,18 @@ def test_encode_fields_is_encode_of_the_same_record() -> None:
         assert encode_fields(r.op, r.key, r.value, r.expires_ms) == encode(r)
 
 
+@given(st.binary(max_size=40), st.binary(max_size=300))
+def test_encode_set_is_encode_fields_of_a_set_without_expiry(key: bytes, value: bytes) -> None:
+    assert records.encode_set(key, value) == encode_fields(Op.SET, key, value)
+
+
+def test_encode_set_rejects_a_payload_over_the_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records, "MAX_PAYLOAD", 100)
+    assert records.encode_set(b"k" * 40, b"v" * 43) == encode(Record(Op.SET, b"k" * 40, b"v" * 43))
+    with pytest.raises(ValueError, match=r"^record payload must be <= 100 bytes, got 101$"):
+        records.encode_set(b"k" * 40, b"v" * 44)
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [

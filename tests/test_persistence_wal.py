@@ -394,3 +394,22 @@ def test_a_read_only_directory_raises_permission_errors_and_keeps_every_record()
         assert sorted(state.data) == [b"key-0", b"key-1", b"key-2"]
     finally:
         shutil.rmtree(directory)
+
+
+def test_write_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write may take only part of the buffer: write_all goes on until it is all out."""
+    real_write = os.write
+    calls: list[int] = []
+
+    def at_most_three(fd: int, data: bytes | memoryview) -> int:
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:3]))
+
+    monkeypatch.setattr(wal.os, "write", at_most_three)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        wal.write_all(fd, b"0123456789")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"0123456789"
+    assert calls == [10, 7, 4, 1]

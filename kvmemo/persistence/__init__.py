@@ -18,6 +18,7 @@ from .records import Torn as Torn
 from .records import decode_stream as decode_stream
 from .records import encode as encode
 from .records import encode_fields as encode_fields
+from .records import encode_set as encode_set
 from .records import replay as replay
 from .recovery import CorruptLog as CorruptLog
 from .recovery import Recovered as Recovered

@@ -131,7 +131,10 @@ def write_all(fd: int, data: bytes) -> None:
     Raises:
         OSError: a write failed; part of ``data`` may have been written.
     """
-    view = memoryview(data)
+    written = os.write(fd, data)
+    if written == len(data):
+        return  # the usual case: no view to make
+    view = memoryview(data)[written:]
     while view:
         written = os.write(fd, view)
         view = view[written:]

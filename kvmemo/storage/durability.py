@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields
+from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
 
 
 class Journal:
@@ -47,7 +47,10 @@ class Journal:
         return None if expires_at is None else round((expires_at + self.offset) * 1000)
 
     def set(self, key: bytes, value: bytes, expires_at: float | None) -> None:
-        self.records.append(encode_fields(Op.SET, key, value, self.unix_ms(expires_at)))
+        if expires_at is None:
+            self.records.append(encode_set(key, value))
+        else:
+            self.records.append(encode_fields(Op.SET, key, value, self.unix_ms(expires_at)))
 
     def delete(self, key: bytes) -> None:
         self.records.append(encode_fields(Op.DEL, key))
