@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -168,6 +171,50 @@ def test_put_many_leaves_the_store_exactly_as_puts_one_by_one(
     assert fast.expires == slow.expires
     assert fast.used == slow.used == fast.tracker.used
     if policy != "random":  # ticks come from one global clock: compare the keys' order
+        assert [k for _, k in fast.policy.candidates(10)] == [
+            k for _, k in slow.policy.candidates(10)
+        ]
+    assert_consistent(fast)
+
+
+@DETERMINISTIC
+@given(
+    policy=st.sampled_from(POLICY_NAMES),
+    before=st.lists(st.tuples(_KEYS, _VALUES, st.sampled_from([None, 1.0, 100.0])), max_size=8),
+    writes=st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=8),
+    maxmemory=st.sampled_from([0, 900, 1500]),
+)
+def test_put_plain_is_put_without_expiry(
+    policy: str,
+    before: list[tuple[bytes, bytes, float | None]],
+    writes: list[tuple[bytes, bytes]],
+    maxmemory: int,
+) -> None:
+    """The plain SET's path equals put(expires_at=None): state, bytes, refusals, order."""
+    fast, slow = make_store(maxmemory, policy), make_store(maxmemory, policy)
+    for store in (fast, slow):
+        for key, value, expires_at in before:
+            try:
+                store.put(key, value, 0.0, expires_at=expires_at)
+            except NeedMemory:
+                pass
+
+    def refusal(write: Callable[[], None]) -> int | None:
+        try:
+            write()
+        except NeedMemory as exc:
+            return exc.nbytes
+        return None
+
+    for key, value in writes:
+        assert refusal(functools.partial(fast.put_plain, key, value, 2.0)) == refusal(
+            functools.partial(slow.put, key, value, 2.0, expires_at=None)
+        )
+    assert fast.data == slow.data
+    assert fast.expires == slow.expires
+    assert fast.used == slow.used == fast.tracker.used
+    assert fast.tracker.refused == slow.tracker.refused
+    if policy != "random":
         assert [k for _, k in fast.policy.candidates(10)] == [
             k for _, k in slow.policy.candidates(10)
         ]

@@ -149,7 +149,7 @@ class Set(ShardOp):
             old = None  # not needed: put replaces any old entry (an expired one included)
         expiry = self.expiry
         if expiry is NO_EXPIRY:  # the plain SET: no deadline to compute
-            store.put(self.key, self.value, now, expires_at=None)
+            store.put_plain(self.key, self.value, now)
             return old if self.get else OK
         mode = expiry.mode
         deadline = expiry.deadline(now)
