@@ -14,7 +14,7 @@ own their nursery.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -74,6 +74,42 @@ class Store(Commands):
         """Run several commands grouped per shard; errors are returned, not raised."""
         return await self.engine.execute_many([(str(c[0]), encode_args(c[1:])) for c in calls])
 
+    async def transaction(self, *calls: tuple[Arg, ...]) -> list[Any]:
+        """Run commands as one atomic step, as MULTI/EXEC does: a result for each.
+
+        No other command runs between them, and nobody sees some of their
+        effects without the others. A command that fails gives its error (a
+        :class:`kvmemo.KVMemoError`) in its place and the others still run,
+        as in Redis; RENAME, RENAMENX, COPY and MSETNX need their keys on
+        one shard (a ``{hash tag}``). ::
+
+            await kv.transaction(("INCR", "visits"), ("EXPIRE", "visits", 60))
+
+        Raises:
+            KVMemoError: the whole transaction failed (``UNAVAILABLE``,
+                ``OOM``, ``TIMEOUT``) and nothing ran (``TIMEOUT``: maybe).
+        """
+        results = await self.engine.execute_transaction(_calls(calls))
+        assert results is not None  # only watches abort a transaction
+        return results
+
+    @asynccontextmanager
+    async def watch(self, *keys: Arg) -> AsyncIterator[Watch]:
+        """Watch ``keys`` for an optimistic transaction (Redis's WATCH), until the block ends.
+
+        ::
+
+            async with kv.watch("balance") as w:
+                balance = int(await kv.get("balance") or 0)
+                done = await w.transaction(("SET", "balance", balance - 10))
+            if done is None: ...  # "balance" changed meanwhile: nothing ran; retry
+        """
+        watches = await self.engine.watch(encode_args(keys))
+        try:
+            yield Watch(self.engine, watches)
+        finally:
+            self.engine.unwatch(watches)  # synchronous: safe when cancelled
+
     def actors(self) -> list[dict[str, Any]]:
         """Every actor: name, state, restarts, mailbox depth (for chaos tests)."""
         return self.engine.actors()
@@ -85,6 +121,27 @@ class Store(Commands):
     def close(self) -> None:
         """Stop the store (its actors end; the owning nursery then returns)."""
         self._scope.cancel()
+
+
+class Watch:
+    """The keys one :meth:`Store.watch` block watches; its transactions check them."""
+
+    def __init__(self, engine: KVEngine, watches: list[tuple[int, bytes, int]]) -> None:
+        self._engine = engine
+        self._watches = watches
+
+    async def transaction(self, *calls: tuple[Arg, ...]) -> list[Any] | None:
+        """:meth:`Store.transaction`, unless a watched key was written since the block began.
+
+        Returns:
+            A result for each command, or None: a watched key changed (a
+            write, a delete, an expiry, an eviction) and nothing ran.
+        """
+        return await self._engine.execute_transaction(_calls(calls), self._watches)
+
+
+def _calls(calls: tuple[tuple[Arg, ...], ...]) -> list[tuple[str, Sequence[bytes]]]:
+    return [(str(c[0]), encode_args(c[1:])) for c in calls]
 
 
 async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **settings: Any) -> Store:

@@ -89,6 +89,7 @@ from ..storage.slots import SlotMap
 from ..storage.store import NeedMemory, ShardStore
 from . import durable
 from .locks import RWLock
+from .transaction import WATCH_CHANGED, Plan, TxnPart, UnwatchKeys, WatchKeys, cross_shard_refusal
 
 TTL_MANAGER = "ttl-manager"
 EVICTION_MANAGER = "eviction-manager"
@@ -142,6 +143,8 @@ class KVEngine:
         self._txn_lock = RWLock()
         self._mset_waiting: list[tuple[ops.MSet, ReplySlot, float]] = []  # (op, slot, deadline)
         self._mset_leading = False
+        # UNWATCH messages a full mailbox refused: sent again with the next (un)watch.
+        self._unwatch_backlog: list[tuple[int, list[bytes]]] = []
         self.persistence = durable.persistence_config(config)
         self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
         self._durabilities: list[ShardDurability] = []
@@ -926,12 +929,22 @@ class KVEngine:
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
     ) -> tuple[bool, list[object], list[Any]]:
         """Prepare on every shard (each holds), decide, commit or abort everywhere."""
+        return await self._hold_all(refs, [op.part(where) for where in positions])
+
+    async def _hold_all(
+        self, refs: list[ActorRef], parts: list[ops.AtomicPart]
+    ) -> tuple[bool, list[object], list[Any]]:
+        """Prepare ``parts[i]`` on ``refs[i]`` (each holds), decide, commit or abort everywhere.
+
+        Returns (committed, each shard's vote, each shard's commit result
+        (None where aborted)). The caller holds the writer lock.
+        """
         barrier = Barrier(len(refs))
         slots: list[ReplySlot] = []
         commit = False
         try:
-            for i, (ref, where) in enumerate(zip(refs, positions, strict=True)):
-                hold = Hold(barrier, i, op.part(where))
+            for i, (ref, part) in enumerate(zip(refs, parts, strict=True)):
+                hold = Hold(barrier, i, part)
                 slots.append(await self._send(ref, hold, PartSlot(barrier)))
             await barrier.ready.wait()
             commit = not barrier.failed and all(v is True for v in barrier.votes)
@@ -952,6 +965,161 @@ class KVEngine:
         if error is not None:
             raise error
         return commit, votes, results
+
+    # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
+
+    def check_transaction_call(self, name: str, args: Sequence[bytes]) -> None:
+        """Check a call as a transaction queues it: parsed, and allowed in a transaction.
+
+        Raises:
+            KVMemoError: the error EXEC would give for it (the transaction is
+                then discarded, as Redis's EXECABORT).
+        """
+        self._parse_context.restart()
+        _, op = self._parse(name, args)
+        spans = 1
+        if isinstance(op, ops.AtomicOp) and not op.readonly:
+            spans = len(self.slots.group_by_shard(op.keys))
+        refusal = cross_shard_refusal(op, spans)
+        if refusal is not None:
+            raise refusal
+
+    async def execute_transaction(
+        self,
+        calls: Sequence[tuple[str, Sequence[bytes]]],
+        watches: Sequence[tuple[int, bytes, int]] = (),
+    ) -> list[Any] | None:
+        """Run ``calls`` as one atomic step (MULTI/EXEC): a result or error for each.
+
+        No other command runs between them on any shard they touch, and no
+        client sees some of their effects without the others (see
+        :mod:`.transaction`). A call that fails gives its error in its place
+        and the others still run (Redis's rule). ``watches`` are what
+        :meth:`watch` returned: if any of those keys was written since,
+        nothing runs and the answer is None.
+
+        Raises:
+            UnavailableError: a shard involved is restarting; nothing ran.
+            OutOfMemoryError: a multi-shard MSET in it does not fit; nothing ran.
+            RequestTimeoutError: no answer within ``request_timeout``.
+        """
+        started = _perf_counter()
+        self._parse_context.restart()
+        plan = Plan(len(calls))
+        names: list[str | None] = [None] * len(calls)
+        group_by_shard = self.slots.group_by_shard
+        shard_of = self.slots.shard_of
+        for i, (name, args) in enumerate(calls):
+            try:
+                spec, op = self._parse(name, args)
+            except KVMemoError as exc:
+                plan.fail(i, exc)
+                continue
+            names[i] = spec.name
+            plan.add(i, op, args, group_by_shard, shard_of, self.config.shards)
+        checks: dict[int, list[tuple[bytes, int]]] = {}
+        for shard, key, count in watches:
+            checks.setdefault(shard, []).append((key, count))
+        shards = sorted(set(plan.steps) | set(checks))
+        answers: dict[int, list[Any]] = {}
+        if shards:
+            held = await self._hold_transaction(plan, shards, checks)
+            if held is None:
+                return None
+            answers = held
+        results = plan.results(answers)
+        for i, call in plan.server_calls.items():
+            results[i] = await self._run_server(call)
+        self._maybe_wake_eviction()
+        elapsed = _perf_counter() - started
+        for i, result in enumerate(results):
+            if isinstance(result, KVMemoError):
+                self._errors.labels(result.kind).inc()
+                continue
+            hist = self._latency_by_name.get(names[i] or "")
+            if hist is not None:
+                hist.observe(elapsed)
+        return results
+
+    async def _hold_transaction(
+        self, plan: Plan, shards: list[int], checks: dict[int, list[tuple[bytes, int]]]
+    ) -> dict[int, list[Any]] | None:
+        """Hold ``shards`` and run their steps; each shard's answers, or None (WATCH)."""
+        refs = [self._shard_for(shard) for shard in shards]  # UNAVAILABLE: nothing ran
+        budget = _RoomBudget()
+        with trio.move_on_after(self.config.request_timeout):
+            if plan.writes and not self.tracker.fits(plan.size):
+                # Best effort: eviction cannot run on held shards, so make room first.
+                await self._make_room(plan.size, budget)
+            while True:
+                parts: list[ops.AtomicPart] = [
+                    TxnPart(plan.steps.get(shard, []), checks.get(shard, ())) for shard in shards
+                ]
+                await self._txn_lock.acquire(write=True)
+                try:
+                    committed, votes, answers = await self._hold_all(refs, parts)
+                finally:
+                    self._txn_lock.release(write=True)
+                if WATCH_CHANGED in votes:
+                    return None
+                need = [v for v in votes if isinstance(v, NeedMemory)]
+                if need:
+                    if not await self._make_room(sum(v.nbytes for v in need), budget):
+                        raise OutOfMemoryError(OOM_MESSAGE)
+                    continue
+                if not committed:
+                    raise RequestTimeoutError(
+                        "the transaction was aborted: a shard did not prepare in time",
+                        applied=False,
+                    )
+                return dict(zip(shards, answers, strict=True))
+        raise RequestTimeoutError("the transaction did not finish in time", applied=None)
+
+    async def watch(self, keys: Sequence[bytes]) -> list[tuple[int, bytes, int]]:
+        """WATCH ``keys``: (shard, key, write count) for each, to give :meth:`execute_transaction`.
+
+        Each key stays watched (its shard counts writes to it) until
+        :meth:`unwatch` is given what this returned.
+
+        Raises:
+            UnavailableError: a shard is restarting; nothing is watched.
+        """
+        self._send_unwatch_backlog()
+        out: list[tuple[int, bytes, int]] = []
+        timeout = self.config.request_timeout
+        try:
+            for shard, where in self.slots.group_by_shard(keys).items():
+                ref = self._shard_for(shard)
+                part = [keys[i] for i in where]
+                try:
+                    counts = await ref.ask(WatchKeys(part), timeout=timeout)
+                except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+                    # It may have counted them: take them back too (a spare
+                    # unwatch only makes another watcher's EXEC fail, safely).
+                    self._unwatch_backlog.append((shard, part))
+                    raise self._translate(exc, ref) from None
+                out.extend((shard, key, count) for key, count in zip(part, counts, strict=True))
+        except BaseException:
+            self.unwatch(out)
+            raise
+        return out
+
+    def unwatch(self, watches: Sequence[tuple[int, bytes, int]]) -> None:
+        """Stop watching what :meth:`watch` returned (no wait: for cleanup paths too)."""
+        by_shard: dict[int, list[bytes]] = {}
+        for shard, key, _ in watches:
+            by_shard.setdefault(shard, []).append(key)
+        self._unwatch_backlog.extend(by_shard.items())
+        self._send_unwatch_backlog()
+
+    def _send_unwatch_backlog(self) -> None:
+        kept = []
+        for shard, keys in self._unwatch_backlog:
+            try:
+                self._shards[shard].tell_nowait(UnwatchKeys(keys))
+            except (MailboxFull, ActorStopped):
+                kept.append((shard, keys))
+        self._unwatch_backlog = kept
 
     async def _run_keyspace(self, op: ops.KeyspaceOp) -> Any:
         slots = []

@@ -95,7 +95,15 @@ from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
 from ..eviction.policies import POLICY_NAMES
-from .resp import ErrorReply, RespParser, Set, Verbatim, encode_replies, encode_reply
+from .resp import (
+    NULL_ARRAY,
+    ErrorReply,
+    RespParser,
+    Set,
+    Verbatim,
+    encode_replies,
+    encode_reply,
+)
 
 __all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
 
@@ -125,6 +133,9 @@ AUTH_NOT_CONFIGURED: Final = ErrorReply(
     "ERR AUTH <password> called without any password configured for the default user."
     " Are you sure your configuration is correct?"
 )
+EXECABORT: Final = ErrorReply("EXECABORT Transaction discarded because of previous errors.")
+QUEUED: Final = "QUEUED"
+NOT_IN_MULTI: Final = ErrorReply("ERR Command not allowed inside a transaction")
 HELLO_NOAUTH: Final = ErrorReply(
     "NOAUTH HELLO must be called with the client already authenticated, otherwise the"
     " HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and"
@@ -358,6 +369,12 @@ class _Connection:
         self.authenticated = not server.auth_required
         self.closing = False  # QUIT, or a request too big before AUTH: close after the replies
         self.pending = 0
+        # MULTI: the queued calls (None outside a transaction), and whether one
+        # was refused (EXEC then answers EXECABORT); WATCH: what the engine
+        # counts for this client (given back at EXEC, DISCARD, UNWATCH, close).
+        self.multi: list[tuple[str, tuple[bytes, ...]]] | None = None
+        self.multi_dirty = False
+        self.watches: list[tuple[int, bytes, int]] = []
         limits = server.limits
         self._parser = RespParser(
             max_bulk_len=limits.max_bulk_len,
@@ -389,6 +406,20 @@ class _Connection:
 
     async def run(self) -> None:
         """Serve the client until it leaves, breaks the protocol or must be dropped."""
+        try:
+            await self._run()
+        finally:
+            self.end_transaction()
+
+    def end_transaction(self) -> None:
+        """Leave MULTI (its queue dropped) and stop watching (synchronous: safe on close)."""
+        self.multi = None
+        self.multi_dirty = False
+        if self.watches:
+            self.server.engine.unwatch(self.watches)
+            self.watches = []
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer)
@@ -636,7 +667,7 @@ class _Connection:
         else goes through :meth:`_execute_batch`. Both give the replies,
         counters and errors the batch path gives.
         """
-        if len(commands) == 1 and self.authenticated:
+        if len(commands) == 1 and self.authenticated and self.multi is None:
             argv = commands[0]
             known = _DATA_NAMES.get(argv[0])
             if known is not None and known[1] <= len(argv) <= known[2]:
@@ -695,6 +726,8 @@ class _Connection:
                     spec = COMMANDS.get(name)
                     if spec is None:
                         early.append((len(calls) + len(early), self._encode(unknown_command(argv))))
+                        if self.multi is not None:
+                            self.multi_dirty = True
                         continue
                     known = (name, *_arity_range(spec.arity))
                     if len(data_names) < DATA_NAMES_MAX:
@@ -704,8 +737,14 @@ class _Connection:
                 self.last_cmd = name
                 if not least <= len(argv) <= most:
                     early.append((len(calls) + len(early), self._encode(_arity_error(name))))
+                    if self.multi is not None:
+                        self.multi_dirty = True
                 elif not authenticated:
                     early.append((len(calls) + len(early), self._encode(NOAUTH)))
+                elif self.multi is not None:
+                    early.append(
+                        (len(calls) + len(early), self._encode(self._queue_call(name, argv)))
+                    )
                 else:
                     calls.append((name, argv[1:]))
                 continue
@@ -717,6 +756,15 @@ class _Connection:
             if not authenticated and not conn_command.no_auth:
                 early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 continue
+            if self.multi is not None and name not in _TRANSACTION_CONTROL:
+                # PING is queued like a data command; the others are refused.
+                if name == "ping":
+                    reply = self._queue_call(name, argv)
+                else:
+                    reply = NOT_IN_MULTI
+                    self.multi_dirty = True
+                early.append((len(calls) + len(early), self._encode(reply)))
+                continue
             if name == "ping":  # no effect to keep in order: answer in place
                 early.append((len(calls) + len(early), self._encode(_ping(argv))))
                 continue
@@ -727,6 +775,17 @@ class _Connection:
                 return
             authenticated = self.authenticated
         await self._run_calls(calls, early)
+
+    def _queue_call(self, name: str, argv: tuple[bytes, ...]) -> object:
+        """Queue a call of the open transaction: QUEUED, or its error (and EXEC will abort)."""
+        assert self.multi is not None
+        try:
+            self.server.engine.check_transaction_call(name, argv[1:])
+        except KVMemoError as exc:
+            self.multi_dirty = True
+            return redis_error(exc)
+        self.multi.append((name, argv[1:]))
+        return QUEUED
 
     async def _run_calls(
         self, calls: list[tuple[str, Sequence[bytes]]], early: list[tuple[int, bytes]]
@@ -765,8 +824,10 @@ class _Connection:
         fd = self.stream.socket.fileno()
         return (
             f"id={self.id} addr={self.addr} laddr={self.laddr} fd={fd} name={_text(self.name)}"
-            f" age={int(now - self.created)} idle={int(now - self.last_activity)} flags=N db=0"
-            f" sub=0 psub=0 ssub=0 multi=-1 qbuf={self.query_buffered} qbuf-free=0"
+            f" age={int(now - self.created)} idle={int(now - self.last_activity)}"
+            f" flags={'x' if self.multi is not None else 'N'} db=0"
+            f" sub=0 psub=0 ssub=0 multi={-1 if self.multi is None else len(self.multi)}"
+            f" qbuf={self.query_buffered} qbuf-free=0"
             f" argv-mem=0 multi-mem=0 rbs={RECEIVE_SIZE} rbp=0 obl=0 oll={len(self._queue)}"
             f" omem={self.pending} tot-mem={self.pending + self.query_buffered} events=r"
             f" cmd={self.last_cmd} user=default redir=-1 resp={self.protocol}"
@@ -930,10 +991,83 @@ async def _auth(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     "reset", 1, "noscript loading stale fast no_auth", "reset the connection", no_auth=True
 )
 async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    conn.end_transaction()
     conn.protocol = 2
     conn.name = b""
     conn.authenticated = not conn.server.auth_required
     return "RESET"
+
+
+# -- transactions: MULTI, EXEC, DISCARD, WATCH, UNWATCH -------------------------------------
+
+# What a client in MULTI runs at once instead of queueing (as Redis).
+_TRANSACTION_CONTROL: Final = frozenset({"multi", "exec", "discard", "watch", "quit", "reset"})
+
+
+@_connection_command("multi", 1, "noscript loading stale fast allow_busy", "start a transaction")
+async def _multi(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if conn.multi is not None:
+        return ErrorReply("ERR MULTI calls can not be nested")
+    conn.multi = []
+    conn.multi_dirty = False
+    return "OK"
+
+
+@_connection_command(
+    "exec", 1, "noscript loading stale skip_slowlog", "run the queued commands as one step"
+)
+async def _exec(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    queued, dirty, watches = conn.multi, conn.multi_dirty, conn.watches
+    if queued is None:
+        return ErrorReply("ERR EXEC without MULTI")
+    conn.multi = None
+    conn.multi_dirty = False
+    conn.watches = []
+    engine = conn.server.engine
+    try:
+        if dirty:
+            return EXECABORT
+        results = await engine.execute_transaction(queued, watches)
+    except KVMemoError as exc:
+        return redis_error(exc)
+    finally:
+        if watches:
+            engine.unwatch(watches)
+    if results is None:
+        return NULL_ARRAY  # a watched key was written: nothing ran
+    return [_to_reply(result) for result in results]
+
+
+@_connection_command("discard", 1, "noscript loading stale fast allow_busy", "drop the transaction")
+async def _discard(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if conn.multi is None:
+        return ErrorReply("ERR DISCARD without MULTI")
+    conn.end_transaction()
+    return "OK"
+
+
+@_connection_command(
+    "watch", -2, "noscript loading stale fast allow_busy", "abort the next EXEC if keys change"
+)
+async def _watch(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if conn.multi is not None:
+        return ErrorReply("ERR WATCH inside MULTI is not allowed")
+    watched = {key for _, key, _ in conn.watches}
+    fresh = list(dict.fromkeys(key for key in argv[1:] if key not in watched))
+    if fresh:
+        try:
+            conn.watches.extend(await conn.server.engine.watch(fresh))
+        except KVMemoError as exc:
+            return redis_error(exc)
+    return "OK"
+
+
+@_connection_command("unwatch", 1, "noscript loading stale fast allow_busy", "forget every WATCH")
+async def _unwatch(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    if conn.watches:
+        conn.server.engine.unwatch(conn.watches)
+        conn.watches = []
+    return "OK"
 
 
 @_connection_command("select", 2, "loading stale fast", "change the database (only 0)")

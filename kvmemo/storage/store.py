@@ -75,6 +75,8 @@ class ShardStore:
         self.durability: ShardDurability | None = None
         self.journal: Journal | None = None
         self.needs_recovery = False  # set by a rebuild that must reload from disk
+        # WATCH: key -> [watchers, writes since first watched], for watched keys only.
+        self._watched: dict[bytes, list[int]] = {}
 
     def entry_size(self, key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
         """Estimated bytes of one entry of this store, its policy's bookkeeping included."""
@@ -173,6 +175,8 @@ class ShardStore:
             raise NeedMemory(delta)
         self.used += delta
         self.data[key] = value
+        if self._watched:
+            self._touch(key)
         if old is None:
             self.policy.record_insert(key, volatile=expires_at is not None)
         else:
@@ -218,6 +222,8 @@ class ShardStore:
             raise NeedMemory(delta)
         self.used += delta
         self.data[key] = value
+        if self._watched:
+            self._touch(key)
         if old is None:
             self.policy.record_insert(key, volatile=False)
         else:
@@ -273,6 +279,7 @@ class ShardStore:
         record_insert = self.policy.record_insert
         record_access = self.policy.record_access
         journal = self.journal
+        watched = self._watched
         new_overhead = self._key_overhead + ENTRY_BASE
         delta = 0
         for key, value in items:
@@ -283,6 +290,8 @@ class ShardStore:
                 continue
             old = data.get(key)
             data[key] = value
+            if watched and key in watched:
+                self._touch(key)
             if old is None:
                 delta += (
                     new_overhead + ((len(key) + ROUND_UP) & ~15) + ((len(value) + ROUND_UP) & ~15)
@@ -329,6 +338,8 @@ class ShardStore:
         if expires_at is not None:
             self.expires[key] = expires_at
             self.ttl_index.add(key, expires_at)
+        if self._watched:
+            self._touch(key)
         journal = self.journal
         if journal is not None:
             journal.expire(key, expires_at)
@@ -356,7 +367,52 @@ class ShardStore:
         self.used -= size
         self.tracker.release(self.shard_id, size)
         self.policy.record_remove(key)
+        if self._watched:
+            self._touch(key)
         return size
+
+    # -- WATCH -----------------------------------------------------------------------
+
+    def watch(self, key: bytes) -> int:
+        """Start counting writes to ``key`` for one more watcher; the count so far.
+
+        A watched key's count grows with every change to it (a write, a
+        delete, an expiry, an eviction, a flush), as Redis's WATCH sees them.
+        Each ``watch`` needs one :meth:`unwatch`; the count is kept while
+        anyone watches.
+        """
+        entry = self._watched.get(key)
+        if entry is None:
+            self._watched[key] = entry = [0, 0]
+        entry[0] += 1
+        return entry[1]
+
+    def unwatch(self, key: bytes) -> None:
+        """One watcher of ``key`` fewer (a key not watched is ignored)."""
+        entry = self._watched.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._watched[key]
+
+    def watch_count(self, key: bytes) -> int | None:
+        """Writes to ``key`` since it was first watched, or None when nobody watches it."""
+        entry = self._watched.get(key)
+        return None if entry is None else entry[1]
+
+    @property
+    def watched_keys(self) -> int:
+        """How many keys are watched (for ``info``)."""
+        return len(self._watched)
+
+    def _touch(self, key: bytes) -> None:
+        entry = self._watched.get(key)
+        if entry is not None:
+            entry[1] += 1
+
+    def _touch_all(self) -> None:
+        for entry in self._watched.values():
+            entry[1] += 1
 
     def flush(self) -> int:
         """Remove every entry; return how many there were."""
@@ -368,6 +424,7 @@ class ShardStore:
         self.tracker.release(self.shard_id, self.used)
         self.used = 0
         self._scans.clear()
+        self._touch_all()
         journal = self.journal
         if journal is not None:
             journal.flush()
@@ -556,6 +613,7 @@ class ShardStore:
         self.expires.clear()
         self.policy.clear()
         self._scans.clear()
+        self._touch_all()
         self.data.update(data)
         self.expires.update(expires)
         total = 0

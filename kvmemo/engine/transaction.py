@@ -1,0 +1,335 @@
+"""Transactions (MULTI/EXEC): several commands as one atomic step across shards.
+
+Design. A transaction is planned into one list of *steps* per shard, each
+step a piece of one command that touches only that shard's keys, in the
+order of the commands. The engine holds every shard involved, with the hold
+of MSET (two phases, under its writer lock), and on the decision each shard
+runs its steps in order, synchronously, inside its own actor: nothing
+outside an actor touches its state. Then the engine puts each command's
+pieces together (``combine``) into its result.
+
+Why per-shard order is enough: every step depends only on the state of its
+own shard, so running each shard's steps in command order gives exactly the
+results of running the commands one after the other; and since no shard
+serves anything else between the hold and its steps, no other client sees
+part of the transaction, nor slips a command into it. Commands that move
+data *between* shards (RENAME, RENAMENX and COPY whose keys live on two
+shards, MSETNX whose condition spans shards) have no such piece, so a
+transaction refuses them when it is queued: keep their keys on one shard
+with a ``{hash tag}``, as Redis Cluster asks (its ``CROSSSLOT``).
+
+Errors, as in Redis: a command that fails while the transaction runs (a
+wrong type of argument, ``NOT_INTEGER``, ``OOM``) gives its error in its
+place, and the other commands still run; nothing is rolled back. A write
+that needs memory does not evict while the shards are held (the eviction
+manager would wait for them): the engine makes room before it holds, and a
+write that still does not fit gets ``OOM``. A multi-shard MSET is the one
+exception, because it must stay all-or-nothing: its bytes are reserved in
+the prepare phase (an upper bound), so it never fails half-way.
+
+WATCH. A shard's store counts writes to the keys someone watches
+(:meth:`ShardStore.watch`); a transaction carries the counts its client saw
+at WATCH time, and a shard whose count moved votes against it: nothing
+runs and EXEC answers nil.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..commands import ops
+from ..commands.table import ServerCall
+from ..errors import CommandSyntaxError, KVMemoError
+from ..storage.store import NeedMemory, ShardStore
+
+SERVER_CALLS = frozenset({"ping", "echo", "time"})
+"""Engine-answered commands a transaction may hold (answered when it runs)."""
+
+WATCH_CHANGED = "watch-changed"
+"""The vote of a shard on which a watched key was written since WATCH."""
+
+
+class Step:
+    """One command's piece on one shard: ``run`` gives its result or raises a client error."""
+
+    __slots__ = ()
+
+    def run(self, store: ShardStore, now: float) -> Any:
+        raise NotImplementedError
+
+
+class ApplyStep(Step):
+    """A single-key operation or a plain part (DEL, EXISTS, MGET, KEYS, ... on this shard)."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: ops.ShardOp | ops.Part) -> None:
+        self.target = target
+
+    def run(self, store: ShardStore, now: float) -> Any:
+        return self.target.apply(store, now)
+
+
+class LocalAtomicStep(Step):
+    """A multi-key write whose keys are all on this shard: prepare and decide here.
+
+    MSETNX, RENAME, RENAMENX and COPY, with both keys on one shard. What the
+    engine does across shards (read the source, ask every shard, decide),
+    one shard does alone, in one synchronous step.
+    """
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: ops.AtomicOp) -> None:
+        self.op = op
+
+    def run(self, store: ShardStore, now: float) -> Any:
+        op = self.op
+        positions = list(range(len(op.keys)))
+        if isinstance(op, ops.Move):
+            entry = ops.PeekEntry(op.src).apply(store, now)
+            if entry is None:
+                return op.missing()
+            if op.src == op.dst:
+                return op.same_key()
+            op.entry = entry
+        part = op.part(positions)
+        vote = part.prepare(store, now)
+        if vote is True:
+            part.commit(store, now)
+            return op.combine([None], [positions], True)
+        part.abort(store)
+        if isinstance(vote, NeedMemory):
+            raise vote
+        return op.combine([None], [positions], False)
+
+
+class ReservedMSetStep(Step):
+    """This shard's pairs of a multi-shard MSET, its bytes reserved by the prepare phase.
+
+    :meth:`bound` is at least what the pairs can add, whatever the store
+    holds when they run (every key new); :class:`TxnPart` reserves it in the
+    prepare phase, and the step turns that reservation into the exact one
+    (:meth:`ShardStore.put_delta`) and writes. So it never fails, and the
+    MSET is whole on every shard or on none.
+    """
+
+    __slots__ = ("items", "reserved")
+
+    def __init__(self, items: list[tuple[bytes, bytes]]) -> None:
+        self.items = items
+        self.reserved = 0
+
+    def bound(self, store: ShardStore) -> int:
+        return sum(store.entry_size(k, v) for k, v in self.items)
+
+    def run(self, store: ShardStore, now: float) -> Any:
+        delta = store.put_delta(self.items, now)
+        store.tracker.release(store.shard_id, self.reserved - delta)
+        self.reserved = 0
+        store.put_many(self.items, now)
+        return ops.OK
+
+
+class TxnPart(ops.AtomicPart):
+    """One shard's share of a transaction: its steps and the watched keys it checks.
+
+    ``prepare`` checks the watched keys' write counts (one that moved votes
+    :data:`WATCH_CHANGED`; an entry past its expiry is removed first, so an
+    expiry counts as a change, as in Redis) and reserves the bound of every
+    :class:`ReservedMSetStep`; ``commit`` runs the steps in order and returns
+    their results, a client error in the place of a step that failed (each
+    reserved MSET step turns its reservation into the exact one); ``abort``
+    gives the reservation back.
+    """
+
+    def __init__(self, steps: list[Step], watches: Sequence[tuple[bytes, int]]) -> None:
+        self.steps = steps
+        self.watches = watches
+        self.reserved: list[ReservedMSetStep] = []
+
+    def prepare(self, store: ShardStore, now: float) -> object:
+        for key, seen in self.watches:
+            store.peek(key, now)
+            if store.watch_count(key) != seen:
+                return WATCH_CHANGED
+        msets = [step for step in self.steps if type(step) is ReservedMSetStep]
+        if msets:
+            bounds = [step.bound(store) for step in msets]
+            total = sum(bounds)
+            if not store.tracker.try_reserve(store.shard_id, total):
+                return NeedMemory(total)
+            for step, bound in zip(msets, bounds, strict=True):
+                step.reserved = bound
+            self.reserved = msets
+        return True
+
+    def commit(self, store: ShardStore, now: float) -> list[Any]:
+        self.reserved = []  # each ReservedMSetStep settles its own share
+        results: list[Any] = []
+        for step in self.steps:
+            try:
+                results.append(step.run(store, now))
+            except KVMemoError as exc:
+                results.append(exc)
+        return results
+
+    def abort(self, store: ShardStore) -> None:
+        for step in self.reserved:
+            store.tracker.release(store.shard_id, step.reserved)
+            step.reserved = 0
+        self.reserved = []
+
+
+def cross_shard_refusal(op: object, shards: int) -> CommandSyntaxError | None:
+    """Why ``op`` (on keys spanning ``shards`` shards) cannot be in a transaction, or None."""
+    if isinstance(op, ServerCall):
+        if op.name in SERVER_CALLS:
+            return None
+        return CommandSyntaxError(f"'{op.name}' is not allowed in a transaction")
+    if shards <= 1 or not isinstance(op, ops.AtomicOp) or op.readonly:
+        return None
+    if isinstance(op, ops.MSet) and not op.only_new:
+        return None
+    name = op.kind.upper() if isinstance(op, ops.Move) else "MSETNX"
+    return CommandSyntaxError(
+        f"{name} in a transaction needs all its keys on one shard"
+        " (give them one {hash tag}, as Redis Cluster asks)"
+    )
+
+
+class WatchKeys:
+    """Shard message: watch these keys (one more watcher each); their write counts."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+
+    def apply(self, store: ShardStore, now: float) -> list[int]:
+        for key in self.keys:
+            store.peek(key, now)  # an entry past its expiry goes now: a later expiry is a change
+        return [store.watch(key) for key in self.keys]
+
+
+class UnwatchKeys:
+    """Shard message: one watcher fewer for each of these keys."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+
+    def apply(self, store: ShardStore, now: float) -> None:
+        for key in self.keys:
+            store.unwatch(key)
+
+
+class Plan:
+    """A transaction taken apart: each shard's steps, and how each command's pieces combine.
+
+    Built by the engine from the parsed commands (:meth:`add`), in command
+    order, so each shard's steps are in command order. ``results`` puts the
+    shards' answers back together, one result per command.
+    """
+
+    def __init__(self, calls: int) -> None:
+        self.steps: dict[int, list[Step]] = {}
+        self.writes = False
+        self.size = 0  # argument bytes of the writes: a rough bound of what they add
+        # Per command: its pieces as (shard, index among that shard's steps), and
+        # how to make its result of their answers (or its result already).
+        self._pieces: list[list[tuple[int, int]]] = [[] for _ in range(calls)]
+        self._finish: list[Any] = [None] * calls
+        self._done: dict[int, Any] = {}
+        self.server_calls: dict[int, ServerCall] = {}
+
+    def fail(self, index: int, error: KVMemoError) -> None:
+        self._done[index] = error
+
+    def _step(self, index: int, shard: int, step: Step) -> None:
+        steps = self.steps.setdefault(shard, [])
+        self._pieces[index].append((shard, len(steps)))
+        steps.append(step)
+
+    def add(
+        self,
+        index: int,
+        op: Any,
+        args: Sequence[bytes],
+        group_by_shard: Any,
+        shard_of: Any,
+        shards: int,
+    ) -> None:
+        """Plan command ``index``; its client error (a refused command) is its result."""
+        if getattr(op, "write", False):
+            self.writes = True
+            self.size += sum(map(len, args))
+        if isinstance(op, ServerCall):
+            refusal = cross_shard_refusal(op, 1)
+            if refusal is not None:
+                self.fail(index, refusal)
+            else:
+                self.server_calls[index] = op
+            return
+        if isinstance(op, ops.ShardOp):
+            self._step(index, shard_of(op.key), ApplyStep(op))
+            self._finish[index] = _first
+            return
+        if isinstance(op, ops.KeyspaceOp):
+            for shard in range(shards):
+                self._step(index, shard, ApplyStep(op.part()))
+            self._finish[index] = op.combine
+            return
+        groups: dict[int, list[int]] = group_by_shard(op.keys)
+        positions = list(groups.values())
+        if isinstance(op, ops.FanOutOp):
+            for shard, where in groups.items():
+                self._step(index, shard, ApplyStep(op.part([op.keys[i] for i in where])))
+            self._finish[index] = lambda results: op.combine(results, positions)
+            return
+        assert isinstance(op, ops.AtomicOp)
+        if op.readonly:
+            for shard, where in groups.items():
+                self._step(index, shard, ApplyStep(op.read_part(where)))
+            self._finish[index] = lambda results: op.combine(results, positions, True)
+            return
+        if len(groups) == 1:
+            (shard,) = groups
+            self._step(index, shard, LocalAtomicStep(op))
+            self._finish[index] = _first
+            return
+        refusal = cross_shard_refusal(op, len(groups))
+        if refusal is not None:
+            self.fail(index, refusal)
+            return
+        assert isinstance(op, ops.MSet)
+        for shard, where in groups.items():
+            self._step(index, shard, ReservedMSetStep([op.items[i] for i in where]))
+        self._finish[index] = lambda results: ops.OK
+
+    def results(self, answers: dict[int, list[Any]]) -> list[Any]:
+        """Each command's result from each shard's step answers (server calls: None yet)."""
+        out: list[Any] = []
+        for index, pieces in enumerate(self._pieces):
+            if index in self._done:
+                out.append(self._done[index])
+                continue
+            if not pieces:
+                out.append(None)  # a server call: the engine answers it
+                continue
+            found = [answers[shard][i] for shard, i in pieces]
+            error = next((r for r in found if isinstance(r, KVMemoError)), None)
+            if error is not None:
+                out.append(error)
+                continue
+            try:
+                out.append(self._finish[index](found))
+            except KVMemoError as exc:
+                out.append(exc)
+        return out
+
+
+def _first(results: list[Any]) -> Any:
+    return results[0]
