@@ -11,12 +11,25 @@ import kvmemo
 
 
 async def allow(kv: kvmemo.Store, user: str, limit: int, window: int) -> bool:
-    """Fixed-window rate limiting: at most ``limit`` calls per ``window`` seconds."""
+    """Fixed-window rate limiting: at most ``limit`` calls per ``window`` seconds.
+
+    One transaction, so the counter never exists without its expiry.
+    """
     key = f"rate:{user}"
-    count = await kv.incr(key)
-    if count == 1:
-        await kv.expire(key, window)
+    count, _ = await kv.transaction(("INCR", key), ("EXPIRE", key, window, "NX"))
     return count <= limit
+
+
+async def transfer(kv: kvmemo.Store, src: str, dst: str, amount: int) -> bool:
+    """Move ``amount`` between two balances if ``src`` has it (optimistic, with WATCH)."""
+    while True:
+        async with kv.watch(src, dst) as w:
+            balance = int(await kv.get(src) or 0)
+            if balance < amount:
+                return False
+            done = await w.transaction(("DECRBY", src, amount), ("INCRBY", dst, amount))
+        if done is not None:
+            return True  # else a balance changed meanwhile: read again and retry
 
 
 async def cached_square(kv: kvmemo.Store, n: int) -> int:
@@ -40,6 +53,12 @@ async def main() -> None:
             for n in range(10):
                 nursery.start_soon(cached_square, kv, n)
         print("cached keys:", sorted(await kv.keys("square:*")))
+
+        await kv.set("balance:alice", 100)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(transfer, kv, "balance:alice", "balance:bob", 40)
+        print("balances:", await kv.mget("balance:alice", "balance:bob"))  # [b'20', b'80']
 
         await kv.mset({"a": "1", "b": "2"})
         print("mget:", await kv.mget("a", "b", "missing"))
