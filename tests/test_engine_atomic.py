@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 import kvmemo
 from actors import ActorState, ActorSystem, EventKind
+from kvmemo.commands import ops
 from kvmemo.embedded import Store
 from kvmemo.engine.engine import shard_name
 from kvmemo.errors import KVMemoError
-from kvmemo.storage.shard import Inspect
+from kvmemo.storage.shard import Barrier, Hold, Inspect
 from kvmemo.storage.store import ShardStore
 
 DETERMINISTIC = settings(
@@ -229,10 +230,43 @@ async def test_an_mset_aborted_because_a_shard_held_too_long_is_not_reported_as_
 ) -> None:
     """Every shard would vote yes, but one comes back only after the others'
     hold timed out: the write is aborted everywhere, and the caller must hear
-    so (TIMEOUT, not applied), not "OK".
+    so (TIMEOUT, not applied), not "OK", and at once, not when the slow shard
+    finally answers.
     """
+    async with kvmemo.open_store(shards=2, hold_timeout=0.5) as kv:
+        a, b = key_on(kv, 0, "a"), key_on(kv, 1, "b")
+        await kv.mset({a: "old", b: "old"})
+        # Keep shard 1 busy for two hold timeouts: two holds of a round that
+        # is never decided (each waits hold_timeout, then aborts).
+        ref = kv.system.ref(shard_name(1))
+        for _ in range(2):
+            stuck = Barrier(2)
+            part = ops.MSet([(b"zz", b"1")], only_new=False).part([0])
+            ref.tell_nowait(Hold(stuck, 0, part))
+        started = trio.current_time()
+        with pytest.raises(KVMemoError) as caught:
+            await kv.mset({a: "new", b: "new"})
+        assert caught.value.kind == "TIMEOUT"
+        assert caught.value.data["applied"] is False
+        assert trio.current_time() - started < 0.6  # shard 0's hold timeout, not shard 1's delay
+        assert await kv.mget(a, b) == [b"old", b"old"]
+        assert await kv.exists("zz") == 0
+        for i in range(2):
+            ref = kv.system.ref(shard_name(i))
+            assert await ref.ask(Inspect(ShardStore.check_invariants))
+        assert kv.engine.tracker.used == sum(
+            [await kv.system.ref(shard_name(i)).ask(Inspect(lambda s: s.used)) for i in range(2)]
+        )
+
+
+async def test_an_mset_whose_shard_is_killed_with_its_hold_queued_is_refused_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The killed shard would prepare only after its restart backoff: the MSET
+    gets UNAVAILABLE (nothing applied) at once instead of holding the other
+    shards, and the writer lock, until then."""
     async with kvmemo.open_store(
-        shards=2, hold_timeout=0.5, restart_backoff=1.0, restart_backoff_max=1.0
+        shards=2, hold_timeout=5.0, restart_backoff=1.0, restart_backoff_max=1.0
     ) as kv:
         a, b = key_on(kv, 0, "a"), key_on(kv, 1, "b")
         await kv.mset({a: "old", b: "old"})
@@ -243,6 +277,7 @@ async def test_an_mset_aborted_because_a_shard_held_too_long_is_not_reported_as_
                 outcome["result"] = await kv.mset({a: "new", b: "new"})
             except KVMemoError as exc:
                 outcome["error"] = exc
+            outcome["at"] = trio.current_time()
 
         # Hold the engine's transaction lock as a reader would, so that the
         # MSET passes its shard check, then waits; kill shard 1 meanwhile.
@@ -253,10 +288,12 @@ async def test_an_mset_aborted_because_a_shard_held_too_long_is_not_reported_as_
             await trio.testing.wait_all_tasks_blocked()
             kv.kill_actor(shard_name(1))
             await trio.testing.wait_all_tasks_blocked()
+            released = trio.current_time()
             lock.release(write=False)
-        assert "result" not in outcome, f"an aborted MSET answered {outcome.get('result')!r}"
-        assert outcome["error"].kind == "TIMEOUT"
-        assert outcome["error"].data["applied"] is False
+        assert "result" not in outcome, f"a refused MSET answered {outcome.get('result')!r}"
+        assert outcome["error"].kind == "UNAVAILABLE"
+        assert outcome["at"] - released < 0.1  # not the 1 s restart, nor the 5 s hold
+        await wait_running(kv.system, shard_name(1))
         assert await kv.mget(a, b) == [b"old", b"old"]
         for i in range(2):
             ref = kv.system.ref(shard_name(i))

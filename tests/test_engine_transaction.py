@@ -283,6 +283,7 @@ async def test_watch_survives_a_shard_restart_and_a_rebuild_aborts_safely(
         async with kv.watch("k") as w:
             shard = kv.engine.slots.shard_of(b"k")
             kv.kill_actor(shard_name(shard))
+            await trio.testing.wait_all_tasks_blocked()  # the kill lands
             await wait_running(kv.system, shard_name(shard))
             assert await w.transaction(("SET", "k", "2")) == ["OK"]  # kept: no write since
 
@@ -294,6 +295,7 @@ async def test_watch_survives_a_shard_restart_and_a_rebuild_aborts_safely(
 
             await ref.ask(Inspect(corrupt))
             kv.kill_actor(shard_name(shard))
+            await trio.testing.wait_all_tasks_blocked()
             await wait_running(kv.system, shard_name(shard))
             assert await w.transaction(("SET", "k", "3")) is None  # rebuilt: counts lost
         assert await kv.get("k") == b"2"

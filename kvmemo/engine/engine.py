@@ -100,6 +100,7 @@ WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
+HOLD_POLL = 0.01  # seconds between looks at the shards of a multi-shard hold that waits
 _NO_ANSWER = object()
 _LATE = "the command did not finish in time"
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
@@ -552,9 +553,7 @@ class KVEngine:
     def _shard_for(self, index: int) -> ActorRef:
         ref = self._shards[index]
         if ref.state is not ActorState.RUNNING:
-            eta = ref.restart_eta()
-            retry = 10 if eta is None else max(1, round((eta - trio.current_time()) * 1000))
-            raise UnavailableError(f"{ref.name} is restarting", retry_after_ms=retry)
+            raise _unavailable(ref)
         return ref
 
     def _translate(self, exc: Exception, ref: ActorRef) -> KVMemoError:
@@ -726,9 +725,10 @@ class KVEngine:
                 if not await self._make_room(sum(v.nbytes for v in need), budget):
                     raise OutOfMemoryError(OOM_MESSAGE)
                 continue
-            if not committed and all(v is True for v in votes):
-                # Every shard agreed, yet the write was aborted: a shard's hold
-                # timed out before the last one prepared. Nothing was applied.
+            if not committed and all(v is True or v is None for v in votes):
+                # No shard refused, yet the write was aborted: a shard's hold
+                # timed out before the last one prepared (which may not have
+                # voted yet: the round ends at the decision). Nothing was applied.
                 raise RequestTimeoutError(
                     "the atomic write was aborted: a shard did not prepare in time",
                     applied=False,
@@ -942,11 +942,12 @@ class KVEngine:
         barrier = Barrier(len(refs))
         slots: list[ReplySlot] = []
         commit = False
+        down: ActorRef | None = None
         try:
             for i, (ref, part) in enumerate(zip(refs, parts, strict=True)):
                 hold = Hold(barrier, i, part)
                 slots.append(await self._send(ref, hold, PartSlot(barrier)))
-            await barrier.ready.wait()
+            down = await self._wait_ready(barrier, refs)
             commit = not barrier.failed and all(v is True for v in barrier.votes)
         finally:
             # Whatever happened (a failure, a cancellation), the held shards
@@ -956,15 +957,43 @@ class KVEngine:
         results = []
         error: KVMemoError | None = None
         for ref, slot in zip(refs, slots, strict=True):
+            if not commit and not slot.done:
+                # Aborted: its reply says nothing more (it gives back what it
+                # reserved by itself), and a shard killed with the hold queued
+                # answers only after its restart. The writer lock is not kept
+                # for that.
+                continue
             try:
                 result = slot.result() if slot.done else await slot.wait()
             except (ActorCrashed, ActorStopped, KVMemoError) as exc:
                 error = error or self._translate(exc, ref)
                 continue
             results.append(None if result is ABORTED else result)
+        if error is None and down is not None:
+            error = _unavailable(down)
         if error is not None:
             raise error
         return commit, votes, results
+
+    async def _wait_ready(self, barrier: Barrier, refs: list[ActorRef]) -> ActorRef | None:
+        """Wait until every shard prepared, one failed, or the round was decided.
+
+        A shard killed while its hold was queued would prepare only after its
+        restart (up to ``restart_backoff_max``) while the others hold and the
+        writer lock is kept: every multi-shard command would stall. So the
+        wait looks at the shards every ``HOLD_POLL`` seconds, and a shard not
+        running that has not prepared fails the round at once; it is returned
+        (the caller answers ``UNAVAILABLE``). Usually the barrier is ready at
+        the first look and no timer is set.
+        """
+        while not barrier.ready.is_set():
+            with trio.move_on_after(HOLD_POLL):
+                await barrier.ready.wait()
+            for i, ref in enumerate(refs):
+                if barrier.votes[i] is None and ref.state is not _RUNNING:
+                    barrier.fail()
+                    return ref
+        return None
 
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 
@@ -1391,6 +1420,13 @@ class KVEngine:
             except (ActorCrashed, ActorStopped, AskTimeout):
                 freed = 0
         return freed > 0 or self.tracker.fits(nbytes)
+
+
+def _unavailable(ref: ActorRef) -> UnavailableError:
+    """UNAVAILABLE for a shard that is not running, with its expected restart."""
+    eta = ref.restart_eta()
+    retry = 10 if eta is None else max(1, round((eta - trio.current_time()) * 1000))
+    return UnavailableError(f"{ref.name} is restarting", retry_after_ms=retry)
 
 
 class _RoomBudget:

@@ -34,7 +34,8 @@ class Barrier:
 
     Invariants: ``decided`` is set exactly once, by the engine (after every
     shard arrived, or one failed) or by a shard whose hold timed out (an
-    abort); a shard commits only if the decision is ``commit``.
+    abort); a shard commits only if the decision is ``commit``; ``ready`` is
+    set once every shard arrived, one failed, or the decision was made.
     """
 
     __slots__ = ("arrived", "commit", "decided", "failed", "n", "ready", "votes")
@@ -59,10 +60,15 @@ class Barrier:
         self.ready.set()
 
     def decide(self, commit: bool) -> bool:
-        """Record the decision unless one was made; return the decision in force."""
+        """Record the decision unless one was made; return the decision in force.
+
+        A decision also sets ``ready``: once a shard's hold timed out (an
+        abort), the engine has nothing left to wait for.
+        """
         if not self.decided.is_set():
             self.commit = commit and not self.failed
             self.decided.set()
+            self.ready.set()
         return self.commit
 
 
