@@ -16,9 +16,10 @@ import trio.testing
 from test_engine_atomic import key_on, spread_keys, wait_running
 
 import kvmemo
+from kvmemo.commands import ops
 from kvmemo.engine.engine import KVEngine, shard_name
 from kvmemo.errors import KVMemoError
-from kvmemo.storage.shard import Inspect
+from kvmemo.storage.shard import Barrier, Hold, Inspect
 from kvmemo.storage.store import ShardStore
 
 
@@ -299,3 +300,63 @@ async def test_watch_survives_a_shard_restart_and_a_rebuild_aborts_safely(
             await wait_running(kv.system, shard_name(shard))
             assert await w.transaction(("SET", "k", "3")) is None  # rebuilt: counts lost
         assert await kv.get("k") == b"2"
+
+
+async def test_a_watch_entry_made_anew_never_matches_a_version_seen_before(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The entry of a key can go (its last watcher left) and come back (a new
+    watcher); a write in between must still abort the first watcher."""
+    async with kvmemo.open_store(shards=2) as kv:
+        engine = kv.engine
+        first = await engine.watch([b"k"])
+        await kv.set("k", "written")
+        engine.unwatch(first)  # as a spare unwatch would: the entry goes
+        later = await engine.watch([b"k"])  # made anew
+        assert await engine.execute_transaction([("set", [b"k", b"mine"])], first) is None
+        assert await engine.execute_transaction([("get", [b"k"])], later) == [b"written"]
+        engine.unwatch(later)
+        assert await watched_keys(engine) == 0
+
+
+async def test_a_watch_cancelled_while_its_shard_is_busy_is_given_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=2, hold_timeout=1.0) as kv:
+        shard = kv.engine.slots.shard_of(b"k")
+        ref = kv.system.ref(shard_name(shard))
+        # A hold of a round never decided keeps the shard busy for hold_timeout.
+        ref.tell_nowait(Hold(Barrier(2), 0, ops.MSet([(b"zz", b"1")], only_new=False).part([0])))
+        with trio.move_on_after(0.1) as scope:
+            async with kv.watch("k"):
+                pytest.fail("the watch cannot be answered while the shard is busy")
+        assert scope.cancelled_caught
+        await trio.sleep(2)  # the shard takes the queued WATCH, then the unwatch after it
+        assert await watched_keys(kv.engine) == 0
+
+
+async def test_a_multi_shard_mset_in_a_transaction_evicts_and_overwrites_like_a_plain_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=4, maxmemory=60_000, eviction_policy="lru") as kv:
+        names = spread_keys(kv, 2)
+        for i in range(60):
+            await kv.set(f"filler{i}", "x" * 500)
+        results = await kv.transaction(("MSET", *[x for n in names for x in (n, "y" * 2000)]))
+        assert results == ["OK"]
+        assert await kv.mget(*names) == [b"y" * 2000] * len(names)
+        assert kv.engine.tracker.used <= 60_000
+    async with kvmemo.open_store(shards=4, maxmemory=8_000, eviction_policy="noeviction") as kv:
+        names = spread_keys(kv, 2)
+        await kv.mset(dict.fromkeys(names, "a" * 500))
+        while True:  # fill to the limit
+            try:
+                await kv.set(f"fill{kv.engine.tracker.used}", "f" * 100)
+            except KVMemoError:
+                break
+        # Same-size values over existing keys add nothing: no OOM, as a plain MSET.
+        assert await kv.transaction(("MSET", *[x for n in names for x in (n, "b" * 500)])) == ["OK"]
+        assert await kv.mget(*names) == [b"b" * 500] * len(names)
+        for i in range(4):
+            ref = kv.system.ref(shard_name(i))
+            assert await ref.ask(Inspect(ShardStore.check_invariants))

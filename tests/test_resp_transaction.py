@@ -15,6 +15,7 @@ from test_engine_transaction import watched_keys
 from test_resp_server import TIMEOUT, Client, running
 
 from kvmemo.server.resp import ErrorReply
+from kvmemo.server.resp_server import RespLimits
 
 
 async def test_multi_queues_and_exec_answers_every_command_in_order() -> None:
@@ -26,9 +27,6 @@ async def test_multi_queues_and_exec_answers_every_command_in_order() -> None:
             assert await client.call("INCR", "a") == "QUEUED"
             assert await client.call("PING") == "QUEUED"
             assert await client.call("MGET", "a", "b") == "QUEUED"
-            assert await client.call("CLIENT", "LIST") == ErrorReply(
-                "ERR Command not allowed inside a transaction"
-            )
             assert await client.call("DISCARD") == "OK"
             assert await client.call("GET", "a") is None  # discarded: nothing ran
             assert await client.call("MULTI") == "OK"
@@ -43,6 +41,57 @@ async def test_multi_queues_and_exec_answers_every_command_in_order() -> None:
             await observer.aclose()
             assert await client.call("EXEC") == ["OK", 2, "PONG", [b"2", None]]
             await client.aclose()
+
+
+async def test_connection_commands_in_multi_are_queued_and_answered_in_place() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running() as server:
+            client = await Client.connect(server)
+            assert await client.call("WATCH", "w") == "OK"
+            assert await client.call("MULTI") == "OK"
+            assert await client.call("CLIENT", "SETNAME", "queued") == "QUEUED"
+            assert await client.call("SET", "a", "1") == "QUEUED"
+            assert await client.call("UNWATCH") == "QUEUED"
+            assert await client.call("SELECT", "0") == "QUEUED"
+            assert await client.call("CLIENT", "GETNAME") == "QUEUED"
+            assert await client.call("EXEC") == ["OK", "OK", "OK", "OK", b"queued"]
+            # AUTH and HELLO are refused inside MULTI, and the transaction is discarded.
+            assert await client.call("MULTI") == "OK"
+            assert await client.call("SET", "a", "2") == "QUEUED"
+            assert await client.call("HELLO", "3") == ErrorReply(
+                "ERR Command not allowed inside a transaction"
+            )
+            assert await client.call("EXEC") == ErrorReply(
+                "EXECABORT Transaction discarded because of previous errors."
+            )
+            # So is a connection command with the wrong number of arguments.
+            assert await client.call("MULTI") == "OK"
+            assert await client.call("SET", "a", "3") == "QUEUED"
+            assert isinstance(await client.call("EXEC", "extra"), ErrorReply)
+            assert await client.call("EXEC") == ErrorReply(
+                "EXECABORT Transaction discarded because of previous errors."
+            )
+            assert await client.call("GET", "a") == b"1"
+            await client.aclose()
+
+
+async def test_a_transaction_holds_at_most_max_transaction_commands() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running(limits=RespLimits(max_transaction_commands=3)) as server:
+            client = await Client.connect(server)
+            assert await client.call("MULTI") == "OK"
+            for i in range(3):
+                assert await client.call("SET", f"k{i}", "v") == "QUEUED"
+            assert await client.call("PING") == ErrorReply(
+                "ERR a transaction holds at most 3 commands (max_transaction_commands)"
+            )
+            assert await client.call("EXEC") == ErrorReply(
+                "EXECABORT Transaction discarded because of previous errors."
+            )
+            assert await client.call("EXISTS", "k0") == 0
+            await client.aclose()
+    with pytest.raises(ValueError, match="max_transaction_commands"):
+        RespLimits(max_transaction_commands=0)
 
 
 async def test_a_pipelined_transaction_is_one_reply_per_request() -> None:

@@ -1091,9 +1091,11 @@ class KVEngine:
                     self._txn_lock.release(write=True)
                 if WATCH_CHANGED in votes:
                     return None
-                need = [v for v in votes if isinstance(v, NeedMemory)]
-                if need:
-                    if not await self._make_room(sum(v.nbytes for v in need), budget):
+                if any(isinstance(v, NeedMemory) for v in votes):
+                    # Room for every shard's share: the shards that did reserve
+                    # gave theirs back with the abort, and need it again.
+                    wanted = sum(part.wanted for part in parts if isinstance(part, TxnPart))
+                    if not await self._make_room(wanted, budget):
                         raise OutOfMemoryError(OOM_MESSAGE)
                     continue
                 if not committed:
@@ -1115,19 +1117,29 @@ class KVEngine:
         """
         self._send_unwatch_backlog()
         out: list[tuple[int, bytes, int]] = []
-        timeout = self.config.request_timeout
         try:
-            for shard, where in self.slots.group_by_shard(keys).items():
-                ref = self._shard_for(shard)
-                part = [keys[i] for i in where]
-                try:
-                    counts = await ref.ask(WatchKeys(part), timeout=timeout)
-                except (ActorCrashed, ActorStopped, AskTimeout) as exc:
-                    # It may have counted them: take them back too (a spare
-                    # unwatch only makes another watcher's EXEC fail, safely).
-                    self._unwatch_backlog.append((shard, part))
-                    raise self._translate(exc, ref) from None
-                out.extend((shard, key, count) for key, count in zip(part, counts, strict=True))
+            with trio.move_on_after(self.config.request_timeout) as scope:
+                for shard, where in self.slots.group_by_shard(keys).items():
+                    ref = self._shard_for(shard)
+                    part = [keys[i] for i in where]
+                    slot = await self._send(ref, WatchKeys(part))  # raises: not queued
+                    try:
+                        versions = slot.result() if slot.done else await slot.wait()
+                    except BaseException as exc:
+                        # Queued, so it may run (or have run): an unwatch queued
+                        # after it undoes it, in mailbox order. Not when it never
+                        # ran: a spare unwatch would take another client's watch.
+                        never = isinstance(exc, ActorStopped) or (
+                            isinstance(exc, ActorCrashed) and not exc.handler_started
+                        )
+                        if not never:
+                            self._unwatch_backlog.append((shard, part))
+                        if isinstance(exc, (ActorCrashed, ActorStopped)):
+                            raise self._translate(exc, ref) from None
+                        raise
+                    out.extend((shard, key, v) for key, v in zip(part, versions, strict=True))
+            if scope.cancelled_caught:
+                raise RequestTimeoutError("WATCH did not finish in time", applied=False)
         except BaseException:
             self.unwatch(out)
             raise
@@ -1314,7 +1326,12 @@ class KVEngine:
     # -- expiry and eviction, as the managers decide -------------------------------------------
 
     async def process_expired(self) -> tuple[int, bool]:
-        """One expiry sweep over every running shard; (removed, backlog remains)."""
+        """One expiry sweep over every running shard; (removed, backlog remains).
+
+        Each tick also sends again the unwatches a full mailbox refused.
+        """
+        if self._unwatch_backlog:
+            self._send_unwatch_backlog()
         message = ExpireDue(self.config.expiry_budget)
         slots = []
         for ref in self._shards:

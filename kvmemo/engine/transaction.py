@@ -54,6 +54,7 @@ class Step:
     """One command's piece on one shard: ``run`` gives its result or raises a client error."""
 
     __slots__ = ()
+    write = True  # whether it may change the store
 
     def run(self, store: ShardStore, now: float) -> Any:
         raise NotImplementedError
@@ -62,10 +63,12 @@ class Step:
 class ApplyStep(Step):
     """A single-key operation or a plain part (DEL, EXISTS, MGET, KEYS, ... on this shard)."""
 
-    __slots__ = ("target",)
+    __slots__ = ("target", "write")
 
     def __init__(self, target: ops.ShardOp | ops.Part) -> None:
         self.target = target
+        # Whether it may write: a part does not say, so it may.
+        self.write: bool = getattr(target, "write", True)
 
     def run(self, store: ShardStore, now: float) -> Any:
         return self.target.apply(store, now)
@@ -121,7 +124,12 @@ class ReservedMSetStep(Step):
         self.items = items
         self.reserved = 0
 
-    def bound(self, store: ShardStore) -> int:
+    def bound(self, store: ShardStore, now: float, *, exact: bool) -> int:
+        """Bytes to reserve: what the pairs add to the store as it is now (``exact``,
+        when no earlier step of the transaction writes on this shard), else
+        what they can add at most, whatever the earlier steps did (every key new)."""
+        if exact:
+            return max(0, store.put_delta(self.items, now))  # a shrink is settled by run
         return sum(store.entry_size(k, v) for k, v in self.items)
 
     def run(self, store: ShardStore, now: float) -> Any:
@@ -135,42 +143,52 @@ class ReservedMSetStep(Step):
 class TxnPart(ops.AtomicPart):
     """One shard's share of a transaction: its steps and the watched keys it checks.
 
-    ``prepare`` checks the watched keys' write counts (one that moved votes
+    ``prepare`` checks the watched keys' versions (one that moved votes
     :data:`WATCH_CHANGED`; an entry past its expiry is removed first, so an
-    expiry counts as a change, as in Redis) and reserves the bound of every
-    :class:`ReservedMSetStep`; ``commit`` runs the steps in order and returns
-    their results, a client error in the place of a step that failed (each
-    reserved MSET step turns its reservation into the exact one); ``abort``
-    gives the reservation back.
+    expiry counts as a change, as in Redis) and reserves the bytes of every
+    :class:`ReservedMSetStep` (``wanted``: what it asked for, granted or
+    not); ``commit`` runs the steps in order, at the time ``prepare`` saw
+    (what it checked and reserved holds then), and returns their results, a
+    client error in the place of a step that failed (each reserved MSET
+    step turns its reservation into the exact one); ``abort`` gives the
+    reservation back.
     """
 
     def __init__(self, steps: list[Step], watches: Sequence[tuple[bytes, int]]) -> None:
         self.steps = steps
         self.watches = watches
         self.reserved: list[ReservedMSetStep] = []
+        self.wanted = 0
+        self.prepared_at = 0.0
 
     def prepare(self, store: ShardStore, now: float) -> object:
+        self.prepared_at = now
         for key, seen in self.watches:
             store.peek(key, now)
             if store.watch_count(key) != seen:
                 return WATCH_CHANGED
-        msets = [step for step in self.steps if type(step) is ReservedMSetStep]
+        msets: list[tuple[ReservedMSetStep, int]] = []
+        written = False  # by an earlier step: the store may differ when this one runs
+        for step in self.steps:
+            if type(step) is ReservedMSetStep:
+                msets.append((step, step.bound(store, now, exact=not written)))
+            written = written or step.write
         if msets:
-            bounds = [step.bound(store) for step in msets]
-            total = sum(bounds)
+            self.wanted = total = sum(bound for _, bound in msets)
             if not store.tracker.try_reserve(store.shard_id, total):
                 return NeedMemory(total)
-            for step, bound in zip(msets, bounds, strict=True):
+            for step, bound in msets:
                 step.reserved = bound
-            self.reserved = msets
+            self.reserved = [step for step, _ in msets]
         return True
 
     def commit(self, store: ShardStore, now: float) -> list[Any]:
         self.reserved = []  # each ReservedMSetStep settles its own share
+        at = self.prepared_at
         results: list[Any] = []
         for step in self.steps:
             try:
-                results.append(step.run(store, now))
+                results.append(step.run(store, at))
             except KVMemoError as exc:
                 results.append(exc)
         return results

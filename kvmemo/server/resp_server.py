@@ -185,6 +185,9 @@ class RespLimits:
             ``-ERR max number of clients reached`` and is closed.
         idle_timeout: seconds without traffic before a client is closed
             (Redis's ``timeout``); 0 means never.
+        max_transaction_commands: most commands one MULTI may queue; one more
+            gets an error and EXEC then answers ``EXECABORT`` (an EXEC holds
+            its shards while all of them run).
     """
 
     max_bulk_len: int = 512 * 1024 * 1024
@@ -195,10 +198,17 @@ class RespLimits:
     output_timeout: float = 10.0
     max_clients: int = 10_000
     idle_timeout: float = 0.0
+    max_transaction_commands: int = 100_000
 
     def __attrs_post_init__(self) -> None:
         _check_min("max_bulk_len", self.max_bulk_len, 0)
-        for name in ("max_args", "max_inline_len", "max_query_buffer", "max_output_buffer"):
+        for name in (
+            "max_args",
+            "max_inline_len",
+            "max_query_buffer",
+            "max_output_buffer",
+            "max_transaction_commands",
+        ):
             _check_min(name, getattr(self, name), 1)
         _check_min("max_clients", self.max_clients, 1)
         if not self.output_timeout > 0:
@@ -372,7 +382,10 @@ class _Connection:
         # MULTI: the queued calls (None outside a transaction), and whether one
         # was refused (EXEC then answers EXECABORT); WATCH: what the engine
         # counts for this client (given back at EXEC, DISCARD, UNWATCH, close).
-        self.multi: list[tuple[str, tuple[bytes, ...]]] | None = None
+        # Each queued call: (name, arguments, None) for a data command, run by
+        # the engine as one transaction; (name, the whole request, its handler)
+        # for a connection command, answered in its place at EXEC.
+        self.multi: list[tuple[str, tuple[bytes, ...], Handler | None]] | None = None
         self.multi_dirty = False
         self.watches: list[tuple[int, bytes, int]] = []
         limits = server.limits
@@ -752,17 +765,19 @@ class _Connection:
             self.last_cmd = name
             if not _arity_ok(conn_command.arity, len(argv)):
                 early.append((len(calls) + len(early), self._encode(_arity_error(name))))
+                if self.multi is not None:
+                    self.multi_dirty = True
                 continue
             if not authenticated and not conn_command.no_auth:
                 early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 continue
             if self.multi is not None and name not in _TRANSACTION_CONTROL:
-                # PING is queued like a data command; the others are refused.
-                if name == "ping":
-                    reply = self._queue_call(name, argv)
-                else:
-                    reply = NOT_IN_MULTI
+                # Queued, as Redis queues them; AUTH and HELLO are refused.
+                if name in _NO_MULTI:
+                    reply: object = NOT_IN_MULTI
                     self.multi_dirty = True
+                else:
+                    reply = self._queue_local(name, argv, conn_command.handler)
                 early.append((len(calls) + len(early), self._encode(reply)))
                 continue
             if name == "ping":  # no effect to keep in order: answer in place
@@ -777,15 +792,37 @@ class _Connection:
         await self._run_calls(calls, early)
 
     def _queue_call(self, name: str, argv: tuple[bytes, ...]) -> object:
-        """Queue a call of the open transaction: QUEUED, or its error (and EXEC will abort)."""
+        """Queue a data command of the open transaction: QUEUED, or its error (EXEC will abort)."""
         assert self.multi is not None
+        full = self._queue_full()
+        if full is not None:
+            return full
         try:
             self.server.engine.check_transaction_call(name, argv[1:])
         except KVMemoError as exc:
             self.multi_dirty = True
             return redis_error(exc)
-        self.multi.append((name, argv[1:]))
+        self.multi.append((name, argv[1:], None))
         return QUEUED
+
+    def _queue_local(self, name: str, argv: tuple[bytes, ...], handler: Handler) -> object:
+        """Queue a connection command of the open transaction (run in its place at EXEC)."""
+        assert self.multi is not None
+        full = self._queue_full()
+        if full is not None:
+            return full
+        self.multi.append((name, argv, handler))
+        return QUEUED
+
+    def _queue_full(self) -> ErrorReply | None:
+        assert self.multi is not None
+        most = self.server.limits.max_transaction_commands
+        if len(self.multi) < most:
+            return None
+        self.multi_dirty = True
+        return ErrorReply(
+            f"ERR a transaction holds at most {most} commands (max_transaction_commands)"
+        )
 
     async def _run_calls(
         self, calls: list[tuple[str, Sequence[bytes]]], early: list[tuple[int, bytes]]
@@ -1002,6 +1039,8 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 # What a client in MULTI runs at once instead of queueing (as Redis).
 _TRANSACTION_CONTROL: Final = frozenset({"multi", "exec", "discard", "watch", "quit", "reset"})
+# Refused inside MULTI (and the transaction is then discarded).
+_NO_MULTI: Final = frozenset({"auth", "hello"})
 
 
 @_connection_command("multi", 1, "noscript loading stale fast allow_busy", "start a transaction")
@@ -1027,7 +1066,8 @@ async def _exec(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     try:
         if dirty:
             return EXECABORT
-        results = await engine.execute_transaction(queued, watches)
+        data = [(name, args) for name, args, handler in queued if handler is None]
+        results = await engine.execute_transaction(data, watches)
     except KVMemoError as exc:
         return redis_error(exc)
     finally:
@@ -1035,7 +1075,15 @@ async def _exec(conn: _Connection, argv: tuple[bytes, ...]) -> object:
             engine.unwatch(watches)
     if results is None:
         return NULL_ARRAY  # a watched key was written: nothing ran
-    return [_to_reply(result) for result in results]
+    # Connection commands run now, in their places among the replies.
+    answers = iter(results)
+    replies: list[object] = []
+    for _, args, handler in queued:
+        if handler is None:
+            replies.append(_to_reply(next(answers)))
+        else:
+            replies.append(await handler(conn, args))
+    return replies
 
 
 @_connection_command("discard", 1, "noscript loading stale fast allow_busy", "drop the transaction")

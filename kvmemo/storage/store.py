@@ -25,6 +25,7 @@ Invariants (checked by :meth:`ShardStore.check_invariants`):
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Iterator
 
 from ..errors import OutOfMemoryError
@@ -35,6 +36,10 @@ from ..expiry.ttl_index import TTLIndex
 from .durability import Journal, ShardDurability
 
 SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard; the oldest is dropped
+# Versions of watched keys, process-wide and only ever growing: a version a
+# watcher saw is never given again, even to an entry made anew (its last
+# watcher left, or the store was rebuilt), so no write can go unseen.
+_WATCH_VERSIONS = itertools.count(1)
 
 
 class NeedMemory(OutOfMemoryError):
@@ -75,7 +80,7 @@ class ShardStore:
         self.durability: ShardDurability | None = None
         self.journal: Journal | None = None
         self.needs_recovery = False  # set by a rebuild that must reload from disk
-        # WATCH: key -> [watchers, writes since first watched], for watched keys only.
+        # WATCH: key -> [watchers, version], for watched keys only (see watch()).
         self._watched: dict[bytes, list[int]] = {}
 
     def entry_size(self, key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
@@ -374,16 +379,17 @@ class ShardStore:
     # -- WATCH -----------------------------------------------------------------------
 
     def watch(self, key: bytes) -> int:
-        """Start counting writes to ``key`` for one more watcher; the count so far.
+        """Watch ``key`` for one more watcher; its version now.
 
-        A watched key's count grows with every change to it (a write, a
-        delete, an expiry, an eviction, a flush), as Redis's WATCH sees them.
-        Each ``watch`` needs one :meth:`unwatch`; the count is kept while
-        anyone watches.
+        A watched key gets a new version with every change to it (a write, a
+        delete, an expiry, an eviction, a flush), as Redis's WATCH sees
+        them; versions are unique in the process, so a version seen once
+        means "unchanged" only while the entry lives. Each ``watch`` needs
+        one :meth:`unwatch`; the entry is kept while anyone watches.
         """
         entry = self._watched.get(key)
         if entry is None:
-            self._watched[key] = entry = [0, 0]
+            self._watched[key] = entry = [0, next(_WATCH_VERSIONS)]
         entry[0] += 1
         return entry[1]
 
@@ -396,7 +402,7 @@ class ShardStore:
                 del self._watched[key]
 
     def watch_count(self, key: bytes) -> int | None:
-        """Writes to ``key`` since it was first watched, or None when nobody watches it."""
+        """The version of a watched ``key``, or None when nobody watches it."""
         entry = self._watched.get(key)
         return None if entry is None else entry[1]
 
@@ -408,11 +414,11 @@ class ShardStore:
     def _touch(self, key: bytes) -> None:
         entry = self._watched.get(key)
         if entry is not None:
-            entry[1] += 1
+            entry[1] = next(_WATCH_VERSIONS)
 
     def _touch_all(self) -> None:
         for entry in self._watched.values():
-            entry[1] += 1
+            entry[1] = next(_WATCH_VERSIONS)
 
     def flush(self) -> int:
         """Remove every entry; return how many there were."""
