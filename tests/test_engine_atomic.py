@@ -496,3 +496,35 @@ async def test_a_shard_down_in_a_grouped_round_fails_only_the_msets_that_touch_i
             lock.release(write=False)
         assert outcomes == {"A": "OK", "B": "UNAVAILABLE", "C": "OK"}
         assert await kv.mget(*c) == [b"c", b"c"]
+
+
+async def test_an_mget_whose_shard_is_killed_with_its_read_queued_does_not_hold_the_lock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The read gives up (UNAVAILABLE) instead of keeping the reader lock, and
+    with it every MSET and every MGET queued behind one, until the restart."""
+    async with kvmemo.open_store(shards=2, restart_backoff=1.0, restart_backoff_max=1.0) as kv:
+        a, b = key_on(kv, 0, "a"), key_on(kv, 1, "b")
+        await kv.mset({a: "old", b: "old"})
+        outcome: dict[str, Any] = {}
+
+        async def mget() -> None:
+            try:
+                outcome["result"] = await kv.mget(a, b)
+            except KVMemoError as exc:
+                outcome["error"] = exc
+            outcome["at"] = trio.current_time()
+
+        lock = kv.engine._txn_lock
+        await lock.acquire(write=True)  # the MGET passes its shard check, then waits here
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mget)
+            await trio.testing.wait_all_tasks_blocked()
+            kv.kill_actor(shard_name(1))
+            await trio.testing.wait_all_tasks_blocked()
+            released = trio.current_time()
+            lock.release(write=True)
+        assert outcome["error"].kind == "UNAVAILABLE"
+        assert outcome["at"] - released < 0.1  # not the 1 s restart
+        await wait_running(kv.system, shard_name(1))
+        assert await kv.mget(a, b) == [b"old", b"old"]

@@ -8,7 +8,10 @@ each one (invocation, completion, outcome) for the history checker:
 - counter keys ``ctr:N``: ``incr`` (checked at the end against the number of
   acknowledged and possibly-applied increments);
 - MSET groups ``grp:N:a|b|c`` (no hash tag, so a group spans shards): ``mset``
-  of one unique value per key, ``mget`` of the whole group.
+  of one unique value per key, ``mget`` of the whole group. Against a target
+  with transactions (the embedded store), half of them are MULTI/EXEC
+  transactions of single-key SETs or GETs instead, checked by the same rule:
+  a group is written and read whole.
 
 Meanwhile a killer task kills actors at the given rate through the target's
 own chaos API (random shards, the ttl-manager, the eviction-manager), and,
@@ -32,6 +35,7 @@ from ..errors import KVMemoError
 from .history import Op, Outcome
 
 WRITE_TTL = 0.5  # seconds of TTL given to a share of the sets and expires
+TRANSACTION = "transaction"  # a command tuple (TRANSACTION, call, call, ...): one MULTI/EXEC
 
 
 @attrs.define
@@ -119,6 +123,7 @@ async def worker(
     worker resumes on a new session, so that every value stays unique.
     """
     seq = seq if seq is not None else itertools.count(1)
+    transactions = callable(getattr(kv, "transaction", None))
     while clock() < end and not getattr(kv, "closed", False):
         value = f"c{client_id}-{next(seq)}"
         roll = rng.random()
@@ -156,11 +161,18 @@ async def worker(
             keys = tuple(f"grp:{g}:{part}" for part in "abc")
             values = tuple(f"{value}:{part}" for part in "abc")
             flat = [x for kv_ in zip(keys, values, strict=True) for x in kv_]
-            await _record(rec, client_id, kv, "mset", keys, values, ("mset", *flat), clock)
+            command: tuple[Any, ...] = ("mset", *flat)
+            if transactions and rng.random() < 0.5:
+                sets = [("set", k, v) for k, v in zip(keys, values, strict=True)]
+                command = (TRANSACTION, *sets)
+            await _record(rec, client_id, kv, "mset", keys, values, command, clock)
         else:
             g = rng.randrange(cfg.groups)
             keys = tuple(f"grp:{g}:{part}" for part in "abc")
-            await _record(rec, client_id, kv, "mget", keys, (None,) * 3, ("mget", *keys), clock)
+            command = ("mget", *keys)
+            if transactions and rng.random() < 0.5:
+                command = (TRANSACTION, *[("get", k) for k in keys])
+            await _record(rec, client_id, kv, "mget", keys, (None,) * 3, command, clock)
 
 
 def _text(value: Any) -> str | None:
@@ -187,7 +199,13 @@ async def _record(
     result: Any = None
     error: str | None = None
     try:
-        result = await kv.execute(*command)
+        if command[0] is TRANSACTION:
+            result = await kv.transaction(*command[1:])
+            failed = [r for r in result if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]  # none expected here: a SET or GET of a string key
+        else:
+            result = await kv.execute(*command)
         outcome = Outcome.OK
     except (KVMemoError, ConnectionError, OSError, trio.BrokenResourceError) as exc:
         outcome, error = classify(exc)

@@ -920,10 +920,25 @@ class KVEngine:
         results = []
         for ref, slot in zip(refs, slots, strict=True):
             try:
-                results.append(slot.result() if slot.done else await slot.wait())
+                results.append(slot.result() if slot.done else await self._read_reply(ref, slot))
             except (ActorCrashed, ActorStopped) as exc:
                 raise self._translate(exc, ref) from None
         return op.combine(results, positions, True)
+
+    async def _read_reply(self, ref: ActorRef, slot: ReplySlot) -> Any:
+        """A read part's reply, or UNAVAILABLE once its shard is down without answering.
+
+        A multi-shard read holds the reader lock while it waits; a shard
+        killed with the part queued answers only after its restart backoff,
+        and meanwhile every writer, and every reader behind a writer, would
+        wait on the lock. A read has no effect, so it may give up: the wait
+        looks at the shard every ``HOLD_POLL`` seconds (as ``_wait_ready``).
+        """
+        while True:
+            with trio.move_on_after(HOLD_POLL):
+                return await slot.wait()
+            if not slot.done and ref.state is not _RUNNING:
+                raise _unavailable(ref)
 
     async def _two_phase(
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
