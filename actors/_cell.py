@@ -8,6 +8,7 @@ restart keeps every queued message and the state survives its task.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -92,6 +93,26 @@ class ChildCell:
         self.handler_started = False
         self.heir_state: Any = None
         self._has_state = False
+        # Monitors of the running incarnation: key -> (callback, argument),
+        # each called once when it ends (see ActorRef.monitor).
+        self.monitors: dict[int, tuple[Callable[[Any], None], Any]] = {}
+        self._next_monitor = 0
+
+    def monitor(self, callback: Callable[[Any], None], arg: Any) -> int:
+        """Call ``callback(arg)`` once the running incarnation ends; a key for :meth:`demonitor`.
+
+        Called at once (and 0 returned) when no incarnation is running.
+        """
+        if self.state is not ActorState.RUNNING:
+            callback(arg)
+            return 0
+        self._next_monitor += 1
+        self.monitors[self._next_monitor] = (callback, arg)
+        return self._next_monitor
+
+    def demonitor(self, key: int) -> None:
+        """Forget a monitor (one that already fired, or key 0, is ignored)."""
+        self.monitors.pop(key, None)
 
     @property
     def is_supervisor(self) -> bool:
@@ -168,6 +189,9 @@ class ChildCell:
             held, self.held = self.held, []
             for slot, _, _ in held:  # handled, but never committed: may or may not last
                 slot.fail(ActorCrashed(self.name, cause, handler_started=True))
+            monitors, self.monitors = self.monitors, {}
+            for callback, arg in monitors.values():
+                callback(arg)
             if not started:
                 task_status.started()
             self.done.set()

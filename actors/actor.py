@@ -23,6 +23,7 @@ the supervisor's child spec, for the next incarnation.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -191,6 +192,25 @@ class ActorRef:
     def restart_eta(self) -> float | None:
         """``trio.current_time()`` at which a pending restart is due, else None."""
         return self._cell.restart_at
+
+    def monitor(self, callback: Callable[[Any], None], arg: Any = None) -> int:
+        """Call ``callback(arg)`` once the running incarnation ends, as Erlang's monitor.
+
+        It ends by a crash, a kill or a stop; the callback runs synchronously
+        in the actor's cell as the incarnation is torn down (after the reply
+        of the message being handled was failed), and must not raise. If no
+        incarnation is running, it is called at once. For a caller waiting
+        on the actor's progress that must not wait for a restart (messages
+        queued in the mailbox are kept for the next incarnation).
+
+        Returns:
+            A key for :meth:`demonitor` (0 when the callback already ran).
+        """
+        return self._cell.monitor(callback, arg)
+
+    def demonitor(self, key: int) -> None:
+        """Forget a monitor; a key that fired already (or 0) is ignored."""
+        self._cell.demonitor(key)
 
     def tell_nowait(self, message: Any) -> None:
         """Queue ``message`` without waiting.

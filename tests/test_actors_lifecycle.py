@@ -396,3 +396,50 @@ async def test_cancelling_the_scope_that_owns_the_root_stops_every_actor_and_lea
     [result] = results
     assert isinstance(result, outcome.Error)
     assert isinstance(result.error, ActorCrashed)  # the busy actor was cancelled on its deadline
+
+
+# -- monitors ---------------------------------------------------------------------------------
+
+
+async def test_a_monitor_fires_once_when_the_incarnation_ends_by_kill_or_crash(
+    autojump_clock: Any,
+) -> None:
+    hooks = Hooks()
+    async with open_actor_system(Supervisor("root", [hooks.spec()], backoff=NO_JITTER)) as system:
+        c = system.ref("c")
+        await c.ask("get")
+        fired: list[tuple[str, ActorState]] = []
+
+        def note(tag: str) -> None:
+            fired.append((tag, c.state))
+
+        c.monitor(note, "kill")
+        forgotten = c.monitor(note, "forgotten")
+        c.demonitor(forgotten)
+        system.kill("c")
+        await wait_for(system, "c", EventKind.RESTARTED)
+        assert fired == [("kill", ActorState.DOWN)]  # once, as it went down; not the forgotten one
+        c.monitor(note, "crash")
+        with pytest.raises(ActorCrashed):
+            await c.ask("corrupt")
+        assert fired[-1] == ("crash", ActorState.DOWN)
+        await wait_for(system, "c", EventKind.RESTARTED, 2)
+        await c.ask("get")  # the new incarnation keeps no monitor of the old one
+        system.kill("c")
+        await wait_for(system, "c", EventKind.RESTARTED, 3)
+        assert [tag for tag, _ in fired] == ["kill", "crash"]
+
+
+async def test_a_monitor_of_an_actor_not_running_fires_at_once(autojump_clock: Any) -> None:
+    hooks = Hooks()
+    spec = attrs.evolve(hooks.spec(), restart=RestartType.TEMPORARY)
+    async with open_actor_system(Supervisor("root", [spec], backoff=NO_JITTER)) as system:
+        c = system.ref("c")
+        await c.ask("stop")
+        with trio.fail_after(1):
+            while c.state is ActorState.RUNNING:  # noqa: ASYNC110 - stops at its next checkpoint
+                await trio.sleep(0.001)
+        fired: list[int] = []
+        assert c.monitor(fired.append, 7) == 0
+        assert fired == [7]
+        c.demonitor(0)  # harmless
