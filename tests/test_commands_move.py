@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
+from test_engine_atomic import key_on
 
 import kvmemo
+from kvmemo.commands import ops
+from kvmemo.engine.engine import shard_name
+from kvmemo.errors import KVMemoError
+from kvmemo.storage.shard import Barrier, Hold
 
 
 def two_keys_on_different_shards(kv: kvmemo.Store) -> tuple[str, str]:
@@ -123,3 +129,42 @@ def test_a_target_that_expires_while_its_shard_holds_is_accounted_once(kind: str
         == sum(store.entry_size(k, v, has_ttl=k in store.expires) for k, v in store.data.items())
     )
     assert store.get(b"dst", 2.0) == b"new value"
+
+
+async def test_a_retried_rename_leaves_no_stale_part_that_could_crash_a_shard(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A RENAME whose source changed under it retries with the source read again
+    (here: gone). A part of the aborted round, still queued on a busy target
+    shard, must prepare and abort with the entry of its own round, not crash."""
+    async with kvmemo.open_store(shards=2, hold_timeout=0.5) as kv:
+        src, dst = key_on(kv, 0, "src"), key_on(kv, 1, "dst")
+        await kv.set(src, "v")
+
+        def busy(shard: int, holds: int) -> None:
+            # Holds of a round never decided: each keeps the shard hold_timeout.
+            for _ in range(holds):
+                part = ops.MSet([(b"zz", b"1")], only_new=False).part([0])
+                kv.system.ref(shard_name(shard)).tell_nowait(Hold(Barrier(2), 0, part))
+
+        busy(0, 1)  # the source's shard: 0.5 s
+        busy(1, 3)  # the target's shard: 1.5 s, past the source's hold timeout
+        outcome: dict[str, object] = {}
+
+        async def rename() -> None:
+            try:
+                outcome["result"] = await kv.execute("RENAME", src, dst)
+            except KVMemoError as exc:
+                outcome["error"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rename)
+            await trio.testing.wait_all_tasks_blocked()  # its read of the source is queued
+            nursery.start_soon(kv.delete, src)  # then the source goes: CHANGED, retry
+        error = outcome["error"]
+        assert isinstance(error, KVMemoError)
+        assert error.kind == "SYNTAX"  # no such key, on the retry
+        await trio.sleep(2)  # the busy target takes the stale part
+        restarts = [(a["name"], a["restarts"]) for a in kv.actors() if a["name"][:6] == "shard-"]
+        assert restarts == [("shard-0", 0), ("shard-1", 0)]
+        assert await kv.exists(src, dst, "zz") == 0

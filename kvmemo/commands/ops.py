@@ -660,7 +660,12 @@ class _MovePart(AtomicPart):
     """
 
     def __init__(self, op: Move, source: bool, target: bool) -> None:
+        assert op.entry is not None  # the engine read the source before making parts
         self.op = op
+        # The entry this round moves, fixed now: a retry reads the source
+        # again into ``op.entry``, while a part of an aborted round may still
+        # be queued on a busy shard (it then prepares and aborts on its own).
+        self.entry: tuple[bytes, float | None] = op.entry
         self.source = source
         self.target = target
         self.reserved = 0
@@ -668,8 +673,7 @@ class _MovePart(AtomicPart):
 
     def prepare(self, store: ShardStore, now: float) -> object:
         op = self.op
-        assert op.entry is not None
-        value, expires_at = op.entry
+        value, expires_at = self.entry
         if self.source and (
             store.peek(op.src, now) is not value or store.expiry_of(op.src) != expires_at
         ):
@@ -691,8 +695,7 @@ class _MovePart(AtomicPart):
         # The shard held (no other message ran) since prepare: the store is as
         # prepare saw it, so applying at prepare's time matches the reservation.
         op = self.op
-        assert op.entry is not None
-        value, expires_at = op.entry
+        value, expires_at = self.entry
         if self.target:
             store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
             self.reserved = 0

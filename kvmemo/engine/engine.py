@@ -100,7 +100,6 @@ WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
-HOLD_POLL = 0.01  # seconds between looks at the shards of a multi-shard hold that waits
 _NO_ANSWER = object()
 _LATE = "the command did not finish in time"
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
@@ -920,25 +919,21 @@ class KVEngine:
         results = []
         for ref, slot in zip(refs, slots, strict=True):
             try:
-                results.append(slot.result() if slot.done else await self._read_reply(ref, slot))
+                if slot.done:
+                    results.append(slot.result())
+                    continue
+                # Waiting holds the reader lock: a shard killed with this part
+                # queued answers only after its restart, and meanwhile every
+                # writer (and every reader behind one) would wait on the lock.
+                # A read has no effect, so it gives up: UNAVAILABLE at once.
+                key = ref.monitor(_fail_unanswered, (ref, slot))
+                try:
+                    results.append(await slot.wait())
+                finally:
+                    ref.demonitor(key)
             except (ActorCrashed, ActorStopped) as exc:
                 raise self._translate(exc, ref) from None
         return op.combine(results, positions, True)
-
-    async def _read_reply(self, ref: ActorRef, slot: ReplySlot) -> Any:
-        """A read part's reply, or UNAVAILABLE once its shard is down without answering.
-
-        A multi-shard read holds the reader lock while it waits; a shard
-        killed with the part queued answers only after its restart backoff,
-        and meanwhile every writer, and every reader behind a writer, would
-        wait on the lock. A read has no effect, so it may give up: the wait
-        looks at the shard every ``HOLD_POLL`` seconds (as ``_wait_ready``).
-        """
-        while True:
-            with trio.move_on_after(HOLD_POLL):
-                return await slot.wait()
-            if not slot.done and ref.state is not _RUNNING:
-                raise _unavailable(ref)
 
     async def _two_phase(
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
@@ -957,14 +952,21 @@ class KVEngine:
         barrier = Barrier(len(refs))
         slots: list[ReplySlot] = []
         commit = False
-        down: ActorRef | None = None
+        monitors: list[tuple[ActorRef, int]] = []
         try:
             for i, (ref, part) in enumerate(zip(refs, parts, strict=True)):
                 hold = Hold(barrier, i, part)
                 slots.append(await self._send(ref, hold, PartSlot(barrier)))
-            down = await self._wait_ready(barrier, refs)
+                # A shard killed with this hold queued would prepare only after
+                # its restart backoff, while the others hold and the writer lock
+                # is kept: every multi-shard command would stall. Its end fails
+                # the round at once instead (UNAVAILABLE, nothing applied).
+                monitors.append((ref, ref.monitor(barrier.went_down, i)))
+            await barrier.ready.wait()
             commit = not barrier.failed and all(v is True for v in barrier.votes)
         finally:
+            for ref, key in monitors:
+                ref.demonitor(key)
             # Whatever happened (a failure, a cancellation), the held shards
             # must not wait for a decision that never comes.
             commit = barrier.decide(commit)
@@ -984,31 +986,11 @@ class KVEngine:
                 error = error or self._translate(exc, ref)
                 continue
             results.append(None if result is ABORTED else result)
-        if error is None and down is not None:
-            error = _unavailable(down)
+        if error is None and barrier.down is not None:
+            error = _unavailable(refs[barrier.down])
         if error is not None:
             raise error
         return commit, votes, results
-
-    async def _wait_ready(self, barrier: Barrier, refs: list[ActorRef]) -> ActorRef | None:
-        """Wait until every shard prepared, one failed, or the round was decided.
-
-        A shard killed while its hold was queued would prepare only after its
-        restart (up to ``restart_backoff_max``) while the others hold and the
-        writer lock is kept: every multi-shard command would stall. So the
-        wait looks at the shards every ``HOLD_POLL`` seconds, and a shard not
-        running that has not prepared fails the round at once; it is returned
-        (the caller answers ``UNAVAILABLE``). Usually the barrier is ready at
-        the first look and no timer is set.
-        """
-        while not barrier.ready.is_set():
-            with trio.move_on_after(HOLD_POLL):
-                await barrier.ready.wait()
-            for i, ref in enumerate(refs):
-                if barrier.votes[i] is None and ref.state is not _RUNNING:
-                    barrier.fail()
-                    return ref
-        return None
 
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 
@@ -1452,6 +1434,12 @@ class KVEngine:
             except (ActorCrashed, ActorStopped, AskTimeout):
                 freed = 0
         return freed > 0 or self.tracker.fits(nbytes)
+
+
+def _fail_unanswered(arg: tuple[ActorRef, ReplySlot]) -> None:
+    """Monitor callback: a shard went down before answering a read; UNAVAILABLE for it."""
+    ref, slot = arg
+    slot.fail(_unavailable(ref))  # ignored when the reply came first
 
 
 def _unavailable(ref: ActorRef) -> UnavailableError:

@@ -38,7 +38,7 @@ class Barrier:
     set once every shard arrived, one failed, or the decision was made.
     """
 
-    __slots__ = ("arrived", "commit", "decided", "failed", "n", "ready", "votes")
+    __slots__ = ("arrived", "commit", "decided", "down", "failed", "n", "ready", "votes")
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -48,6 +48,7 @@ class Barrier:
         self.commit = False
         self.ready = trio.Event()  # every shard prepared, or one failed
         self.decided = trio.Event()
+        self.down: int | None = None  # a shard that went down before it prepared
 
     def arrive(self, index: int, vote: object) -> None:
         self.votes[index] = vote
@@ -58,6 +59,12 @@ class Barrier:
     def fail(self) -> None:
         self.failed = True
         self.ready.set()
+
+    def went_down(self, index: int) -> None:
+        """Monitor callback: shard ``index`` ended; if it had not prepared, the round fails."""
+        if self.votes[index] is None and not self.ready.is_set():
+            self.down = index
+            self.fail()
 
     def decide(self, commit: bool) -> bool:
         """Record the decision unless one was made; return the decision in force.
