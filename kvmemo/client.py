@@ -115,6 +115,7 @@ _OK_METHODS = frozenset(
         "rename",
     }
 )
+UNWATCH_GRACE = 5.0  # seconds a watch block's end waits for its unwatch, even when cancelled
 # Methods whose result is not made of bulk strings: passed through as decoded JSON.
 _JSON_METHODS = frozenset({"info", "debug.actors", "command.list"})
 
@@ -370,6 +371,72 @@ class Client(Commands):
             self._pending.pop(request.id, None)
         return _unwrap(request.slot, method, args)
 
+    async def transaction(self, *calls: tuple[Arg, ...]) -> list[Any] | None:
+        """Run commands as one atomic step (protocol 1.2, Redis's MULTI/EXEC).
+
+        Each call is ``(command, *args)``. No other request runs between
+        them and nobody sees part of their effects; a call that fails gives
+        its :class:`KVMemoError` in its place and the others still run.
+
+        Returns:
+            One result (or error) per call; None when a key this session
+            watches (:meth:`watch`) was written since: nothing ran.
+
+        Raises:
+            KVMemoError: the transaction was refused as a whole (``data["index"]``
+                names the call), or failed as a whole (``UNAVAILABLE``, ``OOM``, ...).
+            TypeError, ValueError: a call that cannot be sent (nothing is sent).
+        """
+        prepared = [(str(call[0]).lower(), call[1:]) for call in calls]
+        params = [[method, *encode_params(args)] for method, args in prepared]
+        self._check_open()
+        request = self._register("transaction", params)
+        try:
+            with trio.fail_after(self._deadline_seconds()):
+                await self._enqueue(request)
+                await request.slot.done.wait()
+        except trio.TooSlowError:
+            raise self._timeout_error("a transaction") from None
+        finally:
+            self._pending.pop(request.id, None)
+        answer = _unwrap_raw(request.slot)  # each call's entry is decoded as that call's
+        if answer is None:
+            return None
+        if not isinstance(answer, list) or len(answer) != len(prepared):
+            raise InternalError(f"malformed transaction result from the server: {answer!r}")
+        return [
+            error_from_payload(entry)
+            if isinstance(entry, dict)
+            else decode_result(method, args, entry)
+            for (method, args), entry in zip(prepared, answer, strict=True)
+        ]
+
+    @asynccontextmanager
+    async def watch(self, *keys: Arg) -> AsyncIterator[Client]:
+        """Watch ``keys`` for an optimistic :meth:`transaction`, until the block ends.
+
+        The session watches them (protocol 1.2 ``watch``): a transaction in
+        the block returns None, running nothing, if one was written since.
+        Watches belong to the session: a reconnect loses them (the next
+        transaction then runs unchecked), so retry from the read on
+        :class:`DisconnectedError`. ::
+
+            async with kv.watch("balance"):
+                balance = int(await kv.get("balance") or 0)
+                done = await kv.transaction(("SET", "balance", balance - 10))
+        """
+        await self.execute("watch", *keys)
+        try:
+            yield self
+        finally:
+            # Give the watches back even when cancelled; a lost session has none.
+            grace = min(self._deadline_seconds(), UNWATCH_GRACE)
+            with trio.CancelScope(shield=True), trio.move_on_after(grace):
+                try:
+                    await self.execute("unwatch")
+                except KVMemoError:
+                    pass
+
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands, sent together; errors are returned, not raised.
 
@@ -460,7 +527,7 @@ class Client(Commands):
             f"no answer to {what} within {self._timeout} s (client timeout)", applied=None
         )
 
-    def _register(self, method: str, params: list[str | int]) -> _Request:
+    def _register(self, method: str, params: list[Any]) -> _Request:
         """A fresh id and slot for one request. Synchronous: no checkpoint."""
         request_id = self._next_id
         self._next_id += 1
@@ -561,13 +628,18 @@ class Client(Commands):
 
 
 def _unwrap(slot: _Slot, method: str, args: Sequence[Arg]) -> Any:
+    return decode_result(method, args, _unwrap_raw(slot))
+
+
+def _unwrap_raw(slot: _Slot) -> Any:
+    """The JSON result of an answered request, as decoded; its error raised."""
     if slot.lost is not None:
         raise DisconnectedError(slot.lost, applied=None)
     response = slot.response
     assert response is not None
     if "error" in response:
         raise error_from_payload(response["error"])
-    return decode_result(method, args, response.get("result"))
+    return response.get("result")
 
 
 def _closed_reason(url: str, exc: ConnectionClosed) -> str:

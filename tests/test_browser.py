@@ -567,6 +567,80 @@ def test_client_reconnects_after_the_socket_closes(
     assert opened["reconnected"] is True
 
 
+def test_client_transaction_and_watch(
+    server: KVServer, page: Page, page_errors: PageErrors
+) -> None:
+    client_page(page, server)
+    out = page.evaluate(
+        """async () => {
+          const {KVMemoClient, KVMemoError} = await import("/static/kvmemo.js");
+          const kv = await KVMemoClient.connect("/ws", {WebSocketImpl: SpyWebSocket});
+          const other = await KVMemoClient.connect("/ws");  // another session
+          const slot = (x) => x instanceof KVMemoError
+            ? {error: true, kind: x.kind, code: x.code, data: x.data} : x;
+          await kv.del("tx:a", "tx:text", "tx:w");
+          await kv.set("tx:text", "not a number");
+          const before = window.__sent.length;
+          const results = await kv.transaction(["set", "tx:a", "1"], ["incr", "tx:a"],
+                                               ["incr", "tx:text"], ["mget", "tx:a", "tx:none"]);
+          const request = JSON.parse(window.__sent[before].data);
+          const a = await kv.get("tx:a");
+
+          // Optimistic locking: a write by another session since WATCH aborts it.
+          const watched = await kv.watch("tx:w");
+          await other.set("tx:w", "theirs");
+          const aborted = await kv.transaction(["set", "tx:w", "mine"]);
+          const afterAbort = await kv.get("tx:w");
+          // The transaction ended the watch: the retry runs.
+          const retried = await kv.transaction(["set", "tx:w", "mine"]);
+          // Nobody wrote since WATCH: it runs; and UNWATCH lets it run anyway.
+          await kv.watch("tx:w");
+          const untouched = await kv.transaction(["get", "tx:w"]);
+          await kv.watch("tx:w");
+          await other.set("tx:w", "theirs again");
+          const unwatched = await kv.unwatch();
+          const afterUnwatch = await kv.transaction(["get", "tx:w"]);
+
+          // Refused as a whole: rejects, and nothing ran.
+          const refused = await kv.transaction(["set", "tx:a", "9"], ["get"]).then(
+            (value) => ({value}), (e) => slot(e));
+          const aAfterRefusal = await kv.get("tx:a");
+          await kv.del("tx:a", "tx:text", "tx:w");
+          await other.close();
+          await kv.close();
+          return {results: results.map(slot), request, a, watched, aborted, afterAbort,
+                  retried, untouched, unwatched, afterUnwatch, refused, aAfterRefusal};
+        }"""
+    )
+    assert out["request"]["method"] == "transaction"
+    assert out["request"]["params"] == [
+        ["set", "tx:a", "1"],
+        ["incr", "tx:a"],
+        ["incr", "tx:text"],
+        ["mget", "tx:a", "tx:none"],
+    ]
+    ok, n, error, values = out["results"]
+    assert (ok, n, values) == ("OK", 2, ["2", None])
+    assert error["error"] is True
+    assert error["kind"] == "NOT_INTEGER"
+    assert error["code"] == -32000
+    assert out["a"] == "2"  # nothing rolled back
+
+    assert out["watched"] == "OK"
+    assert out["aborted"] is None
+    assert out["afterAbort"] == "theirs"
+    assert out["retried"] == ["OK"]
+    assert out["untouched"] == ["mine"]
+    assert out["unwatched"] == "OK"
+    assert out["afterUnwatch"] == ["theirs again"]
+
+    refused = out["refused"]
+    assert refused["error"] is True
+    assert refused["code"] == -32602
+    assert refused["data"]["index"] == 1
+    assert out["aAfterRefusal"] == "2"
+
+
 def test_console_reconnects_after_a_server_restart(
     server: KVServer, page: Page, page_errors: PageErrors
 ) -> None:

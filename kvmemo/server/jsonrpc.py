@@ -158,6 +158,8 @@ class Call:
         notification: ``True`` when the request had no ``id`` member; the
             server runs it and sends nothing back, not even an error.
         index: the position of the request in its batch (0 for a single request).
+        calls: for ``transaction`` (version 1.2), its calls as (method, args),
+            each checked as a request's params are; ``args`` is then empty.
     """
 
     id: RequestId
@@ -165,6 +167,7 @@ class Call:
     args: tuple[bytes, ...]
     notification: bool
     index: int
+    calls: tuple[tuple[str, tuple[bytes, ...]], ...] | None = None
 
 
 @attrs.frozen
@@ -291,6 +294,17 @@ def error_response_for(
             "error": {"code": code, "message": message, "data": error_data},
         }
     )
+
+
+def error_object(error: KVMemoError) -> dict[str, JSONValue]:
+    """The ``error`` member of :func:`error_response`, alone (a transaction's failed call).
+
+    Raises:
+        TypeError, ValueError: as :func:`error_response`.
+    """
+    body = error_response(None, error).payload["error"]
+    assert isinstance(body, dict)
+    return body
 
 
 def error_response(id: RequestId, error: KVMemoError) -> Response:
@@ -586,7 +600,7 @@ def _plain_call(item: object, index: int) -> Call | None:
     id_kind = type(request_id)
     if not (id_kind is int or (id_kind is str and request_id.isascii())):
         return None
-    if not method.isascii():
+    if not method.isascii() or method == TRANSACTION:  # its params are calls
         return None
     args: list[bytes] = []
     for param in params:
@@ -628,10 +642,34 @@ def _decode_item(item: object, index: int) -> Call | Response | None:
         return _invalid(request_id, f"'params' must be an array, got {_json_type(params)}")
 
     # Layer 2: KVMemo's own rules. Failures are answered unless it is a Notification.
+    if method == TRANSACTION and isinstance(params, list):
+        calls = _transaction_calls(params)
+        if isinstance(calls, str):
+            return None if notification else _invalid(request_id, calls)
+        return Call(request_id, method, (), notification, index, calls)
     args = _kvmemo_args(method, params)
     if isinstance(args, str):
         return None if notification else _invalid(request_id, args)
     return Call(id=request_id, method=method, args=args, notification=notification, index=index)
+
+
+TRANSACTION = "transaction"
+"""The method whose params are calls (version 1.2), not scalars."""
+
+
+def _transaction_calls(
+    params: list[object],
+) -> tuple[tuple[str, tuple[bytes, ...]], ...] | str:
+    """The calls of a ``transaction``, or the message saying why the request is refused."""
+    calls = []
+    for position, call in enumerate(params):
+        if not isinstance(call, list) or not call or not isinstance(call[0], str):
+            return f"params[{position}] must be an array [method, param, ...]"
+        args = _kvmemo_args(call[0], call[1:])
+        if isinstance(args, str):
+            return f"params[{position}]: {args}"
+        calls.append((call[0], args))
+    return tuple(calls)
 
 
 def _kvmemo_args(method: str, params: list[object] | dict[str, object]) -> tuple[bytes, ...] | str:

@@ -57,10 +57,12 @@ from wsproto.events import TextMessage
 
 from ..commands.table import COMMANDS
 from ..errors import (
+    ArityError,
     InternalError,
     KVMemoError,
     NoAuthError,
     OverloadedError,
+    TooLargeError,
     UnavailableError,
     UnknownCommandError,
 )
@@ -71,7 +73,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmemo.session")
 
-SESSION_METHODS = frozenset({"auth"})  # answered by the session itself
+# Answered by the session itself, in order with everything else it was sent.
+SESSION_METHODS = frozenset({"auth", "command.list", "transaction", "watch", "unwatch"})
+# Version 1.2 methods that are not commands of the table (the session keeps their state).
+TRANSACTION_METHODS = frozenset({"transaction", "watch", "unwatch"})
 KEYSPACE_FLAGS = frozenset({"readonly", "write"})  # keyless commands with these touch every key
 DRAIN_RETRY_MS = 1000  # retry_after_ms told to requests arriving during a shutdown
 CLOSE_TIMEOUT = 1.0  # seconds the peer gets to answer our close frame
@@ -206,6 +211,7 @@ class Session:
         self._flushed.set()
         self._broken = False
         self._group: list[_Unit] = []  # ordinary messages of the current read, not started yet
+        self.watches: list[tuple[int, bytes, int]] = []  # WATCH (version 1.2): the engine's counts
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -214,8 +220,14 @@ class Session:
 
         The session closes its own socket when it is drained: trio-websocket
         completes a close handshake only while the connection's reader task
-        runs, and that task ends with the session.
+        runs, and that task ends with the session. Its watches end with it.
         """
+        try:
+            await self._run()
+        finally:
+            self.end_watches()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             with self._reader:
@@ -316,7 +328,7 @@ class Session:
         calls: list[jsonrpc.Call] = []
         errors = list(decoded.errors)
         for call in decoded.calls:
-            if call.method in COMMANDS:
+            if call.method in COMMANDS or call.method in TRANSACTION_METHODS:
                 calls.append(call)
             elif not call.notification:
                 # Method names are lower case and case-sensitive on this port
@@ -475,6 +487,11 @@ class Session:
                 result = self._auth(call.args)
             elif not self.authed:
                 result = NoAuthError("authentication required: send auth first")
+            elif call.method in TRANSACTION_METHODS:
+                result = await self._transaction_method(call)
+            elif call.method == "command.list" and not call.args:
+                # The table's commands, and this port's own methods.
+                result = sorted(set(COMMANDS) | TRANSACTION_METHODS)
             else:
                 try:
                     result = await self.server.engine.execute(call.method, call.args)
@@ -486,6 +503,64 @@ class Session:
             if not call.notification:
                 responses.append(self._response(call, result))
         return responses
+
+    async def _transaction_method(self, call: jsonrpc.Call) -> Any:
+        """``transaction``, ``watch`` or ``unwatch`` (version 1.2): the result, or the error."""
+        engine = self.server.engine
+        try:
+            if call.method == "watch":
+                if not call.args:
+                    raise ArityError("wrong number of arguments for 'watch' command")
+                seen = {key for _, key, _ in self.watches}
+                fresh = list(dict.fromkeys(k for k in call.args if k not in seen))
+                if fresh:
+                    self.watches.extend(await engine.watch(fresh))
+                return "OK"
+            if call.method == "unwatch":
+                if call.args:
+                    raise ArityError("wrong number of arguments for 'unwatch' command")
+                self.end_watches()
+                return "OK"
+            assert call.calls is not None
+            watches, self.watches = self.watches, []
+            try:
+                return await self._run_transaction(call.calls, watches)
+            finally:
+                if watches:
+                    engine.unwatch(watches)
+        except KVMemoError as exc:
+            return exc
+
+    async def _run_transaction(
+        self,
+        calls: tuple[tuple[str, tuple[bytes, ...]], ...],
+        watches: list[tuple[int, bytes, int]],
+    ) -> Any:
+        """Check every call (a refused one refuses the whole), run them, answer in place."""
+        limit = self.server.config.max_batch
+        if len(calls) > limit:
+            raise TooLargeError(f"a transaction holds at most {limit} calls (max_batch)")
+        engine = self.server.engine
+        for index, (method, args) in enumerate(calls):
+            if method not in COMMANDS or method in SESSION_METHODS:
+                raise UnknownCommandError(
+                    f"unknown method '{method}' in a transaction", index=index
+                )
+            try:
+                engine.check_transaction_call(method, args)
+            except KVMemoError as exc:
+                exc.data["index"] = index
+                raise
+        results = await engine.execute_transaction(calls, watches)
+        if results is None:
+            return None  # a watched key was written: nothing ran
+        return [jsonrpc.error_object(r) if isinstance(r, KVMemoError) else r for r in results]
+
+    def end_watches(self) -> None:
+        """Stop watching (synchronous: safe when the session is closing)."""
+        if self.watches:
+            self.server.engine.unwatch(self.watches)
+            self.watches = []
 
     def _auth(self, args: tuple[bytes, ...]) -> Any:
         tokens = self.server.config.tokens

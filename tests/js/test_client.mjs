@@ -421,6 +421,106 @@ test("a WebSocket constructor that throws closes the client with CLOSED", async 
   }
 });
 
+test("transaction, watch and unwatch send the requests of protocol 1.2", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  client.watch("w", 7);
+  client.watch(["x", "y"]);
+  client.transaction(["set", "k", "v", "EX", 10], ["incr", "n"], ["incrby", "n", 5n], ["ping"]);
+  client.transaction();
+  client.unwatch();
+  await tick();
+  assert.equal(ws.sent.length, 1, "ordinary requests: one batch with the rest of the turn");
+  assert.deepEqual(
+    ws.sent[0].map((r) => [r.method, r.params]),
+    [
+      ["watch", ["w", "7"]],
+      ["watch", ["x", "y"]],
+      ["transaction", [["set", "k", "v", "EX", 10], ["incr", "n"], ["incrby", "n", "5"], ["ping"]]],
+      ["transaction", []],
+      ["unwatch", []],
+    ],
+  );
+  assert.ok(ws.sent[0].every((r) => Number.isInteger(r.id) && r.jsonrpc === "2.0"));
+});
+
+test("a transaction result decodes each failed call into a KVMemoError in its slot", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const p = client.transaction(["set", "a", "1"], ["incr", "a"], ["incr", "s"], ["mget", "a", "z"], ["get", "z"]);
+  await tick();
+  const data = {kind: "NOT_INTEGER"};
+  ws.serverSend({
+    jsonrpc: "2.0",
+    id: ws.sent[0].id,
+    result: ["OK", 2, {code: -32000, message: "value is not an integer or out of range", data}, ["2", null], null],
+  });
+  const [ok, n, error, values, missing, ...rest] = await p;
+  assert.deepEqual([ok, n, values, missing, rest], ["OK", 2, ["2", null], null, []]);
+  assert.ok(error instanceof KVMemoError);
+  assert.equal(error.code, -32000);
+  assert.equal(error.kind, "NOT_INTEGER");
+  assert.deepEqual(error.data, data);
+  assert.equal(error.message, "value is not an integer or out of range");
+});
+
+test("a transaction answered null (a watched key changed) resolves to null", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const watched = client.watch("w");
+  await tick();
+  ws.replyAll(() => "OK");
+  assert.equal(await watched, "OK");
+  const p = client.transaction(["set", "w", "mine"]);
+  await tick();
+  ws.replyAll(() => null);
+  assert.equal(await p, null);
+});
+
+test("a transaction refused as a whole rejects like any call; a non-array result is BAD_RESPONSE", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const refused = client.transaction(["set", "a", "1"], ["get"]);
+  const odd = client.transaction(["get", "a"]);
+  await tick();
+  const [r1, r2] = ws.sent[0];
+  const data = {kind: "ARITY", index: 1};
+  ws.serverSend([
+    {jsonrpc: "2.0", id: r1.id, error: {code: -32602, message: "wrong number of arguments for 'get' command", data}},
+    {jsonrpc: "2.0", id: r2.id, result: {code: -32000}},
+  ]);
+  const error = await refused.then(() => assert.fail("should reject"), (e) => e);
+  assert.ok(error instanceof KVMemoError);
+  assert.equal(error.code, -32602);
+  assert.equal(error.kind, "ARITY");
+  assert.deepEqual(error.data, data);
+  await assert.rejects(odd, (e) => e instanceof KVMemoError && e.kind === "BAD_RESPONSE" && e.code === null);
+});
+
+test("a malformed transaction call rejects with TypeError and nothing is sent", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const bad = [
+    [["set", "a", "1"], "incr a"], // not an array
+    [[]], // no method
+    [["", "a"]], // empty method
+    [[42, "a"]], // method not a string
+    [["set", "a", {v: 1}]], // an object param
+    [["set", "a", ["v"]]], // a nested array param
+    [["set", "a", null]],
+    [["set", "a", true]],
+    [["expire", "a", NaN]],
+    [["get", undefined]],
+  ];
+  for (const calls of bad) {
+    await assert.rejects(client.transaction(...calls), TypeError, JSON.stringify(calls));
+  }
+  await assert.rejects(client.transaction(["get", "a"], ["set", "b", {}]), /transaction call 1 \('set'\): param 2/);
+  await assert.rejects(client.watch({}), TypeError);
+  await tick();
+  assert.equal(ws.sent.length, 0);
+});
+
 // ---- runner ----
 
 const TEST_TIMEOUT_MS = 2000; // a test that hangs (a promise never settled) fails

@@ -4,7 +4,8 @@
  * Plain ES module; runs as served in any browser with WebSocket and
  * EventTarget, and in Node >= 20 when given a WebSocket implementation
  * (`WebSocketImpl` option). Speaks PROTOCOL.md version 1: JSON-RPC 2.0 over
- * one WebSocket, subprotocol "kvmemo.v1".
+ * one WebSocket, subprotocol "kvmemo.v1"; with a server of version 1.2, also
+ * transactions (`transaction`, `watch`, `unwatch`).
  *
  *     import {KVMemoClient} from "/static/kvmemo.js";
  *     const kv = await KVMemoClient.connect("/ws");
@@ -271,6 +272,31 @@ function setOptionWords(options) {
   }
   for (const name of SET_FLAG_OPTIONS) if (options[name]) words.push(name.toUpperCase());
   return words;
+}
+
+// One call of a transaction, [method, param, ...], checked as a single call's
+// params are: a non-empty method name, then strings and numbers (a BigInt
+// becomes its decimal text, as asNumberArg does). Returns a copy to send.
+function transactionCall(call, index) {
+  if (!Array.isArray(call)) {
+    const got = call === null ? "null" : typeof call;
+    throw new TypeError(`transaction call ${index} must be an array [method, param, ...], got ${got}`);
+  }
+  const [method, ...params] = call;
+  if (typeof method !== "string" || method === "") {
+    throw new TypeError(`transaction call ${index}: method must be a non-empty string, got ${JSON.stringify(method)}`);
+  }
+  return [
+    method,
+    ...params.map((x, i) => {
+      if (typeof x === "string" || (typeof x === "number" && Number.isFinite(x))) return x;
+      if (typeof x === "bigint") return String(x);
+      const got = x === null ? "null" : Array.isArray(x) ? "an array" : typeof x === "number" ? String(x) : typeof x;
+      throw new TypeError(
+        `transaction call ${index} ('${method}'): param ${i + 1} must be a string or a finite number, got ${got}`,
+      );
+    }),
+  ];
 }
 
 function isPlainObject(x) {
@@ -614,6 +640,70 @@ export class KVMemoClient extends EventTarget {
   /** `AUTH token` → "OK" (the `token` option does this on every connection). */
   auth(token) {
     return this.#try(() => this.call("auth", asString("token", token)));
+  }
+
+  // ---- transactions (version 1.2) ----
+
+  /**
+   * Runs `calls` as one atomic step (Redis's MULTI/EXEC): no other request of
+   * any session runs between them. Each call is an array `[method, param, ...]`
+   * whose params follow the rules of a single call (strings and numbers).
+   *
+   *     const [ok, n, err] = await kv.transaction(["set", "a", "1"], ["incr", "a"], ["incr", "text"]);
+   *     // ok === "OK", n === 2, err instanceof KVMemoError && err.kind === "NOT_INTEGER"
+   *
+   * A call that fails while the transaction runs does not stop the others and
+   * nothing is rolled back: its slot of the result holds a KVMemoError (code,
+   * kind, data as for a rejected call) instead of a value. The other slots are
+   * the calls' results as `call` would give them.
+   *
+   * @param {...Array<string|number|bigint>} calls e.g. `["set", "k", "v"]`, `["incr", "n"]`
+   * @returns {Promise<Array<any>|null>} one entry per call, in order; null when a
+   *   key watched with `watch` was written since (nothing ran: read again and retry)
+   * @throws {KVMemoError} (as a rejection) when the transaction is refused as a
+   *   whole and nothing ran (a malformed or unknown call, wrong arguments with
+   *   `data.index` the call's position, UNAVAILABLE, ...), or DISCONNECTED,
+   *   CLOSED, QUEUE_FULL as for any call; TypeError for a malformed call, before
+   *   anything is sent
+   */
+  transaction(...calls) {
+    return this.#try(() => {
+      const params = calls.map((c, i) => transactionCall(c, i));
+      return this.call("transaction", ...params).then((result) => {
+        if (result === null) return null;
+        if (!Array.isArray(result)) {
+          throw new KVMemoError(`transaction result is neither an array nor null: ${JSON.stringify(result)}`, {
+            kind: ClientErrorKind.BAD_RESPONSE,
+          });
+        }
+        // In a transaction's result, and only there, a JSON object is a call's error.
+        return result.map((entry) =>
+          entry !== null && typeof entry === "object" && !Array.isArray(entry) ? KVMemoError.fromWire(entry) : entry,
+        );
+      });
+    });
+  }
+
+  /**
+   * `WATCH key [key ...]` → "OK": the next `transaction` of this session runs
+   * only if none of these keys was written (set, deleted, expired, evicted)
+   * since; otherwise it runs nothing and resolves to null. A `transaction` or
+   * `unwatch` ends every watch. Also `watch(["a", "b"])`.
+   *
+   * Watches belong to the server session, that is, to one socket. When the
+   * connection is lost and the client reconnects (an "open" event with
+   * `reconnected: true`), the new session watches nothing: a `transaction`
+   * sent on it runs unconditionally. A watch sent just before the loss rejects
+   * DISCONNECTED, but one that had already succeeded is lost silently, so code
+   * that may outlive a reconnection must watch (and read) again after one.
+   */
+  watch(...keys) {
+    return this.#try(() => this.call("watch", ...keys.flat().map((k) => asString("key", k))));
+  }
+
+  /** `UNWATCH` → "OK": this session watches nothing any more. */
+  unwatch() {
+    return this.call("unwatch");
   }
 
   // ---- internals ----
