@@ -113,6 +113,8 @@ _OK_METHODS = frozenset(
         "debug.kill",
         "auth",
         "rename",
+        "watch",
+        "unwatch",
     }
 )
 UNWATCH_GRACE = 5.0  # seconds a watch block's end waits for its unwatch, even when cancelled
@@ -199,7 +201,7 @@ def decode_result(method: str, args: Sequence[Arg], result: Any) -> Any:
     Returns:
         Strings as ``bytes`` (also inside arrays), except the simple-string
         replies ``"OK"`` (set without GET, mset, flushall, flushdb, setex,
-        psetex, save, debug.kill, auth, rename), ``"PONG"`` (ping without a
+        psetex, save, debug.kill, auth, rename, watch, unwatch), ``"PONG"`` (ping without a
         message) and ``type``'s reply, which stay ``str``; ``info``,
         ``debug.actors`` and ``command.list`` are returned as decoded.
     """

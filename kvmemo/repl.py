@@ -358,11 +358,69 @@ def help_text(topic: str | None = None) -> str:
     return "\n".join(lines)
 
 
-async def execute_line(kv: Any, line: str) -> LineResult:
+class Transaction:
+    """The prompt's MULTI: commands queued here, sent as one ``transaction`` at EXEC.
+
+    ``queued`` is None outside MULTI. As redis-cli does against Redis, the
+    prompt answers ``QUEUED`` to each command and prints EXEC's replies as a
+    numbered list, errors in their places; WATCH and UNWATCH go to the
+    server (protocol 1.2), which keeps the session's watches.
+    """
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[bytes, ...]] | None = None
+
+    async def handle(self, kv: Any, word: str, tokens: list[bytes]) -> LineResult | None:
+        """The result of a transaction line, or None when ``word`` is an ordinary command."""
+        if word == "multi" and len(tokens) == 1:
+            if self.queued is not None:
+                return LineResult("(error) SYNTAX MULTI calls can not be nested", failed=True)
+            self.queued = []
+            return LineResult("OK")
+        if word == "discard" and len(tokens) == 1:
+            if self.queued is None:
+                return LineResult("(error) SYNTAX DISCARD without MULTI", failed=True)
+            self.queued = None
+            await kv.execute("unwatch")
+            return LineResult("OK")
+        if word == "exec" and len(tokens) == 1:
+            if self.queued is None:
+                return LineResult("(error) SYNTAX EXEC without MULTI", failed=True)
+            queued, self.queued = self.queued, None
+            calls = [(call[0].decode("utf-8", "replace"), *call[1:]) for call in queued]
+            results = await kv.transaction(*calls)
+            if results is None:
+                return LineResult("(nil)")  # a watched key changed: nothing ran
+            if not results:
+                return LineResult("(empty array)")
+            return LineResult(
+                _numbered([(f"{i})", _format_result(r)) for i, r in enumerate(results, 1)])
+            )
+        if word == "watch" and self.queued is not None:
+            return LineResult("(error) SYNTAX WATCH inside MULTI is not allowed", failed=True)
+        if self.queued is not None and word not in ("watch", "unwatch"):
+            self.queued.append(tuple(tokens))
+            return LineResult("QUEUED")
+        return None
+
+    @property
+    def prompt_suffix(self) -> str:
+        """``(TX)`` while commands are being queued, as redis-cli shows it."""
+        return "(TX)" if self.queued is not None else ""
+
+
+def _format_result(result: Any) -> str:
+    if isinstance(result, KVMemoError):
+        return format_error(result)
+    return _format(result)
+
+
+async def execute_line(kv: Any, line: str, transaction: Transaction | None = None) -> LineResult:
     """Run one input line against ``kv`` (a :class:`kvmemo.api.Commands`).
 
-    ``help [command]``, ``quit`` and ``exit`` are answered here; anything
-    else is a command and its arguments.
+    ``help [command]``, ``quit`` and ``exit`` are answered here; with a
+    ``transaction``, so are MULTI, EXEC and DISCARD (and commands between
+    MULTI and EXEC are queued); anything else is a command and its arguments.
 
     Raises:
         DisconnectedError: the connection is lost (the prompt cannot go on).
@@ -381,6 +439,10 @@ async def execute_line(kv: Any, line: str) -> LineResult:
         topic = tokens[1].decode("utf-8", "replace") if len(tokens) > 1 else None
         return LineResult(help_text(topic))
     try:
+        if transaction is not None:
+            answered = await transaction.handle(kv, word, tokens)
+            if answered is not None:
+                return answered
         result = await kv.execute(name, *tokens[1:])
     except DisconnectedError:
         raise
@@ -409,15 +471,17 @@ async def interact(kv: Any, *, prompt: str, read_line: Reader, write: Writer) ->
     Returns:
         The exit status: 0, or 1 when the connection was lost.
     """
+    transaction = Transaction()
     while True:
+        shown = prompt[:-2] + transaction.prompt_suffix + "> " if prompt else ""
         try:
-            line = await trio.to_thread.run_sync(read_line, prompt, abandon_on_cancel=True)
+            line = await trio.to_thread.run_sync(read_line, shown, abandon_on_cancel=True)
         except EOFError:  # Ctrl-D (or the end of piped input)
             if prompt:
                 write("")  # end the prompt's line
             return EXIT_OK
         try:
-            result = await execute_line(kv, line)
+            result = await execute_line(kv, line, transaction)
         except DisconnectedError as exc:
             write(format_error(exc))
             return EXIT_ERROR

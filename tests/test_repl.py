@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import kvmemo.client
 from kvmemo import repl
 from kvmemo.config import StoreConfig
 from kvmemo.errors import CommandSyntaxError, NotIntegerError
@@ -254,3 +255,64 @@ async def test_the_prompt_keeps_history_in_the_given_file(
     assert status == 0
     assert out == ["PONG"]
     assert saved == [str(history)]
+
+
+async def test_multi_queues_lines_and_exec_prints_each_reply_in_place(node: Node) -> None:
+    lines = iter(
+        [
+            "set text abc",
+            "multi",
+            "set a 1",
+            "incr a",
+            "incr text",
+            "exec",
+            "exec",
+            "multi",
+            "set a 2",
+            "discard",
+            "get a",
+            "quit",
+        ]
+    )
+    prompts: list[str] = []
+    out: list[str] = []
+
+    def read_line(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(lines)
+
+    assert await repl.main_async(_args(node, None), read_line=read_line, write=out.append) == 0
+    assert out == [
+        "OK",
+        "OK",
+        "QUEUED",
+        "QUEUED",
+        "QUEUED",
+        "1) OK\n2) (integer) 2\n3) (error) NOT_INTEGER value is not an integer or out of range",
+        "(error) SYNTAX EXEC without MULTI",
+        "OK",
+        "QUEUED",
+        "OK",
+        '"2"',  # the discarded SET never ran
+    ]
+    base = repl.prompt_for(node.url)
+    tx = base[:-2] + "(TX)> "
+    assert prompts == [base, base, tx, tx, tx, tx, base, base, tx, tx, base, base]
+
+
+async def test_watch_at_the_prompt_makes_exec_nil_when_another_client_writes(node: Node) -> None:
+    async with kvmemo.client.connect(node.url) as other:
+        lines = iter(["watch w", "multi", "set w mine", "exec", "get w", "quit"])
+        out: list[str] = []
+
+        async def run() -> int:
+            def read_line(prompt: str) -> str:
+                line = next(lines)
+                if line == "exec":
+                    trio.from_thread.run(other.set, "w", "theirs")
+                return line
+
+            return await repl.main_async(_args(node, None), read_line=read_line, write=out.append)
+
+        assert await run() == 0
+    assert out == ["OK", "OK", "QUEUED", "(nil)", '"theirs"']
