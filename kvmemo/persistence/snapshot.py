@@ -33,6 +33,7 @@ import mmap
 import os
 import re
 import struct
+import time
 import zlib
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ _HEADER = struct.Struct("<8sB3xQQ")  # magic, version, covers, count
 _CRC = struct.Struct("<I")
 SNAPSHOT_HEADER_SIZE = _HEADER.size + _CRC.size  # 32 bytes
 WRITE_CHUNK = 1 << 20  # bytes of encoded entries buffered per os.write
+GIL_YIELD_MASK = (1 << 8) - 1  # the writer yields the GIL every 256 entries (~0.2 ms of work)
 TEMP_SUFFIX = ".tmp"  # a snapshot being written: ``snap-00000007.kvs.tmp``
 _NAME_RE = re.compile(r"snap-(\d{8,})\.kvs")
 
@@ -157,6 +159,11 @@ def write_snapshot(
                 chunk.append(record)
                 buffered += len(record)
                 count += 1
+                if not count & GIL_YIELD_MASK:
+                    # Hand the GIL over now and then: this thread encodes in
+                    # Python, and the event loop (serving every shard) would
+                    # otherwise get it back only every switch interval (5 ms).
+                    time.sleep(0)
                 if buffered >= WRITE_CHUNK:
                     _write_all(fd, b"".join(chunk))
                     chunk.clear()
