@@ -346,6 +346,11 @@ class Client(Commands):
         self._messages_sent = 0
         self._requests_sent = 0
         self._messages_received = 0
+        # WATCH belongs to the session, which every task of this client shares:
+        # a watch block holds this lock, and only its own task's transactions
+        # run meanwhile (another task's would end the watches; it waits).
+        self._watch_lock = trio.Lock()
+        self._watch_owner: trio.lowlevel.Task | None = None
 
     # -- the Commands interface ---------------------------------------------------------
 
@@ -389,9 +394,17 @@ class Client(Commands):
                 names the call), or failed as a whole (``UNAVAILABLE``, ``OOM``, ...).
             TypeError, ValueError: a call that cannot be sent (nothing is sent).
         """
-        prepared = [(str(call[0]).lower(), call[1:]) for call in calls]
+        prepared = [(_method_of(call[0]), call[1:]) for call in calls]
         params = [[method, *encode_params(args)] for method, args in prepared]
         self._check_open()
+        if self._watch_owner is not None and self._watch_owner is trio.lowlevel.current_task():
+            return await self._transaction(prepared, params)
+        async with self._watch_lock:  # not while another task's watch block runs
+            return await self._transaction(prepared, params)
+
+    async def _transaction(
+        self, prepared: list[tuple[str, tuple[Arg, ...]]], params: list[Any]
+    ) -> list[Any] | None:
         request = self._register("transaction", params)
         try:
             with trio.fail_after(self._deadline_seconds()):
@@ -419,25 +432,36 @@ class Client(Commands):
 
         The session watches them (protocol 1.2 ``watch``): a transaction in
         the block returns None, running nothing, if one was written since.
-        Watches belong to the session: a reconnect loses them (the next
-        transaction then runs unchecked), so retry from the read on
-        :class:`DisconnectedError`. ::
+        Watches belong to the session, which all tasks of this client share:
+        while the block runs, other tasks' transactions and watch blocks
+        wait for it to end (plain commands do not), so call
+        :meth:`transaction` from the task that opened the block. A reconnect
+        loses the watches (the next transaction then runs unchecked), so
+        retry from the read on :class:`DisconnectedError`. ::
 
             async with kv.watch("balance"):
                 balance = int(await kv.get("balance") or 0)
                 done = await kv.transaction(("SET", "balance", balance - 10))
         """
-        await self.execute("watch", *keys)
-        try:
-            yield self
-        finally:
-            # Give the watches back even when cancelled; a lost session has none.
-            grace = min(self._deadline_seconds(), UNWATCH_GRACE)
-            with trio.CancelScope(shield=True), trio.move_on_after(grace):
-                try:
-                    await self.execute("unwatch")
-                except KVMemoError:
-                    pass
+        async with self._watch_lock:
+            self._watch_owner = trio.lowlevel.current_task()
+            try:
+                # Inside the try: a watch sent, then cancelled before its answer,
+                # is given back too.
+                await self.execute("watch", *keys)
+                yield self
+            finally:
+                self._watch_owner = None
+                await self._unwatch()
+
+    async def _unwatch(self) -> None:
+        """End the session's watches, even when cancelled (a lost session has none)."""
+        grace = min(self._deadline_seconds(), UNWATCH_GRACE)
+        with trio.CancelScope(shield=True), trio.move_on_after(grace):
+            try:
+                await self.execute("unwatch")
+            except KVMemoError:
+                pass
 
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands, sent together; errors are returned, not raised.
@@ -454,7 +478,7 @@ class Client(Commands):
             TypeError, ValueError: a call that cannot be sent (nothing is sent).
             RequestTimeoutError: not every answer came within ``timeout``.
         """
-        prepared = [(str(call[0]).lower(), call[1:], encode_params(call[1:])) for call in calls]
+        prepared = [(_method_of(call[0]), call[1:], encode_params(call[1:])) for call in calls]
         self._check_open()
         registered = [self._register(method, params) for method, _, params in prepared]
         try:
@@ -627,6 +651,13 @@ class Client(Commands):
             slot.response = response
             slot.done.set()
         return None
+
+
+def _method_of(name: Arg) -> str:
+    """A command name as a method: lower case; ``bytes`` decoded, not repr'd."""
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace").lower()
+    return str(name).lower()
 
 
 def _unwrap(slot: _Slot, method: str, args: Sequence[Arg]) -> Any:

@@ -363,12 +363,17 @@ class Transaction:
 
     ``queued`` is None outside MULTI. As redis-cli does against Redis, the
     prompt answers ``QUEUED`` to each command and prints EXEC's replies as a
-    numbered list, errors in their places; WATCH and UNWATCH go to the
-    server (protocol 1.2), which keeps the session's watches.
+    numbered list, errors in their places. A line that names no command, or
+    gives it a wrong number of arguments, is refused at once and discards
+    the transaction at EXEC (``EXECABORT``). WATCH and UNWATCH go to the
+    server (protocol 1.2), which keeps the session's watches; UNWATCH inside
+    MULTI is queued and answers ``OK`` in its place, as in Redis (EXEC ends
+    every watch anyway).
     """
 
     def __init__(self) -> None:
-        self.queued: list[tuple[bytes, ...]] | None = None
+        self.queued: list[tuple[bytes, ...] | None] | None = None  # None: a queued UNWATCH
+        self.dirty = False
 
     async def handle(self, kv: Any, word: str, tokens: list[bytes]) -> LineResult | None:
         """The result of a transaction line, or None when ``word`` is an ordinary command."""
@@ -376,6 +381,7 @@ class Transaction:
             if self.queued is not None:
                 return LineResult("(error) SYNTAX MULTI calls can not be nested", failed=True)
             self.queued = []
+            self.dirty = False
             return LineResult("OK")
         if word == "discard" and len(tokens) == 1:
             if self.queued is None:
@@ -386,27 +392,59 @@ class Transaction:
         if word == "exec" and len(tokens) == 1:
             if self.queued is None:
                 return LineResult("(error) SYNTAX EXEC without MULTI", failed=True)
-            queued, self.queued = self.queued, None
-            calls = [(call[0].decode("utf-8", "replace"), *call[1:]) for call in queued]
-            results = await kv.transaction(*calls)
-            if results is None:
-                return LineResult("(nil)")  # a watched key changed: nothing ran
-            if not results:
-                return LineResult("(empty array)")
-            return LineResult(
-                _numbered([(f"{i})", _format_result(r)) for i, r in enumerate(results, 1)])
-            )
-        if word == "watch" and self.queued is not None:
+            return await self._exec(kv)
+        if self.queued is None:
+            return None
+        if word == "watch":
             return LineResult("(error) SYNTAX WATCH inside MULTI is not allowed", failed=True)
-        if self.queued is not None and word not in ("watch", "unwatch"):
-            self.queued.append(tuple(tokens))
+        if word == "unwatch" and len(tokens) == 1:
+            self.queued.append(None)
             return LineResult("QUEUED")
-        return None
+        spec = COMMANDS.get(word)
+        if spec is None or word in _SESSION_WORDS:
+            self.dirty = True
+            return LineResult(f"(error) UNKNOWN_METHOD unknown command '{word}'", failed=True)
+        if not (len(tokens) == spec.arity if spec.arity > 0 else len(tokens) >= -spec.arity):
+            self.dirty = True
+            return LineResult(
+                f"(error) ARITY wrong number of arguments for '{word}' command", failed=True
+            )
+        self.queued.append(tuple(tokens))
+        return LineResult("QUEUED")
+
+    async def _exec(self, kv: Any) -> LineResult:
+        queued, self.queued = self.queued, None
+        assert queued is not None
+        if self.dirty:
+            await kv.execute("unwatch")
+            return LineResult(
+                "(error) EXECABORT Transaction discarded because of previous errors.", failed=True
+            )
+        calls = [
+            (call[0].decode("utf-8", "replace"), *call[1:]) for call in queued if call is not None
+        ]
+        try:
+            results = await kv.transaction(*calls)
+        except KVMemoError as exc:
+            index = exc.data.get("index")
+            where = f" (command {index + 1})" if isinstance(index, int) else ""
+            return LineResult(format_error(exc) + where, failed=True)
+        if results is None:
+            return LineResult("(nil)")  # a watched key changed: nothing ran
+        answers = iter(results)
+        replies = ["OK" if call is None else _format_result(next(answers)) for call in queued]
+        if not replies:
+            return LineResult("(empty array)")
+        return LineResult(_numbered([(f"{i})", r) for i, r in enumerate(replies, 1)]))
 
     @property
     def prompt_suffix(self) -> str:
         """``(TX)`` while commands are being queued, as redis-cli shows it."""
         return "(TX)" if self.queued is not None else ""
+
+
+# Session methods of the server: not commands a transaction may hold.
+_SESSION_WORDS = frozenset({"auth", "command.list"})
 
 
 def _format_result(result: Any) -> str:
@@ -438,6 +476,11 @@ async def execute_line(kv: Any, line: str, transaction: Transaction | None = Non
     if word == "help":
         topic = tokens[1].decode("utf-8", "replace") if len(tokens) > 1 else None
         return LineResult(help_text(topic))
+    if transaction is None and word in ("multi", "exec", "discard"):
+        return LineResult(
+            f"(error) SYNTAX {word.upper()} works at the interactive prompt (kvmemo cli)",
+            failed=True,
+        )
     try:
         if transaction is not None:
             answered = await transaction.handle(kv, word, tokens)

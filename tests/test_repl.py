@@ -316,3 +316,49 @@ async def test_watch_at_the_prompt_makes_exec_nil_when_another_client_writes(nod
 
         assert await run() == 0
     assert out == ["OK", "OK", "QUEUED", "(nil)", '"theirs"']
+
+
+async def test_the_prompt_refuses_bad_lines_in_multi_and_queues_unwatch(node: Node) -> None:
+    slots = node.engine.slots
+    other = next(
+        f"b{i}" for i in range(100) if slots.shard_of(f"b{i}".encode()) != slots.shard_of(b"a")
+    )
+    lines = iter(
+        [
+            "multi",
+            "get",
+            "nosuch k",
+            "set a 1",
+            "exec",
+            "multi",
+            "unwatch",
+            "set a 2",
+            "exec",
+            "multi",
+            f"rename a {other}",
+            "exec",
+            "quit",
+        ]
+    )
+    out: list[str] = []
+    status = await repl.main_async(
+        _args(node, None), read_line=lambda prompt: next(lines), write=out.append
+    )
+    assert status == 0
+    assert out[:5] == [
+        "OK",
+        "(error) ARITY wrong number of arguments for 'get' command",
+        "(error) UNKNOWN_METHOD unknown command 'nosuch'",
+        "QUEUED",
+        "(error) EXECABORT Transaction discarded because of previous errors.",
+    ]
+    assert out[5:9] == ["OK", "QUEUED", "QUEUED", "1) OK\n2) OK"]
+    assert out[9:11] == ["OK", "QUEUED"]
+    assert out[11].startswith("(error) SYNTAX RENAME in a transaction needs all its keys")
+    assert out[11].endswith("(command 1)")
+
+
+async def test_multi_with_c_says_it_needs_the_prompt(node: Node) -> None:
+    out: list[str] = []
+    assert await repl.main_async(_args(node, "MULTI"), write=out.append) == 1
+    assert out == ["(error) SYNTAX MULTI works at the interactive prompt (kvmemo cli)"]

@@ -112,7 +112,6 @@ async def test_errors_while_queueing_discard_the_transaction_with_execabort() ->
             for bad, error in (
                 (("SET", "k"), "ERR wrong number of arguments for 'set' command"),
                 (("NOSUCH", "x"), None),
-                (("SET", "k", "v", "EX", "nope"), None),
             ):
                 assert await client.call("MULTI") == "OK"
                 assert await client.call("SET", "k", "v") == "QUEUED"
@@ -124,6 +123,14 @@ async def test_errors_while_queueing_discard_the_transaction_with_execabort() ->
                     "EXECABORT Transaction discarded because of previous errors."
                 )
                 assert await client.call("GET", "k") is None
+            # A bad option is not a queueing error: EXEC gives it in place, as Redis.
+            assert await client.call("MULTI") == "OK"
+            assert await client.call("SET", "k", "v", "EX", "nope") == "QUEUED"
+            assert await client.call("SET", "j", "1") == "QUEUED"
+            assert await client.call("EXEC") == [
+                ErrorReply("ERR value is not an integer or out of range"),
+                "OK",
+            ]
             await client.aclose()
 
 

@@ -129,3 +129,57 @@ async def test_a_transaction_is_ordered_with_the_sessions_other_requests(raw: Ra
     responses = [json.loads(await raw.ws.get_message()) for _ in requests]
     results = {r["id"]: r["result"] for r in responses}
     assert results == {1: "OK", 2: [11, 12], 3: "12"}
+
+
+async def test_a_bad_option_fails_in_place_and_an_oversized_transaction_is_refused_unread(
+    raw: Raw,
+) -> None:
+    mixed = await raw.call("transaction", [["set", "k", "v", "EX", "abc"], ["set", "j", "1"]])
+    failed, ok = mixed["result"]
+    assert failed["data"]["kind"] == "NOT_INTEGER"
+    assert ok == "OK"
+    # Over max_batch (10,000): refused on its length, with its id; no call is read,
+    # so even calls that are not arrays give TOO_LARGE, not INVALID_REQUEST.
+    huge = await raw.call("transaction", [1] * 10_001)
+    assert huge["error"]["data"]["kind"] == "TOO_LARGE"
+    assert huge["id"] == raw.next_id
+
+
+async def test_a_watch_block_keeps_its_watches_from_the_clients_other_tasks(
+    node: Node,  # noqa: F811
+    kv: Client,  # noqa: F811
+) -> None:
+    """Watches belong to the session: another task's transaction must not end them."""
+    async with connect(node.url) as other:
+        await kv.set("bal", "100")
+        other_done = trio.Event()
+        outcome: dict[str, Any] = {}
+
+        async def unrelated() -> None:
+            outcome["hits"] = await kv.transaction(("INCR", "hits"))
+            other_done.set()
+
+        async with trio.open_nursery() as nursery:
+            async with kv.watch("bal"):
+                balance = int(await kv.get("bal") or 0)
+                nursery.start_soon(unrelated)
+                await trio.sleep(0.05)  # it waits for this block; it does not run
+                assert not other_done.is_set()
+                await other.set("bal", "500")
+                outcome["mine"] = await kv.transaction(("SET", "bal", str(balance - 10)))
+        assert outcome == {"mine": None, "hits": [1]}
+        assert await kv.get("bal") == b"500"
+
+
+async def test_a_watch_cancelled_at_once_leaves_nothing_watched(
+    node: Node,  # noqa: F811
+    kv: Client,  # noqa: F811
+) -> None:
+    for delay in (0, 0.0001, 0.001):
+        with trio.move_on_after(delay):
+            async with kv.watch("k"):
+                await trio.sleep_forever()
+    assert await kv.transaction(("SET", "k", "v")) == ["OK"]  # no stale watch
+    with trio.fail_after(TEST_TIMEOUT):
+        while await watched_keys(node.engine):  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.01)

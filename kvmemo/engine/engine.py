@@ -54,6 +54,7 @@ from ..commands.args import NO_EXPIRY, Clock
 from ..commands.table import COMMANDS, Command, ParseContext, ServerCall, parse
 from ..config import StoreConfig
 from ..errors import (
+    ArityError,
     CommandSyntaxError,
     InternalError,
     KVMemoError,
@@ -995,14 +996,24 @@ class KVEngine:
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 
     def check_transaction_call(self, name: str, args: Sequence[bytes]) -> None:
-        """Check a call as a transaction queues it: parsed, and allowed in a transaction.
+        """Check a call as a transaction queues it, as Redis does: it exists, its
+        number of arguments, and (ours) whether a transaction may hold it.
+
+        Any other error of the call (a bad option, a value that is not an
+        integer, a size over a limit) is not raised here: as in Redis, EXEC
+        gives it in the call's place and runs the others.
 
         Raises:
-            KVMemoError: the error EXEC would give for it (the transaction is
-                then discarded, as Redis's EXECABORT).
+            UnknownCommandError, ArityError, CommandSyntaxError: the
+                transaction must be discarded (Redis's EXECABORT).
         """
         self._parse_context.restart()
-        _, op = self._parse(name, args)
+        try:
+            _, op = self._parse(name, args)
+        except (UnknownCommandError, ArityError):
+            raise
+        except KVMemoError:
+            return  # answered in its place when the transaction runs
         spans = 1
         if isinstance(op, ops.AtomicOp) and not op.readonly:
             spans = len(self.slots.group_by_shard(op.keys))

@@ -508,7 +508,7 @@ def decode_message(text: str, *, max_batch: int) -> Decoded:
             return _single_error(_parse_error(f"Parse error: {exc}"))
 
     if isinstance(document, dict):
-        return _decode_items([document], is_batch=False)
+        return _decode_items([document], is_batch=False, max_batch=max_batch)
     if not isinstance(document, list):
         return _single_error(
             _invalid(
@@ -523,7 +523,7 @@ def decode_message(text: str, *, max_batch: int) -> Decoded:
             f"batch of {len(document)} requests is over the limit of {max_batch}"
         )
         return _single_error(error_response(None, too_large))
-    return _decode_items(document, is_batch=True)
+    return _decode_items(document, is_batch=True, max_batch=max_batch)
 
 
 @attrs.frozen
@@ -563,13 +563,13 @@ def _invalid(id: RequestId, message: str) -> Response:
     return error_response_for(id, INVALID_REQUEST_CODE, INVALID_REQUEST_KIND, message)
 
 
-def _decode_items(items: list[object], *, is_batch: bool) -> Decoded:
+def _decode_items(items: list[object], *, is_batch: bool, max_batch: int) -> Decoded:
     calls: list[Call] = []
     errors: list[Response] = []
     for index, item in enumerate(items):
         outcome: Call | Response | None = _plain_call(item, index)
         if outcome is None:
-            outcome = _decode_item(item, index)
+            outcome = _decode_item(item, index, max_batch)
         if isinstance(outcome, Call):
             calls.append(outcome)
         elif outcome is not None:
@@ -617,7 +617,7 @@ def _plain_call(item: object, index: int) -> Call | None:
     return Call(request_id, method, tuple(args), False, index)
 
 
-def _decode_item(item: object, index: int) -> Call | Response | None:
+def _decode_item(item: object, index: int, max_batch: int) -> Call | Response | None:
     """One request object: a Call, an error Response, or None (dropped Notification)."""
     # Layer 1: is it a JSON-RPC 2.0 Request object? Failures are always answered.
     if not isinstance(item, dict):
@@ -643,6 +643,11 @@ def _decode_item(item: object, index: int) -> Call | Response | None:
 
     # Layer 2: KVMemo's own rules. Failures are answered unless it is a Notification.
     if method == TRANSACTION and isinstance(params, list):
+        if len(params) > max_batch:  # refused on its length alone, as a batch is
+            too_large = TooLargeError(
+                f"a transaction of {len(params)} calls is over the limit of {max_batch}"
+            )
+            return None if notification else error_response(request_id, too_large)
         calls = _transaction_calls(params)
         if isinstance(calls, str):
             return None if notification else _invalid(request_id, calls)

@@ -62,7 +62,6 @@ from ..errors import (
     KVMemoError,
     NoAuthError,
     OverloadedError,
-    TooLargeError,
     UnavailableError,
     UnknownCommandError,
 )
@@ -530,16 +529,19 @@ class Session:
                     engine.unwatch(watches)
         except KVMemoError as exc:
             return exc
+        except Exception:  # a bug of ours: INTERNAL for this request only (logged)
+            log.exception("session %d: %s failed", self.id, call.method)
+            return InternalError("internal error; see the server log", applied=None)
 
     async def _run_transaction(
         self,
         calls: tuple[tuple[str, tuple[bytes, ...]], ...],
         watches: list[tuple[int, bytes, int]],
     ) -> Any:
-        """Check every call (a refused one refuses the whole), run them, answer in place."""
-        limit = self.server.config.max_batch
-        if len(calls) > limit:
-            raise TooLargeError(f"a transaction holds at most {limit} calls (max_batch)")
+        """Check every call (a refused one refuses the whole), run them, answer in place.
+
+        The codec refused a transaction over ``max_batch`` calls already.
+        """
         engine = self.server.engine
         for index, (method, args) in enumerate(calls):
             if method not in COMMANDS or method in SESSION_METHODS:
