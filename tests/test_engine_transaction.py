@@ -360,3 +360,18 @@ async def test_a_multi_shard_mset_in_a_transaction_evicts_and_overwrites_like_a_
         for i in range(4):
             ref = kv.system.ref(shard_name(i))
             assert await ref.ask(Inspect(ShardStore.check_invariants))
+
+
+async def test_transactions_are_counted_by_outcome(autojump_clock: trio.testing.MockClock) -> None:
+    async with kvmemo.open_store(shards=2, restart_backoff=0.5) as kv:
+        await kv.transaction(("SET", "a", "1"))
+        async with kv.watch("a") as w:
+            await kv.set("a", "2")
+            assert await w.transaction(("SET", "a", "3")) is None
+        kv.kill_actor(shard_name(kv.engine.slots.shard_of(b"a")))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(KVMemoError):
+            await kv.transaction(("SET", "a", "4"))
+        text = kv.engine.metrics.render_prometheus()
+        for outcome in ("run", "watch", "failed"):
+            assert f'kvmemo_transactions_total{{outcome="{outcome}"}} 1' in text

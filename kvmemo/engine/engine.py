@@ -321,6 +321,12 @@ class KVEngine:
         self._get_latency = self._latency_by_name["get"]
         self._set_latency = self._latency_by_name["set"]
         self._errors = m.counter("kvmemo_command_errors_total", "Commands failed", ["kind"])
+        transactions = m.counter(
+            "kvmemo_transactions_total",
+            "Transactions (MULTI/EXEC) by outcome: run, watch (a watched key changed), failed",
+            ["outcome"],
+        )
+        self._txn_outcome = {o: transactions.labels(o) for o in ("run", "watch", "failed")}
         count_buckets = (0, 1, 10, 100, 1000, 10_000, 100_000)
         self._expired_sweep = m.histogram(
             "kvmemo_expired_keys_per_sweep",
@@ -1060,10 +1066,16 @@ class KVEngine:
         shards = sorted(set(plan.steps) | set(checks))
         answers: dict[int, list[Any]] = {}
         if shards:
-            held = await self._hold_transaction(plan, shards, checks)
+            try:
+                held = await self._hold_transaction(plan, shards, checks)
+            except KVMemoError:
+                self._txn_outcome["failed"].inc()
+                raise
             if held is None:
+                self._txn_outcome["watch"].inc()
                 return None
             answers = held
+        self._txn_outcome["run"].inc()
         results = plan.results(answers)
         for i, call in plan.server_calls.items():
             results[i] = await self._run_server(call)
