@@ -35,7 +35,7 @@ runs and EXEC answers nil.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..commands import ops
@@ -259,7 +259,7 @@ class Plan:
         # Per command: its pieces as (shard, index among that shard's steps), and
         # how to make its result of their answers (or its result already).
         self._pieces: list[list[tuple[int, int]]] = [[] for _ in range(calls)]
-        self._finish: list[Any] = [None] * calls
+        self._finish: list[Callable[[list[Any]], Any] | None] = [None] * calls
         self._done: dict[int, Any] = {}
         self.server_calls: dict[int, ServerCall] = {}
 
@@ -276,8 +276,8 @@ class Plan:
         index: int,
         op: Any,
         args: Sequence[bytes],
-        group_by_shard: Any,
-        shard_of: Any,
+        group_by_shard: Callable[[Sequence[bytes]], dict[int, list[int]]],
+        shard_of: Callable[[bytes], int],
         shards: int,
     ) -> None:
         """Plan command ``index``; its client error (a refused command) is its result."""
@@ -342,8 +342,10 @@ class Plan:
             if error is not None:
                 out.append(error)
                 continue
+            finish = self._finish[index]
+            assert finish is not None  # a command planned into pieces has one
             try:
-                out.append(self._finish[index](found))
+                out.append(finish(found))
             except KVMemoError as exc:
                 out.append(exc)
         return out
