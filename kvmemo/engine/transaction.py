@@ -25,12 +25,20 @@ that needs memory does not evict while the shards are held (the eviction
 manager would wait for them): the engine makes room before it holds, and a
 write that still does not fit gets ``OOM``. A multi-shard MSET is the one
 exception, because it must stay all-or-nothing: its bytes are reserved in
-the prepare phase (an upper bound), so it never fails half-way.
+the prepare phase (exact when nothing before it writes on that shard, else
+an upper bound), so it never fails half-way. Checks at queue time are
+Redis's: an unknown command or a wrong number of arguments discards the
+transaction; any other error of a command is given in its place.
 
-WATCH. A shard's store counts writes to the keys someone watches
-(:meth:`ShardStore.watch`); a transaction carries the counts its client saw
-at WATCH time, and a shard whose count moved votes against it: nothing
-runs and EXEC answers nil.
+WATCH. A shard's store gives each watched key a version that changes with
+every write to it (:meth:`ShardStore.watch`; versions are unique in the
+process, so one never recurs); a transaction carries the versions its
+client saw at WATCH time, and a shard on which one moved votes against it:
+nothing runs and EXEC answers nil.
+
+Atomic in memory, not across a crash: each shard writes its part to its own
+log, so a crash between two shards' writes can leave an unacknowledged
+transaction in part on disk (as for a multi-shard MSET).
 """
 
 from __future__ import annotations
