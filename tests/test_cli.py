@@ -85,6 +85,17 @@ def test_toml_then_environment_then_flags(tmp_path: Path) -> None:
     assert r.store.shards == 3
 
 
+def test_supervision_and_hold_limits_are_settings() -> None:
+    r = resolved(
+        ["--max-restarts", "500", "--restart-period", "2.5", "--hold-timeout", "0.25"],
+        {"KVMEMO_RESTART_BACKOFF": "0.01", "KVMEMO_RESTART_BACKOFF_MAX": "0.5"},
+    )
+    assert (r.store.max_restarts, r.store.restart_period, r.store.hold_timeout) == (500, 2.5, 0.25)
+    assert (r.store.restart_backoff, r.store.restart_backoff_max) == (0.01, 0.5)
+    with pytest.raises(ValueError, match="max_restarts"):
+        resolved(["--max-restarts", "0"])
+
+
 def test_repeatable_flags_and_lists_from_the_environment() -> None:
     r = resolved(["--allowed-origin", "https://a.example", "--allowed-origin", "https://b.example"])
     assert r.server.allowed_origins == frozenset({"https://a.example", "https://b.example"})
