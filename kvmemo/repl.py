@@ -352,6 +352,8 @@ def help_text(topic: str | None = None) -> str:
         'Type a command as in redis-cli:  SET greeting "hello world" EX 60',
         "Quote arguments with spaces (\"...\" with \\n \\t \\xHH escapes, '...' literal).",
         "help <command> describes one command; quit, exit or Ctrl-D leaves.",
+        "MULTI queues commands until EXEC runs them as one transaction (DISCARD drops them);",
+        "WATCH key ... before MULTI makes EXEC answer (nil) if one of the keys changed.",
         "",
     ]
     lines += [f"  {name.upper().ljust(width)}  {COMMANDS[name].summary}" for name in names]
