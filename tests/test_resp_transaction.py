@@ -11,6 +11,7 @@ import pytest
 import redis
 import redis.exceptions
 import trio
+import trio.testing
 from test_engine_transaction import watched_keys
 from test_resp_server import TIMEOUT, Client, running
 
@@ -188,9 +189,8 @@ async def test_watch_aborts_exec_with_a_null_array_when_another_client_writes() 
             assert await first.call("EXEC") == [b"again"]
             assert await first.call("WATCH", "k", "j") == "OK"
             await first.aclose()
-            with trio.fail_after(5):
-                while await watched_keys(server.engine):  # noqa: ASYNC110 - no event to wait on
-                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the close reached the server
+            assert await watched_keys(server.engine) == 0
             await second.aclose()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from test_client import TEST_TIMEOUT, kv, node  # noqa: F401 - fixtures
 from test_engine_transaction import watched_keys
 from trio_websocket import open_websocket_url
@@ -112,9 +113,8 @@ async def test_a_closed_session_gives_its_watches_back(node: Node) -> None:  # n
         session = Raw(ws)
         assert (await session.call("watch", ["a", "b", "c"]))["result"] == "OK"
         assert await watched_keys(node.engine) == 3
-    with trio.fail_after(TEST_TIMEOUT):
-        while await watched_keys(node.engine):  # noqa: ASYNC110 - no event to wait on
-            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()  # the server saw it all (loopback, in-process)
+    assert await watched_keys(node.engine) == 0
 
 
 async def test_a_transaction_is_ordered_with_the_sessions_other_requests(raw: Raw) -> None:
@@ -163,7 +163,7 @@ async def test_a_watch_block_keeps_its_watches_from_the_clients_other_tasks(
             async with kv.watch("bal"):
                 balance = int(await kv.get("bal") or 0)
                 nursery.start_soon(unrelated)
-                await trio.sleep(0.05)  # it waits for this block; it does not run
+                await trio.testing.wait_all_tasks_blocked()  # it waits for this block
                 assert not other_done.is_set()
                 await other.set("bal", "500")
                 outcome["mine"] = await kv.transaction(("SET", "bal", str(balance - 10)))
@@ -180,6 +180,5 @@ async def test_a_watch_cancelled_at_once_leaves_nothing_watched(
             async with kv.watch("k"):
                 await trio.sleep_forever()
     assert await kv.transaction(("SET", "k", "v")) == ["OK"]  # no stale watch
-    with trio.fail_after(TEST_TIMEOUT):
-        while await watched_keys(node.engine):  # noqa: ASYNC110 - no event to wait on
-            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()  # the server saw it all (loopback, in-process)
+    assert await watched_keys(node.engine) == 0
