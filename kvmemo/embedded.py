@@ -25,6 +25,7 @@ from actors import ActorSystem
 from .api import Arg, Commands, encode_arg, encode_args
 from .config import StoreConfig
 from .engine.engine import KVEngine
+from .errors import KVMemoError
 
 
 class Store(Commands):
@@ -86,10 +87,13 @@ class Store(Commands):
             await kv.transaction(("INCR", "visits"), ("EXPIRE", "visits", 60))
 
         Raises:
-            KVMemoError: the whole transaction failed (``UNAVAILABLE``,
-                ``OOM``, ``TIMEOUT``) and nothing ran (``TIMEOUT``: maybe).
+            KVMemoError: the transaction was refused as a whole, as Redis's
+                EXECABORT, and nothing ran: an unknown command, a wrong number
+                of arguments, a command a transaction may not hold
+                (``data["index"]`` names it); or it failed as a whole
+                (``UNAVAILABLE``, ``OOM``, ``TIMEOUT``: nothing ran, or maybe).
         """
-        results = await self.engine.execute_transaction(_calls(calls))
+        results = await self.engine.execute_transaction(_checked(self.engine, calls))
         assert results is not None  # only watches abort a transaction
         return results
 
@@ -137,11 +141,25 @@ class Watch:
             A result for each command, or None: a watched key changed (a
             write, a delete, an expiry, an eviction) and nothing ran.
         """
-        return await self._engine.execute_transaction(_calls(calls), self._watches)
+        return await self._engine.execute_transaction(_checked(self._engine, calls), self._watches)
 
 
-def _calls(calls: tuple[tuple[Arg, ...], ...]) -> list[tuple[str, Sequence[bytes]]]:
-    return [(str(c[0]), encode_args(c[1:])) for c in calls]
+def _checked(
+    engine: KVEngine, calls: tuple[tuple[Arg, ...], ...]
+) -> list[tuple[str, Sequence[bytes]]]:
+    """The calls as the engine takes them, each checked as a queued command is.
+
+    Raises:
+        KVMemoError: a call refuses the whole transaction (``data["index"]``).
+    """
+    out = [(str(c[0]), encode_args(c[1:])) for c in calls]
+    for index, (name, args) in enumerate(out):
+        try:
+            engine.check_transaction_call(name, args)
+        except KVMemoError as exc:
+            exc.data["index"] = index
+            raise
+    return out
 
 
 async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **settings: Any) -> Store:

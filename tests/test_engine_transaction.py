@@ -164,11 +164,18 @@ async def test_moves_and_msetnx_across_shards_are_refused_but_work_on_one_shard(
             ("MSETNX", "{u}dst", "x", "{u}new", "y"),
             ("MSETNX", "{u}n1", "x", "{u}n2", "y"),
             ("TTL", "{u}copy"),
-            ("RENAME", a, b),
         )
-        assert results[:5] == ["OK", 1, 0, 1, 100]
-        assert isinstance(results[5], KVMemoError)  # planned anyway: refused in its place
+        assert results == ["OK", 1, 0, 1, 100]
         assert await kv.mget("{u}src", "{u}dst", "{u}new", "{u}n2") == [None, b"v", None, b"y"]
+        # Through the API, a refused call refuses the whole (EXECABORT), naming it.
+        with pytest.raises(KVMemoError, match="needs all its keys on one shard") as caught:
+            await kv.transaction(("SET", "{u}new", "z"), ("RENAME", a, b))
+        assert caught.value.data["index"] == 1
+        assert await kv.get("{u}new") is None
+        # The engine itself, given an unchecked call, refuses it in its place.
+        answer = await engine.execute_transaction([("rename", [a.encode(), b.encode()])])
+        assert answer is not None
+        assert isinstance(answer[0], KVMemoError)
 
 
 async def test_a_multi_shard_mset_in_a_transaction_that_does_not_fit_runs_nothing(
