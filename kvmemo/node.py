@@ -58,7 +58,7 @@ def build(
     bound: dict[str, Any] = {}
     extra = []
     if server_config.resp:
-        from .server.resp_server import RespLimits, serve_resp
+        from .server.resp_server import serve_resp
 
         async def run_resp(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             # Keep the port across restarts of the server actor (port 0 included).
@@ -70,7 +70,7 @@ def build(
                     host=server_config.host,
                     port=port,
                     tokens=server_config.tokens,
-                    limits=RespLimits(),
+                    limits=server_config.resp_limits,
                     task_status=recorder,
                 )
             except OSError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from .config import StoreConfig, parse_size
-from .server.config import ServerConfig
+from .server.config import RespLimits, ServerConfig
 
 
 def _bool(value: Any) -> bool:
@@ -97,7 +97,7 @@ class Setting:
     """One setting: its name (TOML key, ``--flag``, ``KVMEMO_NAME``), target and parser."""
 
     name: str
-    target: str  # "store", "server" or "cli" (the command line itself)
+    target: str  # "store", "server", "resp" (the Redis port's limits) or "cli"
     field: str
     parse: Callable[[Any], Any]
     help: str
@@ -251,6 +251,66 @@ SETTINGS: list[Setting] = [
         _size("snapshot-log-size"),
         "log size of a shard that triggers its snapshot (256MiB)",
     ),
+    # The Redis port's limits (RespLimits), each named resp_* as a flag, key and variable.
+    Setting(
+        "resp_max_bulk_len",
+        "resp",
+        "max_bulk_len",
+        _size("resp-max-bulk-len"),
+        "Redis port: longest argument (proto-max-bulk-len; 512MiB)",
+    ),
+    Setting(
+        "resp_max_args", "resp", "max_args", _int, "Redis port: arguments per request (1048576)"
+    ),
+    Setting(
+        "resp_max_inline_len",
+        "resp",
+        "max_inline_len",
+        _size("resp-max-inline-len"),
+        "Redis port: longest inline request (64KiB)",
+    ),
+    Setting(
+        "resp_max_query_buffer",
+        "resp",
+        "max_query_buffer",
+        _size("resp-max-query-buffer"),
+        "Redis port: unparsed input per client (client-query-buffer-limit; 1GiB)",
+    ),
+    Setting(
+        "resp_max_output_buffer",
+        "resp",
+        "max_output_buffer",
+        _size("resp-max-output-buffer"),
+        "Redis port: reply bytes pending per client before it must read (64MiB)",
+    ),
+    Setting(
+        "resp_output_timeout",
+        "resp",
+        "output_timeout",
+        _float,
+        "Redis port: seconds a client over its output limit may read nothing (10)",
+    ),
+    Setting(
+        "resp_max_clients",
+        "resp",
+        "max_clients",
+        _int,
+        "Redis port: connections (maxclients; 10000)",
+    ),
+    Setting(
+        "resp_idle_timeout",
+        "resp",
+        "idle_timeout",
+        _float,
+        "Redis port: seconds of silence before a client is closed (timeout; 0: never)",
+    ),
+    Setting(
+        "resp_max_transaction_commands",
+        "resp",
+        "max_transaction_commands",
+        _int,
+        "Redis port: commands one MULTI may queue (100000)",
+    ),
     Setting("log_level", "cli", "log_level", _log_level, "debug, info, warning or error (info)"),
 ]
 
@@ -342,7 +402,7 @@ def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         value = getattr(args, s.name, None)
         if value is not None:
             raw[s.name], source[s.name] = value, s.flag
-    parsed: dict[str, dict[str, Any]] = {"store": {}, "server": {}, "cli": {}}
+    parsed: dict[str, dict[str, Any]] = {"store": {}, "server": {}, "resp": {}, "cli": {}}
     for s in SETTINGS:
         if s.name not in raw:
             continue
@@ -353,7 +413,7 @@ def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         parsed[s.target][s.field] = value
     try:
         store = StoreConfig(**parsed["store"])
-        server = ServerConfig(**parsed["server"])
+        server = ServerConfig(**parsed["server"], resp_limits=RespLimits(**parsed["resp"]))
     except (ValueError, TypeError) as exc:
         raise ValueError(str(exc)) from None
     return Resolved(store, server, parsed["cli"].get("log_level", "info"))

@@ -28,6 +28,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from kvmemo.cli import build_parser, main
+from kvmemo.server.config import RespLimits
 from kvmemo.settings import resolve_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,21 @@ def test_supervision_and_hold_limits_are_settings() -> None:
     assert (r.store.restart_backoff, r.store.restart_backoff_max) == (0.01, 0.5)
     with pytest.raises(ValueError, match="max_restarts"):
         resolved(["--max-restarts", "0"])
+
+
+def test_the_redis_ports_limits_are_settings(tmp_path: Path) -> None:
+    config = tmp_path / "kvmemo.toml"
+    config.write_text('[limits]\nresp_max_bulk_len = "1MiB"\nresp_max_clients = 7\n')
+    r = resolved(
+        ["--config", str(config), "--resp-max-transaction-commands", "50"],
+        {"KVMEMO_RESP_IDLE_TIMEOUT": "30"},
+    )
+    limits = r.server.resp_limits
+    assert (limits.max_bulk_len, limits.max_clients) == (1024**2, 7)
+    assert (limits.max_transaction_commands, limits.idle_timeout) == (50, 30.0)
+    assert resolved([]).server.resp_limits == RespLimits()
+    with pytest.raises(ValueError, match=r"^max_clients must be >= 1, got 0$"):
+        resolved(["--resp-max-clients", "0"])
 
 
 def test_repeatable_flags_and_lists_from_the_environment() -> None:

@@ -26,7 +26,9 @@ import trio.lowlevel
 from kvmemo.api import Arg, Commands, encode_arg
 from kvmemo.config import StoreConfig
 from kvmemo.engine.engine import KVEngine
+from kvmemo.node import open_node
 from kvmemo.server import resp_server
+from kvmemo.server.config import ServerConfig
 from kvmemo.server.resp import (
     NEED_DATA,
     ErrorReply,
@@ -1094,3 +1096,20 @@ async def test_config_reports_persistence_and_keeps_it_fixed(tmp_path: Any) -> N
                 "ERR CONFIG SET failed (possibly related to argument 'appendfsync')"
                 " - persistence settings are fixed at start (--dir, --appendfsync)"
             )
+
+
+async def test_a_nodes_configured_limits_reach_its_redis_port() -> None:
+    """ServerConfig.resp_limits (the resp_* settings) is what the listener enforces."""
+    config = ServerConfig(
+        host="127.0.0.1", port=0, resp_port=0, resp_limits=RespLimits(max_clients=1)
+    )
+    with trio.fail_after(TIMEOUT):
+        async with open_node(StoreConfig(shards=2), config) as node:
+            assert node.resp_bound is not None
+            host, port = node.resp_bound
+            first = Client(await trio.open_tcp_stream(host, port))
+            assert await first.call("PING") == "PONG"
+            second = Client(await trio.open_tcp_stream(host, port))
+            assert await second.reply() == ErrorReply("ERR max number of clients reached")
+            await second.aclose()
+            await first.aclose()

@@ -23,6 +23,61 @@ def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None
         raise ValueError(f"{attribute.name} must be in 0..65535, got {value}")
 
 
+def _check_min(name: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@attrs.frozen
+class RespLimits:
+    """Limits of the Redis port; each going over is handled as Redis does.
+
+    Attributes:
+        max_bulk_len: longest argument in bytes (``proto-max-bulk-len``);
+            longer gets ``invalid bulk length`` and a close.
+        max_args: most arguments in one request.
+        max_inline_len: longest inline request in bytes.
+        max_query_buffer: most unparsed input bytes held for one client
+            (``client-query-buffer-limit``); more closes it without a reply.
+        max_output_buffer: most reply bytes pending for one client before it
+            must read some; see :attr:`output_timeout`.
+        output_timeout: seconds a client over ``max_output_buffer`` may go
+            without reading anything before it is disconnected.
+        max_clients: most connections at once (``maxclients``); one more gets
+            ``-ERR max number of clients reached`` and is closed.
+        idle_timeout: seconds without traffic before a client is closed
+            (Redis's ``timeout``); 0 means never.
+        max_transaction_commands: most commands one MULTI may queue; one more
+            gets an error and EXEC then answers ``EXECABORT`` (an EXEC holds
+            its shards while all of them run).
+    """
+
+    max_bulk_len: int = 512 * 1024 * 1024
+    max_args: int = 1024 * 1024
+    max_inline_len: int = 64 * 1024
+    max_query_buffer: int = 1024 * 1024 * 1024
+    max_output_buffer: int = 64 * 1024 * 1024
+    output_timeout: float = 10.0
+    max_clients: int = 10_000
+    idle_timeout: float = 0.0
+    max_transaction_commands: int = 100_000
+
+    def __attrs_post_init__(self) -> None:
+        _check_min("max_bulk_len", self.max_bulk_len, 0)
+        for name in (
+            "max_args",
+            "max_inline_len",
+            "max_query_buffer",
+            "max_output_buffer",
+            "max_transaction_commands",
+        ):
+            _check_min(name, getattr(self, name), 1)
+        _check_min("max_clients", self.max_clients, 1)
+        if not self.output_timeout > 0:
+            raise ValueError(f"output_timeout must be > 0, got {self.output_timeout}")
+        _check_min("idle_timeout", self.idle_timeout, 0)
+
+
 @attrs.frozen
 class ServerConfig:
     """The WebSocket/HTTP front door and the Redis-protocol port.
@@ -45,6 +100,7 @@ class ServerConfig:
             (1008); 0 disables it.
         shutdown_grace: seconds in-flight requests get on SIGINT/SIGTERM.
         max_http_head: bytes of an HTTP request head.
+        resp_limits: the limits of the Redis-protocol port.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +119,7 @@ class ServerConfig:
     idle_timeout: float = attrs.field(default=0.0, validator=_non_negative)
     shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
     max_http_head: int = attrs.field(default=16 * 1024, validator=_at_least_one)
+    resp_limits: RespLimits = attrs.field(factory=RespLimits)
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

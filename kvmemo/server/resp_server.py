@@ -95,6 +95,7 @@ from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
 from ..eviction.policies import POLICY_NAMES
+from .config import RespLimits as RespLimits
 from .resp import (
     NULL_ARRAY,
     ErrorReply,
@@ -110,6 +111,7 @@ __all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 6380
+DEFAULT_LIMITS: Final = RespLimits()  # immutable: safe as a shared default
 REDIS_VERSION: Final = "7.2.0-kvmemo"  # what HELLO and INFO report as the Redis version
 
 RECEIVE_SIZE: Final = 64 * 1024  # bytes per receive: Redis reads 16 KiB; more amortises trio
@@ -159,61 +161,6 @@ _POLICY_TO_REDIS: Final = {"lru": "allkeys-lru", "lfu": "allkeys-lfu", "random":
 def _text(data: bytes) -> str:
     """Bytes as text that goes back out byte for byte (see :mod:`.resp`)."""
     return data.decode("utf-8", "surrogateescape")
-
-
-def _check_min(name: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-@attrs.frozen
-class RespLimits:
-    """Limits of the Redis port; each going over is handled as Redis does.
-
-    Attributes:
-        max_bulk_len: longest argument in bytes (``proto-max-bulk-len``);
-            longer gets ``invalid bulk length`` and a close.
-        max_args: most arguments in one request.
-        max_inline_len: longest inline request in bytes.
-        max_query_buffer: most unparsed input bytes held for one client
-            (``client-query-buffer-limit``); more closes it without a reply.
-        max_output_buffer: most reply bytes pending for one client before it
-            must read some; see :attr:`output_timeout`.
-        output_timeout: seconds a client over ``max_output_buffer`` may go
-            without reading anything before it is disconnected.
-        max_clients: most connections at once (``maxclients``); one more gets
-            ``-ERR max number of clients reached`` and is closed.
-        idle_timeout: seconds without traffic before a client is closed
-            (Redis's ``timeout``); 0 means never.
-        max_transaction_commands: most commands one MULTI may queue; one more
-            gets an error and EXEC then answers ``EXECABORT`` (an EXEC holds
-            its shards while all of them run).
-    """
-
-    max_bulk_len: int = 512 * 1024 * 1024
-    max_args: int = 1024 * 1024
-    max_inline_len: int = 64 * 1024
-    max_query_buffer: int = 1024 * 1024 * 1024
-    max_output_buffer: int = 64 * 1024 * 1024
-    output_timeout: float = 10.0
-    max_clients: int = 10_000
-    idle_timeout: float = 0.0
-    max_transaction_commands: int = 100_000
-
-    def __attrs_post_init__(self) -> None:
-        _check_min("max_bulk_len", self.max_bulk_len, 0)
-        for name in (
-            "max_args",
-            "max_inline_len",
-            "max_query_buffer",
-            "max_output_buffer",
-            "max_transaction_commands",
-        ):
-            _check_min(name, getattr(self, name), 1)
-        _check_min("max_clients", self.max_clients, 1)
-        if not self.output_timeout > 0:
-            raise ValueError(f"output_timeout must be > 0, got {self.output_timeout}")
-        _check_min("idle_timeout", self.idle_timeout, 0)
 
 
 class _OutputStalled(Exception):
@@ -1752,7 +1699,7 @@ async def serve_resp(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     tokens: frozenset[str] = frozenset(),
-    limits: RespLimits = RespLimits(),
+    limits: RespLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the Redis protocol for ``engine`` until cancelled.
