@@ -86,13 +86,21 @@ def test_toml_then_environment_then_flags(tmp_path: Path) -> None:
     assert r.store.shards == 3
 
 
-def test_supervision_and_hold_limits_are_settings() -> None:
+def test_supervision_eviction_and_hold_limits_are_settings() -> None:
     r = resolved(
         ["--max-restarts", "500", "--restart-period", "2.5", "--hold-timeout", "0.25"],
         {"KVMEMO_RESTART_BACKOFF": "0.01", "KVMEMO_RESTART_BACKOFF_MAX": "0.5"},
     )
     assert (r.store.max_restarts, r.store.restart_period, r.store.hold_timeout) == (500, 2.5, 0.25)
     assert (r.store.restart_backoff, r.store.restart_backoff_max) == (0.01, 0.5)
+    r = resolved(
+        ["--eviction-watermark", "0.8", "--eviction-target", "0.7", "--oom-wait-ms", "20"],
+        {"KVMEMO_EVICTION_SAMPLE": "4", "KVMEMO_RECONCILE_EVERY": "10"},
+    )
+    store = r.store
+    assert (store.eviction_watermark, store.eviction_target, store.oom_wait) == (0.8, 0.7, 0.02)
+    assert (store.eviction_sample, store.reconcile_every) == (4, 10)
+    assert resolved(["--max-http-head", "4KiB"]).server.max_http_head == 4096
     with pytest.raises(ValueError, match="max_restarts"):
         resolved(["--max-restarts", "0"])
 
