@@ -89,3 +89,34 @@ async def test_a_shard_whose_state_is_corrupt_reloads_from_disk_while_others_ser
             for i in range(100):
                 assert await kv.get(f"key{i}") == f"value{i}".encode()
             assert kv.system.events.count(f"shard-{shard}", EventKind.STATE_REBUILT) == 1
+
+
+@pytest.mark.parametrize("appendfsync", ["always", "everysec"])
+async def test_a_transactions_writes_survive_a_restart(tmp_path: Path, appendfsync: str) -> None:
+    """Every kind of step a transaction runs is journalled, as the same command alone is."""
+    keys = {f"m{i}": f"v{i}" for i in range(12)}  # an MSET over every shard
+    with trio.fail_after(30):
+        async with kvmemo.open_store(
+            shards=4, data_dir=str(tmp_path), appendfsync=appendfsync
+        ) as kv:
+            await kv.set("gone", "x")
+            await kv.set("{t}src", "moved", ex=3600)
+            async with kv.watch("counter") as w:
+                results = await w.transaction(
+                    ("MSET", *[x for kv_ in keys.items() for x in kv_]),
+                    ("INCR", "counter"),
+                    ("INCRBY", "counter", "4"),
+                    ("DEL", "gone"),
+                    ("RENAME", "{t}src", "{t}dst"),
+                    ("SET", "ttl", "x", "EX", "3600"),
+                    ("APPEND", "m0", "+"),
+                    ("EXPIRE", "m1", "-1"),  # in the past: deleted
+                )
+            assert results == ["OK", 1, 5, 1, "OK", "OK", 3, 1]
+        async with kvmemo.open_store(shards=4, data_dir=str(tmp_path)) as kv:
+            assert await kv.mget("m0", "m1", "m11") == [b"v0+", None, b"v11"]
+            assert await kv.get("counter") == b"5"
+            assert await kv.mget("gone", "{t}src", "{t}dst") == [None, None, b"moved"]
+            assert 3500 < await kv.ttl("{t}dst") <= 3600
+            assert 3500 < await kv.ttl("ttl") <= 3600
+            assert await kv.dbsize() == 11 + 3  # m0, m2..m11; counter, {t}dst, ttl
