@@ -25,7 +25,6 @@ from actors import ActorSystem
 from .api import Arg, Commands, encode_arg, encode_args
 from .config import StoreConfig
 from .engine.engine import KVEngine
-from .errors import KVMemoError
 
 
 class Store(Commands):
@@ -153,12 +152,7 @@ def _checked(
         KVMemoError: a call refuses the whole transaction (``data["index"]``).
     """
     out = [(str(c[0]), encode_args(c[1:])) for c in calls]
-    for index, (name, args) in enumerate(out):
-        try:
-            engine.check_transaction_call(name, args)
-        except KVMemoError as exc:
-            exc.data["index"] = index
-            raise
+    engine.check_transaction(out)
     return out
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from test_engine_atomic import key_on
+from test_engine_atomic import keep_busy, key_on
 
 import kvmemo
 from kvmemo.commands import ops
-from kvmemo.engine.engine import shard_name
 from kvmemo.errors import KVMemoError
-from kvmemo.storage.shard import Barrier, Hold
 
 
 def two_keys_on_different_shards(kv: kvmemo.Store) -> tuple[str, str]:
@@ -109,7 +107,6 @@ async def test_no_reader_sees_a_rename_half_done() -> None:
 def test_a_target_that_expires_while_its_shard_holds_is_accounted_once(kind: str) -> None:
     """The reservation nets out the target's old value as prepare saw it; the
     commit must apply at that time, or the expiry releases the old bytes again."""
-    from kvmemo.commands import ops
     from kvmemo.eviction.memory import MemoryTracker
     from kvmemo.eviction.policies import make_policy
     from kvmemo.storage.store import ShardStore
@@ -141,14 +138,8 @@ async def test_a_retried_rename_leaves_no_stale_part_that_could_crash_a_shard(
         src, dst = key_on(kv, 0, "src"), key_on(kv, 1, "dst")
         await kv.set(src, "v")
 
-        def busy(shard: int, holds: int) -> None:
-            # Holds of a round never decided: each keeps the shard hold_timeout.
-            for _ in range(holds):
-                part = ops.MSet([(b"zz", b"1")], only_new=False).part([0])
-                kv.system.ref(shard_name(shard)).tell_nowait(Hold(Barrier(2), 0, part))
-
-        busy(0, 1)  # the source's shard: 0.5 s
-        busy(1, 3)  # the target's shard: 1.5 s, past the source's hold timeout
+        keep_busy(kv, 0, 1)  # the source's shard: 0.5 s
+        keep_busy(kv, 1, 3)  # the target's shard: 1.5 s, past the source's hold timeout
         outcome: dict[str, object] = {}
 
         async def rename() -> None:

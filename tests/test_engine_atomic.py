@@ -48,6 +48,15 @@ def key_on(kv: Store, shard: int, prefix: str) -> str:
     return f"{prefix}{i}"
 
 
+def keep_busy(kv: Store, shard: int, holds: int) -> None:
+    """Queue ``holds`` holds of a round never decided on ``shard``: each keeps it
+    busy for ``hold_timeout``, then aborts (giving back what it reserved)."""
+    ref = kv.system.ref(shard_name(shard))
+    for _ in range(holds):
+        part = ops.MSet([(b"zz", b"1")], only_new=False).part([0])
+        ref.tell_nowait(Hold(Barrier(2), 0, part))
+
+
 async def wait_running(system: ActorSystem, name: str) -> None:
     """Wait until the actor ``name`` is running (again), by its lifecycle events."""
     async with system.events.subscribe() as events:
@@ -238,11 +247,7 @@ async def test_an_mset_aborted_because_a_shard_held_too_long_is_not_reported_as_
         await kv.mset({a: "old", b: "old"})
         # Keep shard 1 busy for two hold timeouts: two holds of a round that
         # is never decided (each waits hold_timeout, then aborts).
-        ref = kv.system.ref(shard_name(1))
-        for _ in range(2):
-            stuck = Barrier(2)
-            part = ops.MSet([(b"zz", b"1")], only_new=False).part([0])
-            ref.tell_nowait(Hold(stuck, 0, part))
+        keep_busy(kv, 1, 2)
         started = trio.current_time()
         with pytest.raises(KVMemoError) as caught:
             await kv.mset({a: "new", b: "new"})

@@ -13,13 +13,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from test_engine_atomic import key_on, spread_keys, wait_running
+from test_engine_atomic import keep_busy, key_on, spread_keys, wait_running
 
 import kvmemo
-from kvmemo.commands import ops
 from kvmemo.engine.engine import KVEngine, shard_name
 from kvmemo.errors import KVMemoError
-from kvmemo.storage.shard import Barrier, Hold, Inspect
+from kvmemo.storage.shard import Inspect
 from kvmemo.storage.store import ShardStore
 
 
@@ -330,10 +329,7 @@ async def test_a_watch_cancelled_while_its_shard_is_busy_is_given_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with kvmemo.open_store(shards=2, hold_timeout=1.0) as kv:
-        shard = kv.engine.slots.shard_of(b"k")
-        ref = kv.system.ref(shard_name(shard))
-        # A hold of a round never decided keeps the shard busy for hold_timeout.
-        ref.tell_nowait(Hold(Barrier(2), 0, ops.MSet([(b"zz", b"1")], only_new=False).part([0])))
+        keep_busy(kv, kv.engine.slots.shard_of(b"k"), 1)
         with trio.move_on_after(0.1) as scope:
             async with kv.watch("k"):
                 pytest.fail("the watch cannot be answered while the shard is busy")

@@ -1027,6 +1027,20 @@ class KVEngine:
         if refusal is not None:
             raise refusal
 
+    def check_transaction(self, calls: Sequence[tuple[str, Sequence[bytes]]]) -> None:
+        """:meth:`check_transaction_call` for each of ``calls``, as EXEC would find them.
+
+        Raises:
+            KVMemoError: the first call that refuses the whole transaction,
+                with ``data["index"]`` its position.
+        """
+        for index, (name, args) in enumerate(calls):
+            try:
+                self.check_transaction_call(name, args)
+            except KVMemoError as exc:
+                exc.data["index"] = index
+                raise
+
     async def execute_transaction(
         self,
         calls: Sequence[tuple[str, Sequence[bytes]]],

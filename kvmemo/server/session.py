@@ -543,16 +543,12 @@ class Session:
         The codec refused a transaction over ``max_batch`` calls already.
         """
         engine = self.server.engine
-        for index, (method, args) in enumerate(calls):
+        for index, (method, _) in enumerate(calls):
             if method not in COMMANDS or method in SESSION_METHODS:
                 raise UnknownCommandError(
                     f"unknown method '{method}' in a transaction", index=index
                 )
-            try:
-                engine.check_transaction_call(method, args)
-            except KVMemoError as exc:
-                exc.data["index"] = index
-                raise
+        engine.check_transaction(calls)
         results = await engine.execute_transaction(calls, watches)
         if results is None:
             return None  # a watched key was written: nothing ran
