@@ -144,6 +144,7 @@ async def open_node(
             raise start_error from None
         raise
     finally:
+        engine.close()
         with trio.CancelScope(shield=True):
             for listener in server.listeners:  # when the server actor never started
                 await listener.aclose()

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CommandSyntaxError, NotIntegerError, TooLargeError
+from ..persistence import Op, encode_fields, encode_set
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
@@ -83,6 +84,16 @@ class AtomicPart:
 
     def abort(self, store: ShardStore) -> None:
         """Give back what ``prepare`` reserved."""
+
+    def effects(self, unix_offset: float) -> bytes | None:
+        """The log records ``commit`` will journal, encoded, once ``prepare`` voted yes.
+
+        For the engine's intent of a multi-shard round (see
+        :mod:`kvmemo.persistence.intents`); ``unix_offset`` turns the store's
+        monotonic expiry times into Unix time. None: not known before the
+        commit (the round then has no intent).
+        """
+        return None
 
 
 class AtomicOp:
@@ -519,6 +530,10 @@ class _MSetPart(AtomicPart):
             store.tracker.release(store.shard_id, self.reserved)
             self.reserved = 0
 
+    def effects(self, unix_offset: float) -> bytes:
+        # put_many: each pair a SET without expiry, in order (a later pair wins).
+        return b"".join([encode_set(k, v) for k, v in self.items])
+
 
 class MSet(AtomicOp):
     """MSET and MSETNX: every pair or none, as one atomic step for every reader."""
@@ -706,6 +721,19 @@ class _MovePart(AtomicPart):
         if self.reserved:
             store.tracker.release(store.shard_id, self.reserved)
             self.reserved = 0
+
+    def effects(self, unix_offset: float) -> bytes:
+        # As commit journals them: the target's SET (with the source's
+        # expiry, absolute), then the source's DEL.
+        op = self.op
+        value, expires_at = self.entry
+        out = []
+        if self.target:
+            expires_ms = None if expires_at is None else round((expires_at + unix_offset) * 1000)
+            out.append(encode_fields(Op.SET, op.dst, value, expires_ms))
+        if self.source and op.kind != "copy":
+            out.append(encode_fields(Op.DEL, op.src))
+        return b"".join(out)
 
 
 class Move(AtomicOp):

@@ -18,6 +18,7 @@ from ..errors import DisabledError, PersistenceIOError, UnavailableError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import make_policy
 from ..persistence import AppendFsync
+from ..persistence.intents import IntentLog
 from ..storage.durable_shard import PersistenceConfig, PersistenceInfo, Save, prepare_stores
 from ..storage.store import ShardStore
 
@@ -38,16 +39,20 @@ def persistence_config(config: StoreConfig) -> PersistenceConfig | None:
 
 async def recover_all(
     config: StoreConfig, persistence: PersistenceConfig, tracker: MemoryTracker
-) -> dict[int, ShardStore]:
-    """Rebuild every shard from disk before the tree starts (logs each warning)."""
-    stores, warnings = await prepare_stores(
+) -> tuple[dict[int, ShardStore], IntentLog]:
+    """Rebuild every shard from disk before the tree starts (logs each warning).
+
+    Returns the recovered stores and the open intent log, which the caller
+    owns (and closes).
+    """
+    stores, warnings, intents = await prepare_stores(
         config.shards, tracker, lambda: make_policy(config.eviction_policy), persistence
     )
     for warning in warnings:
         log.warning("%s", warning)
     keys = sum(len(s.data) for s in stores.values())
     log.info("recovered %d keys from %s", keys, persistence.directory)
-    return stores
+    return stores, intents
 
 
 async def save(

@@ -22,6 +22,7 @@ Errors the caller sees, and when:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ from ..errors import (
     InternalError,
     KVMemoError,
     OutOfMemoryError,
+    PersistenceIOError,
     RequestTimeoutError,
     TooLargeError,
     UnavailableError,
@@ -69,6 +71,8 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy, make_policy
 from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
+from ..persistence import AppendFsync
+from ..persistence.intents import IntentLog
 from ..storage.durability import Health, ShardDurability
 from ..storage.durable_shard import DurableShardActor, durable_state_factory
 from ..storage.shard import (
@@ -148,6 +152,10 @@ class KVEngine:
         self._unwatch_backlog: list[tuple[int, list[bytes]]] = []
         self.persistence = durable.persistence_config(config)
         self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
+        # The intent log of multi-shard rounds (persistence on, after prepare),
+        # written under the writer lock, and the last txid given.
+        self._intents: IntentLog | None = None
+        self._txid = 0
         self._durabilities: list[ShardDurability] = []
         self._last_wake = -1.0
         self._started_at = time.time()
@@ -246,7 +254,10 @@ class KVEngine:
             OSError: the data directory cannot be used.
         """
         if self.persistence is not None:
-            self._prepared = await durable.recover_all(self.config, self.persistence, self.tracker)
+            self._prepared, self._intents = await durable.recover_all(
+                self.config, self.persistence, self.tracker
+            )
+            self._txid = self._intents.last_txid
             self._durabilities = [
                 s.durability for s in self._prepared.values() if s.durability is not None
             ]
@@ -715,7 +726,7 @@ class KVEngine:
                     answer = await self._read_move_source(op, refs, positions)
                     if answer is not _NO_ANSWER:
                         return answer
-                committed, votes, results = await self._two_phase(op, refs, positions)
+                committed, votes, results = await self._two_phase(op, refs, positions, shards)
             finally:
                 self._txn_lock.release(write=True)
             if ops.CHANGED in votes:
@@ -943,18 +954,32 @@ class KVEngine:
         return op.combine(results, positions, True)
 
     async def _two_phase(
-        self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
+        self,
+        op: ops.AtomicOp,
+        refs: list[ActorRef],
+        positions: list[list[int]],
+        shards: list[int],
     ) -> tuple[bool, list[object], list[Any]]:
         """Prepare on every shard (each holds), decide, commit or abort everywhere."""
-        return await self._hold_all(refs, [op.part(where) for where in positions])
+        return await self._hold_all(refs, [op.part(where) for where in positions], shards)
 
     async def _hold_all(
-        self, refs: list[ActorRef], parts: list[ops.AtomicPart]
+        self,
+        refs: list[ActorRef],
+        parts: list[ops.AtomicPart],
+        shards: list[int] | None = None,
     ) -> tuple[bool, list[object], list[Any]]:
         """Prepare ``parts[i]`` on ``refs[i]`` (each holds), decide, commit or abort everywhere.
 
+        With persistence on, ``shards`` (the shard number of each part) given
+        and several shards involved, the round's intent is written before a
+        commit is decided (see :meth:`_write_intent`).
+
         Returns (committed, each shard's vote, each shard's commit result
         (None where aborted)). The caller holds the writer lock.
+
+        Raises:
+            PersistenceIOError: the intent could not be written (aborted).
         """
         barrier = Barrier(len(refs))
         slots: list[ReplySlot] = []
@@ -970,13 +995,20 @@ class KVEngine:
                 # the round at once instead (UNAVAILABLE, nothing applied).
                 monitors.append((ref, ref.monitor(barrier.went_down, i)))
             await barrier.ready.wait()
-            commit = not barrier.failed and all(v is True for v in barrier.votes)
+            ready = not barrier.failed and all(v is True for v in barrier.votes)
+            if ready and shards is not None and len(parts) > 1 and self._intents is not None:
+                await self._write_intent(barrier, shards, parts)  # sets barrier.txid
+            commit = ready
         finally:
             for ref, key in monitors:
                 ref.demonitor(key)
             # Whatever happened (a failure, a cancellation), the held shards
             # must not wait for a decision that never comes.
             commit = barrier.decide(commit)
+            if barrier.txid and not commit:
+                self._intent_aborted(barrier.txid)
+        if barrier.txid and not commit:
+            await self._sync_intents()
         votes = list(barrier.votes)
         results = []
         error: KVMemoError | None = None
@@ -998,6 +1030,84 @@ class KVEngine:
         if error is not None:
             raise error
         return commit, votes, results
+
+    async def _write_intent(
+        self, barrier: Barrier, shards: list[int], parts: list[ops.AtomicPart]
+    ) -> None:
+        """Write the intent of a prepared multi-shard round, before its commit is decided.
+
+        Every shard voted yes and holds, so each part's effects are known
+        now. The intent holds them all (see :mod:`kvmemo.persistence.intents`):
+        written from the event loop with ``everysec`` / ``no``, as the shards'
+        appends are (no checkpoint until the decision), and written and synced
+        in the store's next sync round with ``always``, shielded (a round's
+        intent, once started, is finished). ``barrier.txid`` is set once the
+        intent is written, so that each shard marks its resolution.
+
+        A round whose parts cannot give their effects (a transaction, whose
+        effects depend on its steps) has no intent.
+
+        Raises:
+            PersistenceIOError: the intent could not be written; the caller aborts.
+        """
+        log = self._intents
+        assert log is not None
+        assert self.persistence is not None
+        offset = time.time() - _current_time()  # monotonic -> Unix seconds
+        sections: list[tuple[int, bytes]] = []
+        for shard, part in zip(shards, parts, strict=True):
+            effects = part.effects(offset)
+            if effects is None:
+                return
+            if effects:
+                sections.append((shard, effects))
+        txid = self._txid = self._txid + 1
+        # Set before the write: a shard whose hold times out meanwhile (an
+        # abort) marks it in its log, which recovery reads before any redo.
+        barrier.txid = txid
+        try:
+            if self.persistence.appendfsync is AppendFsync.ALWAYS:
+
+                def write_and_sync() -> None:
+                    log.append(txid, sections)
+                    log.sync()
+
+                with trio.CancelScope(shield=True):
+                    await self.persistence.sync_coordinator.sync(write_and_sync)
+            else:
+                log.append(txid, sections)
+        except (OSError, ValueError) as exc:
+            # It may be on disk in part or whole: the caller records the abort.
+            raise PersistenceIOError(
+                f"could not write the multi-shard write's intent: {exc}", applied=False
+            ) from exc
+
+    def _intent_aborted(self, txid: int) -> None:
+        """Record that round ``txid``, whose intent was written, was aborted (no checkpoint).
+
+        With ``always`` the caller then syncs it (:meth:`_sync_intents`)
+        before it answers: a round aborted after its intent was durable (a
+        shard's hold timed out during the intent's sync) must not be redone.
+        """
+        assert self._intents is not None
+        with contextlib.suppress(OSError, ValueError):  # the shards' abort marks still say it
+            self._intents.append(txid, [])
+
+    async def _sync_intents(self) -> None:
+        """With ``always``, make the intent log durable (shielded; errors only logged)."""
+        intents, persistence = self._intents, self.persistence
+        if intents is None or persistence is None:
+            return
+        if persistence.appendfsync is not AppendFsync.ALWAYS:
+            return
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError, ValueError):
+            await persistence.sync_coordinator.sync(intents.sync)
+
+    def close(self) -> None:
+        """Release what the engine holds open (the intent log); after the tree stopped."""
+        if self._intents is not None:
+            self._intents.close()
+            self._intents = None
 
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 

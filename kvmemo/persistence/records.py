@@ -81,9 +81,20 @@ class Op(enum.IntEnum):
     DEL = 2  # remove key (absent: nothing)
     EXPIRE = 3  # key's expiry := ``expires_ms`` (None: persist); absent key: nothing
     FLUSH = 4  # remove every key of the shard
+    # A shard log's mark that this shard resolved multi-shard round ``txid``
+    # (key: txid, u64; value: b"\x01" committed, b"\x00" aborted). Changes
+    # no key; recovery reads it against the intent log (:mod:`.intents`).
+    TXN = 5
+    # The intent log's record of multi-shard round ``txid`` (key: txid, u64;
+    # value: each shard's effect records, see :func:`encode_intent`). Never in
+    # a shard log or a snapshot.
+    INTENT = 6
 
 
 _SET, _DEL, _EXPIRE, _FLUSH = int(Op.SET), int(Op.DEL), int(Op.EXPIRE), int(Op.FLUSH)
+_TXN, _INTENT = int(Op.TXN), int(Op.INTENT)
+_U64 = struct.Struct("<Q")
+_SECTION = struct.Struct("<II")  # shard number, length of its effect records
 _OPS = frozenset(int(op) for op in Op)
 
 Buffer: TypeAlias = bytes | mmap.mmap
@@ -154,6 +165,12 @@ def _shape_error(op: int, key: bytes, value: bytes, expires_ms: int | None) -> s
     elif op == _FLUSH:
         if key or value or expires_ms is not None:
             return "a FLUSH record has no key, value nor expiry"
+    elif op == _TXN:
+        if len(key) != 8 or value not in (b"\x00", b"\x01") or expires_ms is not None:
+            return "a TXN record has an 8-byte txid, a 1-byte outcome and no expiry"
+    elif op == _INTENT:
+        if len(key) != 8 or expires_ms is not None:
+            return "an INTENT record has an 8-byte txid and no expiry"
     else:
         return f"unknown op {op}"
     return None
@@ -211,6 +228,61 @@ def encode_set(key: bytes, value: bytes) -> bytes:
         )
     )
     return _U32.pack(zlib.crc32(body)) + body
+
+
+def encode_txn(txid: int, committed: bool) -> bytes:
+    """A shard log's ``TXN`` mark: this shard committed (or aborted) round ``txid``."""
+    return encode_fields(_TXN, _U64.pack(txid), b"\x01" if committed else b"\x00")
+
+
+def encode_intent(txid: int, sections: list[tuple[int, bytes]]) -> bytes:
+    """The intent log's record of round ``txid``: each shard's encoded effect records.
+
+    ``sections`` holds ``(shard, records)`` pairs, ``records`` being whole
+    encoded records (what that shard's log gets when it commits its part).
+    The value is, per section, shard u32, length u32, then the records; an
+    empty list of sections records that the round was aborted.
+
+    Raises:
+        ValueError: the payload would exceed :data:`MAX_PAYLOAD`.
+    """
+    value = b"".join(_SECTION.pack(shard, len(records)) + records for shard, records in sections)
+    return encode_fields(_INTENT, _U64.pack(txid), value)
+
+
+def txid_of(key: bytes) -> int:
+    """The txid an ``INTENT`` or ``TXN`` record's key holds."""
+    return int(_U64.unpack(key)[0])
+
+
+def intent_sections(value: bytes) -> dict[int, bytes]:
+    """The ``(shard -> effect records)`` of an ``INTENT`` record's value.
+
+    Raises:
+        ValueError: the value is not a valid list of sections, or a section
+            is not whole valid records (the record's CRC held, so only a bug
+            writes such a value).
+    """
+    sections: dict[int, bytes] = {}
+    pos = 0
+    n = len(value)
+    while pos < n:
+        if n - pos < _SECTION.size:
+            raise ValueError(f"intent section header cut short at offset {pos}")
+        shard, size = _SECTION.unpack_from(value, pos)
+        pos += _SECTION.size
+        if size > n - pos:
+            raise ValueError(f"intent section of {size} bytes overruns the value at offset {pos}")
+        records = value[pos : pos + size]
+        scanner = Scanner(records)
+        for op, *_ in scanner:
+            if op not in (_SET, _DEL, _EXPIRE):
+                raise ValueError(f"a {Op(op).name} record in an intent section")
+        if scanner.problem is not None:
+            raise ValueError(f"damaged effect records in the intent section of shard {shard}")
+        sections[shard] = records
+        pos += size
+    return sections
 
 
 def encode(record: Record) -> bytes:
@@ -358,9 +430,12 @@ def _apply(
                 expires.pop(key, None)
             else:
                 expires[key] = exp
-    else:
+    elif op == _FLUSH:
         data.clear()
         expires.clear()
+    elif op == _INTENT:
+        return "an INTENT record where only a shard's records may be"
+    # _TXN: a mark, no change to the keys (replay reports it to its caller)
     return None
 
 
@@ -371,6 +446,7 @@ def replay(
     *,
     start: int = 0,
     sets_only: bool = False,
+    marks: dict[int, bool] | None = None,
 ) -> ReplayResult:
     """Apply the records of ``buf`` in order to a shard's ``data`` and ``expires``.
 
@@ -392,6 +468,8 @@ def replay(
         data, expires: the state to update in place.
         start: the offset of the first record.
         sets_only: refuse every op but ``SET`` (snapshots hold only SETs).
+        marks: where each ``TXN`` record goes, as txid -> committed (the
+            last mark of a txid wins); None ignores them.
 
     Returns:
         How many records were applied and where and why the replay stopped.
@@ -446,6 +524,8 @@ def replay(
             if refused is not None:
                 problem = Corrupt(pos, refused)
                 break
+            if fields[0] == _TXN and marks is not None:
+                marks[_U64.unpack(fields[1])[0]] = fields[2] == b"\x01"
             count += 1
             pos = end
     return ReplayResult(count, pos, problem)

@@ -92,6 +92,9 @@ class Recovered:
         snapshot_entries: entries loaded from the snapshot.
         expired_dropped: keys not loaded because they expired at ``now_ms``.
         snapshot: the snapshot loaded, or None.
+        marks: the ``TXN`` marks of the log replayed: txid -> committed
+            (multi-shard rounds this shard resolved, see :mod:`.intents`).
+        last_txid: the newest txid marked (0 if none).
 
     Invariants: every key of ``expires`` is in ``data``, and its expiry is
     after ``now_ms``.
@@ -105,6 +108,8 @@ class Recovered:
     snapshot_entries: int
     expired_dropped: int
     snapshot: Path | None
+    marks: dict[int, bool] = attrs.field(factory=dict)
+    last_txid: int = 0
 
 
 @attrs.define
@@ -178,6 +183,7 @@ def _replay_segment(
     expires: dict[bytes, int],
     repair: bool,
     warnings: list[str],
+    marks: dict[int, bool],
 ) -> int:
     """Apply the records of segment ``path``; deal with a damaged tail; return the count."""
     with open(path, "rb") as file:
@@ -185,7 +191,7 @@ def _replay_segment(
         if size == 0:
             return 0
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            result = replay(buf, data, expires)
+            result = replay(buf, data, expires, marks=marks)
             problem = result.problem
             remainder = buf[result.end :] if isinstance(problem, Corrupt) and repair else b""
     if problem is None:
@@ -266,8 +272,9 @@ def recover(directory: Path, *, now_ms: int, repair: bool = False) -> Recovered:
             rebase = True
     data, expires = base.data, base.expires
     replayed = 0
+    marks: dict[int, bool] = {}
     for _, path in after:
-        replayed += _replay_segment(path, data, expires, repair, warnings)
+        replayed += _replay_segment(path, data, expires, repair, warnings, marks)
     expired = [key for key, at in expires.items() if at <= now_ms]
     for key in expired:
         del data[key]
@@ -286,4 +293,15 @@ def recover(directory: Path, *, now_ms: int, repair: bool = False) -> Recovered:
             f"repair: wrote {snapshot.name} of the recovered state and removed the segments "
             "it covers, so the next start needs no repair"
         )
-    return Recovered(data, expires, warnings, last, replayed, base.count, len(expired), snapshot)
+    return Recovered(
+        data,
+        expires,
+        warnings,
+        last,
+        replayed,
+        base.count,
+        len(expired),
+        snapshot,
+        marks,
+        max(marks, default=0),
+    )

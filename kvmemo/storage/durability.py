@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
+from ..persistence.records import encode_txn
 
 
 class Journal:
@@ -35,13 +36,30 @@ class Journal:
 
     ``offset`` converts the store's monotonic times to Unix time (seconds):
     the shard refreshes it from both clocks before each batch.
+    ``last_txid`` / ``last_committed``: the newest multi-shard round this
+    shard resolved (see :mod:`kvmemo.persistence.intents`), 0 if none; a
+    snapshot's rotation repeats it at the head of the new segment
+    (:meth:`head`), so a log compacted into a snapshot still tells recovery
+    which rounds it holds.
     """
 
-    __slots__ = ("offset", "records")
+    __slots__ = ("last_committed", "last_txid", "offset", "records")
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
         self.offset = 0.0
+        self.last_txid = 0
+        self.last_committed = True
+
+    def mark(self, txid: int, committed: bool) -> None:
+        """Journal that this shard committed (or aborted) multi-shard round ``txid``."""
+        self.records.append(encode_txn(txid, committed))
+        self.last_txid = txid
+        self.last_committed = committed
+
+    def head(self) -> bytes:
+        """The mark of the newest round resolved, to open a new segment with (b"" if none)."""
+        return encode_txn(self.last_txid, self.last_committed) if self.last_txid else b""
 
     def unix_ms(self, expires_at: float | None) -> int | None:
         return None if expires_at is None else round((expires_at + self.offset) * 1000)

@@ -46,6 +46,7 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
 from __future__ import annotations
 
 import errno
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,7 +60,15 @@ from actors import DEFER, ActorContext
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
-from ..persistence import AppendFsync, recover, write_snapshot
+from ..persistence import AppendFsync, Recovered, recover, write_snapshot
+from ..persistence.intents import (
+    IntentLog,
+    IntentScan,
+    ShardMarks,
+    plan_redo,
+    read_intents,
+    write_redo,
+)
 from .durability import Health, LogBatch, ShardDurability
 from .shard import Hold, ShardActor
 from .store import ShardStore
@@ -121,7 +130,16 @@ async def recover_store(store: ShardStore, config: PersistenceConfig, *, repair:
         lambda: recover(directory, now_ms=now_ms, repair=repair)
     )
     store.load(recovered.data, _to_monotonic(recovered.expires))
+    _take_marks(store, recovered)
     return list(recovered.warnings)
+
+
+def _take_marks(store: ShardStore, recovered: Recovered) -> None:
+    """Carry the newest round mark recovery found into the store's journal."""
+    journal = store.journal
+    if journal is not None and recovered.last_txid > journal.last_txid:
+        journal.last_txid = recovered.last_txid
+        journal.last_committed = recovered.marks[recovered.last_txid]
 
 
 @attrs.define
@@ -385,6 +403,11 @@ class DurableShardActor(ShardActor):
                 self._saved_unsynced = True  # commit syncs before the batch's replies
             covers = dur.log.rotate()
             dur.unsaved = 0  # even if the snapshot fails: retried after as many bytes again
+            # The new segment opens with the newest round's mark: the
+            # snapshot will cover the segment that held it.
+            head = dur.journal.head()
+            if head:
+                dur.appended(dur.log.append_encoded(head))
         except OSError as exc:
             dur.failed(exc)
             ticket.error = self._io_error(exc)
@@ -459,6 +482,7 @@ class DurableShardActor(ShardActor):
         for older in superseded:
             older.error = ticket.error
             older.done.set()
+        await self._sync()  # the new segment's head mark, once the snapshot is written
         log, self.dur.log = self.dur.log, None
         if log is not None:
             await trio.to_thread.run_sync(log.close)  # waits for a running sync
@@ -527,23 +551,90 @@ async def prepare_stores(
     tracker: MemoryTracker,
     make_policy: Callable[[], EvictionPolicy],
     config: PersistenceConfig,
-) -> tuple[dict[int, ShardStore], list[str]]:
-    """Recover every shard from disk before the tree starts; (stores, warnings).
+) -> tuple[dict[int, ShardStore], list[str], IntentLog]:
+    """Recover every shard from disk before the tree starts; (stores, warnings, intent log).
+
+    The multi-shard write a crash cut off is redone first (see
+    :func:`_redo_intents`); the intent log returned is open, for the
+    engine, which closes it.
 
     Raises:
         CorruptLog, CorruptSnapshot: damage without ``repair`` (names file and offset).
         OSError: the data directory cannot be used.
     """
-    stores: dict[int, ShardStore] = {}
+    now_ms = int(time.time() * 1000)
+    recovered: dict[int, Recovered] = {}
     warnings: list[str] = []
+    for shard in range(shards):
+        recovered[shard] = got = await trio.to_thread.run_sync(
+            functools.partial(recover, config.shard_dir(shard), now_ms=now_ms, repair=config.repair)
+        )
+        warnings += [f"shard-{shard}: {w}" for w in got.warnings]
+    intents = await trio.to_thread.run_sync(
+        lambda: _redo_intents(config, recovered, now_ms, warnings)
+    )
+    stores: dict[int, ShardStore] = {}
     for shard in range(shards):
         make, _, _ = durable_state_factory(shard, tracker, make_policy, config, {})
         store = make()
-        warnings += [
-            f"shard-{shard}: {w}" for w in await recover_store(store, config, repair=config.repair)
-        ]
+        store.load(recovered[shard].data, _to_monotonic(recovered[shard].expires))
+        _take_marks(store, recovered[shard])
         stores[shard] = store
-    return stores, warnings
+    return stores, warnings, intents
+
+
+def _redo_intents(
+    config: PersistenceConfig, recovered: dict[int, Recovered], now_ms: int, warnings: list[str]
+) -> IntentLog:
+    """Redo the multi-shard round a crash cut off; open the intent log (blocking).
+
+    Only the newest intent can be unfinished (rounds run one at a time, see
+    :mod:`kvmemo.persistence.intents`). Each shard that lacks its part gets
+    it, applied to its recovered state and written as a new log segment;
+    then the intent log starts a new segment holding the txid reached (so
+    txids keep increasing across restarts) and drops the older ones.
+    """
+    scan = read_intents(config.directory)
+    warnings += [f"intents: {w}" for w in scan.warnings]
+    newest = max(scan.intents, default=0)
+    marks = {s: ShardMarks(r.marks, r.last_txid) for s, r in recovered.items()}
+    only_newest = IntentScan({newest: scan.intents[newest]} if newest else {}, newest)
+    for shard, rounds in plan_redo(only_newest, marks).items():
+        got = recovered[shard]
+        try:
+            count = write_redo(config.shard_dir(shard), rounds, got.data, got.expires)
+        except OSError as exc:
+            # Applied in memory; the intent stays the newest, so the next
+            # start redoes it again if this shard's log still lacks it.
+            warnings.append(
+                f"shard-{shard}: redid its part of multi-shard write {newest} in memory, "
+                f"but could not log it: {exc}"
+            )
+            continue
+        for txid, _ in rounds:
+            got.marks[txid] = True
+        recovered[shard] = attrs.evolve(got, last_txid=max(got.marks))
+        for key in [k for k, at in got.expires.items() if at <= now_ms]:
+            del got.data[key]
+            del got.expires[key]
+        warnings.append(
+            f"shard-{shard}: redid its part of multi-shard write {newest} ({count} records), "
+            "cut off by a crash"
+        )
+    floor = max([scan.last_txid, *(r.last_txid for r in recovered.values())])
+    log = IntentLog(config.directory)
+    log.last_txid = floor
+    try:
+        if floor:
+            log.append(floor, [])
+            log.sync()
+        log.drop_older()
+    except OSError as exc:
+        # A read-only or full directory: the store starts anyway (its shards
+        # fail writes with IO); multi-shard writes fail until the log opens.
+        log.close()
+        warnings.append(f"intents: the intent log cannot be written: {exc}")
+    return log
 
 
 def health_of(store: ShardStore) -> Health:

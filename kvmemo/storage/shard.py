@@ -38,10 +38,13 @@ class Barrier:
     set once every shard arrived, one failed, or the decision was made.
     """
 
-    __slots__ = ("arrived", "commit", "decided", "down", "failed", "n", "ready", "votes")
+    __slots__ = ("arrived", "commit", "decided", "down", "failed", "n", "ready", "txid", "votes")
 
     def __init__(self, n: int) -> None:
         self.n = n
+        # The round's txid once the engine wrote its intent (0: no intent);
+        # set before the decision, read by each shard after it.
+        self.txid = 0
         self.votes: list[object] = [None] * n
         self.arrived = 0
         self.failed = False
@@ -251,9 +254,18 @@ class ShardActor(Actor):
         # decision and the commit.
         with trio.CancelScope(shield=True, relative_deadline=self.hold_timeout):
             await barrier.decided.wait()
+        # A round with an intent (persistence on) is marked in this shard's
+        # log after its part, committed or aborted: recovery reads the marks
+        # against the intent log (kvmemo.persistence.intents).
+        journal = store.journal
         if barrier.decide(False):
-            return part.commit(store, trio.current_time())
+            result = part.commit(store, trio.current_time())
+            if barrier.txid and journal is not None:
+                journal.mark(barrier.txid, True)
+            return result
         part.abort(store)
+        if barrier.txid and journal is not None:
+            journal.mark(barrier.txid, False)
         return ABORTED
 
 

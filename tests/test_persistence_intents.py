@@ -1,0 +1,257 @@
+"""The intent log: a multi-shard write comes back whole after a crash cut it off.
+
+The crash states are built on disk directly (shard log segments and intent
+segments, as the store writes them), then a store is opened on them: every
+case of :func:`kvmemo.persistence.intents.plan_redo` is reached
+deterministically, without killing a process (tests/test_persistence_torn.py
+does that under load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kvmemo
+from kvmemo.persistence import Op, Scanner, SegmentedLog, encode_fields, encode_set, replay
+from kvmemo.persistence.intents import (
+    INTENT_DIR,
+    IntentLog,
+    IntentScan,
+    ShardMarks,
+    plan_redo,
+    read_intents,
+)
+from kvmemo.persistence.records import encode_intent, encode_txn, intent_sections
+from kvmemo.storage.slots import SlotMap
+
+SHARDS = 2
+
+
+def keys_on_each_shard() -> tuple[bytes, bytes]:
+    """A key of shard 0 and a key of shard 1 (of a 2-shard store)."""
+    slots = SlotMap(SHARDS)
+    found: dict[int, bytes] = {}
+    i = 0
+    while len(found) < SHARDS:
+        key = b"key%d" % i
+        found.setdefault(slots.shard_of(key), key)
+        i += 1
+    return found[0], found[1]
+
+
+K0, K1 = keys_on_each_shard()
+
+
+def write_shard_log(data_dir: Path, shard: int, records: bytes) -> None:
+    with SegmentedLog(data_dir / f"shard-{shard}") as log:
+        log.append_encoded(records)
+        log.sync()
+
+
+def write_intents(data_dir: Path, *intents: tuple[int, list[tuple[int, bytes]]]) -> None:
+    log = IntentLog(data_dir)
+    try:
+        for txid, sections in intents:
+            log.append(txid, sections)
+        log.sync()
+    finally:
+        log.close()
+
+
+def crash_state(data_dir: Path, *, shard0: bytes, shard1: bytes, intents: bytes = b"") -> None:
+    """Shard logs that both hold the old values, then ``shard0``/``shard1``; an intent segment."""
+    write_shard_log(data_dir, 0, encode_set(K0, b"old") + shard0)
+    write_shard_log(data_dir, 1, encode_set(K1, b"old") + shard1)
+    if intents:
+        directory = data_dir / INTENT_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "wal-00000001.log").write_bytes(intents)
+
+
+ROUND_7 = [(0, encode_set(K0, b"new")), (1, encode_set(K1, b"new"))]
+
+
+async def values(data_dir: Path) -> tuple[bytes | None, bytes | None]:
+    with trio.fail_after(30):
+        async with kvmemo.open_store(shards=SHARDS, data_dir=str(data_dir)) as kv:
+            return await kv.get(K0), await kv.get(K1)
+
+
+# -- the codec ----------------------------------------------------------------------------
+
+
+def test_an_intent_holds_each_shards_effect_records() -> None:
+    sections = [
+        (3, encode_set(b"a", b"1") + encode_fields(Op.DEL, b"b")),
+        (9, encode_set(b"c", b"")),
+    ]
+    (op, key, value, expires), *_ = list(Scanner(encode_intent(42, sections)))
+    assert op == Op.INTENT
+    assert int.from_bytes(key, "little") == 42
+    assert expires is None
+    assert intent_sections(value) == dict(sections)
+    assert intent_sections(b"") == {}  # an abort
+
+
+@given(st.binary(max_size=64))
+def test_intent_sections_refuse_every_malformed_value(value: bytes) -> None:
+    try:
+        sections = intent_sections(value)
+    except ValueError:
+        return
+    for records in sections.values():  # whatever is accepted is whole valid records
+        scanner = Scanner(records)
+        assert all(op in (Op.SET, Op.DEL, Op.EXPIRE) for op, *_ in scanner)
+        assert scanner.problem is None
+
+
+def test_txn_marks_change_no_key_and_are_reported_by_replay() -> None:
+    data: dict[bytes, bytes] = {}
+    marks: dict[int, bool] = {}
+    buf = encode_set(b"k", b"v") + encode_txn(5, True) + encode_txn(6, False)
+    result = replay(buf, data, {}, marks=marks)
+    assert result.problem is None
+    assert result.count == 3
+    assert data == {b"k": b"v"}
+    assert marks == {5: True, 6: False}
+
+
+def test_an_intent_record_in_a_shard_log_is_corruption() -> None:
+    result = replay(encode_intent(1, ROUND_7), {}, {})
+    assert result.problem is not None
+    assert "INTENT" in getattr(result.problem, "reason", "")
+
+
+def test_a_txn_record_has_an_eight_byte_txid_and_an_outcome_byte() -> None:
+    with pytest.raises(ValueError, match="TXN"):
+        encode_fields(Op.TXN, b"short", b"\x01")
+    with pytest.raises(ValueError, match="TXN"):
+        encode_fields(Op.TXN, bytes(8), b"\x02")
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+def plan(
+    intents: dict[int, dict[int, bytes]], marks: dict[int, tuple[dict[int, bool], int]]
+) -> dict[int, list[int]]:
+    scan = IntentScan(intents, max(intents, default=0))
+    shards = {s: ShardMarks(m, last) for s, (m, last) in marks.items()}
+    return {s: [t for t, _ in rounds] for s, rounds in plan_redo(scan, shards).items()}
+
+
+def test_plan_redoes_a_round_on_the_shards_whose_log_ends_before_it() -> None:
+    both = {7: dict(ROUND_7)}
+    assert plan(both, {0: ({7: True}, 7), 1: ({}, 0)}) == {1: [7]}
+    assert plan(both, {0: ({}, 3), 1: ({}, 6)}) == {0: [7], 1: [7]}  # neither wrote it: whole
+    assert plan(both, {0: ({7: True}, 7), 1: ({7: True}, 7)}) == {}  # both have it
+    assert plan(both, {0: ({}, 9), 1: ({}, 0)}) == {1: [7]}  # shard 0 is past it (a head mark)
+
+
+def test_plan_redoes_nothing_of_an_aborted_round() -> None:
+    assert plan({7: dict(ROUND_7)}, {0: ({7: False}, 7), 1: ({}, 0)}) == {}
+    assert plan({7: {}}, {0: ({}, 0), 1: ({}, 0)}) == {}  # the engine recorded the abort
+
+
+# -- recovery, through a store -------------------------------------------------------------
+
+
+async def test_a_shard_missing_its_part_gets_it_back_and_keeps_it(tmp_path: Path) -> None:
+    crash_state(
+        tmp_path,
+        shard0=encode_set(K0, b"new") + encode_txn(7, True),
+        shard1=b"",  # the crash came before shard 1 appended its part
+        intents=encode_intent(7, ROUND_7),
+    )
+    assert await values(tmp_path) == (b"new", b"new")
+    # The redo was logged by shard 1 and the intent log restarted: a second
+    # start (even one that loses the intent log) finds the same state.
+    assert await values(tmp_path) == (b"new", b"new")
+    for path in (tmp_path / INTENT_DIR).iterdir():
+        path.unlink()
+    assert await values(tmp_path) == (b"new", b"new")
+
+
+async def test_a_round_no_shard_wrote_is_redone_whole(tmp_path: Path) -> None:
+    crash_state(tmp_path, shard0=b"", shard1=b"", intents=encode_intent(7, ROUND_7))
+    assert await values(tmp_path) == (b"new", b"new")
+
+
+async def test_an_aborted_round_is_not_redone(tmp_path: Path) -> None:
+    crash_state(
+        tmp_path,
+        shard0=encode_txn(7, False),
+        shard1=b"",
+        intents=encode_intent(7, ROUND_7),
+    )
+    assert await values(tmp_path) == (b"old", b"old")
+    crash_state(
+        tmp_path / "b",
+        shard0=b"",
+        shard1=b"",
+        intents=encode_intent(7, ROUND_7) + encode_intent(7, []),
+    )
+    assert await values(tmp_path / "b") == (b"old", b"old")
+
+
+async def test_a_torn_intent_was_never_decided(tmp_path: Path) -> None:
+    torn = encode_intent(7, ROUND_7)
+    crash_state(tmp_path, shard0=b"", shard1=b"", intents=torn[: len(torn) - 3])
+    assert await values(tmp_path) == (b"old", b"old")
+
+
+async def test_only_the_newest_round_can_be_unfinished(tmp_path: Path) -> None:
+    # Round 6 ended before round 7 began (rounds run one at a time), so a
+    # log without round 6's mark did not need it: a snapshot covered it, or
+    # a repair dropped it. Redoing it would undo later writes.
+    round_6 = [(1, encode_set(K1, b"six"))]
+    crash_state(
+        tmp_path,
+        shard0=encode_set(K0, b"new") + encode_txn(7, True),
+        shard1=encode_set(K1, b"later"),
+        intents=encode_intent(6, round_6) + encode_intent(7, [(0, encode_set(K0, b"new"))]),
+    )
+    assert await values(tmp_path) == (b"new", b"later")
+
+
+async def test_txids_keep_increasing_across_restarts(tmp_path: Path) -> None:
+    crash_state(tmp_path, shard0=encode_txn(41, True), shard1=b"")
+    async with kvmemo.open_store(shards=SHARDS, data_dir=str(tmp_path)) as kv:
+        await kv.mset({K0: b"a", K1: b"b"})
+    scan = read_intents(tmp_path)
+    assert scan.last_txid > 41
+
+
+async def test_a_snapshot_keeps_the_newest_mark_of_its_shard(tmp_path: Path) -> None:
+    """A graceful stop snapshots each shard: its new segment opens with the newest mark."""
+    async with kvmemo.open_store(shards=SHARDS, data_dir=str(tmp_path)) as kv:
+        await kv.mset({K0: b"a", K1: b"b"})
+        last = read_intents(tmp_path).last_txid
+        assert last >= 1
+    for shard in range(SHARDS):
+        marks: dict[int, bool] = {}
+        for segment in sorted((tmp_path / f"shard-{shard}").glob("wal-*.log")):
+            replay(segment.read_bytes(), {}, {}, marks=marks)
+        assert max(marks) == last, f"shard-{shard} lost its newest mark in its snapshot"
+
+
+async def test_multi_shard_writes_are_logged_as_intents_and_marked_by_each_shard(
+    tmp_path: Path,
+) -> None:
+    async with kvmemo.open_store(shards=SHARDS, data_dir=str(tmp_path), appendfsync="always") as kv:
+        await kv.mset({K0: b"a", K1: b"b"})
+        await kv.execute("RENAME", K0, b"moved-" + K1)  # may or may not cross shards
+        await kv.set(K0, b"single")  # one shard: no intent
+        scan = read_intents(tmp_path)
+        assert scan.intents, "the MSET over two shards wrote an intent"
+        sections = scan.intents[min(t for t in scan.intents if scan.intents[t])]
+        assert set(sections) == {0, 1}
+        got: dict[bytes, bytes] = {}
+        for records in sections.values():
+            replay(records, got, {})
+        assert got == {K0: b"a", K1: b"b"}
