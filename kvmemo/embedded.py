@@ -168,10 +168,13 @@ async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **sett
 
     async def run(*, task_status: trio.TaskStatus[Store]) -> None:
         await engine.prepare()  # recovery from disk, when persistence is on
-        async with trio.open_nursery() as inner:
-            system: ActorSystem = await inner.start(root.run)
-            engine.attach(system)
-            task_status.started(Store(engine, system, inner.cancel_scope))
+        try:
+            async with trio.open_nursery() as inner:
+                system: ActorSystem = await inner.start(root.run)
+                engine.attach(system)
+                task_status.started(Store(engine, system, inner.cancel_scope))
+        finally:
+            engine.close()  # the intent log, once the tree has stopped
 
     store: Store = await nursery.start(run)
     return store
@@ -191,19 +194,22 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
     error: Exception | None = None
     engine = KVEngine(cfg)
     await engine.prepare()  # recovery from disk, when persistence is on
-    async with trio.open_nursery() as nursery:
-        system: ActorSystem = await nursery.start(engine.supervisor().run)
-        engine.attach(system)
-        store = Store(engine, system, nursery.cancel_scope)
-        try:
-            yield store
-        except Exception as exc:  # noqa: BLE001 - re-raised below, unchanged
-            # The caller's block failed: stop the store, then re-raise the
-            # error outside the nursery, so that it reaches the caller as
-            # itself (a KVMemoError stays catchable as one), not wrapped in
-            # an ExceptionGroup by the nursery.
-            error = exc
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            system: ActorSystem = await nursery.start(engine.supervisor().run)
+            engine.attach(system)
+            store = Store(engine, system, nursery.cancel_scope)
+            try:
+                yield store
+            except Exception as exc:  # noqa: BLE001 - re-raised below, unchanged
+                # The caller's block failed: stop the store, then re-raise the
+                # error outside the nursery, so that it reaches the caller as
+                # itself (a KVMemoError stays catchable as one), not wrapped in
+                # an ExceptionGroup by the nursery.
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        engine.close()  # the intent log, once the tree has stopped
     if error is not None:
         raise error

@@ -255,3 +255,40 @@ async def test_multi_shard_writes_are_logged_as_intents_and_marked_by_each_shard
         for records in sections.values():
             replay(records, got, {})
         assert got == {K0: b"a", K1: b"b"}
+
+
+@given(
+    before=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=8), st.booleans()),
+        max_size=6,
+    ),
+    items=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=8)), min_size=1, max_size=6
+    ),
+)
+def test_a_part_journals_the_records_its_intent_holds(
+    before: list[tuple[bytes, bytes, bool]], items: list[tuple[bytes, bytes]]
+) -> None:
+    """The shard journals the intent's encoded records as they are: same log, same state."""
+    from kvmemo.commands.ops import MSet
+    from kvmemo.eviction.memory import MemoryTracker
+    from kvmemo.eviction.policies import make_policy
+    from kvmemo.storage.durability import Journal
+    from kvmemo.storage.store import ShardStore
+
+    logs, states = [], []
+    for via_intent in (False, True):
+        store = ShardStore(0, make_policy("lru"), MemoryTracker(0, 1))
+        for key, value, volatile in before:
+            store.put(key, value, 0.0, expires_at=100.0 if volatile else None)
+        store.journal = Journal()
+        part = MSet(items, only_new=False).part(list(range(len(items))))
+        assert part.prepare(store, 1.0) is True
+        if via_intent:
+            assert part.effects(0.0) is not None
+        part.commit(store, 1.0)
+        assert store.check_invariants()
+        logs.append(store.journal.take())
+        states.append((store.data, store.expires, store.used))
+    assert logs[0] == logs[1]
+    assert states[0] == states[1]

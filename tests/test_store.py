@@ -170,7 +170,9 @@ def test_put_many_leaves_the_store_exactly_as_puts_one_by_one(
     assert fast.data == slow.data
     assert fast.expires == slow.expires
     assert fast.used == slow.used == fast.tracker.used
-    if policy != "random":  # ticks come from one global clock: compare the keys' order
+    # ticks come from one global clock: compare the keys' order (a random policy draws
+    # its candidates from a shared generator, whose state depends on what ran before)
+    if not policy.endswith("random"):
         assert [k for _, k in fast.policy.candidates(10)] == [
             k for _, k in slow.policy.candidates(10)
         ]
@@ -214,7 +216,7 @@ def test_put_plain_is_put_without_expiry(
     assert fast.expires == slow.expires
     assert fast.used == slow.used == fast.tracker.used
     assert fast.tracker.refused == slow.tracker.refused
-    if policy != "random":
+    if not policy.endswith("random"):
         assert [k for _, k in fast.policy.candidates(10)] == [
             k for _, k in slow.policy.candidates(10)
         ]

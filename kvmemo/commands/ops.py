@@ -508,6 +508,7 @@ class _MSetPart(AtomicPart):
         self.only_new = only_new
         self.reserved = 0
         self.prepared_at = 0.0
+        self.encoded: bytes | None = None  # the pairs as log records, once effects() ran
 
     def prepare(self, store: ShardStore, now: float) -> object:
         if self.only_new and any(store.contains(k, now) for k, _ in self.items):
@@ -522,8 +523,10 @@ class _MSetPart(AtomicPart):
     def commit(self, store: ShardStore, now: float) -> None:
         # The shard held (no other message ran) since prepare: the store is as
         # prepare saw it, so applying at prepare's time matches the reservation.
-        store.put_many(self.items, self.prepared_at)
+        # The records the intent encoded are journalled as they are.
+        store.put_many(self.items, self.prepared_at, self.encoded)
         self.reserved = 0
+        self.encoded = None
 
     def abort(self, store: ShardStore) -> None:
         if self.reserved:
@@ -532,7 +535,8 @@ class _MSetPart(AtomicPart):
 
     def effects(self, unix_offset: float) -> bytes:
         # put_many: each pair a SET without expiry, in order (a later pair wins).
-        return b"".join([encode_set(k, v) for k, v in self.items])
+        self.encoded = b"".join([encode_set(k, v) for k, v in self.items])
+        return self.encoded
 
 
 class MSet(AtomicOp):

@@ -270,7 +270,9 @@ class ShardStore:
             pending[key] = new_size
         return delta
 
-    def put_many(self, items: list[tuple[bytes, bytes]], now: float) -> None:
+    def put_many(
+        self, items: list[tuple[bytes, bytes]], now: float, encoded: bytes | None = None
+    ) -> None:
         """:meth:`put` each pair in order, without expiry, the bytes reserved already.
 
         The caller reserved exactly :meth:`put_delta` of ``items`` at ``now``
@@ -278,7 +280,20 @@ class ShardStore:
         A key without an expiry, the common case, takes an inlined path (MSET
         of 10 keys spent half its shard time in per-key calls); any other key
         goes through :meth:`put`, so the two agree by construction.
+
+        ``encoded``: the pairs already encoded as log records, in order (a
+        multi-shard MSET's intent made them); journalled as they are instead
+        of encoding each pair again.
         """
+        if encoded is not None and self.journal is not None:
+            own = self.journal
+            self.journal = None  # no checkpoint until it is back
+            try:
+                self.put_many(items, now)
+            finally:
+                self.journal = own
+            own.records.append(encoded)
+            return
         data = self.data
         expires = self.expires
         record_insert = self.policy.record_insert
