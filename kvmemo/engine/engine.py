@@ -997,7 +997,7 @@ class KVEngine:
             await barrier.ready.wait()
             ready = not barrier.failed and all(v is True for v in barrier.votes)
             if ready and shards is not None and len(parts) > 1 and self._intents is not None:
-                await self._write_intent(barrier, shards, parts)  # sets barrier.txid
+                await self._write_intent(barrier, shards, parts)  # sets barrier.txid, or defers
             commit = ready
         finally:
             for ref, key in monitors:
@@ -1007,7 +1007,10 @@ class KVEngine:
             commit = barrier.decide(commit)
             if barrier.txid and not commit:
                 self._intent_aborted(barrier.txid)
-        if barrier.txid and not commit:
+        if barrier.logged is not None:
+            assert shards is not None
+            await self._write_deferred_intent(barrier, shards, commit)
+        elif barrier.txid and not commit:
             await self._sync_intents()
         votes = list(barrier.votes)
         results = []
@@ -1044,20 +1047,21 @@ class KVEngine:
         intent, once started, is finished). ``barrier.txid`` is set once the
         intent is written, so that each shard marks its resolution.
 
-        A round whose parts cannot give their effects (a transaction, whose
-        effects depend on its steps) has no intent.
+        A round whose parts cannot give their effects before they run (a
+        transaction: its effects depend on its steps) is *deferred* instead
+        (:meth:`Barrier.defer`): its intent is written once every shard has
+        committed, before any shard journals its part
+        (:meth:`_write_deferred_intent`).
 
         Raises:
             PersistenceIOError: the intent could not be written; the caller aborts.
         """
-        log = self._intents
-        assert log is not None
-        assert self.persistence is not None
         offset = time.time() - _current_time()  # monotonic -> Unix seconds
         sections: list[tuple[int, bytes]] = []
         for shard, part in zip(shards, parts, strict=True):
             effects = part.effects(offset)
             if effects is None:
+                barrier.defer()
                 return
             if effects:
                 sections.append((shard, effects))
@@ -1066,21 +1070,70 @@ class KVEngine:
         # abort) marks it in its log, which recovery reads before any redo.
         barrier.txid = txid
         try:
-            if self.persistence.appendfsync is AppendFsync.ALWAYS:
-
-                def write_and_sync() -> None:
-                    log.append(txid, sections)
-                    log.sync()
-
-                with trio.CancelScope(shield=True):
-                    await self.persistence.sync_coordinator.sync(write_and_sync)
-            else:
-                log.append(txid, sections)
+            await self._append_intent(txid, sections)
         except (OSError, ValueError) as exc:
             # It may be on disk in part or whole: the caller records the abort.
             raise PersistenceIOError(
                 f"could not write the multi-shard write's intent: {exc}", applied=False
             ) from exc
+
+    async def _append_intent(self, txid: int, sections: list[tuple[int, bytes]]) -> None:
+        """Write an intent: from the event loop, or (``always``) written and synced in
+        the store's next sync round, shielded (an intent once started is finished).
+
+        Raises:
+            OSError, ValueError: the write or the sync failed.
+        """
+        log, persistence = self._intents, self.persistence
+        assert log is not None
+        assert persistence is not None
+        if persistence.appendfsync is AppendFsync.ALWAYS:
+
+            def write_and_sync() -> None:
+                log.append(txid, sections)
+                log.sync()
+
+            with trio.CancelScope(shield=True):
+                await persistence.sync_coordinator.sync(write_and_sync)
+        else:
+            log.append(txid, sections)
+
+    async def _write_deferred_intent(
+        self, barrier: Barrier, shards: list[int], commit: bool
+    ) -> None:
+        """The third phase of a deferred round: every shard committed; write the intent; release.
+
+        Shielded and bounded: the shards hold until ``barrier.logged`` is set,
+        which happens whatever becomes of the write (a failed write costs
+        only this round's crash-atomicity: the shards journal their parts
+        anyway, as their memory holds them). An aborted round just releases.
+        """
+        assert barrier.logged is not None
+        assert barrier.applied is not None
+        assert barrier.effects is not None
+        try:
+            if not commit:
+                return
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.config.hold_timeout):
+                    await barrier.applied.wait()
+                if not barrier.applied.is_set():
+                    return  # a shard did not commit in time: release the others
+                sections = [
+                    (shard, records)
+                    for shard, records in zip(shards, barrier.effects, strict=True)
+                    if records
+                ]
+                if len(sections) < 2:
+                    return  # one shard wrote: its own log is atomic
+                txid = self._txid = self._txid + 1
+                try:
+                    await self._append_intent(txid, sections)
+                except (OSError, ValueError):
+                    return  # the parts are journalled without an intent
+                barrier.txid = txid
+        finally:
+            barrier.logged.set()
 
     def _intent_aborted(self, txid: int) -> None:
         """Record that round ``txid``, whose intent was written, was aborted (no checkpoint).
@@ -1219,6 +1272,9 @@ class KVEngine:
     ) -> dict[int, list[Any]] | None:
         """Hold ``shards`` and run their steps; each shard's answers, or None (WATCH)."""
         refs = [self._shard_for(shard) for shard in shards]  # UNAVAILABLE: nothing ran
+        # Writes on two shards or more need an intent to stay whole across a crash.
+        writers = sum(any(step.write for step in plan.steps.get(shard, ())) for shard in shards)
+        writing = shards if writers > 1 else None
         budget = _RoomBudget()
         with trio.move_on_after(self.config.request_timeout):
             if plan.writes and not self.tracker.fits(plan.size):
@@ -1230,7 +1286,7 @@ class KVEngine:
                 ]
                 await self._txn_lock.acquire(write=True)
                 try:
-                    committed, votes, answers = await self._hold_all(refs, parts)
+                    committed, votes, answers = await self._hold_all(refs, parts, writing)
                 finally:
                     self._txn_lock.release(write=True)
                 if WATCH_CHANGED in votes:

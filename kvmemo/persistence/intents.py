@@ -2,12 +2,17 @@
 
 Design (``docs/design-atomic-durability.md``). Each shard logs its own part
 of a multi-shard write (an MSET over several shards, a RENAME or COPY
-between shards) at the end of its own batch, so a crash between two shards'
-appends would leave the write in part on disk. The engine therefore writes
-one ``INTENT`` record per multi-shard round, holding every shard's effect
-records, *before* it decides to commit (and, with ``appendfsync always``,
-syncs it first). Each shard then marks its resolution of the round in its
-own log (a ``TXN`` record after its part: committed or aborted).
+between shards, a transaction writing on several shards) at the end of its
+own batch, so a crash between two shards' appends would leave the write in
+part on disk. The engine therefore writes one ``INTENT`` record per
+multi-shard round, holding every shard's effect records, before any shard
+logs its part (and, with ``appendfsync always``, syncs it first): for MSET,
+RENAME and COPY before it decides to commit; for a transaction, whose
+effects are known only once its steps ran, after the shards ran them and
+while they still hold (a *deferred* round, see
+:class:`~kvmemo.storage.shard.Barrier`). Each shard then marks its
+resolution of the round in its own log (a ``TXN`` record after its part:
+committed or aborted).
 
 Recovery redoes what the crash cut off: for every intent, every shard it
 names whose log ends before that round (its last ``TXN`` mark is older)
@@ -15,9 +20,9 @@ gets the intent's records for it, unless some shard marked the round
 aborted or the intent log says so. Why a redo at the end of a shard's log
 is in order: a shard appends its batches in order, whole or torn at the
 tail, so a log without the round's mark ends before the round: nothing it
-holds was written after it. Why the intent must come first: no shard
-applies its part before the decision, and the decision comes after the
-intent was written; a round whose intent is missing was applied nowhere.
+holds was written after it. Why the intent must come first: no shard logs
+its part (nor lets anyone read it, for a deferred round) before the intent
+was written; a round whose intent is missing is on no shard's disk.
 
 Rounds are serialised by the engine's writer lock and a round's parts are
 in their shards' logs (written, or synced with ``always``) before the next

@@ -276,7 +276,7 @@ def intent_sections(value: bytes) -> dict[int, bytes]:
         records = value[pos : pos + size]
         scanner = Scanner(records)
         for op, *_ in scanner:
-            if op not in (_SET, _DEL, _EXPIRE):
+            if op in (_TXN, _INTENT):
                 raise ValueError(f"a {Op(op).name} record in an intent section")
         if scanner.problem is not None:
             raise ValueError(f"damaged effect records in the intent section of shard {shard}")

@@ -24,6 +24,7 @@ from actors import DEFER, Actor, ActorContext, ReplySlot
 from ..errors import KVMemoError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
+from .durability import Journal
 from .store import NeedMemory, ShardStore
 
 _current_time = trio.current_time
@@ -36,15 +37,41 @@ class Barrier:
     shard arrived, or one failed) or by a shard whose hold timed out (an
     abort); a shard commits only if the decision is ``commit``; ``ready`` is
     set once every shard arrived, one failed, or the decision was made.
+
+    A *deferred* round (:meth:`defer`: a transaction, whose effects are known
+    only once its steps ran) has a third phase: each shard commits, hands
+    the records its commit journalled to ``effects`` and holds on until
+    ``logged`` is set (the engine wrote the intent, with them); only then do
+    the records go back to its journal. ``applied`` is set once every shard
+    handed its records.
     """
 
-    __slots__ = ("arrived", "commit", "decided", "down", "failed", "n", "ready", "txid", "votes")
+    __slots__ = (
+        "applied",
+        "arrived",
+        "commit",
+        "decided",
+        "down",
+        "effects",
+        "failed",
+        "handed",
+        "logged",
+        "n",
+        "ready",
+        "txid",
+        "votes",
+    )
 
     def __init__(self, n: int) -> None:
         self.n = n
         # The round's txid once the engine wrote its intent (0: no intent);
-        # set before the decision, read by each shard after it.
+        # set before the decision (after it, before ``logged``, when
+        # deferred), read by each shard after it.
         self.txid = 0
+        self.effects: list[bytes] | None = None  # per shard, when deferred
+        self.handed = 0
+        self.applied: trio.Event | None = None
+        self.logged: trio.Event | None = None
         self.votes: list[object] = [None] * n
         self.arrived = 0
         self.failed = False
@@ -52,6 +79,21 @@ class Barrier:
         self.ready = trio.Event()  # every shard prepared, or one failed
         self.decided = trio.Event()
         self.down: int | None = None  # a shard that went down before it prepared
+
+    def defer(self) -> None:
+        """Make this a deferred round (before the decision; see the class docstring)."""
+        self.effects = [b""] * self.n
+        self.applied = trio.Event()
+        self.logged = trio.Event()
+
+    def hand(self, index: int, records: bytes) -> None:
+        """Shard ``index`` committed; ``records`` are what its commit journalled."""
+        assert self.effects is not None
+        assert self.applied is not None
+        self.effects[index] = records
+        self.handed += 1
+        if self.handed == self.n:
+            self.applied.set()
 
     def arrive(self, index: int, vote: object) -> None:
         self.votes[index] = vote
@@ -259,6 +301,8 @@ class ShardActor(Actor):
         # against the intent log (kvmemo.persistence.intents).
         journal = store.journal
         if barrier.decide(False):
+            if barrier.logged is not None and journal is not None:
+                return await self._commit_deferred(message, journal)
             result = part.commit(store, trio.current_time())
             if barrier.txid and journal is not None:
                 journal.mark(barrier.txid, True)
@@ -267,6 +311,29 @@ class ShardActor(Actor):
         if barrier.txid and journal is not None:
             journal.mark(barrier.txid, False)
         return ABORTED
+
+    async def _commit_deferred(self, message: Hold, journal: Journal) -> Any:
+        """Commit a deferred round's part; journal it only once the intent is written.
+
+        The shard keeps holding (nothing else runs on it, so nobody reads
+        the part before its intent is durable, and no later write gets
+        journalled before it), shielded, at most ``hold_timeout``; past it,
+        the part is journalled without waiting any longer (memory and log
+        must agree; only the crash-atomicity of this round is lost).
+        """
+        barrier = message.barrier
+        assert barrier.logged is not None
+        before = len(journal.records)
+        result = message.part.commit(self.store, trio.current_time())
+        records = journal.records[before:]
+        del journal.records[before:]
+        barrier.hand(message.index, b"".join(records))
+        with trio.CancelScope(shield=True, relative_deadline=self.hold_timeout):
+            await barrier.logged.wait()
+        journal.records.extend(records)
+        if barrier.txid:
+            journal.mark(barrier.txid, True)
+        return result
 
 
 def shard_state_factory(
