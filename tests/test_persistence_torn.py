@@ -1,4 +1,6 @@
-"""A multi-shard MSET is never torn by a SIGKILL of a real ``kvmemo serve --dir`` process.
+"""A multi-shard write is never torn by a SIGKILL of a real ``kvmemo serve --dir`` process.
+
+The writes are MSETs, and (``always``) MULTI/EXEC transactions of one SET per key.
 
 Design. Each shard writes its own log, so a SIGKILL between two shards'
 appends could leave an unacknowledged MSET in part on disk: after a restart
@@ -136,24 +138,34 @@ def test_every_group_spans_several_shards() -> None:
 # -- the load ---------------------------------------------------------------------------------
 
 
-async def writer(url: str, group: GroupModel) -> None:
-    """MSET the whole group to a new tag, one MSET at a time, until the connection drops."""
+async def writer(url: str, group: GroupModel, how: str) -> None:
+    """Write the whole group to a new tag, one write at a time, until the connection drops.
+
+    ``how``: ``mset`` (one MSET) or ``transaction`` (one SET per key in a
+    MULTI/EXEC transaction: its effects are known only as it runs).
+    """
     try:
         async with connect(url) as client:
             while True:
                 tag = group.next_tag()
-                await client.mset({key: tag for key in group.keys})
+                if how == "mset":
+                    await client.mset({key: tag for key in group.keys})
+                else:
+                    results = await client.transaction(*(("SET", key, tag) for key in group.keys))
+                    assert results == ["OK"] * len(group.keys), results
                 group.acknowledged(tag)
     except DisconnectedError:
         return  # killed: the tag in flight (if any) stays pending
 
 
-async def load_then_kill(server: Server, groups: list[GroupModel], seconds: float) -> None:
+async def load_then_kill(
+    server: Server, groups: list[GroupModel], seconds: float, how: str
+) -> None:
     """Run the load for ``seconds``, then SIGKILL the server under it."""
     with trio.fail_after(seconds + START_TIMEOUT + STOP_TIMEOUT):
         async with trio.open_nursery() as nursery:
             for group in groups:
-                nursery.start_soon(writer, server.url, group)
+                nursery.start_soon(writer, server.url, group, how)
             await trio.sleep(seconds)  # the workload itself, not a wait for an effect
             await kill(server.process)
 
@@ -202,19 +214,22 @@ def check_groups(
     return problems, older
 
 
-@pytest.mark.parametrize("fsync", ["always", "everysec"])
-async def test_sigkill_never_leaves_a_multi_shard_mset_torn(
+@pytest.mark.parametrize(
+    ("fsync", "how"), [("always", "mset"), ("everysec", "mset"), ("always", "transaction")]
+)
+async def test_sigkill_never_leaves_a_multi_shard_write_torn(
     launcher: Launcher,  # noqa: F811 - the imported fixture
     sixteen_shards: None,
     fsync: str,
+    how: str,
 ) -> None:
-    rng = random.Random(f"{SEED}-{fsync}")
+    rng = random.Random(f"{SEED}-{fsync}-{how}")
     groups = make_groups()
     rounds = []
     with trio.fail_after(60):
         server = await start(launcher, fsync)
         for round_no in range(ROUNDS):
-            await load_then_kill(server, groups, rng.uniform(*KILL_AFTER))
+            await load_then_kill(server, groups, rng.uniform(*KILL_AFTER), how)
             acked = sum(len(g.acked) for g in groups)
             in_flight = sum(g.pending is not None for g in groups)
             server = await start(launcher, fsync)  # the same directory: recovery
@@ -234,8 +249,8 @@ async def test_sigkill_never_leaves_a_multi_shard_mset_torn(
         await kill(server.process)
     total = sum(a for a, _, _, _ in rounds)
     print(
-        f"\nappendfsync {fsync}: {ROUNDS} SIGKILLs x {WRITERS} groups of {GROUP} keys over "
-        f"{SHARDS} shards, {total} acknowledged MSETs, no group torn; per round "
+        f"\nappendfsync {fsync}, {how}: {ROUNDS} SIGKILLs x {WRITERS} groups of {GROUP} keys over "
+        f"{SHARDS} shards, {total} acknowledged writes, no group torn; per round "
         "(acknowledged, in flight at the kill, of those applied, groups older than the last ack): "
         + ", ".join(f"({a}, {f}, {p}, {o})" for a, f, p, o in rounds)
     )
