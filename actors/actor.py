@@ -293,11 +293,16 @@ class ActorRef:
         except trio.ClosedResourceError:
             raise ActorStopped(cell.name) from None
         else:
+            # Fast path: park on the slot directly, as ``slot.wait()`` would
+            # (see ReplySlot's parking protocol), without its coroutine frame
+            # on every suspend and resume. The slot was just queued and nothing
+            # checkpointed since, so no reply can be there yet.
+            slot._task = _current_task()
             if timeout is None:
-                return await slot.wait()
+                return await _wait_task_rescheduled(slot._abort)
             pending = cell.system.deadlines.add(slot, timeout, cell.name)
             try:
-                return await slot.wait()
+                return await _wait_task_rescheduled(slot._abort)
             finally:
                 pending.pop(slot, None)
         # Slow path: the mailbox is full, wait for room under the same deadline.
@@ -317,3 +322,7 @@ class ActorRef:
 
     def __hash__(self) -> int:
         return id(self._cell)
+
+
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled

@@ -9,7 +9,9 @@ slot when the reply comes first. Registering and unregistering are O(1).
 Slots are kept in one FIFO per timeout value (usually a handful of values),
 so each FIFO is in deadline order and the sweeper only ever looks at the
 heads. The sweeper sleeps until the earliest head and is woken when an
-earlier deadline arrives.
+earlier deadline arrives. It drops the FIFOs it finds empty, so timeouts
+computed per call (a remaining budget: a new value each time) leave nothing
+behind; an asker still holding a dropped FIFO only pops from it.
 
 Invariant: every pending entry's slot is not yet done, or is about to be
 unregistered by its asker; a slot is failed at most once (slots ignore a
@@ -70,8 +72,9 @@ class Deadlines:
         return sum(len(f) for f in self._fifos.values())
 
     def _expire(self, now: float) -> float:
-        """Fail every overdue slot; return the next deadline (inf if none)."""
+        """Fail every overdue slot and drop empty FIFOs; return the next deadline (inf if none)."""
         earliest = math.inf
+        emptied: list[float] = []
         for timeout, fifo in self._fifos.items():
             while fifo:
                 slot, (deadline, actor) = next(iter(fifo.items()))
@@ -80,6 +83,10 @@ class Deadlines:
                     break
                 del fifo[slot]
                 slot.fail(AskTimeout(actor, timeout))
+            else:
+                emptied.append(timeout)
+        for timeout in emptied:
+            del self._fifos[timeout]
         return earliest
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
