@@ -554,10 +554,18 @@ class Client(Commands):
         )
 
     def _register(self, method: str, params: list[Any]) -> _Request:
-        """A fresh id and slot for one request. Synchronous: no checkpoint."""
+        """A fresh id and slot for one request. Synchronous: no checkpoint.
+
+        On a connection already lost (a caller checkpointed since its
+        ``_check_open``, waiting for the watch lock, say) the slot is failed
+        at once: ``_lose`` has run, and would never fail it.
+        """
         request_id = self._next_id
         self._next_id += 1
         slot = _Slot()
+        if self._lost is not None:
+            slot.lost = self._lost
+            slot.done.set()
         self._pending[request_id] = slot
         payload = {"jsonrpc": _JSONRPC, "id": request_id, "method": method, "params": params}
         return _Request(request_id, slot, payload)

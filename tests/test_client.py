@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from command_suite import SUITE, SuiteCase
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
@@ -315,6 +316,29 @@ async def test_a_lost_connection_fails_every_pending_request(
         assert error.kind == "DISCONNECTED"
         assert error.data == {"applied": None}
     assert client.statistics().pending == 0
+
+
+async def test_a_transaction_waiting_for_a_watch_block_fails_when_the_connection_is_lost(
+    node: Node,
+) -> None:
+    """It checked the connection, then waited on the watch lock; the loss came meanwhile."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with connect(node.url) as client:
+            outcome: list[BaseException] = []
+
+            async def other_task() -> None:
+                try:
+                    await client.transaction(("SET", "b", "1"))
+                except DisconnectedError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                async with client.watch("a"):
+                    nursery.start_soon(other_task)
+                    await trio.testing.wait_all_tasks_blocked()  # it waits for the watch block
+                    await client.abort()
+            assert len(outcome) == 1
+            assert outcome[0].data == {"applied": None}
 
 
 async def test_a_server_that_goes_away_fails_calls_instead_of_hanging() -> None:
