@@ -205,18 +205,29 @@ async def test_a_torn_intent_was_never_decided(tmp_path: Path) -> None:
     assert await values(tmp_path) == (b"old", b"old")
 
 
-async def test_only_the_newest_round_can_be_unfinished(tmp_path: Path) -> None:
-    # Round 6 ended before round 7 began (rounds run one at a time), so a
-    # log without round 6's mark did not need it: a snapshot covered it, or
-    # a repair dropped it. Redoing it would undo later writes.
-    round_6 = [(1, encode_set(K1, b"six"))]
+async def test_every_retained_round_a_log_lacks_is_redone_in_order(tmp_path: Path) -> None:
+    # Shard 1's log ends before round 6 (a request timeout released the
+    # writer lock before its part was logged, then round 7 ran): both redone.
     crash_state(
         tmp_path,
         shard0=encode_set(K0, b"new") + encode_txn(7, True),
-        shard1=encode_set(K1, b"later"),
-        intents=encode_intent(6, round_6) + encode_intent(7, [(0, encode_set(K0, b"new"))]),
+        shard1=b"",
+        intents=encode_intent(6, [(0, encode_set(K0, b"six")), (1, encode_set(K1, b"six"))])
+        + encode_intent(7, [(0, encode_set(K0, b"new")), (1, encode_set(K1, b"seven"))]),
     )
-    assert await values(tmp_path) == (b"new", b"later")
+    assert await values(tmp_path) == (b"new", b"seven")
+
+
+async def test_a_shard_past_a_round_does_not_redo_it(tmp_path: Path) -> None:
+    # Shard 1's log opens with a later mark (its snapshot covered round 6),
+    # then holds a later write: redoing round 6 would undo it.
+    crash_state(
+        tmp_path,
+        shard0=encode_set(K0, b"six") + encode_txn(6, True),
+        shard1=encode_txn(6, True) + encode_set(K1, b"later"),
+        intents=encode_intent(6, [(0, encode_set(K0, b"six")), (1, encode_set(K1, b"six"))]),
+    )
+    assert await values(tmp_path) == (b"six", b"later")
 
 
 async def test_txids_keep_increasing_across_restarts(tmp_path: Path) -> None:
@@ -338,3 +349,107 @@ async def test_a_transactions_cut_off_part_is_redone(tmp_path: Path) -> None:
         intents=encode_intent(3, [(0, encode_set(K0, b"x")), (1, encode_set(K1, b"6"))]),
     )
     assert await values(tmp_path) == (b"x", b"6")
+
+
+# -- retention, and the rounds that end oddly -----------------------------------------------
+
+
+def test_the_log_keeps_every_intent_not_yet_settled_across_rotations(tmp_path: Path) -> None:
+    record = encode_set(K0, b"v")
+    log = IntentLog(tmp_path, rotate_bytes=1)  # every append rotates first
+    try:
+        for txid in range(1, 6):
+            log.append(txid, [(0, record), (1, record)], settled=2)
+        assert sorted(read_intents(tmp_path).intents) == [3, 4, 5]  # 1 and 2 settled: gone
+        log.append(6, [(0, record), (1, record)], settled=5)
+        assert sorted(read_intents(tmp_path).intents) == [6]
+    finally:
+        log.close()
+
+
+async def test_a_rebuilt_shard_redoes_its_part_of_a_retained_round(tmp_path: Path) -> None:
+    """A runtime rebuild (memory not trusted) reloads from disk and redoes what its log lacks."""
+    from kvmemo.eviction.memory import MemoryTracker
+    from kvmemo.eviction.policies import make_policy
+    from kvmemo.storage.durable_shard import PersistenceConfig, durable_state_factory, recover_store
+
+    crash_state(
+        tmp_path,
+        shard0=b"",  # the rebuild dropped its journal: its part never reached the log
+        shard1=encode_set(K1, b"new") + encode_txn(7, True),
+        intents=encode_intent(7, ROUND_7),
+    )
+    config = PersistenceConfig(tmp_path)
+    initial, _, _ = durable_state_factory(
+        0, MemoryTracker(0, 1), lambda: make_policy("lru"), config, {}
+    )
+    store = initial()
+    warnings, redo = await recover_store(store, config, repair=True)
+    assert store.get(K0, trio.current_time()) == b"new"
+    assert store.journal is not None
+    assert store.journal.last_txid == 7
+    marks: dict[int, bool] = {}
+    got: dict[bytes, bytes] = {}
+    replay(redo, got, {}, marks=marks)
+    assert got == {K0: b"new"}
+    assert marks == {7: True}
+    assert any("redid" in w for w in warnings)
+
+
+async def test_a_round_aborted_by_a_hold_timeout_never_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard whose hold timed out aborted the round before the engine woke: no intent then.
+
+    Shard 1's prepare blocks the event loop past shard 0's hold timeout; the
+    engine and shard 0 then race to wake. A copy of the data directory taken
+    right after any intent's write (what a kill -9 leaves) must recover to
+    what the live store answered: the new values only if the MSET succeeded.
+    """
+    import shutil
+    import time
+
+    from kvmemo.commands import ops
+
+    hold = 0.05
+    real_prepare = ops._MSetPart.prepare
+    real_append = IntentLog.append
+
+    def slow_prepare(self: ops._MSetPart, store: object, now: float) -> object:
+        if getattr(store, "shard_id", None) == 1 and self.items == [(K1, b"new")]:
+            time.sleep(hold * 1.5)
+        return real_prepare(self, store, now)  # type: ignore[arg-type]
+
+    for attempt in range(6):
+        data_dir = tmp_path / f"d{attempt}"
+        crashed = tmp_path / f"crashed{attempt}"
+
+        def append(
+            self: IntentLog,
+            txid: int,
+            sections: list[tuple[int, bytes]],
+            settled: int = 0,
+            data_dir: Path = data_dir,
+            crashed: Path = crashed,
+        ) -> None:
+            real_append(self, txid, sections, settled)
+            if sections and not crashed.exists():
+                shutil.copytree(data_dir, crashed)
+
+        monkeypatch.setattr(ops._MSetPart, "prepare", slow_prepare)
+        monkeypatch.setattr(IntentLog, "append", append)
+        async with kvmemo.open_store(
+            shards=SHARDS, data_dir=str(data_dir), hold_timeout=hold
+        ) as kv:
+            try:
+                await kv.mset({K0: b"new", K1: b"new"})
+                committed = True
+            except kvmemo.KVMemoError:
+                committed = False
+            live = (await kv.get(K0), await kv.get(K1))
+        monkeypatch.undo()
+        assert live == ((b"new", b"new") if committed else (None, None))
+        if crashed.exists():
+            assert await values(crashed) == live, f"attempt {attempt}: committed={committed}"
+        else:
+            assert not committed

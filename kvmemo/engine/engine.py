@@ -996,7 +996,13 @@ class KVEngine:
                 monitors.append((ref, ref.monitor(barrier.went_down, i)))
             await barrier.ready.wait()
             ready = not barrier.failed and all(v is True for v in barrier.votes)
-            if ready and shards is not None and len(parts) > 1 and self._intents is not None:
+            if (
+                ready
+                and shards is not None
+                and len(parts) > 1
+                and self._intents is not None
+                and not barrier.decided.is_set()  # a shard's hold timed out: aborted already
+            ):
                 await self._write_intent(barrier, shards, parts)  # sets barrier.txid, or defers
             commit = ready
         finally:
@@ -1065,6 +1071,8 @@ class KVEngine:
                 return
             if effects:
                 sections.append((shard, effects))
+        if len(sections) < 2:
+            return  # one shard writes (a COPY): its own log is atomic
         txid = self._txid = self._txid + 1
         # Set before the write: a shard whose hold times out meanwhile (an
         # abort) marks it in its log, which recovery reads before any redo.
@@ -1072,9 +1080,10 @@ class KVEngine:
         try:
             await self._append_intent(txid, sections)
         except (OSError, ValueError) as exc:
-            # It may be on disk in part or whole: the caller records the abort.
+            # It may be on disk in part or whole: the caller records the abort
+            # (unsynced, as the shards' abort marks are; applied: maybe).
             raise PersistenceIOError(
-                f"could not write the multi-shard write's intent: {exc}", applied=False
+                f"could not write the multi-shard write's intent: {exc}", applied=None
             ) from exc
 
     async def _append_intent(self, txid: int, sections: list[tuple[int, bytes]]) -> None:
@@ -1087,16 +1096,28 @@ class KVEngine:
         log, persistence = self._intents, self.persistence
         assert log is not None
         assert persistence is not None
+        settled = self._settled_txid()
         if persistence.appendfsync is AppendFsync.ALWAYS:
 
             def write_and_sync() -> None:
-                log.append(txid, sections)
+                log.append(txid, sections, settled)
                 log.sync()
 
             with trio.CancelScope(shield=True):
                 await persistence.sync_coordinator.sync(write_and_sync)
         else:
-            log.append(txid, sections)
+            log.append(txid, sections, settled)
+
+    def _settled_txid(self) -> int:
+        """The newest txid up to which every round is marked durably in every shard it names.
+
+        Each shard reports its oldest mark not yet durable
+        (``ShardDurability.unsettled``); intents up to the one before the
+        oldest of those may go (a shard restarting meanwhile keeps its
+        journal, so its marks stay reported).
+        """
+        pending = [t for t in (d.unsettled() for d in self._durabilities) if t]
+        return min(pending) - 1 if pending else self._txid
 
     async def _write_deferred_intent(
         self, barrier: Barrier, shards: list[int], commit: bool
@@ -1127,11 +1148,11 @@ class KVEngine:
                 if len(sections) < 2:
                     return  # one shard wrote: its own log is atomic
                 txid = self._txid = self._txid + 1
-                try:
-                    await self._append_intent(txid, sections)
-                except (OSError, ValueError):
-                    return  # the parts are journalled without an intent
+                # Set before the write: a shard whose wait for ``logged``
+                # times out meanwhile journals its part with its mark.
                 barrier.txid = txid
+                with contextlib.suppress(OSError, ValueError):  # parts journalled without one
+                    await self._append_intent(txid, sections)
         finally:
             barrier.logged.set()
 
@@ -1142,9 +1163,10 @@ class KVEngine:
         before it answers: a round aborted after its intent was durable (a
         shard's hold timed out during the intent's sync) must not be redone.
         """
-        assert self._intents is not None
+        if self._intents is None:
+            return  # closed meanwhile (the store stopped)
         with contextlib.suppress(OSError, ValueError):  # the shards' abort marks still say it
-            self._intents.append(txid, [])
+            self._intents.append(txid, [], self._settled_txid())
 
     async def _sync_intents(self) -> None:
         """With ``always``, make the intent log durable (shielded; errors only logged)."""

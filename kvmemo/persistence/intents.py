@@ -24,13 +24,22 @@ holds was written after it. Why the intent must come first: no shard logs
 its part (nor lets anyone read it, for a deferred round) before the intent
 was written; a round whose intent is missing is on no shard's disk.
 
-Rounds are serialised by the engine's writer lock and a round's parts are
-in their shards' logs (written, or synced with ``always``) before the next
-round starts, so only the newest round can ever need a redo: the log keeps
-small segments and drops the older ones as it rotates. The redo is written
-to the shard's directory as a new log segment before the store starts, and
-the old intent segments are removed after that, so a second crash finds the
-redone parts in the shards' logs.
+Retention. A round's parts usually reach their shards' logs before the
+next round starts, but not always (a request timeout that stops waiting
+for them, a shard killed with its part still in its journal, a batch
+appended but not yet synced with ``always``). So an intent is kept until
+every shard it names has its mark durably in its own log (written with
+``everysec`` and ``no``, synced with ``always``): each shard reports its
+oldest mark not yet durable, and a full segment is rotated and every older
+segment whose rounds are all settled is removed. Recovery redoes every
+intent it finds on every shard whose log ends before it, oldest first; a
+shard whose marks a snapshot compacted away keeps its newest mark at the
+head of its next segment, so its log still tells which rounds it holds.
+The redo is written to the shard's directory as a new log segment before
+the store starts, and the old intent segments are removed after that, so a
+second crash finds the redone parts in the shards' logs. A shard rebuilt at
+runtime (its memory untrusted, its journal dropped) redoes its parts the
+same way.
 
 What it promises: a process crash (``kill -9``) never leaves a multi-shard
 write in part, in every ``appendfsync`` mode. A power loss keeps it whole
@@ -92,7 +101,9 @@ def read_intents(data_dir: Path) -> IntentScan:
 
     A torn or damaged record ends its segment's scan with a warning: a torn
     one was never decided (the decision comes after the write), a damaged
-    one cannot be trusted; neither is redone. Never raises on any bytes.
+    one cannot be trusted; neither is redone. Never raises on any bytes. May
+    run while the engine writes the log (a shard's rebuild): a segment
+    removed meanwhile held only settled rounds.
 
     Raises:
         OSError: a segment cannot be read.
@@ -102,7 +113,11 @@ def read_intents(data_dir: Path) -> IntentScan:
     if not directory.is_dir():
         return scan
     for _, path in list_segments(directory):
-        with open(path, "rb") as file:
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:
+            continue  # removed meanwhile by the engine: its rounds had settled
+        with file:
             if os.fstat(file.fileno()).st_size == 0:
                 continue
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -146,15 +161,16 @@ def plan_redo(
     """Which rounds each shard must redo: shard -> [(txid, effect records)], oldest first.
 
     A round is redone on every shard it names whose log ends before it
-    (``txid > last_txid``), unless it was aborted: the intent log recorded
-    the abort, or a shard marked it aborted. A shard the intent names but
-    that recovery does not know (another shard count) is left out.
+    (``txid > last_txid``: the shard's marks only ever increase), unless it
+    was aborted: the intent log recorded the abort, or a shard marked it
+    aborted. A shard the intent names but that recovery does not know
+    (another shard count) is left out.
     """
     redo: dict[int, list[tuple[int, bytes]]] = {}
     for txid in sorted(scan.intents):
         sections = scan.intents[txid]
         if not sections:
-            continue  # the engine recorded the abort
+            continue  # the engine recorded the abort (or a floor)
         if any(shards[s].marks.get(txid) is False for s in sections if s in shards):
             continue  # a shard aborted it: the decision was abort
         for shard, records in sections.items():
@@ -162,6 +178,11 @@ def plan_redo(
             if known is not None and txid > known.last_txid:
                 redo.setdefault(shard, []).append((txid, records))
     return redo
+
+
+def redo_records(rounds: list[tuple[int, bytes]]) -> bytes:
+    """Each round's records followed by its committed ``TXN`` mark, as one buffer."""
+    return b"".join(records + encode_txn(txid, True) for txid, records in rounds)
 
 
 def write_redo(
@@ -181,11 +202,11 @@ def write_redo(
         OSError: the segment cannot be written or synced (the rounds are
             applied to ``data`` and ``expires`` even then).
     """
-    buffer = b"".join(records + encode_txn(txid, True) for txid, records in rounds)
+    buffer = redo_records(rounds)
     result = replay(buffer, data, expires)
     assert result.problem is None, result.problem  # whole records, checked when read
     # Applied first: if the segment cannot be written, the redo still holds
-    # in memory, and the intent (still the newest) asks for it next start.
+    # in memory (the caller has the shard's journal log it, and keeps the intents).
     shard_dir.mkdir(parents=True, exist_ok=True)
     numbers = [n for n, _ in list_segments(shard_dir)]
     numbers += [covers for covers, _ in list_snapshots(shard_dir)]
@@ -208,23 +229,31 @@ class IntentLog:
     The log opens on first use (a new segment after those on disk), and
     again after a failure to open (a read-only or full directory at start:
     multi-shard writes then fail, as the shards' writes do, until it can).
-    Call :meth:`drop_older` once recovery has redone what the older segments
-    asked for.
+    Recovery calls :meth:`drop_older` once every round of the older
+    segments is in its shards' logs, or :meth:`keep_older` when one is not.
 
-    Invariant: every segment but the current one holds only rounds that
-    ended (their parts are in their shards' logs), so rotating may remove
-    them.
+    Retention: an intent may go once every shard it names has its mark
+    durably in its own log (``settled``, which the engine computes from the
+    shards); a full segment is rotated and every older segment whose
+    rounds are all settled is removed. Invariant: ``_max[n]`` is the newest
+    txid of segment ``n``, for every segment of this log still on disk.
     """
 
     def __init__(self, data_dir: Path, *, rotate_bytes: int = ROTATE_BYTES) -> None:
         self._directory = data_dir / INTENT_DIR
         self._rotate_bytes = rotate_bytes
         self._log: SegmentedLog | None = None
+        self._max: dict[int, int] = {}
+        self._older = 0  # newest txid of the segments recovery kept (0: none kept)
+        self._current_bytes = 0  # written to the current segment
         self.last_txid = 0  # of the last intent appended, or the floor recovery set
 
     def _open(self) -> SegmentedLog:
         if self._log is None:
-            self._log = SegmentedLog(self._directory, segment_bytes=self._rotate_bytes)
+            # Rotation is ours (see append): the log itself never rotates by size.
+            self._log = SegmentedLog(self._directory, segment_bytes=1 << 62)
+            if self._older:
+                self._max.update(dict.fromkeys(range(1, self._log.current), self._older))
         return self._log
 
     def drop_older(self) -> None:
@@ -236,13 +265,22 @@ class IntentLog:
         log = self._open()
         if log.current > 1:
             log.remove_through(log.current - 1)
+        for n in [n for n in self._max if n < log.current]:
+            del self._max[n]
         fsync_directory(log.directory)
 
-    def append(self, txid: int, sections: list[tuple[int, bytes]]) -> None:
+    def keep_older(self, newest: int) -> None:
+        """Keep the segments on disk (up to txid ``newest``) until those rounds settle."""
+        self._older = newest
+        if self._log is not None:
+            self._max.update(dict.fromkeys(range(1, self._log.current), newest))
+
+    def append(self, txid: int, sections: list[tuple[int, bytes]], settled: int = 0) -> None:
         """Write round ``txid``'s intent (not synced); an empty ``sections``: its abort.
 
-        Before the write, a full segment is replaced by a new one and the
-        older ones are removed (their rounds have ended).
+        Before the write, a full segment is replaced by a new one, and the
+        older segments whose rounds are all settled (txid <= ``settled``)
+        are removed.
 
         Raises:
             OSError: the log cannot be opened, or the write failed (nothing
@@ -250,9 +288,22 @@ class IntentLog:
             ValueError: the log is closed, or the intent is too large.
         """
         log = self._open()
-        if log.size() >= self._rotate_bytes:
-            log.remove_through(log.rotate())
-        log.append_encoded(encode_intent(txid, sections))
+        if self._max.get(log.current, 0) and self._current_bytes >= self._rotate_bytes:
+            log.rotate()
+            self._current_bytes = 0
+            done = [n for n, newest in self._max.items() if newest <= settled]
+            # Segments go oldest first: up to the first one still needed.
+            through = 0
+            for n in sorted(self._max):
+                if n not in done or n >= log.current:
+                    break
+                through = n
+            if through:
+                log.remove_through(through)
+                for n in [n for n in self._max if n <= through]:
+                    del self._max[n]
+        self._current_bytes += log.append_encoded(encode_intent(txid, sections))
+        self._max[log.current] = max(self._max.get(log.current, 0), txid)
         self.last_txid = max(self.last_txid, txid)
 
     def sync(self) -> None:

@@ -43,19 +43,36 @@ class Journal:
     which rounds it holds.
     """
 
-    __slots__ = ("last_committed", "last_txid", "offset", "records")
+    __slots__ = ("last_committed", "last_txid", "marks", "offset", "records", "taken")
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
         self.offset = 0.0
         self.last_txid = 0
         self.last_committed = True
+        # The marks among ``records`` (txid, record), and those of the last take.
+        self.marks: list[tuple[int, bytes]] = []
+        self.taken: list[tuple[int, bytes]] = []
 
     def mark(self, txid: int, committed: bool) -> None:
         """Journal that this shard committed (or aborted) multi-shard round ``txid``."""
-        self.records.append(encode_txn(txid, committed))
+        record = encode_txn(txid, committed)
+        self.records.append(record)
+        self.marks.append((txid, record))
         self.last_txid = txid
         self.last_committed = committed
+
+    def requeue_taken(self) -> None:
+        """The last take was not written: its marks go first in the next one.
+
+        Only the marks: the batch's effects failed with ``IO`` (``applied``
+        null), but a round must never look unresolved in a log that goes on
+        with later writes (recovery would redo it after them).
+        """
+        if self.taken:
+            self.records[:0] = [record for _, record in self.taken]
+            self.marks[:0] = self.taken
+            self.taken = []
 
     def head(self) -> bytes:
         """The mark of the newest round resolved, to open a new segment with (b"" if none)."""
@@ -80,10 +97,15 @@ class Journal:
         self.records.append(encode_fields(Op.FLUSH, b""))
 
     def take(self) -> bytes:
-        """Everything journalled since the last take, as one buffer."""
+        """Everything journalled since the last take, as one buffer (its marks: ``taken``)."""
         data = b"".join(self.records)
         self.records.clear()
+        self.taken, self.marks = self.marks, []
         return data
+
+    def pending_txid(self) -> int:
+        """The oldest round marked here and not taken yet (0: none)."""
+        return self.marks[0][0] if self.marks else 0
 
 
 class Health(enum.Enum):
@@ -99,6 +121,10 @@ class ShardDurability:
     Invariants: ``dirty`` is True when bytes were appended since the
     start of the last successful sync (appends made while a background sync
     runs are not covered by it); ``appends`` counts the successful appends;
+    ``unsynced_marks`` holds (txid, append number) of the round marks
+    appended with ``always`` and not yet synced (with ``everysec`` and
+    ``no`` a mark counts once written: the engine keeps a round's intent
+    until every shard it names has its mark there, see :meth:`unsettled`);
     ``unsaved`` is the bytes appended since the last snapshot's rotation (the
     log's size when opened, at first); ``error`` holds the last failure
     while ``health`` is FAILING.
@@ -127,6 +153,19 @@ class ShardDurability:
         self.last_save: float | None = None
         self.last_snapshot_pause_ms: float | None = None
         self.saving = False
+        self.unsynced_marks: list[tuple[int, int]] = []
+
+    def unsettled(self) -> int:
+        """The oldest round whose mark is not yet durable here (0: none).
+
+        Read by the engine (an observability figure this shard's actor
+        maintains) to know which intents it may drop.
+        """
+        pending = [t for t, _ in self.unsynced_marks]
+        first = self.journal.pending_txid()
+        if first:
+            pending.append(first)
+        return min(pending, default=0)
 
     def open(self) -> None:
         """Open the log for appending (after recovery ran), unless it is open.
@@ -154,17 +193,29 @@ class ShardDurability:
         data = self.journal.take()
         if not data:
             return 0
-        self.open()
-        assert self.log is not None
-        self.log.append_encoded(data)
+        try:
+            self.open()
+            assert self.log is not None
+            self.log.append_encoded(data)
+        except BaseException:
+            self.journal.requeue_taken()
+            raise
         self.appended(len(data))
         return len(data)
 
     def appended(self, size: int) -> None:
-        """Count a batch of ``size`` bytes appended to the log (here or by a :class:`LogBatch`)."""
+        """Count a batch of ``size`` bytes appended to the log (here or by a :class:`LogBatch`).
+
+        The batch is the journal's last take: its round marks are now written
+        (durable enough with ``everysec`` and ``no``; with ``always`` once a
+        sync covers them, see :meth:`synced`).
+        """
         self.dirty = True
         self.appends += 1
         self.unsaved += size
+        taken, self.journal.taken = self.journal.taken, []
+        if taken and self.fsync is AppendFsync.ALWAYS:
+            self.unsynced_marks += [(txid, self.appends) for txid, _ in taken]
         if self.fsync is AppendFsync.NO and self.health is Health.FAILING:
             # Nothing ever syncs with ``no``: a successful append is the recovery.
             self.health = Health.OK
@@ -177,6 +228,8 @@ class ShardDurability:
         """
         self.dirty = self.appends != appends
         self.last_sync = started
+        if self.unsynced_marks:
+            self.unsynced_marks = [(t, n) for t, n in self.unsynced_marks if n > appends]
         self.health = Health.OK
         self.error = None
 

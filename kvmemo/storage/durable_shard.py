@@ -63,12 +63,13 @@ from ..eviction.policies import EvictionPolicy
 from ..persistence import AppendFsync, Recovered, recover, write_snapshot
 from ..persistence.intents import (
     IntentLog,
-    IntentScan,
     ShardMarks,
     plan_redo,
     read_intents,
+    redo_records,
     write_redo,
 )
+from ..persistence.records import replay
 from .durability import Health, LogBatch, ShardDurability
 from .shard import Hold, ShardActor
 from .store import ShardStore
@@ -117,29 +118,57 @@ def _to_monotonic(expires_ms: dict[bytes, int]) -> dict[bytes, float]:
     return {k: ms / 1000 - offset for k, ms in expires_ms.items()}
 
 
-async def recover_store(store: ShardStore, config: PersistenceConfig, *, repair: bool) -> list[str]:
-    """Reload ``store`` from its shard directory (in a worker thread); the warnings.
+async def recover_store(
+    store: ShardStore, config: PersistenceConfig, *, repair: bool
+) -> tuple[list[str], bytes]:
+    """Reload ``store`` from its shard directory (in a worker thread), at runtime.
+
+    The rebuild of a shard whose memory could not be trusted: its journal
+    lost what it had not appended yet, possibly its part of a multi-shard
+    round the other shards hold. So the parts of retained intents its log
+    lacks are redone (as at start, :mod:`kvmemo.persistence.intents`).
+
+    Returns:
+        The warnings, and the redone records (with their marks), which the
+        caller logs first in the shard's new segment.
 
     Raises:
         CorruptLog, CorruptSnapshot: damage recovery may not skip (without repair).
         OSError: the directory cannot be read.
     """
-    directory = config.shard_dir(store.shard_id)
+    shard = store.shard_id
     now_ms = int(time.time() * 1000)
-    recovered = await trio.to_thread.run_sync(
-        lambda: recover(directory, now_ms=now_ms, repair=repair)
-    )
+
+    def work() -> tuple[Recovered, bytes, list[str]]:
+        recovered = recover(config.shard_dir(shard), now_ms=now_ms, repair=repair)
+        warnings = list(recovered.warnings)
+        scan = read_intents(config.directory)
+        rounds = plan_redo(scan, {shard: ShardMarks(recovered.marks, recovered.last_txid)})
+        redo = redo_records(rounds.get(shard, []))
+        if redo:
+            replay(redo, recovered.data, recovered.expires, marks=recovered.marks)
+            _drop_expired(recovered, now_ms)
+            warnings.append(f"redid its part of {len(rounds[shard])} multi-shard write(s)")
+        return recovered, redo, warnings
+
+    recovered, redo, warnings = await trio.to_thread.run_sync(work)
     store.load(recovered.data, _to_monotonic(recovered.expires))
-    _take_marks(store, recovered)
-    return list(recovered.warnings)
+    _take_marks(store, recovered.marks)
+    return warnings, redo
 
 
-def _take_marks(store: ShardStore, recovered: Recovered) -> None:
-    """Carry the newest round mark recovery found into the store's journal."""
+def _drop_expired(recovered: Recovered, now_ms: int) -> None:
+    for key in [k for k, at in recovered.expires.items() if at <= now_ms]:
+        del recovered.data[key]
+        del recovered.expires[key]
+
+
+def _take_marks(store: ShardStore, marks: dict[int, bool]) -> None:
+    """Set the store's newest round mark to what its log (and any redo) holds."""
     journal = store.journal
-    if journal is not None and recovered.last_txid > journal.last_txid:
-        journal.last_txid = recovered.last_txid
-        journal.last_committed = recovered.marks[recovered.last_txid]
+    if journal is not None:
+        journal.last_txid = max(marks, default=0)
+        journal.last_committed = marks.get(journal.last_txid, True)
 
 
 @attrs.define
@@ -198,21 +227,40 @@ class DurableShardActor(ShardActor):
 
     async def on_start(self) -> None:
         store = self.store
+        dur = self.dur
+        redo = b""
         if store.needs_recovery:
             # Our memory could not be trusted: reload this shard from disk
             # (in a thread: the other shards keep serving).
-            if self.dur.log is not None:
-                self.dur.log.close()
-                self.dur.log = None
-            await recover_store(store, self.config, repair=True)
+            if dur.log is not None:
+                dur.log.close()
+                dur.log = None
+            _, redo = await recover_store(store, self.config, repair=True)
+            dur.journal.marks.clear()  # of records the rebuild dropped; redone above
             store.needs_recovery = False
-        self.dur.journal.offset = _wall_offset()
+        dur.journal.offset = _wall_offset()
+        opened = dur.log is None
         try:
-            self.dur.open()
+            dur.open()
         except OSError as exc:
             # A read-only or full directory: serve reads anyway; every write
             # fails with IO (commit retries the open) until the log can open.
-            self.dur.failed(exc)
+            dur.failed(exc)
+            if redo:
+                dur.journal.records.insert(0, redo)  # logged by the first append
+            return
+        # A new segment opens with what the rebuild redid and the newest
+        # round mark (a repair may have compacted the marks away).
+        head = redo + dur.journal.head() if opened else redo
+        if head:
+            assert dur.log is not None
+            try:
+                dur.appended(dur.log.append_encoded(head))
+            except OSError as exc:
+                dur.failed(exc)
+                return
+            if redo and dur.fsync is AppendFsync.ALWAYS:
+                await self._sync()
 
     def handle_nowait(self, message: Any) -> Any:
         """:meth:`handle` without a coroutine, for every message that needs no await."""
@@ -291,6 +339,7 @@ class DurableShardActor(ShardActor):
         try:
             dur.open()
         except OSError as exc:
+            dur.journal.requeue_taken()
             dur.failed(exc)
             return len(data), self._io_error(exc)
         assert dur.log is not None
@@ -317,6 +366,8 @@ class DurableShardActor(ShardActor):
                 error = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
                 if batch.appended:
                     dur.appended(len(data))
+                else:
+                    dur.journal.requeue_taken()
                 dur.failed(error)
                 return len(data), self._io_error(error)
             dur.appended(len(data))
@@ -341,6 +392,8 @@ class DurableShardActor(ShardActor):
                 dur.appended(size)
                 if batch.synced:
                     dur.synced(dur.appends, started)
+            else:
+                dur.journal.requeue_taken()
             if batch.error is not None:
                 dur.failed(batch.error)
         except OSError as exc:  # take_back's append failed
@@ -449,6 +502,11 @@ class DurableShardActor(ShardActor):
             await trio.to_thread.run_sync(
                 lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
             )
+            # The new segment's head mark must be durable before the
+            # segments holding the marks go.
+            error = await self._sync()
+            if error is not None:
+                raise OSError(errno.EIO, str(error))
             if dur.log is not None:
                 dur.log.remove_through(job.covers)
             dur.last_save = time.time()
@@ -538,7 +596,10 @@ def durable_state_factory(
         if isinstance(store, ShardStore) and store.durability is not None:
             fresh.durability = store.durability
             fresh.journal = store.durability.journal
-            fresh.journal.records.clear()  # effects of an untrusted state: not logged
+            # Effects of an untrusted state: not logged. Their round marks
+            # stay reported (the engine keeps those intents) until on_start
+            # has redone the rounds from the intents.
+            fresh.journal.records.clear()
         fresh.needs_recovery = True
         tracker.reset_shard(shard_id, 0)
         return fresh
@@ -570,69 +631,81 @@ async def prepare_stores(
             functools.partial(recover, config.shard_dir(shard), now_ms=now_ms, repair=config.repair)
         )
         warnings += [f"shard-{shard}: {w}" for w in got.warnings]
+    unlogged: dict[int, list[tuple[int, bytes]]] = {}
     intents = await trio.to_thread.run_sync(
-        lambda: _redo_intents(config, recovered, now_ms, warnings)
+        lambda: _redo_intents(config, recovered, now_ms, warnings, unlogged)
     )
     stores: dict[int, ShardStore] = {}
     for shard in range(shards):
         make, _, _ = durable_state_factory(shard, tracker, make_policy, config, {})
         store = make()
         store.load(recovered[shard].data, _to_monotonic(recovered[shard].expires))
-        _take_marks(store, recovered[shard])
+        _take_marks(store, recovered[shard].marks)
+        assert store.journal is not None
+        for txid, records in unlogged.get(shard, []):
+            # The redo could not be logged at start: its first append logs it.
+            store.journal.records.append(records)
+            store.journal.mark(txid, True)
         stores[shard] = store
     return stores, warnings, intents
 
 
 def _redo_intents(
-    config: PersistenceConfig, recovered: dict[int, Recovered], now_ms: int, warnings: list[str]
+    config: PersistenceConfig,
+    recovered: dict[int, Recovered],
+    now_ms: int,
+    warnings: list[str],
+    unlogged: dict[int, list[tuple[int, bytes]]],
 ) -> IntentLog:
-    """Redo the multi-shard round a crash cut off; open the intent log (blocking).
+    """Redo the multi-shard rounds a crash cut off; open the intent log (blocking).
 
-    Only the newest intent can be unfinished (rounds run one at a time, see
-    :mod:`kvmemo.persistence.intents`). Each shard that lacks its part gets
-    it, applied to its recovered state and written as a new log segment;
-    then the intent log starts a new segment holding the txid reached (so
-    txids keep increasing across restarts) and drops the older ones.
+    Each shard that lacks its part of a retained intent gets it, applied to
+    its recovered state and written as a new log segment (synced). Then, if
+    every redo is logged, the intent log starts a new segment holding the
+    txid reached (so txids keep increasing across restarts) and drops the
+    older ones; a redo that could not be logged goes to ``unlogged`` (for
+    the shard's journal) and the older segments are kept until it is.
     """
     scan = read_intents(config.directory)
     warnings += [f"intents: {w}" for w in scan.warnings]
-    newest = max(scan.intents, default=0)
     marks = {s: ShardMarks(r.marks, r.last_txid) for s, r in recovered.items()}
-    only_newest = IntentScan({newest: scan.intents[newest]} if newest else {}, newest)
-    for shard, rounds in plan_redo(only_newest, marks).items():
+    for shard, rounds in plan_redo(scan, marks).items():
         got = recovered[shard]
+        txids = ", ".join(str(t) for t, _ in rounds)
         try:
-            count = write_redo(config.shard_dir(shard), rounds, got.data, got.expires)
+            write_redo(config.shard_dir(shard), rounds, got.data, got.expires)
         except OSError as exc:
-            # Applied in memory; the intent stays the newest, so the next
-            # start redoes it again if this shard's log still lacks it.
+            # Applied in memory (write_redo applies first); logged by the
+            # shard's first append, and its intents kept until then.
+            unlogged[shard] = rounds
             warnings.append(
-                f"shard-{shard}: redid its part of multi-shard write {newest} in memory, "
-                f"but could not log it: {exc}"
+                f"shard-{shard}: redid its part of multi-shard write(s) {txids} in memory, "
+                f"but could not log it yet: {exc}"
             )
-            continue
+        else:
+            warnings.append(
+                f"shard-{shard}: redid its part of multi-shard write(s) {txids}, cut off by a crash"
+            )
         for txid, _ in rounds:
             got.marks[txid] = True
         recovered[shard] = attrs.evolve(got, last_txid=max(got.marks))
-        for key in [k for k, at in got.expires.items() if at <= now_ms]:
-            del got.data[key]
-            del got.expires[key]
-        warnings.append(
-            f"shard-{shard}: redid its part of multi-shard write {newest} ({count} records), "
-            "cut off by a crash"
-        )
+        _drop_expired(got, now_ms)
     floor = max([scan.last_txid, *(r.last_txid for r in recovered.values())])
     log = IntentLog(config.directory)
     log.last_txid = floor
     try:
-        if floor:
-            log.append(floor, [])
-            log.sync()
-        log.drop_older()
+        if unlogged:
+            log.keep_older(scan.last_txid)
+        else:
+            if floor:
+                log.append(floor, [])  # every round up to it is in its shards' logs
+                log.sync()
+            log.drop_older()
     except OSError as exc:
         # A read-only or full directory: the store starts anyway (its shards
         # fail writes with IO); multi-shard writes fail until the log opens.
         log.close()
+        log.keep_older(scan.last_txid)
         warnings.append(f"intents: the intent log cannot be written: {exc}")
     return log
 
