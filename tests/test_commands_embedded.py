@@ -6,12 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio.testing
+from command_suite import SUITE, SuiteCase
 
 import kvmemo
-
-pytest.register_assert_rewrite("command_suite")
-
-from command_suite import SUITE, SuiteCase  # noqa: E402
 
 
 @pytest.fixture

@@ -384,16 +384,62 @@ async def test_a_rebuilt_shard_redoes_its_part_of_a_retained_round(tmp_path: Pat
         0, MemoryTracker(0, 1), lambda: make_policy("lru"), config, {}
     )
     store = initial()
-    warnings, redo = await recover_store(store, config, repair=True)
-    assert store.get(K0, trio.current_time()) == b"new"
     assert store.journal is not None
+    store.journal.mark(7, True)  # kept by the rebuild: its part was dropped with the journal
+    warnings = await recover_store(store, config, repair=True)
+    assert store.get(K0, trio.current_time()) == b"new"
     assert store.journal.last_txid == 7
+    # The redo waits in the journal, first: the next append logs it, and its
+    # mark keeps the intent until then.
+    assert store.durability is not None
+    assert store.durability.unsettled() == 7
     marks: dict[int, bool] = {}
     got: dict[bytes, bytes] = {}
-    replay(redo, got, {}, marks=marks)
+    replay(store.journal.take(), got, {}, marks=marks)
     assert got == {K0: b"new"}
     assert marks == {7: True}
     assert any("redid" in w for w in warnings)
+
+
+async def test_a_rebuilt_shard_does_not_redo_a_round_it_had_aborted(tmp_path: Path) -> None:
+    from kvmemo.eviction.memory import MemoryTracker
+    from kvmemo.eviction.policies import make_policy
+    from kvmemo.storage.durable_shard import PersistenceConfig, durable_state_factory, recover_store
+
+    crash_state(tmp_path, shard0=b"", shard1=b"", intents=encode_intent(7, ROUND_7))
+    config = PersistenceConfig(tmp_path)
+    tracker = MemoryTracker(0, 1)
+    initial, _, _ = durable_state_factory(0, tracker, lambda: make_policy("lru"), config, {})
+    store = initial()
+    assert store.journal is not None
+    store.journal.mark(7, False)  # its abort, journalled but not logged when it was rebuilt
+    await recover_store(store, config, repair=True)
+    assert store.get(K0, trio.current_time()) == b"old"
+
+
+def test_a_failed_append_puts_the_whole_batch_back_first(tmp_path: Path) -> None:
+    """A log that holds a round's mark must hold its part: the failed batch is retried whole."""
+    from kvmemo.persistence import AppendFsync
+    from kvmemo.storage.durability import ShardDurability
+
+    (tmp_path / "file").write_bytes(b"")
+    directory = tmp_path / "file" / "shard-0"  # under a file: cannot be created
+    dur = ShardDurability(
+        directory, AppendFsync.EVERYSEC, segment_bytes=1 << 20, snapshot_bytes=1 << 30
+    )
+    dur.journal.set(K0, b"part", None)
+    dur.journal.mark(7, True)
+    with pytest.raises(NotADirectoryError):
+        dur.append()
+    assert dur.unsettled() == 7
+    dur.journal.set(K1, b"later", None)
+    marks: dict[int, bool] = {}
+    got: dict[bytes, bytes] = {}
+    data = dur.journal.take()
+    replay(data, got, {}, marks=marks)
+    assert got == {K0: b"part", K1: b"later"}
+    assert marks == {7: True}
+    assert data.index(K0) < data.index(K1)
 
 
 async def test_a_round_aborted_by_a_hold_timeout_never_comes_back(

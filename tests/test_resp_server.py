@@ -22,6 +22,7 @@ import redis.asyncio
 import redis.exceptions
 import trio
 import trio.lowlevel
+from command_suite import SUITE, SuiteCase
 
 from kvmemo.api import Arg, Commands, encode_arg
 from kvmemo.config import StoreConfig
@@ -39,10 +40,6 @@ from kvmemo.server.resp import (
 )
 from kvmemo.server.resp_server import RespLimits, serve_resp
 from kvmemo.storage.shard import Inspect
-
-pytest.register_assert_rewrite("command_suite")
-
-from command_suite import SUITE, SuiteCase  # noqa: E402
 
 TIMEOUT = 30  # seconds per test; real sockets and real time
 DEFAULT_LIMITS = RespLimits()

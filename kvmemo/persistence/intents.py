@@ -56,7 +56,7 @@ the shards' appends are.
 
 from __future__ import annotations
 
-import mmap
+import contextlib
 import os
 from pathlib import Path
 
@@ -118,22 +118,21 @@ def read_intents(data_dir: Path) -> IntentScan:
         except FileNotFoundError:
             continue  # removed meanwhile by the engine: its rounds had settled
         with file:
-            if os.fstat(file.fileno()).st_size == 0:
+            # Read, not mapped: the engine may truncate a segment it is
+            # writing (a failed append), which a mapping would turn into SIGBUS.
+            scanner = Scanner(file.read())
+        for op, key, value, _ in scanner:
+            if op != Op.INTENT:
+                scan.warnings.append(f"{path}: a {Op(op).name} record skipped")
                 continue
-            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                scanner = Scanner(buf)
-                for op, key, value, _ in scanner:
-                    if op != Op.INTENT:
-                        scan.warnings.append(f"{path}: a {Op(op).name} record skipped")
-                        continue
-                    txid = txid_of(key)
-                    try:
-                        scan.intents[txid] = intent_sections(value)
-                    except ValueError as exc:
-                        scan.warnings.append(f"{path}: intent {txid} skipped: {exc}")
-                        continue
-                    scan.last_txid = max(scan.last_txid, txid)
-                problem = scanner.problem
+            txid = txid_of(key)
+            try:
+                scan.intents[txid] = intent_sections(value)
+            except ValueError as exc:
+                scan.warnings.append(f"{path}: intent {txid} skipped: {exc}")
+                continue
+            scan.last_txid = max(scan.last_txid, txid)
+        problem = scanner.problem
         if isinstance(problem, Torn):
             scan.warnings.append(
                 f"{path}: a torn intent at offset {problem.offset} (a crash during its write; "
@@ -299,9 +298,11 @@ class IntentLog:
                     break
                 through = n
             if through:
-                log.remove_through(through)
-                for n in [n for n in self._max if n <= through]:
-                    del self._max[n]
+                # Best effort: a segment that cannot go now goes at a later rotation.
+                with contextlib.suppress(OSError):
+                    log.remove_through(through)
+                    for n in [n for n in self._max if n <= through]:
+                        del self._max[n]
         self._current_bytes += log.append_encoded(encode_intent(txid, sections))
         self._max[log.current] = max(self._max.get(log.current, 0), txid)
         self.last_txid = max(self.last_txid, txid)

@@ -43,36 +43,71 @@ class Journal:
     which rounds it holds.
     """
 
-    __slots__ = ("last_committed", "last_txid", "marks", "offset", "records", "taken")
+    __slots__ = (
+        "carried",
+        "last_committed",
+        "last_txid",
+        "marks",
+        "offset",
+        "own",
+        "records",
+        "taken",
+        "taken_data",
+    )
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
         self.offset = 0.0
         self.last_txid = 0
         self.last_committed = True
-        # The marks among ``records`` (txid, record), and those of the last take.
-        self.marks: list[tuple[int, bytes]] = []
-        self.taken: list[tuple[int, bytes]] = []
+        # The round marks among ``records`` as (txid, committed, record), and
+        # those of the last take with its bytes (until it is written).
+        self.marks: list[tuple[int, bool, bytes]] = []
+        self.taken: list[tuple[int, bool, bytes]] = []
+        self.taken_data = b""
+        # Bytes at the front of ``records`` carried over from a failed take,
+        # and whether the last take held records of its own batch besides.
+        self.carried = 0
+        self.own = False
 
     def mark(self, txid: int, committed: bool) -> None:
         """Journal that this shard committed (or aborted) multi-shard round ``txid``."""
         record = encode_txn(txid, committed)
         self.records.append(record)
-        self.marks.append((txid, record))
+        self.marks.append((txid, committed, record))
         self.last_txid = txid
         self.last_committed = committed
 
-    def requeue_taken(self) -> None:
-        """The last take was not written: its marks go first in the next one.
+    def written(self) -> list[tuple[int, bool, bytes]]:
+        """The last take is in the log: forget its bytes; its marks, for the caller."""
+        taken, self.taken, self.taken_data = self.taken, [], b""
+        return taken
 
-        Only the marks: the batch's effects failed with ``IO`` (``applied``
-        null), but a round must never look unresolved in a log that goes on
-        with later writes (recovery would redo it after them).
+    def requeue_taken(self, limit: int) -> None:
+        """The last take was not written: if it held a round's mark, it goes first in the next.
+
+        Memory holds its effects (their replies failed with ``IO``,
+        ``applied`` null), so the log gets them later rather than never: a
+        round's part must not go missing from a log that holds its mark, nor
+        a round be left unresolved before later writes (recovery would redo
+        it after them). Past ``limit`` bytes waiting (a disk failing for
+        long), only the marks are kept, not the effects. A batch without a
+        round is dropped (as before rounds had marks: its replies said
+        ``IO``). The carried bytes are not the next batch's own: a read-only
+        batch does not fail for them (see ``own``).
         """
-        if self.taken:
-            self.records[:0] = [record for _, record in self.taken]
-            self.marks[:0] = self.taken
-            self.taken = []
+        if not self.taken:
+            self.taken_data = b""  # no round in it: dropped, as any failed batch
+            return
+        waiting = sum(map(len, self.records))
+        if waiting + len(self.taken_data) <= limit:
+            carry = [self.taken_data]
+        else:
+            carry = [record for _, _, record in self.taken]
+        self.records[:0] = carry
+        self.carried = sum(map(len, carry))
+        self.marks[:0] = self.taken
+        self.taken, self.taken_data = [], b""
 
     def head(self) -> bytes:
         """The mark of the newest round resolved, to open a new segment with (b"" if none)."""
@@ -97,14 +132,23 @@ class Journal:
         self.records.append(encode_fields(Op.FLUSH, b""))
 
     def take(self) -> bytes:
-        """Everything journalled since the last take, as one buffer (its marks: ``taken``)."""
+        """Everything journalled since the last take, as one buffer.
+
+        Until :meth:`written` or :meth:`requeue_taken`, the buffer and its
+        marks stay in ``taken_data`` and ``taken``.
+        """
         data = b"".join(self.records)
         self.records.clear()
         self.taken, self.marks = self.marks, []
+        self.taken_data = data
+        self.own = len(data) > self.carried
+        self.carried = 0
         return data
 
     def pending_txid(self) -> int:
-        """The oldest round marked here and not taken yet (0: none)."""
+        """The oldest round marked here and not yet written (0: none)."""
+        if self.taken:
+            return self.taken[0][0]
         return self.marks[0][0] if self.marks else 0
 
 
@@ -183,8 +227,9 @@ class ShardDurability:
 
         Opens the log first if it is not open (it could not be at start: a
         read-only directory), so that writes resume once the directory is
-        usable again. The journal is emptied either way: the records of a
-        failed batch are not retried (their replies fail with ``IO``).
+        usable again. The records of a failed batch (their replies fail with
+        ``IO``, ``applied`` null) go back first in the journal, so the log
+        gets what the memory holds once it can (see :meth:`Journal.requeue_taken`).
 
         Raises:
             OSError: the write failed, or the log could not be opened (disk
@@ -198,12 +243,12 @@ class ShardDurability:
             assert self.log is not None
             self.log.append_encoded(data)
         except BaseException:
-            self.journal.requeue_taken()
+            self.requeue()
             raise
         self.appended(len(data))
         return len(data)
 
-    def appended(self, size: int) -> None:
+    def appended(self, size: int, *, journal: bool = True) -> None:
         """Count a batch of ``size`` bytes appended to the log (here or by a :class:`LogBatch`).
 
         The batch is the journal's last take: its round marks are now written
@@ -213,13 +258,19 @@ class ShardDurability:
         self.dirty = True
         self.appends += 1
         self.unsaved += size
-        taken, self.journal.taken = self.journal.taken, []
-        if taken and self.fsync is AppendFsync.ALWAYS:
-            self.unsynced_marks += [(txid, self.appends) for txid, _ in taken]
         if self.fsync is AppendFsync.NO and self.health is Health.FAILING:
             # Nothing ever syncs with ``no``: a successful append is the recovery.
             self.health = Health.OK
             self.error = None
+        if not journal:
+            return  # bytes of the shard's own (a head mark), not the journal's take
+        taken = self.journal.written()
+        if taken and self.fsync is AppendFsync.ALWAYS:
+            self.unsynced_marks += [(txid, self.appends) for txid, _, _ in taken]
+
+    def requeue(self) -> None:
+        """The journal's last take was not appended: it goes first in the next append."""
+        self.journal.requeue_taken(self.segment_bytes)
 
     def synced(self, appends: int, started: float) -> None:
         """A sync succeeded that began at Unix time ``started``, after ``appends`` appends.

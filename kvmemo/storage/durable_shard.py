@@ -118,19 +118,19 @@ def _to_monotonic(expires_ms: dict[bytes, int]) -> dict[bytes, float]:
     return {k: ms / 1000 - offset for k, ms in expires_ms.items()}
 
 
-async def recover_store(
-    store: ShardStore, config: PersistenceConfig, *, repair: bool
-) -> tuple[list[str], bytes]:
+async def recover_store(store: ShardStore, config: PersistenceConfig, *, repair: bool) -> list[str]:
     """Reload ``store`` from its shard directory (in a worker thread), at runtime.
 
     The rebuild of a shard whose memory could not be trusted: its journal
     lost what it had not appended yet, possibly its part of a multi-shard
     round the other shards hold. So the parts of retained intents its log
-    lacks are redone (as at start, :mod:`kvmemo.persistence.intents`).
+    lacks are redone (as at start, :mod:`kvmemo.persistence.intents`): into
+    the store, and into its journal, so that its next append logs them
+    first; meanwhile their marks keep the intents. The aborts the journal
+    had marked but not logged count as the log's: such a round is not redone.
 
     Returns:
-        The warnings, and the redone records (with their marks), which the
-        caller logs first in the shard's new segment.
+        The warnings.
 
     Raises:
         CorruptLog, CorruptSnapshot: damage recovery may not skip (without repair).
@@ -138,23 +138,32 @@ async def recover_store(
     """
     shard = store.shard_id
     now_ms = int(time.time() * 1000)
+    journal = store.journal
+    assert journal is not None
+    aborted = {txid: False for txid, committed, _ in journal.marks if not committed}
 
-    def work() -> tuple[Recovered, bytes, list[str]]:
+    def work() -> tuple[Recovered, list[tuple[int, bytes]], list[str]]:
         recovered = recover(config.shard_dir(shard), now_ms=now_ms, repair=repair)
         warnings = list(recovered.warnings)
         scan = read_intents(config.directory)
-        rounds = plan_redo(scan, {shard: ShardMarks(recovered.marks, recovered.last_txid)})
-        redo = redo_records(rounds.get(shard, []))
-        if redo:
-            replay(redo, recovered.data, recovered.expires, marks=recovered.marks)
+        marks = ShardMarks({**recovered.marks, **aborted}, recovered.last_txid)
+        rounds = plan_redo(scan, {shard: marks}).get(shard, [])
+        if rounds:
+            replay(redo_records(rounds), recovered.data, recovered.expires)
             _drop_expired(recovered, now_ms)
-            warnings.append(f"redid its part of {len(rounds[shard])} multi-shard write(s)")
-        return recovered, redo, warnings
+            txids = ", ".join(str(t) for t, _ in rounds)
+            warnings.append(f"redid its part of multi-shard write(s) {txids}")
+        return recovered, rounds, warnings
 
-    recovered, redo, warnings = await trio.to_thread.run_sync(work)
+    recovered, rounds, warnings = await trio.to_thread.run_sync(work)
     store.load(recovered.data, _to_monotonic(recovered.expires))
     _take_marks(store, recovered.marks)
-    return warnings, redo
+    journal.records.clear()
+    journal.marks.clear()  # of records the rebuild dropped: resolved above from the log
+    for txid, records in rounds:
+        journal.records.append(records)
+        journal.mark(txid, True)
+    return warnings
 
 
 def _drop_expired(recovered: Recovered, now_ms: int) -> None:
@@ -228,15 +237,15 @@ class DurableShardActor(ShardActor):
     async def on_start(self) -> None:
         store = self.store
         dur = self.dur
-        redo = b""
         if store.needs_recovery:
             # Our memory could not be trusted: reload this shard from disk
-            # (in a thread: the other shards keep serving).
+            # (in a thread: the other shards keep serving). What the old log
+            # holds is made durable first: its unsynced marks count on it.
             if dur.log is not None:
+                await self._sync()
                 dur.log.close()
                 dur.log = None
-            _, redo = await recover_store(store, self.config, repair=True)
-            dur.journal.marks.clear()  # of records the rebuild dropped; redone above
+            await recover_store(store, self.config, repair=True)
             store.needs_recovery = False
         dur.journal.offset = _wall_offset()
         opened = dur.log is None
@@ -246,21 +255,16 @@ class DurableShardActor(ShardActor):
             # A read-only or full directory: serve reads anyway; every write
             # fails with IO (commit retries the open) until the log can open.
             dur.failed(exc)
-            if redo:
-                dur.journal.records.insert(0, redo)  # logged by the first append
             return
-        # A new segment opens with what the rebuild redid and the newest
-        # round mark (a repair may have compacted the marks away).
-        head = redo + dur.journal.head() if opened else redo
+        # A new segment opens with the newest round mark (a repair may have
+        # compacted the marks away); a rebuild's redo follows, from the journal.
+        head = dur.journal.head() if opened else b""
         if head:
             assert dur.log is not None
             try:
-                dur.appended(dur.log.append_encoded(head))
+                dur.appended(dur.log.append_encoded(head), journal=False)
             except OSError as exc:
                 dur.failed(exc)
-                return
-            if redo and dur.fsync is AppendFsync.ALWAYS:
-                await self._sync()
 
     def handle_nowait(self, message: Any) -> Any:
         """:meth:`handle` without a coroutine, for every message that needs no await."""
@@ -305,14 +309,18 @@ class DurableShardActor(ShardActor):
                 # rotation, without a sync: they are not durable yet.
                 error = await self._sync()
             self._saved_unsynced = False
-            if error is not None:
+            if error is not None and dur.journal.own:
                 return error
         else:
             try:
                 written = dur.append()
             except OSError as exc:
                 dur.failed(exc)
-                return self._io_error(exc)
+                if dur.journal.own:
+                    return self._io_error(exc)
+                # Only an earlier batch's carried records failed again: this
+                # batch wrote nothing (reads keep working on a full disk).
+                written = 0
         if dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
         self._gather = written > 0 and dur.fsync is AppendFsync.ALWAYS
@@ -339,7 +347,7 @@ class DurableShardActor(ShardActor):
         try:
             dur.open()
         except OSError as exc:
-            dur.journal.requeue_taken()
+            dur.requeue()
             dur.failed(exc)
             return len(data), self._io_error(exc)
         assert dur.log is not None
@@ -367,7 +375,7 @@ class DurableShardActor(ShardActor):
                 if batch.appended:
                     dur.appended(len(data))
                 else:
-                    dur.journal.requeue_taken()
+                    dur.requeue()
                 dur.failed(error)
                 return len(data), self._io_error(error)
             dur.appended(len(data))
@@ -393,13 +401,14 @@ class DurableShardActor(ShardActor):
                 if batch.synced:
                     dur.synced(dur.appends, started)
             else:
-                dur.journal.requeue_taken()
+                dur.requeue()
             if batch.error is not None:
                 dur.failed(batch.error)
         except OSError as exc:  # take_back's append failed
+            dur.requeue()
             dur.failed(exc)
         except ValueError:  # the log was closed (a rebuild reopens it)
-            pass
+            dur.requeue()
 
     async def _sync(self) -> PersistenceIOError | None:
         """Make every append so far durable, in the store's next sync round.
@@ -460,7 +469,7 @@ class DurableShardActor(ShardActor):
             # snapshot will cover the segment that held it.
             head = dur.journal.head()
             if head:
-                dur.appended(dur.log.append_encoded(head))
+                dur.appended(dur.log.append_encoded(head), journal=False)
         except OSError as exc:
             dur.failed(exc)
             ticket.error = self._io_error(exc)

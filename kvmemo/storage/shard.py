@@ -317,9 +317,10 @@ class ShardActor(Actor):
 
         The shard keeps holding (nothing else runs on it, so nobody reads
         the part before its intent is durable, and no later write gets
-        journalled before it), shielded, at most ``hold_timeout``; past it,
-        the part is journalled without waiting any longer (memory and log
-        must agree; only the crash-atomicity of this round is lost).
+        journalled before it), shielded and without a deadline of its own:
+        the engine sets ``logged`` whatever happens once it decided commit
+        (its own wait is bounded, and shielded), and a part journalled
+        before its intent is durable could be left alone by a crash.
         """
         barrier = message.barrier
         assert barrier.logged is not None
@@ -328,7 +329,7 @@ class ShardActor(Actor):
         records = journal.records[before:]
         del journal.records[before:]
         barrier.hand(message.index, b"".join(records))
-        with trio.CancelScope(shield=True, relative_deadline=self.hold_timeout):
+        with trio.CancelScope(shield=True):
             await barrier.logged.wait()
         journal.records.extend(records)
         if barrier.txid:
