@@ -4,41 +4,26 @@ outcome, ask deadlines that leave nothing behind, group-commit replies delivered
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import pytest
 import trio
 import trio.testing
+from test_actors_messaging import Echo, Fail, Hold
 
 from actors import (
     Actor,
     ActorContext,
+    ActorRef,
+    ActorSystem,
     AskTimeout,
     ChildSpec,
     ReplySlot,
     Supervisor,
     open_actor_system,
 )
-
-
-@attrs.frozen
-class Echo:
-    value: Any
-
-
-@attrs.frozen
-class Fail:
-    error: Exception
-
-
-@attrs.frozen
-class Hold:
-    """Block the handler until ``release`` is set, then reply ``value``."""
-
-    release: trio.Event
-    value: Any = None
 
 
 class Worker(Actor):
@@ -75,12 +60,18 @@ def one(factory: Callable[[ActorContext], Actor]) -> Supervisor:
     return Supervisor("root", [ChildSpec("w", factory)])
 
 
+@asynccontextmanager
+async def worker(handled: list[Any]) -> AsyncIterator[tuple[ActorSystem, ActorRef]]:
+    """A system running one :class:`Worker` ``w``, recording into ``handled``."""
+    async with open_actor_system(one(lambda ctx: Worker(handled))) as system:
+        yield system, system.ref("w")
+
+
 async def test_an_exception_object_returned_as_a_reply_is_returned_not_raised(
     autojump_clock: Any,
 ) -> None:
     handled: list[Any] = []
-    async with open_actor_system(one(lambda ctx: Worker(handled))) as system:
-        w = system.ref("w")
+    async with worker(handled) as (system, w):
         error = KeyError("a value, not an error")
         assert await w.ask(Echo(error)) is error
         assert await w.ask(Echo(error), timeout=1.0) is error
@@ -96,8 +87,7 @@ async def test_a_cancelled_ask_with_a_timeout_unregisters_its_deadline_and_drops
     autojump_clock: Any,
 ) -> None:
     handled: list[Any] = []
-    async with open_actor_system(one(lambda ctx: Worker(handled))) as system:
-        w = system.ref("w")
+    async with worker(handled) as (system, w):
         release = trio.Event()
         with trio.move_on_after(1.0) as scope:
             await w.ask(Hold(release, "abandoned"), timeout=10.0)
@@ -114,8 +104,7 @@ async def test_asks_with_a_new_timeout_each_leave_no_deadline_structure_behind(
     autojump_clock: Any,
 ) -> None:
     handled: list[Any] = []
-    async with open_actor_system(one(lambda ctx: Worker(handled))) as system:
-        w = system.ref("w")
+    async with worker(handled) as (system, w):
         for i in range(50):
             assert await w.ask(Echo(i), timeout=1.0 + i / 100) == i
         release = trio.Event()
@@ -132,8 +121,7 @@ async def test_a_parked_asker_gets_ask_timeout_and_a_later_reply_is_ignored(
     autojump_clock: Any,
 ) -> None:
     handled: list[Any] = []
-    async with open_actor_system(one(lambda ctx: Worker(handled))) as system:
-        w = system.ref("w")
+    async with worker(handled) as (system, w):
         release = trio.Event()
         asked_at = trio.current_time()
         with pytest.raises(AskTimeout):

@@ -74,7 +74,7 @@ from .records import (
     txid_of,
 )
 from .snapshot import list_snapshots
-from .wal import SegmentedLog, fsync_directory, list_segments, segment_name
+from .wal import SegmentedLog, fsync_directory, list_segments, segment_name, write_all
 
 INTENT_DIR = "intents"  # under the data directory, beside shard-N/
 ROTATE_BYTES = 1 << 20  # an intent segment past this size is replaced by a new one
@@ -212,9 +212,7 @@ def write_redo(
     path = shard_dir / segment_name(max(numbers, default=0) + 1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(buffer)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, buffer)
         os.fsync(fd)
     finally:
         os.close(fd)
