@@ -168,7 +168,12 @@ async def test_a_shard_missing_its_part_gets_it_back_and_keeps_it(tmp_path: Path
         shard1=b"",  # the crash came before shard 1 appended its part
         intents=encode_intent(7, ROUND_7),
     )
-    assert await values(tmp_path) == (b"new", b"new")
+    async with kvmemo.open_store(shards=SHARDS, data_dir=str(tmp_path)) as kv:
+        assert (await kv.get(K0), await kv.get(K1)) == (b"new", b"new")
+        info = (await kv.info("persistence"))["persistence"]
+        assert info["intents_redone_at_start"] == 1  # shard 1's part of round 7
+        assert info["last_txid"] == 7
+        assert info["intent_log_bytes"] > 0  # the record of the txid reached
     # The redo was logged by shard 1 and the intent log restarted: a second
     # start (even one that loses the intent log) finds the same state.
     assert await values(tmp_path) == (b"new", b"new")

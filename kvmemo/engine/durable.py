@@ -91,9 +91,16 @@ async def save(
 
 
 async def info(
-    shards: list[ActorRef], persistence: PersistenceConfig | None, timeout: float
+    shards: list[ActorRef],
+    persistence: PersistenceConfig | None,
+    timeout: float,
+    intents: IntentLog | None = None,
 ) -> dict[str, Any]:
-    """The ``persistence`` section of ``info``."""
+    """The ``persistence`` section of ``info``.
+
+    ``intents``: the engine's intent log, for its figures (its size, the
+    newest txid, and the shard parts recovery redid at start).
+    """
     if persistence is None:
         return {"enabled": False}
     per_shard = []
@@ -129,5 +136,8 @@ async def info(
             ),
             default=None,
         ),
+        "intent_log_bytes": intents.size() if intents is not None else 0,
+        "last_txid": intents.last_txid if intents is not None else 0,
+        "intents_redone_at_start": intents.redone if intents is not None else 0,
         "shards": per_shard,
     }

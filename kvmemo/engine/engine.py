@@ -1523,7 +1523,7 @@ class KVEngine:
             },
             "actors": self.actors(),
             "persistence": await durable.info(
-                self._shards, self.persistence, self.config.request_timeout
+                self._shards, self.persistence, self.config.request_timeout, self._intents
             ),
         }
         if section is None or section in ("all", "everything", "default"):

@@ -244,6 +244,7 @@ class IntentLog:
         self._older = 0  # newest txid of the segments recovery kept (0: none kept)
         self._current_bytes = 0  # written to the current segment
         self.last_txid = 0  # of the last intent appended, or the floor recovery set
+        self.redone = 0  # shard parts recovery redid at start (for ``info persistence``)
 
     def _open(self) -> SegmentedLog:
         if self._log is None:
@@ -304,6 +305,10 @@ class IntentLog:
         self._current_bytes += log.append_encoded(encode_intent(txid, sections))
         self._max[log.current] = max(self._max.get(log.current, 0), txid)
         self.last_txid = max(self.last_txid, txid)
+
+    def size(self) -> int:
+        """Bytes of the intent segments on disk (0 while the log is not open)."""
+        return 0 if self._log is None else self._log.size()
 
     def sync(self) -> None:
         """Make every intent written so far durable (``os.fsync``; blocking).

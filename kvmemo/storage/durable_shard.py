@@ -678,7 +678,8 @@ def _redo_intents(
     scan = read_intents(config.directory)
     warnings += [f"intents: {w}" for w in scan.warnings]
     marks = {s: ShardMarks(r.marks, r.last_txid) for s, r in recovered.items()}
-    for shard, rounds in plan_redo(scan, marks).items():
+    plan = plan_redo(scan, marks)
+    for shard, rounds in plan.items():
         got = recovered[shard]
         txids = ", ".join(str(t) for t, _ in rounds)
         try:
@@ -702,6 +703,7 @@ def _redo_intents(
     floor = max([scan.last_txid, *(r.last_txid for r in recovered.values())])
     log = IntentLog(config.directory)
     log.last_txid = floor
+    log.redone = sum(len(rounds) for rounds in plan.values())
     try:
         if unlogged:
             log.keep_older(scan.last_txid)
