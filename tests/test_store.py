@@ -576,3 +576,27 @@ def test_victims_chosen_under_an_earlier_policy_go_only_if_the_current_one_allow
     assert store.evict(victims) == (1, store.entry_size(b"volatile", b"v", has_ttl=True))
     assert set(store.data) == {b"plain"}
     assert_consistent(store)
+
+
+@DETERMINISTIC
+@given(
+    before=st.lists(st.tuples(_KEYS, _VALUES, st.sampled_from([None, 1.0, 100.0])), max_size=8),
+    writes=st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=8),
+)
+def test_the_plain_set_op_is_set_without_options(
+    before: list[tuple[bytes, bytes, float | None]], writes: list[tuple[bytes, bytes]]
+) -> None:
+    """ops.PlainSet (SET with no option) answers and writes as ops.Set with none."""
+    from kvmemo.commands import ops
+    from kvmemo.commands.args import NO_EXPIRY
+
+    fast, slow = make_store(), make_store()
+    for store in (fast, slow):
+        for key, value, expires_at in before:
+            store.put(key, value, 0.0, expires_at=expires_at)
+    for key, value in writes:
+        plain = ops.PlainSet(key, value).apply(fast, 2.0)
+        full = ops.Set(key, value, NO_EXPIRY, nx=False, xx=False, get=False).apply(slow, 2.0)
+        assert plain == full == "OK"
+    assert (fast.data, fast.expires, fast.used) == (slow.data, slow.expires, slow.used)
+    assert_consistent(fast)

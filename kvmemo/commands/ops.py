@@ -137,6 +137,26 @@ class Get(ShardOp):
         return store.get(self.key, now)
 
 
+class PlainSet(ShardOp):
+    """SET without options (the commonest write): no condition, no expiry, "OK".
+
+    The same effect as ``Set(key, value, NO_EXPIRY, nx=False, xx=False,
+    get=False)`` without its option fields and branches (a test holds them
+    equal).
+    """
+
+    __slots__ = ("value",)
+    write = True
+
+    def __init__(self, key: bytes, value: bytes) -> None:
+        self.key = key
+        self.value = value
+
+    def apply(self, store: ShardStore, now: float) -> str:
+        store.put_plain(self.key, self.value, now)
+        return OK
+
+
 class Set(ShardOp):
     __slots__ = ("expiry", "get", "nx", "value", "xx")
     write = True

@@ -276,9 +276,9 @@ def _parse_set_options(
 
 
 @command("set", -3, "write", KEY1, "set a value, with expiry and conditions")
-def _set(args: Sequence[bytes], ctx: ParseContext) -> ops.Set:
+def _set(args: Sequence[bytes], ctx: ParseContext) -> ops.Set | ops.PlainSet:
     if len(args) == 2:  # no option: the common case
-        return ops.Set(args[0], args[1], NO_EXPIRY, nx=False, xx=False, get=False)
+        return ops.PlainSet(args[0], args[1])
     expiry, nx, xx, get = _parse_set_options(args[2:], ctx, "set")
     return ops.Set(args[0], args[1], expiry, nx=nx, xx=xx, get=get)
 

@@ -51,7 +51,7 @@ from actors import (
 
 from .._version import __version__
 from ..commands import ops
-from ..commands.args import NO_EXPIRY, Clock
+from ..commands.args import Clock
 from ..commands.table import COMMANDS, Command, ParseContext, ServerCall, parse
 from ..config import StoreConfig
 from ..errors import (
@@ -469,8 +469,7 @@ class KVEngine:
             limit = self._small_size_limit
             if len(key) > limit or len(value) > limit:
                 self._check_sizes(_SET, (key, value))
-            op = ops.Set(key, value, NO_EXPIRY, nx=False, xx=False, get=False)
-            result = await self._run_single(op)
+            result = await self._run_single(ops.PlainSet(key, value))
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
             raise
