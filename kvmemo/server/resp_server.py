@@ -21,7 +21,9 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   codec's fast path) and runs them in order. Consecutive data commands run
   as one ``engine.execute_many`` call (``engine.execute`` for a lone one,
   which costs less than a batch of one), which groups them per shard and
-  keeps per-key order; a connection command
+  keeps per-key order; the pipelines of the connections served in one
+  scheduler pass run as one such call (:mod:`kvmemo.server.coalesce`:
+  shard messages of several commands instead of one or two); a connection command
   (``HELLO``, ``AUTH``, ``CLIENT``, ``CONFIG``, ``INFO``, ...) first finishes
   the commands before it, then runs by itself, so connection state and
   replies stay in sending order. ``PING`` and early errors (unknown command,
@@ -95,6 +97,7 @@ from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
 from ..eviction.policies import POLICY_NAMES
+from .coalesce import Coalescer
 from .config import RespLimits as RespLimits
 from .resp import (
     NULL_ARRAY,
@@ -149,6 +152,13 @@ HELLO_NOAUTH: Final = ErrorReply(
 # an arity rule. Bounded: a client could send every spelling of every name.
 DATA_NAMES_MAX: Final = 4096  # spellings remembered, process-wide
 _DATA_NAMES: dict[bytes, tuple[str, int, int]] = {}
+# Commands on one key (GET, SET, INCR, ...): their batches, and lone ones, run
+# in the coalescer's shared rounds (shard messages of many commands). Batches
+# with multi-key commands run by themselves: MSETs of several connections,
+# each in its own task, are grouped by the engine into one round.
+_COALESCED: Final = frozenset(
+    name for name, spec in COMMANDS.items() if spec.first_key == spec.last_key == 1
+)
 _NO_MOST: Final = 1 << 62  # "any number of arguments", beyond every max_args
 
 _UNAUTH_MBULK: Final = "ERR Protocol error: unauthenticated multibulk length"
@@ -183,6 +193,8 @@ class _Server:
     rejected_connections: int = 0
     started_at: float = attrs.Factory(time.time)
     run_id: str = attrs.Factory(lambda: secrets.token_hex(20))
+    # The connections' pipelines of one scheduler pass run as one engine call.
+    coalescer: Coalescer = attrs.Factory(lambda self: Coalescer(self.engine), takes_self=True)
 
     @property
     def auth_required(self) -> bool:
@@ -635,10 +647,15 @@ class _Connection:
                 server = self.server
                 server.total_commands += 1
                 self.last_cmd = name
-                try:
-                    result = await server.engine.execute(name, argv[1:])
-                except KVMemoError as exc:
-                    result = redis_error(exc)
+                if name in _COALESCED:
+                    (result,) = await server.coalescer.execute_many([(name, argv[1:])])
+                    if isinstance(result, KVMemoError):
+                        result = redis_error(result)
+                else:
+                    try:
+                        result = await server.engine.execute(name, argv[1:])
+                    except KVMemoError as exc:
+                        result = redis_error(exc)
                 reply = encode_reply(result, protocol=self.protocol)
                 size = len(reply)
                 if (
@@ -787,6 +804,8 @@ class _Connection:
                 except KVMemoError as exc:
                     result = exc
                 results: list[Any] = [result]
+            elif all(name in _COALESCED for name, _ in calls):
+                results = await self.server.coalescer.execute_many(calls)
             else:
                 results = await engine.execute_many(calls)
             replies = encode_replies(results, protocol=self.protocol, convert=_to_reply)

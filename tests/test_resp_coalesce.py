@@ -1,0 +1,114 @@
+"""The coalescer: several connections' pipelines of one scheduler pass, as one engine call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+import kvmemo
+from kvmemo.server.coalesce import Coalescer
+
+
+@pytest.fixture
+async def kv() -> AsyncIterator[kvmemo.Store]:
+    async with kvmemo.open_store(shards=4) as store:
+        yield store
+
+
+async def test_batches_of_one_pass_run_as_one_round_each_with_its_own_results(
+    kv: kvmemo.Store,
+) -> None:
+    coalescer = Coalescer(kv.engine)
+    out: dict[int, list[object]] = {}
+
+    async def connection(n: int) -> None:
+        calls = [("set", [b"k%d" % n, b"v%d" % n]), ("get", [b"k%d" % n]), ("incr", [b"k%d" % n])]
+        out[n] = await coalescer.execute_many(calls)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(10):
+            nursery.start_soon(connection, n)
+    assert coalescer.rounds == 1
+    for n in range(10):
+        ok, value, error = out[n]
+        assert (ok, value) == ("OK", b"v%d" % n)
+        assert isinstance(error, kvmemo.KVMemoError)
+        assert error.kind == "NOT_INTEGER"
+
+
+async def test_a_round_is_bounded_and_the_rest_runs_in_the_next(kv: kvmemo.Store) -> None:
+    coalescer = Coalescer(kv.engine, max_round_calls=5)
+    out: dict[int, list[object]] = {}
+
+    async def connection(n: int) -> None:
+        out[n] = await coalescer.execute_many([("set", [b"k%d" % n, b"%d" % i]) for i in range(3)])
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(connection, n)
+    assert coalescer.rounds == 4  # 3 + 3 > 5: one batch per round
+    assert all(results == ["OK"] * 3 for results in out.values())
+    assert await kv.mget(*(b"k%d" % n for n in range(4))) == [b"2"] * 4
+
+
+class HeldEngine:
+    """An engine stand-in whose rounds wait for ``release``; it records each round."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.rounds: list[list[tuple[str, object]]] = []
+
+    async def execute_many(self, calls: list[tuple[str, object]]) -> list[object]:
+        self.rounds.append(list(calls))
+        await self.release.wait()
+        return [f"{name} done" for name, _ in calls]
+
+
+async def test_a_batch_cancelled_before_its_round_runs_nothing() -> None:
+    engine = HeldEngine()
+    coalescer = Coalescer(engine)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.execute_many, [("first", ())])
+        await trio.testing.wait_all_tasks_blocked()  # its round runs, held
+        with trio.CancelScope() as scope:
+            scope.cancel()  # the second batch is waiting for the next round
+            await coalescer.execute_many([("second", ())])
+        engine.release.set()
+    assert engine.rounds == [[("first", ())]]  # the cancelled batch never ran
+    assert coalescer._waiting == []
+    assert not coalescer._leading
+
+
+async def test_a_leader_cancelled_mid_round_still_answers_the_others() -> None:
+    engine = HeldEngine()
+    coalescer = Coalescer(engine)  # type: ignore[arg-type]
+    answers: dict[str, list[object]] = {}
+    scopes = {"x": trio.CancelScope(), "y": trio.CancelScope()}
+
+    async def connection(name: str) -> None:
+        with scopes[name]:
+            answers[name] = await coalescer.execute_many([(name, ())])  # finished, shielded
+            await trio.lowlevel.checkpoint()  # where a cancellation is delivered
+            answers[name].append("not cancelled")
+
+    with trio.fail_after(5):
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection, "x")
+                nursery.start_soon(connection, "y")
+                await trio.testing.wait_all_tasks_blocked()
+                (round_,) = engine.rounds  # one round, both batches (either may lead)
+                assert sorted(name for name, _ in round_) == ["x", "y"]
+                leader, follower = round_[0][0], round_[1][0]
+                scopes[leader].cancel()  # the round is shielded: it goes on
+                await trio.testing.wait_all_tasks_blocked()
+                engine.release.set()
+        finally:
+            engine.release.set()  # never leave the shielded round held
+    assert answers[leader] == [f"{leader} done"]  # answered, then cancelled
+    assert answers[follower] == [f"{follower} done", "not cancelled"]
+    assert coalescer._waiting == []
+    assert not coalescer._leading
