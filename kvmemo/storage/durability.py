@@ -78,6 +78,16 @@ class Journal:
         self.last_txid = txid
         self.last_committed = committed
 
+    def redo(self, rounds: list[tuple[int, bytes]]) -> None:
+        """Journal rounds recovery redid (records, then a committed mark each).
+
+        For a redo not yet in the log: the next append logs it first, and
+        meanwhile its marks keep the engine's intents.
+        """
+        for txid, records in rounds:
+            self.records.append(records)
+            self.mark(txid, True)
+
     def written(self) -> list[tuple[int, bool, bytes]]:
         """The last take is in the log: forget its bytes; its marks, for the caller."""
         taken, self.taken, self.taken_data = self.taken, [], b""

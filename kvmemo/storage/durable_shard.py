@@ -160,9 +160,7 @@ async def recover_store(store: ShardStore, config: PersistenceConfig, *, repair:
     _take_marks(store, recovered.marks)
     journal.records.clear()
     journal.marks.clear()  # of records the rebuild dropped: resolved above from the log
-    for txid, records in rounds:
-        journal.records.append(records)
-        journal.mark(txid, True)
+    journal.redo(rounds)
     return warnings
 
 
@@ -651,10 +649,7 @@ async def prepare_stores(
         store.load(recovered[shard].data, _to_monotonic(recovered[shard].expires))
         _take_marks(store, recovered[shard].marks)
         assert store.journal is not None
-        for txid, records in unlogged.get(shard, []):
-            # The redo could not be logged at start: its first append logs it.
-            store.journal.records.append(records)
-            store.journal.mark(txid, True)
+        store.journal.redo(unlogged.get(shard, []))  # a redo not logged at start
         stores[shard] = store
     return stores, warnings, intents
 
