@@ -289,6 +289,10 @@ async def test_a_failed_sync_of_one_shard_fails_only_that_shards_batch(
             info = (await kv.info("persistence"))["persistence"]
             assert info["failing_shards"] == ["shard-1"]
             await kv.set(keys[1], b"again")  # the next batch goes to a new segment
+            # Still failing: the failed sync's bytes are in doubt until a
+            # snapshot re-saves them (see test_persistence_resave).
+            assert (await kv.info("persistence"))["persistence"]["health"] == "failing"
+            assert await kv.execute("save") == "OK"
             assert (await kv.info("persistence"))["persistence"]["health"] == "ok"
         async with kvmemo.open_store(shards=4, data_dir=data_dir) as kv:
             assert await kv.mget(*keys) == [b"v", b"again", b"v", b"v"]

@@ -30,6 +30,9 @@ from pathlib import Path
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
 from ..persistence.records import encode_txn
 
+# Appended to the error of a shard that owes a re-save (see ShardDurability).
+RESAVE_NOTE = "; a sync failed: a snapshot will re-save what the log held"
+
 
 class Journal:
     """Encoded effects of writes not yet handed to the log.
@@ -166,7 +169,7 @@ class Health(enum.Enum):
     """Whether the shard's writes are being made durable."""
 
     OK = "ok"
-    FAILING = "failing"  # the last append or sync failed; writes are refused until one succeeds
+    FAILING = "failing"  # the last append or sync failed, or a failed sync awaits its re-save
 
 
 class ShardDurability:
@@ -182,6 +185,18 @@ class ShardDurability:
     ``unsaved`` is the bytes appended since the last snapshot's rotation (the
     log's size when opened, at first); ``error`` holds the last failure
     while ``health`` is FAILING.
+
+    A failed sync (:meth:`sync_failed`) leaves the log's unsynced bytes in
+    doubt: after an ``fsync`` error Linux may drop the dirty pages and report
+    success to the next ``fsync``, so a later successful sync proves nothing
+    about them. Such a shard owes a *re-save*: a snapshot taken after the
+    failure, which holds what the memory holds and makes the doubtful
+    segments unnecessary. ``sync_failures`` counts the failed syncs and
+    ``resaved_failures`` how many of them a written snapshot has covered;
+    while a re-save is owed (:attr:`resave_pending`) the health stays
+    FAILING, and the round marks that were waiting for the failed sync
+    (``suspect_marks``: txid and failure number) stay unsettled, so the
+    engine keeps their intents.
     """
 
     def __init__(
@@ -208,6 +223,14 @@ class ShardDurability:
         self.last_snapshot_pause_ms: float | None = None
         self.saving = False
         self.unsynced_marks: list[tuple[int, int]] = []
+        self.sync_failures = 0
+        self.resaved_failures = 0
+        self.suspect_marks: list[tuple[int, int]] = []
+
+    @property
+    def resave_pending(self) -> bool:
+        """Whether a sync failed since the start of the last snapshot written."""
+        return self.sync_failures > self.resaved_failures
 
     def unsettled(self) -> int:
         """The oldest round whose mark is not yet durable here (0: none).
@@ -216,6 +239,7 @@ class ShardDurability:
         maintains) to know which intents it may drop.
         """
         pending = [t for t, _ in self.unsynced_marks]
+        pending += [t for t, _ in self.suspect_marks]
         first = self.journal.pending_txid()
         if first:
             pending.append(first)
@@ -268,7 +292,11 @@ class ShardDurability:
         self.dirty = True
         self.appends += 1
         self.unsaved += size
-        if self.fsync is AppendFsync.NO and self.health is Health.FAILING:
+        if (
+            self.fsync is AppendFsync.NO
+            and self.health is Health.FAILING
+            and not self.resave_pending
+        ):
             # Nothing ever syncs with ``no``: a successful append is the recovery.
             self.health = Health.OK
             self.error = None
@@ -291,12 +319,42 @@ class ShardDurability:
         self.last_sync = started
         if self.unsynced_marks:
             self.unsynced_marks = [(t, n) for t, n in self.unsynced_marks if n > appends]
-        self.health = Health.OK
-        self.error = None
+        if not self.resave_pending:
+            self.health = Health.OK
+            self.error = None
 
     def failed(self, exc: OSError) -> None:
+        """Record a failure (health FAILING, ``error`` naming the cause and the file)."""
         self.health = Health.FAILING
         self.error = f"{exc.strerror or exc}: {exc.filename or self.directory}"
+        if self.resave_pending:
+            self.error += RESAVE_NOTE
+
+    def sync_failed(self, exc: OSError) -> None:
+        """A sync failed: what it was to make durable is in doubt until a re-save.
+
+        The marks that waited for it become suspect (see the class docstring).
+        """
+        self.sync_failures += 1
+        number = self.sync_failures
+        self.suspect_marks += [(t, number) for t, _ in self.unsynced_marks]
+        self.unsynced_marks = []
+        self.failed(exc)
+
+    def resaved(self, failures: int) -> None:
+        """A snapshot started after ``failures`` failed syncs is written, and synced.
+
+        It holds everything those syncs were to make durable: their suspect
+        marks are settled, and if no sync failed since it started, the
+        shard is healthy again (the snapshot's own writes and sync worked).
+        """
+        if failures <= self.resaved_failures:
+            return
+        self.resaved_failures = failures
+        self.suspect_marks = [(t, n) for t, n in self.suspect_marks if n > failures]
+        if not self.resave_pending:
+            self.health = Health.OK
+            self.error = None
 
     def log_size(self) -> int:
         return 0 if self.log is None else self.log.size()
@@ -313,6 +371,7 @@ class ShardDurability:
             "sync_lag_seconds": self.sync_lag(),
             "last_save": self.last_save,
             "last_snapshot_pause_ms": self.last_snapshot_pause_ms,
+            "resave_pending": self.resave_pending,
         }
 
 

@@ -45,6 +45,7 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import time
@@ -55,7 +56,7 @@ from typing import Any
 import attrs
 import trio
 
-from actors import DEFER, ActorContext
+from actors import DEFER, ActorContext, MailboxFull
 
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
@@ -199,6 +200,18 @@ class Save:
     __slots__ = ()
 
 
+class Resave:
+    """Snapshot this shard if it owes a re-save and none is being written; no reply.
+
+    Sent by the shard's own background loop (see ``DurableShardActor.background``).
+    """
+
+    __slots__ = ()
+
+
+RESAVE = Resave()
+
+
 class SyncNow:
     """Sync the log now (tests and shutdown); reply None, or raise IO."""
 
@@ -226,6 +239,7 @@ class DurableShardActor(ShardActor):
         self.dur: ShardDurability = self.store.durability
         self.config = config
         self._sync_lock = trio.Lock()
+        self._self = ctx.self_ref  # for the re-save the background loop asks for
         self._gather = False  # the next message handled yields first (group commit)
         self._saved_unsynced = False  # a Save appended this batch's writes without a sync
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
@@ -271,6 +285,8 @@ class DurableShardActor(ShardActor):
         kind = type(message)
         if kind is Save:
             return self._start_snapshot()
+        if kind is Resave:
+            return self._resave()
         if kind is SyncNow or kind is Hold:
             return DEFER
         return message.apply(self.store, _current_time())
@@ -286,6 +302,8 @@ class DurableShardActor(ShardActor):
         kind = type(message)
         if kind is Save:
             return self._start_snapshot()
+        if kind is Resave:
+            return self._resave()
         if kind is SyncNow:
             error = await self._sync()
             if error is not None:
@@ -370,11 +388,12 @@ class DurableShardActor(ShardActor):
                 # RoundIncompleteError: the round itself failed (a thread did
                 # not start); the batch may or may not be in the log.
                 error = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
-                if batch.appended:
+                if batch.appended:  # the sync failed: the log's unsynced bytes are in doubt
                     dur.appended(len(data))
+                    dur.sync_failed(error)
                 else:
                     dur.requeue()
-                dur.failed(error)
+                    dur.failed(error)
                 return len(data), self._io_error(error)
             dur.appended(len(data))
             dur.synced(dur.appends, started)
@@ -401,7 +420,10 @@ class DurableShardActor(ShardActor):
             else:
                 dur.requeue()
             if batch.error is not None:
-                dur.failed(batch.error)
+                if batch.appended and not batch.synced:
+                    dur.sync_failed(batch.error)
+                else:
+                    dur.failed(batch.error)
         except OSError as exc:  # take_back's append failed
             dur.requeue()
             dur.failed(exc)
@@ -435,7 +457,7 @@ class DurableShardActor(ShardActor):
             try:
                 await self.config.sync_coordinator.sync(log.sync)
             except OSError as exc:
-                dur.failed(exc)
+                dur.sync_failed(exc)
                 return self._io_error(exc)
             dur.synced(appends, started)
         finally:
@@ -446,6 +468,11 @@ class DurableShardActor(ShardActor):
         return PersistenceIOError(
             f"could not make the write durable: {self.dur.error or exc}", applied=None
         )
+
+    def _resave(self) -> None:
+        """Start the snapshot a failed sync calls for, unless one is being written."""
+        if self.dur.resave_pending and not self.dur.saving:
+            self._start_snapshot()
 
     def _start_snapshot(self) -> SaveTicket:
         """Rotate, copy (the only pause), and queue the write; never blocks."""
@@ -480,7 +507,7 @@ class DurableShardActor(ShardActor):
         ticket.entries = len(data)
         dur.last_snapshot_pause_ms = ticket.pause_ms
         dur.saving = True
-        job = (_Job(data, expires, offset, covers), ticket)
+        job = (_Job(data, expires, offset, covers, dur.sync_failures), ticket)
         try:
             self._jobs_send.send_nowait(job)
         except trio.WouldBlock:
@@ -490,13 +517,25 @@ class DurableShardActor(ShardActor):
         return ticket
 
     async def background(self) -> None:
+        """The snapshot writer, and a loop once a second: ``everysec``'s sync and the re-save.
+
+        A shard that owes a re-save (a sync failed, see
+        :class:`~.durability.ShardDurability`) is sent :class:`Resave` from
+        here, at most once a second while the disk keeps failing.
+        """
+        dur = self.dur
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._snapshot_writer)
-            if self.dur.fsync is AppendFsync.EVERYSEC:
-                while True:
-                    await trio.sleep(SYNC_INTERVAL)
+            while True:
+                await trio.sleep(SYNC_INTERVAL)
+                if dur.fsync is AppendFsync.EVERYSEC:
                     await self._sync()
-            await trio.sleep_forever()
+                if dur.resave_pending and not dur.saving:
+                    # Through the mailbox: a snapshot's start takes the journal,
+                    # which only the mailbox loop may do (a commit may be running).
+                    # A full mailbox: the next second asks again.
+                    with contextlib.suppress(MailboxFull):
+                        self._self.tell_nowait(RESAVE)
 
     async def _snapshot_writer(self) -> None:
         async for job, ticket in self._jobs:
@@ -517,6 +556,7 @@ class DurableShardActor(ShardActor):
             if dur.log is not None:
                 dur.log.remove_through(job.covers)
             dur.last_save = time.time()
+            dur.resaved(job.failures)
         except (OSError, ValueError) as exc:
             if isinstance(exc, OSError):
                 dur.failed(exc)
@@ -559,6 +599,7 @@ class _Job:
     expires: dict[bytes, float]
     offset: float
     covers: int
+    failures: int  # the shard's failed syncs when the copy was taken (all covered by it)
 
     def entries(self) -> Iterator[tuple[bytes, bytes, int | None]]:
         expires_get = self.expires.get
