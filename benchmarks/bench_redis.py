@@ -34,7 +34,7 @@ each time, and reports each server's median rate and its CPU time over all
 rounds (total CPU / total requests).
 
 Run: ``python -m benchmarks.bench_redis [--quick] [--rounds N]``; the full run
-takes about a minute on 2 cores per round, ``--quick`` about 15 s.
+(three rounds) takes about half a minute on 2 cores, ``--quick`` (one) about 5 s.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ MSET_SHARE = 10  # MSET runs N / MSET_SHARE requests (each writes 10 keys)
 REQUESTS = {1: 20_000, 16: 60_000}  # -n per test, by pipeline depth
 QUICK_REQUESTS = {1: 4_000, 16: 12_000}
 WARMUP_REQUESTS = 2_000
+# Rounds of the full run: a single run moves by a third from one try to the next on a
+# shared 2-core machine; the median of three, in alternating order, moves much less.
+ROUNDS = 3
 SHARDS = 16
 START_TIMEOUT = 20.0  # seconds for a server to come up
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
@@ -373,10 +376,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=1,
-        help="runs of every test per server; medians are reported (default 1)",
+        default=None,
+        help=f"runs of every test per server; medians are reported (default {ROUNDS}, quick 1)",
     )
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else ROUNDS
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
