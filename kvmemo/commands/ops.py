@@ -509,10 +509,6 @@ class Touch(FanOutOp):
         return _KeysPart(keys, _touch_keys)
 
 
-def _read_values(store: ShardStore, keys: list[bytes], now: float) -> list[bytes | None]:
-    return [store.get(k, now) for k in keys]
-
-
 class _MSetPart(AtomicPart):
     """One shard's pairs of an MSET or MSETNX.
 
@@ -587,6 +583,24 @@ class MSet(AtomicOp):
         return OK
 
 
+class _MGetPart(Part):
+    """One shard's keys of an MGET: the values of ``keys[i]`` for ``i`` in ``positions``.
+
+    Holds the command's whole key tuple and this shard's positions rather
+    than a list of its keys: the shard reads them through one ``map``, with
+    no list built per part.
+    """
+
+    __slots__ = ("keys", "positions")
+
+    def __init__(self, keys: tuple[bytes, ...], positions: list[int]) -> None:
+        self.keys = keys
+        self.positions = positions
+
+    def apply(self, store: ShardStore, now: float) -> list[bytes | None]:
+        return store.get_many(map(self.keys.__getitem__, self.positions), now)
+
+
 class MGet(AtomicOp):
     """MGET: read under the engine's reader lock, so no MSET is seen in part."""
 
@@ -594,12 +608,38 @@ class MGet(AtomicOp):
     readonly = True
 
     def read_part(self, positions: list[int]) -> Part:
-        return _KeysPart([self.keys[i] for i in positions], _read_values)
+        return _MGetPart(self.keys, positions)
 
     def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
-        out: list[bytes | None] = [None] * len(self.keys)
+        """Put each part's values back in argument order: one value per key.
+
+        Args:
+            results: each part's values, as :meth:`ShardStore.get_many` gave them.
+            positions: ``positions[j]``, the argument positions ``results[j]``
+                answers, one per value, ascending (as
+                ``SlotMap.group_by_shard`` gives them); together, every
+                position once.
+            committed: unused (a read always completes).
+
+        Returns:
+            The value (or None) of each key, in argument order. A single part
+            covering every key holds its values in argument order already
+            (its positions are ``0 .. n-1``, ascending), so its list is
+            returned as it is, not copied.
+
+        Raises:
+            ValueError: a part gave a different number of values than it has
+                positions (a bug, never a client's error).
+        """
+        n = len(self.keys)
+        if len(results) == 1 and len(positions[0]) == n:
+            values: list[bytes | None] = results[0]
+            if len(values) != n:
+                raise ValueError(f"part gave {len(values)} values for {n} keys")
+            return values
+        out: list[bytes | None] = [None] * n
         for values, where in zip(results, positions, strict=True):
-            for value, i in zip(values, where, strict=True):
+            for i, value in zip(where, values, strict=True):
                 out[i] = value
         return out
 

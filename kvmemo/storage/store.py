@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import OutOfMemoryError
 from ..eviction.memory import ENTRY_BASE, ROUND_UP, MemoryTracker
@@ -105,6 +105,40 @@ class ShardStore:
             return None
         self.policy.record_access(key)
         return value
+
+    def get_many(self, keys: Iterable[bytes], now: float) -> list[bytes | None]:
+        """The live value of each of ``keys``, in order (None where missing): MGET's read.
+
+        Exactly :meth:`get` called once per key, in order, in one synchronous
+        step (atomic with respect to cancellation), without a method call per
+        key: a key past its expiry is removed (and counted in
+        ``expired_count``) and gives None; a live key's access is recorded
+        with the policy, once per occurrence, in order. Watched keys and the
+        journal see what :meth:`get` would show them: only the removals.
+
+        Args:
+            keys: the keys, in the order wanted (duplicates allowed); iterated once.
+            now: trio-monotonic seconds, for expiry.
+
+        Returns:
+            One entry per key: its value, or None.
+        """
+        # Bound once: _expired mutates ``expires`` in place (never rebinds it),
+        # and nothing here switches the policy.
+        data_get = self.data.get
+        expires = self.expires
+        record_access = self.policy.record_access
+        values: list[bytes | None] = []
+        append = values.append
+        for key in keys:
+            value = data_get(key)
+            if value is not None:
+                if key in expires and self._expired(key, now):
+                    value = None
+                else:
+                    record_access(key)
+            append(value)
+        return values
 
     def peek(self, key: bytes, now: float) -> bytes | None:
         """Like :meth:`get` but without touching the eviction order."""
