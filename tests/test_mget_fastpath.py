@@ -16,9 +16,9 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_engine_atomic import wait_running
 
 import kvmemo
-from actors import ActorState, ActorSystem, EventKind
 from kvmemo.commands import ops
 from kvmemo.embedded import Store
 from kvmemo.engine.engine import shard_name
@@ -218,16 +218,6 @@ async def test_mget_answers_what_a_get_of_each_key_answers_on_one_shard_and_on_s
             expected = [await kv.get(key) for key in query]
             assert await kv.mget(*query) == expected
         assert await kv.mget(spread[1], tagged[1]) == [None, None]
-
-
-async def wait_running(system: ActorSystem, name: str) -> None:
-    """Wait until the actor ``name`` is running (again), by its lifecycle events."""
-    async with system.events.subscribe() as events:
-        if system.state(name) is ActorState.RUNNING:
-            return
-        async for event in events:
-            if event.actor == name and event.kind in (EventKind.STARTED, EventKind.RESTARTED):
-                return
 
 
 @pytest.mark.parametrize("several_shards", [False, True])
