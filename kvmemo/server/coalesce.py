@@ -12,10 +12,21 @@ one ``execute_many`` and hands each its own results. Batches that arrive
 while a round runs gather for the next one; the leader promotes the oldest
 of them when it is done, so no task leads forever.
 
-Order. Each connection submits one batch at a time and waits for it, so its
-commands keep their order; the union is the batches in arrival order, and
-``execute_many`` keeps the order of commands per key. Commands of
-different connections have no order to keep.
+What may be coalesced (:data:`COALESCED`, :func:`coalescible`): batches
+whose commands all act on one key (``first_key == last_key == 1`` in the
+command table: GET, SET, INCR, ...). The engine runs those as shard
+operations, grouped per shard, so a round of many batches is one message
+per shard. A multi-key or keyspace command in a union would split it: the
+engine runs such a command by itself, after everything before it and
+before everything after it, so it would serialise the other batches of
+the round behind it; batches holding one run by themselves.
+
+Order. Each submitter waits for its batch before it submits anything that
+must come after it (a connection submits one batch at a time; a WebSocket
+session only submits a batch once the batches it follows on the same keys
+are answered), so its commands keep their order; the union is the batches
+in arrival order, and ``execute_many`` keeps the order of commands per
+key. Batches in a round together have no order to keep between them.
 
 Cancellation. A round, once taken, runs to its end shielded (the engine
 bounds it with ``request_timeout``): its leader's cancellation (a
@@ -25,21 +36,59 @@ withdraws it (nothing of it runs); one cancelled while its batch runs
 abandons its results (the commands may have run, as with any cancelled
 request).
 
-Ownership: one coalescer per Redis port (the server state owns it); it owns
-no task: rounds run in their leader's task.
+Results, errors and metrics. Each batch gets what its own
+``execute_many`` would have given: one entry per call, its result or its
+:class:`~kvmemo.errors.KVMemoError`; the engine counts every call of the
+round once, as it counts a call of any batch (errors by kind, successes in
+the command's latency histogram). Time is the round's: its single-key
+part is bounded by ``request_timeout`` as a whole (as a batch's is), and
+a coalesced call's latency is measured from the start of its round, so
+both leave out the wait to join a round (one scheduler pass, or the rest
+of a round already running, itself bounded). If the engine call itself
+raises (a bug: the engine answers errors in results), nothing tells which
+calls ran, so none is run again: the leader gets the exception and every
+other batch of the round :class:`RoundFailedError`.
+
+Ownership: one coalescer per front end, owned by its server state: the
+Redis port's (``resp_server._Server.coalescer``) and the WebSocket
+server's (:attr:`kvmemo.server.app.Server.coalescer`, used by its
+sessions). It owns no task: rounds run in their leader's task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import attrs
 import trio
 
+from ..commands.table import COMMANDS
 from ..engine.engine import KVEngine
 
 MAX_ROUND_CALLS = 4096  # commands per round; a round past it leaves the rest for the next
+
+# The commands a coalesced batch may hold: those on exactly one key.
+COALESCED: Final = frozenset(
+    name for name, spec in COMMANDS.items() if spec.first_key == spec.last_key == 1
+)
+
+
+def coalescible(names: Iterable[str]) -> bool:
+    """Whether a batch of commands with these (table) names may run in a shared round.
+
+    True when every one acts on one key (:data:`COALESCED`); the empty batch
+    is too, but there is nothing to run.
+    """
+    coalesced = COALESCED
+    return all(name in coalesced for name in names)
+
+
+class RoundFailedError(Exception):
+    """The engine call of the round a batch ran in raised (a bug; its leader got the exception).
+
+    Some of the batch's commands may have run, as with any failed call.
+    """
 
 
 @attrs.define(eq=False)
@@ -50,14 +99,17 @@ class _Batch:
     done: trio.Event = attrs.Factory(trio.Event)
     lead: bool = False  # promoted: run the next round
     results: list[Any] | None = None
+    failure: BaseException | None = None  # what its round's engine call raised
 
 
 class Coalescer:
     """Runs the ``execute_many`` batches submitted in one scheduler pass as one.
 
     Invariant: ``_leading`` is True from the moment a task claims a round
-    until that round's results are handed out; when it is False and batches
-    are waiting, the oldest one has been told to lead.
+    until that round's results (or failure) are handed out; when it is
+    False and batches are waiting, the oldest one has been told to lead. A
+    batch is in ``_waiting`` from its submission until a round takes it or
+    its waiter withdraws it.
     """
 
     def __init__(self, engine: KVEngine, *, max_round_calls: int = MAX_ROUND_CALLS) -> None:
@@ -68,16 +120,25 @@ class Coalescer:
         self.rounds = 0  # rounds run (for tests and statistics)
 
     async def execute_many(self, calls: Sequence[tuple[str, Sequence[bytes]]]) -> list[Any]:
-        """``engine.execute_many(calls)``, run in a round with other connections' batches."""
+        """``engine.execute_many(calls)``, run in a round with other connections' batches.
+
+        Raises:
+            RoundFailedError: the engine call of the round raised, in another
+                batch's task (which got the exception itself).
+        """
         batch = _Batch(calls)
         self._waiting.append(batch)
         try:
             while batch.results is None:
+                if batch.failure is not None:
+                    raise RoundFailedError("the engine call of this round failed") from (
+                        batch.failure
+                    )
                 if not self._leading:
                     await self._lead(batch)
                     continue
                 await batch.done.wait()
-                if batch.lead and batch.results is None:
+                if batch.lead and batch.results is None and batch.failure is None:
                     batch.lead = False
                     batch.done = trio.Event()
         except BaseException:
@@ -88,21 +149,35 @@ class Coalescer:
         return batch.results
 
     async def _lead(self, own: _Batch) -> None:
-        """Claim the next round, let the pass's batches join, run it, hand out results."""
+        """Claim the next round, let the pass's batches join, run it, hand out results.
+
+        The round takes the oldest batches waiting, up to ``max_round_calls``
+        (at least one). That is ``own`` and those after it, unless batches
+        promoted before it are still waiting: then ``own`` may not fit, and
+        the round runs for them while ``own`` waits for the next one.
+
+        Raises:
+            BaseException: what the round's engine call raised (the round's
+                other batches are told, and get :class:`RoundFailedError`).
+        """
         self._leading = True
-        taken: list[_Batch] = []
         try:
             await trio.lowlevel.checkpoint()  # the other connections of this pass submit
+            taken: list[_Batch] = []
             size = 0
             while self._waiting and (not taken or size + len(self._waiting[0].calls) <= self._max):
                 batch = self._waiting.pop(0)
                 taken.append(batch)
                 size += len(batch.calls)
-            if own not in taken:  # cancelled meanwhile, or the round is full before it
-                return
             union = [call for batch in taken for call in batch.calls]
             with trio.CancelScope(shield=True):
-                results = await self._engine.execute_many(union)
+                try:
+                    results = await self._engine.execute_many(union)
+                except BaseException as exc:
+                    for batch in taken:
+                        batch.failure = exc
+                        batch.done.set()
+                    raise
             self.rounds += 1
             start = 0
             for batch in taken:
@@ -110,13 +185,7 @@ class Coalescer:
                 batch.results = results[start:end]
                 start = end
                 batch.done.set()
-            taken = []
         finally:
-            # Batches taken but not answered (the engine call raised): their
-            # waiters get the error too, as their own call would have.
-            for batch in taken:
-                if batch.results is None:
-                    self._waiting.insert(0, batch)
             self._leading = False
             self._promote()
 

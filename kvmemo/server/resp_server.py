@@ -97,7 +97,7 @@ from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
 from ..eviction.policies import POLICY_NAMES
-from .coalesce import Coalescer
+from .coalesce import COALESCED, Coalescer
 from .config import RespLimits as RespLimits
 from .resp import (
     NULL_ARRAY,
@@ -156,9 +156,7 @@ _DATA_NAMES: dict[bytes, tuple[str, int, int]] = {}
 # in the coalescer's shared rounds (shard messages of many commands). Batches
 # with multi-key commands run by themselves: MSETs of several connections,
 # each in its own task, are grouped by the engine into one round.
-_COALESCED: Final = frozenset(
-    name for name, spec in COMMANDS.items() if spec.first_key == spec.last_key == 1
-)
+_COALESCED: Final = COALESCED
 _NO_MOST: Final = 1 << 62  # "any number of arguments", beyond every max_args
 
 _UNAUTH_MBULK: Final = "ERR Protocol error: unauthenticated multibulk length"
