@@ -455,7 +455,18 @@ class KVEngine:
         try:
             if len(key) > self._small_size_limit:
                 self._check_sizes(_GET, (key,))
-            result: bytes | None = await self._run_single(ops.Get(key))
+            # _run_single inlined (one coroutine frame less on every call and
+            # resume); a read never needs memory.
+            index = self.slots.shard_of(key)
+            ref = self._shards[index]
+            if ref.state is not _RUNNING:
+                ref = self._shard_for(index)  # raises UNAVAILABLE
+            try:
+                result: bytes | None = await ref.ask(
+                    ops.Get(key), timeout=self.config.request_timeout
+                )
+            except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+                raise self._translate(exc, ref) from None
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
             raise
@@ -469,7 +480,21 @@ class KVEngine:
             limit = self._small_size_limit
             if len(key) > limit or len(value) > limit:
                 self._check_sizes(_SET, (key, value))
-            result = await self._run_single(ops.PlainSet(key, value))
+            # _run_single inlined, as in get; a write that needs memory
+            # (rare) goes through it to make room and retry.
+            op = ops.PlainSet(key, value)
+            index = self.slots.shard_of(key)
+            ref = self._shards[index]
+            if ref.state is not _RUNNING:
+                ref = self._shard_for(index)  # raises UNAVAILABLE
+            try:
+                result = await ref.ask(op, timeout=self.config.request_timeout)
+            except NeedMemory:
+                result = await self._run_single(op)
+            except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+                raise self._translate(exc, ref) from None
+            else:
+                self._maybe_wake_eviction()
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
             raise
@@ -1660,7 +1685,7 @@ class KVEngine:
         return self._eviction is not None and self._eviction.state is ActorState.RUNNING
 
     def _maybe_wake_eviction(self) -> None:
-        if not self.tracker.over_watermark or not self._eviction_running():
+        if self.tracker.used < self.tracker.wake_at or not self._eviction_running():
             return
         now = trio.current_time()
         if now - self._last_wake < WAKE_INTERVAL:

@@ -85,6 +85,7 @@ class MemoryTracker:
         self.maxmemory = maxmemory
         self.watermark = watermark
         self.target = target
+        self.wake_at = self._wake_at()
         self.used = 0
         self._per_shard = [0] * shards
         self.refused = 0  # reservations refused at the hard limit
@@ -94,6 +95,11 @@ class MemoryTracker:
         if maxmemory < 0:
             raise ValueError(f"maxmemory must be >= 0, got {maxmemory}")
         self.maxmemory = maxmemory
+        self.wake_at = self._wake_at()
+
+    def _wake_at(self) -> float:
+        """``used`` from which eviction should run: the watermark's bytes (inf without a limit)."""
+        return self.watermark * self.maxmemory if self.maxmemory else float("inf")
 
     def try_reserve(self, shard: int, nbytes: int) -> bool:
         """Account ``nbytes`` more for ``shard`` unless that would cross the limit.
@@ -127,8 +133,8 @@ class MemoryTracker:
 
     @property
     def over_watermark(self) -> bool:
-        """Whether eviction should run now."""
-        return bool(self.maxmemory) and self.used >= self.watermark * self.maxmemory
+        """Whether eviction should run now (``used`` reached ``wake_at``)."""
+        return self.used >= self.wake_at
 
     def excess(self) -> int:
         """Bytes to free to get back down to the target fraction (0 if none)."""
