@@ -11,7 +11,7 @@ import sys
 
 import trio
 
-from kvmemo.chaos import run_embedded, run_remote
+from kvmemo.chaos import restart_room_note, run_embedded, run_remote
 from kvmemo.chaos.workload import WorkloadConfig
 
 
@@ -73,5 +73,16 @@ async def test_a_real_server_process_survives_actor_and_session_kills() -> None:
     assert sum(report.kills.values()) >= 5
     assert report.operations["ok"] > 200
     assert report.availability_untouched == 1.0
+    # 3 kills/s for 10 s is past the default intensity (20 in 10 s): the report
+    # says so, with the flag that gives a longer run room.
+    assert any("--max-restarts" in note for note in report.notes), report.notes
     # Errors are the ones the protocol allows, plus dropped sessions (may have happened).
     assert set(report.errors) <= {"UNAVAILABLE", "TIMEOUT", "DISCONNECTED", "DisconnectedError"}
+
+
+def test_the_restart_room_note_warns_only_when_kills_can_outrun_the_supervisors() -> None:
+    assert restart_room_note(2.0, 20, 10.0) is None  # 20 expected in the window: room enough
+    note = restart_room_note(2.5, 20, 10.0)
+    assert note is not None
+    assert "(20 in 10 s)" in note
+    assert "--max-restarts 100" in note  # four times the kills expected in one window

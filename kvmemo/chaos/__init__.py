@@ -48,6 +48,7 @@ class Report:
     p99_ms_baseline: float | None
     p99_ms_chaos: float | None
     violations: list[Violation]
+    notes: list[str] = attrs.Factory(list)  # about the setup (see restart_room_note)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class Report:
             "p99_ms_baseline": self.p99_ms_baseline,
             "p99_ms_chaos": self.p99_ms_chaos,
             "violations": [v.describe() for v in self.violations],
+            "notes": self.notes,
         }
 
     def render(self) -> str:
@@ -82,7 +84,28 @@ class Report:
             f"violations: {len(self.violations)} (target 0)",
         ]
         lines += [v.describe() for v in self.violations]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def restart_room_note(kill_rate: float, max_restarts: int, restart_period: float) -> str | None:
+    """A warning when kills may come faster than a supervisor allows restarts, else None.
+
+    Past ``max_restarts`` restarts within ``restart_period`` seconds a
+    supervisor gives up and its parent restarts its whole subtree (OTP): every
+    shard restarts at once, and the shards that were not killed count as
+    unavailable. The embedded run gives itself room; a server has its own
+    settings.
+    """
+    expected = kill_rate * restart_period
+    if expected <= max_restarts:
+        return None
+    return (
+        f"{kill_rate:g} kills/s may exceed the server's restart intensity ({max_restarts} in"
+        f" {restart_period:g} s): its storage supervisor may give up and restart every shard,"
+        " which shows as lost availability of untouched shards; start it with"
+        f" --max-restarts {math.ceil(expected * 4)} or more"
+    )
 
 
 def _ms(value: float | None) -> str:
@@ -275,6 +298,15 @@ async def run_remote(
     async with connect(url, token=token) as admin:
         info = await admin.info("server")
         shards = int(info["server"]["shards"])
+        notes = []
+        if "max_restarts" in info["server"]:  # servers of before 2026-11 do not say
+            note = restart_room_note(
+                cfg.kill_rate,
+                int(info["server"]["max_restarts"]),
+                float(info["server"]["restart_period"]),
+            )
+            if note is not None:
+                notes.append(note)
         names = [f"shard-{i}" for i in range(shards)] + ["ttl-manager", "eviction-manager"]
         start = now()
         chaos_start = start + cfg.duration * cfg.baseline
@@ -309,7 +341,9 @@ async def run_remote(
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(admin, cfg)
         restarts = sum(a["restarts"] for a in await admin.actors())
-    return _report(rec, kills, restarts, finals, shards, chaos_start, cfg)
+    return attrs.evolve(
+        _report(rec, kills, restarts, finals, shards, chaos_start, cfg), notes=notes
+    )
 
 
 class _Session:

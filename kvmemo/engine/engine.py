@@ -1563,6 +1563,9 @@ class KVEngine:
                 "process_id": os.getpid(),
                 "uptime_in_seconds": int(time.time() - self._started_at),
                 "shards": self.config.shards,
+                # The supervisors' restart intensity (what a chaos run must stay under).
+                "max_restarts": self.config.max_restarts,
+                "restart_period": self.config.restart_period,
             },
             "memory": {
                 "used_memory": self.tracker.used,
