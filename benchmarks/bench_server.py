@@ -24,10 +24,11 @@ when other processes share the machine.
 
 Scenarios (same for both servers): (1) single requests pipelined -- batch 1,
 ``PIPELINE`` messages in flight on each of ``SESSIONS`` sessions; (2)
-JSON-RPC batches of ``BATCH`` commands. 80% gets and 20% sets over a
-preloaded key space, 32-byte values. Each measurement has a warm-up that is
-not counted. Scenarios alternate between the servers so drift (thermal,
-noisy neighbours) hits both alike.
+JSON-RPC batches of ``BATCH`` commands; (3) ``MANY_SESSIONS`` sessions with
+one request in flight each (many browser tabs; informational, no target).
+80% gets and 20% sets over a preloaded key space, 32-byte values. Each
+measurement has a warm-up that is not counted. Scenarios alternate between
+the servers so drift (thermal, noisy neighbours) hits both alike.
 
 Targets are printed next to the figures and never asserted.
 
@@ -71,7 +72,8 @@ from kvmemo.loadgen import LoadResult, Progress, run_load
 from ._util import fmt_rate
 
 ROOT = Path(__file__).resolve().parents[1]
-SESSIONS = 4  # concurrent sessions of every scenario
+SESSIONS = 4  # concurrent sessions of the pipelined scenarios
+MANY_SESSIONS = 64  # sessions of the many-clients scenario (one request in flight each)
 PIPELINE = 32  # messages in flight per session, single requests
 BATCH = 100  # commands per message, batch scenario
 BATCH_PIPELINE = 4  # messages in flight per session, batch scenario
@@ -94,11 +96,14 @@ class Scenario:
     name: str
     pipeline: int
     batch: int
+    sessions: int = SESSIONS
 
 
 SCENARIOS = [
     Scenario(f"single requests, pipeline {PIPELINE}", PIPELINE, 1),
     Scenario(f"batches of {BATCH}, pipeline {BATCH_PIPELINE}", BATCH_PIPELINE, BATCH),
+    # Many browser tabs, each waiting for its answer before the next request.
+    Scenario(f"{MANY_SESSIONS} sessions, one request each", 1, 1, MANY_SESSIONS),
 ]
 
 
@@ -322,7 +327,7 @@ def measure(server: ServerProcess, scenario: Scenario, timing: Timing) -> Measur
     result = trio.run(
         lambda: run_load(
             server.url,
-            sessions=SESSIONS,
+            sessions=scenario.sessions,
             pipeline=scenario.pipeline,
             batch=scenario.batch,
             keys=KEYS,
@@ -375,7 +380,7 @@ def _ratio(a: float | None, b: float | None) -> float:
 
 
 def _summary(results: dict[tuple[str, str], Measurement]) -> list[str]:
-    single, batch = SCENARIOS
+    single, batch, many = SCENARIOS
     lines = []
     echo_s, kv_s = results[("echo", single.name)], results[("kvmemo", single.name)]
     ratio = _ratio(kv_s.result.messages_per_s, echo_s.result.messages_per_s)
@@ -397,6 +402,15 @@ def _summary(results: dict[tuple[str, str], Measurement]) -> list[str]:
         f"{_us(kv_b.server_cpu_per_message and kv_b.server_cpu_per_message / BATCH)} µs/cmd) = "
         f"{_ratio(kv_rate, echo_b.result.commands_per_s):.2f} x echo floor "
         f"{fmt_rate(echo_b.result.commands_per_s)} cmds/s"
+    )
+    echo_m, kv_m = results[("echo", many.name)], results[("kvmemo", many.name)]
+    lines.append(
+        f"{many.sessions} sessions with one request in flight each (informational): KVMemo "
+        f"{fmt_rate(kv_m.result.messages_per_s)} msgs/s = "
+        f"{_ratio(kv_m.result.messages_per_s, echo_m.result.messages_per_s):.2f} x echo floor "
+        f"{fmt_rate(echo_m.result.messages_per_s)} msgs/s; by server CPU per message "
+        f"{_ratio(kv_m.capacity, echo_m.capacity):.2f} x "
+        f"({_us(kv_m.server_cpu_per_message)} vs {_us(echo_m.server_cpu_per_message)} µs)"
     )
     starved = [
         f"{server}/{name.split(',')[0]}"
