@@ -20,17 +20,22 @@ copy must still hold every acknowledged write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
-from test_persistence_groupsync import key_on_shard
+import trio.testing
+from test_engine_atomic import wait_running
+from test_persistence_groupsync import hold_a_round, key_on_shard
 
 import kvmemo
+from actors import ActorCrashed
 from kvmemo.errors import KVMemoError
 from kvmemo.persistence import AppendFsync
 from kvmemo.storage import durable_shard
@@ -41,6 +46,10 @@ SHARDS = 2
 KEYS = 20  # acknowledged writes on the shard whose sync fails
 FAST_INTERVAL = 0.01  # seconds between the background loop's checks, in these tests
 WAIT = 20  # seconds a test waits at most for the re-save (a broken one must not hang)
+NEEDS_PROC_FD = pytest.mark.skipif(
+    not os.path.exists("/proc/self/fd"),
+    reason="needs /proc/self/fd to tell a log segment's descriptor",
+)
 
 
 # -- the bookkeeping ----------------------------------------------------------------------
@@ -207,3 +216,92 @@ async def test_a_failed_log_sync_is_resaved_by_a_snapshot_and_nothing_acknowledg
     async with kvmemo.open_store(shards=SHARDS, data_dir=str(crashed)) as kv:
         keys = sorted(acknowledged)
         assert await kv.mget(*keys) == [acknowledged[k] for k in keys]
+
+
+# -- a shard killed while its failing sync runs; a disk that keeps failing ----------------------
+
+
+class BlockThenFail:
+    """``os.fsync`` that, once armed, holds shard-0's next segment fsync, then fails it (EIO)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._real = os.fsync
+
+    def __call__(self, fd: int) -> None:
+        if self.armed and "/shard-0/wal-" in os.readlink(f"/proc/self/fd/{fd}"):
+            self.armed = False
+            self.entered.set()
+            self.release.wait(WAIT)
+            raise OSError(errno.EIO, "Input/output error")
+        self._real(fd)
+
+
+@NEEDS_PROC_FD
+async def test_a_shard_killed_while_its_failing_sync_runs_still_owes_the_resave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shard's sync is a follower in a round another request leads; killed
+    # while the round runs it, the shard gets Cancelled, not the sync's error.
+    fake = BlockThenFail()
+    monkeypatch.setattr(os, "fsync", fake)
+    with trio.fail_after(WAIT):
+        async with kvmemo.open_store(
+            shards=SHARDS, data_dir=str(tmp_path), appendfsync="everysec"
+        ) as kv:
+            assert kv.engine.persistence is not None
+            coord = kv.engine.persistence.sync_coordinator
+            await kv.set(key_on_shard(kv, 0), b"v")  # the log is dirty: its sync has work
+            async with trio.open_nursery() as nursery:
+                gate = await hold_a_round(coord, nursery)
+                nursery.start_soon(coord.sync, lambda: None)  # leads the next round
+                nursery.start_soon(ask_sync_now, kv)  # shard-0's sync follows it
+                await trio.testing.wait_all_tasks_blocked()
+                assert coord.statistics().gathering == 2
+                fake.armed = True
+                gate.release.set()
+                await trio.to_thread.run_sync(fake.entered.wait, WAIT)
+                assert kv.kill_actor("shard-0")  # while its sync runs (and fails)
+                fake.release.set()
+            await wait_running(kv.system, "shard-0")
+            dur = durability_of(kv, 0)
+            assert dur.sync_failures == 1
+            assert dur.resave_pending or dur.resaved_failures == 1
+
+
+async def ask_sync_now(kv: kvmemo.Store) -> None:
+    with contextlib.suppress(KVMemoError, ActorCrashed):
+        await kv.system.ref("shard-0").ask(SyncNow())
+
+
+def durability_of(kv: kvmemo.Store, shard: int) -> ShardDurability:
+    return kv.engine._durabilities[shard]
+
+
+@NEEDS_PROC_FD
+async def test_a_resave_on_a_disk_that_keeps_failing_is_retried_with_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    real = os.fsync
+    broken = False
+
+    def fsync(fd: int) -> None:
+        if broken and "/shard-0/wal-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    shard_dir = tmp_path / "shard-0"
+    async with kvmemo.open_store(
+        shards=SHARDS, data_dir=str(tmp_path), appendfsync="everysec"
+    ) as kv:
+        await kv.set(key_on_shard(kv, 0), b"v")
+        before = len(list(shard_dir.glob("wal-*.log")))
+        broken = True
+        await trio.sleep(120)  # virtual seconds: once a second, 120 tries and segments
+        tried = len(list(shard_dir.glob("wal-*.log"))) - before  # each try rotates once
+        assert 3 <= tried <= 9  # after 1, 2, 4, ... 60 s
+        assert durability_of(kv, 0).resave_pending
+        broken = False

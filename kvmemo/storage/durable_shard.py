@@ -61,7 +61,7 @@ from actors import DEFER, ActorContext, MailboxFull
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
-from ..persistence import AppendFsync, Recovered, recover, write_snapshot
+from ..persistence import AppendFsync, Recovered, SegmentedLog, recover, write_snapshot
 from ..persistence.intents import (
     IntentLog,
     ShardMarks,
@@ -78,6 +78,9 @@ from .sync_coordinator import RoundIncompleteError, SyncCoordinator
 
 _current_time = trio.current_time
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
+# A re-save that failed (the disk still failing) is tried again after twice as long
+# each time, up to this: every try rotates the log and copies the shard.
+RESAVE_BACKOFF_MAX = 60.0  # seconds
 SNAPSHOT_QUEUE = 2  # snapshots a shard may have waiting for its writer
 
 
@@ -240,6 +243,9 @@ class DurableShardActor(ShardActor):
         self.config = config
         self._sync_lock = trio.Lock()
         self._self = ctx.self_ref  # for the re-save the background loop asks for
+        # The next re-save is tried from _resave_at (trio time); the wait doubles per try.
+        self._resave_at = 0.0
+        self._resave_wait = SYNC_INTERVAL
         self._gather = False  # the next message handled yields first (group commit)
         self._saved_unsynced = False  # a Save appended this batch's writes without a sync
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
@@ -454,11 +460,19 @@ class DurableShardActor(ShardActor):
             await lock.acquire()
         try:
             appends, started = dur.appends, time.time()
+            call = _RecordedSync(log)
             try:
-                await self.config.sync_coordinator.sync(log.sync)
+                await self.config.sync_coordinator.sync(call)
             except OSError as exc:
                 dur.sync_failed(exc)
                 return self._io_error(exc)
+            except trio.Cancelled:
+                # Killed while the round ran this sync: the coordinator waited
+                # for it and raises Cancelled, not its error; a failure must
+                # still be owed a re-save (the log forgets it at its next append).
+                if call.error is not None:
+                    dur.sync_failed(call.error)
+                raise
             dur.synced(appends, started)
         finally:
             lock.release()
@@ -470,8 +484,15 @@ class DurableShardActor(ShardActor):
         )
 
     def _resave(self) -> None:
-        """Start the snapshot a failed sync calls for, unless one is being written."""
+        """Start the snapshot a failed sync calls for, unless one is being written.
+
+        The next try, should this one fail too, waits twice as long (up to
+        ``RESAVE_BACKOFF_MAX``): while the disk keeps failing, each try would
+        otherwise rotate the log and copy the shard once a second.
+        """
         if self.dur.resave_pending and not self.dur.saving:
+            self._resave_at = trio.current_time() + self._resave_wait
+            self._resave_wait = min(2 * self._resave_wait, RESAVE_BACKOFF_MAX)
             self._start_snapshot()
 
     def _start_snapshot(self) -> SaveTicket:
@@ -521,7 +542,8 @@ class DurableShardActor(ShardActor):
 
         A shard that owes a re-save (a sync failed, see
         :class:`~.durability.ShardDurability`) is sent :class:`Resave` from
-        here, at most once a second while the disk keeps failing.
+        here; a failed try is retried after 1, 2, 4, ... seconds (at most
+        ``RESAVE_BACKOFF_MAX``) while the disk keeps failing.
         """
         dur = self.dur
         async with trio.open_nursery() as nursery:
@@ -530,7 +552,9 @@ class DurableShardActor(ShardActor):
                 await trio.sleep(SYNC_INTERVAL)
                 if dur.fsync is AppendFsync.EVERYSEC:
                     await self._sync()
-                if dur.resave_pending and not dur.saving:
+                if not dur.resave_pending:
+                    self._resave_wait = SYNC_INTERVAL
+                elif not dur.saving and trio.current_time() >= self._resave_at:
                     # Through the mailbox: a snapshot's start takes the journal,
                     # which only the mailbox loop may do (a commit may be running).
                     # A full mailbox: the next second asks again.
@@ -591,6 +615,28 @@ class DurableShardActor(ShardActor):
         log, self.dur.log = self.dur.log, None
         if log is not None:
             await trio.to_thread.run_sync(log.close)  # waits for a running sync
+
+
+class _RecordedSync:
+    """``log.sync`` for a sync round, remembering its error for a requester that was killed.
+
+    The coordinator runs the call in a worker thread; a requester cancelled
+    meanwhile gets ``Cancelled`` once the round is over, and reads what the
+    call did from here (as ``LogBatch`` keeps its own error).
+    """
+
+    __slots__ = ("error", "log")
+
+    def __init__(self, log: SegmentedLog) -> None:
+        self.log = log
+        self.error: OSError | None = None
+
+    def __call__(self) -> None:
+        try:
+            self.log.sync()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 @attrs.frozen
