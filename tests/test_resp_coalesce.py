@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 import kvmemo
-from kvmemo.server.coalesce import Coalescer
+from kvmemo.server.coalesce import Coalescer, RoundFailedError
 
 
 @pytest.fixture
@@ -110,5 +110,62 @@ async def test_a_leader_cancelled_mid_round_still_answers_the_others() -> None:
             engine.release.set()  # never leave the shielded round held
     assert answers[leader] == [f"{leader} done"]  # answered, then cancelled
     assert answers[follower] == [f"{follower} done", "not cancelled"]
+    assert coalescer._waiting == []
+    assert not coalescer._leading
+
+
+class BrokenEngine:
+    """An engine stand-in whose rounds run their calls, then raise (a bug after the fact)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[list[str]] = []
+
+    async def execute_many(self, calls: list[tuple[str, object]]) -> list[object]:
+        self.rounds.append([name for name, _ in calls])
+        raise RuntimeError("a bug after the commands ran")
+
+
+async def test_a_round_whose_engine_call_raises_runs_none_of_its_batches_again() -> None:
+    engine = BrokenEngine()
+    coalescer = Coalescer(engine)  # type: ignore[arg-type]
+    outcomes: dict[str, BaseException] = {}
+
+    async def connection(name: str) -> None:
+        try:
+            await coalescer.execute_many([(name, ())])
+        except (RuntimeError, RoundFailedError) as exc:
+            outcomes[name] = exc
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for name in ("a", "b", "c"):
+                nursery.start_soon(connection, name)
+    (round_,) = engine.rounds  # one round; no batch of it ran again
+    assert sorted(round_) == ["a", "b", "c"]
+    leader = round_[0]
+    assert isinstance(outcomes[leader], RuntimeError)  # the leader gets the bug itself
+    for name in set(round_) - {leader}:
+        assert isinstance(outcomes[name], RoundFailedError)
+        assert isinstance(outcomes[name].__cause__, RuntimeError)
+    assert coalescer._waiting == []
+    assert not coalescer._leading
+
+
+async def test_a_round_full_before_the_leaders_batch_runs_for_the_others_first() -> None:
+    engine = HeldEngine()
+    engine.release.set()
+    coalescer = Coalescer(engine, max_round_calls=2)  # type: ignore[arg-type]
+    out: dict[str, list[object]] = {}
+
+    async def connection(name: str, calls: int) -> None:
+        out[name] = await coalescer.execute_many([(name, ())] * calls)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for name in ("a", "b", "c"):
+                nursery.start_soon(connection, name, 2)
+    assert sorted(out) == ["a", "b", "c"]
+    assert all(out[name] == [f"{name} done"] * 2 for name in out)
+    assert sorted(r[0][0] for r in engine.rounds) == ["a", "b", "c"]  # each ran once
     assert coalescer._waiting == []
     assert not coalescer._leading

@@ -13,9 +13,6 @@ supervisor: it starts after the engine's actors (so it can attach the
 engine) and stops first. Its port is bound before the actor starts (see
 ``open_node``) and kept across the actor's restarts. Sessions live in the
 server's nursery; a session's crash is logged and ends that session only.
-The sessions share the server's :class:`~kvmemo.server.coalesce.Coalescer`
-(one per server, kept across the actor's restarts; it owns no task), so
-that the single-key requests of many sessions reach the shards together.
 :meth:`Server.drain` is the graceful shutdown: no new connections, every
 session finishes what is in flight, then is closed with 1001.
 
@@ -50,7 +47,6 @@ from actors import Actor, ActorState
 from ..engine.engine import KVEngine
 from ..observability.metrics import MetricsRegistry
 from . import http
-from .coalesce import Coalescer
 from .config import ServerConfig
 from .session import Session, check_token
 
@@ -136,12 +132,6 @@ class Server:
         engine: the engine every session calls.
         config: listeners, security and limits.
         metrics: where the server records its counters (the engine's by default).
-
-    Ownership: the server owns its sessions (``sessions``, tasks of its
-    nursery) and ``coalescer``, which every session's single-key requests
-    go through (rounds run in the sessions' tasks; the coalescer keeps no
-    state once their tasks are gone, so it outlives a restart of the server
-    actor).
     """
 
     def __init__(
@@ -151,8 +141,6 @@ class Server:
         self.config = config
         self.metrics = metrics if metrics is not None else engine.metrics
         self.sessions: set[Session] = set()
-        # The sessions' single-key requests of one scheduler pass: one engine call.
-        self.coalescer = Coalescer(engine)
         self.listeners: list[trio.SocketListener] = []
         self.bound: tuple[str, int] | None = None
         self._next_id = 1

@@ -12,7 +12,7 @@ one ``execute_many`` and hands each its own results. Batches that arrive
 while a round runs gather for the next one; the leader promotes the oldest
 of them when it is done, so no task leads forever.
 
-What may be coalesced (:data:`COALESCED`, :func:`coalescible`): batches
+What may be coalesced (:data:`COALESCED`): batches
 whose commands all act on one key (``first_key == last_key == 1`` in the
 command table: GET, SET, INCR, ...). The engine runs those as shard
 operations, grouped per shard, so a round of many batches is one message
@@ -22,11 +22,17 @@ before everything after it, so it would serialise the other batches of
 the round behind it; batches holding one run by themselves.
 
 Order. Each submitter waits for its batch before it submits anything that
-must come after it (a connection submits one batch at a time; a WebSocket
-session only submits a batch once the batches it follows on the same keys
-are answered), so its commands keep their order; the union is the batches
-in arrival order, and ``execute_many`` keeps the order of commands per
-key. Batches in a round together have no order to keep between them.
+must come after it (a connection submits one batch at a time), so its
+commands keep their order; the union is the batches in arrival order, and
+``execute_many`` keeps the order of commands per key. Batches in a round
+together have no order to keep between them.
+
+Coupling. A round's batches are answered together, when its slowest shard
+has answered: a connection whose batch shares a round with a request to a
+stalled shard (restarting, or holding for an atomic write) waits for it,
+within ``request_timeout``. The Redis port accepts that for the pipelined
+throughput rounds give; the WebSocket sessions do not use a coalescer (it
+measured no gain for them, and it would couple browser sessions).
 
 Cancellation. A round, once taken, runs to its end shielded (the engine
 bounds it with ``request_timeout``): its leader's cancellation (a
@@ -49,15 +55,14 @@ raises (a bug: the engine answers errors in results), nothing tells which
 calls ran, so none is run again: the leader gets the exception and every
 other batch of the round :class:`RoundFailedError`.
 
-Ownership: one coalescer per front end, owned by its server state: the
-Redis port's (``resp_server._Server.coalescer``) and the WebSocket
-server's (:attr:`kvmemo.server.app.Server.coalescer`, used by its
-sessions). It owns no task: rounds run in their leader's task.
+Ownership: one coalescer per Redis port, owned by its server state
+(``resp_server._Server.coalescer``). It owns no task: rounds run in their
+leader's task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -72,16 +77,6 @@ MAX_ROUND_CALLS = 4096  # commands per round; a round past it leaves the rest fo
 COALESCED: Final = frozenset(
     name for name, spec in COMMANDS.items() if spec.first_key == spec.last_key == 1
 )
-
-
-def coalescible(names: Iterable[str]) -> bool:
-    """Whether a batch of commands with these (table) names may run in a shared round.
-
-    True when every one acts on one key (:data:`COALESCED`); the empty batch
-    is too, but there is nothing to run.
-    """
-    coalesced = COALESCED
-    return all(name in coalesced for name in names)
 
 
 class RoundFailedError(Exception):

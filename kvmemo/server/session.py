@@ -28,21 +28,6 @@ message per scheduler pass, keeps bringing more: ``DRAIN_IDLE_PASSES``)
 and runs the ordinary single requests among them together, one task and
 one :meth:`KVEngine.execute_many` per group, so the shards see one batch
 per wake-up (a JSON-RPC batch message runs as a group of its own).
-
-Coalescing: a group whose commands all act on one key (GET, SET, INCR,
-...: :func:`~kvmemo.server.coalesce.coalescible`, the Redis port's rule)
-goes through the server's :class:`~kvmemo.server.coalesce.Coalescer`
-instead, which runs the groups of every session submitted in one scheduler
-pass as one ``execute_many``: one shard message per shard for all of them,
-where many sessions sending single requests would each send their own.
-Each group gets the results and errors its own call would give, and each
-call is counted in the engine's metrics once, as before (its latency from
-the start of its round: see :mod:`~kvmemo.server.coalesce`).
-Other groups (multi-key and keyspace commands) call the engine directly:
-in a shared round they would hold up the rest. Either way a group is
-submitted only once the groups it waits for (``_tails``, ``_barrier``) are
-answered, so the ordering above holds across both paths.
-
 Responses are written straight to text by the codec
 (:func:`jsonrpc.response_text`), and a writer task sends every response
 that is ready in one socket write, framing them itself when that gives the
@@ -53,9 +38,8 @@ neither a non-blocking receive nor a multi-message send.
 
 Errors: a client's bad input becomes an error response; a bug of ours in a
 request becomes ``INTERNAL`` for that request and is logged, and the
-session lives on (in a coalesced round, for every request of the round:
-the engine call cannot tell which of them ran). A failure of the session
-itself ends that session only; the server catches it.
+session lives on. A failure of the session itself ends that session only;
+the server catches it.
 """
 
 from __future__ import annotations
@@ -82,7 +66,6 @@ from ..errors import (
     UnknownCommandError,
 )
 from . import jsonrpc
-from .coalesce import coalescible
 
 if TYPE_CHECKING:
     from .app import Server
@@ -421,26 +404,11 @@ class Session:
         waits: list[trio.Event],
         done: trio.Event,
     ) -> None:
-        """Run one group's calls once ``waits`` are set, queue its responses, set ``done``.
-
-        Groups of single-key commands run in the server's coalescer
-        (shared rounds), the others by the engine directly; the results
-        and errors are the same. If the session closes meanwhile
-        (its nursery cancelled), calls not yet taken into a round never
-        run, and those already running finish there (the round is
-        shielded) and their results are dropped. ``done`` is set either
-        way: only the session's nursery cancels this task, and with it
-        every task that waits for ``done``.
-        """
         try:
             try:
                 for event in waits:
                     await event.wait()
-                pairs = [(c.method, c.args) for c in calls]
-                if coalescible(c.method for c in calls):
-                    results = await self.server.coalescer.execute_many(pairs)
-                else:
-                    results = await self.server.engine.execute_many(pairs)
+                results = await self.server.engine.execute_many([(c.method, c.args) for c in calls])
             except Exception:  # a bug of ours: INTERNAL for these requests only (logged)
                 log.exception("session %d: request failed", self.id)
                 results = [
