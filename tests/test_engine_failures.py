@@ -185,3 +185,48 @@ async def test_a_killed_shard_restarts_without_a_needless_rebuild(
         await wait_restarted(kv.system, shard_name(VICTIM))
         assert kv.system.events.count(shard_name(VICTIM), EventKind.STATE_REBUILT) == 0
         assert await kv.mget(*names) == [b"v"] * 10
+
+
+async def test_a_batch_timing_out_on_one_shard_keeps_the_replies_of_the_others(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # execute_many reads the shards' replies in turn under one timeout; when the
+    # first one it waits for is stalled, the others' replies (a SET applied)
+    # must not be reported as TIMEOUT.
+    from actors import DEFER
+    from kvmemo.storage import shard as shard_module
+
+    stalled: set[bytes] = set()
+    real_nowait = shard_module.ShardActor.handle_nowait
+    real_handle = shard_module.ShardActor.handle
+
+    def stalls(message: object) -> bool:
+        return isinstance(message, shard_module.ShardBatch) and any(
+            getattr(op, "key", None) in stalled for op in message.ops
+        )
+
+    def handle_nowait(self: shard_module.ShardActor, message: object) -> object:
+        return DEFER if stalls(message) else real_nowait(self, message)
+
+    async def handle(self: shard_module.ShardActor, message: object) -> object:
+        if stalls(message):
+            await trio.sleep(60)
+        return await real_handle(self, message)
+
+    monkeypatch.setattr(shard_module.ShardActor, "handle_nowait", handle_nowait)
+    monkeypatch.setattr(shard_module.ShardActor, "handle", handle)
+    async with kvmemo.open_store(shards=4, request_timeout=1.0) as kv:
+        slow, fast = key_on(kv, 0), key_on(kv, 3)
+        stalled.add(slow)
+        slow_result, fast_result = await kv.execute_many(("get", slow), ("set", fast, "1"))
+        assert isinstance(slow_result, KVMemoError)
+        assert slow_result.kind == "TIMEOUT"
+        assert fast_result == "OK"
+        assert await kv.get(fast) == b"1"
+
+
+def key_on(kv: Store, shard: int) -> bytes:
+    n = 0
+    while kv.engine.slots.shard_of(b"k%d" % n) != shard:
+        n += 1
+    return b"k%d" % n

@@ -643,8 +643,8 @@ class KVEngine:
                 groups[shard] = [item]
             else:
                 group.append(item)
+        pending: list[tuple[ActorRef, list[tuple[int, Any]], ReplySlot]] = []
         with trio.move_on_after(self.config.request_timeout):
-            pending = []
             for shard, items in groups.items():
                 try:
                     ref = self._shard_for(shard)
@@ -658,6 +658,19 @@ class KVEngine:
                 await self._finish_batch(ref, items, slot, results)
             self._maybe_wake_eviction()  # a no-op unless over the watermark: no write check
             return
+        # Timed out, waiting for some shard: the replies that came meanwhile
+        # from the others are still theirs (a write there was applied), not
+        # TIMEOUT. What a shard had not answered may or may not have run.
+        for ref, items, slot in pending:
+            if not slot.done:
+                continue
+            try:
+                answers = slot.result()
+            except (ActorCrashed, ActorStopped) as exc:
+                answers = [self._translate(exc, ref)] * len(items)
+            for (i, _), answer in zip(items, answers, strict=False):
+                if results[i] is _PENDING and not isinstance(answer, NeedMemory):
+                    results[i] = answer
         for i, _ in segment:
             if results[i] is _PENDING:
                 results[i] = RequestTimeoutError("the command did not finish in time", applied=None)
