@@ -4,6 +4,7 @@ and an eviction-manager that crashes until its supervisor gives up.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -248,3 +249,19 @@ async def test_faults_injected_into_the_eviction_manager_are_contained(
             for a in kv.actors()
             if a["name"] not in (EVICTION_MANAGER, EVICTION_SUPERVISOR)
         )
+
+
+@pytest.mark.parametrize("path", ["execute", "fast path"])
+async def test_a_set_refused_for_memory_is_refused_once_by_either_path(
+    path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The embedded set's fast path and execute("set") make the same one try:
+    # the shard refuses, no room can be made, OOM (one refusal counted).
+    async with kvmemo.open_store(shards=1, maxmemory=LIMIT, eviction_policy="noeviction") as kv:
+        await fill_until_oom(kv, "key", "v" * 100)
+        before = (await kv.info("memory"))["memory"]["oom_refusals"]
+        write = kv.set if path == "fast path" else functools.partial(kv.execute, "set")
+        with pytest.raises(KVMemoError) as refused:
+            await write(b"big", b"y" * 4000)
+        assert refused.value.kind == "OOM"
+        assert (await kv.info("memory"))["memory"]["oom_refusals"] == before + 1

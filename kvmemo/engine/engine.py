@@ -489,8 +489,8 @@ class KVEngine:
                 ref = self._shard_for(index)  # raises UNAVAILABLE
             try:
                 result = await ref.ask(op, timeout=self.config.request_timeout)
-            except NeedMemory:
-                result = await self._run_single(op)
+            except NeedMemory as exc:
+                result = await self._write_after_room(ref, op, exc.nbytes)
             except (ActorCrashed, ActorStopped, AskTimeout) as exc:
                 raise self._translate(exc, ref) from None
             else:
@@ -615,22 +615,33 @@ class KVEngine:
         ref = self._shards[index]
         if ref.state is not _RUNNING:
             ref = self._shard_for(index)  # raises UNAVAILABLE
+        try:
+            result = await ref.ask(op, timeout=self.config.request_timeout)
+        except NeedMemory as exc:
+            result = await self._write_after_room(ref, op, exc.nbytes)
+        except (ActorCrashed, ActorStopped, AskTimeout) as exc:
+            raise self._translate(exc, ref) from None
+        if op.write:
+            self._maybe_wake_eviction()
+        return result
+
+    async def _write_after_room(self, ref: ActorRef, op: ops.ShardOp, nbytes: int) -> Any:
+        """A write its shard refused for want of ``nbytes``: make room, then ask again.
+
+        Repeats while the shard still refuses and room can be made (one
+        budget for the whole write); OOM once it cannot.
+        """
         timeout = self.config.request_timeout
-        budget: _RoomBudget | None = None  # made on the first NeedMemory (rare)
+        budget = _RoomBudget()
         while True:
+            if not await self._make_room(nbytes, budget):
+                raise OutOfMemoryError(OOM_MESSAGE)
             try:
-                result = await ref.ask(op, timeout=timeout)
+                return await ref.ask(op, timeout=timeout)
             except NeedMemory as exc:
-                if budget is None:
-                    budget = _RoomBudget()
-                if not await self._make_room(exc.nbytes, budget):
-                    raise OutOfMemoryError(OOM_MESSAGE) from None
-                continue
+                nbytes = exc.nbytes
             except (ActorCrashed, ActorStopped, AskTimeout) as exc:
                 raise self._translate(exc, ref) from None
-            if op.write:
-                self._maybe_wake_eviction()
-            return result
 
     async def _run_segment(self, segment: list[tuple[int, Any]], results: list[Any]) -> None:
         """Run single-key operations grouped per shard, in order per shard."""
