@@ -480,8 +480,9 @@ class KVEngine:
             limit = self._small_size_limit
             if len(key) > limit or len(value) > limit:
                 self._check_sizes(_SET, (key, value))
-            # _run_single inlined, as in get; a write that needs memory
-            # (rare) goes through it to make room and retry.
+            # _run_single inlined, as in get (the repetition is the point: one
+            # coroutine frame less per call); a write that needs memory
+            # (rare) makes room in _write_after_room, as there.
             op = ops.PlainSet(key, value)
             index = self.slots.shard_of(key)
             ref = self._shards[index]
@@ -493,8 +494,7 @@ class KVEngine:
                 result = await self._write_after_room(ref, op, exc.nbytes)
             except (ActorCrashed, ActorStopped, AskTimeout) as exc:
                 raise self._translate(exc, ref) from None
-            else:
-                self._maybe_wake_eviction()
+            self._maybe_wake_eviction()
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
             raise
