@@ -56,7 +56,7 @@ from typing import Any
 import attrs
 import trio
 
-from actors import DEFER, ActorContext, MailboxFull
+from actors import DEFER, ActorContext, ActorStopped, MailboxFull
 
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
@@ -557,8 +557,9 @@ class DurableShardActor(ShardActor):
                 elif not dur.saving and trio.current_time() >= self._resave_at:
                     # Through the mailbox: a snapshot's start takes the journal,
                     # which only the mailbox loop may do (a commit may be running).
-                    # A full mailbox: the next second asks again.
-                    with contextlib.suppress(MailboxFull):
+                    # A full mailbox: the next second asks again (a stopped
+                    # one: this loop is about to be cancelled with the shard).
+                    with contextlib.suppress(MailboxFull, ActorStopped):
                         self._self.tell_nowait(RESAVE)
 
     async def _snapshot_writer(self) -> None:
