@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -167,5 +168,68 @@ async def test_a_round_full_before_the_leaders_batch_runs_for_the_others_first()
     assert sorted(out) == ["a", "b", "c"]
     assert all(out[name] == [f"{name} done"] * 2 for name in out)
     assert sorted(r[0][0] for r in engine.rounds) == ["a", "b", "c"]  # each ran once
+    assert coalescer._waiting == []
+    assert not coalescer._leading
+
+
+class RandomEngine:
+    """An engine stand-in taking random (virtual) time, and failing a tenth of its rounds."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.ran: list[tuple[str, object]] = []
+
+    async def execute_many(self, calls: list[tuple[str, object]]) -> list[object]:
+        for _ in range(self.rng.randrange(3)):
+            await trio.sleep(self.rng.random() * 0.01)
+        if self.rng.random() < 0.1:
+            raise ValueError("a bug in the engine")
+        self.ran.extend(calls)
+        return [("ran", call) for call in calls]
+
+
+@pytest.mark.parametrize("seed", range(60))
+async def test_random_submissions_cancellations_and_failures_leave_it_consistent(
+    seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Batches arrive at random moments, some are cancelled (gathering, leading,
+    # or in a running round), rounds fail and fill up: no batch hangs, no call
+    # runs twice, each batch gets its own results, and the coalescer ends idle.
+    rng = random.Random(seed)
+    engine = RandomEngine(rng)
+    coalescer = Coalescer(engine, max_round_calls=rng.choice([1, 2, 3, 5, 100]))  # type: ignore[arg-type]
+    outcomes: dict[int, str] = {}
+    scopes: list[trio.CancelScope] = []
+
+    async def connection(n: int, scope: trio.CancelScope) -> None:
+        calls = [("get", (b"%d-%d" % (n, j),)) for j in range(rng.randrange(1, 4))]
+        with scope:
+            try:
+                results = await coalescer.execute_many(calls)
+            except (RoundFailedError, ValueError):
+                outcomes[n] = "failed"
+                return
+            assert results == [("ran", call) for call in calls]
+            outcomes[n] = "ok"
+        if scope.cancelled_caught:
+            outcomes[n] = "cancelled"
+
+    with trio.fail_after(1000):  # virtual seconds
+        async with trio.open_nursery() as nursery:
+            for n in range(rng.randrange(2, 25)):
+                scopes.append(trio.CancelScope())
+                nursery.start_soon(connection, n, scopes[-1])
+                pause = rng.random()
+                if pause < 0.3:
+                    await trio.lowlevel.checkpoint()
+                elif pause < 0.5:
+                    await trio.sleep(rng.random() * 0.01)
+                if rng.random() < 0.25:
+                    rng.choice(scopes).cancel()
+            for _ in range(rng.randrange(3)):
+                await trio.sleep(rng.random() * 0.005)
+                rng.choice(scopes).cancel()
+    assert len(outcomes) == len(scopes)
+    assert len(engine.ran) == len(set(engine.ran)), "a call ran twice"
     assert coalescer._waiting == []
     assert not coalescer._leading
