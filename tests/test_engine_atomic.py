@@ -503,6 +503,51 @@ async def test_a_shard_down_in_a_grouped_round_fails_only_the_msets_that_touch_i
         assert await kv.mget(*c) == [b"c", b"c"]
 
 
+async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_touch_it(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # As above, but the shard crashes while it prepares its part (INTERNAL,
+    # not UNAVAILABLE): the round aborted everywhere, so C, which does not
+    # touch that shard, gets its own try and succeeds.
+    async with kvmemo.open_store(shards=4, restart_backoff=30.0, restart_backoff_max=30.0) as kv:
+        a = {key_on(kv, 0, "a"): "a", key_on(kv, 1, "a"): "a"}
+        b = {key_on(kv, 2, "b"): "b", key_on(kv, 3, "b"): "b"}
+        c = {key_on(kv, 0, "c"): "c", key_on(kv, 1, "c"): "c"}
+        crash_on = key_on(kv, 3, "b").encode()
+        real_prepare = ops._MSetPart.prepare
+
+        def prepare(part: ops._MSetPart, store: ShardStore, now: float) -> object:
+            if any(key == crash_on for key, _ in part.items):
+                raise RuntimeError("a bug in the shard")
+            return real_prepare(part, store, now)
+
+        monkeypatch.setattr(ops._MSetPart, "prepare", prepare)
+        outcomes: dict[str, str] = {}
+
+        async def mset(name: str, pairs: dict[str, str]) -> None:
+            try:
+                await kv.mset(pairs)
+            except KVMemoError as exc:
+                outcomes[name] = exc.kind
+            else:
+                outcomes[name] = "OK"
+
+        lock = kv.engine._txn_lock
+        await lock.acquire(write=False)  # A's round waits; B and C queue for the next
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mset, "A", a)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(mset, "B", b)
+            nursery.start_soon(mset, "C", c)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(kv.engine._mset_waiting) == 2  # B and C, for the round after A's
+            lock.release(write=False)
+        assert outcomes["A"] == outcomes["C"] == "OK"
+        assert outcomes["B"] in ("INTERNAL", "UNAVAILABLE")
+        assert await kv.mget(*c) == [b"c", b"c"]
+        assert await kv.get(key_on(kv, 2, "b")) is None  # B applied nowhere
+
+
 async def test_an_mget_whose_shard_is_killed_with_its_read_queued_does_not_hold_the_lock(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -972,12 +972,16 @@ class KVEngine:
         groups = {shard: merged[shard] for shard in sorted(merged)}  # the fixed hold order
         try:
             return [(True, await self._run_atomic(combined, groups))] * len(msets)
-        except (OutOfMemoryError, UnavailableError) as exc:
-            # Alone, an MSET may fit in memory, or not touch the shard that is down.
-            if len(msets) == 1:
-                return [(False, exc)]
         except KVMemoError as exc:
-            return [(False, exc)] * len(msets)
+            # Alone, an MSET may fit in memory, or not touch the shard that is
+            # down or crashed: each gets its own try, but only when the round
+            # certainly applied nothing (a retry must not write over a later
+            # acknowledged write).
+            retry = isinstance(exc, (OutOfMemoryError, UnavailableError)) or (
+                exc.data.get("applied", True) is False
+            )
+            if len(msets) == 1 or not retry:
+                return [(False, exc)] * len(msets)
         outcomes: list[tuple[bool, Any]] = []
         for op in msets:
             op.grouped = True
@@ -1122,6 +1126,10 @@ class KVEngine:
         if error is None and barrier.down is not None:
             error = _unavailable(refs[barrier.down])
         if error is not None:
+            if not commit and error.data.get("applied", False) is None:
+                # Aborted everywhere: whatever the failure, nothing was applied
+                # (so a caller may retry a part of it, see _mset_round).
+                error.data["applied"] = False
             raise error
         return commit, votes, results
 
