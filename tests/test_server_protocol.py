@@ -386,11 +386,35 @@ async def test_unavailable_while_the_owning_shard_restarts() -> None:
             assert await result(ws, "set", up, "v") == "OK"
 
 
-async def test_timeout_error_says_whether_the_request_was_applied() -> None:
-    store = StoreConfig(shards=2, request_timeout=1e-9)
+async def test_timeout_error_says_whether_the_request_was_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shard holds the request until the test lets it go, so the request
+    # certainly times out (a reply that came in time would be the answer).
+    from actors import DEFER
+    from kvmemo.storage import shard as shard_module
+
+    release = trio.Event()
+    real_nowait = shard_module.ShardActor.handle_nowait
+    real_handle = shard_module.ShardActor.handle
+
+    def handle_nowait(self: shard_module.ShardActor, message: object) -> object:
+        if isinstance(message, shard_module.ShardBatch):
+            return DEFER
+        return real_nowait(self, message)
+
+    async def handle(self: shard_module.ShardActor, message: object) -> object:
+        if isinstance(message, shard_module.ShardBatch):
+            await release.wait()
+        return await real_handle(self, message)
+
+    monkeypatch.setattr(shard_module.ShardActor, "handle_nowait", handle_nowait)
+    monkeypatch.setattr(shard_module.ShardActor, "handle", handle)
+    store = StoreConfig(shards=2, request_timeout=0.01)
     with trio.fail_after(TIMEOUT):
         async with node(store) as n, open_websocket_url(n.url) as ws:
             err = await error(ws, "get", "k")
+            release.set()
             assert (err["code"], err["data"]["kind"]) == (-32006, "TIMEOUT")
             assert err["data"]["applied"] in (False, None)
 
