@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -468,39 +469,59 @@ async def test_a_waiting_mset_keeps_its_own_deadline_whoever_leads_before_it(
         assert await kv.exists("W:0") == 0
 
 
+def grouped_msets(kv: Store) -> dict[str, dict[str, str]]:
+    """A (shards 0, 1), B (shards 2, 3) and C (shards 0, 1): B and C can share a round."""
+    return {
+        "A": {key_on(kv, 0, "a"): "a", key_on(kv, 1, "a"): "a"},
+        "B": {key_on(kv, 2, "b"): "b", key_on(kv, 3, "b"): "b"},
+        "C": {key_on(kv, 0, "c"): "c", key_on(kv, 1, "c"): "c"},
+    }
+
+
+async def run_b_and_c_in_one_round(
+    kv: Store, msets: dict[str, dict[str, str]], before_their_round: Callable[[], None]
+) -> dict[str, str]:
+    """Run A's round, with B and C queued behind it for the next; each one's kind (or OK).
+
+    ``before_their_round`` runs once B and C are queued, before A's round is let go.
+    """
+    outcomes: dict[str, str] = {}
+
+    async def mset(name: str) -> None:
+        try:
+            await kv.mset(msets[name])
+        except KVMemoError as exc:
+            outcomes[name] = exc.kind
+        else:
+            outcomes[name] = "OK"
+
+    lock = kv.engine._txn_lock
+    await lock.acquire(write=False)  # A's round waits; B and C queue for the next
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mset, "A")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(mset, "B")
+        nursery.start_soon(mset, "C")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(kv.engine._mset_waiting) == 2  # B and C, for the round after A's
+        before_their_round()
+        await trio.testing.wait_all_tasks_blocked()
+        lock.release(write=False)
+    return outcomes
+
+
 async def test_a_shard_down_in_a_grouped_round_fails_only_the_msets_that_touch_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    import kvmemo
-
     async with kvmemo.open_store(shards=4, restart_backoff=30.0, restart_backoff_max=30.0) as kv:
-        a = {key_on(kv, 0, "a"): "a", key_on(kv, 1, "a"): "a"}
-        b = {key_on(kv, 2, "b"): "b", key_on(kv, 3, "b"): "b"}
-        c = {key_on(kv, 0, "c"): "c", key_on(kv, 1, "c"): "c"}
-        outcomes: dict[str, str] = {}
-
-        async def mset(name: str, pairs: dict[str, str]) -> None:
-            try:
-                await kv.mset(pairs)
-            except KVMemoError as exc:
-                outcomes[name] = exc.kind
-            else:
-                outcomes[name] = "OK"
-
-        lock = kv.engine._txn_lock
-        await lock.acquire(write=False)  # A's round waits; B and C queue for the next
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mset, "A", a)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(mset, "B", b)
-            nursery.start_soon(mset, "C", c)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(kv.engine._mset_waiting) == 2  # B and C, for the round after A's
-            kv.kill_actor(shard_name(3))  # after B passed its shard check
-            await trio.testing.wait_all_tasks_blocked()
-            lock.release(write=False)
+        msets = grouped_msets(kv)
+        outcomes = await run_b_and_c_in_one_round(
+            kv,
+            msets,
+            lambda: kv.kill_actor(shard_name(3)),  # after B passed its shard check
+        )
         assert outcomes == {"A": "OK", "B": "UNAVAILABLE", "C": "OK"}
-        assert await kv.mget(*c) == [b"c", b"c"]
+        assert await kv.mget(*msets["C"]) == [b"c", b"c"]
 
 
 async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_touch_it(
@@ -510,9 +531,7 @@ async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_tou
     # not UNAVAILABLE): the round aborted everywhere, so C, which does not
     # touch that shard, gets its own try and succeeds.
     async with kvmemo.open_store(shards=4, restart_backoff=30.0, restart_backoff_max=30.0) as kv:
-        a = {key_on(kv, 0, "a"): "a", key_on(kv, 1, "a"): "a"}
-        b = {key_on(kv, 2, "b"): "b", key_on(kv, 3, "b"): "b"}
-        c = {key_on(kv, 0, "c"): "c", key_on(kv, 1, "c"): "c"}
+        msets = grouped_msets(kv)
         crash_on = key_on(kv, 3, "b").encode()
         real_prepare = ops._MSetPart.prepare
 
@@ -522,29 +541,10 @@ async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_tou
             return real_prepare(part, store, now)
 
         monkeypatch.setattr(ops._MSetPart, "prepare", prepare)
-        outcomes: dict[str, str] = {}
-
-        async def mset(name: str, pairs: dict[str, str]) -> None:
-            try:
-                await kv.mset(pairs)
-            except KVMemoError as exc:
-                outcomes[name] = exc.kind
-            else:
-                outcomes[name] = "OK"
-
-        lock = kv.engine._txn_lock
-        await lock.acquire(write=False)  # A's round waits; B and C queue for the next
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mset, "A", a)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(mset, "B", b)
-            nursery.start_soon(mset, "C", c)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(kv.engine._mset_waiting) == 2  # B and C, for the round after A's
-            lock.release(write=False)
+        outcomes = await run_b_and_c_in_one_round(kv, msets, lambda: None)
         assert outcomes["A"] == outcomes["C"] == "OK"
         assert outcomes["B"] in ("INTERNAL", "UNAVAILABLE")
-        assert await kv.mget(*c) == [b"c", b"c"]
+        assert await kv.mget(*msets["C"]) == [b"c", b"c"]
         assert await kv.get(key_on(kv, 2, "b")) is None  # B applied nowhere
 
 
