@@ -577,10 +577,48 @@ class MSet(AtomicOp):
     def part(self, positions: list[int]) -> AtomicPart:
         return _MSetPart([self.items[i] for i in positions], self.only_new)
 
+    def local(self) -> LocalMSet:
+        """The same command as one shard's message, for keys that all live on one shard."""
+        return LocalMSet(self.items, self.only_new)
+
     def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
         if self.only_new:
             return 1 if committed else 0
         return OK
+
+
+class LocalMSet(ShardOp):
+    """MSET or MSETNX whose keys all live on one shard: one message, no hold.
+
+    The shard applies it in one handler call, which has no checkpoint: every
+    reader (an MGET's part on this shard included) sees all of its pairs or
+    none, which is what the two-phase hold gives a multi-shard MSET. The
+    effect is that of :class:`_MSetPart`'s prepare then commit at the same
+    instant; ``key`` (the first pair's) routes it to its shard.
+    """
+
+    __slots__ = ("items", "only_new")
+    write = True
+
+    def __init__(self, items: list[tuple[bytes, bytes]], only_new: bool) -> None:
+        self.key = items[0][0]
+        self.items = items
+        self.only_new = only_new
+
+    def apply(self, store: ShardStore, now: float) -> Any:
+        """Set every pair (MSETNX: unless one key is live): "OK", or MSETNX's 1 / 0.
+
+        Raises:
+            NeedMemory: the tracker refused the bytes; nothing changed.
+        """
+        items = self.items
+        if self.only_new and any(store.contains(k, now) for k, _ in items):
+            return 0
+        delta = store.put_delta(items, now)
+        if not store.tracker.try_reserve(store.shard_id, delta):
+            raise NeedMemory(delta)
+        store.put_many(items, now)
+        return 1 if self.only_new else OK
 
 
 class _MGetPart(Part):

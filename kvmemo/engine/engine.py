@@ -535,6 +535,11 @@ class KVEngine:
             if isinstance(op, ops.ShardOp):
                 segment.append((i, op))
                 continue
+            if type(op) is ops.MSet:
+                groups = op.groups = self.slots.group_by_shard(op.keys)
+                if len(groups) == 1:
+                    segment.append((i, op.local()))  # one shard's message (see _run)
+                    continue
             if segment:
                 await run_segment()
                 segment = []
@@ -572,18 +577,24 @@ class KVEngine:
     async def _run(self, op: Any) -> Any:
         if isinstance(op, ops.ShardOp):
             return await self._run_single(op)
-        if type(op) is ops.MSet and not op.only_new and not op.grouped:
-            groups = self.slots.group_by_shard(op.keys)
-            if len(groups) > 1:
+        groups = None
+        if type(op) is ops.MSet and not op.grouped:
+            groups = op.groups
+            if groups is None:
+                groups = op.groups = self.slots.group_by_shard(op.keys)
+            if len(groups) == 1:
+                # One shard applies it in one step: atomic without a hold, the
+                # writer lock or a round (see ops.LocalMSet).
+                return await self._run_single(op.local())
+            if not op.only_new:
                 for shard in groups:
                     self._shard_for(shard)  # UNAVAILABLE before it waits for a round
-                op.groups = groups
                 return await self._grouped_mset(op)  # bounds its own time
         with trio.move_on_after(self.config.request_timeout):
             if isinstance(op, ops.FanOutOp):
                 return await self._run_fanout(op)
             if isinstance(op, ops.AtomicOp):
-                return await self._run_atomic(op)
+                return await self._run_atomic(op, groups)
             if isinstance(op, ops.KeyspaceOp):
                 return await self._run_keyspace(op)
             if isinstance(op, ServerCall):
