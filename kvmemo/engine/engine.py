@@ -105,6 +105,10 @@ WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
+# Under concurrency an MSET leader yields two scheduler passes, then while the last
+# one brought new MSETs, at most this many in all, before it takes its round (see
+# _grouped_mset).
+MSET_GATHER_PASSES = 4
 _NO_ANSWER = object()
 _LATE = "the command did not finish in time"
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
@@ -147,6 +151,7 @@ class KVEngine:
         self._eviction: ActorRef | None = None
         self._txn_lock = RWLock()
         self._mset_waiting: list[tuple[ops.MSet, ReplySlot, float]] = []  # (op, slot, deadline)
+        self._mset_last_round = 0  # MSETs in the last round taken (see _grouped_mset)
         self._mset_leading = False
         # UNWATCH messages a full mailbox refused: sent again with the next (un)watch.
         self._unwatch_backlog: list[tuple[int, list[bytes]]] = []
@@ -883,10 +888,35 @@ class KVEngine:
                 pending.pop(slot, None)
             if result is not _LEAD:
                 return result
+            gather = True
+        else:
+            gather = self._mset_last_round > 1
         self._mset_leading = True
         own: tuple[bool, Any] | None = None
         try:
+            if gather:
+                # Under concurrency (this leader was promoted, or the last round
+                # held several MSETs), the callers the last round answered come
+                # back with their next MSET in the same scheduler pass or the
+                # next. Taken at once, the round would hold this MSET alone and
+                # make them wait a whole round: half the rounds were of one
+                # MSET. So yield at least two passes (the woken callers may run
+                # before or after this task in the first: trio runs a pass in
+                # either order), then while the last one brought new MSETs, at
+                # most MSET_GATHER_PASSES (Cancelled here: nothing taken yet).
+                try:
+                    for passes in range(1, MSET_GATHER_PASSES + 1):
+                        waiting = len(self._mset_waiting)
+                        await trio.lowlevel.checkpoint()
+                        if passes >= 2 and len(self._mset_waiting) == waiting:
+                            break
+                except BaseException:
+                    # Our entry is still queued: take it out, or the promotion
+                    # below would hand the lead to this task, which is leaving.
+                    self._mset_waiting.remove(entry)
+                    raise
             batch = self._take_mset_batch(slot)
+            self._mset_last_round = len(batch)
             # The round may run until the latest deadline among its MSETs: a
             # waiter is bounded by its own deadline (the ask deadlines), and the
             # leader, which carries the others, answers its own once the round
