@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from kvmemo.commands import ops
 from kvmemo.embedded import Store
 from kvmemo.engine.engine import shard_name
 from kvmemo.errors import KVMemoError
+from kvmemo.persistence import SegmentedLog
 from kvmemo.storage.shard import Barrier, Hold, Inspect
 from kvmemo.storage.store import ShardStore
 
@@ -546,6 +549,55 @@ async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_tou
         assert outcomes["B"] in ("INTERNAL", "UNAVAILABLE")
         assert await kv.mget(*msets["C"]) == [b"c", b"c"]
         assert await kv.get(key_on(kv, 2, "b")) is None  # B applied nowhere
+
+
+async def test_a_shard_failing_after_a_grouped_round_committed_fails_only_the_msets_on_it(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The round committed, then the shard crashed in its commit (as a kill
+    # during its group commit's sync ends it): B, which touches that shard,
+    # gets INTERNAL with applied unknown; C, whose shards both committed, OK.
+    async with kvmemo.open_store(shards=4, restart_backoff=30.0, restart_backoff_max=30.0) as kv:
+        msets = grouped_msets(kv)
+        crash_on = key_on(kv, 3, "b").encode()
+        real_commit = ops._MSetPart.commit
+
+        def commit(part: ops._MSetPart, store: ShardStore, now: float) -> None:
+            if any(key == crash_on for key, _ in part.items):
+                raise RuntimeError("a bug in the shard")
+            real_commit(part, store, now)
+
+        monkeypatch.setattr(ops._MSetPart, "commit", commit)
+        outcomes = await run_b_and_c_in_one_round(kv, msets, lambda: None)
+        assert outcomes == {"A": "OK", "B": "INTERNAL", "C": "OK"}
+        assert await kv.mget(*msets["C"]) == [b"c", b"c"]
+        assert await kv.get(key_on(kv, 2, "b")) == b"b"  # committed there
+
+
+async def test_a_failed_sync_after_a_grouped_round_committed_fails_only_the_msets_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With appendfsync always, shard 3's group commit fails to sync: B gets
+    # IO (applied unknown); C was made durable by its own shards, so OK.
+    real_sync = SegmentedLog.sync
+    failing = {shard_name(3)}
+
+    def sync(log: SegmentedLog) -> None:
+        if log.directory.name in failing:
+            failing.discard(log.directory.name)
+            raise OSError(errno.EIO, "Input/output error", str(log.path(log.current)))
+        real_sync(log)
+
+    monkeypatch.setattr(SegmentedLog, "sync", sync)
+    data_dir = str(tmp_path)
+    with trio.fail_after(30):
+        async with kvmemo.open_store(shards=4, data_dir=data_dir, appendfsync="always") as kv:
+            msets = grouped_msets(kv)
+            outcomes = await run_b_and_c_in_one_round(kv, msets, lambda: None)
+            assert outcomes == {"A": "OK", "B": "IO", "C": "OK"}
+        assert not failing  # the sync did fail
+        async with kvmemo.open_store(shards=4, data_dir=data_dir) as kv:
+            assert await kv.mget(*msets["A"], *msets["C"]) == [b"a", b"a", b"c", b"c"]
 
 
 async def test_an_mget_whose_shard_is_killed_with_its_read_queued_does_not_hold_the_lock(

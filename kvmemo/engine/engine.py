@@ -765,9 +765,16 @@ class KVEngine:
         return op.combine(results, [where for _, where, _ in parts])
 
     async def _run_atomic(
-        self, op: ops.AtomicOp, groups: dict[int, list[int]] | None = None
+        self,
+        op: ops.AtomicOp,
+        groups: dict[int, list[int]] | None = None,
+        failed: dict[int, KVMemoError] | None = None,
     ) -> Any:
-        """Run a multi-key atomic command; ``groups``: its keys' positions per shard, if known."""
+        """Run a multi-key atomic command; ``groups``: its keys' positions per shard, if known.
+
+        ``failed``: filled as :meth:`_hold_all` fills it, when the write
+        committed and some of its shards failed after the decision.
+        """
         if groups is None:
             groups = self.slots.group_by_shard(op.keys)
         if op.readonly:
@@ -817,7 +824,9 @@ class KVEngine:
                     answer = await self._read_move_source(op, refs, positions)
                     if answer is not _NO_ANSWER:
                         return answer
-                committed, votes, results = await self._two_phase(op, refs, positions, shards)
+                committed, votes, results = await self._two_phase(
+                    op, refs, positions, shards, failed
+                )
             finally:
                 self._txn_lock.release(write=True)
             if ops.CHANGED in votes:
@@ -1011,9 +1020,20 @@ class KVEngine:
                 at.extend([i + offset for i in where] if offset else where)
             offset += len(o.items)
         groups = {shard: merged[shard] for shard in sorted(merged)}  # the fixed hold order
+        failed: dict[int, KVMemoError] = {}
         try:
-            return [(True, await self._run_atomic(combined, groups))] * len(msets)
+            return [(True, await self._run_atomic(combined, groups, failed))] * len(msets)
         except KVMemoError as exc:
+            if failed:
+                # The round committed, then these shards failed (a kill during
+                # the group commit's sync): an MSET that touches none of them
+                # was applied whole, and made durable, by its own shards.
+                outcomes: list[tuple[bool, Any]] = []
+                for o in msets:
+                    assert o.groups is not None
+                    lost = next((failed[s] for s in o.groups if s in failed), None)
+                    outcomes.append((True, ops.OK) if lost is None else (False, lost))
+                return outcomes
             # Alone, an MSET may fit in memory, or not touch the shard that is
             # down or crashed: each gets its own try, but only when the round
             # certainly applied nothing (a retry must not write over a later
@@ -1023,7 +1043,7 @@ class KVEngine:
             )
             if len(msets) == 1 or not retry:
                 return [(False, exc)] * len(msets)
-        outcomes: list[tuple[bool, Any]] = []
+        outcomes = []
         for op in msets:
             op.grouped = True
             try:
@@ -1089,15 +1109,17 @@ class KVEngine:
         refs: list[ActorRef],
         positions: list[list[int]],
         shards: list[int],
+        failed: dict[int, KVMemoError] | None = None,
     ) -> tuple[bool, list[object], list[Any]]:
         """Prepare on every shard (each holds), decide, commit or abort everywhere."""
-        return await self._hold_all(refs, [op.part(where) for where in positions], shards)
+        return await self._hold_all(refs, [op.part(where) for where in positions], shards, failed)
 
     async def _hold_all(
         self,
         refs: list[ActorRef],
         parts: list[ops.AtomicPart],
         shards: list[int] | None = None,
+        failed: dict[int, KVMemoError] | None = None,
     ) -> tuple[bool, list[object], list[Any]]:
         """Prepare ``parts[i]`` on ``refs[i]`` (each holds), decide, commit or abort everywhere.
 
@@ -1108,8 +1130,16 @@ class KVEngine:
         Returns (committed, each shard's vote, each shard's commit result
         (None where aborted)). The caller holds the writer lock.
 
+        A shard can fail after a commit was decided (killed, or crashed,
+        during its commit or its group commit's sync): the first such error
+        is raised, and with ``failed`` and ``shards`` given, ``failed`` maps
+        each shard that failed so to its error. The other shards' parts were
+        applied, and made durable as their replies are: a caller that ran
+        several commands in one round tells them apart by it.
+
         Raises:
             PersistenceIOError: the intent could not be written (aborted).
+            KVMemoError: a shard failed (see above).
         """
         barrier = Barrier(len(refs))
         slots: list[ReplySlot] = []
@@ -1151,7 +1181,7 @@ class KVEngine:
         votes = list(barrier.votes)
         results = []
         error: KVMemoError | None = None
-        for ref, slot in zip(refs, slots, strict=True):
+        for i, (ref, slot) in enumerate(zip(refs, slots, strict=True)):
             if not commit and not slot.done:
                 # Aborted: its reply says nothing more (it gives back what it
                 # reserved by itself), and a shard killed with the hold queued
@@ -1161,7 +1191,10 @@ class KVEngine:
             try:
                 result = slot.result() if slot.done else await slot.wait()
             except (ActorCrashed, ActorStopped, KVMemoError) as exc:
-                error = error or self._translate(exc, ref)
+                translated = self._translate(exc, ref)
+                error = error or translated
+                if commit and failed is not None and shards is not None:
+                    failed[shards[i]] = translated
                 continue
             results.append(None if result is ABORTED else result)
         if error is None and barrier.down is not None:
