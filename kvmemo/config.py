@@ -112,6 +112,9 @@ class StoreConfig:
         repair: start despite a corrupt log, keeping every valid record and
             moving the rest aside.
         snapshot_log_bytes: log size of one shard that triggers its snapshot.
+        scan_snapshots: open SCAN iterations each shard remembers (each holds
+            a reference per key of the shard, 8 bytes); beyond it the least
+            recently continued one starts that shard over at its next call.
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)
@@ -138,6 +141,7 @@ class StoreConfig:
     appendfsync: str = "everysec"
     repair: bool = False
     snapshot_log_bytes: int = attrs.field(default=256 * 1024 * 1024, converter=_snapshot_bytes)
+    scan_snapshots: int = attrs.field(default=64, validator=_at_least_one)
 
     def __attrs_post_init__(self) -> None:
         if self.shards > 16384:

@@ -246,6 +246,13 @@ SETTINGS: list[Setting] = [
     ),
     Setting("mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox"),
     Setting(
+        "scan_snapshots",
+        "store",
+        "scan_snapshots",
+        _int,
+        "open SCAN iterations each shard remembers (64)",
+    ),
+    Setting(
         "hold_timeout",
         "store",
         "hold_timeout",

@@ -86,6 +86,12 @@ def test_toml_then_environment_then_flags(tmp_path: Path) -> None:
     assert r.store.shards == 3
 
 
+def test_the_scan_snapshot_limit_is_a_setting() -> None:
+    assert resolved([], {}).store.scan_snapshots == 64
+    assert resolved(["--scan-snapshots", "8"], {}).store.scan_snapshots == 8
+    assert resolved([], {"KVMEMO_SCAN_SNAPSHOTS": "3"}).store.scan_snapshots == 3
+
+
 def test_supervision_eviction_and_hold_limits_are_settings() -> None:
     r = resolved(
         ["--max-restarts", "500", "--restart-period", "2.5", "--hold-timeout", "0.25"],

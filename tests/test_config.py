@@ -50,6 +50,7 @@ POLICIES = "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, vola
         ),
         ({"max_restarts": 0}, r"^max_restarts must be >= 1, got 0$"),
         ({"restart_period": 0}, r"^restart_period must be > 0, got 0$"),
+        ({"scan_snapshots": 0}, r"^scan_snapshots must be >= 1, got 0$"),
     ],
 )
 def test_an_invalid_setting_raises_value_error_naming_it(

@@ -311,3 +311,23 @@ async def test_option_less_get_and_set_never_go_through_execute(
         assert await kv.get("k") == b"v"
         with pytest.raises(AssertionError, match="set went through execute"):
             await kv.set("k", "v", nx=True)  # an option: the general path
+
+
+async def test_info_memory_counts_the_keys_held_by_open_scans_up_to_the_setting() -> None:
+    async with kvmemo.open_store(shards=1, scan_snapshots=2) as kv:
+        await kv.mset({f"k{i}": "v" for i in range(30)})
+        assert (await kv.info("memory"))["memory"]["scan_snapshot_keys"] == 0
+        cursors = []
+        for _ in range(3):  # three open scans; the shard remembers two
+            cursor, keys = await kv.scan(0, count=5)
+            assert cursor != 0
+            assert len(keys) == 5
+            cursors.append(cursor)
+        assert (await kv.info("memory"))["memory"]["scan_snapshot_keys"] == 60
+        seen: set[bytes] = set()
+        cursor = cursors[0]  # its snapshot was dropped: it starts over, missing nothing
+        while cursor:
+            cursor, keys = await kv.scan(cursor, count=7)
+            seen.update(keys)
+        assert seen == {f"k{i}".encode() for i in range(30)}
+        assert (await kv.info("memory"))["memory"]["scan_snapshot_keys"] == 30

@@ -600,3 +600,23 @@ def test_the_plain_set_op_is_set_without_options(
         assert plain == full == "OK"
     assert (fast.data, fast.expires, fast.used) == (slow.data, slow.expires, slow.used)
     assert_consistent(fast)
+
+
+def test_the_number_of_scan_snapshots_is_the_stores_setting_and_their_keys_are_counted() -> None:
+    store = ShardStore(0, make_policy("lru"), MemoryTracker(0, 1), scan_snapshots=2)
+    for i in range(10):
+        store.put(b"k%d" % i, b"v", 0.0, expires_at=None)
+    first, offset, _ = store.scan(0, 0, 3, 0.0)
+    assert offset == 3
+    assert store.scan_snapshot_keys() == 10
+    store.scan(0, 0, 3, 0.0)
+    assert store.scan_snapshot_keys() == 20  # two open scans, ten keys each
+    store.scan(0, 0, 3, 0.0)  # a third: the least recently continued (the first) goes
+    assert store.scan_snapshot_keys() == 20
+    again, offset, keys = store.scan(first, 3, 3, 0.0)
+    assert again != first  # a fresh snapshot, walked from the start
+    assert (offset, keys) == (3, [b"k0", b"k1", b"k2"])
+    while offset:
+        again, offset, _ = store.scan(again, offset, 3, 0.0)
+    assert store.scan_snapshot_keys() == 10  # the finished scan let its snapshot go
+    assert store.repaired(make_policy("lru")).scan_snapshots == 2

@@ -46,7 +46,11 @@ async def recover_all(
     owns (and closes).
     """
     stores, warnings, intents = await prepare_stores(
-        config.shards, tracker, lambda: make_policy(config.eviction_policy), persistence
+        config.shards,
+        tracker,
+        lambda: make_policy(config.eviction_policy),
+        persistence,
+        scan_snapshots=config.scan_snapshots,
     )
     for warning in warnings:
         log.warning("%s", warning)

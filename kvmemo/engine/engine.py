@@ -188,9 +188,18 @@ class KVEngine:
         policy = self._make_policy  # the current policy (CONFIG SET may change it)
         for i in range(cfg.shards):
             if persistence is not None:
-                hooks = durable_state_factory(i, self.tracker, policy, persistence, self._prepared)
+                hooks = durable_state_factory(
+                    i,
+                    self.tracker,
+                    policy,
+                    persistence,
+                    self._prepared,
+                    scan_snapshots=cfg.scan_snapshots,
+                )
             else:
-                hooks = shard_state_factory(i, self.tracker, policy)
+                hooks = shard_state_factory(
+                    i, self.tracker, policy, scan_snapshots=cfg.scan_snapshots
+                )
             shard_specs.append(
                 ChildSpec(
                     shard_name(i),
@@ -1679,6 +1688,9 @@ class KVEngine:
                 "maxmemory_policy": self._policy_name,
                 "eviction_watermark": self.config.eviction_watermark,
                 "oom_refusals": self.tracker.refused,
+                # Open SCAN iterations' key references (8 bytes each), outside
+                # used_memory: bounded by scan_snapshots per shard.
+                "scan_snapshot_keys": sum(s["scan_snapshot_keys"] for s in stats),
             },
             "stats": {
                 "expired_keys": sum(s["expired_keys"] for s in stats),
@@ -1705,7 +1717,13 @@ class KVEngine:
     async def _shard_stats(self) -> list[dict[str, int]]:
         out = []
         for ref in self._shards:
-            empty = {"keys": 0, "expires": 0, "expired_keys": 0, "evicted_keys": 0}
+            empty = {
+                "keys": 0,
+                "expires": 0,
+                "expired_keys": 0,
+                "evicted_keys": 0,
+                "scan_snapshot_keys": 0,
+            }
             if ref.state is not ActorState.RUNNING:
                 out.append(empty)
                 continue

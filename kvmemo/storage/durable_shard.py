@@ -73,7 +73,7 @@ from ..persistence.intents import (
 from ..persistence.records import replay
 from .durability import Health, LogBatch, ShardDurability
 from .shard import Hold, ShardActor
-from .store import ShardStore
+from .store import SCAN_SNAPSHOTS, ShardStore
 from .sync_coordinator import RoundIncompleteError, SyncCoordinator
 
 _current_time = trio.current_time
@@ -662,6 +662,8 @@ def durable_state_factory(
     make_policy: Callable[[], EvictionPolicy],
     config: PersistenceConfig,
     prepared: dict[int, ShardStore],
+    *,
+    scan_snapshots: int = SCAN_SNAPSHOTS,
 ) -> tuple[Callable[[], ShardStore], Callable[[Any], bool], Callable[[Any], ShardStore]]:
     """The (initial, check, rebuild) hooks of a persistent shard's lasting state.
 
@@ -669,7 +671,7 @@ def durable_state_factory(
     """
 
     def new_store() -> ShardStore:
-        store = ShardStore(shard_id, make_policy(), tracker)
+        store = ShardStore(shard_id, make_policy(), tracker, scan_snapshots=scan_snapshots)
         store.durability = ShardDurability(
             config.shard_dir(shard_id),
             config.appendfsync,
@@ -707,6 +709,8 @@ async def prepare_stores(
     tracker: MemoryTracker,
     make_policy: Callable[[], EvictionPolicy],
     config: PersistenceConfig,
+    *,
+    scan_snapshots: int = SCAN_SNAPSHOTS,
 ) -> tuple[dict[int, ShardStore], list[str], IntentLog]:
     """Recover every shard from disk before the tree starts; (stores, warnings, intent log).
 
@@ -732,7 +736,9 @@ async def prepare_stores(
     )
     stores: dict[int, ShardStore] = {}
     for shard in range(shards):
-        make, _, _ = durable_state_factory(shard, tracker, make_policy, config, {})
+        make, _, _ = durable_state_factory(
+            shard, tracker, make_policy, config, {}, scan_snapshots=scan_snapshots
+        )
         store = make()
         store.load(recovered[shard].data, _to_monotonic(recovered[shard].expires))
         _take_marks(store, recovered[shard].marks)

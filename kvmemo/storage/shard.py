@@ -25,7 +25,7 @@ from ..errors import KVMemoError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
 from .durability import Journal
-from .store import NeedMemory, ShardStore
+from .store import SCAN_SNAPSHOTS, NeedMemory, ShardStore
 
 _current_time = trio.current_time
 
@@ -249,6 +249,7 @@ class Stats:
             "expired_keys": store.expired_count,
             "evicted_keys": store.evicted_count,
             "ttl_index": len(store.ttl_index),
+            "scan_snapshot_keys": store.scan_snapshot_keys(),
         }
 
 
@@ -338,12 +339,16 @@ class ShardActor(Actor):
 
 
 def shard_state_factory(
-    shard_id: int, tracker: MemoryTracker, make_policy: Callable[[], EvictionPolicy]
+    shard_id: int,
+    tracker: MemoryTracker,
+    make_policy: Callable[[], EvictionPolicy],
+    *,
+    scan_snapshots: int = SCAN_SNAPSHOTS,
 ) -> tuple[Callable[[], ShardStore], Callable[[Any], bool], Callable[[Any], ShardStore]]:
     """The (initial, check, rebuild) hooks of one shard's lasting state."""
 
     def initial() -> ShardStore:
-        return ShardStore(shard_id, make_policy(), tracker)
+        return ShardStore(shard_id, make_policy(), tracker, scan_snapshots=scan_snapshots)
 
     def check(store: Any) -> bool:
         return isinstance(store, ShardStore) and store.check_invariants()

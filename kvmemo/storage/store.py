@@ -35,7 +35,7 @@ from ..eviction.policies import EvictionPolicy, NoEvictionPolicy
 from ..expiry.ttl_index import TTLIndex
 from .durability import Journal, ShardDurability
 
-SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard; the oldest is dropped
+SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard, by default (see scan)
 # Versions of watched keys, process-wide and only ever growing: a version a
 # watcher saw is never given again, even to an entry made anew (its last
 # watcher left, or the store was rebuilt), so no write can go unseen.
@@ -61,10 +61,19 @@ class ShardStore:
         shard_id: this shard's number (its row in the tracker).
         policy: the shard's eviction policy (owned by this store from now on).
         tracker: the store-wide memory tracker (shared, synchronous).
+        scan_snapshots: open SCAN iterations remembered (see :meth:`scan`).
     """
 
-    def __init__(self, shard_id: int, policy: EvictionPolicy, tracker: MemoryTracker) -> None:
+    def __init__(
+        self,
+        shard_id: int,
+        policy: EvictionPolicy,
+        tracker: MemoryTracker,
+        *,
+        scan_snapshots: int = SCAN_SNAPSHOTS,
+    ) -> None:
         self.shard_id = shard_id
+        self.scan_snapshots = scan_snapshots
         self.policy = policy
         self._key_overhead = policy.key_overhead
         self.tracker = tracker
@@ -551,6 +560,12 @@ class ShardStore:
         key present for the whole iteration is returned (once), whatever is
         written meanwhile; keys no longer live are skipped when returned.
 
+        Memory: a snapshot holds a reference per key (8 bytes, outside
+        ``used_memory``; :meth:`scan_snapshot_keys` counts them) until its
+        scan ends. At most ``scan_snapshots`` are kept: beyond that the least
+        recently continued one is dropped, and its next call starts this
+        shard over (keys may then repeat, none is missed).
+
         Returns:
             (scan id, next offset or 0 when this shard is done, keys).
         """
@@ -566,7 +581,7 @@ class ShardStore:
             scan_id = self._next_scan
             self._next_scan = self._next_scan % (1 << 17) + 1
             self._scans[scan_id] = snapshot
-            while len(self._scans) > SCAN_SNAPSHOTS:
+            while len(self._scans) > self.scan_snapshots:
                 self._scans.popitem(last=False)
         else:
             self._scans.move_to_end(scan_id)
@@ -576,6 +591,10 @@ class ShardStore:
             self._scans.pop(scan_id, None)
             return scan_id, 0, keys
         return scan_id, end, keys
+
+    def scan_snapshot_keys(self) -> int:
+        """Key references held by the open SCAN snapshots of this shard."""
+        return sum(map(len, self._scans.values()))
 
     # -- integrity --------------------------------------------------------------------------
 
@@ -633,7 +652,7 @@ class ShardStore:
         entries of the wrong type are dropped, sizes recomputed, and the TTL
         index, the policy and the tracker's figure rebuilt from the entries.
         """
-        fresh = ShardStore(self.shard_id, policy, self.tracker)
+        fresh = ShardStore(self.shard_id, policy, self.tracker, scan_snapshots=self.scan_snapshots)
         data = self.data if isinstance(self.data, dict) else {}
         expires = self.expires if isinstance(self.expires, dict) else {}
         total = 0
