@@ -291,6 +291,13 @@ SETTINGS: list[Setting] = [
     Setting("dir", "store", "data_dir", _str, "data directory: turns persistence on (off)"),
     Setting("appendfsync", "store", "appendfsync", _str, "always, everysec or no (everysec)"),
     Setting(
+        "fsync_method",
+        "store",
+        "fsync_method",
+        _str,
+        "fsync (each shard's log) or syncfs (one call per file system; Linux 5.8+) (fsync)",
+    ),
+    Setting(
         "repair", "store", "repair", _bool, "start despite a corrupt log, keeping valid records"
     ),
     Setting(

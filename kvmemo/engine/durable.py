@@ -21,6 +21,7 @@ from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
 from ..storage.durable_shard import PersistenceConfig, PersistenceInfo, Save, prepare_stores
 from ..storage.store import ShardStore
+from ..storage.sync_coordinator import SyncCoordinator
 
 log = logging.getLogger("kvmemo.persistence")
 
@@ -34,6 +35,7 @@ def persistence_config(config: StoreConfig) -> PersistenceConfig | None:
         AppendFsync(config.appendfsync),
         repair=config.repair,
         snapshot_bytes=config.snapshot_log_bytes,
+        sync_coordinator=SyncCoordinator(method=config.fsync_method),
     )
 
 

@@ -49,10 +49,12 @@ or to ``close``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import errno
 import os
 import re
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,6 +140,70 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+class SyncPlan:
+    """What one sync of a :class:`SegmentedLog` makes durable (see :meth:`SegmentedLog.begin_sync`).
+
+    ``retired``: (number, descriptor) of segments rotated out since the last
+    sync; ``fd`` and ``number``: the current segment; ``dir_dirty``: a
+    segment was created, so the directory entry must be made durable too.
+    """
+
+    __slots__ = ("dir_dirty", "fd", "number", "retired")
+
+    def __init__(
+        self, retired: list[tuple[int, int]], fd: int, number: int, dir_dirty: bool
+    ) -> None:
+        self.retired = retired
+        self.fd = fd
+        self.number = number
+        self.dir_dirty = dir_dirty
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def syncfs_supported() -> str | None:
+    """None if :func:`syncfs` can be used here; else why not.
+
+    ``syncfs`` reports write-back errors only since Linux 5.8; before, a
+    failed write-back would go unnoticed, so older kernels are refused.
+    """
+    global _libc
+    if sys.platform != "linux":
+        return f"syncfs needs Linux, not {sys.platform}"
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    if match is None or (int(match[1]), int(match[2])) < (5, 8):
+        release = os.uname().release
+        return f"syncfs needs Linux 5.8 or later (errors are not reported before), got {release}"
+    if _libc is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syncfs.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            return "the C library has no syncfs"
+        _libc = libc
+    return None
+
+
+def syncfs(fd: int) -> None:
+    """Make everything written to the file system holding ``fd`` durable (``syncfs(2)``).
+
+    One call syncs every dirty file of that file system, data and metadata
+    (directory entries included), and flushes the device cache, as an
+    ``fsync`` of each would; an error may belong to any file on it.
+
+    Raises:
+        OSError: the sync failed (or :func:`syncfs_supported` refused).
+    """
+    why = syncfs_supported()
+    if why is not None:
+        raise OSError(errno.ENOSYS, why)
+    assert _libc is not None
+    if _libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _close_quietly(fd: int) -> None:
@@ -282,7 +348,44 @@ class SegmentedLog:
             OSError: an fsync failed; the log is failed from now on.
             ValueError: the log is closed.
         """
-        with self._sync_lock:
+        plan = self.begin_sync()
+        current = plan.number  # the segment being synced, to name it in an error
+        error: OSError | None = None
+        try:
+            for n, old in plan.retired:
+                current = n
+                os.fsync(old)
+            current = plan.number
+            os.fsync(plan.fd)
+            if plan.dir_dirty:
+                fsync_directory(self._directory)
+        except OSError as err:
+            error = err
+        except BaseException:
+            self.finish_sync(plan, None)  # interrupted: not failed, not synced either
+            raise
+        failure = self.finish_sync(plan, error, current)
+        if failure is not None:
+            if failure is error:
+                raise failure
+            raise failure from error
+
+    def begin_sync(self) -> SyncPlan:
+        """Take what a sync must make durable; the caller syncs it, then calls :meth:`finish_sync`.
+
+        :meth:`sync` is the two with ``os.fsync`` in between; a store's sync
+        round may instead make many logs durable with one ``syncfs`` (see
+        :func:`syncfs`). Until :meth:`finish_sync`, this log's sync lock is
+        held: the plan's descriptors stay open, and no other sync of this log
+        (in any thread) may begin; the caller must call :meth:`finish_sync`
+        exactly once, from the same thread.
+
+        Raises:
+            LogFailedError: an earlier sync failed and nothing was appended since.
+            ValueError: the log is closed.
+        """
+        self._sync_lock.acquire()
+        try:
             with self._lock:
                 self._check_open()
                 if self._failed is not None:
@@ -294,30 +397,45 @@ class SegmentedLog:
                     )
                 retired, self._retired = self._retired, []
                 abandoned, self._abandoned = self._abandoned, []
-                fd, number = self._fd, self._number
-                dir_dirty, self._dir_dirty = self._dir_dirty, False
+                plan = SyncPlan(retired, self._fd, self._number, self._dir_dirty)
+                self._dir_dirty = False
             for old in abandoned:
                 _close_quietly(old)
-            current = number  # the segment being synced, to name it in an error
-            try:
-                for n, old in retired:
-                    current = n
-                    os.fsync(old)
-                current = number
-                os.fsync(fd)
-                if dir_dirty:
-                    fsync_directory(self._directory)
-            except OSError as err:
-                failure = named(err, self.path(current))
-                with self._lock:
-                    self._failed = failure
-                    self._dir_dirty = self._dir_dirty or dir_dirty
-                if failure is err:
-                    raise
-                raise failure from err
-            finally:
-                for _, old in retired:
-                    _close_quietly(old)
+        except BaseException:
+            self._sync_lock.release()
+            raise
+        return plan
+
+    def finish_sync(
+        self, plan: SyncPlan, error: OSError | None, segment: int | None = None
+    ) -> OSError | None:
+        """End the sync of ``plan``, which failed with ``error`` (None: it is durable).
+
+        A failure fails the log (see the module docstring); it is returned
+        with the path of ``segment`` (default: the plan's current segment)
+        in it. Closes the retired segments' descriptors and releases the
+        sync lock :meth:`begin_sync` took.
+        """
+        try:
+            if error is None:
+                return None
+            failure = named(error, self.path(plan.number if segment is None else segment))
+            with self._lock:
+                self._failed = failure
+                self._dir_dirty = self._dir_dirty or plan.dir_dirty
+            return failure
+        finally:
+            for _, old in plan.retired:
+                _close_quietly(old)
+            self._sync_lock.release()
+
+    def device(self, plan: SyncPlan) -> int:
+        """The file system (``st_dev``) of the log's segments, for grouping syncs.
+
+        Raises:
+            OSError: the descriptor cannot be queried.
+        """
+        return os.fstat(plan.fd).st_dev
 
     def rotate(self) -> int:
         """Start a new segment; later appends go to it.

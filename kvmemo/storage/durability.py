@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
 from ..persistence.records import encode_txn
+from .sync_coordinator import LogWrite
 
 # Appended to the error of a shard that owes a re-save (see ShardDurability).
 RESAVE_NOTE = "; a sync failed: a snapshot will re-save what the log held"
@@ -375,7 +376,7 @@ class ShardDurability:
         }
 
 
-class LogBatch:
+class LogBatch(LogWrite):
     """One batch's append and sync as one call, for a sync round's worker thread.
 
     With ``appendfsync always`` the shard hands its journal to the store's
@@ -417,23 +418,30 @@ class LogBatch:
             self._claimed = True
             return True
 
-    def __call__(self) -> None:
-        """Append, then sync (in a worker thread); nothing if taken back already.
+    def write(self) -> SegmentedLog | None:
+        """Append (in a round's thread); the log to sync, or None if taken back already.
+
+        Calling the batch appends, then syncs (:class:`LogWrite`).
 
         Raises:
-            OSError: the append or the sync failed (see ``appended``).
+            OSError: the append failed (``appended`` stays False).
             ValueError: the log was closed meanwhile (its shard was rebuilt).
         """
         if not self._take():
-            return
+            return None
         try:
             self.log.append_encoded(self.data)
-            self.appended = True
-            self.log.sync()
         except OSError as exc:
             self.error = exc
             raise
-        self.synced = True
+        self.appended = True
+        return self.log
+
+    def done(self, error: OSError | None) -> None:
+        if error is None:
+            self.synced = True
+        else:
+            self.error = error
 
     def take_back(self) -> bool:
         """Append the batch here, without a sync, unless a round started it; True if appended.

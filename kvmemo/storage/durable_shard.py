@@ -74,7 +74,7 @@ from ..persistence.records import replay
 from .durability import Health, LogBatch, ShardDurability
 from .shard import Hold, ShardActor
 from .store import SCAN_SNAPSHOTS, ShardStore
-from .sync_coordinator import RoundIncompleteError, SyncCoordinator
+from .sync_coordinator import LogWrite, RoundIncompleteError, SyncCoordinator
 
 _current_time = trio.current_time
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
@@ -618,7 +618,7 @@ class DurableShardActor(ShardActor):
             await trio.to_thread.run_sync(log.close)  # waits for a running sync
 
 
-class _RecordedSync:
+class _RecordedSync(LogWrite):
     """``log.sync`` for a sync round, remembering its error for a requester that was killed.
 
     The coordinator runs the call in a worker thread; a requester cancelled
@@ -632,12 +632,11 @@ class _RecordedSync:
         self.log = log
         self.error: OSError | None = None
 
-    def __call__(self) -> None:
-        try:
-            self.log.sync()
-        except OSError as exc:
-            self.error = exc
-            raise
+    def write(self) -> SegmentedLog:
+        return self.log  # nothing to write: the appends were made already
+
+    def done(self, error: OSError | None) -> None:
+        self.error = error
 
 
 @attrs.frozen
