@@ -25,6 +25,7 @@ from kvmemo.persistence import SegmentedLog
 from kvmemo.persistence import wal as wal_module
 from kvmemo.persistence.records import encode_set
 from kvmemo.storage import sync_coordinator
+from kvmemo.storage.durability import LogBatch
 from kvmemo.storage.sync_coordinator import LogWrite, SyncCoordinator, _syncfs_round
 
 pytestmark = pytest.mark.skipif(
@@ -227,3 +228,17 @@ def test_the_method_is_a_setting() -> None:
     assert resolved([], {}).store.fsync_method == "fsync"
     assert resolved(["--fsync-method", "syncfs"], {}).store.fsync_method == "syncfs"
     assert resolved([], {"KVMEMO_FSYNC_METHOD": "syncfs"}).store.fsync_method == "syncfs"
+
+
+def test_a_batch_its_shard_took_back_is_not_told_durable_by_the_round(
+    tmp_path: Path, syncfs_calls: list[int]
+) -> None:
+    log = SegmentedLog(tmp_path / "log")
+    batch = LogBatch(log, record(0))
+    try:
+        assert batch.take_back()  # the shard was killed first: appended, not synced
+        assert _syncfs_round([batch]) == [None]
+        assert (batch.appended, batch.synced, batch.error) == (True, False, None)
+        assert syncfs_calls == []  # nothing of the round's own to sync
+    finally:
+        log.close()

@@ -142,7 +142,10 @@ class LogWrite:
     __slots__ = ()
 
     def write(self) -> SegmentedLog | None:
-        """Do everything before the sync; the log to sync (None: nothing to sync).
+        """Do everything before the sync; the log to sync (None: nothing done, nothing to sync).
+
+        A call whose write returns None is not told anything (:meth:`done`
+        is not called): it did nothing (a batch its shard took back).
 
         Raises:
             Exception: the write failed (the sync does not happen).
@@ -265,8 +268,7 @@ def _syncfs_round(calls: Sequence[Callable[[], object]]) -> list[BaseException |
             try:
                 log = call.write()
                 if log is None:
-                    call.done(None)
-                    continue
+                    continue  # nothing was written: nothing to tell (as in LogWrite.__call__)
                 entry = planned.get(id(log))
                 if entry is None:
                     plan = log.begin_sync()
