@@ -116,7 +116,7 @@ class StoreConfig:
         fsync_method: how a sync round of ``appendfsync always`` (and the
             once-a-second sync of ``everysec``) makes the shards' logs
             durable: ``fsync`` each log, or one ``syncfs`` per file system
-            (Linux 5.8+; faster, but it syncs every file on that file
+            (Linux 5.17+; faster, but it syncs every file on that file
             system, and an error there fails every shard's batch).
         scan_snapshots: open SCAN iterations each shard remembers (each holds
             a reference per key of the shard, 8 bytes); beyond it the least

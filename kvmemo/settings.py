@@ -295,7 +295,7 @@ SETTINGS: list[Setting] = [
         "store",
         "fsync_method",
         _str,
-        "fsync (each shard's log) or syncfs (one call per file system; Linux 5.8+) (fsync)",
+        "fsync (each shard's log) or syncfs (one call per file system; Linux 5.17+) (fsync)",
     ),
     Setting(
         "repair", "store", "repair", _bool, "start despite a corrupt log, keeping valid records"

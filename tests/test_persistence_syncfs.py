@@ -2,15 +2,19 @@
 
 These tests check what the round does (which calls, in which order, what
 each request is told) and the store's bookkeeping around it; that
-``syncfs(2)`` makes the data durable is the kernel's contract (Linux 5.8+
+``syncfs(2)`` makes the data durable is the kernel's contract (Linux 5.17+
 also reports write-back errors through it), which a test here cannot crash
 a machine to check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from kvmemo.persistence import wal as wal_module
 from kvmemo.persistence.records import encode_set
 from kvmemo.storage import sync_coordinator
 from kvmemo.storage.durability import LogBatch
+from kvmemo.storage.durable_shard import _RecordedSync
 from kvmemo.storage.sync_coordinator import LogWrite, SyncCoordinator, _syncfs_round
 
 pytestmark = pytest.mark.skipif(
@@ -153,10 +158,10 @@ def test_syncfs_is_refused_before_linux_5_8(monkeypatch: pytest.MonkeyPatch) -> 
     real = os.uname()
     old = os.uname_result((real.sysname, real.nodename, "5.4.0-150-generic", *real[3:]))
     monkeypatch.setattr(os, "uname", lambda: old)
-    message = r"^syncfs needs Linux 5.8 or later \(errors are not reported before\), got 5.4.0"
+    message = r"^syncfs needs Linux 5.17 or later \(errors are not reported before\), got 5.4.0"
     with pytest.raises(ValueError, match=message):
         StoreConfig(fsync_method="syncfs")
-    with pytest.raises(OSError, match="syncfs needs Linux 5.8"):
+    with pytest.raises(OSError, match="syncfs needs Linux 5.17"):
         wal_module.syncfs(0)
 
 
@@ -242,3 +247,81 @@ def test_a_batch_its_shard_took_back_is_not_told_durable_by_the_round(
         assert syncfs_calls == []  # nothing of the round's own to sync
     finally:
         log.close()
+
+
+# -- a real write-back failure (root only: an ext4 on a loop device over a small tmpfs) --------
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def failing_disk(tmp_path: Path) -> Iterator[tuple[Path, Callable[[bool], None]]]:
+    """(a mounted ext4, ``failing(on)``): a full tmpfs under its loop device fails write-back."""
+    if os.geteuid() != 0 or not all(map(shutil.which, ("losetup", "mkfs.ext4", "mount"))):
+        pytest.skip("needs root, losetup and mkfs.ext4")
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    try:
+        _run("mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(backing))
+    except (subprocess.CalledProcessError, OSError):
+        pytest.skip("cannot mount a tmpfs here")
+    loop = ""
+    try:
+        _run("truncate", "-s", "64M", str(backing / "disk.img"))
+        loop = _run("losetup", "-f", "--show", str(backing / "disk.img"))
+        _run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
+        _run("mount", loop, str(mnt))
+    except (subprocess.CalledProcessError, OSError) as exc:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        subprocess.run(["umount", str(backing)], check=False)
+        pytest.skip(f"cannot set up a loop device here: {exc}")
+    filler = backing / "filler"
+
+    def failing(on: bool) -> None:
+        if not on:
+            filler.unlink()
+            return
+        with open(filler, "wb") as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+
+    try:
+        yield mnt, failing
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["losetup", "-d", loop], check=False)
+        subprocess.run(["umount", "-l", str(backing)], check=False)
+
+
+def test_a_log_whose_write_back_failed_hears_it_in_a_later_round_through_its_own_descriptor(
+    failing_disk: tuple[Path, Callable[[bool], None]],
+) -> None:
+    # B's pages fail to write back during a round that syncs only A. The
+    # next round's syncfs goes through A's new segment, whose descriptor
+    # never saw the error: B must still be told, as its own fsync would be.
+    mnt, failing = failing_disk
+    a, b = SegmentedLog(mnt / "shard-a"), SegmentedLog(mnt / "shard-b")
+    try:
+        assert _syncfs_round([_RecordedSync(a), _RecordedSync(b)]) == [None, None]
+        b.append_encoded(b"".join(encode_set(b"k%d" % i, b"v" * 100) for i in range(5000)))
+        a.append_encoded(encode_set(b"a", b"1"))
+        failing(True)
+        (error,) = _syncfs_round([_RecordedSync(a)])
+        assert isinstance(error, OSError)
+        failing(False)
+        a.append_encoded(encode_set(b"a", b"2"))  # A goes on in a new segment
+        told_a, told_b = _RecordedSync(a), _RecordedSync(b)
+        result = _syncfs_round([told_a, told_b])
+        assert result[0] is None
+        assert isinstance(result[1], OSError)
+        assert told_b.error is result[1]
+        assert "shard-b" in str(told_b.error)
+    finally:
+        a.close()
+        b.close()

@@ -167,22 +167,30 @@ _libc: ctypes.CDLL | None = None
 def syncfs_supported() -> str | None:
     """None if :func:`syncfs` can be used here; else why not.
 
-    ``syncfs`` reports write-back errors only since Linux 5.8; before, a
-    failed write-back would go unnoticed, so older kernels are refused.
+    ``syncfs`` reports write-back errors since Linux 5.8, and the file
+    system's own sync errors (a failed journal commit or cache flush) only
+    since 5.17; before, such a failure would go unnoticed, so older kernels
+    are refused.
     """
     global _libc
     if sys.platform != "linux":
         return f"syncfs needs Linux, not {sys.platform}"
     match = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    if match is None or (int(match[1]), int(match[2])) < (5, 8):
+    if match is None or (int(match[1]), int(match[2])) < (5, 17):
         release = os.uname().release
-        return f"syncfs needs Linux 5.8 or later (errors are not reported before), got {release}"
+        return f"syncfs needs Linux 5.17 or later (errors are not reported before), got {release}"
     if _libc is None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.syncfs.argtypes = [ctypes.c_int]
+            libc.sync_file_range.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_uint,
+            ]
         except (OSError, AttributeError):
-            return "the C library has no syncfs"
+            return "the C library has no syncfs or sync_file_range"
         _libc = libc
     return None
 
@@ -202,6 +210,30 @@ def syncfs(fd: int) -> None:
         raise OSError(errno.ENOSYS, why)
     assert _libc is not None
     if _libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+_SYNC_FILE_RANGE_WAIT_AFTER = 4  # <linux/fs.h>
+
+
+def check_written(fd: int) -> None:
+    """Raise the write-back error of ``fd``'s file not yet reported through ``fd``, if any.
+
+    After a :func:`syncfs`: syncfs reports a write-back error once per open
+    file *description* (its own error cursor), so a log whose pages failed
+    must hear it through its own descriptor, as ``fsync`` would tell it.
+    ``sync_file_range(WAIT_AFTER)`` waits for write-back in flight, then
+    checks and advances the descriptor's cursor; it flushes no device cache.
+
+    Raises:
+        OSError: the error (or :func:`syncfs_supported` refused).
+    """
+    why = syncfs_supported()
+    if why is not None:
+        raise OSError(errno.ENOSYS, why)
+    assert _libc is not None
+    if _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WAIT_AFTER) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
