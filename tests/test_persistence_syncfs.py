@@ -325,3 +325,29 @@ def test_a_log_whose_write_back_failed_hears_it_in_a_later_round_through_its_own
     finally:
         a.close()
         b.close()
+
+
+async def test_with_syncfs_no_log_of_a_multi_shard_write_is_fsynced_on_its_own(
+    tmp_path: Path, syncfs_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intent log of an MSET's round, like the shards' logs, is synced by the syncfs."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    async with kvmemo.open_store(
+        shards=4, data_dir=str(tmp_path), appendfsync="always", fsync_method="syncfs"
+    ) as kv:
+        await kv.mset({f"m{i}": "m" for i in range(20)})  # opens every log, the intents' too
+        before = len(syncfs_calls)
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", fsync)
+            for n in range(3):
+                assert await kv.mset({f"m{i}": str(n) for i in range(20)}) == "OK"
+        assert len(syncfs_calls) > before
+        assert fsynced == []
+    async with kvmemo.open_store(shards=4, data_dir=str(tmp_path)) as kv:
+        assert await kv.mget(*(f"m{i}" for i in range(20))) == [b"2"] * 20

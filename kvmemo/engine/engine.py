@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -73,6 +73,7 @@ from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
+from ..persistence.wal import SegmentedLog
 from ..storage.durability import Health, ShardDurability
 from ..storage.durable_shard import DurableShardActor, durable_state_factory
 from ..storage.shard import (
@@ -92,6 +93,7 @@ from ..storage.shard import (
 )
 from ..storage.slots import SlotMap
 from ..storage.store import NeedMemory, ShardStore
+from ..storage.sync_coordinator import LogWrite
 from . import durable
 from .locks import RWLock
 from .transaction import WATCH_CHANGED, Plan, TxnPart, UnwatchKeys, WatchKeys, cross_shard_refusal
@@ -1274,13 +1276,10 @@ class KVEngine:
         assert persistence is not None
         settled = self._settled_txid()
         if persistence.appendfsync is AppendFsync.ALWAYS:
-
-            def write_and_sync() -> None:
-                log.append(txid, sections, settled)
-                log.sync()
-
             with trio.CancelScope(shield=True):
-                await persistence.sync_coordinator.sync(write_and_sync)
+                await persistence.sync_coordinator.sync(
+                    _IntentWrite(log, lambda: log.append(txid, sections, settled))
+                )
         else:
             log.append(txid, sections, settled)
 
@@ -1352,7 +1351,7 @@ class KVEngine:
         if persistence.appendfsync is not AppendFsync.ALWAYS:
             return
         with trio.CancelScope(shield=True), contextlib.suppress(OSError, ValueError):
-            await persistence.sync_coordinator.sync(intents.sync)
+            await persistence.sync_coordinator.sync(_IntentWrite(intents))
 
     def close(self) -> None:
         """Release what the engine holds open (the intent log); after the tree stopped."""
@@ -1878,3 +1877,26 @@ def _holds_lead(slot: ReplySlot) -> bool:
         return slot.result() is _LEAD
     except Exception:  # noqa: BLE001 - failed: no lead
         return False
+
+
+class _IntentWrite(LogWrite):
+    """A sync round's call for the intent log: ``append`` (if any), then the log's sync.
+
+    A :class:`LogWrite`, so that a ``syncfs`` round syncs the intent log
+    with the shards' logs instead of by a ``fsync`` of its own. Its outcome
+    reaches the requester as the round's error for it; ``done`` keeps nothing.
+    """
+
+    __slots__ = ("_append", "_intents")
+
+    def __init__(self, intents: IntentLog, append: Callable[[], None] | None = None) -> None:
+        self._intents = intents
+        self._append = append
+
+    def write(self) -> SegmentedLog | None:
+        if self._append is not None:
+            self._append()
+        return self._intents.segments
+
+    def done(self, error: OSError | None) -> None:
+        pass

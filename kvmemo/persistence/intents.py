@@ -319,6 +319,11 @@ class IntentLog:
         if self._log is not None:
             self._log.sync()
 
+    @property
+    def segments(self) -> SegmentedLog | None:
+        """The log the intents are written to (None until the first is), for a sync round."""
+        return self._log
+
     def close(self) -> None:
         """Close the log's descriptors (idempotent)."""
         if self._log is not None:
