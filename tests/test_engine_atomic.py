@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_persistence_groupsync import fail_next_sync_of
 
 import kvmemo
 from actors import ActorState, ActorSystem, EventKind
@@ -19,7 +19,6 @@ from kvmemo.commands import ops
 from kvmemo.embedded import Store
 from kvmemo.engine.engine import shard_name
 from kvmemo.errors import KVMemoError
-from kvmemo.persistence import SegmentedLog
 from kvmemo.storage.shard import Barrier, Hold, Inspect
 from kvmemo.storage.store import ShardStore
 
@@ -527,6 +526,18 @@ async def test_a_shard_down_in_a_grouped_round_fails_only_the_msets_that_touch_i
         assert await kv.mget(*msets["C"]) == [b"c", b"c"]
 
 
+def crash_in(monkeypatch: pytest.MonkeyPatch, step: str, key: bytes) -> None:
+    """Make ``_MSetPart.<step>`` (prepare or commit) crash its shard for a part holding ``key``."""
+    real = getattr(ops._MSetPart, step)
+
+    def crashing(part: ops._MSetPart, store: ShardStore, now: float) -> Any:
+        if any(k == key for k, _ in part.items):
+            raise RuntimeError("a bug in the shard")
+        return real(part, store, now)
+
+    monkeypatch.setattr(ops._MSetPart, step, crashing)
+
+
 async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_touch_it(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -535,15 +546,7 @@ async def test_a_shard_crashing_in_a_grouped_round_fails_only_the_msets_that_tou
     # touch that shard, gets its own try and succeeds.
     async with kvmemo.open_store(shards=4, restart_backoff=30.0, restart_backoff_max=30.0) as kv:
         msets = grouped_msets(kv)
-        crash_on = key_on(kv, 3, "b").encode()
-        real_prepare = ops._MSetPart.prepare
-
-        def prepare(part: ops._MSetPart, store: ShardStore, now: float) -> object:
-            if any(key == crash_on for key, _ in part.items):
-                raise RuntimeError("a bug in the shard")
-            return real_prepare(part, store, now)
-
-        monkeypatch.setattr(ops._MSetPart, "prepare", prepare)
+        crash_in(monkeypatch, "prepare", key_on(kv, 3, "b").encode())
         outcomes = await run_b_and_c_in_one_round(kv, msets, lambda: None)
         assert outcomes["A"] == outcomes["C"] == "OK"
         assert outcomes["B"] in ("INTERNAL", "UNAVAILABLE")
@@ -559,15 +562,7 @@ async def test_a_shard_failing_after_a_grouped_round_committed_fails_only_the_ms
     # gets INTERNAL with applied unknown; C, whose shards both committed, OK.
     async with kvmemo.open_store(shards=4, restart_backoff=30.0, restart_backoff_max=30.0) as kv:
         msets = grouped_msets(kv)
-        crash_on = key_on(kv, 3, "b").encode()
-        real_commit = ops._MSetPart.commit
-
-        def commit(part: ops._MSetPart, store: ShardStore, now: float) -> None:
-            if any(key == crash_on for key, _ in part.items):
-                raise RuntimeError("a bug in the shard")
-            real_commit(part, store, now)
-
-        monkeypatch.setattr(ops._MSetPart, "commit", commit)
+        crash_in(monkeypatch, "commit", key_on(kv, 3, "b").encode())
         outcomes = await run_b_and_c_in_one_round(kv, msets, lambda: None)
         assert outcomes == {"A": "OK", "B": "INTERNAL", "C": "OK"}
         assert await kv.mget(*msets["C"]) == [b"c", b"c"]
@@ -579,16 +574,7 @@ async def test_a_failed_sync_after_a_grouped_round_committed_fails_only_the_mset
 ) -> None:
     # With appendfsync always, shard 3's group commit fails to sync: B gets
     # IO (applied unknown); C was made durable by its own shards, so OK.
-    real_sync = SegmentedLog.sync
-    failing = {shard_name(3)}
-
-    def sync(log: SegmentedLog) -> None:
-        if log.directory.name in failing:
-            failing.discard(log.directory.name)
-            raise OSError(errno.EIO, "Input/output error", str(log.path(log.current)))
-        real_sync(log)
-
-    monkeypatch.setattr(SegmentedLog, "sync", sync)
+    failing = fail_next_sync_of(monkeypatch, shard_name(3))
     data_dir = str(tmp_path)
     with trio.fail_after(30):
         async with kvmemo.open_store(shards=4, data_dir=data_dir, appendfsync="always") as kv:

@@ -34,6 +34,17 @@ def tagged(*names: str) -> list[str]:
     return [f"{TAG}{name}" for name in names]
 
 
+async def three_one_shard_writes(kv: kvmemo.Store) -> None:
+    """An MSET, an MSETNX that applies and one that does not, all on one shard."""
+    assert await kv.mset(dict.fromkeys(tagged("a", "b", "c"), "1")) == "OK"
+    assert await kv.msetnx(dict.fromkeys(tagged("d", "e"), "2")) == 1
+    assert await kv.msetnx(dict.fromkeys(tagged("e", "f"), "3")) == 0
+
+
+# The values of tagged a..f after three_one_shard_writes.
+AFTER_THREE = [b"1", b"1", b"1", b"2", b"2", None]
+
+
 # -- the op against the hold's prepare and commit ------------------------------------------
 
 
@@ -95,19 +106,10 @@ async def test_a_one_shard_mset_does_not_wait_for_the_writer_lock(
         await lock.acquire(write=False)  # a multi-shard reader in progress
         try:
             with trio.fail_after(0.01):
-                assert await kv.mset(dict.fromkeys(tagged("a", "b", "c"), "1")) == "OK"
-                assert await kv.msetnx(dict.fromkeys(tagged("d", "e"), "2")) == 1
-                assert await kv.msetnx(dict.fromkeys(tagged("e", "f"), "3")) == 0
+                await three_one_shard_writes(kv)
         finally:
             lock.release(write=False)
-        assert await kv.mget(*tagged("a", "b", "c", "d", "e", "f")) == [
-            b"1",
-            b"1",
-            b"1",
-            b"2",
-            b"2",
-            None,
-        ]
+        assert await kv.mget(*tagged("a", "b", "c", "d", "e", "f")) == AFTER_THREE
 
 
 async def test_one_shard_msets_are_seen_whole_beside_multi_shard_msets_on_the_same_keys(
@@ -222,15 +224,6 @@ async def test_a_pipeline_keeps_its_order_around_one_shard_msets() -> None:
 @pytest.mark.parametrize("appendfsync", ["always", "everysec"])
 async def test_one_shard_msets_survive_a_restart(tmp_path: Path, appendfsync: str) -> None:
     async with kvmemo.open_store(shards=4, data_dir=str(tmp_path), appendfsync=appendfsync) as kv:
-        assert await kv.mset(dict.fromkeys(tagged("a", "b", "c"), "1")) == "OK"
-        assert await kv.msetnx(dict.fromkeys(tagged("d", "e"), "2")) == 1
-        assert await kv.msetnx(dict.fromkeys(tagged("e", "f"), "3")) == 0
+        await three_one_shard_writes(kv)
     async with kvmemo.open_store(shards=4, data_dir=str(tmp_path), appendfsync=appendfsync) as kv:
-        assert await kv.mget(*tagged("a", "b", "c", "d", "e", "f")) == [
-            b"1",
-            b"1",
-            b"1",
-            b"2",
-            b"2",
-            None,
-        ]
+        assert await kv.mget(*tagged("a", "b", "c", "d", "e", "f")) == AFTER_THREE

@@ -222,6 +222,37 @@ def writer(
     return write
 
 
+def fail_next_sync_of(monkeypatch: pytest.MonkeyPatch, shard_dir: str) -> set[str]:
+    """Make the next ``SegmentedLog.sync`` of ``shard_dir``'s log fail with EIO.
+
+    Returns the set of directory names still to fail (empty once it has failed).
+    """
+    real_sync = SegmentedLog.sync
+    failing = {shard_dir}
+
+    def sync(log: SegmentedLog) -> None:
+        if log.directory.name in failing:
+            failing.discard(log.directory.name)
+            raise OSError(errno.EIO, "Input/output error", str(log.path(log.current)))
+        real_sync(log)
+
+    monkeypatch.setattr(SegmentedLog, "sync", sync)
+    return failing
+
+
+async def write_each_shard_in_one_round(
+    kv: kvmemo.Store, coord: SyncCoordinator, write: Callable[[int], Awaitable[None]]
+) -> None:
+    """``write(shard)`` for the 4 shards of ``kv``, their batches gathered into one sync round."""
+    async with trio.open_nursery() as nursery:
+        gate = await hold_a_round(coord, nursery)
+        for shard in range(4):
+            nursery.start_soon(write, shard)
+        await trio.testing.wait_all_tasks_blocked()
+        assert coord.statistics().gathering == 4  # the next round holds all four
+        gate.release.set()
+
+
 def coordinator_of(kv: kvmemo.Store) -> SyncCoordinator:
     assert kv.engine.persistence is not None
     return kv.engine.persistence.sync_coordinator
@@ -260,31 +291,14 @@ async def test_writes_to_every_shard_are_made_durable_in_one_round(tmp_path: Pat
 async def test_a_failed_sync_of_one_shard_fails_only_that_shards_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_sync = SegmentedLog.sync
-    failing = {"shard-1"}
-
-    def sync(log: SegmentedLog) -> None:
-        if log.directory.name in failing:
-            failing.discard(log.directory.name)
-            raise OSError(errno.EIO, "Input/output error", str(log.path(log.current)))
-        real_sync(log)
-
-    monkeypatch.setattr(SegmentedLog, "sync", sync)
+    fail_next_sync_of(monkeypatch, "shard-1")
     data_dir = str(tmp_path)
     outcomes: dict[int, str] = {}
     with trio.fail_after(30):
         async with kvmemo.open_store(shards=4, data_dir=data_dir, appendfsync="always") as kv:
             coord = coordinator_of(kv)
             keys = [key_on_shard(kv, shard) for shard in range(4)]
-            write = writer(kv, keys, outcomes)
-
-            async with trio.open_nursery() as nursery:
-                gate = await hold_a_round(coord, nursery)
-                for shard in range(4):
-                    nursery.start_soon(write, shard)
-                await trio.testing.wait_all_tasks_blocked()
-                assert coord.statistics().gathering == 4
-                gate.release.set()
+            await write_each_shard_in_one_round(kv, coord, writer(kv, keys, outcomes))
             assert outcomes == {0: "ok", 1: "IO None", 2: "ok", 3: "ok"}
             info = (await kv.info("persistence"))["persistence"]
             assert info["failing_shards"] == ["shard-1"]

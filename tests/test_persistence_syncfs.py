@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from test_persistence_groupsync import coordinator_of, hold_a_round, key_on_shard, writer
+from test_persistence_groupsync import (
+    coordinator_of,
+    key_on_shard,
+    write_each_shard_in_one_round,
+    writer,
+)
 
 import kvmemo
 from kvmemo.config import StoreConfig
@@ -209,14 +214,7 @@ async def test_a_failed_syncfs_fails_every_batch_of_its_round_and_each_shard_res
         ) as kv:
             coord = coordinator_of(kv)
             keys = [key_on_shard(kv, shard) for shard in range(4)]
-            write = writer(kv, keys, outcomes)
-            async with trio.open_nursery() as nursery:
-                gate = await hold_a_round(coord, nursery)
-                for shard in range(4):
-                    nursery.start_soon(write, shard)
-                await trio.testing.wait_all_tasks_blocked()
-                assert coord.statistics().gathering == 4  # the next round holds all four
-                gate.release.set()
+            await write_each_shard_in_one_round(kv, coord, writer(kv, keys, outcomes))
             assert outcomes == dict.fromkeys(range(4), "IO None")
             info = (await kv.info("persistence"))["persistence"]
             assert info["failing_shards"] == [f"shard-{i}" for i in range(4)]
