@@ -205,16 +205,26 @@ def syncfs(fd: int) -> None:
     Raises:
         OSError: the sync failed (or :func:`syncfs_supported` refused).
     """
-    why = syncfs_supported()
-    if why is not None:
-        raise OSError(errno.ENOSYS, why)
-    assert _libc is not None
-    if _libc.syncfs(fd) != 0:
+    libc = _libc if _libc is not None else _checked_libc()
+    if libc.syncfs(fd) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
 
 _SYNC_FILE_RANGE_WAIT_AFTER = 4  # <linux/fs.h>
+
+
+def _checked_libc() -> ctypes.CDLL:
+    """The C library, once :func:`syncfs_supported` said yes (it sets ``_libc`` then).
+
+    Raises:
+        OSError: it said no.
+    """
+    why = syncfs_supported()
+    if why is not None:
+        raise OSError(errno.ENOSYS, why)
+    assert _libc is not None
+    return _libc
 
 
 def check_written(fd: int) -> None:
@@ -229,11 +239,8 @@ def check_written(fd: int) -> None:
     Raises:
         OSError: the error (or :func:`syncfs_supported` refused).
     """
-    why = syncfs_supported()
-    if why is not None:
-        raise OSError(errno.ENOSYS, why)
-    assert _libc is not None
-    if _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WAIT_AFTER) != 0:
+    libc = _libc if _libc is not None else _checked_libc()
+    if libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WAIT_AFTER) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
