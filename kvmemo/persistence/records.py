@@ -89,10 +89,15 @@ class Op(enum.IntEnum):
     # value: each shard's effect records, see :func:`encode_intent`). Never in
     # a shard log or a snapshot.
     INTENT = 6
+    # Several effects of one command on one shard (an MSET of keys on one
+    # shard), as one record (no key, no expiry; value: whole SET, DEL, EXPIRE
+    # or FLUSH records, see :func:`encode_group`): its CRC covers them all,
+    # so a torn or damaged group is applied not in part but not at all.
+    GROUP = 7
 
 
 _SET, _DEL, _EXPIRE, _FLUSH = int(Op.SET), int(Op.DEL), int(Op.EXPIRE), int(Op.FLUSH)
-_TXN, _INTENT = int(Op.TXN), int(Op.INTENT)
+_TXN, _INTENT, _GROUP = int(Op.TXN), int(Op.INTENT), int(Op.GROUP)
 _U64 = struct.Struct("<Q")
 _SECTION = struct.Struct("<II")  # shard number, length of its effect records
 _OPS = frozenset(int(op) for op in Op)
@@ -171,6 +176,9 @@ def _shape_error(op: int, key: bytes, value: bytes, expires_ms: int | None) -> s
     elif op == _INTENT:
         if len(key) != 8 or expires_ms is not None:
             return "an INTENT record has an 8-byte txid and no expiry"
+    elif op == _GROUP:
+        if key or not value or expires_ms is not None:
+            return "a GROUP record has no key, some records and no expiry"
     else:
         return f"unknown op {op}"
     return None
@@ -248,6 +256,17 @@ def encode_intent(txid: int, sections: list[tuple[int, bytes]]) -> bytes:
     """
     value = b"".join(_SECTION.pack(shard, len(records)) + records for shard, records in sections)
     return encode_fields(_INTENT, _U64.pack(txid), value)
+
+
+def encode_group(records: bytes) -> bytes:
+    """One ``GROUP`` record holding ``records``: whole encoded SET, DEL, EXPIRE or FLUSH records.
+
+    Replay applies all of them, in order, or (a torn or damaged group) none.
+
+    Raises:
+        ValueError: ``records`` is empty, or the payload would exceed :data:`MAX_PAYLOAD`.
+    """
+    return encode_fields(_GROUP, b"", records)
 
 
 def txid_of(key: bytes) -> int:
@@ -435,6 +454,18 @@ def _apply(
         expires.clear()
     elif op == _INTENT:
         return "an INTENT record where only a shard's records may be"
+    elif op == _GROUP:
+        # Checked whole before any of it is applied (its CRC held, so only a
+        # bug writes a bad group; it is refused all the same).
+        scanner = Scanner(value)
+        inner = list(scanner)
+        if scanner.problem is not None:
+            return f"damaged records inside a GROUP record ({scanner.problem})"
+        for fields_ in inner:
+            if fields_[0] in (_TXN, _INTENT, _GROUP):
+                return f"a {Op(fields_[0]).name} record inside a GROUP record"
+        for fields_ in inner:
+            _apply(fields_, data, expires, sets_only)
     # _TXN: a mark, no change to the keys (replay reports it to its caller)
     return None
 

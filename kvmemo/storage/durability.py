@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
-from ..persistence.records import encode_txn
+from ..persistence.records import MAX_PAYLOAD, MIN_PAYLOAD, encode_group, encode_txn
 from .sync_coordinator import LogWrite
+
+GROUP_OVERHEAD = MIN_PAYLOAD  # a GROUP record's payload beyond the records it holds
 
 # Appended to the error of a shard that owes a re-save (see ShardDurability).
 RESAVE_NOTE = "; a sync failed: a snapshot will re-save what the log held"
@@ -135,6 +137,21 @@ class Journal:
             self.records.append(encode_set(key, value))
         else:
             self.records.append(encode_fields(Op.SET, key, value, self.unix_ms(expires_at)))
+
+    def set_many(self, items: list[tuple[bytes, bytes]], encoded: bytes | None = None) -> None:
+        """SETs without expiry of one command (an MSET's part), as one ``GROUP`` record.
+
+        ``encoded``: the pairs already encoded as records, in order (an
+        intent made them). Replay applies all of them or, torn by a crash,
+        none. A group that would not fit in one record (over
+        ``MAX_PAYLOAD``, 1 GiB) is logged as separate records, which a torn
+        write may cut between.
+        """
+        if encoded is None:
+            encoded = b"".join([encode_set(k, v) for k, v in items])
+        if len(items) > 1 and len(encoded) + GROUP_OVERHEAD <= MAX_PAYLOAD:
+            encoded = encode_group(encoded)
+        self.records.append(encoded)
 
     def delete(self, key: bytes) -> None:
         self.records.append(encode_fields(Op.DEL, key))

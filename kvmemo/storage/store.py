@@ -324,18 +324,20 @@ class ShardStore:
         of 10 keys spent half its shard time in per-key calls); any other key
         goes through :meth:`put`, so the two agree by construction.
 
-        ``encoded``: the pairs already encoded as log records, in order (a
-        multi-shard MSET's intent made them); journalled as they are instead
-        of encoding each pair again.
+        Several pairs are journalled as one ``GROUP`` record
+        (:meth:`Journal.set_many`), so a crash never leaves part of them in
+        the log. ``encoded``: the pairs already encoded as log records, in
+        order (a multi-shard MSET's intent made them), used instead of
+        encoding each pair again.
         """
-        if encoded is not None and self.journal is not None:
-            own = self.journal
+        own = self.journal
+        if own is not None and (encoded is not None or len(items) > 1):
             self.journal = None  # no checkpoint until it is back
             try:
                 self.put_many(items, now)
             finally:
                 self.journal = own
-            own.records.append(encoded)
+            own.set_many(items, encoded)
             return
         data = self.data
         expires = self.expires
