@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -110,28 +111,86 @@ def test_the_journal_groups_several_sets_and_falls_back_past_the_record_limit(
     assert journal.take() == sets(pairs)
 
 
-async def test_a_torn_one_shard_mset_comes_back_whole_or_not_at_all(tmp_path: Path) -> None:
-    """The log of a real store, cut at every byte of an MSET's write: all of its keys or none."""
+async def cut_everywhere(
+    tmp_path: Path,
+    setup: Callable[[kvmemo.Store], Awaitable[object]],
+    write: Callable[[kvmemo.Store], Awaitable[object]],
+) -> list[dict[bytes, bytes]]:
+    """What recovery brings back of a 1-shard ``always`` store's log cut at every byte of ``write``.
+
+    ``setup`` runs first (its records stay whole); the log is copied while
+    the store runs (its close would snapshot). One state per cut, in order:
+    the first is before ``write``, the last after all of it.
+    """
     data_dir, copy = tmp_path / "data", tmp_path / "copy"
-    keys = [f"{{t}}k{i}" for i in range(5)]
     async with kvmemo.open_store(shards=1, data_dir=str(data_dir), appendfsync="always") as kv:
-        await kv.set("before", "x")
+        await setup(kv)
         shard = data_dir / "shard-0"
         ((_, segment),) = list_segments(shard)
         start = segment.stat().st_size
-        await kv.mset(dict.fromkeys(keys, "new"))
+        await write(kv)
         end = segment.stat().st_size
-        shutil.copytree(shard, copy)  # the log as the MSET left it (the close snapshots)
-    assert end - start > 5 * 17  # the five SETs went in, as one write
+        shutil.copytree(shard, copy)
     log = copy / segment.name
     whole = log.read_bytes()
     now_ms = int(time.time() * 1000)
-    seen = set()
+    states = []
     for cut in range(start, end + 1):
         log.write_bytes(whole[:cut])
         got = await trio.to_thread.run_sync(lambda: recover(copy, now_ms=now_ms))
-        assert got.data[b"before"] == b"x"
-        values = [got.data.get(k.encode()) for k in keys]
-        assert values in ([None] * 5, [b"new"] * 5), cut
-        seen.add(values[0])
-    assert seen == {None, b"new"}
+        states.append(got.data)
+    return states
+
+
+async def test_a_torn_one_shard_mset_comes_back_whole_or_not_at_all(tmp_path: Path) -> None:
+    keys = [f"{{t}}k{i}".encode() for i in range(5)]
+    states = await cut_everywhere(
+        tmp_path,
+        lambda kv: kv.set("before", "x"),
+        lambda kv: kv.mset(dict.fromkeys(keys, "new")),
+    )
+    assert len(states) > 5 * 17  # the five SETs went in, as one write
+    for data in states:
+        assert data[b"before"] == b"x"
+        assert [data.get(k) for k in keys] in ([None] * 5, [b"new"] * 5)
+    assert states[0].get(keys[0]) is None
+    assert states[-1].get(keys[0]) == b"new"
+
+
+async def test_a_torn_rename_on_one_shard_leaves_its_source_or_its_target(tmp_path: Path) -> None:
+    states = await cut_everywhere(
+        tmp_path,
+        lambda kv: kv.set("{t}src", "v"),
+        lambda kv: kv.execute("rename", "{t}src", "{t}dst"),
+    )
+    for data in states:
+        assert (data.get(b"{t}src"), data.get(b"{t}dst")) in ((b"v", None), (None, b"v"))
+    assert states[-1].get(b"{t}dst") == b"v"
+
+
+async def test_a_torn_one_shard_transaction_comes_back_whole_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    async def setup(kv: kvmemo.Store) -> None:
+        await kv.mset({"{t}a": "0", "{t}c": "0"})
+
+    states = await cut_everywhere(
+        tmp_path,
+        setup,
+        lambda kv: kv.transaction(
+            ("set", "{t}a", "1"), ("mset", "{t}b", "1", "{t}d", "1"), ("del", "{t}c")
+        ),
+    )
+    old = {b"{t}a": b"0", b"{t}c": b"0"}
+    new = {b"{t}a": b"1", b"{t}b": b"1", b"{t}d": b"1"}
+    for data in states:
+        assert data in (old, new)
+    assert states[-1] == new
+
+
+def test_a_group_may_hold_groups() -> None:
+    inner = encode_group(sets([(b"a", b"1"), (b"b", b"2")]))
+    data: dict[bytes, bytes] = {}
+    result = replay(encode_group(inner + encode_fields(Op.DEL, b"a")), data, {})
+    assert result.problem is None
+    assert data == {b"b": b"2"}

@@ -813,11 +813,15 @@ class _MovePart(AtomicPart):
         # prepare saw it, so applying at prepare's time matches the reservation.
         op = self.op
         value, expires_at = self.entry
+        journal = store.journal
+        mark = len(journal.records) if journal is not None else 0
         if self.target:
             store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
             self.reserved = 0
         if self.source and op.kind != "copy":
             store.delete(op.src, self.prepared_at)
+        if journal is not None:
+            journal.group_since(mark)  # a RENAME on one shard: its SET and DEL, or neither
 
     def abort(self, store: ShardStore) -> None:
         if self.reserved:

@@ -89,10 +89,11 @@ class Op(enum.IntEnum):
     # value: each shard's effect records, see :func:`encode_intent`). Never in
     # a shard log or a snapshot.
     INTENT = 6
-    # Several effects of one command on one shard (an MSET of keys on one
-    # shard), as one record (no key, no expiry; value: whole SET, DEL, EXPIRE
-    # or FLUSH records, see :func:`encode_group`): its CRC covers them all,
-    # so a torn or damaged group is applied not in part but not at all.
+    # Several effects of one command on one shard (an MSET, a RENAME or a
+    # transaction's part), as one record (no key, no expiry; value: whole
+    # SET, DEL, EXPIRE, FLUSH or GROUP records, see :func:`encode_group`): its
+    # CRC covers them all, so a torn or damaged group is applied not in part
+    # but not at all.
     GROUP = 7
 
 
@@ -259,7 +260,7 @@ def encode_intent(txid: int, sections: list[tuple[int, bytes]]) -> bytes:
 
 
 def encode_group(records: bytes) -> bytes:
-    """One ``GROUP`` record holding ``records``: whole encoded SET, DEL, EXPIRE or FLUSH records.
+    """One ``GROUP`` record holding ``records``: whole SET, DEL, EXPIRE, FLUSH or GROUP records.
 
     Replay applies all of them, in order, or (a torn or damaged group) none.
 
@@ -462,10 +463,12 @@ def _apply(
         if scanner.problem is not None:
             return f"damaged records inside a GROUP record ({scanner.problem})"
         for fields_ in inner:
-            if fields_[0] in (_TXN, _INTENT, _GROUP):
+            if fields_[0] in (_TXN, _INTENT):
                 return f"a {Op(fields_[0]).name} record inside a GROUP record"
         for fields_ in inner:
-            _apply(fields_, data, expires, sets_only)
+            refused = _apply(fields_, data, expires, sets_only)  # a group inside: checked first
+            if refused is not None:
+                return refused
     # _TXN: a mark, no change to the keys (replay reports it to its caller)
     return None
 

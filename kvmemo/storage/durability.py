@@ -153,6 +153,21 @@ class Journal:
             encoded = encode_group(encoded)
         self.records.append(encoded)
 
+    def group_since(self, mark: int) -> None:
+        """Make the records journalled since ``mark`` (a ``len(records)``) one ``GROUP`` record.
+
+        For the effects of one command (a RENAME on one shard, a
+        transaction's part), so that a torn write brings back all or none of
+        them. Nothing changes for fewer than two entries, or past the 1 GiB
+        record limit (see :meth:`set_many`). No mark may be among them.
+        """
+        if len(self.records) - mark < 2:
+            return
+        data = b"".join(self.records[mark:])
+        if len(data) + GROUP_OVERHEAD <= MAX_PAYLOAD:
+            del self.records[mark:]
+            self.records.append(encode_group(data))
+
     def delete(self, key: bytes) -> None:
         self.records.append(encode_fields(Op.DEL, key))
 
