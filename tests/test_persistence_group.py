@@ -9,6 +9,7 @@ pages under ``everysec``) never brings back part of it.
 from __future__ import annotations
 
 import shutil
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ from kvmemo.persistence.records import (
     encode_group,
     encode_set,
     encode_txn,
+    group_contents,
+    intent_sections,
     replay,
 )
 from kvmemo.storage import durability
@@ -188,9 +191,56 @@ async def test_a_torn_one_shard_transaction_comes_back_whole_or_not_at_all(
     assert states[-1] == new
 
 
-def test_a_group_may_hold_groups() -> None:
-    inner = encode_group(sets([(b"a", b"1"), (b"b", b"2")]))
+def test_a_group_holding_a_group_is_refused_whole_however_deep() -> None:
+    nested = encode_group(sets([(b"b", b"2")]) + encode_txn(7, True))
     data: dict[bytes, bytes] = {}
-    result = replay(encode_group(inner + encode_fields(Op.DEL, b"a")), data, {})
-    assert result.problem is None
-    assert data == {b"b": b"2"}
+    result = replay(encode_group(sets([(b"a", b"1")]) + nested), data, {})
+    assert isinstance(result.problem, Corrupt)
+    assert data == {}  # not even the SET before the inner group
+    deep = sets([(b"a", b"1")])
+    for _ in range(1200):  # no recursion: refused at the first level
+        deep = encode_group(deep)
+    result = replay(deep, data, {})
+    assert isinstance(result.problem, Corrupt)
+    assert data == {}
+
+
+def test_grouping_entries_unwraps_the_groups_among_them() -> None:
+    journal = Journal()
+    journal.set(b"x", b"0", None)
+    mark = len(journal.records)
+    journal.set(b"x", b"1", None)
+    journal.set_many([(b"a", b"1"), (b"b", b"2")])  # a transaction's MSET step: a group
+    journal.delete(b"c")
+    journal.group_since(mark)
+    inner = sets([(b"x", b"1"), (b"a", b"1"), (b"b", b"2")]) + encode_fields(Op.DEL, b"c")
+    assert journal.take() == encode_set(b"x", b"0") + encode_group(inner)
+    assert group_contents(encode_group(inner)) == inner
+    assert group_contents(inner) is None
+
+
+def test_an_intent_section_with_a_bad_group_is_refused() -> None:
+    bad = encode_group(sets([(b"a", b"1")]) + encode_txn(3, True))
+    with pytest.raises(ValueError, match="a TXN record inside a GROUP record in an intent section"):
+        intent_sections(intent_value([(0, bad)]))
+    good = encode_group(sets([(b"a", b"1"), (b"b", b"2")]))
+    assert intent_sections(intent_value([(0, good)])) == {0: good}
+
+
+def intent_value(sections: list[tuple[int, bytes]]) -> bytes:
+    """The value of an INTENT record holding ``sections`` (as encode_intent lays it out)."""
+    return b"".join(struct.pack("<II", shard, len(r)) + r for shard, r in sections)
+
+
+async def test_a_torn_del_of_several_keys_on_one_shard_comes_back_whole_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    keys = [f"{{t}}{c}" for c in "abc"]
+    states = await cut_everywhere(
+        tmp_path,
+        lambda kv: kv.mset(dict.fromkeys(keys, "v")),
+        lambda kv: kv.delete(*keys),
+    )
+    for data in states:
+        assert [data.get(k.encode()) for k in keys] in ([b"v"] * 3, [None] * 3)
+    assert states[-1] == {}

@@ -481,7 +481,13 @@ class _KeysPart(Part):
 
 
 def _delete_keys(store: ShardStore, keys: list[bytes], now: float) -> int:
-    return sum(store.delete(k, now) for k in keys)
+    journal = store.journal
+    if journal is None or len(keys) < 2:
+        return sum(store.delete(k, now) for k in keys)
+    mark = len(journal.records)
+    deleted = sum(store.delete(k, now) for k in keys)
+    journal.group_since(mark)  # this shard's DELs: all of them, or none, after a crash
+    return deleted
 
 
 def _count_live(store: ShardStore, keys: list[bytes], now: float) -> int:

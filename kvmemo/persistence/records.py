@@ -89,11 +89,11 @@ class Op(enum.IntEnum):
     # value: each shard's effect records, see :func:`encode_intent`). Never in
     # a shard log or a snapshot.
     INTENT = 6
-    # Several effects of one command on one shard (an MSET, a RENAME or a
-    # transaction's part), as one record (no key, no expiry; value: whole
-    # SET, DEL, EXPIRE, FLUSH or GROUP records, see :func:`encode_group`): its
-    # CRC covers them all, so a torn or damaged group is applied not in part
-    # but not at all.
+    # Several effects of one command on one shard (an MSET, a DEL of several
+    # keys, a RENAME or a transaction's part), as one record (no key, no
+    # expiry; value: whole SET, DEL, EXPIRE or FLUSH records, no group, see
+    # :func:`encode_group`): its CRC covers them all, so a torn or damaged
+    # group is applied not in part but not at all.
     GROUP = 7
 
 
@@ -260,14 +260,41 @@ def encode_intent(txid: int, sections: list[tuple[int, bytes]]) -> bytes:
 
 
 def encode_group(records: bytes) -> bytes:
-    """One ``GROUP`` record holding ``records``: whole SET, DEL, EXPIRE, FLUSH or GROUP records.
+    """One ``GROUP`` record holding ``records``: whole SET, DEL, EXPIRE or FLUSH records.
 
-    Replay applies all of them, in order, or (a torn or damaged group) none.
+    Replay applies all of them, in order, or (a torn or damaged group, or
+    one holding anything else) none. To group records among which a group
+    is, unwrap it first (:func:`group_contents`): groups do not nest.
 
     Raises:
         ValueError: ``records`` is empty, or the payload would exceed :data:`MAX_PAYLOAD`.
     """
     return encode_fields(_GROUP, b"", records)
+
+
+def group_contents(encoded: bytes) -> bytes | None:
+    """The records inside ``encoded`` if it is exactly one ``GROUP`` record, else None.
+
+    For a writer that groups entries some of which are groups already (it
+    trusts its own bytes: the CRC is not checked here).
+    """
+    if len(encoded) < HEADER_SIZE + MIN_PAYLOAD or encoded[5] != _GROUP:
+        return None
+    _, _, _, plen = HEADER.unpack_from(encoded)
+    if HEADER_SIZE + plen != len(encoded):
+        return None
+    return encoded[HEADER_SIZE + 8 : len(encoded) - _EXPIRY.size]
+
+
+def _group_problem(value: bytes) -> str | None:
+    """Why the value of a ``GROUP`` record is not whole SET, DEL, EXPIRE or FLUSH records."""
+    scanner = Scanner(value)
+    for op, *_ in scanner:
+        if op in (_TXN, _INTENT, _GROUP):
+            return f"a {Op(op).name} record inside a GROUP record"
+    if scanner.problem is not None:
+        return f"damaged records inside a GROUP record ({scanner.problem})"
+    return None
 
 
 def txid_of(key: bytes) -> int:
@@ -295,9 +322,11 @@ def intent_sections(value: bytes) -> dict[int, bytes]:
             raise ValueError(f"intent section of {size} bytes overruns the value at offset {pos}")
         records = value[pos : pos + size]
         scanner = Scanner(records)
-        for op, *_ in scanner:
+        for op, _, group, _ in scanner:
             if op in (_TXN, _INTENT):
                 raise ValueError(f"a {Op(op).name} record in an intent section")
+            if op == _GROUP and (reason := _group_problem(group)) is not None:
+                raise ValueError(f"{reason} in an intent section")
         if scanner.problem is not None:
             raise ValueError(f"damaged effect records in the intent section of shard {shard}")
         sections[shard] = records
@@ -457,18 +486,13 @@ def _apply(
         return "an INTENT record where only a shard's records may be"
     elif op == _GROUP:
         # Checked whole before any of it is applied (its CRC held, so only a
-        # bug writes a bad group; it is refused all the same).
-        scanner = Scanner(value)
-        inner = list(scanner)
-        if scanner.problem is not None:
-            return f"damaged records inside a GROUP record ({scanner.problem})"
-        for fields_ in inner:
-            if fields_[0] in (_TXN, _INTENT):
-                return f"a {Op(fields_[0]).name} record inside a GROUP record"
-        for fields_ in inner:
-            refused = _apply(fields_, data, expires, sets_only)  # a group inside: checked first
-            if refused is not None:
-                return refused
+        # bug writes a bad group; it is refused all the same). No group
+        # inside, so the records applied below refuse nothing.
+        reason = _group_problem(value)
+        if reason is not None:
+            return reason
+        for fields_ in Scanner(value):
+            _apply(fields_, data, expires, sets_only)
     # _TXN: a mark, no change to the keys (replay reports it to its caller)
     return None
 

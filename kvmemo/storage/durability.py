@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
-from ..persistence.records import MAX_PAYLOAD, MIN_PAYLOAD, encode_group, encode_txn
+from ..persistence.records import (
+    MAX_PAYLOAD,
+    MIN_PAYLOAD,
+    encode_group,
+    encode_txn,
+    group_contents,
+)
 from .sync_coordinator import LogWrite
 
 GROUP_OVERHEAD = MIN_PAYLOAD  # a GROUP record's payload beyond the records it holds
@@ -163,7 +169,8 @@ class Journal:
         """
         if len(self.records) - mark < 2:
             return
-        data = b"".join(self.records[mark:])
+        # Groups do not nest: a group among them (an MSET step's) is unwrapped.
+        data = b"".join([group_contents(e) or e for e in self.records[mark:]])
         if len(data) + GROUP_OVERHEAD <= MAX_PAYLOAD:
             del self.records[mark:]
             self.records.append(encode_group(data))
