@@ -1250,7 +1250,7 @@ class KVEngine:
             if effects:
                 sections.append((shard, effects))
         if len(sections) < 2:
-            return  # one shard writes (a COPY): its own log is atomic
+            return  # one shard writes (a COPY): one GROUP record in its own log, if several
         txid = self._txid = self._txid + 1
         # Set before the write: a shard whose hold times out meanwhile (an
         # abort) marks it in its log, which recovery reads before any redo.
@@ -1321,7 +1321,7 @@ class KVEngine:
                     if records
                 ]
                 if len(sections) < 2:
-                    return  # one shard wrote: its own log is atomic
+                    return  # one shard wrote: its part is one GROUP record in its log
                 txid = self._txid = self._txid + 1
                 # Set before the write: a shard whose wait for ``logged``
                 # times out meanwhile journals its part with its mark.
