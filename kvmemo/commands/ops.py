@@ -481,13 +481,10 @@ class _KeysPart(Part):
 
 
 def _delete_keys(store: ShardStore, keys: list[bytes], now: float) -> int:
-    journal = store.journal
-    if journal is None or len(keys) < 2:
+    if len(keys) < 2:
         return sum(store.delete(k, now) for k in keys)
-    mark = len(journal.records)
-    deleted = sum(store.delete(k, now) for k in keys)
-    journal.group_since(mark)  # this shard's DELs: all of them, or none, after a crash
-    return deleted
+    with store.one_record():  # this shard's DELs: all of them, or none, after a crash
+        return sum(store.delete(k, now) for k in keys)
 
 
 def _count_live(store: ShardStore, keys: list[bytes], now: float) -> int:
@@ -617,13 +614,13 @@ class LocalMSet(ShardOp):
         Raises:
             NeedMemory: the tracker refused the bytes; nothing changed.
         """
-        items = self.items
-        if self.only_new and any(store.contains(k, now) for k, _ in items):
+        part = _MSetPart(self.items, self.only_new)  # its prepare and commit, at one instant
+        vote = part.prepare(store, now)
+        if vote is False:
             return 0
-        delta = store.put_delta(items, now)
-        if not store.tracker.try_reserve(store.shard_id, delta):
-            raise NeedMemory(delta)
-        store.put_many(items, now)
+        if isinstance(vote, NeedMemory):
+            raise vote
+        part.commit(store, now)
         return 1 if self.only_new else OK
 
 
@@ -819,15 +816,12 @@ class _MovePart(AtomicPart):
         # prepare saw it, so applying at prepare's time matches the reservation.
         op = self.op
         value, expires_at = self.entry
-        journal = store.journal
-        mark = len(journal.records) if journal is not None else 0
-        if self.target:
-            store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
-            self.reserved = 0
-        if self.source and op.kind != "copy":
-            store.delete(op.src, self.prepared_at)
-        if journal is not None:
-            journal.group_since(mark)  # a RENAME on one shard: its SET and DEL, or neither
+        with store.one_record():  # a RENAME on one shard: its SET and DEL, or neither
+            if self.target:
+                store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
+                self.reserved = 0
+            if self.source and op.kind != "copy":
+                store.delete(op.src, self.prepared_at)
 
     def abort(self, store: ShardStore) -> None:
         if self.reserved:

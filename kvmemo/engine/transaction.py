@@ -193,16 +193,13 @@ class TxnPart(ops.AtomicPart):
     def commit(self, store: ShardStore, now: float) -> list[Any]:
         self.reserved = []  # each ReservedMSetStep settles its own share
         at = self.prepared_at
-        journal = store.journal
-        mark = len(journal.records) if journal is not None else 0
         results: list[Any] = []
-        for step in self.steps:
-            try:
-                results.append(step.run(store, at))
-            except KVMemoError as exc:
-                results.append(exc)
-        if journal is not None:
-            journal.group_since(mark)  # this shard's part: all of it, or none, after a crash
+        with store.one_record():  # this shard's part: all of it, or none, after a crash
+            for step in self.steps:
+                try:
+                    results.append(step.run(store, at))
+                except KVMemoError as exc:
+                    results.append(exc)
         return results
 
     def abort(self, store: ShardStore) -> None:

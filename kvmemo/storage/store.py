@@ -25,6 +25,7 @@ Invariants (checked by :meth:`ShardStore.check_invariants`):
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
 
@@ -312,6 +313,22 @@ class ShardStore:
             delta += new_size - old_size
             pending[key] = new_size
         return delta
+
+    @contextlib.contextmanager
+    def one_record(self) -> Iterator[None]:
+        """Journal what the block writes as one ``GROUP`` record (see ``Journal.group_since``).
+
+        For the effects of one command, so that a torn write brings back all
+        or none of them. The block must have no checkpoint (nothing else may
+        journal meanwhile); if it raises, what it journalled stays as it is.
+        """
+        journal = self.journal
+        if journal is None:
+            yield
+            return
+        mark = len(journal.records)
+        yield
+        journal.group_since(mark)
 
     def put_many(
         self, items: list[tuple[bytes, bytes]], now: float, encoded: bytes | None = None
