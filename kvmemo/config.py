@@ -120,7 +120,9 @@ class StoreConfig:
             system, and an error there fails every shard's batch).
         scan_snapshots: open SCAN iterations each shard remembers (each holds
             a reference per key of the shard, 8 bytes); beyond it the least
-            recently continued one starts that shard over at its next call.
+            recently continued one starts that shard over at its next call,
+            and one pushed out again goes on in stateless hash order (at most
+            ``SCAN_HASH_STEPS`` calls for that shard, see ``ShardStore.scan``).
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)

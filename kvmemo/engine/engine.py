@@ -92,7 +92,13 @@ from ..storage.shard import (
     shard_state_factory,
 )
 from ..storage.slots import SlotMap
-from ..storage.store import NeedMemory, ShardStore
+from ..storage.store import (
+    SCAN_BEGIN,
+    SCAN_FIELD_BITS,
+    NeedMemory,
+    ShardStore,
+    scan_position_valid,
+)
 from ..storage.sync_coordinator import LogWrite
 from . import durable
 from .locks import RWLock
@@ -103,6 +109,9 @@ EVICTION_MANAGER = "eviction-manager"
 STORAGE_SUPERVISOR = "storage"
 EVICTION_SUPERVISOR = "eviction"
 SCAN_DEFAULT_COUNT = 10  # keys per SCAN call when COUNT is not given (as Redis)
+# A SCAN cursor: shard (14 bits: up to 16384 shards) | field << 14 | tag << 46.
+_SCAN_SHARD_BITS = 14
+_SCAN_SHARD_MASK = (1 << _SCAN_SHARD_BITS) - 1
 WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
@@ -1606,6 +1615,19 @@ class KVEngine:
         raise UnknownCommandError(f"unknown command '{name}'")
 
     async def _scan(self, args: tuple[bytes, ...]) -> list[Any]:
+        """One SCAN call: walk the shards in order from the cursor's position.
+
+        The cursor is ``shard | field << 14 | tag << 46`` (an unsigned 64-bit
+        integer, as Redis clients expect), (tag, field) being the position on
+        that shard (see :meth:`ShardStore.scan`); 0 begins and ends a full
+        iteration. Shards are asked one step at a time until COUNT keys are
+        found or the last shard is done, so each step is one short message.
+
+        Raises:
+            CommandSyntaxError: ``invalid cursor``, for a cursor this server
+                could not have returned (its shard number is past the last
+                shard, or its position is malformed).
+        """
         cursor = int(args[0])
         count = SCAN_DEFAULT_COUNT
         pattern: bytes | None = None
@@ -1618,11 +1640,11 @@ class KVEngine:
                 pattern = None if args[i + 1] == b"*" else args[i + 1]
             else:
                 type_filter = args[i + 1].lower()
-        shard = cursor & 0x3FFF
-        offset = (cursor >> 14) & 0xFFFFFFFF
-        scan_id = cursor >> 46
-        if shard >= self.config.shards:
-            return [b"0", []]
+        shard = cursor & _SCAN_SHARD_MASK
+        offset = (cursor >> _SCAN_SHARD_BITS) & ((1 << SCAN_FIELD_BITS) - 1)
+        scan_id = cursor >> (_SCAN_SHARD_BITS + SCAN_FIELD_BITS)
+        if shard >= self.config.shards or not scan_position_valid(scan_id, offset):
+            raise CommandSyntaxError("invalid cursor")
         keys: list[bytes] = []
         while True:
             ref = self._shard_for(shard)
@@ -1636,12 +1658,16 @@ class KVEngine:
             keys.extend(found)
             if offset == 0:
                 shard += 1
-                scan_id = 0
+                scan_id = SCAN_BEGIN
                 if shard >= self.config.shards:
                     next_cursor = 0
                     break
             if len(keys) >= count:
-                next_cursor = shard | (offset << 14) | (scan_id << 46)
+                next_cursor = (
+                    shard
+                    | offset << _SCAN_SHARD_BITS
+                    | scan_id << (_SCAN_SHARD_BITS + SCAN_FIELD_BITS)
+                )
                 break
         if type_filter is not None and type_filter != b"string":
             keys = []

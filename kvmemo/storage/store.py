@@ -27,7 +27,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import random
+import zlib
 from collections.abc import Iterable, Iterator
+
+import attrs
 
 from ..errors import OutOfMemoryError
 from ..eviction.memory import ENTRY_BASE, ROUND_UP, MemoryTracker
@@ -37,6 +41,16 @@ from ..expiry.ttl_index import TTLIndex
 from .durability import Journal, ShardDurability
 
 SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard, by default (see scan)
+# A SCAN position on one shard is (tag, field), see ShardStore.scan. Tags:
+SCAN_TAG_BITS = 18  # bits of a tag (the cursor's top bits)
+SCAN_FIELD_BITS = 32  # bits of a field: a snapshot offset, or a hash-order start
+SCAN_BEGIN = 0  # tag: begin this shard (field 0)
+SCAN_HASH_ORDER = 1  # tag: stateless hash order, field = the next hash to return (>= 1)
+# Every other tag names a snapshot: ``id << 1 | retaken`` with id in 1.._SCAN_IDS.
+_SCAN_IDS = (1 << (SCAN_TAG_BITS - 1)) - 1
+SCAN_HASH_STEPS = 16  # most calls a shard takes in hash order: each covers >= 1/16 of it
+_HASH_END = 1 << 32  # crc32 values are below this
+_SCAN_ID_SOURCE = random.Random()  # seeded from the OS: first ids differ between runs
 # Versions of watched keys, process-wide and only ever growing: a version a
 # watcher saw is never given again, even to an entry made anew (its last
 # watcher left, or the store was rebuilt), so no write can go unseen.
@@ -84,8 +98,8 @@ class ShardStore:
         self.used = 0
         self.expired_count = 0  # keys removed because they expired (lazily or actively)
         self.evicted_count = 0
-        self._scans: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
-        self._next_scan = 1
+        self._scans: collections.OrderedDict[int, _ScanSnapshot] = collections.OrderedDict()
+        self._next_scan = _SCAN_ID_SOURCE.randint(1, _SCAN_IDS)  # see _open_scan
         # Persistence (None when off): effects of writes are journalled here.
         self.durability: ShardDurability | None = None
         self.journal: Journal | None = None
@@ -570,50 +584,123 @@ class ShardStore:
 
     # -- iteration ------------------------------------------------------------------------
 
+    # SCAN design. Problem: a cursor must lead every iteration to its end,
+    # returning each key present for its whole run at least once, however many
+    # clients scan at once and whatever is written meanwhile, in bounded memory
+    # and without a long pause of the shard. Approach, per shard:
+    #
+    # - Fast path: the first call takes a snapshot of the key list (a C-speed
+    #   copy) and later calls walk it by offset, COUNT keys a call. Position
+    #   (tag, field) = (the snapshot's tag, the offset it expects next).
+    # - At most ``scan_snapshots`` snapshots live; a new one pushes out the
+    #   least recently continued. A call whose snapshot is gone (pushed out,
+    #   the shard rebuilt, the server restarted, or the cursor replayed: the
+    #   offset must be the one the snapshot expects) takes a fresh one *once*
+    #   and starts this shard over (keys repeat, none is missed); its tag
+    #   records that it did (``retaken``).
+    # - Pushed out a second time, it goes on in stateless *hash order*: each
+    #   call returns the live keys whose ``zlib.crc32`` lies in
+    #   [field, field + stride), field starting at 0, and the cursor carries
+    #   the next start. The stride is sized to return about
+    #   max(COUNT, keys / SCAN_HASH_STEPS) keys, so it is at least 2**32 /
+    #   SCAN_HASH_STEPS: at most SCAN_HASH_STEPS calls per shard, whatever the
+    #   writes or the hash spread. A range never splits keys of equal hash,
+    #   and crc32 does not depend on PYTHONHASHSEED, so such a cursor needs no
+    #   state at all and survives restarts. Each such call costs O(shard keys).
+    #
+    # So an iteration makes at most (snapshot length / COUNT + 1) calls twice,
+    # plus SCAN_HASH_STEPS, per shard; no scanner can keep another from ending.
+    # Memory: snapshots hold 8 bytes per key, at most scan_snapshots of them.
+
     def scan(
         self, scan_id: int, offset: int, count: int, now: float
     ) -> tuple[int, int, list[bytes]]:
-        """Continue (or, with ``scan_id`` 0, begin) a SCAN of this shard.
+        """Continue (or, with ``scan_id`` :data:`SCAN_BEGIN`, begin) a SCAN of this shard.
 
-        A scan walks a snapshot of the key list taken when it began, so every
-        key present for the whole iteration is returned (once), whatever is
-        written meanwhile; keys no longer live are skipped when returned.
+        Every key present for the whole iteration is returned at least once;
+        keys no longer live are skipped. See the design comment above for how
+        a position is continued when its snapshot is gone. Runs without a
+        checkpoint (the shard's state changes atomically).
 
-        Memory: a snapshot holds a reference per key (8 bytes, outside
-        ``used_memory``; :meth:`scan_snapshot_keys` counts them) until its
-        scan ends. At most ``scan_snapshots`` are kept: beyond that the least
-        recently continued one is dropped, and its next call starts this
-        shard over (keys may then repeat, none is missed).
+        Args:
+            scan_id: the position's tag (:data:`SCAN_BEGIN`,
+                :data:`SCAN_HASH_ORDER`, or one this method returned).
+            offset: the position's field (0 with :data:`SCAN_BEGIN`).
+            count: keys wanted (a hint, >= 1): a snapshot call returns at most
+                this many, a hash-order call about max(count, keys /
+                :data:`SCAN_HASH_STEPS`).
+            now: the current time (expired keys are not returned).
 
         Returns:
-            (scan id, next offset or 0 when this shard is done, keys).
+            (tag, field, keys) of the next position; field 0 when this shard
+            is done. A snapshot position whose snapshot is gone, or expects
+            another offset, starts this shard over (or goes on in hash
+            order): keys repeat, none is missed. A cursor from before a
+            restart could, by a rare chance, name a new snapshot at the very
+            offset it expects, and walk it from there (see :meth:`_open_scan`).
         """
-        snapshot = self._scans.get(scan_id) if scan_id else None
-        if snapshot is None:
-            # A new scan, or one whose snapshot was dropped (too many open
-            # scans, or the shard's state was rebuilt): take a fresh snapshot
-            # and walk it from the start. Resuming at the old offset would
-            # skip keys (positions shift as keys come and go); starting over
-            # returns some keys twice, which SCAN allows.
-            snapshot = list(self.data)
-            offset = 0
-            scan_id = self._next_scan
-            self._next_scan = self._next_scan % (1 << 17) + 1
-            self._scans[scan_id] = snapshot
-            while len(self._scans) > self.scan_snapshots:
-                self._scans.popitem(last=False)
-        else:
+        if scan_id == SCAN_HASH_ORDER:
+            return self._scan_hash_order(offset, count, now)
+        retaken = False
+        snapshot = self._scans.get(scan_id) if scan_id > SCAN_HASH_ORDER else None
+        if snapshot is not None and snapshot.offset == offset:
             self._scans.move_to_end(scan_id)
-        end = min(len(snapshot), offset + count)
-        keys = [k for k in snapshot[offset:end] if self.contains(k, now)]
-        if end >= len(snapshot):
-            self._scans.pop(scan_id, None)
+        else:
+            if scan_id > SCAN_HASH_ORDER:
+                # Its snapshot is gone (or this cursor is not the one it expects).
+                if scan_id & 1:
+                    return self._scan_hash_order(0, count, now)  # gone a second time
+                retaken = True
+            if len(self.data) >= 1 << SCAN_FIELD_BITS:
+                return self._scan_hash_order(0, count, now)  # offsets would not fit
+            scan_id = self._open_scan(retaken)
+            snapshot = _ScanSnapshot(list(self.data))
+            self._scans[scan_id] = snapshot
+        walked = snapshot.keys
+        start = snapshot.offset
+        end = min(len(walked), start + max(count, 1))
+        keys = [k for k in walked[start:end] if self.contains(k, now)]
+        if end >= len(walked):
+            del self._scans[scan_id]
             return scan_id, 0, keys
+        snapshot.offset = end
         return scan_id, end, keys
+
+    def _open_scan(self, retaken: bool) -> int:
+        """Make room for one more snapshot and return a tag no live snapshot has.
+
+        Ids count up from a random start (so a cursor from before a restart
+        is unlikely to name a new snapshot; if it does, the offset check of
+        :meth:`scan` usually tells). The number of live snapshots stays below
+        the number of ids, so a free one is always found.
+        """
+        scans = self._scans
+        while len(scans) >= min(self.scan_snapshots, _SCAN_IDS - 1):
+            scans.popitem(last=False)
+        ident = self._next_scan
+        while ident << 1 in scans or ident << 1 | 1 in scans:
+            ident = ident % _SCAN_IDS + 1
+        self._next_scan = ident % _SCAN_IDS + 1
+        return ident << 1 | retaken
+
+    def _scan_hash_order(self, start: int, count: int, now: float) -> tuple[int, int, list[bytes]]:
+        """One stateless hash-order call: live keys with crc32 in [start, stop).
+
+        The stride makes the call return about max(count, keys /
+        SCAN_HASH_STEPS) keys if the hashes are spread evenly, and is never
+        below 2**32 / SCAN_HASH_STEPS. O(keys of this shard).
+        """
+        n = len(self.data)
+        want = max(count, 1, -(-n // SCAN_HASH_STEPS))
+        stop = _HASH_END if want >= n else min(_HASH_END, start + -(-(want << 32) // n))
+        crc32 = zlib.crc32
+        found = [k for k in self.data if start <= crc32(k) < stop]
+        keys = [k for k in found if self.contains(k, now)]
+        return SCAN_HASH_ORDER, (0 if stop >= _HASH_END else stop), keys
 
     def scan_snapshot_keys(self) -> int:
         """Key references held by the open SCAN snapshots of this shard."""
-        return sum(map(len, self._scans.values()))
+        return sum(len(s.keys) for s in self._scans.values())
 
     # -- integrity --------------------------------------------------------------------------
 
@@ -719,3 +806,23 @@ class ShardStore:
         self.ttl_index.rebuild(self.expires)
         self.used = total
         self.tracker.reset_shard(self.shard_id, total)
+
+
+@attrs.define
+class _ScanSnapshot:
+    """The key list one SCAN iteration walks on one shard, and where it is."""
+
+    keys: list[bytes]
+    offset: int = 0  # the next position to return, the one the cursor must name
+
+
+def scan_position_valid(tag: int, field: int) -> bool:
+    """Whether (tag, field) is a position :meth:`ShardStore.scan` could have returned.
+
+    Checks the form only (whether a snapshot still lives is the shard's
+    business): a begin position has field 0, every other one a field in
+    1..2**SCAN_FIELD_BITS - 1, and a tag fits in SCAN_TAG_BITS.
+    """
+    if not (0 <= tag < 1 << SCAN_TAG_BITS and 0 <= field < 1 << SCAN_FIELD_BITS):
+        return False
+    return field == 0 if tag == SCAN_BEGIN else field != 0
