@@ -12,6 +12,7 @@ import re
 import attrs
 
 from .eviction.policies import POLICY_NAMES, make_policy
+from .persistence import records
 from .persistence.wal import syncfs_supported
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
@@ -102,6 +103,8 @@ class StoreConfig:
         hold_timeout: seconds a shard holds for an atomic multi-shard write.
         mailbox_capacity: bound of each actor's mailbox (messages).
         max_key_size, max_value_size: bytes; bigger arguments get TOO_LARGE.
+            With persistence on, their sum must fit one log record (2 GiB
+            less 17 bytes), so that every write the limits allow can be logged.
         restart_backoff: first restart delay of a crashed actor (seconds).
         restart_backoff_max: cap of the restart delay (seconds).
         max_restarts, restart_period: a supervisor gives up after more than
@@ -172,6 +175,16 @@ class StoreConfig:
                 raise ValueError(why)
         if self.data_dir is not None and not self.data_dir:
             raise ValueError("data_dir must not be empty")
+        if self.data_dir is not None:
+            # The log holds each SET as one record: the largest key with the
+            # largest value must fit in one, or such a write could not be logged.
+            entry = records.max_entry_bytes()
+            if self.max_key_size + self.max_value_size > entry:
+                raise ValueError(
+                    "max_key_size + max_value_size must be <= "
+                    f"{entry} bytes with persistence on (one log record), got "
+                    f"{self.max_key_size} + {self.max_value_size}"
+                )
         if self.restart_backoff_max < self.restart_backoff:
             raise ValueError(
                 "restart_backoff_max must be >= restart_backoff, got"

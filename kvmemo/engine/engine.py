@@ -73,6 +73,7 @@ from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
+from ..persistence.records import MAX_PAYLOAD, intent_payload
 from ..persistence.wal import SegmentedLog
 from ..storage.durability import Health, ShardDurability
 from ..storage.durable_shard import DurableShardActor, durable_state_factory
@@ -1248,6 +1249,8 @@ class KVEngine:
 
         Raises:
             PersistenceIOError: the intent could not be written; the caller aborts.
+            TooLargeError: the intent would not fit in one record (nothing
+                written; the caller aborts).
         """
         offset = time.time() - _current_time()  # monotonic -> Unix seconds
         sections: list[tuple[int, bytes]] = []
@@ -1260,6 +1263,13 @@ class KVEngine:
                 sections.append((shard, effects))
         if len(sections) < 2:
             return  # one shard writes (a COPY): one GROUP record in its own log, if several
+        if intent_payload(sections) > MAX_PAYLOAD:
+            # Refused before anything is written, so nothing was applied (an
+            # MSET round retries each of its MSETs alone, see _mset_round).
+            raise TooLargeError(
+                f"the write's effects are over the intent log's record limit ({MAX_PAYLOAD} bytes)",
+                applied=False,
+            )
         txid = self._txid = self._txid + 1
         # Set before the write: a shard whose hold times out meanwhile (an
         # abort) marks it in its log, which recovery reads before any redo.

@@ -63,8 +63,17 @@ _VOP_LEN_KLEN = struct.Struct("<BBII")  # version, op, payload length, key lengt
 _EXPIRY = struct.Struct("<Bq")  # expiry flag, expiry in Unix ms
 _NO_EXPIRY = _EXPIRY.pack(0, 0)  # the expiry field of a record without expiry
 MIN_PAYLOAD = 4 + 4 + _EXPIRY.size  # 17 bytes: empty key, empty value, expiry field
-MAX_PAYLOAD = 1 << 30  # bytes; a larger length field is damage, not data
+# Bytes; a larger length field is damage, not data. 2 GiB: a SET record of the
+# largest key and value the default limits allow (512 MiB each) fits, as does a
+# group of several (StoreConfig refuses, with persistence on, limits whose
+# largest SET would not fit: see MAX_ENTRY_BYTES).
+MAX_PAYLOAD = 1 << 31
 MAX_EXPIRES_MS = (1 << 63) - 1  # the largest int64
+
+
+def max_entry_bytes() -> int:
+    """The most key + value bytes one SET record can hold (MAX_PAYLOAD less its fields)."""
+    return MAX_PAYLOAD - MIN_PAYLOAD
 
 
 class PersistenceError(Exception):
@@ -257,6 +266,12 @@ def encode_intent(txid: int, sections: list[tuple[int, bytes]]) -> bytes:
     """
     value = b"".join(_SECTION.pack(shard, len(records)) + records for shard, records in sections)
     return encode_fields(_INTENT, _U64.pack(txid), value)
+
+
+def intent_payload(sections: list[tuple[int, bytes]]) -> int:
+    """The payload length of :func:`encode_intent`'s record of ``sections`` (over
+    :data:`MAX_PAYLOAD`: it cannot be written)."""
+    return MIN_PAYLOAD + _U64.size + sum(_SECTION.size + len(r) for _, r in sections)
 
 
 def encode_group(records: bytes) -> bytes:

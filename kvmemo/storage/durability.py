@@ -150,7 +150,7 @@ class Journal:
         ``encoded``: the pairs already encoded as records, in order (an
         intent made them). Replay applies all of them or, torn by a crash,
         none. A group that would not fit in one record (over
-        ``MAX_PAYLOAD``, 1 GiB) is logged as separate records, which a torn
+        ``MAX_PAYLOAD``, 2 GiB) is logged as separate records, which a torn
         write may cut between.
         """
         if encoded is None:
@@ -164,7 +164,7 @@ class Journal:
 
         For the effects of one command (a RENAME on one shard, a
         transaction's part), so that a torn write brings back all or none of
-        them. Nothing changes for fewer than two entries, or past the 1 GiB
+        them. Nothing changes for fewer than two entries, or past the 2 GiB
         record limit (see :meth:`set_many`). No mark may be among them.
         """
         if len(self.records) - mark < 2:
