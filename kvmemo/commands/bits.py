@@ -15,6 +15,7 @@ from ..errors import CommandSyntaxError, NotIntegerError, TooLargeError
 from ..storage.store import ShardStore
 from . import ops
 from .args import SYNTAX, parse_int, upper
+from .replies import FieldList
 from .table import ParseContext, command
 
 KEY1 = (1, 1, 1)
@@ -304,7 +305,7 @@ class Lcs(ops.MGet):
         )
         if self.get_idx:
             # Redis replies with bulk strings for the labels (a map in RESP3).
-            return [b"matches", ranges, b"len", length]
+            return FieldList([b"matches", ranges, b"len", length])
         if self.get_len:
             return length
         return string

@@ -21,13 +21,15 @@ Results follow the protocol's JSON mapping: ``str`` for simple strings
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
-from ..errors import CommandSyntaxError, NotIntegerError, TooLargeError
+from ..errors import CommandSyntaxError, KVMemoError, NotIntegerError, TooLargeError
 from ..persistence import Op, encode_fields, encode_set
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
+from .longdouble import LongDouble, add, format_human, parse_long_double
 
 OK = "OK"
 
@@ -206,17 +208,22 @@ class GetDel(ShardOp):
 
 
 class GetEx(ShardOp):
-    __slots__ = ("expiry",)
+    """GETEX. ``error``: the expiry value was bad, which Redis reports only for a live key."""
+
+    __slots__ = ("error", "expiry")
     write = True
 
-    def __init__(self, key: bytes, expiry: Expiry) -> None:
+    def __init__(self, key: bytes, expiry: Expiry, *, error: KVMemoError | None = None) -> None:
         self.key = key
         self.expiry = expiry
+        self.error = error
 
     def apply(self, store: ShardStore, now: float) -> bytes | None:
         value = store.get(self.key, now)
         if value is None:
             return None
+        if self.error is not None:
+            raise self.error
         mode = self.expiry.mode
         if mode is ExpiryMode.PERSIST:
             store.set_expiry(self.key, None)
@@ -255,46 +262,26 @@ class IncrBy(ShardOp):
 
 
 class IncrByFloat(ShardOp):
+    """INCRBYFLOAT, in x87 ``long double`` as Redis computes it (:mod:`.longdouble`).
+
+    Sums go up to about 1.19e4932 (past the ``double`` range, as Redis's);
+    past that, or an infinite operand, is ``increment would produce NaN or
+    Infinity`` and changes nothing.
+    """
+
     __slots__ = ("delta",)
     write = True
 
-    def __init__(self, key: bytes, delta: float) -> None:
+    def __init__(self, key: bytes, delta: LongDouble) -> None:
         self.key = key
         self.delta = delta
 
     def apply(self, store: ShardStore, now: float) -> bytes:
         raw = store.peek(self.key, now)
-        current = 0.0
-        if raw is not None:
-            current = parse_float(raw, what="value")
-        result = current + self.delta
-        if result != result or result in (float("inf"), float("-inf")):
-            raise NotIntegerError("increment would produce NaN or Infinity")
-        text = format_float(result).encode()
+        current: LongDouble = Fraction(0) if raw is None else parse_long_double(raw)
+        text = format_human(add(current, self.delta))
         store.put(self.key, text, now, expires_at=None, keep_ttl=True)
         return text
-
-
-def parse_float(raw: bytes, *, what: str = "value") -> float:
-    """A float argument as Redis reads it (no spaces, finite)."""
-    text = raw.decode("ascii", "replace")
-    bad = not text or text != text.strip() or text.lower() in ("nan", "+nan", "-nan") or "_" in text
-    try:
-        value = float(text)
-    except ValueError:
-        bad = True
-    if bad or value in (float("inf"), float("-inf")):
-        raise NotIntegerError(f"{what} is not a valid float")
-    return value
-
-
-def format_float(value: float) -> str:
-    """A float as Redis prints INCRBYFLOAT results: up to 17 digits, no exponent."""
-    text = f"{value:.17f}".rstrip("0").rstrip(".")
-    shortest = repr(value)
-    if "e" not in shortest and "inf" not in shortest:
-        text = shortest[:-2] if shortest.endswith(".0") else shortest
-    return text if text not in ("-0", "") else "0"
 
 
 STRING_TOO_LONG = "string exceeds maximum allowed size (proto-max-bulk-len)"
@@ -386,8 +373,20 @@ class SetRange(ShardOp):
 # -- expiry ----------------------------------------------------------------------------
 
 
+# Redis keeps deadlines in whole Unix milliseconds, so GT and LT see two equal
+# deadlines as equal. Ours are monotonic floats converted from Unix time with a
+# clock read per command: two conversions of one Unix millisecond differ by
+# the clocks' jitter (microseconds), never by half a millisecond.
+SAME_MILLISECOND = 0.0005  # seconds: deadlines closer than this are one Redis ms
+
+
 class Expire(ShardOp):
-    """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT with NX / XX / GT / LT."""
+    """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT with NX / XX / GT / LT.
+
+    GT and LT compare deadlines as Redis's whole milliseconds
+    (:data:`SAME_MILLISECOND`): ``EXPIREAT k t GT`` is refused when ``k``
+    expires at ``t`` already.
+    """
 
     __slots__ = ("conditions", "expiry")
     write = True
@@ -409,9 +408,9 @@ class Expire(ShardOp):
                 return 0
             if b"XX" in cond and current is None:
                 return 0
-            if b"GT" in cond and (current is None or new <= current):
+            if b"GT" in cond and (current is None or new - current < SAME_MILLISECOND):
                 return 0
-            if b"LT" in cond and current is not None and new >= current:
+            if b"LT" in cond and current is not None and current - new < SAME_MILLISECOND:
                 return 0
         if new <= now:
             store.delete(self.key, now)
@@ -451,8 +450,11 @@ class ExpireTime(ShardOp):
         exp = store.expiry_of(self.key)
         if exp is None:
             return -1
-        unix = self.clock.to_unix(exp)
-        return round(unix * 1000) if self.millis else int(unix)
+        # Redis keeps whole Unix milliseconds and rounds them to the nearest
+        # second; the round trip through the monotonic clock is only off by
+        # clock jitter (microseconds), which the rounding to ms removes.
+        unix_ms = round(self.clock.to_unix(exp) * 1000)
+        return unix_ms if self.millis else (unix_ms + 500) // 1000
 
 
 class Persist(ShardOp):

@@ -15,9 +15,16 @@ from typing import Any
 
 import attrs
 
-from ..errors import ArityError, CommandSyntaxError, NotIntegerError, UnknownCommandError
+from ..errors import (
+    ArityError,
+    CommandSyntaxError,
+    KVMemoError,
+    NotIntegerError,
+    UnknownCommandError,
+)
 from . import ops
 from .args import (
+    INT64_MAX,
     MAX_EXPIRE_MS,
     NO_EXPIRY,
     SYNTAX,
@@ -29,6 +36,7 @@ from .args import (
     parse_int,
     upper,
 )
+from .longdouble import parse_long_double
 
 
 @attrs.frozen
@@ -247,40 +255,69 @@ def _get(args: Sequence[bytes], ctx: ParseContext) -> ops.Get:
     return ops.Get(args[0])
 
 
-def _parse_set_options(
-    args: Sequence[bytes], ctx: ParseContext, command_name: str
-) -> tuple[Expiry, bool, bool, bool]:
-    expiry = NO_EXPIRY
-    nx = xx = get = False
+_EXPIRY_OPTIONS = frozenset({b"EX", b"PX", b"EXAT", b"PXAT"})
+
+
+def _parse_string_options(
+    args: Sequence[bytes], *, getex: bool
+) -> tuple[bytes | None, bytes, frozenset[bytes]]:
+    """SET's or GETEX's options, by Redis's ``parseExtendedStringArgumentsOrReply``.
+
+    An option may come again (``EX 1 EX 2``, ``NX NX``, ``GET GET``): the
+    last expiry wins and only its value is parsed, later, by the caller.
+    What may not be combined: NX with XX, two different expiry options, an
+    expiry with KEEPTTL (SET) or PERSIST (GETEX). GETEX takes only the
+    expiry options and PERSIST.
+
+    Returns:
+        The expiry option (``b"EX"``... or None), its raw value, and the
+        other options given (``NX``, ``XX``, ``GET``, ``KEEPTTL``, ``PERSIST``).
+
+    Raises:
+        CommandSyntaxError: anything else (Redis's "syntax error").
+    """
+    expiry: bytes | None = None
+    value = b""
+    flags: set[bytes] = set()
     i = 0
     while i < len(args):
         opt = upper(args[i])
-        if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and i + 1 < len(args):
-            if expiry is not NO_EXPIRY:
-                raise CommandSyntaxError(SYNTAX)
-            expiry = expiry_option(opt, args[i + 1], ctx, command_name)
-            i += 2
+        if opt in _EXPIRY_OPTIONS:
+            if i + 1 < len(args) and expiry in (None, opt) and not flags & {b"KEEPTTL", b"PERSIST"}:
+                expiry, value = opt, args[i + 1]
+                i += 2
+                continue
+        elif not getex and (
+            (opt == b"NX" and b"XX" not in flags)
+            or (opt == b"XX" and b"NX" not in flags)
+            or opt == b"GET"
+            or (opt == b"KEEPTTL" and expiry is None)
+        ):
+            flags.add(opt)
+            i += 1
             continue
-        if opt == b"KEEPTTL" and expiry is NO_EXPIRY:
-            expiry = Expiry(ExpiryMode.KEEP)
-        elif opt == b"NX" and not xx:
-            nx = True
-        elif opt == b"XX" and not nx:
-            xx = True
-        elif opt == b"GET":
-            get = True
-        else:
-            raise CommandSyntaxError(SYNTAX)
-        i += 1
-    return expiry, nx, xx, get
+        elif getex and opt == b"PERSIST" and expiry is None:  # PERSIST PERSIST: as Redis
+            flags.add(opt)
+            i += 1
+            continue
+        raise CommandSyntaxError(SYNTAX)
+    return expiry, value, frozenset(flags)
 
 
 @command("set", -3, "write", KEY1, "set a value, with expiry and conditions")
 def _set(args: Sequence[bytes], ctx: ParseContext) -> ops.Set | ops.PlainSet:
     if len(args) == 2:  # no option: the common case
         return ops.PlainSet(args[0], args[1])
-    expiry, nx, xx, get = _parse_set_options(args[2:], ctx, "set")
-    return ops.Set(args[0], args[1], expiry, nx=nx, xx=xx, get=get)
+    option, value, flags = _parse_string_options(args[2:], getex=False)
+    if option is not None:
+        expiry = expiry_option(option, value, ctx, "set")
+    elif b"KEEPTTL" in flags:
+        expiry = Expiry(ExpiryMode.KEEP)
+    else:
+        expiry = NO_EXPIRY
+    return ops.Set(
+        args[0], args[1], expiry, nx=b"NX" in flags, xx=b"XX" in flags, get=b"GET" in flags
+    )
 
 
 @command("setnx", 3, "write fast", KEY1, "set a value if the key is absent", "1.1")
@@ -332,16 +369,16 @@ def _getdel(args: Sequence[bytes], ctx: ParseContext) -> ops.GetDel:
 
 @command("getex", -2, "write fast", KEY1, "get a value and set or clear its expiry")
 def _getex(args: Sequence[bytes], ctx: ParseContext) -> ops.GetEx:
-    expiry = NO_EXPIRY
-    rest = args[1:]
-    if rest:
-        opt = upper(rest[0])
-        if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(rest) == 2:
-            expiry = expiry_option(opt, rest[1], ctx, "getex")
-        elif opt == b"PERSIST" and len(rest) == 1:
-            expiry = Expiry(ExpiryMode.PERSIST)
-        else:
-            raise CommandSyntaxError(SYNTAX)
+    # As Redis: the options are checked first, the expiry value only once the
+    # key is found (GETEX on a missing key answers nil whatever the value).
+    option, value, flags = _parse_string_options(args[1:], getex=True)
+    if option is None:
+        persist = Expiry(ExpiryMode.PERSIST) if flags else NO_EXPIRY
+        return ops.GetEx(args[0], persist)
+    try:
+        expiry = expiry_option(option, value, ctx, "getex")
+    except KVMemoError as exc:
+        return ops.GetEx(args[0], NO_EXPIRY, error=exc)
     return ops.GetEx(args[0], expiry)
 
 
@@ -370,7 +407,7 @@ def _decrby(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
 
 @command("incrbyfloat", 3, "write fast", KEY1, "add a float to a value", "1.1")
 def _incrbyfloat(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrByFloat:
-    return ops.IncrByFloat(args[0], ops.parse_float(args[1]))
+    return ops.IncrByFloat(args[0], parse_long_double(args[1]))
 
 
 @command("append", 3, "write fast", KEY1, "append to a value")
@@ -440,28 +477,53 @@ def _touch(args: Sequence[bytes], ctx: ParseContext) -> ops.Touch:
     return ops.Touch(args)
 
 
+_EXPIRE_FLAGS = frozenset({b"NX", b"XX", b"GT", b"LT"})
+
+
+def _expire_flags(args: Sequence[bytes]) -> frozenset[bytes]:
+    """EXPIRE's NX / XX / GT / LT, by Redis's ``parseExtendedExpireArgumentsOrReply``.
+
+    Checked before the time argument, as Redis does: an unknown option is
+    named as given (its case kept), the first one in order.
+    """
+    flags = set()
+    for arg in args:
+        flag = upper(arg)
+        if flag not in _EXPIRE_FLAGS:
+            raise CommandSyntaxError(f"Unsupported option {arg.decode('utf-8', 'surrogateescape')}")
+        flags.add(flag)
+    if b"NX" in flags and flags & {b"XX", b"GT", b"LT"}:
+        raise CommandSyntaxError("NX and XX, GT or LT options at the same time are not compatible")
+    if {b"GT", b"LT"} <= flags:
+        raise CommandSyntaxError("GT and LT options at the same time are not compatible")
+    return frozenset(flags)
+
+
 def _expire_parser(name: str, unit_ms: bool, absolute: bool) -> Parser:
+    """EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT, with Redis's ``expireGenericCommand`` bounds.
+
+    Redis refuses a time whose milliseconds overflow a signed 64-bit
+    integer: seconds outside ``[-(2**63 - 1) // 1000, (2**63 - 1) // 1000]``
+    (C division truncates), or a deadline past ``2**63 - 1`` ms. KVMemo
+    keeps its own, lower, upper bound (``MAX_EXPIRE_MS``: deadlines are
+    float seconds and the log stores Unix ms below ``2**63``); times in the
+    past, however negative, delete the key as in Redis.
+    """
+
     def parse_expire(args: Sequence[bytes], ctx: ParseContext) -> ops.Expire:
+        flags = _expire_flags(args[2:])
         amount = parse_int(args[1])
+        if not unit_ms and not -(INT64_MAX // 1000) <= amount <= INT64_MAX // 1000:
+            raise CommandSyntaxError(f"invalid expire time in '{name}' command")
         limit = MAX_EXPIRE_MS if unit_ms else MAX_EXPIRE_MS // 1000
-        if abs(amount) > limit:
+        if amount > limit:
             raise CommandSyntaxError(f"invalid expire time in '{name}' command")
         seconds = amount / 1000 if unit_ms else float(amount)
         if absolute:
             expiry = Expiry(ExpiryMode.ABSOLUTE, ctx.clock.to_monotonic(seconds))
         else:
             expiry = Expiry(ExpiryMode.RELATIVE, seconds)
-        flags = {upper(a) for a in args[2:]}
-        unknown = flags - {b"NX", b"XX", b"GT", b"LT"}
-        if unknown:
-            raise CommandSyntaxError(f"Unsupported option {sorted(unknown)[0].decode()}")
-        if b"NX" in flags and flags & {b"XX", b"GT", b"LT"}:
-            raise CommandSyntaxError(
-                "NX and XX, GT or LT options at the same time are not compatible"
-            )
-        if {b"GT", b"LT"} <= flags:
-            raise CommandSyntaxError("GT and LT options at the same time are not compatible")
-        return ops.Expire(args[0], expiry, frozenset(flags))
+        return ops.Expire(args[0], expiry, flags)
 
     return parse_expire
 
@@ -515,6 +577,9 @@ def _renamenx(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
 
 @command("copy", -3, "write", (1, 2, 1), "copy a key's value and expiry to another key", "1.1")
 def _copy(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
+    # As Redis's copyCommand: the options first (DB's index an int, then
+    # database 0, the only one), then the same key named twice, whether or
+    # not it exists.
     replace = False
     i = 2
     while i < len(args):
@@ -523,12 +588,23 @@ def _copy(args: Sequence[bytes], ctx: ParseContext) -> ops.Move:
             replace = True
             i += 1
         elif opt == b"DB" and i + 1 < len(args):
-            if parse_int(args[i + 1]) != 0:
+            db = parse_int(args[i + 1])
+            if not INT32_MIN <= db <= INT32_MAX:
+                raise NotIntegerError(
+                    f"value is out of range, value must between {INT32_MIN} and {INT32_MAX}"
+                )
+            if db != 0:
                 raise CommandSyntaxError("DB index is out of range")
             i += 2
         else:
             raise CommandSyntaxError(SYNTAX)
+    if args[0] == args[1]:
+        raise CommandSyntaxError("source and destination objects are the same")
     return ops.Move(args[0], args[1], kind="copy", replace=replace)
+
+
+INT32_MIN = -(1 << 31)
+INT32_MAX = (1 << 31) - 1
 
 
 from . import bits  # noqa: E402, F401 - registers GETBIT, SETBIT, BITCOUNT, LCS, RANDOMKEY

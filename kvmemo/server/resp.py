@@ -33,6 +33,8 @@ from typing import Final
 
 import attrs
 
+from ..commands.replies import FieldList
+
 __all__ = [
     "NEED_DATA",
     "NULL_ARRAY",
@@ -986,7 +988,10 @@ def _encode_into(out: list[bytes], value: object, resp3: bool) -> None:
     elif isinstance(value, int):
         out.append(b":%d\r\n" % value)
     elif isinstance(value, list | tuple):
-        out.append(b"*%d\r\n" % len(value))
+        if resp3 and isinstance(value, FieldList):
+            out.append(b"%%%d\r\n" % (len(value) // 2))  # a map: names and values alternate
+        else:
+            out.append(b"*%d\r\n" % len(value))
         for item in value:
             _encode_into(out, item, resp3)
     elif isinstance(value, ErrorReply):

@@ -1088,6 +1088,10 @@ async def _select(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         index = parse_int(argv[1])
     except KVMemoError:
         return NOT_INTEGER
+    if not -(1 << 31) <= index < 1 << 31:  # Redis reads the index as a C int
+        return ErrorReply(
+            "ERR value is out of range, value must between -2147483648 and 2147483647"
+        )
     if index != 0:
         return ErrorReply("ERR DB index is out of range")
     return "OK"
