@@ -954,6 +954,20 @@ CASES: list[Case] = [
     ),
     # -- MGET, MSET, MSETNX
     case(
+        # Queued on the table's arity alone: the pairs are checked at EXEC.
+        "mset-odd-arguments-in-a-transaction",
+        "MULTI",
+        "MSET a 1 b",
+        "SET c 1",
+        "MSETNX a 1 b",
+        "PING x y",
+        "EXEC",
+        "GET c",
+        "MULTI",
+        "MSET",
+        "EXEC",
+    ),
+    case(
         "mget-mset-msetnx",
         "MSET a 1 b 2",
         "MSET a 1 b",

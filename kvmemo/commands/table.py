@@ -160,6 +160,16 @@ def lookup(name: str) -> Command:
     return spec
 
 
+def table_arity_ok(spec: Command, nargs: int) -> bool:
+    """Whether ``nargs`` arguments (the name not counted) meet ``spec``'s table arity.
+
+    Redis's own check, made when a transaction queues a call; a command may
+    refuse more counts when it parses (MSET: pairs only), as Redis's does.
+    """
+    total = nargs + 1
+    return total == spec.arity if spec.arity > 0 else total >= -spec.arity
+
+
 def parse(name: str, args: Sequence[bytes], ctx: ParseContext) -> tuple[Command, Any]:
     """Look up, check arity and parse one call.
 
