@@ -117,3 +117,27 @@ async def test_a_multi_shard_write_over_the_intent_limit_is_refused_and_applies_
             # A smaller multi-shard write still goes through, logged with its intent.
             assert await kv.mset([("{b}small", "1"), ("{c}small", "2")]) == "OK"
             assert all(a["restarts"] == 0 for a in kv.actors())
+
+
+@pytest.mark.usefixtures("small_records")
+async def test_a_transaction_over_the_intent_limit_is_applied_and_logged_per_shard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A transaction's effects are known only once it ran: it is not refused;
+    # each shard logs its part, and the lost cross-shard atomicity is said.
+    value = "v" * 1500
+    settings = {
+        "shards": 4,
+        "data_dir": str(tmp_path),
+        "appendfsync": "always",
+        "max_key_size": KEY_SIZE,
+        "max_value_size": 1500,
+    }
+    keys = ["{a}t1", "{a}t2", "{b}t"]
+    with trio.fail_after(30):
+        async with kvmemo.open_store(**settings) as kv:
+            results = await kv.transaction(*[("SET", k, value) for k in keys])
+            assert results == ["OK"] * len(keys)
+        assert "over the intent log's record limit" in caplog.text
+        async with kvmemo.open_store(**settings) as kv:
+            assert await kv.mget(*keys) == [value.encode()] * len(keys)

@@ -1349,6 +1349,16 @@ class KVEngine:
                 ]
                 if len(sections) < 2:
                     return  # one shard wrote: its part is one GROUP record in its log
+                if intent_payload(sections) > MAX_PAYLOAD:
+                    # Applied already, so not refused: each shard journals its
+                    # part (one GROUP record each, when it fits), without a
+                    # round mark; a crash could keep some parts and not others.
+                    durable.log.warning(
+                        "a transaction's effects (%d bytes) are over the intent log's record"
+                        " limit: logged per shard, without crash atomicity across shards",
+                        sum(len(records) for _, records in sections),
+                    )
+                    return
                 txid = self._txid = self._txid + 1
                 # Set before the write: a shard whose wait for ``logged``
                 # times out meanwhile journals its part with its mark.
