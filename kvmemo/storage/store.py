@@ -635,9 +635,11 @@ class ShardStore:
             (tag, field, keys) of the next position; field 0 when this shard
             is done. A snapshot position whose snapshot is gone, or expects
             another offset, starts this shard over (or goes on in hash
-            order): keys repeat, none is missed. A cursor from before a
-            restart could, by a rare chance, name a new snapshot at the very
-            offset it expects, and walk it from there (see :meth:`_open_scan`).
+            order): keys repeat, none is missed. A stale cursor (from before
+            a restart, or left unfinished while 2**17 newer snapshots were
+            opened on this shard, so that its id is in use again) could, by a
+            rare chance, name a live snapshot at the very offset it expects,
+            and walk it from there (see :meth:`_open_scan`).
         """
         if scan_id == SCAN_HASH_ORDER:
             return self._scan_hash_order(offset, count, now)
