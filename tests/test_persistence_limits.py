@@ -15,6 +15,7 @@ the configuration read it at call time), so no test needs gigabytes.
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,13 @@ import trio
 import kvmemo
 from kvmemo.config import StoreConfig
 from kvmemo.engine import engine as engine_module
-from kvmemo.errors import KVMemoError
+from kvmemo.errors import KVMemoError, TooLargeError
+from kvmemo.eviction.memory import MemoryTracker
+from kvmemo.eviction.policies import make_policy
 from kvmemo.persistence import records
 from kvmemo.persistence.records import MIN_PAYLOAD
+from kvmemo.storage.durability import Journal
+from kvmemo.storage.store import ShardStore
 
 LIMIT = 4096  # the record payload limit the writing tests use
 KEY_SIZE = 64
@@ -141,3 +146,24 @@ async def test_a_transaction_over_the_intent_limit_is_applied_and_logged_per_sha
         assert "over the intent log's record limit" in caplog.text
         async with kvmemo.open_store(**settings) as kv:
             assert await kv.mget(*keys) == [value.encode()] * len(keys)
+
+
+@pytest.mark.usefixtures("small_records")
+@pytest.mark.parametrize("ttl", [None, 100.0])
+def test_a_write_no_record_holds_is_refused_before_the_store_changes(ttl: float | None) -> None:
+    # Defence in depth: the limits keep every write under one record, but if
+    # one ever is not, the store refuses it whole instead of crashing half-way.
+    store = ShardStore(0, make_policy("lru"), MemoryTracker(1 << 30, 1))
+    store.journal = Journal()
+    store.put(b"k", b"old", 0.0, expires_at=None)
+    before = (dict(store.data), dict(store.expires), store.used, list(store.journal.records))
+    big = b"v" * LIMIT
+    write = (
+        partial(store.put_plain, b"k", big, 0.0)
+        if ttl is None
+        else partial(store.put, b"k", big, 0.0, expires_at=ttl)
+    )
+    with pytest.raises(TooLargeError, match="does not fit one log record"):
+        write()
+    assert (dict(store.data), dict(store.expires), store.used, store.journal.records) == before
+    assert store.check_invariants()

@@ -244,20 +244,30 @@ def _current_int(store: ShardStore, key: bytes, now: float) -> int:
     return parse_int(value)
 
 
+STRING_TOO_LONG = "string exceeds maximum allowed size (proto-max-bulk-len)"
+
+
 class IncrBy(ShardOp):
-    __slots__ = ("delta",)
+    """INCR, DECR, INCRBY, DECRBY. ``limit``: ``max_value_size`` (the result
+    is a value the command builds, as APPEND's: over it, TOO_LARGE)."""
+
+    __slots__ = ("delta", "limit")
     write = True
 
-    def __init__(self, key: bytes, delta: int) -> None:
+    def __init__(self, key: bytes, delta: int, limit: int) -> None:
         self.key = key
         self.delta = delta
+        self.limit = limit
 
     def apply(self, store: ShardStore, now: float) -> int:
         current = _current_int(store, self.key, now)
         result = current + self.delta
         if not INT64_MIN <= result <= INT64_MAX:
             raise NotIntegerError("increment or decrement would overflow")
-        store.put(self.key, str(result).encode(), now, expires_at=None, keep_ttl=True)
+        text = str(result).encode()
+        if len(text) > self.limit:
+            raise TooLargeError(STRING_TOO_LONG)
+        store.put(self.key, text, now, expires_at=None, keep_ttl=True)
         return result
 
 
@@ -269,22 +279,22 @@ class IncrByFloat(ShardOp):
     Infinity`` and changes nothing.
     """
 
-    __slots__ = ("delta",)
+    __slots__ = ("delta", "limit")
     write = True
 
-    def __init__(self, key: bytes, delta: LongDouble) -> None:
+    def __init__(self, key: bytes, delta: LongDouble, limit: int) -> None:
         self.key = key
         self.delta = delta
+        self.limit = limit  # max_value_size, as IncrBy's
 
     def apply(self, store: ShardStore, now: float) -> bytes:
         raw = store.peek(self.key, now)
         current: LongDouble = Fraction(0) if raw is None else parse_long_double(raw)
         text = format_human(add(current, self.delta))
+        if len(text) > self.limit:
+            raise TooLargeError(STRING_TOO_LONG)
         store.put(self.key, text, now, expires_at=None, keep_ttl=True)
         return text
-
-
-STRING_TOO_LONG = "string exceeds maximum allowed size (proto-max-bulk-len)"
 
 
 class Append(ShardOp):

@@ -60,7 +60,8 @@ class ParseContext:
 
     Args:
         read_clock: makes a :class:`Clock` of the present moment.
-        max_value_size: bytes; the limit of a value a command builds (APPEND).
+        max_value_size: bytes; the limit of a value a command builds (APPEND,
+            SETRANGE, SETBIT, the INCR family).
     """
 
     __slots__ = ("_clock", "_read_clock", "max_value_size")
@@ -394,17 +395,17 @@ def _getex(args: Sequence[bytes], ctx: ParseContext) -> ops.GetEx:
 
 @command("incr", 2, "write fast", KEY1, "add 1 to an integer value")
 def _incr(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
-    return ops.IncrBy(args[0], 1)
+    return ops.IncrBy(args[0], 1, ctx.max_value_size)
 
 
 @command("decr", 2, "write fast", KEY1, "subtract 1 from an integer value")
 def _decr(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
-    return ops.IncrBy(args[0], -1)
+    return ops.IncrBy(args[0], -1, ctx.max_value_size)
 
 
 @command("incrby", 3, "write fast", KEY1, "add to an integer value")
 def _incrby(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
-    return ops.IncrBy(args[0], parse_int(args[1]))
+    return ops.IncrBy(args[0], parse_int(args[1]), ctx.max_value_size)
 
 
 @command("decrby", 3, "write fast", KEY1, "subtract from an integer value")
@@ -412,12 +413,12 @@ def _decrby(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrBy:
     delta = parse_int(args[1])
     if delta == -(1 << 63):
         raise NotIntegerError("decrement would overflow")
-    return ops.IncrBy(args[0], -delta)
+    return ops.IncrBy(args[0], -delta, ctx.max_value_size)
 
 
 @command("incrbyfloat", 3, "write fast", KEY1, "add a float to a value", "1.1")
 def _incrbyfloat(args: Sequence[bytes], ctx: ParseContext) -> ops.IncrByFloat:
-    return ops.IncrByFloat(args[0], parse_long_double(args[1]))
+    return ops.IncrByFloat(args[0], parse_long_double(args[1]), ctx.max_value_size)
 
 
 @command("append", 3, "write fast", KEY1, "append to a value")

@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import TooLargeError
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
 from ..persistence.records import (
     MAX_PAYLOAD,
@@ -139,10 +140,22 @@ class Journal:
         return None if expires_at is None else round((expires_at + self.offset) * 1000)
 
     def set(self, key: bytes, value: bytes, expires_at: float | None) -> None:
-        if expires_at is None:
-            self.records.append(encode_set(key, value))
-        else:
-            self.records.append(encode_fields(Op.SET, key, value, self.unix_ms(expires_at)))
+        self.records.append(self.set_record(key, value, expires_at))
+
+    def set_record(self, key: bytes, value: bytes, expires_at: float | None) -> bytes:
+        """The record :meth:`set` journals, not journalled: a writer encodes it before
+        it changes anything, so that a record the log cannot hold is a clean refusal.
+
+        Raises:
+            TooLargeError: the key and value are over one record (``MAX_PAYLOAD``);
+                the size limits of ``StoreConfig`` keep every write under it.
+        """
+        try:
+            if expires_at is None:
+                return encode_set(key, value)
+            return encode_fields(Op.SET, key, value, self.unix_ms(expires_at))
+        except ValueError as exc:
+            raise TooLargeError(f"the write does not fit one log record: {exc}") from None
 
     def set_many(self, items: list[tuple[bytes, bytes]], encoded: bytes | None = None) -> None:
         """SETs without expiry of one command (an MSET's part), as one ``GROUP`` record.

@@ -228,6 +228,10 @@ class ShardStore:
             old, old_exp = None, None
         if keep_ttl:
             expires_at = old_exp
+        # Encoded before anything changes: a record the log cannot hold refuses
+        # the write (TooLargeError) instead of failing half-way through it.
+        journal = self.journal
+        record = b"" if journal is None else journal.set_record(key, value, expires_at)
         # The policy's bookkeeping per key (entry_size) cancels out on an overwrite.
         delta = _entry_size(key, value, has_ttl=expires_at is not None)
         if old is not None:
@@ -253,9 +257,8 @@ class ShardStore:
             if expires_at is not None:
                 self.expires[key] = expires_at
                 self.ttl_index.add(key, expires_at)
-        journal = self.journal
         if journal is not None:
-            journal.set(key, value, expires_at)
+            journal.records.append(record)
 
     def put_plain(self, key: bytes, value: bytes, now: float) -> None:
         """:meth:`put` without expiry, charged: the plain SET, the commonest write.
@@ -271,6 +274,8 @@ class ShardStore:
         if self.expires and key in self.expires:
             self.put(key, value, now, expires_at=None)
             return
+        journal = self.journal
+        record = b"" if journal is None else journal.set_record(key, value, None)  # as put
         old = self.data.get(key)
         if old is None:
             delta = (
@@ -291,9 +296,8 @@ class ShardStore:
             self.policy.record_insert(key, volatile=False)
         else:
             self.policy.record_access(key)
-        journal = self.journal
         if journal is not None:
-            journal.set(key, value, None)
+            journal.records.append(record)
 
     def put_delta(self, items: list[tuple[bytes, bytes]], now: float) -> int:
         """Bytes that :meth:`put_many` of ``items`` (without expiry) would add.
