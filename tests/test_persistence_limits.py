@@ -29,6 +29,7 @@ from kvmemo.eviction.memory import MemoryTracker
 from kvmemo.eviction.policies import make_policy
 from kvmemo.persistence import records
 from kvmemo.persistence.records import MIN_PAYLOAD
+from kvmemo.storage import durability
 from kvmemo.storage.durability import Journal
 from kvmemo.storage.store import ShardStore
 
@@ -63,9 +64,10 @@ def test_the_largest_set_the_limits_allow_is_one_valid_record() -> None:
 
 @pytest.fixture
 def small_records(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A record limit of LIMIT bytes for the encoder, the configuration and the engine."""
+    """A record limit of LIMIT bytes for the encoder, configuration, journal and engine."""
     monkeypatch.setattr(records, "MAX_PAYLOAD", LIMIT)
     monkeypatch.setattr(engine_module, "MAX_PAYLOAD", LIMIT)
+    monkeypatch.setattr(durability, "MAX_PAYLOAD", LIMIT)  # groups fall back past it
 
 
 @pytest.mark.usefixtures("small_records")
