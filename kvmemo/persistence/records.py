@@ -500,9 +500,22 @@ def _apply(
     elif op == _INTENT:
         return "an INTENT record where only a shard's records may be"
     elif op == _GROUP:
-        # Checked whole before any of it is applied (its CRC held, so only a
-        # bug writes a bad group; it is refused all the same). No group
-        # inside, so the records applied below refuse nothing.
+        # The common group, an MSET's SETs: replayed by replay()'s inline SET
+        # path into scratch dicts, then merged (all or nothing). Decoding each
+        # SET through the generic decoder twice (check, then apply) made a log
+        # of MSETs recover at ~280k keys/s instead of ~400k.
+        group_data: dict[bytes, bytes] = {}
+        group_expires: dict[bytes, int] = {}
+        if replay(value, group_data, group_expires, sets_only=True).problem is None:
+            if expires:
+                for key in group_data.keys() - group_expires.keys():
+                    expires.pop(key, None)
+            data.update(group_data)
+            expires.update(group_expires)
+            return None
+        # Anything else (a DEL, EXPIRE or FLUSH among them; damage, which
+        # only a bug writes, since the group's CRC held): checked whole before
+        # any of it is applied. No group inside, so what follows refuses nothing.
         reason = _group_problem(value)
         if reason is not None:
             return reason
