@@ -39,12 +39,21 @@ normalised (:func:`assert_same`), each rule said here and nowhere skipped:
   in the past leaves one), KVMemo live keys only (PROTOCOL.md); KVMemo's
   count must equal Redis's ``KEYS *`` length.
 - ``BITCOUNT`` with a range on a missing key: see :data:`REDIS_7_2`.
+- Connection and server commands (:data:`CONNECTION_CASES`, :data:`AUTH_CASES`,
+  each on new connections): ``HELLO`` without the values of ``version`` and
+  ``id``; ``CLIENT ID`` by type; ``CLIENT INFO``/``LIST`` field by field, the
+  values of ``_CLIENT_STABLE`` only; ``TIME`` by shape; ``CONFIG GET`` sorted,
+  ``port`` and ``dir`` by type; ``COMMAND LIST`` sorted, ``COMMAND COUNT`` by
+  type; ``INFO`` by sections and line format (:func:`assert_info_alike`);
+  ``COMMAND INFO``/``DOCS`` in their own test. See :func:`normalised`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -120,6 +129,10 @@ def _read_reply(stream: IO[bytes]) -> tuple[bytes, Tree]:
     raise AssertionError(f"not a RESP reply: {line!r}")
 
 
+CLOSED: tuple[bytes, Tree] = (b"<closed>", ("closed", None))
+"""What :meth:`RespConnection.call` gives once the server closed the connection (QUIT)."""
+
+
 def is_nil(tree: Tree) -> bool:
     """RESP2's null bulk string or array, or RESP3's null."""
     return tree[1] is None
@@ -133,6 +146,7 @@ class RespConnection:
     """
 
     def __init__(self, port: int, protocol: int = 2) -> None:
+        self.port = port
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=REPLY_TIMEOUT)
         self.stream = self.sock.makefile("rb")
         if protocol == 3:
@@ -140,8 +154,12 @@ class RespConnection:
             assert kind == "%", "HELLO 3 did not answer a map"
 
     def call(self, *args: str | bytes) -> tuple[bytes, Tree]:
-        self.sock.sendall(encode_command(*args))
-        return _read_reply(self.stream)
+        """The reply to ``args``; :data:`CLOSED` once the server has closed the connection."""
+        try:
+            self.sock.sendall(encode_command(*args))
+            return _read_reply(self.stream)
+        except (EOFError, ConnectionError):
+            return CLOSED
 
     def close(self) -> None:
         self.stream.close()
@@ -166,8 +184,9 @@ class RedisServer:
     taken meanwhile), stopped by :meth:`stop`.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._drain: threading.Thread | None = None
@@ -189,6 +208,7 @@ class RedisServer:
                     "no",
                     "--dir",
                     str(self.workdir),
+                    *self.extra_args,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -234,7 +254,8 @@ class RedisServer:
 class KVMemoPort:
     """KVMemo's Redis port, in this process, on a thread running its own trio loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: frozenset[str] = frozenset()) -> None:
+        self.tokens = tokens
         self.port = 0
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -248,7 +269,9 @@ class KVMemoPort:
                 engine = KVEngine(StoreConfig(shards=4))
                 system = await nursery.start(engine.supervisor().run)
                 engine.attach(system)
-                _, port = await nursery.start(partial(serve_resp, engine, port=0))
+                _, port = await nursery.start(
+                    partial(serve_resp, engine, port=0, tokens=self.tokens)
+                )
                 stop = trio.Event()
                 ready.put((port, trio.lowlevel.current_trio_token(), stop))
                 await stop.wait()
@@ -295,6 +318,23 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int
         redis_server.stop()
 
 
+PASSWORD = "s3cret"  # both servers' password in the AUTH cases
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """Redis with ``--requirepass`` and KVMemo with the same token, both stopped at the end."""
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis-auth"), ["--requirepass", PASSWORD])
+    kvmemo = KVMemoPort(tokens=frozenset({PASSWORD}))
+    try:
+        redis_server.start()
+        kvmemo.start()
+        yield redis_server.port, kvmemo.port
+    finally:
+        kvmemo.stop()
+        redis_server.stop()
+
+
 def _connect(ports: tuple[int, int], protocol: int) -> Iterator[Pair]:
     connections = Pair(RespConnection(ports[0], protocol), RespConnection(ports[1], protocol))
     try:
@@ -322,19 +362,100 @@ _SECONDS = {b"TTL", b"EXPIRETIME"}
 _MILLIS = {b"PTTL", b"PEXPIRETIME"}
 
 
-def comparable(argv: Sequence[str | bytes], reply: tuple[bytes, Tree]) -> object:
-    """What must be equal between the servers' replies to ``argv``: the raw bytes,
-    except for KEYS (its keys, sorted)."""
-    raw, tree = reply
-    name = _name(argv)
-    if name == b"KEYS" and tree[0] == "*":
-        return ("*", sorted(item[1] for item in tree[1]))
-    return raw
-
-
 def _name(argv: Sequence[str | bytes]) -> bytes:
     first = argv[0]
     return (first.encode() if isinstance(first, str) else first).upper()
+
+
+def _sub(argv: Sequence[str | bytes]) -> bytes:
+    """The subcommand (``argv[1]``, upper case), or ``b""``."""
+    if len(argv) < 2:
+        return b""
+    second = argv[1]
+    return (second.encode() if isinstance(second, str) else second).upper()
+
+
+def _map_items(tree: Tree) -> list[tuple[Tree, Tree]]:
+    """A map reply (RESP3 ``%``, or RESP2's flat array) as its (key, value) pairs."""
+    items = tree[1]
+    return list(zip(items[::2], items[1::2], strict=True))
+
+
+def _text_of(tree: Tree) -> str:
+    """A bulk or verbatim string's text (a verbatim string's ``txt:`` prefix removed)."""
+    assert tree[0] in "$=", tree
+    data: bytes = tree[1]
+    return (data[4:] if tree[0] == "=" else data).decode()
+
+
+# HELLO: what each server is and which client this is (the version, the client id).
+_HELLO_OWN = {b"version", b"id"}
+# CLIENT INFO / LIST fields whose values both must give alike; the others (ids,
+# addresses, fd, buffer sizes and memory, age, idle) are each server's own.
+# lib-name and lib-ver are Redis 7.2 fields (CLIENT SETINFO), which 7.0 lacks.
+_CLIENT_STABLE = {"name", "db", "sub", "psub", "ssub", "multi", "flags", "cmd", "user", "resp"}
+_CLIENT_7_2 = {"lib-name", "lib-ver"}
+# CONFIG GET values that are each server's own: its port, its working directory
+# (KVMemo has none without persistence and answers "").
+_CONFIG_OWN = {b"port", b"dir"}
+
+
+def _client_fields(line: str) -> list[tuple[str, str | None]]:
+    fields = [field.split("=", 1) for field in line.split(" ")]
+    return [
+        (key, value if key in _CLIENT_STABLE else None)
+        for key, value in fields
+        if key not in _CLIENT_7_2
+    ]
+
+
+def normalised(argv: Sequence[str | bytes], reply: tuple[bytes, Tree]) -> object:
+    """What must be equal between the servers' replies to ``argv`` (module docstring):
+    the raw bytes, except for the replies that name the server, the client, the
+    time or the command set (each rule below says what is kept)."""
+    raw, tree = reply
+    name, sub = _name(argv), _sub(argv)
+    kind = tree[0]
+    if kind in "-_" or is_nil(tree):
+        return raw
+    if name == b"KEYS" and kind == "*":
+        return ("*", sorted(item[1] for item in tree[1]))
+    if name == b"HELLO" and kind in "%*":
+        # Every field and its type, the values of version and id excepted.
+        return (
+            kind,
+            [
+                (key, (value[0], None) if key[1] in _HELLO_OWN else value)
+                for key, value in _map_items(tree)
+            ],
+        )
+    if name == b"CLIENT" and sub == b"ID" and kind == ":":
+        return ":"  # each server numbers its clients
+    if name == b"CLIENT" and sub in (b"INFO", b"LIST"):
+        # Each line's fields in order; the values of _CLIENT_STABLE only.
+        return (kind, [_client_fields(line) for line in _text_of(tree).splitlines()])
+    if name == b"TIME" and kind == "*":
+        # [seconds, microseconds] as decimal strings, read a moment apart.
+        seconds, micros = (int(item[1]) for item in tree[1])
+        assert 0 <= micros < 1_000_000, tree
+        assert abs(seconds - time.time()) < 5, tree
+        return ("time", [item[0] for item in tree[1]])
+    if name == b"CONFIG" and sub == b"GET" and kind in "%*":
+        # Redis answers in its hash table's order: compared sorted.
+        return sorted(
+            (key[1], value[0] if key[1].lower() in _CONFIG_OWN else value)
+            for key, value in _map_items(tree)
+        )
+    if name == b"COMMAND" and sub == b"LIST" and kind == "*":
+        return ("*", sorted(item[1] for item in tree[1]))  # hash-table order too
+    if name == b"COMMAND" and sub == b"COUNT" and kind == ":":
+        return ":"  # the command sets differ (see test_command_info_...)
+    return raw
+
+
+def comparable(argv: Sequence[str | bytes], reply: tuple[bytes, Tree]) -> object:
+    """Kept for the existing cases: :func:`normalised`."""
+    return normalised(argv, reply)
 
 
 def assert_same(
@@ -344,6 +465,9 @@ def assert_same(
     r, k = pair.both(*argv)
     name = _name(argv)
     where = f"after {list(history)}: {list(argv)}\n  redis:  {r[0]!r}\n  kvmemo: {k[0]!r}"
+    if name == b"INFO" and r[1][0] in "$=" and k[1][0] in "$=":
+        assert_info_alike(argv, r, k, where)
+        return
     if name == b"RANDOMKEY":
         assert is_nil(r[1]) == is_nil(k[1]), where
         if r[1][0] == "$" and not is_nil(r[1]):  # a key each holds, maybe not the same
@@ -369,12 +493,72 @@ def assert_same(
             tolerance = 1 if name in _SECONDS else PTTL_TOLERANCE_MS
             assert abs(r[1][1] - k[1][1]) <= tolerance, where
             return
-    assert comparable(argv, r) == comparable(argv, k), where
+    assert normalised(argv, r) == normalised(argv, k), where
+
+
+# INFO: KVMemo has fewer sections than Redis, and one of its own; KVMemo-only
+# fields. Values are never compared (they are each server's own), except the
+# Keyspace lines, which both derive from the same data.
+KVMEMO_INFO_SECTIONS = {"Server", "Clients", "Memory", "Persistence", "Stats", "Replication",
+                        "CPU", "Keyspace"}  # fmt: skip
+KVMEMO_ONLY_INFO = {
+    "Actors": None,  # the whole section: KVMemo's actors (README)
+    "Server": {"kvmemo_version", "python_version", "shards"},
+    "Memory": {"eviction_watermark", "oom_refusals"},
+    "Stats": {"eviction_manager_running"},
+}
+
+
+def _info_sections(reply: tuple[bytes, Tree]) -> list[tuple[str, list[str]]]:
+    """INFO's text as (section title, its lines), checking the format Redis uses:
+    ``# Title`` lines, ``key:value`` lines, CRLF, one empty line between sections."""
+    text = _text_of(reply[1])
+    assert "\n" not in text.replace("\r\n", ""), "INFO lines end with CRLF"
+    sections: list[tuple[str, list[str]]] = []
+    for block in text.split("\r\n\r\n"):
+        lines = [line for line in block.split("\r\n") if line]
+        if not lines:
+            continue
+        assert lines[0].startswith("# "), lines
+        for line in lines[1:]:
+            key, sep, _ = line.partition(":")
+            assert sep, line
+            assert re.fullmatch(r"\S+", key), line  # cmdstat_config|set, ttl-manager
+        sections.append((lines[0][2:], lines[1:]))
+    return sections
+
+
+def assert_info_alike(
+    argv: Sequence[str | bytes], r: tuple[bytes, Tree], k: tuple[bytes, Tree], where: str
+) -> None:
+    """INFO: the same reply type, Redis's format, the sections Redis gives for the
+    arguments (those KVMemo has), and no field Redis lacks but the documented ones."""
+    assert r[1][0] == k[1][0], where  # bulk string; RESP3: verbatim
+    redis_sections = dict(_info_sections(r))
+    kvmemo_sections = _info_sections(k)
+    titles = [title for title, _ in kvmemo_sections if title != "Actors"]
+    assert titles == [t for t in redis_sections if t in KVMEMO_INFO_SECTIONS], where
+    for title, lines in kvmemo_sections:
+        if title == "Actors":
+            continue
+        keys = [line.partition(":")[0] for line in lines]
+        known = {line.partition(":")[0] for line in redis_sections[title]}
+        extra = set(keys) - known - (KVMEMO_ONLY_INFO.get(title) or set())
+        assert not extra, f"{where}\n  fields Redis lacks in {title}: {sorted(extra)}"
+        if title == "Keyspace":
+            assert lines == redis_sections[title], where
 
 
 def run_same(pair: Pair, commands: Sequence[Sequence[str | bytes]], *, exact_time: bool) -> None:
     """Flush both servers, then run ``commands`` on both, comparing every reply."""
     pair.flush()
+    run_same_steps(pair, commands, exact_time=exact_time)
+
+
+def run_same_steps(
+    pair: Pair, commands: Sequence[Sequence[str | bytes]], *, exact_time: bool = False
+) -> None:
+    """Run ``commands`` on both servers as they are, comparing every reply."""
     history: list[object] = []
     for argv in commands:
         assert_same(pair, argv, history, exact_time=exact_time)
@@ -1359,6 +1543,606 @@ CASES: list[Case] = [
 ]
 
 
+# -- connection and server commands (issue #7) ------------------------------------------
+#
+# Each runs on a new connection to each server (they change the connection:
+# protocol, name, MULTI, authentication) on an empty database, in RESP2 and in
+# RESP3; :func:`normalised` says what is compared of the replies that name the
+# server, the client or the time. Settings changed by CONFIG SET are put back
+# to each server's own values afterwards (:func:`config_restored`).
+
+CONNECTION_CASES: list[Case] = [
+    case(
+        "ping-echo-select",
+        "PING",
+        "PING hello",
+        "PING ''",
+        "PING a b",
+        "ping",
+        "ECHO ''",
+        "ECHO a\\sb",
+        "ECHO",
+        "ECHO a b",
+        "SELECT 0",
+        "SELECT -1",
+        "SELECT 2147483648",
+        "SELECT 0x1",
+        "SELECT 0 0",
+        "DBSIZE",
+        "TIME",
+        "TIME x",
+    ),
+    case(
+        "hello-versions",
+        "HELLO",
+        "HELLO 2",
+        "HELLO 3",
+        "PING",
+        "HELLO 2",
+        "HELLO 1",
+        "HELLO 4",
+        "HELLO 0",
+        "HELLO -1",
+        "HELLO x",
+        "HELLO 2.0",
+        "HELLO 02",
+        "HELLO ''",
+        "HELLO 9223372036854775808",
+        "PING",
+    ),
+    case(
+        "hello-options",
+        "HELLO 2 SETNAME n1",
+        "CLIENT GETNAME",
+        "HELLO 2 SETNAME n1 SETNAME n2",
+        "CLIENT GETNAME",
+        "HELLO 3 setname lower",
+        "CLIENT GETNAME",
+        "HELLO 2 SETNAME a\\sb",
+        "HELLO 2 SETNAME",
+        "HELLO 2 FOO",
+        "HELLO 2 FOO bar",
+        "HELLO 2 AUTH",
+        "HELLO 2 AUTH default",
+        "HELLO 2 AUTH nobody pass",
+        "HELLO 2 AUTH default anything",
+        "HELLO 2 AUTH default anything SETNAME both",
+        "CLIENT GETNAME",
+        "HELLO 4 SETNAME never",
+        "CLIENT GETNAME",
+    ),
+    case(
+        "auth-without-a-password",
+        "AUTH",
+        "AUTH x",
+        "AUTH default x",
+        "AUTH nobody x",
+        "AUTH a b c",
+        "PING",
+    ),
+    case(
+        "client-name-and-id",
+        "CLIENT GETNAME",
+        "CLIENT SETNAME abc",
+        "CLIENT GETNAME",
+        "CLIENT SETNAME ''",
+        "CLIENT GETNAME",
+        "CLIENT SETNAME a\\sb",
+        "CLIENT SETNAME a\\nb",
+        "CLIENT SETNAME",
+        "CLIENT SETNAME x y",
+        "client setname lower",
+        "CLIENT GETNAME x",
+        "CLIENT ID",
+        "CLIENT ID x",
+        "CLIENT INFO",
+        "CLIENT INFO x",
+    ),
+    case(
+        "client-list-no-evict-help-and-unknown",
+        "CLIENT SETNAME lister",
+        "CLIENT LIST",
+        "CLIENT LIST TYPE normal",
+        "CLIENT LIST TYPE pubsub",
+        "CLIENT LIST TYPE master",
+        "CLIENT LIST TYPE replica",
+        "CLIENT LIST TYPE",
+        "CLIENT LIST TYPE foo",
+        "CLIENT LIST foo",
+        "CLIENT LIST ID",
+        "CLIENT LIST ID x",
+        "CLIENT LIST ID 999999",
+        "CLIENT NO-EVICT on",
+        "CLIENT NO-EVICT OFF",
+        "CLIENT NO-EVICT maybe",
+        "CLIENT NO-EVICT",
+        "CLIENT",
+        "CLIENT FOO",
+        "CLIENT FOO bar",
+        "CLIENT HELP x",
+        "CLIENT INFO",
+    ),
+    case(
+        "client-reply",
+        "CLIENT REPLY",
+        "CLIENT REPLY x",
+        "CLIENT REPLY ON",
+        "CLIENT REPLY SKIP",
+        "SET k 1",
+        "GET k",
+        "CLIENT REPLY OFF",
+        "INCR k",
+        "NOSUCH",
+        "CLIENT REPLY ON",
+        "GET k",
+        "CLIENT REPLY SKIP",
+        "CLIENT REPLY ON",
+        "GET k",
+        xfail="CLIENT REPLY is not implemented (see the report of issue #7's helper)",
+    ),
+    case(
+        "command-subcommands",
+        "COMMAND COUNT",
+        "COMMAND COUNT x",
+        "COMMAND INFO nosuch",
+        "COMMAND DOCS nosuch",
+        "COMMAND FOO",
+        "COMMAND HELP x",
+        "COMMAND LIST x",
+        "COMMAND LIST FILTERBY PATTERN get*",
+        "COMMAND LIST FILTERBY pattern *expire*",
+        "COMMAND LIST FILTERBY PATTERN incr?",
+        "COMMAND LIST FILTERBY ACLCAT nosuch",
+        "COMMAND LIST FILTERBY MODULE nosuch",
+        "COMMAND LIST FILTERBY FOO x",
+        "COMMAND LIST FILTERBY PATTERN",
+        "COMMAND LIST FILTERBY PATTERN a b",
+        "COMMAND GETKEYS",
+        "COMMAND GETKEYS get a",
+        "COMMAND GETKEYS GET a",
+        "COMMAND GETKEYS get a b",
+        "COMMAND GETKEYS nosuch a",
+        "COMMAND GETKEYS time x",
+        "COMMAND GETKEYS keys *",
+        "COMMAND GETKEYS mset a 1 b 2",
+        "COMMAND GETKEYS mset a 1 b",
+        "COMMAND GETKEYS mget a b c",
+        "COMMAND GETKEYS copy a b",
+        "COMMAND GETKEYS set k v EX 10",
+        "COMMAND GETKEYS watch a b",
+    ),
+    case(
+        "config-get",
+        "CONFIG GET maxmemory",
+        "CONFIG GET MAXMEMORY",
+        "CONFIG GET MaxMemory maxmemory",
+        "CONFIG GET nosuch",
+        "CONFIG GET nosuch*",
+        "CONFIG GET maxmemor?",
+        "CONFIG GET *max-bulk-len",
+        "CONFIG GET timeout save appendonly",
+        "CONFIG GET bind",
+        "CONFIG GET port",
+        "CONFIG GET dir",
+        "CONFIG GET cluster-enabled",
+        "CONFIG GET proto-max-bulk-len",
+        "CONFIG GET client-query-buffer-limit",
+        "CONFIG GET maxclients",
+        "CONFIG GET",
+        "CONFIG",
+        "CONFIG FOO",
+        "CONFIG HELP x",
+        "CONFIG RESETSTAT x",
+    ),
+    case(
+        "config-set-maxmemory",
+        "CONFIG SET maxmemory 1mb",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory 1gb",
+        "CONFIG GET maxmemory",
+        "CONFIG SET MAXMEMORY 100kb",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory 10k",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory 2G",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory 12345",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory abc",
+        "CONFIG SET maxmemory -1",
+        "CONFIG SET maxmemory 1.5mb",
+        "CONFIG SET maxmemory ''",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory 1x",
+        "CONFIG SET maxmemory 5B",
+        "CONFIG GET maxmemory",
+        "CONFIG SET maxmemory 0",
+        "CONFIG GET maxmemory",
+        "CONFIG SET",
+        "CONFIG SET maxmemory",
+        "CONFIG SET maxmemory 0 maxmemory 0",
+        "CONFIG SET maxmemory 0 MAXMEMORY 0",
+        "CONFIG SET nosuch 1",
+        "CONFIG SET NoSuch 1",
+        "CONFIG SET MaxMemory abc",
+        "CONFIG SET maxmemory 5mb nosuch 1",
+        "CONFIG GET maxmemory",
+        "CONFIG RESETSTAT",
+    ),
+    case(
+        "config-set-a-name-without-its-value",
+        "CONFIG SET maxmemory 0 maxmemory",
+        "CONFIG SET maxmemory 0 maxmemory-policy",
+    ),
+    case(
+        "command-info-key-spec-flags",
+        # Key-spec flags as Redis spells them; the finer per-command flags
+        # (STRLEN's bare RO, MSET's OW, DEL's RM delete, SET's
+        # variable_flags) are not modelled, so only GET is compared.
+        "COMMAND INFO get",
+    ),
+    case(
+        "config-set-maxmemory-policy",
+        "CONFIG SET maxmemory-policy allkeys-lru",
+        "CONFIG GET maxmemory-policy",
+        "CONFIG SET maxmemory-policy ALLKEYS-LFU",
+        "CONFIG GET maxmemory-policy",
+        "CONFIG SET maxmemory-policy noeviction",
+        "CONFIG GET maxmemory-policy",
+        "CONFIG SET maxmemory-policy volatile-lru",
+        "CONFIG GET maxmemory-policy",
+        "CONFIG SET maxmemory-policy volatile-lfu",
+        "CONFIG SET maxmemory-policy volatile-random",
+        "CONFIG SET maxmemory-policy allkeys-random",
+        "CONFIG GET maxmemory-policy",
+        "CONFIG SET maxmemory 7mb maxmemory-policy allkeys-lru",
+        "CONFIG GET maxmemory",
+        "CONFIG GET maxmemory-policy",
+        "CONFIG SET maxmemory-policy",
+        "CONFIG SET maxmemory 0 maxmemory-policy noeviction",
+        "CONFIG GET maxmemory",
+    ),
+    case(
+        "flushdb-flushall-dbsize",
+        "MSET a 1 b 2",
+        "DBSIZE",
+        "FLUSHDB ASYNC",
+        "DBSIZE",
+        "MSET a 1 b 2",
+        "FLUSHDB SYNC",
+        "DBSIZE",
+        "SET a 1",
+        "FLUSHDB async",
+        "FLUSHALL sync",
+        "FLUSHDB x",
+        "FLUSHDB ASYNC SYNC",
+        "FLUSHDB ASYNC x",
+        "FLUSHALL x",
+        "FLUSHALL ASYNC ASYNC",
+        "DBSIZE x",
+        "SET a 1",
+        "FLUSHALL ASYNC",
+        "DBSIZE",
+    ),
+    case(
+        "multi-exec-discard-edges",
+        "EXEC",
+        "DISCARD",
+        "MULTI",
+        "MULTI",
+        "SET a 1",
+        "EXEC",
+        "EXEC",
+        "MULTI x",
+        "DISCARD x",
+        "MULTI",
+        "DISCARD",
+        "DISCARD",
+        "MULTI",
+        "SET a x",
+        "INCR a",
+        "GET a",
+        "PING",
+        "ECHO hi",
+        "SELECT 0",
+        "CLIENT SETNAME tx",
+        "CLIENT GETNAME",
+        "CONFIG GET maxmemory",
+        "DBSIZE",
+        "EXEC",
+    ),
+    case(
+        "multi-errors-at-queue-time-and-exec-time",
+        "MULTI",
+        "SET a 1",
+        "GET",
+        "EXEC",
+        "GET a",
+        "MULTI",
+        "SET a 1",
+        "NOSUCH x",
+        "EXEC",
+        "MULTI",
+        "SET a 1",
+        "SELECT x",
+        "INCR a",
+        "EXEC",
+        "MULTI",
+        "SET a x",
+        "INCR a",
+        "SET b 2",
+        "EXEC",
+        "MGET a b",
+    ),
+    case(
+        "multi-flushdb-and-time-queued",
+        "SET a 1",
+        "MULTI",
+        "FLUSHDB",
+        "DBSIZE",
+        "SET b 2",
+        "DBSIZE",
+        "EXEC",
+    ),
+    case(
+        "watch-unwatch",
+        "WATCH",
+        "UNWATCH x",
+        "WATCH a b",
+        "WATCH a",
+        "UNWATCH",
+        "WATCH a",
+        "MULTI",
+        "WATCH b",
+        "UNWATCH",
+        "GET a",
+        "EXEC",
+        "WATCH a",
+        "SET a 2",
+        "MULTI",
+        "GET a",
+        "EXEC",
+        "WATCH a",
+        "SET a 3",
+        "UNWATCH",
+        "MULTI",
+        "GET a",
+        "EXEC",
+        "WATCH a",
+        "MULTI",
+        "DISCARD",
+        "SET a 4",
+        "MULTI",
+        "GET a",
+        "EXEC",
+    ),
+    case(
+        "exec-with-arguments-aborts",
+        "MULTI",
+        "SET a 1",
+        "EXEC x",
+        "EXEC",
+        "GET a",
+        "WATCH a",
+        "EXEC x",
+        "MULTI",
+        "SET a 2",
+        "EXEC",
+    ),
+    case(
+        "reset",
+        "CLIENT SETNAME before",
+        "MULTI",
+        "SET a 1",
+        "RESET",
+        "GET a",
+        "CLIENT GETNAME",
+        "EXEC",
+        "HELLO 3",
+        "RESET",
+        "PING",
+        "WATCH a",
+        "RESET",
+        "RESET x",
+        "reset",
+    ),
+    case(
+        "quit",
+        "SET a 1",
+        "QUIT x",
+        "PING",
+    ),
+    case(
+        "quit-in-multi",
+        "MULTI",
+        "SET a 1",
+        "QUIT",
+        "PING",
+    ),
+    case(
+        "unknown-subcommands-and-containers",
+        "CLIENT",
+        "CONFIG",
+        "CLIENT nosuch",
+        "CONFIG nosuch",
+        "COMMAND nosuch",
+        "CLIENT nosuch a b",
+        "client Nosuch",
+    ),
+    case(
+        "info-sections-and-format",
+        "INFO",
+        "INFO default",
+        "INFO all",
+        "INFO everything",
+        "INFO server",
+        "INFO SERVER clients",
+        "INFO memory stats",
+        "INFO nosuch",
+        "INFO keyspace",
+        "SET a 1",
+        "SET b 2",
+        "INFO keyspace",
+        "INFO Keyspace server",
+        "INFO persistence replication cpu",
+    ),
+]
+
+# Cases on servers with a password: Redis ``--requirepass``, KVMemo's token.
+AUTH_CASES: list[Case] = [
+    case(
+        "auth-before-anything",
+        "PING",
+        "GET a",
+        "NOSUCH a",
+        "GET",
+        "SET a",
+        "ECHO hi",
+        "SELECT 0",
+        "CLIENT ID",
+        "MULTI",
+        "QUIT",
+    ),
+    case(
+        "auth-password-forms",
+        "AUTH",
+        "AUTH wrong",
+        "AUTH default wrong",
+        "AUTH nobody " + PASSWORD,
+        "AUTH a b c",
+        "GET a",
+        "AUTH " + PASSWORD,
+        "GET a",
+        "AUTH wrong",
+        "GET a",
+        "AUTH default " + PASSWORD,
+        "RESET",
+        "GET a",
+    ),
+    case(
+        "hello-auth",
+        "HELLO 4",
+        "HELLO x",
+        "HELLO 3 AUTH default wrong",
+        "HELLO 3 AUTH nobody " + PASSWORD,
+        "HELLO 3 AUTH default",
+        "PING",
+        "HELLO 3 AUTH default " + PASSWORD + " SETNAME named",
+        "CLIENT GETNAME",
+        "PING",
+        "HELLO 2",
+        "HELLO 2 AUTH default wrong",
+        "PING",
+    ),
+]
+
+
+@contextlib.contextmanager
+def config_restored(pair: Pair) -> Iterator[None]:
+    """Put back each server's own ``maxmemory`` and ``maxmemory-policy`` afterwards."""
+    saved: dict[int, dict[bytes, bytes]] = {}
+    for conn in (pair.redis, pair.kvmemo):
+        reply = conn.call("CONFIG", "GET", "maxmemory", "maxmemory-policy")
+        saved[id(conn)] = {key[1]: value[1] for key, value in _map_items(reply[1])}
+    try:
+        yield
+    finally:
+        for conn in (pair.redis, pair.kvmemo):
+            values = saved[id(conn)]
+            with contextlib.closing(_fresh(conn)) as again:
+                reply = again.call(
+                    "CONFIG",
+                    "SET",
+                    "maxmemory",
+                    values[b"maxmemory"],
+                    "maxmemory-policy",
+                    values[b"maxmemory-policy"],
+                )
+                assert reply[0] == b"+OK\r\n", reply
+
+
+def _fresh(conn: RespConnection) -> RespConnection:
+    """A new RESP2 connection to ``conn``'s server (``conn`` may be closed by now)."""
+    return RespConnection(conn.port)
+
+
+def _connection_case_params(cases: Sequence[Case], protocol: int) -> list[Any]:
+    params = []
+    for c in cases:
+        reason = c.xfail or (c.xfail_resp3 if protocol == 3 else None)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        params.append(pytest.param(c, protocol, id=f"{c.id}-resp{protocol}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize(
+    ("edge", "protocol"),
+    _connection_case_params(CONNECTION_CASES, 2) + _connection_case_params(CONNECTION_CASES, 3),
+)
+def test_connection_and_server_commands_answer_as_redis(
+    servers: tuple[int, int], edge: Case, protocol: int
+) -> None:
+    for fresh in _connect(servers, protocol):
+        fresh.flush()
+        with config_restored(fresh):
+            run_same_steps(fresh, edge.commands, exact_time=edge.exact_time)
+
+
+@pytest.mark.parametrize("edge", [pytest.param(c, id=c.id) for c in AUTH_CASES])
+def test_authentication_answers_as_redis(secured: tuple[int, int], edge: Case) -> None:
+    """A server with a password: each case starts on a new, unauthenticated connection."""
+    for fresh in _connect(secured, 2):
+        run_same_steps(fresh, edge.commands)
+
+
+def _plain(tree: Tree) -> Any:
+    """A parsed reply without its type bytes (aggregates as lists)."""
+    kind, value = tree
+    return [_plain(item) for item in value] if kind in _AGGREGATES and value is not None else value
+
+
+def _as_map(flat: list[Any]) -> dict[Any, Any]:
+    """A RESP2-style flat map ``[k1, v1, k2, v2, ...]`` as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def test_command_info_and_docs_agree_with_redis_on_the_shared_commands(pair: Pair) -> None:
+    """COMMAND INFO / DOCS for every command both servers have, by shape.
+
+    Compared exactly: the name, the arity, first/last key and step (what
+    cluster clients route by), whether there are key specs, and the first
+    one's begin_search.
+    Not compared: the command flags, the ACL categories, tips and key-spec
+    flags beyond RO/RW (KVMemo derives them from its own command table), the
+    docs' summary and since (KVMemo's own words and protocol version). A
+    command only one server has is nil in the other's COMMAND INFO.
+    """
+    names = [item[1] for item in pair.kvmemo.call("COMMAND", "LIST")[1][1]]
+    r, k = pair.both("COMMAND", "INFO", *names, "nosuch")
+    shared = 0
+    for name, ri, ki in zip(names + [b"nosuch"], _plain(r[1]), _plain(k[1]), strict=True):
+        assert ki is not None or name == b"nosuch", name
+        if ri is None:  # KVMemo's own (debug.actors, command.list) or unknown to both
+            continue
+        shared += 1
+        assert [ki[i] for i in (0, 1, 3, 4, 5)] == [ri[i] for i in (0, 1, 3, 4, 5)], name
+        # Redis gives one spec per key role (COPY: source RO, destination OW);
+        # KVMemo one range over all keys: the first key's search must agree.
+        assert bool(ki[8]) == bool(ri[8]), name
+        if ri[8]:
+            rmap, kmap = _as_map(ri[8][0]), _as_map(ki[8][0])
+            assert kmap[b"begin_search"] == rmap[b"begin_search"], name
+            assert kmap[b"flags"][0] in (b"RO", b"RW"), name
+    assert shared >= 60
+    r, k = pair.both("COMMAND", "DOCS", "get", "set", "watch", "nosuch", "config", "hello")
+    rdocs, kdocs = _plain(r[1]), _plain(k[1])
+    assert kdocs[::2] == rdocs[::2] == [b"get", b"set", b"watch", b"config", b"hello"]
+    for rdoc, kdoc in zip(rdocs[1::2], kdocs[1::2], strict=True):
+        rmap, kmap = _as_map(rdoc), _as_map(kdoc)
+        assert set(kmap) <= set(rmap)
+        assert kmap[b"group"] == rmap[b"group"]
+
+
 def _case_params(protocol: int) -> list[Any]:
     params = []
     for c in CASES:
@@ -1383,7 +2167,10 @@ def test_edge_cases_answer_as_redis_in_resp3(pair3: Pair, edge: Case) -> None:
 
 @attrs.frozen
 class Difference:
-    """A documented difference: after ``setup`` (same replies), ``argv`` answers differ."""
+    """A documented difference: after ``setup`` (same replies), ``argv`` answers differ.
+
+    ``secured``: on a new, unauthenticated connection to the servers with a password.
+    """
 
     id: str
     reason: str
@@ -1391,6 +2178,7 @@ class Difference:
     argv: tuple[str, ...]
     redis: bytes
     kvmemo: bytes
+    secured: bool = False
 
 
 def _unknown(argv: str) -> bytes:
@@ -1410,7 +2198,152 @@ REDIS_7_2 = (
     "KVMemo follows 7.2, Debian ships 7.0"
 )
 
+REDIS_7_2_CLIENT = (
+    "Redis 7.2 added CLIENT SETINFO (redis-py sends it on connect) and CLIENT NO-TOUCH; "
+    "KVMemo follows 7.2, Debian ships 7.0"
+)
+REDIS_7_2_HELLO = "Redis 7.2's wording of HELLO's NOAUTH error names <proto>; Debian ships 7.0"
+NO_AUTH_IN_MULTI = (
+    "KVMemo refuses AUTH and HELLO inside MULTI (an identity or protocol switch in the "
+    "middle of EXEC's reply), and the transaction is discarded (tests/test_resp_transaction.py)"
+)
+OWN_DEFAULTS = (
+    "KVMemo's own defaults (README, options table): eviction policy lru, 16 eviction samples"
+)
+OWN_POLICIES = (
+    "KVMemo's eviction policies (README): no volatile-ttl; its own fifo; its own names "
+    "lru/lfu/random alongside Redis's allkeys-* ones"
+)
+GETKEYS_ARITY = (
+    "KVMemo's COMMAND GETKEYS takes the command alone (arity -3) and says what is wrong "
+    "with it; Redis 7.0's needs an argument after it (arity -4); tests/test_resp_server.py"
+)
+FIXED_AT_START = "KVMemo's connection limits are fixed at start (README, options table)"
+OWN_SIZES = "KVMemo's sizes also take KiB/MiB/GiB, as its --maxmemory option does (README)"
+_POLICY_CHOICES_KVMEMO = (
+    "allkeys-lfu, allkeys-lru, allkeys-random, fifo, noeviction, volatile-lfu, volatile-lru, "
+    "volatile-random"
+)
+
+
+def _config_failed(name: str, reason: str) -> bytes:
+    return f"-ERR CONFIG SET failed (possibly related to argument '{name}') - {reason}\r\n".encode()
+
+
 DELIBERATE: list[Difference] = [
+    Difference(
+        "client-setinfo",
+        REDIS_7_2_CLIENT,
+        (),
+        ("CLIENT", "SETINFO", "lib-name", "redis-py"),
+        b"-ERR unknown subcommand 'SETINFO'. Try CLIENT HELP.\r\n",
+        b"+OK\r\n",
+    ),
+    Difference(
+        "client-no-touch",
+        REDIS_7_2_CLIENT,
+        (),
+        ("CLIENT", "NO-TOUCH", "on"),
+        b"-ERR unknown subcommand 'NO-TOUCH'. Try CLIENT HELP.\r\n",
+        b"+OK\r\n",
+    ),
+    Difference(
+        "hello-noauth-wording",
+        REDIS_7_2_HELLO,
+        (),
+        ("HELLO", "3"),
+        b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the"
+        b" HELLO AUTH <user> <pass> option can be used to authenticate the client and select"
+        b" the RESP protocol version at the same time\r\n",
+        b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the"
+        b" HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and"
+        b" select the RESP protocol version at the same time\r\n",
+        secured=True,
+    ),
+    *(
+        Difference(
+            f"multi-{argv[0].lower()}",
+            NO_AUTH_IN_MULTI,
+            (("MULTI",),),
+            argv,
+            b"+QUEUED\r\n",
+            b"-ERR Command not allowed inside a transaction\r\n",
+        )
+        for argv in [("AUTH", "x"), ("HELLO", "2")]
+    ),
+    *(
+        Difference(
+            "getkeys-" + "-".join(argv[2:]).lower(),
+            GETKEYS_ARITY,
+            (),
+            argv,
+            b"-ERR wrong number of arguments for 'command|getkeys' command\r\n",
+            kvmemo,
+        )
+        for argv, kvmemo in [
+            (
+                ("COMMAND", "GETKEYS", "get"),
+                b"-ERR Invalid number of arguments specified for command\r\n",
+            ),
+            (("COMMAND", "GETKEYS", "ping"), b"-ERR The command has no key arguments\r\n"),
+            (("COMMAND", "GETKEYS", "nosuch"), b"-ERR Invalid command specified\r\n"),
+        ]
+    ),
+    Difference(
+        "config-default-policy",
+        OWN_DEFAULTS,
+        (),
+        ("CONFIG", "GET", "maxmemory-policy"),
+        b"*2\r\n$16\r\nmaxmemory-policy\r\n$10\r\nnoeviction\r\n",
+        b"*2\r\n$16\r\nmaxmemory-policy\r\n$11\r\nallkeys-lru\r\n",
+    ),
+    Difference(
+        "config-default-samples",
+        OWN_DEFAULTS,
+        (),
+        ("CONFIG", "GET", "maxmemory-samples"),
+        b"*2\r\n$17\r\nmaxmemory-samples\r\n$1\r\n5\r\n",
+        b"*2\r\n$17\r\nmaxmemory-samples\r\n$2\r\n16\r\n",
+    ),
+    Difference(
+        "config-databases",
+        ONE_DATABASE,
+        (),
+        ("CONFIG", "GET", "databases"),
+        b"*2\r\n$9\r\ndatabases\r\n$2\r\n16\r\n",
+        b"*2\r\n$9\r\ndatabases\r\n$1\r\n1\r\n",
+    ),
+    Difference(
+        "config-set-unknown-policy",
+        OWN_POLICIES,
+        (),
+        ("CONFIG", "SET", "maxmemory-policy", "bogus"),
+        _config_failed(
+            "maxmemory-policy",
+            "argument(s) must be one of the following: volatile-lru, volatile-lfu, "
+            "volatile-random, volatile-ttl, allkeys-lru, allkeys-lfu, allkeys-random, noeviction",
+        ),
+        _config_failed(
+            "maxmemory-policy",
+            f"argument(s) must be one of the following: {_POLICY_CHOICES_KVMEMO}",
+        ),
+    ),
+    Difference(
+        "config-set-timeout",
+        FIXED_AT_START,
+        (),
+        ("CONFIG", "SET", "timeout", "0"),
+        b"+OK\r\n",
+        _config_failed("timeout", "can't set immutable config"),
+    ),
+    Difference(
+        "config-set-maxmemory-kib",
+        OWN_SIZES,
+        (),
+        ("CONFIG", "SET", "maxmemory", "0kib"),
+        _config_failed("maxmemory", "argument must be a memory value"),
+        b"+OK\r\n",
+    ),
     Difference(
         "select-1",
         ONE_DATABASE,
@@ -1494,14 +2427,19 @@ DELIBERATE: list[Difference] = [
 
 @pytest.mark.parametrize("difference", [pytest.param(d, id=d.id) for d in DELIBERATE])
 def test_deliberate_differences_are_exactly_the_documented_ones(
-    pair: Pair, difference: Difference
+    request: pytest.FixtureRequest, servers: tuple[int, int], difference: Difference
 ) -> None:
-    run_same(pair, difference.setup, exact_time=False)
-    try:
-        r, k = pair.both(*difference.argv)
-    finally:
-        pair.redis.call("SELECT", "0")  # SELECT 1 moved this Redis connection
-    assert (r[0], k[0]) == (difference.redis, difference.kvmemo), difference.reason
+    """Each on new connections (MULTI, SELECT 1 stay with them), settings put back."""
+    ports = request.getfixturevalue("secured") if difference.secured else servers
+    for fresh in _connect(ports, 2):
+        if not difference.secured:
+            fresh.flush()
+        with contextlib.ExitStack() as stack:
+            if not difference.secured:
+                stack.enter_context(config_restored(fresh))
+            run_same_steps(fresh, difference.setup)
+            r, k = fresh.both(*difference.argv)
+            assert (r[0], k[0]) == (difference.redis, difference.kvmemo), difference.reason
 
 
 # -- random command sequences ----------------------------------------------------------------

@@ -65,13 +65,24 @@ async def test_connection_commands_in_multi_are_queued_and_answered_in_place() -
             assert await client.call("EXEC") == ErrorReply(
                 "EXECABORT Transaction discarded because of previous errors."
             )
-            # So is a connection command with the wrong number of arguments.
+            # So is a connection command with the wrong number of arguments,
+            # at queue time; EXEC's own is refused at once (Redis's
+            # rejectCommand), leaving MULTI with nothing run.
             assert await client.call("MULTI") == "OK"
             assert await client.call("SET", "a", "3") == "QUEUED"
-            assert isinstance(await client.call("EXEC", "extra"), ErrorReply)
+            assert await client.call("ECHO") == ErrorReply(
+                "ERR wrong number of arguments for 'echo' command"
+            )
             assert await client.call("EXEC") == ErrorReply(
                 "EXECABORT Transaction discarded because of previous errors."
             )
+            assert await client.call("MULTI") == "OK"
+            assert await client.call("SET", "a", "3") == "QUEUED"
+            assert await client.call("EXEC", "extra") == ErrorReply(
+                "EXECABORT Transaction discarded because of: wrong number of arguments"
+                " for 'exec' command"
+            )
+            assert await client.call("EXEC") == ErrorReply("ERR EXEC without MULTI")
             assert await client.call("GET", "a") == b"1"
             await client.aclose()
 

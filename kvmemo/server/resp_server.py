@@ -63,7 +63,7 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   close the connection after the replies before them are sent, as Redis does.
 
 Deliberate differences from Redis: one database (``SELECT 0`` only); no
-``MULTI``/``EXEC``, pub/sub, scripting or ACL users (the only user is
+``AUTH``/``HELLO`` inside ``MULTI``, pub/sub, scripting or ACL users (the only user is
 ``default``, whose passwords are the server's tokens); the limits Redis
 imposes on unauthenticated clients (10 arguments, 16 KiB per argument) are
 checked once a request is parsed, not while it is read; ``INFO`` adds a
@@ -726,7 +726,16 @@ class _Connection:
             assert conn_command is not None
             self.last_cmd = name
             if not _arity_ok(conn_command.arity, len(argv)):
-                early.append((len(calls) + len(early), self._encode(_arity_error(name))))
+                error = _arity_error(name)
+                if name == "exec":
+                    # Redis's rejectCommand: a refused EXEC discards the
+                    # transaction and every watch, in MULTI or not.
+                    self.end_transaction()
+                    error = ErrorReply(
+                        "EXECABORT Transaction discarded because of: "
+                        + error.message.removeprefix("ERR ")
+                    )
+                early.append((len(calls) + len(early), self._encode(error)))
                 if self.multi is not None:
                     self.multi_dirty = True
                 continue
@@ -1250,30 +1259,56 @@ def _group_of(spec: TableCommand) -> str:
     return "string" if spec.first_key else "server"
 
 
+# Connection commands that name keys: (first, last, step), as Redis's table says.
+_CONNECTION_KEYS: Final = {"watch": (1, -1, 1)}
+
+
+def _key_spec(first: int, last: int, step: int, flags: Sequence[str]) -> dict[bytes, object]:
+    """A Redis 7 key specification (``index`` search, ``range`` keys) for ``first..last``.
+
+    ``flags``: the access kind (``RO``, ``RW``) and what is done to the key.
+    """
+    lastkey = last - first if last > 0 else last
+    return {
+        b"flags": Set(flags),
+        b"begin_search": {b"type": b"index", b"spec": {b"index": first}},
+        b"find_keys": {
+            b"type": b"range",
+            b"spec": {b"lastkey": lastkey, b"keystep": step, b"limit": 0},
+        },
+    }
+
+
 def _command_entry(name: str) -> list[object] | None:
     """One COMMAND INFO entry, in Redis 7's ten-field layout."""
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
         flags = list(conn_command.flags)
-        categories = _categories_of(flags, False, "connection")
-        return [name.encode(), conn_command.arity, Set(flags), 0, 0, 0, Set(categories), [], [], []]
+        categories = _command_categories(name)
+        first, last, step = _CONNECTION_KEYS.get(name, (0, 0, 0))
+        specs = [_key_spec(first, last, step, ["RO"])] if first else []
+        return [
+            name.encode(),
+            conn_command.arity,
+            Set(flags),
+            first,
+            last,
+            step,
+            Set(categories),
+            Set(()),  # tips, key specs, subcommands: sets in RESP3, as Redis's
+            Set(specs),
+            Set(()),
+        ]
     spec = COMMANDS.get(name)
     if spec is None:
         return None
     flags = _flags_of(spec)
     key_specs: list[object] = []
     if spec.first_key:
-        last = spec.last_key - spec.first_key if spec.last_key > 0 else spec.last_key
-        key_specs.append(
-            {
-                b"flags": Set(["RW", "UPDATE"] if "write" in spec.flags else ["RO", "ACCESS"]),
-                b"begin_search": {b"type": b"index", b"spec": {b"index": spec.first_key}},
-                b"find_keys": {
-                    b"type": b"range",
-                    b"spec": {b"lastkey": last, b"keystep": spec.key_step, b"limit": 0},
-                },
-            }
-        )
+        # Redis's spelling; its finer per-command flags (OW, RM, insert,
+        # delete, variable_flags) are not modelled.
+        access = ["RW", "update"] if "write" in spec.flags else ["RO", "access"]
+        key_specs.append(_key_spec(spec.first_key, spec.last_key, spec.key_step, access))
     return [
         name.encode(),
         spec.arity,
@@ -1281,10 +1316,10 @@ def _command_entry(name: str) -> list[object] | None:
         spec.first_key,
         spec.last_key,
         spec.key_step,
-        Set(_categories_of(flags, bool(spec.first_key), _group_of(spec))),
-        [],
-        key_specs,
-        [],
+        Set(_command_categories(name)),
+        Set(()),  # tips, key specs, subcommands: sets in RESP3, as Redis's
+        Set(key_specs),
+        Set(()),
     ]
 
 
@@ -1292,10 +1327,18 @@ def _all_command_names() -> list[str]:
     return sorted(set(COMMANDS) | set(_CONNECTION_COMMANDS))
 
 
+# COMMAND DOCS groups of the connection commands that Redis files elsewhere.
+_CONNECTION_GROUPS: Final = {
+    **dict.fromkeys(("multi", "exec", "discard", "watch", "unwatch"), "transactions"),
+    **dict.fromkeys(("command", "config", "info", "debug"), "server"),
+}
+
+
 def _command_doc(name: str) -> dict[bytes, object] | None:
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
-        summary, since, group = conn_command.summary, "1.0.0", "connection"
+        summary, since = conn_command.summary, "1.0.0"
+        group = _CONNECTION_GROUPS.get(name, "connection")
     else:
         spec = COMMANDS.get(name)
         if spec is None:
@@ -1314,7 +1357,30 @@ async def _command_count(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 
 async def _command_list(conn: _Connection, argv: tuple[bytes, ...]) -> object:
-    return [name.encode() for name in _all_command_names()]
+    """``COMMAND LIST [FILTERBY MODULE name | ACLCAT category | PATTERN pattern]``."""
+    names = _all_command_names()
+    if len(argv) == 2:
+        return [name.encode() for name in names]
+    if len(argv) != 5 or argv[2].upper() != b"FILTERBY":
+        return SYNTAX_ERROR
+    kind, value = argv[3].upper(), argv[4]
+    if kind == b"MODULE":
+        return []  # no modules
+    if kind == b"ACLCAT":
+        category = "@" + _text(value.lower())
+        return [name.encode() for name in names if category in _command_categories(name)]
+    if kind == b"PATTERN":
+        return [name.encode() for name in names if glob_match(value, name.encode(), nocase=True)]
+    return SYNTAX_ERROR
+
+
+def _command_categories(name: str) -> list[str]:
+    """The ACL categories of a known command (as in its COMMAND INFO entry)."""
+    conn_command = _CONNECTION_COMMANDS.get(name)
+    if conn_command is not None:
+        return _categories_of(conn_command.flags, False, "connection")
+    spec = COMMANDS[name]
+    return _categories_of(_flags_of(spec), bool(spec.first_key), _group_of(spec))
 
 
 async def _command_info(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -1334,17 +1400,24 @@ async def _command_docs(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 
 async def _command_getkeys(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    # Redis's order: the name, then whether the command has keys at all,
+    # then its number of arguments.
     name = _text(argv[2].lower())
     spec = COMMANDS.get(name)
     if spec is None and name not in _CONNECTION_COMMANDS:
         return ErrorReply("ERR Invalid command specified")
-    arity = spec.arity if spec is not None else _CONNECTION_COMMANDS[name].arity
+    if spec is not None:
+        arity, first, last, step = spec.arity, spec.first_key, spec.last_key, spec.key_step
+    else:
+        arity = _CONNECTION_COMMANDS[name].arity
+        first, last, step = _CONNECTION_KEYS.get(name, (0, 0, 0))
+    if not first:
+        return ErrorReply("ERR The command has no key arguments")
     if not _arity_ok(arity, len(argv) - 2):
         return ErrorReply("ERR Invalid number of arguments specified for command")
-    keys = spec.keys_of(argv[3:]) if spec is not None else []
-    if not keys:
-        return ErrorReply("ERR The command has no key arguments")
-    return keys
+    args = argv[3:]
+    end = len(args) if last < 0 else last
+    return list(args[first - 1 : end : step])
 
 
 async def _command_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -1550,11 +1623,21 @@ def _config_values(server: _Server) -> dict[str, str]:
 
 
 async def _config_get(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CONFIG GET pattern...: each parameter once; a name without glob characters
+    is looked up as such (any case) and answered in the caller's spelling, as Redis."""
     values = _config_values(conn.server)
     found: dict[bytes, bytes] = {}
+    seen: set[str] = set()
     for pattern in argv[2:]:
+        if not any(c in pattern for c in b"*?["):
+            name = _text(pattern.lower())
+            if name in values and name not in seen:
+                seen.add(name)
+                found[pattern] = values[name].encode()
+            continue
         for name, value in values.items():
-            if glob_match(pattern, name.encode(), nocase=True):
+            if name not in seen and glob_match(pattern, name.encode(), nocase=True):
+                seen.add(name)
                 found[name.encode()] = value.encode()
     return found
 
@@ -1564,7 +1647,8 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
     engine = server.engine
     if name == "maxmemory":
         try:
-            engine.tracker.set_limit(parse_size(raw.decode("ascii")))
+            # Redis reads an empty value as 0 bytes (no digits, no unit).
+            engine.tracker.set_limit(parse_size(raw.decode("ascii") or "0"))
         except (ValueError, UnicodeDecodeError):
             return "argument must be a memory value"
         return None
@@ -1572,9 +1656,7 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
         try:
             await engine.set_eviction_policy(raw.decode("ascii"))
         except (ValueError, UnicodeDecodeError):
-            return "argument(s) must be one of the following: " + ", ".join(
-                sorted({_redis_policy(p) for p in POLICY_NAMES})
-            )
+            return "argument(s) must be one of the following: " + ", ".join(_policy_choices())
         except KVMemoError as exc:
             return str(exc)
         return None
@@ -1586,19 +1668,37 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
     return "can't set immutable config"
 
 
+def _policy_choices() -> list[str]:
+    """The policy names CONFIG SET accepts, sorted (Redis lists its own in its order)."""
+    return sorted({_redis_policy(p) for p in POLICY_NAMES})
+
+
 async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
-    if len(argv) % 2:
-        return _arity_error("config|set")
+    """CONFIG SET name value [name value ...]: all checked before any is applied.
+
+    Errors about the names spell them as the caller did, as Redis does.
+    """
+    if len(argv) % 2:  # a name without its value
+        return SYNTAX_ERROR
     known = _config_values(conn.server)
-    pairs = [(_text(argv[i].lower()), argv[i + 1]) for i in range(2, len(argv), 2)]
-    for name, _ in pairs:
+    pairs = [(_text(argv[i]), argv[i + 1]) for i in range(2, len(argv), 2)]
+    seen: set[str] = set()
+    for given, _ in pairs:
+        name = given.lower()
         if name not in known:
             return ErrorReply(
-                f"ERR Unknown option or number of arguments for CONFIG SET - '{name}'"
+                f"ERR Unknown option or number of arguments for CONFIG SET - '{given}'"
             )
-    for name, raw in pairs:
+        if name in seen:
+            return ErrorReply(
+                f"ERR CONFIG SET failed (possibly related to argument '{given}')"
+                " - duplicate parameter"
+            )
+        seen.add(name)
+    for given, raw in pairs:
+        name = given.lower()
         reason = await _config_set_one(conn.server, name, raw)
-        if reason is not None:
+        if reason is not None:  # here Redis names the parameter in its own spelling
             return ErrorReply(
                 f"ERR CONFIG SET failed (possibly related to argument '{name}') - {reason}"
             )
