@@ -27,6 +27,7 @@ from command_suite import SUITE, SuiteCase
 from kvmemo.api import Arg, Commands, encode_arg
 from kvmemo.config import StoreConfig
 from kvmemo.engine.engine import KVEngine
+from kvmemo.errors import UnavailableError
 from kvmemo.node import open_node
 from kvmemo.server import resp_server
 from kvmemo.server.config import ServerConfig
@@ -306,8 +307,8 @@ async def test_ping_in_resp2_is_a_simple_string_and_echoes_a_message_as_bulk() -
             "ERR CONFIG SET failed (possibly related to argument 'port')"
             " - can't set immutable config",
         ),
-        (["COMMAND", "GETKEYS", "nosuch"], "ERR Invalid command specified"),
-        (["COMMAND", "GETKEYS", "ping"], "ERR The command has no key arguments"),
+        (["COMMAND", "GETKEYS", "nosuch", "x"], "ERR Invalid command specified"),
+        (["COMMAND", "GETKEYS", "ping", "x"], "ERR The command has no key arguments"),
         (["DEBUG", "KILL", "shard-0"], "ERR unknown command 'debug.kill' (chaos is not enabled)"),
         (["SAVE"], "ERR persistence is not enabled on this server"),
     ],
@@ -576,8 +577,39 @@ async def test_command_reports_the_table_for_redis_cli_and_cluster_clients() -> 
                 b"b",
             ]
             assert await client.call("COMMAND", "GETKEYS", "GET") == ErrorReply(
+                "ERR wrong number of arguments for 'command|getkeys' command"
+            )
+            assert await client.call("COMMAND", "GETKEYS", "GET", "a", "b") == ErrorReply(
                 "ERR Invalid number of arguments specified for command"
             )
+
+
+async def test_config_set_that_fails_half_way_undoes_what_it_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The values are checked first; one that still fails when applied (the
+    # shards did not take the policy) undoes the pairs before it, as Redis.
+    with trio.fail_after(TIMEOUT):
+        async with running(maxmemory="1MiB", eviction_policy="lfu") as server:
+            client = await Client.connect(server)
+
+            async def unavailable(name: str) -> None:
+                raise UnavailableError("shard-0 is restarting")
+
+            monkeypatch.setattr(server.engine, "set_eviction_policy", unavailable)
+            reply = await client.call(
+                "CONFIG", "SET", "maxmemory", "5mb", "maxmemory-policy", "allkeys-lru"
+            )
+            assert reply == ErrorReply(
+                "ERR CONFIG SET failed (possibly related to argument 'maxmemory-policy')"
+                " - shard-0 is restarting"
+            )
+            assert server.engine.tracker.maxmemory == 1024 * 1024
+            assert await client.call("CONFIG", "GET", "maxmemory-policy") == [
+                b"maxmemory-policy",
+                b"allkeys-lfu",
+            ]
+            await client.aclose()
 
 
 async def test_config_get_matches_globs_and_set_maxmemory_changes_the_limit() -> None:

@@ -513,6 +513,7 @@ def _apply(
             data.update(group_data)
             expires.update(group_expires)
             return None
+        del group_data, group_expires  # the copies go before the next pass makes its own
         # Anything else (a DEL, EXPIRE or FLUSH among them; damage, which
         # only a bug writes, since the group's CRC held): checked whole before
         # any of it is applied. No group inside, so what follows refuses nothing.

@@ -96,7 +96,7 @@ from ..commands.table import Command as TableCommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
-from ..eviction.policies import POLICY_NAMES
+from ..eviction.policies import POLICY_NAMES, make_policy
 from .coalesce import COALESCED, Coalescer
 from .config import RespLimits as RespLimits
 from .resp import (
@@ -1246,8 +1246,8 @@ def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
     if "admin" in flags:
         out += ["@admin", "@dangerous"]
     out.append("@fast" if "fast" in flags else "@slow")
-    if group == "connection":
-        out.append("@connection")
+    if group in ("connection", "transaction"):
+        out.append("@" + group)
     return out
 
 
@@ -1378,7 +1378,8 @@ def _command_categories(name: str) -> list[str]:
     """The ACL categories of a known command (as in its COMMAND INFO entry)."""
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
-        return _categories_of(conn_command.flags, False, "connection")
+        group = "transaction" if _CONNECTION_GROUPS.get(name) == "transactions" else "connection"
+        return _categories_of(conn_command.flags, False, group)
     spec = COMMANDS[name]
     return _categories_of(_flags_of(spec), bool(spec.first_key), _group_of(spec))
 
@@ -1445,7 +1446,7 @@ _COMMAND_SUBCOMMANDS: Final = {
     "list": _SubCommand(-2, _command_list),
     "info": _SubCommand(-2, _command_info),
     "docs": _SubCommand(-2, _command_docs),
-    "getkeys": _SubCommand(-3, _command_getkeys),
+    "getkeys": _SubCommand(-4, _command_getkeys),  # Redis 7.0's: a command and an argument
     "help": _SubCommand(2, _command_help),
 }
 _command_dispatch = _dispatch(_COMMAND_SUBCOMMANDS)
@@ -1642,8 +1643,34 @@ async def _config_get(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return found
 
 
+def _config_check_one(server: _Server, name: str, raw: bytes) -> str | None:
+    """Check one CONFIG SET pair without applying it; the reason it would fail, or None."""
+    try:
+        if name == "maxmemory":
+            parse_size(raw.decode("ascii") or "0")
+            return None
+        if name == "maxmemory-policy":
+            make_policy(raw.decode("ascii"))
+            return None
+    except ValueError:  # UnicodeDecodeError included
+        return _config_set_reason(name)
+    current = _config_values(server).get(name)
+    if name in ("save", "appendonly", "appendfsync", "dir"):
+        if raw.decode("utf-8", "replace").lower() == (current or "").lower():
+            return None
+        return "persistence settings are fixed at start (--dir, --appendfsync)"
+    return "can't set immutable config"
+
+
+def _config_set_reason(name: str) -> str:
+    if name == "maxmemory":
+        return "argument must be a memory value"
+    return "argument(s) must be one of the following: " + ", ".join(_policy_choices())
+
+
 async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
-    """Apply one CONFIG SET pair; the reason it failed, or None."""
+    """Apply one CONFIG SET pair (checked by :func:`_config_check_one`); the reason
+    it failed (a shard did not take the new policy), or None."""
     engine = server.engine
     if name == "maxmemory":
         try:
@@ -1674,7 +1701,7 @@ def _policy_choices() -> list[str]:
 
 
 async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
-    """CONFIG SET name value [name value ...]: all checked before any is applied.
+    """CONFIG SET name value [name value ...]: all or none applied, as Redis.
 
     Errors about the names spell them as the caller did, as Redis does.
     """
@@ -1695,13 +1722,28 @@ async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
                 " - duplicate parameter"
             )
         seen.add(name)
+    # Every value is checked before any is applied; one that still fails
+    # when applied (a shard that does not answer) undoes those before it.
+    # Here Redis names the parameter in its own spelling.
+    server = conn.server
     for given, raw in pairs:
         name = given.lower()
-        reason = await _config_set_one(conn.server, name, raw)
-        if reason is not None:  # here Redis names the parameter in its own spelling
+        reason = _config_check_one(server, name, raw)
+        if reason is not None:
             return ErrorReply(
                 f"ERR CONFIG SET failed (possibly related to argument '{name}') - {reason}"
             )
+    applied: list[tuple[str, str]] = []
+    for given, raw in pairs:
+        name = given.lower()
+        reason = await _config_set_one(server, name, raw)
+        if reason is not None:
+            for done, old in reversed(applied):
+                await _config_set_one(server, done, old.encode())
+            return ErrorReply(
+                f"ERR CONFIG SET failed (possibly related to argument '{name}') - {reason}"
+            )
+        applied.append((name, known[name]))
     return "OK"
 
 
