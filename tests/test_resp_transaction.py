@@ -83,6 +83,16 @@ async def test_connection_commands_in_multi_are_queued_and_answered_in_place() -
                 " for 'exec' command"
             )
             assert await client.call("EXEC") == ErrorReply("ERR EXEC without MULTI")
+            # CLIENT REPLY too (in Redis it leaves EXEC's array short of replies).
+            assert await client.call("MULTI") == "OK"
+            assert await client.call("CLIENT", "REPLY", "OFF") == ErrorReply(
+                "ERR Command not allowed inside a transaction"
+            )
+            assert await client.call("CLIENT", "SETNAME", "n") == "QUEUED"
+            assert await client.call("EXEC") == ErrorReply(
+                "EXECABORT Transaction discarded because of previous errors."
+            )
+            assert await client.call("CLIENT", "GETNAME") != b"n"  # nothing of it ran
             assert await client.call("GET", "a") == b"1"
             await client.aclose()
 

@@ -63,8 +63,9 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   close the connection after the replies before them are sent, as Redis does.
 
 Deliberate differences from Redis: one database (``SELECT 0`` only); no
-``AUTH``/``HELLO`` inside ``MULTI``, pub/sub, scripting or ACL users (the only user is
-``default``, whose passwords are the server's tokens); the limits Redis
+``AUTH``/``HELLO``/``CLIENT REPLY`` inside ``MULTI``, pub/sub, scripting or
+ACL users (the only user is ``default``, whose passwords are the server's
+tokens); the limits Redis
 imposes on unauthenticated clients (10 arguments, 16 KiB per argument) are
 checked once a request is parsed, not while it is read; ``INFO`` adds a
 ``# Actors`` section.
@@ -132,6 +133,7 @@ WRONGPASS: Final = ErrorReply("WRONGPASS invalid username-password pair or user 
 OOM: Final = ErrorReply("OOM command not allowed when used memory > 'maxmemory'.")
 NOPROTO: Final = ErrorReply("NOPROTO unsupported protocol version")
 SYNTAX_ERROR: Final = ErrorReply("ERR syntax error")
+NO_REPLY: Final = object()  # a handler's answer when the command sends nothing (CLIENT REPLY)
 NOT_INTEGER: Final = ErrorReply("ERR value is not an integer or out of range")
 MAX_CLIENTS: Final = b"-ERR max number of clients reached\r\n"
 AUTH_NOT_CONFIGURED: Final = ErrorReply(
@@ -345,6 +347,11 @@ class _Connection:
         self.multi: list[tuple[str, tuple[bytes, ...], Handler | None]] | None = None
         self.multi_dirty = False
         self.watches: list[tuple[int, bytes, int]] = []
+        # CLIENT REPLY: OFF drops every reply until ON; SKIP drops the next
+        # command's. ``muted`` is either of them (one read on the fast path).
+        self.replies_off = False
+        self.skip_reply = False
+        self.muted = False
         limits = server.limits
         self._parser = RespParser(
             max_bulk_len=limits.max_bulk_len,
@@ -496,7 +503,7 @@ class _Connection:
                     "RESP client id=%d addr=%s: %s; closing it", self.id, self.addr, error.message
                 )
                 if error.reply:
-                    await self._push(self._encode(ErrorReply(error.message)))
+                    await self._deliver([self._encode(ErrorReply(error.message))])
                 return error.reply
             self._flush_stage()
 
@@ -537,6 +544,26 @@ class _Connection:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- output --------------------------------------------------------------------
+
+    def _unmuted(self, replies: list[bytes]) -> list[bytes]:
+        """The replies of commands to send, after CLIENT REPLY OFF / SKIP (one per command).
+
+        OFF drops them all; SKIP drops the first (the reply of the command
+        after it) and ends.
+        """
+        if not self.muted:
+            return replies
+        if self.replies_off:
+            return []
+        self.skip_reply = False
+        self.muted = False
+        return replies[1:]
+
+    async def _deliver(self, replies: list[bytes]) -> None:
+        """Stage the replies of commands, in order, as CLIENT REPLY allows."""
+        replies = self._unmuted(replies)
+        if replies:
+            await self._push_all(replies)
 
     async def _push(self, reply: bytes) -> None:
         """Stage one encoded reply, first waiting for room if over the output limit.
@@ -637,7 +664,7 @@ class _Connection:
         else goes through :meth:`_execute_batch`. Both give the replies,
         counters and errors the batch path gives.
         """
-        if len(commands) == 1 and self.authenticated and self.multi is None:
+        if len(commands) == 1 and self.authenticated and self.multi is None and not self.muted:
             argv = commands[0]
             known = _DATA_NAMES.get(argv[0])
             if known is not None and known[1] <= len(argv) <= known[2]:
@@ -744,7 +771,7 @@ class _Connection:
                 continue
             if self.multi is not None and name not in _TRANSACTION_CONTROL:
                 # Queued, as Redis queues them; AUTH and HELLO are refused.
-                if name in _NO_MULTI:
+                if name in _NO_MULTI or (name == "client" and argv[1].lower() == b"reply"):
                     reply: object = NOT_IN_MULTI
                     self.multi_dirty = True
                 else:
@@ -756,7 +783,8 @@ class _Connection:
                 continue
             await self._run_calls(calls, early)
             reply = await conn_command.handler(self, argv)
-            await self._push(self._encode(reply))
+            if reply is not NO_REPLY:
+                await self._deliver([self._encode(reply)])
             if self.closing:
                 return
             authenticated = self.authenticated
@@ -824,7 +852,7 @@ class _Connection:
         else:
             return
         early.clear()
-        await self._push_all(replies)
+        await self._deliver(replies)
 
     # -- describing the client -------------------------------------------------------
 
@@ -1004,6 +1032,7 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     conn.end_transaction()
     conn.protocol = 2
     conn.name = b""
+    conn.replies_off = conn.skip_reply = conn.muted = False
     conn.authenticated = not conn.server.auth_required
     return "RESET"
 
@@ -1175,6 +1204,25 @@ async def _client_ok(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return "OK"
 
 
+async def _client_reply(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT REPLY ON|OFF|SKIP: OFF and SKIP have no reply of their own.
+
+    Refused inside MULTI (where Redis's own behaviour leaves EXEC's array
+    short of elements), as AUTH and HELLO are.
+    """
+    mode = argv[2].upper()
+    if mode == b"ON":
+        conn.replies_off = conn.skip_reply = conn.muted = False
+        return "OK"
+    if mode == b"OFF":
+        conn.replies_off = conn.muted = True
+        return NO_REPLY
+    if mode == b"SKIP":
+        conn.skip_reply = conn.muted = True  # the next command's reply
+        return NO_REPLY
+    return SYNTAX_ERROR
+
+
 async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return [
         "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
@@ -1190,6 +1238,8 @@ async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "    Assign the name <name> to the current connection.",
         "SETINFO <option> <value>",
         "    Set client meta attr (LIB-NAME, LIB-VER).",
+        "REPLY (ON|OFF|SKIP)",
+        "    Control the replies sent to the current connection.",
         "NO-EVICT (ON|OFF)",
         "NO-TOUCH (ON|OFF)",
         "    Accepted and ignored.",
@@ -1207,6 +1257,7 @@ _connection_command("client", -2, "noscript loading stale", "the connection's cl
             "list": _SubCommand(-2, _client_list),
             "info": _SubCommand(2, _client_info),
             "setinfo": _SubCommand(4, _client_setinfo),
+            "reply": _SubCommand(3, _client_reply),
             "no-evict": _SubCommand(3, _client_ok),
             "no-touch": _SubCommand(3, _client_ok),
             "help": _SubCommand(2, _client_help),
