@@ -25,6 +25,11 @@ the same directory and every key is read back:
   unsynced second), so the lag of the background sync, sampled through
   ``info persistence`` during the load, is printed as well, and bounded
   (``LAG_BOUND``): it is what a crash of the machine would lose.
+- MSETs with ``always``: each writer MSETs all its keys at once (half the
+  writers' keys share a hash tag: one shard's ``GROUP`` record; the others
+  spread over the shards: a multi-shard round with its intent). Besides the
+  ``always`` rule per key, all the keys of a writer must hold the same MSET:
+  none torn by the kill or by recovery.
 
 Timing varies from run to run; the ``always`` assertions do not depend on
 it (they hold for every interleaving of writes and kill), and the two time
@@ -378,3 +383,87 @@ async def test_sigkill_with_appendfsync_everysec_loses_at_most_about_a_second_of
         f"sync lag under load (exposure to a machine crash): max {max(lags, default=0):.3f} s "
         f"over {len(lags)} samples"
     )
+
+
+# -- MSETs under SIGKILL: whole, and durable once acknowledged -------------------------------
+
+
+def make_mset_models() -> list[list[list[KeyModel]]]:
+    """Keys per session, per writer; even writers' keys share a hash tag (one shard: one
+    ``GROUP`` record), odd writers' keys spread over the shards (a multi-shard round: an
+    intent and a part per shard)."""
+    return [
+        [
+            [
+                KeyModel(b"{s%dw%d}k%d" % (s, w, k) if w % 2 == 0 else b"s%dw%dk%d" % (s, w, k))
+                for k in range(KEYS_PER_WRITER)
+            ]
+            for w in range(WRITERS)
+        ]
+        for s in range(SESSIONS)
+    ]
+
+
+async def mset_writer(client: Client, keys: list[KeyModel]) -> None:
+    """MSET all of ``keys`` at once, each time with the next value of each, until the drop."""
+    while True:
+        pairs = [(model.key, model.next_value()) for model in keys]
+        try:
+            await client.mset(pairs)
+        except DisconnectedError:
+            return
+        at = time.monotonic()
+        for model, (_, value) in zip(keys, pairs, strict=True):
+            model.acknowledged(value, at)
+
+
+async def mset_session(url: str, writers: list[list[KeyModel]]) -> None:
+    try:
+        async with connect(url) as client, trio.open_nursery() as nursery:
+            for keys in writers:
+                nursery.start_soon(mset_writer, client, keys)
+    except DisconnectedError:
+        pass
+
+
+def seq_of(value: bytes | None) -> int | None:
+    return None if value is None else int(value.rpartition(b"=")[2])
+
+
+async def test_sigkill_leaves_every_mset_whole_and_every_acknowledged_one_durable(
+    launcher: Launcher,
+) -> None:
+    # Each key holds its writer's last acknowledged MSET or one in flight
+    # (check_always), and all the keys of one writer hold the same MSET:
+    # none is torn, whether it was one shard's GROUP record or a multi-shard
+    # round with its intent, acknowledged or cut by the kill.
+    rng = random.Random(SEED + 1)
+    models = make_mset_models()
+    keys = all_keys(models)
+    acked_total = 0
+    with trio.fail_after(60):
+        server = await launcher.start("always")
+        for round_no in range(ROUNDS):
+            with trio.fail_after(KILL_AFTER[1] + START_TIMEOUT + STOP_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for writers in models:
+                        nursery.start_soon(mset_session, server.url, writers)
+                    await trio.sleep(rng.uniform(*KILL_AFTER))
+                    await kill(server.process)
+            acked_total += sum(len(m.acks) for m in keys)
+            server = await launcher.start("always")
+            values, present = await read_back(server, keys)
+            problems = check_always(keys, values, present)
+            by_key = dict(zip((m.key for m in keys), values, strict=True))
+            for session in models:
+                for writer_keys in session:
+                    seqs = {seq_of(by_key[m.key]) for m in writer_keys}
+                    if len(seqs) != 1:
+                        problems.append(f"torn MSET of {writer_keys[0].key!r}...: seqs {seqs}")
+            assert not problems, f"round {round_no}: {len(problems)} violations: {problems[:5]}"
+            for model, value in zip(keys, values, strict=True):
+                model.restarted(value)
+        await kill(server.process)
+    assert acked_total > 0
+    msets = acked_total // KEYS_PER_WRITER
+    print(f"\nMSETs under {ROUNDS} SIGKILLs: {msets} acknowledged, none torn or lost")
