@@ -208,8 +208,11 @@ async def launcher(tmp_path: Path) -> AsyncIterator[Launcher]:
 # -- the load ---------------------------------------------------------------------------------
 
 
-async def writer(client: Client, keys: list[KeyModel]) -> None:
-    """Write ``keys`` round-robin, one write at a time, until the connection drops."""
+async def writer(client: Client, keys: list[KeyModel], acked: trio.Event) -> None:
+    """Write ``keys`` round-robin, one write at a time, until the connection drops.
+
+    ``acked`` is set at the first acknowledgement of any writer.
+    """
     while True:
         for model in keys:
             value = model.next_value()
@@ -218,13 +221,14 @@ async def writer(client: Client, keys: list[KeyModel]) -> None:
             except DisconnectedError:
                 return
             model.acknowledged(value, time.monotonic())
+            acked.set()
 
 
-async def session(url: str, writers: list[list[KeyModel]]) -> None:
+async def session(url: str, writers: list[list[KeyModel]], acked: trio.Event) -> None:
     try:
         async with connect(url) as client, trio.open_nursery() as nursery:
             for keys in writers:
-                nursery.start_soon(writer, client, keys)
+                nursery.start_soon(writer, client, keys, acked)
     except DisconnectedError:
         pass  # the server was killed before this session was set up
 
@@ -232,13 +236,16 @@ async def session(url: str, writers: list[list[KeyModel]]) -> None:
 async def load_then_kill(
     server: Server, models: list[list[list[KeyModel]]], seconds: float
 ) -> float:
-    """Run the load for ``seconds``, SIGKILL the server under it; the kill's monotonic time."""
+    """Run the load for ``seconds`` from its first acknowledgement (connecting may be
+    slow on a loaded machine), SIGKILL the server under it; the kill's monotonic time."""
     killed_at = 0.0
+    acked = trio.Event()
     with trio.fail_after(seconds + START_TIMEOUT + STOP_TIMEOUT):
         async with trio.open_nursery() as nursery:
             for writers in models:
-                nursery.start_soon(session, server.url, writers)
-            await trio.sleep(seconds)
+                nursery.start_soon(session, server.url, writers, acked)
+            await acked.wait()
+            await trio.sleep(seconds)  # the workload itself, not a wait for an effect
             killed_at = time.monotonic()
             await kill(server.process)
     return killed_at
@@ -404,8 +411,11 @@ def make_mset_models() -> list[list[list[KeyModel]]]:
     ]
 
 
-async def mset_writer(client: Client, keys: list[KeyModel]) -> None:
-    """MSET all of ``keys`` at once, each time with the next value of each, until the drop."""
+async def mset_writer(client: Client, keys: list[KeyModel], acked: trio.Event) -> None:
+    """MSET all of ``keys`` at once, each time with the next value of each, until the drop.
+
+    ``acked`` is set at the first acknowledgement of any writer.
+    """
     while True:
         pairs = [(model.key, model.next_value()) for model in keys]
         try:
@@ -415,13 +425,14 @@ async def mset_writer(client: Client, keys: list[KeyModel]) -> None:
         at = time.monotonic()
         for model, (_, value) in zip(keys, pairs, strict=True):
             model.acknowledged(value, at)
+        acked.set()
 
 
-async def mset_session(url: str, writers: list[list[KeyModel]]) -> None:
+async def mset_session(url: str, writers: list[list[KeyModel]], acked: trio.Event) -> None:
     try:
         async with connect(url) as client, trio.open_nursery() as nursery:
             for keys in writers:
-                nursery.start_soon(mset_writer, client, keys)
+                nursery.start_soon(mset_writer, client, keys, acked)
     except DisconnectedError:
         pass
 
@@ -444,11 +455,13 @@ async def test_sigkill_leaves_every_mset_whole_and_every_acknowledged_one_durabl
     with trio.fail_after(60):
         server = await launcher.start("always")
         for round_no in range(ROUNDS):
+            acked = trio.Event()
             with trio.fail_after(KILL_AFTER[1] + START_TIMEOUT + STOP_TIMEOUT):
                 async with trio.open_nursery() as nursery:
                     for writers in models:
-                        nursery.start_soon(mset_session, server.url, writers)
-                    await trio.sleep(rng.uniform(*KILL_AFTER))
+                        nursery.start_soon(mset_session, server.url, writers, acked)
+                    await acked.wait()  # the load runs from its first acknowledgement
+                    await trio.sleep(rng.uniform(*KILL_AFTER))  # the workload, not a wait
                     await kill(server.process)
             acked_total += sum(len(m.acks) for m in keys)
             server = await launcher.start("always")

@@ -138,11 +138,12 @@ def test_every_group_spans_several_shards() -> None:
 # -- the load ---------------------------------------------------------------------------------
 
 
-async def writer(url: str, group: GroupModel, how: str) -> None:
+async def writer(url: str, group: GroupModel, how: str, acked: trio.Event) -> None:
     """Write the whole group to a new tag, one write at a time, until the connection drops.
 
     ``how``: ``mset`` (one MSET) or ``transaction`` (one SET per key in a
     MULTI/EXEC transaction: its effects are known only as it runs).
+    ``acked`` is set at the first acknowledgement of any writer.
     """
     try:
         async with connect(url) as client:
@@ -154,6 +155,7 @@ async def writer(url: str, group: GroupModel, how: str) -> None:
                     results = await client.transaction(*(("SET", key, tag) for key in group.keys))
                     assert results == ["OK"] * len(group.keys), results
                 group.acknowledged(tag)
+                acked.set()
     except DisconnectedError:
         return  # killed: the tag in flight (if any) stays pending
 
@@ -161,11 +163,18 @@ async def writer(url: str, group: GroupModel, how: str) -> None:
 async def load_then_kill(
     server: Server, groups: list[GroupModel], seconds: float, how: str
 ) -> None:
-    """Run the load for ``seconds``, then SIGKILL the server under it."""
+    """Run the load for ``seconds`` from its first acknowledgement, then SIGKILL the server.
+
+    Counted from the first acknowledgement, not from the start: on a slow
+    machine the sessions' connecting could take all of a short load, and a
+    round would kill a server that acknowledged nothing.
+    """
+    acked = trio.Event()
     with trio.fail_after(seconds + START_TIMEOUT + STOP_TIMEOUT):
         async with trio.open_nursery() as nursery:
             for group in groups:
-                nursery.start_soon(writer, server.url, group, how)
+                nursery.start_soon(writer, server.url, group, how, acked)
+            await acked.wait()
             await trio.sleep(seconds)  # the workload itself, not a wait for an effect
             await kill(server.process)
 
