@@ -46,7 +46,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -224,11 +224,17 @@ async def writer(client: Client, keys: list[KeyModel], acked: trio.Event) -> Non
             acked.set()
 
 
-async def session(url: str, writers: list[list[KeyModel]], acked: trio.Event) -> None:
+Writer = Callable[[Client, list[KeyModel], trio.Event], Awaitable[None]]
+
+
+async def session(
+    url: str, writers: list[list[KeyModel]], acked: trio.Event, write: Writer | None = None
+) -> None:
+    """One connection running ``write`` (:func:`writer` by default) for each list of keys."""
     try:
         async with connect(url) as client, trio.open_nursery() as nursery:
             for keys in writers:
-                nursery.start_soon(writer, client, keys, acked)
+                nursery.start_soon(write or writer, client, keys, acked)
     except DisconnectedError:
         pass  # the server was killed before this session was set up
 
@@ -428,15 +434,6 @@ async def mset_writer(client: Client, keys: list[KeyModel], acked: trio.Event) -
         acked.set()
 
 
-async def mset_session(url: str, writers: list[list[KeyModel]], acked: trio.Event) -> None:
-    try:
-        async with connect(url) as client, trio.open_nursery() as nursery:
-            for keys in writers:
-                nursery.start_soon(mset_writer, client, keys, acked)
-    except DisconnectedError:
-        pass
-
-
 def seq_of(value: bytes | None) -> int | None:
     return None if value is None else int(value.rpartition(b"=")[2])
 
@@ -459,7 +456,7 @@ async def test_sigkill_leaves_every_mset_whole_and_every_acknowledged_one_durabl
             with trio.fail_after(KILL_AFTER[1] + START_TIMEOUT + STOP_TIMEOUT):
                 async with trio.open_nursery() as nursery:
                     for writers in models:
-                        nursery.start_soon(mset_session, server.url, writers, acked)
+                        nursery.start_soon(session, server.url, writers, acked, mset_writer)
                     await acked.wait()  # the load runs from its first acknowledgement
                     await trio.sleep(rng.uniform(*KILL_AFTER))  # the workload, not a wait
                     await kill(server.process)
@@ -468,8 +465,8 @@ async def test_sigkill_leaves_every_mset_whole_and_every_acknowledged_one_durabl
             values, present = await read_back(server, keys)
             problems = check_always(keys, values, present)
             by_key = dict(zip((m.key for m in keys), values, strict=True))
-            for session in models:
-                for writer_keys in session:
+            for per_session in models:
+                for writer_keys in per_session:
                     seqs = {seq_of(by_key[m.key]) for m in writer_keys}
                     if len(seqs) != 1:
                         problems.append(f"torn MSET of {writer_keys[0].key!r}...: seqs {seqs}")
