@@ -2413,6 +2413,7 @@ DELIBERATE: list[Difference] = [
         )
         for argv, redis in [
             ("OBJECT ENCODING nokey", b"$-1\r\n"),
+            ("MEMORY USAGE nokey", b"$-1\r\n"),
             ("DUMP nokey", b"$-1\r\n"),
             ("BITPOS nokey 1", b":-1\r\n"),
         ]
