@@ -559,6 +559,8 @@ async def test_command_reports_the_table_for_redis_cli_and_cluster_clients() -> 
             assert isinstance(names, list)
             assert count == len(everything) == len(names)
             assert {b"get", b"set", b"mset", b"hello", b"client", b"config"} <= set(names)
+            # The JSON-RPC spellings (command.list, debug.actors) are not Redis commands.
+            assert not [name for name in names if b"." in name]
             entries = {entry[0]: entry for entry in everything}
             assert entries[b"mset"][1:6] == [-3, ["write", "denyoom"], 1, -1, 2]
             assert entries[b"hello"][1] == -1

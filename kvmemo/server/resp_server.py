@@ -1375,7 +1375,10 @@ def _command_entry(name: str) -> list[object] | None:
 
 
 def _all_command_names() -> list[str]:
-    return sorted(set(COMMANDS) | set(_CONNECTION_COMMANDS))
+    """What COMMAND lists: the Redis commands. The JSON-RPC spellings of the
+    table (``command.list``, ``debug.actors``, ...) still run, but are not
+    listed: Redis names have no dots, and DEBUG ACTORS / KILL say the same."""
+    return sorted(name for name in set(COMMANDS) | set(_CONNECTION_COMMANDS) if "." not in name)
 
 
 # COMMAND DOCS groups of the connection commands that Redis files elsewhere.
