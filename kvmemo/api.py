@@ -208,6 +208,50 @@ class Commands:
         result: int = await self.execute("msetnx", *[x for kv in items for x in kv])
         return result
 
+    # -- bits ------------------------------------------------------------------------------
+
+    async def bitpos(
+        self,
+        key: Arg,
+        bit: int,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        unit: str | None = None,
+    ) -> int:
+        """BITPOS: the position of the first bit equal to ``bit``, or -1.
+
+        ``start`` and ``end`` (inclusive, negative from the end) count bytes,
+        or bits with ``unit="BIT"``; ``end`` needs ``start``, ``unit`` needs ``end``.
+        """
+        if end is not None and start is None:
+            raise ValueError("bitpos: end needs start")
+        if unit is not None and end is None:
+            raise ValueError("bitpos: unit needs start and end")
+        args: list[Arg] = [key, bit]
+        args += [a for a in (start, end, unit) if a is not None]
+        result: int = await self.execute("bitpos", *args)
+        return result
+
+    async def bitop(self, operation: str, destkey: Arg, *keys: Arg) -> int:
+        """BITOP AND/OR/XOR/NOT into ``destkey``: the result's length (0 deletes ``destkey``)."""
+        result: int = await self.execute("bitop", operation, destkey, *keys)
+        return result
+
+    async def bitfield(self, key: Arg, *subcommands: Arg) -> list[int | None]:
+        """BITFIELD: ``kv.bitfield("k", "SET", "u8", 0, 255, "INCRBY", "i5", "#1", 3)``.
+
+        One reply per GET, SET or INCRBY, in order; None for a write its
+        ``OVERFLOW FAIL`` refused.
+        """
+        result: list[int | None] = await self.execute("bitfield", key, *subcommands)
+        return result
+
+    async def bitfield_ro(self, key: Arg, *subcommands: Arg) -> list[int]:
+        """BITFIELD_RO: GET subcommands only (``kv.bitfield_ro("k", "GET", "u8", 0)``)."""
+        result: list[int] = await self.execute("bitfield_ro", key, *subcommands)
+        return result
+
     # -- keys ------------------------------------------------------------------------------
 
     async def delete(self, *keys: Arg) -> int:

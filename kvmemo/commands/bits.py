@@ -1,4 +1,5 @@
-"""Bit and string-comparison commands: GETBIT, SETBIT, BITCOUNT, LCS, RANDOMKEY.
+"""Bit and string-comparison commands: GETBIT, SETBIT, BITCOUNT, BITPOS, BITFIELD,
+BITFIELD_RO, BITOP, LCS, RANDOMKEY.
 
 Registered in the one command table (:mod:`kvmemo.commands.table`) by
 importing this module; the semantics and error wording are Redis's.
@@ -6,13 +7,17 @@ importing this module; the semantics and error wording are Redis's.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from ..errors import CommandSyntaxError, NotIntegerError, TooLargeError
-from ..storage.store import ShardStore
+from ..persistence import Op, encode_fields, encode_set
+from ..storage.store import NeedMemory, ShardStore
 from . import ops
 from .args import SYNTAX, parse_int, upper
 from .replies import FieldList
@@ -21,6 +26,7 @@ from .table import ParseContext, command
 KEY1 = (1, 1, 1)
 KEY2 = (1, 2, 1)
 NOKEYS = (0, 0, 0)
+DEST_THEN_KEYS = (2, -1, 1)  # BITOP: the operation, then the destination and the sources
 
 MAX_BIT_OFFSET = (1 << 32) - 1  # Redis: (offset >> 3) < proto-max-bulk-len (512 MiB)
 BIT_OFFSET_ERROR = "bit offset is not an integer or out of range"
@@ -168,6 +174,533 @@ def _bitcount(args: Sequence[bytes], ctx: ParseContext) -> BitCount:
         elif unit != b"BYTE":
             raise CommandSyntaxError(SYNTAX)
     return BitCount(args[0], start, end, bit_mode)
+
+
+# -- BITPOS ---------------------------------------------------------------------------
+
+BIT_ARGUMENT_ERROR = "The bit argument must be 1 or 0."
+
+
+class BitPos(ops.ShardOp):
+    """BITPOS: the first bit equal to ``bit`` in a value or an inclusive range of it.
+
+    As Redis: a missing key is an endless run of zero bits (0 for a clear
+    bit, -1 for a set one); an empty range is -1; looking for a clear bit
+    without an explicit ``end``, a value of ones answers the position just
+    past the range (the value is taken as zero-padded on the right), while
+    with ``end`` given the range alone counts (-1).
+    """
+
+    __slots__ = ("bit", "bit_mode", "end", "start")
+
+    def __init__(
+        self, key: bytes, bit: int, start: int | None, end: int | None, bit_mode: bool
+    ) -> None:
+        self.key = key
+        self.bit = bit
+        self.start = start  # None: the whole value
+        self.end = end  # None: to the end of the value (never in bit mode)
+        self.bit_mode = bit_mode
+
+    def apply(self, store: ShardStore, now: float) -> int:
+        value = store.peek(self.key, now)
+        if value is None:
+            return -1 if self.bit else 0
+        total = len(value) * 8 if self.bit_mode else len(value)
+        start = 0 if self.start is None else self.start
+        end = total - 1 if self.end is None else self.end
+        # Redis's conversion (without BITCOUNT's quirk for two negative indexes).
+        if start < 0:
+            start = max(0, total + start)
+        if end < 0:
+            end = max(0, total + end)
+        end = min(end, total - 1)
+        if start > end:
+            return -1
+        if not self.bit_mode:
+            start, end = start * 8, end * 8 + 7  # the range in bits
+        chunk = value[start >> 3 : (end >> 3) + 1]
+        width = end - start + 1
+        bits = (int.from_bytes(chunk, "big") >> (7 - (end & 7))) & ((1 << width) - 1)
+        if not self.bit:
+            bits ^= (1 << width) - 1  # look for the first one of the complement
+        if bits:
+            return start + width - bits.bit_length()
+        if self.bit or self.end is not None:
+            return -1
+        return end + 1  # no clear bit: the first one past the value's end
+
+
+@command("bitpos", -3, "readonly", KEY1, "the first set or clear bit of a value or a range", "1.3")
+def _bitpos(args: Sequence[bytes], ctx: ParseContext) -> BitPos:
+    # Arguments are checked even when the key does not exist, in Redis's order
+    # (bit, start, unit, end), as Redis 7.2 and later do (7.0 answered first).
+    bit = parse_int(args[1])
+    if bit not in (0, 1):
+        raise NotIntegerError(BIT_ARGUMENT_ERROR)
+    if len(args) > 5:
+        raise CommandSyntaxError(SYNTAX)
+    start = parse_int(args[2]) if len(args) > 2 else None
+    bit_mode = False
+    if len(args) == 5:
+        unit = upper(args[4])
+        if unit == b"BIT":
+            bit_mode = True
+        elif unit != b"BYTE":
+            raise CommandSyntaxError(SYNTAX)
+    end = parse_int(args[3]) if len(args) > 3 else None
+    return BitPos(args[0], bit, start, end, bit_mode)
+
+
+# -- BITFIELD, BITFIELD_RO ---------------------------------------------------------------
+#
+# A bitfield is an integer of 1 to 64 bits (signed) or 1 to 63 bits (unsigned) at any bit
+# offset, most significant bit first, as SETBIT numbers bits. The subcommands run in order
+# on one copy of the value, in one shard step: each sees the ones before it, and the value
+# is written once at the end (if any byte changed). A write (SET, INCRBY) first grows the
+# value with zero bytes to its farthest bit, even when its overflow policy then refuses it
+# (Redis does the same), so that growth obeys max_value_size as SETBIT's does.
+
+BITFIELD_TYPE_ERROR = (
+    "Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is."
+)
+BITFIELD_OVERFLOW_ERROR = "Invalid OVERFLOW type specified"
+BITFIELD_RO_ERROR = "BITFIELD_RO only supports the GET subcommand"
+
+
+class FieldAction(enum.Enum):
+    GET = "get"
+    SET = "set"
+    INCRBY = "incrby"
+
+
+class Overflow(enum.Enum):
+    """What a SET or INCRBY does with a result its field cannot hold."""
+
+    WRAP = "wrap"  # modulo 2**bits (signed: two's complement)
+    SAT = "sat"  # the field's minimum or maximum
+    FAIL = "fail"  # nothing written; the reply is nil
+
+
+_OVERFLOWS = {b"WRAP": Overflow.WRAP, b"SAT": Overflow.SAT, b"FAIL": Overflow.FAIL}
+_FIELD_ACTIONS = {b"GET": FieldAction.GET, b"SET": FieldAction.SET, b"INCRBY": FieldAction.INCRBY}
+_UINT64 = (1 << 64) - 1
+
+
+@attrs.frozen
+class FieldOp:
+    """One BITFIELD subcommand; ``value``: SET's value or INCRBY's increment (GET: 0)."""
+
+    action: FieldAction
+    signed: bool
+    bits: int
+    offset: int
+    value: int
+    overflow: Overflow
+
+
+def read_field(buf: bytes | bytearray, offset: int, bits: int, signed: bool) -> int:
+    """The integer of ``bits`` bits at bit ``offset`` of ``buf`` (zero past its end)."""
+    first, last = offset >> 3, (offset + bits - 1) >> 3
+    chunk = buf[first : last + 1]
+    field = int.from_bytes(chunk, "big") << (8 * (last + 1 - first - len(chunk)))
+    field = (field >> (7 - ((offset + bits - 1) & 7))) & ((1 << bits) - 1)
+    if signed and field >> (bits - 1):
+        field -= 1 << bits
+    return field
+
+
+def write_field(buf: bytearray, offset: int, bits: int, value: int) -> None:
+    """Store ``value``'s low ``bits`` bits at bit ``offset`` of ``buf`` (long enough)."""
+    first, last = offset >> 3, (offset + bits - 1) >> 3
+    shift = 7 - ((offset + bits - 1) & 7)
+    mask = ((1 << bits) - 1) << shift
+    word = int.from_bytes(buf[first : last + 1], "big")
+    word = (word & ~mask) | ((value << shift) & mask)
+    buf[first : last + 1] = word.to_bytes(last + 1 - first, "big")
+
+
+def fit_field(op: FieldOp, target: int) -> int | None:
+    """What a SET or INCRBY stores for ``target`` under ``op.overflow``; None: FAIL refused.
+
+    As Redis's ``check(Un)signedBitfieldOverflow``: INCRBY's target is the
+    exact sum. SET on an unsigned field takes its value as a 64-bit
+    unsigned integer, so a negative value is over the maximum (SAT stores
+    the maximum, WRAP its low bits).
+    """
+    bits = op.bits
+    if op.signed:
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        low, high = 0, (1 << bits) - 1
+        if op.action is FieldAction.SET:
+            target &= _UINT64
+    if low <= target <= high:
+        return target
+    if op.overflow is Overflow.FAIL:
+        return None
+    if op.overflow is Overflow.SAT:
+        return high if target > high else low
+    wrapped = target & ((1 << bits) - 1)
+    return wrapped - (1 << bits) if op.signed and wrapped > high else wrapped
+
+
+class BitField(ops.ShardOp):
+    """BITFIELD with at least one SET or INCRBY: the replies of every subcommand, in order.
+
+    Keeps the key's TTL. Raises TOO_LARGE, changing nothing, when growing
+    the value to the farthest bit written would pass ``max_size``.
+    """
+
+    __slots__ = ("fields", "max_size", "size")
+    write = True
+
+    def __init__(self, key: bytes, fields: Sequence[FieldOp], max_size: int) -> None:
+        self.key = key
+        self.fields = tuple(fields)
+        self.max_size = max_size
+        # Bytes the value must have for the farthest bit a SET or INCRBY reaches.
+        self.size = max(
+            ((f.offset + f.bits - 1) >> 3) + 1 for f in fields if f.action is not FieldAction.GET
+        )
+
+    def apply(self, store: ShardStore, now: float) -> list[int | None]:
+        old = store.peek(self.key, now)
+        base = old or b""
+        if self.size > len(base) and self.size > self.max_size:
+            raise TooLargeError(ops.STRING_TOO_LONG)
+        buf = bytearray(base)
+        if self.size > len(buf):
+            buf.extend(bytes(self.size - len(buf)))
+        replies: list[int | None] = []
+        for f in self.fields:
+            current = read_field(buf, f.offset, f.bits, f.signed)
+            if f.action is FieldAction.GET:
+                replies.append(current)
+                continue
+            target = f.value if f.action is FieldAction.SET else current + f.value
+            stored = fit_field(f, target)
+            if stored is None:
+                replies.append(None)
+                continue
+            write_field(buf, f.offset, f.bits, stored)
+            replies.append(current if f.action is FieldAction.SET else stored)
+        new = bytes(buf)
+        if new != old:  # created (even if every write failed), grown, or changed
+            store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+        return replies
+
+
+class BitFieldGet(ops.ShardOp):
+    """BITFIELD_RO, or BITFIELD with GETs only: reads, never creates the key."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, key: bytes, fields: Sequence[FieldOp]) -> None:
+        self.key = key
+        self.fields = tuple(fields)
+
+    def apply(self, store: ShardStore, now: float) -> list[int]:
+        value = store.peek(self.key, now) or b""
+        return [read_field(value, f.offset, f.bits, f.signed) for f in self.fields]
+
+
+def _field_type(raw: bytes) -> tuple[bool, int]:
+    """``i1``..``i64`` or ``u1``..``u63``: (signed, bits)."""
+    sign = raw[:1]
+    if sign not in (b"i", b"u"):
+        raise CommandSyntaxError(BITFIELD_TYPE_ERROR)
+    try:
+        bits = parse_int(raw[1:])
+    except NotIntegerError:
+        raise CommandSyntaxError(BITFIELD_TYPE_ERROR) from None
+    if not 1 <= bits <= (64 if sign == b"i" else 63):
+        raise CommandSyntaxError(BITFIELD_TYPE_ERROR)
+    return sign == b"i", bits
+
+
+def _field_offset(raw: bytes, bits: int) -> int:
+    """A bit offset, or ``#n``: the ``n``-th field of this width (``n * bits``)."""
+    scaled = raw[:1] == b"#"
+    try:
+        offset = parse_int(raw[1:] if scaled else raw)
+    except NotIntegerError:
+        raise NotIntegerError(BIT_OFFSET_ERROR) from None
+    if scaled:
+        offset *= bits
+    if not 0 <= offset <= MAX_BIT_OFFSET:
+        raise NotIntegerError(BIT_OFFSET_ERROR)
+    return offset
+
+
+def parse_bitfield(
+    args: Sequence[bytes], *, max_size: int, readonly: bool
+) -> BitField | BitFieldGet:
+    """BITFIELD's (``readonly``: BITFIELD_RO's) subcommands, checked in order as Redis does.
+
+    Every subcommand is checked before anything runs, so a bad one changes
+    nothing. OVERFLOW applies to the SETs and INCRBYs after it.
+
+    Raises:
+        CommandSyntaxError: an unknown subcommand or one short of arguments,
+            a bad type or OVERFLOW kind; BITFIELD_RO given a SET or INCRBY
+            (checked after every subcommand, as Redis does).
+        NotIntegerError: a bad offset or value.
+    """
+    fields: list[FieldOp] = []
+    overflow = Overflow.WRAP
+    i = 1
+    while i < len(args):
+        name = upper(args[i])
+        remaining = len(args) - i - 1
+        if name == b"OVERFLOW" and remaining >= 1:
+            kind = _OVERFLOWS.get(upper(args[i + 1]))
+            if kind is None:
+                raise CommandSyntaxError(BITFIELD_OVERFLOW_ERROR)
+            overflow = kind
+            i += 2
+            continue
+        action = _FIELD_ACTIONS.get(name)
+        if action is None or remaining < (2 if action is FieldAction.GET else 3):
+            raise CommandSyntaxError(SYNTAX)
+        signed, bits = _field_type(args[i + 1])
+        offset = _field_offset(args[i + 2], bits)
+        value = 0 if action is FieldAction.GET else parse_int(args[i + 3])
+        fields.append(FieldOp(action, signed, bits, offset, value, overflow))
+        i += 3 if action is FieldAction.GET else 4
+    if all(f.action is FieldAction.GET for f in fields):
+        return BitFieldGet(args[0], fields)
+    if readonly:
+        raise CommandSyntaxError(BITFIELD_RO_ERROR)
+    return BitField(args[0], fields, max_size)
+
+
+@command("bitfield", -2, "write", KEY1, "get, set and increment integers of any width", "1.3")
+def _bitfield(args: Sequence[bytes], ctx: ParseContext) -> BitField | BitFieldGet:
+    return parse_bitfield(args, max_size=ctx.max_value_size, readonly=False)
+
+
+@command("bitfield_ro", -2, "readonly fast", KEY1, "BITFIELD with GET subcommands only", "1.3")
+def _bitfield_ro(args: Sequence[bytes], ctx: ParseContext) -> BitField | BitFieldGet:
+    return parse_bitfield(args, max_size=ctx.max_value_size, readonly=True)
+
+
+# -- BITOP ------------------------------------------------------------------------------
+
+
+class BitOperation(enum.Enum):
+    AND = "and"
+    OR = "or"
+    XOR = "xor"
+    NOT = "not"
+
+
+_BIT_OPERATIONS = {b"AND": BitOperation.AND, b"OR": BitOperation.OR,
+                   b"XOR": BitOperation.XOR, b"NOT": BitOperation.NOT}  # fmt: skip
+_INVERT = bytes(255 - b for b in range(256))  # a translate table: every bit flipped
+BITOP_NOT_ERROR = "BITOP NOT must be called with a single source key."
+
+
+def bitop(operation: BitOperation, values: Sequence[bytes | None]) -> bytes:
+    """BITOP's result: as long as the longest value, shorter ones zero-padded on the right.
+
+    None (a missing key) is an empty value; NOT takes exactly one value.
+    Computed on Python integers (one C-speed pass per value).
+    """
+    length = max((len(v) for v in values if v), default=0)
+    if not length:
+        return b""
+    if operation is BitOperation.NOT:
+        (value,) = values
+        assert value is not None  # non-empty, as length says
+        return value.translate(_INVERT)
+    acc = -1 if operation is BitOperation.AND else 0
+    for value in values:
+        value = value or b""
+        word = int.from_bytes(value, "big") << (8 * (length - len(value)))
+        if operation is BitOperation.AND:
+            acc &= word
+        elif operation is BitOperation.OR:
+            acc |= word
+        else:
+            acc ^= word
+    return acc.to_bytes(length, "big")
+
+
+class _PeekValues(ops.Part):
+    """The live values (the stored objects themselves, or None) of some keys."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+
+    def apply(self, store: ShardStore, now: float) -> list[bytes | None]:
+        return [store.peek(key, now) for key in self.keys]
+
+
+class _BitOpRound:
+    """What one two-phase round of a BITOP shares between its shards' parts.
+
+    ``longest``: the longest source value the engine read (step 1), whose
+    length bounds the result: the destination reserves memory for that
+    length. ``values``: each source's value as its shard's prepare found it
+    (by key position; position 0, the destination, unused). The destination's
+    commit computes the result from them: every shard voted, so every source
+    is filled in, and each was held unchanged from its prepare to the
+    decision, so together they are the sources' state at one instant.
+    """
+
+    __slots__ = ("longest", "values")
+
+    def __init__(self, keys: int, longest: bytes) -> None:
+        self.longest = longest
+        self.values: list[bytes | None] = [None] * keys
+
+
+class BitOp(ops.ReadThenWrite):
+    """BITOP: ``keys[0]`` (the destination) set to the operation over ``keys[1:]``.
+
+    Atomic across shards (:class:`ops.ReadThenWrite`): step 1 reads the
+    sources for the result's length (TOO_LARGE over ``max_size``, nothing
+    written); in the two-phase round each source's shard hands over its
+    value as it is when it prepares (voting CHANGED only if it grew past
+    that length), the destination's shard reserves memory for the length,
+    and its commit computes and writes the result. A concurrent writer to a
+    source thus never makes the result a mix, and only a value that keeps
+    growing makes BITOP read again. As Redis: the destination loses any
+    TTL, an empty result deletes it, and the answer is the result's length.
+    """
+
+    kind = "bitop"
+
+    def __init__(self, operation: BitOperation, keys: Sequence[bytes], max_size: int) -> None:
+        super().__init__(keys)
+        self.operation = operation
+        self.max_size = max_size
+        self.round: _BitOpRound | None = None  # the round the next parts belong to
+        self.length: int | None = None  # the result's length, once committed
+
+    def source_part(self, positions: list[int]) -> ops.Part | None:
+        sources = [self.keys[i] for i in positions if i]
+        return _PeekValues(sources) if sources else None
+
+    def sources_read(self, results: list[Any], positions: list[list[int]]) -> Any:
+        self.round = self.new_round([v for read in results if read for v in read])
+        return ops.NO_ANSWER
+
+    def new_round(self, values: Sequence[bytes | None]) -> _BitOpRound:
+        """A round bounded by the longest of ``values``.
+
+        Raises:
+            TooLargeError: a result that long would be over ``max_size``.
+        """
+        longest = max((v for v in values if v), key=len, default=b"")
+        if len(longest) > self.max_size:
+            raise TooLargeError(ops.STRING_TOO_LONG)
+        return _BitOpRound(len(self.keys), longest)
+
+    def part(self, positions: list[int]) -> ops.AtomicPart:
+        return _BitOpPart(self, positions)
+
+    def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> int:
+        assert self.length is not None  # set by the destination's commit
+        return self.length
+
+
+class _BitOpPart(ops.AtomicPart):
+    """One shard's share of a BITOP: hand over its sources, write (or delete) the destination.
+
+    ``commit`` applies at the time ``prepare`` saw, as the other atomic
+    parts do (the reservation nets out the destination's old value as it
+    was then), and turns the reservation for the bound into the exact one.
+    """
+
+    def __init__(self, op: BitOp, positions: list[int]) -> None:
+        self.op = op
+        # This round's shared state, fixed now: a retry makes a new one, while
+        # a part of an aborted round may still be queued on a busy shard.
+        # None: no read step ran (a transaction's step, every key on this shard).
+        self.round = op.round
+        self.sources = [i for i in positions if i]
+        self.dst = op.keys[0] if 0 in positions else None
+        self.old_size = 0  # the destination's entry size when prepared (0: absent)
+        self.reserved = 0
+        self.prepared_at = 0.0
+        self._result: bytes | None = None
+
+    def prepare(self, store: ShardStore, now: float) -> object:
+        op = self.op
+        if self.round is None:
+            # Every key is on this shard and nothing runs between this and commit.
+            values = [store.peek(key, now) for key in op.keys[1:]]
+            self.round = op.new_round(values)  # TOO_LARGE: raised, nothing reserved
+            self.round.values[1:] = values
+        rnd = self.round
+        bound = len(rnd.longest)
+        for i in self.sources:
+            value = store.peek(op.keys[i], now)
+            if value is not None and len(value) > bound:
+                return ops.CHANGED  # longer than the reservation allows: read again
+            rnd.values[i] = value
+        dst = self.dst
+        if dst is not None:
+            old = store.peek_raw(dst, now)
+            if old is not None:
+                self.old_size = store.entry_size(dst, old, has_ttl=store.expiry_of(dst) is not None)
+            if bound:
+                delta = store.entry_size(dst, rnd.longest) - self.old_size
+                if not store.tracker.try_reserve(store.shard_id, delta):
+                    return NeedMemory(delta)
+                self.reserved = delta
+        self.prepared_at = now
+        return True
+
+    def result(self) -> bytes:
+        """The destination's new value (once every shard prepared)."""
+        if self._result is None:
+            assert self.round is not None
+            self._result = bitop(self.op.operation, self.round.values[1:])
+        return self._result
+
+    def commit(self, store: ShardStore, now: float) -> None:
+        # The shard held since prepare: the store is as prepare saw it.
+        dst = self.dst
+        if dst is None:
+            return
+        result = self.result()
+        self.op.length = len(result)
+        exact = store.entry_size(dst, result) - self.old_size if result else 0
+        store.tracker.release(store.shard_id, self.reserved - exact)
+        self.reserved = 0
+        if result:
+            store.put(dst, result, self.prepared_at, expires_at=None, charge=False)
+        elif self.old_size:
+            store.delete(dst, self.prepared_at)
+
+    def abort(self, store: ShardStore) -> None:
+        if self.reserved:
+            store.tracker.release(store.shard_id, self.reserved)
+            self.reserved = 0
+
+    def effects(self, unix_offset: float) -> bytes:
+        # As commit journals them: the destination's SET (no expiry) or DEL.
+        if self.dst is None:
+            return b""
+        result = self.result()
+        if result:
+            return encode_set(self.dst, result)
+        return encode_fields(Op.DEL, self.dst) if self.old_size else b""
+
+
+@command("bitop", -4, "write", DEST_THEN_KEYS, "AND, OR, XOR or NOT of values into a key", "1.3")
+def _bitop(args: Sequence[bytes], ctx: ParseContext) -> BitOp:
+    operation = _BIT_OPERATIONS.get(upper(args[0]))
+    if operation is None:
+        raise CommandSyntaxError(SYNTAX)
+    if operation is BitOperation.NOT and len(args) != 3:
+        raise CommandSyntaxError(BITOP_NOT_ERROR)
+    return BitOp(operation, args[1:], ctx.max_value_size)
 
 
 # -- LCS --------------------------------------------------------------------------------

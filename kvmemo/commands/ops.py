@@ -764,10 +764,65 @@ class ScanStep(Part):
         return scan_id, offset, keys
 
 
-# -- moving a value between keys (RENAME, RENAMENX, COPY) -------------------------------
+# -- writes computed from keys read first (RENAME, RENAMENX, COPY, BITOP) --------------
 
 CHANGED = "changed"
 """The vote of a source whose value changed since the engine read it: retry."""
+
+NO_ANSWER = object()
+"""What :meth:`ReadThenWrite.sources_read` returns when the write goes ahead."""
+
+
+class ReadThenWrite(AtomicOp):
+    """An atomic write whose effect is computed from keys it reads first.
+
+    RENAME, RENAMENX, COPY (the source's value and expiry) and BITOP (its
+    sources' values). Atomic across shards like MSET, in steps that the
+    engine runs holding its writer lock throughout (so no other multi-key
+    write runs between them, and no multi-shard reader sees part of one):
+
+    1. **read**: each shard that holds sources gets ``source_part(positions)``
+       (a shard that holds none gets nothing), all sent before any answer is
+       awaited; ``sources_read`` gets the answers and keeps what the write
+       needs, or gives an early answer (the write is not made);
+    2. **two-phase write**: once every shard holds, each shard's :meth:`part`
+       checks that what was read still holds for its sources and votes
+       :data:`CHANGED` if not (RENAME, COPY: the very object read, by
+       identity, so that any write in between counts; BITOP: no source longer
+       than read, as that length bounds the memory its destination reserved,
+       the values themselves being taken at prepare); the targets' shards
+       reserve memory; the engine commits or aborts everywhere;
+    3. after a :data:`CHANGED` vote the engine starts again at step 1 (at
+       most ``MOVE_RETRIES`` times, then ``TIMEOUT``, nothing applied).
+
+    Invariant: a commit writes what is computed from the sources as they
+    were while every shard held, i.e. at one instant; a concurrent writer to
+    a source can make the command read again, never make its effect a mix.
+
+    A transaction whose keys all live on one shard runs prepare and commit
+    in one step, without step 1 (``LocalAtomicStep``): it reads a Move's
+    source itself, while a BITOP part reads its sources from the store.
+    """
+
+    kind: str
+    """The command's name, lower case (for messages about it)."""
+
+    def source_part(self, positions: list[int]) -> ShardOp | Part | None:
+        """The read that one shard (holding ``keys[i]`` for ``i`` in ``positions``) runs, if any."""
+        raise NotImplementedError
+
+    def sources_read(self, results: list[Any], positions: list[list[int]]) -> Any:
+        """Keep what step 1 read; :data:`NO_ANSWER`, or the command's answer without a write.
+
+        Args:
+            results: per shard, the answer of its :meth:`source_part` (None
+                where it had none).
+            positions: per shard, the key positions it holds (as for :meth:`part`).
+
+        Raises:
+            KVMemoError: the command fails (nothing was written).
+        """
+        raise NotImplementedError
 
 
 class PeekEntry(ShardOp):
@@ -854,8 +909,8 @@ class _MovePart(AtomicPart):
         return b"".join(out)
 
 
-class Move(AtomicOp):
-    """RENAME, RENAMENX and COPY: atomic across shards like MSET.
+class Move(ReadThenWrite):
+    """RENAME, RENAMENX and COPY: atomic across shards like MSET (see :class:`ReadThenWrite`).
 
     The engine reads the source (:class:`PeekEntry`) under its writer lock,
     then runs the two-phase write: the source's shard checks the value is
@@ -874,6 +929,18 @@ class Move(AtomicOp):
 
     def part(self, positions: list[int]) -> AtomicPart:
         return _MovePart(self, 0 in positions, 1 in positions)
+
+    def source_part(self, positions: list[int]) -> ShardOp | None:
+        return PeekEntry(self.src) if 0 in positions else None
+
+    def sources_read(self, results: list[Any], positions: list[list[int]]) -> Any:
+        """Keep the source's entry; the answer when it is missing or is the target."""
+        self.entry = next(r for r, where in zip(results, positions, strict=True) if 0 in where)
+        if self.entry is None:
+            return self.missing()
+        if self.src == self.dst:
+            return self.same_key()
+        return NO_ANSWER
 
     def missing(self) -> Any:
         """The answer when the source does not exist."""

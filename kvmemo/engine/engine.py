@@ -124,12 +124,11 @@ _SCAN_SHARD_MASK = (1 << _SCAN_SHARD_BITS) - 1
 WAKE_INTERVAL = 0.001  # seconds; at most one eviction wake-up per interval
 MAKE_ROOM_ROUNDS = 8  # evict-and-retry rounds one write may take (within oom_wait) before OOM
 OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
-MOVE_RETRIES = 16  # times RENAME/COPY rereads a source written under it before giving up
+MOVE_RETRIES = 16  # times RENAME/COPY/BITOP reread sources written under them before giving up
 # Under concurrency an MSET leader yields two scheduler passes, then while the last
 # one brought new MSETs, at most this many in all, before it takes its round (see
 # _grouped_mset).
 MSET_GATHER_PASSES = 4
-_NO_ANSWER = object()
 _LATE = "the command did not finish in time"
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
@@ -849,9 +848,9 @@ class KVEngine:
         while True:
             await self._txn_lock.acquire(write=True)
             try:
-                if isinstance(op, ops.Move):
-                    answer = await self._read_move_source(op, refs, positions)
-                    if answer is not _NO_ANSWER:
+                if isinstance(op, ops.ReadThenWrite):
+                    answer = await self._read_sources(op, refs, positions)
+                    if answer is not ops.NO_ANSWER:
                         return answer
                 committed, votes, results = await self._two_phase(
                     op, refs, positions, shards, failed
@@ -859,7 +858,7 @@ class KVEngine:
             finally:
                 self._txn_lock.release(write=True)
             if ops.CHANGED in votes:
-                # The source was written between our read and the hold: read it again.
+                # A source was written between our read and the hold: read again.
                 retries += 1
                 if retries > MOVE_RETRIES:
                     raise RequestTimeoutError(
@@ -1081,20 +1080,45 @@ class KVEngine:
                 outcomes.append((False, exc))
         return outcomes
 
-    async def _read_move_source(
-        self, op: ops.Move, refs: list[ActorRef], positions: list[list[int]]
+    async def _read_sources(
+        self, op: ops.ReadThenWrite, refs: list[ActorRef], positions: list[list[int]]
     ) -> Any:
-        """Read the source of a RENAME/COPY (under the writer lock); an early answer, if any."""
-        ref = next(r for r, where in zip(refs, positions, strict=True) if 0 in where)
-        try:
-            op.entry = await ref.ask(ops.PeekEntry(op.src), timeout=self.config.request_timeout)
-        except (ActorCrashed, ActorStopped, AskTimeout) as exc:
-            raise self._translate(exc, ref) from None
-        if op.entry is None:
-            return op.missing()
-        if op.src == op.dst:
-            return op.same_key()
-        return _NO_ANSWER
+        """Step 1 of a :class:`ops.ReadThenWrite` (the caller holds the writer lock).
+
+        Sends each shard that holds sources its read, all before any answer
+        is awaited, and hands the answers to ``op.sources_read``.
+
+        Returns:
+            ``ops.NO_ANSWER`` (the write goes ahead), or the command's answer.
+
+        Raises:
+            KVMemoError: the command's own error (RENAME of a missing key,
+                BITOP over the size limit), or UNAVAILABLE: a shard went down
+                before it answered (a read has no effect: it gives up at once
+                rather than keep the writer lock until the restart).
+        """
+        asked: list[tuple[ActorRef, ReplySlot] | None] = []
+        for ref, where in zip(refs, positions, strict=True):
+            part = op.source_part(where)
+            asked.append(None if part is None else (ref, await self._send(ref, part)))
+        results: list[Any] = []
+        for item in asked:
+            if item is None:
+                results.append(None)
+                continue
+            ref, slot = item
+            try:
+                if slot.done:
+                    results.append(slot.result())
+                    continue
+                key = ref.monitor(_fail_unanswered, (ref, slot))
+                try:
+                    results.append(await slot.wait())
+                finally:
+                    ref.demonitor(key)
+            except (ActorCrashed, ActorStopped) as exc:
+                raise self._translate(exc, ref) from None
+        return op.sources_read(results, positions)
 
     async def _read_parts(
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]

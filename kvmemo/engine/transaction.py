@@ -219,7 +219,7 @@ def cross_shard_refusal(op: object, shards: int) -> CommandSyntaxError | None:
         return None
     if isinstance(op, ops.MSet) and not op.only_new:
         return None
-    name = op.kind.upper() if isinstance(op, ops.Move) else "MSETNX"
+    name = op.kind.upper() if isinstance(op, ops.ReadThenWrite) else "MSETNX"
     return CommandSyntaxError(
         f"{name} in a transaction needs all its keys on one shard"
         " (give them one {hash tag}, as Redis Cluster asks)"
