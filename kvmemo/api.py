@@ -252,6 +252,47 @@ class Commands:
         result: list[int] = await self.execute("bitfield_ro", key, *subcommands)
         return result
 
+    # -- introspection ---------------------------------------------------------------------
+
+    async def object_encoding(self, key: Arg) -> bytes | None:
+        """OBJECT ENCODING: ``b"int"``, ``b"embstr"`` or ``b"raw"`` (from the bytes), or None."""
+        result: bytes | None = await self.execute("object", "encoding", key)
+        return result
+
+    async def object_freq(self, key: Arg) -> int | None:
+        """OBJECT FREQ: the key's access count under an LFU policy (else ``DISABLED``), or None."""
+        result: int | None = await self.execute("object", "freq", key)
+        return result
+
+    async def object_idletime(self, key: Arg) -> int | None:
+        """OBJECT IDLETIME: whole seconds since the key's last access (LRU policies), or None."""
+        result: int | None = await self.execute("object", "idletime", key)
+        return result
+
+    async def object_refcount(self, key: Arg) -> int | None:
+        """OBJECT REFCOUNT: 1 for an existing key (KVMemo shares no values), or None."""
+        result: int | None = await self.execute("object", "refcount", key)
+        return result
+
+    async def memory_usage(self, key: Arg, samples: int | None = None) -> int | None:
+        """MEMORY USAGE: the bytes tracked for the key (they sum to ``used_memory``), or None."""
+        extra: list[Arg] = [] if samples is None else ["SAMPLES", samples]
+        result: int | None = await self.execute("memory", "usage", key, *extra)
+        return result
+
+    async def memory_stats(self) -> dict[str, int]:
+        """MEMORY STATS as a dict: ``{"peak.allocated": ..., "keys.count": ..., ...}``."""
+        flat: list[Any] = await self.execute("memory", "stats")
+        return {
+            (name.decode() if isinstance(name, bytes) else str(name)): value
+            for name, value in zip(flat[::2], flat[1::2], strict=True)
+        }
+
+    async def lastsave(self) -> int:
+        """LASTSAVE: Unix time of the last snapshot of every shard (or of the start)."""
+        result: int = await self.execute("lastsave")
+        return result
+
     # -- keys ------------------------------------------------------------------------------
 
     async def delete(self, *keys: Arg) -> int:

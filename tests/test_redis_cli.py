@@ -31,10 +31,12 @@ TIMEOUT = 60  # seconds per test
 
 
 @asynccontextmanager
-async def redis_port(*, tokens: frozenset[str] = frozenset()) -> AsyncIterator[int]:
+async def redis_port(
+    *, tokens: frozenset[str] = frozenset(), policy: str = "lru"
+) -> AsyncIterator[int]:
     """A store and its Redis port; yields the port."""
     async with trio.open_nursery() as nursery:
-        engine = KVEngine(StoreConfig(shards=4))
+        engine = KVEngine(StoreConfig(shards=4, eviction_policy=policy))
         system = await nursery.start(engine.supervisor().run)
         engine.attach(system)
         _, port = await nursery.start(partial(serve_resp, engine, port=0, tokens=tokens))
@@ -146,3 +148,36 @@ async def test_redis_cli_stat_and_bigkeys_read_info_and_scan() -> None:
             ]
             assert first.split()[0] == "2"  # keys, from INFO's db0 line
             assert first.split()[2] == "1"  # connected clients: redis-cli itself
+
+
+async def test_redis_cli_memkeys_reads_memory_usage() -> None:
+    """``--memkeys`` sizes each key with MEMORY USAGE: the bytes the engine tracks for it."""
+    with trio.fail_after(TIMEOUT):
+        async with redis_port() as port:
+            await cli(port, "MSET", "small", "x", "large", "x" * 1000)
+            small = int(await cli(port, "MEMORY", "USAGE", "small"))
+            large = int(await cli(port, "MEMORY", "USAGE", "large"))
+            assert small < 1000 < large
+            used = re.search(r"used_memory:(\d+)", await cli(port, "INFO", "memory"))
+            assert used is not None
+            assert int(used.group(1)) == small + large
+            memkeys = await cli(port, "--memkeys")
+            assert f"Biggest string found '\"large\"' has {large} bytes" in memkeys
+            assert f"2 strings with {small + large} bytes" in memkeys
+
+
+async def test_redis_cli_hotkeys_reads_object_freq_under_lfu() -> None:
+    """``--hotkeys`` ranks keys by OBJECT FREQ, which needs an LFU policy (as in Redis)."""
+    with trio.fail_after(TIMEOUT):
+        async with redis_port() as port:
+            await cli(port, "SET", "k", "v")
+            refused = await cli(port, "OBJECT", "FREQ", "k")
+            assert "An LFU maxmemory policy is not selected" in refused
+        async with redis_port(policy="lfu") as port:
+            await cli(port, "MSET", "cold", "x", "hot", "y")
+            for _ in range(5):
+                await cli(port, "GET", "hot")
+            hotkeys = await cli(port, "--hotkeys")
+            found = re.findall(r'hot key found with counter: (\d+)\s+keyname: "(\w+)"', hotkeys)
+            counts = {name: int(count) for count, name in found}
+            assert counts["hot"] > counts["cold"] >= 1, hotkeys

@@ -2683,8 +2683,6 @@ DELIBERATE: list[Difference] = [
             (STRINGS_ONLY, "HSET h f v", b":1\r\n"),
             (STRINGS_ONLY, "SADD s m", b":1\r\n"),
             (STRINGS_ONLY, "ZADD z 1 m", b":1\r\n"),
-            (NOT_IMPLEMENTED, "OBJECT ENCODING nokey", b"$-1\r\n"),
-            (NOT_IMPLEMENTED, "MEMORY USAGE nokey", b"$-1\r\n"),
             (NOT_IMPLEMENTED, "DUMP nokey", b"$-1\r\n"),
         ]
     ),

@@ -99,7 +99,10 @@ class Command:
             COMMAND reports them (last_key -1: through the last argument).
         parse: arguments (without the name) → operation.
         summary: one line for ``command.list`` and COMMAND DOCS.
-        since: the protocol version that added it (``"1"`` or ``"1.1"``).
+        since: the protocol version that added it (``"1"``, ``"1.1"``, ``"1.3"``).
+        subcommands: a container's subcommands (OBJECT, MEMORY), in Redis's
+            order; empty for a plain command. A container itself has Redis's
+            container arity (-2) and no keys; each subcommand has its own.
     """
 
     name: str
@@ -111,6 +114,7 @@ class Command:
     parse: Parser
     summary: str
     since: str = "1"
+    subcommands: tuple[Subcommand, ...] = ()
 
     def keys_of(self, args: Sequence[bytes]) -> list[bytes]:
         """The key arguments (args without the name)."""
@@ -118,6 +122,31 @@ class Command:
             return []
         last = len(args) if self.last_key < 0 else self.last_key
         return list(args[self.first_key - 1 : last : self.key_step])
+
+
+@attrs.frozen
+class Subcommand:
+    """One subcommand of a container command, as Redis 7 declares it (``object|encoding``).
+
+    Attributes:
+        name: lower-case (``"encoding"``); Redis's full name is ``container|name``.
+        arity: Redis arity counting the container's name and this one's
+            (``OBJECT ENCODING key``: 3); negative: at least ``-arity``.
+        flags: as :class:`Command`'s.
+        first_key, last_key, key_step: 1-based key positions in the whole
+            call, the container's name being 0 (``OBJECT ENCODING key``: 2, 2, 1).
+        parse: the arguments after the subcommand's name → operation.
+        summary: one line (COMMAND DOCS).
+    """
+
+    name: str
+    arity: int
+    flags: frozenset[str]
+    first_key: int
+    last_key: int
+    key_step: int
+    parse: Parser
+    summary: str
 
 
 COMMANDS: dict[str, Command] = {}
@@ -148,6 +177,53 @@ def command(
     return register
 
 
+def container(
+    name: str,
+    flags: str,
+    summary: str,
+    since: str,
+    subcommands: Sequence[Subcommand],
+) -> Command:
+    """Declare a container command (Redis's OBJECT, MEMORY): ``name sub [args]``.
+
+    The container has Redis's arity -2 and no key positions (Redis's COMMAND
+    INFO gives both: the keys are the subcommands'); its parser finds the
+    subcommand (any case), checks the subcommand's own arity and hands it
+    the remaining arguments. Errors, in Redis's words:
+    ``unknown subcommand 'x'. Try NAME HELP.`` (an :class:`UnknownCommandError`,
+    as Redis rejects ``name|x`` as an unknown command: a transaction that
+    queues it is aborted) and ``wrong number of arguments for 'name|sub'
+    command``.
+    """
+    by_name = {sub.name.encode(): sub for sub in subcommands}
+    shout = name.upper()
+
+    def parse_container(args: Sequence[bytes], ctx: ParseContext) -> Any:
+        sub = by_name.get(args[0].lower())
+        if sub is None:
+            shown = args[0][:128].decode("utf-8", "surrogateescape")
+            raise UnknownCommandError(f"unknown subcommand '{shown}'. Try {shout} HELP.")
+        total = len(args) + 1  # counting the container's name, as Redis does
+        if (total != sub.arity) if sub.arity > 0 else (total < -sub.arity):
+            raise ArityError(f"wrong number of arguments for '{name}|{sub.name}' command")
+        return sub.parse(args[1:], ctx)
+
+    spec = Command(
+        name,
+        -2,
+        frozenset(flags.split()),
+        0,
+        0,
+        0,
+        parse=parse_container,
+        summary=summary,
+        since=since,
+        subcommands=tuple(subcommands),
+    )
+    COMMANDS[name] = spec
+    return spec
+
+
 def lookup(name: str) -> Command:
     """The command called ``name`` (case-insensitive).
 
@@ -161,14 +237,23 @@ def lookup(name: str) -> Command:
     return spec
 
 
-def table_arity_ok(spec: Command, nargs: int) -> bool:
+def table_arity_ok(spec: Command, nargs: int, args: Sequence[bytes] | None = None) -> bool:
     """Whether ``nargs`` arguments (the name not counted) meet ``spec``'s table arity.
 
     Redis's own check, made when a transaction queues a call; a command may
     refuse more counts when it parses (MSET: pairs only), as Redis's does.
+    Given the arguments, a container's known subcommand is held to its own
+    arity too, as Redis holds ``object|encoding`` to 3.
     """
     total = nargs + 1
-    return total == spec.arity if spec.arity > 0 else total >= -spec.arity
+    if not (total == spec.arity if spec.arity > 0 else total >= -spec.arity):
+        return False
+    if args and spec.subcommands:
+        wanted = args[0].lower()
+        for sub in spec.subcommands:
+            if sub.name.encode() == wanted:
+                return total == sub.arity if sub.arity > 0 else total >= -sub.arity
+    return True
 
 
 def parse(name: str, args: Sequence[bytes], ctx: ParseContext) -> tuple[Command, Any]:
@@ -618,4 +703,8 @@ INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 
 
-from . import bits  # noqa: E402, F401 - registers GETBIT, SETBIT, BITCOUNT, LCS, RANDOMKEY
+# The modules that register more commands (each imports this one).
+from . import (  # noqa: E402
+    bits,  # noqa: F401 - GETBIT, SETBIT, BITCOUNT, BITPOS, BITFIELD(_RO), BITOP, LCS, RANDOMKEY
+    introspect,  # noqa: F401 - OBJECT, MEMORY, LASTSAVE
+)

@@ -1440,7 +1440,7 @@ class KVEngine:
         except UnknownCommandError:
             raise
         except ArityError:
-            if table_arity_ok(lookup(name), len(args)):
+            if table_arity_ok(lookup(name), len(args), args):
                 # The table's count holds and the command's own check refused
                 # (MSET's pairs, PING's one message): Redis queues such a call
                 # and EXEC answers the error in its place.

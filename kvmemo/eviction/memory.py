@@ -37,7 +37,10 @@ every figure above; ``tests/test_memory.py`` holds every policy within
 ±20 % at 10^5 entries.
 
 Invariant: ``used == sum(shard usage)``, and when ``maxmemory`` is set,
-``used <= maxmemory`` after any successful reservation.
+``used <= maxmemory`` after any successful reservation. ``peak`` is the
+highest ``used`` ever reached (for ``MEMORY STATS``): it is recorded where
+usage *falls* (a release, a shrinking write, a reset), never on the growing
+path, so a write that adds bytes pays nothing for it.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ class MemoryTracker:
         self.target = target
         self.wake_at = self._wake_at()
         self.used = 0
+        # The highest ``used`` seen before a fall (see ``peak``): usage only
+        # falls in try_reserve (nbytes <= 0), release and reset_shard, each of
+        # which records the value it leaves first.
+        self._peak = 0
         self._per_shard = [0] * shards
         self.refused = 0  # reservations refused at the hard limit
 
@@ -106,22 +113,34 @@ class MemoryTracker:
 
         A negative ``nbytes`` (a write that shrinks an entry) always succeeds.
         """
-        if nbytes > 0 and self.maxmemory and self.used + nbytes > self.maxmemory:
-            self.refused += 1
-            return False
+        if nbytes > 0:
+            if self.maxmemory and self.used + nbytes > self.maxmemory:
+                self.refused += 1
+                return False
+        elif self.used > self._peak:  # usage falls (or stays): remember the top first
+            self._peak = self.used
         self.used += nbytes
         self._per_shard[shard] += nbytes
         return True
 
     def release(self, shard: int, nbytes: int) -> None:
         """Account ``nbytes`` less for ``shard`` (an entry left)."""
+        if self.used > self._peak:
+            self._peak = self.used
         self.used -= nbytes
         self._per_shard[shard] -= nbytes
 
     def reset_shard(self, shard: int, nbytes: int) -> None:
         """Set ``shard``'s usage outright (after its state was rebuilt)."""
+        if self.used > self._peak:
+            self._peak = self.used
         self.used += nbytes - self._per_shard[shard]
         self._per_shard[shard] = nbytes
+
+    @property
+    def peak(self) -> int:
+        """The highest tracked usage reached so far (Redis's ``peak.allocated``)."""
+        return max(self._peak, self.used)
 
     def shard_used(self, shard: int) -> int:
         """Bytes tracked for one shard."""

@@ -94,6 +94,7 @@ from ..commands.args import parse_int
 from ..commands.glob import glob_match
 from ..commands.table import COMMANDS
 from ..commands.table import Command as TableCommand
+from ..commands.table import Subcommand as TableSubcommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
@@ -1269,11 +1270,11 @@ _connection_command("client", -2, "noscript loading stale", "the connection's cl
 
 _GENERIC: Final = frozenset(
     "del unlink exists touch expire pexpire expireat pexpireat ttl pttl expiretime"
-    " pexpiretime persist type keys scan rename renamenx copy randomkey".split()
+    " pexpiretime persist type keys scan rename renamenx copy randomkey object".split()
 )
 
 
-def _flags_of(spec: TableCommand) -> list[str]:
+def _flags_of(spec: TableCommand | TableSubcommand) -> list[str]:
     flags = []
     if "write" in spec.flags:
         flags += ["write", "denyoom"]
@@ -1292,7 +1293,7 @@ def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
         out.append("@write")
     if "readonly" in flags:
         out.append("@read")
-    if keyed:
+    if keyed and group in ("generic", "string"):  # MEMORY USAGE's key gives no category
         out.append("@keyspace" if group == "generic" else "@string")
     if "admin" in flags:
         out += ["@admin", "@dangerous"]
@@ -1350,9 +1351,45 @@ def _command_entry(name: str) -> list[object] | None:
             Set(specs),
             Set(()),
         ]
+    if "|" in name:
+        found = _subcommand(name)
+        return None if found is None else _entry(name, found[1], _group_of(found[0]))
     spec = COMMANDS.get(name)
     if spec is None:
         return None
+    if spec.subcommands:
+        # A container (OBJECT, MEMORY): as Redis 7 lists one, no flags nor
+        # keys of its own, and its subcommands' entries (an array, not a
+        # set, in RESP3 too) in the tenth field.
+        group = _group_of(spec)
+        subs = [_entry(f"{name}|{sub.name}", sub, group) for sub in spec.subcommands]
+        return [name.encode(), spec.arity, Set(()), 0, 0, 0, Set(["@slow"]), Set(()), Set(()), subs]
+    return _entry(name, spec, _group_of(spec))
+
+
+def _subcommand(full: str) -> tuple[TableCommand, TableSubcommand] | None:
+    """The container and subcommand that ``container|sub`` names, if any."""
+    name, _, wanted = full.partition("|")
+    spec = COMMANDS.get(name)
+    if spec is None:
+        return None
+    sub = next((sub for sub in spec.subcommands if sub.name == wanted), None)
+    return None if sub is None else (spec, sub)
+
+
+def _subcommand_names() -> list[str]:
+    """The table's subcommands as Redis names them (``object|encoding``): COMMAND LIST
+    lists them after the commands, as Redis 7 does."""
+    return sorted(
+        f"{name}|{sub.name}"
+        for name, spec in COMMANDS.items()
+        if "." not in name
+        for sub in spec.subcommands
+    )
+
+
+def _entry(name: str, spec: TableCommand | TableSubcommand, group: str) -> list[object]:
+    """The COMMAND INFO entry of a plain command or of a subcommand (``object|encoding``)."""
     flags = _flags_of(spec)
     key_specs: list[object] = []
     if spec.first_key:
@@ -1367,7 +1404,7 @@ def _command_entry(name: str) -> list[object] | None:
         spec.first_key,
         spec.last_key,
         spec.key_step,
-        Set(_command_categories(name)),
+        Set(_categories_of(flags, bool(spec.first_key), group)),
         Set(()),  # tips, key specs, subcommands: sets in RESP3, as Redis's
         Set(key_specs),
         Set(()),
@@ -1393,12 +1430,33 @@ def _command_doc(name: str) -> dict[bytes, object] | None:
     if conn_command is not None:
         summary, since = conn_command.summary, "1.0.0"
         group = _CONNECTION_GROUPS.get(name, "connection")
+    elif "|" in name:
+        found = _subcommand(name)
+        if found is None:
+            return None
+        container, sub = found
+        summary, group = sub.summary, _group_of(container)
+        since = ".".join((container.since.split(".") + ["0", "0"])[:3])
     else:
         spec = COMMANDS.get(name)
         if spec is None:
             return None
         summary, group = spec.summary, _group_of(spec)
         since = ".".join((spec.since.split(".") + ["0", "0"])[:3])
+        if spec.subcommands:
+            return {
+                b"summary": summary.encode(),
+                b"since": since.encode(),
+                b"group": group.encode(),
+                b"subcommands": {
+                    f"{name}|{sub.name}".encode(): {
+                        b"summary": sub.summary.encode(),
+                        b"since": since.encode(),
+                        b"group": group.encode(),
+                    }
+                    for sub in spec.subcommands
+                },
+            }
     return {b"summary": summary.encode(), b"since": since.encode(), b"group": group.encode()}
 
 
@@ -1412,7 +1470,7 @@ async def _command_count(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 async def _command_list(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     """``COMMAND LIST [FILTERBY MODULE name | ACLCAT category | PATTERN pattern]``."""
-    names = _all_command_names()
+    names = _all_command_names() + _subcommand_names()
     if len(argv) == 2:
         return [name.encode() for name in names]
     if len(argv) != 5 or argv[2].upper() != b"FILTERBY":
@@ -1434,7 +1492,13 @@ def _command_categories(name: str) -> list[str]:
     if conn_command is not None:
         group = "transaction" if _CONNECTION_GROUPS.get(name) == "transactions" else "connection"
         return _categories_of(conn_command.flags, False, group)
+    found = _subcommand(name) if "|" in name else None
+    if found is not None:
+        container, sub = found
+        return _categories_of(_flags_of(sub), bool(sub.first_key), _group_of(container))
     spec = COMMANDS[name]
+    if spec.subcommands:
+        return ["@slow"]  # a container's own entry, as Redis 7's: its subcommands have the rest
     return _categories_of(_flags_of(spec), bool(spec.first_key), _group_of(spec))
 
 
@@ -1461,7 +1525,14 @@ async def _command_getkeys(conn: _Connection, argv: tuple[bytes, ...]) -> object
     spec = COMMANDS.get(name)
     if spec is None and name not in _CONNECTION_COMMANDS:
         return ErrorReply("ERR Invalid command specified")
-    if spec is not None:
+    if spec is not None and spec.subcommands:
+        # A container: the subcommand's own arity and keys (``object encoding k``).
+        wanted = argv[3].lower() if len(argv) > 3 else b""
+        sub = next((s for s in spec.subcommands if s.name.encode() == wanted), None)
+        if sub is None:
+            return ErrorReply("ERR Invalid command specified")
+        arity, first, last, step = sub.arity, sub.first_key, sub.last_key, sub.key_step
+    elif spec is not None:
         arity, first, last, step = spec.arity, spec.first_key, spec.last_key, spec.key_step
     else:
         arity = _CONNECTION_COMMANDS[name].arity

@@ -192,7 +192,13 @@ class SwitchPolicy:
 
 
 class ExpireDue:
-    """Active expiry: remove up to ``budget`` due keys; reply (removed, backlog)."""
+    """Active expiry: remove up to ``budget`` due keys; reply (removed, backlog).
+
+    Sent to every shard on each TTL-manager tick, so it also marks the time
+    of the policy clock (``ShardStore.mark_time``, at most once a second):
+    the marks ``OBJECT IDLETIME`` reads, taken here so that no read or write
+    reads a clock for them.
+    """
 
     __slots__ = ("budget",)
 
@@ -200,6 +206,7 @@ class ExpireDue:
         self.budget = budget
 
     def apply(self, store: ShardStore, now: float) -> tuple[int, bool]:
+        store.mark_time(now)
         return store.expire_due(now, self.budget)
 
 
@@ -273,6 +280,10 @@ class ShardActor(Actor):
     def __init__(self, ctx: ActorContext, hold_timeout: float) -> None:
         self.store: ShardStore = ctx.state
         self.hold_timeout = hold_timeout
+        # A first mark of the policy clock as the shard (re)starts, before any
+        # command: keys written before the first expiry sweep then read their
+        # idle time from here, not from that sweep (see ExpireDue).
+        self.store.mark_time(trio.current_time())
 
     async def handle(self, message: Any) -> Any:
         if type(message) is Hold:

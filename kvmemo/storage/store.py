@@ -19,7 +19,10 @@ Invariants (checked by :meth:`ShardStore.check_invariants`):
   entry in ``expires`` decides);
 - ``used`` equals the sum of entry sizes, and equals the tracker's usage for
   this shard;
-- the policy tracks exactly the keys of ``data`` (``noeviction`` tracks none).
+- the policy tracks exactly the keys of ``data`` (``noeviction`` tracks none);
+- ``tick_times`` is consistent (see ``TickTimes``): its marks turn the
+  policy's ticks back into times for ``OBJECT IDLETIME``; the periodic expiry
+  sweep adds them (:meth:`ShardStore.mark_time`), never a read or a write.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import collections
 import contextlib
 import itertools
 import random
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -36,7 +40,7 @@ import attrs
 from ..errors import OutOfMemoryError
 from ..eviction.memory import ENTRY_BASE, ROUND_UP, MemoryTracker
 from ..eviction.memory import entry_size as _entry_size
-from ..eviction.policies import EvictionPolicy, NoEvictionPolicy
+from ..eviction.policies import EvictionPolicy, NoEvictionPolicy, TickTimes
 from ..expiry.ttl_index import TTLIndex
 from .durability import Journal, ShardDurability
 
@@ -77,6 +81,9 @@ class ShardStore:
         policy: the shard's eviction policy (owned by this store from now on).
         tracker: the store-wide memory tracker (shared, synchronous).
         scan_snapshots: open SCAN iterations remembered (see :meth:`scan`).
+        started_at: Unix time this shard's data began (``LASTSAVE``'s answer
+            before any snapshot, as Redis counts its data saved at start);
+            default: now. A repaired store keeps its predecessor's.
     """
 
     def __init__(
@@ -86,8 +93,10 @@ class ShardStore:
         tracker: MemoryTracker,
         *,
         scan_snapshots: int = SCAN_SNAPSHOTS,
+        started_at: float | None = None,
     ) -> None:
         self.shard_id = shard_id
+        self.started_at = time.time() if started_at is None else started_at
         self.scan_snapshots = scan_snapshots
         self.policy = policy
         self._key_overhead = policy.key_overhead
@@ -106,6 +115,8 @@ class ShardStore:
         self.needs_recovery = False  # set by a rebuild that must reload from disk
         # WATCH: key -> [watchers, version], for watched keys only (see watch()).
         self._watched: dict[bytes, list[int]] = {}
+        # When the policy's ticks were current (OBJECT IDLETIME; see mark_time).
+        self.tick_times = TickTimes()
 
     def entry_size(self, key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
         """Estimated bytes of one entry of this store, its policy's bookkeeping included."""
@@ -170,6 +181,27 @@ class ShardStore:
         if value is None or (key in self.expires and self._expired(key, now)):
             return None
         return value
+
+    def entry_bytes(self, key: bytes, now: float) -> int | None:
+        """The bytes tracked for live ``key`` (``MEMORY USAGE``), or None if it is missing.
+
+        Exactly what the key adds to ``used`` and to the tracker: its
+        :meth:`entry_size`, the policy's bookkeeping and any TTL included.
+        Read only, like :meth:`peek` (an entry past its expiry is removed).
+        """
+        value = self.peek(key, now)
+        if value is None:
+            return None
+        return self.entry_size(key, value, has_ttl=key in self.expires)
+
+    def mark_time(self, now: float) -> None:
+        """Mark the policy clock's present tick as current at ``now`` (at most once a second).
+
+        Called by the periodic expiry sweep (the shard's ``ExpireDue``), so that
+        ``OBJECT IDLETIME`` can turn a key's last-touch tick back into a time
+        while no read or write ever reads a clock (see ``TickTimes``).
+        """
+        self.tick_times.mark(now)
 
     def contains(self, key: bytes, now: float) -> bool:
         """Whether ``key`` is live."""
@@ -726,6 +758,8 @@ class ShardStore:
             return False
         if len(self.policy) != len(data) and not isinstance(self.policy, NoEvictionPolicy):
             return False  # noeviction tracks no key at all
+        if not isinstance(self.tick_times, TickTimes) or not self.tick_times.consistent():
+            return False
         return self.ttl_index_consistent()
 
     def ttl_index_consistent(self) -> bool:
@@ -764,7 +798,14 @@ class ShardStore:
         entries of the wrong type are dropped, sizes recomputed, and the TTL
         index, the policy and the tracker's figure rebuilt from the entries.
         """
-        fresh = ShardStore(self.shard_id, policy, self.tracker, scan_snapshots=self.scan_snapshots)
+        started_at = self.started_at if type(self.started_at) is float else None
+        fresh = ShardStore(
+            self.shard_id,
+            policy,
+            self.tracker,
+            scan_snapshots=self.scan_snapshots,
+            started_at=started_at,
+        )
         data = self.data if isinstance(self.data, dict) else {}
         expires = self.expires if isinstance(self.expires, dict) else {}
         total = 0
@@ -780,6 +821,8 @@ class ShardStore:
             policy.record_insert(key, volatile=exp is not None)
             total += fresh.entry_size(key, value, has_ttl=exp is not None)
         fresh.ttl_index.rebuild(fresh.expires)
+        if isinstance(self.tick_times, TickTimes) and self.tick_times.consistent():
+            fresh.tick_times = self.tick_times  # the keys' new ticks read as of the repair
         fresh.used = total
         fresh.expired_count = self.expired_count
         fresh.evicted_count = self.evicted_count
