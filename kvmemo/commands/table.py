@@ -302,6 +302,14 @@ for _name, _arity, _max_args, _flags, _summary, _since in [
     command(_name, _arity, _flags, NOKEYS, _summary, _since)(_server(_name, _max_args))
 
 
+@command("bgsave", -1, "admin", NOKEYS, "start a snapshot of every shard, answer at once", "1.3")
+def _bgsave(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
+    # Redis: BGSAVE [SCHEDULE]; anything else is a syntax error.
+    if len(args) > 1 or (args and upper(args[0]) != b"SCHEDULE"):
+        raise CommandSyntaxError(SYNTAX)
+    return ServerCall("bgsave", tuple(args))
+
+
 @command("dbsize", 1, "readonly fast", NOKEYS, "number of live keys")
 def _dbsize(args: Sequence[bytes], ctx: ParseContext) -> ops.DbSize:
     return ops.DbSize()

@@ -19,7 +19,13 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import make_policy
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
-from ..storage.durable_shard import PersistenceConfig, PersistenceInfo, Save, prepare_stores
+from ..storage.durable_shard import (
+    PersistenceConfig,
+    PersistenceInfo,
+    Save,
+    SaveTicket,
+    prepare_stores,
+)
 from ..storage.store import ShardStore
 from ..storage.sync_coordinator import SyncCoordinator
 
@@ -61,15 +67,23 @@ async def recover_all(
     return stores, intents
 
 
-async def save(
+BGSAVE_IN_PROGRESS = "Background save already in progress"
+
+
+async def start_saves(
     shards: list[ActorRef], persistence: PersistenceConfig | None, timeout: float
-) -> str:
-    """SAVE: a snapshot of every shard; "OK" once all are durable.
+) -> list[SaveTicket]:
+    """Ask every shard for a snapshot; its ticket each (the snapshots are being written).
+
+    A shard writes its snapshot in its background writer: the ask returns as
+    soon as the shard has copied its dicts (its pause), and the ticket
+    completes once the file is durable.
 
     Raises:
         DisabledError: persistence is off.
-        UnavailableError: a shard is restarting.
-        PersistenceIOError: a snapshot could not be written.
+        UnavailableError: a shard is restarting (the shards asked before it
+            write their snapshots all the same).
+        PersistenceIOError: a shard crashed or did not answer in time.
     """
     if persistence is None:
         raise DisabledError("persistence is not enabled on this server")
@@ -83,6 +97,32 @@ async def save(
             raise PersistenceIOError(
                 f"{ref.name} could not snapshot: {exc}", applied=False
             ) from None
+    return tickets
+
+
+def saves_running(tickets: list[SaveTicket]) -> bool:
+    """Whether any of a BGSAVE's snapshots is still being written."""
+    return any(not ticket.done.is_set() for ticket in tickets)
+
+
+def saves_status(tickets: list[SaveTicket]) -> str | None:
+    """A finished BGSAVE's outcome: ``"ok"``, ``"err"`` (a snapshot failed), None (none yet)."""
+    if not tickets or saves_running(tickets):
+        return None
+    return "err" if any(ticket.error is not None for ticket in tickets) else "ok"
+
+
+async def save(
+    shards: list[ActorRef], persistence: PersistenceConfig | None, timeout: float
+) -> str:
+    """SAVE: a snapshot of every shard; "OK" once all are durable.
+
+    Raises:
+        DisabledError: persistence is off.
+        UnavailableError: a shard is restarting.
+        PersistenceIOError: a snapshot could not be written.
+    """
+    tickets = await start_saves(shards, persistence, timeout)
     # Wait for every shard before reporting a failure: a SAVE that returns
     # leaves no snapshot being written behind it.
     failures: list[PersistenceIOError] = []
@@ -101,12 +141,15 @@ async def info(
     persistence: PersistenceConfig | None,
     timeout: float,
     intents: IntentLog | None = None,
+    bgsave: list[SaveTicket] | None = None,
 ) -> dict[str, Any]:
     """The ``persistence`` section of ``info``.
 
     ``intents``: the engine's intent log, for its figures (its size, the
-    newest txid, and the shard parts recovery redid at start).
+    newest txid, and the shard parts recovery redid at start). ``bgsave``:
+    the tickets of the last BGSAVE (none yet: an empty list).
     """
+    bgsave = bgsave or []
     if persistence is None:
         return {"enabled": False}
     per_shard = []
@@ -145,5 +188,7 @@ async def info(
         "intent_log_bytes": intents.size() if intents is not None else 0,
         "last_txid": intents.last_txid if intents is not None else 0,
         "intents_redone_at_start": intents.redone if intents is not None else 0,
+        "bgsave_in_progress": saves_running(bgsave),
+        "last_bgsave_status": saves_status(bgsave),
         "shards": per_shard,
     }

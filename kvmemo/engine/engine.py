@@ -65,6 +65,7 @@ from ..config import StoreConfig
 from ..errors import (
     ArityError,
     CommandSyntaxError,
+    DisabledError,
     InternalError,
     KVMemoError,
     OutOfMemoryError,
@@ -84,7 +85,7 @@ from ..persistence.intents import IntentLog
 from ..persistence.records import MAX_PAYLOAD, intent_payload
 from ..persistence.wal import SegmentedLog
 from ..storage.durability import Health, ShardDurability
-from ..storage.durable_shard import DurableShardActor, durable_state_factory
+from ..storage.durable_shard import DurableShardActor, SaveTicket, durable_state_factory
 from ..storage.shard import (
     ABORTED,
     Barrier,
@@ -183,6 +184,8 @@ class KVEngine:
         self._durabilities: list[ShardDurability] = []
         self._last_wake = -1.0
         self._started_at = time.time()
+        # The tickets of the last BGSAVE (see _bgsave_start); none before one.
+        self._bgsave: list[SaveTicket] = []
         # Reused by every parse, restarted per command or batch (see ParseContext).
         self._parse_context = ParseContext(self._read_clock, config.max_value_size)
         self._policy_name = type(make_policy(config.eviction_policy)).name
@@ -1659,7 +1662,11 @@ class KVEngine:
         if name == "scan":
             return await self._scan(args)
         if name == "save":
+            if durable.saves_running(self._bgsave):
+                raise CommandSyntaxError(durable.BGSAVE_IN_PROGRESS)  # as Redis's SAVE
             return await durable.save(self._shards, self.persistence, self.config.request_timeout)
+        if name == "bgsave":
+            return await self._bgsave_start(scheduled=bool(args))
         if name == "debug.actors":
             return self.actors()
         if name == "debug.kill":
@@ -1672,6 +1679,33 @@ class KVEngine:
         if name == "auth":
             raise CommandSyntaxError("AUTH called without any password configured")
         raise UnknownCommandError(f"unknown command '{name}'")
+
+    async def _bgsave_start(self, *, scheduled: bool) -> str:
+        """BGSAVE [SCHEDULE]: start a snapshot of every shard and answer at once.
+
+        The shards write their snapshots in their own background writers
+        (as for SAVE, whose wait is the only difference); the engine keeps
+        the tickets, so ``info persistence`` reports ``bgsave_in_progress``
+        and the outcome. While one runs, a plain BGSAVE (and SAVE) is refused
+        with Redis's error; BGSAVE SCHEDULE queues the next snapshot behind
+        the running one in each shard (a shard queues a few, see
+        ``durable_shard.SNAPSHOT_QUEUE``) and answers as Redis does.
+
+        Raises:
+            DisabledError: persistence is off.
+            CommandSyntaxError: a BGSAVE is in progress (without SCHEDULE).
+            UnavailableError, PersistenceIOError: as :func:`durable.start_saves`.
+        """
+        if self.persistence is None:
+            raise DisabledError("persistence is not enabled on this server")
+        running = durable.saves_running(self._bgsave)
+        if running and not scheduled:
+            raise CommandSyntaxError(durable.BGSAVE_IN_PROGRESS)
+        tickets = await durable.start_saves(
+            self._shards, self.persistence, self.config.request_timeout
+        )
+        self._bgsave = tickets
+        return "Background saving scheduled" if running else "Background saving started"
 
     async def _scan(self, args: tuple[bytes, ...]) -> list[Any]:
         """One SCAN call: walk the shards in order from the cursor's position.
@@ -1768,6 +1802,7 @@ class KVEngine:
             },
             "memory": {
                 "used_memory": self.tracker.used,
+                "used_memory_peak": self.tracker.peak,
                 "maxmemory": self.tracker.maxmemory,
                 "maxmemory_policy": self._policy_name,
                 "eviction_watermark": self.config.eviction_watermark,
@@ -1789,7 +1824,11 @@ class KVEngine:
             },
             "actors": self.actors(),
             "persistence": await durable.info(
-                self._shards, self.persistence, self.config.request_timeout, self._intents
+                self._shards,
+                self.persistence,
+                self.config.request_timeout,
+                self._intents,
+                self._bgsave,
             ),
         }
         if section is None or section in ("all", "everything", "default"):

@@ -1618,6 +1618,34 @@ def _value(value: object) -> str:
     return str(value)
 
 
+def _persistence_lines(persistence: dict[str, Any], started_at: float) -> list[tuple[str, object]]:
+    """INFO's Persistence section, in Redis's field names, from ``info persistence``.
+
+    KVMemo's write-ahead log plays the AOF's part (``aof_enabled``, its size,
+    its last write's status) and its per-shard snapshots the RDB's (SAVE,
+    BGSAVE, LASTSAVE). A field KVMemo does not measure (Redis's
+    ``rdb_changes_since_last_save``, copy-on-write sizes) is left out rather
+    than given a made-up value.
+    """
+    enabled = bool(persistence.get("enabled"))
+    last_save = persistence.get("last_save") if enabled else None
+    ok = persistence.get("health", "ok") == "ok"
+    lines: list[tuple[str, object]] = [
+        ("loading", 0),
+        ("async_loading", 0),
+        ("rdb_bgsave_in_progress", int(bool(persistence.get("bgsave_in_progress")))),
+        # Redis counts its data saved at start until the first save, as LASTSAVE does.
+        ("rdb_last_save_time", int(last_save if last_save is not None else started_at)),
+        ("rdb_last_bgsave_status", persistence.get("last_bgsave_status") or "ok"),
+        ("aof_enabled", int(enabled)),
+        ("aof_rewrite_in_progress", 0),
+        ("aof_last_write_status", "ok" if ok else "err"),
+    ]
+    if enabled:
+        lines.append(("aof_current_size", int(persistence.get("log_bytes") or 0)))
+    return lines
+
+
 async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
     """INFO's text: ``# Section`` headers and ``key:value`` lines, CRLF, as Redis.
 
@@ -1662,21 +1690,15 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
         "memory": [
             ("used_memory", memory["used_memory"]),
             ("used_memory_human", _human(memory["used_memory"])),
+            ("used_memory_peak", memory["used_memory_peak"]),
+            ("used_memory_peak_human", _human(memory["used_memory_peak"])),
             ("maxmemory", memory["maxmemory"]),
             ("maxmemory_human", _human(memory["maxmemory"])),
             ("maxmemory_policy", _redis_policy(memory["maxmemory_policy"])),
             ("eviction_watermark", memory["eviction_watermark"]),
             ("oom_refusals", memory["oom_refusals"]),
         ],
-        "persistence": [
-            ("loading", 0),
-            ("async_loading", 0),
-            ("rdb_changes_since_last_save", 0),
-            ("rdb_bgsave_in_progress", 0),
-            ("rdb_last_bgsave_status", "ok"),
-            ("aof_enabled", 0),
-            ("aof_rewrite_in_progress", 0),
-        ],
+        "persistence": _persistence_lines(info["persistence"], server.started_at),
         "stats": [
             ("total_connections_received", server.total_connections),
             ("total_commands_processed", server.total_commands),
