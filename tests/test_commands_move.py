@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from test_engine_atomic import keep_busy, key_on
+from test_engine_atomic import keep_busy, key_on, wait_running
 
 import kvmemo
 from kvmemo.commands import ops
@@ -159,3 +159,36 @@ async def test_a_retried_rename_leaves_no_stale_part_that_could_crash_a_shard(
         restarts = [(a["name"], a["restarts"]) for a in kv.actors() if a["name"][:6] == "shard-"]
         assert restarts == [("shard-0", 0), ("shard-1", 0)]
         assert await kv.exists(src, dst, "zz") == 0
+
+
+async def test_a_source_shard_killed_while_the_read_is_queued_gives_unavailable_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read step gives up when the source's shard goes down with the read queued
+    (a read has no effect): the writer lock is not held until the restart, and the
+    read is not left for the next incarnation. Nothing changed; a retry works."""
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.set(src, "v")
+        source_shard = kv.engine.slots.shard_of(src.encode())
+        original = ops.Move.source_part
+        killed = []
+
+        def kill_then_read(op: ops.Move, positions: list[int]) -> ops.ShardOp | None:
+            part = original(op, positions)
+            if part is not None and not killed:  # the read is queued just after this
+                killed.append(kv.kill_actor(f"shard-{source_shard}"))
+            return part
+
+        monkeypatch.setattr(ops.Move, "source_part", kill_then_read)
+        with pytest.raises(KVMemoError) as info:
+            await kv.execute("rename", src, dst)
+        assert info.value.kind == "UNAVAILABLE"
+        assert killed
+        monkeypatch.undo()
+        with trio.fail_after(10):
+            await wait_running(kv.system, f"shard-{source_shard}")
+        assert await kv.get(src) == b"v"
+        assert await kv.get(dst) is None
+        assert await kv.execute("rename", src, dst) == "OK"
+        assert await kv.get(dst) == b"v"

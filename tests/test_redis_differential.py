@@ -2525,6 +2525,12 @@ REDIS_7_2 = (
     "(redis#11734); KVMemo follows 7.2, Debian ships 7.0"
 )
 
+REDIS_SAT_WRAP = (
+    "Redis's checkSignedBitfieldOverflow computes max - value in uint64 and wraps for a SET "
+    "within 2**63 - max of INT64_MIN, so OVERFLOW SAT stores the maximum there; KVMemo "
+    "saturates to the minimum, as for every other value below the field's range"
+)
+
 REDIS_7_2_CLIENT = (
     "Redis 7.2 added CLIENT SETINFO (redis-py sends it on connect) and CLIENT NO-TOUCH; "
     "KVMemo follows 7.2, Debian ships 7.0"
@@ -2725,6 +2731,14 @@ DELIBERATE: list[Difference] = [
         ("BITPOS", "nokey", "0", "0", "1", "FOO"),
         b":0\r\n",
         b"-ERR syntax error\r\n",
+    ),
+    Difference(
+        "bitfield-sat-set-near-int64-min",
+        REDIS_SAT_WRAP,
+        (("BITFIELD", "q", "OVERFLOW", "SAT", "SET", "i5", "0", "-9223372036854775808"),),
+        ("BITFIELD", "q", "GET", "i5", "0"),
+        b"*1\r\n:15\r\n",
+        b"*1\r\n:-16\r\n",
     ),
     Difference(
         "bitpos-missing-key-too-many-arguments",

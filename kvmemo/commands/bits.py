@@ -219,16 +219,53 @@ class BitPos(ops.ShardOp):
             return -1
         if not self.bit_mode:
             start, end = start * 8, end * 8 + 7  # the range in bits
-        chunk = value[start >> 3 : (end >> 3) + 1]
-        width = end - start + 1
-        bits = (int.from_bytes(chunk, "big") >> (7 - (end & 7))) & ((1 << width) - 1)
-        if not self.bit:
-            bits ^= (1 << width) - 1  # look for the first one of the complement
-        if bits:
-            return start + width - bits.bit_length()
-        if self.bit or self.end is not None:
-            return -1
+        found = first_bit(value, start, end, self.bit)
+        if found >= 0 or self.bit or self.end is not None:
+            return found
         return end + 1  # no clear bit: the first one past the value's end
+
+
+BITPOS_CHUNK = 64 * 1024  # bytes a run of uninteresting bytes is skipped by, per slice
+
+
+def first_bit(value: bytes, start: int, end: int, bit: int, chunk: int = BITPOS_CHUNK) -> int:
+    """The position of the first bit equal to ``bit`` among bits ``start..end`` of ``value``.
+
+    Bits are numbered as SETBIT numbers them (most significant first); the
+    range is inclusive and within ``value``. Stops at the first match, as
+    Redis does: the bytes that cannot hold one (0x00 looking for a 1, 0xff
+    looking for a 0) are skipped in slices of ``BITPOS_CHUNK`` bytes by
+    ``bytes.lstrip``, so the work is proportional to the bytes before the
+    answer and the extra memory to one slice (``chunk`` bytes), whatever
+    the value's size.
+
+    Returns:
+        The bit position, or -1 when the range holds no such bit.
+    """
+    first, last = start >> 3, end >> 3
+    skip = 0 if bit else 0xFF
+    skip_byte = bytes((skip,))
+    i = first
+    while i <= last:
+        byte = value[i]
+        if byte == skip and first < i < last:
+            # A run of bytes with no such bit, inside the range: skip it.
+            while i < last:
+                stop = min(last, i + chunk)
+                rest = len(value[i:stop].lstrip(skip_byte))
+                i = stop - rest
+                if rest:
+                    break
+            continue
+        found = byte if bit else byte ^ 0xFF
+        if i == first:
+            found &= 0xFF >> (start & 7)
+        if i == last:
+            found &= (0xFF << (7 - (end & 7))) & 0xFF
+        if found:
+            return i * 8 + 8 - found.bit_length()
+        i += 1
+    return -1
 
 
 @command("bitpos", -3, "readonly", KEY1, "the first set or clear bit of a value or a range", "1.3")
@@ -326,7 +363,11 @@ def fit_field(op: FieldOp, target: int) -> int | None:
     As Redis's ``check(Un)signedBitfieldOverflow``: INCRBY's target is the
     exact sum. SET on an unsigned field takes its value as a 64-bit
     unsigned integer, so a negative value is over the maximum (SAT stores
-    the maximum, WRAP its low bits).
+    the maximum, WRAP its low bits). One deliberate difference: Redis
+    computes ``max - value`` in uint64, which wraps for a signed SET within
+    ``2**63 - max`` of INT64_MIN, so its SAT stores the *maximum* there;
+    here every value below the range saturates to the minimum (listed in
+    the differential test's ``DELIBERATE``).
     """
     bits = op.bits
     if op.signed:
@@ -349,7 +390,9 @@ class BitField(ops.ShardOp):
     """BITFIELD with at least one SET or INCRBY: the replies of every subcommand, in order.
 
     Keeps the key's TTL. Raises TOO_LARGE, changing nothing, when growing
-    the value to the farthest bit written would pass ``max_size``.
+    the value to the farthest bit written would pass ``max_size`` (Redis 7.0
+    checks no size here and grows a value a few bytes past its 512 MiB
+    limit; KVMemo holds BITFIELD to the limit SETBIT and SETRANGE obey).
     """
 
     __slots__ = ("fields", "max_size", "size")
@@ -527,34 +570,39 @@ def bitop(operation: BitOperation, values: Sequence[bytes | None]) -> bytes:
     return acc.to_bytes(length, "big")
 
 
-class _PeekValues(ops.Part):
-    """The live values (the stored objects themselves, or None) of some keys."""
+class _PeekLengths(ops.Part):
+    """The lengths of some keys' live values (0 for a missing key).
+
+    Lengths, not the values: step 1 of a BITOP needs only the longest one,
+    and holding the values would keep a big source alive in the engine
+    (deleted meanwhile, say) until the BITOP ends.
+    """
 
     __slots__ = ("keys",)
 
     def __init__(self, keys: list[bytes]) -> None:
         self.keys = keys
 
-    def apply(self, store: ShardStore, now: float) -> list[bytes | None]:
-        return [store.peek(key, now) for key in self.keys]
+    def apply(self, store: ShardStore, now: float) -> list[int]:
+        return [len(store.peek(key, now) or b"") for key in self.keys]
 
 
 class _BitOpRound:
     """What one two-phase round of a BITOP shares between its shards' parts.
 
-    ``longest``: the longest source value the engine read (step 1), whose
-    length bounds the result: the destination reserves memory for that
-    length. ``values``: each source's value as its shard's prepare found it
+    ``bound``: the length of the longest source value the engine read
+    (step 1), which bounds the result's: the destination reserves memory
+    for that length. ``values``: each source's value as its shard's prepare found it
     (by key position; position 0, the destination, unused). The destination's
     commit computes the result from them: every shard voted, so every source
     is filled in, and each was held unchanged from its prepare to the
     decision, so together they are the sources' state at one instant.
     """
 
-    __slots__ = ("longest", "values")
+    __slots__ = ("bound", "values")
 
-    def __init__(self, keys: int, longest: bytes) -> None:
-        self.longest = longest
+    def __init__(self, keys: int, bound: int) -> None:
+        self.bound = bound
         self.values: list[bytes | None] = [None] * keys
 
 
@@ -583,22 +631,22 @@ class BitOp(ops.ReadThenWrite):
 
     def source_part(self, positions: list[int]) -> ops.Part | None:
         sources = [self.keys[i] for i in positions if i]
-        return _PeekValues(sources) if sources else None
+        return _PeekLengths(sources) if sources else None
 
     def sources_read(self, results: list[Any], positions: list[list[int]]) -> Any:
-        self.round = self.new_round([v for read in results if read for v in read])
+        self.round = self.new_round([n for read in results if read for n in read])
         return ops.NO_ANSWER
 
-    def new_round(self, values: Sequence[bytes | None]) -> _BitOpRound:
-        """A round bounded by the longest of ``values``.
+    def new_round(self, lengths: Sequence[int]) -> _BitOpRound:
+        """A round bounded by the longest of the sources' ``lengths``.
 
         Raises:
             TooLargeError: a result that long would be over ``max_size``.
         """
-        longest = max((v for v in values if v), key=len, default=b"")
-        if len(longest) > self.max_size:
+        bound = max(lengths, default=0)
+        if bound > self.max_size:
             raise TooLargeError(ops.STRING_TOO_LONG)
-        return _BitOpRound(len(self.keys), longest)
+        return _BitOpRound(len(self.keys), bound)
 
     def part(self, positions: list[int]) -> ops.AtomicPart:
         return _BitOpPart(self, positions)
@@ -634,10 +682,10 @@ class _BitOpPart(ops.AtomicPart):
         if self.round is None:
             # Every key is on this shard and nothing runs between this and commit.
             values = [store.peek(key, now) for key in op.keys[1:]]
-            self.round = op.new_round(values)  # TOO_LARGE: raised, nothing reserved
+            self.round = op.new_round([len(v or b"") for v in values])  # TOO_LARGE: raised
             self.round.values[1:] = values
         rnd = self.round
-        bound = len(rnd.longest)
+        bound = rnd.bound
         for i in self.sources:
             value = store.peek(op.keys[i], now)
             if value is not None and len(value) > bound:
@@ -649,7 +697,7 @@ class _BitOpPart(ops.AtomicPart):
             if old is not None:
                 self.old_size = store.entry_size(dst, old, has_ttl=store.expiry_of(dst) is not None)
             if bound:
-                delta = store.entry_size(dst, rnd.longest) - self.old_size
+                delta = store.entry_size_of(dst, bound) - self.old_size
                 if not store.tracker.try_reserve(store.shard_id, delta):
                     return NeedMemory(delta)
                 self.reserved = delta

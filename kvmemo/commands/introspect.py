@@ -89,8 +89,8 @@ class ObjectEncoding(ops.ShardOp):
 
     KVMemo stores every value as bytes, so the answer is the encoding Redis
     would give the same bytes written by SET (:func:`string_encoding`). Redis
-    also remembers how a value was made: APPEND, SETRANGE and SETBIT leave a
-    ``raw`` string there even when short or numeric, INCR an ``int``;
+    also remembers how a value was made: APPEND, SETRANGE, SETBIT, BITOP and
+    BITFIELD leave a ``raw`` string there even when short or numeric, INCR an ``int``;
     KVMemo, which keeps no such history, answers by the bytes alone.
     """
 

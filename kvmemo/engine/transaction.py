@@ -85,8 +85,8 @@ class ApplyStep(Step):
 class LocalAtomicStep(Step):
     """A multi-key write whose keys are all on this shard: prepare and decide here.
 
-    MSETNX, RENAME, RENAMENX and COPY, with both keys on one shard. What the
-    engine does across shards (read the source, ask every shard, decide),
+    MSETNX, RENAME, RENAMENX, COPY and BITOP, with all their keys on one
+    shard. What the engine does across shards (read the sources, ask every shard, decide),
     one shard does alone, in one synchronous step.
     """
 

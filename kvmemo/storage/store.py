@@ -122,6 +122,15 @@ class ShardStore:
         """Estimated bytes of one entry of this store, its policy's bookkeeping included."""
         return _entry_size(key, value, has_ttl=has_ttl) + self._key_overhead
 
+    def entry_size_of(self, key: bytes, value_length: int) -> int:
+        """:meth:`entry_size` of ``key`` with a value of ``value_length`` bytes, no TTL."""
+        return (
+            ENTRY_BASE
+            + self._key_overhead
+            + ((len(key) + ROUND_UP) & ~15)
+            + ((value_length + ROUND_UP) & ~15)
+        )
+
     # -- reading --------------------------------------------------------------------
 
     def _expired(self, key: bytes, now: float) -> bool:
