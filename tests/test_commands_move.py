@@ -115,7 +115,7 @@ def test_a_target_that_expires_while_its_shard_holds_is_accounted_once(kind: str
     store.put(b"src", b"new value", 0.0, expires_at=None)
     store.put(b"dst", b"old value, longer", 0.0, expires_at=1.0)  # due at t=1
     move = ops.Move(b"src", b"dst", kind=kind, replace=True)
-    move.entry = (b"new value", None)
+    assert move.sources_read([(b"new value", None)], [[0, 1]]) is ops.NO_ANSWER
     part = move.part([0, 1])  # both keys on this shard
     assert part.prepare(store, 0.5) is True  # before the target's expiry...
     part.commit(store, 2.0)  # ...decided after it
@@ -192,3 +192,48 @@ async def test_a_source_shard_killed_while_the_read_is_queued_gives_unavailable_
         assert await kv.get(dst) is None
         assert await kv.execute("rename", src, dst) == "OK"
         assert await kv.get(dst) == b"v"
+
+
+WRITERS = 8
+
+
+async def test_rename_and_copy_are_not_starved_by_a_writer_to_the_source() -> None:
+    """A writer SETs the source in a loop (values of the same length): each RENAME or COPY
+    moves one of its values, whole, and never gives up with TIMEOUT (before, the source
+    shard voted CHANGED whenever the value was not the very object read, so a busy
+    writer made it read again until MOVE_RETRIES ran out)."""
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        written = [f"value-{i:06d}".encode() for i in range(4000)]
+        await kv.set(src, written[0])
+        done = False
+        moved: list[bytes | None] = []
+
+        async def writer() -> None:
+            # Several tasks, so that a SET is queued on the source's shard
+            # between almost every read step and its hold.
+            async with trio.open_nursery() as writers:
+                for w in range(WRITERS):
+                    writers.start_soon(write_some, written[w::WRITERS])
+            nonlocal done
+            done = True
+
+        async def write_some(values: list[bytes]) -> None:
+            for value in values:
+                await kv.set(src, value)
+
+        async def mover() -> None:
+            renamed = f"{{{dst}}}:renamed"
+            while not done:
+                if await kv.execute("copy", src, dst, "REPLACE") == 1:
+                    moved.append(await kv.get(dst))
+                if await kv.exists(src):  # the writer may not have set it again yet
+                    assert await kv.execute("rename", src, renamed) == "OK"
+                    moved.append(await kv.get(renamed))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                nursery.start_soon(mover)
+        assert moved
+        assert set(moved) <= set(written)

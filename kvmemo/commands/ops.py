@@ -25,6 +25,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import CommandSyntaxError, KVMemoError, NotIntegerError, TooLargeError
+from ..eviction.memory import TTL_OVERHEAD
 from ..persistence import Op, encode_fields, encode_set
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
@@ -785,13 +786,14 @@ class ReadThenWrite(AtomicOp):
        (a shard that holds none gets nothing), all sent before any answer is
        awaited; ``sources_read`` gets the answers and keeps what the write
        needs, or gives an early answer (the write is not made);
-    2. **two-phase write**: once every shard holds, each shard's :meth:`part`
-       checks that what was read still holds for its sources and votes
-       :data:`CHANGED` if not (RENAME, COPY: the very object read, by
-       identity, so that any write in between counts; BITOP: no source longer
-       than read, as that length bounds the memory its destination reserved,
-       the values themselves being taken at prepare); the targets' shards
-       reserve memory; the engine commits or aborts everywhere;
+    2. **two-phase write**: each source's shard, when it prepares, hands
+       over its sources as they are then (into the round the parts share)
+       and holds until the decision; it votes :data:`CHANGED` only if a
+       source now costs more than what step 1 read, as that bounds the
+       memory the target reserved (RENAME, COPY: a longer value, a TTL
+       gained, or the source gone; BITOP: a longer value); the targets'
+       shards reserve memory; the engine commits or aborts everywhere, and
+       a target's commit writes what was handed over;
     3. after a :data:`CHANGED` vote the engine starts again at step 1 (at
        most ``MOVE_RETRIES`` times, then ``TIMEOUT``, nothing applied).
 
@@ -837,41 +839,71 @@ class PeekEntry(ShardOp):
         return value, store.expiry_of(self.key)
 
 
+class _MoveRound:
+    """What one two-phase round of a move shares between its shards' parts.
+
+    ``bound`` and ``ttl``: the length of the source's value the engine read
+    (step 1), and whether it had a TTL; the target reserves memory for such
+    an entry, and the source's shard votes :data:`CHANGED` if its value grew
+    past that length or gained a TTL (either costs more than reserved). ``entry``: the source's
+    value and expiry as its shard's prepare found them; its shard holds
+    from then to the decision, so the target's commit writes exactly what
+    the source's commit deletes (RENAME), whatever was written to the
+    source between step 1 and the hold.
+    """
+
+    __slots__ = ("bound", "entry", "ttl")
+
+    def __init__(self, bound: int, ttl: bool) -> None:
+        self.bound = bound
+        self.ttl = ttl
+        self.entry: tuple[bytes, float | None] | None = None
+
+
 class _MovePart(AtomicPart):
-    """One shard's share of a move: verify and (RENAME) delete the source, write the target.
+    """One shard's share of a move: hand over (and, RENAME, delete) the source, write the target.
 
     ``commit`` applies at the time ``prepare`` saw, as :class:`_MSetPart`
     does: a target that expired while the shard held would otherwise be
     released twice (by the expiry, and as the old value the reservation
-    already netted out).
+    already netted out). The target reserves for the bound and its commit
+    turns that into the exact size of the entry handed over.
     """
 
     def __init__(self, op: Move, source: bool, target: bool) -> None:
-        assert op.entry is not None  # the engine read the source before making parts
+        assert op.round is not None  # step 1 (or the local step) read the source first
         self.op = op
-        # The entry this round moves, fixed now: a retry reads the source
-        # again into ``op.entry``, while a part of an aborted round may still
-        # be queued on a busy shard (it then prepares and aborts on its own).
-        self.entry: tuple[bytes, float | None] = op.entry
+        # This round's shared state, fixed now: a retry makes a new one, while
+        # a part of an aborted round may still be queued on a busy shard (it
+        # then prepares into its own round and aborts on its own).
+        self.round = op.round
         self.source = source
         self.target = target
+        self.old_size = 0  # the target's entry size when prepared (0: absent)
         self.reserved = 0
         self.prepared_at = 0.0
 
     def prepare(self, store: ShardStore, now: float) -> object:
         op = self.op
-        value, expires_at = self.entry
-        if self.source and (
-            store.peek(op.src, now) is not value or store.expiry_of(op.src) != expires_at
-        ):
-            return CHANGED  # written meanwhile: the engine reads it again
+        rnd = self.round
+        if self.source:
+            value = store.peek(op.src, now)
+            expires_at = store.expiry_of(op.src)
+            if value is None or len(value) > rnd.bound or (expires_at is not None and not rnd.ttl):
+                # Deleted (the engine reads again and answers "no such key"), or
+                # costlier than what the target reserves for: read again.
+                return CHANGED
+            rnd.entry = (value, expires_at)
         if self.target:
             if not op.replace and store.contains(op.dst, now):
                 return False
             old = store.peek_raw(op.dst, now)
-            delta = store.entry_size(op.dst, value, has_ttl=expires_at is not None)
             if old is not None:
-                delta -= store.entry_size(op.dst, old, has_ttl=store.expiry_of(op.dst) is not None)
+                has_ttl = store.expiry_of(op.dst) is not None
+                self.old_size = store.entry_size(op.dst, old, has_ttl=has_ttl)
+            delta = store.entry_size_of(op.dst, rnd.bound) - self.old_size
+            if rnd.ttl:
+                delta += TTL_OVERHEAD
             if not store.tracker.try_reserve(store.shard_id, delta):
                 return NeedMemory(delta)
             self.reserved = delta
@@ -881,12 +913,16 @@ class _MovePart(AtomicPart):
     def commit(self, store: ShardStore, now: float) -> None:
         # The shard held (no other message ran) since prepare: the store is as
         # prepare saw it, so applying at prepare's time matches the reservation.
+        # Every shard voted before any commit: the source's entry is in the round.
         op = self.op
-        value, expires_at = self.entry
+        assert self.round.entry is not None
+        value, expires_at = self.round.entry
         with store.one_record():  # a RENAME on one shard: its SET and DEL, or neither
             if self.target:
-                store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
+                exact = store.entry_size(op.dst, value, has_ttl=expires_at is not None)
+                store.tracker.release(store.shard_id, self.reserved - (exact - self.old_size))
                 self.reserved = 0
+                store.put(op.dst, value, self.prepared_at, expires_at=expires_at, charge=False)
             if self.source and op.kind != "copy":
                 store.delete(op.src, self.prepared_at)
 
@@ -899,7 +935,8 @@ class _MovePart(AtomicPart):
         # As commit journals them: the target's SET (with the source's
         # expiry, absolute), then the source's DEL.
         op = self.op
-        value, expires_at = self.entry
+        assert self.round.entry is not None
+        value, expires_at = self.round.entry
         out = []
         if self.target:
             expires_ms = None if expires_at is None else round((expires_at + unix_offset) * 1000)
@@ -913,10 +950,13 @@ class Move(ReadThenWrite):
     """RENAME, RENAMENX and COPY: atomic across shards like MSET (see :class:`ReadThenWrite`).
 
     The engine reads the source (:class:`PeekEntry`) under its writer lock,
-    then runs the two-phase write: the source's shard checks the value is
-    the one read (else the engine retries) and, for RENAME, deletes it; the
-    target's shard checks its condition, reserves memory and writes the
-    value with the source's expiry. No reader sees both keys, or neither.
+    for its existence and length; then runs the two-phase write: the
+    source's shard hands over its entry as it is when it prepares (a value
+    written meanwhile is taken as it is, unless it grew past the length
+    read: then the engine reads again) and, for RENAME, deletes it at
+    commit; the target's shard checks its condition, reserves memory for
+    the length read and writes the entry handed over. No reader sees both
+    keys, or neither, and a busy writer to the source cannot starve it.
     """
 
     def __init__(self, src: bytes, dst: bytes, *, kind: str, replace: bool) -> None:
@@ -925,7 +965,7 @@ class Move(ReadThenWrite):
         self.dst = dst
         self.kind = kind  # "rename", "renamenx" or "copy"
         self.replace = replace
-        self.entry: tuple[bytes, float | None] | None = None
+        self.round: _MoveRound | None = None  # the round the next parts belong to
 
     def part(self, positions: list[int]) -> AtomicPart:
         return _MovePart(self, 0 in positions, 1 in positions)
@@ -934,12 +974,13 @@ class Move(ReadThenWrite):
         return PeekEntry(self.src) if 0 in positions else None
 
     def sources_read(self, results: list[Any], positions: list[list[int]]) -> Any:
-        """Keep the source's entry; the answer when it is missing or is the target."""
-        self.entry = next(r for r, where in zip(results, positions, strict=True) if 0 in where)
-        if self.entry is None:
+        """Keep the source's length; the answer when it is missing or is the target."""
+        entry = next(r for r, where in zip(results, positions, strict=True) if 0 in where)
+        if entry is None:
             return self.missing()
         if self.src == self.dst:
             return self.same_key()
+        self.round = _MoveRound(len(entry[0]), entry[1] is not None)
         return NO_ANSWER
 
     def missing(self) -> Any:

@@ -100,11 +100,9 @@ class LocalAtomicStep(Step):
         positions = list(range(len(op.keys)))
         if isinstance(op, ops.Move):
             entry = ops.PeekEntry(op.src).apply(store, now)
-            if entry is None:
-                return op.missing()
-            if op.src == op.dst:
-                return op.same_key()
-            op.entry = entry
+            answer = op.sources_read([entry], [positions])
+            if answer is not ops.NO_ANSWER:
+                return answer
         part = op.part(positions)
         vote = part.prepare(store, now)
         if vote is True:
