@@ -230,3 +230,25 @@ def key_on(kv: Store, shard: int) -> bytes:
     while kv.engine.slots.shard_of(b"k%d" % n) != shard:
         n += 1
     return b"k%d" % n
+
+
+async def test_a_client_retrying_on_unavailable_in_a_loop_lets_the_shards_restart() -> None:
+    """A multi-shard MGET refused because its shards are down used to raise without a
+    checkpoint: a loop retrying on UNAVAILABLE never let trio run the restarts (it spun
+    forever). Every refusal now checkpoints, so the loop ends once the shards are back."""
+    async with kvmemo.open_store(shards=4) as kv:
+        keys = [f"k{i}" for i in range(32)]  # on every shard
+        await kv.mset({k: k for k in keys})
+        for name in ("shard-0", "shard-1"):
+            assert kv.kill_actor(name)
+        kinds: set[str] = set()
+        with trio.fail_after(10):
+            while True:
+                try:
+                    values = await kv.mget(*keys)
+                except KVMemoError as exc:
+                    kinds.add(exc.kind)
+                    continue
+                break
+        assert kinds <= {"UNAVAILABLE"}
+        assert values == [k.encode() for k in keys]

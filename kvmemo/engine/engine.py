@@ -131,6 +131,18 @@ MOVE_RETRIES = 16  # times RENAME/COPY/BITOP reread sources written under them b
 # _grouped_mset).
 MSET_GATHER_PASSES = 4
 _LATE = "the command did not finish in time"
+
+
+async def _checkpoint() -> None:
+    """A checkpoint before UNAVAILABLE is raised to the caller.
+
+    A command refused because its shard is down can be refused without ever
+    reaching a checkpoint (the shard's state is read synchronously), and a
+    caller that retries in a loop would then never let trio run anything
+    else, the shard's restart included. Trio's rule is that every async call
+    checkpoints; a refusal is the rare path, so it pays for it.
+    """
+    await trio.lowlevel.checkpoint()
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
@@ -474,6 +486,8 @@ class KVEngine:
                 result = await self._run(op)
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
+            if exc.kind == "UNAVAILABLE":
+                await _checkpoint()  # see _checkpoint: a refusal must not starve the restart
             raise
         hist = self._latency_by_name.get(spec.name)
         if hist is not None:
@@ -505,6 +519,8 @@ class KVEngine:
                 raise self._translate(exc, ref) from None
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
+            if exc.kind == "UNAVAILABLE":
+                await _checkpoint()  # see _checkpoint: a refusal must not starve the restart
             raise
         self._get_latency.observe(_perf_counter() - started)
         return result
@@ -533,6 +549,8 @@ class KVEngine:
             self._maybe_wake_eviction()
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
+            if exc.kind == "UNAVAILABLE":
+                await _checkpoint()  # see _checkpoint: a refusal must not starve the restart
             raise
         self._set_latency.observe(_perf_counter() - started)
         return result
