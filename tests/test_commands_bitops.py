@@ -374,7 +374,7 @@ def test_a_source_grown_past_the_read_votes_changed_and_reserves_nothing() -> No
     store.put(b"a", b"\x0f\x0f", 0.0, expires_at=None)
     op = parse("bitop", "NOT", "d", "a")
     op.sources_read([[len(store.peek(b"a", 0.0) or b"")]], [[0, 1]])
-    store.put(b"a", b"\x0f\x0f\x0f", 0.0, expires_at=None)
+    store.put(b"a", b"\x0f" * 20, 0.0, expires_at=None)  # past the 2-byte value's size step
     used = store.tracker.used
     part = op.part([0, 1])
     assert part.prepare(store, 0.0) is ops.CHANGED
@@ -428,7 +428,8 @@ async def test_bitop_across_shards_writes_the_destination_and_drops_its_ttl() ->
 
 @pytest.mark.parametrize(
     ("written", "reads"),
-    [(b"\xf0", 1), (b"\xf0\xf0", 2)],  # as long as read: taken as is; longer: read again
+    # Within the size step of the length read (16-byte steps): taken as is; past it: read again.
+    [(b"\xf0", 1), (b"\xf0\xf0", 1), (b"\xf0" * 20, 2)],
 )
 async def test_a_source_written_between_the_read_and_the_hold_is_the_one_used(
     monkeypatch: pytest.MonkeyPatch, written: bytes, reads: int

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -237,3 +240,176 @@ async def test_rename_and_copy_are_not_starved_by_a_writer_to_the_source() -> No
                 nursery.start_soon(mover)
         assert moved
         assert set(moved) <= set(written)
+
+
+def _two_stores(maxmemory: int = 0) -> tuple[Any, Any, Any]:
+    from kvmemo.eviction.memory import MemoryTracker
+    from kvmemo.eviction.policies import make_policy
+    from kvmemo.storage.durability import Journal
+    from kvmemo.storage.store import ShardStore
+
+    tracker = MemoryTracker(maxmemory, 2)
+    source, target = (ShardStore(i, make_policy("lru"), tracker) for i in (0, 1))
+    for store in (source, target):
+        store.journal = Journal()
+    return tracker, source, target
+
+
+def _exact(store: Any) -> int:
+    return sum(store.entry_size(k, v, has_ttl=k in store.expires) for k, v in store.data.items())
+
+
+@pytest.mark.parametrize("kind", ["rename", "copy"])
+@pytest.mark.parametrize("source_first", [True, False])
+@pytest.mark.parametrize(
+    ("change", "moves"),
+    [
+        ("none", True),
+        ("shorter", True),
+        ("persist", True),
+        ("new ttl", True),
+        ("grown within its size step", True),
+        ("grown past its size step", False),
+        ("deleted", False),
+    ],
+)
+def test_the_source_is_taken_as_its_shard_finds_it_at_prepare(
+    kind: str, source_first: bool, change: str, moves: bool
+) -> None:
+    """Whatever was written to the source between the read (step 1) and its shard's
+    prepare: the target gets exactly the entry the source's shard holds then (the
+    shard holds it to the decision; RENAME deletes that very entry), or the source
+    votes CHANGED when it now costs more than the target reserved (or is gone).
+    Memory is exact after the commit or abort, and the journals hold what effects()
+    says (what an intent record would hold)."""
+    tracker, source, target = _two_stores()
+    source.put(b"src", b"v" * 10, 0.0, expires_at=50.0)
+    target.put(b"dst", b"old target value", 0.0, expires_at=9.0)
+    move = ops.Move(b"src", b"dst", kind=kind, replace=True)
+    entry = ops.PeekEntry(b"src").apply(source, 0.0)
+    assert move.sources_read([entry, None], [[0], [1]]) is ops.NO_ANSWER
+    if change == "shorter":
+        source.put(b"src", b"w", 0.0, expires_at=60.0)
+    elif change == "persist":
+        source.set_expiry(b"src", None)
+    elif change == "new ttl":
+        source.put(b"src", b"x" * 10, 0.0, expires_at=70.0)
+    elif change == "grown within its size step":
+        source.put(b"src", b"y" * 15, 0.0, expires_at=50.0)
+    elif change == "grown past its size step":
+        source.put(b"src", b"z" * 16, 0.0, expires_at=50.0)
+    elif change == "deleted":
+        source.delete(b"src", 0.0)
+    held = (source.peek(b"src", 1.0), source.expiry_of(b"src"))
+    for store in (source, target):
+        store.journal.records.clear()
+    parts = [(move.part([0]), source), (move.part([1]), target)]
+    if not source_first:
+        parts.reverse()
+    votes = [part.prepare(store, 1.0) for part, store in parts]
+    if not moves:
+        assert ops.CHANGED in votes
+        for part, store in parts:
+            part.abort(store)
+        assert target.peek(b"dst", 1.0) == b"old target value"
+    else:
+        assert votes == [True, True]
+        effects = b"".join(
+            part.effects(0.0) for part, _ in sorted(parts, key=lambda p: p[1] is source)
+        )
+        for part, store in parts:
+            part.commit(store, 1.0)
+        assert (target.peek(b"dst", 1.0), target.expiry_of(b"dst")) == held
+        assert (source.peek(b"src", 1.0) is None) == (kind == "rename")
+        assert b"".join(target.journal.records + source.journal.records) == effects
+    for store in (source, target):
+        assert store.check_invariants()
+        assert tracker.shard_used(store.shard_id) == store.used == _exact(store)
+    assert tracker.used == source.used + target.used
+
+
+async def test_rename_never_loses_an_update_made_between_its_read_and_its_hold() -> None:
+    """One writer SETs (XX) whichever of two keys exists, while movers RENAME the value
+    back and forth and COPY it away: after each acknowledged SET, exactly one of the
+    two keys holds exactly that value (a RENAME that wrote the value it read in step 1
+    while deleting a newer one would lose the update)."""
+    async with kvmemo.open_store(shards=4) as kv:
+        a, b = two_keys_on_different_shards(kv)
+        await kv.set(a, "v-0")
+        done = False
+
+        async def writer() -> None:
+            nonlocal done
+            for i in range(1, 800):
+                value = f"v-{i}".encode()
+                while True:  # a RENAME may move the key between our two tries
+                    if await kv.set(a, value, xx=True) == "OK":
+                        break
+                    if await kv.set(b, value, xx=True) == "OK":
+                        break
+                seen = await kv.mget(a, b)
+                assert sorted(v is None for v in seen) == [False, True], seen
+                assert value in seen, (value, seen)
+            done = True
+
+        async def mover(src: str, dst: str) -> None:
+            while not done:
+                with contextlib.suppress(KVMemoError):  # no such key: the other mover won
+                    await kv.execute("rename", src, dst)
+                with contextlib.suppress(KVMemoError):
+                    await kv.execute("copy", dst, "copied", "REPLACE")
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                nursery.start_soon(mover, a, b)
+                nursery.start_soon(mover, b, a)
+
+
+async def test_a_source_that_keeps_growing_does_not_starve_copy_or_rename() -> None:
+    """16 tasks APPEND to the source while COPY and RENAME run: a reread gives the
+    target's reservation headroom (doubling per attempt, trimmed at commit), so no
+    call gives up with TIMEOUT, and memory is exact afterwards."""
+    async with kvmemo.open_store(shards=4) as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.set(src, "x")
+        done = False
+
+        async def appender() -> None:
+            for _ in range(150):
+                await kv.execute("append", src, "y")
+
+        async def mover() -> None:
+            renamed = f"{{{dst}}}:renamed"
+            while not done:
+                assert await kv.execute("copy", src, dst, "REPLACE") == 1
+            assert await kv.execute("rename", src, renamed) == "OK"
+            assert await kv.strlen(renamed) == 1 + 16 * 150
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mover)
+                async with trio.open_nursery() as appenders:
+                    for _ in range(16):
+                        appenders.start_soon(appender)
+                done = True
+        memory = (await kv.info("memory"))["memory"]["used_memory"]
+        usages = [await kv.memory_usage(k) for k in await kv.keys("*")]
+        assert memory == sum(u for u in usages if u is not None)
+
+
+async def test_rename_is_never_refused_for_memory() -> None:
+    """Redis's RENAME is not denyoom: it frees what it takes. Under noeviction with the
+    store almost full, RENAME (even with the target on another shard, written before
+    the source's shard deletes it) succeeds, where COPY gets OOM."""
+    async with kvmemo.open_store(shards=4, maxmemory=4000, eviction_policy="noeviction") as kv:
+        src, dst = two_keys_on_different_shards(kv)
+        await kv.set(src, "v" * 2200)
+        with pytest.raises(KVMemoError) as info:
+            await kv.execute("copy", src, dst)
+        assert info.value.kind == "OOM"
+        before = (await kv.info("memory"))["memory"]["used_memory"]
+        assert await kv.execute("rename", src, dst) == "OK"
+        assert await kv.get(dst) == b"v" * 2200
+        after = (await kv.info("memory"))["memory"]["used_memory"]
+        assert abs(after - before) <= 16  # the keys' lengths may differ by a size step

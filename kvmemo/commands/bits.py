@@ -627,6 +627,7 @@ class BitOp(ops.ReadThenWrite):
         self.operation = operation
         self.max_size = max_size
         self.round: _BitOpRound | None = None  # the round the next parts belong to
+        self.reads = 0  # times the sources were read (step 1): the retries' headroom
         self.length: int | None = None  # the result's length, once committed
 
     def source_part(self, positions: list[int]) -> ops.Part | None:
@@ -643,9 +644,11 @@ class BitOp(ops.ReadThenWrite):
         Raises:
             TooLargeError: a result that long would be over ``max_size``.
         """
-        bound = max(lengths, default=0)
-        if bound > self.max_size:
+        longest = max(lengths, default=0)
+        if longest > self.max_size:
             raise TooLargeError(ops.STRING_TOO_LONG)
+        self.reads += 1
+        bound = min(ops.retry_bound(longest, self.reads), self.max_size)
         return _BitOpRound(len(self.keys), bound)
 
     def part(self, positions: list[int]) -> ops.AtomicPart:
@@ -686,9 +689,12 @@ class _BitOpPart(ops.AtomicPart):
             self.round.values[1:] = values
         rnd = self.round
         bound = rnd.bound
+        # A result (as long as the longest source) within the bound's size step
+        # costs what was reserved; with nothing reserved (every source empty), none may grow.
+        capacity = ops.value_capacity(bound) if bound else 0
         for i in self.sources:
             value = store.peek(op.keys[i], now)
-            if value is not None and len(value) > bound:
+            if value is not None and len(value) > capacity:
                 return ops.CHANGED  # longer than the reservation allows: read again
             rnd.values[i] = value
         dst = self.dst

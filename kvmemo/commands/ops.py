@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import CommandSyntaxError, KVMemoError, NotIntegerError, TooLargeError
-from ..eviction.memory import TTL_OVERHEAD
+from ..eviction.memory import BYTES_HEADER, ROUND_UP, TTL_OVERHEAD
 from ..persistence import Op, encode_fields, encode_set
 from ..storage.store import NeedMemory, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
@@ -770,6 +770,34 @@ class ScanStep(Part):
 CHANGED = "changed"
 """The vote of a source whose value changed since the engine read it: retry."""
 
+RETRY_HEADROOM_MIN = 256  # bytes of headroom a source gets on the first reread
+RETRY_HEADROOM_MAX = 1 << 20  # bytes; the headroom doubles up to max(this, 4 x the length)
+
+
+def retry_bound(length: int, attempt: int) -> int:
+    """The value length a read-then-write reserves for, on its ``attempt``-th read (from 1).
+
+    At first, the length read. A source that outgrew its reservation makes
+    the engine read it again; from then on the reservation gets headroom
+    that doubles with each attempt (a commit trims it to the exact size),
+    so a source that keeps growing (APPEND in a loop) cannot keep the
+    command reading until it gives up.
+    """
+    if attempt <= 1:
+        return length
+    headroom = max(RETRY_HEADROOM_MIN, length) << min(attempt - 2, 24)
+    return length + min(headroom, max(RETRY_HEADROOM_MAX, 4 * length))
+
+
+def value_capacity(length: int) -> int:
+    """The longest value whose bytes object costs what one of ``length`` bytes does.
+
+    Sizes grow in 16-byte steps (:mod:`kvmemo.eviction.memory`): a source
+    that grew within its step costs nothing more than what was reserved.
+    """
+    return ((length + ROUND_UP) & ~15) - BYTES_HEADER
+
+
 NO_ANSWER = object()
 """What :meth:`ReadThenWrite.sources_read` returns when the write goes ahead."""
 
@@ -842,21 +870,21 @@ class PeekEntry(ShardOp):
 class _MoveRound:
     """What one two-phase round of a move shares between its shards' parts.
 
-    ``bound`` and ``ttl``: the length of the source's value the engine read
-    (step 1), and whether it had a TTL; the target reserves memory for such
-    an entry, and the source's shard votes :data:`CHANGED` if its value grew
-    past that length or gained a TTL (either costs more than reserved). ``entry``: the source's
+    ``bound``: the value length the target reserves memory for (with a TTL,
+    whose bytes the commit gives back if the entry has none): the length
+    step 1 read, plus headroom on a reread (:func:`retry_bound`). The
+    source's shard votes :data:`CHANGED` only if its value now costs more
+    (:func:`value_capacity`). ``entry``: the source's
     value and expiry as its shard's prepare found them; its shard holds
     from then to the decision, so the target's commit writes exactly what
     the source's commit deletes (RENAME), whatever was written to the
     source between step 1 and the hold.
     """
 
-    __slots__ = ("bound", "entry", "ttl")
+    __slots__ = ("bound", "entry")
 
-    def __init__(self, bound: int, ttl: bool) -> None:
+    def __init__(self, bound: int) -> None:
         self.bound = bound
-        self.ttl = ttl
         self.entry: tuple[bytes, float | None] | None = None
 
 
@@ -888,12 +916,11 @@ class _MovePart(AtomicPart):
         rnd = self.round
         if self.source:
             value = store.peek(op.src, now)
-            expires_at = store.expiry_of(op.src)
-            if value is None or len(value) > rnd.bound or (expires_at is not None and not rnd.ttl):
+            if value is None or len(value) > value_capacity(rnd.bound):
                 # Deleted (the engine reads again and answers "no such key"), or
                 # costlier than what the target reserves for: read again.
                 return CHANGED
-            rnd.entry = (value, expires_at)
+            rnd.entry = (value, store.expiry_of(op.src))
         if self.target:
             if not op.replace and store.contains(op.dst, now):
                 return False
@@ -901,10 +928,13 @@ class _MovePart(AtomicPart):
             if old is not None:
                 has_ttl = store.expiry_of(op.dst) is not None
                 self.old_size = store.entry_size(op.dst, old, has_ttl=has_ttl)
-            delta = store.entry_size_of(op.dst, rnd.bound) - self.old_size
-            if rnd.ttl:
-                delta += TTL_OVERHEAD
-            if not store.tracker.try_reserve(store.shard_id, delta):
+            delta = store.entry_size_of(op.dst, rnd.bound) + TTL_OVERHEAD - self.old_size
+            if op.kind == "rename" and delta > 0:
+                # The source's deletion frees about as much: never refused (as in
+                # Redis, whose RENAME is not denyoom); over the limit by one entry
+                # at most, until the source's shard commits.
+                store.tracker.reserve(store.shard_id, delta)
+            elif not store.tracker.try_reserve(store.shard_id, delta):
                 return NeedMemory(delta)
             self.reserved = delta
         self.prepared_at = now
@@ -966,6 +996,7 @@ class Move(ReadThenWrite):
         self.kind = kind  # "rename", "renamenx" or "copy"
         self.replace = replace
         self.round: _MoveRound | None = None  # the round the next parts belong to
+        self.reads = 0  # times the source was read (step 1): the retries' headroom
 
     def part(self, positions: list[int]) -> AtomicPart:
         return _MovePart(self, 0 in positions, 1 in positions)
@@ -980,7 +1011,8 @@ class Move(ReadThenWrite):
             return self.missing()
         if self.src == self.dst:
             return self.same_key()
-        self.round = _MoveRound(len(entry[0]), entry[1] is not None)
+        self.reads += 1
+        self.round = _MoveRound(retry_bound(len(entry[0]), self.reads))
         return NO_ANSWER
 
     def missing(self) -> Any:

@@ -143,6 +143,8 @@ async def _checkpoint() -> None:
     checkpoints; a refusal is the rare path, so it pays for it.
     """
     await trio.lowlevel.checkpoint()
+
+
 _LEAD = object()  # the reply that makes a waiting MSET lead the next round
 _PENDING: Any = object()  # execute_many: a call not answered yet (None is a result)
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop

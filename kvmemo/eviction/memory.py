@@ -123,6 +123,17 @@ class MemoryTracker:
         self._per_shard[shard] += nbytes
         return True
 
+    def reserve(self, shard: int, nbytes: int) -> None:
+        """Account ``nbytes`` more for ``shard`` whatever the limit (``nbytes`` >= 0).
+
+        For a write that frees as much as it takes, whose bytes are charged
+        before the others are released (RENAME: the target is written before
+        the source's shard deletes it; Redis never refuses RENAME for memory).
+        The excess is bounded by that one entry.
+        """
+        self.used += nbytes
+        self._per_shard[shard] += nbytes
+
     def release(self, shard: int, nbytes: int) -> None:
         """Account ``nbytes`` less for ``shard`` (an entry left)."""
         if self.used > self._peak:
