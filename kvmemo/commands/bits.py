@@ -166,14 +166,18 @@ def _bitcount(args: Sequence[bytes], ctx: ParseContext) -> BitCount:
         raise CommandSyntaxError(SYNTAX)
     start = parse_int(args[1])
     end = parse_int(args[2])
-    bit_mode = False
-    if len(args) == 4:
-        unit = upper(args[3])
-        if unit == b"BIT":
-            bit_mode = True
-        elif unit != b"BYTE":
-            raise CommandSyntaxError(SYNTAX)
+    bit_mode = len(args) == 4 and _unit_is_bit(args[3])
     return BitCount(args[0], start, end, bit_mode)
+
+
+def _unit_is_bit(raw: bytes) -> bool:
+    """A range's unit (BITCOUNT, BITPOS): True for BIT, False for BYTE, else a syntax error."""
+    unit = upper(raw)
+    if unit == b"BIT":
+        return True
+    if unit != b"BYTE":
+        raise CommandSyntaxError(SYNTAX)
+    return False
 
 
 # -- BITPOS ---------------------------------------------------------------------------
@@ -278,13 +282,7 @@ def _bitpos(args: Sequence[bytes], ctx: ParseContext) -> BitPos:
     if len(args) > 5:
         raise CommandSyntaxError(SYNTAX)
     start = parse_int(args[2]) if len(args) > 2 else None
-    bit_mode = False
-    if len(args) == 5:
-        unit = upper(args[4])
-        if unit == b"BIT":
-            bit_mode = True
-        elif unit != b"BYTE":
-            raise CommandSyntaxError(SYNTAX)
+    bit_mode = len(args) == 5 and _unit_is_bit(args[4])  # Redis's order: the unit before end
     end = parse_int(args[3]) if len(args) > 3 else None
     return BitPos(args[0], bit, start, end, bit_mode)
 

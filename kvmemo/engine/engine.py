@@ -1124,6 +1124,18 @@ class KVEngine:
         for ref, where in zip(refs, positions, strict=True):
             part = op.source_part(where)
             asked.append(None if part is None else (ref, await self._send(ref, part)))
+        return op.sources_read(await self._gather_reads(asked), positions)
+
+    async def _gather_reads(self, asked: Sequence[tuple[ActorRef, ReplySlot] | None]) -> list[Any]:
+        """The answers of reads already queued, in order (None where nothing was asked).
+
+        The caller holds the engine's reader or writer lock. A shard killed
+        with a read queued would answer only after its restart, and
+        meanwhile every writer (and every reader behind one) would wait on
+        the lock; a read has no effect, so it gives up instead: a shard
+        that goes down before it answers fails the read with UNAVAILABLE at
+        once.
+        """
         results: list[Any] = []
         for item in asked:
             if item is None:
@@ -1141,7 +1153,7 @@ class KVEngine:
                     ref.demonitor(key)
             except (ActorCrashed, ActorStopped) as exc:
                 raise self._translate(exc, ref) from None
-        return op.sources_read(results, positions)
+        return results
 
     async def _read_parts(
         self, op: ops.AtomicOp, refs: list[ActorRef], positions: list[list[int]]
@@ -1160,23 +1172,7 @@ class KVEngine:
                 slots.append(ref.ask_nowait(part))  # _send's common case, without its coroutine
             except (MailboxFull, ActorStopped):
                 slots.append(await self._send(ref, part))  # waits for room, or UNAVAILABLE
-        results = []
-        for ref, slot in zip(refs, slots, strict=True):
-            try:
-                if slot.done:
-                    results.append(slot.result())
-                    continue
-                # Waiting holds the reader lock: a shard killed with this part
-                # queued answers only after its restart, and meanwhile every
-                # writer (and every reader behind one) would wait on the lock.
-                # A read has no effect, so it gives up: UNAVAILABLE at once.
-                key = ref.monitor(_fail_unanswered, (ref, slot))
-                try:
-                    results.append(await slot.wait())
-                finally:
-                    ref.demonitor(key)
-            except (ActorCrashed, ActorStopped) as exc:
-                raise self._translate(exc, ref) from None
+        results = await self._gather_reads(list(zip(refs, slots, strict=True)))
         return op.combine(results, positions, True)
 
     async def _two_phase(
