@@ -51,6 +51,17 @@ def _bit_offset(raw: bytes) -> int:
     return offset
 
 
+def _clamped(start: int, end: int, total: int) -> tuple[int, int]:
+    """Redis's conversion of an inclusive range of ``total`` units (bytes or bits):
+    negative indexes count from the end, both are clamped into the value; the
+    range is empty when the start is past the end."""
+    if start < 0:
+        start = max(0, total + start)
+    if end < 0:
+        end = max(0, total + end)
+    return start, min(end, total - 1)
+
+
 # -- GETBIT / SETBIT / BITCOUNT ---------------------------------------------------------
 
 
@@ -122,11 +133,7 @@ class BitCount(ops.ShardOp):
         # Redis's conversion, quirks included (e.g. -100 -50 on a short value counts index 0).
         if start < 0 and end < 0 and start > end:
             return 0
-        if start < 0:
-            start = max(0, total + start)
-        if end < 0:
-            end = max(0, total + end)
-        end = min(end, total - 1)
+        start, end = _clamped(start, end, total)
         if start > end:
             return 0
         if not self.bit_mode:
@@ -214,11 +221,7 @@ class BitPos(ops.ShardOp):
         start = 0 if self.start is None else self.start
         end = total - 1 if self.end is None else self.end
         # Redis's conversion (without BITCOUNT's quirk for two negative indexes).
-        if start < 0:
-            start = max(0, total + start)
-        if end < 0:
-            end = max(0, total + end)
-        end = min(end, total - 1)
+        start, end = _clamped(start, end, total)
         if start > end:
             return -1
         if not self.bit_mode:
