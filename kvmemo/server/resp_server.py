@@ -1274,6 +1274,10 @@ _GENERIC: Final = frozenset(
 )
 
 
+# The bit commands, which Redis files under "bitmap" (category @bitmap), not "string".
+_BITMAP: Final = frozenset("getbit setbit bitcount bitpos bitop bitfield bitfield_ro".split())
+
+
 def _flags_of(spec: TableCommand | TableSubcommand) -> list[str]:
     flags = []
     if "write" in spec.flags:
@@ -1293,8 +1297,8 @@ def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
         out.append("@write")
     if "readonly" in flags:
         out.append("@read")
-    if keyed and group in ("generic", "string"):  # MEMORY USAGE's key gives no category
-        out.append("@keyspace" if group == "generic" else "@string")
+    if keyed and group in _KEY_CATEGORY:  # MEMORY USAGE's key gives no category
+        out.append(_KEY_CATEGORY[group])
     if "admin" in flags:
         out += ["@admin", "@dangerous"]
     out.append("@fast" if "fast" in flags else "@slow")
@@ -1303,11 +1307,16 @@ def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
     return out
 
 
+_KEY_CATEGORY: Final = {"generic": "@keyspace", "string": "@string", "bitmap": "@bitmap"}
+
+
 def _group_of(spec: TableCommand) -> str:
     if "connection" in spec.flags:
         return "connection"
     if spec.name in _GENERIC:
         return "generic"
+    if spec.name in _BITMAP:
+        return "bitmap"
     return "string" if spec.first_key else "server"
 
 
