@@ -28,6 +28,7 @@ from test_redis_differential import (  # the servers and how replies are compare
     Pair,
     Tree,
     _as_map,
+    _case_params,
     _connect,
     _plain,
     case,
@@ -166,26 +167,17 @@ CASES: list[Case] = [
 ]
 
 
-def _params(protocol: int) -> list[Any]:
-    out = []
-    for c in CASES:
-        reason = c.xfail or (c.xfail_resp3 if protocol == 3 else None)
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        out.append(pytest.param(c, id=c.id, marks=marks))
-    return out
-
-
 # Each case on new connections: one that fails inside MULTI leaves no
 # transaction open on a connection the next case would use.
 
 
-@pytest.mark.parametrize("edge", _params(2))
+@pytest.mark.parametrize("edge", _case_params(2, CASES))
 def test_introspection_answers_as_redis(servers: tuple[int, int], edge: Case) -> None:
     for fresh in _connect(servers, 2):
         run_same(fresh, edge.commands, exact_time=edge.exact_time)
 
 
-@pytest.mark.parametrize("edge", _params(3))
+@pytest.mark.parametrize("edge", _case_params(3, CASES))
 def test_introspection_answers_as_redis_in_resp3(servers: tuple[int, int], edge: Case) -> None:
     for fresh in _connect(servers, 3):
         run_same(fresh, edge.commands, exact_time=edge.exact_time)

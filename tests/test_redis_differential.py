@@ -2470,9 +2470,11 @@ def test_command_info_and_docs_agree_with_redis_on_the_shared_commands(pair: Pai
         assert kmap[b"group"] == rmap[b"group"]
 
 
-def _case_params(protocol: int) -> list[Any]:
+def _case_params(protocol: int, cases: Sequence[Case] | None = None) -> list[Any]:
+    """``cases`` (this module's CASES by default) as pytest params, the xfail marks
+    of ``protocol`` applied (strict: a fixed case must lose its mark)."""
     params = []
-    for c in CASES:
+    for c in CASES if cases is None else cases:
         reason = c.xfail or (c.xfail_resp3 if protocol == 3 else None)
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         params.append(pytest.param(c, id=c.id, marks=marks))

@@ -44,11 +44,10 @@ def parse_count(raw: bytes) -> int:
     return value
 
 
-def check_arity(name: str, arity: int, nargs: int) -> None:
-    """Check Redis arity (counting the command name): exact if > 0, else a minimum."""
-    total = nargs + 1
-    if (arity > 0 and total != arity) or (arity < 0 and total < -arity):
-        raise ArityError(f"wrong number of arguments for '{name}' command")
+def arity_ok(arity: int, total: int) -> bool:
+    """Whether ``total`` words (the command's name counted) meet Redis ``arity``:
+    exactly ``arity`` if it is positive, else at least ``-arity``."""
+    return total == arity if arity > 0 else total >= -arity
 
 
 class ExpiryMode(enum.Enum):

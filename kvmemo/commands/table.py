@@ -31,6 +31,7 @@ from .args import (
     Clock,
     Expiry,
     ExpiryMode,
+    arity_ok,
     expiry_option,
     pairs,
     parse_int,
@@ -204,7 +205,7 @@ def container(
             shown = args[0][:128].decode("utf-8", "surrogateescape")
             raise UnknownCommandError(f"unknown subcommand '{shown}'. Try {shout} HELP.")
         total = len(args) + 1  # counting the container's name, as Redis does
-        if (total != sub.arity) if sub.arity > 0 else (total < -sub.arity):
+        if not arity_ok(sub.arity, total):
             raise ArityError(f"wrong number of arguments for '{name}|{sub.name}' command")
         return sub.parse(args[1:], ctx)
 
@@ -246,13 +247,13 @@ def table_arity_ok(spec: Command, nargs: int, args: Sequence[bytes] | None = Non
     arity too, as Redis holds ``object|encoding`` to 3.
     """
     total = nargs + 1
-    if not (total == spec.arity if spec.arity > 0 else total >= -spec.arity):
+    if not arity_ok(spec.arity, total):
         return False
     if args and spec.subcommands:
         wanted = args[0].lower()
         for sub in spec.subcommands:
             if sub.name.encode() == wanted:
-                return total == sub.arity if sub.arity > 0 else total >= -sub.arity
+                return arity_ok(sub.arity, total)
     return True
 
 
@@ -264,7 +265,7 @@ def parse(name: str, args: Sequence[bytes], ctx: ParseContext) -> tuple[Command,
     """
     spec = COMMANDS.get(name) or lookup(name)
     arity = spec.arity
-    total = len(args) + 1  # counting the name, as args.check_arity (inlined: hot path)
+    total = len(args) + 1  # counting the name, as args.arity_ok (inlined: hot path)
     if (total != arity) if arity > 0 else (total < -arity):
         raise ArityError(f"wrong number of arguments for '{spec.name}' command")
     return spec, spec.parse(args, ctx)

@@ -90,7 +90,7 @@ import attrs
 import trio
 
 from .._version import __version__
-from ..commands.args import parse_int
+from ..commands.args import arity_ok, parse_int
 from ..commands.glob import glob_match
 from ..commands.table import COMMANDS
 from ..commands.table import Command as TableCommand
@@ -250,19 +250,15 @@ def _dispatch(subcommands: dict[str, _SubCommand]) -> Handler:
             return _unknown_subcommand(argv)
         full = f"{_text(argv[0].lower())}|{_text(argv[1].lower())}"
         conn.last_cmd = full
-        if not _arity_ok(sub.arity, len(argv)):
+        if not arity_ok(sub.arity, len(argv)):
             return _arity_error(full)
         return await sub.handler(conn, argv)
 
     return handle
 
 
-def _arity_ok(arity: int, argc: int) -> bool:
-    return argc == arity if arity > 0 else argc >= -arity
-
-
 def _arity_range(arity: int) -> tuple[int, int]:
-    """The fewest and most arguments ``arity`` allows: ``lo <= argc <= hi`` is :func:`_arity_ok`."""
+    """The fewest and most arguments ``arity`` allows: ``lo <= argc <= hi`` is :func:`~kvmemo.commands.args.arity_ok`."""
     return (arity, arity) if arity > 0 else (-arity, _NO_MOST)
 
 
@@ -753,7 +749,7 @@ class _Connection:
                 continue
             assert conn_command is not None
             self.last_cmd = name
-            if not _arity_ok(conn_command.arity, len(argv)):
+            if not arity_ok(conn_command.arity, len(argv)):
                 error = _arity_error(name)
                 if name == "exec":
                     # Redis's rejectCommand: a refused EXEC discards the
@@ -1548,7 +1544,7 @@ async def _command_getkeys(conn: _Connection, argv: tuple[bytes, ...]) -> object
         first, last, step = _CONNECTION_KEYS.get(name, (0, 0, 0))
     if not first:
         return ErrorReply("ERR The command has no key arguments")
-    if not _arity_ok(arity, len(argv) - 2):
+    if not arity_ok(arity, len(argv) - 2):
         return ErrorReply("ERR Invalid number of arguments specified for command")
     args = argv[3:]
     end = len(args) if last < 0 else last
