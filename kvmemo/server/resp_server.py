@@ -258,7 +258,7 @@ def _dispatch(subcommands: dict[str, _SubCommand]) -> Handler:
 
 
 def _arity_range(arity: int) -> tuple[int, int]:
-    """The fewest and most arguments ``arity`` allows: ``lo <= argc <= hi`` is :func:`~kvmemo.commands.args.arity_ok`."""
+    """The fewest and most arguments ``arity`` allows: ``lo <= argc <= hi`` is ``arity_ok``."""
     return (arity, arity) if arity > 0 else (-arity, _NO_MOST)
 
 
