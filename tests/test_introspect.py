@@ -516,6 +516,32 @@ async def test_memory_stats_doctor_and_fixed_replies(kv: kvmemo.Store) -> None:
     assert empty[b"keys.count"] == empty[b"keys.bytes-per-key"] == 0
 
 
+async def test_fixed_replies_need_no_shard(autojump_clock: trio.testing.MockClock) -> None:
+    """HELP, PURGE and MALLOC-STATS read nothing: they answer while any shard restarts."""
+    fixed = [
+        (("object", "help"), OBJECT_HELP),
+        (("memory", "help"), MEMORY_HELP),
+        (("memory", "purge"), "OK"),
+        (("memory", "malloc-stats"), MALLOC_STATS),
+    ]
+    async with kvmemo.open_store(shards=2, restart_backoff=5, restart_backoff_max=5) as kv:
+        for shard in range(2):
+            assert kv.kill_actor(shard_name(shard))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(KVMemoError) as down:
+            await kv.execute("object", "encoding", "k")
+        assert down.value.kind == "UNAVAILABLE"  # the shards really are down
+        for call, reply in fixed:
+            assert await kv.execute(*call) == reply
+        results = await kv.engine.execute_many(
+            [(c[0], [a.encode() for a in c[1:]]) for c, _ in fixed]
+        )
+        assert results == [reply for _, reply in fixed]
+    async with kvmemo.open_store(shards=2) as kv:
+        answers = await kv.transaction(("set", "k", "v"), *[call for call, _ in fixed])
+        assert answers == ["OK", *[reply for _, reply in fixed]]
+
+
 async def test_lastsave_without_persistence_is_the_start_time() -> None:
     before = int(time.time())
     with trio.fail_after(TIMEOUT):

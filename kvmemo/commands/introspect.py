@@ -27,7 +27,7 @@ from ..storage.store import ShardStore
 from . import ops
 from .args import SYNTAX, parse_int, upper
 from .replies import FieldList
-from .table import ParseContext, Parser, Subcommand, command, container
+from .table import ParseContext, Parser, ServerCall, Subcommand, command, container
 
 NOKEYS = (0, 0, 0)
 SUB_KEY = (2, 2, 1)  # OBJECT ENCODING key: the key is the call's second argument
@@ -193,21 +193,16 @@ OBJECT_HELP = [
 ]
 
 
-class Reply(ops.ShardOp):
-    """A fixed reply (HELP, PURGE, MALLOC-STATS): reads nothing.
+@attrs.frozen
+class FixedReply(ServerCall):
+    """A fixed reply (HELP, PURGE, MALLOC-STATS): the engine answers ``value`` itself.
 
-    Routed, as every operation is, to a shard (the empty key's); it answers
-    ``value`` whatever the shard holds.
+    It reads no store, so no shard takes part: it answers while any shard
+    restarts, and a transaction may hold it (answered when the transaction
+    runs).
     """
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.key = b""
-        self.value = value
-
-    def apply(self, store: ShardStore, now: float) -> Any:
-        return self.value
+    value: Any = None
 
 
 def _on_key(op: type[ops.ShardOp]) -> Parser:
@@ -218,8 +213,8 @@ def _on_key(op: type[ops.ShardOp]) -> Parser:
 
 
 def _fixed(value: Any) -> Parser:
-    def parse_fixed(args: Sequence[bytes], ctx: ParseContext) -> Reply:
-        return Reply(value)
+    def parse_fixed(args: Sequence[bytes], ctx: ParseContext) -> FixedReply:
+        return FixedReply("reply", (), value)
 
     return parse_fixed
 

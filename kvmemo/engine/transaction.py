@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..commands import ops
+from ..commands.introspect import FixedReply
 from ..commands.table import ServerCall
 from ..errors import CommandSyntaxError, KVMemoError
 from ..storage.store import NeedMemory, ShardStore
@@ -210,7 +211,7 @@ class TxnPart(ops.AtomicPart):
 def cross_shard_refusal(op: object, shards: int) -> CommandSyntaxError | None:
     """Why ``op`` (on keys spanning ``shards`` shards) cannot be in a transaction, or None."""
     if isinstance(op, ServerCall):
-        if op.name in SERVER_CALLS:
+        if op.name in SERVER_CALLS or type(op) is FixedReply:
             return None
         return CommandSyntaxError(f"'{op.name}' is not allowed in a transaction")
     if shards <= 1 or not isinstance(op, ops.AtomicOp) or op.readonly:
