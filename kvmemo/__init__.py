@@ -13,7 +13,9 @@ from .client import DisconnectedError as DisconnectedError
 from .client import connect as connect
 from .config import StoreConfig as StoreConfig
 from .embedded import Store as Store
+from .embedded import Subscription as Subscription
 from .embedded import open_store as open_store
 from .embedded import serve as serve
 from .engine.engine import KVEngine as KVEngine
+from .engine.pubsub import Message as Message
 from .errors import KVMemoError as KVMemoError

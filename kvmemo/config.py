@@ -76,6 +76,13 @@ def _max_key_size(value: int | str) -> int:
     return parse_size(value, what="max_key_size")
 
 
+def _pubsub_limit(value: int | str) -> int:
+    size = parse_size(value, what="pubsub_buffer_limit")
+    if size < 1:
+        raise ValueError(f"pubsub_buffer_limit must be >= 1, got {size}")
+    return size
+
+
 def _max_value_size(value: int | str) -> int:
     return parse_size(value, what="max_value_size")
 
@@ -126,6 +133,10 @@ class StoreConfig:
             recently continued one starts that shard over at its next call,
             and one pushed out again goes on in stateless hash order (at most
             ``SCAN_HASH_STEPS`` calls for that shard, see ``ShardStore.scan``).
+        pubsub_buffer_limit: bytes of published messages a subscriber may
+            have waiting (not yet written to it); a publish past it ends the
+            subscriber (its connection is closed), as Redis's
+            ``client-output-buffer-limit pubsub`` hard limit does.
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)
@@ -154,6 +165,7 @@ class StoreConfig:
     snapshot_log_bytes: int = attrs.field(default=256 * 1024 * 1024, converter=_snapshot_bytes)
     scan_snapshots: int = attrs.field(default=64, validator=_at_least_one)
     fsync_method: str = "fsync"
+    pubsub_buffer_limit: int = attrs.field(default=32 * 1024 * 1024, converter=_pubsub_limit)
 
     def __attrs_post_init__(self) -> None:
         if self.shards > 16384:

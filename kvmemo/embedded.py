@@ -25,6 +25,7 @@ from actors import ActorSystem
 from .api import Arg, Commands, encode_arg, encode_args
 from .config import StoreConfig
 from .engine.engine import KVEngine
+from .engine.pubsub import Message, Subscriber
 
 
 class Store(Commands):
@@ -113,6 +114,33 @@ class Store(Commands):
         finally:
             self.engine.unwatch(watches)  # synchronous: safe when cancelled
 
+    @asynccontextmanager
+    async def subscribe(
+        self, *channels: Arg, patterns: Sequence[Arg] = ()
+    ) -> AsyncIterator[Subscription]:
+        """Receive what is published on ``channels`` and on channels matching ``patterns``.
+
+        ::
+
+            async with kv.subscribe("news", patterns=["chat:*"]) as sub:
+                async for message in sub:
+                    print(message.channel, message.data)
+
+        Subscriptions end with the block. Messages wait in the subscription
+        (up to ``pubsub_buffer_limit`` bytes; past it the subscription ends
+        and iterating raises ``OverloadedError``, as Redis drops a subscriber
+        that does not keep up).
+        """
+        subscription = Subscription(self.engine.pubsub.subscriber())
+        try:
+            if channels:
+                await subscription.subscribe(*channels)
+            if patterns:
+                await subscription.psubscribe(*patterns)
+            yield subscription
+        finally:
+            subscription.close()  # synchronous: safe when cancelled
+
     def actors(self) -> list[dict[str, Any]]:
         """Every actor: name, state, restarts, mailbox depth (for chaos tests)."""
         return self.engine.actors()
@@ -124,6 +152,71 @@ class Store(Commands):
     def close(self) -> None:
         """Stop the store (its actors end; the owning nursery then returns)."""
         self._scope.cancel()
+
+
+class Subscription:
+    """One embedded subscriber (see :meth:`Store.subscribe`): its channels and messages.
+
+    Iterate it, or call :meth:`get`, from one task at a time. The
+    (un)subscribe methods answer Redis's subscription count after the
+    change; they are coroutines so that the same code runs against the
+    WebSocket client.
+    """
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self._subscriber = subscriber
+
+    @property
+    def channels(self) -> list[bytes]:
+        """The channels subscribed, in subscription order."""
+        return list(self._subscriber.channels)
+
+    @property
+    def patterns(self) -> list[bytes]:
+        """The patterns subscribed, in subscription order."""
+        return list(self._subscriber.patterns)
+
+    async def subscribe(self, *channels: Arg) -> int:
+        """Subscribe to more channels; the subscription count after it."""
+        return self._last(self._subscriber.subscribe(encode_args(channels)))
+
+    async def psubscribe(self, *patterns: Arg) -> int:
+        """Subscribe to more glob patterns (KEYS syntax); the subscription count after it."""
+        return self._last(self._subscriber.psubscribe(encode_args(patterns)))
+
+    async def unsubscribe(self, *channels: Arg) -> int:
+        """Leave ``channels`` (every channel if none named); the subscription count after it."""
+        return self._last(self._subscriber.unsubscribe(encode_args(channels)))
+
+    async def punsubscribe(self, *patterns: Arg) -> int:
+        """Leave ``patterns`` (every pattern if none named); the subscription count after it."""
+        return self._last(self._subscriber.punsubscribe(encode_args(patterns)))
+
+    def _last(self, replies: Sequence[tuple[bytes | None, int]]) -> int:
+        return replies[-1][1] if replies else self._subscriber.count
+
+    async def get(self) -> Message:
+        """The next message, waiting for one.
+
+        Raises:
+            OverloadedError: messages came faster than they were taken, past
+                ``pubsub_buffer_limit``: the subscription ended.
+            trio.EndOfChannel: the subscription's block has ended.
+        """
+        return await self._subscriber.get()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._subscriber.get()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """End every subscription (the block's end does it)."""
+        self._subscriber.close()
 
 
 class Watch:

@@ -51,8 +51,10 @@ from actors import (
 
 from .._version import __version__
 from ..commands import ops
+from ..commands import pubsub as _pubsub_commands  # noqa: F401 - PUBLISH, PUBSUB
 from ..commands.args import Clock
 from ..commands.introspect import FixedReply
+from ..commands.replies import FieldList
 from ..commands.table import (
     COMMANDS,
     Command,
@@ -113,6 +115,7 @@ from ..storage.store import (
 from ..storage.sync_coordinator import LogWrite
 from . import durable
 from .locks import RWLock
+from .pubsub import PubSubHub
 from .transaction import WATCH_CHANGED, Plan, TxnPart, UnwatchKeys, WatchKeys, cross_shard_refusal
 
 TTL_MANAGER = "ttl-manager"
@@ -173,6 +176,8 @@ class KVEngine:
 
     def __init__(self, config: StoreConfig, metrics: MetricsRegistry | None = None) -> None:
         self.config = config
+        # Pub/sub (PUBLISH, PUBSUB; the front ends' subscribers): apart from the keyspace.
+        self.pubsub = PubSubHub(config.pubsub_buffer_limit)
         self.slots = SlotMap(config.shards)
         self.tracker = MemoryTracker(
             config.maxmemory,
@@ -1668,6 +1673,14 @@ class KVEngine:
         if type(call) is FixedReply:
             return call.value
         name, args = call.name, call.args
+        if name == "publish":
+            return self.pubsub.publish(args[0], args[1])
+        if name == "pubsub|channels":
+            return self.pubsub.channels(args[0] if args else None)
+        if name == "pubsub|numsub":
+            return FieldList([x for pair in self.pubsub.numsub(args) for x in pair])
+        if name == "pubsub|numpat":
+            return self.pubsub.numpat()
         if name == "ping":
             return args[0] if args else "PONG"
         if name == "echo":
@@ -1834,6 +1847,7 @@ class KVEngine:
                 "expired_keys": sum(s["expired_keys"] for s in stats),
                 "evicted_keys": sum(s["evicted_keys"] for s in stats),
                 "eviction_manager_running": self._eviction_running(),
+                **self.pubsub.stats(),
                 "metrics": self.metrics.to_dict(),
             },
             "keyspace": {

@@ -52,7 +52,9 @@ from ..commands.table import ServerCall
 from ..errors import CommandSyntaxError, KVMemoError
 from ..storage.store import NeedMemory, ShardStore
 
-SERVER_CALLS = frozenset({"ping", "echo", "time"})
+SERVER_CALLS = frozenset(
+    {"ping", "echo", "time", "publish", "pubsub|channels", "pubsub|numsub", "pubsub|numpat"}
+)
 """Engine-answered commands a transaction may hold (answered when it runs)."""
 
 WATCH_CHANGED = "watch-changed"

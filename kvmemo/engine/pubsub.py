@@ -1,0 +1,319 @@
+"""Publish/subscribe: channels, patterns, and a bounded outbox per subscriber.
+
+Design. A message published on a channel goes to every subscriber of that
+channel and of every pattern matching it at the moment of the publish, as in
+Redis: fire and forget, nothing is kept for later subscribers, and pub/sub is
+apart from the keyspace (no shard takes part, and a database flush does not
+touch it). :meth:`PubSubHub.publish` is synchronous: it appends the message
+to each receiver's outbox and wakes the receiver; the front end that owns a
+:class:`Subscriber` (a Redis connection, a WebSocket session, an embedded
+subscriber) takes the messages out and writes them in its own task. A slow
+receiver therefore never slows a publisher or the other receivers.
+
+Limits. A subscriber's outbox holds at most ``limit`` bytes (each message
+counts its channel, pattern and payload bytes plus :data:`MESSAGE_OVERHEAD`).
+A publish that would pass it *overflows* the subscriber instead: its queued
+messages are dropped, it leaves every channel and pattern at once, and its
+owner ends it (the Redis port and the WebSocket server close the
+connection, as Redis closes a client past ``client-output-buffer-limit
+pubsub``; the embedded subscriber raises :class:`~kvmemo.errors.OverloadedError`).
+Nothing else is affected: the publisher's count includes it, as Redis's does.
+
+Order. Messages published on one channel reach each of its subscribers in
+publish order (the outbox is FIFO and the publish synchronous). A subscriber
+of a channel and of a pattern matching it gets the message twice, once as
+``message`` and once as ``pmessage``, as in Redis.
+
+Ownership. The engine owns the hub (``KVEngine.pubsub``); no task, no I/O.
+A subscriber belongs to the front end that made it (:meth:`PubSubHub.subscriber`),
+which must :meth:`~Subscriber.close` it when its client goes (a closed
+subscriber is in no channel and its outbox is empty).
+
+Invariants: ``hub._channels[c]`` holds exactly the open subscribers whose
+``channels`` contain ``c``, and no entry is empty (likewise for patterns);
+a subscriber's ``_bytes`` is the sum of its queued messages' sizes and never
+exceeds its limit; its ``_ready`` event is set whenever it has queued
+messages or is ended (closed or overflowed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from ..commands.glob import glob_match
+from ..errors import OverloadedError
+
+MESSAGE_OVERHEAD = 64  # bytes counted per queued message besides its byte strings
+DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes: Redis's hard client-output-buffer-limit for pubsub
+
+
+@attrs.frozen
+class Message:
+    """One published message as a subscriber receives it.
+
+    ``pattern`` is the pattern that matched (a ``pmessage``), or None when
+    the subscriber is subscribed to ``channel`` itself (a ``message``).
+    """
+
+    channel: bytes
+    data: bytes
+    pattern: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"message"`` or ``"pmessage"``, Redis's name for the delivery."""
+        return "message" if self.pattern is None else "pmessage"
+
+
+class Subscriber:
+    """One receiver's subscriptions and outbox (see the module docstring).
+
+    Made by :meth:`PubSubHub.subscriber`; owned by one front end, which
+    reads its messages from one task at a time.
+    """
+
+    def __init__(self, hub: PubSubHub, limit: int) -> None:
+        self._hub = hub
+        self.limit = limit
+        self.channels: dict[bytes, None] = {}  # in subscription order
+        self.patterns: dict[bytes, None] = {}
+        self._queue: deque[tuple[Message, int]] = deque()
+        self._bytes = 0
+        self._ready = trio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    @property
+    def count(self) -> int:
+        """Channels plus patterns subscribed: Redis's subscription count."""
+        return len(self.channels) + len(self.patterns)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the messages queued and not yet taken."""
+        return self._bytes
+
+    @property
+    def ended(self) -> bool:
+        """Closed by its owner or overflowed: it receives nothing more."""
+        return self.closed or self.overflowed
+
+    # -- subscriptions (Redis's replies: one count per name) -----------------------------
+
+    def subscribe(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """Subscribe to each channel (again is a no-op); (channel, count after it) for each."""
+        return self._hub._add(self, channels, pattern=False)
+
+    def psubscribe(self, patterns: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """Subscribe to each glob pattern (Redis's KEYS syntax); (pattern, count) for each."""
+        return self._hub._add(self, patterns, pattern=True)
+
+    def unsubscribe(self, channels: Iterable[bytes] = ()) -> list[tuple[bytes | None, int]]:
+        """Leave each channel, or every channel when none is named; (channel, count) for each.
+
+        With no channel named and none subscribed: ``[(None, count)]``, as
+        Redis answers ``unsubscribe``, nil, count.
+        """
+        return self._hub._remove(self, channels, pattern=False)
+
+    def punsubscribe(self, patterns: Iterable[bytes] = ()) -> list[tuple[bytes | None, int]]:
+        """:meth:`unsubscribe` for patterns."""
+        return self._hub._remove(self, patterns, pattern=True)
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> None:
+        size = MESSAGE_OVERHEAD + len(message.channel) + len(message.data)
+        if message.pattern is not None:
+            size += len(message.pattern)
+        if self._bytes + size > self.limit:
+            self._hub._overflow(self)
+            return
+        self._queue.append((message, size))
+        self._bytes += size
+        self._ready.set()
+
+    def take(self) -> list[Message]:
+        """Every queued message, oldest first (none: an empty list); never waits.
+
+        Raises:
+            OverloadedError: the subscriber overflowed its limit (it is ended).
+        """
+        if self.overflowed:
+            raise self._overflow_error()
+        taken = [message for message, _ in self._queue]
+        self._queue.clear()
+        self._bytes = 0
+        if not self.closed:
+            self._ready = trio.Event()
+        return taken
+
+    async def wait(self) -> None:
+        """Wait until a message is queued or the subscriber is ended."""
+        if not self._queue and not self.ended:
+            await self._ready.wait()
+
+    async def get(self) -> Message:
+        """The next message, waiting for one.
+
+        Raises:
+            OverloadedError: the subscriber overflowed its limit.
+            trio.EndOfChannel: the subscriber is closed and nothing is queued.
+        """
+        while True:
+            if self.overflowed:
+                raise self._overflow_error()
+            if self._queue:
+                message, size = self._queue.popleft()
+                self._bytes -= size
+                if not self._queue and not self.closed:
+                    self._ready = trio.Event()
+                return message
+            if self.closed:
+                raise trio.EndOfChannel
+            await self._ready.wait()
+
+    def close(self) -> None:
+        """Leave every channel and pattern and drop the outbox (idempotent)."""
+        if self.closed:
+            return
+        self._hub._drop(self)
+        self.closed = True
+        self._queue.clear()
+        self._bytes = 0
+        self._ready.set()
+
+    def _overflow_error(self) -> OverloadedError:
+        return OverloadedError(
+            f"pub/sub output buffer limit reached ({self.limit} bytes): "
+            "the subscriber was ended; messages were lost"
+        )
+
+
+class PubSubHub:
+    """Channels and patterns of one store, and who listens to them.
+
+    Args:
+        limit: default outbox limit in bytes of the subscribers it makes.
+
+    Raises:
+        ValueError: ``limit`` < 1.
+    """
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        if limit < 1:
+            raise ValueError(f"pubsub_buffer_limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._channels: dict[bytes, dict[Subscriber, None]] = {}
+        self._patterns: dict[bytes, dict[Subscriber, None]] = {}
+        self.messages_published = 0
+        self.overflows = 0
+
+    def subscriber(self, limit: int | None = None) -> Subscriber:
+        """A new subscriber with no subscriptions; its owner must close it."""
+        return Subscriber(self, self.limit if limit is None else limit)
+
+    def publish(self, channel: bytes, data: bytes) -> int:
+        """Deliver ``data`` on ``channel``; the number of receivers (Redis's PUBLISH reply)."""
+        self.messages_published += 1
+        receivers = 0
+        subscribers = self._channels.get(channel)
+        if subscribers:
+            message = Message(channel, data)
+            targets = list(subscribers)  # one may overflow (and leave) during the loop
+            for subscriber in targets:
+                subscriber._deliver(message)
+            receivers += len(targets)
+        if self._patterns:
+            for pattern, matching in list(self._patterns.items()):
+                if glob_match(pattern, channel):
+                    message = Message(channel, data, pattern)
+                    targets = list(matching)
+                    for subscriber in targets:
+                        subscriber._deliver(message)
+                    receivers += len(targets)
+        return receivers
+
+    def channels(self, pattern: bytes | None = None) -> list[bytes]:
+        """Active channels (one subscriber at least), those matching ``pattern`` if given."""
+        if pattern is None:
+            return list(self._channels)
+        return [c for c in self._channels if glob_match(pattern, c)]
+
+    def numsub(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """(channel, subscribers of the channel itself) for each: PUBSUB NUMSUB."""
+        return [(c, len(self._channels.get(c, ()))) for c in channels]
+
+    def numpat(self) -> int:
+        """Patterns with a subscriber: PUBSUB NUMPAT."""
+        return len(self._patterns)
+
+    def stats(self) -> dict[str, int]:
+        """Figures for ``info``: active channels and patterns, totals since the start."""
+        return {
+            "pubsub_channels": len(self._channels),
+            "pubsub_patterns": len(self._patterns),
+            "pubsub_messages_published": self.messages_published,
+            "pubsub_overflows": self.overflows,
+        }
+
+    # -- the subscribers' side ----------------------------------------------------------------
+
+    def _table(self, pattern: bool) -> dict[bytes, dict[Subscriber, None]]:
+        return self._patterns if pattern else self._channels
+
+    def _add(
+        self, subscriber: Subscriber, names: Iterable[bytes], *, pattern: bool
+    ) -> list[tuple[bytes, int]]:
+        table = self._table(pattern)
+        own = subscriber.patterns if pattern else subscriber.channels
+        replies = []
+        for name in names:
+            if not subscriber.ended and name not in own:
+                own[name] = None
+                table.setdefault(name, {})[subscriber] = None
+            replies.append((name, subscriber.count))
+        return replies
+
+    def _remove(
+        self, subscriber: Subscriber, names: Iterable[bytes], *, pattern: bool
+    ) -> list[tuple[bytes | None, int]]:
+        table = self._table(pattern)
+        own = subscriber.patterns if pattern else subscriber.channels
+        chosen = list(names) or list(own)
+        replies: list[tuple[bytes | None, int]] = []
+        for name in chosen:
+            if own.pop(name, 0) is None:
+                self._leave(table, name, subscriber)
+            replies.append((name, subscriber.count))
+        if not replies:
+            replies.append((None, subscriber.count))
+        return replies
+
+    @staticmethod
+    def _leave(table: dict[bytes, dict[Subscriber, None]], name: bytes, sub: Subscriber) -> None:
+        members = table.get(name)
+        if members is not None:
+            members.pop(sub, None)
+            if not members:
+                del table[name]
+
+    def _drop(self, subscriber: Subscriber) -> None:
+        for name in subscriber.channels:
+            self._leave(self._channels, name, subscriber)
+        for name in subscriber.patterns:
+            self._leave(self._patterns, name, subscriber)
+        subscriber.channels.clear()
+        subscriber.patterns.clear()
+
+    def _overflow(self, subscriber: Subscriber) -> None:
+        self.overflows += 1
+        self._drop(subscriber)
+        subscriber.overflowed = True
+        subscriber._queue.clear()
+        subscriber._bytes = 0
+        subscriber._ready.set()
