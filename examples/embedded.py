@@ -1,4 +1,4 @@
-"""A small trio application embedding KVMemo: a rate limiter and a cache.
+"""A small trio application embedding KVMemo: a rate limiter, a cache and change events.
 
 Run it with ``python examples/embedded.py``.
 """
@@ -44,6 +44,15 @@ async def cached_square(kv: kvmemo.Store, n: int) -> int:
     return value
 
 
+async def watch_orders(kv: kvmemo.Store, *, task_status: trio.TaskStatus[None]) -> None:
+    """Print the first two events published on any ``orders:*`` channel."""
+    async with kv.subscribe(patterns=["orders:*"]) as events:
+        task_status.started()  # subscribed: nothing published from now on is missed
+        for _ in range(2):
+            event = await events.get()
+            print("event:", event.channel.decode(), event.data.decode())
+
+
 async def main() -> None:
     async with kvmemo.open_store(shards=4, maxmemory="16MiB", eviction_policy="lru") as kv:
         results = [await allow(kv, "alice", limit=3, window=60) for _ in range(5)]
@@ -63,6 +72,11 @@ async def main() -> None:
         await kv.mset({"a": "1", "b": "2"})
         print("mget:", await kv.mget("a", "b", "missing"))
         print("ttl of rate:alice:", await kv.ttl("rate:alice"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch_orders, kv)
+            await kv.execute("PUBLISH", "orders:new", "order 17")
+            await kv.execute("PUBLISH", "orders:paid", "order 17")
+
         print("actors:", [(a["name"], a["state"]) for a in kv.actors()][:4], "...")
 
 

@@ -21,3 +21,5 @@ def test_the_embedded_example_runs_and_its_transactions_hold() -> None:
     assert "rate limit: [True, True, True, False, False]" in lines
     assert "balances: [b'20', b'80']" in lines  # two transfers of 40 from 100, a third refused
     assert "ttl of rate:alice: 60" in lines
+    assert "event: orders:new order 17" in lines
+    assert "event: orders:paid order 17" in lines
