@@ -4,8 +4,10 @@
 first stdout line (then the Redis URL, when that port is on), logs JSON
 lines on stderr, and on SIGINT or SIGTERM drains the server (in-flight
 requests finish within ``shutdown_grace``, sessions are closed with 1001)
-and exits 0. A configuration that cannot work (a bad value, an unknown
-setting, a port in use, an unreadable certificate) prints one line
+and exits 0; a Redis client's ``SHUTDOWN`` (on the Redis port, authenticated
+when tokens are set) stops it the same way. A configuration that cannot
+work (a bad value, an unknown setting, a port in use, an unreadable
+certificate) prints one line
 ``kvmemo: error: ...`` on stderr and exits 2; a node that fails while
 running is logged and exits 1.
 """
@@ -19,12 +21,16 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from .settings import Resolved, add_flags, resolve_all
+
+if TYPE_CHECKING:
+    from .server.app import Server, StopRequest
 
 TOOLS: list[Any] = []
 """Modules adding subcommands beside ``serve``: each has ``NAME``,
@@ -106,12 +112,47 @@ async def _serve(resolved: Resolved) -> int:
                 store.maxmemory,
                 store.eviction_policy,
             )
-            async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                await node.server.drain()
-                break
+            why = await _stop_reason(node.server, signals)
+            log.info("%s: shutting down", why)
+            request = node.server.stop_requested
+            if request is not None and not request.save:
+                node.server.engine.skip_final_snapshot()  # NOSAVE: the synced logs suffice
+            await node.server.drain()
     log.info("stopped")
     return 0
+
+
+async def _stop_reason(server: Server, signals: AsyncIterator[int]) -> str:
+    """Wait for SIGINT/SIGTERM or a client's stop request (``SHUTDOWN``); say which.
+
+    The stop request comes through ``server.on_stop`` (see
+    :meth:`kvmemo.server.app.Server.request_stop`), set here for the time the
+    node runs. A ``SHUTDOWN NOSAVE`` is logged as such (the caller then skips
+    the shards' final snapshot).
+    """
+    stop = trio.Event()
+
+    def on_stop(request: StopRequest) -> None:
+        stop.set()
+
+    server.on_stop = on_stop
+    why = ""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_signal() -> None:
+            nonlocal why
+            async for signum in signals:
+                why = signal.Signals(signum).name
+                stop.set()
+                return
+
+        nursery.start_soon(wait_signal)
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+    request = server.stop_requested
+    if not why and request is not None:
+        why = f"SHUTDOWN from {request.origin}" + ("" if request.save else " (NOSAVE)")
+    return why
 
 
 def _fail(exc: Exception) -> None:

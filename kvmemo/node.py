@@ -71,6 +71,7 @@ def build(
                     port=port,
                     tokens=server_config.tokens,
                     limits=server_config.resp_limits,
+                    shutdown=server.request_stop,
                     task_status=recorder,
                 )
             except OSError as exc:

@@ -358,6 +358,15 @@ class KVEngine:
             return
         raise RequestTimeoutError("a shard did not switch its policy in time", applied=None)
 
+    def skip_final_snapshot(self) -> None:
+        """Make the shards' graceful stop skip its snapshot (Redis's ``SHUTDOWN NOSAVE``).
+
+        Their logs are still synced, so the next start replays everything
+        acknowledged; a no-op without persistence.
+        """
+        if self.persistence is not None:
+            self.persistence.stop.snapshot = False
+
     def persistence_problems(self) -> list[str]:
         """Shards whose writes are not being made durable, with the error (for /healthz).
 

@@ -16,6 +16,13 @@ server's nursery; a session's crash is logged and ends that session only.
 :meth:`Server.drain` is the graceful shutdown: no new connections, every
 session finishes what is in flight, then is closed with 1001.
 
+Stopping on a client's request (Redis's ``SHUTDOWN``): the node's owner
+(``kvmemo serve``) sets :attr:`Server.on_stop`; a listener of the server
+layer asks through :meth:`Server.request_stop`, which the node hands it
+(``serve_resp(shutdown=...)``). Without an owner's callback the request is
+refused: an embedded or test node is stopped by whoever opened it, not by a
+client.
+
 Garbage collection: the first server started in a process tunes CPython's
 collector for serving (:func:`tune_gc`): a full collection, then
 ``gc.freeze()`` so that the start-up objects (modules, the command table,
@@ -34,10 +41,11 @@ import gc
 import json
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
 
+import attrs
 import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
@@ -112,6 +120,25 @@ def tune_gc() -> None:
         gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+@attrs.frozen
+class StopRequest:
+    """A client's request to stop the whole node (Redis's ``SHUTDOWN``).
+
+    Attributes:
+        save: whether the final snapshot is wanted (False: ``NOSAVE``). The
+            write-ahead logs are kept either way, so nothing acknowledged is
+            lost when it is skipped.
+        origin: who asked, for the log (``RESP client id=3 addr=...``).
+    """
+
+    save: bool
+    origin: str
+
+
+StopHandler = Callable[[StopRequest], bool]
+"""Takes a stop request; True if the node will stop, False if it refuses (no owner)."""
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -147,6 +174,9 @@ class Server:
         self._draining = False
         self.ready = trio.Event()  # set once every listener started the first time (or failed)
         self.start_error: OSError | None = None
+        # The owner's stop callback (kvmemo serve's); None: stop requests are refused.
+        self.on_stop: Callable[[StopRequest], None] | None = None
+        self.stop_requested: StopRequest | None = None  # the first one accepted
         self._static = _static_files()
         self._ssl = self._ssl_context()
         m = self.metrics
@@ -228,6 +258,23 @@ class Server:
         loopback = ("127.0.0.1", "localhost", "::1")
         names = {host, *loopback} if host in loopback else {host}
         return frozenset(f"{scheme}://{_url_host(name)}:{port}" for name in names)
+
+    def request_stop(self, request: StopRequest) -> bool:
+        """Ask the node's owner to stop the node (gracefully, as on SIGTERM).
+
+        Returns True when the owner takes the request (the first one is
+        passed on; later ones, while the node stops, are accepted and
+        dropped), False when the node has no owner's callback (an embedded
+        or test node): nothing happens then. Synchronous: the caller answers
+        its client knowing the outcome.
+        """
+        if self.on_stop is None:
+            return False
+        if self.stop_requested is None:
+            self.stop_requested = request
+            log.info("stop requested by %s (save=%s)", request.origin, request.save)
+            self.on_stop(request)
+        return True
 
     # -- serving ------------------------------------------------------------------------
 
@@ -465,6 +512,8 @@ __all__ = [
     "ReplayStream",
     "Server",
     "ServerActor",
+    "StopHandler",
+    "StopRequest",
     "WebSocketConnection",
     "tune_gc",
 ]

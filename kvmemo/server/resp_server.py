@@ -61,6 +61,18 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
 * **Failure isolation.** A connection's crash (any bug) is logged and ends
   that connection only; protocol errors are answered in Redis's wording and
   close the connection after the replies before them are sent, as Redis does.
+* **Slow log.** ``SLOWLOG`` (:mod:`kvmemo.server.slowlog`) times the engine
+  call only: a lone command's ``engine.execute``, and a batch's one engine
+  call (pipelined data commands, a pipeline coalesced with other clients',
+  an EXEC's transaction) as a whole, logged as one entry naming its first
+  command and how many more ran with it. Cost when nothing is slow: two reads
+  of ``time.perf_counter_ns`` and one comparison per engine call.
+* **Operations.** ``SHUTDOWN`` asks the program to stop through the owner's
+  callback (``serve_resp(shutdown=...)``, or the node's stop request:
+  ``kvmemo serve`` exits 0) and closes the connection without a reply;
+  ``CLIENT KILL`` drops the clients it names at once; ``ROLE`` is a master
+  without replicas; ``MOVE`` and ``SWAPDB`` answer as Redis with
+  ``databases 1``.
 
 Deliberate differences from Redis: one database (``SELECT 0`` only); no
 ``AUTH``/``HELLO``/``CLIENT REPLY`` inside ``MULTI``, pub/sub, scripting or
@@ -68,7 +80,8 @@ ACL users (the only user is ``default``, whose passwords are the server's
 tokens); the limits Redis
 imposes on unauthenticated clients (10 arguments, 16 KiB per argument) are
 checked once a request is parsed, not while it is read; ``INFO`` adds a
-``# Actors`` section.
+``# Actors`` section; ``WAIT`` answers 0 at once (no replicas; Redis would
+block until its timeout); the slow log holds data commands only (see above).
 """
 
 from __future__ import annotations
@@ -99,6 +112,7 @@ from ..config import parse_size
 from ..engine.engine import KVEngine
 from ..errors import KVMemoError
 from ..eviction.policies import POLICY_NAMES, make_policy
+from .app import StopHandler, StopRequest
 from .coalesce import COALESCED, Coalescer
 from .config import RespLimits as RespLimits
 from .resp import (
@@ -110,6 +124,7 @@ from .resp import (
     encode_replies,
     encode_reply,
 )
+from .slowlog import LLONG_MAX, SlowLog
 
 __all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
 
@@ -169,6 +184,10 @@ _UNAUTH_BULK: Final = "ERR Protocol error: unauthenticated bulk length"
 _POLICY_TO_REDIS: Final = {"lru": "allkeys-lru", "lfu": "allkeys-lfu", "random": "allkeys-random"}
 
 
+# The slow log's clock: monotonic nanoseconds, one C call (see _Connection._slow).
+_clock_ns: Final = time.perf_counter_ns
+
+
 def _text(data: bytes) -> str:
     """Bytes as text that goes back out byte for byte (see :mod:`.resp`)."""
     return data.decode("utf-8", "surrogateescape")
@@ -194,6 +213,9 @@ class _Server:
     rejected_connections: int = 0
     started_at: float = attrs.Factory(time.time)
     run_id: str = attrs.Factory(lambda: secrets.token_hex(20))
+    slowlog: SlowLog = attrs.Factory(SlowLog)
+    # How SHUTDOWN asks the process to stop (None: it is refused); see serve_resp.
+    stop: StopHandler | None = None
     # The connections' pipelines of one scheduler pass run as one engine call.
     coalescer: Coalescer = attrs.Factory(lambda self: Coalescer(self.engine), takes_self=True)
 
@@ -338,9 +360,9 @@ class _Connection:
         # MULTI: the queued calls (None outside a transaction), and whether one
         # was refused (EXEC then answers EXECABORT); WATCH: what the engine
         # counts for this client (given back at EXEC, DISCARD, UNWATCH, close).
-        # Each queued call: (name, arguments, None) for a data command, run by
-        # the engine as one transaction; (name, the whole request, its handler)
-        # for a connection command, answered in its place at EXEC.
+        # Each queued call: (name, the whole request, None) for a data command,
+        # run by the engine as one transaction; (name, the whole request, its
+        # handler) for a connection command, answered in its place at EXEC.
         self.multi: list[tuple[str, tuple[bytes, ...], Handler | None]] | None = None
         self.multi_dirty = False
         self.watches: list[tuple[int, bytes, int]] = []
@@ -349,6 +371,8 @@ class _Connection:
         self.replies_off = False
         self.skip_reply = False
         self.muted = False
+        self.killed = False  # CLIENT KILL: stop serving at once (its replies dropped)
+        self._batch: list[tuple[bytes, ...]] = []  # the requests _execute_batch runs
         limits = server.limits
         self._parser = RespParser(
             max_bulk_len=limits.max_bulk_len,
@@ -396,6 +420,8 @@ class _Connection:
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
+            if self.killed:  # killed before it was first served
+                nursery.cancel_scope.cancel()
             nursery.start_soon(self._writer)
             try:
                 drain = await self._reader()
@@ -669,6 +695,7 @@ class _Connection:
                 server = self.server
                 server.total_commands += 1
                 self.last_cmd = name
+                start = _clock_ns()
                 if name in _COALESCED:
                     (result,) = await server.coalescer.execute_many([(name, argv[1:])])
                     if isinstance(result, KVMemoError):
@@ -678,6 +705,9 @@ class _Connection:
                         result = await server.engine.execute(name, argv[1:])
                     except KVMemoError as exc:
                         result = redis_error(exc)
+                elapsed = _clock_ns() - start
+                if elapsed >= server.slowlog.threshold_ns:  # the slow log's one comparison
+                    self._slow(elapsed, argv)
                 reply = encode_reply(result, protocol=self.protocol)
                 size = len(reply)
                 if (
@@ -701,6 +731,7 @@ class _Connection:
         the replies, and merged with the engine's by :meth:`_run_calls`.
         """
         server = self.server
+        self._batch = commands  # for the slow log's entry (read only when a batch is slow)
         calls: list[tuple[str, Sequence[bytes]]] = []
         early: list[tuple[int, bytes]] = []  # (place among the replies, reply)
         authenticated = self.authenticated  # changed only by connection commands
@@ -798,7 +829,7 @@ class _Connection:
         except KVMemoError as exc:
             self.multi_dirty = True
             return redis_error(exc)
-        self.multi.append((name, argv[1:], None))
+        self.multi.append((name, argv, None))
         return QUEUED
 
     def _queue_local(self, name: str, argv: tuple[bytes, ...], handler: Handler) -> object:
@@ -826,10 +857,12 @@ class _Connection:
         """Run the gathered data commands, stage every reply in order, empty both lists.
 
         ``engine.execute`` for one call (it costs less than a batch of one),
-        ``engine.execute_many`` for more.
+        ``engine.execute_many`` for more. The engine call is timed as a whole
+        for the slow log (see :meth:`_slow_batch`).
         """
         if calls:
             engine = self.server.engine
+            start = _clock_ns()
             if len(calls) == 1:
                 try:
                     result = await engine.execute(*calls[0])
@@ -840,6 +873,9 @@ class _Connection:
                 results = await self.server.coalescer.execute_many(calls)
             else:
                 results = await engine.execute_many(calls)
+            elapsed = _clock_ns() - start
+            if elapsed >= self.server.slowlog.threshold_ns:  # the slow log's one comparison
+                self._slow_batch(elapsed, calls)
             replies = encode_replies(results, protocol=self.protocol, convert=_to_reply)
             calls.clear()
             if early:
@@ -850,6 +886,46 @@ class _Connection:
             return
         early.clear()
         await self._deliver(replies)
+
+    # -- the slow log -----------------------------------------------------------------
+
+    def _slow(self, elapsed_ns: int, argv: Sequence[bytes], more_commands: int = 0) -> None:
+        """Log a call that took at least ``slowlog-log-slower-than`` (the caller compared).
+
+        What is timed is the engine call only (no reading, parsing or
+        sending): a lone command's ``engine.execute``, and a batch's (the
+        data commands of one read between connection commands, a pipeline
+        coalesced with other clients', an EXEC's transaction) one engine call
+        as a whole, logged as one entry: its first command, and how many more
+        ran with it (:meth:`_slow_batch`).
+        """
+        self.server.slowlog.record(
+            elapsed_ns,
+            argv,
+            self.addr.encode(),
+            self.name,
+            time.time(),
+            more_commands=more_commands,
+        )
+
+    def _slow_batch(self, elapsed_ns: int, calls: Sequence[tuple[str, Sequence[bytes]]]) -> None:
+        """Log a slow batch: its first command as the client spelled it (found in
+        the requests of the read, :attr:`_batch`), and the number of the others."""
+        name, args = calls[0]
+        argv: Sequence[bytes] = (name.encode(), *args)
+        for request in self._batch:
+            known = _DATA_NAMES.get(request[0])
+            if known is not None and known[0] == name and request[1:] == tuple(args):
+                argv = request
+                break
+        self._slow(elapsed_ns, argv, len(calls) - 1)
+
+    def kill(self) -> None:
+        """CLIENT KILL of another client: stop serving it now; pending replies are
+        dropped and the connection closed (by :func:`_handle`)."""
+        self.killed = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     # -- describing the client -------------------------------------------------------
 
@@ -1039,7 +1115,7 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 # What a client in MULTI runs at once instead of queueing (as Redis).
 _TRANSACTION_CONTROL: Final = frozenset({"multi", "exec", "discard", "watch", "quit", "reset"})
 # Refused inside MULTI (and the transaction is then discarded).
-_NO_MULTI: Final = frozenset({"auth", "hello"})
+_NO_MULTI: Final = frozenset({"auth", "hello", "shutdown"})
 
 
 @_connection_command("multi", 1, "noscript loading stale fast allow_busy", "start a transaction")
@@ -1065,8 +1141,13 @@ async def _exec(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     try:
         if dirty:
             return EXECABORT
-        data = [(name, args) for name, args, handler in queued if handler is None]
+        data = [(name, argv[1:]) for name, argv, handler in queued if handler is None]
+        start = _clock_ns()
         results = await engine.execute_transaction(data, watches)
+        elapsed = _clock_ns() - start
+        if data and elapsed >= conn.server.slowlog.threshold_ns:
+            first = next(argv for _, argv, handler in queued if handler is None)
+            conn._slow(elapsed, first, len(data) - 1)
     except KVMemoError as exc:
         return redis_error(exc)
     finally:
@@ -1130,6 +1211,202 @@ async def _select(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     if index != 0:
         return ErrorReply("ERR DB index is out of range")
     return "OK"
+
+
+def _int_or(raw: bytes, error: ErrorReply) -> int | ErrorReply:
+    """``raw`` as a 64-bit integer (Redis's ``string2ll``), or ``error``."""
+    try:
+        return parse_int(raw)
+    except KVMemoError:
+        return error
+
+
+def _c_int(raw: bytes, error: ErrorReply) -> int | ErrorReply:
+    """``raw`` as a C ``int``, as Redis's ``getIntFromObjectOrReply`` reads a DB index."""
+    value = _int_or(raw, NOT_INTEGER)
+    if isinstance(value, ErrorReply):
+        return error
+    if not -(1 << 31) <= value < 1 << 31:
+        if error is NOT_INTEGER:
+            return ErrorReply(
+                "ERR value is out of range, value must between -2147483648 and 2147483647"
+            )
+        return error
+    return value
+
+
+@_connection_command("move", 3, "write fast", "move a key to another database (only 0)")
+async def _move(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """MOVE key db: KVMemo has one database, so this never moves anything; the
+    errors are those of Redis started with ``databases 1``."""
+    index = _c_int(argv[2], NOT_INTEGER)
+    if isinstance(index, ErrorReply):
+        return index
+    if index == 0:
+        return ErrorReply("ERR source and destination objects are the same")
+    return ErrorReply("ERR DB index is out of range")
+
+
+@_connection_command("swapdb", 3, "write fast", "swap two databases (only 0 with itself)")
+async def _swapdb(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """SWAPDB index1 index2: as Redis with ``databases 1``: 0 with 0 is OK (nothing to do)."""
+    first = _c_int(argv[1], ErrorReply("ERR invalid first DB index"))
+    if isinstance(first, ErrorReply):
+        return first
+    second = _c_int(argv[2], ErrorReply("ERR invalid second DB index"))
+    if isinstance(second, ErrorReply):
+        return second
+    if first != 0 or second != 0:
+        return ErrorReply("ERR DB index is out of range")
+    return "OK"
+
+
+# SHUTDOWN, ROLE, WAIT ---------------------------------------------------------------------
+
+SHUTDOWN_FAILED: Final = ErrorReply("ERR Errors trying to SHUTDOWN. Check logs.")
+SHUTDOWN_UNAVAILABLE: Final = ErrorReply(
+    "ERR SHUTDOWN is not available: this server runs inside another program, which stops it"
+)
+
+
+@_connection_command(
+    "shutdown", -1, "admin noscript loading stale no_multi sentinel allow_busy", "stop the server"
+)
+async def _shutdown(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """SHUTDOWN [NOSAVE|SAVE] [NOW] [FORCE] [ABORT]: stop the whole server gracefully.
+
+    On success there is no reply: the connection closes (after the replies
+    of the commands before it), as redis-cli expects. The stop itself is the
+    owner's (:attr:`_Server.stop`: ``kvmemo serve`` drains and exits 0, as on
+    SIGTERM); without one the command is refused (:data:`SHUTDOWN_UNAVAILABLE`).
+
+    With persistence on, the default and SAVE keep the final snapshot the
+    graceful stop takes; NOSAVE asks to skip it (the logs stay: nothing
+    acknowledged is lost either way). Refused, unless FORCE, as Redis
+    refuses when its save would fail (:data:`SHUTDOWN_FAILED`, the reason
+    logged): SAVE without persistence (nothing to save to), and SAVE or the
+    default while a shard's writes are not being made durable. NOW is
+    accepted (there are no replicas to wait for); ABORT has no shutdown to
+    abort (an accepted one is not pausable).
+    """
+    flags = set()
+    for arg in argv[1:]:
+        flag = arg.lower()
+        if flag not in (b"nosave", b"save", b"now", b"force", b"abort"):
+            return SYNTAX_ERROR
+        flags.add(flag)
+    if (b"abort" in flags and len(flags) > 1) or {b"save", b"nosave"} <= flags:
+        return SYNTAX_ERROR
+    if b"abort" in flags:
+        return ErrorReply("ERR No shutdown in progress.")
+    server = conn.server
+    engine = server.engine
+    save = b"nosave" not in flags
+    if b"force" not in flags:
+        problems: list[str] = []
+        if b"save" in flags and engine.persistence is None:
+            problems = ["persistence is off (no data directory): there is nothing to save to"]
+        elif save and engine.persistence is not None:
+            problems = engine.persistence_problems()
+        if problems:
+            logger.warning(
+                "SHUTDOWN from RESP client id=%d addr=%s refused (FORCE overrides): %s",
+                conn.id,
+                conn.addr,
+                "; ".join(problems),
+            )
+            return SHUTDOWN_FAILED
+    origin = f"RESP client id={conn.id} addr={conn.addr}"
+    if server.stop is None or not server.stop(StopRequest(save=save, origin=origin)):
+        return SHUTDOWN_UNAVAILABLE
+    conn.closing = True
+    return NO_REPLY
+
+
+@_connection_command("role", 1, "noscript loading stale fast sentinel", "replication role")
+async def _role(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """ROLE: a master without replicas (offset 0, no replica)."""
+    return [b"master", 0, []]
+
+
+@_connection_command("wait", 3, "noscript", "wait for replicas (there are none)")
+async def _wait(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """WAIT numreplicas timeout: 0 replicas acknowledged, at once.
+
+    Redis blocks until the timeout when asked for more replicas than it
+    has; here there are never any, so it answers 0 at once (never a hang).
+    The arguments are checked as Redis checks them.
+    """
+    replicas = _int_or(argv[1], NOT_INTEGER)
+    if isinstance(replicas, ErrorReply):
+        return replicas
+    timeout = _int_or(argv[2], ErrorReply("ERR timeout is not an integer or out of range"))
+    if isinstance(timeout, ErrorReply):
+        return timeout
+    if timeout < 0:
+        return ErrorReply("ERR timeout is negative")
+    if timeout > LLONG_MAX - int(time.time() * 1000):
+        return ErrorReply("ERR timeout is out of range")
+    return 0
+
+
+# SLOWLOG ----------------------------------------------------------------------------------
+
+_SLOWLOG_COUNT: Final = ErrorReply("ERR count should be greater than or equal to -1")
+
+
+async def _slowlog_get(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """SLOWLOG GET [count]: the newest ``count`` entries (10; -1: all)."""
+    if len(argv) > 3:
+        return ErrorReply(
+            f"ERR unknown subcommand or wrong number of arguments for '{_text(argv[1][:128])}'."
+            " Try SLOWLOG HELP."
+        )
+    count = 10
+    if len(argv) == 3:
+        parsed = _int_or(argv[2], _SLOWLOG_COUNT)
+        if isinstance(parsed, ErrorReply) or parsed < -1:
+            return _SLOWLOG_COUNT
+        count = parsed
+    return [list(entry) for entry in conn.server.slowlog.get(count)]
+
+
+async def _slowlog_len(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return len(conn.server.slowlog.entries)
+
+
+async def _slowlog_reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    conn.server.slowlog.reset()
+    return "OK"
+
+
+async def _slowlog_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [
+        "SLOWLOG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "GET [<count>]",
+        "    Return top <count> entries from the slowlog (default: 10, -1 mean all).",
+        "    Entries are made of:",
+        "    id, timestamp, time in microseconds, arguments array, client IP and port,",
+        "    client name",
+        "LEN",
+        "    Return the length of the slowlog.",
+        "RESET",
+        "    Reset the slowlog.",
+        "HELP",
+        "    Prints this help.",
+    ]
+
+
+_connection_command("slowlog", -2, "admin noscript loading stale", "the slow log")(
+    _dispatch(
+        {
+            "get": _SubCommand(-2, _slowlog_get),
+            "len": _SubCommand(2, _slowlog_len),
+            "reset": _SubCommand(2, _slowlog_reset),
+            "help": _SubCommand(2, _slowlog_help),
+        }
+    )
+)
 
 
 # CLIENT ---------------------------------------------------------------------------------
@@ -1220,6 +1497,85 @@ async def _client_reply(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return SYNTAX_ERROR
 
 
+_CLIENT_TYPES: Final = (b"normal", b"master", b"replica", b"slave", b"pubsub")
+
+
+async def _client_kill(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT KILL addr:port | CLIENT KILL <filter> <value> ...: as Redis 7.0.
+
+    The old form answers OK, or ``No such client``; the filter form (``ID``,
+    ``TYPE``, ``ADDR``, ``LADDR``, ``USER``, ``SKIPME``; a client must match
+    every filter given) answers how many clients it killed, and skips the
+    caller unless ``SKIPME no``. A killed client is dropped at once (its
+    pending replies too, as Redis's ``freeClient``); the caller, when it is
+    among them, gets its reply first, then is closed.
+    """
+    server = conn.server
+    if len(argv) == 3:
+        wanted = _text(argv[2])
+        target = next((c for c in server.clients.values() if c.addr == wanted), None)
+        if target is None:
+            return ErrorReply("ERR No such client")
+        _kill(conn, target)
+        return "OK"
+    client_id: int | None = None
+    kind: bytes | None = None
+    addr: str | None = None
+    laddr: str | None = None
+    skipme = True
+    for i in range(2, len(argv), 2):
+        opt = argv[i].lower()
+        if i + 1 >= len(argv):
+            return SYNTAX_ERROR
+        value = argv[i + 1]
+        if opt == b"id":
+            parsed = _int_or(value, NOT_INTEGER)
+            if isinstance(parsed, ErrorReply) or parsed < 1:
+                return ErrorReply("ERR client-id should be greater than 0")
+            client_id = parsed
+        elif opt == b"type":
+            kind = value.lower()
+            if kind not in _CLIENT_TYPES:
+                return ErrorReply(f"ERR Unknown client type '{_text(value)}'")
+        elif opt == b"addr":
+            addr = _text(value)
+        elif opt == b"laddr":
+            laddr = _text(value)
+        elif opt == b"user":
+            if value != b"default":  # the only user
+                return ErrorReply(f"ERR No such user '{_text(value)}'")
+        elif opt == b"skipme":
+            if value.lower() not in (b"yes", b"no"):
+                return SYNTAX_ERROR
+            skipme = value.lower() == b"yes"
+        else:
+            return SYNTAX_ERROR
+    if kind not in (None, b"normal"):  # every client here is a normal one
+        return 0
+    killed = 0
+    for client in list(server.clients.values()):
+        if (
+            (client_id is not None and client.id != client_id)
+            or (addr is not None and client.addr != addr)
+            or (laddr is not None and client.laddr != laddr)
+            or (skipme and client is conn)
+        ):
+            continue
+        _kill(conn, client)
+        killed += 1
+    return killed
+
+
+def _kill(conn: _Connection, target: _Connection) -> None:
+    """Kill ``target`` for ``conn``'s CLIENT KILL: the caller itself is closed after
+    its reply; another client is taken out of the client list and stopped now."""
+    if target is conn:
+        conn.closing = True
+        return
+    conn.server.clients.pop(target.id, None)
+    target.kill()
+
+
 async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return [
         "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
@@ -1229,6 +1585,22 @@ async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "    Return the ID of the current connection.",
         "INFO",
         "    Return information about the current client connection.",
+        "KILL <ip:port>",
+        "    Kill connection made from <ip:port>.",
+        "KILL <option> <value> [<option> <value> [...]]",
+        "    Kill connections. Options are:",
+        "    * ADDR <ip:port>",
+        "      Kill connections made from the specified address",
+        "    * LADDR <ip:port>",
+        "      Kill connections made to specified local address",
+        "    * TYPE (NORMAL|MASTER|REPLICA|PUBSUB)",
+        "      Kill connections by type.",
+        "    * USER <username>",
+        "      Kill connections authenticated by <username>.",
+        "    * SKIPME (YES|NO)",
+        "      Skip killing current connection (default: yes).",
+        "    * ID <client-id>",
+        "      Kill connections by client id.",
         "LIST [TYPE <normal|master|replica|pubsub>] [ID <id> [<id> ...]]",
         "    Return information about client connections.",
         "SETNAME <name>",
@@ -1253,6 +1625,7 @@ _connection_command("client", -2, "noscript loading stale", "the connection's cl
             "getname": _SubCommand(2, _client_getname),
             "list": _SubCommand(-2, _client_list),
             "info": _SubCommand(2, _client_info),
+            "kill": _SubCommand(-3, _client_kill),
             "setinfo": _SubCommand(4, _client_setinfo),
             "reply": _SubCommand(3, _client_reply),
             "no-evict": _SubCommand(3, _client_ok),
@@ -1317,7 +1690,7 @@ def _group_of(spec: TableCommand) -> str:
 
 
 # Connection commands that name keys: (first, last, step), as Redis's table says.
-_CONNECTION_KEYS: Final = {"watch": (1, -1, 1)}
+_CONNECTION_KEYS: Final = {"watch": (1, -1, 1), "move": (1, 1, 1)}
 
 
 def _key_spec(first: int, last: int, step: int, flags: Sequence[str]) -> dict[bytes, object]:
@@ -1343,7 +1716,8 @@ def _command_entry(name: str) -> list[object] | None:
         flags = list(conn_command.flags)
         categories = _command_categories(name)
         first, last, step = _CONNECTION_KEYS.get(name, (0, 0, 0))
-        specs = [_key_spec(first, last, step, ["RO"])] if first else []
+        access = ["RW"] if "write" in flags else ["RO"]
+        specs = [_key_spec(first, last, step, access)] if first else []
         return [
             name.encode(),
             conn_command.arity,
@@ -1426,7 +1800,10 @@ def _all_command_names() -> list[str]:
 # COMMAND DOCS groups of the connection commands that Redis files elsewhere.
 _CONNECTION_GROUPS: Final = {
     **dict.fromkeys(("multi", "exec", "discard", "watch", "unwatch"), "transactions"),
-    **dict.fromkeys(("command", "config", "info", "debug"), "server"),
+    **dict.fromkeys(
+        ("command", "config", "info", "debug", "shutdown", "slowlog", "role", "swapdb"), "server"
+    ),
+    **dict.fromkeys(("wait", "move"), "generic"),
 }
 
 
@@ -1772,6 +2149,8 @@ def _config_values(server: _Server) -> dict[str, str]:
         "port": str(server.port),
         "bind": server.host,
         "cluster-enabled": "no",
+        "slowlog-log-slower-than": str(server.slowlog.slower_than),
+        "slowlog-max-len": str(server.slowlog.max_len),
     }
 
 
@@ -1806,12 +2185,25 @@ def _config_check_one(server: _Server, name: str, raw: bytes) -> str | None:
             return None
     except ValueError:  # UnicodeDecodeError included
         return _config_set_reason(name)
+    if name in _SLOWLOG_SETTINGS:
+        lowest = _SLOWLOG_SETTINGS[name]
+        try:
+            value = parse_int(raw)
+        except KVMemoError:
+            return "argument couldn't be parsed into an integer"
+        if value < lowest:
+            return f"argument must be between {lowest} and {LLONG_MAX} inclusive"
+        return None
     current = _config_values(server).get(name)
     if name in ("save", "appendonly", "appendfsync", "dir"):
         if raw.decode("utf-8", "replace").lower() == (current or "").lower():
             return None
         return "persistence settings are fixed at start (--dir, --appendfsync)"
     return "can't set immutable config"
+
+
+# The slow log's settings, with the lowest value each takes (the highest: LLONG_MAX).
+_SLOWLOG_SETTINGS: Final = {"slowlog-log-slower-than": -1, "slowlog-max-len": 0}
 
 
 def _config_set_reason(name: str) -> str:
@@ -1824,8 +2216,9 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
     """Apply one CONFIG SET pair that :func:`_config_check_one` accepted; the reason
     it still failed (the shards did not take the new policy), or None.
 
-    Only ``maxmemory`` and ``maxmemory-policy`` change anything: the others
-    pass the check only when given their current values.
+    Only ``maxmemory``, ``maxmemory-policy`` and the slow log's two settings
+    change anything: the others pass the check only when given their current
+    values.
     """
     engine = server.engine
     if name == "maxmemory":
@@ -1836,6 +2229,10 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
             await engine.set_eviction_policy(raw.decode("ascii"))
         except KVMemoError as exc:
             return str(exc)
+    elif name == "slowlog-log-slower-than":
+        server.slowlog.configure(slower_than=parse_int(raw))
+    elif name == "slowlog-max-len":
+        server.slowlog.configure(max_len=parse_int(raw))
     return None
 
 
@@ -1909,7 +2306,8 @@ async def _config_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "GET <pattern>",
         "    Return parameters matching the glob-like <pattern> and their values.",
         "SET <directive> <value>",
-        "    Set the configuration <directive> to <value> (maxmemory).",
+        "    Set the configuration <directive> to <value> (maxmemory, maxmemory-policy,",
+        "    slowlog-log-slower-than, slowlog-max-len).",
         "RESETSTAT",
         "    Reset statistics reported by the INFO command.",
         "HELP",
@@ -1996,7 +2394,7 @@ async def _handle(server: _Server, stream: trio.SocketStream) -> None:
     except Exception:
         logger.exception("RESP connection id=%d addr=%s crashed; closed it", conn.id, conn.addr)
     finally:
-        del server.clients[conn.id]
+        server.clients.pop(conn.id, None)  # CLIENT KILL may have taken it out already
         await trio.aclose_forcefully(stream)
 
 
@@ -2007,6 +2405,7 @@ async def serve_resp(
     port: int = DEFAULT_PORT,
     tokens: frozenset[str] = frozenset(),
     limits: RespLimits = DEFAULT_LIMITS,
+    shutdown: StopHandler | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the Redis protocol for ``engine`` until cancelled.
@@ -2023,11 +2422,17 @@ async def serve_resp(
         tokens: passwords of the ``default`` user; when not empty, clients
             must ``AUTH`` (or ``HELLO ... AUTH``) before anything else.
         limits: the port's limits.
+        shutdown: what ``SHUTDOWN`` calls to stop the program (it must not
+            block; True: the stop is under way, False: refused). The node
+            passes its server's stop request (``kvmemo serve`` stops, an
+            ``open_node`` without an owner's callback refuses); None:
+            ``SHUTDOWN`` is refused with a clear error.
 
     Raises:
         OSError: the address cannot be bound.
     """
     server = _Server(engine, tuple(t.encode("utf-8") for t in sorted(tokens)), limits)
+    server.stop = shutdown
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
         async with trio.open_nursery() as nursery:

@@ -84,6 +84,19 @@ RESAVE_BACKOFF_MAX = 60.0  # seconds
 SNAPSHOT_QUEUE = 2  # snapshots a shard may have waiting for its writer
 
 
+@attrs.define
+class StopPlan:
+    """What a shard's graceful stop does besides making its log durable.
+
+    ``snapshot``: write the final snapshot (the default; Redis's ``SHUTDOWN
+    SAVE``). False (``SHUTDOWN NOSAVE``): the log, synced, is the only
+    record; the next start replays it, so nothing acknowledged is lost, and
+    queued snapshots are dropped (their tickets fail).
+    """
+
+    snapshot: bool = True
+
+
 @attrs.frozen
 class PersistenceConfig:
     """Where and how shards persist.
@@ -99,6 +112,8 @@ class PersistenceConfig:
             see :mod:`.sync_coordinator`). One per config, and one config
             per store (``engine.durable.persistence_config``): the shards of
             one store share it. It owns no task, so it needs no closing.
+        stop: how the shards' graceful stop ends (see :class:`StopPlan`);
+            shared like ``sync_coordinator``.
     """
 
     directory: Path
@@ -107,6 +122,7 @@ class PersistenceConfig:
     segment_bytes: int = 64 * 1024 * 1024
     snapshot_bytes: int = 256 * 1024 * 1024
     sync_coordinator: SyncCoordinator = attrs.field(factory=SyncCoordinator, eq=False, repr=False)
+    stop: StopPlan = attrs.field(factory=lambda: StopPlan(), eq=False, repr=False)
 
     def shard_dir(self, shard: int) -> Path:
         return self.directory / f"shard-{shard}"
@@ -605,6 +621,13 @@ class DurableShardActor(ShardActor):
                 superseded.append(self._jobs.receive_nowait()[1])
             except trio.WouldBlock:
                 break
+        if not self.config.stop.snapshot:
+            dropped = PersistenceIOError("the server shut down without saving (SHUTDOWN NOSAVE)")
+            for older in superseded:
+                older.error = dropped
+                older.done.set()
+            await self._close_log()
+            return
         ticket = self._start_snapshot()
         if not ticket.done.is_set():
             job, _ = self._jobs.receive_nowait()
@@ -613,6 +636,9 @@ class DurableShardActor(ShardActor):
             older.error = ticket.error
             older.done.set()
         await self._sync()  # the new segment's head mark, once the snapshot is written
+        await self._close_log()
+
+    async def _close_log(self) -> None:
         log, self.dur.log = self.dur.log, None
         if log is not None:
             await trio.to_thread.run_sync(log.close)  # waits for a running sync
