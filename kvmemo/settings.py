@@ -246,6 +246,13 @@ SETTINGS: list[Setting] = [
     ),
     Setting("mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox"),
     Setting(
+        "pubsub_buffer_limit",
+        "store",
+        "pubsub_buffer_limit",
+        _size("pubsub-buffer-limit"),
+        "bytes of published messages a subscriber may have waiting before it is dropped (32MiB)",
+    ),
+    Setting(
         "scan_snapshots",
         "store",
         "scan_snapshots",

@@ -92,6 +92,12 @@ def test_the_scan_snapshot_limit_is_a_setting() -> None:
     assert resolved([], {"KVMEMO_SCAN_SNAPSHOTS": "3"}).store.scan_snapshots == 3
 
 
+def test_the_pubsub_buffer_limit_is_a_setting() -> None:
+    assert resolved([], {}).store.pubsub_buffer_limit == 32 << 20
+    assert resolved(["--pubsub-buffer-limit", "1MiB"], {}).store.pubsub_buffer_limit == 1 << 20
+    assert resolved([], {"KVMEMO_PUBSUB_BUFFER_LIMIT": "4096"}).store.pubsub_buffer_limit == 4096
+
+
 def test_supervision_eviction_and_hold_limits_are_settings() -> None:
     r = resolved(
         ["--max-restarts", "500", "--restart-period", "2.5", "--hold-timeout", "0.25"],

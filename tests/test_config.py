@@ -51,6 +51,8 @@ POLICIES = "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, vola
         ({"max_restarts": 0}, r"^max_restarts must be >= 1, got 0$"),
         ({"restart_period": 0}, r"^restart_period must be > 0, got 0$"),
         ({"scan_snapshots": 0}, r"^scan_snapshots must be >= 1, got 0$"),
+        ({"pubsub_buffer_limit": 0}, r"^pubsub_buffer_limit must be >= 1, got 0$"),
+        ({"pubsub_buffer_limit": "lots"}, r"^pubsub_buffer_limit must be a size like 64MiB"),
     ],
 )
 def test_an_invalid_setting_raises_value_error_naming_it(
