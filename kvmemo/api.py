@@ -293,6 +293,55 @@ class Commands:
         result: int = await self.execute("lastsave")
         return result
 
+    # -- serialization (moving keys between servers) ---------------------------------------
+
+    async def dump(self, key: Arg) -> bytes | None:
+        """DUMP: the value serialized as Redis 7.0 serializes a string (RDB 10), or None.
+
+        The payload is binary: through the WebSocket client (JSON text) it
+        does not survive; use the embedded store or the Redis port.
+        """
+        result: bytes | None = await self.execute("dump", key)
+        return result
+
+    async def restore(
+        self,
+        key: Arg,
+        ttl_ms: int,
+        payload: bytes,
+        *,
+        replace: bool = False,
+        absttl: bool = False,
+        idletime: int | None = None,
+        freq: int | None = None,
+    ) -> str:
+        """RESTORE a payload of DUMP (KVMemo's or Redis's): "OK".
+
+        Args:
+            ttl_ms: 0 for no expiry; else milliseconds from now, or with
+                ``absttl`` a Unix time in ms (already past: nothing is created,
+                and with ``replace`` the key is deleted).
+            replace: overwrite an existing key (else ``BusyKeyError``).
+            idletime: seconds; validated, not applied (see ``commands.dump``).
+            freq: 0-255; the key's access count under an LFU policy.
+
+        Raises:
+            BusyKeyError: the key exists and ``replace`` is False.
+            CommandSyntaxError: a payload that is not a string of RDB version
+                <= 10 with a good checksum, or a bad option.
+        """
+        args: list[Arg] = [key, ttl_ms, payload]
+        if replace:
+            args.append("REPLACE")
+        if absttl:
+            args.append("ABSTTL")
+        if idletime is not None:
+            args += ["IDLETIME", idletime]
+        if freq is not None:
+            args += ["FREQ", freq]
+        result: str = await self.execute("restore", *args)
+        return result
+
     # -- keys ------------------------------------------------------------------------------
 
     async def delete(self, *keys: Arg) -> int:

@@ -48,6 +48,17 @@ class CommandSyntaxError(KVMemoError):
     code = -32602
 
 
+class BusyKeyError(CommandSyntaxError):
+    """The command would create a key that exists (RESTORE without REPLACE).
+
+    Kind ``SYNTAX``, as the protocol's kinds have no "key exists" (RENAME's
+    missing source is a ``SYNTAX`` error too): a request the client must
+    change (add REPLACE, or delete the key first) before it can succeed. A
+    class of its own so that the Redis port can answer Redis's ``BUSYKEY``
+    error instead of an ``ERR`` one, and embedded callers can catch it.
+    """
+
+
 class UnknownCommandError(KVMemoError):
     """No such command (or method)."""
 

@@ -27,7 +27,7 @@ from ..storage.store import ShardStore
 from . import ops
 from .args import SYNTAX, parse_int, upper
 from .replies import FieldList
-from .table import ParseContext, Parser, ServerCall, Subcommand, command, container
+from .table import FixedReply, ParseContext, Parser, Subcommand, command, container
 
 NOKEYS = (0, 0, 0)
 SUB_KEY = (2, 2, 1)  # OBJECT ENCODING key: the key is the call's second argument
@@ -191,18 +191,6 @@ OBJECT_HELP = [
     "HELP",
     "    Prints this help.",
 ]
-
-
-@attrs.frozen
-class FixedReply(ServerCall):
-    """A fixed reply (HELP, PURGE, MALLOC-STATS): the engine answers ``value`` itself.
-
-    It reads no store, so no shard takes part: it answers while any shard
-    restarts, and a transaction may hold it (answered when the transaction
-    runs).
-    """
-
-    value: Any = None
 
 
 def _on_key(op: type[ops.ShardOp]) -> Parser:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import CommandSyntaxError
-from .introspect import FixedReply
-from .table import ParseContext, Parser, ServerCall, Subcommand, command, container
+from .table import FixedReply, ParseContext, Parser, ServerCall, Subcommand, command, container
 
 NOKEYS = (0, 0, 0)
 

@@ -48,6 +48,18 @@ class ServerCall:
     args: tuple[bytes, ...]
 
 
+@attrs.frozen
+class FixedReply(ServerCall):
+    """A fixed reply (HELP, PURGE, MALLOC-STATS): the engine answers ``value`` itself.
+
+    It reads no store, so no shard takes part: it answers while any shard
+    restarts, and a transaction may hold it (answered when the transaction
+    runs).
+    """
+
+    value: Any = None
+
+
 class ParseContext:
     """What a parser may need from the edge: the clock and the size limits.
 
@@ -100,7 +112,7 @@ class Command:
             COMMAND reports them (last_key -1: through the last argument).
         parse: arguments (without the name) → operation.
         summary: one line for ``command.list`` and COMMAND DOCS.
-        since: the protocol version that added it (``"1"``, ``"1.1"``, ``"1.3"``).
+        since: the protocol version that added it (``"1"``, ``"1.1"``, ... ``"1.4"``).
         subcommands: a container's subcommands (OBJECT, MEMORY), in Redis's
             order; empty for a plain command. A container itself has Redis's
             container arity (-2) and no keys; each subcommand has its own.
@@ -715,5 +727,7 @@ INT32_MAX = (1 << 31) - 1
 # The modules that register more commands (each imports this one).
 from . import (  # noqa: E402
     bits,  # noqa: F401 - GETBIT, SETBIT, BITCOUNT, BITPOS, BITFIELD(_RO), BITOP, LCS, RANDOMKEY
+    dump,  # noqa: F401 - DUMP, RESTORE
     introspect,  # noqa: F401 - OBJECT, MEMORY, LASTSAVE
+    pubsub,  # noqa: F401 - PUBLISH, PUBSUB
 )

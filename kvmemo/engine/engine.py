@@ -51,13 +51,12 @@ from actors import (
 
 from .._version import __version__
 from ..commands import ops
-from ..commands import pubsub as _pubsub_commands  # noqa: F401 - PUBLISH, PUBSUB
 from ..commands.args import Clock
-from ..commands.introspect import FixedReply
 from ..commands.replies import FieldList
 from ..commands.table import (
     COMMANDS,
     Command,
+    FixedReply,
     ParseContext,
     ServerCall,
     lookup,

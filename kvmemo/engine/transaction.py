@@ -47,8 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..commands import ops
-from ..commands.introspect import FixedReply
-from ..commands.table import ServerCall
+from ..commands.table import FixedReply, ServerCall
 from ..errors import CommandSyntaxError, KVMemoError
 from ..storage.store import NeedMemory, ShardStore
 
