@@ -105,9 +105,24 @@ REDIS_PAYLOADS: dict[bytes, str] = {
 REDIS_COMPRESSES = 20  # bytes; Redis tries LZF on longer values
 
 
+def _reference_crc64(data: bytes) -> int:
+    """Redis's crc64 bit by bit from its definition (reflected Jones polynomial)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x95AC9329AC4BC9B5 if crc & 1 else crc >> 1
+    return crc
+
+
 def test_crc64_is_redis_crc64_jones() -> None:
     assert crc64(b"123456789") == 0xE9C6D914C4B8D9CA
     assert crc64(b"") == 0
+    rng = random.Random(64)
+    for size in (1, 7, 8, 9, 63, 1000):
+        data = rng.randbytes(size)
+        assert crc64(data) == _reference_crc64(data)
+        assert crc64(memoryview(data)) == _reference_crc64(data)
     data = bytes(range(256)) * 3 + b"tail"
     assert crc64(data[100:], crc64(data[:100])) == crc64(data)  # continues
 
