@@ -74,8 +74,8 @@ async def main() -> None:
         print("ttl of rate:alice:", await kv.ttl("rate:alice"))
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_orders, kv)
-            await kv.execute("PUBLISH", "orders:new", "order 17")
-            await kv.execute("PUBLISH", "orders:paid", "order 17")
+            await kv.publish("orders:new", "order 17")
+            await kv.publish("orders:paid", "order 17")
 
         print("actors:", [(a["name"], a["state"]) for a in kv.actors()][:4], "...")
 

@@ -293,6 +293,29 @@ class Commands:
         result: int = await self.execute("lastsave")
         return result
 
+    # -- pub/sub (subscribing: ``subscribe`` of the embedded store and of the clients) ------
+
+    async def publish(self, channel: Arg, message: Arg) -> int:
+        """PUBLISH: post ``message`` on ``channel``; how many subscribers received it."""
+        result: int = await self.execute("publish", channel, message)
+        return result
+
+    async def pubsub_channels(self, pattern: Arg | None = None) -> list[bytes]:
+        """PUBSUB CHANNELS: the channels with a subscriber (matching ``pattern``, if given)."""
+        extra: list[Arg] = [] if pattern is None else [pattern]
+        result: list[bytes] = await self.execute("pubsub", "channels", *extra)
+        return result
+
+    async def pubsub_numsub(self, *channels: Arg) -> dict[bytes, int]:
+        """PUBSUB NUMSUB: each channel's subscribers (pattern subscriptions not counted)."""
+        flat: list[Any] = await self.execute("pubsub", "numsub", *channels)
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    async def pubsub_numpat(self) -> int:
+        """PUBSUB NUMPAT: the patterns with a subscriber."""
+        result: int = await self.execute("pubsub", "numpat")
+        return result
+
     # -- serialization (moving keys between servers) ---------------------------------------
 
     async def dump(self, key: Arg) -> bytes | None:

@@ -45,6 +45,16 @@ async def test_publish_reaches_channel_and_pattern_subscribers() -> None:
         assert await kv.execute("pubsub", "numpat") == 0
 
 
+async def test_the_typed_methods() -> None:
+    async with kvmemo.open_store(shards=2) as kv, kv.subscribe("a", patterns=["b*"]) as sub:
+        assert await kv.publish("a", b"\x00bytes") == 1
+        assert await sub.get() == Message(b"a", b"\x00bytes")
+        assert await kv.pubsub_channels() == [b"a"]
+        assert await kv.pubsub_channels("z*") == []
+        assert await kv.pubsub_numsub("a", "b") == {b"a": 1, b"b": 0}
+        assert await kv.pubsub_numpat() == 1
+
+
 async def test_subscription_counts_follow_redis() -> None:
     async with kvmemo.open_store(shards=1) as kv, kv.subscribe() as sub:
         assert await sub.subscribe("a", "b", "a") == 2  # again is a no-op
