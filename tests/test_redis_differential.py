@@ -304,11 +304,14 @@ class Pair:
         assert r[0] == k[0] == b"+OK\r\n"
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
-    """The ports of Redis and of KVMemo's Redis port, both stopped at the end of the module."""
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis"))
-    kvmemo = KVMemoPort()
+@contextlib.contextmanager
+def redis_and_kvmemo(
+    workdir: Path, redis_args: Sequence[str] = (), tokens: frozenset[str] = frozenset()
+) -> Iterator[tuple[int, int]]:
+    """The ports of a ``redis-server`` (given ``redis_args``) and of KVMemo's Redis port
+    (given ``tokens``), both stopped when the block ends."""
+    redis_server = RedisServer(workdir, redis_args)
+    kvmemo = KVMemoPort(tokens=tokens)
     try:
         redis_server.start()
         kvmemo.start()
@@ -316,6 +319,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int
     finally:
         kvmemo.stop()
         redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """The ports of Redis and of KVMemo's Redis port, both stopped at the end of the module."""
+    with redis_and_kvmemo(tmp_path_factory.mktemp("redis")) as ports:
+        yield ports
 
 
 PASSWORD = "s3cret"  # both servers' password in the AUTH cases
@@ -324,15 +334,9 @@ PASSWORD = "s3cret"  # both servers' password in the AUTH cases
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     """Redis with ``--requirepass`` and KVMemo with the same token, both stopped at the end."""
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis-auth"), ["--requirepass", PASSWORD])
-    kvmemo = KVMemoPort(tokens=frozenset({PASSWORD}))
-    try:
-        redis_server.start()
-        kvmemo.start()
-        yield redis_server.port, kvmemo.port
-    finally:
-        kvmemo.stop()
-        redis_server.stop()
+    workdir = tmp_path_factory.mktemp("redis-auth")
+    with redis_and_kvmemo(workdir, ["--requirepass", PASSWORD], frozenset({PASSWORD})) as ports:
+        yield ports
 
 
 def _connect(ports: tuple[int, int], protocol: int) -> Iterator[Pair]:

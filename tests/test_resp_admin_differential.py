@@ -23,12 +23,11 @@ import attrs
 import pytest
 from test_redis_differential import (  # the servers and how replies are compared
     Case,
-    KVMemoPort,
     Pair,
-    RedisServer,
     _connect,
     _plain,
     case,
+    redis_and_kvmemo,
     run_same_steps,
 )
 
@@ -36,15 +35,8 @@ from test_redis_differential import (  # the servers and how replies are compare
 @pytest.fixture(scope="module")
 def one_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     """Redis with ``--databases 1`` and KVMemo's Redis port, stopped at the end of the module."""
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis-1db"), ["--databases", "1"])
-    kvmemo = KVMemoPort()
-    try:
-        redis_server.start()
-        kvmemo.start()
-        yield redis_server.port, kvmemo.port
-    finally:
-        kvmemo.stop()
-        redis_server.stop()
+    with redis_and_kvmemo(tmp_path_factory.mktemp("redis-1db"), ["--databases", "1"]) as ports:
+        yield ports
 
 
 RESTORE_SLOWLOG = "CONFIG SET slowlog-log-slower-than 10000 slowlog-max-len 128"
