@@ -46,6 +46,22 @@ Results are identical to the embedded store's: JSON strings come back as
 ``bytes`` (bulk strings), except the protocol's simple-string replies
 (``"OK"``, ``"PONG"``, ``type``'s ``"string"``/``"none"``), which stay ``str``.
 
+Publish/subscribe (protocol 1.4): ``async with kv.subscribe("news") as sub``
+gives a :class:`Subscription` with the methods of the embedded store's.
+The server pushes each message as a JSON-RPC notification (a request object
+without ``id``); the reader tells them from responses by that shape and
+hands them to the open subscription, which queues them until :meth:`get`
+takes them. The reader never waits for the subscriber (it also answers the
+other tasks' requests): past ``buffer_limit`` bytes queued (counted as the
+server counts its ``pubsub_buffer_limit``) the subscription ends at once --
+its queued messages are dropped, :meth:`Subscription.get` raises
+:class:`~kvmemo.errors.OverloadedError`, and the client asks the server to
+unsubscribe everything; the connection and every other request go on. One
+subscription block at a time per client: the session's subscriptions are one
+set. A server that finds the client too slow closes the whole connection
+(1008): :meth:`Subscription.get` then raises :class:`DisconnectedError` once
+the messages received before are taken.
+
 Limits: values travel as JSON text, so a ``bytes`` argument must be valid
 UTF-8 (a ``ValueError`` says which one is not), and a stored value that is not
 UTF-8 comes back with U+FFFD in place of its bad bytes (the server's mapping).
@@ -58,6 +74,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar, NoReturn
@@ -72,7 +89,14 @@ from trio_websocket import (
 )
 
 from .api import Arg, Commands, encode_arg
-from .errors import ERROR_KINDS, InternalError, KVMemoError, RequestTimeoutError
+from .engine.pubsub import MESSAGE_OVERHEAD, Message
+from .errors import (
+    ERROR_KINDS,
+    InternalError,
+    KVMemoError,
+    OverloadedError,
+    RequestTimeoutError,
+)
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -80,6 +104,8 @@ __all__ = [
     "Client",
     "ClientStatistics",
     "DisconnectedError",
+    "SUBSCRIPTION_BUFFER_LIMIT",
+    "Subscription",
     "connect",
     "decode_result",
     "encode_params",
@@ -118,6 +144,10 @@ _OK_METHODS = frozenset(
     }
 )
 UNWATCH_GRACE = 5.0  # seconds a watch block's end waits for its unwatch, even when cancelled
+# Bytes of pushed messages a subscription queues (counted as the server's hub
+# counts them); the server's default pubsub_buffer_limit.
+SUBSCRIPTION_BUFFER_LIMIT = 32 * 1024 * 1024
+_PUSH_ARITY = {"message": 2, "pmessage": 3}  # the notifications of protocol 1.4: params
 # Methods whose result is not made of bulk strings: passed through as decoded JSON.
 _JSON_METHODS = frozenset({"info", "debug.actors", "command.list"})
 
@@ -351,6 +381,7 @@ class Client(Commands):
         # run meanwhile (another task's would end the watches; it waits).
         self._watch_lock = trio.Lock()
         self._watch_owner: trio.lowlevel.Task | None = None
+        self._subscription: Subscription | None = None  # the open subscribe block's
 
     # -- the Commands interface ---------------------------------------------------------
 
@@ -463,6 +494,71 @@ class Client(Commands):
             except KVMemoError:
                 pass
 
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        *channels: Arg,
+        patterns: Sequence[Arg] = (),
+        buffer_limit: int = SUBSCRIPTION_BUFFER_LIMIT,
+    ) -> AsyncIterator[Subscription]:
+        """Receive what is published on ``channels`` and on channels matching ``patterns``.
+
+        The embedded store's :meth:`~kvmemo.embedded.Store.subscribe` over the
+        WebSocket (protocol 1.4)::
+
+            async with kv.subscribe("news", patterns=["chat:*"]) as sub:
+                async for message in sub:
+                    print(message.channel, message.data)
+
+        Subscriptions end with the block (``unsubscribe`` and
+        ``punsubscribe`` are sent, even when cancelled). Messages wait in
+        the subscription up to ``buffer_limit`` bytes; past it the
+        subscription ends and iterating raises
+        :class:`~kvmemo.errors.OverloadedError` (the connection lives on).
+        Other tasks' requests go on meanwhile on the same connection.
+
+        Raises:
+            RuntimeError: a subscribe block of this client is already open
+                (one at a time: the session's subscriptions are one set).
+            ValueError: ``buffer_limit`` below 1.
+            KVMemoError: the server refused the subscription (``NOAUTH``, say).
+            DisconnectedError: the connection is lost.
+        """
+        if buffer_limit < 1:
+            raise ValueError(f"buffer_limit must be >= 1, got {buffer_limit}")
+        if self._subscription is not None:
+            raise RuntimeError(
+                "this client already has an open subscribe block: one at a time per "
+                "client (subscribe to more with its subscribe()/psubscribe(), or open "
+                "another connection)"
+            )
+        self._check_open()
+        subscription = Subscription(self, buffer_limit)
+        self._subscription = subscription
+        try:
+            if channels:
+                await subscription.subscribe(*channels)
+            if patterns:
+                await subscription.psubscribe(*patterns)
+            yield subscription
+        finally:
+            try:
+                await self._unsubscribe_all()
+            finally:
+                subscription._close()
+                self._subscription = None
+
+    async def _unsubscribe_all(self) -> None:
+        """Leave every channel and pattern, even when cancelled (a lost session has none)."""
+        if self.closed:
+            return
+        grace = min(self._deadline_seconds(), UNWATCH_GRACE)
+        with trio.CancelScope(shield=True), trio.move_on_after(grace):
+            try:
+                await self.execute_many(("unsubscribe",), ("punsubscribe",))
+            except KVMemoError:
+                pass
+
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands, sent together; errors are returned, not raised.
 
@@ -570,6 +666,14 @@ class Client(Commands):
         payload = {"jsonrpc": _JSONRPC, "id": request_id, "method": method, "params": params}
         return _Request(request_id, slot, payload)
 
+    def _notify_nowait(self, method: str) -> None:
+        """Queue a notification (no answer) with no params, if the outbox has room."""
+        if self._lost is None:
+            try:
+                self._outbox_in.send_nowait({"jsonrpc": _JSONRPC, "method": method, "params": []})
+            except trio.WouldBlock:
+                pass  # the subscribe block's end says it again
+
     async def _enqueue(self, request: _Request) -> None:
         try:
             self._outbox_in.send_nowait(request.payload)
@@ -584,6 +688,8 @@ class Client(Commands):
             if not slot.done.is_set():
                 slot.lost = self._lost
                 slot.done.set()
+        if self._subscription is not None:
+            self._subscription._lose(self._lost)
 
     async def abort(self) -> None:
         """Drop the connection now (chaos tooling): pending requests fail with
@@ -604,7 +710,8 @@ class Client(Commands):
                     queued.append(self._outbox_out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            live = [request for request in queued if request["id"] in self._pending]
+            # Requests whose caller still waits, and notifications (no id).
+            live = [r for r in queued if "id" not in r or r["id"] in self._pending]
             if not live or self._lost is not None:
                 continue
             document: Any = live[0] if len(live) == 1 else live
@@ -647,6 +754,11 @@ class Client(Commands):
         for response in responses:
             if not isinstance(response, dict):
                 return "the server sent a response that is not an object"
+            if "method" in response and "id" not in response:
+                problem = self._on_push(response)  # a notification (protocol 1.4)
+                if problem is not None:
+                    return problem
+                continue
             request_id = response.get("id")
             if request_id is None:
                 # An error the server could not attach to a request (a whole
@@ -659,6 +771,205 @@ class Client(Commands):
             slot.response = response
             slot.done.set()
         return None
+
+    def _on_push(self, push: dict[str, Any]) -> str | None:
+        """Hand a pushed message to the open subscription; the problem, if it is malformed.
+
+        Notifications of methods this version does not know are ignored (a
+        later protocol may add some). Without an open subscribe block the
+        message is dropped (nobody listens: a subscription made with
+        ``execute``, say).
+        """
+        method = push.get("method")
+        arity = _PUSH_ARITY.get(method) if isinstance(method, str) else None
+        if arity is None:
+            return None
+        params = push.get("params")
+        if (
+            not isinstance(params, list)
+            or len(params) != arity
+            or not all(isinstance(p, str) for p in params)
+        ):
+            return f"the server sent a malformed {method!r} notification"
+        subscription = self._subscription
+        if subscription is not None:
+            raw = [p.encode("utf-8", "surrogatepass") for p in params]
+            if arity == 2:
+                subscription._deliver(Message(raw[0], raw[1]))
+            else:
+                subscription._deliver(Message(raw[1], raw[2], raw[0]))
+        return None
+
+
+class Subscription:
+    """One :meth:`Client.subscribe` block: its channels, patterns and messages.
+
+    The methods of the embedded :class:`kvmemo.embedded.Subscription`: the
+    (un)subscribe methods answer Redis's subscription count after the change
+    (a round trip each), :meth:`get` and ``async for`` give
+    :class:`kvmemo.Message` s. Iterate it, or call :meth:`get`, from one task
+    at a time.
+
+    Invariant: ``_bytes`` is the sum of the sizes of the queued messages
+    and never exceeds ``limit``; ``_ready`` is set whenever a message is
+    queued or the subscription is ended (overflowed, lost or closed).
+    """
+
+    def __init__(self, client: Client, limit: int) -> None:
+        self._client = client
+        self.limit = limit
+        self._channels: dict[bytes, None] = {}  # in subscription order
+        self._patterns: dict[bytes, None] = {}
+        self._queue: deque[tuple[Message, int]] = deque()
+        self._bytes = 0
+        self._ready = trio.Event()
+        self._overflowed = False
+        self._lost: str | None = None
+        self._closed = False
+
+    @property
+    def channels(self) -> list[bytes]:
+        """The channels subscribed, in subscription order."""
+        return list(self._channels)
+
+    @property
+    def patterns(self) -> list[bytes]:
+        """The patterns subscribed, in subscription order."""
+        return list(self._patterns)
+
+    async def subscribe(self, *channels: Arg) -> int:
+        """Subscribe to more channels; the subscription count after it."""
+        return await self._change("subscribe", channels)
+
+    async def psubscribe(self, *patterns: Arg) -> int:
+        """Subscribe to more glob patterns (KEYS syntax); the subscription count after it."""
+        return await self._change("psubscribe", patterns)
+
+    async def unsubscribe(self, *channels: Arg) -> int:
+        """Leave ``channels`` (every channel if none named); the subscription count after it."""
+        return await self._change("unsubscribe", channels)
+
+    async def punsubscribe(self, *patterns: Arg) -> int:
+        """Leave ``patterns`` (every pattern if none named); the subscription count after it."""
+        return await self._change("punsubscribe", patterns)
+
+    async def _change(self, method: str, names: tuple[Arg, ...]) -> int:
+        """Send one pub/sub method and follow its replies; the count after it.
+
+        An ended subscription (past its buffer limit, or its block over)
+        stays ended, as the embedded one does: nothing is sent and the
+        answer is 0.
+
+        Raises:
+            KVMemoError: the server's error; DisconnectedError as any request.
+        """
+        if self._overflowed or self._closed:
+            return 0
+        if not names and method in ("subscribe", "psubscribe"):
+            return len(self._channels) + len(self._patterns)  # as the embedded one: nothing to do
+        replies = await self._client.execute(method, *names)
+        if self._overflowed or self._closed:
+            return 0  # ended meanwhile: the server is told to leave everything
+        own = self._patterns if method.startswith("p") else self._channels
+        count: int | None = None
+        for reply in replies if isinstance(replies, list) else [None]:
+            if not (
+                isinstance(reply, list)
+                and len(reply) == 3
+                and isinstance(reply[1], bytes | None)
+                and type(reply[2]) is int
+            ):
+                raise InternalError(f"malformed {method} result from the server: {replies!r}")
+            name, count = reply[1], reply[2]
+            if name is not None:
+                if method.endswith("unsubscribe"):
+                    own.pop(name, None)
+                else:
+                    own[name] = None
+        if count is None:
+            raise InternalError(f"malformed {method} result from the server: {replies!r}")
+        return count
+
+    async def get(self) -> Message:
+        """The next message, waiting for one.
+
+        Raises:
+            OverloadedError: messages came faster than they were taken, past
+                ``buffer_limit``: the subscription ended (the connection did not).
+            DisconnectedError: the connection is lost and every message
+                received before has been taken.
+            trio.EndOfChannel: the subscription's block has ended.
+        """
+        while True:
+            if self._overflowed:
+                raise self._overflow_error()
+            if self._queue:
+                message, size = self._queue.popleft()
+                self._bytes -= size
+                if not self._queue and not self._ended:
+                    self._ready = trio.Event()
+                return message
+            if self._lost is not None:
+                raise DisconnectedError(self._lost)
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._ready.wait()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    # -- the client's side (synchronous) ----------------------------------------------------
+
+    @property
+    def _ended(self) -> bool:
+        return self._overflowed or self._closed or self._lost is not None
+
+    def _deliver(self, message: Message) -> None:
+        if self._ended:
+            return
+        size = MESSAGE_OVERHEAD + len(message.channel) + len(message.data)
+        if message.pattern is not None:
+            size += len(message.pattern)
+        if self._bytes + size > self.limit:
+            # Ended, as the server's hub ends a subscriber past its limit; the
+            # server is told to stop sending (notifications: no answer awaited).
+            self._overflowed = True
+            self._queue.clear()
+            self._bytes = 0
+            self._channels.clear()
+            self._patterns.clear()
+            self._ready.set()
+            self._client._notify_nowait("unsubscribe")
+            self._client._notify_nowait("punsubscribe")
+            return
+        self._queue.append((message, size))
+        self._bytes += size
+        self._ready.set()
+
+    def _lose(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost = reason
+        self._ready.set()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._queue.clear()
+        self._bytes = 0
+        self._channels.clear()
+        self._patterns.clear()
+        self._ready.set()
+
+    def _overflow_error(self) -> OverloadedError:
+        return OverloadedError(
+            f"subscription buffer limit reached ({self.limit} bytes, client side): "
+            "the subscription ended; messages were lost"
+        )
 
 
 def _method_of(name: Arg) -> str:

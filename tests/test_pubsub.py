@@ -255,3 +255,36 @@ def test_hub_matches_a_model(ops: list[tuple[str, int, list[bytes]]]) -> None:
 
 def _order(message: Message) -> tuple[int, bytes]:
     return int(message.data), message.pattern or b""
+
+
+async def test_take_never_strands_a_waiting_task_and_on_end_tells_of_an_overflow() -> None:
+    ended: list[str] = []
+    hub = PubSubHub(limit=3 * (MESSAGE_OVERHEAD + 2))
+    sub = hub.subscriber(on_end=lambda: ended.append("ended"))
+    sub.subscribe([b"c"])
+    woken: list[bool] = []
+
+    async def waiter() -> None:
+        await sub.wait()
+        woken.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sub.take() == []  # another task takes while one waits: the waiter stays parked
+        hub.publish(b"c", b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == [True]
+    assert sub.take() == [Message(b"c", b"x")]
+    assert ended == []
+    for _ in range(3):
+        hub.publish(b"c", b"y")
+    assert ended == []
+    hub.publish(b"c", b"z")  # past the limit: ended, once, and told
+    hub.publish(b"c", b"z")
+    assert ended == ["ended"]
+    with pytest.raises(KVMemoError):
+        sub.take()
+    closing = hub.subscriber(on_end=lambda: ended.append("closed"))
+    closing.close()
+    assert ended == ["ended"]  # the owner's own close is not reported back to it

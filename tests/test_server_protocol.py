@@ -209,7 +209,15 @@ async def test_info_and_admin_methods_answer_in_protocol_shapes() -> None:
             for actor in actors:
                 assert set(actor) == {"name", "state", "restarts", "mailbox"}
             methods = await result(ws, "command.list")
-            assert set(methods) == set(COMMANDS) | {"transaction", "watch", "unwatch"}
+            assert set(methods) == set(COMMANDS) | {
+                "transaction",
+                "watch",
+                "unwatch",
+                "subscribe",
+                "unsubscribe",
+                "psubscribe",
+                "punsubscribe",
+            }
             err = await error(ws, "save")
             assert (err["code"], err["data"]["kind"]) == (-32007, "DISABLED")
             err = await error(ws, "debug.kill", "shard-0")

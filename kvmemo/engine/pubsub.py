@@ -39,7 +39,7 @@ messages or is ended (closed or overflowed).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
@@ -76,9 +76,12 @@ class Subscriber:
     reads its messages from one task at a time.
     """
 
-    def __init__(self, hub: PubSubHub, limit: int) -> None:
+    def __init__(
+        self, hub: PubSubHub, limit: int, on_end: Callable[[], None] | None = None
+    ) -> None:
         self._hub = hub
         self.limit = limit
+        self._on_end = on_end  # called (synchronously, once) when the hub ends it: overflow
         self.channels: dict[bytes, None] = {}  # in subscription order
         self.patterns: dict[bytes, None] = {}
         self._queue: deque[tuple[Message, int]] = deque()
@@ -148,8 +151,8 @@ class Subscriber:
         taken = [message for message, _ in self._queue]
         self._queue.clear()
         self._bytes = 0
-        if not self.closed:
-            self._ready = trio.Event()
+        if not self.closed and self._ready.is_set():
+            self._ready = trio.Event()  # a task waiting on an unset one keeps waiting on it
         return taken
 
     async def wait(self) -> None:
@@ -170,7 +173,7 @@ class Subscriber:
             if self._queue:
                 message, size = self._queue.popleft()
                 self._bytes -= size
-                if not self._queue and not self.closed:
+                if not self._queue and not self.closed and self._ready.is_set():
                     self._ready = trio.Event()
                 return message
             if self.closed:
@@ -213,9 +216,18 @@ class PubSubHub:
         self.messages_published = 0
         self.overflows = 0
 
-    def subscriber(self, limit: int | None = None) -> Subscriber:
-        """A new subscriber with no subscriptions; its owner must close it."""
-        return Subscriber(self, self.limit if limit is None else limit)
+    def subscriber(
+        self, limit: int | None = None, on_end: Callable[[], None] | None = None
+    ) -> Subscriber:
+        """A new subscriber with no subscriptions; its owner must close it.
+
+        ``on_end``: called once, synchronously and inside the publish that
+        overflowed it, when the hub ends the subscriber; it must not raise
+        or block (set an event, cancel a scope). A task waiting in
+        :meth:`Subscriber.wait` is woken anyway; this is for an owner that
+        waits on something else (its socket) meanwhile.
+        """
+        return Subscriber(self, self.limit if limit is None else limit, on_end)
 
     def publish(self, channel: bytes, data: bytes) -> int:
         """Deliver ``data`` on ``channel``; the number of receivers (Redis's PUBLISH reply)."""
@@ -317,3 +329,5 @@ class PubSubHub:
         subscriber._queue.clear()
         subscriber._bytes = 0
         subscriber._ready.set()
+        if subscriber._on_end is not None:
+            subscriber._on_end()

@@ -122,6 +122,7 @@ __all__ = [
     "error_response",
     "error_response_for",
     "error_text",
+    "notification_text",
     "response_text",
     "result_response",
     "text_of",
@@ -411,6 +412,21 @@ def response_text(id: RequestId, result: object) -> str:
             to_json_result(result), separators=_COMPACT, ensure_ascii=False, allow_nan=False
         )
     return '{"jsonrpc":"2.0","id":' + _id_text(id) + ',"result":' + value + "}"
+
+
+def notification_text(method: str, params: Sequence[bytes]) -> str:
+    """The text of a notification the server sends (version 1.4 pushes: ``message``, ``pmessage``).
+
+    ``{"jsonrpc":"2.0","method":METHOD,"params":[...]}``, compact: a JSON-RPC
+    request object without ``id``, which no response has (a response always
+    has an ``id`` member), so a client tells the two apart by shape. Each
+    param is a bulk string, written exactly as :func:`response_text` writes a
+    bulk-string result (UTF-8 decoded with ``errors="replace"``); the text
+    therefore never holds a lone surrogate and can always be sent.
+    """
+    quote = _quote
+    body = ",".join([quote(param.decode("utf-8", errors="replace")) for param in params])
+    return '{"jsonrpc":"2.0","method":' + quote(method) + ',"params":[' + body + "]}"
 
 
 def error_text(id: RequestId, error: KVMemoError) -> str:

@@ -36,6 +36,31 @@ receive channel, wsproto state and send lock, checked on each use, with a
 fallback to the public one-message API), because its public API has
 neither a non-blocking receive nor a multi-message send.
 
+Publish/subscribe (version 1.4): ``subscribe``, ``psubscribe``,
+``unsubscribe`` and ``punsubscribe`` are session methods, run in the reader
+in order with everything else, on the session's own
+:class:`~kvmemo.engine.pubsub.Subscriber` of the engine's hub (made on
+first use, closed when the session ends however it ends, as its watches
+are). The subscribed session keeps running every other method. A *pusher*
+task, started in the session's nursery by the first subscription, copies
+published messages from the subscriber's bounded outbox into the session's
+outbox as JSON-RPC notifications (``message``, ``pmessage``), one batch at a
+time: it takes the next batch only once the writer has handed the last one
+to the socket (so does the reader, see "Order"). A peer that does not read
+therefore leaves its messages in the hub, where ``pubsub_buffer_limit``
+bounds them; past it the hub ends the subscriber and the session is closed
+with 1008 (other sessions are not affected). A subscribed session is exempt
+from the idle timeout, as Redis exempts its pub/sub clients.
+
+Order: a message (a request or a batch) holding a pub/sub method first
+queues what the hub has already delivered, then holds the pusher back until
+its own answer is queued; so a subscription's response goes out before any
+message it brings, and no message of a channel comes after the response to
+a request that left it. (A batch's answer is one WebSocket message: what is
+published while the batch runs comes after that answer, even on a channel a
+later call of the batch leaves.) Messages of one channel go out in publish
+order (the hub's outbox and the session's are FIFO).
+
 Errors: a client's bad input becomes an error response; a bug of ours in a
 request becomes ``INTERNAL`` for that request and is logged, and the
 session lives on. A failure of the session itself ends that session only;
@@ -56,6 +81,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import TextMessage
 
 from ..commands.table import COMMANDS
+from ..engine.pubsub import Message, Subscriber
 from ..errors import (
     ArityError,
     InternalError,
@@ -72,10 +98,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmemo.session")
 
-# Answered by the session itself, in order with everything else it was sent.
-SESSION_METHODS = frozenset({"auth", "command.list", "transaction", "watch", "unwatch"})
 # Version 1.2 methods that are not commands of the table (the session keeps their state).
 TRANSACTION_METHODS = frozenset({"transaction", "watch", "unwatch"})
+# Version 1.4 methods that are not commands of the table (the session's subscriber).
+PUBSUB_METHODS = frozenset({"subscribe", "unsubscribe", "psubscribe", "punsubscribe"})
+# This port's methods that are not commands of the table.
+OWN_METHODS = TRANSACTION_METHODS | PUBSUB_METHODS
+# Answered by the session itself, in order with everything else it was sent.
+SESSION_METHODS = frozenset({"auth", "command.list"}) | OWN_METHODS
 KEYSPACE_FLAGS = frozenset({"readonly", "write"})  # keyless commands with these touch every key
 DRAIN_RETRY_MS = 1000  # retry_after_ms told to requests arriving during a shutdown
 CLOSE_TIMEOUT = 1.0  # seconds the peer gets to answer our close frame
@@ -182,7 +212,12 @@ class Session:
     last keyspace-wide message, or None; ``_active`` counts the request
     tasks not yet done (their responses queued), plus one while the reader
     holds messages it took and has not dispatched yet, and ``_idle`` is set
-    whenever it is zero.
+    whenever it is zero. ``_queued_total`` and ``_written_total`` count the
+    texts ever queued and ever handed to the socket; ``_push_holds`` counts
+    the messages holding a pub/sub method being answered (the pusher waits
+    while it is not zero). At most one batch of pushes is outside the hub and
+    not yet written: nobody takes from the subscriber while
+    ``_written_total < _push_target``.
     """
 
     def __init__(self, server: Server, ws: WebSocketConnection, sid: int, authed: bool) -> None:
@@ -211,6 +246,15 @@ class Session:
         self._broken = False
         self._group: list[_Unit] = []  # ordinary messages of the current read, not started yet
         self.watches: list[tuple[int, bytes, int]] = []  # WATCH (version 1.2): the engine's counts
+        self._queued_total = 0
+        self._written_total = 0
+        self._written = trio.Event()  # set (and replaced) after each socket write
+        self._nursery: trio.Nursery | None = None  # the session's, while it runs
+        self.subscriber: Subscriber | None = None  # pub/sub (version 1.4), made on first use
+        self._pushing = False  # the pusher task was started
+        self._push_holds = 0
+        self._push_released = trio.Event()
+        self._push_target = 0  # _queued_total after the last batch of pushes
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -219,15 +263,18 @@ class Session:
 
         The session closes its own socket when it is drained: trio-websocket
         completes a close handshake only while the connection's reader task
-        runs, and that task ends with the session. Its watches end with it.
+        runs, and that task ends with the session. Its watches and its
+        subscriptions end with it.
         """
         try:
             await self._run()
         finally:
             self.end_watches()
+            self.end_subscriptions()
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._writer)
             with self._reader:
                 try:
@@ -255,8 +302,8 @@ class Session:
                 with trio.move_on_after(idle_timeout) as idle:
                     message = await ws.get_message()
                 if idle.cancelled_caught:
-                    if self._active:
-                        continue  # not idle: requests are still running
+                    if self._active or self.subscribed:
+                        continue  # not idle: requests are still running, or it listens
                     await ws.aclose(1008, "idle timeout")
                     return
             else:
@@ -327,7 +374,7 @@ class Session:
         calls: list[jsonrpc.Call] = []
         errors = list(decoded.errors)
         for call in decoded.calls:
-            if call.method in COMMANDS or call.method in TRANSACTION_METHODS:
+            if call.method in COMMANDS or call.method in OWN_METHODS:
                 calls.append(call)
             elif not call.notification:
                 # Method names are lower case and case-sensitive on this port
@@ -468,12 +515,26 @@ class Session:
         self, calls: list[jsonrpc.Call], errors: list[jsonrpc.Response], *, is_batch: bool
     ) -> None:
         self._task_started()
+        # A pub/sub method's response goes out before the messages it brings:
+        # the pusher holds back until this message's answer is queued.
+        hold = any(call.method in PUBSUB_METHODS for call in calls)
+        if hold:
+            self._push_holds += 1
         try:
             # Keep the per-key order: everything dispatched before runs first.
             for event in list(self._running):
                 await event.wait()
+            if hold and self.subscriber is not None:
+                # What was published before goes out before (once the last batch is out).
+                await self._wait_pushes_written(self.subscriber)
+                self._push_now(self.subscriber)
             await self._send(await self._inline_responses(calls, errors), is_batch=is_batch)
         finally:
+            if hold:
+                self._push_holds -= 1
+                if not self._push_holds:
+                    self._push_released.set()
+                    self._push_released = trio.Event()
             self._task_done()
 
     async def _inline_responses(
@@ -488,9 +549,11 @@ class Session:
                 result = NoAuthError("authentication required: send auth first")
             elif call.method in TRANSACTION_METHODS:
                 result = await self._transaction_method(call)
+            elif call.method in PUBSUB_METHODS:
+                result = self._pubsub_method(call)
             elif call.method == "command.list" and not call.args:
                 # The table's commands, and this port's own methods.
-                result = sorted(set(COMMANDS) | TRANSACTION_METHODS)
+                result = sorted(set(COMMANDS) | OWN_METHODS)
             else:
                 try:
                     result = await self.server.engine.execute(call.method, call.args)
@@ -560,6 +623,107 @@ class Session:
             self.server.engine.unwatch(self.watches)
             self.watches = []
 
+    # -- publish/subscribe (version 1.4) ---------------------------------------------------
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the session is subscribed to a channel or a pattern."""
+        return self.subscriber is not None and self.subscriber.count > 0
+
+    def _pubsub_method(self, call: jsonrpc.Call) -> Any:
+        """A pub/sub method: one ``[kind, name, count]`` per name (Redis's replies), or the error.
+
+        Synchronous. The message holding it holds the pusher back (see the
+        module docstring, "Order").
+        """
+        method = call.method
+        if method in ("subscribe", "psubscribe") and not call.args:
+            return ArityError(f"wrong number of arguments for '{method}' command")
+        subscriber = self.subscriber
+        if subscriber is None:
+            subscriber = self.subscriber = self.server.engine.pubsub.subscriber(
+                on_end=self._subscriber_ended
+            )
+        replies: list[tuple[bytes, int]] | list[tuple[bytes | None, int]]
+        if method == "subscribe":
+            replies = subscriber.subscribe(call.args)
+        elif method == "psubscribe":
+            replies = subscriber.psubscribe(call.args)
+        elif method == "unsubscribe":
+            replies = subscriber.unsubscribe(call.args)
+        else:
+            replies = subscriber.punsubscribe(call.args)
+        if subscriber.count and not self._pushing:
+            assert self._nursery is not None  # pub/sub methods run in the reader, in _run
+            self._pushing = True
+            self._nursery.start_soon(self._pusher, subscriber)
+        return [[method, name, count] for name, count in replies]
+
+    def _subscriber_ended(self) -> None:
+        """The hub's ``on_end`` (an overflow): wake whoever waits for pushes to be written."""
+        self._written.set()
+        self._written = trio.Event()
+
+    def _push_now(self, subscriber: Subscriber) -> None:
+        """Queue every message the hub has delivered to ``subscriber``, as notifications.
+
+        Nothing when the subscriber is ended. Callers first wait for the last
+        batch to be written (:meth:`_wait_pushes_written`). Called by the
+        reader too (before answering a pub/sub method), while the pusher may
+        be parked in :meth:`Subscriber.wait` (which a take never strands).
+        """
+        if subscriber.pending_bytes and not subscriber.ended:
+            messages = subscriber.take()
+            if messages:
+                self._queue([_push_text(message) for message in messages])
+                self._push_target = self._queued_total
+
+    async def _wait_pushes_written(self, subscriber: Subscriber) -> None:
+        """Wait until the last batch of pushes is in the socket (or the subscriber is ended).
+
+        Backpressure: meanwhile the next messages stay in the hub, bounded
+        by its limit. An overflow ends the wait at once: the hub's ``on_end``
+        hook sets ``_written`` (:meth:`_subscriber_ended`).
+        """
+        while self._written_total < self._push_target and not self._broken and not subscriber.ended:
+            await self._written.wait()
+
+    async def _pusher(self, subscriber: Subscriber) -> None:
+        """Copy published messages into the outbox, no faster than the socket takes them.
+
+        Ends when the subscriber is closed (the session ends) or overflowed
+        (then it closes the session with 1008).
+        """
+        while True:
+            await subscriber.wait()
+            if subscriber.overflowed:
+                self._pubsub_overflowed(subscriber)
+                return
+            if subscriber.closed:
+                return
+            if self._push_holds:  # a pub/sub method is being answered
+                await self._push_released.wait()
+            elif self._written_total < self._push_target and not self._broken:
+                await self._wait_pushes_written(subscriber)
+            else:
+                self._push_now(subscriber)
+
+    def _pubsub_overflowed(self, subscriber: Subscriber) -> None:
+        """The hub ended the subscriber (a peer slower than its messages): close with 1008."""
+        log.warning(
+            "session %d: pub/sub output buffer limit (%d bytes) reached: closing it",
+            self.id,
+            subscriber.limit,
+        )
+        if self._close is None:
+            self._close = (1008, f"pub/sub output buffer limit reached ({subscriber.limit} bytes)")
+        self._reader.cancel()
+
+    def end_subscriptions(self) -> None:
+        """Leave every channel and pattern (synchronous: safe when the session is closing)."""
+        if self.subscriber is not None:
+            self.subscriber.close()
+
     def _auth(self, args: tuple[bytes, ...]) -> Any:
         tokens = self.server.config.tokens
         if not tokens:
@@ -584,6 +748,7 @@ class Session:
             if text is not None:
                 self._outbox.append(text)
                 self._outbox_bytes += len(text)
+                self._queued_total += 1
                 queued = True
         if queued:
             self._flushed = trio.Event() if self._flushed.is_set() else self._flushed
@@ -607,8 +772,18 @@ class Session:
                 self._flushed.set()
                 return
             self.server.messages_out.inc(len(texts))
+            self._written_total += len(texts)
+            self._written.set()
+            self._written = trio.Event()
             if not self._outbox:
                 self._flushed.set()
+
+
+def _push_text(message: Message) -> str:
+    """The notification pushing one published message (version 1.4)."""
+    if message.pattern is None:
+        return jsonrpc.notification_text("message", (message.channel, message.data))
+    return jsonrpc.notification_text("pmessage", (message.pattern, message.channel, message.data))
 
 
 class _Unit:

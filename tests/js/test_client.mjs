@@ -521,6 +521,132 @@ test("a malformed transaction call rejects with TypeError and nothing is sent", 
   assert.equal(ws.sent.length, 0);
 });
 
+test("subscribe and psubscribe send their requests and route pushed messages to their callbacks", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const got = [];
+  const events = [];
+  const errors = [];
+  client.addEventListener("message", (ev) => events.push(ev.detail));
+  client.onerror = (ev) => errors.push(ev.detail.error);
+  const sub = client.subscribe("news", (data, channel, pattern) => got.push(["news-cb", data, channel, pattern]));
+  const psub = client.psubscribe(["n*", "x?"], (data, channel, pattern) => got.push(["pat-cb", data, channel, pattern]));
+  await tick();
+  assert.deepEqual(
+    ws.sent[0].map((r) => [r.method, r.params]),
+    [
+      ["subscribe", ["news"]],
+      ["psubscribe", ["n*", "x?"]],
+    ],
+  );
+  const [r1, r2] = ws.sent[0];
+  ws.serverSend([
+    {jsonrpc: "2.0", id: r1.id, result: [["subscribe", "news", 1]]},
+    {jsonrpc: "2.0", id: r2.id, result: [["psubscribe", "n*", 2], ["psubscribe", "x?", 3]]},
+  ]);
+  assert.deepEqual(await sub, [["subscribe", "news", 1]]);
+  assert.deepEqual(await psub, [["psubscribe", "n*", 2], ["psubscribe", "x?", 3]]);
+  assert.deepEqual(client.channels, ["news"]);
+  assert.deepEqual(client.patterns, ["n*", "x?"]);
+  ws.serverSend({jsonrpc: "2.0", method: "message", params: ["news", "hello"]});
+  ws.serverSend([{jsonrpc: "2.0", method: "pmessage", params: ["n*", "news", "hello"]}]);
+  ws.serverSend({jsonrpc: "2.0", method: "message", params: ["other", "nobody listens"]});
+  ws.serverSend({jsonrpc: "2.0", method: "future-push", params: [1]}); // a later version's: ignored
+  assert.deepEqual(got, [
+    ["news-cb", "hello", "news", null],
+    ["pat-cb", "hello", "news", "n*"],
+  ]);
+  assert.deepEqual(events, [
+    {channel: "news", data: "hello", pattern: null},
+    {channel: "news", data: "hello", pattern: "n*"},
+    {channel: "other", data: "nobody listens", pattern: null},
+  ]);
+  assert.deepEqual(errors, [], "a notification is not an orphan error");
+  ws.serverSend({jsonrpc: "2.0", method: "message", params: ["news"]});
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0].kind, "BAD_RESPONSE");
+});
+
+test("unsubscribe drops the callbacks at once and sends the names; with none, every one", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const got = [];
+  client.subscribe(["a", "b", "c"], (data, channel) => got.push(channel));
+  client.psubscribe("p*", (data, channel) => got.push(`p:${channel}`));
+  await tick();
+  ws.replyAll(() => []);
+  const one = client.unsubscribe("a");
+  const rest = client.unsubscribe();
+  const pats = client.punsubscribe();
+  assert.deepEqual(client.channels, []);
+  assert.deepEqual(client.patterns, []);
+  ws.serverSend({jsonrpc: "2.0", method: "message", params: ["b", "late"]});
+  assert.deepEqual(got, []);
+  await tick();
+  assert.deepEqual(
+    ws.sent[1].map((r) => [r.method, r.params]),
+    [
+      ["unsubscribe", ["a"]],
+      ["unsubscribe", []],
+      ["punsubscribe", []],
+    ],
+  );
+  ws.replyAll((r) => [[r.method, null, 0]]);
+  assert.deepEqual(await rest, [["unsubscribe", null, 0]]);
+  await one;
+  await pats;
+});
+
+test("a refused subscribe rejects and forgets its callback; bad arguments reject before sending", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const refused = client.subscribe("news", () => {});
+  await tick();
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[0].id, error: {code: -32001, message: "authentication required", data: {kind: "NOAUTH"}}});
+  await assert.rejects(refused, (e) => e instanceof KVMemoError && e.kind === "NOAUTH");
+  assert.deepEqual(client.channels, []);
+  await assert.rejects(client.subscribe([], () => {}), TypeError);
+  await assert.rejects(client.subscribe("news"), TypeError);
+  await assert.rejects(client.psubscribe({}, () => {}), TypeError);
+  await tick();
+  assert.equal(ws.sent.length, 1);
+});
+
+test("after a reconnection the new session subscribes again to every channel and pattern", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const got = [];
+  client.subscribe(["a", "b"], (data) => got.push(data));
+  client.psubscribe("p*", (data) => got.push(`p:${data}`));
+  await tick();
+  ws.replyAll(() => []);
+  ws.serverClose(1008, "pub/sub output buffer limit reached");
+  await sleep(15);
+  const ws2 = lastSocket();
+  ws2.serverOpen();
+  await tick();
+  assert.deepEqual(
+    ws2.sent.flat().map((r) => [r.method, r.params]),
+    [
+      ["subscribe", ["a", "b"]],
+      ["psubscribe", ["p*"]],
+    ],
+  );
+  ws2.replyAll(() => []);
+  ws2.serverSend({jsonrpc: "2.0", method: "message", params: ["a", "again"]});
+  assert.deepEqual(got, ["again"]);
+});
+
+test("publish sends its channel and message", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const p = client.publish("news", 42);
+  await tick();
+  assert.deepEqual([ws.sent[0].method, ws.sent[0].params], ["publish", ["news", "42"]]);
+  ws.replyAll(() => 3);
+  assert.equal(await p, 3);
+});
+
 // ---- runner ----
 
 const TEST_TIMEOUT_MS = 2000; // a test that hangs (a promise never settled) fails

@@ -5,7 +5,9 @@
  * EventTarget, and in Node >= 20 when given a WebSocket implementation
  * (`WebSocketImpl` option). Speaks PROTOCOL.md version 1: JSON-RPC 2.0 over
  * one WebSocket, subprotocol "kvmemo.v1"; with a server of version 1.2, also
- * transactions (`transaction`, `watch`, `unwatch`).
+ * transactions (`transaction`, `watch`, `unwatch`); of version 1.4, also
+ * publish/subscribe (`subscribe`, `psubscribe`, `unsubscribe`, `punsubscribe`,
+ * `publish`).
  *
  *     import {KVMemoClient} from "/static/kvmemo.js";
  *     const kv = await KVMemoClient.connect("/ws");
@@ -53,6 +55,20 @@
  * reply has arrived yet, when exactly one such message exists; otherwise it is
  * reported as an "error" event only.
  *
+ * Publish/subscribe (version 1.4). The server pushes each message as a
+ * JSON-RPC notification (an object with "method" and no "id"):
+ * `{"jsonrpc": "2.0", "method": "message", "params": [channel, data]}` or
+ * `{..., "method": "pmessage", "params": [pattern, channel, data]}`. The client
+ * calls the callback given to `subscribe` for that channel (or to
+ * `psubscribe` for that pattern) as `onMessage(data, channel, pattern)`
+ * (`pattern` null for a channel's own message) and dispatches a "message"
+ * event. A subscribed session keeps running every other call. Subscriptions
+ * belong to the server session, so after a reconnection the client subscribes
+ * again to every channel and pattern that has a callback (messages published
+ * while it was away are lost, as pub/sub keeps nothing). A server that finds
+ * the client too slow to read its messages closes the socket with 1008
+ * (reconnection then subscribes again).
+ *
  * Errors. Server errors reject with KVMemoError {code, kind, data} as in
  * PROTOCOL.md ("Errors"). Errors made on this side have code null and one of
  * the kinds in `ClientErrorKind`.
@@ -63,6 +79,8 @@
  *   "reconnecting"  {attempt, delayMs}           a reconnection is scheduled
  *   "error"         {error}                      something went wrong that
  *                                                no call can be told about
+ *   "message"       {channel, data, pattern}     a published message arrived
+ *                                                (pattern null unless psubscribed)
  * Each event is a KVMemoEvent whose `detail` holds the fields above.
  */
 
@@ -325,6 +343,7 @@ export class KVMemoClient extends EventTarget {
   /** @type {((ev: KVMemoEvent) => void) | null} */ onclose = null;
   /** @type {((ev: KVMemoEvent) => void) | null} */ onerror = null;
   /** @type {((ev: KVMemoEvent) => void) | null} */ onreconnecting = null;
+  /** @type {((ev: KVMemoEvent) => void) | null} */ onmessage = null;
   /** Resolves (to the client) once the first connection is open and authenticated. */
   ready;
 
@@ -355,6 +374,10 @@ export class KVMemoClient extends EventTarget {
   #resolveReady;
   #rejectReady;
   #closedWaiters = [];
+  /** @type {Map<string, Function>} channel -> callback of `subscribe` */
+  #channelHandlers = new Map();
+  /** @type {Map<string, Function>} pattern -> callback of `psubscribe` */
+  #patternHandlers = new Map();
 
   /**
    * Opens the connection at once; await `client.ready` (or use the static
@@ -706,6 +729,149 @@ export class KVMemoClient extends EventTarget {
     return this.call("unwatch");
   }
 
+  // ---- publish/subscribe (version 1.4) ----
+
+  /**
+   * `SUBSCRIBE channel [channel ...]`: `onMessage(data, channel, null)` is
+   * called for every message published on these channels, until `unsubscribe`.
+   * One callback per channel: subscribing again replaces it. Also
+   * `subscribe(["a", "b"], fn)`.
+   *
+   *     await kv.subscribe("news", (data, channel) => console.log(channel, data));
+   *
+   * The reply comes before any message of these channels. Messages are
+   * strings, decoded by the server as UTF-8 (bad bytes become U+FFFD).
+   *
+   * @param {string|string[]} channels one name or an array of them (at least one)
+   * @param {(data: string, channel: string, pattern: null) => void} onMessage
+   * @returns {Promise<Array<[string, string, number]>>} one `["subscribe", channel, count]`
+   *   per channel: `count` is the session's subscriptions after it (channels and patterns)
+   * @throws {TypeError} (as a rejection) no channel, a bad name, or no callback
+   */
+  subscribe(channels, onMessage) {
+    return this.#subscribe("subscribe", this.#channelHandlers, channels, onMessage);
+  }
+
+  /**
+   * `PSUBSCRIBE pattern [pattern ...]`: `onMessage(data, channel, pattern)` for
+   * every message published on a channel matching one of the glob patterns
+   * (Redis's syntax: `*`, `?`, `[a-z]`). A channel that matches a pattern and is
+   * also subscribed gets its message twice, once per callback, as in Redis.
+   *
+   * @param {string|string[]} patterns
+   * @param {(data: string, channel: string, pattern: string) => void} onMessage
+   * @returns {Promise<Array<[string, string, number]>>} one `["psubscribe", pattern, count]` each
+   */
+  psubscribe(patterns, onMessage) {
+    return this.#subscribe("psubscribe", this.#patternHandlers, patterns, onMessage);
+  }
+
+  /**
+   * `UNSUBSCRIBE [channel ...]`: stop receiving these channels (every channel
+   * when none is named); their callbacks are dropped at once. No message of a
+   * channel comes after the reply that left it.
+   *
+   * @returns {Promise<Array<[string, string|null, number]>>} one `["unsubscribe", channel, count]`
+   *   per channel left, or `[["unsubscribe", null, count]]` when there was none
+   */
+  unsubscribe(...channels) {
+    return this.#unsubscribe("unsubscribe", this.#channelHandlers, channels);
+  }
+
+  /** `PUNSUBSCRIBE [pattern ...]`: `unsubscribe` for the patterns of `psubscribe`. */
+  punsubscribe(...patterns) {
+    return this.#unsubscribe("punsubscribe", this.#patternHandlers, patterns);
+  }
+
+  /** `PUBLISH channel message` → the number of subscribers that received it. */
+  publish(channel, message) {
+    return this.#try(() => this.call("publish", asString("channel", channel), asString("message", message)));
+  }
+
+  /** The channels with a callback, in subscription order. */
+  get channels() {
+    return [...this.#channelHandlers.keys()];
+  }
+
+  /** The patterns with a callback, in subscription order. */
+  get patterns() {
+    return [...this.#patternHandlers.keys()];
+  }
+
+  #subscribe(method, handlers, names, onMessage) {
+    return this.#try(() => {
+      const what = method === "subscribe" ? "channel" : "pattern";
+      const list = [names].flat().map((name) => asString(what, name));
+      if (list.length === 0) throw new TypeError(`${method} needs at least one ${what}`);
+      if (typeof onMessage !== "function") {
+        throw new TypeError(`${method}: onMessage must be a function, got ${onMessage === null ? "null" : typeof onMessage}`);
+      }
+      // Set before sending: the server may push a message right after its reply.
+      for (const name of list) handlers.set(name, onMessage);
+      return this.call(method, ...list).catch((error) => {
+        for (const name of list) if (handlers.get(name) === onMessage) handlers.delete(name);
+        throw error;
+      });
+    });
+  }
+
+  #unsubscribe(method, handlers, names) {
+    return this.#try(() => {
+      const what = method === "unsubscribe" ? "channel" : "pattern";
+      const list = names.flat().map((name) => asString(what, name));
+      if (list.length === 0) handlers.clear();
+      for (const name of list) handlers.delete(name);
+      return this.call(method, ...list);
+    });
+  }
+
+  // A pushed message (a notification from the server): to its callback and as an event.
+  #onPush(push) {
+    const {method, params} = push;
+    const arity = method === "message" ? 2 : method === "pmessage" ? 3 : 0;
+    if (arity === 0) return; // a notification of a later version: ignored
+    if (!Array.isArray(params) || params.length !== arity || !params.every((p) => typeof p === "string")) {
+      this.#emit("error", {
+        error: new KVMemoError(`malformed '${method}' notification: ${JSON.stringify(push)}`, {
+          kind: ClientErrorKind.BAD_RESPONSE,
+        }),
+      });
+      return;
+    }
+    const [pattern, channel, data] = arity === 2 ? [null, ...params] : params;
+    const handler = pattern === null ? this.#channelHandlers.get(channel) : this.#patternHandlers.get(pattern);
+    if (handler !== undefined) {
+      try {
+        handler.call(this, data, channel, pattern);
+      } catch (err) {
+        // Like a DOM event handler: report, do not break the client.
+        queueMicrotask(() => {
+          throw err;
+        });
+      }
+    }
+    this.#emit("message", {channel, data, pattern});
+  }
+
+  // After a reconnection: the new session subscribes to what has a callback.
+  #resubscribe() {
+    for (const [method, handlers] of [
+      ["subscribe", this.#channelHandlers],
+      ["psubscribe", this.#patternHandlers],
+    ]) {
+      if (handlers.size === 0) continue;
+      this.call(method, ...handlers.keys()).catch((error) => {
+        this.#emit("error", {
+          error: new KVMemoError(`${method} again after a reconnection failed: ${error.message}`, {
+            code: error.code,
+            kind: error.kind,
+            data: error.data,
+          }),
+        });
+      });
+    }
+  }
+
   // ---- internals ----
 
   // Runs a call builder, turning a synchronous argument error into a rejection.
@@ -857,6 +1023,7 @@ export class KVMemoClient extends EventTarget {
     this.#everOpened = true;
     this.#attempt = 0;
     this.#resolveReady(this);
+    if (reconnected) this.#resubscribe();
     this.#flush();
     this.#emit("open", {reconnected});
   }
@@ -894,6 +1061,10 @@ export class KVMemoClient extends EventTarget {
           kind: ClientErrorKind.BAD_RESPONSE,
         }),
       });
+      return;
+    }
+    if (!("id" in response) && typeof response.method === "string") {
+      this.#onPush(response); // a notification: a pushed message (version 1.4)
       return;
     }
     if (response.id === null || response.id === undefined) {
