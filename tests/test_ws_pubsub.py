@@ -477,3 +477,18 @@ async def test_a_lost_connection_ends_the_subscription_after_what_was_received(
                 await sub.get()
             with pytest.raises(DisconnectedError):
                 await sub.subscribe("d")
+
+
+def test_publish_is_a_barrier_of_its_session() -> None:
+    """A pipelined ``set`` then ``publish``: the publish waits for the set, as in Redis's
+    one-connection order, so a subscriber told of a write can read it (the session's
+    per-key order alone would not hold a keyless command back)."""
+    from kvmemo.server.jsonrpc import Call
+    from kvmemo.server.session import _keys_of
+
+    def call(method: str, *args: bytes) -> Call:
+        return Call(id=1, method=method, args=list(args), notification=False, index=0)
+
+    assert _keys_of([call("publish", b"ch", b"k changed")]) == (set(), True)
+    assert _keys_of([call("pubsub", b"numpat")]) == (set(), False)
+    assert _keys_of([call("set", b"k", b"v")]) == ({b"k"}, False)

@@ -31,7 +31,7 @@ PUBSUB_HELP = [
 ]
 
 
-@command("publish", 3, "fast", NOKEYS, "post a message to a channel", "1.4")
+@command("publish", 3, "fast ordered", NOKEYS, "post a message to a channel", "1.4")
 def _publish(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
     return ServerCall("publish", (args[0], args[1]))
 

@@ -107,7 +107,10 @@ class Command:
     Attributes:
         name: lower-case name (the JSON-RPC method, the RESP command name).
         arity: Redis arity counting the name; negative: at least ``-arity``.
-        flags: ``write``, ``readonly``, ``fast``, ``admin``, ``chaos``, ``connection``.
+        flags: ``write``, ``readonly``, ``fast``, ``admin``, ``chaos``, ``connection``;
+            ``ordered``: keyless, yet it must take effect after everything its
+            session sent before it (PUBLISH: a subscriber told of a write can
+            read it), so the WebSocket session runs it as a barrier.
         first_key, last_key, key_step: 1-based key positions as Redis's
             COMMAND reports them (last_key -1: through the last argument).
         parse: arguments (without the name) → operation.

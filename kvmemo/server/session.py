@@ -11,9 +11,10 @@ Ordering: requests of one session that touch the same key take effect in
 sending order. At dispatch the reader records, per key, the completion
 event of the last message touching it (``_tails``); a new message's task
 first waits for the events of its keys, then runs. A command that reads or
-writes the whole keyspace (``flushall``, ``dbsize``, ``keys``, ``scan``) is
-a barrier: it waits for everything dispatched before it, and everything
-dispatched after it waits for it. Within one message,
+writes the whole keyspace (``flushall``, ``dbsize``, ``keys``, ``scan``), or
+that must follow the session's earlier writes (``publish``: whoever it tells
+of a write can read it), is a barrier: it waits for everything dispatched
+before it, and everything dispatched after it waits for it. Within one message,
 :meth:`KVEngine.execute_many` keeps the order per key. Messages on other
 keys never wait for each other.
 
@@ -106,7 +107,9 @@ PUBSUB_METHODS = frozenset({"subscribe", "unsubscribe", "psubscribe", "punsubscr
 OWN_METHODS = TRANSACTION_METHODS | PUBSUB_METHODS
 # Answered by the session itself, in order with everything else it was sent.
 SESSION_METHODS = frozenset({"auth", "command.list"}) | OWN_METHODS
-KEYSPACE_FLAGS = frozenset({"readonly", "write"})  # keyless commands with these touch every key
+# Keyless commands with these flags are barriers: they touch every key, or
+# (``ordered``: PUBLISH) must come after everything the session sent before.
+KEYSPACE_FLAGS = frozenset({"readonly", "write", "ordered"})
 DRAIN_RETRY_MS = 1000  # retry_after_ms told to requests arriving during a shutdown
 CLOSE_TIMEOUT = 1.0  # seconds the peer gets to answer our close frame
 DRAIN_MAX = 256  # messages the reader takes in one go
