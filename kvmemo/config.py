@@ -137,6 +137,9 @@ class StoreConfig:
             have waiting (not yet written to it); a publish past it ends the
             subscriber (its connection is closed), as Redis's
             ``client-output-buffer-limit pubsub`` hard limit does.
+        pubsub_max_subscriptions: channels plus patterns one subscriber may
+            have (each costs about 400 bytes, outside ``maxmemory``); a
+            subscribe past it is refused with TOO_LARGE.
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)
@@ -166,6 +169,7 @@ class StoreConfig:
     scan_snapshots: int = attrs.field(default=64, validator=_at_least_one)
     fsync_method: str = "fsync"
     pubsub_buffer_limit: int = attrs.field(default=32 * 1024 * 1024, converter=_pubsub_limit)
+    pubsub_max_subscriptions: int = attrs.field(default=100_000, validator=_at_least_one)
 
     def __attrs_post_init__(self) -> None:
         if self.shards > 16384:

@@ -253,6 +253,13 @@ SETTINGS: list[Setting] = [
         "bytes of published messages a subscriber may have waiting before it is dropped (32MiB)",
     ),
     Setting(
+        "pubsub_max_subscriptions",
+        "store",
+        "pubsub_max_subscriptions",
+        _int,
+        "channels plus patterns one subscriber may have (100000)",
+    ),
+    Setting(
         "scan_snapshots",
         "store",
         "scan_snapshots",

@@ -96,6 +96,8 @@ def test_the_pubsub_buffer_limit_is_a_setting() -> None:
     assert resolved([], {}).store.pubsub_buffer_limit == 32 << 20
     assert resolved(["--pubsub-buffer-limit", "1MiB"], {}).store.pubsub_buffer_limit == 1 << 20
     assert resolved([], {"KVMEMO_PUBSUB_BUFFER_LIMIT": "4096"}).store.pubsub_buffer_limit == 4096
+    assert resolved([], {}).store.pubsub_max_subscriptions == 100_000
+    assert resolved(["--pubsub-max-subscriptions", "5"], {}).store.pubsub_max_subscriptions == 5
 
 
 def test_supervision_eviction_and_hold_limits_are_settings() -> None:

@@ -53,6 +53,7 @@ POLICIES = "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, vola
         ({"scan_snapshots": 0}, r"^scan_snapshots must be >= 1, got 0$"),
         ({"pubsub_buffer_limit": 0}, r"^pubsub_buffer_limit must be >= 1, got 0$"),
         ({"pubsub_buffer_limit": "lots"}, r"^pubsub_buffer_limit must be a size like 64MiB"),
+        ({"pubsub_max_subscriptions": 0}, r"^pubsub_max_subscriptions must be >= 1, got 0$"),
     ],
 )
 def test_an_invalid_setting_raises_value_error_naming_it(

@@ -288,3 +288,46 @@ async def test_take_never_strands_a_waiting_task_and_on_end_tells_of_an_overflow
     closing = hub.subscriber(on_end=lambda: ended.append("closed"))
     closing.close()
     assert ended == ["ended"]  # the owner's own close is not reported back to it
+
+
+def test_bytes_an_owner_holds_count_against_the_limit() -> None:
+    size = MESSAGE_OVERHEAD + 1 + 10  # one message of 10 bytes on channel "c"
+    hub = PubSubHub(limit=3 * size)
+    sub = hub.subscriber()
+    sub.subscribe([b"c"])
+    hub.publish(b"c", b"0123456789")
+    assert len(sub.take()) == 1
+    assert sub.hold(2 * size)  # the owner took it out and holds it, encoded, twice as big
+    hub.publish(b"c", b"0123456789")  # fits beside what is held
+    assert not sub.ended
+    hub.publish(b"c", b"0123456789")  # held + queued would pass the limit
+    assert sub.overflowed
+    other = hub.subscriber()
+    other.subscribe([b"c"])
+    assert other.hold(3 * size)
+    other.release(3 * size)  # delivered: no longer counted
+    for _ in range(3):
+        hub.publish(b"c", b"0123456789")
+    assert not other.ended
+    assert not other.hold(1)  # the outbox is full: holding more overflows it
+    assert other.overflowed
+
+
+def test_subscriptions_are_bounded_and_patterns_compiled_once() -> None:
+    hub = PubSubHub(max_subscriptions=3)
+    sub = hub.subscriber()
+    assert sub.subscribe([b"a", b"b"]) == [(b"a", 1), (b"b", 2)]
+    with pytest.raises(KVMemoError) as refused:
+        sub.psubscribe([b"x*", b"y*"])  # two more: past the bound, refused whole
+    assert refused.value.kind == "TOO_LARGE"
+    assert (sub.count, hub.numpat()) == (2, 0)
+    assert sub.subscribe([b"a", b"b"]) == [(b"a", 2), (b"b", 2)]  # nothing new: allowed
+    assert sub.psubscribe([b"x*"]) == [(b"x*", 3)]
+    # Many patterns: each compiled once, kept while subscribed (no shared-cache thrash).
+    many = PubSubHub()
+    listener = many.subscriber()
+    listener.psubscribe([b"p%d:*" % i for i in range(600)])
+    assert len(many._matchers) == 600
+    assert many.publish(b"p599:x", b"m") == 1
+    listener.punsubscribe()
+    assert many._matchers == {}

@@ -492,3 +492,91 @@ def test_publish_is_a_barrier_of_its_session() -> None:
     assert _keys_of([call("publish", b"ch", b"k changed")]) == (set(), True)
     assert _keys_of([call("pubsub", b"numpat")]) == (set(), False)
     assert _keys_of([call("set", b"k", b"v")]) == ({b"k"}, False)
+
+
+async def test_a_peer_reset_while_its_reader_waits_for_pushes_ends_the_session() -> None:
+    """The reader waits for a batch of pushes to be written (an unsubscribe must come
+    after them) when the peer resets: the broken writer wakes it, the session ends and
+    leaves its channels (it stayed forever, still subscribed, before the fix)."""
+    import socket
+    import struct
+
+    from trio_websocket import wrap_client_stream
+
+    store = StoreConfig(shards=1, pubsub_buffer_limit=256 * 1024 * 1024)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_node(store, ServerConfig(host="127.0.0.1", port=0, resp=False)) as running:
+            port = running.server.listeners[0].socket.getsockname()[1]
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", port))
+            async with trio.open_nursery() as client_nursery:
+                ws = await wrap_client_stream(
+                    client_nursery, trio.SocketStream(sock), "127.0.0.1", "/ws"
+                )
+                subscribe = {"jsonrpc": "2.0", "id": 1, "method": "subscribe", "params": ["c"]}
+                await ws.send_message(json.dumps(subscribe))
+                assert json.loads(await ws.get_message())["id"] == 1
+                # The client reads no more: the pushes fill the socket buffers.
+                for _ in range(64):  # 16 MiB
+                    assert await publish(running, b"c", b"x" * (256 * 1024)) == 1
+                    await trio.testing.wait_all_tasks_blocked()
+                (session,) = running.server.sessions
+                assert session._written_total < session._push_target  # the writer is stuck
+                leave = {"jsonrpc": "2.0", "id": 2, "method": "unsubscribe", "params": []}
+                await ws.send_message(json.dumps(leave))
+                await trio.testing.wait_all_tasks_blocked()
+                assert session._push_holds == 1  # the reader waits for the pushes
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client_nursery.cancel_scope.cancel()
+                sock.close()
+            await session._ended.wait()
+            assert session not in running.server.sessions
+            assert running.engine.pubsub.numsub([b"c"]) == [(b"c", 0)]
+
+
+async def test_messages_keep_flowing_while_a_subscribe_waits_for_an_earlier_request() -> None:
+    """A ``subscribe`` queued behind a slow request holds the pushes back only once it
+    runs: a subscriber that reads promptly is not dropped as a slow one meanwhile."""
+    store = StoreConfig(shards=1, pubsub_buffer_limit=64 * 1024)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_node(store, ServerConfig(host="127.0.0.1", port=0, resp=False)) as running:
+            engine = running.engine
+            original = engine.execute_many
+            release = trio.Event()
+
+            async def execute_many(calls: Any) -> list[Any]:
+                if any(args and args[0] == b"slow" for _, args in calls):
+                    await release.wait()  # a slow shard (restarting, holding, ...)
+                return await original(calls)
+
+            engine.execute_many = execute_many  # type: ignore[method-assign]
+            pushed: list[str] = []
+            async with open_websocket_url(running.url) as ws:
+                raw = Raw(ws)
+
+                async def read() -> None:
+                    while True:
+                        try:
+                            message = await raw.receive()
+                        except ConnectionClosed:  # the test closes it
+                            return
+                        if "id" not in message:
+                            pushed.append(message["params"][1])
+
+                assert await raw.result("subscribe", "c") == [["subscribe", "c", 1]]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read)
+                    await raw.send({"jsonrpc": "2.0", "id": 2, "method": "get", "params": ["slow"]})
+                    await raw.send(
+                        {"jsonrpc": "2.0", "id": 3, "method": "subscribe", "params": ["d"]}
+                    )
+                    await trio.testing.wait_all_tasks_blocked()
+                    for i in range(100):  # 100 KB in all, past the 64 KiB limit
+                        assert await publish(running, b"c", b"m%04d" % i + b"x" * 1000) == 1
+                        await trio.testing.wait_all_tasks_blocked()  # the reader takes them
+                    assert engine.pubsub.overflows == 0
+                    assert len(pushed) == 100
+                    release.set()
+                    await trio.testing.wait_all_tasks_blocked()
+                    await ws.aclose()

@@ -48,7 +48,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["glob_match", "is_match_all"]
+__all__ = ["compile_glob", "glob_match", "is_match_all"]
 
 _CACHE_SIZE: Final = 256  # compiled patterns kept, per (pattern, nocase)
 
@@ -180,6 +180,21 @@ def _to_regex(tokens: list[_Token]) -> bytes:
 def _compile(pattern: bytes, nocase: bool) -> Callable[[bytes], re.Match[bytes] | None]:
     regex = _to_regex(_tokenize(pattern, nocase))
     return re.compile(regex, re.DOTALL).fullmatch
+
+
+def compile_glob(pattern: bytes) -> Callable[[bytes], bool]:
+    """A matcher of the Redis glob ``pattern``, compiled now and outside the cache.
+
+    For a caller that keeps many patterns for long (pub/sub's PSUBSCRIBE):
+    the shared cache holds :data:`_CACHE_SIZE` patterns, and matching more
+    than that in turn would recompile every one on every use.
+    """
+    fullmatch = re.compile(_to_regex(_tokenize(pattern, False)), re.DOTALL).fullmatch
+
+    def matches(subject: bytes) -> bool:
+        return fullmatch(subject) is not None
+
+    return matches
 
 
 def glob_match(pattern: bytes, subject: bytes, *, nocase: bool = False) -> bool:

@@ -176,7 +176,7 @@ class KVEngine:
     def __init__(self, config: StoreConfig, metrics: MetricsRegistry | None = None) -> None:
         self.config = config
         # Pub/sub (PUBLISH, PUBSUB; the front ends' subscribers): apart from the keyspace.
-        self.pubsub = PubSubHub(config.pubsub_buffer_limit)
+        self.pubsub = PubSubHub(config.pubsub_buffer_limit, config.pubsub_max_subscriptions)
         self.slots = SlotMap(config.shards)
         self.tracker = MemoryTracker(
             config.maxmemory,

@@ -11,13 +11,19 @@ subscriber) takes the messages out and writes them in its own task. A slow
 receiver therefore never slows a publisher or the other receivers.
 
 Limits. A subscriber's outbox holds at most ``limit`` bytes (each message
-counts its channel, pattern and payload bytes plus :data:`MESSAGE_OVERHEAD`).
-A publish that would pass it *overflows* the subscriber instead: its queued
+counts its channel, pattern and payload bytes plus :data:`MESSAGE_OVERHEAD`),
+together with what its owner took out and has not delivered yet, counted as
+the owner encodes it (:meth:`Subscriber.hold`: a WebSocket session holds a
+taken batch as JSON text until its socket took it). A publish that would
+pass it *overflows* the subscriber instead: its queued
 messages are dropped, it leaves every channel and pattern at once, and its
 owner ends it (the Redis port and the WebSocket server close the
 connection, as Redis closes a client past ``client-output-buffer-limit
 pubsub``; the embedded subscriber raises :class:`~kvmemo.errors.OverloadedError`).
 Nothing else is affected: the publisher's count includes it, as Redis's does.
+A subscriber has at most ``max_subscriptions`` channels and patterns
+(about 400 bytes each); a subscribe past it is refused whole
+(:class:`~kvmemo.errors.TooLargeError`), changing nothing.
 
 Order. Messages published on one channel reach each of its subscribers in
 publish order (the outbox is FIFO and the publish synchronous). A subscriber
@@ -30,10 +36,12 @@ which must :meth:`~Subscriber.close` it when its client goes (a closed
 subscriber is in no channel and its outbox is empty).
 
 Invariants: ``hub._channels[c]`` holds exactly the open subscribers whose
-``channels`` contain ``c``, and no entry is empty (likewise for patterns);
-a subscriber's ``_bytes`` is the sum of its queued messages' sizes and never
-exceeds its limit; its ``_ready`` event is set whenever it has queued
-messages or is ended (closed or overflowed).
+``channels`` contain ``c``, and no entry is empty (likewise for patterns,
+and ``hub._matchers`` has exactly the keys of ``hub._patterns``); a
+subscriber's ``_bytes`` is the sum of its queued messages' sizes, and
+``_bytes + _held`` never exceeds its limit; its ``count`` never exceeds the
+hub's ``max_subscriptions``; its ``_ready`` event is set whenever it has
+queued messages or is ended (closed or overflowed).
 """
 
 from __future__ import annotations
@@ -44,11 +52,12 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from ..commands.glob import glob_match
-from ..errors import OverloadedError
+from ..commands.glob import compile_glob, glob_match
+from ..errors import OverloadedError, TooLargeError
 
 MESSAGE_OVERHEAD = 64  # bytes counted per queued message besides its byte strings
 DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes: Redis's hard client-output-buffer-limit for pubsub
+DEFAULT_MAX_SUBSCRIPTIONS = 100_000  # channels plus patterns per subscriber
 
 
 @attrs.frozen
@@ -86,6 +95,7 @@ class Subscriber:
         self.patterns: dict[bytes, None] = {}
         self._queue: deque[tuple[Message, int]] = deque()
         self._bytes = 0
+        self._held = 0  # taken by the owner, not yet delivered (see hold)
         self._ready = trio.Event()
         self.overflowed = False
         self.closed = False
@@ -133,12 +143,31 @@ class Subscriber:
         size = MESSAGE_OVERHEAD + len(message.channel) + len(message.data)
         if message.pattern is not None:
             size += len(message.pattern)
-        if self._bytes + size > self.limit:
+        if self._bytes + self._held + size > self.limit:
             self._hub._overflow(self)
             return
         self._queue.append((message, size))
         self._bytes += size
         self._ready.set()
+
+    def hold(self, nbytes: int) -> bool:
+        """Count ``nbytes`` the owner took out and has not delivered yet against the limit.
+
+        Returns False, and overflows the subscriber, when they do not fit
+        beside what is queued: the owner then ends it as for any overflow.
+        The owner gives them back with :meth:`release` once delivered.
+        """
+        if self.ended:
+            return False
+        if self._bytes + self._held + nbytes > self.limit:
+            self._hub._overflow(self)
+            return False
+        self._held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back bytes counted by :meth:`hold`: the owner delivered them."""
+        self._held = max(0, self._held - nbytes)
 
     def take(self) -> list[Message]:
         """Every queued message, oldest first (none: an empty list); never waits.
@@ -207,12 +236,20 @@ class PubSubHub:
         ValueError: ``limit`` < 1.
     """
 
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(
+        self, limit: int = DEFAULT_LIMIT, max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS
+    ) -> None:
         if limit < 1:
             raise ValueError(f"pubsub_buffer_limit must be >= 1, got {limit}")
+        if max_subscriptions < 1:
+            raise ValueError(f"pubsub_max_subscriptions must be >= 1, got {max_subscriptions}")
         self.limit = limit
+        self.max_subscriptions = max_subscriptions
         self._channels: dict[bytes, dict[Subscriber, None]] = {}
         self._patterns: dict[bytes, dict[Subscriber, None]] = {}
+        # Each pattern's matcher, compiled once while it has a subscriber
+        # (glob_match's shared cache would thrash past a few hundred patterns).
+        self._matchers: dict[bytes, Callable[[bytes], bool]] = {}
         self.messages_published = 0
         self.overflows = 0
 
@@ -241,8 +278,9 @@ class PubSubHub:
                 subscriber._deliver(message)
             receivers += len(targets)
         if self._patterns:
+            matchers = self._matchers
             for pattern, matching in list(self._patterns.items()):
-                if glob_match(pattern, channel):
+                if matchers[pattern](channel):
                     message = Message(channel, data, pattern)
                     targets = list(matching)
                     for subscriber in targets:
@@ -283,11 +321,23 @@ class PubSubHub:
     ) -> list[tuple[bytes, int]]:
         table = self._table(pattern)
         own = subscriber.patterns if pattern else subscriber.channels
+        names = list(names)
+        new = {name for name in names if name not in own}
+        if subscriber.count + len(new) > self.max_subscriptions and not subscriber.ended:
+            raise TooLargeError(
+                f"subscribing to {len(new)} more would pass pubsub_max_subscriptions"
+                f" ({self.max_subscriptions}); the subscriber has {subscriber.count}"
+            )
         replies = []
         for name in names:
             if not subscriber.ended and name not in own:
                 own[name] = None
-                table.setdefault(name, {})[subscriber] = None
+                members = table.get(name)
+                if members is None:
+                    members = table[name] = {}
+                    if pattern:
+                        self._matchers[name] = compile_glob(name)
+                members[subscriber] = None
             replies.append((name, subscriber.count))
         return replies
 
@@ -306,13 +356,16 @@ class PubSubHub:
             replies.append((None, subscriber.count))
         return replies
 
-    @staticmethod
-    def _leave(table: dict[bytes, dict[Subscriber, None]], name: bytes, sub: Subscriber) -> None:
+    def _leave(
+        self, table: dict[bytes, dict[Subscriber, None]], name: bytes, sub: Subscriber
+    ) -> None:
         members = table.get(name)
         if members is not None:
             members.pop(sub, None)
             if not members:
                 del table[name]
+                if table is self._patterns:
+                    del self._matchers[name]
 
     def _drop(self, subscriber: Subscriber) -> None:
         for name in subscriber.channels:

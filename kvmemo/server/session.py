@@ -181,7 +181,9 @@ async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
 
     The frames are written here rather than by wsproto when
     :func:`_frames_writable` says that gives the same bytes (it saves
-    wsproto's per-message work), else by wsproto.
+    wsproto's per-message work), else by wsproto. ``texts`` is emptied once
+    framed, so that a socket that does not take the bytes holds them once,
+    not twice.
     """
     conn = getattr(ws, "_wsproto", None)
     lock = getattr(ws, "_stream_lock", None)
@@ -196,6 +198,7 @@ async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
         data = _text_frames(texts)
     else:
         data = b"".join(conn.send(TextMessage(data=text)) for text in texts)
+    texts.clear()
     async with lock:
         try:
             await stream.send_all(data)
@@ -258,6 +261,7 @@ class Session:
         self._push_holds = 0
         self._push_released = trio.Event()
         self._push_target = 0  # _queued_total after the last batch of pushes
+        self._push_held = 0  # bytes of that batch counted against the subscriber (hold)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -519,21 +523,24 @@ class Session:
     ) -> None:
         self._task_started()
         # A pub/sub method's response goes out before the messages it brings:
-        # the pusher holds back until this message's answer is queued.
+        # the pusher holds back until this message's answer is queued (only
+        # from then: while earlier requests run, messages keep flowing).
         hold = any(call.method in PUBSUB_METHODS for call in calls)
-        if hold:
-            self._push_holds += 1
+        held = False
         try:
             # Keep the per-key order: everything dispatched before runs first.
             for event in list(self._running):
                 await event.wait()
+            if hold:
+                self._push_holds += 1
+                held = True
             if hold and self.subscriber is not None:
                 # What was published before goes out before (once the last batch is out).
                 await self._wait_pushes_written(self.subscriber)
                 self._push_now(self.subscriber)
             await self._send(await self._inline_responses(calls, errors), is_batch=is_batch)
         finally:
-            if hold:
+            if held:
                 self._push_holds -= 1
                 if not self._push_holds:
                     self._push_released.set()
@@ -648,14 +655,17 @@ class Session:
                 on_end=self._subscriber_ended
             )
         replies: list[tuple[bytes, int]] | list[tuple[bytes | None, int]]
-        if method == "subscribe":
-            replies = subscriber.subscribe(call.args)
-        elif method == "psubscribe":
-            replies = subscriber.psubscribe(call.args)
-        elif method == "unsubscribe":
-            replies = subscriber.unsubscribe(call.args)
-        else:
-            replies = subscriber.punsubscribe(call.args)
+        try:
+            if method == "subscribe":
+                replies = subscriber.subscribe(call.args)
+            elif method == "psubscribe":
+                replies = subscriber.psubscribe(call.args)
+            elif method == "unsubscribe":
+                replies = subscriber.unsubscribe(call.args)
+            else:
+                replies = subscriber.punsubscribe(call.args)
+        except KVMemoError as exc:  # past pubsub_max_subscriptions: nothing changed
+            return exc
         if subscriber.count and not self._pushing:
             assert self._nursery is not None  # pub/sub methods run in the reader, in _run
             self._pushing = True
@@ -676,10 +686,15 @@ class Session:
         be parked in :meth:`Subscriber.wait` (which a take never strands).
         """
         if subscriber.pending_bytes and not subscriber.ended:
-            messages = subscriber.take()
-            if messages:
-                self._queue([_push_text(message) for message in messages])
-                self._push_target = self._queued_total
+            texts = [_push_text(message) for message in subscriber.take()]
+            # Counted against the subscriber's limit as written until the
+            # socket took them (JSON may be several times the raw bytes).
+            size = sum([len(t) if t.isascii() else len(t.encode()) for t in texts])
+            if not subscriber.hold(size):
+                return  # overflowed: the pusher closes the session
+            self._push_held += size
+            self._queue(list[str | None](texts))
+            self._push_target = self._queued_total
 
     async def _wait_pushes_written(self, subscriber: Subscriber) -> None:
         """Wait until the last batch of pushes is in the socket (or the subscriber is ended).
@@ -768,14 +783,24 @@ class Session:
             self._outbox_bytes = 0
             self._outbox_ready = trio.Event()
             self._outbox_space.set()
+            count = len(texts)
             try:
-                await _send_many(self.ws, texts)
+                await _send_many(self.ws, texts)  # empties texts once framed (memory)
             except ConnectionClosed:
+                # Broken: wake whoever waits on the writer (a reader paused for
+                # room or for pushes to be written); they see _broken and stop.
                 self._broken = True
                 self._flushed.set()
+                self._outbox_space.set()
+                self._written.set()
+                self._written = trio.Event()
                 return
-            self.server.messages_out.inc(len(texts))
-            self._written_total += len(texts)
+            self.server.messages_out.inc(count)
+            self._written_total += count
+            if self._push_held and self._written_total >= self._push_target:
+                assert self.subscriber is not None
+                self.subscriber.release(self._push_held)  # delivered: no longer counted
+                self._push_held = 0
             self._written.set()
             self._written = trio.Event()
             if not self._outbox:
