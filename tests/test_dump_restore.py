@@ -527,10 +527,6 @@ async def test_the_redis_port_moves_binary_values_with_dump_and_restore() -> Non
             await client.stream.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs resp_server.redis_error to answer BusyKeyError as BUSYKEY (see the report)",
-)
 async def test_the_redis_port_answers_busykey_as_redis() -> None:
     with trio.fail_after(TIMEOUT):
         async with resp_port(shards=2) as (host, port):

@@ -15,7 +15,8 @@ Three kinds of cases:
   ``xfail(strict=True)`` with that reason, so they are visible and flip
   to a failure the day they are fixed.
 - :data:`DELIBERATE`: documented differences (one database, no lists or
-  hashes, the 7.2 behaviour KVMemo follows where Debian's 7.0 differs): each
+  hashes, no sharded pub/sub nor SUBSCRIBE inside MULTI, the 7.2 behaviour
+  KVMemo follows where Debian's 7.0 differs): each
   is listed with its reason and both servers' exact replies, so a change on
   either side is noticed too.
 - a hypothesis property: random command sequences over a small key set,
@@ -2545,6 +2546,16 @@ NO_AUTH_IN_MULTI = (
     "KVMemo refuses AUTH and HELLO inside MULTI (an identity or protocol switch in the "
     "middle of EXEC's reply), and the transaction is discarded (tests/test_resp_transaction.py)"
 )
+NO_SUBSCRIBE_IN_MULTI = (
+    "KVMemo refuses (P)(UN)SUBSCRIBE inside MULTI and the transaction is discarded: Redis 7.0 "
+    "queues them, and EXEC's array then counts one element per command while each writes one "
+    "per channel (redis#2967, redis#12207; tests/test_resp_pubsub.py)"
+)
+NO_SHARDED_PUBSUB = (
+    "KVMemo has no sharded pub/sub (SSUBSCRIBE, SUNSUBSCRIBE, SPUBLISH, PUBSUB SHARD*): it is "
+    "Redis Cluster's slot-bound channels, and KVMemo's one hub of channels is shared by the "
+    "Redis port, the WebSocket port and embedded subscribers (README: the Redis port)"
+)
 OWN_DEFAULTS = (
     "KVMemo's own defaults (README, options table): eviction policy lru, 16 eviction samples"
 )
@@ -2604,6 +2615,17 @@ DELIBERATE: list[Difference] = [
             b"-ERR Command not allowed inside a transaction\r\n",
         )
         for argv in [("AUTH", "x"), ("HELLO", "2")]
+    ),
+    *(
+        Difference(
+            f"multi-{argv[0].lower()}",
+            NO_SUBSCRIBE_IN_MULTI,
+            (("MULTI",),),
+            argv,
+            b"+QUEUED\r\n",
+            b"-ERR Command not allowed inside a transaction\r\n",
+        )
+        for argv in [("SUBSCRIBE", "a"), ("PSUBSCRIBE", "a*"), ("UNSUBSCRIBE",), ("PUNSUBSCRIBE",)]
     ),
     Difference(
         "config-default-policy",
@@ -2708,6 +2730,23 @@ DELIBERATE: list[Difference] = [
             (STRINGS_ONLY, "HSET h f v", b":1\r\n"),
             (STRINGS_ONLY, "SADD s m", b":1\r\n"),
             (STRINGS_ONLY, "ZADD z 1 m", b":1\r\n"),
+            (NO_SHARDED_PUBSUB, "SSUBSCRIBE a", b"*3\r\n$10\r\nssubscribe\r\n$1\r\na\r\n:1\r\n"),
+            (NO_SHARDED_PUBSUB, "SUNSUBSCRIBE", b"*3\r\n$12\r\nsunsubscribe\r\n$-1\r\n:0\r\n"),
+            (NO_SHARDED_PUBSUB, "SPUBLISH a x", b":0\r\n"),
+        ]
+    ),
+    *(
+        Difference(
+            "pubsub-" + argv[1].lower(),
+            NO_SHARDED_PUBSUB,
+            (),
+            argv,
+            redis,
+            f"-ERR unknown subcommand '{argv[1]}'. Try PUBSUB HELP.\r\n".encode(),
+        )
+        for argv, redis in [
+            (("PUBSUB", "SHARDCHANNELS"), b"*0\r\n"),
+            (("PUBSUB", "SHARDNUMSUB", "a"), b"*2\r\n$1\r\na\r\n:0\r\n"),
         ]
     ),
     Difference(

@@ -52,7 +52,6 @@ from actors import (
 from .._version import __version__
 from ..commands import ops
 from ..commands.args import Clock
-from ..commands.replies import FieldList
 from ..commands.table import (
     COMMANDS,
     Command,
@@ -1686,7 +1685,7 @@ class KVEngine:
         if name == "pubsub|channels":
             return self.pubsub.channels(args[0] if args else None)
         if name == "pubsub|numsub":
-            return FieldList([x for pair in self.pubsub.numsub(args) for x in pair])
+            return [x for pair in self.pubsub.numsub(args) for x in pair]  # an array in RESP3 too
         if name == "pubsub|numpat":
             return self.pubsub.numpat()
         if name == "ping":

@@ -50,6 +50,7 @@ __all__ = [
     "Set",
     "Verbatim",
     "encode_command",
+    "encode_push",
     "encode_replies",
     "encode_reply",
 ]
@@ -1030,6 +1031,31 @@ def _encode_into(out: list[bytes], value: object, resp3: bool) -> None:
         out.append(b"\r\n")
     else:
         raise TypeError(f"cannot encode {type(value).__name__} as a RESP reply")
+
+
+def encode_push(items: Iterable[bytes | int | None], *, protocol: int = 2) -> bytes:
+    """A pub/sub push of bulk strings, integers and nils: RESP3 ``>n``, RESP2 ``*n``.
+
+    What :func:`encode_reply` gives for ``Push(items)``, without its general
+    dispatch: a published message (``message``, channel, payload) is encoded
+    once per receiver, so this is on the path of every delivery.
+
+    Raises:
+        ValueError: ``protocol`` is not 2 or 3.
+    """
+    _check_protocol(protocol)
+    out = [b""]
+    count = 0
+    for item in items:
+        count += 1
+        if item is None:
+            out.append(b"_\r\n" if protocol == 3 else b"$-1\r\n")
+        elif isinstance(item, int):
+            out.append(b":%d\r\n" % item)
+        else:
+            out.append(b"$%d\r\n%s\r\n" % (len(item), item))
+    out[0] = (b">%d\r\n" if protocol == 3 else b"*%d\r\n") % count
+    return b"".join(out)
 
 
 def encode_command(*args: bytes | str | int) -> bytes:

@@ -67,6 +67,25 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   an EXEC's transaction) as a whole, logged as one entry naming its first
   command and how many more ran with it. Cost when nothing is slow: two reads
   of ``time.perf_counter_ns`` and one comparison per engine call.
+* **Pub/sub.** ``SUBSCRIBE``, ``PSUBSCRIBE`` and their ``UN`` forms are
+  connection commands on a :class:`~kvmemo.engine.pubsub.Subscriber` of the
+  engine's hub, made on the first subscribe; so is the task that writes the
+  messages (the *pusher*), started then in the connection's nursery, so it
+  ends with the connection, whose end (QUIT, EOF, CLIENT KILL, a crash)
+  also closes the subscriber. A confirmation is staged by its command with
+  no wait in between, so it precedes every message of what it subscribed.
+  Messages leave the hub's outbox one at a time and only while fewer than
+  ``PUSH_WINDOW`` reply bytes are pending (not taken by the kernel), so a
+  slow reader's messages wait in the outbox, which ``pubsub_buffer_limit``
+  bounds: past it the hub ends the subscriber and the connection is closed
+  (Redis's ``client-output-buffer-limit pubsub``). Before a reply is staged,
+  the messages queued before it are staged first (waiting for room as the
+  pusher does), as Redis writes a message when it is published: a
+  connection's ``PUBLISH`` to a channel it listens to gets the message, then
+  the count. RESP2 clients with a subscription may only run
+  (P)(UN)SUBSCRIBE, PING (``pong`` array), QUIT and RESET, as in Redis;
+  RESP3 clients run anything. A connection that never subscribed pays one
+  attribute test on the lone-command path.
 * **Operations.** ``SHUTDOWN`` asks the program to stop through the owner's
   callback (``serve_resp(shutdown=...)``, or the node's stop request:
   ``kvmemo serve`` exits 0) and closes the connection without a reply;
@@ -75,13 +94,15 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   ``databases 1``.
 
 Deliberate differences from Redis: one database (``SELECT 0`` only); no
-``AUTH``/``HELLO``/``CLIENT REPLY`` inside ``MULTI``, pub/sub, scripting or
-ACL users (the only user is ``default``, whose passwords are the server's
-tokens); the limits Redis
-imposes on unauthenticated clients (10 arguments, 16 KiB per argument) are
-checked once a request is parsed, not while it is read; ``INFO`` adds a
-``# Actors`` section; ``WAIT`` answers 0 at once (no replicas; Redis would
-block until its timeout); the slow log holds data commands only (see above).
+``AUTH``/``HELLO``/``CLIENT REPLY`` nor (P)(UN)SUBSCRIBE inside ``MULTI``
+(Redis 7.0 queues the latter and EXEC's array then miscounts its elements,
+redis#12207); no sharded pub/sub (``SSUBSCRIBE``, ``SPUBLISH``: a Redis
+Cluster feature), scripting or ACL users (the only user is ``default``,
+whose passwords are the server's tokens); the limits Redis imposes on
+unauthenticated clients (10 arguments, 16 KiB per argument) are checked once
+a request is parsed, not while it is read; ``INFO`` adds a ``# Actors``
+section; ``WAIT`` answers 0 at once (no replicas; Redis would block until its
+timeout); the slow log holds data commands only (see above).
 """
 
 from __future__ import annotations
@@ -110,7 +131,8 @@ from ..commands.table import Command as TableCommand
 from ..commands.table import Subcommand as TableSubcommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
-from ..errors import KVMemoError
+from ..engine.pubsub import MESSAGE_OVERHEAD, Message, Subscriber
+from ..errors import BusyKeyError, KVMemoError
 from ..eviction.policies import POLICY_NAMES, make_policy
 from .app import StopHandler, StopRequest
 from .coalesce import COALESCED, Coalescer
@@ -121,6 +143,7 @@ from .resp import (
     RespParser,
     Set,
     Verbatim,
+    encode_push,
     encode_replies,
     encode_reply,
 )
@@ -141,6 +164,11 @@ CLOSE_DRAIN_TIMEOUT: Final = 10.0  # seconds to send the last replies before a c
 REJECT_TIMEOUT: Final = 1.0  # seconds to tell a client over max_clients why it is refused
 UNAUTH_MAX_ARGS: Final = 10  # Redis's limit on requests of unauthenticated clients
 UNAUTH_MAX_BULK: Final = 16 * 1024  # bytes; idem, per argument
+# Pub/sub messages are taken from the hub's outbox only while fewer reply bytes
+# than this are pending (not yet taken by the kernel): enough for a socket
+# write's worth, small enough that a slow reader's backlog stays in the
+# outbox, where pubsub_buffer_limit bounds it.
+PUSH_WINDOW: Final = 64 * 1024  # bytes
 
 # -- Redis's error replies, word for word ------------------------------------------------
 
@@ -195,6 +223,10 @@ def _text(data: bytes) -> str:
 
 class _OutputStalled(Exception):
     """The client is over its output limit and not reading: disconnect it."""
+
+
+class _Overflowed(Exception):
+    """The hub ended the client's subscriber (past ``pubsub_buffer_limit``): disconnect it."""
 
 
 @attrs.define(eq=False)
@@ -255,6 +287,8 @@ class _SubCommand:
 
 
 _CONNECTION_COMMANDS: dict[str, _ConnCommand] = {}
+# The subcommands of each container handler (CLIENT, CONFIG, ...) made by _dispatch.
+_DISPATCHED: dict[Handler, dict[str, _SubCommand]] = {}
 
 
 def _unknown_subcommand(argv: tuple[bytes, ...]) -> ErrorReply:
@@ -276,6 +310,7 @@ def _dispatch(subcommands: dict[str, _SubCommand]) -> Handler:
             return _arity_error(full)
         return await sub.handler(conn, argv)
 
+    _DISPATCHED[handle] = subcommands
     return handle
 
 
@@ -326,6 +361,8 @@ def redis_error(exc: KVMemoError) -> ErrorReply:
         return ErrorReply(f"MISCONF {exc.message}")
     if kind == "INTERNAL":
         return ErrorReply(f"ERR internal error: {exc.message}")
+    if isinstance(exc, BusyKeyError):  # RESTORE onto a live key without REPLACE
+        return ErrorReply(f"BUSYKEY {exc.message}")
     return ErrorReply(f"ERR {exc.message}")
 
 
@@ -338,7 +375,11 @@ class _Connection:
     Invariant: ``pending`` is the number of reply bytes in ``_stage`` and
     ``_queue`` plus those of the piece being sent; replies leave in the order
     they were pushed. The request parser (``_parser``) is fed and read by
-    the reader task only; others only read its ``buffered`` count.
+    the reader task only; others only read its ``buffered`` count. Pub/sub:
+    ``subscriber`` is None until the first (P)SUBSCRIBE, then the
+    connection's until it ends (closed then, however it ends), with one
+    pusher task running for it; a message is taken from its outbox only
+    when ``pending`` is under ``PUSH_WINDOW``.
     """
 
     def __init__(self, server: _Server, stream: trio.SocketStream, client_id: int) -> None:
@@ -372,6 +413,9 @@ class _Connection:
         self.skip_reply = False
         self.muted = False
         self.killed = False  # CLIENT KILL: stop serving at once (its replies dropped)
+        self.subscriber: Subscriber | None = None  # pub/sub: made on the first (P)SUBSCRIBE
+        self._nursery: trio.Nursery | None = None  # the reader's, writer's and pusher's
+        self._overflow_logged = False
         self._batch: list[tuple[bytes, ...]] = []  # the requests _execute_batch runs
         limits = server.limits
         self._parser = RespParser(
@@ -408,6 +452,8 @@ class _Connection:
             await self._run()
         finally:
             self.end_transaction()
+            if self.subscriber is not None:
+                self.subscriber.close()  # leaves every channel: PUBSUB NUMSUB drops
 
     def end_transaction(self) -> None:
         """Leave MULTI (its queue dropped) and stop watching (synchronous: safe on close)."""
@@ -420,6 +466,7 @@ class _Connection:
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
+            self._nursery = nursery
             if self.killed:  # killed before it was first served
                 nursery.cancel_scope.cancel()
             nursery.start_soon(self._writer)
@@ -435,6 +482,9 @@ class _Connection:
                     self.server.limits.max_output_buffer,
                     self.server.limits.output_timeout,
                 )
+                drain = False
+            except _Overflowed:
+                self._log_overflow()
                 drain = False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 drain = False
@@ -583,8 +633,14 @@ class _Connection:
         return replies[1:]
 
     async def _deliver(self, replies: list[bytes]) -> None:
-        """Stage the replies of commands, in order, as CLIENT REPLY allows."""
+        """Stage the replies of commands, in order, as CLIENT REPLY allows.
+
+        A subscribed connection's messages queued before them are staged
+        first (Redis writes a message when it is published).
+        """
         replies = self._unmuted(replies)
+        if self.subscriber is not None:
+            await self._pump(self.subscriber, wait=True)
         if replies:
             await self._push_all(replies)
 
@@ -664,7 +720,7 @@ class _Connection:
             if sent:
                 self.pending -= sent
                 self.last_activity = self._clock.current_time()
-                if self._progress:  # only the reader parks there, and it is running this
+                if self._progress:  # the reader or the pusher waits for room
                     self._progress.unpark_all()
                 if sent == len(data):
                     return
@@ -677,6 +733,170 @@ class _Connection:
             value = redis_error(value)
         return encode_reply(value, protocol=self.protocol)
 
+    # -- pub/sub ---------------------------------------------------------------------
+
+    @property
+    def subscribed(self) -> bool:
+        """Subscribed to a channel or pattern: Redis's pubsub client flag (``P``)."""
+        return self.subscriber is not None and self.subscriber.count > 0
+
+    async def change_subscriptions(self, kind: str, names: Sequence[bytes]) -> object:
+        """(P)(UN)SUBSCRIBE: change the subscriptions, stage one confirmation per name.
+
+        Each confirmation is a push (``kind``, the name, the subscription
+        count after it; ``kind``, nil, the count when an UNSUBSCRIBE of
+        everything finds nothing), staged here without waiting for room
+        (its size follows the request's), so no message of a channel just
+        subscribed can come before it; the messages queued before the
+        command are staged first. Confirmations are pushes: CLIENT REPLY
+        OFF does not silence them, and SKIP is spent on the command, as in
+        Redis 7.0. The first subscribe makes the subscriber and starts the
+        pusher. Returns :data:`NO_REPLY` (the confirmations are the reply).
+        """
+        subscriber = self.subscriber
+        if subscriber is None and kind in ("subscribe", "psubscribe"):
+            assert self._nursery is not None
+            # on_end: an overflow wakes a wait for room (_wait_push_room) at once.
+            subscriber = self.subscriber = self.server.engine.pubsub.subscriber(
+                on_end=self._wake_waiters
+            )
+            self._nursery.start_soon(self._pusher, subscriber)
+        if subscriber is None:  # nothing subscribed yet: answered as a fresh subscriber would
+            counts: Sequence[tuple[bytes | None, int]] = [(name, 0) for name in names] or [
+                (None, 0)
+            ]
+        else:
+            await self._pump(subscriber, wait=True)
+            try:
+                if kind == "subscribe":
+                    counts = subscriber.subscribe(names)
+                elif kind == "psubscribe":
+                    counts = subscriber.psubscribe(names)
+                elif kind == "unsubscribe":
+                    counts = subscriber.unsubscribe(names)
+                else:
+                    counts = subscriber.punsubscribe(names)
+            except KVMemoError as exc:  # past pubsub_max_subscriptions: nothing changed
+                return redis_error(exc)
+        word = kind.encode()
+        protocol = self.protocol
+        frame = b"".join(encode_push((word, name, n), protocol=protocol) for name, n in counts)
+        if self.muted and not self.replies_off:
+            self.skip_reply = self.muted = False  # CLIENT REPLY SKIP: spent on this command
+        self._stage.append(frame)
+        self._staged += len(frame)
+        self.pending += len(frame)
+        if self._staged >= FLUSH_THRESHOLD:
+            self._flush_stage()
+        return NO_REPLY
+
+    def _wake_waiters(self) -> None:
+        """Unpark whoever waits for output room (they look again at what they wait for)."""
+        self._progress.unpark_all()
+
+    async def _pump(self, subscriber: Subscriber, *, wait: bool) -> None:
+        """Stage queued messages, oldest first, while fewer than ``PUSH_WINDOW`` bytes pend.
+
+        A message is taken from the outbox only when there is room, so a
+        slow reader's backlog stays in the outbox (bounded by the hub). With
+        ``wait`` (before a reply or a confirmation is staged) it waits for
+        room until every message queued when it was called is staged: later
+        ones are the pusher's. Without, it stops at the first lack of room.
+        ``Subscriber.get`` on a non-empty outbox returns without yielding,
+        so the taking itself never waits.
+
+        Raises:
+            _Overflowed: the hub ended the subscriber (past its limit).
+            _OutputStalled: waiting for room, nothing was written for
+                ``output_timeout`` seconds while the output limit was reached.
+        """
+        budget = subscriber.pending_bytes if wait else -1
+        resp3 = self.protocol == 3
+        while subscriber.pending_bytes and not subscriber.ended:
+            if self.pending >= PUSH_WINDOW:
+                if not wait or budget <= 0:
+                    return
+                await self._wait_push_room(subscriber)
+                continue
+            message = await subscriber.get()
+            if wait:
+                budget -= _message_size(message)
+            frame = _message_frame(message, resp3)
+            self._stage.append(frame)
+            self._staged += len(frame)
+            self.pending += len(frame)
+            if self._staged >= FLUSH_THRESHOLD:
+                self._flush_stage()
+            if wait and budget <= 0:
+                break
+        if subscriber.overflowed:
+            raise _Overflowed
+
+    async def _wait_push_room(self, subscriber: Subscriber) -> None:
+        """Wait until the socket takes some output (or the subscriber is ended).
+
+        The hub's ``on_end`` hook (given at the first subscribe) unparks the
+        wait when it ends the subscriber. Over the output limit with nothing
+        written for ``output_timeout`` seconds is a stall, as for replies.
+        """
+        self._flush_stage()
+        if self._broken:
+            raise trio.BrokenResourceError("the client went away")
+        limits = self.server.limits
+        while self.pending >= PUSH_WINDOW and not subscriber.ended:
+            with trio.move_on_after(limits.output_timeout) as scope:
+                await self._progress.park()
+            if not scope.cancelled_caught:
+                return  # some output was taken, or the subscriber ended
+            if self.pending >= limits.max_output_buffer:
+                raise _OutputStalled
+
+    async def _pusher(self, subscriber: Subscriber) -> None:
+        """Write the messages the hub delivers to ``subscriber``, as the socket takes them.
+
+        Runs in the connection's nursery from the first subscribe until the
+        connection ends. When the hub ends the subscriber (overflow), the
+        connection is closed at once, its pending output dropped, as Redis
+        frees a client past ``client-output-buffer-limit pubsub``.
+        """
+        try:
+            while not subscriber.closed:
+                await subscriber.wait()
+                await self._pump(subscriber, wait=False)
+                self._flush_stage()
+                if subscriber.pending_bytes and not subscriber.ended:
+                    await self._wait_push_room(subscriber)
+        except _Overflowed:
+            self._log_overflow()
+        except _OutputStalled:
+            logger.warning(
+                "closing RESP client id=%d addr=%s: %d reply bytes pending (limit %d)"
+                " and nothing read for %.1f s",
+                self.id,
+                self.addr,
+                self.pending,
+                self.server.limits.max_output_buffer,
+                self.server.limits.output_timeout,
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        else:
+            return
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _log_overflow(self) -> None:
+        if self._overflow_logged:  # the reader and the pusher may both find it
+            return
+        self._overflow_logged = True
+        logger.warning(
+            "closing RESP client id=%d addr=%s: its pub/sub messages passed"
+            " pubsub_buffer_limit (%d bytes) while it did not read them",
+            self.id,
+            self.addr,
+            self.subscriber.limit if self.subscriber is not None else 0,
+        )
+
     # -- executing -----------------------------------------------------------------
 
     async def _execute(self, commands: list[tuple[bytes, ...]]) -> None:
@@ -687,7 +907,13 @@ class _Connection:
         else goes through :meth:`_execute_batch`. Both give the replies,
         counters and errors the batch path gives.
         """
-        if len(commands) == 1 and self.authenticated and self.multi is None and not self.muted:
+        if (
+            len(commands) == 1
+            and self.authenticated
+            and self.multi is None
+            and not self.muted
+            and self.subscriber is None
+        ):
             argv = commands[0]
             known = _DATA_NAMES.get(argv[0])
             if known is not None and known[1] <= len(argv) <= known[2]:
@@ -735,6 +961,7 @@ class _Connection:
         calls: list[tuple[str, Sequence[bytes]]] = []
         early: list[tuple[int, bytes]] = []  # (place among the replies, reply)
         authenticated = self.authenticated  # changed only by connection commands
+        restricted = self.protocol == 2 and self.subscribed  # idem: RESP2 subscribed mode
         data_names = _DATA_NAMES
         for argv in commands:
             server.total_commands += 1
@@ -771,10 +998,18 @@ class _Connection:
                         self.multi_dirty = True
                 elif not authenticated:
                     early.append((len(calls) + len(early), self._encode(NOAUTH)))
+                elif restricted:
+                    early.append((len(calls) + len(early), self._encode(_pubsub_only(argv))))
                 elif self.multi is not None:
                     early.append(
                         (len(calls) + len(early), self._encode(self._queue_call(name, argv)))
                     )
+                elif name == "publish" and self.subscriber is not None:
+                    # Run by itself: a message it sends this connection goes after
+                    # the replies before it and before its own, as Redis writes it.
+                    await self._run_calls(calls, early)
+                    calls.append((name, argv[1:]))
+                    await self._run_calls(calls, early)
                 else:
                     calls.append((name, argv[1:]))
                 continue
@@ -797,6 +1032,9 @@ class _Connection:
             if not authenticated and not conn_command.no_auth:
                 early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 continue
+            if restricted and name not in _PUBSUB_CONTEXT:
+                early.append((len(calls) + len(early), self._encode(_pubsub_only(argv))))
+                continue
             if self.multi is not None and name not in _TRANSACTION_CONTROL:
                 # Queued, as Redis queues them; AUTH and HELLO are refused.
                 if name in _NO_MULTI or (name == "client" and argv[1].lower() == b"reply"):
@@ -807,7 +1045,8 @@ class _Connection:
                 early.append((len(calls) + len(early), self._encode(reply)))
                 continue
             if name == "ping":  # no effect to keep in order: answer in place
-                early.append((len(calls) + len(early), self._encode(_ping(argv))))
+                pong = _pubsub_ping(argv) if restricted else _ping(argv)
+                early.append((len(calls) + len(early), self._encode(pong)))
                 continue
             await self._run_calls(calls, early)
             reply = await conn_command.handler(self, argv)
@@ -816,6 +1055,7 @@ class _Connection:
             if self.closing:
                 return
             authenticated = self.authenticated
+            restricted = self.protocol == 2 and self.subscribed
         await self._run_calls(calls, early)
 
     def _queue_call(self, name: str, argv: tuple[bytes, ...]) -> object:
@@ -924,6 +1164,8 @@ class _Connection:
         """CLIENT KILL of another client: stop serving it now; pending replies are
         dropped and the connection closed (by :func:`_handle`)."""
         self.killed = True
+        if self.subscriber is not None:
+            self.subscriber.close()  # at once, as Redis's freeClient: NUMSUB drops now
         if self._scope is not None:
             self._scope.cancel()
 
@@ -933,11 +1175,17 @@ class _Connection:
         """This client as one line of CLIENT LIST."""
         now = trio.current_time()
         fd = self.stream.socket.fileno()
+        subscriber = self.subscriber
+        sub = psub = 0
+        if subscriber is not None:
+            sub, psub = len(subscriber.channels), len(subscriber.patterns)
+        # Redis's letters in its order: P (pubsub), x (MULTI); N for none.
+        flags = ("P" if sub or psub else "") + ("x" if self.multi is not None else "")
         return (
             f"id={self.id} addr={self.addr} laddr={self.laddr} fd={fd} name={_text(self.name)}"
             f" age={int(now - self.created)} idle={int(now - self.last_activity)}"
-            f" flags={'x' if self.multi is not None else 'N'} db=0"
-            f" sub=0 psub=0 ssub=0 multi={-1 if self.multi is None else len(self.multi)}"
+            f" flags={flags or 'N'} db=0"
+            f" sub={sub} psub={psub} ssub=0 multi={-1 if self.multi is None else len(self.multi)}"
             f" qbuf={self.query_buffered} qbuf-free=0"
             f" argv-mem=0 multi-mem=0 rbs={RECEIVE_SIZE} rbp=0 obl=0 oll={len(self._queue)}"
             f" omem={self.pending} tot-mem={self.pending + self.query_buffered} events=r"
@@ -1102,6 +1350,11 @@ async def _auth(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     "reset", 1, "noscript loading stale fast no_auth", "reset the connection", no_auth=True
 )
 async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    subscriber = conn.subscriber
+    if subscriber is not None:  # leave everything, without confirmations (Redis's RESET)
+        await conn._pump(subscriber, wait=True)  # what was published before goes first
+        subscriber.unsubscribe()
+        subscriber.punsubscribe()
     conn.end_transaction()
     conn.protocol = 2
     conn.name = b""
@@ -1110,12 +1363,86 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return "RESET"
 
 
+# -- pub/sub: SUBSCRIBE, UNSUBSCRIBE, PSUBSCRIBE, PUNSUBSCRIBE --------------------------------
+
+# What a RESP2 client with a subscription may run (Redis's processCommand).
+_PUBSUB_CONTEXT: Final = frozenset(
+    {"subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ping", "quit", "reset"}
+)
+
+
+def _pubsub_only(argv: tuple[bytes, ...]) -> ErrorReply:
+    """Redis's refusal of a command in RESP2 subscribed mode, naming it as Redis does
+    (``client|list``); a container's unknown subcommand or wrong arity is that error."""
+    name = _text(argv[0].lower())
+    full = name
+    subcommands: dict[str, int] | None = None
+    spec = COMMANDS.get(name)
+    if spec is not None and spec.subcommands:
+        subcommands = {sub.name: sub.arity for sub in spec.subcommands}
+    conn_command = _CONNECTION_COMMANDS.get(name)
+    if conn_command is not None and conn_command.handler in _DISPATCHED:
+        subcommands = {n: sub.arity for n, sub in _DISPATCHED[conn_command.handler].items()}
+    if subcommands is not None and len(argv) > 1:
+        sub_name = _text(argv[1].lower())
+        arity = subcommands.get(sub_name)
+        if arity is None:
+            return _unknown_subcommand(argv)
+        full = f"{name}|{sub_name}"
+        if not arity_ok(arity, len(argv)):
+            return _arity_error(full)
+    return ErrorReply(
+        f"ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT"
+        " / RESET are allowed in this context"
+    )
+
+
+def _pubsub_ping(argv: tuple[bytes, ...]) -> object:
+    """PING in RESP2 subscribed mode: ``pong`` and the message (empty without one)."""
+    if len(argv) > 2:
+        return _arity_error("ping")
+    return [b"pong", argv[1] if len(argv) == 2 else b""]
+
+
+def _message_frame(message: Message, resp3: bool) -> bytes:
+    """A delivered message as Redis pushes it: ``message ch data`` or ``pmessage pat ch data``."""
+    protocol = 3 if resp3 else 2
+    if message.pattern is None:
+        return encode_push((b"message", message.channel, message.data), protocol=protocol)
+    return encode_push(
+        (b"pmessage", message.pattern, message.channel, message.data), protocol=protocol
+    )
+
+
+def _message_size(message: Message) -> int:
+    """The bytes the hub counts for ``message`` in an outbox (its accounting's rule)."""
+    size = MESSAGE_OVERHEAD + len(message.channel) + len(message.data)
+    return size if message.pattern is None else size + len(message.pattern)
+
+
+async def _subscription(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return await conn.change_subscriptions(_text(argv[0].lower()), argv[1:])
+
+
+for _name, _arity, _summary in (
+    ("subscribe", -2, "listen for messages published to the given channels"),
+    ("unsubscribe", -1, "stop listening to the given channels (every channel without one)"),
+    ("psubscribe", -2, "listen for messages published to channels matching the patterns"),
+    ("punsubscribe", -1, "stop listening to the given patterns (every pattern without one)"),
+):
+    _connection_command(_name, _arity, "pubsub noscript loading stale", _summary)(_subscription)
+
+
 # -- transactions: MULTI, EXEC, DISCARD, WATCH, UNWATCH -------------------------------------
 
 # What a client in MULTI runs at once instead of queueing (as Redis).
 _TRANSACTION_CONTROL: Final = frozenset({"multi", "exec", "discard", "watch", "quit", "reset"})
 # Refused inside MULTI (and the transaction is then discarded).
-_NO_MULTI: Final = frozenset({"auth", "hello", "shutdown"})
+# (P)(UN)SUBSCRIBE too: Redis 7.0 queues them, and EXEC's array then counts
+# one element for each while it holds one per channel (redis#12207).
+_NO_MULTI: Final = frozenset(
+    {"auth", "hello", "shutdown", "subscribe", "unsubscribe", "psubscribe", "punsubscribe"}
+)
 
 
 @_connection_command("multi", 1, "noscript loading stale fast allow_busy", "start a transaction")
@@ -1436,8 +1763,7 @@ async def _client_list(conn: _Connection, argv: tuple[bytes, ...]) -> object:
             kind = argv[i + 1].lower()
             if kind not in (b"normal", b"master", b"replica", b"slave", b"pubsub"):
                 return ErrorReply(f"ERR Unknown client type '{_text(argv[i + 1])}'")
-            if kind != b"normal":
-                clients = []
+            clients = [c for c in clients if _client_type(c) == kind]
             i += 2
         elif opt == b"ID" and i + 1 < len(argv):
             ids = set()
@@ -1500,6 +1826,11 @@ async def _client_reply(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 _CLIENT_TYPES: Final = (b"normal", b"master", b"replica", b"slave", b"pubsub")
 
 
+def _client_type(client: _Connection) -> bytes:
+    """Redis's client type: ``pubsub`` while subscribed to something, else ``normal``."""
+    return b"pubsub" if client.subscribed else b"normal"
+
+
 async def _client_kill(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     """CLIENT KILL addr:port | CLIENT KILL <filter> <value> ...: as Redis 7.0.
 
@@ -1550,12 +1881,13 @@ async def _client_kill(conn: _Connection, argv: tuple[bytes, ...]) -> object:
             skipme = value.lower() == b"yes"
         else:
             return SYNTAX_ERROR
-    if kind not in (None, b"normal"):  # every client here is a normal one
-        return 0
+    if kind == b"slave":
+        kind = b"replica"
     killed = 0
     for client in list(server.clients.values()):
         if (
             (client_id is not None and client.id != client_id)
+            or (kind is not None and _client_type(client) != kind)
             or (addr is not None and client.addr != addr)
             or (laddr is not None and client.laddr != laddr)
             or (skipme and client is conn)
@@ -1639,7 +1971,7 @@ _connection_command("client", -2, "noscript loading stale", "the connection's cl
 
 _GENERIC: Final = frozenset(
     "del unlink exists touch expire pexpire expireat pexpireat ttl pttl expiretime"
-    " pexpiretime persist type keys scan rename renamenx copy randomkey object".split()
+    " pexpiretime persist type keys scan rename renamenx copy randomkey object dump restore".split()
 )
 
 
@@ -1647,8 +1979,12 @@ _GENERIC: Final = frozenset(
 _BITMAP: Final = frozenset("getbit setbit bitcount bitpos bitop bitfield bitfield_ro".split())
 
 
-def _flags_of(spec: TableCommand | TableSubcommand) -> list[str]:
-    flags = []
+# The table's pub/sub commands (PUBLISH, PUBSUB ...): Redis's flags for them.
+_PUBSUB_TABLE: Final = frozenset({"publish", "pubsub"})
+
+
+def _flags_of(spec: TableCommand | TableSubcommand, pubsub: bool = False) -> list[str]:
+    flags = ["pubsub", "loading", "stale"] if pubsub and spec.name != "help" else []
     if "write" in spec.flags:
         flags += ["write", "denyoom"]
     if "readonly" in spec.flags:
@@ -1670,6 +2006,8 @@ def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
         out.append(_KEY_CATEGORY[group])
     if "admin" in flags:
         out += ["@admin", "@dangerous"]
+    if "pubsub" in flags:
+        out.append("@pubsub")
     out.append("@fast" if "fast" in flags else "@slow")
     if group in ("connection", "transaction"):
         out.append("@" + group)
@@ -1682,6 +2020,8 @@ _KEY_CATEGORY: Final = {"generic": "@keyspace", "string": "@string", "bitmap": "
 def _group_of(spec: TableCommand) -> str:
     if "connection" in spec.flags:
         return "connection"
+    if spec.name in _PUBSUB_TABLE:
+        return "pubsub"
     if spec.name in _GENERIC:
         return "generic"
     if spec.name in _BITMAP:
@@ -1769,7 +2109,7 @@ def _subcommand_names() -> list[str]:
 
 def _entry(name: str, spec: TableCommand | TableSubcommand, group: str) -> list[object]:
     """The COMMAND INFO entry of a plain command or of a subcommand (``object|encoding``)."""
-    flags = _flags_of(spec)
+    flags = _flags_of(spec, group == "pubsub")
     key_specs: list[object] = []
     if spec.first_key:
         # Redis's spelling; its finer per-command flags (OW, RM, insert,
@@ -1804,13 +2144,18 @@ _CONNECTION_GROUPS: Final = {
         ("command", "config", "info", "debug", "shutdown", "slowlog", "role", "swapdb"), "server"
     ),
     **dict.fromkeys(("wait", "move"), "generic"),
+    **dict.fromkeys(("subscribe", "unsubscribe", "psubscribe", "punsubscribe"), "pubsub"),
 }
+# COMMAND DOCS "since" of the connection commands Redis did not have in 1.0.0.
+_CONNECTION_SINCE: Final = dict.fromkeys(
+    ("subscribe", "unsubscribe", "psubscribe", "punsubscribe"), "2.0.0"
+)
 
 
 def _command_doc(name: str) -> dict[bytes, object] | None:
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
-        summary, since = conn_command.summary, "1.0.0"
+        summary, since = conn_command.summary, _CONNECTION_SINCE.get(name, "1.0.0")
         group = _CONNECTION_GROUPS.get(name, "connection")
     elif "|" in name:
         found = _subcommand(name)
@@ -1872,16 +2217,21 @@ def _command_categories(name: str) -> list[str]:
     """The ACL categories of a known command (as in its COMMAND INFO entry)."""
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
-        group = "transaction" if _CONNECTION_GROUPS.get(name) == "transactions" else "connection"
+        docs_group = _CONNECTION_GROUPS.get(name)
+        group = "transaction" if docs_group == "transactions" else "connection"
+        if docs_group == "pubsub":
+            group = "pubsub"
         return _categories_of(conn_command.flags, False, group)
     found = _subcommand(name) if "|" in name else None
     if found is not None:
         container, sub = found
-        return _categories_of(_flags_of(sub), bool(sub.first_key), _group_of(container))
+        group = _group_of(container)
+        return _categories_of(_flags_of(sub, group == "pubsub"), bool(sub.first_key), group)
     spec = COMMANDS[name]
     if spec.subcommands:
         return ["@slow"]  # a container's own entry, as Redis 7's: its subcommands have the rest
-    return _categories_of(_flags_of(spec), bool(spec.first_key), _group_of(spec))
+    group = _group_of(spec)
+    return _categories_of(_flags_of(spec, group == "pubsub"), bool(spec.first_key), group)
 
 
 async def _command_info(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -1964,6 +2314,9 @@ async def _command(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     if len(argv) == 1:
         return await _command_all(conn, argv)
     return await _command_dispatch(conn, argv)
+
+
+_DISPATCHED[_command] = _COMMAND_SUBCOMMANDS  # COMMAND alone is all of them
 
 
 # INFO -----------------------------------------------------------------------------------
@@ -2087,6 +2440,8 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
             ("rejected_connections", server.rejected_connections),
             ("expired_keys", stats["expired_keys"]),
             ("evicted_keys", stats["evicted_keys"]),
+            ("pubsub_channels", stats["pubsub_channels"]),
+            ("pubsub_patterns", stats["pubsub_patterns"]),
             ("eviction_manager_running", stats["eviction_manager_running"]),
         ],
         "replication": [
