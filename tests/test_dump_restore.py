@@ -50,6 +50,7 @@ from kvmemo.commands.dump import (
     RdbReader,
     crc64,
     dump_payload,
+    encode_length,
     load_payload,
     lzf_decompress,
 )
@@ -793,3 +794,87 @@ def test_a_body_with_a_good_checksum_never_restores_what_redis_would_not(
             lzf.length()
             assert lzf.length()[0] == 0  # Redis takes an "encoded" length's low 6 bits too
             assert outcome[1][0] == b""
+
+
+# -- payloads that declare more than they carry (LZF) ----------------------------------------
+
+
+def lzf_run(out_len: int) -> bytes:
+    """LZF data of ``out_len`` bytes ``a``: a literal, then back references of 264 bytes
+    (3 bytes of input each: about 88 times smaller than the value)."""
+    data = bytearray(b"\x00a")
+    left = out_len - 1
+    while left >= 264:
+        data += b"\xe0\xff\x00"  # length 7 + 255 + 2, distance 1
+        left -= 264
+    while left:
+        n = min(left, 8)
+        data += bytes((n - 1,)) + b"a" * n if n < 3 else bytes(((n - 2) << 5, 0))
+        left -= n
+    return bytes(data)
+
+
+def lzf_payload(out_len: int, data: bytes | None = None) -> bytes:
+    data = lzf_run(out_len) if data is None else data
+    return seal(b"\x00\xc3" + encode_length(len(data)) + encode_length(out_len) + data)
+
+
+async def test_a_payload_is_decompressed_only_when_its_value_has_room() -> None:
+    """A 23 KB payload declaring a 2 MB value under a 1 MB limit: OOM, and the value is
+    never built (it was, at parse time, before the limit was looked at)."""
+    payload = lzf_payload(2_000_000)
+    assert len(payload) < 25_000
+    async with kvmemo.open_store(shards=1, maxmemory=1_000_000, eviction_policy="noeviction") as kv:
+        tracemalloc.start()
+        try:
+            with pytest.raises(KVMemoError) as refused:
+                await kv.restore("k", 0, payload)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert refused.value.kind == "OOM"
+        assert peak < 1_000_000, peak  # the payload's copies, not the 2 MB value
+        assert await kv.exists("k") == 0
+        # With room, the same kind of payload restores its value.
+        assert await kv.restore("k", 0, lzf_payload(100_000)) == "OK"
+        assert await kv.get("k") == b"a" * 100_000
+
+
+async def test_an_expired_restore_checks_its_compressed_payload_without_building_it() -> None:
+    async with kvmemo.open_store(shards=1) as kv:
+        await kv.set("k", "old")
+        past = int(time.time() * 1000) - 10_000
+        assert await kv.restore("k", past, lzf_payload(10_000), replace=True, absttl=True) == "OK"
+        assert await kv.exists("k") == 0  # deleted, as Redis does with REPLACE
+        broken = lzf_payload(10_000, data=b"\x00a\xe0\xff\x05")  # a reference before the start
+        with pytest.raises(CommandSyntaxError, match="Bad data format"):
+            await kv.restore("k", past, broken, absttl=True)
+        with pytest.raises(CommandSyntaxError, match="Bad data format"):
+            await kv.restore("k", 0, broken)
+        assert await kv.exists("k") == 0
+
+
+async def test_a_transaction_makes_room_for_the_value_not_the_payload() -> None:
+    """Under allkeys-lru a transaction evicts before it holds its shards: for the size
+    the RESTORE will write (400 KB), not its 4.6 KB payload."""
+    value = 400_000
+    for payload in (dump_payload(b"a" * value), lzf_payload(value)):
+        async with kvmemo.open_store(
+            shards=1, maxmemory=1_000_000, eviction_policy="allkeys-lru"
+        ) as kv:
+            for i in range(95):
+                await kv.set(f"f{i}", b"y" * 10_000)
+            assert await kv.transaction(("restore", "r", 0, payload)) == ["OK"]
+            assert await kv.strlen("r") == value
+
+
+def test_dump_builds_its_payload_with_one_copy_of_the_value() -> None:
+    value = b"v" * (8 << 20)
+    tracemalloc.start()
+    try:
+        payload = dump_payload(value)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert load_payload(payload, MAX) == value
+    assert peak < len(value) * 1.2, peak  # the payload itself, no intermediate copies

@@ -61,11 +61,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import overload
 
 import anycrc
+import attrs
 
 from ..errors import BusyKeyError, CommandSyntaxError, KVMemoError, TooLargeError
-from ..storage.store import ShardStore
+from ..eviction.memory import TTL_OVERHEAD
+from ..storage.store import NeedMemory, ShardStore
 from . import ops
 from .args import MAX_EXPIRE_MS, NO_EXPIRY, SYNTAX, Expiry, ExpiryMode, parse_int, upper
 from .table import KEY1, ParseContext, command
@@ -132,6 +135,11 @@ def encode_string(value: bytes) -> bytes:
     canonical decimal text of an integer (no sign but ``-``, no leading zero,
     no ``-0``) within 32 bits.
     """
+    return _int_encoding(value) or encode_length(len(value)) + value
+
+
+def _int_encoding(value: bytes) -> bytes | None:
+    """``value``'s RDB integer encoding, or None when Redis would write it plain."""
     if 0 < len(value) <= INT_ENCODING_MAX_LEN:
         try:
             number = parse_int(value)
@@ -144,13 +152,24 @@ def encode_string(value: bytes) -> bytes:
                 return struct.pack("<Bh", 0xC0 | ENC_INT16, number)
             if -(1 << 31) <= number < 1 << 31:
                 return struct.pack("<Bi", 0xC0 | ENC_INT32, number)
-    return encode_length(len(value)) + value
+    return None
 
 
 def dump_payload(value: bytes) -> bytes:
-    """The DUMP payload of a string value (see the module's design comment)."""
-    body = bytes((RDB_TYPE_STRING,)) + encode_string(value) + RDB_VERSION.to_bytes(2, "little")
-    return body + crc64(body).to_bytes(8, "little")
+    """The DUMP payload of a string value (see the module's design comment).
+
+    Built with one copy of ``value`` (the CRC runs over the parts in turn),
+    so a DUMP of a big value costs that value's size once more, not thrice.
+    """
+    small = _int_encoding(value)
+    parts = [bytes((RDB_TYPE_STRING,))]
+    parts += [small] if small is not None else [encode_length(len(value)), value]
+    parts.append(RDB_VERSION.to_bytes(2, "little"))
+    crc = 0
+    for part in parts:
+        crc = crc64(part, crc)
+    parts.append(crc.to_bytes(8, "little"))
+    return b"".join(parts)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -160,7 +179,7 @@ class BadFormat(Exception):
     """The payload's object is malformed (becomes ``ERR Bad data format``)."""
 
 
-def lzf_decompress(data: bytes | memoryview, out_len: int) -> bytes:
+def lzf_decompress(data: bytes | memoryview, out_len: int, *, check_only: bool = False) -> bytes:
     """Decompress LZF ``data`` (liblzf's format) into exactly ``out_len`` bytes.
 
     The format is a sequence of tokens. A control byte below 32 starts a
@@ -171,6 +190,9 @@ def lzf_decompress(data: bytes | memoryview, out_len: int) -> bytes:
     same bounds (``CHECK_INPUT``); where it would read past its input or
     write past ``out_len`` this raises instead.
 
+    ``check_only``: walk the tokens with the same checks but build nothing
+    (returns ``b""``): the validity of a payload whose value is not kept.
+
     Raises:
         BadFormat: empty input, a token cut short, a reference before the
             start of the output, more output than ``out_len``, or less.
@@ -180,15 +202,18 @@ def lzf_decompress(data: bytes | memoryview, out_len: int) -> bytes:
     if n == 0:
         raise BadFormat("empty LZF input")
     out = bytearray()
+    produced = 0  # len(out), also when nothing is built
     ip = 0
     while ip < n:
         ctrl = src[ip]
         ip += 1
         if ctrl < 32:
             run = ctrl + 1
-            if len(out) + run > out_len or ip + run > n:
+            if produced + run > out_len or ip + run > n:
                 raise BadFormat("LZF literal run out of bounds")
-            out += src[ip : ip + run]
+            if not check_only:
+                out += src[ip : ip + run]
+            produced += run
             ip += run
             continue
         length = ctrl >> 5
@@ -202,17 +227,48 @@ def lzf_decompress(data: bytes | memoryview, out_len: int) -> bytes:
         distance = ((ctrl & 0x1F) << 8 | src[ip]) + 1
         ip += 1
         length += 2
-        start = len(out) - distance
-        if len(out) + length > out_len or start < 0:
+        start = produced - distance
+        if produced + length > out_len or start < 0:
             raise BadFormat("LZF back reference out of bounds")
+        produced += length
+        if check_only:
+            continue
         if distance >= length:
             out += out[start : start + length]
         else:  # overlapping: the last `distance` bytes repeat
             pattern = bytes(out[start:])
             out += (pattern * (length // distance + 1))[:length]
-    if len(out) != out_len:
+    if produced != out_len:
         raise BadFormat("LZF output shorter than declared")
     return bytes(out)
+
+
+@attrs.frozen
+class Lzf:
+    """An LZF-compressed string of a payload, kept compressed until the write has room.
+
+    A payload of a few kilobytes can declare a value of hundreds of
+    megabytes (a back reference of 3 bytes writes up to 264): RESTORE checks
+    the memory the value needs before it builds it (:meth:`Restore.apply`),
+    and a pipeline or a transaction holds the payloads, not their values.
+    """
+
+    data: bytes
+    out_len: int
+
+    def decompress(self) -> bytes:
+        """The value. Raises ``CommandSyntaxError`` (``Bad data format``) if malformed."""
+        try:
+            return lzf_decompress(self.data, self.out_len)
+        except BadFormat:
+            raise CommandSyntaxError(BAD_FORMAT) from None
+
+    def check(self) -> None:
+        """:meth:`decompress`'s checks without building the value."""
+        try:
+            lzf_decompress(self.data, self.out_len, check_only=True)
+        except BadFormat:
+            raise CommandSyntaxError(BAD_FORMAT) from None
 
 
 class RdbReader:
@@ -247,8 +303,11 @@ class RdbReader:
             return int.from_bytes(self.take(8), "big"), False
         raise BadFormat(f"unknown length encoding {first:#x}")
 
-    def string(self, max_size: int) -> bytes:
+    def string(self, max_size: int, *, lazy: bool = False) -> bytes | Lzf:
         """One RDB string (``rdbGenericLoadStringObject``), at most ``max_size`` bytes.
+
+        ``lazy``: an LZF string comes back as :class:`Lzf`, not decompressed
+        (nor checked beyond its lengths).
 
         Raises:
             BadFormat: malformed.
@@ -265,7 +324,8 @@ class RdbReader:
             out_len, _ = self.length()
             if out_len > max_size:
                 raise TooLargeError(ops.STRING_TOO_LONG)
-            return lzf_decompress(self.take(compressed), out_len)
+            data = self.take(compressed)
+            return Lzf(bytes(data), out_len) if lazy else lzf_decompress(data, out_len)
         else:
             raise BadFormat(f"unknown string encoding {length}")
         if len(value) > max_size:
@@ -273,12 +333,18 @@ class RdbReader:
         return value
 
 
-def load_payload(payload: bytes, max_size: int) -> bytes:
+@overload
+def load_payload(payload: bytes, max_size: int) -> bytes: ...
+@overload
+def load_payload(payload: bytes, max_size: int, *, lazy: bool) -> bytes | Lzf: ...
+def load_payload(payload: bytes, max_size: int, *, lazy: bool = False) -> bytes | Lzf:
     """The string value a DUMP payload holds (RESTORE's check, in Redis's order).
 
     Args:
         payload: the serialized value, as DUMP gave it.
         max_size: bytes; the longest value accepted (``max_value_size``).
+        lazy: an LZF-compressed value comes back as :class:`Lzf`, its stream
+            checked only when it is decompressed (RESTORE's parser).
 
     Raises:
         CommandSyntaxError: ``DUMP payload version or checksum are wrong`` (too
@@ -299,7 +365,7 @@ def load_payload(payload: bytes, max_size: int) -> bytes:
     try:
         if reader.take(1)[0] != RDB_TYPE_STRING:
             raise BadFormat("not a string")
-        value = reader.string(max_size)
+        value = reader.string(max_size, lazy=lazy)
         if reader.pos != footer:
             raise BadFormat("bytes after the value")
     except BadFormat:
@@ -335,6 +401,12 @@ class Restore(ops.ShardOp):
     (``ShardStore.put``: memory reserved with the tracker, the record
     journalled with its deadline in Unix ms), replacing any old value and TTL.
 
+    ``value`` may be an :class:`Lzf` (a compressed payload): it is built
+    here, once the tracker has the bytes the value will need (refused:
+    ``NeedMemory``, so the engine makes room or answers OOM, nothing built),
+    or, for a deadline already past, only checked. So a small payload that
+    declares a huge value costs memory only when the value may be kept.
+
     ``freq``: under an LFU policy the key's access count becomes ``freq``
     (at least 1, KVMemo's count at insertion; the policy's own ``record_*``
     calls, so it still tracks exactly the store's keys), as Redis sets its
@@ -349,7 +421,7 @@ class Restore(ops.ShardOp):
     def __init__(
         self,
         key: bytes,
-        value: bytes,
+        value: bytes | Lzf,
         expiry: Expiry,
         *,
         replace: bool,
@@ -370,11 +442,20 @@ class Restore(ops.ShardOp):
         if self.error is not None:
             raise self.error
         deadline = self.expiry.deadline(now)
-        if deadline is not None and deadline <= now:
+        expired = deadline is not None and deadline <= now
+        value = self.value
+        if type(value) is Lzf:
+            if expired:
+                value.check()  # a payload error first, as Redis; the value is not kept
+            else:
+                _check_room(store, key, value.out_len, deadline is not None, now)
+                value = value.decompress()
+        if expired:
             if self.replace:
                 store.delete(key, now)
             return ops.OK
-        store.put(key, self.value, now, expires_at=deadline)
+        assert type(value) is bytes
+        store.put(key, value, now, expires_at=deadline)
         policy = store.policy
         if policy.lfu:
             # A new object to Redis: its count starts again, at FREQ if given.
@@ -383,6 +464,30 @@ class Restore(ops.ShardOp):
             for _ in range((self.freq or 1) - 1):
                 policy.record_access(key)
         return ops.OK
+
+    @property
+    def write_bytes(self) -> int:
+        """Bytes the write brings (the value as it will be, not its payload): a
+        transaction makes this much room before it holds its shards."""
+        value = self.value
+        return len(self.key) + (value.out_len if isinstance(value, Lzf) else len(value))
+
+
+def _check_room(store: ShardStore, key: bytes, length: int, has_ttl: bool, now: float) -> None:
+    """Raise ``NeedMemory`` unless the tracker has room for ``key`` with a ``length``-byte value.
+
+    What ``store.put`` would charge, netting out a live old value; asked of
+    the tracker and given back at once (the caller builds the value and puts
+    it with no checkpoint in between, and ``put`` charges it for real).
+    """
+    delta = store.entry_size_of(key, length) + (TTL_OVERHEAD if has_ttl else 0)
+    old = store.peek_raw(key, now)
+    if old is not None:
+        delta -= store.entry_size(key, old, has_ttl=key in store.expires)
+    if delta > 0:
+        if not store.tracker.try_reserve(store.shard_id, delta):
+            raise NeedMemory(delta)
+        store.tracker.release(store.shard_id, delta)
 
 
 @command("dump", 2, "readonly", KEY1, "a key's value serialized as Redis's DUMP does", "1.4")
@@ -427,7 +532,7 @@ def _restore(args: Sequence[bytes], ctx: ParseContext) -> Restore:
             f"value of {len(payload)} bytes is over max_value_size ({ctx.max_value_size})"
         )
     error: KVMemoError | None = None
-    value = b""
+    value: bytes | Lzf = b""
     expiry = NO_EXPIRY
     try:
         ttl = parse_int(args[1])
@@ -435,7 +540,7 @@ def _restore(args: Sequence[bytes], ctx: ParseContext) -> Restore:
             raise CommandSyntaxError(BAD_TTL)
         if ttl > MAX_EXPIRE_MS:  # KVMemo's bound (see args.MAX_EXPIRE_MS); Redis overflows
             raise CommandSyntaxError("invalid expire time in 'restore' command")
-        value = load_payload(payload, ctx.max_value_size)
+        value = load_payload(payload, ctx.max_value_size, lazy=True)
         if ttl and absttl:
             expiry = Expiry(ExpiryMode.ABSOLUTE, ctx.clock.to_monotonic(ttl / 1000))
         elif ttl:

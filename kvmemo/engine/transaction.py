@@ -292,7 +292,9 @@ class Plan:
         """Plan command ``index``; its client error (a refused command) is its result."""
         if getattr(op, "write", False):
             self.writes = True
-            self.size += sum(map(len, args))
+            # What the write brings: its arguments, or what the op says it
+            # will write when that differs (RESTORE of a compressed payload).
+            self.size += getattr(op, "write_bytes", None) or sum(map(len, args))
         if isinstance(op, ServerCall):
             refusal = cross_shard_refusal(op, 1)
             if refusal is not None:
