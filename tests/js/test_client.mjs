@@ -612,6 +612,23 @@ test("a refused subscribe rejects and forgets its callback; bad arguments reject
   assert.equal(ws.sent.length, 1);
 });
 
+test("a refused second subscribe to a channel keeps the first callback", async () => {
+  const client = await openClient();
+  const ws = lastSocket();
+  const got = [];
+  const first = client.subscribe("news", (data) => got.push(`first:${data}`));
+  await tick();
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[0].id, result: [["subscribe", "news", 1]]});
+  await first;
+  const second = client.subscribe("news", (data) => got.push(`second:${data}`));
+  await tick();
+  ws.serverSend({jsonrpc: "2.0", id: ws.sent[1].id, error: {code: -32004, message: "too many", data: {kind: "TOO_LARGE"}}});
+  await assert.rejects(second, (e) => e instanceof KVMemoError && e.kind === "TOO_LARGE");
+  ws.serverSend({jsonrpc: "2.0", method: "message", params: ["news", "m"]});
+  assert.deepEqual(got, ["first:m"]);
+  assert.deepEqual(client.channels, ["news"]);
+});
+
 test("after a reconnection the new session subscribes again to every channel and pattern", async () => {
   const client = await openClient();
   const ws = lastSocket();

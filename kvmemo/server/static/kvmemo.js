@@ -807,9 +807,15 @@ export class KVMemoClient extends EventTarget {
         throw new TypeError(`${method}: onMessage must be a function, got ${onMessage === null ? "null" : typeof onMessage}`);
       }
       // Set before sending: the server may push a message right after its reply.
+      // A refused call puts back the callbacks it replaced (the session keeps those).
+      const previous = list.map((name) => handlers.get(name));
       for (const name of list) handlers.set(name, onMessage);
       return this.call(method, ...list).catch((error) => {
-        for (const name of list) if (handlers.get(name) === onMessage) handlers.delete(name);
+        list.forEach((name, i) => {
+          if (handlers.get(name) !== onMessage) return;
+          if (previous[i] === undefined) handlers.delete(name);
+          else handlers.set(name, previous[i]);
+        });
         throw error;
       });
     });
