@@ -867,10 +867,23 @@ class Subscription:
             return 0
         if not names and method in ("subscribe", "psubscribe"):
             return len(self._channels) + len(self._patterns)  # as the embedded one: nothing to do
-        replies = await self._client.execute(method, *names)
+        own = self._patterns if method.startswith("p") else self._channels
+        added: list[bytes] = []
+        if not method.endswith("unsubscribe"):
+            # Listened to from now: the server answers before it pushes any
+            # message of these, and the reader may take the message before
+            # this task resumes. (A message of a name not here is dropped: a
+            # late one of a block that could not unsubscribe in time.)
+            added = [n for n in map(encode_arg, names) if n not in own]
+            own.update(dict.fromkeys(added))
+        try:
+            replies = await self._client.execute(method, *names)
+        except BaseException:
+            for name in added:
+                own.pop(name, None)
+            raise
         if self._overflowed or self._closed:
             return 0  # ended meanwhile: the server is told to leave everything
-        own = self._patterns if method.startswith("p") else self._channels
         count: int | None = None
         for reply in replies if isinstance(replies, list) else [None]:
             if not (
@@ -880,12 +893,12 @@ class Subscription:
                 and type(reply[2]) is int
             ):
                 raise InternalError(f"malformed {method} result from the server: {replies!r}")
-            name, count = reply[1], reply[2]
-            if name is not None:
+            left, count = reply[1], reply[2]
+            if left is not None:
                 if method.endswith("unsubscribe"):
-                    own.pop(name, None)
+                    own.pop(left, None)
                 else:
-                    own[name] = None
+                    own[left] = None
         if count is None:
             raise InternalError(f"malformed {method} result from the server: {replies!r}")
         return count
@@ -932,6 +945,11 @@ class Subscription:
 
     def _deliver(self, message: Message) -> None:
         if self._ended:
+            return
+        if message.pattern is None:
+            if message.channel not in self._channels:
+                return  # a late message of a channel this block does not listen to
+        elif message.pattern not in self._patterns:
             return
         size = MESSAGE_OVERHEAD + len(message.channel) + len(message.data)
         if message.pattern is not None:

@@ -433,6 +433,13 @@ async def test_the_client_iterates_publishes_and_keeps_serving_other_tasks(
             await sub.get()  # the block has ended
         async with kv.subscribe("d") as again:  # a new block once the last one ended
             assert again.channels == [b"d"]
+            # A late message of the last block's channel (its unsubscribe timed out,
+            # say) is not this block's: dropped; its own channel's messages come.
+            again._deliver(Message(b"c", b"late"))
+            again._deliver(Message(b"d", b"mine"))
+            again._deliver(Message(b"d", b"no pattern here", b"d*"))
+            assert await again.get() == Message(b"d", b"mine")
+            assert again._bytes == 0
 
 
 async def test_the_client_side_buffer_limit_ends_the_subscription_not_the_connection(
