@@ -878,3 +878,18 @@ def test_dump_builds_its_payload_with_one_copy_of_the_value() -> None:
         tracemalloc.stop()
     assert load_payload(payload, MAX) == value
     assert peak < len(value) * 1.2, peak  # the payload itself, no intermediate copies
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
+async def test_a_corrupt_compressed_payload_is_refused_before_any_room_is_made(
+    policy: str,
+) -> None:
+    """A good CRC over a broken LZF stream that declares a big value: ``Bad data
+    format``, as Redis answers, and nothing evicted (it asked for room first before)."""
+    broken = b"\x00a\xe0\xff\x05"  # a back reference before the start
+    async with kvmemo.open_store(shards=1, maxmemory=1_000_000, eviction_policy=policy) as kv:
+        for i in range(90):
+            await kv.set(f"f{i}", b"y" * 10_000)
+        with pytest.raises(CommandSyntaxError, match="Bad data format"):
+            await kv.restore("r", 0, lzf_payload(500_000, data=broken))
+        assert await kv.dbsize() == 90

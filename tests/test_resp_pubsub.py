@@ -24,6 +24,7 @@ import redis
 import redis.asyncio
 import trio
 import trio.lowlevel
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_resp_server import Client, running
@@ -519,3 +520,133 @@ async def test_command_info_docs_and_count_list_the_subscribe_commands() -> None
                 assert name in names
             count = await client.call("COMMAND", "COUNT")
             assert count == len([n for n in names if b"|" not in n])
+
+
+# -- from the review of the port's pub/sub ------------------------------------------------------
+
+
+async def test_resp3_a_message_never_overtakes_an_older_reply() -> None:
+    """B increments then publishes the value; A, subscribed in RESP3, reads ``n``: a
+    message of value v seen before a GET's reply means the GET ran after it was
+    published, so it answers at least v (Redis's order; 1304 of 5000 broke it before)."""
+    with trio.fail_after(TIMEOUT):
+        async with running(shards=4) as server:
+            a = await Client.connect(server)
+            await a.call("HELLO", "3")
+            assert await a.call("SUBSCRIBE", "ch") == Push([b"subscribe", b"ch", 1])
+            b = await Client.connect(server)
+            await b.call("SET", "n", "0")
+            done = trio.Event()
+            violations: list[tuple[int, int]] = []
+
+            async def writer() -> None:
+                for i in range(1, 1001):
+                    await b.send(encode_command("INCR", "n") + encode_command("PUBLISH", "ch", i))
+                    await b.replies(2)
+                done.set()
+
+            async def reader() -> None:
+                seen = 0
+                while not done.is_set():
+                    await a.send(encode_command("GET", "n"))
+                    while isinstance(reply := await a.reply(), Push):
+                        seen = max(seen, int(reply.items[2]))
+                    if int(reply) < seen:
+                        violations.append((int(reply), seen))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                nursery.start_soon(reader)
+            assert violations == []
+
+
+async def test_nothing_follows_the_ok_of_quit_on_a_subscribed_connection() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running() as server:
+            sub = await Client.connect(server)
+            assert await sub.call("SUBSCRIBE", "ch") == [b"subscribe", b"ch", 1]
+            stop = trio.Event()
+
+            async def publisher() -> None:
+                n = 0
+                while not stop.is_set():
+                    for _ in range(20):
+                        server.engine.pubsub.publish(b"ch", b"m%d" % n + b"x" * 1000)
+                        n += 1
+                    await trio.lowlevel.checkpoint()
+
+            after_ok = 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publisher)
+                assert (await sub.reply())[0] == b"message"  # messages are flowing
+                await sub.send(encode_command("QUIT"))
+                seen_ok = False
+                while True:
+                    try:
+                        reply = await sub.reply()
+                    except (EOFError, trio.BrokenResourceError):
+                        break  # closed by the server, after QUIT's reply
+                    if reply == "OK":
+                        seen_ok = True
+                    elif seen_ok:
+                        after_ok += 1
+                stop.set()
+            assert seen_ok
+            assert after_ok == 0
+
+
+async def test_subscribe_confirmations_obey_the_output_limit() -> None:
+    """A client that pipelines SUBSCRIBEs and reads nothing: their confirmations wait
+    under the output limit as any reply does (they grew without bound before)."""
+    limit = 256 * 1024
+    limits = RespLimits(max_output_buffer=limit, output_timeout=30)
+    with trio.fail_after(TIMEOUT):
+        async with running(limits=limits) as server:
+            admin = await Client.connect(server)
+            raw = trio.socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await raw.connect((server.host, server.port))
+            client = Client(trio.SocketStream(raw))
+            assert await client.call("CLIENT", "SETNAME", "flood") == "OK"
+            request = encode_command("SUBSCRIBE", *(["x" * 2000] * 5))
+            with trio.move_on_after(1):  # the sends block once the server stops reading
+                for _ in range(4000):
+                    await client.send(request)
+            listing = await admin.call("CLIENT", "LIST")
+            line = next(x for x in listing.split(b"\n") if b"name=flood " in x)
+            omem = int(line.split(b" omem=")[1].split(b" ")[0])
+            assert omem <= limit + len(request), omem
+
+
+async def test_a_refused_first_subscribe_leaves_no_subscriber_nor_pusher() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running(pubsub_max_subscriptions=1) as server:
+            client = await Client.connect(server)
+            before = pusher_tasks()
+            reply = await client.call("SUBSCRIBE", "a", "b")
+            assert isinstance(reply, ErrorReply)
+            assert pusher_tasks() == before
+            assert await client.call("GET", "k") is None  # not in subscribed mode
+
+
+async def test_a_frame_taken_out_still_counts_until_the_socket_took_it() -> None:
+    """A subscriber that reads nothing: the big message its pusher staged keeps counting
+    against pubsub_buffer_limit, so the outbox cannot fill to the limit again behind it
+    (the server held about twice the limit before)."""
+    limit = 1024 * 1024
+    with trio.fail_after(TIMEOUT):
+        async with running(pubsub_buffer_limit=limit) as server:
+            raw = trio.socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await raw.connect((server.host, server.port))
+            slow = Client(trio.SocketStream(raw))
+            assert await slow.call("SUBSCRIBE", "c") == [b"subscribe", b"c", 1]
+            hub = server.engine.pubsub
+            assert hub.publish(b"c", b"B" * (limit - 1024)) == 1
+            await trio.testing.wait_all_tasks_blocked()  # the pusher stages it
+            published = 0
+            while not hub.overflows:
+                hub.publish(b"c", b"s" * 4000)
+                published += 1
+                await trio.testing.wait_all_tasks_blocked()
+            assert published < limit // 2 // 4000, published  # not another limit's worth

@@ -445,9 +445,10 @@ class Restore(ops.ShardOp):
         expired = deadline is not None and deadline <= now
         value = self.value
         if type(value) is Lzf:
-            if expired:
-                value.check()  # a payload error first, as Redis; the value is not kept
-            else:
+            # A payload error first, as Redis (and before any room is asked
+            # for: a refused RESTORE must not evict), building nothing.
+            value.check()
+            if not expired:
                 _check_room(store, key, value.out_len, deadline is not None, now)
                 value = value.decompress()
         if expired:

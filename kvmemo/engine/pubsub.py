@@ -96,6 +96,10 @@ class Subscriber:
         self._queue: deque[tuple[Message, int]] = deque()
         self._bytes = 0
         self._held = 0  # taken by the owner, not yet delivered (see hold)
+        # Messages ever queued and ever taken (dropped ones count as taken):
+        # an owner's mark, to take only those queued before some moment.
+        self.delivered = 0
+        self.taken = 0
         self._ready = trio.Event()
         self.overflowed = False
         self.closed = False
@@ -148,6 +152,7 @@ class Subscriber:
             return
         self._queue.append((message, size))
         self._bytes += size
+        self.delivered += 1
         self._ready.set()
 
     def hold(self, nbytes: int) -> bool:
@@ -180,6 +185,7 @@ class Subscriber:
         taken = [message for message, _ in self._queue]
         self._queue.clear()
         self._bytes = 0
+        self.taken = self.delivered
         if not self.closed and self._ready.is_set():
             self._ready = trio.Event()  # a task waiting on an unset one keeps waiting on it
         return taken
@@ -202,6 +208,7 @@ class Subscriber:
             if self._queue:
                 message, size = self._queue.popleft()
                 self._bytes -= size
+                self.taken += 1
                 if not self._queue and not self.closed and self._ready.is_set():
                     self._ready = trio.Event()
                 return message
@@ -217,6 +224,7 @@ class Subscriber:
         self.closed = True
         self._queue.clear()
         self._bytes = 0
+        self.taken = self.delivered
         self._ready.set()
 
     def _overflow_error(self) -> OverloadedError:
@@ -381,6 +389,7 @@ class PubSubHub:
         subscriber.overflowed = True
         subscriber._queue.clear()
         subscriber._bytes = 0
+        subscriber.taken = subscriber.delivered
         subscriber._ready.set()
         if subscriber._on_end is not None:
             subscriber._on_end()

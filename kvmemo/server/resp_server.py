@@ -131,7 +131,7 @@ from ..commands.table import Command as TableCommand
 from ..commands.table import Subcommand as TableSubcommand
 from ..config import parse_size
 from ..engine.engine import KVEngine
-from ..engine.pubsub import MESSAGE_OVERHEAD, Message, Subscriber
+from ..engine.pubsub import Message, Subscriber
 from ..errors import BusyKeyError, KVMemoError
 from ..eviction.policies import POLICY_NAMES, make_policy
 from .app import StopHandler, StopRequest
@@ -417,6 +417,15 @@ class _Connection:
         self._nursery: trio.Nursery | None = None  # the reader's, writer's and pusher's
         self._overflow_logged = False
         self._batch: list[tuple[bytes, ...]] = []  # the requests _execute_batch runs
+        # Pub/sub: while a reply is being made (_push_holds > 0) the pusher
+        # stages nothing, so a message published after the command ran never
+        # goes out before its reply; the reader stages what came before.
+        self._push_holds = 0
+        self._push_released = trio.Event()
+        # Message frames staged and not yet sent, as (end offset in the output,
+        # size): held against the subscriber's limit until the socket took them.
+        self._held_frames: deque[tuple[int, int]] = deque()
+        self._sent_total = 0  # bytes of output the socket took so far
         limits = server.limits
         self._parser = RespParser(
             max_bulk_len=limits.max_bulk_len,
@@ -489,6 +498,8 @@ class _Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 drain = False
             if drain:
+                if self.subscriber is not None:
+                    self.subscriber.close()  # QUIT: nothing after its +OK, as Redis
                 self._flush_stage()
                 with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
                     while self.pending and not self._broken:
@@ -591,6 +602,9 @@ class _Connection:
                 await self.stream.send_all(piece)
                 self._writing = False
                 self.pending -= len(piece)
+                self._sent_total += len(piece)
+                if self._held_frames:
+                    self._release_frames()
                 self.last_activity = self._clock.current_time()
                 self._progress.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -632,15 +646,17 @@ class _Connection:
         self.muted = False
         return replies[1:]
 
-    async def _deliver(self, replies: list[bytes]) -> None:
+    async def _deliver(self, replies: list[bytes], upto: int | None = None) -> None:
         """Stage the replies of commands, in order, as CLIENT REPLY allows.
 
         A subscribed connection's messages queued before them are staged
-        first (Redis writes a message when it is published).
+        first (Redis writes a message when it is published): all those
+        queued now, or with ``upto`` (the subscriber's ``delivered`` count
+        when the commands started) only those queued before the commands ran.
         """
         replies = self._unmuted(replies)
         if self.subscriber is not None:
-            await self._pump(self.subscriber, wait=True)
+            await self._pump(self.subscriber, wait=True, upto=upto)
         if replies:
             await self._push_all(replies)
 
@@ -719,6 +735,9 @@ class _Connection:
                 sent = 0
             if sent:
                 self.pending -= sent
+                self._sent_total += sent
+                if self._held_frames:
+                    self._release_frames()
                 self.last_activity = self._clock.current_time()
                 if self._progress:  # the reader or the pusher waits for room
                     self._progress.unpark_all()
@@ -745,22 +764,31 @@ class _Connection:
 
         Each confirmation is a push (``kind``, the name, the subscription
         count after it; ``kind``, nil, the count when an UNSUBSCRIBE of
-        everything finds nothing), staged here without waiting for room
-        (its size follows the request's), so no message of a channel just
-        subscribed can come before it; the messages queued before the
-        command are staged first. Confirmations are pushes: CLIENT REPLY
-        OFF does not silence them, and SKIP is spent on the command, as in
-        Redis 7.0. The first subscribe makes the subscriber and starts the
-        pusher. Returns :data:`NO_REPLY` (the confirmations are the reply).
+        everything finds nothing), staged as any reply is (waiting for room
+        under the output limit), with the pusher held back meanwhile, so no
+        message of a channel just subscribed can come before it; the
+        messages queued before the command are staged first. Confirmations
+        are pushes: CLIENT REPLY OFF does not silence them, and SKIP is
+        spent on the command, as in Redis 7.0. The first subscribe that
+        succeeds makes the subscriber and starts the pusher (a refused one
+        leaves nothing). Returns :data:`NO_REPLY` (the confirmations are the
+        reply).
         """
+        self._push_holds += 1  # no message of a name just subscribed before its confirmation
+        try:
+            return await self._change_subscriptions(kind, names)
+        finally:
+            self._release_pushes()
+
+    async def _change_subscriptions(self, kind: str, names: Sequence[bytes]) -> object:
         subscriber = self.subscriber
+        made = False
         if subscriber is None and kind in ("subscribe", "psubscribe"):
-            assert self._nursery is not None
             # on_end: an overflow wakes a wait for room (_wait_push_room) at once.
             subscriber = self.subscriber = self.server.engine.pubsub.subscriber(
                 on_end=self._wake_waiters
             )
-            self._nursery.start_soon(self._pusher, subscriber)
+            made = True
         if subscriber is None:  # nothing subscribed yet: answered as a fresh subscriber would
             counts: Sequence[tuple[bytes | None, int]] = [(name, 0) for name in names] or [
                 (None, 0)
@@ -777,58 +805,82 @@ class _Connection:
                 else:
                     counts = subscriber.punsubscribe(names)
             except KVMemoError as exc:  # past pubsub_max_subscriptions: nothing changed
+                if made:
+                    subscriber.close()
+                    self.subscriber = None
                 return redis_error(exc)
+            if made:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._pusher, subscriber)
         word = kind.encode()
         protocol = self.protocol
         frame = b"".join(encode_push((word, name, n), protocol=protocol) for name, n in counts)
         if self.muted and not self.replies_off:
             self.skip_reply = self.muted = False  # CLIENT REPLY SKIP: spent on this command
-        self._stage.append(frame)
-        self._staged += len(frame)
-        self.pending += len(frame)
-        if self._staged >= FLUSH_THRESHOLD:
-            self._flush_stage()
+        await self._push(frame)  # under the output limit, as any reply
         return NO_REPLY
+
+    def _release_pushes(self) -> None:
+        """End one hold of the pusher (see ``_push_holds``)."""
+        self._push_holds -= 1
+        if not self._push_holds:
+            self._push_released.set()
+            self._push_released = trio.Event()
+
+    def _release_frames(self) -> None:
+        """Give the subscriber back the bytes of the message frames the socket took."""
+        frames = self._held_frames
+        sent = self._sent_total
+        released = 0
+        while frames and frames[0][0] <= sent:
+            released += frames.popleft()[1]
+        if released and self.subscriber is not None:
+            self.subscriber.release(released)
 
     def _wake_waiters(self) -> None:
         """Unpark whoever waits for output room (they look again at what they wait for)."""
         self._progress.unpark_all()
 
-    async def _pump(self, subscriber: Subscriber, *, wait: bool) -> None:
+    async def _pump(self, subscriber: Subscriber, *, wait: bool, upto: int | None = None) -> None:
         """Stage queued messages, oldest first, while fewer than ``PUSH_WINDOW`` bytes pend.
 
         A message is taken from the outbox only when there is room, so a
-        slow reader's backlog stays in the outbox (bounded by the hub). With
-        ``wait`` (before a reply or a confirmation is staged) it waits for
-        room until every message queued when it was called is staged: later
-        ones are the pusher's. Without, it stops at the first lack of room.
-        ``Subscriber.get`` on a non-empty outbox returns without yielding,
-        so the taking itself never waits.
+        slow reader's backlog stays in the outbox (bounded by the hub); a
+        staged frame counts against the subscriber's limit until the socket
+        took it (``Subscriber.hold``, released by :meth:`_release_frames`).
+        With ``wait`` (before a reply or a confirmation is staged) it waits
+        for room until every message queued when it was called (or, with
+        ``upto``, every one of the first ``upto`` the subscriber ever got)
+        is staged: later ones are the pusher's. Without, it stops at the
+        first lack of room. ``Subscriber.get`` on a non-empty outbox returns
+        without yielding, so the taking itself never waits.
 
         Raises:
             _Overflowed: the hub ended the subscriber (past its limit).
             _OutputStalled: waiting for room, nothing was written for
                 ``output_timeout`` seconds while the output limit was reached.
         """
-        budget = subscriber.pending_bytes if wait else -1
+        target = (subscriber.delivered if upto is None else upto) if wait else -1
         resp3 = self.protocol == 3
         while subscriber.pending_bytes and not subscriber.ended:
+            if wait and subscriber.taken >= target:
+                break
             if self.pending >= PUSH_WINDOW:
-                if not wait or budget <= 0:
+                if not wait:
                     return
                 await self._wait_push_room(subscriber)
                 continue
             message = await subscriber.get()
-            if wait:
-                budget -= _message_size(message)
             frame = _message_frame(message, resp3)
+            size = len(frame)
+            if not subscriber.hold(size):
+                break  # overflowed: raised below
             self._stage.append(frame)
-            self._staged += len(frame)
-            self.pending += len(frame)
+            self._staged += size
+            self.pending += size
+            self._held_frames.append((self._sent_total + self.pending, size))
             if self._staged >= FLUSH_THRESHOLD:
                 self._flush_stage()
-            if wait and budget <= 0:
-                break
         if subscriber.overflowed:
             raise _Overflowed
 
@@ -862,6 +914,9 @@ class _Connection:
         try:
             while not subscriber.closed:
                 await subscriber.wait()
+                if self._push_holds:  # a reply is being made: the reader stages first
+                    await self._push_released.wait()
+                    continue
                 await self._pump(subscriber, wait=False)
                 self._flush_stage()
                 if subscriber.pending_bytes and not subscriber.ended:
@@ -1009,7 +1064,7 @@ class _Connection:
                     # the replies before it and before its own, as Redis writes it.
                     await self._run_calls(calls, early)
                     calls.append((name, argv[1:]))
-                    await self._run_calls(calls, early)
+                    await self._run_calls(calls, early, own_messages_first=True)
                 else:
                     calls.append((name, argv[1:]))
                 continue
@@ -1049,9 +1104,20 @@ class _Connection:
                 early.append((len(calls) + len(early), self._encode(pong)))
                 continue
             await self._run_calls(calls, early)
-            reply = await conn_command.handler(self, argv)
-            if reply is not NO_REPLY:
-                await self._deliver([self._encode(reply)])
+            subscriber = self.subscriber
+            if subscriber is None:
+                reply = await conn_command.handler(self, argv)
+                if reply is not NO_REPLY:
+                    await self._deliver([self._encode(reply)])
+            else:  # its reply before any message published after it ran (EXEC's too)
+                mark = subscriber.delivered
+                self._push_holds += 1
+                try:
+                    reply = await conn_command.handler(self, argv)
+                    if reply is not NO_REPLY:
+                        await self._deliver([self._encode(reply)], upto=mark)
+                finally:
+                    self._release_pushes()
             if self.closing:
                 return
             authenticated = self.authenticated
@@ -1092,14 +1158,43 @@ class _Connection:
         )
 
     async def _run_calls(
-        self, calls: list[tuple[str, Sequence[bytes]]], early: list[tuple[int, bytes]]
+        self,
+        calls: list[tuple[str, Sequence[bytes]]],
+        early: list[tuple[int, bytes]],
+        *,
+        own_messages_first: bool = False,
     ) -> None:
         """Run the gathered data commands, stage every reply in order, empty both lists.
 
         ``engine.execute`` for one call (it costs less than a batch of one),
         ``engine.execute_many`` for more. The engine call is timed as a whole
         for the slow log (see :meth:`_slow_batch`).
+
+        A subscribed connection (RESP3) holds its pusher meanwhile, and
+        stages before the replies only the messages queued before the call:
+        one published while the commands ran comes after their replies, never
+        before a reply older than it. ``own_messages_first``: a PUBLISH run
+        alone, whose message to this connection goes before its count, as
+        Redis writes it.
         """
+        subscriber = self.subscriber
+        if subscriber is None or not calls:
+            await self._run_calls_now(calls, early, None)
+            return
+        self._push_holds += 1
+        try:
+            await self._run_calls_now(
+                calls, early, None if own_messages_first else subscriber.delivered
+            )
+        finally:
+            self._release_pushes()
+
+    async def _run_calls_now(
+        self,
+        calls: list[tuple[str, Sequence[bytes]]],
+        early: list[tuple[int, bytes]],
+        mark: int | None,
+    ) -> None:
         if calls:
             engine = self.server.engine
             start = _clock_ns()
@@ -1125,7 +1220,7 @@ class _Connection:
         else:
             return
         early.clear()
-        await self._deliver(replies)
+        await self._deliver(replies, upto=mark)
 
     # -- the slow log -----------------------------------------------------------------
 
@@ -1412,12 +1507,6 @@ def _message_frame(message: Message, resp3: bool) -> bytes:
     return encode_push(
         (b"pmessage", message.pattern, message.channel, message.data), protocol=protocol
     )
-
-
-def _message_size(message: Message) -> int:
-    """The bytes the hub counts for ``message`` in an outbox (its accounting's rule)."""
-    size = MESSAGE_OVERHEAD + len(message.channel) + len(message.data)
-    return size if message.pattern is None else size + len(message.pattern)
 
 
 async def _subscription(conn: _Connection, argv: tuple[bytes, ...]) -> object:
