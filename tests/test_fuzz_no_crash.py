@@ -69,6 +69,7 @@ from hypothesis import strategies as st
 import kvmemo
 from kvmemo.api import encode_arg
 from kvmemo.commands.args import INT64_MAX, MAX_EXPIRE_MS
+from kvmemo.commands.dump import dump_payload
 from kvmemo.commands.table import COMMANDS, Command
 from kvmemo.config import StoreConfig
 from kvmemo.engine import engine as engine_module
@@ -283,7 +284,8 @@ tokens = st.one_of(
 UNKNOWN_NAMES = ["nosuch", "", " get", "get ", "GET\x00", "ЅET", "multi", "exec", "hello", "."]
 
 # Well-formed shapes, by command: k key, v value, n number, p glob pattern,
-# c a SCAN cursor (often one a SCAN returned), K one or more keys, P one or
+# c a SCAN cursor (often one a SCAN returned), d a DUMP payload (of a value, or
+# a damaged one), K one or more keys, P one or
 # more key/value pairs, o a tail of 0-4 options and numbers (often wrong,
 # sometimes right). Commands not listed get only
 # the free-form arguments of ``free_calls``.
@@ -343,6 +345,10 @@ SHAPES: dict[str, str] = {
     "info": "o",
     "ping": "o",
     "echo": "v",
+    "dump": "k",
+    "restore": "k n d o",
+    "publish": "v v",
+    "pubsub": "o o",
 }
 SMALL_NUMBERS = ["0", "1", "5", "100", "-1", "3600", "100000"]
 PATTERNS = ["*", "a*", "{t}*", "?", "[a-", "[^a]*", "\\", "*[", "k:*"]
@@ -390,6 +396,10 @@ def shaped_calls(draw: st.DrawFn) -> tuple[Any, ...]:
             args.append(draw(values))
         elif kind == "n":
             args.append(draw(small_numbers))
+        elif kind == "d":
+            payload = dump_payload(encode_arg(draw(values)))
+            cut = draw(st.integers(0, len(payload)))
+            args.append(payload if draw(st.booleans()) else payload[:cut] + payload[cut + 1 :])
         elif kind == "c":
             args.append(draw(cursors))
         elif kind == "p":
@@ -884,8 +894,14 @@ CONNECTION_NAMES = [
     "ping",
     "quit",
     "reset",
+    "move",
+    "role",
     "select",
+    "shutdown",
+    "slowlog",
+    "swapdb",
     "unwatch",
+    "wait",
     "watch",
 ]
 SUBCOMMANDS = [
@@ -915,6 +931,10 @@ SUBCOMMANDS = [
     "save",
     "appendonly",
     "RESETSTAT",
+    "LEN",
+    "RESET",
+    "NOSAVE",
+    "slowlog-log-slower-than",
     "REWRITE",
     "actors",
     "kill",
