@@ -682,4 +682,6 @@ def test_example_page(server: KVServer, page: Page, page_errors: PageErrors) -> 
     assert 'mset fruit:*  -> "OK"' in text
     assert 'mget          -> ["hello, world","apple","pear",null]' in text
     assert "incr greeting -> NOT_INTEGER (-32000)" in text
+    assert "publish news  -> 1 subscriber" in text
+    assert "message       -> news: fresh" in text
     expect(page.locator("#log .error")).to_have_count(0)
