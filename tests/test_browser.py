@@ -323,6 +323,16 @@ def test_console_commands_keys_metrics_and_errors(
     # Other tests of this module share the server: start from an empty keyspace.
     expect(run_command(page, "FLUSHALL").locator(".entry-result")).to_have_text('"OK"')
 
+    # Messages of what the console subscribed to show in its output.
+    run_command(page, "SUBSCRIBE console-news")
+    expect(
+        run_command(page, 'PUBLISH console-news "hi there"').locator(".entry-result")
+    ).to_have_text("1")
+    push = page.locator("#output .push").last
+    expect(push.locator(".push-head")).to_have_text("« message console-news")
+    expect(push.locator(".push-data")).to_have_text("hi there")
+    run_command(page, "UNSUBSCRIBE")
+
     entry = run_command(page, "SET greeting hello")
     expect(entry).not_to_have_class(re.compile(r"\berror\b"))
     expect(entry.locator(".entry-result")).to_have_text('"OK"')

@@ -82,6 +82,17 @@ client.addEventListener("error", (ev) => {
   console.warn("KVMemo:", ev.detail.error);
   showStatus();
 });
+// Published messages (after SUBSCRIBE / PSUBSCRIBE typed below) show in the output too.
+client.addEventListener("message", (ev) => {
+  const {channel, data, pattern} = ev.detail;
+  const head = pattern === null ? `message ${channel}` : `pmessage ${pattern} ${channel}`;
+  appendNode(
+    el("div", {className: "push"}, [
+      el("div", {className: "push-head", text: `« ${head}`}),
+      el("pre", {className: "push-data", text: data}),
+    ]),
+  );
+});
 client.ready.catch((error) => {
   showStatus();
   appendEntry("(connect)").fail(error);
@@ -140,6 +151,15 @@ function isObject(x) {
 
 // ---- command line ----
 
+/** Appends `node` to the output, keeping it scrolled to the end if it was; tells if it was. */
+function appendNode(node) {
+  const stick = dom.output.scrollTop + dom.output.clientHeight >= dom.output.scrollHeight - 8;
+  dom.output.append(node);
+  while (dom.output.childElementCount > MAX_OUTPUT_ENTRIES) dom.output.firstElementChild.remove();
+  if (stick) dom.output.scrollTop = dom.output.scrollHeight;
+  return stick;
+}
+
 /** Appends an entry for `line` and returns handles to complete it. */
 function appendEntry(line) {
   const result = el("pre", {className: "entry-result", text: "…"});
@@ -147,10 +167,7 @@ function appendEntry(line) {
     el("div", {className: "entry-command"}, [el("span", {className: "prompt", text: "> "}), line]),
     result,
   ]);
-  const stick = dom.output.scrollTop + dom.output.clientHeight >= dom.output.scrollHeight - 8;
-  dom.output.append(entry);
-  while (dom.output.childElementCount > MAX_OUTPUT_ENTRIES) dom.output.firstElementChild.remove();
-  if (stick) dom.output.scrollTop = dom.output.scrollHeight;
+  const stick = appendNode(entry);
   const started = performance.now();
   const done = () => {
     entry.classList.remove("pending");
