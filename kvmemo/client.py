@@ -541,15 +541,17 @@ class Client(Commands):
             if patterns:
                 await subscription.psubscribe(*patterns)
             yield subscription
+        except BaseException:
+            self._unsubscribe_all_nowait()  # unwinding (maybe cancelled): do not wait
+            raise
+        else:
+            await self._unsubscribe_all()  # the server has left them when the block ends
         finally:
-            try:
-                await self._unsubscribe_all()
-            finally:
-                subscription._close()
-                self._subscription = None
+            subscription._close()
+            self._subscription = None
 
     async def _unsubscribe_all(self) -> None:
-        """Leave every channel and pattern, even when cancelled (a lost session has none)."""
+        """Leave every channel and pattern, waiting for the server's answer (briefly)."""
         if self.closed:
             return
         grace = min(self._deadline_seconds(), UNWATCH_GRACE)
@@ -558,6 +560,18 @@ class Client(Commands):
                 await self.execute_many(("unsubscribe",), ("punsubscribe",))
             except KVMemoError:
                 pass
+
+    def _unsubscribe_all_nowait(self) -> None:
+        """Leave every channel and pattern without waiting: two notifications.
+
+        For a block unwinding with an exception, maybe cancelled together
+        with its connection, whose reader would never take an answer: it
+        ends at once. A message of those channels that comes later is
+        dropped by the next block (it takes only its own names).
+        """
+        if not self.closed:
+            self._notify_nowait("unsubscribe")
+            self._notify_nowait("punsubscribe")
 
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands, sent together; errors are returned, not raised.

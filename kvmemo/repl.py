@@ -498,6 +498,36 @@ async def execute_line(kv: Any, line: str, transaction: Transaction | None = Non
     return LineResult(format_reply(result, word))
 
 
+SUBSCRIBE_WORDS = frozenset({"subscribe", "psubscribe"})
+
+
+async def subscribe_mode(kv: Any, word: str, tokens: list[bytes], write: Writer) -> int:
+    """SUBSCRIBE / PSUBSCRIBE as redis-cli runs them: print each confirmation, then
+    every message, until interrupted (Ctrl-C) or the connection is lost.
+
+    Returns:
+        The exit status when it ends by itself: 1 (arity, refusal, lost connection).
+    """
+    names = tokens[1:]
+    if not names:
+        write(f"(error) ARITY wrong number of arguments for '{word}' command")
+        return EXIT_ERROR
+    write("Reading messages... (press Ctrl-C to quit)")
+    try:
+        async with kv.subscribe() as sub:
+            add = sub.psubscribe if word == "psubscribe" else sub.subscribe
+            for name in names:  # one confirmation each, as Redis sends them
+                write(_format([word.encode(), name, await add(name)]))
+            async for message in sub:
+                if message.pattern is None:
+                    write(_format([b"message", message.channel, message.data]))
+                else:
+                    write(_format([b"pmessage", message.pattern, message.channel, message.data]))
+    except KVMemoError as exc:  # refused (a limit, NOAUTH), or the connection is lost
+        write(format_error(exc))
+    return EXIT_ERROR
+
+
 # ----------------------------------------------------------------------------
 # The prompt
 
@@ -525,6 +555,14 @@ async def interact(kv: Any, *, prompt: str, read_line: Reader, write: Writer) ->
             if prompt:
                 write("")  # end the prompt's line
             return EXIT_OK
+        words = line.split(maxsplit=1)
+        if words and words[0].lower() in SUBSCRIBE_WORDS and transaction.queued is None:
+            try:
+                tokens = tokenize(line)
+            except ValueError as exc:
+                write(f"(error) SYNTAX {exc}")
+                continue
+            return await subscribe_mode(kv, words[0].lower(), tokens, write)
         try:
             result = await execute_line(kv, line, transaction)
         except DisconnectedError as exc:
@@ -588,6 +626,14 @@ async def main_async(
     try:
         async with connect(args.url, token=args.token) as kv:
             line = getattr(args, COMMAND_DEST)
+            words = line.split(maxsplit=1) if line is not None else []
+            if words and words[0].lower() in SUBSCRIBE_WORDS:
+                try:
+                    tokens = tokenize(line)
+                except ValueError as exc:
+                    write(f"(error) SYNTAX {exc}")
+                    return EXIT_ERROR
+                return await subscribe_mode(kv, words[0].lower(), tokens, write)
             if line is not None:
                 result = await execute_line(kv, line)
                 if result.output is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import kvmemo.client
 from kvmemo import repl
@@ -362,3 +364,57 @@ async def test_multi_with_c_says_it_needs_the_prompt(node: Node) -> None:
     out: list[str] = []
     assert await repl.main_async(_args(node, "MULTI"), write=out.append) == 1
     assert out == ["(error) SYNTAX MULTI works at the interactive prompt (kvmemo cli)"]
+
+
+async def test_subscribe_with_c_prints_confirmations_then_messages_as_redis_cli(
+    node: Node,
+) -> None:
+    out: list[str] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            args = _args(node, "SUBSCRIBE news alerts")
+            nursery.start_soon(partial(repl.main_async, args, write=out.append))
+            while node.engine.pubsub.numsub([b"alerts"]) != [(b"alerts", 1)]:
+                await trio.testing.wait_all_tasks_blocked()
+            assert await node.engine.execute("publish", [b"news", b"hello world"]) == 1
+            while len(out) < 4:
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()  # Ctrl-C
+    assert out == [
+        "Reading messages... (press Ctrl-C to quit)",
+        '1) "subscribe"\n2) "news"\n3) (integer) 1',
+        '1) "subscribe"\n2) "alerts"\n3) (integer) 2',
+        '1) "message"\n2) "news"\n3) "hello world"',
+    ]
+    with trio.fail_after(10):  # the session leaves its channels as it ends
+        while node.engine.pubsub.numsub([b"news"]) != [(b"news", 0)]:
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_psubscribe_at_the_prompt_enters_the_subscribe_mode(node: Node) -> None:
+    lines = iter(["set k 1", "PSUBSCRIBE n*"])
+    out: list[str] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(
+                    repl.main_async,
+                    _args(node, None),
+                    read_line=lambda _: next(lines),
+                    write=out.append,
+                )
+            )
+            while node.engine.pubsub.numpat() != 1:
+                await trio.testing.wait_all_tasks_blocked()
+            assert await node.engine.execute("publish", [b"news", b"x"]) == 1
+            while len(out) < 4:
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert out[0] == "OK"
+    assert out[3] == '1) "pmessage"\n2) "n*"\n3) "news"\n4) "x"'
+
+
+async def test_subscribe_without_a_channel_is_an_arity_error(node: Node) -> None:
+    out: list[str] = []
+    assert await repl.main_async(_args(node, "subscribe"), write=out.append) == 1
+    assert out == ["(error) ARITY wrong number of arguments for 'subscribe' command"]
