@@ -481,7 +481,15 @@ class Client(Commands):
                 # is given back too.
                 await self.execute("watch", *keys)
                 yield self
-            finally:
+            except BaseException:
+                # Unwinding, maybe cancelled with the connection (whose reader
+                # would never take an answer): a notification, no wait. The
+                # session runs it before anything sent after it.
+                self._watch_owner = None
+                if not self.closed:
+                    self._notify_nowait("unwatch")
+                raise
+            else:
                 self._watch_owner = None
                 await self._unwatch()
 

@@ -182,3 +182,18 @@ async def test_a_watch_cancelled_at_once_leaves_nothing_watched(
     assert await kv.transaction(("SET", "k", "v")) == ["OK"]  # no stale watch
     await trio.testing.wait_all_tasks_blocked()  # the server saw it all (loopback, in-process)
     assert await watched_keys(node.engine) == 0
+
+
+async def test_a_watch_block_left_by_an_exception_leaves_nothing_watched(
+    node: Node,  # noqa: F811
+    kv: Client,  # noqa: F811
+) -> None:
+    """Unwinding, the block gives its watch back without waiting for an answer (its
+    reader may be cancelled with it); the session runs that before what follows."""
+    with pytest.raises(ValueError, match="changed my mind"):
+        async with kv.watch("k"):
+            raise ValueError("changed my mind")
+    await node.engine.execute("set", [b"k", b"by another session"])
+    assert await kv.transaction(("SET", "k", "v")) == ["OK"]  # not aborted: k is unwatched
+    await trio.testing.wait_all_tasks_blocked()
+    assert await watched_keys(node.engine) == 0
