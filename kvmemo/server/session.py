@@ -794,6 +794,7 @@ class Session:
                 self._outbox_space.set()
                 self._written.set()
                 self._written = trio.Event()
+                self.end_subscriptions()  # nothing can reach the peer any more
                 return
             self.server.messages_out.inc(count)
             self._written_total += count
