@@ -314,7 +314,7 @@ async def test_absttl_sets_a_unix_deadline_and_one_in_the_past_creates_nothing()
     now_ms = int(time.time() * 1000)
     async with kvmemo.open_store(shards=2) as kv:
         assert await kv.restore("a", now_ms + 100_000, payload, absttl=True) == "OK"
-        assert abs(await kv.pexpiretime("a") - (now_ms + 100_000)) <= 1
+        assert abs(await kv.pexpiretime("a") - (now_ms + 100_000)) <= 2  # ms rounding, twice
         # Past: OK, nothing created (as Redis: verified against redis-server below).
         assert await kv.restore("b", now_ms - 1000, payload, absttl=True) == "OK"
         assert await kv.exists("b") == 0
@@ -434,7 +434,7 @@ async def test_restored_keys_and_ttls_survive_a_restart(tmp_path: Path) -> None:
             assert await kv.get("rel") == b"a" * 100
             assert 590_000 < await kv.pttl("rel") <= 600_000
             assert await kv.get("abs") == b"7"
-            assert abs(await kv.pexpiretime("abs") - deadline_ms) <= 1
+            assert abs(await kv.pexpiretime("abs") - deadline_ms) <= 2  # ms rounding, twice
             assert await kv.exists("gone") == 0
 
 
@@ -520,10 +520,10 @@ async def test_the_redis_port_moves_binary_values_with_dump_and_restore() -> Non
             assert await client.call("DUMP", "nosuch") is None
             redis_payload = bytes.fromhex(REDIS_PAYLOADS[b"a" * 100])
             assert await client.call("RESTORE", "lzf", "2000", redis_payload) == "OK"
-            assert (await client.call("GET", "lzf"), await client.call("PTTL", "lzf")) == (
-                b"a" * 100,
-                2000,
-            )
+            assert await client.call("GET", "lzf") == b"a" * 100
+            pttl = await client.call("PTTL", "lzf")  # a real server: its clock runs meanwhile
+            assert isinstance(pttl, int)
+            assert 1000 < pttl <= 2000
             assert await client.call("RESTORE", "x", 0, b"junk") == ErrorReply(f"ERR {BAD_PAYLOAD}")
             await client.stream.aclose()
 
