@@ -27,7 +27,7 @@ from ..storage.store import ShardStore
 from . import ops
 from .args import SYNTAX, parse_int, upper
 from .replies import FieldList
-from .table import FixedReply, ParseContext, Parser, Subcommand, command, container
+from .table import ParseContext, Parser, command, container, fixed_reply, subcommand
 
 NOKEYS = (0, 0, 0)
 SUB_KEY = (2, 2, 1)  # OBJECT ENCODING key: the key is the call's second argument
@@ -200,19 +200,6 @@ def _on_key(op: type[ops.ShardOp]) -> Parser:
     return parse_key
 
 
-def _fixed(value: Any) -> Parser:
-    def parse_fixed(args: Sequence[bytes], ctx: ParseContext) -> FixedReply:
-        return FixedReply("reply", (), value)
-
-    return parse_fixed
-
-
-def _sub(
-    name: str, arity: int, flags: str, keys: tuple[int, int, int], parse: Parser, summary: str
-) -> Subcommand:
-    return Subcommand(name, arity, frozenset(flags.split()), *keys, parse=parse, summary=summary)
-
-
 # "readonly" (a read of the keyspace): on the WebSocket port a keyless
 # readonly command waits for what the session sent before it, so OBJECT and
 # MEMORY USAGE see the session's earlier writes to their key.
@@ -222,11 +209,17 @@ container(
     "inspect the internals of a key's value (subcommands)",
     "1.3",
     [
-        _sub("encoding", 3, "readonly", SUB_KEY, _on_key(ObjectEncoding), "a value's encoding"),
-        _sub("freq", 3, "readonly", SUB_KEY, _on_key(ObjectFreq), "a key's LFU access count"),
-        _sub("help", 2, "", NOKEYS, _fixed(OBJECT_HELP), "show helpful text"),
-        _sub("idletime", 3, "readonly", SUB_KEY, _on_key(ObjectIdleTime), "seconds since access"),
-        _sub("refcount", 3, "readonly", SUB_KEY, _on_key(ObjectRefcount), "a value's references"),
+        subcommand(
+            "encoding", 3, "readonly", SUB_KEY, _on_key(ObjectEncoding), "a value's encoding"
+        ),
+        subcommand("freq", 3, "readonly", SUB_KEY, _on_key(ObjectFreq), "a key's LFU access count"),
+        subcommand("help", 2, "", NOKEYS, fixed_reply(OBJECT_HELP), "show helpful text"),
+        subcommand(
+            "idletime", 3, "readonly", SUB_KEY, _on_key(ObjectIdleTime), "seconds since access"
+        ),
+        subcommand(
+            "refcount", 3, "readonly", SUB_KEY, _on_key(ObjectRefcount), "a value's references"
+        ),
     ],
 )
 
@@ -395,13 +388,19 @@ container(
     "memory figures of a key or of the server (subcommands)",
     "1.3",
     [
-        _sub("doctor", 2, "", NOKEYS, _keyspace(MemoryDoctor), "what KVMemo knows of its memory"),
-        _sub("help", 2, "", NOKEYS, _fixed(MEMORY_HELP), "show helpful text"),
+        subcommand(
+            "doctor", 2, "", NOKEYS, _keyspace(MemoryDoctor), "what KVMemo knows of its memory"
+        ),
+        subcommand("help", 2, "", NOKEYS, fixed_reply(MEMORY_HELP), "show helpful text"),
         # CPython's allocator has neither statistics to print nor a purge.
-        _sub("malloc-stats", 2, "", NOKEYS, _fixed(MALLOC_STATS), "allocator statistics"),
-        _sub("purge", 2, "", NOKEYS, _fixed(ops.OK), "purge the allocator (does nothing)"),
-        _sub("stats", 2, "", NOKEYS, _keyspace(MemoryStats), "memory figures of the server"),
-        _sub("usage", -3, "readonly", SUB_KEY, _memory_usage, "bytes tracked for a key"),
+        subcommand(
+            "malloc-stats", 2, "", NOKEYS, fixed_reply(MALLOC_STATS), "allocator statistics"
+        ),
+        subcommand(
+            "purge", 2, "", NOKEYS, fixed_reply(ops.OK), "purge the allocator (does nothing)"
+        ),
+        subcommand("stats", 2, "", NOKEYS, _keyspace(MemoryStats), "memory figures of the server"),
+        subcommand("usage", -3, "readonly", SUB_KEY, _memory_usage, "bytes tracked for a key"),
     ],
 )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import CommandSyntaxError
-from .table import FixedReply, ParseContext, Parser, ServerCall, Subcommand, command, container
+from .table import ParseContext, ServerCall, command, container, fixed_reply, subcommand
 
 NOKEYS = (0, 0, 0)
 
@@ -36,10 +36,6 @@ def _publish(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
     return ServerCall("publish", (args[0], args[1]))
 
 
-def _help(args: Sequence[bytes], ctx: ParseContext) -> FixedReply:
-    return FixedReply("reply", (), PUBSUB_HELP)
-
-
 def _channels(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
     if len(args) > 1:  # Redis's arity is -2, but its handler takes one pattern at most
         raise CommandSyntaxError(
@@ -56,19 +52,29 @@ def _numpat(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
     return ServerCall("pubsub|numpat", ())
 
 
-def _sub(name: str, arity: int, parse: Parser, summary: str) -> Subcommand:
-    return Subcommand(name, arity, frozenset(), 0, 0, 0, parse=parse, summary=summary)
-
-
 container(
     "pubsub",
     "",
     "inspect the state of the pub/sub channels (subcommands)",
     "1.4",
     [
-        _sub("channels", -2, _channels, "active channels, those matching a pattern if given"),
-        _sub("help", 2, _help, "show helpful text"),
-        _sub("numpat", 2, _numpat, "the number of pattern subscriptions"),
-        _sub("numsub", -2, _numsub, "the subscribers of each channel (patterns not counted)"),
+        subcommand(
+            "channels",
+            -2,
+            "",
+            NOKEYS,
+            _channels,
+            "active channels, those matching a pattern if given",
+        ),
+        subcommand("help", 2, "", NOKEYS, fixed_reply(PUBSUB_HELP), "show helpful text"),
+        subcommand("numpat", 2, "", NOKEYS, _numpat, "the number of pattern subscriptions"),
+        subcommand(
+            "numsub",
+            -2,
+            "",
+            NOKEYS,
+            _numsub,
+            "the subscribers of each channel (patterns not counted)",
+        ),
     ],
 )

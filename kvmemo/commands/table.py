@@ -165,6 +165,22 @@ class Subcommand:
     summary: str
 
 
+def subcommand(
+    name: str, arity: int, flags: str, keys: tuple[int, int, int], parse: Parser, summary: str
+) -> Subcommand:
+    """A :class:`Subcommand` of a container, ``flags`` space-separated."""
+    return Subcommand(name, arity, frozenset(flags.split()), *keys, parse=parse, summary=summary)
+
+
+def fixed_reply(value: Any) -> Parser:
+    """The parser of a subcommand that always answers ``value`` (HELP texts and the like)."""
+
+    def parse_fixed(args: Sequence[bytes], ctx: ParseContext) -> FixedReply:
+        return FixedReply("reply", (), value)
+
+    return parse_fixed
+
+
 COMMANDS: dict[str, Command] = {}
 
 

@@ -141,6 +141,23 @@ class Subscriber:
         """:meth:`unsubscribe` for patterns."""
         return self._hub._remove(self, patterns, pattern=True)
 
+    def change(self, kind: str, names: Iterable[bytes]) -> list[tuple[bytes | None, int]]:
+        """The (un)subscribe method named ``kind`` (``"psubscribe"``, ...), for a front end
+        that dispatches on a command's name.
+
+        Raises:
+            ValueError: ``kind`` is not one of the four.
+        """
+        if kind == "subscribe":
+            return list(self.subscribe(names))
+        if kind == "psubscribe":
+            return list(self.psubscribe(names))
+        if kind == "unsubscribe":
+            return self.unsubscribe(names)
+        if kind == "punsubscribe":
+            return self.punsubscribe(names)
+        raise ValueError(f"not a subscription command: {kind!r}")
+
     # -- the outbox ------------------------------------------------------------------------
 
     def _deliver(self, message: Message) -> None:

@@ -796,14 +796,7 @@ class _Connection:
         else:
             await self._pump(subscriber, wait=True)
             try:
-                if kind == "subscribe":
-                    counts = subscriber.subscribe(names)
-                elif kind == "psubscribe":
-                    counts = subscriber.psubscribe(names)
-                elif kind == "unsubscribe":
-                    counts = subscriber.unsubscribe(names)
-                else:
-                    counts = subscriber.punsubscribe(names)
+                counts = subscriber.change(kind, names)
             except KVMemoError as exc:  # past pubsub_max_subscriptions: nothing changed
                 if made:
                     subscriber.close()

@@ -654,16 +654,8 @@ class Session:
             subscriber = self.subscriber = self.server.engine.pubsub.subscriber(
                 on_end=self._subscriber_ended
             )
-        replies: list[tuple[bytes, int]] | list[tuple[bytes | None, int]]
         try:
-            if method == "subscribe":
-                replies = subscriber.subscribe(call.args)
-            elif method == "psubscribe":
-                replies = subscriber.psubscribe(call.args)
-            elif method == "unsubscribe":
-                replies = subscriber.unsubscribe(call.args)
-            else:
-                replies = subscriber.punsubscribe(call.args)
+            replies = subscriber.change(method, call.args)
         except KVMemoError as exc:  # past pubsub_max_subscriptions: nothing changed
             return exc
         if subscriber.count and not self._pushing:
