@@ -125,9 +125,12 @@ class StoreConfig:
         snapshot_log_bytes: log size of one shard that triggers its snapshot.
         fsync_method: how a sync round of ``appendfsync always`` (and the
             once-a-second sync of ``everysec``) makes the shards' logs
-            durable: ``fsync`` each log, or one ``syncfs`` per file system
-            (Linux 5.17+; faster, but it syncs every file on that file
-            system, and an error there fails every shard's batch).
+            durable: ``commitlog`` (the default: the round's batches go to
+            their logs unsynced and, together, to one commit log frame,
+            synced once; see :mod:`kvmemo.persistence.commitlog`),
+            ``fsync`` each log, or one ``syncfs`` per file system (Linux
+            5.17+; it syncs every file on that file system, and an error
+            there fails every shard's batch).
         scan_snapshots: open SCAN iterations each shard remembers (each holds
             a reference per key of the shard, 8 bytes); beyond it the least
             recently continued one starts that shard over at its next call,
@@ -167,7 +170,7 @@ class StoreConfig:
     repair: bool = False
     snapshot_log_bytes: int = attrs.field(default=256 * 1024 * 1024, converter=_snapshot_bytes)
     scan_snapshots: int = attrs.field(default=64, validator=_at_least_one)
-    fsync_method: str = "fsync"
+    fsync_method: str = "commitlog"
     pubsub_buffer_limit: int = attrs.field(default=32 * 1024 * 1024, converter=_pubsub_limit)
     pubsub_max_subscriptions: int = attrs.field(default=100_000, validator=_at_least_one)
 
@@ -183,8 +186,10 @@ class StoreConfig:
             raise ValueError(
                 f"appendfsync must be always, everysec or no, got {self.appendfsync!r}"
             )
-        if self.fsync_method not in ("fsync", "syncfs"):
-            raise ValueError(f"fsync_method must be fsync or syncfs, got {self.fsync_method!r}")
+        if self.fsync_method not in ("commitlog", "fsync", "syncfs"):
+            raise ValueError(
+                f"fsync_method must be commitlog, fsync or syncfs, got {self.fsync_method!r}"
+            )
         if self.fsync_method == "syncfs":
             why = syncfs_supported()
             if why is not None:

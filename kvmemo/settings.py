@@ -309,7 +309,8 @@ SETTINGS: list[Setting] = [
         "store",
         "fsync_method",
         _str,
-        "fsync (each shard's log) or syncfs (one call per file system; Linux 5.17+) (fsync)",
+        "commitlog (one synced commit log per round), fsync (each shard's log) or syncfs "
+        "(one call per file system; Linux 5.17+) (commitlog)",
     ),
     Setting(
         "repair", "store", "repair", _bool, "start despite a corrupt log, keeping valid records"

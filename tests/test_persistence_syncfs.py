@@ -152,11 +152,17 @@ def test_a_round_interrupted_before_its_syncs_tells_nobody_durable_and_frees_the
 
 
 def test_the_method_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"^method must be fsync or syncfs, got 'fdatasync'$"):
+    with pytest.raises(
+        ValueError, match=r"^method must be fsync, syncfs or commitlog, got 'fdatasync'$"
+    ):
         SyncCoordinator(method="fdatasync")
-    with pytest.raises(ValueError, match=r"^fsync_method must be fsync or syncfs, got 'sync'$"):
+    with pytest.raises(ValueError, match=r"^the commitlog method needs the data directory$"):
+        SyncCoordinator(method="commitlog")
+    with pytest.raises(
+        ValueError, match=r"^fsync_method must be commitlog, fsync or syncfs, got 'sync'$"
+    ):
         StoreConfig(fsync_method="sync")
-    assert StoreConfig().fsync_method == "fsync"
+    assert StoreConfig().fsync_method == "commitlog"
 
 
 def test_syncfs_is_refused_before_linux_5_8(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,8 +235,9 @@ async def test_a_failed_syncfs_fails_every_batch_of_its_round_and_each_shard_res
 def test_the_method_is_a_setting() -> None:
     from test_cli import resolved
 
-    assert resolved([], {}).store.fsync_method == "fsync"
+    assert resolved([], {}).store.fsync_method == "commitlog"
     assert resolved(["--fsync-method", "syncfs"], {}).store.fsync_method == "syncfs"
+    assert resolved(["--fsync-method", "fsync"], {}).store.fsync_method == "fsync"
     assert resolved([], {"KVMEMO_FSYNC_METHOD": "syncfs"}).store.fsync_method == "syncfs"
 
 

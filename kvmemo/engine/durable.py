@@ -41,7 +41,9 @@ def persistence_config(config: StoreConfig) -> PersistenceConfig | None:
         AppendFsync(config.appendfsync),
         repair=config.repair,
         snapshot_bytes=config.snapshot_log_bytes,
-        sync_coordinator=SyncCoordinator(method=config.fsync_method),
+        sync_coordinator=SyncCoordinator(
+            method=config.fsync_method, directory=Path(config.data_dir)
+        ),
     )
 
 
@@ -164,6 +166,7 @@ async def info(
             continue
         per_shard.append({"shard": ref.name, **figures})
     saves = [s["last_save"] for s in per_shard if s.get("last_save")]
+    commit_log = persistence.sync_coordinator.commit_log
     failing = [s["shard"] for s in per_shard if s.get("health") == "failing"]
     return {
         "enabled": True,
@@ -186,6 +189,7 @@ async def info(
             default=None,
         ),
         "intent_log_bytes": intents.size() if intents is not None else 0,
+        "commit_log_bytes": commit_log.size() if commit_log is not None else 0,
         "last_txid": intents.last_txid if intents is not None else 0,
         "intents_redone_at_start": intents.redone if intents is not None else 0,
         "bgsave_in_progress": saves_running(bgsave),

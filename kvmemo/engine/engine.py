@@ -1447,10 +1447,12 @@ class KVEngine:
             await persistence.sync_coordinator.sync(_IntentWrite(intents))
 
     def close(self) -> None:
-        """Release what the engine holds open (the intent log); after the tree stopped."""
+        """Release what the engine holds open (intent and commit logs); after the tree stopped."""
         if self._intents is not None:
             self._intents.close()
             self._intents = None
+        if self.persistence is not None:
+            self.persistence.sync_coordinator.close()
 
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 

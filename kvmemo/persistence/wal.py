@@ -150,15 +150,16 @@ class SyncPlan:
     segment was created, so the directory entry must be made durable too.
     """
 
-    __slots__ = ("dir_dirty", "fd", "number", "retired")
+    __slots__ = ("dir_dirty", "fd", "number", "retired", "size")
 
     def __init__(
-        self, retired: list[tuple[int, int]], fd: int, number: int, dir_dirty: bool
+        self, retired: list[tuple[int, int]], fd: int, number: int, dir_dirty: bool, size: int
     ) -> None:
         self.retired = retired
         self.fd = fd
         self.number = number
         self.dir_dirty = dir_dirty
+        self.size = size  # bytes of the current segment the sync covers
 
 
 _libc: ctypes.CDLL | None = None
@@ -294,6 +295,7 @@ class SegmentedLog:
         self._number = last + 1
         self._fd = self._create(self._number)
         self._size = 0
+        self._covered = 0  # bytes of the current segment durable, or held by a commit log
         self._sizes[self._number] = 0
 
     @property
@@ -311,7 +313,9 @@ class SegmentedLog:
         return self._directory / segment_name(number)
 
     def _create(self, number: int) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        # Readable too: a commit log's payload may need bytes already appended
+        # (see append_uncovered).
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         return os.open(self.path(number), flags, 0o644)
 
     def _check_open(self) -> None:
@@ -345,25 +349,88 @@ class SegmentedLog:
         if not data:
             return 0
         with self._lock:
+            self._append_locked(data)
+        return len(data)
+
+    def append_uncovered(self, data: bytes) -> tuple[int, int, bytes]:
+        """:meth:`append_encoded`; then what a commit log must hold to make it durable.
+
+        Returns ``(segment, start, payload)``: ``payload`` is every byte of
+        segment ``segment`` from offset ``start`` to the end of this batch
+        that is neither known durable (a :meth:`sync` covered it) nor given
+        to the commit log before (:meth:`cover`): the batch, preceded by
+        anything appended outside the commit log since (a segment's head
+        mark, a batch taken back). A commit log that holds the payload can
+        rewrite the segment from ``start`` after a power loss
+        (:mod:`.commitlog`), since every byte before ``start`` is durable or
+        held by an older frame. ``data`` must not be empty.
+        """
+        with self._lock:
             self._check_open()
             if self._failed is not None or self._size >= self._segment_bytes:
-                self._rotate_locked()
-            fd = self._fd
-            before = self._size
-            try:
-                write_all(fd, data)
-            except OSError as exc:
-                error = named(exc, self.path(self._number))
-                self._truncate_back(fd, before, error)
-                if error is exc:
-                    raise
-                raise error from exc
-            except BaseException:
-                self._truncate_back(fd, before, None)
+                self._rotate_locked()  # as _append_locked would, before the gap is read
+            start = min(self._covered, self._size)
+            gap = b""
+            if start < self._size:
+                # Read before the append: if this fails, nothing was appended.
+                gap = os.pread(self._fd, self._size - start, start)
+                if len(gap) != self._size - start:
+                    path = str(self.path(self._number))
+                    raise OSError(errno.EIO, "short read of the log's own bytes", path)
+            number, before = self._append_locked(data)
+            assert before == start + len(gap)
+            return number, start, gap + data if gap else data
+
+    def cover(self, number: int, end: int) -> None:
+        """The bytes of segment ``number`` up to ``end`` are durable in a commit log."""
+        with self._lock:
+            if number == self._number and end > self._covered:
+                self._covered = end
+
+    def _append_locked(self, data: bytes) -> tuple[int, int]:
+        """Append ``data`` (held lock); (segment number, offset) of the batch."""
+        self._check_open()
+        if self._failed is not None or self._size >= self._segment_bytes:
+            self._rotate_locked()
+        fd = self._fd
+        before = self._size
+        try:
+            write_all(fd, data)
+        except OSError as exc:
+            error = named(exc, self.path(self._number))
+            self._truncate_back(fd, before, error)
+            if error is exc:
                 raise
-            self._size = before + len(data)
-            self._sizes[self._number] = self._size
-            return len(data)
+            raise error from exc
+        except BaseException:
+            self._truncate_back(fd, before, None)
+            raise
+        self._size = before + len(data)
+        self._sizes[self._number] = self._size
+        return self._number, before
+
+    def sync_created(self) -> None:
+        """Make the directory entries of segments created since the last sync durable.
+
+        With a commit log (:mod:`.commitlog`) a segment's bytes are made
+        durable by the commit log, but its file must exist after a power
+        loss for the redo to find it: so a round syncs the directory of a
+        log that created a segment before it acknowledges anything written
+        there. A no-op when no segment was created.
+
+        Raises:
+            OSError: the directory could not be synced (it stays to be synced).
+        """
+        with self._lock:
+            if not self._dir_dirty:
+                return
+            self._dir_dirty = False
+        try:
+            fsync_directory(self._directory)
+        except BaseException:
+            with self._lock:
+                self._dir_dirty = True
+            raise
 
     def _truncate_back(self, fd: int, size: int, error: OSError | None) -> None:
         try:
@@ -436,7 +503,7 @@ class SegmentedLog:
                     )
                 retired, self._retired = self._retired, []
                 abandoned, self._abandoned = self._abandoned, []
-                plan = SyncPlan(retired, self._fd, self._number, self._dir_dirty)
+                plan = SyncPlan(retired, self._fd, self._number, self._dir_dirty, self._size)
                 self._dir_dirty = False
             for old in abandoned:
                 _close_quietly(old)
@@ -457,6 +524,9 @@ class SegmentedLog:
         """
         try:
             if error is None:
+                with self._lock:
+                    if plan.number == self._number and plan.size > self._covered:
+                        self._covered = plan.size
                 return None
             failure = named(error, self.path(plan.number if segment is None else segment))
             with self._lock:
@@ -498,7 +568,7 @@ class SegmentedLog:
         closed = self._number
         fd = self._create(closed + 1)
         self._retired.append((closed, self._fd))
-        self._fd, self._number, self._size = fd, closed + 1, 0
+        self._fd, self._number, self._size, self._covered = fd, closed + 1, 0, 0
         self._sizes[self._number] = 0
         self._dir_dirty = True
         self._failed = None

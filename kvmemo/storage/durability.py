@@ -36,7 +36,7 @@ from ..persistence.records import (
     encode_txn,
     group_contents,
 )
-from .sync_coordinator import LogWrite
+from .sync_coordinator import CommitWrite
 
 GROUP_OVERHEAD = MIN_PAYLOAD  # a GROUP record's payload beyond the records it holds
 
@@ -428,7 +428,7 @@ class ShardDurability:
         }
 
 
-class LogBatch(LogWrite):
+class LogBatch(CommitWrite):
     """One batch's append and sync as one call, for a sync round's worker thread.
 
     With ``appendfsync always`` the shard hands its journal to the store's
@@ -488,6 +488,21 @@ class LogBatch(LogWrite):
             raise
         self.appended = True
         return self.log
+
+    def write_uncovered(self) -> tuple[SegmentedLog, int, int, bytes] | None:
+        """Append (in a ``commitlog`` round's thread); what the commit log must hold.
+
+        See :meth:`CommitWrite.write_uncovered` and :meth:`write`.
+        """
+        if not self._take():
+            return None
+        try:
+            segment, start, payload = self.log.append_uncovered(self.data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.appended = True
+        return self.log, segment, start, payload
 
     def done(self, error: OSError | None) -> None:
         if error is None:

@@ -62,6 +62,8 @@ from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
 from ..persistence import AppendFsync, Recovered, SegmentedLog, recover, write_snapshot
+from ..persistence.commitlog import CommitLogError
+from ..persistence.commitlog import redo as redo_commit_log
 from ..persistence.intents import (
     IntentLog,
     ShardMarks,
@@ -410,7 +412,11 @@ class DurableShardActor(ShardActor):
                 # RoundIncompleteError: the round itself failed (a thread did
                 # not start); the batch may or may not be in the log.
                 error = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
-                if batch.appended:  # the sync failed: the log's unsynced bytes are in doubt
+                if batch.appended and isinstance(error, CommitLogError):
+                    # Not durable, but not in doubt: the next frame holds it again.
+                    dur.appended(len(data))
+                    dur.failed(error)
+                elif batch.appended:  # the sync failed: the log's unsynced bytes are in doubt
                     dur.appended(len(data))
                     dur.sync_failed(error)
                 else:
@@ -442,7 +448,11 @@ class DurableShardActor(ShardActor):
             else:
                 dur.requeue()
             if batch.error is not None:
-                if batch.appended and not batch.synced:
+                if (
+                    batch.appended
+                    and not batch.synced
+                    and not isinstance(batch.error, CommitLogError)
+                ):
                     dur.sync_failed(batch.error)
                 else:
                     dur.failed(batch.error)
@@ -739,7 +749,9 @@ async def prepare_stores(
 ) -> tuple[dict[int, ShardStore], list[str], IntentLog]:
     """Recover every shard from disk before the tree starts; (stores, warnings, intent log).
 
-    The multi-shard write a crash cut off is redone first (see
+    What a power loss took from the shard logs is put back from the commit
+    log before anything is read (:func:`kvmemo.persistence.commitlog.redo`);
+    the multi-shard write a crash cut off is redone next (see
     :func:`_redo_intents`); the intent log returned is open, for the
     engine, which closes it.
 
@@ -749,7 +761,11 @@ async def prepare_stores(
     """
     now_ms = int(time.time() * 1000)
     recovered: dict[int, Recovered] = {}
-    warnings: list[str] = []
+    # What a power loss took from the shard logs, back from the commit log first.
+    warnings = await trio.to_thread.run_sync(
+        functools.partial(redo_commit_log, config.directory, repair=config.repair)
+    )
+    warnings = [f"commit log: {w}" for w in warnings]
     for shard in range(shards):
         recovered[shard] = got = await trio.to_thread.run_sync(
             functools.partial(recover, config.shard_dir(shard), now_ms=now_ms, repair=config.repair)
