@@ -37,10 +37,40 @@ and the sender skips the request (it never reaches the server); once sent, a
 cancelled request may still take effect, and its answer is dropped.
 
 Connection loss (the peer closes, the network fails, the server breaks the
-protocol, or the ``connect`` block ends) fails every pending request with
-:class:`DisconnectedError` (``data["applied"]`` is ``None``: the request may
-or may not have happened), and every later call raises it at once. Nothing
-ever waits for an answer that cannot come.
+protocol) fails every request in flight with :class:`DisconnectedError`
+(``data["applied"]`` is ``None``: the request may or may not have happened).
+Without ``reconnect`` (the default) the client is then closed for good: every
+pending and later call raises it at once, as when the ``connect`` block ends.
+Nothing ever waits for an answer that cannot come.
+
+Reconnection (opt-in: ``connect(url, reconnect=True)`` or a :class:`Backoff`)
+follows the browser client's (``kvmemo.js``):
+
+- One *connection* task per client (``_run``, in the client's own nursery)
+  owns the WebSocket: it dials, sends ``auth`` with the token, subscribes
+  again to the channels and patterns of the open subscribe block, and only
+  then lets queued requests go (state ``OPEN``). When the connection is lost
+  it waits ``Backoff.delay(n)`` before attempt ``n`` (1, 2, ...; back to 1
+  after a connection that opened) and dials again, up to
+  ``Backoff.max_attempts`` attempts in a row (then the client closes for
+  good: every waiting and later call raises :class:`DisconnectedError`
+  saying so).
+- Delivery stays at most once: a request sent on the lost connection fails
+  with :class:`DisconnectedError` and is never sent again (a write may have
+  happened). A request not sent yet (queued, or made while reconnecting)
+  waits and leaves on the next connection, within the client's ``timeout``
+  (past it, :class:`~kvmemo.errors.RequestTimeoutError` with ``applied``
+  ``False``).
+- Subscriptions survive (the same block goes on receiving); messages
+  published while no connection was open are lost, as pub/sub keeps nothing
+  (Redis's behaviour too). Watches do not: a watch block whose connection was
+  lost fails at its next call (its ``transaction`` would run unchecked).
+- A token refused on a reconnection closes the client for good (a wrong
+  token stays wrong). The first connection is not retried: ``connect`` raises
+  at once, so a wrong URL or a server that is down fails fast.
+- Leaving the ``connect`` block stops a backoff wait or a dial at once; an
+  open connection is closed with the closing handshake (at most
+  ``DISCONNECT_TIMEOUT``).
 
 Results are identical to the embedded store's: JSON strings come back as
 ``bytes`` (bulk strings), except the protocol's simple-string replies
@@ -60,7 +90,8 @@ unsubscribe everything; the connection and every other request go on. One
 subscription block at a time per client: the session's subscriptions are one
 set. A server that finds the client too slow closes the whole connection
 (1008): :meth:`Subscription.get` then raises :class:`DisconnectedError` once
-the messages received before are taken.
+the messages received before are taken -- unless the client reconnects,
+which subscribes again (the messages published meanwhile are lost).
 
 Limits: values travel as JSON text, so a ``bytes`` argument must be valid
 UTF-8 (a ``ValueError`` says which one is not), and a stored value that is not
@@ -71,11 +102,13 @@ connection (1009): keep ``max_batch`` times the request size under it.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
+import random
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar, NoReturn
 
@@ -94,6 +127,7 @@ from .errors import (
     ERROR_KINDS,
     InternalError,
     KVMemoError,
+    NoAuthError,
     OverloadedError,
     RequestTimeoutError,
 )
@@ -101,8 +135,10 @@ from .errors import (
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "SUBPROTOCOL",
+    "Backoff",
     "Client",
     "ClientStatistics",
+    "ConnectionState",
     "DisconnectedError",
     "SUBSCRIPTION_BUFFER_LIMIT",
     "Subscription",
@@ -117,7 +153,7 @@ SUBPROTOCOL = "kvmemo.v1"
 
 DEFAULT_MAX_BATCH = 1000  # requests per message; the server's default limit is 10_000
 OUTBOX_SIZE = 10_000  # requests queued for the sender; more callers wait (backpressure)
-CONNECT_TIMEOUT = 10.0  # seconds for the handshake when ``timeout`` is None
+CONNECT_TIMEOUT = 10.0  # seconds for the handshake (and auth, resubscribe) when ``timeout`` is None
 DISCONNECT_TIMEOUT = 5.0  # seconds for the closing handshake when the block ends
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024  # bytes per received message (``keys *`` can be big)
 MAX_EXTRA_KINDS = 64  # error classes made for kinds this version does not know
@@ -155,30 +191,111 @@ _JSON_METHODS = frozenset({"info", "debug.actors", "command.list"})
 class DisconnectedError(KVMemoError, ConnectionError):
     """The connection to the server is gone (or could not be opened).
 
-    Raised by every request that was pending when the connection was lost,
-    and by every later call. ``data["applied"]`` is ``None`` for a request
-    that was pending: it may or may not have taken effect.
+    Raised by every request that was in flight when the connection was lost
+    (``data["applied"]`` is ``None``: it may or may not have taken effect;
+    it is never sent again), and by every call once the client is closed for
+    good: the ``connect`` block ended, the connection was lost without
+    ``reconnect``, or the reconnection attempts ran out. Also raised by a
+    call of a watch block whose connection was lost (``applied`` ``False``:
+    nothing was sent).
     """
 
     kind: ClassVar[str] = "DISCONNECTED"
     code: ClassVar[int] = 0  # client-side only: never sent on the wire
 
 
+class ConnectionState(enum.Enum):
+    """Where a :class:`Client` stands (``client.state``)."""
+
+    CONNECTING = "connecting"  # the first connection is being opened (inside ``connect``)
+    OPEN = "open"  # connected (authenticated, resubscribed): requests are sent as made
+    RECONNECTING = "reconnecting"  # lost; waiting out the backoff or dialling again
+    CLOSED = "closed"  # for good: every call raises DisconnectedError
+
+
+@attrs.frozen
+class Backoff:
+    """How a client reconnects: ``connect(url, reconnect=Backoff(...))``.
+
+    Attempt ``n`` (1 for the first after a loss; back to 1 once a connection
+    opens) waits ``min(max_delay, initial_delay * factor ** (n - 1))``
+    seconds, spread by ``±jitter`` (a fraction: 0.2 is ±20 %) so that many
+    clients cut by one server restart do not come back in lock step, and
+    never more than ``max_delay``. The defaults are the browser client's.
+
+    Attributes:
+        initial_delay: seconds before the first attempt; > 0, so that a server
+            that refuses at once is never dialled in a busy loop.
+        max_delay: the longest wait between attempts, seconds (>= initial_delay).
+        factor: growth of the delay per attempt (>= 1).
+        jitter: the spread, in [0, 1).
+        max_attempts: attempts in a row before the client closes for good
+            (every waiting and later call then raises :class:`DisconnectedError`);
+            ``None``: unbounded (calls are then bounded by the client's
+            ``timeout`` only).
+
+    Raises:
+        ValueError: a value out of its range (the message names it).
+    """
+
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    max_attempts: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not (math.isfinite(self.initial_delay) and self.initial_delay > 0):
+            raise ValueError(f"initial_delay must be > 0 and finite, got {self.initial_delay}")
+        if not (math.isfinite(self.max_delay) and self.max_delay >= self.initial_delay):
+            raise ValueError(
+                f"max_delay must be finite and >= initial_delay ({self.initial_delay}), "
+                f"got {self.max_delay}"
+            )
+        if not (math.isfinite(self.factor) and self.factor >= 1):
+            raise ValueError(f"factor must be >= 1 and finite, got {self.factor}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
+            raise ValueError(f"max_attempts must be an int >= 1 or None, got {self.max_attempts}")
+
+    def delay(self, attempt: int, uniform: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before attempt ``attempt`` (1, 2, ...): in (0, max_delay].
+
+        Args:
+            attempt: the attempt's number, from 1.
+            uniform: a source of numbers in [0, 1) for the jitter.
+        """
+        exponent = max(0, attempt - 1)
+        try:
+            base = min(self.max_delay, self.initial_delay * self.factor**exponent)
+        except OverflowError:
+            base = self.max_delay
+        spread = base * self.jitter * (2 * uniform() - 1)
+        return min(self.max_delay, base + spread)
+
+
 @attrs.frozen
 class ClientStatistics:
-    """Counters of one client connection.
+    """Counters of one client (over all its connections).
 
     Attributes:
         messages_sent: WebSocket messages sent (one per batch or single request).
         requests_sent: JSON-RPC requests sent (every element of every batch).
         messages_received: WebSocket messages received.
         pending: requests waiting for their answer (queued or sent).
+        reconnects: connections opened after the first one.
     """
 
     messages_sent: int
     requests_sent: int
     messages_received: int
     pending: int
+    reconnects: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -329,20 +446,47 @@ class _Slot:
     """Where the reader leaves one request's answer; the caller parks on ``done``.
 
     Invariant: ``done`` is set exactly when ``response`` or ``lost`` is set.
+    ``sent`` is set just before the request is handed to a socket, and a
+    request whose ``sent`` is set is never handed to another (at most once).
+    ``bound`` marks a request of a watch block: it belongs to the connection
+    that holds the watches and fails with it, sent or not.
     """
 
     done: trio.Event = attrs.Factory(trio.Event)
     response: dict[str, Any] | None = None
     lost: str | None = None
+    sent: bool = False
+    bound: bool = False
 
 
-@attrs.frozen
+@attrs.define(eq=False)
+class _Link:
+    """One WebSocket connection of a client, from dialling to its end.
+
+    Invariant: ``ended`` is set once, when the connection is lost (``reason``
+    says why) or the client closes; ``opened`` is set once the connection
+    was authenticated and resubscribed, and requests could be sent on it.
+    """
+
+    ws: WebSocketConnection | None = None
+    ended: trio.Event = attrs.Factory(trio.Event)
+    reason: str | None = None
+    opened: bool = False
+    close_code: int | None = None  # to close with after a protocol error (1002)
+
+
+@attrs.frozen(eq=False)
 class _Request:
-    """One registered request: its id, its slot and the JSON object to send."""
+    """One request to send: its id and slot (None for a notification) and its JSON.
 
-    id: int
-    slot: _Slot
+    A notification with a ``link`` is sent on that connection only (it is
+    about that session's state); otherwise on whichever is open.
+    """
+
+    id: int | None
+    slot: _Slot | None
     payload: dict[str, Any]
+    link: _Link | None = None
 
 
 class Client(Commands):
@@ -351,28 +495,44 @@ class Client(Commands):
     Made by :func:`connect`. Safe to share between any number of tasks.
     Errors raise subclasses of :class:`kvmemo.KVMemoError` whose ``kind`` is
     the protocol's error kind; a lost connection raises
-    :class:`DisconnectedError`.
+    :class:`DisconnectedError` (see the module's design for what
+    ``reconnect`` changes).
 
     Invariant: every id in ``_pending`` belongs to a caller parked on (or
-    about to read) its slot; the sender sends only requests whose id is there.
+    about to read) its slot, or to the connection task (``auth``,
+    resubscription); the sender sends only requests whose id is there and
+    whose slot is not done. Requests wait in the outbox, then in ``_staged``
+    (taken by a sender, not yet handed to a socket), and survive a lost
+    connection there.
     """
 
     def __init__(
         self,
-        ws: WebSocketConnection,
         *,
         url: str,
         timeout: float | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        token: str | None = None,
+        reconnect: Backoff | None = None,
     ) -> None:
         self.url = url
-        self._ws = ws
         self._timeout = timeout
         self._max_batch = max_batch
+        self._token = token
+        self._backoff = reconnect
         self._next_id = 1
         self._pending: dict[int, _Slot] = {}
-        self._outbox_in, self._outbox_out = trio.open_memory_channel[dict[str, Any]](OUTBOX_SIZE)
-        self._lost: str | None = None
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[_Request](OUTBOX_SIZE)
+        # Taken from the outbox by a sender, not handed to a socket yet: a
+        # lost connection leaves them for the next one (at most max_batch).
+        self._staged: deque[_Request] = deque()
+        self._lost: str | None = None  # set once: closed for good, and why
+        self._state = ConnectionState.CONNECTING
+        self._link: _Link | None = None  # the open connection, if any
+        self._connected = trio.Event()  # set while OPEN, and once closed for good
+        self._closing = trio.Event()  # set once closed for good: the connection task ends
+        self._dial_scope: trio.CancelScope | None = None  # a dial or handshake in progress
+        self._connections = 0
         self._messages_sent = 0
         self._requests_sent = 0
         self._messages_received = 0
@@ -381,6 +541,7 @@ class Client(Commands):
         # run meanwhile (another task's would end the watches; it waits).
         self._watch_lock = trio.Lock()
         self._watch_owner: trio.lowlevel.Task | None = None
+        self._watch_lost: str | None = None  # the open watch block's connection was lost
         self._subscription: Subscription | None = None  # the open subscribe block's
 
     # -- the Commands interface ---------------------------------------------------------
@@ -388,26 +549,38 @@ class Client(Commands):
     async def execute(self, command: str, *args: Arg) -> Any:
         """Run any command by name: ``await kv.execute("SET", "k", "v", "EX", 10)``.
 
+        While the client reconnects, the call waits for the connection
+        (within ``timeout``); it is sent once, never again after a loss.
+
         Raises:
             KVMemoError: the server's error, as the class of its kind.
             RequestTimeoutError: no answer within the client's ``timeout``
-                (``data["applied"]`` is ``None``: it may have happened).
-            DisconnectedError: the connection is lost.
+                (``data["applied"]`` is ``None``: it may have happened;
+                ``False`` when it was never sent, waiting for a reconnection).
+            DisconnectedError: the connection was lost with the request in
+                flight, or the client is closed for good.
             TypeError, ValueError: an argument that cannot be sent (nothing is sent).
         """
         method = command.lower()
         params = encode_params(args)
         self._check_open()
         request = self._register(method, params)
+        slot = await self._round_trip(request, repr(method))
+        return _unwrap(slot, method, args)
+
+    async def _round_trip(self, request: _Request, what: str) -> _Slot:
+        """Queue one registered request and wait for its slot (within ``timeout``)."""
+        assert request.slot is not None
+        assert request.id is not None
         try:
             with trio.fail_after(self._deadline_seconds()):
                 await self._enqueue(request)
                 await request.slot.done.wait()
         except trio.TooSlowError:
-            raise self._timeout_error(repr(method)) from None
+            raise self._timeout_error(what, [request.slot]) from None
         finally:
             self._pending.pop(request.id, None)
-        return _unwrap(request.slot, method, args)
+        return request.slot
 
     async def transaction(self, *calls: tuple[Arg, ...]) -> list[Any] | None:
         """Run commands as one atomic step (protocol 1.2, Redis's MULTI/EXEC).
@@ -423,6 +596,8 @@ class Client(Commands):
         Raises:
             KVMemoError: the transaction was refused as a whole (``data["index"]``
                 names the call), or failed as a whole (``UNAVAILABLE``, ``OOM``, ...).
+            DisconnectedError: as :meth:`execute`; also in a watch block whose
+                connection was lost (nothing is sent: it would run unchecked).
             TypeError, ValueError: a call that cannot be sent (nothing is sent).
         """
         prepared = [(_method_of(call[0]), call[1:]) for call in calls]
@@ -437,15 +612,8 @@ class Client(Commands):
         self, prepared: list[tuple[str, tuple[Arg, ...]]], params: list[Any]
     ) -> list[Any] | None:
         request = self._register("transaction", params)
-        try:
-            with trio.fail_after(self._deadline_seconds()):
-                await self._enqueue(request)
-                await request.slot.done.wait()
-        except trio.TooSlowError:
-            raise self._timeout_error("a transaction") from None
-        finally:
-            self._pending.pop(request.id, None)
-        answer = _unwrap_raw(request.slot)  # each call's entry is decoded as that call's
+        slot = await self._round_trip(request, "a transaction")
+        answer = _unwrap_raw(slot)  # each call's entry is decoded as that call's
         if answer is None:
             return None
         if not isinstance(answer, list) or len(answer) != len(prepared):
@@ -466,9 +634,13 @@ class Client(Commands):
         Watches belong to the session, which all tasks of this client share:
         while the block runs, other tasks' transactions and watch blocks
         wait for it to end (plain commands do not), so call
-        :meth:`transaction` from the task that opened the block. A reconnect
-        loses the watches (the next transaction then runs unchecked), so
-        retry from the read on :class:`DisconnectedError`. ::
+        :meth:`transaction` from the task that opened the block.
+
+        A lost connection loses the watches (a transaction on a new session
+        would run unchecked): every request of the block in flight or queued
+        then fails with :class:`DisconnectedError`, and so does every later
+        call the block's task makes before the block ends, even once the
+        client has reconnected. Retry the whole block on it. ::
 
             async with kv.watch("balance"):
                 balance = int(await kv.get("balance") or 0)
@@ -476,6 +648,7 @@ class Client(Commands):
         """
         async with self._watch_lock:
             self._watch_owner = trio.lowlevel.current_task()
+            self._watch_lost = None
             try:
                 # Inside the try: a watch sent, then cancelled before its answer,
                 # is given back too.
@@ -484,14 +657,16 @@ class Client(Commands):
             except BaseException:
                 # Unwinding, maybe cancelled with the connection (whose reader
                 # would never take an answer): a notification, no wait. The
-                # session runs it before anything sent after it.
-                self._watch_owner = None
-                if not self.closed:
+                # session runs it before anything sent after it; a lost
+                # session has no watches to give back.
+                lost, self._watch_owner, self._watch_lost = self._watch_lost, None, None
+                if lost is None:
                     self._notify_nowait("unwatch")
                 raise
             else:
-                self._watch_owner = None
-                await self._unwatch()
+                lost, self._watch_owner, self._watch_lost = self._watch_lost, None, None
+                if lost is None:
+                    await self._unwatch()
 
     async def _unwatch(self) -> None:
         """End the session's watches, even when cancelled (a lost session has none)."""
@@ -524,6 +699,16 @@ class Client(Commands):
         subscription ends and iterating raises
         :class:`~kvmemo.errors.OverloadedError` (the connection lives on).
         Other tasks' requests go on meanwhile on the same connection.
+
+        With ``reconnect``, the block survives a lost connection: the client
+        subscribes again to its channels and patterns on the new connection
+        before sending anything else, and messages go on arriving in the same
+        block. Messages published while no connection was open are lost (as
+        in Redis, pub/sub keeps nothing); a change (``sub.subscribe(...)``,
+        ...) in flight at the loss raises :class:`DisconnectedError` and may
+        be repeated. Iterating raises :class:`DisconnectedError` once the
+        client is closed for good, or if the server refuses the new
+        subscription.
 
         Raises:
             RuntimeError: a subscribe block of this client is already open
@@ -559,8 +744,13 @@ class Client(Commands):
             self._subscription = None
 
     async def _unsubscribe_all(self) -> None:
-        """Leave every channel and pattern, waiting for the server's answer (briefly)."""
-        if self.closed:
+        """Leave every channel and pattern, waiting for the server's answer (briefly).
+
+        Nothing to do without an open connection: the session that had them
+        is gone, and the next one is not given them (or is told to leave
+        them if it was being resubscribed; see ``_prepare``).
+        """
+        if self._state is not ConnectionState.OPEN:
             return
         grace = min(self._deadline_seconds(), UNWATCH_GRACE)
         with trio.CancelScope(shield=True), trio.move_on_after(grace):
@@ -577,9 +767,8 @@ class Client(Commands):
         ends at once. A message of those channels that comes later is
         dropped by the next block (it takes only its own names).
         """
-        if not self.closed:
-            self._notify_nowait("unsubscribe")
-            self._notify_nowait("punsubscribe")
+        self._notify_nowait("unsubscribe")
+        self._notify_nowait("punsubscribe")
 
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands, sent together; errors are returned, not raised.
@@ -595,25 +784,30 @@ class Client(Commands):
         Raises:
             TypeError, ValueError: a call that cannot be sent (nothing is sent).
             RequestTimeoutError: not every answer came within ``timeout``.
+            DisconnectedError: the client is closed for good, or the calls
+                are made in a watch block whose connection was lost (nothing
+                is sent).
         """
         prepared = [(_method_of(call[0]), call[1:], encode_params(call[1:])) for call in calls]
         self._check_open()
         registered = [self._register(method, params) for method, _, params in prepared]
+        slots = [request.slot for request in registered if request.slot is not None]
         try:
             with trio.fail_after(self._deadline_seconds()):
                 for request in registered:
                     await self._enqueue(request)
-                for request in registered:
-                    await request.slot.done.wait()
+                for slot in slots:
+                    await slot.done.wait()
         except trio.TooSlowError:
-            raise self._timeout_error(f"a batch of {len(calls)} calls") from None
+            raise self._timeout_error(f"a batch of {len(calls)} calls", slots) from None
         finally:
             for request in registered:
-                self._pending.pop(request.id, None)
+                if request.id is not None:
+                    self._pending.pop(request.id, None)
         results: list[Any] = []
-        for (method, args, _), request in zip(prepared, registered, strict=True):
+        for (method, args, _), slot in zip(prepared, slots, strict=True):
             try:
-                results.append(_unwrap(request.slot, method, args))
+                results.append(_unwrap(slot, method, args))
             except KVMemoError as exc:
                 results.append(exc)
         return results
@@ -645,42 +839,94 @@ class Client(Commands):
 
     @property
     def closed(self) -> bool:
-        """Whether the connection is lost or closed (every call then raises)."""
+        """Whether the client is closed for good (every call then raises).
+
+        Not while it reconnects: see :attr:`state`.
+        """
         return self._lost is not None
 
+    @property
+    def state(self) -> ConnectionState:
+        """Open, reconnecting or closed (:class:`ConnectionState`)."""
+        return self._state
+
+    async def wait_connected(self) -> None:
+        """Return once the client has an open connection: at once when it has.
+
+        After a reconnection the connection is open once ``auth`` and the
+        resubscription are done, so a message published after this returns
+        reaches the open subscribe block.
+
+        Raises:
+            DisconnectedError: the client is closed for good (now or meanwhile).
+        """
+        while True:
+            if self._lost is not None:
+                raise DisconnectedError(self._lost)
+            if self._state is ConnectionState.OPEN:
+                return
+            await self._connected.wait()
+
     def statistics(self) -> ClientStatistics:
-        """Counters of this connection (messages, requests, pending)."""
+        """Counters of this client (messages, requests, pending, reconnects)."""
         return ClientStatistics(
             messages_sent=self._messages_sent,
             requests_sent=self._requests_sent,
             messages_received=self._messages_received,
             pending=len(self._pending),
+            reconnects=max(0, self._connections - 1),
         )
 
     # -- internals --------------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        """Raise if no call may be made now: closed, or in a watch block whose session is gone."""
         if self._lost is not None:
             raise DisconnectedError(self._lost)
+        if self._watch_lost is not None and self._watch_owner is trio.lowlevel.current_task():
+            raise DisconnectedError(self._watch_lost_message(), applied=False)
+
+    def _watch_lost_message(self) -> str:
+        return (
+            f"{self._watch_lost}: the watches of this watch block went with that session; "
+            "nothing was sent (run the block again)"
+        )
 
     def _deadline_seconds(self) -> float:
         return self._timeout if self._timeout is not None else math.inf
 
-    def _timeout_error(self, what: str) -> RequestTimeoutError:
+    def _open_timeout(self) -> float:
+        """Seconds for opening one connection: the handshake, ``auth``, the resubscription."""
+        return self._timeout if self._timeout is not None else CONNECT_TIMEOUT
+
+    def _timeout_error(self, what: str, slots: Sequence[_Slot]) -> RequestTimeoutError:
+        """The timeout of a call whose ``slots`` are not all answered (under ``timeout``)."""
+        if any(slot.sent for slot in slots):
+            return RequestTimeoutError(
+                f"no answer to {what} within {self._timeout} s (client timeout)", applied=None
+            )
+        why = " (no connection: reconnecting)" if self._state is not ConnectionState.OPEN else ""
         return RequestTimeoutError(
-            f"no answer to {what} within {self._timeout} s (client timeout)", applied=None
+            f"no answer to {what} within {self._timeout} s (client timeout): it was not sent{why}",
+            applied=False,
         )
 
     def _register(self, method: str, params: list[Any]) -> _Request:
         """A fresh id and slot for one request. Synchronous: no checkpoint.
 
-        On a connection already lost (a caller checkpointed since its
+        On a client already closed (a caller checkpointed since its
         ``_check_open``, waiting for the watch lock, say) the slot is failed
-        at once: ``_lose`` has run, and would never fail it.
+        at once: ``_lose`` has run, and would never fail it. A request of the
+        task of an open watch block is bound to the block's connection.
         """
         request_id = self._next_id
         self._next_id += 1
         slot = _Slot()
+        if self._watch_owner is not None and self._watch_owner is trio.lowlevel.current_task():
+            slot.bound = True
+            if self._watch_lost is not None:
+                slot.lost = self._watch_lost_message()
+                slot.done.set()
         if self._lost is not None:
             slot.lost = self._lost
             slot.done.set()
@@ -689,76 +935,342 @@ class Client(Commands):
         return _Request(request_id, slot, payload)
 
     def _notify_nowait(self, method: str) -> None:
-        """Queue a notification (no answer) with no params, if the outbox has room."""
-        if self._lost is None:
-            try:
-                self._outbox_in.send_nowait({"jsonrpc": _JSONRPC, "method": method, "params": []})
-            except trio.WouldBlock:
-                pass  # the subscribe block's end says it again
+        """Queue a notification (no answer, no params) about the open session's state.
+
+        Only with an open connection, and sent on that one only (a later
+        session does not have the state it is about); dropped if the outbox
+        has no room (a subscribe block's end says it again).
+        """
+        link = self._link
+        if link is None or self._state is not ConnectionState.OPEN:
+            return
+        payload = {"jsonrpc": _JSONRPC, "method": method, "params": []}
+        try:
+            self._outbox_in.send_nowait(_Request(None, None, payload, link))
+        except trio.WouldBlock:
+            pass
 
     async def _enqueue(self, request: _Request) -> None:
+        """Put a request in the outbox, waiting for room (backpressure).
+
+        On a closed client (the outbox closed by ``_lose``, waking a caller
+        that waits for room) it returns at once: ``_lose`` has failed the
+        request's slot, or does before anyone looks at it.
+        """
         try:
-            self._outbox_in.send_nowait(request.payload)
-        except trio.WouldBlock:
-            await self._outbox_in.send(request.payload)  # backpressure: the outbox is full
+            try:
+                self._outbox_in.send_nowait(request)
+            except trio.WouldBlock:
+                await self._outbox_in.send(request)  # backpressure: the outbox is full
+        except trio.ClosedResourceError:
+            if request.slot is not None and not request.slot.done.is_set():
+                request.slot.lost = self._lost or f"the client of {self.url} was closed"
+                request.slot.done.set()
 
     def _lose(self, reason: str) -> None:
-        """Mark the connection lost and fail every pending request. Synchronous."""
+        """Close the client for good and fail every pending request. Synchronous.
+
+        Idempotent (the first reason stays). Ends the connection task: an
+        open connection is closed with the closing handshake, a dial in
+        progress is cancelled, a backoff wait ends.
+        """
         if self._lost is None:
             self._lost = reason
+        self._state = ConnectionState.CLOSED
         for slot in self._pending.values():
             if not slot.done.is_set():
                 slot.lost = self._lost
                 slot.done.set()
         if self._subscription is not None:
             self._subscription._lose(self._lost)
+        self._outbox_in.close()  # wakes callers waiting for room (a full outbox, reconnecting)
+        self._closing.set()
+        self._connected.set()  # wakes wait_connected, which raises
+        if self._link is not None:
+            self._link.ended.set()
+        if self._dial_scope is not None:
+            self._dial_scope.cancel()
+
+    def _drop(self, link: _Link, reason: str) -> None:
+        """``link`` is lost: fail what it carried; reconnect, or close. Synchronous.
+
+        Fails every request handed to that socket (``sent``: never sent
+        again) and, when the connection had opened, every request of the
+        watch block (its watches are gone). Requests not sent yet stay
+        queued for the next connection. Without ``reconnect`` an opened
+        connection's loss closes the client (``_lose``). Idempotent.
+        """
+        if link.ended.is_set():
+            return
+        link.reason = reason
+        link.ended.set()
+        if not link.opened:
+            for slot in self._pending.values():  # auth, resubscription
+                if slot.sent and not slot.done.is_set():
+                    slot.lost = reason
+                    slot.done.set()
+            return
+        if self._backoff is None:
+            self._lose(reason)
+            return
+        for slot in self._pending.values():
+            if (slot.sent or slot.bound) and not slot.done.is_set():
+                slot.lost = reason
+                slot.done.set()
+        if self._watch_owner is not None:
+            self._watch_lost = reason
+        if self._link is link:
+            self._link = None
+        if self._lost is None:
+            self._state = ConnectionState.RECONNECTING
+            self._connected = trio.Event()
 
     async def abort(self) -> None:
-        """Drop the connection now (chaos tooling): pending requests fail with
-        :class:`DisconnectedError`, as on any lost connection (they may or may
-        not have been applied)."""
-        self._lose(f"the connection to {self.url} was dropped")
-        with trio.move_on_after(DISCONNECT_TIMEOUT):
-            await self._ws.aclose(1001, "dropped by the client")
+        """Drop the connection now, as a network failure would (chaos tooling).
 
-    async def _send_loop(self) -> None:
-        """The sender task: one message per tick's worth of requests (see the design)."""
+        Requests in flight fail with :class:`DisconnectedError` (they may or
+        may not have been applied). Without ``reconnect`` the client is then
+        closed; with it, it reconnects (a subscribe block survives, a watch
+        block fails).
+        """
+        link = self._link
+        if link is None or link.ws is None:
+            return
+        self._drop(link, f"the connection to {self.url} was dropped")
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            await link.ws.aclose(1001, "dropped by the client")
+
+    # -- the connection task ------------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection open until the client closes (see the module's design).
+
+        ``task_status.started()`` once the first connection is open; before
+        that its failure is raised (:class:`DisconnectedError`, the token's
+        :class:`~kvmemo.errors.NoAuthError`, ``ValueError`` for a bad URL).
+        """
+        status: trio.TaskStatus[None] | None = task_status
+        failures = 0  # attempts in a row that did not open a connection
+        reason = ""
         while True:
-            first = await self._outbox_out.receive()
-            await trio.lowlevel.checkpoint()  # let the other tasks of this tick enqueue
-            queued = [first]
-            while len(queued) < self._max_batch:
+            if status is None:  # a connection was lost (or an attempt failed)
+                policy = self._backoff
+                if policy is None or self._lost is not None:
+                    return
+                failures += 1
+                if policy.max_attempts is not None and failures > policy.max_attempts:
+                    self._lose(
+                        f"gave up reconnecting to {self.url} after {policy.max_attempts} "
+                        f"attempts ({reason})"
+                    )
+                    return
+                with trio.move_on_after(policy.delay(failures)):
+                    await self._closing.wait()
+                if self._lost is not None:
+                    return
+            opened, reason = await self._connect_once(status)
+            status = None
+            if opened:
+                failures = 0
+
+    async def _connect_once(self, status: trio.TaskStatus[None] | None) -> tuple[bool, str]:
+        """Dial, authenticate, resubscribe, serve until the connection ends.
+
+        Returns whether it opened, and why it ended. With ``status`` (the
+        first connection) a failure before it opened is raised instead.
+        """
+        link = _Link()
+        failure: KVMemoError | None = None
+        try:
+            with trio.CancelScope() as dial:
+                self._dial_scope = dial
+                async with open_websocket_url(
+                    self.url,
+                    subprotocols=[SUBPROTOCOL],
+                    max_message_size=MAX_MESSAGE_SIZE,
+                    connect_timeout=self._open_timeout(),
+                    disconnect_timeout=DISCONNECT_TIMEOUT,
+                ) as ws:
+                    link.ws = ws
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read_loop, link)
+                        failure = await self._prepare(link)
+                        if failure is None and not link.ended.is_set():
+                            self._dial_scope = None  # open: closing now waits for the handshake
+                            self._open(link)
+                            if status is not None:
+                                status.started()
+                            nursery.start_soon(self._send_loop, link)
+                            await link.ended.wait()
+                        nursery.cancel_scope.cancel()
+                    if link.close_code is not None:
+                        with trio.move_on_after(DISCONNECT_TIMEOUT):
+                            await ws.aclose(link.close_code, "protocol error")
+        except (HandshakeError, ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+            # (Only a HandshakeError is documented; a stream broken in the
+            # middle of the handshake is a failed attempt all the same.)
+            if not link.opened:  # else the closing handshake timed out: closed all the same
+                failure = DisconnectedError(f"cannot connect to {self.url}: {_describe(exc)}")
+        finally:
+            self._dial_scope = None
+        if link.opened:
+            return True, link.reason or f"the connection to {self.url} ended"
+        if failure is None:
+            failure = DisconnectedError(link.reason or f"the connection to {self.url} ended")
+        if status is not None:
+            raise failure
+        if isinstance(failure, NoAuthError):  # a wrong token stays wrong
+            self._lose(f"the server at {self.url} refused the token on reconnecting: {failure}")
+        return False, str(failure)
+
+    async def _prepare(self, link: _Link) -> KVMemoError | None:
+        """Authenticate and resubscribe a new connection; the failure, if any.
+
+        Within ``_open_timeout()``. A refused resubscription ends the
+        subscription (it raises :class:`DisconnectedError` saying why), not
+        the connection. If the subscribe block ended meanwhile, the new
+        session is told to leave what it was given.
+        """
+        with trio.move_on_after(self._open_timeout()):
+            if self._token is not None:
+                (slot,) = await self._direct(link, [("auth", [self._token])])
                 try:
-                    queued.append(self._outbox_out.receive_nowait())
+                    _unwrap_raw(slot)
+                except KVMemoError as exc:
+                    return exc
+            subscription = self._subscription
+            if subscription is None or subscription._ended:
+                return None
+            calls: list[tuple[str, list[Any]]] = []
+            if subscription._channels:
+                calls.append(("subscribe", encode_params(list(subscription._channels))))
+            if subscription._patterns:
+                calls.append(("psubscribe", encode_params(list(subscription._patterns))))
+            for slot in await self._direct(link, calls):
+                if slot.lost is not None:
+                    return DisconnectedError(slot.lost)
+                try:
+                    _unwrap_raw(slot)
+                except KVMemoError as exc:
+                    subscription._lose(
+                        f"the server refused to subscribe again after reconnecting to "
+                        f"{self.url}: {exc.kind} {exc}"
+                    )
+            if self._subscription is not subscription or subscription._ended:
+                await self._direct(link, [("unsubscribe", []), ("punsubscribe", [])], notify=True)
+            return None
+        return DisconnectedError(
+            f"no answer from {self.url} to auth or subscribe within "
+            f"{self._open_timeout()} s of connecting"
+        )
+
+    async def _direct(
+        self, link: _Link, calls: list[tuple[str, list[Any]]], *, notify: bool = False
+    ) -> list[_Slot]:
+        """Send ``calls`` on ``link`` at once, before the outbox; their answered slots.
+
+        For the connection task only. A slot is failed (``lost``) if the
+        connection is lost first. ``notify``: notifications, nothing awaited.
+        """
+        if not calls or link.ws is None:
+            return []
+        requests: list[_Request] = []
+        payloads: list[dict[str, Any]] = []
+        for method, params in calls:
+            if notify:
+                payloads.append({"jsonrpc": _JSONRPC, "method": method, "params": params})
+                continue
+            request = self._register(method, params)
+            assert request.slot is not None
+            request.slot.sent = True
+            requests.append(request)
+            payloads.append(request.payload)
+        slots = [request.slot for request in requests if request.slot is not None]
+        document: Any = payloads[0] if len(payloads) == 1 else payloads
+        try:
+            try:
+                await link.ws.send_message(_dumps(document))
+            except ConnectionClosed as exc:
+                self._drop(link, _closed_reason(self.url, exc))
+            else:
+                self._messages_sent += 1
+                self._requests_sent += len(payloads)
+            for slot in slots:
+                await slot.done.wait()
+        finally:
+            for request in requests:
+                if request.id is not None:
+                    self._pending.pop(request.id, None)
+        return slots
+
+    def _open(self, link: _Link) -> None:
+        """The connection is ready: requests go. Synchronous."""
+        link.opened = True
+        self._link = link
+        self._connections += 1
+        self._state = ConnectionState.OPEN
+        self._connected.set()
+
+    def _sendable(self, request: _Request, link: _Link) -> bool:
+        if request.slot is None:
+            return request.link is None or request.link is link
+        return request.id in self._pending and not request.slot.done.is_set()
+
+    async def _send_loop(self, link: _Link) -> None:
+        """The sender task of one connection: one message per tick's worth of requests.
+
+        Requests are staged (``_staged``) before the tick's yield, so a
+        connection lost meanwhile leaves them to the next one; a request is
+        marked ``sent`` just before its message is handed to the socket.
+        """
+        staged = self._staged
+        while True:
+            if not staged:
+                try:
+                    staged.append(await self._outbox_out.receive())
+                except trio.EndOfChannel:
+                    return  # the client is closed (``_lose``)
+            await trio.lowlevel.checkpoint()  # let the other tasks of this tick enqueue
+            while len(staged) < self._max_batch:
+                try:
+                    staged.append(self._outbox_out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            # Requests whose caller still waits, and notifications (no id).
-            live = [r for r in queued if "id" not in r or r["id"] in self._pending]
-            if not live or self._lost is not None:
+            if link.ended.is_set() or link.ws is None:
+                return  # what is staged waits for the next connection
+            live: list[_Request] = []
+            while staged and len(live) < self._max_batch:
+                request = staged.popleft()
+                if self._sendable(request, link):
+                    live.append(request)
+            if not live:
                 continue
-            document: Any = live[0] if len(live) == 1 else live
-            text = json.dumps(document, separators=_COMPACT, ensure_ascii=False)
+            for request in live:
+                if request.slot is not None:
+                    request.slot.sent = True
+            document: Any = live[0].payload if len(live) == 1 else [r.payload for r in live]
             try:
-                await self._ws.send_message(text)
+                await link.ws.send_message(_dumps(document))
             except ConnectionClosed as exc:
-                self._lose(_closed_reason(self.url, exc))
+                self._drop(link, _closed_reason(self.url, exc))
                 return
             self._messages_sent += 1
             self._requests_sent += len(live)
 
-    async def _read_loop(self) -> None:
-        """The reader task: resolve slots by id until the connection ends."""
+    async def _read_loop(self, link: _Link) -> None:
+        """The reader task of one connection: resolve slots by id until it ends."""
+        assert link.ws is not None
         while True:
             try:
-                message = await self._ws.get_message()
+                message = await link.ws.get_message()
             except ConnectionClosed as exc:
-                self._lose(_closed_reason(self.url, exc))
+                self._drop(link, _closed_reason(self.url, exc))
                 return
             self._messages_received += 1
             problem = self._on_message(message)
             if problem is not None:
-                self._lose(f"connection to {self.url} closed: {problem}")
-                await self._ws.aclose(1002, "protocol error")
+                link.close_code = 1002
+                self._drop(link, f"connection to {self.url} closed: {problem}")
                 return
 
     def _on_message(self, message: str | bytes) -> str | None:
@@ -830,7 +1342,9 @@ class Subscription:
     (un)subscribe methods answer Redis's subscription count after the change
     (a round trip each), :meth:`get` and ``async for`` give
     :class:`kvmemo.Message` s. Iterate it, or call :meth:`get`, from one task
-    at a time.
+    at a time. With ``reconnect`` it outlives a lost connection: its channels
+    and patterns are subscribed again on the next one (messages published in
+    between are lost).
 
     Invariant: ``_bytes`` is the sum of the sizes of the queued messages
     and never exceeds ``limit``; ``_ready`` is set whenever a message is
@@ -887,6 +1401,8 @@ class Subscription:
         """
         if self._overflowed or self._closed:
             return 0
+        if self._lost is not None:  # closed for good, or not subscribed again after a reconnect
+            raise DisconnectedError(self._lost)
         if not names and method in ("subscribe", "psubscribe"):
             return len(self._channels) + len(self._patterns)  # as the embedded one: nothing to do
         own = self._patterns if method.startswith("p") else self._channels
@@ -931,8 +1447,10 @@ class Subscription:
         Raises:
             OverloadedError: messages came faster than they were taken, past
                 ``buffer_limit``: the subscription ended (the connection did not).
-            DisconnectedError: the connection is lost and every message
-                received before has been taken.
+            DisconnectedError: the client is closed for good (the connection
+                lost without ``reconnect``, or its attempts ran out), or the
+                server refused to subscribe again after a reconnection; and
+                every message received before has been taken.
             trio.EndOfChannel: the subscription's block has ended.
         """
         while True:
@@ -1034,6 +1552,10 @@ def _unwrap_raw(slot: _Slot) -> Any:
     return response.get("result")
 
 
+def _dumps(document: Any) -> str:
+    return json.dumps(document, separators=_COMPACT, ensure_ascii=False)
+
+
 def _closed_reason(url: str, exc: ConnectionClosed) -> str:
     reason = exc.reason
     if reason is None:
@@ -1067,24 +1589,37 @@ async def connect(
     token: str | None = None,
     timeout: float | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    reconnect: bool | Backoff = False,
 ) -> AsyncIterator[Client]:
     """Connect to a server for the duration of the block.
 
     Args:
         url: the session URL, ``ws://host:port/ws`` (``wss://`` for TLS).
-        token: sent with ``auth`` before anything else when given.
+        token: sent with ``auth`` before anything else when given, on every
+            connection.
         timeout: seconds for the handshake and for each request's answer
-            (a late request raises :class:`~kvmemo.errors.RequestTimeoutError`
-            with ``applied`` ``None``); ``None``: no request deadline and a
-            handshake deadline of ``CONNECT_TIMEOUT``.
+            (a late request raises :class:`~kvmemo.errors.RequestTimeoutError`);
+            a request made while the client reconnects waits for the
+            connection within it too. ``None``: no request deadline, and
+            ``CONNECT_TIMEOUT`` for opening a connection (handshake, auth,
+            resubscription).
         max_batch: the most requests sent in one message; keep it at or under
             the server's ``max_batch``.
+        reconnect: off by default: a lost connection closes the client, every
+            pending and later call raising :class:`DisconnectedError`. ``True``
+            (the :class:`Backoff` defaults: 0.1 s doubling to 5 s, ±20 %,
+            unbounded attempts) or a :class:`Backoff`: the client reconnects
+            after a lost connection, resubscribes, and fails only the
+            requests that were in flight (see the module's design). The
+            first connection is not retried.
 
     Yields:
-        The :class:`Client`, shared safely by any number of tasks.
+        The :class:`Client`, shared safely by any number of tasks. Leaving the
+        block closes it (a reconnection in progress stops at once).
 
     Raises:
         ValueError: ``max_batch`` below 1, ``timeout`` not positive, or a bad URL.
+        TypeError: ``reconnect`` neither a bool nor a :class:`Backoff`.
         DisconnectedError: the connection could not be opened.
         NoAuthError: the token was refused.
     """
@@ -1092,35 +1627,27 @@ async def connect(
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be > 0, got {timeout}")
-    opened = False
+    if isinstance(reconnect, Backoff):
+        backoff: Backoff | None = reconnect
+    elif isinstance(reconnect, bool):
+        backoff = Backoff() if reconnect else None
+    else:
+        raise TypeError(f"reconnect must be a bool or a Backoff, got {reconnect!r}")
+    client = Client(url=url, timeout=timeout, max_batch=max_batch, token=token, reconnect=backoff)
     try:
-        async with open_websocket_url(
-            url,
-            subprotocols=[SUBPROTOCOL],
-            max_message_size=MAX_MESSAGE_SIZE,
-            connect_timeout=timeout if timeout is not None else CONNECT_TIMEOUT,
-            disconnect_timeout=DISCONNECT_TIMEOUT,
-        ) as ws:
-            opened = True
-            client = Client(ws, url=url, timeout=timeout, max_batch=max_batch)
+        async with trio.open_nursery() as nursery:
+            # The connection task lives in the client's own nursery; the first
+            # connection's failure comes out of start() as itself.
+            await nursery.start(client._run)
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client._read_loop)
-                    nursery.start_soon(client._send_loop)
-                    try:
-                        if token is not None:
-                            await client.execute("auth", token)
-                        yield client
-                    finally:
-                        client._lose(f"the client of {url} was closed")
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The reader and sender never raise, so the group holds the
-                # block's own exception: give it back unwrapped.
-                if len(group.exceptions) == 1:
-                    _reraise(group.exceptions[0])
-                raise
-    except HandshakeError as exc:
-        if opened:
-            raise
-        raise DisconnectedError(f"cannot connect to {url}: {_describe(exc)}") from None
+                yield client
+            finally:
+                # Ends the connection task by itself: an open connection is
+                # closed with the closing handshake, a backoff or dial stops now.
+                client._lose(f"the client of {url} was closed")
+    except BaseExceptionGroup as group:
+        # The connection task never raises once started, so the group holds
+        # the block's own exception (or start()'s): give it back unwrapped.
+        if len(group.exceptions) == 1:
+            _reraise(group.exceptions[0])
+        raise
