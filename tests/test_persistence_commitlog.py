@@ -298,24 +298,31 @@ async def test_a_checkpoint_syncs_the_shard_logs_then_drops_the_older_segments(
     assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
 
 
-async def test_a_failed_commit_fails_the_round_and_the_next_goes_to_a_new_segment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def fail_commit_fsync(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make ``os.fsync`` of a commit log segment fail once (EIO) while ``armed[0]`` is True."""
     real = os.fsync
-    fail = [True]
+    armed = [False]
 
     def fsync(fd: int) -> None:
-        if fail[0] and "/commit/" in os.readlink(f"/proc/self/fd/{fd}"):
-            fail[0] = False
+        if armed[0] and "/commit/" in os.readlink(f"/proc/self/fd/{fd}"):
+            armed[0] = False
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
 
+    monkeypatch.setattr(os, "fsync", fsync)
+    return armed
+
+
+async def test_a_failed_commit_fails_the_round_and_the_next_goes_to_a_new_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail = fail_commit_fsync(monkeypatch)
     log = SegmentedLog(tmp_path / "shard-0")
     coord = SyncCoordinator(method="commitlog", directory=tmp_path)
     try:
         with trio.fail_after(WAIT):
             await coord.sync(LogBatch(log, records(0, 0, 1)))
-            monkeypatch.setattr(os, "fsync", fsync)
+            fail[0] = True
             batch = LogBatch(log, records(0, 1, 1))
             with pytest.raises(OSError, match="Input/output error") as failed:
                 await coord.sync(batch)
@@ -381,16 +388,7 @@ async def test_a_store_loses_nothing_acknowledged_when_the_shard_logs_lose_their
 async def test_a_store_whose_commit_log_fails_reports_io_and_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = os.fsync
-    fail = [False]
-
-    def fsync(fd: int) -> None:
-        if fail[0] and "/commit/" in os.readlink(f"/proc/self/fd/{fd}"):
-            fail[0] = False
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail = fail_commit_fsync(monkeypatch)
     data_dir = tmp_path / "data"
     with trio.fail_after(WAIT):
         async with kvmemo.open_store(shards=2, data_dir=str(data_dir), appendfsync="always") as kv:

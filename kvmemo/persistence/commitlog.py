@@ -71,7 +71,7 @@ from pathlib import Path
 import attrs
 
 from .recovery import CorruptLog
-from .wal import fsync_directory, named, segment_name, write_all
+from .wal import fsync_directory, list_segments, named, segment_name, write_all
 
 COMMIT_DIR = "commit"  # under the data directory, beside shard-N/ and intents/
 CHECKPOINT_BYTES = 16 * 1024 * 1024  # a segment past this size starts a checkpoint
@@ -168,13 +168,7 @@ def list_commit_segments(data_dir: Path) -> list[tuple[int, Path]]:
     directory = data_dir / COMMIT_DIR
     if not directory.is_dir():
         return []
-    found = []
-    for path in directory.iterdir():
-        match = _SEGMENT_RE.fullmatch(path.name)
-        if match is not None:
-            found.append((int(match.group(1)), path))
-    found.sort()
-    return found
+    return list_segments(directory, _SEGMENT_RE)
 
 
 def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:

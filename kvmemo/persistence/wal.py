@@ -91,14 +91,18 @@ def segment_name(number: int) -> str:
     return f"wal-{number:08d}.log"
 
 
-def list_segments(directory: Path) -> list[tuple[int, Path]]:
+def list_segments(
+    directory: Path, pattern: re.Pattern[str] = _SEGMENT_RE
+) -> list[tuple[int, Path]]:
     """The segments of ``directory`` as ``(number, path)``, oldest first.
 
     Files with other names (``.corrupt-*`` leftovers, snapshots) are ignored.
+    ``pattern``: what a segment's name matches, its number as group 1 (the
+    shard logs' by default; the commit log has its own).
     """
     found = []
     for path in directory.iterdir():
-        match = _SEGMENT_RE.fullmatch(path.name)
+        match = pattern.fullmatch(path.name)
         if match is not None:
             found.append((int(match.group(1)), path))
     found.sort()
