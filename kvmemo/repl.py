@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 import trio
 
-from .client import DisconnectedError, connect
+from .client import Backoff, ConnectionState, DisconnectedError, connect
 from .commands.table import COMMANDS
 from .errors import KVMemoError
 
@@ -528,6 +528,10 @@ async def subscribe_mode(kv: Any, word: str, tokens: list[bytes], write: Writer)
     return EXIT_ERROR
 
 
+# How the interactive prompt reconnects after a lost connection: about 20 s of
+# tries, then the prompt ends (exit status 1).
+CLI_RECONNECT = Backoff(initial_delay=0.1, max_delay=2.0, max_attempts=15)
+
 # ----------------------------------------------------------------------------
 # The prompt
 
@@ -538,13 +542,18 @@ def prompt_for(url: str) -> str:
     return f"{netloc or url}> "
 
 
-async def interact(kv: Any, *, prompt: str, read_line: Reader, write: Writer) -> int:
+async def interact(
+    kv: Any, *, prompt: str, read_line: Reader, write: Writer, reconnecting: bool = False
+) -> int:
     """Read, run and print lines until ``quit``, ``exit`` or end of input.
 
     Lines are read in a worker thread so the event loop keeps running.
+    ``reconnecting``: ``kv`` is a client that reconnects (see
+    :data:`CLI_RECONNECT`); a command lost with its connection is reported
+    and the prompt goes on, until the client gives up.
 
     Returns:
-        The exit status: 0, or 1 when the connection was lost.
+        The exit status: 0, or 1 when the connection was lost (for good).
     """
     transaction = Transaction()
     while True:
@@ -567,6 +576,8 @@ async def interact(kv: Any, *, prompt: str, read_line: Reader, write: Writer) ->
             result = await execute_line(kv, line, transaction)
         except DisconnectedError as exc:
             write(format_error(exc))
+            if reconnecting and kv.state is not ConnectionState.CLOSED:
+                continue  # the next command waits for the connection
             return EXIT_ERROR
         if result.output is not None:
             write(result.output)
@@ -623,9 +634,12 @@ async def main_async(
         The exit status: 0; 1 for an error reply to ``-c``, a connection
         that could not be opened or was lost.
     """
+    line = getattr(args, COMMAND_DEST)
+    # Only a person at the prompt waits for a reconnection (as redis-cli does);
+    # a script, -c or piped input, fails at once.
+    reconnect: Backoff | bool = CLI_RECONNECT if line is None and show_prompt else False
     try:
-        async with connect(args.url, token=args.token) as kv:
-            line = getattr(args, COMMAND_DEST)
+        async with connect(args.url, token=args.token, reconnect=reconnect) as kv:
             words = line.split(maxsplit=1) if line is not None else []
             if words and words[0].lower() in SUBSCRIBE_WORDS:
                 try:
@@ -642,7 +656,13 @@ async def main_async(
             save_history = _open_history(history) if history is not None else None
             try:
                 prompt = prompt_for(args.url) if show_prompt else ""
-                return await interact(kv, prompt=prompt, read_line=read_line, write=write)
+                return await interact(
+                    kv,
+                    prompt=prompt,
+                    read_line=read_line,
+                    write=write,
+                    reconnecting=reconnect is not False,
+                )
             finally:
                 if save_history is not None:
                     save_history()

@@ -14,6 +14,7 @@ other wait is on an event or ``wait_all_tasks_blocked``.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 
+from kvmemo import repl
 from kvmemo.client import (
     Backoff,
     Client,
@@ -573,3 +575,79 @@ async def test_the_first_connection_is_not_retried(server: Restartable) -> None:
     with trio.fail_after(TEST_TIMEOUT), pytest.raises(DisconnectedError, match=r"^cannot connect"):
         async with connect(server.url, reconnect=FAST):
             pass
+
+
+# -- kvmemo cli ---------------------------------------------------------------------------------
+
+
+def _prompt_args(url: str) -> argparse.Namespace:
+    return argparse.Namespace(url=url, token=None, one_command=None)
+
+
+async def test_the_cli_prompt_goes_on_after_the_server_restarts(
+    server: Restartable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repl, "CLI_RECONNECT", FAST)
+    lines = iter(["SET a 1", "restart", "SET b 2", "GET b"])
+    out: list[str] = []
+
+    def read_line(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        if line == "restart":  # the server goes away between two commands
+            trio.from_thread.run(server.stop)
+            trio.from_thread.run(server.start)
+            return next(lines)
+        return line
+
+    with trio.fail_after(TEST_TIMEOUT):
+        status = await repl.main_async(
+            _prompt_args(server.url), read_line=read_line, write=out.append
+        )
+    assert (status, out) == (0, ["OK", "OK", '"2"', ""])
+
+
+async def test_the_cli_prompt_ends_once_reconnecting_gives_up(
+    server: Restartable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repl, "CLI_RECONNECT", attrs.evolve(FAST, max_attempts=2))
+    lines = iter(["SET a 1", "stop", "GET a"])
+    out: list[str] = []
+
+    def read_line(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        if line == "stop":  # for good
+            trio.from_thread.run(server.stop)
+            return next(lines)
+        return line
+
+    with trio.fail_after(TEST_TIMEOUT):
+        status = await repl.main_async(
+            _prompt_args(server.url), read_line=read_line, write=out.append
+        )
+    assert status == 1
+    assert out[0] == "OK"
+    assert "gave up reconnecting" in out[1]
+
+
+async def test_piped_input_still_ends_when_the_connection_is_lost(server: Restartable) -> None:
+    lines = iter(["SET a 1", "stop", "GET a"])
+    out: list[str] = []
+
+    def read_line(prompt: str) -> str:
+        line = next(lines)
+        if line == "stop":
+            trio.from_thread.run(server.stop)
+            return next(lines)
+        return line
+
+    with trio.fail_after(TEST_TIMEOUT):
+        status = await repl.main_async(
+            _prompt_args(server.url), read_line=read_line, write=out.append, show_prompt=False
+        )
+    assert status == 1
+    assert out[0] == "OK"
+    assert "DISCONNECTED" in out[1]
