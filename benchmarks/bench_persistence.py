@@ -127,7 +127,9 @@ class LogCalls:
                 self.appends += 1
             return append(log, data)
 
-        def counted_append_uncovered(log: SegmentedLog, data: bytes) -> tuple[int, int, bytes]:
+        def counted_append_uncovered(
+            log: SegmentedLog, data: bytes
+        ) -> list[tuple[int, int, bytes]]:
             with self._lock:
                 self.appends += 1
             return append_uncovered(log, data)

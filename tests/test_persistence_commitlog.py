@@ -14,16 +14,21 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 
 import kvmemo
+from kvmemo.commands import ops
+from kvmemo.commands.args import NO_EXPIRY
 from kvmemo.errors import KVMemoError
-from kvmemo.persistence import CorruptLog, SegmentedLog, encode_set
+from kvmemo.persistence import CorruptLog, SegmentedLog, commitlog, encode_set, recover
 from kvmemo.persistence.commitlog import (
     COMMIT_DIR,
     CommitLog,
@@ -33,7 +38,9 @@ from kvmemo.persistence.commitlog import (
     read_frames,
     redo,
 )
+from kvmemo.storage import durable_shard, sync_coordinator
 from kvmemo.storage.durability import LogBatch
+from kvmemo.storage.durable_shard import Save
 from kvmemo.storage.sync_coordinator import SyncCoordinator
 
 WAIT = 30  # seconds, a bound on every test's real I/O
@@ -173,7 +180,7 @@ def test_a_torn_tail_is_ignored_and_damage_before_it_stops_the_start(tmp_path: P
         read_frames(tmp_path)
     scan = read_frames(tmp_path, repair=True)
     assert scan.frames == []
-    assert "repair ignores it and every later frame" in scan.warnings[0]
+    assert "repair moves it and every later commit segment aside" in scan.warnings[0]
 
 
 # -- redo after a power loss ----------------------------------------------------------------------
@@ -412,3 +419,263 @@ async def test_a_store_whose_commit_log_fails_reports_io_and_recovers(
     lose_page_cache(crashed)
     async with kvmemo.open_store(shards=2, data_dir=str(crashed)) as kv:
         assert await kv.mget(b"before", key, after) == [b"1", b"doubtful", b"2"]
+
+
+# -- regressions found by review -------------------------------------------------------------------
+
+
+class Durable:
+    """A power-loss model: a shard log keeps only what an ``fsync`` made durable.
+
+    Records, for every ``os.fsync``, the file's size at that moment;
+    :meth:`crash_copy` copies a data directory and cuts each shard log
+    segment in the copy back to its last synced size (0 if never synced).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: dict[str, int] = {}
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            real(fd)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if os.path.isfile(path):
+                self.sizes[path] = max(self.sizes.get(path, 0), os.fstat(fd).st_size)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def crash_copy(self, data_dir: Path, target: Path) -> Path:
+        shutil.copytree(data_dir, target)
+        for path in wal_files(data_dir):
+            copy = target / path.relative_to(data_dir)
+            keep = self.sizes.get(str(path), 0)
+            if copy.stat().st_size > keep:
+                os.truncate(copy, keep)
+        return target
+
+
+def set_op(key: bytes, value: bytes) -> ops.Set:
+    return ops.Set(key, value, NO_EXPIRY, nx=False, xx=False, get=False)
+
+
+@pytest.mark.parametrize("method", ["commitlog", "fsync"])
+async def test_a_write_drained_with_a_save_survives_a_power_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # The Save appends the write before it outside any round and rotates; the
+    # round for the write after it must make both durable before either is
+    # acknowledged, though the snapshot is still being written.
+    durable = Durable(monkeypatch)
+    release = threading.Event()
+    real_write = durable_shard.write_snapshot
+
+    def slow_snapshot(*args: Any, **kwargs: Any) -> Any:
+        release.wait(WAIT)  # a big shard: its snapshot takes a while
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(durable_shard, "write_snapshot", slow_snapshot)
+    data_dir = tmp_path / "data"
+    with trio.fail_after(WAIT):
+        async with kvmemo.open_store(
+            shards=1, data_dir=str(data_dir), appendfsync="always", fsync_method=method
+        ) as kv:
+            await kv.set(b"warm", b"1")
+            ref = kv.system.ref("shard-0")
+            await trio.testing.wait_all_tasks_blocked()
+            a = ref.ask_nowait(set_op(b"a", b"acked"))  # one batch: a, Save, b
+            save = ref.ask_nowait(Save())
+            b = ref.ask_nowait(set_op(b"b", b"acked"))
+            assert await a.wait() == "OK"
+            assert await b.wait() == "OK"
+            crashed = durable.crash_copy(data_dir, tmp_path / "crashed")
+            release.set()
+            await (await save.wait()).wait()
+    with trio.fail_after(WAIT):
+        async with kvmemo.open_store(shards=1, data_dir=str(crashed)) as kv:
+            assert await kv.mget(b"warm", b"a", b"b") == [b"1", b"acked", b"acked"]
+
+
+async def test_bytes_left_at_the_end_of_a_rotated_segment_go_in_the_next_frame(
+    tmp_path: Path,
+) -> None:
+    coord = SyncCoordinator(method="commitlog", directory=tmp_path)
+    log = SegmentedLog(tmp_path / "shard-0")
+    taken_back = records(0, 50, 1)
+    try:
+        with trio.fail_after(WAIT):
+            await coord.sync(LogBatch(log, records(0, 0, 1)))
+            log.append_encoded(taken_back)  # a killed shard's batch, taken back
+            first = log.rotate()  # a snapshot's rotation
+            await coord.sync(LogBatch(log, records(0, 1, 1)))
+            await coord.sync(LogBatch(log, records(0, 2, 1)))  # nothing retired left over
+        written = {path: path.read_bytes() for path in wal_files(tmp_path)}
+    finally:
+        coord.close()
+        log.close()
+    frames = read_frames(tmp_path).frames
+    assert [(e.segment, e.data) for e in frames[1]] == [
+        (first, taken_back),
+        (first + 1, records(0, 1, 1)),
+    ]
+    assert [e.segment for e in frames[2]] == [first + 1]
+    lose_page_cache(tmp_path)
+    redo(tmp_path)
+    assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
+
+
+async def test_a_checkpoint_that_cannot_sync_a_log_keeps_the_frames_and_owes_a_resave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a write-back error a later fsync may succeed without writing the lost
+    # pages: the failed segment is never trusted again, only a snapshot settles it.
+    real = os.fsync
+    failed: list[str] = []
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not failed and "/shard-0/wal-" in path:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    coord = SyncCoordinator(method="commitlog", directory=tmp_path, checkpoint_bytes=300)
+    log = SegmentedLog(tmp_path / "shard-0")
+    try:
+        with trio.fail_after(WAIT):
+            for i in range(12):  # several checkpoints' worth
+                await coord.sync(LogBatch(log, records(0, i, 2)))
+            assert failed
+            assert coord.commit_log is not None
+            assert coord.commit_log.checkpoints == 0  # none could drop anything
+            assert len(list_commit_segments(tmp_path)) > 1
+            error = coord.checkpoint_failure(log.directory)
+            assert isinstance(error, OSError)
+            assert coord.checkpoint_failure(log.directory) is None  # told once
+            # The re-save's snapshot covers the segment: its file goes, and the
+            # next checkpoint may drop the frames again.
+            covers = log.rotate()
+            log.remove_through(covers)
+            for i in range(12, 24):
+                await coord.sync(LogBatch(log, records(0, i, 2)))
+            assert coord.commit_log.checkpoints >= 1
+    finally:
+        coord.close()
+        log.close()
+
+
+async def test_a_store_is_told_of_a_failed_checkpoint_and_resaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(durable_shard, "SYNC_INTERVAL", 0.01)
+    data_dir = tmp_path / "data"
+    with trio.fail_after(WAIT):
+        async with kvmemo.open_store(shards=1, data_dir=str(data_dir), appendfsync="always") as kv:
+            await kv.set(b"k", b"v")
+            coord = kv.engine.persistence.sync_coordinator  # type: ignore[union-attr]
+            assert coord.commit_log is not None
+            error = OSError(errno.EIO, "Input/output error")
+            coord.commit_log._failures["shard-0"] = error  # as checkpoint() records it
+            while coord.commit_log._failures:  # noqa: ASYNC110 - the shard's loop takes it
+                await trio.sleep(0.01)
+            while (await kv.info("persistence"))["persistence"]["health"] != "ok":  # noqa: ASYNC110
+                await trio.sleep(0.01)  # the re-save's snapshot settled it
+            assert await kv.get(b"k") == b"v"
+
+
+async def test_a_batch_too_big_for_a_frame_is_synced_by_its_own_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sync_coordinator, "MAX_ENTRY_BYTES", 100)
+    monkeypatch.setattr(commitlog, "MAX_FRAME_BYTES", 40)  # about one record
+    coord = SyncCoordinator(method="commitlog", directory=tmp_path)
+    logs = [SegmentedLog(tmp_path / f"shard-{s}") for s in range(3)]
+    big = encode_set(b"big", b"x" * 200)
+    try:
+        with trio.fail_after(WAIT):
+            await coord.sync(LogBatch(logs[0], big))  # too big: its own fsync
+            assert read_frames(tmp_path).frames == []
+            async with trio.open_nursery() as nursery:  # one round, three logs
+                for s in range(3):
+                    nursery.start_soon(coord.sync, LogBatch(logs[s], records(s, 0, 1)))
+            await coord.sync(LogBatch(logs[0], records(0, 1, 1)))  # small again: framed
+    finally:
+        coord.close()
+        for log in logs:
+            log.close()
+    frames = read_frames(tmp_path).frames
+    assert len(frames) == 4  # the round of three was split, one entry per frame
+    assert all(sum(len(e.data) for e in frame) <= 40 for frame in frames)
+    assert [e.data for f in frames for e in f][-1] == records(0, 1, 1)
+
+
+async def test_a_closed_coordinator_falls_back_to_fsync_and_everysec_needs_no_commit_log(
+    tmp_path: Path,
+) -> None:
+    coord = SyncCoordinator(method="commitlog", directory=tmp_path)
+    log = SegmentedLog(tmp_path / "shard-0")
+    try:
+        with trio.fail_after(WAIT):
+            await coord.sync(log.sync)  # a bare sync (everysec, SyncNow): no commit log
+            assert not (tmp_path / COMMIT_DIR).exists()
+            coord.close()
+            batch = LogBatch(log, records(0, 0, 1))
+            await coord.sync(batch)  # after close: the log's own fsync
+            assert batch.synced
+            assert not (tmp_path / COMMIT_DIR).exists()
+    finally:
+        log.close()
+
+
+PAGE = 4096
+
+
+def write_commit_segment(data_dir: Path, data: bytes) -> Path:
+    (data_dir / COMMIT_DIR).mkdir(exist_ok=True)
+    path = data_dir / COMMIT_DIR / "commit-00000001.log"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_last_frame_whose_header_straddles_a_lost_page_is_torn(tmp_path: Path) -> None:
+    overhead = len(encode_frame([Entry("shard-0", 1, 0, b"")]))
+    first = encode_frame([Entry("shard-0", 1, 0, b"a" * (PAGE - 6 - overhead))])
+    second = encode_frame([Entry("shard-0", 1, len(first), b"b" * 100)])
+    write_commit_segment(tmp_path, first + second[:6] + bytes(len(second) - 6))
+    scan = read_frames(tmp_path)
+    assert (len(scan.frames), len(scan.warnings)) == (1, 1)
+
+
+def test_a_last_frame_whose_header_page_was_lost_is_torn(tmp_path: Path) -> None:
+    first = encode_frame([Entry("shard-0", 1, 0, b"a" * 10)])
+    second = encode_frame([Entry("shard-0", 1, 10, b"b" * 3 * PAGE)])
+    whole = bytearray(first + second)
+    whole[:PAGE] = first + bytes(PAGE - len(first))  # only the page synced before survived
+    write_commit_segment(tmp_path, bytes(whole))
+    assert len(read_frames(tmp_path).frames) == 1
+
+
+def test_repair_moves_a_damaged_commit_log_aside(tmp_path: Path) -> None:
+    one = encode_frame([Entry("shard-0", 1, 0, b"a")])
+    two = encode_frame([Entry("shard-0", 1, 1, b"b")])
+    bad = bytearray(one + two)
+    bad[6] ^= 0xFF
+    path = write_commit_segment(tmp_path, bytes(bad))
+    warnings = redo(tmp_path, repair=True)
+    assert not path.exists()
+    assert (tmp_path / COMMIT_DIR / f"{path.name}.corrupt-0").read_bytes() == bytes(bad)
+    assert any("moved aside" in w for w in warnings)
+
+
+def test_a_shard_log_tail_of_zero_bytes_is_cut_off_as_torn(tmp_path: Path) -> None:
+    # A power loss after the file's size reached the disk and before its data did.
+    log = SegmentedLog(tmp_path / "shard-0")
+    log.append_encoded(records(0, 0, 3))
+    path = log.path(log.current)
+    log.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole + bytes(300))
+    recovered = recover(tmp_path / "shard-0", now_ms=0)
+    assert len(recovered.data) == 3
+    assert "zero bytes" in recovered.warnings[0]
+    assert path.read_bytes() == whole

@@ -12,23 +12,31 @@ log, which alone is synced. A batch is durable once its frame is.
 
 After a power loss the shard logs may lack what the page cache held; the
 frames put it back (:func:`redo`), before any shard recovers: each frame's
-payloads are compared with the bytes at their place in their segments and
-written there where they differ. A payload starts where the segment's
-durable bytes end (see ``SegmentedLog.append_uncovered``), so no hole is
-ever left before it. A segment file that no longer exists was deleted on
-purpose (a snapshot covered it, or its intents were settled): its frames
-are skipped, since a new segment's directory entry is made durable before
-any frame names it (``SegmentedLog.sync_created``). After a process crash
-alone (the page cache survives) every payload is found in place and nothing
-is written.
+payloads are written at their place in their segments (where they differ,
+and where they do not: after a write-back error the page cache may hold
+bytes the disk lost). A log's pieces start where its durable bytes end (see
+``SegmentedLog.append_uncovered``): anything appended outside a round (a
+segment's head mark, a batch taken back, a snapshot's append) rides in the
+next frame, from the current segment or from the end of one rotated since,
+so no hole is ever left before a payload. A segment file that no longer
+exists was deleted on purpose (a snapshot covered it, or its intents were
+settled): its frames are skipped, since a new segment's directory entry is
+made durable before any frame names it (``SegmentedLog.sync_created``).
+
+Size. A log's pieces over ``MAX_ENTRY_BYTES`` in one round are synced by
+the log's own ``fsync`` instead, and a round's entries are split over
+frames of at most ``MAX_FRAME_BYTES`` (all appended, then one sync), so no
+length field comes near its 32-bit limit.
 
 Retention (a *checkpoint*). Once the current segment of this log passes
 ``checkpoint_bytes``, the next round starts a new one, syncs every shard log
 segment that the older ones name (by path: a shard may have closed its log
-since) and then deletes the older segments. A failed checkpoint keeps them
-and is retried after another quarter of ``checkpoint_bytes``. So a
-recovery never reads more than about ``checkpoint_bytes`` (plus one
-round's frame) of this log.
+since) and then deletes the older segments. A segment whose sync fails is
+never trusted again (a later ``fsync`` may succeed without writing the pages
+the failed one lost): its shard is told, owes a re-save, and the older
+commit segments stay until the re-save's snapshot has removed that segment.
+So, while the disk works, a recovery reads about ``checkpoint_bytes`` (plus
+one round's frames) of this log at most.
 
 Format of a frame, little-endian (frames are appended one after the other
 to ``commit/commit-NNNNNNNN.log`` under the data directory)::
@@ -43,19 +51,23 @@ to ``commit/commit-NNNNNNNN.log`` under the data directory)::
                   segment u64, offset u64, data length u32, data
 
 Damage. The header has its own CRC, so a damaged length is never taken for
-a frame cut short. A frame whose valid header says it goes past the end of
-its segment, or a damaged frame with only zero bytes after it there, is a
-torn tail: a crash during its append (or a failed append or sync, after
-which the next frame goes to a new segment), so none of its batches was
-acknowledged; it is ignored, with a warning. Any other damage stops the
+a frame cut short. A torn tail is a crash during the last append of a
+segment (or a failed append or sync, after which the next frame goes to a
+new segment), so none of its batches was acknowledged; it is ignored, with a
+warning. It is a frame whose valid header says it goes past the end of its
+segment, a frame with a valid header but a damaged payload and only zero
+bytes after it, or a damaged header with no valid frame anywhere after it
+(its pages may reach the disk in any order). Any other damage stops the
 start with
 :class:`~.recovery.CorruptLog` naming the file and offset, unless
-``repair``: then the frames before it are redone and the rest is ignored,
-with a warning.
+``repair``: then the frames before it are redone, and that segment and
+every later one are moved aside (``.corrupt-<offset>``), with a warning.
 
 Threads. :class:`CommitLog` is used by one thread at a time: the sync
 coordinator's round (rounds never overlap), and ``close`` once no round
-runs. :func:`redo` runs before the store starts, in a worker thread.
+runs; :meth:`CommitLog.take_failure` alone is called from the event loop
+(one dict ``pop``, atomic under the GIL). :func:`redo` runs before the
+store starts, in a worker thread.
 """
 
 from __future__ import annotations
@@ -83,6 +95,10 @@ _COUNT = struct.Struct("<I")
 _NAME = struct.Struct("<H")
 _PLACE = struct.Struct("<QQI")  # segment, offset, data length
 _SEGMENT_RE = re.compile(r"commit-(\d{8,})\.log")
+# Bytes of one log's pieces in one round, at most; more goes by the log's own
+# fsync. Keeps every length field far from its 32-bit limit.
+MAX_ENTRY_BYTES = 256 * 1024 * 1024
+MAX_FRAME_BYTES = 1024 * 1024 * 1024  # payload of one frame; a round may write several
 
 
 class CommitLogError(OSError):
@@ -157,10 +173,16 @@ def _decode_entries(payload: bytes) -> list[Entry] | str:
 
 @attrs.frozen
 class Frames:
-    """What :func:`read_frames` found: the valid frames in order, and the warnings."""
+    """What :func:`read_frames` found: the valid frames in order, and the warnings.
+
+    ``damaged``: with ``repair``, the segment where damage stopped the
+    reading, and the offset of the damage (that segment and every later one
+    are to be moved aside, not deleted).
+    """
 
     frames: list[list[Entry]]
     warnings: list[str]
+    damaged: tuple[Path, int] | None = None
 
 
 def list_commit_segments(data_dir: Path) -> list[tuple[int, Path]]:
@@ -169,6 +191,29 @@ def list_commit_segments(data_dir: Path) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         return []
     return list_segments(directory, _SEGMENT_RE)
+
+
+def _frame_follows(data: bytes, start: int) -> bool:
+    """Whether a valid frame (header and payload CRCs both right) begins at or after ``start``.
+
+    Only offsets holding the version byte are tried, so the search costs
+    about one CRC of a header per such byte: a damage path, run once.
+    """
+    version = bytes([FRAME_VERSION])
+    at = data.find(version, start + 4)
+    while at >= 0:
+        pos = at - 4
+        if pos + _HEADER.size <= len(data):
+            crc, _, length, payload_crc = _HEADER.unpack_from(data, pos)
+            end = pos + _HEADER.size + length
+            if (
+                zlib.crc32(data[pos + 4 : pos + _HEADER.size]) == crc
+                and end <= len(data)
+                and zlib.crc32(data[pos + _HEADER.size : end]) == payload_crc
+            ):
+                return True
+        at = data.find(version, at + 1)
+    return False
 
 
 def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
@@ -216,8 +261,10 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
                 torn = True
             elif end <= len(data):  # a valid header: torn if only zeros follow the frame
                 torn = not data[end:].strip(b"\0")
-            else:  # a damaged header: torn if only zeros follow its start
-                torn = not data[pos:].strip(b"\0")
+            else:
+                # A damaged header: a crash tears the last frame only, so it
+                # is torn unless a valid frame follows it somewhere.
+                torn = not _frame_follows(data, pos + 1)
             if torn:
                 warnings.append(
                     f"{path}: ignored a torn commit frame at offset {pos} ({problem}); "
@@ -228,9 +275,9 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
                 raise CorruptLog(path, pos, problem)
             warnings.append(
                 f"{path}: corrupt commit frame at offset {pos} ({problem}); "
-                "repair ignores it and every later frame"
+                "repair moves it and every later commit segment aside"
             )
-            return Frames(frames, warnings)
+            return Frames(frames, warnings, (path, pos))
     return Frames(frames, warnings)
 
 
@@ -238,12 +285,13 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
     """Put every batch of the commit log back in its shard log segment; then drop the log.
 
     Blocking: run it before any shard recovers. Each entry's bytes are
-    compared with the segment's bytes at its offset and written there
-    where they differ (see the module docstring); every segment named is
-    synced (bytes found in place may be in the page cache only), then the
-    commit log's segments are deleted (if they cannot be, they stay, for
-    the commit log's first checkpoint to delete). Returns the
-    warnings (torn frames, segments rewritten).
+    written at their place in their segment, even where the segment holds
+    them already (after a write-back error the page cache may hold bytes the
+    disk lost, and only a new write makes the next ``fsync`` write them);
+    every segment named is synced, then the commit log's segments are
+    deleted (if they cannot be, they stay, for the commit log's first
+    checkpoint to delete; after a repair, the damaged ones are moved aside).
+    Returns the warnings (torn frames, segments rewritten).
 
     Raises:
         CorruptLog: see :func:`read_frames`.
@@ -266,14 +314,13 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
                         continue  # deleted on purpose: covered by a snapshot, or settled
                     fds[path] = fd
                 held = os.pread(fd, len(entry.data), entry.offset)
-                if held == entry.data:
-                    continue
                 view = memoryview(entry.data)
                 at = entry.offset
                 while view:
                     written = os.pwrite(fd, view, at)
                     view, at = view[written:], at + written
-                mended[path] = mended.get(path, 0) + len(entry.data)
+                if held != entry.data:
+                    mended[path] = mended.get(path, 0) + len(entry.data)
         # Every segment named, mended or not: bytes found in place may still be
         # in the page cache only (a process crash), and the frames go next.
         for path, fd in fds.items():
@@ -289,8 +336,16 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
         warnings.append(f"{path}: rewrote {size} acknowledged bytes from the commit log")
     try:
         segments = list_commit_segments(data_dir)
+        suffix = None  # once set, this and every later segment go aside
         for _, path in segments:
-            path.unlink()
+            if scan.damaged is not None and path == scan.damaged[0]:
+                suffix = f".corrupt-{scan.damaged[1]}"
+            if suffix is not None:
+                target = path.with_name(path.name + suffix)
+                path.rename(target)
+                warnings.append(f"{path}: moved aside to {target.name}")
+            else:
+                path.unlink()
         if segments:
             fsync_directory(data_dir / COMMIT_DIR)
     except OSError as exc:
@@ -356,6 +411,12 @@ class CommitLog:
         self._failed = False
         self._next_checkpoint = checkpoint_bytes
         self._touched: set[tuple[str, int]] = set()  # (log, segment)
+        # Shard log segments a checkpoint failed to sync: their bytes are in
+        # doubt (fsyncgate: a retry may succeed without writing them), so the
+        # commit segments are kept until each such file is gone (a snapshot
+        # covered it). (log, segment) -> the error.
+        self._poisoned: dict[tuple[str, int], OSError] = {}
+        self._failures: dict[str, OSError] = {}  # log -> error not yet taken by its shard
         self._names: dict[Path, str | None] = {}
         self._start_segment()
         self.frames = 0  # frames committed (for tests and benchmarks)
@@ -412,7 +473,17 @@ class CommitLog:
             raise ValueError("I/O operation on a closed commit log")
         if self._failed:
             self._start_segment()
-        frame = encode_frame(entries)
+        frames = []
+        group: list[Entry] = []
+        size = 0
+        for entry in entries:
+            if group and size + len(entry.data) > MAX_FRAME_BYTES:
+                frames.append(encode_frame(group))
+                group, size = [], 0
+            group.append(entry)
+            size += len(entry.data)
+        frames.append(encode_frame(group))
+        frame = b"".join(frames) if len(frames) > 1 else frames[0]
         before = self._size
         try:
             write_all(self._fd, frame)
@@ -425,7 +496,7 @@ class CommitLog:
                 os.ftruncate(self._fd, before)
             failure = named(exc, self.path)
             raise CommitLogError(failure.errno, failure.strerror, failure.filename) from exc
-        self.frames += 1
+        self.frames += len(frames)
         self._touched.update([(entry.log, entry.segment) for entry in entries])
         if self._size >= self._next_checkpoint:
             try:
@@ -438,23 +509,40 @@ class CommitLog:
     def checkpoint(self) -> None:
         """Sync every shard log segment named so far, then delete the older segments.
 
+        A segment whose sync fails is *poisoned*: after a write-back error a
+        later ``fsync`` may succeed without writing the lost pages, so it is
+        never retried. Its log's shard is told (:meth:`take_failure`: it owes
+        a re-save), and the older commit segments, which hold its bytes, are
+        kept until its file is gone (the re-save's snapshot removes it).
+
         Raises:
-            OSError: a segment could not be synced or deleted (the older
-                segments are kept; ``_touched`` keeps what was not synced).
+            OSError: a segment could not be synced, or a poisoned one is
+                still there, or the older segments could not be deleted
+                (they are kept).
         """
         self._start_segment()
         touched, self._touched = self._touched, set()
-        try:
-            for name, segment in sorted(touched):
+        for name, segment in sorted(touched):
+            try:
                 _fsync_path(self.data_dir / name / segment_name(segment))
-        except BaseException:
-            self._touched |= touched
-            raise
+            except OSError as exc:
+                self._poisoned[(name, segment)] = exc
+                self._failures.setdefault(name, exc)
+        for name, segment in list(self._poisoned):
+            if not (self.data_dir / name / segment_name(segment)).exists():
+                del self._poisoned[(name, segment)]  # covered by a snapshot since
+        if self._poisoned:
+            raise next(iter(self._poisoned.values()))
         for number, path in list_commit_segments(self.data_dir):
             if number < self._number:
                 path.unlink()
         fsync_directory(self.directory)
         self.checkpoints += 1
+
+    def take_failure(self, directory: Path) -> OSError | None:
+        """The checkpoint error of the log in ``directory`` not yet taken, if any (taken now)."""
+        name = self.name_of(directory)
+        return None if name is None else self._failures.pop(name, None)
 
     def size(self) -> int:
         """Bytes in the current segment."""

@@ -12,6 +12,9 @@ What recovery does about damage:
 - A **torn tail** (a record cut short at the end of a segment: a crash during
   an append; the record was never acknowledged) is truncated in place, with
   a warning. Recovery repairs this without being asked: it loses nothing.
+  So is a tail of nothing but zero bytes: a power loss after the file's
+  size reached the disk and before its data did (acknowledged bytes are
+  durable, in the segment or in the commit log, whose redo ran first).
 - A **corrupt record** (CRC mismatch, garbage, impossible lengths) stops the
   start with :class:`CorruptLog`, naming the file and offset, unless
   ``repair`` is given: then the records before the damage are kept, the rest
@@ -193,10 +196,21 @@ def _replay_segment(
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             result = replay(buf, data, expires, marks=marks)
             problem = result.problem
+            # Nothing but zero bytes from the damage on: a power loss after the
+            # file's size reached the disk and before its data did (an
+            # append that was never acknowledged, or it would be durable).
+            zeros = isinstance(problem, Corrupt) and not buf[problem.offset :].strip(b"\0")
             remainder = buf[result.end :] if isinstance(problem, Corrupt) and repair else b""
     if problem is None:
         return result.count
     offset = problem.offset
+    if zeros:
+        _truncate(path, offset)
+        warnings.append(
+            f"{path}: truncated {size - offset} zero bytes at offset {offset} (the end of an "
+            "append cut off by a power loss)"
+        )
+        return result.count
     if isinstance(problem, Torn):
         _truncate(path, offset)
         warnings.append(

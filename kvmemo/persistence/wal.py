@@ -250,6 +250,32 @@ def check_written(fd: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _pread_exact(fd: int, start: int, end: int, path: Path) -> bytes:
+    """Bytes ``start`` to ``end`` of the file open as ``fd``.
+
+    Raises:
+        OSError: the read failed or came back short.
+    """
+    data = os.pread(fd, end - start, start)
+    if len(data) != end - start:
+        raise OSError(errno.EIO, "short read of the log's own bytes", str(path))
+    return data
+
+
+def _read_range(path: Path, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` of the file at ``path``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        OSError: the read failed or came back short.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _pread_exact(fd, start, end, path)
+    finally:
+        os.close(fd)
+
+
 def _close_quietly(fd: int) -> None:
     # A descriptor is closed only after its fsync succeeded or once its data
     # no longer matters; a close error tells nothing more about the data.
@@ -300,6 +326,9 @@ class SegmentedLog:
         self._fd = self._create(self._number)
         self._size = 0
         self._covered = 0  # bytes of the current segment durable, or held by a commit log
+        # Rotated segments whose end is neither durable nor in a commit log:
+        # number -> (start, end) of those bytes (see append_uncovered).
+        self._uncovered: dict[int, tuple[int, int]] = {}
         self._sizes[self._number] = 0
 
     @property
@@ -356,40 +385,49 @@ class SegmentedLog:
             self._append_locked(data)
         return len(data)
 
-    def append_uncovered(self, data: bytes) -> tuple[int, int, bytes]:
+    def append_uncovered(self, data: bytes) -> list[tuple[int, int, bytes]]:
         """:meth:`append_encoded`; then what a commit log must hold to make it durable.
 
-        Returns ``(segment, start, payload)``: ``payload`` is every byte of
-        segment ``segment`` from offset ``start`` to the end of this batch
-        that is neither known durable (a :meth:`sync` covered it) nor given
-        to the commit log before (:meth:`cover`): the batch, preceded by
-        anything appended outside the commit log since (a segment's head
-        mark, a batch taken back). A commit log that holds the payload can
-        rewrite the segment from ``start`` after a power loss
+        Returns ``(segment, start, payload)`` pieces, oldest first: every
+        byte of this log from ``start`` on in ``segment`` that is neither
+        known durable (a :meth:`sync` covered it) nor given to the commit log
+        before (:meth:`cover`). The last piece ends with the batch, preceded
+        by anything appended outside the commit log since (a segment's head
+        mark, a batch taken back, a snapshot's append); the others are such
+        bytes left at the end of segments rotated since (a snapshot rotates
+        right after its append). A commit log that holds the pieces can
+        rewrite the segments from ``start`` after a power loss
         (:mod:`.commitlog`), since every byte before ``start`` is durable or
         held by an older frame. ``data`` must not be empty.
         """
         with self._lock:
             self._check_open()
             if self._failed is not None or self._size >= self._segment_bytes:
-                self._rotate_locked()  # as _append_locked would, before the gap is read
+                self._rotate_locked()  # as _append_locked would, before the gaps are read
+            # Read before the append: if this fails, nothing was appended.
+            pieces = []
+            for number, (start, end) in sorted(self._uncovered.items()):
+                try:
+                    pieces.append((number, start, _read_range(self.path(number), start, end)))
+                except FileNotFoundError:
+                    del self._uncovered[number]  # removed: a snapshot covers it
             start = min(self._covered, self._size)
             gap = b""
             if start < self._size:
-                # Read before the append: if this fails, nothing was appended.
-                gap = os.pread(self._fd, self._size - start, start)
-                if len(gap) != self._size - start:
-                    path = str(self.path(self._number))
-                    raise OSError(errno.EIO, "short read of the log's own bytes", path)
+                gap = _pread_exact(self._fd, start, self._size, self.path(self._number))
             number, before = self._append_locked(data)
             assert before == start + len(gap)
-            return number, start, gap + data if gap else data
+            pieces.append((number, start, gap + data if gap else data))
+            return pieces
 
-    def cover(self, number: int, end: int) -> None:
-        """The bytes of segment ``number`` up to ``end`` are durable in a commit log."""
+    def cover(self, pieces: Sequence[tuple[int, int]]) -> None:
+        """The bytes of each ``(segment, end)`` up to ``end`` are durable in a commit log."""
         with self._lock:
-            if number == self._number and end > self._covered:
-                self._covered = end
+            for number, end in pieces:
+                if number == self._number:
+                    self._covered = max(self._covered, end)
+                elif number in self._uncovered and end >= self._uncovered[number][1]:
+                    del self._uncovered[number]
 
     def _append_locked(self, data: bytes) -> tuple[int, int]:
         """Append ``data`` (held lock); (segment number, offset) of the batch."""
@@ -531,6 +569,8 @@ class SegmentedLog:
                 with self._lock:
                     if plan.number == self._number and plan.size > self._covered:
                         self._covered = plan.size
+                    for number, _ in plan.retired:
+                        self._uncovered.pop(number, None)  # synced whole
                 return None
             failure = named(error, self.path(plan.number if segment is None else segment))
             with self._lock:
@@ -570,6 +610,9 @@ class SegmentedLog:
 
     def _rotate_locked(self) -> int:
         closed = self._number
+        if self._covered < self._size:
+            # Neither synced nor in a commit log: the next piece list holds them.
+            self._uncovered[closed] = (self._covered, self._size)
         fd = self._create(closed + 1)
         self._retired.append((closed, self._fd))
         self._fd, self._number, self._size, self._covered = fd, closed + 1, 0, 0
@@ -606,6 +649,7 @@ class SegmentedLog:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path(n))
                 del self._sizes[n]
+                self._uncovered.pop(n, None)
             keep = []
             for n, fd in self._retired:
                 if n <= number:

@@ -489,7 +489,7 @@ class LogBatch(CommitWrite):
         self.appended = True
         return self.log
 
-    def write_uncovered(self) -> tuple[SegmentedLog, int, int, bytes] | None:
+    def write_uncovered(self) -> tuple[SegmentedLog, list[tuple[int, int, bytes]]] | None:
         """Append (in a ``commitlog`` round's thread); what the commit log must hold.
 
         See :meth:`CommitWrite.write_uncovered` and :meth:`write`.
@@ -497,12 +497,12 @@ class LogBatch(CommitWrite):
         if not self._take():
             return None
         try:
-            segment, start, payload = self.log.append_uncovered(self.data)
+            pieces = self.log.append_uncovered(self.data)
         except OSError as exc:
             self.error = exc
             raise
         self.appended = True
-        return self.log, segment, start, payload
+        return self.log, pieces
 
     def done(self, error: OSError | None) -> None:
         if error is None:

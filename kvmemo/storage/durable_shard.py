@@ -578,6 +578,12 @@ class DurableShardActor(ShardActor):
                 await trio.sleep(SYNC_INTERVAL)
                 if dur.fsync is AppendFsync.EVERYSEC:
                     await self._sync()
+                failure = self.config.sync_coordinator.checkpoint_failure(dur.directory)
+                if failure is not None:
+                    # The commit log could not make this log durable: as a
+                    # failed sync of its own, its bytes are in doubt until a
+                    # re-save (the commit log keeps them meanwhile).
+                    dur.sync_failed(failure)
                 if not dur.resave_pending:
                     self._resave_wait = SYNC_INTERVAL
                 elif not dur.saving and trio.current_time() >= self._resave_at:

@@ -78,6 +78,7 @@ oldest one's ``wake`` is set (its task is about to lead).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import threading
 from collections.abc import Callable, Sequence
@@ -87,7 +88,13 @@ from typing import Any
 import attrs
 import trio
 
-from ..persistence.commitlog import CHECKPOINT_BYTES, CommitLog, CommitLogError, Entry
+from ..persistence.commitlog import (
+    CHECKPOINT_BYTES,
+    MAX_ENTRY_BYTES,
+    CommitLog,
+    CommitLogError,
+    Entry,
+)
 from ..persistence.wal import SegmentedLog, SyncPlan, check_written, syncfs, syncfs_supported
 
 # A new leader yields while the last scheduler pass brought new requests, at most
@@ -184,8 +191,8 @@ class CommitWrite(LogWrite):
 
     __slots__ = ()
 
-    def write_uncovered(self) -> tuple[SegmentedLog, int, int, bytes] | None:
-        """Append; ``(log, segment, start, payload)`` for the commit log (see
+    def write_uncovered(self) -> tuple[SegmentedLog, list[tuple[int, int, bytes]]] | None:
+        """Append; ``(log, pieces)`` for the commit log (see
         ``SegmentedLog.append_uncovered``), or None: nothing done, nothing to tell.
 
         Raises:
@@ -194,23 +201,41 @@ class CommitWrite(LogWrite):
         raise NotImplementedError
 
 
+def _sync_own(
+    index: int, call: LogWrite, log: SegmentedLog, errors: list[BaseException | None]
+) -> None:
+    """Make ``call``'s bytes durable with its log's own ``fsync``; tell it the outcome."""
+    try:
+        log.sync()
+    except OSError as exc:
+        errors[index] = exc
+        call.done(exc)
+    else:
+        call.done(None)
+
+
 def _commit_round(
     calls: Sequence[Callable[[], object]], commit_log: Callable[[], CommitLog]
 ) -> list[BaseException | None]:
     """Run a ``commitlog`` round (see :mod:`kvmemo.persistence.commitlog`); each call's error.
 
     Every :class:`CommitWrite` appends to its own log (no sync), then one
-    frame holding all their payloads is appended to the commit log and
+    frame holding all their pieces is appended to the commit log and
     synced; each gets that outcome. Other calls run as they are (their own
-    ``fsync``). If the commit log cannot be opened, every call runs as it
-    is: the round falls back to one ``fsync`` per log.
+    ``fsync``). A call whose pieces are over ``MAX_ENTRY_BYTES`` (or whose
+    log is outside the data directory) is synced by its log's own
+    ``fsync``; so is every call when the commit log cannot be opened or
+    cannot start a new segment (a round never fails for want of the commit
+    log alone). The commit log is opened only by a round with a CommitWrite.
     """
     errors: list[BaseException | None] = [None] * len(calls)
-    try:
-        log = commit_log()
-    except OSError:
+    log: CommitLog | None = None
+    if any(isinstance(call, CommitWrite) for call in calls):
+        with contextlib.suppress(OSError):
+            log = commit_log()
+    if log is None:
         return _run_calls(calls)
-    waiting: list[tuple[int, CommitWrite, SegmentedLog, int, int]] = []
+    waiting: list[tuple[int, CommitWrite, SegmentedLog, list[tuple[int, int]]]] = []
     entries: list[Entry] = []
     for i, call in enumerate(calls):
         try:
@@ -220,13 +245,12 @@ def _commit_round(
             got = call.write_uncovered()
             if got is None:
                 continue  # nothing was written: nothing to tell (as in LogWrite.__call__)
-            target, segment, start, payload = got
+            target, pieces = got
+            name = log.name_of(target.directory)
+            if name is None or sum(len(p) for _, _, p in pieces) > MAX_ENTRY_BYTES:
+                _sync_own(i, call, target, errors)
+                continue
             try:
-                name = log.name_of(target.directory)
-                if name is None:
-                    target.sync()  # a log outside the data directory: its own fsync
-                    call.done(None)
-                    continue
                 target.sync_created()  # the segment must exist for the redo to find it
             except OSError as exc:
                 call.done(exc)
@@ -234,8 +258,8 @@ def _commit_round(
         except Exception as exc:  # noqa: BLE001 - handed to its own requester
             errors[i] = exc
             continue
-        waiting.append((i, call, target, segment, start + len(payload)))
-        entries.append(Entry(name, segment, start, payload))
+        waiting.append((i, call, target, [(n, start + len(p)) for n, start, p in pieces]))
+        entries += [Entry(name, n, start, p) for n, start, p in pieces]
     if not waiting:
         return errors
     error: OSError | None = None
@@ -243,11 +267,13 @@ def _commit_round(
         log.commit(entries)
     except CommitLogError as exc:
         error = exc
-    except OSError as exc:  # no new segment: the frame was not written either
-        error = CommitLogError(exc.errno, exc.strerror, exc.filename)
-    for i, call, target, segment, end in waiting:
+    except OSError:  # no new segment could be started: each log's own fsync instead
+        for i, call, target, _ in waiting:
+            _sync_own(i, call, target, errors)
+        return errors
+    for i, call, target, ends in waiting:
         if error is None:
-            target.cover(segment, end)
+            target.cover(ends)
         errors[i] = error
         call.done(error)
     return errors
@@ -462,6 +488,7 @@ class SyncCoordinator:
         self._directory = directory
         self._checkpoint_bytes = checkpoint_bytes
         self.commit_log: CommitLog | None = None  # opened by the first commitlog round
+        self._closed = False
 
     def _commit_log(self) -> CommitLog:
         """The commit log, opened now if not yet (in a round's thread).
@@ -470,12 +497,29 @@ class SyncCoordinator:
             OSError: it cannot be opened (the round falls back to fsync).
         """
         if self.commit_log is None:
+            if self._closed:
+                raise OSError(errno.EBADF, "the store's commit log is closed")
             assert self._directory is not None
             self.commit_log = CommitLog(self._directory, checkpoint_bytes=self._checkpoint_bytes)
         return self.commit_log
 
+    def checkpoint_failure(self, directory: Path) -> OSError | None:
+        """Take the error of a checkpoint that could not sync the log in ``directory``.
+
+        After such an error the bytes of that log are in doubt, as after a
+        failed ``fsync`` of its own (see :class:`~.durability.ShardDurability`):
+        the shard owes a re-save. Its frames are kept meanwhile (see
+        ``CommitLog.checkpoint``). None when there is none (or no commit log).
+        """
+        log = self.commit_log
+        return None if log is None else log.take_failure(directory)
+
     def close(self) -> None:
-        """Close the commit log, if open (no round may be running). Idempotent."""
+        """Close the commit log, for good (no round may be running). Idempotent.
+
+        A later ``commitlog`` round syncs each log with its own ``fsync``.
+        """
+        self._closed = True
         if self.commit_log is not None:
             self.commit_log.close()
             self.commit_log = None
