@@ -33,11 +33,14 @@ from kvmemo.persistence.commitlog import (
     COMMIT_DIR,
     CommitLog,
     Entry,
+    drop,
     encode_frame,
     list_commit_segments,
     read_frames,
     redo,
 )
+from kvmemo.persistence.records import encode_txn
+from kvmemo.persistence.wal import segment_name
 from kvmemo.storage import durable_shard, sync_coordinator
 from kvmemo.storage.durability import LogBatch
 from kvmemo.storage.durable_shard import Save
@@ -63,6 +66,12 @@ def records(shard: int, start: int, count: int) -> bytes:
 
 def wal_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.glob("shard-*/wal-*.log"))
+
+
+def redo_all(data_dir: Path, *, repair: bool = False) -> list[str]:
+    """Recovery's two steps around the shards' own: redo, then drop the commit log."""
+    redone = redo(data_dir, repair=repair)
+    return redone.warnings + drop(data_dir, redone)
 
 
 def lose_page_cache(data_dir: Path) -> None:
@@ -98,7 +107,7 @@ def test_a_frame_holds_its_entries(tmp_path: Path) -> None:
     ]
     (tmp_path / COMMIT_DIR).mkdir()
     (tmp_path / COMMIT_DIR / "commit-00000001.log").write_bytes(
-        encode_frame(entries) + encode_frame(entries[:1])
+        encode_frame(entries) + encode_frame(entries[:1], 1)
     )
     scan = read_frames(tmp_path)
     assert scan.frames == [entries, entries[:1]]
@@ -126,7 +135,7 @@ def test_damage_never_loads_a_damaged_frame_and_keeps_every_frame_before_it(
 ) -> None:
     data_dir = tmp_path_factory.mktemp("commit")
     frames = [[Entry("shard-0", 1, i * 1000, bytes([i]) * n)] for i, n in enumerate(sizes)]
-    encoded = [encode_frame(f) for f in frames]
+    encoded = [encode_frame(f, i) for i, f in enumerate(frames)]
     whole = b"".join(encoded)
     damaged = bytearray(whole[: int(len(whole) * cut)])
     for where, mask in flips:
@@ -162,7 +171,7 @@ def test_damage_never_loads_a_damaged_frame_and_keeps_every_frame_before_it(
 def test_a_torn_tail_is_ignored_and_damage_before_it_stops_the_start(tmp_path: Path) -> None:
     one, two = (
         encode_frame([Entry("shard-0", 1, 0, b"a")]),
-        encode_frame([Entry("shard-0", 1, 1, b"b")]),
+        encode_frame([Entry("shard-0", 1, 1, b"b")], 1),
     )
     directory = tmp_path / COMMIT_DIR
     directory.mkdir()
@@ -192,7 +201,7 @@ async def test_redo_puts_back_what_the_shard_logs_lost(tmp_path: Path) -> None:
         written = await commit_batches(tmp_path, batches)
     assert len(list_commit_segments(tmp_path)) == 1
     lose_page_cache(tmp_path)
-    warnings = redo(tmp_path)
+    warnings = redo_all(tmp_path)
     assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
     assert sum("acknowledged bytes from the commit log" in w for w in warnings) == 3
     assert list_commit_segments(tmp_path) == []  # redone, synced, dropped
@@ -201,7 +210,7 @@ async def test_redo_puts_back_what_the_shard_logs_lost(tmp_path: Path) -> None:
 async def test_redo_changes_nothing_after_a_process_crash(tmp_path: Path) -> None:
     with trio.fail_after(WAIT):
         written = await commit_batches(tmp_path, [(0, records(0, 0, 3)), (1, records(1, 0, 2))])
-    assert redo(tmp_path) == []
+    assert redo_all(tmp_path) == []
     assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
 
 
@@ -224,7 +233,7 @@ async def test_bytes_appended_outside_the_commit_log_go_in_the_next_frame(tmp_pa
     assert [e.data for [e] in frames] == [records(0, 0, 2), head + records(0, 2, 2)]
     path = wal_files(tmp_path)[0]
     path.write_bytes(bytes(len(written)))  # zeroed pages: the size survived, the data not
-    redo(tmp_path)
+    redo_all(tmp_path)
     assert path.read_bytes() == written
 
 
@@ -234,7 +243,7 @@ async def test_a_segment_deleted_since_is_not_brought_back(tmp_path: Path) -> No
     [first, second] = wal_files(tmp_path)
     first.unlink()  # a snapshot covered it, say
     os.truncate(second, 0)
-    redo(tmp_path)
+    redo_all(tmp_path)
     assert wal_files(tmp_path) == [second]
     assert second.read_bytes() == records(1, 0, 1)
 
@@ -262,7 +271,7 @@ def test_any_loss_of_unsynced_shard_bytes_is_redone_exactly(
         else:
             data[at : at + 37] = bytes(len(data[at : at + 37]))
             path.write_bytes(bytes(data))
-    redo(data_dir)
+    redo_all(data_dir)
     assert {path: path.read_bytes() for path in paths} == written
 
 
@@ -288,8 +297,8 @@ async def test_a_checkpoint_syncs_the_shard_logs_then_drops_the_older_segments(
                 await coord.sync(LogBatch(logs[i % 2], records(i % 2, i, 2)))
         commit_log = coord.commit_log
         assert commit_log is not None
-        assert commit_log.frames == 8
         assert commit_log.checkpoints >= 1
+        assert commit_log.frames == 8 + commit_log.checkpoints  # and one marker frame each
         segments = list_commit_segments(tmp_path)
         assert [n for n, _ in segments] == [max(n for n, _ in segments)]  # only the newest
         for log in logs:
@@ -301,7 +310,7 @@ async def test_a_checkpoint_syncs_the_shard_logs_then_drops_the_older_segments(
         coord.close()
         for log in logs:
             log.close()
-    redo(tmp_path)
+    redo_all(tmp_path)
     assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
 
 
@@ -519,7 +528,7 @@ async def test_bytes_left_at_the_end_of_a_rotated_segment_go_in_the_next_frame(
     ]
     assert [e.segment for e in frames[2]] == [first + 1]
     lose_page_cache(tmp_path)
-    redo(tmp_path)
+    redo_all(tmp_path)
     assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
 
 
@@ -640,7 +649,7 @@ def write_commit_segment(data_dir: Path, data: bytes) -> Path:
 def test_a_last_frame_whose_header_straddles_a_lost_page_is_torn(tmp_path: Path) -> None:
     overhead = len(encode_frame([Entry("shard-0", 1, 0, b"")]))
     first = encode_frame([Entry("shard-0", 1, 0, b"a" * (PAGE - 6 - overhead))])
-    second = encode_frame([Entry("shard-0", 1, len(first), b"b" * 100)])
+    second = encode_frame([Entry("shard-0", 1, len(first), b"b" * 100)], 1)
     write_commit_segment(tmp_path, first + second[:6] + bytes(len(second) - 6))
     scan = read_frames(tmp_path)
     assert (len(scan.frames), len(scan.warnings)) == (1, 1)
@@ -648,7 +657,7 @@ def test_a_last_frame_whose_header_straddles_a_lost_page_is_torn(tmp_path: Path)
 
 def test_a_last_frame_whose_header_page_was_lost_is_torn(tmp_path: Path) -> None:
     first = encode_frame([Entry("shard-0", 1, 0, b"a" * 10)])
-    second = encode_frame([Entry("shard-0", 1, 10, b"b" * 3 * PAGE)])
+    second = encode_frame([Entry("shard-0", 1, 10, b"b" * 3 * PAGE)], 1)
     whole = bytearray(first + second)
     whole[:PAGE] = first + bytes(PAGE - len(first))  # only the page synced before survived
     write_commit_segment(tmp_path, bytes(whole))
@@ -657,11 +666,11 @@ def test_a_last_frame_whose_header_page_was_lost_is_torn(tmp_path: Path) -> None
 
 def test_repair_moves_a_damaged_commit_log_aside(tmp_path: Path) -> None:
     one = encode_frame([Entry("shard-0", 1, 0, b"a")])
-    two = encode_frame([Entry("shard-0", 1, 1, b"b")])
+    two = encode_frame([Entry("shard-0", 1, 1, b"b")], 1)
     bad = bytearray(one + two)
     bad[6] ^= 0xFF
     path = write_commit_segment(tmp_path, bytes(bad))
-    warnings = redo(tmp_path, repair=True)
+    warnings = redo_all(tmp_path, repair=True)
     assert not path.exists()
     assert (tmp_path / COMMIT_DIR / f"{path.name}.corrupt-0").read_bytes() == bytes(bad)
     assert any("moved aside" in w for w in warnings)
@@ -679,3 +688,110 @@ def test_a_shard_log_tail_of_zero_bytes_is_cut_off_as_torn(tmp_path: Path) -> No
     assert len(recovered.data) == 3
     assert "zero bytes" in recovered.warnings[0]
     assert path.read_bytes() == whole
+
+
+@pytest.mark.parametrize("method", ["commitlog", "fsync"])
+async def test_a_snapshot_is_never_durable_before_its_segments_head_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # Otherwise a power loss right after the snapshot leaves no mark of the
+    # multi-shard rounds it covers, and recovery redoes an old MSET over newer
+    # acknowledged writes.
+    durable = Durable(monkeypatch)
+    data_dir = tmp_path / "data"
+    crashed = tmp_path / "crashed"
+    real_write = durable_shard.write_snapshot
+
+    def write_then_lose_power(*args: Any, **kwargs: Any) -> Any:
+        path = real_write(*args, **kwargs)
+        if not crashed.exists():
+            durable.crash_copy(data_dir, crashed)
+        return path
+
+    monkeypatch.setattr(durable_shard, "write_snapshot", write_then_lose_power)
+    keys = [b"k%d" % i for i in range(40)]
+    with trio.fail_after(WAIT):
+        async with kvmemo.open_store(
+            shards=2, data_dir=str(data_dir), appendfsync="always", fsync_method=method
+        ) as kv:
+            await kv.mset([(k, b"old") for k in keys])  # a multi-shard round
+            for k in keys:
+                await kv.set(k, b"new")
+            assert await kv.execute("save") == "OK"
+    assert crashed.exists()
+    with trio.fail_after(WAIT):
+        async with kvmemo.open_store(shards=2, data_dir=str(crashed)) as kv:
+            assert await kv.mget(*keys) == [b"new"] * len(keys)
+
+
+def test_damage_past_the_acknowledged_end_is_a_torn_tail(tmp_path: Path) -> None:
+    # An append whose first page reached the disk and not its second: beyond
+    # what any frame holds, so never acknowledged.
+    log = SegmentedLog(tmp_path / "shard-0")
+    acked = records(0, 0, 2)
+    log.append_encoded(acked)
+    log.append_encoded(encode_set(b"big", b"x" * 6000))
+    path = log.path(log.current)
+    log.close()
+    data = bytearray(path.read_bytes())
+    data[4096:] = bytes(len(data) - 4096)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog):  # nothing says where acknowledged bytes end
+        recover(tmp_path / "shard-0", now_ms=0)
+    got = recover(tmp_path / "shard-0", now_ms=0, acked={1: len(acked)})
+    assert sorted(got.data) == [b"k0-0", b"k0-1"]
+    assert "past the last acknowledged byte" in got.warnings[0]
+    # A segment after every one named holds nothing known acknowledged.
+    later = tmp_path / "shard-0" / segment_name(2)
+    later.write_bytes(bytes(100) + records(0, 5, 1))
+    got = recover(tmp_path / "shard-0", now_ms=0, acked={1: len(acked)})
+    assert sorted(got.data) == [b"k0-0", b"k0-1"]
+
+
+def test_a_head_mark_after_a_lost_tail_is_not_trusted(tmp_path: Path) -> None:
+    # Round 7's part and mark were in segment 1's tail, lost; segment 2 opens
+    # with the head mark repeating "7": trusting it would keep the intent's
+    # redo from this shard.
+    directory = tmp_path / "shard-0"
+    directory.mkdir()
+    (directory / segment_name(1)).write_bytes(records(0, 0, 1) + encode_txn(6, True) + bytes(200))
+    (directory / segment_name(2)).write_bytes(encode_txn(7, True) + records(0, 1, 1))
+    got = recover(directory, now_ms=0, acked={1: len(records(0, 0, 1) + encode_txn(6, True))})
+    assert got.marks == {6: True}
+    assert any("ignored its head mark" in w for w in got.warnings)
+    # Without a lost tail, a head mark is what it says.
+    (directory / segment_name(1)).write_bytes(records(0, 0, 1) + encode_txn(7, True))
+    (directory / segment_name(2)).write_bytes(encode_txn(7, True) + records(0, 1, 1))
+    assert recover(directory, now_ms=0).marks == {7: True}
+
+
+async def test_a_segment_whose_own_sync_failed_keeps_its_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shard's own fsync took the write-back error; the checkpoint's later
+    # fsync of that file would succeed without writing the lost pages.
+    real = os.fsync
+    failed: list[bool] = []
+
+    def fsync(fd: int) -> None:
+        if not failed and "/shard-0/wal-" in os.readlink(f"/proc/self/fd/{fd}"):
+            failed.append(True)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    coord = SyncCoordinator(method="commitlog", directory=tmp_path, checkpoint_bytes=300)
+    log = SegmentedLog(tmp_path / "shard-0")
+    try:
+        with trio.fail_after(WAIT):
+            await coord.sync(LogBatch(log, records(0, 0, 1)))
+            monkeypatch.setattr(os, "fsync", fsync)
+            with pytest.raises(OSError, match="Input/output error"):
+                await coord.sync(log.sync)  # a snapshot's or SyncNow's own sync
+            for i in range(1, 12):
+                await coord.sync(LogBatch(log, records(0, i, 2)))
+            assert coord.commit_log is not None
+            assert coord.commit_log.checkpoints == 0
+            assert [n for n, _ in list_commit_segments(tmp_path)][0] == 1  # all kept
+    finally:
+        coord.close()
+        log.close()

@@ -42,11 +42,12 @@ Format of a frame, little-endian (frames are appended one after the other
 to ``commit/commit-NNNNNNNN.log`` under the data directory)::
 
     offset  size  field
-    0       4     CRC32 of bytes 4 to 12 (the header's own)
+    0       4     CRC32 of bytes 4 to 16 (the header's own)
     4       1     version (FRAME_VERSION)
     5       4     payload length P
     9       4     CRC32 of the payload
-    13      P     payload: entry count u32, then per entry: directory name
+    13      4     the frame's number in its segment (0, 1, ...)
+    17      P     payload: entry count u32, then per entry: directory name
                   length u16, name (UTF-8, relative to the data directory),
                   segment u64, offset u64, data length u32, data
 
@@ -73,6 +74,7 @@ store starts, in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import struct
@@ -83,18 +85,20 @@ from pathlib import Path
 import attrs
 
 from .recovery import CorruptLog
-from .wal import fsync_directory, list_segments, named, segment_name, write_all
+from .wal import SegmentedLog, fsync_directory, list_segments, named, segment_name, write_all
 
 COMMIT_DIR = "commit"  # under the data directory, beside shard-N/ and intents/
 CHECKPOINT_BYTES = 16 * 1024 * 1024  # a segment past this size starts a checkpoint
 FRAME_VERSION = 1
-_HEADER = struct.Struct("<IBII")  # header crc32, version, payload length, payload crc32
+# header crc32, version, payload length, payload crc32, sequence number in its segment
+_HEADER = struct.Struct("<IBIII")
 _CRC = struct.Struct("<I")
-_FIELDS = struct.Struct("<BII")  # what the header's CRC covers
+_FIELDS = struct.Struct("<BIII")  # what the header's CRC covers
 _COUNT = struct.Struct("<I")
 _NAME = struct.Struct("<H")
 _PLACE = struct.Struct("<QQI")  # segment, offset, data length
 _SEGMENT_RE = re.compile(r"commit-(\d{8,})\.log")
+_WAL_RE = re.compile(r"wal-(\d{8,})\.log")  # a shard log segment's name (wal.segment_name)
 # Bytes of one log's pieces in one round, at most; more goes by the log's own
 # fsync. Keeps every length field far from its 32-bit limit.
 MAX_ENTRY_BYTES = 256 * 1024 * 1024
@@ -126,7 +130,7 @@ class Entry:
     data: bytes
 
 
-def encode_frame(entries: Sequence[Entry]) -> bytes:
+def encode_frame(entries: Sequence[Entry], seq: int = 0) -> bytes:
     """One frame holding ``entries`` (see the module docstring for the layout)."""
     parts = [_COUNT.pack(len(entries))]
     for entry in entries:
@@ -134,7 +138,7 @@ def encode_frame(entries: Sequence[Entry]) -> bytes:
         parts += [_NAME.pack(len(name)), name]
         parts += [_PLACE.pack(entry.segment, entry.offset, len(entry.data)), entry.data]
     payload = b"".join(parts)
-    fields = _FIELDS.pack(FRAME_VERSION, len(payload), zlib.crc32(payload))
+    fields = _FIELDS.pack(FRAME_VERSION, len(payload), zlib.crc32(payload), seq)
     return b"".join([_CRC.pack(zlib.crc32(fields)), fields, payload])
 
 
@@ -193,21 +197,25 @@ def list_commit_segments(data_dir: Path) -> list[tuple[int, Path]]:
     return list_segments(directory, _SEGMENT_RE)
 
 
-def _frame_follows(data: bytes, start: int) -> bool:
-    """Whether a valid frame (header and payload CRCs both right) begins at or after ``start``.
+def _frame_follows(data: bytes, start: int, seq: int) -> bool:
+    """Whether frame number ``seq`` (header and payload CRCs right) begins at or after ``start``.
 
-    Only offsets holding the version byte are tried, so the search costs
-    about one CRC of a header per such byte: a damage path, run once.
+    The number must match: bytes inside the damaged frame's own payload (a
+    stored value may hold anything) could pass for some frame, but not for
+    the one due next in this segment by chance. Only offsets holding the
+    version byte are tried, so the search costs about one CRC of a header
+    per such byte: a damage path, run once.
     """
     version = bytes([FRAME_VERSION])
     at = data.find(version, start + 4)
     while at >= 0:
         pos = at - 4
         if pos + _HEADER.size <= len(data):
-            crc, _, length, payload_crc = _HEADER.unpack_from(data, pos)
+            crc, _, length, payload_crc, number = _HEADER.unpack_from(data, pos)
             end = pos + _HEADER.size + length
             if (
                 zlib.crc32(data[pos + 4 : pos + _HEADER.size]) == crc
+                and number == seq
                 and end <= len(data)
                 and zlib.crc32(data[pos + _HEADER.size : end]) == payload_crc
             ):
@@ -229,19 +237,23 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
     for _, path in segments:
         data = path.read_bytes()
         pos = 0
+        seq = 0  # the number the next frame of this segment must carry
         while pos < len(data):
             problem = None
             end = len(data)
             if pos + _HEADER.size > len(data):
                 problem = "frame header cut short"
             else:
-                crc, version, length, payload_crc = _HEADER.unpack_from(data, pos)
+                crc, version, length, payload_crc, number = _HEADER.unpack_from(data, pos)
                 if zlib.crc32(data[pos + 4 : pos + _HEADER.size]) != crc:
                     problem = "header CRC mismatch"
                     end = len(data) + 1  # torn only if nothing but zeros follows
                 elif version != FRAME_VERSION:
                     problem = f"unknown frame version {version}"
                     end = len(data) + 1
+                elif number != seq:
+                    problem = f"frame number {number} where {seq} was due"
+                    end = pos  # a valid frame out of place: damage, never torn
                 else:
                     end = pos + _HEADER.size + length
                     if end > len(data):
@@ -256,6 +268,7 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
                 else:
                     frames.append(entries)
                     pos = end
+                    seq += 1
                     continue
             if problem in ("frame header cut short", "frame cut short"):
                 torn = True
@@ -264,7 +277,7 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
             else:
                 # A damaged header: a crash tears the last frame only, so it
                 # is torn unless a valid frame follows it somewhere.
-                torn = not _frame_follows(data, pos + 1)
+                torn = not _frame_follows(data, pos + 1, seq + 1)
             if torn:
                 warnings.append(
                     f"{path}: ignored a torn commit frame at offset {pos} ({problem}); "
@@ -281,17 +294,41 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
     return Frames(frames, warnings)
 
 
-def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
-    """Put every batch of the commit log back in its shard log segment; then drop the log.
+@attrs.frozen
+class Redone:
+    """What :func:`redo` did, for the shards' recovery and for :func:`drop`.
 
-    Blocking: run it before any shard recovers. Each entry's bytes are
-    written at their place in their segment, even where the segment holds
-    them already (after a write-back error the page cache may hold bytes the
-    disk lost, and only a new write makes the next ``fsync`` write them);
-    every segment named is synced, then the commit log's segments are
-    deleted (if they cannot be, they stay, for the commit log's first
-    checkpoint to delete; after a repair, the damaged ones are moved aside).
-    Returns the warnings (torn frames, segments rewritten).
+    ``acked``: for every shard log segment the commit log names, where its
+    acknowledged bytes end as far as the commit log knows (the end of its
+    last payload, or the size a checkpoint synced): damage at or past it
+    is a torn tail (see ``recovery.recover``). ``damaged``: as in
+    :class:`Frames`.
+    """
+
+    warnings: list[str]
+    acked: dict[Path, int]
+    damaged: tuple[Path, int] | None = None
+
+    def acked_in(self, directory: Path) -> dict[int, int]:
+        """``acked`` of the segments in ``directory``, by segment number."""
+        found = {}
+        for path, end in self.acked.items():
+            if path.parent == directory:
+                match = _WAL_RE.fullmatch(path.name)
+                if match is not None:
+                    found[int(match.group(1))] = end
+        return found
+
+
+def redo(data_dir: Path, *, repair: bool = False) -> Redone:
+    """Put every batch of the commit log back in its shard log segment.
+
+    Blocking: run it before any shard recovers, and :func:`drop` once they
+    have. Each entry's bytes are written at their place in their segment,
+    even where the segment holds them already (after a write-back error the
+    page cache may hold bytes the disk lost, and only a new write makes the
+    next ``fsync`` write them); every segment named is then synced. A second
+    crash meanwhile redoes it all again.
 
     Raises:
         CorruptLog: see :func:`read_frames`.
@@ -301,11 +338,15 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
     scan = read_frames(data_dir, repair=repair)
     warnings = list(scan.warnings)
     fds: dict[Path, int] = {}
-    mended: dict[Path, int] = {}  # path -> bytes rewritten
+    mended: dict[Path, int] = {}  # path -> bytes found different, rewritten
+    acked: dict[Path, int] = {}
     try:
         for frame in scan.frames:
             for entry in frame:
                 path = data_dir / entry.log / segment_name(entry.segment)
+                # Known even for a file gone: later segments are then newer
+                # than every one named (see recovery.recover's ``acked``).
+                acked[path] = max(acked.get(path, 0), entry.offset + len(entry.data))
                 fd = fds.get(path)
                 if fd is None:
                     try:
@@ -313,6 +354,8 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
                     except FileNotFoundError:
                         continue  # deleted on purpose: covered by a snapshot, or settled
                     fds[path] = fd
+                if not entry.data:
+                    continue  # a checkpoint's marker: synced up to offset
                 held = os.pread(fd, len(entry.data), entry.offset)
                 view = memoryview(entry.data)
                 at = entry.offset
@@ -321,8 +364,6 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
                     view, at = view[written:], at + written
                 if held != entry.data:
                     mended[path] = mended.get(path, 0) + len(entry.data)
-        # Every segment named, mended or not: bytes found in place may still be
-        # in the page cache only (a process crash), and the frames go next.
         for path, fd in fds.items():
             try:
                 os.fsync(fd)
@@ -334,12 +375,23 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
                 os.close(fd)
     for path, size in mended.items():
         warnings.append(f"{path}: rewrote {size} acknowledged bytes from the commit log")
+    return Redone(warnings, acked, scan.damaged)
+
+
+def drop(data_dir: Path, redone: Redone) -> list[str]:
+    """Delete the commit log that :func:`redo` redid, once the shards have recovered.
+
+    After a repair, the damaged segment and every later one are moved aside
+    instead. If they cannot be (a read-only directory), they stay, for the
+    commit log's first checkpoint to delete. Returns the warnings.
+    """
+    warnings = []
     try:
         segments = list_commit_segments(data_dir)
         suffix = None  # once set, this and every later segment go aside
         for _, path in segments:
-            if scan.damaged is not None and path == scan.damaged[0]:
-                suffix = f".corrupt-{scan.damaged[1]}"
+            if redone.damaged is not None and path == redone.damaged[0]:
+                suffix = f".corrupt-{redone.damaged[1]}"
             if suffix is not None:
                 target = path.with_name(path.name + suffix)
                 path.rename(target)
@@ -349,28 +401,28 @@ def redo(data_dir: Path, *, repair: bool = False) -> list[str]:
         if segments:
             fsync_directory(data_dir / COMMIT_DIR)
     except OSError as exc:
-        # A read-only directory, say: the segments stay, redone and synced;
-        # the commit log's first checkpoint deletes them.
         warnings.append(f"could not delete the redone commit log: {exc}")
     return warnings
 
 
-def _fsync_path(path: Path) -> None:
-    """``fsync`` the file at ``path`` (any descriptor of a file flushes its pages).
+def _fsync_path(path: Path) -> int | None:
+    """``fsync`` the file at ``path``; its size before (what is durable now), or None.
 
-    A missing file is no error: it was deleted on purpose (see the module
-    docstring).
+    Any descriptor of a file flushes its pages. A missing file (None) is no
+    error: it was deleted on purpose (see the module docstring).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        return None
     try:
+        size = os.fstat(fd).st_size
         os.fsync(fd)
     except OSError as exc:
         raise named(exc, path) from exc
     finally:
         os.close(fd)
+    return size
 
 
 class CommitLog:
@@ -418,6 +470,12 @@ class CommitLog:
         self._poisoned: dict[tuple[str, int], OSError] = {}
         self._failures: dict[str, OSError] = {}  # log -> error not yet taken by its shard
         self._names: dict[Path, str | None] = {}
+        # (log, segment) -> where its bytes are known acknowledged (a frame's
+        # end, or a checkpoint's sync), for the markers (see checkpoint).
+        self._acked: dict[tuple[str, int], int] = {}
+        self._logs: dict[str, SegmentedLog] = {}  # see watch
+        self._failed_own: set[tuple[str, int]] = set()  # of logs replaced since
+        self._seq = 0
         self._start_segment()
         self.frames = 0  # frames committed (for tests and benchmarks)
         self.checkpoints = 0  # checkpoints completed
@@ -438,6 +496,7 @@ class CommitLog:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd, self._number, self._size, self._failed = fd, number, 0, False
+        self._seq = 0  # the number of the segment's next frame
         self._next_checkpoint = self._checkpoint_bytes
 
     def name_of(self, directory: Path) -> str | None:
@@ -458,32 +517,50 @@ class CommitLog:
         return self.directory / f"commit-{self._number:08d}.log"
 
     def commit(self, entries: Sequence[Entry]) -> None:
-        """Append one frame of ``entries`` and sync it: durable once this returns.
+        """Append ``entries`` as one frame (or several, each synced) and sync: durable on return.
 
-        Then checkpoints if the segment is large enough; a failed checkpoint
-        does not fail the commit (it is retried later).
+        A round whose entries pass ``MAX_FRAME_BYTES`` is split over frames,
+        each appended and synced before the next, so that a torn frame is
+        always a segment's last. Then checkpoints if the segment is large
+        enough; a failed checkpoint does not fail the commit (it is retried
+        later).
 
         Raises:
             ValueError: the log is closed.
-            CommitLogError: the append or the sync failed (the segment is
-                failed: the next commit starts a new one).
+            CommitLogError: an append or a sync failed (the segment is
+                failed: the next commit starts a new one); frames of the
+                round synced before it may be redone at recovery (their
+                bytes are in their shard logs all the same).
             OSError: a new segment could not be started.
         """
         if self._fd < 0:
             raise ValueError("I/O operation on a closed commit log")
         if self._failed:
             self._start_segment()
-        frames = []
-        group: list[Entry] = []
+        groups: list[list[Entry]] = [[]]
         size = 0
         for entry in entries:
-            if group and size + len(entry.data) > MAX_FRAME_BYTES:
-                frames.append(encode_frame(group))
-                group, size = [], 0
-            group.append(entry)
+            if groups[-1] and size + len(entry.data) > MAX_FRAME_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
             size += len(entry.data)
-        frames.append(encode_frame(group))
-        frame = b"".join(frames) if len(frames) > 1 else frames[0]
+        for group in groups:
+            self._append(encode_frame(group, self._seq))
+        for entry in entries:
+            key = (entry.log, entry.segment)
+            self._acked[key] = max(self._acked.get(key, 0), entry.offset + len(entry.data))
+        self._touched.update([(entry.log, entry.segment) for entry in entries])
+        if self._size >= self._next_checkpoint:
+            try:
+                self.checkpoint()
+            except OSError:
+                # Kept, and retried after another quarter: the commits are
+                # durable all the same (their frames are).
+                self._next_checkpoint = self._size + max(1, self._checkpoint_bytes // 4)
+
+    def _append(self, frame: bytes) -> None:
+        """Append one encoded frame and sync it (see :meth:`commit` for the errors)."""
         before = self._size
         try:
             write_all(self._fd, frame)
@@ -496,15 +573,8 @@ class CommitLog:
                 os.ftruncate(self._fd, before)
             failure = named(exc, self.path)
             raise CommitLogError(failure.errno, failure.strerror, failure.filename) from exc
-        self.frames += len(frames)
-        self._touched.update([(entry.log, entry.segment) for entry in entries])
-        if self._size >= self._next_checkpoint:
-            try:
-                self.checkpoint()
-            except OSError:
-                # Kept, and retried after another quarter: the commits are
-                # durable all the same (their frames are).
-                self._next_checkpoint = self._size + max(1, self._checkpoint_bytes // 4)
+        self._seq += 1
+        self.frames += 1
 
     def checkpoint(self) -> None:
         """Sync every shard log segment named so far, then delete the older segments.
@@ -514,30 +584,68 @@ class CommitLog:
         never retried. Its log's shard is told (:meth:`take_failure`: it owes
         a re-save), and the older commit segments, which hold its bytes, are
         kept until its file is gone (the re-save's snapshot removes it).
+        Before the older segments go, a *marker* frame in the new one records
+        how far each live segment is known durable (entries without data), so
+        that recovery still tells an unacknowledged torn tail from damage
+        (see :class:`Redone`).
 
         Raises:
             OSError: a segment could not be synced, or a poisoned one is
-                still there, or the older segments could not be deleted
-                (they are kept).
+                still there, or the markers could not be written, or the older
+                segments could not be deleted (they are kept).
         """
         self._start_segment()
+        # Segments whose own sync failed (a snapshot's, SyncNow's): the shard
+        # owes a re-save already; its frames stay until that is written.
+        own = set(self._failed_own)
+        own.update((name, n) for name, log in self._logs.items() for n in log.failed_segments())
+        self._failed_own = own
+        for key in own:
+            self._poisoned.setdefault(key, OSError(errno.EIO, "an earlier sync failed"))
         touched, self._touched = self._touched, set()
-        for name, segment in sorted(touched):
+        for name, segment in sorted(touched - set(self._poisoned)):
             try:
-                _fsync_path(self.data_dir / name / segment_name(segment))
+                synced = _fsync_path(self.data_dir / name / segment_name(segment))
             except OSError as exc:
                 self._poisoned[(name, segment)] = exc
                 self._failures.setdefault(name, exc)
+            else:
+                if synced is not None:
+                    key = (name, segment)
+                    self._acked[key] = max(self._acked.get(key, 0), synced)
+        for key in list(self._acked):
+            if not (self.data_dir / key[0] / segment_name(key[1])).exists():
+                del self._acked[key]  # covered by a snapshot, or settled
+                self._poisoned.pop(key, None)
         for name, segment in list(self._poisoned):
             if not (self.data_dir / name / segment_name(segment)).exists():
-                del self._poisoned[(name, segment)]  # covered by a snapshot since
+                del self._poisoned[(name, segment)]
+                self._failed_own.discard((name, segment))
         if self._poisoned:
             raise next(iter(self._poisoned.values()))
+        if self._acked:
+            markers = [
+                Entry(name, seg, end, b"") for (name, seg), end in sorted(self._acked.items())
+            ]
+            self._append(encode_frame(markers, self._seq))
         for number, path in list_commit_segments(self.data_dir):
             if number < self._number:
                 path.unlink()
         fsync_directory(self.directory)
         self.checkpoints += 1
+
+    def watch(self, name: str, log: SegmentedLog) -> None:
+        """Know ``log`` as the log ``name``, whose segments' own failed syncs a checkpoint heeds.
+
+        A log replaced under the same name (a shard rebuilt) hands its
+        failed segments over.
+        """
+        old = self._logs.get(name)
+        if old is log:
+            return
+        if old is not None:
+            self._failed_own.update((name, n) for n in old.failed_segments())
+        self._logs[name] = log
 
     def take_failure(self, directory: Path) -> OSError | None:
         """The checkpoint error of the log in ``directory`` not yet taken, if any (taken now)."""

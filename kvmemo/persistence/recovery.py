@@ -14,7 +14,13 @@ What recovery does about damage:
   a warning. Recovery repairs this without being asked: it loses nothing.
   So is a tail of nothing but zero bytes: a power loss after the file's
   size reached the disk and before its data did (acknowledged bytes are
-  durable, in the segment or in the commit log, whose redo ran first).
+  durable, in the segment or in the commit log, whose redo ran first); and,
+  where the commit log tells how far a segment's acknowledged bytes go, any
+  damage past that (an append whose pages were written back in part).
+  After such a cut, a later segment's *head mark* (the newest round mark,
+  repeated at the head of a segment when it starts) is trusted only if the
+  round it names was marked in what was replayed: the power loss may have
+  kept the head mark and lost the tail holding that round's part.
 - A **corrupt record** (CRC mismatch, garbage, impossible lengths) stops the
   start with :class:`CorruptLog`, naming the file and offset, unless
   ``repair`` is given: then the records before the damage are kept, the rest
@@ -47,11 +53,12 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 
-from .records import Corrupt, PersistenceError, Torn, replay
+from .records import Corrupt, Op, PersistenceError, Scanner, Torn, replay, txid_of
 from .snapshot import (
     TEMP_SUFFIX,
     CorruptSnapshot,
@@ -187,14 +194,31 @@ def _replay_segment(
     repair: bool,
     warnings: list[str],
     marks: dict[int, bool],
-) -> int:
-    """Apply the records of segment ``path``; deal with a damaged tail; return the count."""
+    acked_end: int | None = None,
+    after_cut: bool = False,
+) -> tuple[int, bool]:
+    """Apply the records of segment ``path``; deal with a damaged tail.
+
+    ``acked_end``: where the segment's acknowledged bytes end, if known
+    (see :func:`recover`). ``after_cut``: an earlier segment lost its tail;
+    a head mark (a ``TXN`` record opening the segment) of a round no
+    replayed record marked is then not trusted (see the module docstring).
+
+    Returns:
+        The records applied, and whether the segment's tail was cut off.
+    """
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if size == 0:
-            return 0
+            return 0, False
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            result = replay(buf, data, expires, marks=marks)
+            start = _untrusted_head(buf, marks) if after_cut else 0
+            if start:
+                warnings.append(
+                    f"{path}: ignored its head mark: the round it names was in an earlier "
+                    "segment's tail, lost to a power loss"
+                )
+            result = replay(buf, data, expires, marks=marks, start=start)
             problem = result.problem
             # Nothing but zero bytes from the damage on: a power loss after the
             # file's size reached the disk and before its data did (an
@@ -202,22 +226,29 @@ def _replay_segment(
             zeros = isinstance(problem, Corrupt) and not buf[problem.offset :].strip(b"\0")
             remainder = buf[result.end :] if isinstance(problem, Corrupt) and repair else b""
     if problem is None:
-        return result.count
+        return result.count, False
     offset = problem.offset
+    if isinstance(problem, Corrupt) and acked_end is not None and offset >= acked_end:
+        _truncate(path, offset)
+        warnings.append(
+            f"{path}: truncated {size - offset} bytes from offset {offset} ({problem.reason}): "
+            f"past the last acknowledged byte ({acked_end}), left by a power loss"
+        )
+        return result.count, True
     if zeros:
         _truncate(path, offset)
         warnings.append(
             f"{path}: truncated {size - offset} zero bytes at offset {offset} (the end of an "
             "append cut off by a power loss)"
         )
-        return result.count
+        return result.count, True
     if isinstance(problem, Torn):
         _truncate(path, offset)
         warnings.append(
             f"{path}: truncated a torn record at offset {offset} ({size - offset} bytes, "
             "left by a crash during an append)"
         )
-        return result.count
+        return result.count, True
     if not repair:
         raise CorruptLog(path, offset, problem.reason)
     aside = path.with_name(f"{path.name}.corrupt-{offset}")
@@ -234,7 +265,17 @@ def _replay_segment(
         f"repair: {path}: {problem.reason} at offset {offset}; kept the {result.count} records "
         f"before it and moved the remaining {size - offset} bytes to {aside.name}"
     )
-    return result.count
+    return result.count, True
+
+
+def _untrusted_head(buf: mmap.mmap, marks: dict[int, bool]) -> int:
+    """The end of the segment's head mark if it names a round no replayed record marked; else 0."""
+    scanner = Scanner(buf)
+    for op, key, _, _ in scanner:
+        if op == Op.TXN and txid_of(key) not in marks:
+            return scanner.end
+        break
+    return 0
 
 
 def _truncate(path: Path, size: int) -> None:
@@ -246,7 +287,13 @@ def _truncate(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def recover(directory: Path, *, now_ms: int, repair: bool = False) -> Recovered:
+def recover(
+    directory: Path,
+    *,
+    now_ms: int,
+    repair: bool = False,
+    acked: Mapping[int, int] | None = None,
+) -> Recovered:
     """Rebuild a shard's state from its snapshot and log in ``directory``.
 
     Blocking (reads every byte of the snapshot and the log): run it in a
@@ -257,6 +304,12 @@ def recover(directory: Path, *, now_ms: int, repair: bool = False) -> Recovered:
         directory: the shard's data directory (missing: an empty shard).
         now_ms: the current Unix time in ms; keys expired by then are dropped.
         repair: keep every valid record instead of stopping at damage.
+        acked: segment number -> where its acknowledged bytes end, as far as
+            the commit log knows (:func:`~.commitlog.redo`); damage at or
+            past that offset is a torn tail: bytes no acknowledged write
+            needs (an append cut off by a power loss, its pages written back
+            in any order). A segment numbered after all of them counts as
+            acknowledged up to offset 0.
 
     Raises:
         CorruptLog: a corrupt record or a missing segment (not with ``repair``).
@@ -287,8 +340,18 @@ def recover(directory: Path, *, now_ms: int, repair: bool = False) -> Recovered:
     data, expires = base.data, base.expires
     replayed = 0
     marks: dict[int, bool] = {}
-    for _, path in after:
-        replayed += _replay_segment(path, data, expires, repair, warnings, marks)
+    cut = False
+    newest_named = max(acked, default=None) if acked else None
+    for n, path in after:
+        end = None if acked is None else acked.get(n)
+        if end is None and newest_named is not None and n > newest_named:
+            # Started after every segment a frame names: none of its bytes
+            # is known acknowledged (a frame would name it; a sync of its
+            # own would have kept them whole).
+            end = 0
+        count, was_cut = _replay_segment(path, data, expires, repair, warnings, marks, end, cut)
+        replayed += count
+        cut = cut or was_cut
     expired = [key for key, at in expires.items() if at <= now_ms]
     for key in expired:
         del data[key]

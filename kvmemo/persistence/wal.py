@@ -329,6 +329,10 @@ class SegmentedLog:
         # Rotated segments whose end is neither durable nor in a commit log:
         # number -> (start, end) of those bytes (see append_uncovered).
         self._uncovered: dict[int, tuple[int, int]] = {}
+        # Segments an own sync of this log failed to make durable: a later
+        # fsync may succeed without writing what was lost, so a commit log
+        # must not trust one of them until a snapshot removed it.
+        self.failed_syncs: set[int] = set()
         self._sizes[self._number] = 0
 
     @property
@@ -451,6 +455,11 @@ class SegmentedLog:
         self._sizes[self._number] = self._size
         return self._number, before
 
+    def failed_segments(self) -> frozenset[int]:
+        """The segments an own sync of this log failed to make durable (see ``failed_syncs``)."""
+        with self._lock:
+            return frozenset(self.failed_syncs)
+
     def sync_created(self) -> None:
         """Make the directory entries of segments created since the last sync durable.
 
@@ -510,7 +519,7 @@ class SegmentedLog:
         except OSError as err:
             error = err
         except BaseException:
-            self.finish_sync(plan, None)  # interrupted: not failed, not synced either
+            self.finish_sync(plan, None, interrupted=True)  # not failed, not synced either
             raise
         failure = self.finish_sync(plan, error, current)
         if failure is not None:
@@ -555,16 +564,25 @@ class SegmentedLog:
         return plan
 
     def finish_sync(
-        self, plan: SyncPlan, error: OSError | None, segment: int | None = None
+        self,
+        plan: SyncPlan,
+        error: OSError | None,
+        segment: int | None = None,
+        *,
+        interrupted: bool = False,
     ) -> OSError | None:
         """End the sync of ``plan``, which failed with ``error`` (None: it is durable).
 
         A failure fails the log (see the module docstring); it is returned
         with the path of ``segment`` (default: the plan's current segment)
-        in it. Closes the retired segments' descriptors and releases the
-        sync lock :meth:`begin_sync` took.
+        in it, and the segments it was to sync are remembered
+        (:attr:`failed_syncs`). ``interrupted``: the sync never ran (neither
+        durable nor failed). Closes the retired segments' descriptors and
+        releases the sync lock :meth:`begin_sync` took.
         """
         try:
+            if interrupted:
+                return None
             if error is None:
                 with self._lock:
                     if plan.number == self._number and plan.size > self._covered:
@@ -576,6 +594,7 @@ class SegmentedLog:
             with self._lock:
                 self._failed = failure
                 self._dir_dirty = self._dir_dirty or plan.dir_dirty
+                self.failed_syncs.update([plan.number, *(n for n, _ in plan.retired)])
             return failure
         finally:
             for _, old in plan.retired:
@@ -650,6 +669,7 @@ class SegmentedLog:
                     os.unlink(self.path(n))
                 del self._sizes[n]
                 self._uncovered.pop(n, None)
+                self.failed_syncs.discard(n)
             keep = []
             for n, fd in self._retired:
                 if n <= number:

@@ -63,6 +63,7 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
 from ..persistence import AppendFsync, Recovered, SegmentedLog, recover, write_snapshot
 from ..persistence.commitlog import CommitLogError
+from ..persistence.commitlog import drop as drop_commit_log
 from ..persistence.commitlog import redo as redo_commit_log
 from ..persistence.intents import (
     IntentLog,
@@ -301,6 +302,10 @@ class DurableShardActor(ShardActor):
                 dur.appended(dur.log.append_encoded(head), journal=False)
             except OSError as exc:
                 dur.failed(exc)
+                return
+            # Durable now: a repair's snapshot may cover every segment that
+            # held the marks (see _write), and a rebuild's may soon.
+            await self._sync()
 
     def handle_nowait(self, message: Any) -> Any:
         """:meth:`handle` without a coroutine, for every message that needs no await."""
@@ -602,14 +607,16 @@ class DurableShardActor(ShardActor):
         """Write one snapshot in a worker thread, then drop the segments it covers."""
         dur = self.dur
         try:
-            await trio.to_thread.run_sync(
-                lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
-            )
-            # The new segment's head mark must be durable before the
-            # segments holding the marks go.
+            # The new segment's head mark must be durable before the snapshot
+            # is: once it is, recovery reads no segment it covers, so without
+            # the mark it would redo multi-shard rounds this shard resolved
+            # long ago, over newer writes.
             error = await self._sync()
             if error is not None:
                 raise OSError(errno.EIO, str(error))
+            await trio.to_thread.run_sync(
+                lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
+            )
             if dur.log is not None:
                 dur.log.remove_through(job.covers)
             dur.last_save = time.time()
@@ -768,19 +775,31 @@ async def prepare_stores(
     now_ms = int(time.time() * 1000)
     recovered: dict[int, Recovered] = {}
     # What a power loss took from the shard logs, back from the commit log first.
-    warnings = await trio.to_thread.run_sync(
+    redone = await trio.to_thread.run_sync(
         functools.partial(redo_commit_log, config.directory, repair=config.repair)
     )
-    warnings = [f"commit log: {w}" for w in warnings]
+    warnings = [f"commit log: {w}" for w in redone.warnings]
     for shard in range(shards):
         recovered[shard] = got = await trio.to_thread.run_sync(
-            functools.partial(recover, config.shard_dir(shard), now_ms=now_ms, repair=config.repair)
+            functools.partial(
+                recover,
+                config.shard_dir(shard),
+                now_ms=now_ms,
+                repair=config.repair,
+                acked=redone.acked_in(config.shard_dir(shard)),
+            )
         )
         warnings += [f"shard-{shard}: {w}" for w in got.warnings]
     unlogged: dict[int, list[tuple[int, bytes]]] = {}
     intents = await trio.to_thread.run_sync(
         lambda: _redo_intents(config, recovered, now_ms, warnings, unlogged)
     )
+    # Only now: a crash before this point redoes the commit log again, and
+    # its ends still tell the torn tails recovery cut off from damage.
+    warnings += [
+        f"commit log: {w}"
+        for w in await trio.to_thread.run_sync(drop_commit_log, config.directory, redone)
+    ]
     stores: dict[int, ShardStore] = {}
     for shard in range(shards):
         make, _, _ = durable_state_factory(

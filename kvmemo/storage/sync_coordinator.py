@@ -247,6 +247,8 @@ def _commit_round(
                 continue  # nothing was written: nothing to tell (as in LogWrite.__call__)
             target, pieces = got
             name = log.name_of(target.directory)
+            if name is not None:
+                log.watch(name, target)
             if name is None or sum(len(p) for _, _, p in pieces) > MAX_ENTRY_BYTES:
                 _sync_own(i, call, target, errors)
                 continue
@@ -386,7 +388,7 @@ def _syncfs_round(calls: Sequence[Callable[[], object]]) -> list[BaseException |
                     try:
                         device = log.device(plan)
                     except BaseException:
-                        log.finish_sync(plan, None)
+                        log.finish_sync(plan, None, interrupted=True)
                         raise
                     entry = planned[id(log)] = (log, plan, device, [])
             except OSError as exc:
@@ -421,7 +423,7 @@ def _syncfs_round(calls: Sequence[Callable[[], object]]) -> list[BaseException |
     finally:
         for key, (log, plan, _, waiting) in planned.items():
             if not synced:
-                log.finish_sync(plan, None)  # interrupted: release it, tell nobody durable
+                log.finish_sync(plan, None, interrupted=True)  # release it, tell nobody durable
                 continue
             error = log.finish_sync(plan, own[key])
             for i, call in waiting:
