@@ -584,27 +584,39 @@ def _prompt_args(url: str) -> argparse.Namespace:
     return argparse.Namespace(url=url, token=None, one_command=None)
 
 
-async def test_the_cli_prompt_goes_on_after_the_server_restarts(
-    server: Restartable, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(repl, "CLI_RECONNECT", FAST)
-    lines = iter(["SET a 1", "restart", "SET b 2", "GET b"])
+async def _prompt(
+    server: Restartable, lines: list[str], *, show_prompt: bool = True
+) -> tuple[int, list[str]]:
+    """Run ``kvmemo cli`` on ``lines``: "restart" and "stop" act on the server between two.
+
+    Returns the exit status and what was printed.
+    """
+    script = iter(lines)
     out: list[str] = []
 
     def read_line(prompt: str) -> str:
-        line = next(lines, None)
+        line = next(script, None)
         if line is None:
             raise EOFError
-        if line == "restart":  # the server goes away between two commands
+        if line in ("restart", "stop"):  # the server goes away between two commands
             trio.from_thread.run(server.stop)
-            trio.from_thread.run(server.start)
-            return next(lines)
+            if line == "restart":
+                trio.from_thread.run(server.start)
+            return next(script)
         return line
 
     with trio.fail_after(TEST_TIMEOUT):
         status = await repl.main_async(
-            _prompt_args(server.url), read_line=read_line, write=out.append
+            _prompt_args(server.url), read_line=read_line, write=out.append, show_prompt=show_prompt
         )
+    return status, out
+
+
+async def test_the_cli_prompt_goes_on_after_the_server_restarts(
+    server: Restartable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repl, "CLI_RECONNECT", FAST)
+    status, out = await _prompt(server, ["SET a 1", "restart", "SET b 2", "GET b"])
     assert (status, out) == (0, ["OK", "OK", '"2"', ""])
 
 
@@ -612,42 +624,14 @@ async def test_the_cli_prompt_ends_once_reconnecting_gives_up(
     server: Restartable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(repl, "CLI_RECONNECT", attrs.evolve(FAST, max_attempts=2))
-    lines = iter(["SET a 1", "stop", "GET a"])
-    out: list[str] = []
-
-    def read_line(prompt: str) -> str:
-        line = next(lines, None)
-        if line is None:
-            raise EOFError
-        if line == "stop":  # for good
-            trio.from_thread.run(server.stop)
-            return next(lines)
-        return line
-
-    with trio.fail_after(TEST_TIMEOUT):
-        status = await repl.main_async(
-            _prompt_args(server.url), read_line=read_line, write=out.append
-        )
+    status, out = await _prompt(server, ["SET a 1", "stop", "GET a"])
     assert status == 1
     assert out[0] == "OK"
     assert "gave up reconnecting" in out[1]
 
 
 async def test_piped_input_still_ends_when_the_connection_is_lost(server: Restartable) -> None:
-    lines = iter(["SET a 1", "stop", "GET a"])
-    out: list[str] = []
-
-    def read_line(prompt: str) -> str:
-        line = next(lines)
-        if line == "stop":
-            trio.from_thread.run(server.stop)
-            return next(lines)
-        return line
-
-    with trio.fail_after(TEST_TIMEOUT):
-        status = await repl.main_async(
-            _prompt_args(server.url), read_line=read_line, write=out.append, show_prompt=False
-        )
+    status, out = await _prompt(server, ["SET a 1", "stop", "GET a"], show_prompt=False)
     assert status == 1
     assert out[0] == "OK"
     assert "DISCONNECTED" in out[1]

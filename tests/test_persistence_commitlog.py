@@ -314,25 +314,30 @@ async def test_a_checkpoint_syncs_the_shard_logs_then_drops_the_older_segments(
     assert {path: path.read_bytes() for path in wal_files(tmp_path)} == written
 
 
-def fail_commit_fsync(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Make ``os.fsync`` of a commit log segment fail once (EIO) while ``armed[0]`` is True."""
+def fail_fsync_once(
+    monkeypatch: pytest.MonkeyPatch, where: str = "/commit/", *, armed: bool = False
+) -> list[bool]:
+    """Make the next ``os.fsync`` of a file whose path holds ``where`` fail (EIO) once armed.
+
+    Returns the switch: ``armed[0]`` (cleared once it has failed).
+    """
     real = os.fsync
-    armed = [False]
+    switch = [armed]
 
     def fsync(fd: int) -> None:
-        if armed[0] and "/commit/" in os.readlink(f"/proc/self/fd/{fd}"):
-            armed[0] = False
+        if switch[0] and where in os.readlink(f"/proc/self/fd/{fd}"):
+            switch[0] = False
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    return armed
+    return switch
 
 
 async def test_a_failed_commit_fails_the_round_and_the_next_goes_to_a_new_segment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail = fail_commit_fsync(monkeypatch)
+    fail = fail_fsync_once(monkeypatch)
     log = SegmentedLog(tmp_path / "shard-0")
     coord = SyncCoordinator(method="commitlog", directory=tmp_path)
     try:
@@ -404,7 +409,7 @@ async def test_a_store_loses_nothing_acknowledged_when_the_shard_logs_lose_their
 async def test_a_store_whose_commit_log_fails_reports_io_and_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fail = fail_commit_fsync(monkeypatch)
+    fail = fail_fsync_once(monkeypatch)
     data_dir = tmp_path / "data"
     with trio.fail_after(WAIT):
         async with kvmemo.open_store(shards=2, data_dir=str(data_dir), appendfsync="always") as kv:
@@ -537,24 +542,14 @@ async def test_a_checkpoint_that_cannot_sync_a_log_keeps_the_frames_and_owes_a_r
 ) -> None:
     # After a write-back error a later fsync may succeed without writing the lost
     # pages: the failed segment is never trusted again, only a snapshot settles it.
-    real = os.fsync
-    failed: list[str] = []
-
-    def fsync(fd: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        if not failed and "/shard-0/wal-" in path:
-            failed.append(path)
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    armed = fail_fsync_once(monkeypatch, "/shard-0/wal-", armed=True)
     coord = SyncCoordinator(method="commitlog", directory=tmp_path, checkpoint_bytes=300)
     log = SegmentedLog(tmp_path / "shard-0")
     try:
         with trio.fail_after(WAIT):
             for i in range(12):  # several checkpoints' worth
                 await coord.sync(LogBatch(log, records(0, i, 2)))
-            assert failed
+            assert not armed[0]  # it failed
             assert coord.commit_log is not None
             assert coord.commit_log.checkpoints == 0  # none could drop anything
             assert len(list_commit_segments(tmp_path)) > 1
@@ -770,21 +765,12 @@ async def test_a_segment_whose_own_sync_failed_keeps_its_frames(
 ) -> None:
     # The shard's own fsync took the write-back error; the checkpoint's later
     # fsync of that file would succeed without writing the lost pages.
-    real = os.fsync
-    failed: list[bool] = []
-
-    def fsync(fd: int) -> None:
-        if not failed and "/shard-0/wal-" in os.readlink(f"/proc/self/fd/{fd}"):
-            failed.append(True)
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
     coord = SyncCoordinator(method="commitlog", directory=tmp_path, checkpoint_bytes=300)
     log = SegmentedLog(tmp_path / "shard-0")
     try:
         with trio.fail_after(WAIT):
             await coord.sync(LogBatch(log, records(0, 0, 1)))
-            monkeypatch.setattr(os, "fsync", fsync)
+            fail_fsync_once(monkeypatch, "/shard-0/wal-", armed=True)
             with pytest.raises(OSError, match="Input/output error"):
                 await coord.sync(log.sync)  # a snapshot's or SyncNow's own sync
             for i in range(1, 12):
