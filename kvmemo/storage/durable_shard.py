@@ -114,7 +114,8 @@ class PersistenceConfig:
             config in shared worker-thread rounds (cross-shard group commit,
             see :mod:`.sync_coordinator`). One per config, and one config
             per store (``engine.durable.persistence_config``): the shards of
-            one store share it. It owns no task, so it needs no closing.
+            one store share it. It owns no task; the engine closes its
+            commit log once the shards have stopped (``KVEngine.close``).
         stop: how the shards' graceful stop ends (see :class:`StopPlan`);
             shared like ``sync_coordinator``.
     """

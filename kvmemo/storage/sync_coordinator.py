@@ -49,6 +49,12 @@ slower; and an error of the syncfs itself cannot be told apart per log, so
 every log of that file system is treated as failed (each owes a re-save).
 Other calls run as they are, in the round's thread.
 
+``commitlog`` rounds (``method="commitlog"``, the store's default): every
+:class:`CommitWrite` (a shard's batch) is appended to its own log without a
+sync, and one frame of all of them goes to the store's commit log, which
+alone is synced (see :mod:`kvmemo.persistence.commitlog`); other calls run
+as they are. One ``fsync`` per round instead of one per shard.
+
 Who owns what. The coordinator owns no task and no thread: a round runs in
 its leader's task, which waits for it, and its helper threads are joined
 before it returns, so nothing outlives the shards that use it (the store's
