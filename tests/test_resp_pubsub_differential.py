@@ -31,11 +31,10 @@ from collections.abc import Iterator, Sequence
 import attrs
 import pytest
 from test_redis_differential import (  # the servers and the raw connections
-    KVMemoPort,
-    RedisServer,
     RespConnection,
     _read_reply,
     normalised,
+    redis_and_kvmemo,
 )
 
 from kvmemo.server.resp import encode_command
@@ -48,15 +47,8 @@ Argv = tuple[str | bytes, ...]
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     """Redis and KVMemo's Redis port, both stopped at the end of the module."""
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis-pubsub"))
-    kvmemo = KVMemoPort()
-    try:
-        redis_server.start()
-        kvmemo.start()
-        yield redis_server.port, kvmemo.port
-    finally:
-        kvmemo.stop()
-        redis_server.stop()
+    with redis_and_kvmemo(tmp_path_factory.mktemp("redis-pubsub")) as ports:
+        yield ports
 
 
 @attrs.frozen
