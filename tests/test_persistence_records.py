@@ -99,8 +99,22 @@ def test_encode_set_is_encode_fields_of_a_set_without_expiry(key: bytes, value: 
     assert records.encode_set(key, value) == encode_fields(Op.SET, key, value)
 
 
+def test_encode_set_packs_every_shape_as_encode_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached packers, the field-by-field path past them, and a cache that starts over."""
+    monkeypatch.setattr(records, "_SET_PACKERS", {})
+    monkeypatch.setattr(records, "_SET_PACKERS_MAX", 3)
+    limit = records._SET_PACKED_MAX
+    shapes = [(0, 0), (16, 32), (1, limit - 1), (limit, 0), (1, limit), (7, limit + 100)]
+    for _ in range(2):
+        for klen, vlen in shapes:
+            key, value = b"k" * klen, b"v" * vlen
+            assert records.encode_set(key, value) == encode_fields(Op.SET, key, value)
+            assert len(records._SET_PACKERS) <= 3
+
+
 def test_encode_set_rejects_a_payload_over_the_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(records, "MAX_PAYLOAD", 100)
+    monkeypatch.setattr(records, "_SET_PACKED_MAX", 0)  # every shape through the checked path
     assert records.encode_set(b"k" * 40, b"v" * 43) == encode(Record(Op.SET, b"k" * 40, b"v" * 43))
     with pytest.raises(ValueError, match=r"^record payload must be <= 100 bytes, got 101$"):
         records.encode_set(b"k" * 40, b"v" * 44)
