@@ -304,6 +304,12 @@ class ChildCell:
         )
         expected = actor.expected_errors
         held = self.held
+        commit_nowait = (
+            actor.commit_nowait if type(actor).commit_nowait is not Actor.commit_nowait else None
+        )
+        # As in _serve, ``current`` stays on the last slot handled: a crash
+        # fails it as started (it is held, handled), then the held slots.
+        self.handler_started = True
         while True:
             message, reply = await receive.receive()
             graceful: bool | None = None
@@ -314,12 +320,11 @@ class ChildCell:
                         break
                 else:
                     self.current = reply
-                    self.handler_started = False
                     fault = self.fault
                     if fault is not None:
                         self.fault = None
+                        self.handler_started = False  # the message had no effect
                         raise fault
-                    self.handler_started = True
                     try:
                         if handle_nowait is None:
                             result = await handle(message)
@@ -333,7 +338,6 @@ class ChildCell:
                     else:
                         if reply is not None:
                             held.append((reply, result, True))
-                    self.current = None
                     if self.stop_requested:
                         graceful = False
                         break
@@ -341,7 +345,9 @@ class ChildCell:
                     message, reply = receive.receive_nowait()
                 except trio.WouldBlock:
                     break
-            error = await actor.commit()
+            error = DEFER if commit_nowait is None else commit_nowait()
+            if error is DEFER:
+                error = await actor.commit()
             batch = held[:]
             held.clear()
             for slot, value, ok in batch:

@@ -121,6 +121,15 @@ class Actor:
     async def background(self) -> None:
         """Optional concurrent loop of this incarnation; by default none runs."""
 
+    def commit_nowait(self) -> Any:
+        """Optionally :meth:`commit` synchronously; :data:`DEFER` if it cannot.
+
+        As :meth:`handle_nowait` is to :meth:`handle`: when a subclass
+        overrides it, the runtime calls it first after each batch and awaits
+        :meth:`commit` only when it answers :data:`DEFER`. Both must agree.
+        """
+        return DEFER
+
     async def commit(self) -> BaseException | None:
         """Make the batch just handled durable (``group_commit`` actors only).
 

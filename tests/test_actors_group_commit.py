@@ -116,3 +116,94 @@ async def test_a_crash_fails_held_replies_instead_of_leaving_them_hanging(
             with pytest.raises(ActorCrashed):
                 await slots[1].wait()
             assert await slots[2].wait() == "b"  # queued behind: handled after the restart
+
+
+class SyncJournal(Actor):
+    """A group-commit actor whose commit runs synchronously unless told to defer."""
+
+    group_commit = True
+    expected_errors = (KeyError,)
+
+    def __init__(self, gate: dict[str, Any], log: list[Any]) -> None:
+        self.gate = gate
+        self.log = log
+        self.pending: list[Any] = []
+
+    def handle_nowait(self, message: Any) -> Any:
+        if message == "missing":
+            raise KeyError(message)
+        self.pending.append(message)
+        return message
+
+    async def handle(self, message: Any) -> Any:
+        return self.handle_nowait(message)
+
+    def commit_nowait(self) -> Any:
+        if self.gate.get("defer"):
+            return DEFER
+        self.pending, batch = [], self.pending
+        if self.gate.get("fail"):
+            return OSError("disk")
+        self.log.append(batch)
+        return None
+
+    async def commit(self) -> BaseException | None:
+        self.gate["in_commit"].set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+def _sync_root(gate: dict[str, Any], log: list[Any]) -> Supervisor:
+    return Supervisor("root", [ChildSpec("j", start=lambda ctx: SyncJournal(gate, log))])
+
+
+async def _outcomes(slots: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for slot in slots:
+        try:
+            out.append(("ok", await slot.wait()))
+        except ActorCrashed as exc:
+            out.append(("crashed", exc.handler_started))
+        except (OSError, KeyError) as exc:
+            out.append((type(exc).__name__,))
+    return out
+
+
+async def test_commit_nowait_delivers_or_fails_the_batch_without_commit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate: dict[str, Any] = {"in_commit": trio.Event()}
+    log: list[Any] = []
+    async with open_actor_system(_sync_root(gate, log)) as system:
+        ref = system.ref("j")
+        slots = [ref.ask_nowait(m) for m in ("a", "missing", "b")]
+        assert await _outcomes(slots) == [("ok", "a"), ("KeyError",), ("ok", "b")]
+        assert log == [["a", "b"]]
+        gate["fail"] = True
+        slots = [ref.ask_nowait(m) for m in ("c", "missing", "d")]
+        assert await _outcomes(slots) == [("OSError",), ("KeyError",), ("OSError",)]
+        assert not gate["in_commit"].is_set()  # the async commit never ran
+
+
+async def test_a_kill_during_a_deferred_commit_fails_the_batch_as_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate: dict[str, Any] = {"in_commit": trio.Event(), "defer": True}
+    async with open_actor_system(_sync_root(gate, [])) as system:
+        ref = system.ref("j")
+        slots = [ref.ask_nowait(m) for m in ("a", "missing", "b")]
+        await gate["in_commit"].wait()
+        system.kill("j")
+        assert await _outcomes(slots) == [("crashed", True)] * 3
+
+
+async def test_a_fault_after_a_delivered_batch_fails_only_its_message_as_not_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate: dict[str, Any] = {"in_commit": trio.Event()}
+    async with open_actor_system(_sync_root(gate, [])) as system:
+        ref = system.ref("j")
+        assert await ref.ask("a") == "a"
+        system.inject_fault("j")
+        slots = [ref.ask_nowait(m) for m in ("b", "c")]
+        assert await _outcomes(slots) == [("crashed", False), ("ok", "c")]

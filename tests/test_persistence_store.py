@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import kvmemo
 from actors import EventKind
+from kvmemo.persistence.records import Op, decode_stream
+from kvmemo.persistence.wal import list_segments
 from kvmemo.storage.shard import Inspect
 
 
@@ -120,3 +125,43 @@ async def test_a_transactions_writes_survive_a_restart(tmp_path: Path, appendfsy
             assert 3500 < await kv.ttl("{t}dst") <= 3600
             assert 3500 < await kv.ttl("ttl") <= 3600
             assert await kv.dbsize() == 11 + 3  # m0, m2..m11; counter, {t}dst, ttl
+
+
+def _logged_expiries(data_dir: Path) -> dict[bytes, int | None]:
+    """Each key's expiry (Unix ms) in the last SET record of it in the shard logs."""
+    out: dict[bytes, int | None] = {}
+    for shard in sorted(data_dir.glob("shard-*")):
+        for _, path in list_segments(shard):
+            for record in decode_stream(path.read_bytes()).records:
+                inner = [record]
+                if record.op is Op.GROUP:
+                    inner = decode_stream(record.value).records
+                for r in inner:
+                    if r.op is Op.SET:
+                        out[r.key] = r.expires_ms
+    return out
+
+
+@pytest.mark.parametrize("appendfsync", ["everysec", "no", "always"])
+async def test_a_clock_jump_between_batches_does_not_shift_the_logged_expiry(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, appendfsync: str
+) -> None:
+    """The wall-clock offset of a batch is read for that batch, not kept from the last."""
+    async with kvmemo.open_store(shards=1, data_dir=str(tmp_path), appendfsync=appendfsync) as kv:
+        assert await kv.set("a", "1") == "OK"
+        mock_clock.jump(1000)
+        async with trio.open_nursery() as nursery:  # a plain SET, then SET EX, in one batch
+            nursery.start_soon(kv.set, "p", "1")
+            nursery.start_soon(functools.partial(kv.set, "b", "2", ex=100))
+        b_ms = time.time() * 1000 + 100_000
+        mock_clock.jump(500)
+        assert await kv.set("c", "3", ex=100) == "OK"
+        c_ms = time.time() * 1000 + 100_000
+        logged = _logged_expiries(tmp_path)
+        assert logged[b"p"] is None
+        b, c = logged[b"b"], logged[b"c"]
+        assert b is not None
+        assert abs(b - b_ms) < 2000
+        assert c is not None
+        assert abs(c - c_ms) < 2000
+        assert await kv.ttl("c") == 100

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import trio
+
 from ..errors import TooLargeError
 from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_set
 from ..persistence.records import (
@@ -44,11 +46,27 @@ GROUP_OVERHEAD = MIN_PAYLOAD  # a GROUP record's payload beyond the records it h
 RESAVE_NOTE = "; a sync failed: a snapshot will re-save what the log held"
 
 
+def wall_offset() -> float:
+    """Unix time minus trio time: adds to a trio deadline to make it a Unix time.
+
+    Raises:
+        RuntimeError: outside a trio run.
+    """
+    return time.time() - trio.current_time()
+
+
+def record_too_large(exc: ValueError) -> TooLargeError:
+    """The error of a write whose log record could not be encoded (``exc`` says why)."""
+    return TooLargeError(f"the write does not fit one log record: {exc}")
+
+
 class Journal:
     """Encoded effects of writes not yet handed to the log.
 
     ``offset`` converts the store's monotonic times to Unix time (seconds):
-    the shard refreshes it from both clocks before each batch.
+    None until the first record of a batch that has an expiry reads it from
+    both clocks; the shard resets it to None after each batch (a clock that
+    jumps between batches, as trio's MockClock does, is read again).
     ``last_txid`` / ``last_committed``: the newest multi-shard round this
     shard resolved (see :mod:`kvmemo.persistence.intents`), 0 if none; a
     snapshot's rotation repeats it at the head of the new segment
@@ -70,7 +88,9 @@ class Journal:
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
-        self.offset = 0.0
+        # Unix time minus trio time, for the expiry of the records of one
+        # batch: None until a record needs it (the owner resets it per batch).
+        self.offset: float | None = None
         self.last_txid = 0
         self.last_committed = True
         # The round marks among ``records`` as (txid, committed, record), and
@@ -137,7 +157,20 @@ class Journal:
         return encode_txn(self.last_txid, self.last_committed) if self.last_txid else b""
 
     def unix_ms(self, expires_at: float | None) -> int | None:
-        return None if expires_at is None else round((expires_at + self.offset) * 1000)
+        """``expires_at`` (trio time) as Unix ms, by the batch's wall-clock offset."""
+        if expires_at is None:
+            return None
+        offset = self.offset
+        if offset is None:
+            # Read once per batch, at its first expiry (see ``offset``): most
+            # batches of plain writes never need the two clocks.
+            try:
+                offset = self.offset = wall_offset()
+            except RuntimeError:
+                # Outside a trio run (a store driven directly, as unit tests
+                # do): its times are taken as Unix times already.
+                offset = self.offset = 0.0
+        return round((expires_at + offset) * 1000)
 
     def set(self, key: bytes, value: bytes, expires_at: float | None) -> None:
         self.records.append(self.set_record(key, value, expires_at))
@@ -155,7 +188,7 @@ class Journal:
                 return encode_set(key, value)
             return encode_fields(Op.SET, key, value, self.unix_ms(expires_at))
         except ValueError as exc:
-            raise TooLargeError(f"the write does not fit one log record: {exc}") from None
+            raise record_too_large(exc) from None
 
     def set_many(self, items: list[tuple[bytes, bytes]], encoded: bytes | None = None) -> None:
         """SETs without expiry of one command (an MSET's part), as one ``GROUP`` record.
@@ -322,7 +355,31 @@ class ShardDurability:
             OSError: the write failed, or the log could not be opened (disk
                 full, read-only, ...).
         """
-        data = self.journal.take()
+        journal = self.journal
+        log = self.log
+        if not (
+            journal.marks
+            or journal.carried
+            or journal.taken
+            or log is None
+            or self.health is Health.FAILING
+        ):
+            # The common batch, with what take, appended and written would do
+            # inlined: no round mark to track and nothing carried, so a
+            # failed write drops the batch as requeue would (its replies fail).
+            records = journal.records
+            if not records:
+                return 0
+            data = b"".join(records)
+            records.clear()
+            journal.own = True
+            log.append_encoded(data)
+            size = len(data)
+            self.dirty = True
+            self.appends += 1
+            self.unsaved += size
+            return size
+        data = journal.take()
         if not data:
             return 0
         try:

@@ -74,7 +74,7 @@ from ..persistence.intents import (
     write_redo,
 )
 from ..persistence.records import replay
-from .durability import Health, LogBatch, ShardDurability
+from .durability import Health, LogBatch, ShardDurability, wall_offset
 from .shard import Hold, ShardActor
 from .store import SCAN_SNAPSHOTS, ShardStore
 from .sync_coordinator import LogWrite, RoundIncompleteError, SyncCoordinator
@@ -132,13 +132,8 @@ class PersistenceConfig:
         return self.directory / f"shard-{shard}"
 
 
-def _wall_offset() -> float:
-    """Unix time minus trio time: adds to a monotonic deadline to make it absolute."""
-    return time.time() - trio.current_time()
-
-
 def _to_monotonic(expires_ms: dict[bytes, int]) -> dict[bytes, float]:
-    offset = _wall_offset()
+    offset = wall_offset()
     return {k: ms / 1000 - offset for k, ms in expires_ms.items()}
 
 
@@ -285,7 +280,7 @@ class DurableShardActor(ShardActor):
                 dur.log = None
             await recover_store(store, self.config, repair=True)
             store.needs_recovery = False
-        dur.journal.offset = _wall_offset()
+        dur.journal.offset = None  # read again at the first expiry (see Journal.offset)
         opened = dur.log is None
         try:
             dur.open()
@@ -310,15 +305,15 @@ class DurableShardActor(ShardActor):
 
     def handle_nowait(self, message: Any) -> Any:
         """:meth:`handle` without a coroutine, for every message that needs no await."""
-        if self._gather:
-            return DEFER  # the first message after an ``always`` commit yields first
         kind = type(message)
-        if kind is Save:
-            return self._start_snapshot()
-        if kind is Resave:
-            return self._resave()
-        if kind is SyncNow or kind is Hold:
-            return DEFER
+        if kind in _CONTROL or self._gather:  # one test for the common case
+            if self._gather:
+                return DEFER  # the first message after an ``always`` commit yields first
+            if kind is Save:
+                return self._start_snapshot()
+            if kind is Resave:
+                return self._resave()
+            return DEFER  # SyncNow, Hold
         return message.apply(self.store, _current_time())
 
     async def handle(self, message: Any) -> Any:
@@ -345,31 +340,45 @@ class DurableShardActor(ShardActor):
             return await self._hold(message)
         return message.apply(self.store, trio.current_time())
 
-    async def commit(self) -> BaseException | None:
+    def commit_nowait(self) -> Any:
+        """:meth:`commit` without a coroutine: ``everysec`` and ``no`` (DEFER for ``always``).
+
+        Their commit only appends the batch to the log (buffered, a write
+        call), which needs no await.
+        """
         dur = self.dur
-        dur.journal.offset = _wall_offset()
         if dur.fsync is AppendFsync.ALWAYS:
-            written, error = await self._append_durably()
-            if error is None and self._saved_unsynced:
-                # A Save in this batch appended the batch's writes before its
-                # rotation, without a sync: they are not durable yet.
-                error = await self._sync()
-            self._saved_unsynced = False
-            if error is not None and dur.journal.own:
-                return error
-        else:
-            try:
-                written = dur.append()
-            except OSError as exc:
-                dur.failed(exc)
-                if dur.journal.own:
-                    return self._io_error(exc)
-                # Only an earlier batch's carried records failed again: this
-                # batch wrote nothing (reads keep working on a full disk).
-                written = 0
+            return DEFER
+        dur.journal.offset = None  # read again at the next batch's first expiry
+        try:
+            dur.append()
+        except OSError as exc:
+            dur.failed(exc)
+            if dur.journal.own:
+                return self._io_error(exc)
+            # Only an earlier batch's carried records failed again: this
+            # batch wrote nothing (reads keep working on a full disk).
         if dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
-        self._gather = written > 0 and dur.fsync is AppendFsync.ALWAYS
+        return None
+
+    async def commit(self) -> BaseException | None:
+        dur = self.dur
+        if dur.fsync is not AppendFsync.ALWAYS:
+            result: BaseException | None = self.commit_nowait()
+            return result
+        dur.journal.offset = None  # read again at the next batch's first expiry
+        written, error = await self._append_durably()
+        if error is None and self._saved_unsynced:
+            # A Save in this batch appended the batch's writes before its
+            # rotation, without a sync: they are not durable yet.
+            error = await self._sync()
+        self._saved_unsynced = False
+        if error is not None and dur.journal.own:
+            return error
+        if dur.unsaved > dur.snapshot_bytes and not dur.saving:
+            self._start_snapshot()
+        self._gather = written > 0
         return None
 
     async def _append_durably(self) -> tuple[int, PersistenceIOError | None]:
@@ -555,7 +564,7 @@ class DurableShardActor(ShardActor):
             return ticket
         data = store.data.copy()
         expires = store.expires.copy()
-        offset = dur.journal.offset
+        offset = wall_offset()
         ticket.pause_ms = round((time.perf_counter() - started) * 1000, 3)
         ticket.entries = len(data)
         dur.last_snapshot_pause_ms = ticket.pause_ms
@@ -879,3 +888,7 @@ def _redo_intents(
 
 def health_of(store: ShardStore) -> Health:
     return Health.OK if store.durability is None else store.durability.health
+
+
+# The messages DurableShardActor.handle_nowait does not pass to the store.
+_CONTROL = frozenset({Save, Resave, SyncNow, Hold})

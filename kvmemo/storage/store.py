@@ -42,7 +42,8 @@ from ..eviction.memory import ENTRY_BASE, ROUND_UP, MemoryTracker
 from ..eviction.memory import entry_size as _entry_size
 from ..eviction.policies import EvictionPolicy, NoEvictionPolicy, TickTimes
 from ..expiry.ttl_index import TTLIndex
-from .durability import Journal, ShardDurability
+from ..persistence.records import encode_set
+from .durability import Journal, ShardDurability, record_too_large
 
 SCAN_SNAPSHOTS = 64  # open SCAN iterations remembered per shard, by default (see scan)
 # A SCAN position on one shard is (tag, field), see ShardStore.scan. Tags:
@@ -316,7 +317,13 @@ class ShardStore:
             self.put(key, value, now, expires_at=None)
             return
         journal = self.journal
-        record = b"" if journal is None else journal.set_record(key, value, None)  # as put
+        if journal is None:
+            record = b""
+        else:  # journal.set_record(key, value, None), inlined
+            try:
+                record = encode_set(key, value)
+            except ValueError as exc:
+                raise record_too_large(exc) from None
         old = self.data.get(key)
         if old is None:
             delta = (
