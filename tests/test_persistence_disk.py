@@ -25,6 +25,7 @@ was down is not loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -40,9 +41,11 @@ import trio
 
 import kvmemo
 from kvmemo.client import connect
+from kvmemo.commands.ops import PlainSet
 from kvmemo.errors import KVMemoError
-from kvmemo.persistence import AppendFsync, Op, Record, SegmentedLog, encode
+from kvmemo.persistence import AppendFsync, Op, Record, SegmentedLog, encode, wal
 from kvmemo.storage.durability import Health, ShardDurability
+from kvmemo.storage.durable_shard import Save
 
 ROOT = Path(__file__).resolve().parents[1]
 TMPFS_SIZE = 256 * 1024  # bytes of the small file system
@@ -264,6 +267,70 @@ def test_with_appendfsync_no_a_successful_append_clears_a_failure(tmp_path: Path
         assert (dur.health, dur.error) == (Health.OK, None)
     finally:
         dur.log.close()
+
+
+async def _set_then_save_in_one_batch(kv: kvmemo.Store) -> tuple[str, str]:
+    """A SET and a Save queued together on shard 0 (one batch): each one's outcome."""
+    ref = kv.engine._shards[0]
+    set_slot = ref.ask_nowait(PlainSet(b"x", b"1"))
+    save_slot = ref.ask_nowait(Save())
+    outcomes = []
+    try:
+        outcomes.append(await set_slot.wait())
+    except KVMemoError as exc:
+        outcomes.append(exc.kind)
+    try:  # the Save's reply is held with the batch's, and fails with them
+        ticket = await save_slot.wait()
+        await ticket.wait()
+        outcomes.append("OK")
+    except KVMemoError as exc:
+        outcomes.append(exc.kind)
+    return outcomes[0], outcomes[1]
+
+
+async def test_a_set_whose_record_a_save_appended_fails_when_that_sync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``always``: the Save appended the SET's record; the commit's sync of it failed."""
+    failing = False
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    async with kvmemo.open_store(
+        shards=1, data_dir=str(tmp_path), appendfsync="always", fsync_method="fsync"
+    ) as kv:
+        assert await kv.set("warm", "1") == "OK"
+        failing = True
+        set_outcome, _ = await _set_then_save_in_one_batch(kv)
+        failing = False
+        assert set_outcome == "IO"
+
+
+@pytest.mark.parametrize("appendfsync", ["always", "everysec", "no"])
+async def test_a_set_whose_record_a_failed_save_append_dropped_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, appendfsync: str
+) -> None:
+    """The Save's append of the batch failed (a full disk): the SET's reply says so."""
+    failing = False
+    real_write_all = wal.write_all
+
+    def write_all(fd: int, data: bytes) -> None:
+        if failing:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(wal, "write_all", write_all)
+    async with kvmemo.open_store(shards=1, data_dir=str(tmp_path), appendfsync=appendfsync) as kv:
+        assert await kv.set("warm", "1") == "OK"
+        failing = True
+        assert await _set_then_save_in_one_batch(kv) == ("IO", "IO")
+        failing = False
+        assert await kv.set("after", "1") == "OK"  # the disk has room again
 
 
 # -- a corrupt log ----------------------------------------------------------------------------

@@ -369,6 +369,7 @@ class ShardDurability:
             # failed write drops the batch as requeue would (its replies fail).
             records = journal.records
             if not records:
+                journal.own = False  # as take: nothing of this batch was in it
                 return 0
             data = b"".join(records)
             records.clear()

@@ -263,6 +263,9 @@ class DurableShardActor(ShardActor):
         self._resave_wait = SYNC_INTERVAL
         self._gather = False  # the next message handled yields first (group commit)
         self._saved_unsynced = False  # a Save appended this batch's writes without a sync
+        self._saved_own = False  # ... and among them writes of this batch's own
+        # A Save's append of this batch's writes failed: the error their replies get.
+        self._batch_error: PersistenceIOError | None = None
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
             SNAPSHOT_QUEUE
         )
@@ -350,6 +353,7 @@ class DurableShardActor(ShardActor):
         if dur.fsync is AppendFsync.ALWAYS:
             return DEFER
         dur.journal.offset = None  # read again at the next batch's first expiry
+        error, self._batch_error = self._batch_error, None
         try:
             dur.append()
         except OSError as exc:
@@ -360,7 +364,7 @@ class DurableShardActor(ShardActor):
             # batch wrote nothing (reads keep working on a full disk).
         if dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
-        return None
+        return error
 
     async def commit(self) -> BaseException | None:
         dur = self.dur
@@ -368,13 +372,19 @@ class DurableShardActor(ShardActor):
             result: BaseException | None = self.commit_nowait()
             return result
         dur.journal.offset = None  # read again at the next batch's first expiry
+        batch_error, self._batch_error = self._batch_error, None
         written, error = await self._append_durably()
+        own = dur.journal.own
         if error is None and self._saved_unsynced:
             # A Save in this batch appended the batch's writes before its
-            # rotation, without a sync: they are not durable yet.
+            # rotation, without a sync: they are not durable yet. Its error
+            # is theirs when they were this batch's own (not only carried).
             error = await self._sync()
-        self._saved_unsynced = False
-        if error is not None and dur.journal.own:
+            own = own or self._saved_own
+        self._saved_unsynced = self._saved_own = False
+        if batch_error is not None:
+            return batch_error
+        if error is not None and own:
             return error
         if dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
@@ -548,8 +558,17 @@ class DurableShardActor(ShardActor):
             return ticket
         started = time.perf_counter()
         try:
-            if dur.append() and dur.fsync is AppendFsync.ALWAYS:
+            try:
+                written = dur.append()
+            except OSError as exc:
+                if dur.journal.own:
+                    # This batch's writes are not in the log: the commit
+                    # fails their replies (the snapshot fails here).
+                    self._batch_error = self._io_error(exc)
+                raise
+            if written and dur.fsync is AppendFsync.ALWAYS:
                 self._saved_unsynced = True  # commit syncs before the batch's replies
+                self._saved_own = self._saved_own or dur.journal.own
             covers = dur.log.rotate()
             dur.unsaved = 0  # even if the snapshot fails: retried after as many bytes again
             # The new segment opens with the newest round's mark: the
