@@ -1234,7 +1234,9 @@ class Client(Commands):
             while len(staged) < self._max_batch:
                 try:
                     staged.append(self._outbox_out.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    # EndOfChannel: closed during the checkpoint; _lose failed
+                    # every request and ended the link (checked next).
                     break
             if link.ended.is_set() or link.ws is None:
                 return  # what is staged waits for the next connection
