@@ -12,6 +12,9 @@ order, and drains every queued message per wake-up, so per-message scheduling
 cost is paid once per batch. An actor whose messages mostly need no ``await``
 also defines :meth:`Actor.handle_nowait`, a plain call the runtime tries first
 (no coroutine per message); it answers :data:`DEFER` for the others.
+A ``group_commit`` actor's replies of one batch wait for :meth:`Actor.commit`
+(e.g. a log written once for the batch); :meth:`Actor.commit_nowait` is its
+plain-call form, tried first in the same way.
 A handler that raises one of the actor's ``expected_errors`` answers its
 asker with that error and the actor lives on; any other exception is a
 crash: the asker of that message gets
