@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -45,7 +46,7 @@ from kvmemo.commands.ops import PlainSet
 from kvmemo.errors import KVMemoError
 from kvmemo.persistence import AppendFsync, Op, Record, SegmentedLog, encode, wal
 from kvmemo.storage.durability import Health, ShardDurability
-from kvmemo.storage.durable_shard import Save
+from kvmemo.storage.durable_shard import Save, SyncNow
 
 ROOT = Path(__file__).resolve().parents[1]
 TMPFS_SIZE = 256 * 1024  # bytes of the small file system
@@ -309,6 +310,40 @@ async def test_a_set_whose_record_a_save_appended_fails_when_that_sync_fails(
         set_outcome, _ = await _set_then_save_in_one_batch(kv)
         failing = False
         assert set_outcome == "IO"
+
+
+async def test_a_set_whose_record_a_save_appended_fails_when_a_sync_in_between_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``always``: a sync between the Save and the commit failed; the commit's own succeeded."""
+    fail_next = 0
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        nonlocal fail_next
+        if fail_next:
+            fail_next -= 1
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real_fsync(fd)
+
+    async def outcome(slot: Any) -> str:
+        try:
+            await slot.wait()
+        except KVMemoError as exc:
+            return exc.kind
+        return "OK"
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    async with kvmemo.open_store(
+        shards=1, data_dir=str(tmp_path), appendfsync="always", fsync_method="fsync"
+    ) as kv:
+        assert await kv.set("warm", "1") == "OK"
+        fail_next = 1  # the SyncNow's: the only one to cover a's record
+        ref = kv.engine._shards[0]
+        slots = [ref.ask_nowait(m) for m in (PlainSet(b"a", b"1"), Save(), SyncNow())]
+        slots.append(ref.ask_nowait(PlainSet(b"b", b"1")))
+        got = [await outcome(slots[i]) for i in (0, 2, 3)]
+        assert got == ["IO", "IO", "IO"]  # a's record may be lost; b shares the batch
 
 
 @pytest.mark.parametrize("appendfsync", ["always", "everysec", "no"])

@@ -264,6 +264,7 @@ class DurableShardActor(ShardActor):
         self._gather = False  # the next message handled yields first (group commit)
         self._saved_unsynced = False  # a Save appended this batch's writes without a sync
         self._saved_own = False  # ... and among them writes of this batch's own
+        self._saved_failures = 0  # ... and the shard's failed syncs before that append
         # A Save's append of this batch's writes failed: the error their replies get.
         self._batch_error: PersistenceIOError | None = None
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
@@ -381,6 +382,11 @@ class DurableShardActor(ShardActor):
             # is theirs when they were this batch's own (not only carried).
             error = await self._sync()
             own = own or self._saved_own
+            if error is None and dur.sync_failures > self._saved_failures:
+                # A sync that ran in between (a SyncNow, the snapshot writer's,
+                # while a Hold waited) failed: the appended records may be
+                # lost, and the commit's round, a success, left nothing to sync.
+                error = self._io_error(OSError(errno.EIO, "a sync of the log failed"))
         self._saved_unsynced = self._saved_own = False
         if batch_error is not None:
             return batch_error
@@ -567,6 +573,8 @@ class DurableShardActor(ShardActor):
                     self._batch_error = self._io_error(exc)
                 raise
             if written and dur.fsync is AppendFsync.ALWAYS:
+                if not self._saved_unsynced:
+                    self._saved_failures = dur.sync_failures
                 self._saved_unsynced = True  # commit syncs before the batch's replies
                 self._saved_own = self._saved_own or dur.journal.own
             covers = dur.log.rotate()
