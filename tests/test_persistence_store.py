@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import trio.testing
 
 import kvmemo
 from actors import EventKind
+from kvmemo.errors import KVMemoError
 from kvmemo.persistence.records import Op, decode_stream
 from kvmemo.persistence.wal import list_segments
 from kvmemo.storage.shard import Inspect
@@ -165,3 +168,54 @@ async def test_a_clock_jump_between_batches_does_not_shift_the_logged_expiry(
         assert c is not None
         assert abs(c - c_ms) < 2000
         assert await kv.ttl("c") == 100
+
+
+async def test_a_write_held_by_a_commit_when_its_shard_is_killed_says_it_may_have_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard 1's sync round blocks; shard 0's batch waits for the next round, held; shard 0
+    is killed: its write fails with INTERNAL, ``applied`` null, and a message that names
+    the kill (not a crash)."""
+    entered, release = threading.Event(), threading.Event()
+    blocking = False
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if blocking:
+            entered.set()
+            release.wait(10)
+        real_fsync(fd)
+
+    def key_on(kv: kvmemo.Store, shard: int) -> bytes:
+        return next(
+            k for k in (b"k%d" % n for n in range(1000)) if kv.engine.slots.shard_of(k) == shard
+        )
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    async with kvmemo.open_store(
+        shards=2, data_dir=str(tmp_path), appendfsync="always", fsync_method="fsync"
+    ) as kv:
+        k0, k1 = key_on(kv, 0), key_on(kv, 1)
+        assert await kv.set(k0, "warm") == "OK"
+        blocking = True
+        errors: list[KVMemoError] = []
+
+        async def writer(key: bytes) -> None:
+            try:
+                await kv.set(key, "1")
+            except KVMemoError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, k1)
+            assert await trio.to_thread.run_sync(entered.wait, 10)  # shard 1's round syncs
+            nursery.start_soon(writer, k0)
+            await trio.testing.wait_all_tasks_blocked()  # shard 0's request gathers, held
+            assert kv.kill_actor("shard-0")
+            await trio.testing.wait_all_tasks_blocked()
+            blocking = False
+            release.set()
+        assert [e.kind for e in errors] == ["INTERNAL"]
+        assert errors[0].data["applied"] is None
+        assert "shard-0 was killed while handling the command" in str(errors[0])
+        assert await kv.get(k1) == b"1"  # shard 1's round went on

@@ -33,6 +33,7 @@ import trio
 from actors import (
     ActorContext,
     ActorCrashed,
+    ActorKilled,
     ActorRef,
     ActorState,
     ActorStopped,
@@ -683,6 +684,12 @@ class KVEngine:
         if isinstance(exc, ActorCrashed):
             if not exc.handler_started:
                 return UnavailableError(f"{ref.name} is restarting", retry_after_ms=10)
+            if isinstance(exc.cause, ActorKilled):  # a chaos kill, not a bug of the shard
+                return InternalError(
+                    f"{ref.name} was killed while handling the command; "
+                    "it may or may not have been applied",
+                    applied=None,
+                )
             return InternalError(f"{ref.name} crashed handling the command", applied=None)
         if isinstance(exc, ActorStopped):
             return UnavailableError(f"{ref.name} is stopped", retry_after_ms=1000)
