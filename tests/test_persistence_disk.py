@@ -543,3 +543,33 @@ def test_healthz_reports_a_shard_whose_writes_are_not_durable(tmp_path: Path) ->
     status, body = trio.run(main)
     assert status == 503
     assert body["persistence"] == ["shard-1: No space left on device: wal-1.log"]
+
+
+async def test_a_snapshot_whose_sync_fails_reports_the_failure_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot's head-mark sync failed: SAVE fails with IO, and the shard's error
+    names the failure once (it used to be recorded twice, the message nested in itself)."""
+    failing = False
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    async with kvmemo.open_store(
+        shards=1, data_dir=str(tmp_path), appendfsync="everysec", fsync_method="fsync"
+    ) as kv:
+        assert await kv.set("a", "1") == "OK"  # appended, not synced yet
+        failing = True
+        with pytest.raises(KVMemoError) as caught:
+            await kv.execute("SAVE")
+        assert caught.value.kind == "IO"
+        failing = False
+        section = (await kv.info("persistence"))["persistence"]
+        assert section["health"] == "failing"
+        [error] = section["errors"]
+        assert error.count("Input/output error (injected)") == 1, error
+        assert error.count("a snapshot will re-save") == 1, error

@@ -650,7 +650,10 @@ class DurableShardActor(ShardActor):
             # long ago, over newer writes.
             error = await self._sync()
             if error is not None:
-                raise OSError(errno.EIO, str(error))
+                # Recorded already (sync_failed): recording it again as a new
+                # failure would nest its message in itself.
+                ticket.error = PersistenceIOError(f"snapshot failed: {error}", applied=False)
+                return
             await trio.to_thread.run_sync(
                 lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
             )
