@@ -25,6 +25,7 @@ was down is not loaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -33,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,16 +271,47 @@ def test_with_appendfsync_no_a_successful_append_clears_a_failure(tmp_path: Path
         dur.log.close()
 
 
+class FailingFsync:
+    """``os.fsync`` for a test: EIO while ``on``, or for the next ``count`` calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.on = False
+        self.count = 0
+        self._real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if self.on or self.count:
+            self.count = max(0, self.count - 1)
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        self._real(fd)
+
+
+async def _kind_of(slot: Any) -> str:
+    """ "OK" when the shard's reply in ``slot`` succeeded, else its error's kind."""
+    try:
+        await slot.wait()
+    except KVMemoError as exc:
+        return exc.kind
+    return "OK"
+
+
+@contextlib.asynccontextmanager
+async def _warm_always_store(data_dir: Path) -> AsyncIterator[kvmemo.Store]:
+    """One shard, ``always`` synced by plain ``fsync``, one write made durable already."""
+    async with kvmemo.open_store(
+        shards=1, data_dir=str(data_dir), appendfsync="always", fsync_method="fsync"
+    ) as kv:
+        assert await kv.set("warm", "1") == "OK"
+        yield kv
+
+
 async def _set_then_save_in_one_batch(kv: kvmemo.Store) -> tuple[str, str]:
     """A SET and a Save queued together on shard 0 (one batch): each one's outcome."""
     ref = kv.engine._shards[0]
     set_slot = ref.ask_nowait(PlainSet(b"x", b"1"))
     save_slot = ref.ask_nowait(Save())
-    outcomes = []
-    try:
-        outcomes.append(await set_slot.wait())
-    except KVMemoError as exc:
-        outcomes.append(exc.kind)
+    outcomes = [await _kind_of(set_slot)]
     try:  # the Save's reply is held with the batch's, and fails with them
         ticket = await save_slot.wait()
         await ticket.wait()
@@ -293,22 +325,11 @@ async def test_a_set_whose_record_a_save_appended_fails_when_that_sync_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``always``: the Save appended the SET's record; the commit's sync of it failed."""
-    failing = False
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if failing:
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    async with kvmemo.open_store(
-        shards=1, data_dir=str(tmp_path), appendfsync="always", fsync_method="fsync"
-    ) as kv:
-        assert await kv.set("warm", "1") == "OK"
-        failing = True
+    fsync = FailingFsync(monkeypatch)
+    async with _warm_always_store(tmp_path) as kv:
+        fsync.on = True
         set_outcome, _ = await _set_then_save_in_one_batch(kv)
-        failing = False
+        fsync.on = False
         assert set_outcome == "IO"
 
 
@@ -316,33 +337,13 @@ async def test_a_set_whose_record_a_save_appended_fails_when_a_sync_in_between_f
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``always``: a sync between the Save and the commit failed; the commit's own succeeded."""
-    fail_next = 0
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        nonlocal fail_next
-        if fail_next:
-            fail_next -= 1
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        real_fsync(fd)
-
-    async def outcome(slot: Any) -> str:
-        try:
-            await slot.wait()
-        except KVMemoError as exc:
-            return exc.kind
-        return "OK"
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    async with kvmemo.open_store(
-        shards=1, data_dir=str(tmp_path), appendfsync="always", fsync_method="fsync"
-    ) as kv:
-        assert await kv.set("warm", "1") == "OK"
-        fail_next = 1  # the SyncNow's: the only one to cover a's record
+    fsync = FailingFsync(monkeypatch)
+    async with _warm_always_store(tmp_path) as kv:
+        fsync.count = 1  # the SyncNow's: the only one to cover a's record
         ref = kv.engine._shards[0]
         slots = [ref.ask_nowait(m) for m in (PlainSet(b"a", b"1"), Save(), SyncNow())]
         slots.append(ref.ask_nowait(PlainSet(b"b", b"1")))
-        got = [await outcome(slots[i]) for i in (0, 2, 3)]
+        got = [await _kind_of(slots[i]) for i in (0, 2, 3)]
         assert got == ["IO", "IO", "IO"]  # a's record may be lost; b shares the batch
 
 
@@ -550,24 +551,16 @@ async def test_a_snapshot_whose_sync_fails_reports_the_failure_once(
 ) -> None:
     """The snapshot's head-mark sync failed: SAVE fails with IO, and the shard's error
     names the failure once (it used to be recorded twice, the message nested in itself)."""
-    failing = False
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if failing:
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fsync = FailingFsync(monkeypatch)
     async with kvmemo.open_store(
         shards=1, data_dir=str(tmp_path), appendfsync="everysec", fsync_method="fsync"
     ) as kv:
         assert await kv.set("a", "1") == "OK"  # appended, not synced yet
-        failing = True
+        fsync.on = True
         with pytest.raises(KVMemoError) as caught:
             await kv.execute("SAVE")
         assert caught.value.kind == "IO"
-        failing = False
+        fsync.on = False
         section = (await kv.info("persistence"))["persistence"]
         assert section["health"] == "failing"
         [error] = section["errors"]
