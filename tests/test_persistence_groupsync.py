@@ -183,6 +183,43 @@ async def test_a_leader_cancelled_mid_round_still_answers_its_round_and_hands_ov
     assert (stats.rounds, stats.requests, stats.gathering, stats.leading) == (3, 4, 0, False)
 
 
+async def test_a_follower_cancelled_while_its_round_runs_leaves_only_after_the_round() -> None:
+    coord = SyncCoordinator(gather_passes=0, width=1)  # one lane: the gate blocks the round
+    ran: list[str] = []
+    leader_gate = Gate()
+    follower_scope = trio.CancelScope()
+    seen: list[str] = []
+
+    async def follower() -> None:
+        with follower_scope:
+            try:
+                await coord.sync(recorder(ran, "follower"))
+            except trio.Cancelled:
+                seen.append(f"cancelled after {ran}")
+                raise
+            seen.append("returned")  # not reached: the cancellation is taken on return
+
+    with trio.fail_after(GATE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            first = await hold_a_round(coord, nursery)
+            nursery.start_soon(coord.sync, leader_gate)  # the oldest: it leads the next round
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(follower)
+            await trio.testing.wait_all_tasks_blocked()
+            first.release.set()
+            await leader_gate.wait_entered()  # the round holding the follower's call runs
+            follower_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            # Its call is in the running round: the follower stays until the round ends.
+            assert seen == []
+            assert coord.statistics().leading
+            leader_gate.release.set()
+    assert follower_scope.cancelled_caught
+    assert seen == ["cancelled after ['follower']"]  # its call ran before it left
+    stats = coord.statistics()
+    assert (stats.rounds, stats.requests, stats.gathering, stats.leading) == (2, 3, 0, False)
+
+
 async def test_a_leader_cancelled_before_taking_its_round_runs_nothing_and_leaves_it_idle() -> None:
     coord = SyncCoordinator()
     ran: list[str] = []

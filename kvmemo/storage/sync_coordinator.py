@@ -71,14 +71,15 @@ round, as it waited for its own fsync before. A
 requester cancelled while its request is gathering withdraws it (its call
 never runs; if that leaves requests gathering and no round claimed, the
 oldest is promoted); one cancelled while its request is in the running round
-waits, shielded, for that round to end (its call has then run: the caller
-reads what happened from the call itself) and then takes its cancellation.
+stays parked until that round ends (the cancellation cannot abort its wait;
+its call has then run: the caller reads what happened from the call itself)
+and then takes its cancellation.
 
 Invariants (at every checkpoint): a request not yet done is either in
 ``_gathering`` or in the running round's batch; ``_leading`` is True from
 the moment a leader claims the next round until that round's outcomes are
 handed out; when ``_leading`` is False and requests are gathering, the
-oldest one's ``wake`` is set (its task is about to lead).
+oldest one's task has been rescheduled, or is running (it is about to lead).
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ import functools
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
+import outcome
 import trio
 
 from ..persistence.commitlog import (
@@ -117,15 +119,61 @@ METHODS = (FSYNC, SYNCFS, COMMITLOG)
 # threads gained nothing and cost more CPU.
 SYNC_WIDTH = 4  # threads per round
 
+_T = TypeVar("_T")
 
-@attrs.define(eq=False)
+
 class _Request:
-    """One requester's call in a round and, once done, its outcome."""
+    """One requester's call in a round and, once done, its outcome.
 
-    call: Callable[[], object]
-    wake: trio.Event = attrs.field(factory=trio.Event)
-    done: bool = False
-    error: BaseException | None = None
+    The requester parks its own task on the request (``task``) instead of
+    waiting on a ``trio.Event``: a wake is one ``reschedule``, and there is
+    one request per shard per round, so every ``always`` write pays a share
+    of it. ``_wake`` reschedules the parked task, if any; a requester not
+    parked re-reads the coordinator's state before it parks again, so no
+    wake is lost. ``cancelled``: a cancellation arrived while the running
+    round held the request (the requester stays parked until the round
+    ends, then takes it).
+    """
+
+    __slots__ = ("call", "cancelled", "coordinator", "done", "error", "task")
+
+    def __init__(self, coordinator: SyncCoordinator, call: Callable[[], object]) -> None:
+        self.coordinator = coordinator
+        self.call = call
+        self.task: trio.lowlevel.Task | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        """A cancellation reached the parked requester."""
+        coordinator = self.coordinator
+        if self in coordinator._gathering:
+            # Not taken by a round yet: withdraw it (its call never runs).
+            self.task = None
+            coordinator._withdraw(self)
+            return _SUCCEEDED
+        # In the running round: its call may be running in a worker thread
+        # now. Stay parked until the round ends, so that the caller's end (a
+        # shard's kill or restart) never outruns its own call; the requester
+        # takes the cancellation then (see SyncCoordinator.sync).
+        self.cancelled = True
+        return _FAILED
+
+
+def _wake(request: _Request) -> None:
+    """Reschedule the request's parked task, if it is parked."""
+    task = request.task
+    if task is not None:
+        request.task = None
+        _reschedule(task)
+
+
+_SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
+_FAILED = trio.lowlevel.Abort.FAILED
+_reschedule = trio.lowlevel.reschedule
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 
 
 class RoundIncompleteError(RuntimeError):
@@ -438,6 +486,37 @@ def _syncfs_round(calls: Sequence[Callable[[], object]]) -> list[BaseException |
     return errors
 
 
+def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+async def _in_thread(fn: Callable[[], _T]) -> _T:
+    """Run ``fn()`` in a thread of trio's thread cache; its result (or raise its error).
+
+    ``trio.to_thread.run_sync`` without what a round does not need: no
+    capacity limiter (one round runs at a time), no ``trio.from_thread``
+    context, no cancellation (the caller holds a shielded scope, and this
+    wait cannot be aborted either: a round, once started, is waited for).
+    Its cost is per round, so every ``always`` write pays a share of it.
+    The thread hands the outcome back with ``run_sync_soon``, which wakes the
+    event loop; the caller's task is parked until then, so the thread never
+    outlives it.
+
+    Raises:
+        RuntimeError: the thread could not be started (nothing ran).
+        Exception: whatever ``fn`` raised.
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[_T]) -> None:
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(fn, deliver, name="kvmemo sync round")
+    result: _T = await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+    return result
+
+
 class SyncCoordinator:
     """Runs the syncs of several shards in shared worker-thread rounds.
 
@@ -551,31 +630,25 @@ class SyncCoordinator:
             trio.Cancelled: cancelled before the round holding the request
                 ended; the call may or may not have run.
         """
-        request = _Request(call)
+        request = _Request(self, call)
         self._gathering.append(request)
         try:
             while not request.done:
                 if not self._leading:
                     await self._lead()
                 else:
-                    if request.wake.is_set():
-                        request.wake = trio.Event()
-                    await request.wake.wait()
-        except BaseException:
-            if not request.done and request not in self._gathering:
-                # Cancelled while the running round holds the request: its call
-                # may be running in a worker thread right now. Wait for the
-                # round (shielded; at most one round), so that the caller's
-                # end (a shard's kill or restart) never outruns its own call.
-                with trio.CancelScope(shield=True):
-                    while not request.done:
-                        await request.wake.wait()
-                        if not request.done:
-                            request.wake = trio.Event()
-            raise
+                    # Parked until the round holding the request ends, or until
+                    # it is promoted to lead the next round (see _Request).
+                    request.task = _current_task()
+                    await _wait_task_rescheduled(request._abort)
         finally:
             if not request.done:
                 self._withdraw(request)
+        if request.cancelled:
+            # Cancelled while the running round held the request: the round
+            # has ended, so the cancellation is taken now (still pending in
+            # the caller's cancel scope, it is raised by this checkpoint).
+            await trio.lowlevel.checkpoint()
         if request.error is not None:
             raise request.error
 
@@ -598,11 +671,13 @@ class SyncCoordinator:
             with trio.CancelScope(shield=True):
                 calls = [r.call for r in batch]
                 if self.method == SYNCFS:
-                    errors = await trio.to_thread.run_sync(_syncfs_round, calls)
+                    errors = await _in_thread(functools.partial(_syncfs_round, calls))
                 elif self.method == COMMITLOG:
-                    errors = await trio.to_thread.run_sync(_commit_round, calls, self._commit_log)
+                    errors = await _in_thread(
+                        functools.partial(_commit_round, calls, self._commit_log)
+                    )
                 else:
-                    errors = await trio.to_thread.run_sync(_run_round, calls, self._width)
+                    errors = await _in_thread(functools.partial(_run_round, calls, self._width))
         finally:
             # No checkpoint from here on: the hand-out is atomic.
             self._leading = False
@@ -614,7 +689,7 @@ class SyncCoordinator:
             for request, error in zip(batch, errors, strict=True):
                 request.done = True
                 request.error = error
-                request.wake.set()
+                _wake(request)
             self._promote()
 
     def _withdraw(self, request: _Request) -> None:
@@ -626,4 +701,4 @@ class SyncCoordinator:
     def _promote(self) -> None:
         """If no round is claimed and requests are gathering, wake the oldest to lead."""
         if not self._leading and self._gathering:
-            self._gathering[0].wake.set()
+            _wake(self._gathering[0])
