@@ -256,7 +256,10 @@ class DurableShardActor(ShardActor):
         assert self.store.durability is not None
         self.dur: ShardDurability = self.store.durability
         self.config = config
-        self._sync_lock = trio.Lock()
+        # A semaphore of one, not a trio.Lock: the same exclusion for less
+        # (no owner to track and no parking-lot breaker), taken once per
+        # ``always`` batch. Held across a sync round only, by this actor's tasks.
+        self._sync_lock = trio.Semaphore(1, max_value=1)
         self._self = ctx.self_ref  # for the re-save the background loop asks for
         # The next re-save is tried from _resave_at (trio time); the wait doubles per try.
         self._resave_at = 0.0
