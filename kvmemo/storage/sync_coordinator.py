@@ -16,8 +16,8 @@ in memory). The shards of one store therefore share a
   claimed becomes the *leader*. It yields while the last scheduler pass
   brought new requests (at most ``GATHER_PASSES`` passes, so that the shards
   answered by the previous round join this one), takes every request
-  gathered and runs their calls in ONE worker thread (one
-  ``trio.to_thread.run_sync``), which spreads them over ``SYNC_WIDTH``
+  gathered and runs their calls in ONE worker thread (one hand-off to
+  trio's thread cache, see ``_in_thread``), which spreads them over ``SYNC_WIDTH``
   lanes (helper threads from trio's thread cache, joined before the round
   returns) because the file system merges the journal commits of
   concurrent fsyncs. The leader then hands each request its own outcome
