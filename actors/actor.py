@@ -312,7 +312,18 @@ class ActorRef:
             slot._task = _current_task()
             if timeout is None:
                 return await _wait_task_rescheduled(slot._abort)
-            pending = cell.system.deadlines.add(slot, timeout, cell.name)
+            # Register the deadline as Deadlines.add would, inlined: into a
+            # FIFO that is not empty, a deadline lands behind its head and
+            # never needs to wake the sweeper (see actors.deadlines).
+            try:
+                pending, now, offset = cell.system.deadlines._fifos[timeout]
+            except KeyError:
+                pending = cell.system.deadlines.add(slot, timeout, cell.name)
+            else:
+                if pending:
+                    pending[slot] = (now() + offset + timeout, cell.name)
+                else:
+                    pending = cell.system.deadlines.add(slot, timeout, cell.name)
             try:
                 return await _wait_task_rescheduled(slot._abort)
             finally:
