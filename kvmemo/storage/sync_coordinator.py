@@ -486,6 +486,13 @@ def _syncfs_round(calls: Sequence[Callable[[], object]]) -> list[BaseException |
     return errors
 
 
+def _incomplete(cause: Exception) -> RoundIncompleteError:
+    """A request's outcome when its round could not complete (one per request)."""
+    error = RoundIncompleteError(f"the sync round did not complete: {cause!r}")
+    error.__cause__ = cause
+    return error
+
+
 def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
@@ -671,13 +678,18 @@ class SyncCoordinator:
             with trio.CancelScope(shield=True):
                 calls = [r.call for r in batch]
                 if self.method == SYNCFS:
-                    errors = await _in_thread(functools.partial(_syncfs_round, calls))
+                    run = functools.partial(_syncfs_round, calls)
                 elif self.method == COMMITLOG:
-                    errors = await _in_thread(
-                        functools.partial(_commit_round, calls, self._commit_log)
-                    )
+                    run = functools.partial(_commit_round, calls, self._commit_log)
                 else:
-                    errors = await _in_thread(functools.partial(_run_round, calls, self._width))
+                    run = functools.partial(_run_round, calls, self._width)
+                try:
+                    errors = await _in_thread(run)
+                except Exception as exc:  # noqa: BLE001 - every request gets it
+                    # The thread did not start (nothing ran), or the round failed
+                    # outside its calls: every request, the leader's own included,
+                    # gets RoundIncompleteError (a shard handles it as an IO error).
+                    errors = [_incomplete(exc) for _ in batch]
         finally:
             # No checkpoint from here on: the hand-out is atomic.
             self._leading = False
