@@ -10,6 +10,13 @@ mailbox is its lock and each message's effect is atomic with respect to
 cancellation. The one exception is :class:`Hold`, the shard's side of an
 atomic multi-shard write: prepare, wait (shielded, bounded) for the engine's
 decision, then commit or abort; other shards keep serving meanwhile.
+
+A round's holds share one deadline: the first shard to prepare waits under
+a cancel scope of ``hold_timeout`` (shielded, with its own deadline), and
+when that passes it decides the round (abort) for every shard; the others,
+which prepared later and so would time out later, wait for the decision
+without a scope of their own (a cancel scope costs about 5 µs; a round of
+an MSET burst holds every shard).
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ from ..eviction.policies import EvictionPolicy
 from .durability import Journal
 from .store import SCAN_SNAPSHOTS, NeedMemory, ShardStore
 
-_current_time = trio.current_time
+_reschedule = trio.lowlevel.reschedule
+_FAILED = trio.lowlevel.Abort.FAILED
+
+
+def _cannot_abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+    """A held shard's wait cannot be cancelled (see :meth:`Barrier.park`)."""
+    return _FAILED
 
 
 class Barrier:
@@ -37,6 +50,9 @@ class Barrier:
     shard arrived, or one failed) or by a shard whose hold timed out (an
     abort); a shard commits only if the decision is ``commit``; ``ready`` is
     set once every shard arrived, one failed, or the decision was made.
+    ``timed`` is set by the first shard to prepare, which waits with the
+    round's deadline; every shard ``parked`` (a later one, without a deadline
+    of its own) is rescheduled by the decision, and only by it.
 
     A *deferred* round (:meth:`defer`: a transaction, whose effects are known
     only once its steps ran) has a third phase: each shard commits, hands
@@ -57,7 +73,9 @@ class Barrier:
         "handed",
         "logged",
         "n",
+        "parked",
         "ready",
+        "timed",
         "txid",
         "votes",
     )
@@ -79,6 +97,8 @@ class Barrier:
         self.ready = trio.Event()  # every shard prepared, or one failed
         self.decided = trio.Event()
         self.down: int | None = None  # a shard that went down before it prepared
+        self.timed = False  # a shard holds with the round's deadline (see ShardActor._hold)
+        self.parked: list[trio.lowlevel.Task] = []  # shards waiting for the decision
 
     def defer(self) -> None:
         """Make this a deferred round (before the decision; see the class docstring)."""
@@ -121,7 +141,25 @@ class Barrier:
             self.commit = commit and not self.failed
             self.decided.set()
             self.ready.set()
+            parked = self.parked
+            if parked:
+                self.parked = []
+                for task in parked:
+                    _reschedule(task)
         return self.commit
+
+    async def park(self) -> None:
+        """Wait for the decision, uncancellably.
+
+        For a shard that prepared after the ``timed`` one: as shielded as a
+        shielded scope (a cancellation is delivered at the next checkpoint
+        after the decision), and as bounded, by the timed shard's deadline,
+        which comes first. No wait at all once the decision is made.
+        """
+        if self.decided.is_set():
+            return
+        self.parked.append(trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
 
 class PartSlot(ReplySlot):
@@ -280,34 +318,45 @@ class ShardActor(Actor):
     def __init__(self, ctx: ActorContext, hold_timeout: float) -> None:
         self.store: ShardStore = ctx.state
         self.hold_timeout = hold_timeout
+        # The run's clock, read directly: ``trio.current_time()`` finds it
+        # through the runner on every call, and it cannot change during a run
+        # (an actor is built inside the run, once per incarnation).
+        self._now = trio.lowlevel.current_clock().current_time
         # A first mark of the policy clock as the shard (re)starts, before any
         # command: keys written before the first expiry sweep then read their
         # idle time from here, not from that sweep (see ExpireDue).
-        self.store.mark_time(trio.current_time())
+        self.store.mark_time(self._now())
 
     async def handle(self, message: Any) -> Any:
         if type(message) is Hold:
             return await self._hold(message)
-        return message.apply(self.store, trio.current_time())
+        return message.apply(self.store, self._now())
 
     def handle_nowait(self, message: Any) -> Any:
         """Every message but :class:`Hold` runs synchronously (the runtime's fast path)."""
         if type(message) is Hold:
             return DEFER
-        return message.apply(self.store, _current_time())
+        return message.apply(self.store, self._now())
 
     async def _hold(self, message: Hold) -> Any:
         store = self.store
         part = message.part
         barrier = message.barrier
-        barrier.arrive(message.index, part.prepare(store, trio.current_time()))
-        # One scope, shielded (a kill waits for the decision, at most
-        # hold_timeout) and with the hold's own deadline (a shield does not
-        # stop a scope's own deadline); a cancel scope costs several µs. What
-        # follows has no checkpoint, so a kill cannot land between the
-        # decision and the commit.
-        with trio.CancelScope(shield=True, relative_deadline=self.hold_timeout):
-            await barrier.decided.wait()
+        barrier.arrive(message.index, part.prepare(store, self._now()))
+        # Shielded (a kill waits for the decision, at most hold_timeout) and
+        # bounded: the first shard to prepare waits in one scope with the
+        # hold's own deadline (a shield does not stop a scope's own
+        # deadline), and its timeout decides the round for all (see the
+        # module docstring); the others park. What follows has no
+        # checkpoint, so a kill cannot land between the decision and the
+        # commit.
+        if not barrier.decided.is_set():
+            if barrier.timed:
+                await barrier.park()
+            else:
+                barrier.timed = True
+                with trio.CancelScope(shield=True, relative_deadline=self.hold_timeout):
+                    await barrier.decided.wait()
         # A round with an intent (persistence on) is marked in this shard's
         # log after its part, committed or aborted: recovery reads the marks
         # against the intent log (kvmemo.persistence.intents).
@@ -315,7 +364,7 @@ class ShardActor(Actor):
         if barrier.decide(False):
             if barrier.logged is not None and journal is not None:
                 return await self._commit_deferred(message, journal)
-            result = part.commit(store, trio.current_time())
+            result = part.commit(store, self._now())
             if barrier.txid and journal is not None:
                 journal.mark(barrier.txid, True)
             return result
@@ -337,7 +386,7 @@ class ShardActor(Actor):
         barrier = message.barrier
         assert barrier.logged is not None
         before = len(journal.records)
-        result = message.part.commit(self.store, trio.current_time())
+        result = message.part.commit(self.store, self._now())
         records = journal.records[before:]
         del journal.records[before:]
         barrier.hand(message.index, b"".join(records))
