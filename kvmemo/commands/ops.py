@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import CommandSyntaxError, KVMemoError, NotIntegerError, TooLargeError
 from ..eviction.memory import BYTES_HEADER, ROUND_UP, TTL_OVERHEAD
 from ..persistence import Op, encode_fields, encode_set
-from ..storage.store import NeedMemory, ShardStore
+from ..storage.store import NeedMemory, PutPlan, ShardStore
 from .args import INT64_MAX, INT64_MIN, NO_EXPIRY, Clock, Expiry, ExpiryMode, parse_int
 from .glob import glob_match, is_match_all
 from .longdouble import LongDouble, add, format_human, parse_long_double
@@ -541,26 +541,32 @@ class _MSetPart(AtomicPart):
         self.reserved = 0
         self.prepared_at = 0.0
         self.encoded: bytes | None = None  # the pairs as log records, once effects() ran
+        self.plan: PutPlan | None = None  # what prepare saw of the store (see commit)
 
     def prepare(self, store: ShardStore, now: float) -> object:
         if self.only_new and any(store.contains(k, now) for k, _ in self.items):
             return False
-        delta = store.put_delta(self.items, now)
+        plan = store.plan_put_many(self.items, now)
+        delta = plan.delta
         if not store.tracker.try_reserve(store.shard_id, delta):
             return NeedMemory(delta)
         self.reserved = delta
         self.prepared_at = now
+        self.plan = plan
         return True
 
     def commit(self, store: ShardStore, now: float) -> None:
         # The shard held (no other message ran) since prepare: the store is as
-        # prepare saw it, so applying at prepare's time matches the reservation.
-        # The records the intent encoded are journalled as they are.
-        store.put_many(self.items, self.prepared_at, self.encoded)
+        # prepare saw it, so applying at prepare's time matches the reservation,
+        # and prepare's plan (its lookups) still holds. The records the intent
+        # encoded are journalled as they are.
+        store.put_many(self.items, self.prepared_at, self.encoded, self.plan)
         self.reserved = 0
         self.encoded = None
+        self.plan = None
 
     def abort(self, store: ShardStore) -> None:
+        self.plan = None
         if self.reserved:
             store.tracker.release(store.shard_id, self.reserved)
             self.reserved = 0
@@ -586,11 +592,22 @@ class MSet(AtomicOp):
         self.items = items
         self.only_new = only_new
         self.grouped = False  # already the engine's union of several MSETs
-        # The engine's shard -> positions of the keys, once computed (kept so
-        # that grouping several MSETs does not hash every key again).
+        # The engine's shard -> positions of the keys, once computed (MSETNX).
         self.groups: dict[int, list[int]] | None = None
+        # The engine's shard of each key, in order, once computed (kept so
+        # that grouping several MSETs into a round does not hash every key
+        # again, see KVEngine._mset_round).
+        self.shards: list[int] | None = None
 
     def part(self, positions: list[int]) -> AtomicPart:
+        """The pairs at ``positions`` (increasing, as every grouping gives them).
+
+        Increasing positions that span exactly their own count are one run
+        (``first .. last``): a slice, with no per-pair work (each shard's
+        share of an MSET round is one, see ``KVEngine._mset_round``).
+        """
+        if positions and positions[-1] - positions[0] + 1 == len(positions):
+            return _MSetPart(self.items[positions[0] : positions[-1] + 1], self.only_new)
         return _MSetPart([self.items[i] for i in positions], self.only_new)
 
     def local(self) -> LocalMSet:

@@ -23,6 +23,7 @@ Errors the caller sees, and when:
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -156,6 +157,7 @@ _current_time = trio.current_time
 _GET = COMMANDS["get"]
 _SET = COMMANDS["set"]
 _perf_counter = time.perf_counter
+_first = operator.itemgetter(0)
 
 
 def shard_name(i: int) -> str:
@@ -606,8 +608,8 @@ class KVEngine:
                 segment.append((i, op))
                 continue
             if type(op) is ops.MSet:
-                groups = op.groups = self.slots.group_by_shard(op.keys)
-                if len(groups) == 1:
+                shards = op.shards = self.slots.shards_of(op.keys)
+                if shards.count(shards[0]) == len(shards):
                     segment.append((i, op.local()))  # one shard's message (see _run)
                     continue
             if segment:
@@ -649,17 +651,20 @@ class KVEngine:
             return await self._run_single(op)
         groups = None
         if type(op) is ops.MSet and not op.grouped:
-            groups = op.groups
-            if groups is None:
-                groups = op.groups = self.slots.group_by_shard(op.keys)
-            if len(groups) == 1:
+            shards = op.shards
+            if shards is None:
+                shards = op.shards = self.slots.shards_of(op.keys)
+            if shards.count(shards[0]) == len(shards):
                 # One shard applies it in one step: atomic without a hold, the
                 # writer lock or a round (see ops.LocalMSet).
                 return await self._run_single(op.local())
             if not op.only_new:
-                for shard in groups:
-                    self._shard_for(shard)  # UNAVAILABLE before it waits for a round
+                refs = self._shards
+                for shard in set(shards):
+                    if refs[shard].state is not _RUNNING:  # _shard_for, inlined
+                        raise _unavailable(refs[shard])  # before it waits for a round
                 return await self._grouped_mset(op)  # bounds its own time
+            groups = op.groups = self.slots.group_by_shard(op.keys)
         with trio.move_on_after(self.config.request_timeout):
             if isinstance(op, ops.FanOutOp):
                 return await self._run_fanout(op)
@@ -1077,20 +1082,27 @@ class KVEngine:
         (alone it may fit), so grouping never makes a write fail that would
         have succeeded by itself.
         """
-        combined = ops.MSet([kv for o in msets for kv in o.items], only_new=False)
-        combined.grouped = True
-        # The union's positions per shard, from each MSET's (its keys are hashed once).
-        merged: dict[int, list[int]] = {}
-        offset = 0
+        # The union, its pairs sorted by shard (each MSET's keys were hashed
+        # once, see _run): in arrival order within a shard, so a later MSET's
+        # value still wins for a key both set; each shard's share is then one
+        # run of positions, which MSet.part takes as a slice.
+        touched: set[int] = set()
         for o in msets:
-            assert o.groups is not None
-            for shard, where in o.groups.items():
-                at = merged.get(shard)
-                if at is None:
-                    merged[shard] = at = []
-                at.extend([i + offset for i in where] if offset else where)
-            offset += len(o.items)
-        groups = {shard: merged[shard] for shard in sorted(merged)}  # the fixed hold order
+            assert o.shards is not None
+            touched.update(o.shards)
+        buckets: dict[int, list[tuple[bytes, bytes]]] = {s: [] for s in sorted(touched)}
+        for o in msets:
+            assert o.shards is not None
+            for pair, shard in zip(o.items, o.shards, strict=True):
+                buckets[shard].append(pair)
+        items: list[tuple[bytes, bytes]] = []
+        groups: dict[int, list[int]] = {}
+        for shard, bucket in buckets.items():  # the fixed hold order
+            start = len(items)
+            items += bucket
+            groups[shard] = list(range(start, len(items)))
+        combined = ops.MSet(items, only_new=False, keys=tuple(map(_first, items)))
+        combined.grouped = True
         failed: dict[int, KVMemoError] = {}
         try:
             return [(True, await self._run_atomic(combined, groups, failed))] * len(msets)
@@ -1101,8 +1113,8 @@ class KVEngine:
                 # was applied whole, and made durable, by its own shards.
                 outcomes: list[tuple[bool, Any]] = []
                 for o in msets:
-                    assert o.groups is not None
-                    lost = next((failed[s] for s in o.groups if s in failed), None)
+                    assert o.shards is not None
+                    lost = next((failed[s] for s in o.shards if s in failed), None)
                     outcomes.append((True, ops.OK) if lost is None else (False, lost))
                 return outcomes
             # Alone, an MSET may fit in memory, or not touch the shard that is
@@ -1240,7 +1252,11 @@ class KVEngine:
         try:
             for i, (ref, part) in enumerate(zip(refs, parts, strict=True)):
                 hold = Hold(barrier, i, part)
-                slots.append(await self._send(ref, hold, PartSlot(barrier)))
+                try:  # _send's common case, without its coroutine
+                    slot = ref.ask_nowait(hold, PartSlot(barrier))
+                except (MailboxFull, ActorStopped):
+                    slot = await self._send(ref, hold, PartSlot(barrier))  # room, or UNAVAILABLE
+                slots.append(slot)
                 # A shard killed with this hold queued would prepare only after
                 # its restart backoff, while the others hold and the writer lock
                 # is kept: every multi-shard command would stall. Its end fails

@@ -23,7 +23,7 @@ shards means building a new map (and moving the keys whose slot changed owner).
 from __future__ import annotations
 
 from binascii import crc_hqx
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import attrs
@@ -167,6 +167,20 @@ class SlotMap:
         if not 0 <= shard < self.shards:
             raise ValueError(f"shard must be >= 0 and < {self.shards}, got {shard}")
         return _slot_range(shard, self.shards)
+
+    def shards_of(self, keys: Sequence[bytes]) -> list[int]:
+        """Return the shard of each of ``keys``, in order: ``shard_of`` of each.
+
+        The hot path of a multi-key write's routing (MSET): when no key holds
+        a ``{`` (one search of their join), no hash tag can apply, and every
+        key's shard is one CRC and one index, in one comprehension; otherwise
+        each key goes through :meth:`shard_of`. A test holds the two equal.
+        """
+        if b"{" in b"".join(keys):
+            shard_of = self.shard_of
+            return [shard_of(key) for key in keys]
+        table = self._table
+        return [table[crc_hqx(key, 0) & _SLOT_MASK] for key in keys]
 
     def group_by_shard(self, keys: Iterable[bytes]) -> dict[int, list[int]]:
         """Group the positions of ``keys`` by owning shard, to fan out a multi-key command.

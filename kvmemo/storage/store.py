@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import operator
 import random
 import time
 import zlib
@@ -60,6 +61,24 @@ _SCAN_ID_SOURCE = random.Random()  # seeded from the OS: first ids differ betwee
 # watcher saw is never given again, even to an entry made anew (its last
 # watcher left, or the store was rebuilt), so no write can go unseen.
 _WATCH_VERSIONS = itertools.count(1)
+_first = operator.itemgetter(0)
+
+
+class PutPlan:
+    """What :meth:`ShardStore.plan_put_many` saw of some pairs, for :meth:`ShardStore.put_many`.
+
+    ``delta``: the bytes the pairs add (:meth:`ShardStore.put_delta`).
+    ``olds``: the value each key held (None: absent), when every key is
+    distinct and none has an expiry, so that the writes need no lookup of
+    their own; else None. Valid while nothing else ran on the store.
+    """
+
+    __slots__ = ("delta", "keys", "olds")
+
+    def __init__(self, delta: int, keys: list[bytes], olds: list[bytes | None] | None) -> None:
+        self.delta = delta
+        self.keys = keys
+        self.olds = olds
 
 
 class NeedMemory(OutOfMemoryError):
@@ -380,6 +399,30 @@ class ShardStore:
             pending[key] = new_size
         return delta
 
+    def plan_put_many(self, items: list[tuple[bytes, bytes]], now: float) -> PutPlan:
+        """:meth:`put_delta` of ``items``, with the old values :meth:`put_many` then uses.
+
+        MSET's prepare (the shard then holds until its commit): one lookup
+        per key, here, instead of one here and one in the commit. Pairs
+        whose keys repeat, or where a key has an expiry (live or past), take
+        :meth:`put_delta` and the commit's own lookups (``olds`` None).
+        """
+        keys = list(map(_first, items))
+        expires = self.expires
+        if len(set(keys)) != len(keys) or (expires and any(map(expires.__contains__, keys))):
+            return PutPlan(self.put_delta(items, now), keys, None)
+        olds = list(map(self.data.get, keys))
+        new_overhead = self._key_overhead + ENTRY_BASE
+        delta = 0
+        for (key, value), old in zip(items, olds, strict=True):
+            if old is None:
+                delta += (
+                    new_overhead + ((len(key) + ROUND_UP) & ~15) + ((len(value) + ROUND_UP) & ~15)
+                )
+            else:
+                delta += ((len(value) + ROUND_UP) & ~15) - ((len(old) + ROUND_UP) & ~15)
+        return PutPlan(delta, keys, olds)
+
     @contextlib.contextmanager
     def one_record(self) -> Iterator[None]:
         """Journal what the block writes as one ``GROUP`` record (see ``Journal.group_since``).
@@ -397,7 +440,11 @@ class ShardStore:
         journal.group_since(mark)
 
     def put_many(
-        self, items: list[tuple[bytes, bytes]], now: float, encoded: bytes | None = None
+        self,
+        items: list[tuple[bytes, bytes]],
+        now: float,
+        encoded: bytes | None = None,
+        plan: PutPlan | None = None,
     ) -> None:
         """:meth:`put` each pair in order, without expiry, the bytes reserved already.
 
@@ -411,16 +458,40 @@ class ShardStore:
         (:meth:`Journal.set_many`), so a crash never leaves part of them in
         the log. ``encoded``: the pairs already encoded as log records, in
         order (a multi-shard MSET's intent made them), used instead of
-        encoding each pair again.
+        encoding each pair again. ``plan``: what :meth:`plan_put_many` of
+        ``items`` saw, nothing having run on this store since; with its old
+        values the pairs are written with one ``dict.update``, and the
+        policy is told of each key in order, as the one-by-one path does.
         """
         own = self.journal
         if own is not None and (encoded is not None or len(items) > 1):
             self.journal = None  # no checkpoint until it is back
             try:
-                self.put_many(items, now)
+                self.put_many(items, now, plan=plan)
             finally:
                 self.journal = own
             own.set_many(items, encoded)
+            return
+        if plan is not None and plan.olds is not None and own is None:
+            self.data.update(items)
+            keys = plan.keys
+            watched = self._watched
+            if watched:
+                for key in keys:
+                    if key in watched:
+                        self._touch(key)
+            policy = self.policy
+            if None in plan.olds:
+                for key, old in zip(keys, plan.olds, strict=True):
+                    if old is None:
+                        policy.record_insert(key, volatile=False)
+                    else:
+                        policy.record_access(key)
+            else:
+                record_access = policy.record_access
+                for key in keys:
+                    record_access(key)
+            self.used += plan.delta
             return
         data = self.data
         expires = self.expires
