@@ -615,7 +615,11 @@ class RespParser:
                 break
             out.append(tuple(values))
             i = end
-        if i:
+        if i == usable and i:
+            # Every piece but the last taken (the common case: whole requests
+            # were read): they end where the last piece begins.
+            self._pos = self._scan = len(buf) - len(pieces[-1])
+        elif i:
             self._pos = self._scan = pos + sum(map(len, pieces[:i])) + 2 * i
 
     def _next_slow(self) -> Command | ProtocolError | None:
