@@ -18,6 +18,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_store import _KEYS, _VALUES
 
 import kvmemo
 from actors import ActorState, EventKind, ReplySlot
@@ -76,10 +77,8 @@ def test_a_part_holds_the_pairs_at_its_positions_whether_a_run_or_not(
 
 # -- the store a planned commit leaves ---------------------------------------------------
 
-_KEYS = st.sampled_from([b"a", b"b", b"c", b"dd", b"e" * 20])
-_VALUES = st.binary(max_size=40)
 
-
+# The keys and values of test_store's own put_many property (the one this extends).
 @DETERMINISTIC
 @given(
     policy=st.sampled_from(POLICY_NAMES),
