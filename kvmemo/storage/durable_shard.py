@@ -79,7 +79,6 @@ from .shard import Hold, ShardActor
 from .store import SCAN_SNAPSHOTS, ShardStore
 from .sync_coordinator import LogWrite, RoundIncompleteError, SyncCoordinator
 
-_current_time = trio.current_time
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
 # A re-save that failed (the disk still failing) is tried again after twice as long
 # each time, up to this: every try rotates the log and copies the shard.
@@ -321,7 +320,7 @@ class DurableShardActor(ShardActor):
             if kind is Resave:
                 return self._resave()
             return DEFER  # SyncNow, Hold
-        return message.apply(self.store, _current_time())
+        return message.apply(self.store, self._now())
 
     async def handle(self, message: Any) -> Any:
         # Keep in step with handle_nowait (the runtime calls it first).
@@ -345,7 +344,7 @@ class DurableShardActor(ShardActor):
         # hot path); keep the two in step.
         if kind is Hold:
             return await self._hold(message)
-        return message.apply(self.store, trio.current_time())
+        return message.apply(self.store, self._now())
 
     def commit_nowait(self) -> Any:
         """:meth:`commit` without a coroutine: ``everysec`` and ``no`` (DEFER for ``always``).
