@@ -18,7 +18,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_store import _KEYS, _VALUES
+from test_mset_speed_paths import BEFORE, ITEMS, assert_same_store, make_store
 
 import kvmemo
 from actors import ReplySlot
@@ -26,8 +26,7 @@ from kvmemo.commands import ops
 from kvmemo.embedded import Store
 from kvmemo.engine.engine import shard_name
 from kvmemo.errors import KVMemoError
-from kvmemo.eviction.memory import MemoryTracker
-from kvmemo.eviction.policies import POLICY_NAMES, make_policy
+from kvmemo.eviction.policies import POLICY_NAMES
 from kvmemo.storage.durability import Journal
 from kvmemo.storage.shard import ABORTED, Barrier, Hold, Inspect, PartSlot
 from kvmemo.storage.store import ShardStore
@@ -202,15 +201,11 @@ async def test_a_grouped_round_over_hash_tagged_and_repeated_keys_keeps_each_las
 # -- the store a share's prepare and commit leave ----------------------------------------
 
 
-def _store(policy: str) -> ShardStore:
-    return ShardStore(0, make_policy(policy), MemoryTracker(0, 1))
-
-
 @DETERMINISTIC
 @given(
     policy=st.sampled_from(POLICY_NAMES),
-    before=st.lists(st.tuples(_KEYS, _VALUES, st.sampled_from([None, 1.0, 100.0])), max_size=8),
-    items=st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=8),
+    before=BEFORE,
+    items=ITEMS,
     only_new=st.booleans(),
     journalled=st.booleans(),
 )
@@ -225,7 +220,7 @@ def test_a_shares_prepare_and_commit_leave_the_store_as_the_unplanned_path(
     expired keys first) against the reference: the same check, put_delta, reserve,
     then put_many without a plan. A commit at a later time than prepare (the shard
     held meanwhile) applies at prepare's time in both."""
-    fast, slow = _store(policy), _store(policy)
+    fast, slow = make_store(policy), make_store(policy)
     for store in (fast, slow):
         for key, value, expires_at in before:
             store.put(key, value, 0.0, expires_at=expires_at)
@@ -243,24 +238,13 @@ def test_a_shares_prepare_and_commit_leave_the_store_as_the_unplanned_path(
     assert vote == expected_vote
     if vote is True:
         part.commit(fast, 50.0)  # later than prepare: expiries at 1.0 and 100.0 straddle
-    assert fast.data == slow.data
-    assert list(fast.data) == list(slow.data)
-    assert fast.expires == slow.expires
-    assert fast.used == slow.used == fast.tracker.used == slow.tracker.used
+    assert_same_store(fast, slow, policy)
+    assert slow.used == slow.tracker.used
     assert fast.expired_count == slow.expired_count
-    if journalled:
-        assert fast.journal is not None
-        assert slow.journal is not None
-        assert fast.journal.records == slow.journal.records
-    if not policy.endswith("random"):
-        assert [k for _, k in fast.policy.candidates(10)] == [
-            k for _, k in slow.policy.candidates(10)
-        ]
-    assert fast.check_invariants()
 
 
 def test_an_aborted_share_gives_back_its_reservation_and_changes_nothing() -> None:
-    store = _store("allkeys-lru")
+    store = make_store("allkeys-lru")
     store.put(b"a", b"old", 0.0, expires_at=None)
     used, data = store.used, dict(store.data)
     part = ops.MSet([(b"a", b"x" * 100), (b"b", b"y")], only_new=False).part([0, 1])

@@ -44,6 +44,23 @@ def make_store(policy: str = "lru") -> ShardStore:
     return ShardStore(0, make_policy(policy), MemoryTracker(0, 1))
 
 
+def assert_same_store(fast: ShardStore, slow: ShardStore, policy: str) -> None:
+    """The two stores hold the same entries in the same order, with the same expiries,
+    accounting, journal records and eviction order (a random policy's order is not compared)."""
+    assert fast.data == slow.data
+    assert list(fast.data) == list(slow.data)  # insertion order too
+    assert fast.expires == slow.expires
+    assert fast.used == slow.used == fast.tracker.used
+    assert (fast.journal is None) == (slow.journal is None)
+    if fast.journal is not None and slow.journal is not None:
+        assert fast.journal.records == slow.journal.records
+    if not policy.endswith("random"):
+        assert [k for _, k in fast.policy.candidates(10)] == [
+            k for _, k in slow.policy.candidates(10)
+        ]
+    assert fast.check_invariants()
+
+
 # -- routing: the shard of each key ------------------------------------------------------
 
 _KEY_BYTES = st.sampled_from([b"{", b"}", b"a", b"b", b"user", b"1", b"{x}", b"\x00", b"\xff"])
@@ -78,12 +95,17 @@ def test_a_part_holds_the_pairs_at_its_positions_whether_a_run_or_not(
 # -- the store a planned commit leaves ---------------------------------------------------
 
 
-# The keys and values of test_store's own put_many property (the one this extends).
+# From test_store's own put_many property (the one this extends): the keys and values; a
+# store's entries before (no expiry, one past at the writes' time 2.0, one live), and the pairs.
+BEFORE = st.lists(st.tuples(_KEYS, _VALUES, st.sampled_from([None, 1.0, 100.0])), max_size=8)
+ITEMS = st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=8)
+
+
 @DETERMINISTIC
 @given(
     policy=st.sampled_from(POLICY_NAMES),
-    before=st.lists(st.tuples(_KEYS, _VALUES, st.sampled_from([None, 1.0, 100.0])), max_size=8),
-    items=st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=8),
+    before=BEFORE,
+    items=ITEMS,
     watched=st.sets(_KEYS, max_size=3),
     journalled=st.booleans(),
     every_key_first=st.booleans(),
@@ -122,22 +144,10 @@ def test_a_planned_put_many_leaves_the_store_exactly_as_puts_one_by_one(
     fast.put_many(items, 2.0, None, plan)
     assert slow.tracker.try_reserve(0, delta)
     slow.put_many(items, 2.0)
-    assert fast.data == slow.data
-    assert list(fast.data) == list(slow.data)  # insertion order too
-    assert fast.expires == slow.expires
-    assert fast.used == slow.used == fast.tracker.used
+    assert_same_store(fast, slow, policy)
     for key in watched:
         changed = fast.watch(key) != versions[key]
         assert changed == any(k == key for k, _ in items)
-    if journalled:
-        assert fast.journal is not None
-        assert slow.journal is not None
-        assert fast.journal.records == slow.journal.records
-    if not policy.endswith("random"):
-        assert [k for _, k in fast.policy.candidates(10)] == [
-            k for _, k in slow.policy.candidates(10)
-        ]
-    assert fast.check_invariants()
 
 
 def test_a_plan_skips_the_lookups_only_for_distinct_keys_without_expiry() -> None:
