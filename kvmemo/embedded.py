@@ -14,7 +14,7 @@ own their nursery.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,11 +43,17 @@ class Store(Commands):
     async def execute(self, command: str, *args: Arg) -> Any:
         return await self.engine.execute(command, encode_args(args))
 
-    async def get(self, key: Arg) -> bytes | None:
-        """GET, through the engine's fast path (no command-table parse)."""
-        return await self.engine.get(key if key.__class__ is bytes else encode_arg(key))
+    # get and set are plain functions that return the engine's coroutine:
+    # ``await kv.get(k)`` then runs one coroutine frame fewer on every call
+    # and every resume (a tenth of a single-key call's overhead over a bare
+    # trio ask). Awaited, they behave as the ``async def`` methods they
+    # override; an argument of the wrong type raises TypeError at the call.
 
-    async def set(
+    def get(self, key: Arg) -> Coroutine[Any, Any, bytes | None]:
+        """GET, through the engine's fast path (no command-table parse)."""
+        return self.engine.get(key if key.__class__ is bytes else encode_arg(key))
+
+    def set(
         self,
         key: Arg,
         value: Arg,
@@ -60,14 +66,14 @@ class Store(Commands):
         nx: bool = False,
         xx: bool = False,
         get: bool = False,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """SET; without options, through the engine's fast path (no command-table parse)."""
         if ex is px is exat is pxat is None and not (keepttl or nx or xx or get):
-            return await self.engine.set(
+            return self.engine.set(
                 key if key.__class__ is bytes else encode_arg(key),
                 value if value.__class__ is bytes else encode_arg(value),
             )
-        return await super().set(
+        return super().set(
             key, value, ex=ex, px=px, exat=exat, pxat=pxat, keepttl=keepttl, nx=nx, xx=xx, get=get
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -311,6 +313,29 @@ async def test_option_less_get_and_set_never_go_through_execute(
         assert await kv.get("k") == b"v"
         with pytest.raises(AssertionError, match="set went through execute"):
             await kv.set("k", "v", nx=True)  # an option: the general path
+
+
+async def test_get_and_set_are_awaitables_that_check_argument_types_at_the_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with kvmemo.open_store(shards=2) as kv:
+        # They return the engine's coroutine (one frame fewer per call): a
+        # wrong type is refused before any coroutine exists, so nothing is
+        # left un-awaited and nothing is written.
+        bad: list[tuple[Any, tuple[Any, ...]]] = [
+            (kv.get, (True,)),
+            (kv.set, ("k", True)),
+            (kv.set, (None, "v")),
+        ]
+        for method, args in bad:
+            with pytest.raises(TypeError, match=r"^a command argument"):
+                method(*args)
+        pending = kv.set("k", "v")
+        assert await kv.get("k") is None  # nothing runs before the await
+        assert await pending == "OK"
+        assert await kv.get("k") == b"v"
+        assert await kv.set("k", "w", get=True) == b"v"  # an option: the general path
+        assert await kv.dbsize() == 1
 
 
 async def test_info_memory_counts_the_keys_held_by_open_scans_up_to_the_setting() -> None:
