@@ -198,6 +198,7 @@ class KVEngine:
         self._unwatch_backlog: list[tuple[int, list[bytes]]] = []
         self.persistence = durable.persistence_config(config)
         self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
+        self._closed = False  # set by close(), for good
         # The intent log of multi-shard rounds (persistence on, after prepare),
         # written under the writer lock, and the last txid given.
         self._intents: IntentLog | None = None
@@ -649,6 +650,11 @@ class KVEngine:
     async def _run(self, op: Any) -> Any:
         if isinstance(op, ops.ShardOp):
             return await self._run_single(op)
+        if self._closed:
+            # Every multi-shard, keyspace and server call: a shard that is
+            # not running says so on its own (_shard_for), but INFO, DBSIZE
+            # and the like would answer from nothing.
+            raise _store_closed()
         groups = None
         if type(op) is ops.MSet and not op.grouped:
             shards = op.shards
@@ -661,8 +667,8 @@ class KVEngine:
             if not op.only_new:
                 refs = self._shards
                 for shard in set(shards):
-                    if refs[shard].state is not _RUNNING:  # _shard_for, inlined
-                        raise _unavailable(refs[shard])  # before it waits for a round
+                    if refs[shard].state is not _RUNNING:
+                        self._shard_for(shard)  # raises UNAVAILABLE before it waits for a round
                 return await self._grouped_mset(op)  # bounds its own time
             groups = op.groups = self.slots.group_by_shard(op.keys)
         with trio.move_on_after(self.config.request_timeout):
@@ -678,9 +684,15 @@ class KVEngine:
         raise RequestTimeoutError("the command did not finish in time", applied=None)
 
     def _shard_for(self, index: int) -> ActorRef:
+        """The running shard ``index``.
+
+        Raises:
+            UnavailableError: it is not running (restarting, or stopped), or
+                the store is closed.
+        """
         ref = self._shards[index]
         if ref.state is not ActorState.RUNNING:
-            raise _unavailable(ref)
+            raise _store_closed() if self._closed else _unavailable(ref)
         return ref
 
     def _translate(self, exc: Exception, ref: ActorRef) -> KVMemoError:
@@ -1470,7 +1482,13 @@ class KVEngine:
             await persistence.sync_coordinator.sync(_IntentWrite(intents))
 
     def close(self) -> None:
-        """Release what the engine holds open (intent and commit logs); after the tree stopped."""
+        """Release what the engine holds open (intent and commit logs); after the tree stopped.
+
+        From then on every command is refused with UNAVAILABLE "the store is
+        closed" (a closed store never comes back).
+        """
+        self._closed = True
+        self.pubsub.close()  # subscribers waiting for a message get EndOfChannel
         if self._intents is not None:
             self._intents.close()
             self._intents = None
@@ -2045,9 +2063,16 @@ def _fail_unanswered(arg: tuple[ActorRef, ReplySlot]) -> None:
 
 def _unavailable(ref: ActorRef) -> UnavailableError:
     """UNAVAILABLE for a shard that is not running, with its expected restart."""
+    if ref.state is ActorState.STOPPED:  # its supervisor ended (or the store is closing)
+        return UnavailableError(f"{ref.name} is stopped", retry_after_ms=1000)
     eta = ref.restart_eta()
     retry = 10 if eta is None else max(1, round((eta - trio.current_time()) * 1000))
     return UnavailableError(f"{ref.name} is restarting", retry_after_ms=retry)
+
+
+def _store_closed() -> UnavailableError:
+    """UNAVAILABLE for a call to a store whose block has ended: no retry will help."""
+    return UnavailableError("the store is closed")
 
 
 class _RoomBudget:

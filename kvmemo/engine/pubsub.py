@@ -32,8 +32,13 @@ of a channel and of a pattern matching it gets the message twice, once as
 
 Ownership. The engine owns the hub (``KVEngine.pubsub``); no task, no I/O.
 A subscriber belongs to the front end that made it (:meth:`PubSubHub.subscriber`),
-which must :meth:`~Subscriber.close` it when its client goes (a closed
-subscriber is in no channel and its outbox is empty).
+which must :meth:`~Subscriber.close` it when its client goes (a subscriber
+its owner closed is in no channel and its outbox is empty).
+
+End. When the store closes, the engine closes the hub (:meth:`PubSubHub.close`):
+every subscriber still open leaves its channels and is ended, so a task
+waiting for its next message gets what was queued, then ``EndOfChannel``,
+instead of waiting forever; a new subscriber is refused (UNAVAILABLE).
 
 Invariants: ``hub._channels[c]`` holds exactly the open subscribers whose
 ``channels`` contain ``c``, and no entry is empty (likewise for patterns,
@@ -46,6 +51,7 @@ queued messages or is ended (closed or overflowed).
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -53,7 +59,7 @@ import attrs
 import trio
 
 from ..commands.glob import compile_glob, glob_match
-from ..errors import OverloadedError, TooLargeError
+from ..errors import OverloadedError, TooLargeError, UnavailableError
 
 MESSAGE_OVERHEAD = 64  # bytes counted per queued message besides its byte strings
 DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes: Redis's hard client-output-buffer-limit for pubsub
@@ -235,11 +241,11 @@ class Subscriber:
 
     def close(self) -> None:
         """Leave every channel and pattern and drop the outbox (idempotent)."""
-        if self.closed:
-            return
-        self._hub._drop(self)
-        self.closed = True
-        self._queue.clear()
+        if not self.closed:
+            self._hub._drop(self)
+            self._hub._open.discard(self)
+            self.closed = True
+        self._queue.clear()  # also what the hub's close left readable
         self._bytes = 0
         self.taken = self.delivered
         self._ready.set()
@@ -277,6 +283,10 @@ class PubSubHub:
         self._matchers: dict[bytes, Callable[[bytes], bool]] = {}
         self.messages_published = 0
         self.overflows = 0
+        # Every subscriber made and not yet closed, for close(); weakly, so
+        # one its owner dropped without closing it is not kept alive here.
+        self._open: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+        self.closed = False
 
     def subscriber(
         self, limit: int | None = None, on_end: Callable[[], None] | None = None
@@ -288,8 +298,32 @@ class PubSubHub:
         or block (set an event, cancel a scope). A task waiting in
         :meth:`Subscriber.wait` is woken anyway; this is for an owner that
         waits on something else (its socket) meanwhile.
+
+        Raises:
+            UnavailableError: the hub is closed (the store is).
         """
-        return Subscriber(self, self.limit if limit is None else limit, on_end)
+        if self.closed:
+            raise UnavailableError("the store is closed")
+        subscriber = Subscriber(self, self.limit if limit is None else limit, on_end)
+        self._open.add(subscriber)
+        return subscriber
+
+    def close(self) -> None:
+        """End every open subscriber and refuse new ones: the store is closing (idempotent).
+
+        Each leaves its channels and patterns and is marked closed; what it
+        had queued stays readable, then :meth:`Subscriber.get` raises
+        ``EndOfChannel`` and :meth:`Subscriber.wait` returns, so no task
+        waits forever on a store that is gone. ``on_end`` is not called: it
+        reports an overflow, and nothing was lost.
+        """
+        self.closed = True
+        for subscriber in list(self._open):
+            if not subscriber.ended:
+                self._drop(subscriber)
+                subscriber.closed = True
+                subscriber._ready.set()
+        self._open.clear()
 
     def publish(self, channel: bytes, data: bytes) -> int:
         """Deliver ``data`` on ``channel``; the number of receivers (Redis's PUBLISH reply)."""
