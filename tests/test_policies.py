@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -283,6 +285,61 @@ def test_lru_stays_exact_through_front_rescans_and_rebuilds(
                 del reference[k]
     assert len(policy) == len(reference)
     assert rebuilds > 10
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_record_writes_is_an_insert_or_an_access_per_key(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # record_writes (MSET's commit records a whole share in one call) against
+    # record_insert / record_access key by key: the same candidates, scores
+    # (ticks), access ticks and frequencies, from states holding persistent,
+    # volatile and untracked keys, with shares mixing new and old keys. Each
+    # step runs on both policies from the same position of the tick clock.
+    rng = random.Random(11)
+    keys = [b"w%d" % i for i in range(40)]
+    batched = make_policy(name, rng=random.Random(3))
+    single = make_policy(name, rng=random.Random(3))
+    base = 1 << 40
+
+    def both(step: Callable[[EvictionPolicy], None]) -> None:
+        nonlocal base
+        for policy in (batched, single):
+            monkeypatch.setattr(policies, "_CLOCK", itertools.count(base))
+            step(policy)
+        base += 1000
+
+    def writes(share: list[bytes], olds: list[bytes | None]) -> Callable[[EvictionPolicy], None]:
+        def step(policy: EvictionPolicy) -> None:
+            if policy is batched:
+                policy.record_writes(share, olds)
+                return
+            for key, old in zip(share, olds, strict=True):
+                if old is None:
+                    policy.record_insert(key, volatile=False)
+                else:
+                    policy.record_access(key)
+
+        return step
+
+    for _ in range(400):
+        roll = rng.random()
+        key = rng.choice(keys)
+        volatile = rng.random() < 0.5
+        if roll < 0.2:
+            both(lambda p, k=key, v=volatile: p.record_insert(k, volatile=v))
+        elif roll < 0.3:
+            both(lambda p, k=key, v=volatile: p.record_volatile(k, v))
+        elif roll < 0.4:
+            both(lambda p, k=key: p.record_remove(k))
+        else:
+            share = rng.sample(keys, rng.randrange(1, 12))
+            both(writes(share, [None if rng.random() < 0.4 else b"old" for _ in share]))
+        assert batched.candidates(100) == single.candidates(100)
+        assert len(batched) == len(single)
+        for k in keys:
+            assert batched.last_access(k) == single.last_access(k)
+            assert batched.frequency(k) == single.frequency(k)
 
 
 # --- Registry -----------------------------------------------------------------

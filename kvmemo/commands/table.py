@@ -584,7 +584,11 @@ def _mget(args: Sequence[bytes], ctx: ParseContext) -> ops.MGet:
 
 @command("mset", -3, "write", PAIRS, "set several keys at once, atomically")
 def _mset(args: Sequence[bytes], ctx: ParseContext) -> ops.MSet:
-    return ops.MSet(pairs(args, "mset"), only_new=False, keys=args[0::2])
+    # pairs(args, "mset") with the keys sliced once (the hot path of MSET).
+    if not args or len(args) % 2:
+        raise ArityError("wrong number of arguments for 'mset' command")
+    keys = args[0::2]
+    return ops.MSet(list(zip(keys, args[1::2], strict=True)), only_new=False, keys=keys)
 
 
 @command("msetnx", -3, "write", PAIRS, "set several keys only if none exists")

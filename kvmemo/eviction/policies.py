@@ -52,7 +52,7 @@ import itertools
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import ClassVar, Self, TypeVar
 
@@ -145,6 +145,19 @@ class EvictionPolicy(abc.ABC):
     @abc.abstractmethod
     def record_volatile(self, key: bytes, volatile: bool) -> None:
         """The key gained (``True``) or lost (``False``) a TTL."""
+
+    def record_writes(self, keys: Sequence[bytes], olds: Sequence[bytes | None]) -> None:
+        """Keys written in order without a TTL: each is an insert where its old value is None.
+
+        Exactly ``record_insert(key, volatile=False)`` for each key whose old
+        value is None and ``record_access(key)`` for each other one, in order
+        (a policy may record them all in one call: MSET's commit writes many).
+        """
+        for key, old in zip(keys, olds, strict=True):
+            if old is None:
+                self.record_insert(key, volatile=False)
+            else:
+                self.record_access(key)
 
     @abc.abstractmethod
     def record_remove(self, key: bytes) -> None:
@@ -307,6 +320,28 @@ class LRUPolicy(EvictionPolicy):
             self._holes += 1
             order = self._volatile
         order[key] = next(_CLOCK)
+
+    def record_writes(self, keys: Sequence[bytes], olds: Sequence[bytes | None]) -> None:
+        # record_insert(key, volatile=False) or record_access(key) for each
+        # key, inlined (one call for an MSET share instead of one per key):
+        # both pop the key from its partition; an insert (or an access of an
+        # untracked key) puts it at the end of the persistent one, an access
+        # of a volatile key back at the end of the volatile one.
+        persistent = self._persistent
+        volatile = self._volatile
+        pop = persistent.pop
+        clock = _CLOCK
+        holes = 0
+        for key, old in zip(keys, olds, strict=True):
+            if pop(key, None) is not None:
+                holes += 1
+            elif volatile and volatile.pop(key, None) is not None:
+                holes += 1
+                if old is not None:
+                    volatile[key] = next(clock)
+                    continue
+            persistent[key] = next(clock)
+        self._holes += holes
 
     def record_volatile(self, key: bytes, volatile: bool) -> None:
         src, dst = (

@@ -480,17 +480,7 @@ class ShardStore:
                 for key in keys:
                     if key in watched:
                         self._touch(key)
-            policy = self.policy
-            if None in plan.olds:
-                for key, old in zip(keys, plan.olds, strict=True):
-                    if old is None:
-                        policy.record_insert(key, volatile=False)
-                    else:
-                        policy.record_access(key)
-            else:
-                record_access = policy.record_access
-                for key in keys:
-                    record_access(key)
+            self.policy.record_writes(keys, plan.olds)
             self.used += plan.delta
             return
         data = self.data
