@@ -79,7 +79,7 @@ class Store(Commands):
 
     async def execute_many(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run several commands grouped per shard; errors are returned, not raised."""
-        return await self.engine.execute_many([(str(c[0]), encode_args(c[1:])) for c in calls])
+        return await self.engine.execute_many([_call(c) for c in calls])
 
     async def transaction(self, *calls: tuple[Arg, ...]) -> list[Any]:
         """Run commands as one atomic step, as MULTI/EXEC does: a result for each.
@@ -156,7 +156,12 @@ class Store(Commands):
         return self.engine.kill_actor(name)
 
     def close(self) -> None:
-        """Stop the store (its actors end; the owning nursery then returns)."""
+        """Stop the store: its actors end, then every call is refused as closed.
+
+        Only the store stops: the code that called it (an ``open_store``
+        block included) carries on, and ``serve``'s nursery no longer waits
+        for the store.
+        """
         self._scope.cancel()
 
 
@@ -250,9 +255,41 @@ def _checked(
     Raises:
         KVMemoError: a call refuses the whole transaction (``data["index"]``).
     """
-    out = [(str(c[0]), encode_args(c[1:])) for c in calls]
+    out = [_call(c) for c in calls]
     engine.check_transaction(out)
     return out
+
+
+def _call(call: tuple[Arg, ...]) -> tuple[str, Sequence[bytes]]:
+    """One call of a batch or a transaction as the engine takes it: (name, arguments).
+
+    A ``bytes`` name is decoded (as the WebSocket client decodes it), not
+    ``repr``'d; an empty call names no command, so it gets the error of an
+    unknown one (``UNKNOWN_METHOD``) rather than an ``IndexError``.
+    """
+    if not call:
+        return "", ()
+    name = call[0]
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace"), encode_args(call[1:])
+    return str(name), encode_args(call[1:])
+
+
+def _config(config: StoreConfig | None, settings: dict[str, Any]) -> StoreConfig:
+    """The store's configuration: ``config``, or one made of ``settings``.
+
+    Raises:
+        TypeError: both were given (the settings would be ignored), or an
+            unknown setting.
+        ValueError: an invalid setting (the message names it).
+    """
+    if config is None:
+        return StoreConfig(**settings)
+    if settings:
+        raise TypeError(
+            f"give a StoreConfig or settings, not both (got config and {', '.join(settings)})"
+        )
+    return config
 
 
 async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **settings: Any) -> Store:
@@ -261,22 +298,32 @@ async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **sett
     Settings are :class:`StoreConfig` fields (``shards=4``, ``maxmemory="64MiB"``).
     ``store.close()`` (or cancelling the nursery) stops it.
     """
-    cfg = config if config is not None else StoreConfig(**settings)
+    cfg = _config(config, settings)
     engine = KVEngine(cfg)
-    root = engine.supervisor()
 
     async def run(*, task_status: trio.TaskStatus[Store]) -> None:
         await engine.prepare()  # recovery from disk, when persistence is on
-        try:
-            async with trio.open_nursery() as inner:
-                system: ActorSystem = await inner.start(root.run)
-                engine.attach(system)
-                task_status.started(Store(engine, system, inner.cancel_scope))
-        finally:
-            engine.close()  # the intent log, once the tree has stopped
+        await _run_tree(engine, task_status=task_status)
 
     store: Store = await nursery.start(run)
     return store
+
+
+async def _run_tree(engine: KVEngine, *, task_status: trio.TaskStatus[Store]) -> None:
+    """Run the engine's supervision tree until it stops; started with its store.
+
+    The tree runs in a nursery of its own, whose scope is the store's
+    :meth:`Store.close`: closing the store stops its actors and nothing
+    else (an ``open_store`` block that calls it carries on, and its calls
+    are refused as closed).
+    """
+    try:
+        async with trio.open_nursery() as inner:
+            system: ActorSystem = await inner.start(engine.supervisor().run)
+            engine.attach(system)
+            task_status.started(Store(engine, system, inner.cancel_scope))
+    finally:
+        engine.close()  # the intent log, once the tree has stopped
 
 
 @asynccontextmanager
@@ -284,30 +331,38 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
     """Run an embedded store for the duration of the block.
 
     An exception raised by the block reaches the caller unchanged (not
-    wrapped in an ``ExceptionGroup``).
+    wrapped in an ``ExceptionGroup``): a ``KeyboardInterrupt``, or the
+    ``Cancelled`` of an enclosing scope, too.
 
     Raises:
         ValueError: invalid settings (exact message naming the setting).
+        TypeError: an unknown setting, or ``config`` and settings both given.
     """
-    cfg = config if config is not None else StoreConfig(**settings)
-    error: Exception | None = None
+    cfg = _config(config, settings)
+    error: BaseException | None = None
     engine = KVEngine(cfg)
     await engine.prepare()  # recovery from disk, when persistence is on
     try:
         async with trio.open_nursery() as nursery:
-            system: ActorSystem = await nursery.start(engine.supervisor().run)
-            engine.attach(system)
-            store = Store(engine, system, nursery.cancel_scope)
+            store: Store = await nursery.start(_run_tree, engine)
             try:
                 yield store
-            except Exception as exc:  # noqa: BLE001 - re-raised below, unchanged
-                # The caller's block failed: stop the store, then re-raise the
-                # error outside the nursery, so that it reaches the caller as
-                # itself (a KVMemoError stays catchable as one), not wrapped in
-                # an ExceptionGroup by the nursery.
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, unchanged
+                # The caller's block failed (or was cancelled, or interrupted):
+                # stop the store, then re-raise the error outside the nursery,
+                # so that it reaches the caller as itself (a KVMemoError stays
+                # catchable as one, a KeyboardInterrupt as one), not wrapped
+                # in an ExceptionGroup by the nursery.
                 error = exc
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Under an enclosing cancellation the store's tasks end Cancelled and
+        # the nursery raises them for that scope to catch; it would catch
+        # the block's own error with them. That error goes first, as it
+        # would without the store. (Anything else, a crash of the tree, stays.)
+        if error is None or group.split(trio.Cancelled)[1] is not None:
+            raise
     finally:
         engine.close()  # the intent log, once the tree has stopped
     if error is not None:
