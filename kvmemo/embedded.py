@@ -152,7 +152,12 @@ class Store(Commands):
         return self.engine.actors()
 
     def kill_actor(self, name: str) -> bool:
-        """Kill an actor by name; its supervisor restarts it. False if it was down."""
+        """Kill an actor by name; False if it was down.
+
+        Its supervisor restarts it, except the ``eviction`` supervisor itself,
+        a temporary child: killed, it stays down, and the store runs without
+        eviction (writes past ``maxmemory`` get ``OOM``), as when it gives up.
+        """
         return self.engine.kill_actor(name)
 
     def close(self) -> None:
