@@ -88,42 +88,84 @@ class StartError(Exception):
     """The node could not start (a port in use, an unreadable certificate)."""
 
 
-async def _serve(resolved: Resolved) -> int:
+async def _serve(resolved: Resolved, process: bool = False) -> int:
+    """Run the node until a signal or a client's ``SHUTDOWN``, then stop it gracefully.
+
+    Signals are taken for the whole run: a second SIGINT or SIGTERM while the
+    node stops (an impatient Ctrl-C, a supervisor's follow-up) is logged and
+    changes nothing, so the drain and the final snapshot finish and the exit
+    code stays 0. With ``process`` (the ``kvmemo`` process itself, not a
+    caller of :func:`main` in its own process), both are ignored from the
+    node's stop to the exit, which then has nothing left to do.
+
+    Raises:
+        StartError: the node could not start (one line for the operator).
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        first = trio.Event()
+        received: list[int] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_take_signals, signals, first, received)
+            try:
+                failed = await _run_node(resolved, first, received)
+            finally:
+                nursery.cancel_scope.cancel()
+    if process:  # the receiver gave back the default handlers: a late signal would kill
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if failed is not None:
+        raise StartError(failed)
+    return 0
+
+
+async def _take_signals(
+    signals: AsyncIterator[int], first: trio.Event, received: list[int]
+) -> None:
+    """Record every SIGINT/SIGTERM; the first sets ``first``, later ones are logged only."""
+    async for signum in signals:
+        received.append(signum)
+        if first.is_set():
+            name = signal.Signals(signum).name
+            logging.getLogger("kvmemo").warning("%s: already shutting down", name)
+        first.set()
+
+
+async def _run_node(resolved: Resolved, signalled: trio.Event, received: list[int]) -> str | None:
+    """Start the node, serve until asked to stop, stop it; the start error's line, if any."""
     from .node import open_node
     from .persistence import PersistenceError
 
     log = logging.getLogger("kvmemo")
     store = resolved.store
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with AsyncExitStack() as stack:
-            try:
-                node = await stack.enter_async_context(open_node(store, resolved.server))
-            except (OSError, PersistenceError) as exc:
-                # A port in use, a bad certificate, a corrupt log (the message
-                # names the file and offset): one line, exit 2.
-                raise StartError(str(exc)) from None
-            print(f"KVMemo listening on {node.url}", flush=True)
-            if node.resp_url is not None:
-                print(f"KVMemo listening on {node.resp_url}", flush=True)
-            log.info(
-                "started: %s, %d shards, maxmemory %d, policy %s",
-                node.url,
-                store.shards,
-                store.maxmemory,
-                store.eviction_policy,
-            )
-            why = await _stop_reason(node.server, signals)
-            log.info("%s: shutting down", why)
-            request = node.server.stop_requested
-            if request is not None and not request.save:
-                node.server.engine.skip_final_snapshot()  # NOSAVE: the synced logs suffice
-            await node.server.drain()
+    async with AsyncExitStack() as stack:
+        try:
+            node = await stack.enter_async_context(open_node(store, resolved.server))
+        except (OSError, PersistenceError) as exc:
+            # A port in use, a bad certificate, a corrupt log (the message
+            # names the file and offset): one line, exit 2, without "[Errno N]".
+            return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"KVMemo listening on {node.url}", flush=True)
+        if node.resp_url is not None:
+            print(f"KVMemo listening on {node.resp_url}", flush=True)
+        log.info(
+            "started: %s, %d shards, maxmemory %d, policy %s",
+            node.url,
+            store.shards,
+            store.maxmemory,
+            store.eviction_policy,
+        )
+        why = await _stop_reason(node.server, signalled, received)
+        log.info("%s: shutting down", why)
+        request = node.server.stop_requested
+        if request is not None and not request.save:
+            node.server.engine.skip_final_snapshot()  # NOSAVE: the synced logs suffice
+        await node.server.drain()
     log.info("stopped")
-    return 0
+    return None
 
 
-async def _stop_reason(server: Server, signals: AsyncIterator[int]) -> str:
-    """Wait for SIGINT/SIGTERM or a client's stop request (``SHUTDOWN``); say which.
+async def _stop_reason(server: Server, signalled: trio.Event, received: list[int]) -> str:
+    """Wait for SIGINT/SIGTERM (``signalled``) or a client's stop request (``SHUTDOWN``); say which.
 
     The stop request comes through ``server.on_stop`` (see
     :meth:`kvmemo.server.app.Server.request_stop`), set here for the time the
@@ -136,23 +178,20 @@ async def _stop_reason(server: Server, signals: AsyncIterator[int]) -> str:
         stop.set()
 
     server.on_stop = on_stop
-    why = ""
     async with trio.open_nursery() as nursery:
 
         async def wait_signal() -> None:
-            nonlocal why
-            async for signum in signals:
-                why = signal.Signals(signum).name
-                stop.set()
-                return
+            await signalled.wait()
+            stop.set()
 
         nursery.start_soon(wait_signal)
         await stop.wait()
         nursery.cancel_scope.cancel()
     request = server.stop_requested
-    if not why and request is not None:
-        why = f"SHUTDOWN from {request.origin}" + ("" if request.save else " (NOSAVE)")
-    return why
+    if received and (request is None or signalled.is_set()):
+        return signal.Signals(received[0]).name
+    assert request is not None
+    return f"SHUTDOWN from {request.origin}" + ("" if request.save else " (NOSAVE)")
 
 
 def _fail(exc: Exception) -> None:
@@ -172,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _setup_logging(resolved.log_level)
         try:
-            return trio.run(_serve, resolved)
+            return trio.run(_serve, resolved, argv is None)
         except StartError as exc:
             _fail(exc)
             return 2

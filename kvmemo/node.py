@@ -119,7 +119,14 @@ async def open_node(
     server_config = server_config if server_config is not None else ServerConfig()
     engine, server, extra, bound = build(store, server_config)
     await server.bind()
-    await engine.prepare()  # recovery from disk, when persistence is on
+    try:
+        await engine.prepare()  # recovery from disk, when persistence is on
+    except BaseException:  # a corrupt log, an unusable data directory: nothing left open
+        engine.close()
+        with trio.CancelScope(shield=True):
+            for listener in server.listeners:
+                await listener.aclose()
+        raise
     body_error: BaseException | None = None
     start_error: OSError | None = None
     try:

@@ -696,7 +696,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``kvmemo cli``; returns the process exit status."""
+    """Run ``kvmemo cli``; returns the process exit status (2: a URL that is not ws:// or wss://)."""
+    if not args.url.startswith(("ws://", "wss://")):
+        print(
+            f"kvmemo: error: --url must be a ws:// or wss:// URL, got {args.url!r}", file=sys.stderr
+        )
+        return 2
     tty = getattr(args, COMMAND_DEST) is None and sys.stdin.isatty()
     main = functools.partial(
         main_async, args, history=HISTORY_FILE if tty else None, show_prompt=tty

@@ -80,16 +80,23 @@ def _log_level(value: Any) -> str:
 
 
 def _list(value: Any) -> frozenset[str]:
-    """Items of a list (TOML), or of comma-separated strings (flags, environment)."""
+    """Items of a list (TOML), or of comma-separated strings (flags, environment).
+
+    Every item is a string: a TOML number or table is refused, not read as its text.
+    """
     items = value if isinstance(value, list | tuple | frozenset | set) else [value]
     out: set[str] = set()
     for item in items:
-        out.update(v.strip() for v in str(item).split(",") if v.strip())
+        out.update(v.strip() for v in _str(item).split(",") if v.strip())
     return frozenset(out)
 
 
 def _ms(value: Any) -> float:
-    return _float(value) / 1000
+    """Seconds from a positive number of milliseconds (every ``*_ms`` setting is one)."""
+    number = _float(value)
+    if not number > 0:
+        raise ValueError(f"expected a positive number of milliseconds, got {value!r}")
+    return number / 1000
 
 
 @attrs.frozen
@@ -152,7 +159,7 @@ SETTINGS: list[Setting] = [
         "server",
         "handshake_timeout",
         _float,
-        "seconds to complete a handshake (10)",
+        "seconds to complete a handshake; 0: no limit (10)",
     ),
     Setting(
         "idle_timeout",
@@ -174,6 +181,20 @@ SETTINGS: list[Setting] = [
         "max_http_head",
         _size("max-http-head"),
         "bytes of an HTTP request head (16KiB)",
+    ),
+    Setting(
+        "max_output_buffer",
+        "server",
+        "max_output_buffer",
+        _size("max-output-buffer"),
+        "bytes of responses waiting for a session's socket before it reads no more (64MiB)",
+    ),
+    Setting(
+        "output_timeout",
+        "server",
+        "output_timeout",
+        _float,
+        "seconds a session past --max-output-buffer may read nothing before it is dropped (10)",
     ),
     Setting("shards", "store", "shards", _int, "number of shard actors (16)"),
     Setting(
@@ -244,7 +265,9 @@ SETTINGS: list[Setting] = [
         _size("max-value-size"),
         "bytes per value (512MiB)",
     ),
-    Setting("mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox"),
+    Setting(
+        "mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox (4096)"
+    ),
     Setting(
         "pubsub_buffer_limit",
         "store",
@@ -382,7 +405,13 @@ SETTINGS: list[Setting] = [
         _int,
         "Redis port: commands one MULTI may queue (100000)",
     ),
-    Setting("log_level", "cli", "log_level", _log_level, "debug, info, warning or error (info)"),
+    Setting(
+        "log_level",
+        "cli",
+        "log_level",
+        _log_level,
+        "debug, info, warning, error or critical (info)",
+    ),
 ]
 
 SERVE_DEFAULTS: dict[str, Any] = {"maxmemory": 256 * 1024 * 1024}
@@ -423,6 +452,10 @@ def _from_toml(path: str) -> dict[str, Any]:
         raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ValueError(
+            f"config file {path} is not valid TOML: not UTF-8 ({exc.reason})"
+        ) from None
     flat: dict[str, Any] = {}
     known = {s.name for s in SETTINGS}
     for key, value in data.items():
@@ -484,10 +517,31 @@ def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         parsed[s.target][s.field] = value
     try:
         store = StoreConfig(**parsed["store"])
-        server = ServerConfig(**parsed["server"], resp_limits=RespLimits(**parsed["resp"]))
     except (ValueError, TypeError) as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_named(str(exc), "store")) from None
+    try:
+        limits = RespLimits(**parsed["resp"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(_named(str(exc), "resp")) from None
+    try:
+        server = ServerConfig(**parsed["server"], resp_limits=limits)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(_named(str(exc), "server")) from None
     return Resolved(store, server, parsed["cli"].get("log_level", "info"))
+
+
+def _named(message: str, target: str) -> str:
+    """A configuration's error as the operator named the setting.
+
+    The configurations name their fields (``idle_timeout`` of the Redis
+    port's limits, ``data_dir``); the message names the setting instead
+    (``resp_idle_timeout``, ``dir``), the one its flag, key and variable
+    are made of.
+    """
+    for s in SETTINGS:
+        if s.target == target and s.name != s.field and message.startswith(s.field + " "):
+            return s.name + message[len(s.field) :]
+    return message
 
 
 def resolve(

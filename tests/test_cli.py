@@ -130,7 +130,7 @@ def test_the_redis_ports_limits_are_settings(tmp_path: Path) -> None:
     assert (limits.max_bulk_len, limits.max_clients) == (1024**2, 7)
     assert (limits.max_transaction_commands, limits.idle_timeout) == (50, 30.0)
     assert resolved([]).server.resp_limits == RespLimits()
-    with pytest.raises(ValueError, match=r"^max_clients must be >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^resp_max_clients must be >= 1, got 0$"):
         resolved(["--resp-max-clients", "0"])
 
 

@@ -395,7 +395,35 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse flags the run cannot use, before anything starts.
+
+    Raises:
+        ValueError: naming the flag.
+    """
+    for name, value, low in (
+        ("duration", args.duration, 0.0),
+        ("kill-rate", args.kill_rate, 0.0),
+        ("clients", args.clients, 1),
+        ("keys", args.keys, 1),
+        ("shards", args.shards, 1),
+    ):
+        if not (math.isfinite(value) and value >= low):
+            raise ValueError(f"--{name} must be >= {low:g}, got {value:g}")
+    if args.shards > 16384:
+        raise ValueError(f"--shards must be <= 16384, got {args.shards}")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run ``kvmemo chaos``: 0 without violations, 1 with some or a failed
+    connection, 2 on bad flags (one ``kvmemo: error:`` line on stderr)."""
+    from ..errors import KVMemoError
+
+    try:
+        _check_args(args)
+    except ValueError as exc:
+        print(f"kvmemo: error: {exc}", file=sys.stderr)
+        return 2
     cfg = WorkloadConfig(
         clients=args.clients,
         keys=args.keys,
@@ -414,7 +442,11 @@ def run(args: argparse.Namespace) -> int:
         def runner() -> Any:
             return run_embedded(cfg, shards=args.shards, progress=progress)
 
-    report: Report = trio.run(runner)
+    try:
+        report: Report = trio.run(runner)
+    except (KVMemoError, ValueError) as exc:  # cannot connect, a refused token, a bad URL
+        print(f"kvmemo: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report.to_json()))
     else:

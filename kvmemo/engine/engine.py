@@ -309,9 +309,18 @@ class KVEngine:
         Raises:
             CorruptLog, CorruptSnapshot: damage without ``repair``; the message
                 names the file and the offset.
-            OSError: the data directory cannot be used.
+            OSError: the data directory cannot be used: it is not a directory,
+                or it does not exist and cannot be created. (One that exists
+                but cannot be written is served: writes get ``IO`` until it
+                can, reads keep working.)
         """
         if self.persistence is not None:
+            directory = self.persistence.directory
+            try:
+                await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+            except OSError as exc:  # FileExistsError: a file of that name
+                why = "Not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+                raise OSError(exc.errno, f"cannot use data directory {directory}: {why}") from None
             self._prepared, self._intents = await durable.recover_all(
                 self.config, self.persistence, self.tracker
             )

@@ -37,6 +37,7 @@ in cycles wait longer to be freed (a few MB at most).
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -65,6 +66,9 @@ WS_QUEUE = 64  # messages trio-websocket buffers per session before backpressure
 LINGER = 1.0  # seconds an HTTP connection drains the client's leftovers after the answer
 LINGER_BYTES = 256 * 1024  # at most this many leftover bytes are read and dropped
 GC_GEN0_THRESHOLD = 20_000  # allocations between young collections (CPython: 700)
+# accept(2) errors of an overloaded system (out of descriptors or memory): retried.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1  # seconds between accept attempts while one of them lasts
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -294,12 +298,30 @@ class Server:
                     await listener.aclose()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept until the listener is closed (drain, shutdown).
+
+        Running out of file descriptors or memory (``EMFILE``, ``ENFILE``,
+        ``ENOMEM``, ``ENOBUFS``) is logged and retried after
+        ``ACCEPT_RETRY`` seconds, as :func:`trio.serve_listeners` (the Redis
+        port's) does: the port keeps serving once connections are closed.
+        """
         async with listener:
             while not self._draining:
                 try:
                     stream: trio.abc.Stream = await listener.accept()
-                except (trio.ClosedResourceError, OSError):
+                except trio.ClosedResourceError:
                     return
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        log.exception("the WebSocket/HTTP port stops accepting")
+                        return
+                    log.error(
+                        "accept failed: %s; retrying in %s s",
+                        exc.strerror or errno.errorcode.get(exc.errno or 0, exc),
+                        ACCEPT_RETRY,
+                    )
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
                 if self._ssl is not None:
                     stream = trio.SSLStream(stream, self._ssl, server_side=True)
                 nursery.start_soon(self._connection, stream)

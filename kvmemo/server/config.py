@@ -13,6 +13,11 @@ def _non_negative(instance: object, attribute: attrs.Attribute[float], value: fl
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
 def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name} must be >= 1, got {value}")
@@ -100,6 +105,11 @@ class ServerConfig:
             (1008); 0 disables it.
         shutdown_grace: seconds in-flight requests get on SIGINT/SIGTERM.
         max_http_head: bytes of an HTTP request head.
+        max_output_buffer: bytes of responses a session may have waiting for
+            its socket; past it the session reads no more requests until
+            they are under it again.
+        output_timeout: seconds a session past ``max_output_buffer`` may go
+            without its peer reading anything before it is disconnected.
         resp_limits: the limits of the Redis-protocol port.
     """
 
@@ -119,11 +129,15 @@ class ServerConfig:
     idle_timeout: float = attrs.field(default=0.0, validator=_non_negative)
     shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
     max_http_head: int = attrs.field(default=16 * 1024, validator=_at_least_one)
+    max_output_buffer: int = attrs.field(default=64 * 1024 * 1024, validator=_at_least_one)
+    output_timeout: float = attrs.field(default=10.0, validator=_positive)
     resp_limits: RespLimits = attrs.field(factory=RespLimits)
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if self.resp and self.port == self.resp_port != 0:
+            raise ValueError(f"port and resp_port must differ, got {self.port} for both")
 
     @property
     def tls(self) -> bool:

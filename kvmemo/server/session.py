@@ -21,7 +21,13 @@ keys never wait for each other.
 Limits: at most ``max_in_flight`` requests dispatched and not finished
 (waiting for their turn counts); more get OVERLOADED, nothing applied.
 Batch length in the codec; message size in the WebSocket layer (close
-1009); idle timeout (close 1008, only when nothing is in flight).
+1009); idle timeout (close 1008, only when nothing is in flight). Output:
+once the responses not yet taken by the socket pass ``max_output_buffer``
+bytes, the reader takes no more messages until they are back under it; a
+peer that takes nothing from the socket for ``output_timeout`` seconds
+meanwhile (it does not read its responses) is disconnected and logged,
+as the Redis port does. Memory per session: that limit, plus the responses
+to the messages read at once before the reader paused.
 
 Throughput: the reader takes every message already received in one go
 (after one await, and while trio-websocket's reader, which hands over one
@@ -73,6 +79,7 @@ from __future__ import annotations
 import hmac
 import logging
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -119,7 +126,7 @@ DRAIN_MAX = 256  # messages the reader takes in one go
 # messages: groups then hold what arrived together (a few messages, not one),
 # which roughly halved server CPU per message for pipelined single requests.
 DRAIN_IDLE_PASSES = 2  # scheduler passes
-OUTBOX_LIMIT = 64 * 1024 * 1024  # bytes of unsent responses before the reader pauses
+WRITE_PIECE = 1024 * 1024  # bytes per socket write of a long answer, so progress shows
 
 
 def _receive_nowait(ws: WebSocketConnection) -> str | bytes | None:
@@ -176,14 +183,17 @@ def _text_frames(texts: list[str]) -> bytes:
     return b"".join(parts)
 
 
-async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
+async def _send_many(
+    ws: WebSocketConnection, texts: list[str], progress: Callable[[], None]
+) -> None:
     """Send several text messages with one socket write (one message each).
 
     The frames are written here rather than by wsproto when
     :func:`_frames_writable` says that gives the same bytes (it saves
     wsproto's per-message work), else by wsproto. ``texts`` is emptied once
     framed, so that a socket that does not take the bytes holds them once,
-    not twice.
+    not twice. ``progress`` is called each time the socket took a piece
+    (at most ``WRITE_PIECE`` bytes, or one message).
     """
     conn = getattr(ws, "_wsproto", None)
     lock = getattr(ws, "_stream_lock", None)
@@ -191,6 +201,7 @@ async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
     if conn is None or lock is None or stream is None:
         for text in texts:
             await ws.send_message(text)
+            progress()
         return
     if ws.closed:
         raise ConnectionClosed(ws.closed)
@@ -201,7 +212,14 @@ async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
     texts.clear()
     async with lock:
         try:
-            await stream.send_all(data)
+            if len(data) <= WRITE_PIECE:
+                await stream.send_all(data)
+            else:
+                view = memoryview(data)
+                for start in range(0, len(data), WRITE_PIECE):
+                    await stream.send_all(view[start : start + WRITE_PIECE])
+                    progress()
+            progress()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             abort = getattr(ws, "_abort_web_socket", None)
             if abort is not None:
@@ -218,12 +236,15 @@ class Session:
     last keyspace-wide message, or None; ``_active`` counts the request
     tasks not yet done (their responses queued), plus one while the reader
     holds messages it took and has not dispatched yet, and ``_idle`` is set
-    whenever it is zero. ``_queued_total`` and ``_written_total`` count the
-    texts ever queued and ever handed to the socket; ``_push_holds`` counts
-    the messages holding a pub/sub method being answered (the pusher waits
-    while it is not zero). At most one batch of pushes is outside the hub and
-    not yet written: nobody takes from the subscriber while
-    ``_written_total < _push_target``.
+    whenever it is zero. ``_outbox_bytes`` counts the characters of the
+    texts in ``_outbox``, ``_sending_bytes`` those the writer is handing to
+    the socket; ``_outbox_space`` is clear only while their sum may be over
+    ``max_output_buffer`` (then the reader waits). ``_queued_total`` and
+    ``_written_total`` count the texts ever queued and ever handed to the
+    socket; ``_push_holds`` counts the messages holding a pub/sub method
+    being answered (the pusher waits while it is not zero). At most one
+    batch of pushes is outside the hub and not yet written: nobody takes
+    from the subscriber while ``_written_total < _push_target``.
     """
 
     def __init__(self, server: Server, ws: WebSocketConnection, sid: int, authed: bool) -> None:
@@ -244,6 +265,8 @@ class Session:
         self._ended = trio.Event()
         self._outbox: list[str] = []  # responses not yet handed to the socket
         self._outbox_bytes = 0
+        self._sending_bytes = 0  # of the responses the writer is handing to the socket
+        self._progress = 0  # socket writes done; a stalled peer leaves it unchanged
         self._outbox_ready = trio.Event()
         self._outbox_space = trio.Event()
         self._outbox_space.set()
@@ -303,8 +326,8 @@ class Session:
         idle_timeout = self.server.config.idle_timeout
         ws = self.ws
         while True:
-            if not self._outbox_space.is_set():
-                await self._outbox_space.wait()  # the peer is not reading its responses
+            if not self._outbox_space.is_set() and not await self._wait_for_room():
+                return  # the peer reads nothing: it is disconnected
             if idle_timeout:
                 with trio.move_on_after(idle_timeout) as idle:
                     message = await ws.get_message()
@@ -338,6 +361,34 @@ class Session:
                 self._flush_group(nursery)
             finally:
                 self._task_done()
+
+    async def _wait_for_room(self) -> bool:
+        """Wait until the unsent responses are back under ``max_output_buffer``.
+
+        Returns False (the session is to be closed, logged) when the socket
+        took nothing for ``output_timeout`` seconds meanwhile.
+        """
+        timeout = self.server.config.output_timeout
+        while not self._outbox_space.is_set():
+            progress = self._progress
+            with trio.move_on_after(timeout):
+                await self._outbox_space.wait()
+            if not self._outbox_space.is_set() and self._progress == progress:
+                log.warning(
+                    "session %d: %d response bytes unsent (limit %d) and nothing read for"
+                    " %.1f s: closing it",
+                    self.id,
+                    self._outbox_bytes + self._sending_bytes,
+                    self.server.config.max_output_buffer,
+                    timeout,
+                )
+                if self._close is None:
+                    self._close = (1008, "output buffer limit reached")
+                return False
+        return True
+
+    def _made_progress(self) -> None:
+        self._progress += 1
 
     async def wait_idle(self) -> None:
         """Wait until every dispatched request has finished and been answered."""
@@ -763,7 +814,8 @@ class Session:
         if queued:
             self._flushed = trio.Event() if self._flushed.is_set() else self._flushed
             self._outbox_ready.set()
-            if self._outbox_bytes > OUTBOX_LIMIT and self._outbox_space.is_set():
+            pending = self._outbox_bytes + self._sending_bytes
+            if pending > self.server.config.max_output_buffer and self._outbox_space.is_set():
                 self._outbox_space = trio.Event()
 
     async def _writer(self) -> None:
@@ -772,12 +824,12 @@ class Session:
             await self._outbox_ready.wait()
             await trio.lowlevel.checkpoint()  # let the responses ready now join this write
             texts, self._outbox = self._outbox, []
-            self._outbox_bytes = 0
+            self._sending_bytes, self._outbox_bytes = self._outbox_bytes, 0
             self._outbox_ready = trio.Event()
-            self._outbox_space.set()
             count = len(texts)
             try:
-                await _send_many(self.ws, texts)  # empties texts once framed (memory)
+                # Empties texts once framed (memory).
+                await _send_many(self.ws, texts, self._made_progress)
             except ConnectionClosed:
                 # Broken: wake whoever waits on the writer (a reader paused for
                 # room or for pushes to be written); they see _broken and stop.
@@ -788,6 +840,9 @@ class Session:
                 self._written = trio.Event()
                 self.end_subscriptions()  # nothing can reach the peer any more
                 return
+            self._sending_bytes = 0
+            if self._outbox_bytes <= self.server.config.max_output_buffer:
+                self._outbox_space.set()
             self.server.messages_out.inc(count)
             self._written_total += count
             if self._push_held and self._written_total >= self._push_target:
