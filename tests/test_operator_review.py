@@ -10,52 +10,28 @@ from __future__ import annotations
 import base64
 import errno
 import json
-import logging
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from test_cli import (  # the same in-process helpers
+    keep_logging,  # noqa: F401 - a fixture, used by name
+    resolved,
+    run_main,
+)
 from trio_websocket import open_websocket_url
 
-from kvmemo.cli import build_parser, main
 from kvmemo.config import StoreConfig
 from kvmemo.node import open_node
 from kvmemo.server.config import ServerConfig
-from kvmemo.settings import resolve_all
 
 TEST_TIMEOUT = 20  # seconds per test
-
-
-def resolved(argv: list[str], environ: dict[str, str] | None = None) -> Any:
-    return resolve_all(build_parser().parse_args(["serve", *argv]), environ or {})
-
-
-@pytest.fixture
-def keep_logging() -> Iterator[None]:
-    """``main`` sets up the root logger for the process; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``kvmemo.cli.main`` in-process: exit code, stdout, stderr."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code if isinstance(exc.code, int) else -1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # -- configuration errors name the setting as the operator gave it -----------------------
