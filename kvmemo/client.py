@@ -600,7 +600,7 @@ class Client(Commands):
                 connection was lost (nothing is sent: it would run unchecked).
             TypeError, ValueError: a call that cannot be sent (nothing is sent).
         """
-        prepared = [(_method_of(call[0]), call[1:]) for call in calls]
+        prepared = [_split_call(call) for call in calls]
         params = [[method, *encode_params(args)] for method, args in prepared]
         self._check_open()
         if self._watch_owner is not None and self._watch_owner is trio.lowlevel.current_task():
@@ -788,7 +788,7 @@ class Client(Commands):
                 are made in a watch block whose connection was lost (nothing
                 is sent).
         """
-        prepared = [(_method_of(call[0]), call[1:], encode_params(call[1:])) for call in calls]
+        prepared = [(*split, encode_params(split[1])) for split in map(_split_call, calls)]
         self._check_open()
         registered = [self._register(method, params) for method, _, params in prepared]
         slots = [request.slot for request in registered if request.slot is not None]
@@ -1530,6 +1530,18 @@ class Subscription:
             f"subscription buffer limit reached ({self.limit} bytes, client side): "
             "the subscription ended; messages were lost"
         )
+
+
+def _split_call(call: tuple[Arg, ...]) -> tuple[str, tuple[Arg, ...]]:
+    """(method, arguments) of one call of a batch or a transaction.
+
+    An empty call names no command: it is sent as the method ``""``, which
+    the server answers as any unknown one (``UNKNOWN_METHOD`` in its place),
+    as the embedded store does.
+    """
+    if not call:
+        return "", ()
+    return _method_of(call[0]), call[1:]
 
 
 def _method_of(name: Arg) -> str:

@@ -211,6 +211,18 @@ async def test_execute_many_sends_one_message_and_returns_errors(node: Node, kv:
     assert isinstance(results[2], ArityError)
 
 
+async def test_an_empty_call_is_an_unknown_command_as_in_the_embedded_store(kv: Client) -> None:
+    # Was an IndexError before anything was sent; the embedded store's rule.
+    results = await kv.execute_many(("set", "a", "1"), (), (b"GET", "a"))
+    assert results[0] == "OK"
+    assert isinstance(results[1], UnknownCommandError)
+    assert results[2] == b"1"
+    with pytest.raises(UnknownCommandError) as caught:
+        await kv.transaction(("set", "a", "2"), ())
+    assert caught.value.data["index"] == 1
+    assert await kv.get("a") == b"1"  # refused whole: nothing ran
+
+
 # -- a scripted server ----------------------------------------------------------------------
 
 Script = Callable[[WebSocketConnection, list[Any]], Awaitable[None]]
