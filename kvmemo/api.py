@@ -44,6 +44,28 @@ def encode_args(args: Sequence[Arg]) -> Sequence[bytes]:
     return args  # type: ignore[return-value]  # every item is bytes: checked above
 
 
+def _flat_pairs(command: str, mapping: Mapping[Arg, Arg] | Sequence[tuple[Arg, Arg]]) -> list[Arg]:
+    """``key1, value1, key2, value2, ...`` of a mapping or a sequence of (key, value) pairs.
+
+    Raises:
+        TypeError: an item of the sequence is not a pair (a string, a
+            triple): it would shift every key and value after it.
+    """
+    if isinstance(mapping, Mapping):
+        return [x for pair in mapping.items() for x in pair]
+    if isinstance(mapping, str | bytes):
+        raise TypeError(f"{command}: expected a mapping or (key, value) pairs, got {mapping!r}")
+    flat: list[Arg] = []
+    for pair in mapping:
+        if (
+            type(pair) is not tuple
+            and (isinstance(pair, str | bytes) or not isinstance(pair, Sequence))
+        ) or len(pair) != 2:
+            raise TypeError(f"{command}: expected (key, value) pairs, got {pair!r}")
+        flat += pair
+    return flat
+
+
 def _expiry_args(ex: int | None, px: int | None, exat: int | None, pxat: int | None) -> list[Arg]:
     out: list[Arg] = []
     for name, value in (("EX", ex), ("PX", px), ("EXAT", exat), ("PXAT", pxat)):
@@ -199,13 +221,11 @@ class Commands:
         return result
 
     async def mset(self, mapping: Mapping[Arg, Arg] | Sequence[tuple[Arg, Arg]]) -> str:
-        items = mapping.items() if isinstance(mapping, Mapping) else mapping
-        result: str = await self.execute("mset", *[x for kv in items for x in kv])
+        result: str = await self.execute("mset", *_flat_pairs("mset", mapping))
         return result
 
     async def msetnx(self, mapping: Mapping[Arg, Arg] | Sequence[tuple[Arg, Arg]]) -> int:
-        items = mapping.items() if isinstance(mapping, Mapping) else mapping
-        result: int = await self.execute("msetnx", *[x for kv in items for x in kv])
+        result: int = await self.execute("msetnx", *_flat_pairs("msetnx", mapping))
         return result
 
     # -- bits ------------------------------------------------------------------------------

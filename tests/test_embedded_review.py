@@ -142,3 +142,20 @@ async def test_a_config_and_settings_together_are_refused_not_half_ignored(
         assert not nursery.child_tasks  # nothing started
     async with kvmemo.open_store(config) as kv:
         assert (await kv.info("server"))["server"]["shards"] == 2
+
+
+async def test_mset_refuses_items_that_are_not_pairs_and_sets_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Was: the items were flattened as they came, so [("a", "1", "b"), ("c",)]
+    # set a=1 and b=c, and the string "ab" set a=b.
+    async with kvmemo.open_store(shards=2) as kv:
+        bad: list[object] = [[("a", "1", "b"), ("c",)], "ab", b"ab", [1, 2], [("a", "1"), ("b",)]]
+        for items in bad:
+            for method in (kv.mset, kv.msetnx):
+                with pytest.raises(TypeError, match=r"^msetn?x?: expected "):
+                    await method(items)  # type: ignore[arg-type]
+        assert await kv.dbsize() == 0
+        assert await kv.mset([["a", "1"], ("b", "2")]) == "OK"  # lists are pairs too
+        assert await kv.msetnx({"c": "3"}) == 1
+        assert await kv.mget("a", "b", "c") == [b"1", b"2", b"3"]
