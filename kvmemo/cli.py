@@ -95,12 +95,19 @@ async def _serve(resolved: Resolved, process: bool = False) -> int:
     node stops (an impatient Ctrl-C, a supervisor's follow-up) is logged and
     changes nothing, so the drain and the final snapshot finish and the exit
     code stays 0. With ``process`` (the ``kvmemo`` process itself, not a
-    caller of :func:`main` in its own process), both are ignored from the
-    node's stop to the exit, which then has nothing left to do.
+    caller of :func:`main` in its own process), both are ignored outside the
+    receiver's time: from the node's stop to the exit, which then has
+    nothing left to do (and for the instant before the receiver opens).
 
     Raises:
         StartError: the node could not start (one line for the operator).
     """
+    if process:
+        # What the receiver gives back when it closes, and redelivers a
+        # signal it still holds to: a signal as the node finishes stopping,
+        # or after, changes nothing either.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         first = trio.Event()
         received: list[int] = []
@@ -110,9 +117,6 @@ async def _serve(resolved: Resolved, process: bool = False) -> int:
                 failed = await _run_node(resolved, first, received)
             finally:
                 nursery.cancel_scope.cancel()
-    if process:  # the receiver gave back the default handlers: a late signal would kill
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if failed is not None:
         raise StartError(failed)
     return 0

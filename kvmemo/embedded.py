@@ -167,6 +167,7 @@ class Store(Commands):
         block included) carries on, and ``serve``'s nursery no longer waits
         for the store.
         """
+        self.engine.stop_accepting()
         self._scope.cancel()
 
 
@@ -360,6 +361,7 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
                 # in an ExceptionGroup by the nursery.
                 error = exc
             finally:
+                engine.stop_accepting()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Under an enclosing cancellation the store's tasks end Cancelled and

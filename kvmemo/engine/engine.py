@@ -1490,6 +1490,16 @@ class KVEngine:
         with trio.CancelScope(shield=True), contextlib.suppress(OSError, ValueError):
             await persistence.sync_coordinator.sync(_IntentWrite(intents))
 
+    def stop_accepting(self) -> None:
+        """Refuse every command from now on as "the store is closed": the store is stopping.
+
+        Called as the tree is told to stop, so that the calls made while it
+        stops are not told that a shard "is restarting"; :meth:`close`
+        releases the rest once it has stopped. Calls already running finish
+        or fail as the shards stop.
+        """
+        self._closed = True
+
     def close(self) -> None:
         """Release what the engine holds open (intent and commit logs); after the tree stopped.
 
@@ -1572,6 +1582,8 @@ class KVEngine:
             OutOfMemoryError: a multi-shard MSET in it does not fit; nothing ran.
             RequestTimeoutError: no answer within ``request_timeout``.
         """
+        if self._closed:  # one of server calls only would touch no shard
+            raise _store_closed()
         started = _perf_counter()
         self._parse_context.restart()
         plan = Plan(len(calls))
