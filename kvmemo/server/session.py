@@ -23,11 +23,13 @@ Limits: at most ``max_in_flight`` requests dispatched and not finished
 Batch length in the codec; message size in the WebSocket layer (close
 1009); idle timeout (close 1008, only when nothing is in flight). Output:
 once the responses not yet taken by the socket pass ``max_output_buffer``
-bytes, the reader takes no more messages until they are back under it; a
-peer that takes nothing from the socket for ``output_timeout`` seconds
-meanwhile (it does not read its responses) is disconnected and logged,
-as the Redis port does. Memory per session: that limit, plus the responses
-to the messages read at once before the reader paused.
+bytes (UTF-8 bytes, as sent), the reader takes no more messages until they
+are back under it; a peer that takes nothing from the socket for
+``output_timeout`` seconds meanwhile (it does not read its responses,
+whatever the reader is doing) is disconnected, without a close frame (its
+socket is full, and one could land inside a half-written frame), and
+logged, as the Redis port does. Memory per session: that limit, plus the
+responses to the messages read at once before the reader paused.
 
 Throughput: the reader takes every message already received in one go
 (after one await, and while trio-websocket's reader, which hands over one
@@ -126,7 +128,7 @@ DRAIN_MAX = 256  # messages the reader takes in one go
 # messages: groups then hold what arrived together (a few messages, not one),
 # which roughly halved server CPU per message for pipelined single requests.
 DRAIN_IDLE_PASSES = 2  # scheduler passes
-WRITE_PIECE = 1024 * 1024  # bytes per socket write of a long answer, so progress shows
+WRITE_PIECE = 64 * 1024  # bytes per socket write of a long answer, so progress shows
 
 
 def _receive_nowait(ws: WebSocketConnection) -> str | bytes | None:
@@ -184,7 +186,7 @@ def _text_frames(texts: list[str]) -> bytes:
 
 
 async def _send_many(
-    ws: WebSocketConnection, texts: list[str], progress: Callable[[], None]
+    ws: WebSocketConnection, texts: list[str], progress: Callable[[int], None]
 ) -> None:
     """Send several text messages with one socket write (one message each).
 
@@ -192,8 +194,8 @@ async def _send_many(
     :func:`_frames_writable` says that gives the same bytes (it saves
     wsproto's per-message work), else by wsproto. ``texts`` is emptied once
     framed, so that a socket that does not take the bytes holds them once,
-    not twice. ``progress`` is called each time the socket took a piece
-    (at most ``WRITE_PIECE`` bytes, or one message).
+    not twice. ``progress(n)`` is called each time the socket took a piece
+    of ``n`` bytes (at most ``WRITE_PIECE``, or one message).
     """
     conn = getattr(ws, "_wsproto", None)
     lock = getattr(ws, "_stream_lock", None)
@@ -201,7 +203,7 @@ async def _send_many(
     if conn is None or lock is None or stream is None:
         for text in texts:
             await ws.send_message(text)
-            progress()
+            progress(_utf8_length(text))
         return
     if ws.closed:
         raise ConnectionClosed(ws.closed)
@@ -214,17 +216,33 @@ async def _send_many(
         try:
             if len(data) <= WRITE_PIECE:
                 await stream.send_all(data)
+                progress(len(data))
             else:
                 view = memoryview(data)
                 for start in range(0, len(data), WRITE_PIECE):
-                    await stream.send_all(view[start : start + WRITE_PIECE])
-                    progress()
-            progress()
+                    piece = view[start : start + WRITE_PIECE]
+                    await stream.send_all(piece)
+                    progress(len(piece))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             abort = getattr(ws, "_abort_web_socket", None)
             if abort is not None:
                 await abort()
             raise ConnectionClosed(ws.closed) from None
+
+
+def _utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (``isascii`` is O(1): no encoding for the usual text)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+async def _abort(ws: WebSocketConnection) -> None:
+    """Drop the connection without a close frame (the peer sees 1006)."""
+    stream = getattr(ws, "_stream", None)
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
+    abort = getattr(ws, "_abort_web_socket", None)
+    if abort is not None:
+        await abort()
 
 
 class Session:
@@ -236,10 +254,13 @@ class Session:
     last keyspace-wide message, or None; ``_active`` counts the request
     tasks not yet done (their responses queued), plus one while the reader
     holds messages it took and has not dispatched yet, and ``_idle`` is set
-    whenever it is zero. ``_outbox_bytes`` counts the characters of the
+    whenever it is zero. ``_outbox_bytes`` counts the UTF-8 bytes of the
     texts in ``_outbox``, ``_sending_bytes`` those the writer is handing to
-    the socket; ``_outbox_space`` is clear only while their sum may be over
-    ``max_output_buffer`` (then the reader waits). ``_queued_total`` and
+    the socket and the socket has not taken yet; ``_outbox_space`` is clear
+    only while their sum may be over ``max_output_buffer`` (then the reader
+    waits, and the output watchdog watches the socket's progress).
+    ``_writing`` is true while the writer is in a socket write: a writer
+    cancelled there left a frame half-written. ``_queued_total`` and
     ``_written_total`` count the texts ever queued and ever handed to the
     socket; ``_push_holds`` counts the messages holding a pub/sub method
     being answered (the pusher waits while it is not zero). At most one
@@ -267,6 +288,9 @@ class Session:
         self._outbox_bytes = 0
         self._sending_bytes = 0  # of the responses the writer is handing to the socket
         self._progress = 0  # socket writes done; a stalled peer leaves it unchanged
+        self._writing = False
+        self._stalled = False  # the watchdog dropped a peer that reads nothing
+        self._over_limit = trio.Event()  # set when _outbox_space is cleared
         self._outbox_ready = trio.Event()
         self._outbox_space = trio.Event()
         self._outbox_space.set()
@@ -306,6 +330,7 @@ class Session:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
+            nursery.start_soon(self._output_watchdog)
             with self._reader:
                 try:
                     await self._read_loop(nursery)
@@ -314,10 +339,15 @@ class Session:
             if self._close is None:
                 # The peer left: let dispatched requests finish (replies may fail).
                 await self.wait_idle()
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await self._flushed.wait()
+            if not self._stalled:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._flushed.wait()
             nursery.cancel_scope.cancel()  # drained: the grace is over for the rest
-        if self._close is not None:
+        if self._stalled or self._writing:
+            # A peer that reads nothing, or a frame left half-written by the
+            # cancelled writer: a close frame cannot be delivered whole.
+            await _abort(self.ws)
+        elif self._close is not None:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await self.ws.aclose(*self._close)
         self._ended.set()
@@ -326,8 +356,8 @@ class Session:
         idle_timeout = self.server.config.idle_timeout
         ws = self.ws
         while True:
-            if not self._outbox_space.is_set() and not await self._wait_for_room():
-                return  # the peer reads nothing: it is disconnected
+            if not self._outbox_space.is_set():
+                await self._outbox_space.wait()  # the peer is slow to read its responses
             if idle_timeout:
                 with trio.move_on_after(idle_timeout) as idle:
                     message = await ws.get_message()
@@ -362,18 +392,23 @@ class Session:
             finally:
                 self._task_done()
 
-    async def _wait_for_room(self) -> bool:
-        """Wait until the unsent responses are back under ``max_output_buffer``.
+    async def _output_watchdog(self) -> None:
+        """Drop the peer when it takes nothing for ``output_timeout`` while over the limit.
 
-        Returns False (the session is to be closed, logged) when the socket
-        took nothing for ``output_timeout`` seconds meanwhile.
+        Runs beside the writer, whatever the reader waits on (room in the
+        outbox, pushes to be written, the next message): the session's
+        memory stays bounded by a peer that stops reading. Costs nothing
+        while under the limit (it waits for ``_over_limit``).
         """
         timeout = self.server.config.output_timeout
-        while not self._outbox_space.is_set():
-            progress = self._progress
-            with trio.move_on_after(timeout):
-                await self._outbox_space.wait()
-            if not self._outbox_space.is_set() and self._progress == progress:
+        while True:
+            await self._over_limit.wait()
+            while not self._outbox_space.is_set():
+                progress = self._progress
+                with trio.move_on_after(timeout):
+                    await self._outbox_space.wait()
+                if self._outbox_space.is_set() or self._progress != progress:
+                    continue
                 log.warning(
                     "session %d: %d response bytes unsent (limit %d) and nothing read for"
                     " %.1f s: closing it",
@@ -384,11 +419,20 @@ class Session:
                 )
                 if self._close is None:
                     self._close = (1008, "output buffer limit reached")
-                return False
-        return True
+                self._stalled = True
+                self._reader.cancel()
+                return
+            self._over_limit = trio.Event()
 
-    def _made_progress(self) -> None:
+    def _made_progress(self, nbytes: int) -> None:
+        """The socket took ``nbytes`` of what the writer hands it: room may be back."""
         self._progress += 1
+        self._sending_bytes = max(0, self._sending_bytes - nbytes)
+        if (
+            not self._outbox_space.is_set()
+            and self._outbox_bytes + self._sending_bytes <= self.server.config.max_output_buffer
+        ):
+            self._outbox_space.set()
 
     async def wait_idle(self) -> None:
         """Wait until every dispatched request has finished and been answered."""
@@ -808,7 +852,7 @@ class Session:
         for text in texts:
             if text is not None:
                 self._outbox.append(text)
-                self._outbox_bytes += len(text)
+                self._outbox_bytes += len(text) if text.isascii() else _utf8_length(text)
                 self._queued_total += 1
                 queued = True
         if queued:
@@ -817,6 +861,7 @@ class Session:
             pending = self._outbox_bytes + self._sending_bytes
             if pending > self.server.config.max_output_buffer and self._outbox_space.is_set():
                 self._outbox_space = trio.Event()
+                self._over_limit.set()
 
     async def _writer(self) -> None:
         """Send every queued response, as many per socket write as are ready."""
@@ -829,8 +874,11 @@ class Session:
             count = len(texts)
             try:
                 # Empties texts once framed (memory).
+                self._writing = True
                 await _send_many(self.ws, texts, self._made_progress)
+                self._writing = False  # (left true by a cancellation: see _run)
             except ConnectionClosed:
+                self._writing = False
                 # Broken: wake whoever waits on the writer (a reader paused for
                 # room or for pushes to be written); they see _broken and stop.
                 self._broken = True
