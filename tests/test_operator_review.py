@@ -7,13 +7,11 @@ Each test is the regression test of one defect found by reviewing
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from test_cli import (  # the same in-process helpers
     run_main,
 )
 from trio_websocket import open_websocket_url
+from ws_raw import client_frame, raw_session
 
 from kvmemo.config import StoreConfig
 from kvmemo.node import open_node
@@ -174,18 +173,6 @@ async def test_running_out_of_descriptors_does_not_close_the_port(
 # -- a peer that never reads its responses ------------------------------------------------
 
 
-def _client_frame(text: str) -> bytes:
-    """One masked text frame, as a client sends it."""
-    payload = text.encode()
-    mask = b"\x11\x22\x33\x44"
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, 0x80 | size))
-    else:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 async def test_a_peer_that_never_reads_is_disconnected_and_others_are_served() -> None:
     # Was: the session stopped reading past a fixed 64 MiB (not a setting) and
     # then held its memory (one pass of requests' responses on top) forever.
@@ -205,18 +192,8 @@ async def test_a_peer_that_never_reads_is_disconnected_and_others_are_served() -
             assert running.server.bound is not None
             port = running.server.bound[1]
             sessions = set(running.server.sessions)  # the other one
-            silent = await trio.open_tcp_stream("127.0.0.1", port)
-            key = base64.b64encode(b"0123456789abcdef").decode()
-            await silent.send_all(
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += await silent.receive_some(1)  # the handshake only, nothing after
-            assert head.startswith(b"HTTP/1.1 101")
-            request = _client_frame('{"jsonrpc":"2.0","id":2,"method":"get","params":["big"]}')
+            silent = await raw_session(port)
+            request = client_frame('{"jsonrpc":"2.0","id":2,"method":"get","params":["big"]}')
             async with trio.open_nursery() as nursery:
 
                 async def flood() -> None:

@@ -6,74 +6,62 @@ failed before the fixes that followed them.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
 import struct
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from ws_raw import client_frame, raw_session
 
 import kvmemo
 from kvmemo.config import StoreConfig
 from kvmemo.errors import KVMemoError, UnavailableError
-from kvmemo.node import open_node
+from kvmemo.node import Node, open_node
 from kvmemo.server.config import ServerConfig
 
 TEST_TIMEOUT = 20  # seconds per test
 
 
-def _client_frame(text: str) -> bytes:
-    """One masked text frame, as a client sends it."""
-    payload = text.encode()
-    mask = b"\x11\x22\x33\x44"
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, 0x80 | size))
-    elif size <= 0xFFFF:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, size)
-    whole = (mask * (size // 4 + 1))[:size]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(size, "big")
-    return header + mask + masked
-
-
 def _request(rid: int, method: str, *params: str) -> bytes:
-    return _client_frame(
+    return client_frame(
         json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": list(params)})
     )
-
-
-async def _raw_session(port: int, rcvbuf: int) -> trio.SocketStream:
-    """A WebSocket handshake over a TCP socket with a small receive buffer (a slow link)."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(b"0123456789abcdef").decode()
-    await stream.send_all(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await stream.receive_some(1)
-    assert head.startswith(b"HTTP/1.1 101")
-    return stream
 
 
 def _slow_link(session: Any) -> None:
     """Shrink the server's send buffer for ``session``: a slow link, the writer waits."""
     replay: Any = session.ws._stream  # app.ReplayStream around the TCP stream
     replay._inner.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+
+@asynccontextmanager
+async def _slow_session(
+    max_output_buffer: int, output_timeout: float
+) -> AsyncIterator[tuple[Node, trio.SocketStream, Any]]:
+    """A node with these output limits, and one raw session to it over a slow link."""
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        resp=False,
+        max_output_buffer=max_output_buffer,
+        output_timeout=output_timeout,
+    )
+    async with open_node(StoreConfig(shards=2), config) as running:
+        assert running.server.bound is not None
+        stream = await raw_session(running.server.bound[1], 8192)
+        await trio.testing.wait_all_tasks_blocked()
+        (session,) = running.server.sessions
+        _slow_link(session)
+        yield running, stream, session
 
 
 class _Frames:
@@ -119,17 +107,8 @@ async def test_a_slow_peer_that_keeps_reading_is_not_disconnected() -> None:
     """
     value = "v" * (256 * 1024)
     gets = 8  # 2 MiB of responses: two 1 MiB pieces
-    config = ServerConfig(
-        host="127.0.0.1", port=0, resp=False, max_output_buffer=65536, output_timeout=0.5
-    )
     with trio.fail_after(TEST_TIMEOUT):
-        async with open_node(StoreConfig(shards=2), config) as running:
-            assert running.server.bound is not None
-            port = running.server.bound[1]
-            stream = await _raw_session(port, 8192)
-            await trio.testing.wait_all_tasks_blocked()
-            (session,) = running.server.sessions
-            _slow_link(session)
+        async with _slow_session(65536, 0.5) as (running, stream, session):
             frames = _Frames()
             await stream.send_all(_request(1, "set", "big", value))
             received: list[tuple[int, bytes]] = []
@@ -222,17 +201,8 @@ async def test_the_output_limit_counts_bytes_not_characters() -> None:
     that the peer does not read; the session must read no further request.
     """
     value = "\U0001f600" * 40_000  # 160,000 bytes of UTF-8
-    config = ServerConfig(
-        host="127.0.0.1", port=0, resp=False, max_output_buffer=100_000, output_timeout=30
-    )
     with trio.fail_after(TEST_TIMEOUT):
-        async with open_node(StoreConfig(shards=2), config) as running:
-            assert running.server.bound is not None
-            port = running.server.bound[1]
-            stream = await _raw_session(port, 8192)
-            await trio.testing.wait_all_tasks_blocked()
-            (session,) = running.server.sessions
-            _slow_link(session)
+        async with _slow_session(100_000, 30) as (running, stream, session):
             await stream.send_all(_request(1, "set", "big", value))
             frames = _Frames()
             received: list[tuple[int, bytes]] = []
@@ -321,18 +291,10 @@ async def test_a_subscriber_that_reads_nothing_is_dropped_even_while_it_subscrib
     timeout: when publishing stops, the session holds the pushes (over the
     limit) and its socket for ever, which ``output_timeout`` was to end.
     """
-    config = ServerConfig(
-        host="127.0.0.1", port=0, resp=False, max_output_buffer=65536, output_timeout=0.5
-    )
     with trio.fail_after(TEST_TIMEOUT):
-        async with open_node(StoreConfig(shards=2), config) as running:
-            assert running.server.bound is not None
+        async with _slow_session(65536, 0.5) as (running, stream, session):
             assert running.server.engine is not None
             engine = running.server.engine
-            stream = await _raw_session(running.server.bound[1], 8192)
-            await trio.testing.wait_all_tasks_blocked()
-            (session,) = running.server.sessions
-            _slow_link(session)
             await stream.send_all(_request(1, "subscribe", "news"))
             frames = _Frames()
             received: list[tuple[int, bytes]] = []
@@ -343,7 +305,7 @@ async def test_a_subscriber_that_reads_nothing_is_dropped_even_while_it_subscrib
                 await engine.execute("publish", [b"news", b"x" * 65536])
             await trio.testing.wait_all_tasks_blocked()
             await stream.send_all(_request(2, "subscribe", "other"))
-            with trio.move_on_after(3 * config.output_timeout + 2):
+            with trio.move_on_after(3 * running.server.config.output_timeout + 2):
                 await session._ended.wait()
             ended = session._ended.is_set()
             await stream.aclose()
@@ -360,23 +322,15 @@ async def test_a_peer_that_pipelines_then_goes_silent_is_dropped() -> None:
     for ever (``idle_timeout`` is 0 by default; when set, its
     ``ws.aclose(1008)`` waits for the stream lock the stuck writer holds).
     """
-    config = ServerConfig(
-        host="127.0.0.1", port=0, resp=False, max_output_buffer=65536, output_timeout=0.5
-    )
     with trio.fail_after(TEST_TIMEOUT):
-        async with open_node(StoreConfig(shards=2), config) as running:
-            assert running.server.bound is not None
-            stream = await _raw_session(running.server.bound[1], 8192)
-            await trio.testing.wait_all_tasks_blocked()
-            (session,) = running.server.sessions
-            _slow_link(session)
+        async with _slow_session(65536, 0.5) as (running, stream, session):
             await stream.send_all(_request(1, "set", "big", "v" * (256 * 1024)))
             frames = _Frames()
             received: list[tuple[int, bytes]] = []
             while not received:
                 received += frames.feed(await stream.receive_some(65536))
             await stream.send_all(b"".join(_request(10 + i, "get", "big") for i in range(8)))
-            with trio.move_on_after(3 * config.output_timeout + 2):
+            with trio.move_on_after(3 * running.server.config.output_timeout + 2):
                 await session._ended.wait()
             ended = session._ended.is_set()
             await stream.aclose()
