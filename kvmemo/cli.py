@@ -146,8 +146,13 @@ async def _run_node(resolved: Resolved, signalled: trio.Event, received: list[in
             node = await stack.enter_async_context(open_node(store, resolved.server))
         except (OSError, PersistenceError) as exc:
             # A port in use, a bad certificate, a corrupt log (the message
-            # names the file and offset): one line, exit 2, without "[Errno N]".
-            return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            # names the file and offset): one line, exit 2, without "[Errno N]"
+            # but with the file an OSError names (a directory where a data
+            # file should be, an unreadable file).
+            if isinstance(exc, OSError) and exc.strerror:
+                where = f": {exc.filename}" if exc.filename is not None else ""
+                return f"{exc.strerror}{where}"
+            return str(exc)
         print(f"KVMemo listening on {node.url}", flush=True)
         if node.resp_url is not None:
             print(f"KVMemo listening on {node.resp_url}", flush=True)

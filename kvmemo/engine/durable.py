@@ -8,6 +8,7 @@ ticket; it gathers each shard's figures for ``info persistence``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import make_policy
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
+from ..persistence.layout import check_shard_count, lock_directory
 from ..storage.durable_shard import (
     PersistenceConfig,
     PersistenceInfo,
@@ -45,6 +47,27 @@ def persistence_config(config: StoreConfig) -> PersistenceConfig | None:
             method=config.fsync_method, directory=Path(config.data_dir)
         ),
     )
+
+
+def claim_directory(directory: Path, shards: int) -> int | None:
+    """Lock the data directory and check its shard count (blocking); the lock's descriptor.
+
+    None: the directory cannot hold a lock file (read-only, full); it is
+    served unlocked. The caller closes the descriptor once the store stopped.
+
+    Raises:
+        DirectoryInUse: another store holds it.
+        ShardCountMismatch: it was written with another number of shards
+            (the lock is released again).
+    """
+    fd = lock_directory(directory)
+    try:
+        check_shard_count(directory, shards)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return fd
 
 
 async def recover_all(

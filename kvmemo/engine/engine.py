@@ -204,6 +204,7 @@ class KVEngine:
         self._intents: IntentLog | None = None
         self._txid = 0
         self._durabilities: list[ShardDurability] = []
+        self._dir_lock: int | None = None  # the data directory's lock (prepare to close)
         self._last_wake = -1.0
         self._started_at = time.time()
         # The tickets of the last BGSAVE (see _bgsave_start); none before one.
@@ -309,6 +310,11 @@ class KVEngine:
         Raises:
             CorruptLog, CorruptSnapshot: damage without ``repair``; the message
                 names the file and the offset.
+            DirectoryInUse: another store has the data directory open (see
+                :mod:`kvmemo.persistence.layout`); it stays locked until
+                :meth:`close`.
+            ShardCountMismatch: the directory was written with another
+                number of shards.
             OSError: the data directory cannot be used: it is not a directory,
                 or it does not exist and cannot be created. (One that exists
                 but cannot be written is served: writes get ``IO`` until it
@@ -321,9 +327,16 @@ class KVEngine:
             except OSError as exc:  # FileExistsError: a file of that name
                 why = "Not a directory" if isinstance(exc, FileExistsError) else exc.strerror
                 raise OSError(exc.errno, f"cannot use data directory {directory}: {why}") from None
-            self._prepared, self._intents = await durable.recover_all(
-                self.config, self.persistence, self.tracker
+            self._dir_lock = await trio.to_thread.run_sync(
+                durable.claim_directory, directory, self.config.shards
             )
+            try:
+                self._prepared, self._intents = await durable.recover_all(
+                    self.config, self.persistence, self.tracker
+                )
+            except BaseException:
+                self._release_directory()
+                raise
             self._txid = self._intents.last_txid
             self._durabilities = [
                 s.durability for s in self._prepared.values() if s.durability is not None
@@ -792,6 +805,8 @@ class KVEngine:
                 answers = slot.result()
             except (ActorCrashed, ActorStopped) as exc:
                 answers = [self._translate(exc, ref)] * len(items)
+            except PersistenceIOError as exc:  # the batch's commit failed (see _finish_batch)
+                answers = [exc] * len(items)
             for (i, _), answer in zip(items, answers, strict=False):
                 if results[i] is _PENDING and not isinstance(answer, NeedMemory):
                     results[i] = answer
@@ -817,6 +832,7 @@ class KVEngine:
         self, ref: ActorRef, items: list[tuple[int, Any]], slot: ReplySlot, results: list[Any]
     ) -> None:
         budget: _RoomBudget | None = None  # of the operation at the head of ``items``
+        reread = False  # the reads of a batch whose commit failed were asked again
         while True:
             try:
                 answers = slot.result() if slot.done else await slot.wait()
@@ -825,6 +841,39 @@ class KVEngine:
                 for i, _ in items:
                     results[i] = error
                 return
+            except PersistenceIOError as exc:
+                # The shard could not make the batch's writes durable (a full
+                # or failing disk) and failed the whole reply: each write gets
+                # IO (applied: unknown). The reads ran, but their values went
+                # with the reply: they are asked again, alone, once (a batch
+                # that writes nothing commits nothing), so reads keep working;
+                # except a read of a key the batch writes after it, which
+                # would now see that later write: it gets IO too.
+                written_after: set[bytes] = set()
+                reads = []
+                for item in reversed(items):
+                    i, op = item
+                    if op.write:
+                        if type(op) is ops.LocalMSet:  # the one write of several keys
+                            written_after.update(key for key, _ in op.items)
+                        else:
+                            written_after.add(op.key)
+                        results[i] = exc
+                    elif reread or op.key in written_after:
+                        results[i] = exc
+                    else:
+                        reads.append(item)
+                reads.reverse()
+                if not reads:
+                    return
+                reread, items, budget = True, reads, None
+                try:
+                    slot = await self._send(ref, ShardBatch([op for _, op in items]))
+                except KVMemoError as error:  # the shard went down meanwhile
+                    for i, _ in items:
+                        results[i] = error
+                    return
+                continue
             for (i, _), answer in zip(items, answers, strict=False):
                 results[i] = answer
             done = len(answers)
@@ -1513,6 +1562,12 @@ class KVEngine:
             self._intents = None
         if self.persistence is not None:
             self.persistence.sync_coordinator.close()
+        self._release_directory()
+
+    def _release_directory(self) -> None:
+        fd, self._dir_lock = self._dir_lock, None
+        if fd is not None:
+            os.close(fd)  # releases the directory's lock (see persistence.layout)
 
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 

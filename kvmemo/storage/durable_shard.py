@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,8 @@ from .durability import Health, LogBatch, ShardDurability, wall_offset
 from .shard import Hold, ShardActor
 from .store import SCAN_SNAPSHOTS, ShardStore
 from .sync_coordinator import LogWrite, RoundIncompleteError, SyncCoordinator
+
+log = logging.getLogger("kvmemo.persistence")
 
 SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec)
 # A re-save that failed (the disk still failing) is tried again after twice as long
@@ -691,6 +694,7 @@ class DurableShardActor(ShardActor):
             for older in superseded:
                 older.error = dropped
                 older.done.set()
+            self._report_stop()
             await self._close_log()
             return
         ticket = self._start_snapshot()
@@ -701,7 +705,25 @@ class DurableShardActor(ShardActor):
             older.error = ticket.error
             older.done.set()
         await self._sync()  # the new segment's head mark, once the snapshot is written
+        self._report_stop(ticket.error)
         await self._close_log()
+
+    def _report_stop(self, snapshot_error: BaseException | None = None) -> None:
+        """Log what a graceful stop could not do (it is otherwise silent, and exits 0).
+
+        A failed final snapshot loses nothing the log holds: the next start
+        replays it. A shard still failing: its last append or sync failed
+        (writes refused with ``IO`` are lost with the memory that held them).
+        """
+        shard = self.store.shard_id
+        if snapshot_error is not None:
+            log.warning(
+                "shard-%d: no snapshot at stop (the next start replays the log): %s",
+                shard,
+                snapshot_error,
+            )
+        elif self.dur.health is not Health.OK:
+            log.warning("shard-%d: stopped while failing: %s", shard, self.dur.error)
 
     async def _close_log(self) -> None:
         log, self.dur.log = self.dur.log, None
