@@ -8,7 +8,6 @@ ticket; it gathers each shard's figures for ``info persistence``.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..eviction.memory import MemoryTracker
 from ..eviction.policies import make_policy
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
-from ..persistence.layout import check_shard_count, lock_directory
+from ..persistence.layout import check_shard_count, lock_directory, release_directory
 from ..storage.durable_shard import (
     PersistenceConfig,
     PersistenceInfo,
@@ -65,7 +64,7 @@ def claim_directory(directory: Path, shards: int) -> int | None:
         check_shard_count(directory, shards)
     except BaseException:
         if fd is not None:
-            os.close(fd)
+            release_directory(fd)
         raise
     return fd
 

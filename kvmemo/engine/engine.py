@@ -85,6 +85,7 @@ from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
+from ..persistence.layout import release_directory
 from ..persistence.records import MAX_PAYLOAD, intent_payload
 from ..persistence.wal import SegmentedLog
 from ..storage.durability import Health, ShardDurability
@@ -1567,7 +1568,7 @@ class KVEngine:
     def _release_directory(self) -> None:
         fd, self._dir_lock = self._dir_lock, None
         if fd is not None:
-            os.close(fd)  # releases the directory's lock (see persistence.layout)
+            release_directory(fd)  # releases the directory's lock
 
     # -- transactions (MULTI/EXEC) and WATCH ------------------------------------------------
 

@@ -23,7 +23,10 @@ can act on rather than letting the store lose or damage data:
   directory was written with (recorded in ``DIR/SHARDS``; for a directory
   from before that file, its highest ``shard-N/`` plus one). A ``shard-N/``
   holding nothing (no snapshot with an entry, no non-empty segment) counts
-  as no data: the count of an empty store may change.
+  as no data, unless the intent or commit log beside the shards holds
+  something (recovery applies those to shards by key): only then may the
+  count change. A forked child closes its copy of the lock's descriptor
+  (a ``flock`` belongs to the open file, which the child shares).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import re
 import struct
 from pathlib import Path
 
+from .commitlog import COMMIT_DIR
+from .intents import INTENT_DIR
 from .records import PersistenceError
 from .snapshot import SNAPSHOT_HEADER_SIZE
 
@@ -43,6 +48,27 @@ SHARDS_NAME = "SHARDS"  # the shard count the directory is written with
 _SHARD_DIR_RE = re.compile(r"shard-(\d+)")
 _DATA_RE = re.compile(r"snap-\d{8,}\.kvs|wal-\d{8,}\.log")
 _COUNT = struct.Struct("<Q")  # a snapshot's entry count, at offset 20 of its header
+# Logs beside the shards whose records recovery applies to shards by key: a
+# multi-shard write's intent, and (appendfsync always) the commit log that
+# holds what a power loss left out of the shards' own logs.
+_SIDE_LOGS = (
+    (INTENT_DIR, re.compile(r"wal-\d{8,}\.log")),
+    (COMMIT_DIR, re.compile(r"commit-\d{8,}\.log")),
+)
+# The lock descriptors this process holds: a forked child closes its copies
+# (a flock belongs to the open file, which the child shares; O_CLOEXEC acts
+# only at exec), so that a child never keeps a directory locked.
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # not LOCK_UN: that would unlock the parent's lock too
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class DirectoryInUse(PersistenceError):
@@ -91,7 +117,14 @@ def lock_directory(directory: Path) -> int | None:
     with contextlib.suppress(OSError):  # the holder's pid, for the message above
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    _HELD.add(fd)
     return fd
+
+
+def release_directory(fd: int) -> None:
+    """Release the lock :func:`lock_directory` returned (close its descriptor)."""
+    _HELD.discard(fd)
+    os.close(fd)
 
 
 def _holds_data(shard_dir: Path) -> bool:
@@ -112,6 +145,25 @@ def _holds_data(shard_dir: Path) -> bool:
                     return True
             except OSError:
                 return True  # unreadable: recovery names the problem
+    return False
+
+
+def _side_logs_hold_data(directory: Path) -> bool:
+    """Whether an intent or commit log segment holds something (recovery may apply it)."""
+    for name, pattern in _SIDE_LOGS:
+        try:
+            entries = list((directory / name).iterdir())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True  # unreadable: recovery names the problem
+        for path in entries:
+            if pattern.fullmatch(path.name):
+                try:
+                    if path.stat().st_size > 0:
+                        return True
+                except OSError:
+                    return True
     return False
 
 
@@ -175,9 +227,10 @@ def check_shard_count(directory: Path, shards: int) -> None:
             present[int(match.group(1))] = path
     recorded = _recorded_count(directory)
     used = [n for n, path in sorted(present.items()) if _holds_data(path)]
-    if used:
+    if used or (present and _side_logs_hold_data(directory)):
         written = recorded if recorded is not None else max(present) + 1
-        written = max(written, used[-1] + 1)
+        if used:
+            written = max(written, used[-1] + 1)
         if written != shards:
             raise ShardCountMismatch(
                 f"{directory}: the data directory was written with {written} shards, "
