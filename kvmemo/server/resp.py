@@ -363,7 +363,8 @@ class RespParser:
     * NUL is an ordinary byte in inline requests (Redis's C strings would
       stop at it).
     * Redis's "unauthenticated multibulk/bulk length" limits belong to the
-      server, which knows whether the client has authenticated.
+      server, which knows whether the client has authenticated; it reads
+      the request in progress from :attr:`reading`.
 
     Invariant: ``_scan`` and ``_pos`` are indexes into ``_buf`` with
     ``_pos <= _scan <= len(_buf)``; the bytes before ``_pos`` are consumed.
@@ -431,6 +432,22 @@ class RespParser:
         request, so it is the memory a client makes us hold.
         """
         return len(self._buf) - self._pos + self._args_bytes
+
+    @property
+    def reading(self) -> tuple[int, int]:
+        """The multibulk request being read, for the limits its caller sets.
+
+        Its argument count and the length of the argument being read (0
+        until that argument's length line has arrived); ``(0, 0)`` between
+        requests and in an inline one. A server checks the limits Redis sets
+        for unauthenticated clients with it, as Redis does while reading.
+        """
+        state = self._state
+        if state is _State.BULK_LEN:
+            return len(self._args) + self._remaining, 0
+        if state is _State.BULK_DATA:
+            return len(self._args) + self._remaining, self._bulk_len
+        return 0, 0
 
     def feed(self, data: bytes) -> None:
         """Add received bytes. Never raises on any input.

@@ -56,8 +56,10 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   its replies) the client is disconnected and logged, as Redis does past its
   ``client-output-buffer-limit``. A single reply is always accepted when
   nothing is pending, so a value bigger than the limit can still be read.
-  Memory per connection: at most ``max_output_buffer`` plus one reply of
-  output, and ``max_query_buffer`` of input.
+  A batch whose replies would not fit under the limit (a pipeline of GETs
+  of a big value) is encoded one reply at a time, each when the one before
+  it is staged. Memory per connection: at most ``max_output_buffer`` plus
+  one reply of output, and ``max_query_buffer`` of input.
 * **Failure isolation.** A connection's crash (any bug) is logged and ends
   that connection only; protocol errors are answered in Redis's wording and
   close the connection after the replies before them are sent, as Redis does.
@@ -98,9 +100,7 @@ Deliberate differences from Redis: one database (``SELECT 0`` only); no
 (Redis 7.0 queues the latter and EXEC's array then miscounts its elements,
 redis#12207); no sharded pub/sub (``SSUBSCRIBE``, ``SPUBLISH``: a Redis
 Cluster feature), scripting or ACL users (the only user is ``default``,
-whose passwords are the server's tokens); the limits Redis imposes on
-unauthenticated clients (10 arguments, 16 KiB per argument) are checked once
-a request is parsed, not while it is read; ``INFO`` adds a ``# Actors``
+whose passwords are the server's tokens); ``INFO`` adds a ``# Actors``
 section; ``WAIT`` answers 0 at once (no replicas; Redis would block until its
 timeout); the slow log holds data commands only (see above).
 """
@@ -140,6 +140,7 @@ from .config import RespLimits as RespLimits
 from .resp import (
     NULL_ARRAY,
     ErrorReply,
+    ProtocolError,
     RespParser,
     Set,
     Verbatim,
@@ -312,6 +313,26 @@ def _dispatch(subcommands: dict[str, _SubCommand]) -> Handler:
 
     _DISPATCHED[handle] = subcommands
     return handle
+
+
+def _subcommand_error(
+    name: str, command: _ConnCommand, argv: tuple[bytes, ...]
+) -> ErrorReply | None:
+    """A container's (CLIENT, CONFIG, ...) unknown subcommand or wrong subcommand
+    arity, found before the command runs or is queued, as Redis's
+    ``processCommand`` finds it: in MULTI it is refused (EXEC then aborts),
+    not queued. None for a command without subcommands (or a bare ``COMMAND``),
+    or a valid call."""
+    subcommands = _DISPATCHED.get(command.handler)
+    if subcommands is None or len(argv) < 2:
+        return None
+    sub_name = _text(argv[1].lower())
+    sub = subcommands.get(sub_name)
+    if sub is None:
+        return _unknown_subcommand(argv)
+    if not arity_ok(sub.arity, len(argv)):
+        return _arity_error(f"{name}|{sub_name}")
+    return None
 
 
 def _arity_range(arity: int) -> tuple[int, int]:
@@ -582,6 +603,8 @@ class _Connection:
                 await self._execute(commands)
                 if self.closing:
                     return True
+            if error is None and not self.authenticated:
+                error = _unauthenticated_limit(parser)
             if error is not None:
                 logger.info(
                     "RESP client id=%d addr=%s: %s; closing it", self.id, self.addr, error.message
@@ -1063,25 +1086,22 @@ class _Connection:
                 continue
             assert conn_command is not None
             self.last_cmd = name
+            error: ErrorReply | None
             if not arity_ok(conn_command.arity, len(argv)):
-                error = _arity_error(name)
-                if name == "exec":
-                    # Redis's rejectCommand: a refused EXEC discards the
-                    # transaction and every watch, in MULTI or not.
-                    self.end_transaction()
-                    error = ErrorReply(
-                        "EXECABORT Transaction discarded because of: "
-                        + error.message.removeprefix("ERR ")
-                    )
+                error = self._refuse(name, _arity_error(name))
+            else:
+                error = _subcommand_error(name, conn_command, argv)
+            if error is not None:
                 early.append((len(calls) + len(early), self._encode(error)))
                 if self.multi is not None:
                     self.multi_dirty = True
                 continue
             if not authenticated and not conn_command.no_auth:
-                early.append((len(calls) + len(early), self._encode(NOAUTH)))
+                early.append((len(calls) + len(early), self._encode(self._refuse(name, NOAUTH))))
                 continue
             if restricted and name not in _PUBSUB_CONTEXT:
-                early.append((len(calls) + len(early), self._encode(_pubsub_only(argv))))
+                error = self._refuse(name, _pubsub_only(argv))
+                early.append((len(calls) + len(early), self._encode(error)))
                 continue
             if self.multi is not None and name not in _TRANSACTION_CONTROL:
                 # Queued, as Redis queues them; AUTH and HELLO are refused.
@@ -1116,6 +1136,18 @@ class _Connection:
             authenticated = self.authenticated
             restricted = self.protocol == 2 and self.subscribed
         await self._run_calls(calls, early)
+
+    def _refuse(self, name: str, error: ErrorReply) -> ErrorReply:
+        """The reply to connection command ``name`` refused before it ran (Redis's
+        ``rejectCommand``): ``error``, but a refused EXEC (wrong arity, NOAUTH,
+        RESP2 subscribed mode) discards the transaction and every watch, in
+        MULTI or not, and answers ``EXECABORT`` with the reason."""
+        if name != "exec":
+            return error
+        self.end_transaction()
+        return ErrorReply(
+            "EXECABORT Transaction discarded because of: " + error.message.removeprefix("ERR ")
+        )
 
     def _queue_call(self, name: str, argv: tuple[bytes, ...]) -> object:
         """Queue a data command of the open transaction: QUEUED, or its error (EXEC will abort)."""
@@ -1204,8 +1236,13 @@ class _Connection:
             elapsed = _clock_ns() - start
             if elapsed >= self.server.slowlog.threshold_ns:  # the slow log's one comparison
                 self._slow_batch(elapsed, calls)
-            replies = encode_replies(results, protocol=self.protocol, convert=_to_reply)
             calls.clear()
+            if len(results) > 1 and self.pending + _payload(results) > (
+                self.server.limits.max_output_buffer
+            ):
+                await self._deliver_each(results, early, mark)
+                return
+            replies = encode_replies(results, protocol=self.protocol, convert=_to_reply)
             if early:
                 replies = _merge(replies, early)
         elif early:
@@ -1214,6 +1251,30 @@ class _Connection:
             return
         early.clear()
         await self._deliver(replies, upto=mark)
+
+    async def _deliver_each(
+        self, results: list[Any], early: list[tuple[int, bytes]], mark: int | None
+    ) -> None:
+        """Encode and stage a batch's replies one at a time, in request order.
+
+        For a batch whose replies would not fit under ``max_output_buffer``
+        (a pipeline of GETs of a big value): each reply is encoded only once
+        the one before it is staged (:meth:`_push` waits for room), so the
+        memory a connection holds stays ``max_output_buffer`` plus one reply,
+        however many replies a few request bytes ask for. Empties ``early``.
+        """
+        protocol = self.protocol
+        place = 0
+        waiting = deque(early)
+        early.clear()
+        for result in results:
+            while waiting and waiting[0][0] == place:
+                await self._deliver([waiting.popleft()[1]], upto=mark)
+                place += 1
+            await self._deliver([encode_reply(_to_reply(result), protocol=protocol)], upto=mark)
+            place += 1
+        for _, reply in waiting:
+            await self._deliver([reply], upto=mark)
 
     # -- the slow log -----------------------------------------------------------------
 
@@ -1280,6 +1341,30 @@ class _Connection:
             f" cmd={self.last_cmd} user=default redir=-1 resp={self.protocol}"
             f" lib-name={_text(self.lib_name)} lib-ver={_text(self.lib_ver)}\n"
         )
+
+
+def _payload(values: Sequence[object]) -> int:
+    """The bytes of the strings in ``values``, arrays looked into: about their encoded size."""
+    total = 0
+    for value in values:
+        if type(value) is bytes:
+            total += len(value)
+        elif isinstance(value, list | tuple):
+            total += _payload(value)
+    return total
+
+
+def _unauthenticated_limit(parser: RespParser) -> ProtocolError | None:
+    """Redis's limits on a request an unauthenticated client is sending, checked
+    as it is read (as Redis does: the unparsed rest of a request is never held
+    past them): more than ``UNAUTH_MAX_ARGS`` arguments, or an argument longer
+    than ``UNAUTH_MAX_BULK`` bytes, is a protocol error."""
+    count, length = parser.reading
+    if count > UNAUTH_MAX_ARGS:
+        return ProtocolError(_UNAUTH_MBULK)
+    if length > UNAUTH_MAX_BULK:
+        return ProtocolError(_UNAUTH_BULK)
+    return None
 
 
 def _merge(replies: list[bytes], early: list[tuple[int, bytes]]) -> list[bytes]:
@@ -1446,9 +1531,12 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     conn.end_transaction()
     conn.protocol = 2
     conn.name = b""
+    # A CLIENT REPLY SKIP before it is spent on RESET's own reply, as in Redis
+    # (which clears OFF, and SKIP for the commands after, before it replies).
+    skip = conn.skip_reply and not conn.replies_off
     conn.replies_off = conn.skip_reply = conn.muted = False
     conn.authenticated = not conn.server.auth_required
-    return "RESET"
+    return NO_REPLY if skip else "RESET"
 
 
 # -- pub/sub: SUBSCRIBE, UNSUBSCRIBE, PSUBSCRIBE, PUNSUBSCRIBE --------------------------------
