@@ -8,83 +8,18 @@ stated in its docstring, with Redis 7's own reply where it is the reference.
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 
-import attrs
 import trio
+from test_resp_server import Client, running  # the same store and raw client
 
-from kvmemo.config import StoreConfig
-from kvmemo.engine.engine import KVEngine
 from kvmemo.server.resp import (
-    NEED_DATA,
     ErrorReply,
     RespParser,
-    RespReplyParser,
     encode_command,
 )
-from kvmemo.server.resp_server import RespLimits, serve_resp
+from kvmemo.server.resp_server import RespLimits
 
 TIMEOUT = 30  # seconds per test; real sockets and real time
-DEFAULT_LIMITS = RespLimits()
-
-
-@attrs.frozen
-class Running:
-    engine: KVEngine
-    host: str
-    port: int
-
-
-@asynccontextmanager
-async def running(
-    *, tokens: frozenset[str] = frozenset(), limits: RespLimits = DEFAULT_LIMITS
-) -> AsyncIterator[Running]:
-    """A store plus its Redis port, stopped at the end of the block."""
-    async with trio.open_nursery() as nursery:
-        engine = KVEngine(StoreConfig(shards=4))
-        system = await nursery.start(engine.supervisor().run)
-        engine.attach(system)
-        host, port = await nursery.start(
-            partial(serve_resp, engine, port=0, tokens=tokens, limits=limits)
-        )
-        try:
-            yield Running(engine, host, port)
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-class Client:
-    """A raw RESP client on a trio stream."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.parser = RespReplyParser()
-
-    @classmethod
-    async def connect(cls, server: Running) -> Client:
-        return cls(await trio.open_tcp_stream(server.host, server.port))
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def reply(self) -> object:
-        while True:
-            value = self.parser.next_reply()
-            if value is not NEED_DATA:
-                return value
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError("the server closed the connection")
-            self.parser.feed(data)
-
-    async def replies(self, n: int) -> list[object]:
-        return [await self.reply() for _ in range(n)]
-
-    async def call(self, *args: bytes | str | int) -> object:
-        await self.send(encode_command(*args))
-        return await self.reply()
 
 
 # -- output memory: a few request bytes must not make a batch of huge replies at once -----

@@ -42,6 +42,7 @@ from .commitlog import COMMIT_DIR
 from .intents import INTENT_DIR
 from .records import PersistenceError
 from .snapshot import SNAPSHOT_HEADER_SIZE
+from .wal import fsync_directory
 
 LOCK_NAME = "LOCK"
 SHARDS_NAME = "SHARDS"  # the shard count the directory is written with
@@ -200,11 +201,7 @@ def _record_count(directory: Path, shards: int) -> None:
         finally:
             os.close(fd)
         os.replace(temp, directory / SHARDS_NAME)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(directory)
 
 
 def check_shard_count(directory: Path, shards: int) -> None:
