@@ -199,7 +199,7 @@ class KVEngine:
         self._unwatch_backlog: list[tuple[int, list[bytes]]] = []
         self.persistence = durable.persistence_config(config)
         self._prepared: dict[int, ShardStore] = {}  # recovered stores, taken at first start
-        self._closed = False  # set by close(), for good
+        self._closed = False  # set by stop_accepting() or close(), for good
         # The intent log of multi-shard rounds (persistence on, after prepare),
         # written under the writer lock, and the last txid given.
         self._intents: IntentLog | None = None
