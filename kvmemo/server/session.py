@@ -776,7 +776,7 @@ class Session:
             texts = [_push_text(message) for message in subscriber.take()]
             # Counted against the subscriber's limit as written until the
             # socket took them (JSON may be several times the raw bytes).
-            size = sum([len(t) if t.isascii() else len(t.encode()) for t in texts])
+            size = sum(map(_utf8_length, texts))
             if not subscriber.hold(size):
                 return  # overflowed: the pusher closes the session
             self._push_held += size
@@ -852,7 +852,7 @@ class Session:
         for text in texts:
             if text is not None:
                 self._outbox.append(text)
-                self._outbox_bytes += len(text) if text.isascii() else _utf8_length(text)
+                self._outbox_bytes += _utf8_length(text)
                 self._queued_total += 1
                 queued = True
         if queued:
