@@ -696,11 +696,16 @@ async def test_a_snapshot_is_never_durable_before_its_segments_head_mark(
     data_dir = tmp_path / "data"
     crashed = tmp_path / "crashed"
     real_write = durable_shard.write_snapshot
+    one_at_a_time = threading.Lock()
 
     def write_then_lose_power(*args: Any, **kwargs: Any) -> Any:
-        path = real_write(*args, **kwargs)
-        if not crashed.exists():
-            durable.crash_copy(data_dir, crashed)
+        # The copy must be an image of one moment: no other shard's snapshot
+        # renames files meanwhile (the lock), and no shard drops covered
+        # segments meanwhile (that runs on the event loop, which the copy holds).
+        with one_at_a_time:
+            path = real_write(*args, **kwargs)
+            if not crashed.exists():
+                trio.from_thread.run_sync(durable.crash_copy, data_dir, crashed)
         return path
 
     monkeypatch.setattr(durable_shard, "write_snapshot", write_then_lose_power)
