@@ -36,12 +36,15 @@ from test_cli import (  # the same in-process helpers
 from test_resp_server import Client
 
 import kvmemo
+from kvmemo.commands import ops
 from kvmemo.config import StoreConfig
-from kvmemo.errors import PersistenceIOError
+from kvmemo.engine.engine import _uncommitted_answers
+from kvmemo.errors import NotIntegerError, PersistenceIOError
 from kvmemo.node import open_node
 from kvmemo.persistence.layout import DirectoryInUse, ShardCountMismatch
 from kvmemo.server.config import ServerConfig
 from kvmemo.server.resp import ErrorReply
+from kvmemo.storage.store import NeedMemory
 
 TIMEOUT = 30  # seconds per test
 tmpfs = test_persistence_disk.tmpfs  # the same small disk (a fixture)
@@ -207,14 +210,24 @@ async def test_a_full_disk_fails_batched_writes_with_io_and_keeps_batched_reads(
             assert results[0] == results[2] == b"there"
             assert isinstance(results[1], PersistenceIOError)
             assert results[1].data["applied"] is None
-            # A read of a key the failed batch writes after it: asked again, it
-            # would see that later write (applied or not): IO too, as the write.
+            # Each read answers what it read in its place in the batch: before
+            # the batch's write of its key, the old value (was: IO, as the
+            # write, because the reads were asked again after the batch).
             results = await engine.execute_many(
                 [("get", [b"kept"]), ("get", [b"new2"]), ("set", [b"new2", VALUE])]
             )
             assert results[0] == b"there"
-            assert isinstance(results[1], PersistenceIOError)
+            assert results[1] is None
             assert isinstance(results[2], PersistenceIOError)
+            # A write that fails on its own changed nothing: it keeps its own
+            # error (was: IO, applied unknown); a read after a write of the
+            # batch sees it (in memory, as every later read does).
+            results = await engine.execute_many(
+                [("incr", [b"kept"]), ("set", [b"new3", VALUE]), ("get", [b"new3"])]
+            )
+            assert isinstance(results[0], NotIntegerError)
+            assert isinstance(results[1], PersistenceIOError)
+            assert results[2] == VALUE
             # The same over the Redis port: errors, and the connection stays.
             assert node.resp_bound is not None
             host, port = node.resp_bound
@@ -280,3 +293,21 @@ async def test_a_stop_that_cannot_write_its_snapshot_says_so(
         (tmpfs / "ballast").unlink()
         async with kvmemo.open_store(shards=1, data_dir=data_dir) as kv:
             assert await kv.get(b"k") == b"v"
+
+
+def test_a_batch_whose_writes_were_not_logged_answers_each_operation_in_its_place() -> None:
+    error = PersistenceIOError("could not make the write durable: disk full")
+    refused = NotIntegerError("value is not an integer or out of range")
+    items = [
+        (0, ops.Get(b"a")),
+        (1, ops.PlainSet(b"a", b"1")),
+        (2, ops.PlainSet(b"b", b"2")),  # failed on its own (stands for INCR on text)
+        (3, ops.Get(b"a")),
+        (4, ops.PlainSet(b"c", b"3")),  # stopped the batch: needs memory
+        (5, ops.Get(b"c")),  # did not run
+    ]
+    need = NeedMemory(64)
+    answers = [None, "OK", refused, b"1", need]
+    # The one that needed memory keeps it: the engine makes room and sends
+    # it again with the one after it, which did not run, as in any batch.
+    assert _uncommitted_answers(items, answers, error) == [None, error, refused, b"1", need]

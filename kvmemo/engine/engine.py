@@ -781,25 +781,26 @@ class KVEngine:
                 groups[shard] = [item]
             else:
                 group.append(item)
-        pending: list[tuple[ActorRef, list[tuple[int, Any]], ReplySlot]] = []
+        pending: list[tuple[ActorRef, list[tuple[int, Any]], ShardBatch, ReplySlot]] = []
         with trio.move_on_after(self.config.request_timeout):
             for shard, items in groups.items():
+                batch = ShardBatch([op for _, op in items])
                 try:
                     ref = self._shard_for(shard)
-                    slot = await self._send(ref, ShardBatch([op for _, op in items]))
+                    slot = await self._send(ref, batch)
                 except KVMemoError as exc:
                     for i, _ in items:
                         results[i] = exc
                     continue
-                pending.append((ref, items, slot))
-            for ref, items, slot in pending:
-                await self._finish_batch(ref, items, slot, results)
+                pending.append((ref, items, batch, slot))
+            for ref, items, batch, slot in pending:
+                await self._finish_batch(ref, items, batch, slot, results)
             self._maybe_wake_eviction()  # a no-op unless over the watermark: no write check
             return
         # Timed out, waiting for some shard: the replies that came meanwhile
         # from the others are still theirs (a write there was applied), not
         # TIMEOUT. What a shard had not answered may or may not have run.
-        for ref, items, slot in pending:
+        for ref, items, batch, slot in pending:
             if not slot.done:
                 continue
             try:
@@ -807,7 +808,7 @@ class KVEngine:
             except (ActorCrashed, ActorStopped) as exc:
                 answers = [self._translate(exc, ref)] * len(items)
             except PersistenceIOError as exc:  # the batch's commit failed (see _finish_batch)
-                answers = [exc] * len(items)
+                answers = _uncommitted_answers(items, batch.answers, exc)
             for (i, _), answer in zip(items, answers, strict=False):
                 if results[i] is _PENDING and not isinstance(answer, NeedMemory):
                     results[i] = answer
@@ -830,10 +831,14 @@ class KVEngine:
             raise self._translate(exc, ref) from None
 
     async def _finish_batch(
-        self, ref: ActorRef, items: list[tuple[int, Any]], slot: ReplySlot, results: list[Any]
+        self,
+        ref: ActorRef,
+        items: list[tuple[int, Any]],
+        batch: ShardBatch,
+        slot: ReplySlot,
+        results: list[Any],
     ) -> None:
         budget: _RoomBudget | None = None  # of the operation at the head of ``items``
-        reread = False  # the reads of a batch whose commit failed were asked again
         while True:
             try:
                 answers = slot.result() if slot.done else await slot.wait()
@@ -844,37 +849,11 @@ class KVEngine:
                 return
             except PersistenceIOError as exc:
                 # The shard could not make the batch's writes durable (a full
-                # or failing disk) and failed the whole reply: each write gets
-                # IO (applied: unknown). The reads ran, but their values went
-                # with the reply: they are asked again, alone, once (a batch
-                # that writes nothing commits nothing), so reads keep working;
-                # except a read of a key the batch writes after it, which
-                # would now see that later write: it gets IO too.
-                written_after: set[bytes] = set()
-                reads = []
-                for item in reversed(items):
-                    i, op = item
-                    if op.write:
-                        if type(op) is ops.LocalMSet:  # the one write of several keys
-                            written_after.update(key for key, _ in op.items)
-                        else:
-                            written_after.add(op.key)
-                        results[i] = exc
-                    elif reread or op.key in written_after:
-                        results[i] = exc
-                    else:
-                        reads.append(item)
-                reads.reverse()
-                if not reads:
-                    return
-                reread, items, budget = True, reads, None
-                try:
-                    slot = await self._send(ref, ShardBatch([op for _, op in items]))
-                except KVMemoError as error:  # the shard went down meanwhile
-                    for i, _ in items:
-                        results[i] = error
-                    return
-                continue
+                # or failing disk) and failed the whole reply; what each
+                # operation did is still on the message (ShardBatch.answers):
+                # see _uncommitted_answers. A NeedMemory that stopped the
+                # batch is handled below, as in any batch.
+                answers = _uncommitted_answers(items, batch.answers, exc)
             for (i, _), answer in zip(items, answers, strict=False):
                 results[i] = answer
             done = len(answers)
@@ -893,7 +872,13 @@ class KVEngine:
                 budget = None
             if not items:
                 break
-            slot = await self._send(ref, ShardBatch([op for _, op in items]))
+            batch = ShardBatch([op for _, op in items])
+            try:
+                slot = await self._send(ref, batch)
+            except KVMemoError as error:  # the shard went down meanwhile
+                for i, _ in items:
+                    results[i] = error
+                return
 
     async def _run_fanout(self, op: ops.FanOutOp) -> Any:
         groups = self.slots.group_by_shard(op.keys)
@@ -2136,6 +2121,25 @@ def _fail_unanswered(arg: tuple[ActorRef, ReplySlot]) -> None:
     """Monitor callback: a shard went down before answering a read; UNAVAILABLE for it."""
     ref, slot = arg
     slot.fail(_unavailable(ref))  # ignored when the reply came first
+
+
+def _uncommitted_answers(
+    items: list[tuple[int, Any]], answers: list[Any], error: PersistenceIOError
+) -> list[Any]:
+    """The results of a batch that ran but whose writes could not be logged (``error``).
+
+    ``answers``: what each operation of ``items`` did, in order (a prefix
+    of them when a :class:`NeedMemory` stopped the batch). A write that did
+    something gets ``error`` (IO: in memory, but maybe not in the log, so
+    applied is unknown); a write that failed on its own (a NeedMemory
+    included) changed nothing and keeps its own error; a read keeps what it
+    read, in its place in the batch (an earlier write of the batch
+    included, as any later read would see it).
+    """
+    return [
+        error if op.write and not isinstance(answer, KVMemoError) else answer
+        for (_, op), answer in zip(items, answers, strict=False)
+    ]
 
 
 def _unavailable(ref: ActorRef) -> UnavailableError:

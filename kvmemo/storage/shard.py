@@ -197,15 +197,22 @@ class ShardBatch:
     An operation's client error becomes its result; a :class:`NeedMemory`
     stops the batch there, so that the engine can make room and resubmit the
     rest in order (requests on one key take effect in sending order).
+
+    ``answers`` is the list :meth:`apply` returns, kept on the message: when
+    the shard then fails the whole reply (a durable shard that could not
+    log the batch's writes), the engine, which holds the message, still
+    learns what each operation did (see ``KVEngine._finish_batch``).
     """
 
-    __slots__ = ("ops",)
+    __slots__ = ("answers", "ops")
 
     def __init__(self, ops: list[Any]) -> None:
         self.ops = ops
+        self.answers: list[Any] = []
 
     def apply(self, store: ShardStore, now: float) -> list[Any]:
         results: list[Any] = []
+        self.answers = results
         for op in self.ops:
             try:
                 results.append(op.apply(store, now))
