@@ -44,9 +44,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -55,6 +57,7 @@ import attrs
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     connect_websocket_url,
@@ -211,6 +214,9 @@ class LoadResult:
         latency: per message, send -> response, over the window.
         client_cpu: CPU seconds the load generator's process used in the
             window (close to ``duration`` means the client itself is saturated).
+        connect_error: why the first session that could not connect could
+            not (``Connection refused``, ``the server answered HTTP 404 ...``,
+            ``NOAUTH ...``); None when every session connected.
     """
 
     url: str
@@ -227,6 +233,7 @@ class LoadResult:
     errors: dict[str, int]
     latency: Latency
     client_cpu: float
+    connect_error: str | None = None
 
     @property
     def messages_per_s(self) -> float:
@@ -294,6 +301,64 @@ def _check(name: str, value: float, low: float, high: float = math.inf) -> None:
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
+def check_url(url: str, name: str = "url") -> None:
+    """Refuse a session URL no connection could be made to, before trying.
+
+    Raises:
+        ValueError: not ``ws://`` or ``wss://``, no host, or a port that is no
+            number in 1..65535; the message names ``name`` (``--url`` on the
+            command line) and the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"{name} must be a ws:// or wss:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"{name} has no host, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        port = 0
+    if port == 0:  # ":0" or a bad one: nothing listens there
+        raise ValueError(f"{name} has a bad port, got {url!r}")
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a session could not connect, in a few words for the operator."""
+    if isinstance(exc, ConnectionRejected):
+        return (
+            f"the server answered HTTP {exc.status_code}, not a WebSocket handshake"
+            " (is the path /ws?)"
+        )
+    if isinstance(exc, OSError):
+        # trio's "all attempts to connect to HOST:PORT failed" has the reason in its cause.
+        cause = exc.__cause__
+        errors = cause.exceptions if isinstance(cause, BaseExceptionGroup) else [cause]
+        for error in [exc, *errors]:
+            if not isinstance(error, OSError):
+                continue
+            if error.errno is not None and error.errno > 0:  # "Connection refused"
+                return os.strerror(error.errno)
+            if error.strerror:  # a gaierror's "Name or service not known"
+                return error.strerror
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionClosed):
+        return f"the connection was closed ({exc.reason})"
+    return str(exc) or type(exc).__name__
+
+
+def _error_text(response: Any) -> str:
+    """The first error of a JSON-RPC response (object or array): ``KIND message``."""
+    for item in response if isinstance(response, list) else [response]:
+        error = item.get("error") if isinstance(item, dict) else None
+        if isinstance(error, dict):
+            data = error.get("data")
+            kind = data.get("kind") if isinstance(data, dict) else None
+            return f"{kind or error.get('code')} {error.get('message', '')}".strip()
+        if not isinstance(item, dict):
+            break
+    return f"not a JSON-RPC response: {json.dumps(response)[:80]}"
+
+
 class _Run:
     """State shared by the sessions of one run (one trio thread: no locks)."""
 
@@ -333,6 +398,12 @@ class _Run:
         self.window_end = 0
         self.messages = 0  # responses in the window
         self.answered = 0  # commands answered since go (warm-up included), for progress
+        self.connect_error: str | None = None  # why the first failed session failed
+
+    def _failed_to_connect(self, why: str) -> None:
+        self.errors[CONNECT] += 1
+        if self.connect_error is None:
+            self.connect_error = why
 
     def _mark_ready(self) -> None:
         self.ready += 1
@@ -340,10 +411,11 @@ class _Run:
             self.all_ready.set()
 
     async def session(self, index: int) -> None:
-        ready = False
+        ready = failed = False
         try:
             async with trio.open_nursery() as nursery:
                 ws: WebSocketConnection | None = None
+                why = f"no WebSocket handshake within {CONNECT_TIMEOUT:g} s"
                 with trio.move_on_after(CONNECT_TIMEOUT):
                     try:
                         ws = await connect_websocket_url(
@@ -353,12 +425,14 @@ class _Run:
                             message_queue_size=self.pipeline + 1,
                             max_message_size=MAX_MESSAGE_SIZE,
                         )
-                        if not await self._setup(ws, index):
-                            ws = None
-                    except (OSError, ValueError, HandshakeError, ConnectionClosed):
-                        ws = None
+                        failure = await self._setup(ws, index)
+                        if failure is not None:
+                            ws, why = None, failure
+                    except (OSError, ValueError, HandshakeError, ConnectionClosed) as exc:
+                        ws, why = None, _connect_failure(exc)
                 if ws is None:
-                    self.errors[CONNECT] += 1
+                    failed = True
+                    self._failed_to_connect(why)
                     nursery.cancel_scope.cancel()
                     return
                 self.connected += 1
@@ -374,21 +448,34 @@ class _Run:
                         except (ConnectionClosed, trio.BrokenResourceError):
                             pass
                     nursery.cancel_scope.cancel()
+        except* HandshakeError as group:
+            # A rejected handshake (an HTTP answer: a wrong path, not a KVMemo
+            # server) is raised by the connection's reader task, in this
+            # session's nursery, while the connect waits for the handshake.
+            if ready:  # cannot happen after the handshake; never swallowed
+                raise
+            if not failed:  # (else counted already, as a timeout)
+                self._failed_to_connect(_connect_failure(group.exceptions[0]))
         finally:
             if not ready:
                 self._mark_ready()
 
-    async def _setup(self, ws: WebSocketConnection, index: int) -> bool:
-        """Authenticate, then write this session's share of the key space."""
+    async def _setup(self, ws: WebSocketConnection, index: int) -> str | None:
+        """Authenticate, then write this session's share of the key space.
+
+        Returns:
+            None, or why the session cannot run (the server's error).
+        """
         if self.token is not None:
             message = json.dumps(
                 {"jsonrpc": "2.0", "id": 0, "method": "auth", "params": [self.token]}
             )
             await ws.send_message(message)
-            if not self._count_errors(json.loads(await ws.get_message())):
-                return False
+            response = json.loads(await ws.get_message())
+            if not self._count_errors(response):
+                return _error_text(response)
         if not (self.preload and self.read_ratio > 0):
-            return True
+            return None
         value = self.value
         share = range(index, self.keys, self.sessions)
         for start in range(0, len(share), PRELOAD_BATCH):
@@ -398,9 +485,10 @@ class _Run:
                 for i, k in enumerate(share[start : start + PRELOAD_BATCH])
             ]
             await ws.send_message("[" + ",".join(items) + "]")
-            if not self._count_errors(json.loads(await ws.get_message())):
-                return False
-        return True
+            response = json.loads(await ws.get_message())
+            if not self._count_errors(response):
+                return "preloading the key space: " + _error_text(response)
+        return None
 
     def _count_errors(self, response: Any) -> bool:
         """Count the errors of one response (object or array); True when there were none."""
@@ -559,6 +647,7 @@ async def run_load(
     _check("warmup", warmup, 0)
     if not duration > 0:
         raise ValueError(f"duration must be > 0, got {duration}")
+    check_url(url)
     run = _Run(
         url,
         sessions=sessions,
@@ -602,6 +691,7 @@ async def run_load(
         errors=dict(run.errors),
         latency=Latency.of(run.histogram),
         client_cpu=cpu_end - cpu_start,
+        connect_error=run.connect_error,
     )
 
 
@@ -695,7 +785,16 @@ def format_result(result: LoadResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``kvmemo bench``; 0 when commands were answered, 1 when none, 2 on bad flags."""
+    """Run ``kvmemo bench``; 0 when commands were answered, 1 when none, 2 on bad flags.
+
+    A URL that is no WebSocket URL is a bad flag (one error line, 2); one that
+    no session could connect to is one error line saying why, and 1.
+    """
+    try:
+        check_url(args.url, "--url")
+    except ValueError as exc:
+        print(f"kvmemo: error: {exc}", file=sys.stderr)
+        return 2
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if show else None
     try:
@@ -722,6 +821,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if result.connected == 0:
+        print(
+            f"kvmemo: error: cannot connect to {args.url}: {result.connect_error}", file=sys.stderr
+        )
+        return 1
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -8,10 +8,11 @@ is this list.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -79,16 +80,70 @@ def _log_level(value: Any) -> str:
     return level
 
 
-def _list(value: Any) -> frozenset[str]:
-    """Items of a list (TOML), or of comma-separated strings (flags, environment).
+def _items(value: Any) -> list[str]:
+    """The strings of a repeatable setting: a TOML list or string, the flags, or the
+    environment variable's items (already split by :func:`split_env_list`).
 
-    Every item is a string: a TOML number or table is refused, not read as its text.
+    A TOML number or table is refused, not read as its text. No value is split:
+    each is one item, as given.
     """
-    items = value if isinstance(value, list | tuple | frozenset | set) else [value]
+    items = value if isinstance(value, list | tuple) else [value]
+    return [_str(item) for item in items]
+
+
+def _tokens(value: Any) -> frozenset[str]:
+    """Accepted auth tokens, each exactly as given (a comma is part of a token).
+
+    A token is never echoed in an error: the message may reach a log.
+    """
     out: set[str] = set()
-    for item in items:
-        out.update(v.strip() for v in _str(item).split(",") if v.strip())
+    for token in _items(value):
+        if not token:
+            raise ValueError("a token must not be empty")
+        if token != token.strip():
+            raise ValueError("a token must not begin or end with whitespace")
+        out.add(token)
     return frozenset(out)
+
+
+def _origins(value: Any) -> frozenset[str]:
+    """Allowed browser origins, one per value (an origin has no comma or whitespace)."""
+    out: set[str] = set()
+    for origin in _items(value):
+        if not origin:
+            raise ValueError("an origin must not be empty")
+        if "," in origin or origin.split() != [origin]:
+            raise ValueError(
+                f"an origin has no comma or whitespace, got {origin!r} (give one origin per value)"
+            )
+        out.add(origin)
+    return frozenset(out)
+
+
+def split_env_list(text: str) -> list[str]:
+    """The items of a repeatable setting's environment variable (``KVMEMO_AUTH_TOKEN``).
+
+    Items are separated by commas; whitespace around an item is dropped, and so
+    is an empty item (``""`` is no item at all). Inside an item ``\\,`` is a
+    comma and ``\\\\`` a backslash; any other backslash is itself.
+    """
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] in ",\\":
+            current.append(text[i + 1])
+            i += 2
+            continue
+        if char == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
 
 
 def _ms(value: Any) -> float:
@@ -97,6 +152,9 @@ def _ms(value: Any) -> float:
     if not number > 0:
         raise ValueError(f"expected a positive number of milliseconds, got {value!r}")
     return number / 1000
+
+
+_TARGET_TABLES = {"store": "store", "server": "server", "resp": "limits", "cli": "server"}
 
 
 @attrs.frozen
@@ -110,6 +168,12 @@ class Setting:
     help: str
     repeat: bool = False  # a flag given several times accumulates
     flag_only: bool = False
+    # The TOML table the key may be under (or it is at the top level): the
+    # README's tables. By default the target's: [store], [server], [limits]
+    # for the Redis port's limits, [server] for the process's own settings.
+    table: str = attrs.field(
+        default=attrs.Factory(lambda self: _TARGET_TABLES[self.target], takes_self=True)
+    )
 
     @property
     def flag(self) -> str:
@@ -129,12 +193,19 @@ SETTINGS: list[Setting] = [
     Setting("resp", "server", "resp", _bool, "serve the Redis protocol (default true)"),
     Setting("tls_cert", "server", "tls_cert", _str, "PEM certificate: serve wss:// and https://"),
     Setting("tls_key", "server", "tls_key", _str, "PEM private key for --tls-cert"),
-    Setting("auth_token", "server", "tokens", _list, "accepted token (repeatable)", repeat=True),
+    Setting(
+        "auth_token",
+        "server",
+        "tokens",
+        _tokens,
+        "accepted token, taken whole (repeatable; KVMEMO_AUTH_TOKEN: comma-separated, \\, a comma)",
+        repeat=True,
+    ),
     Setting(
         "allowed_origin",
         "server",
         "allowed_origins",
-        _list,
+        _origins,
         "browser origin allowed to connect (repeatable; default: the server's own)",
         repeat=True,
     ),
@@ -144,22 +215,39 @@ SETTINGS: list[Setting] = [
         "max_message_size",
         _size("max-message-size"),
         "bytes per WebSocket message; over it: close 1009 (16MiB)",
+        table="limits",
     ),
-    Setting("max_batch", "server", "max_batch", _int, "requests per JSON-RPC batch (10000)"),
+    Setting(
+        "max_batch",
+        "server",
+        "max_batch",
+        _int,
+        "requests per JSON-RPC batch (10000)",
+        table="limits",
+    ),
     Setting(
         "max_in_flight",
         "server",
         "max_in_flight",
         _int,
         "requests in flight per session; over it: OVERLOADED (100000)",
+        table="limits",
     ),
-    Setting("max_sessions", "server", "max_sessions", _int, "concurrent sessions (10000)"),
+    Setting(
+        "max_sessions",
+        "server",
+        "max_sessions",
+        _int,
+        "concurrent sessions (10000)",
+        table="limits",
+    ),
     Setting(
         "handshake_timeout",
         "server",
         "handshake_timeout",
         _float,
         "seconds to complete a handshake; 0: no limit (10)",
+        table="limits",
     ),
     Setting(
         "idle_timeout",
@@ -167,6 +255,7 @@ SETTINGS: list[Setting] = [
         "idle_timeout",
         _float,
         "seconds of silence before a session is closed; 0: never (0)",
+        table="limits",
     ),
     Setting(
         "shutdown_grace",
@@ -174,6 +263,7 @@ SETTINGS: list[Setting] = [
         "shutdown_grace",
         _float,
         "seconds in-flight requests get at shutdown (5)",
+        table="limits",
     ),
     Setting(
         "max_http_head",
@@ -181,6 +271,7 @@ SETTINGS: list[Setting] = [
         "max_http_head",
         _size("max-http-head"),
         "bytes of an HTTP request head (16KiB)",
+        table="limits",
     ),
     Setting(
         "max_output_buffer",
@@ -188,6 +279,7 @@ SETTINGS: list[Setting] = [
         "max_output_buffer",
         _size("max-output-buffer"),
         "bytes of responses waiting for a session's socket before it reads no more (64MiB)",
+        table="limits",
     ),
     Setting(
         "output_timeout",
@@ -195,6 +287,7 @@ SETTINGS: list[Setting] = [
         "output_timeout",
         _float,
         "seconds a session past --max-output-buffer may read nothing before it is dropped (10)",
+        table="limits",
     ),
     Setting("shards", "store", "shards", _int, "number of shard actors (16)"),
     Setting(
@@ -256,7 +349,12 @@ SETTINGS: list[Setting] = [
         "seconds before a command gets TIMEOUT (5)",
     ),
     Setting(
-        "max_key_size", "store", "max_key_size", _size("max-key-size"), "bytes per key (512MiB)"
+        "max_key_size",
+        "store",
+        "max_key_size",
+        _size("max-key-size"),
+        "bytes per key (512MiB)",
+        table="limits",
     ),
     Setting(
         "max_value_size",
@@ -264,6 +362,7 @@ SETTINGS: list[Setting] = [
         "max_value_size",
         _size("max-value-size"),
         "bytes per value (512MiB)",
+        table="limits",
     ),
     Setting(
         "mailbox_capacity", "store", "mailbox_capacity", _int, "messages per actor mailbox (4096)"
@@ -274,6 +373,7 @@ SETTINGS: list[Setting] = [
         "pubsub_buffer_limit",
         _size("pubsub-buffer-limit"),
         "bytes of published messages a subscriber may have waiting before it is dropped (32MiB)",
+        table="limits",
     ),
     Setting(
         "pubsub_max_subscriptions",
@@ -281,6 +381,7 @@ SETTINGS: list[Setting] = [
         "pubsub_max_subscriptions",
         _int,
         "channels plus patterns one subscriber may have (100000)",
+        table="limits",
     ),
     Setting(
         "scan_snapshots",
@@ -325,8 +426,22 @@ SETTINGS: list[Setting] = [
         "seconds the restart delay grows to at most (1)",
     ),
     Setting("chaos", "store", "chaos", _bool, "enable debug.kill (chaos testing)"),
-    Setting("dir", "store", "data_dir", _str, "data directory: turns persistence on (off)"),
-    Setting("appendfsync", "store", "appendfsync", _str, "always, everysec or no (everysec)"),
+    Setting(
+        "dir",
+        "store",
+        "data_dir",
+        _str,
+        "data directory: turns persistence on (off)",
+        table="persistence",
+    ),
+    Setting(
+        "appendfsync",
+        "store",
+        "appendfsync",
+        _str,
+        "always, everysec or no (everysec)",
+        table="persistence",
+    ),
     Setting(
         "fsync_method",
         "store",
@@ -334,9 +449,15 @@ SETTINGS: list[Setting] = [
         _str,
         "commitlog (one synced commit log per round), fsync (each shard's log) or syncfs "
         "(one call per file system; Linux 5.17+) (commitlog)",
+        table="persistence",
     ),
     Setting(
-        "repair", "store", "repair", _bool, "start despite a corrupt log, keeping valid records"
+        "repair",
+        "store",
+        "repair",
+        _bool,
+        "start despite a corrupt log, keeping valid records",
+        table="persistence",
     ),
     Setting(
         "snapshot_log_size",
@@ -344,6 +465,7 @@ SETTINGS: list[Setting] = [
         "snapshot_log_bytes",
         _size("snapshot-log-size"),
         "log size of a shard that triggers its snapshot (256MiB)",
+        table="persistence",
     ),
     # The Redis port's limits (RespLimits), each named resp_* as a flag, key and variable.
     Setting(
@@ -441,10 +563,50 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 TOML_TABLES = frozenset({"server", "store", "limits", "persistence"})
-"""Tables a TOML file may group its settings under (or put them at the top level)."""
+"""Tables a TOML file may group its settings under (or put them at the top level):
+each setting belongs to one, its :attr:`Setting.table`."""
+
+ENV_ALSO_ACCEPTED = frozenset({"KVMEMO_CONFIG", "KVMEMO_URL"})
+"""``KVMEMO_*`` variables that are not settings and are not refused: the TOML
+file's path, and the server URL a client may be given (the JavaScript
+client's test passes it so)."""
+
+
+def _suggest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to a misspelt one, if one is close (difflib)."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return close[0] if close else None
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse a ``KVMEMO_*`` variable that is no setting (a misspelt one was ignored).
+
+    Raises:
+        ValueError: naming the first such variable (in name order) and the
+            closest setting's variable. The prefix is matched in any case, so a
+            lowercase ``kvmemo_shards`` is refused too, not ignored.
+    """
+    known = {s.env for s in SETTINGS} | ENV_ALSO_ACCEPTED
+    for name in sorted(environ):
+        if not name.upper().startswith("KVMEMO_") or name in known:
+            continue
+        suffix = name[len("KVMEMO_") :].lower()
+        closest = _suggest(suffix, (s.name for s in SETTINGS))
+        hint = f" (did you mean KVMEMO_{closest.upper()}?)" if closest is not None else ""
+        raise ValueError(f"unknown environment variable {name}{hint}")
 
 
 def _from_toml(path: str) -> dict[str, Any]:
+    """The settings of a TOML file by name, as written (parsed later).
+
+    Each key is at the top level or under its setting's table. The file is
+    checked in three passes so the first error is the most telling one: an
+    unknown table, then an unknown key, then a key under another table.
+
+    Raises:
+        ValueError: an unreadable or invalid file, an unknown table or key, a
+            key under the wrong table (naming where it belongs), a key given twice.
+    """
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -456,22 +618,42 @@ def _from_toml(path: str) -> dict[str, Any]:
         raise ValueError(
             f"config file {path} is not valid TOML: not UTF-8 ({exc.reason})"
         ) from None
-    flat: dict[str, Any] = {}
-    known = {s.name for s in SETTINGS}
+    by_name = {s.name: s for s in SETTINGS}
+
+    def belongs(key: str) -> str:
+        return f"{key!r} belongs in [{by_name[key.replace('-', '_')].table}] (or at the top level)"
+
+    # (table or None, key as written, value)
+    items: list[tuple[str | None, str, Any]] = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            if key not in TOML_TABLES:
-                raise ValueError(f"config file {path}: unknown table [{key}]")
-            items = [(f"{key}.{sub}", sub, inner) for sub, inner in value.items()]
-        else:
-            items = [(key, key, value)]
-        for shown, name, inner in items:
-            name = name.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"config file {path}: unknown setting {shown!r}")
-            if name in flat:
-                raise ValueError(f"config file {path}: {name!r} is given twice")
-            flat[name] = inner
+        if not isinstance(value, dict):
+            items.append((None, key, value))
+            continue
+        if key not in TOML_TABLES:
+            first_known = next((sub for sub in value if sub.replace("-", "_") in by_name), None)
+            if first_known is not None:
+                raise ValueError(
+                    f"config file {path}: {belongs(first_known)}, not in the unknown table [{key}]"
+                )
+            closest = _suggest(key, TOML_TABLES)
+            hint = f" (did you mean [{closest}]?)" if closest is not None else ""
+            raise ValueError(f"config file {path}: unknown table [{key}]{hint}")
+        for sub, inner in value.items():
+            if isinstance(inner, dict):  # [store.deep]: no table nests
+                raise ValueError(f"config file {path}: unknown table [{key}.{sub}]")
+            items.append((key, sub, inner))
+    for table, key, _ in items:
+        if key.replace("-", "_") not in by_name:
+            shown = key if table is None else f"{table}.{key}"
+            raise ValueError(f"config file {path}: unknown setting {shown!r}")
+    flat: dict[str, Any] = {}
+    for table, key, inner in items:
+        name = key.replace("-", "_")
+        if table is not None and by_name[name].table != table:
+            raise ValueError(f"config file {path}: {belongs(key)}, not [{table}]")
+        if name in flat:
+            raise ValueError(f"config file {path}: {name!r} is given twice")
+        flat[name] = inner
     return flat
 
 
@@ -494,6 +676,7 @@ def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = No
             the setting and where its value came from.
     """
     environ = os.environ if environ is None else environ
+    _check_environment(environ)
     raw: dict[str, Any] = dict(SERVE_DEFAULTS)
     source: dict[str, str] = {name: "default" for name in raw}
     config_file = getattr(args, "config", None) or environ.get("KVMEMO_CONFIG")
@@ -502,7 +685,9 @@ def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = No
             raw[name], source[name] = value, f"{config_file}: {name}"
     for s in SETTINGS:
         if s.env in environ:
-            raw[s.name], source[s.name] = environ[s.env], s.env
+            text = environ[s.env]
+            raw[s.name] = split_env_list(text) if s.repeat else text
+            source[s.name] = s.env
         value = getattr(args, s.name, None)
         if value is not None:
             raw[s.name], source[s.name] = value, s.flag
