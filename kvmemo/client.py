@@ -107,6 +107,7 @@ import json
 import math
 import random
 import re
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -142,6 +143,7 @@ __all__ = [
     "DisconnectedError",
     "SUBSCRIPTION_BUFFER_LIMIT",
     "Subscription",
+    "check_url",
     "connect",
     "decode_result",
     "encode_params",
@@ -1665,3 +1667,24 @@ async def connect(
         if len(group.exceptions) == 1:
             _reraise(group.exceptions[0])
         raise
+
+
+def check_url(url: str, name: str = "url") -> None:
+    """Refuse a session URL no connection could be made to, before trying.
+
+    Raises:
+        ValueError: not ``ws://`` or ``wss://``, no host, or a port that is no
+            number in 1..65535; the message names ``name`` (``--url`` on the
+            command line) and the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"{name} must be a ws:// or wss:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"{name} has no host, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        port = 0
+    if port == 0:  # ":0" or a bad one: nothing listens there
+        raise ValueError(f"{name} has a bad port, got {url!r}")

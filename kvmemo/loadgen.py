@@ -48,7 +48,6 @@ import os
 import random
 import sys
 import time
-import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -62,6 +61,8 @@ from trio_websocket import (
     WebSocketConnection,
     connect_websocket_url,
 )
+
+from .client import check_url
 
 NAME = "bench"
 
@@ -299,27 +300,6 @@ def _check(name: str, value: float, low: float, high: float = math.inf) -> None:
     if not low <= value <= high:
         bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def check_url(url: str, name: str = "url") -> None:
-    """Refuse a session URL no connection could be made to, before trying.
-
-    Raises:
-        ValueError: not ``ws://`` or ``wss://``, no host, or a port that is no
-            number in 1..65535; the message names ``name`` (``--url`` on the
-            command line) and the URL.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not url.startswith(("ws://", "wss://")):
-        raise ValueError(f"{name} must be a ws:// or wss:// URL, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"{name} has no host, got {url!r}")
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or past 65535
-        port = 0
-    if port == 0:  # ":0" or a bad one: nothing listens there
-        raise ValueError(f"{name} has a bad port, got {url!r}")
 
 
 def _connect_failure(exc: BaseException) -> str:

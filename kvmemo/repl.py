@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 import trio
 
-from .client import Backoff, ConnectionState, DisconnectedError, connect
+from .client import Backoff, ConnectionState, DisconnectedError, check_url, connect
 from .commands.table import COMMANDS
 from .errors import KVMemoError
 
@@ -696,11 +696,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``kvmemo cli``; returns the process exit status (2: a URL that is not ws:// or wss://)."""
-    if not args.url.startswith(("ws://", "wss://")):
-        print(
-            f"kvmemo: error: --url must be a ws:// or wss:// URL, got {args.url!r}", file=sys.stderr
-        )
+    """Run ``kvmemo cli``; returns the process exit status (2: a malformed ``--url``)."""
+    try:
+        check_url(args.url, "--url")
+    except ValueError as exc:
+        print(f"kvmemo: error: {exc}", file=sys.stderr)
         return 2
     tty = getattr(args, COMMAND_DEST) is None and sys.stdin.isatty()
     main = functools.partial(

@@ -112,13 +112,24 @@ def test_a_port_in_use_is_one_line_without_errno(capsys: pytest.CaptureFixture[s
         (["chaos", "--keys", "0"], 2, "kvmemo: error: --keys must be >= 1, got 0\n"),
         (
             ["chaos", "--url", "bogus", "--duration", "1"],
-            1,
-            'kvmemo: error: WebSocket URL scheme must be "ws:" or "wss:"\n',
+            2,
+            "kvmemo: error: --url must be a ws:// or wss:// URL, got 'bogus'\n",
         ),
         (
             ["cli", "--url", "http://127.0.0.1:1/", "-c", "PING"],
             2,
             "kvmemo: error: --url must be a ws:// or wss:// URL, got 'http://127.0.0.1:1/'\n",
+        ),
+        # The same check as kvmemo bench's (was: a traceback from urllib).
+        (
+            ["cli", "--url", "ws://127.0.0.1:99999/ws", "-c", "PING"],
+            2,
+            "kvmemo: error: --url has a bad port, got 'ws://127.0.0.1:99999/ws'\n",
+        ),
+        (
+            ["chaos", "--url", "ws://127.0.0.1:x/ws", "--duration", "1"],
+            2,
+            "kvmemo: error: --url has a bad port, got 'ws://127.0.0.1:x/ws'\n",
         ),
     ],
 )

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..client import check_url
 from ..storage.slots import SlotMap
 from .history import Op, Outcome, Violation, check
 from .workload import KillLog, Recorder, WorkloadConfig, killer, now, worker
@@ -412,6 +413,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= {low:g}, got {value:g}")
     if args.shards > 16384:
         raise ValueError(f"--shards must be <= 16384, got {args.shards}")
+    if args.url:
+        check_url(args.url, "--url")
 
 
 def run(args: argparse.Namespace) -> int:
