@@ -80,6 +80,28 @@ def test_an_expired_value_must_not_be_served() -> None:
     assert rules(h) == ["expired-read"]
 
 
+def test_an_expire_after_the_write_may_give_its_value_a_later_deadline() -> None:
+    # PEXPIRE replaces the TTL: here it may have run at 0.3, so the value may
+    # live until 0.8 (was: flagged as served past the write's own deadline,
+    # 0.6, as a real-server chaos run once reported).
+    set_a = op(1, "set", ("k",), ("a",), 0.0, 0.1, ttl=0.5)
+    pexpire = op(2, "expire", ("k",), (None,), 0.2, 0.3, ttl=0.5, result=1)
+    h = [set_a, pexpire, op(3, "get", ("k",), ("a",), 0.7, 0.75)]
+    assert rules(h) == []
+    # Past the later deadline, or with an EXPIRE that did not apply (0), or
+    # one done before the write began: served expired (past both deadlines,
+    # the write's and the EXPIRE's, it is reported under each).
+    late = rules([set_a, pexpire, op(3, "get", ("k",), ("a",), 0.9, 0.95)])
+    assert set(late) == {"expired-read"}
+    missed = op(2, "expire", ("k",), (None,), 0.2, 0.3, ttl=0.5, result=0)
+    assert rules([set_a, missed, op(3, "get", ("k",), ("a",), 0.7, 0.75)]) == ["expired-read"]
+    before = op(2, "expire", ("k",), (None,), -0.3, -0.05, ttl=1.0, result=1)
+    assert rules([before, set_a, op(3, "get", ("k",), ("a",), 0.7, 0.75)]) == ["expired-read"]
+    # One of unknown outcome may have run at any time after it began.
+    unknown = op(2, "expire", ("k",), (None,), 0.2, 9.0, UNKNOWN, ttl=0.5)
+    assert rules([set_a, unknown, op(3, "get", ("k",), ("a",), 5.0, 5.1)]) == []
+
+
 def test_expiry_explains_a_missing_value() -> None:
     h = [op(1, "set", ("k",), ("a",), 0.0, 0.1, ttl=0.5), op(2, "get", ("k",), (None,), 1.0, 1.1)]
     assert rules(h) == []
