@@ -102,6 +102,19 @@ def test_an_expire_after_the_write_may_give_its_value_a_later_deadline() -> None
     assert rules([set_a, unknown, op(3, "get", ("k",), ("a",), 5.0, 5.1)]) == []
 
 
+def test_a_later_expire_may_move_an_expire_deadline() -> None:
+    set_a = op(1, "set", ("k",), ("a",), 0.0, 0.1)
+    first = op(2, "expire", ("k",), (None,), 0.2, 0.3, ttl=0.5, result=1)
+    get_a = op(4, "get", ("k",), ("a",), 1.0, 1.05)
+    assert rules([set_a, first, get_a]) == ["expired-read"]  # past 0.8
+    # A second EXPIRE that may have run after the first gives until 1.1.
+    second = op(3, "expire", ("k",), (None,), 0.5, 0.6, ttl=0.5, result=1)
+    assert rules([set_a, first, second, get_a]) == []
+    # Not one that ended before the first began.
+    early = op(3, "expire", ("k",), (None,), 0.12, 0.15, ttl=0.5, result=1)
+    assert rules([set_a, early, first, get_a]) == ["expired-read"]
+
+
 def test_expiry_explains_a_missing_value() -> None:
     h = [op(1, "set", ("k",), ("a",), 0.0, 0.1, ttl=0.5), op(2, "get", ("k",), (None,), 1.0, 1.1)]
     assert rules(h) == []

@@ -197,21 +197,22 @@ class _KeyIndex:
         )
         self.reset_starts = [e.invoke for e in self.resets]
 
-    def latest_deadline(self, w: _Write, read: Op) -> float:
-        """The latest deadline ``w``'s value may have had when ``read`` ran.
+    def latest_reset(self, after: float, read: Op) -> float:
+        """The latest deadline an EXPIRE may have set after ``after`` and before ``read``.
 
-        Its write's own (``w.expires``), or a later one set by an EXPIRE that
-        may have run after the write and before the read (inf for one of
-        unknown outcome: it may have run at any time). Called only for a read
-        past ``w.expires`` (rare), so the scan of the EXPIREs that began before
-        the read ended costs nothing in a history without violations.
+        Of the EXPIREs that may have run after that moment (ended after it)
+        and began before the read ended: inf for one of unknown outcome (it
+        may have run at any time), -inf when there is none. An EXPIRE
+        replaces the key's deadline, so a value may live until then. Called
+        only for a read already past a deadline (rare), so the scan of the
+        EXPIREs that began before the read ended costs nothing in a history
+        without violations.
         """
-        assert w.expires is not None
-        latest = w.expires
+        latest = -math.inf
         for e in self.resets[: bisect.bisect_left(self.reset_starts, read.complete)]:
             assert e.ttl is not None
             end = e.complete if e.outcome is Outcome.OK else math.inf
-            if end > w.start:  # it may have run after the write
+            if end > after:
                 latest = max(latest, end + e.ttl)
         return latest
 
@@ -283,7 +284,7 @@ def _check_read(
         if (
             w.expires is not None
             and read.invoke > w.expires + CLOCK_SLACK
-            and read.invoke > index.latest_deadline(w, read) + CLOCK_SLACK
+            and read.invoke > index.latest_reset(w.start, read) + CLOCK_SLACK
         ):
             out.append(
                 Violation(
@@ -294,7 +295,9 @@ def _check_read(
         if due is not None and due[0] > w.end:
             e: Op = due[1]
             rewrite = index.by_start.best_before(read.complete)
-            if rewrite is None or rewrite[0] <= e.invoke:
+            if (rewrite is None or rewrite[0] <= e.invoke) and read.invoke > index.latest_reset(
+                e.invoke, read
+            ) + CLOCK_SLACK:
                 out.append(
                     Violation(
                         "expired-read",
