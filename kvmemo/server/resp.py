@@ -40,6 +40,7 @@ __all__ = [
     "NULL_ARRAY",
     "Command",
     "ErrorReply",
+    "InlineArgs",
     "NeedData",
     "NullArray",
     "ProtocolError",
@@ -100,16 +101,37 @@ def _string2ll(data: bytes) -> int | None:
 # --------------------------------------------------------------------------
 
 
+class InlineArgs(tuple[bytes, ...]):
+    """The arguments of an inline request (a line typed as in telnet): a plain
+    tuple of them, whose type says how they came.
+
+    Redis holds the two forms of request to different limits: the limits on
+    the requests of an unauthenticated client (10 arguments, 16 KiB each)
+    are checked in ``processMultibulkBuffer`` only, so an inline request of
+    any number of arguments, within ``PROTO_INLINE_MAX_SIZE``, reaches the
+    command checks (unknown command, arity, ``NOAUTH``). A server tells the
+    forms apart by this type.
+    """
+
+    __slots__ = ()
+
+
 @attrs.frozen
 class Command:
     """One complete request.
 
     Attributes:
         args: the arguments as sent; ``args[0]`` is the command name, in the
-            client's spelling (not case-folded). Never empty.
+            client's spelling (not case-folded). Never empty. An
+            :class:`InlineArgs` for an inline request.
     """
 
     args: tuple[bytes, ...]
+
+    @property
+    def inline(self) -> bool:
+        """Whether the request was an inline one (not a multibulk one)."""
+        return type(self.args) is InlineArgs
 
 
 @attrs.frozen
@@ -364,7 +386,9 @@ class RespParser:
       stop at it).
     * Redis's "unauthenticated multibulk/bulk length" limits belong to the
       server, which knows whether the client has authenticated; it reads
-      the request in progress from :attr:`reading`.
+      the request in progress from :attr:`reading`. They apply to multibulk
+      requests only, as in Redis: an inline request's arguments come as
+      :class:`InlineArgs`, which the server leaves out of them.
 
     Invariant: ``_scan`` and ``_pos`` are indexes into ``_buf`` with
     ``_pos <= _scan <= len(_buf)``; the bytes before ``_pos`` are consumed.
@@ -494,7 +518,8 @@ class RespParser:
 
         Returns:
             The arguments of each request in order (``args[0]`` the command
-            name, never empty), and the :class:`ProtocolError` that ended
+            name, never empty; an :class:`InlineArgs` for an inline
+            request), and the :class:`ProtocolError` that ended
             parsing after them, if any (again on every later call).
         """
         out: list[tuple[bytes, ...]] = []
@@ -663,7 +688,7 @@ class RespParser:
                 self._pos = end + 1
                 self._state = _State.IDLE
                 if args:
-                    return Command(tuple(args))
+                    return Command(InlineArgs(args))
             elif state is _State.COUNT:
                 cr = self._find_crlf(_ERR_MBULK_TOO_BIG)
                 if cr < 0:

@@ -58,8 +58,18 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   nothing is pending, so a value bigger than the limit can still be read.
   A batch whose replies would not fit under the limit (a pipeline of GETs
   of a big value) is encoded one reply at a time, each when the one before
-  it is staged. Memory per connection: at most ``max_output_buffer`` plus
-  one reply of output, and ``max_query_buffer`` of input.
+  it is staged. The engine computes a batch's results together, before
+  the first of them is staged, so the commands of one read run in chunks
+  of at most ``PIPELINE_CHUNK`` (one engine call each), the next chunk only
+  once every reply of the one before is staged: without it, 64 KiB of
+  ``GETRANGE k 0 -2`` on a 100 KB value made some 3,800 fresh copies
+  (370 MB) held at once for a client that reads nothing, whatever the
+  limit. Memory per connection, for a client that reads nothing:
+  ``pending`` is at most ``max_output_buffer`` (or one reply, when nothing
+  else is pending), plus the results of the chunk being staged (at most
+  ``PIPELINE_CHUNK`` replies), plus ``max_query_buffer`` of input. One
+  reply is one command's: an EXEC's array (at most
+  ``max_transaction_commands`` results), an MGET's, a KEYS's.
 * **Failure isolation.** A connection's crash (any bug) is logged and ends
   that connection only; protocol errors are answered in Redis's wording and
   close the connection after the replies before them are sent, as Redis does.
@@ -140,6 +150,7 @@ from .config import RespLimits as RespLimits
 from .resp import (
     NULL_ARRAY,
     ErrorReply,
+    InlineArgs,
     ProtocolError,
     RespParser,
     Set,
@@ -161,9 +172,17 @@ REDIS_VERSION: Final = "7.2.0-kvmemo"  # what HELLO and INFO report as the Redis
 RECEIVE_SIZE: Final = 64 * 1024  # bytes per receive: Redis reads 16 KiB; more amortises trio
 FLUSH_THRESHOLD: Final = 256 * 1024  # staged reply bytes handed to the writer mid-read
 WRITE_PIECE: Final = 256 * 1024  # bytes per send_all, the unit of observable progress
+# Commands of one read whose replies are made (engine results computed, or
+# early replies encoded) before the first of them is staged under the output
+# limit: an engine call takes at most this many, so a client that does not
+# read holds at most this many replies past max_output_buffer (see "Writing
+# and the output limit"). Large enough that a pipeline's engine calls cost
+# little per command, small enough that 64 KiB of GETRANGEs is not 3,800
+# results held at once.
+PIPELINE_CHUNK: Final = 128  # requests
 CLOSE_DRAIN_TIMEOUT: Final = 10.0  # seconds to send the last replies before a close
 REJECT_TIMEOUT: Final = 1.0  # seconds to tell a client over max_clients why it is refused
-UNAUTH_MAX_ARGS: Final = 10  # Redis's limit on requests of unauthenticated clients
+UNAUTH_MAX_ARGS: Final = 10  # Redis's limit on multibulk requests of unauthenticated clients
 UNAUTH_MAX_BULK: Final = 16 * 1024  # bytes; idem, per argument
 # Pub/sub messages are taken from the hub's outbox only while fewer reply bytes
 # than this are pending (not yet taken by the kernel): enough for a socket
@@ -434,6 +453,7 @@ class _Connection:
         self.skip_reply = False
         self.muted = False
         self.killed = False  # CLIENT KILL: stop serving at once (its replies dropped)
+        self.no_evict = False  # CLIENT NO-EVICT ON: only shown (flag e), as no client is evicted
         self.subscriber: Subscriber | None = None  # pub/sub: made on the first (P)SUBSCRIBE
         self._nursery: trio.Nursery | None = None  # the reader's, writer's and pusher's
         self._overflow_logged = False
@@ -1023,7 +1043,11 @@ class _Connection:
         """Run commands in order, data commands gathered into one engine call.
 
         Data commands are gathered into one ``execute_many`` call until a
-        connection command (or the end) comes. Replies known without the
+        connection command (or the end) comes, or ``PIPELINE_CHUNK``
+        replies are gathered (data commands' and early ones): those are run
+        and staged (waiting for room under the output limit) before the
+        next command is looked at, which bounds what a client that does not
+        read makes the server hold (see the module's design notes). Replies known without the
         engine (errors, ``PING``) are kept in ``early`` with their place among
         the replies, and merged with the engine's by :meth:`_run_calls`.
         """
@@ -1035,9 +1059,13 @@ class _Connection:
         restricted = self.protocol == 2 and self.subscribed  # idem: RESP2 subscribed mode
         data_names = _DATA_NAMES
         for argv in commands:
+            if len(calls) + len(early) >= PIPELINE_CHUNK:  # bounds the replies made at once
+                await self._run_calls(calls, early)
             server.total_commands += 1
-            if not authenticated and (
-                len(argv) > UNAUTH_MAX_ARGS or any(len(a) > UNAUTH_MAX_BULK for a in argv)
+            if (
+                not authenticated
+                and type(argv) is not InlineArgs  # Redis limits multibulk requests only
+                and (len(argv) > UNAUTH_MAX_ARGS or any(len(a) > UNAUTH_MAX_BULK for a in argv))
             ):
                 await self._run_calls(calls, early)
                 message = _UNAUTH_MBULK if len(argv) > UNAUTH_MAX_ARGS else _UNAUTH_BULK
@@ -1260,8 +1288,11 @@ class _Connection:
         For a batch whose replies would not fit under ``max_output_buffer``
         (a pipeline of GETs of a big value): each reply is encoded only once
         the one before it is staged (:meth:`_push` waits for room), so the
-        memory a connection holds stays ``max_output_buffer`` plus one reply,
-        however many replies a few request bytes ask for. Empties ``early``.
+        encoded output a connection holds stays ``max_output_buffer`` plus
+        one reply, however many replies a few request bytes ask for. The
+        results themselves (fresh copies for GETRANGE, LCS, DUMP) are held
+        until the last is staged: :meth:`_execute_batch` runs at most
+        ``PIPELINE_CHUNK`` commands per engine call for that. Empties ``early``.
         """
         protocol = self.protocol
         place = 0
@@ -1328,8 +1359,12 @@ class _Connection:
         sub = psub = 0
         if subscriber is not None:
             sub, psub = len(subscriber.channels), len(subscriber.patterns)
-        # Redis's letters in its order: P (pubsub), x (MULTI); N for none.
-        flags = ("P" if sub or psub else "") + ("x" if self.multi is not None else "")
+        # Redis's letters in its order: P (pubsub), x (MULTI), e (no-evict); N for none.
+        flags = (
+            ("P" if sub or psub else "")
+            + ("x" if self.multi is not None else "")
+            + ("e" if self.no_evict else "")
+        )
         return (
             f"id={self.id} addr={self.addr} laddr={self.laddr} fd={fd} name={_text(self.name)}"
             f" age={int(now - self.created)} idle={int(now - self.last_activity)}"
@@ -1358,7 +1393,11 @@ def _unauthenticated_limit(parser: RespParser) -> ProtocolError | None:
     """Redis's limits on a request an unauthenticated client is sending, checked
     as it is read (as Redis does: the unparsed rest of a request is never held
     past them): more than ``UNAUTH_MAX_ARGS`` arguments, or an argument longer
-    than ``UNAUTH_MAX_BULK`` bytes, is a protocol error."""
+    than ``UNAUTH_MAX_BULK`` bytes, is a protocol error. Multibulk requests
+    only, as Redis's ``processMultibulkBuffer``: an inline one (``reading``
+    says ``(0, 0)``; complete, it is :class:`InlineArgs`) is bounded by
+    ``max_inline_len`` and goes on to the command checks (unknown command,
+    arity, ``NOAUTH``)."""
     count, length = parser.reading
     if count > UNAUTH_MAX_ARGS:
         return ProtocolError(_UNAUTH_MBULK)
@@ -1969,9 +2008,95 @@ async def _client_setinfo(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 
 async def _client_ok(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT NO-TOUCH ON|OFF: accepted and ignored (see CLIENT HELP)."""
     if argv[2].upper() not in (b"ON", b"OFF"):
         return SYNTAX_ERROR
     return "OK"
+
+
+async def _client_no_evict(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT NO-EVICT ON|OFF: Redis's exemption from client eviction
+    (``maxclients-memory``). KVMemo never evicts a client for the memory
+    clients use (the output limit is another rule, which Redis applies to
+    no-evict clients too), so only the flag is kept: ``e`` in CLIENT LIST."""
+    mode = argv[2].upper()
+    if mode not in (b"ON", b"OFF"):
+        return SYNTAX_ERROR
+    conn.no_evict = mode == b"ON"
+    return "OK"
+
+
+# Client-side caching (CLIENT TRACKING ON) is not implemented: KVMemo sends no
+# invalidation messages, so no client is ever in tracking mode, and the
+# tracking subcommands answer as Redis answers a client that is not.
+_TRACKING_REFUSED: Final = ErrorReply(
+    "ERR CLIENT TRACKING ON is not supported: KVMemo has no client-side caching"
+    " (no invalidation messages are sent)"
+)
+_CACHING_REFUSED: Final = ErrorReply(
+    "ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN"
+    " or OPTOUT mode enabled"
+)
+
+
+async def _client_tracking(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT TRACKING ON|OFF [options]: OFF (tracking is always off) answers OK
+    after Redis's checks of the options; ON is refused with a clear error."""
+    redirect: int | None = None
+    i = 3
+    while i < len(argv):
+        opt = argv[i].upper()
+        more = len(argv) - i - 1
+        if opt == b"REDIRECT" and more >= 1:
+            if redirect is not None:
+                return ErrorReply("ERR A client can only redirect to a single other client")
+            parsed = _int_or(argv[i + 1], NOT_INTEGER)
+            if isinstance(parsed, ErrorReply):
+                return parsed
+            if parsed not in conn.server.clients:
+                return ErrorReply("ERR The client ID you want redirect to does not exist")
+            redirect = parsed
+            i += 2
+        elif opt in (b"BCAST", b"OPTIN", b"OPTOUT", b"NOLOOP"):
+            i += 1
+        elif opt == b"PREFIX" and more >= 1:
+            i += 2
+        else:
+            return SYNTAX_ERROR
+    mode = argv[2].upper()
+    if mode == b"ON":
+        return _TRACKING_REFUSED
+    if mode == b"OFF":
+        return "OK"
+    return SYNTAX_ERROR
+
+
+async def _client_caching(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT CACHING YES|NO: Redis's answer to a client not in tracking mode."""
+    return _CACHING_REFUSED
+
+
+async def _client_getredir(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT GETREDIR: -1, Redis's answer when tracking is off."""
+    return -1
+
+
+async def _client_trackinginfo(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT TRACKINGINFO: Redis's answer for a client with tracking off."""
+    return {b"flags": Set([b"off"]), b"redirect": -1, b"prefixes": []}
+
+
+async def _client_unblock(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT UNBLOCK id [TIMEOUT|ERROR]: 0, as Redis answers for a client that is
+    not blocked: no KVMemo command blocks (``WAIT`` answers at once)."""
+    if len(argv) > 4:
+        return ErrorReply(
+            "ERR unknown subcommand or wrong number of arguments for 'UNBLOCK'. Try CLIENT HELP."
+        )
+    if len(argv) == 4 and argv[3].upper() not in (b"TIMEOUT", b"ERROR"):
+        return ErrorReply("ERR CLIENT UNBLOCK reason should be TIMEOUT or ERROR")
+    parsed = _int_or(argv[2], NOT_INTEGER)
+    return parsed if isinstance(parsed, ErrorReply) else 0
 
 
 async def _client_reply(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -2079,8 +2204,14 @@ def _kill(conn: _Connection, target: _Connection) -> None:
 
 
 async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT HELP: Redis 7.0's text, for the subcommands KVMemo has (7.2's
+    SETINFO and NO-TOUCH added; PAUSE and UNPAUSE left out: not implemented)."""
     return [
         "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "CACHING (YES|NO)",
+        "    Always refused: client-side caching (tracking) is not supported.",
+        "GETREDIR",
+        "    Return the client ID we are redirecting to when tracking is enabled (always -1).",
         "GETNAME",
         "    Return the name of the current connection.",
         "ID",
@@ -2103,19 +2234,31 @@ async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "      Skip killing current connection (default: yes).",
         "    * ID <client-id>",
         "      Kill connections by client id.",
-        "LIST [TYPE <normal|master|replica|pubsub>] [ID <id> [<id> ...]]",
-        "    Return information about client connections.",
+        "LIST [options ...]",
+        "    Return information about client connections. Options:",
+        "    * TYPE (NORMAL|MASTER|REPLICA|PUBSUB)",
+        "      Return clients of specified type.",
+        "    * ID <id> [<id> ...]",
+        "      Return clients of specified IDs only.",
+        "REPLY (ON|OFF|SKIP)",
+        "    Control the replies sent to the current connection.",
         "SETNAME <name>",
         "    Assign the name <name> to the current connection.",
         "SETINFO <option> <value>",
         "    Set client meta attr (LIB-NAME, LIB-VER).",
-        "REPLY (ON|OFF|SKIP)",
-        "    Control the replies sent to the current connection.",
+        "UNBLOCK <clientid> [TIMEOUT|ERROR]",
+        "    Unblock the specified blocked client (no command blocks: always 0).",
+        "TRACKING (ON|OFF) [REDIRECT <id>] [BCAST] [PREFIX <prefix> [...]]",
+        "         [OPTIN] [OPTOUT] [NOLOOP]",
+        "    Only OFF: client-side caching is not supported, ON is refused.",
+        "TRACKINGINFO",
+        "    Report tracking status for the current connection (always off).",
         "NO-EVICT (ON|OFF)",
+        "    Protect current client connection from eviction (clients are never evicted).",
         "NO-TOUCH (ON|OFF)",
         "    Accepted and ignored.",
         "HELP",
-        "    Print this help.",
+        "    Prints this help.",
     ]
 
 
@@ -2130,8 +2273,13 @@ _connection_command("client", -2, "noscript loading stale", "the connection's cl
             "kill": _SubCommand(-3, _client_kill),
             "setinfo": _SubCommand(4, _client_setinfo),
             "reply": _SubCommand(3, _client_reply),
-            "no-evict": _SubCommand(3, _client_ok),
+            "no-evict": _SubCommand(3, _client_no_evict),
             "no-touch": _SubCommand(3, _client_ok),
+            "tracking": _SubCommand(-3, _client_tracking),
+            "caching": _SubCommand(3, _client_caching),
+            "getredir": _SubCommand(2, _client_getredir),
+            "trackinginfo": _SubCommand(2, _client_trackinginfo),
+            "unblock": _SubCommand(-3, _client_unblock),
             "help": _SubCommand(2, _client_help),
         }
     )
