@@ -122,7 +122,10 @@ class StoreConfig:
             ``everysec`` (fsync at least once a second) or ``no`` (the OS decides).
         repair: start despite a corrupt log, keeping every valid record and
             moving the rest aside.
-        snapshot_log_bytes: log size of one shard that triggers its snapshot.
+        snapshot_log_bytes: log size of one shard that triggers its snapshot;
+            0: never by size (as Redis's ``auto-aof-rewrite-percentage 0``):
+            snapshots are then written by SAVE, BGSAVE and a graceful stop
+            only, and the log grows until one is.
         fsync_method: how a sync round of ``appendfsync always`` (and the
             once-a-second sync of ``everysec``) makes the shards' logs
             durable: ``commitlog`` (the default: the round's batches go to

@@ -464,7 +464,7 @@ SETTINGS: list[Setting] = [
         "store",
         "snapshot_log_bytes",
         _size("snapshot-log-size"),
-        "log size of a shard that triggers its snapshot (256MiB)",
+        "log size of a shard that triggers its snapshot; 0: never by size (256MiB)",
         table="persistence",
     ),
     # The Redis port's limits (RespLimits), each named resp_* as a flag, key and variable.

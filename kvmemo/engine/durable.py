@@ -189,7 +189,12 @@ async def info(
         per_shard.append({"shard": ref.name, **figures})
     saves = [s["last_save"] for s in per_shard if s.get("last_save")]
     commit_log = persistence.sync_coordinator.commit_log
+    # ``health`` is the logs' (their appends and syncs) and nothing else; the
+    # snapshots have their own status, as Redis keeps rdb_last_bgsave_status
+    # apart from aof_last_write_status.
     failing = [s["shard"] for s in per_shard if s.get("health") == "failing"]
+    statuses = {s.get("last_snapshot_status") for s in per_shard}
+    snapshot_status = "err" if "err" in statuses else "ok" if "ok" in statuses else None
     return {
         "enabled": True,
         "dir": str(persistence.directory),
@@ -216,5 +221,9 @@ async def info(
         "intents_redone_at_start": intents.redone if intents is not None else 0,
         "bgsave_in_progress": saves_running(bgsave),
         "last_bgsave_status": saves_status(bgsave),
+        "last_snapshot_status": snapshot_status,
+        "snapshot_errors": [
+            f"{s['shard']}: {s['snapshot_error']}" for s in per_shard if s.get("snapshot_error")
+        ],
         "shards": per_shard,
     }

@@ -88,7 +88,7 @@ from ..persistence.intents import IntentLog
 from ..persistence.layout import release_directory
 from ..persistence.records import MAX_PAYLOAD, intent_payload
 from ..persistence.wal import SegmentedLog
-from ..storage.durability import Health, ShardDurability
+from ..storage.durability import Health, ShardDurability, SnapshotStatus
 from ..storage.durable_shard import DurableShardActor, SaveTicket, durable_state_factory
 from ..storage.shard import (
     ABORTED,
@@ -311,6 +311,9 @@ class KVEngine:
         Raises:
             CorruptLog, CorruptSnapshot: damage without ``repair``; the message
                 names the file and the offset.
+            NewerVersion: a newer KVMemo wrote a data file in a format
+                version this build cannot read (with ``repair`` too; nothing
+                is changed in that file).
             DirectoryInUse: another store has the data directory open (see
                 :mod:`kvmemo.persistence.layout`); it stays locked until
                 :meth:`close`.
@@ -393,16 +396,21 @@ class KVEngine:
             self.persistence.stop.snapshot = False
 
     def persistence_problems(self) -> list[str]:
-        """Shards whose writes are not being made durable, with the error (for /healthz).
+        """Shards whose writes are not being made durable, or whose last snapshot
+        failed, with the error (for /healthz).
 
-        Reads each shard's durability health, an observability figure its
-        actor maintains; nothing here changes it.
+        Reads each shard's durability health and snapshot status,
+        observability figures its actor maintains; nothing here changes them.
+        A failed snapshot loses nothing the log holds, but the log then grows
+        until one is written, so it counts as a problem until then.
         """
-        return [
-            f"shard-{i}: {d.error}"
-            for i, d in enumerate(self._durabilities)
-            if d.health is not Health.OK
-        ]
+        problems = []
+        for i, d in enumerate(self._durabilities):
+            if d.health is not Health.OK:
+                problems.append(f"shard-{i}: {d.error}")
+            if d.snapshot_status is SnapshotStatus.ERR:
+                problems.append(f"shard-{i}: snapshot failed: {d.snapshot_error}")
+        return problems
 
     def attach(self, system: ActorSystem) -> None:
         """Bind to the running actor system (after the supervisor started)."""

@@ -9,6 +9,8 @@ a worker thread (``trio.to_thread.run_sync``).
 from .records import FORMAT_VERSION as FORMAT_VERSION
 from .records import Corrupt as Corrupt
 from .records import DecodeResult as DecodeResult
+from .records import Newer as Newer
+from .records import NewerVersion as NewerVersion
 from .records import Op as Op
 from .records import PersistenceError as PersistenceError
 from .records import Record as Record

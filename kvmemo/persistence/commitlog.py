@@ -64,6 +64,13 @@ start with
 ``repair``: then the frames before it are redone, and that segment and
 every later one are moved aside (``.corrupt-<offset>``), with a warning.
 
+Versions. Every later frame version keeps the 17-byte header as it is (the
+CRC of bytes 4 to 16 first, the version at offset 4), so a frame whose
+header CRC holds and whose version is above :data:`FRAME_VERSION` is known
+to come from a newer KVMemo: the start is refused
+(:class:`~.records.NewerVersion`), with or without ``repair``, and nothing
+of the commit log is redone, ignored as torn, moved aside or deleted.
+
 Threads. :class:`CommitLog` is used by one thread at a time: the sync
 coordinator's round (rounds never overlap), and ``close`` once no round
 runs; :meth:`CommitLog.take_failure` alone is called from the event loop
@@ -84,6 +91,7 @@ from pathlib import Path
 
 import attrs
 
+from .records import NewerVersion
 from .recovery import CorruptLog
 from .wal import SegmentedLog, fsync_directory, list_segments, named, segment_name, write_all
 
@@ -229,6 +237,7 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
 
     Raises:
         CorruptLog: damage before the tail, without ``repair``.
+        NewerVersion: a frame of a newer version (with ``repair`` too).
         OSError: a segment cannot be read.
     """
     segments = list_commit_segments(data_dir)
@@ -248,6 +257,10 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
                 if zlib.crc32(data[pos + 4 : pos + _HEADER.size]) != crc:
                     problem = "header CRC mismatch"
                     end = len(data) + 1  # torn only if nothing but zeros follows
+                elif version > FRAME_VERSION:  # a valid header: not damage, not torn
+                    raise NewerVersion(
+                        path, version, FRAME_VERSION, offset=pos, kind="commit frame"
+                    )
                 elif version != FRAME_VERSION:
                     problem = f"unknown frame version {version}"
                     end = len(data) + 1
@@ -331,7 +344,7 @@ def redo(data_dir: Path, *, repair: bool = False) -> Redone:
     crash meanwhile redoes it all again.
 
     Raises:
-        CorruptLog: see :func:`read_frames`.
+        CorruptLog, NewerVersion: see :func:`read_frames` (nothing is written then).
         OSError: a segment could not be read, written or synced (the commit
             log is kept, for the next start).
     """

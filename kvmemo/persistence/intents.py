@@ -64,6 +64,8 @@ import attrs
 
 from .records import (
     Corrupt,
+    Newer,
+    NewerVersion,
     Op,
     Scanner,
     Torn,
@@ -101,11 +103,15 @@ def read_intents(data_dir: Path) -> IntentScan:
 
     A torn or damaged record ends its segment's scan with a warning: a torn
     one was never decided (the decision comes after the write), a damaged
-    one cannot be trusted; neither is redone. Never raises on any bytes. May
-    run while the engine writes the log (a shard's rebuild): a segment
-    removed meanwhile held only settled rounds.
+    one cannot be trusted; neither is redone. A record of a newer format
+    version (its CRC holds: see :mod:`.records`) is not damage: it stops the
+    start, since skipping it would lose a round the recovery after it drops
+    the log of. May run while the engine writes the log (a shard's
+    rebuild): a segment removed meanwhile held only settled rounds.
 
     Raises:
+        NewerVersion: a newer format version wrote a record (or a record
+            inside an intent).
         OSError: a segment cannot be read.
     """
     scan = IntentScan()
@@ -121,18 +127,26 @@ def read_intents(data_dir: Path) -> IntentScan:
             # Read, not mapped: the engine may truncate a segment it is
             # writing (a failed append), which a mapping would turn into SIGBUS.
             scanner = Scanner(file.read())
+        start = 0  # of the record being looked at
         for op, key, value, _ in scanner:
             if op != Op.INTENT:
                 scan.warnings.append(f"{path}: a {Op(op).name} record skipped")
+                start = scanner.end
                 continue
             txid = txid_of(key)
             try:
                 scan.intents[txid] = intent_sections(value)
+            except NewerVersion as exc:
+                raise NewerVersion(path, exc.version, exc.supported, offset=start) from None
             except ValueError as exc:
                 scan.warnings.append(f"{path}: intent {txid} skipped: {exc}")
+                start = scanner.end
                 continue
             scan.last_txid = max(scan.last_txid, txid)
+            start = scanner.end
         problem = scanner.problem
+        if isinstance(problem, Newer):
+            raise problem.error(path)
         if isinstance(problem, Torn):
             scan.warnings.append(
                 f"{path}: a torn intent at offset {problem.offset} (a crash during its write; "

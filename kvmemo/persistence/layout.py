@@ -8,7 +8,8 @@ can act on rather than letting the store lose or damage data:
   ``flock`` on ``DIR/LOCK`` (holding the process id, for the message) and
   keeps its descriptor open for the life of the store; a second store on the
   same directory, in this process or another, is refused with
-  :class:`DirectoryInUse`. Two writers would each start log segments, drop
+  :class:`DirectoryInUse`, naming the holder's process id when it is known
+  (see :func:`lock_directory`). Two writers would each start log segments, drop
   the other's intent log at start and remove segments the other's snapshots
   do not cover. The kernel releases the lock when the descriptor closes, or
   when the process dies (a ``kill -9`` leaves nothing to clean up). A
@@ -45,6 +46,9 @@ from .snapshot import SNAPSHOT_HEADER_SIZE
 from .wal import fsync_directory
 
 LOCK_NAME = "LOCK"
+# Linux's table of the file locks held (holder's pid, device and inode of the
+# file): the truth about a LOCK whose file could not be written by its holder.
+PROC_LOCKS = Path("/proc/locks")
 SHARDS_NAME = "SHARDS"  # the shard count the directory is written with
 _SHARD_DIR_RE = re.compile(r"shard-(\d+)")
 _DATA_RE = re.compile(r"snap-\d{8,}\.kvs|wal-\d{8,}\.log")
@@ -80,6 +84,50 @@ class ShardCountMismatch(PersistenceError):
     """The data directory was written with another number of shards."""
 
 
+def _flock_holders(fd: int) -> set[int] | None:
+    """The pids holding a ``flock`` on the file open as ``fd``, from :data:`PROC_LOCKS`.
+
+    None when the table cannot be read (not Linux) or names no pid for the
+    file (a holder in another pid namespace shows as pid 0).
+    """
+    try:
+        st = os.fstat(fd)
+        table = PROC_LOCKS.read_text("ascii", errors="replace")
+    except OSError:
+        return None
+    # e.g. "1: FLOCK  ADVISORY  WRITE 5813 fe:00:2146628 0 EOF" (major:minor in hex)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            with contextlib.suppress(ValueError):
+                pids.add(int(fields[4]))
+    pids.discard(0)
+    return pids or None
+
+
+def _holder(fd: int, writable: bool) -> str:
+    """Who holds the lock on LOCK (open as ``fd``), for the message: `` (process N)`` or why not.
+
+    A holder writes its pid into LOCK whenever it can: if this store could
+    open LOCK for writing, so could the holder, and the pid there is its.
+    If not (a read-only directory or file), the holder could not write its
+    pid either, and LOCK may hold an older run's: the kernel's lock table
+    says who holds it, and without that the pid is unknown.
+    """
+    recorded = None
+    with contextlib.suppress(OSError, ValueError):
+        recorded = int(os.pread(fd, 32, 0).decode("ascii").strip())
+    if writable:
+        return "" if recorded is None else f" (process {recorded})"
+    holders = _flock_holders(fd)
+    if holders is not None:
+        pid = recorded if recorded in holders else min(holders)
+        return f" (process {pid})"
+    return " (process id unknown: LOCK cannot be written here, so it may name an older run's)"
+
+
 def lock_directory(directory: Path) -> int | None:
     """Lock ``directory`` for this store; the descriptor holding the lock (None: unlockable).
 
@@ -87,9 +135,11 @@ def lock_directory(directory: Path) -> int | None:
     stopped; that releases the lock.
 
     Raises:
-        DirectoryInUse: another store holds the lock.
+        DirectoryInUse: another store holds the lock (the message names its
+            process id when it is known, see :func:`_holder`).
     """
     path = directory / LOCK_NAME
+    writable = True
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
@@ -97,13 +147,11 @@ def lock_directory(directory: Path) -> int | None:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None  # cannot be written at all: served unlocked (writes fail with IO)
+        writable = False  # nor could a holder write its pid: what LOCK holds may be stale
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(os.pread(fd, 32, 0).decode("ascii").strip())
-            holder = f" (process {pid})"
+        holder = _holder(fd, writable)
         os.close(fd)
         raise DirectoryInUse(
             f"{directory}: the data directory is in use by another KVMemo store{holder}; "

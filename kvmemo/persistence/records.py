@@ -39,6 +39,16 @@ a complete record they all are. (It would take two length fields damaged so
 as to agree with each other.) No forward search for the next valid record is
 ever made: it would cost time in proportion to the size of a torn value, and
 a value may contain anything, encoded records included.
+
+Versions. Every later format version keeps the first 10 bytes as they are
+(a CRC32 of bytes 4 to the end of the payload, the version, one byte whose
+meaning is the version's, the payload length), so this build tells a record
+of a newer version from damage: a complete record whose version is above
+:data:`FORMAT_VERSION` and whose CRC holds is :class:`Newer`, a
+:class:`Corrupt` that no reader may repair, truncate or move aside (they
+raise :class:`NewerVersion`: the start is refused). A flipped version byte
+fails the CRC and stays corrupt; so does a torn record of an unknown
+version, whose CRC cannot be checked.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import mmap
 import struct
 import zlib
 from collections.abc import Callable, Generator
+from os import PathLike
 from typing import TypeAlias
 
 import attrs
@@ -78,6 +89,42 @@ def max_entry_bytes() -> int:
 
 class PersistenceError(Exception):
     """Base class of the errors of the persistence layer (other than OSError)."""
+
+
+class NewerVersion(PersistenceError):
+    """A data file was written by a newer KVMemo, in a format version this build cannot read.
+
+    Never damage: the start is refused, with or without repair, and the file
+    is left as it is (an older build must not throw a newer one's data away).
+
+    Attributes:
+        path: the file (None when not known yet: see :func:`intent_sections`).
+        version: the version found.
+        supported: the newest version of that format this build reads.
+        offset: where in the file (0: its header, or its first record).
+        kind: which format (``record``, ``snapshot``, ``commit frame``).
+    """
+
+    def __init__(
+        self,
+        path: str | PathLike[str] | None,
+        version: int,
+        supported: int,
+        *,
+        offset: int = 0,
+        kind: str = "record",
+    ) -> None:
+        where = f" at offset {offset}" if offset else ""
+        prefix = f"{path}: " if path is not None else ""
+        super().__init__(
+            f"{prefix}written by a newer KVMemo ({kind} format version {version}{where}; "
+            f"this build reads up to {supported}); refusing to start"
+        )
+        self.path = path
+        self.version = version
+        self.supported = supported
+        self.offset = offset
+        self.kind = kind
 
 
 class Op(enum.IntEnum):
@@ -147,6 +194,28 @@ class Corrupt:
 
     offset: int
     reason: str
+
+
+@attrs.frozen
+class Newer(Corrupt):
+    """The record at ``offset`` is whole, its CRC holds, and a newer format ``version`` wrote it.
+
+    A :class:`Corrupt` to a reader that does not look further, so that none
+    ever takes it for a torn tail; every reader of files raises
+    :class:`NewerVersion` for it instead of repairing anything.
+    """
+
+    version: int
+
+    @classmethod
+    def at(cls, offset: int, version: int) -> Newer:
+        return cls(
+            offset, f"format version {version}, newer than this build's {FORMAT_VERSION}", version
+        )
+
+    def error(self, path: str | PathLike[str] | None) -> NewerVersion:
+        """The :class:`NewerVersion` to raise for this record of file ``path``."""
+        return NewerVersion(path, self.version, FORMAT_VERSION, offset=self.offset)
 
 
 Problem: TypeAlias = Torn | Corrupt
@@ -329,12 +398,18 @@ def group_contents(encoded: bytes) -> bytes | None:
     return encoded[HEADER_SIZE + 8 : len(encoded) - _EXPIRY.size]
 
 
-def _group_problem(value: bytes) -> str | None:
-    """Why the value of a ``GROUP`` record is not whole SET, DEL, EXPIRE or FLUSH records."""
+def _group_problem(value: bytes) -> str | Newer | None:
+    """Why the value of a ``GROUP`` record is not whole SET, DEL, EXPIRE or FLUSH records.
+
+    A :class:`Newer` record inside (offset within ``value``): the group is
+    not damaged, a newer build wrote it.
+    """
     scanner = Scanner(value)
     for op, *_ in scanner:
         if op in (_TXN, _INTENT, _GROUP):
             return f"a {Op(op).name} record inside a GROUP record"
+    if isinstance(scanner.problem, Newer):
+        return scanner.problem
     if scanner.problem is not None:
         return f"damaged records inside a GROUP record ({scanner.problem})"
     return None
@@ -352,6 +427,8 @@ def intent_sections(value: bytes) -> dict[int, bytes]:
         ValueError: the value is not a valid list of sections, or a section
             is not whole valid records (the record's CRC held, so only a bug
             writes such a value).
+        NewerVersion: a section holds a record of a newer format version
+            (``path`` None: the caller knows the file).
     """
     sections: dict[int, bytes] = {}
     pos = 0
@@ -369,7 +446,11 @@ def intent_sections(value: bytes) -> dict[int, bytes]:
             if op in (_TXN, _INTENT):
                 raise ValueError(f"a {Op(op).name} record in an intent section")
             if op == _GROUP and (reason := _group_problem(group)) is not None:
+                if isinstance(reason, Newer):
+                    raise reason.error(None)
                 raise ValueError(f"{reason} in an intent section")
+        if isinstance(scanner.problem, Newer):
+            raise scanner.problem.error(None)
         if scanner.problem is not None:
             raise ValueError(f"damaged effect records in the intent section of shard {shard}")
         sections[shard] = records
@@ -390,13 +471,17 @@ def _mismatch(klen: int, vlen: int, plen: int) -> str:
     return f"key length {klen} and value length {vlen} do not add up to payload length {plen}"
 
 
-def _decode_at(data: Buffer, mv: memoryview, pos: int, n: int) -> tuple[int, Fields] | str | None:
+def _decode_at(
+    data: Buffer, mv: memoryview, pos: int, n: int
+) -> tuple[int, Fields] | str | Newer | None:
     """Decode the record at ``pos`` of ``data[:n]``.
 
     Returns:
         ``(end, fields)`` for a valid record; a reason string if the bytes at
-        ``pos`` cannot be a valid record; None if the data ends inside a
-        record whose fields present agree with a valid one (a torn tail).
+        ``pos`` cannot be a valid record; a :class:`Newer` for a whole record
+        of a newer format version whose CRC holds; None if the data ends
+        inside a record whose fields present agree with a valid one (a torn
+        tail).
     """
     avail = n - pos
     if avail < HEADER_SIZE:
@@ -407,6 +492,11 @@ def _decode_at(data: Buffer, mv: memoryview, pos: int, n: int) -> tuple[int, Fie
         return None
     crc, version, op, plen = HEADER.unpack_from(data, pos)
     if version != FORMAT_VERSION:
+        # Only the first 10 bytes keep their meaning across versions (see the
+        # module docstring): the CRC tells a newer record from damage.
+        end = pos + HEADER_SIZE + plen
+        if version > FORMAT_VERSION and end <= n and zlib.crc32(mv[pos + 4 : end]) == crc:
+            return Newer.at(pos, version)
         return f"unknown format version {version}"
     if op not in _OPS:
         return f"unknown op {op}"
@@ -484,8 +574,17 @@ class Scanner:
                     self.end = pos
                     yield fields
                     continue
-                self.problem = Torn(pos) if got is None else Corrupt(pos, got)
+                self.problem = _problem(pos, got)
                 return
+
+
+def _problem(pos: int, got: str | Newer | None) -> Problem:
+    """The problem :func:`_decode_at` (or a refusal to apply) reported at ``pos``."""
+    if got is None:
+        return Torn(pos)
+    if isinstance(got, Newer):
+        return got if got.offset == pos else Newer.at(pos, got.version)
+    return Corrupt(pos, got)
 
 
 @attrs.frozen
@@ -502,8 +601,11 @@ class ReplayResult:
 
 def _apply(
     fields: Fields, data: dict[bytes, bytes], expires: dict[bytes, int], sets_only: bool
-) -> str | None:
-    """Apply one decoded record to ``data`` and ``expires``; a reason if it is refused."""
+) -> str | Newer | None:
+    """Apply one decoded record to ``data`` and ``expires``; a reason if it is refused.
+
+    A :class:`Newer`: a group holding a record of a newer format version.
+    """
     op, key, value, exp = fields
     if op == _SET:
         data[key] = value
@@ -632,12 +734,12 @@ def replay(
                             continue
             got = _decode_at(buf, mv, pos, n)
             if not isinstance(got, tuple):
-                problem = Torn(pos) if got is None else Corrupt(pos, got)
+                problem = _problem(pos, got)
                 break
             end, fields = got
             refused = _apply(fields, data, expires, sets_only)
             if refused is not None:
-                problem = Corrupt(pos, refused)
+                problem = _problem(pos, refused)
                 break
             if fields[0] == _TXN and marks is not None:
                 marks[_U64.unpack(fields[1])[0]] = fields[2] == b"\x01"

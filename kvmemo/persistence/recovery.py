@@ -46,6 +46,12 @@ What recovery does about damage:
 After a repair that lost a snapshot's or a missing segment's part, recovery
 writes a fresh snapshot of what it recovered, covering every segment, and
 deletes those segments, so that the next start needs no repair.
+
+A **newer format version** (a snapshot, or a whole record whose CRC holds,
+anywhere in a segment: see :mod:`.records`) is not damage: it stops the
+start with :class:`~.records.NewerVersion`, with or without ``repair``, and
+the file is neither truncated nor moved aside (an older build started on a
+newer one's data must not throw any of it away).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from pathlib import Path
 
 import attrs
 
-from .records import Corrupt, Op, PersistenceError, Scanner, Torn, replay, txid_of
+from .records import Corrupt, Newer, Op, PersistenceError, Scanner, Torn, replay, txid_of
 from .snapshot import (
     TEMP_SUFFIX,
     CorruptSnapshot,
@@ -227,6 +233,8 @@ def _replay_segment(
             remainder = buf[result.end :] if isinstance(problem, Corrupt) and repair else b""
     if problem is None:
         return result.count, False
+    if isinstance(problem, Newer):
+        raise problem.error(path)  # before any truncation or repair: nothing is changed
     offset = problem.offset
     if isinstance(problem, Corrupt) and acked_end is not None and offset >= acked_end:
         _truncate(path, offset)
@@ -315,6 +323,8 @@ def recover(
         CorruptLog: a corrupt record or a missing segment (not with ``repair``).
         CorruptSnapshot: a damaged snapshot that no older one can replace
             (not with ``repair``).
+        NewerVersion: a newer format version wrote a snapshot or a record
+            (with ``repair`` too; that file is left as it is).
         OSError: a file cannot be read, truncated or written.
     """
     warnings: list[str] = []

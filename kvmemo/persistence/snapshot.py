@@ -24,6 +24,12 @@ Layout, little-endian::
 The entry count is written last (the header is rewritten in place before the
 sync), so a snapshot truncated or extended anywhere fails validation even at
 a record boundary.
+
+Every later snapshot format version keeps the magic, the version byte at
+offset 8 and the CRC at offset 28 of bytes 0..27, so a snapshot of a newer
+version is told from a damaged one (its header CRC holds) and refused with
+:class:`~.records.NewerVersion`, never skipped, repaired or moved aside; so
+is a snapshot holding a record of a newer format version (see :mod:`.records`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from pathlib import Path
 
 from .records import (
     Corrupt,
+    Newer,
+    NewerVersion,
     Op,
     PersistenceError,
     Scanner,
@@ -191,7 +199,12 @@ def write_snapshot(
 
 
 def _check_header(path: Path, data: bytes | mmap.mmap) -> int:
-    """Validate the header of snapshot ``path``; return its entry count."""
+    """Validate the header of snapshot ``path``; return its entry count.
+
+    Raises:
+        CorruptSnapshot: the header is damaged.
+        NewerVersion: a newer snapshot format version wrote it (its CRC holds).
+    """
     if len(data) < SNAPSHOT_HEADER_SIZE:
         raise CorruptSnapshot(
             path, 0, f"{len(data)} bytes, shorter than the {SNAPSHOT_HEADER_SIZE}-byte header"
@@ -202,6 +215,8 @@ def _check_header(path: Path, data: bytes | mmap.mmap) -> int:
     (crc,) = _CRC.unpack_from(data, _HEADER.size)
     if zlib.crc32(data[: _HEADER.size]) != crc:
         raise CorruptSnapshot(path, 0, "header CRC mismatch")
+    if version > SNAPSHOT_VERSION:
+        raise NewerVersion(path, version, SNAPSHOT_VERSION, kind="snapshot")
     if version != SNAPSHOT_VERSION:
         raise CorruptSnapshot(path, 0, f"unknown snapshot format version {version}")
     match = _NAME_RE.fullmatch(path.name)
@@ -213,6 +228,8 @@ def _check_header(path: Path, data: bytes | mmap.mmap) -> int:
 
 def _raise_problem(path: Path, problem: Torn | Corrupt | None) -> None:
     """Raise for the problem a scan of snapshot ``path`` ended with, if any."""
+    if isinstance(problem, Newer):
+        raise problem.error(path)
     if isinstance(problem, Torn):
         raise CorruptSnapshot(path, problem.offset, "truncated inside a record")
     if isinstance(problem, Corrupt):
@@ -249,6 +266,7 @@ def load_snapshot(path: Path) -> Generator[tuple[bytes, bytes, int | None], None
 
     Raises:
         CorruptSnapshot: the file fails validation (names the file and offset).
+        NewerVersion: a newer format version wrote it (not damage).
         OSError: the file cannot be read.
     """
     with _mapped(path) as data:
@@ -280,6 +298,7 @@ def load_snapshot_into(path: Path, data: dict[bytes, bytes], expires: dict[bytes
     Raises:
         CorruptSnapshot: as :func:`load_snapshot`; the entries before the
             damage are loaded.
+        NewerVersion: as :func:`load_snapshot`.
         OSError: the file cannot be read.
     """
     with _mapped(path) as buf:
@@ -303,6 +322,7 @@ def newest_snapshot(directory: Path) -> tuple[Path, int] | None:
     Validating means reading each candidate whole (newest first).
 
     Raises:
+        NewerVersion: a newer format version wrote the one to choose.
         OSError: a snapshot cannot be read.
     """
     for covers, path in reversed(list_snapshots(directory)):

@@ -2675,10 +2675,12 @@ def _persistence_lines(persistence: dict[str, Any], started_at: float) -> list[t
     """INFO's Persistence section, in Redis's field names, from ``info persistence``.
 
     KVMemo's write-ahead log plays the AOF's part (``aof_enabled``, its size,
-    its last write's status) and its per-shard snapshots the RDB's (SAVE,
-    BGSAVE, LASTSAVE). A field KVMemo does not measure (Redis's
-    ``rdb_changes_since_last_save``, copy-on-write sizes) is left out rather
-    than given a made-up value.
+    its last write's status: the logs' ``health`` alone) and its per-shard
+    snapshots the RDB's (SAVE, BGSAVE, LASTSAVE; ``rdb_last_bgsave_status``
+    is ``err`` while some shard's last snapshot, whatever started it, failed).
+    Each status reflects its own mechanism only, as in Redis. A field KVMemo
+    does not measure (Redis's ``rdb_changes_since_last_save``, copy-on-write
+    sizes) is left out rather than given a made-up value.
     """
     enabled = bool(persistence.get("enabled"))
     last_save = persistence.get("last_save") if enabled else None
@@ -2689,7 +2691,7 @@ def _persistence_lines(persistence: dict[str, Any], started_at: float) -> list[t
         ("rdb_bgsave_in_progress", int(bool(persistence.get("bgsave_in_progress")))),
         # Redis counts its data saved at start until the first save, as LASTSAVE does.
         ("rdb_last_save_time", int(last_save if last_save is not None else started_at)),
-        ("rdb_last_bgsave_status", persistence.get("last_bgsave_status") or "ok"),
+        ("rdb_last_bgsave_status", persistence.get("last_snapshot_status") or "ok"),
         ("aof_enabled", int(enabled)),
         ("aof_rewrite_in_progress", 0),
         ("aof_last_write_status", "ok" if ok else "err"),

@@ -258,6 +258,13 @@ class Health(enum.Enum):
     FAILING = "failing"  # the last append or sync failed, or a failed sync awaits its re-save
 
 
+class SnapshotStatus(enum.Enum):
+    """How the shard's last snapshot went (Redis's ``rdb_last_bgsave_status`` words)."""
+
+    OK = "ok"
+    ERR = "err"
+
+
 class ShardDurability:
     """The log, policy and health of one shard's persistence.
 
@@ -271,6 +278,13 @@ class ShardDurability:
     ``unsaved`` is the bytes appended since the last snapshot's rotation (the
     log's size when opened, at first); ``error`` holds the last failure
     while ``health`` is FAILING.
+
+    ``health`` is the log's alone (its appends and syncs: whether writes are
+    being made durable); a snapshot's outcome has its own status
+    (``snapshot_status``, None before the first snapshot tried, and
+    ``snapshot_error`` while it is ERR), as Redis keeps
+    ``rdb_last_bgsave_status`` apart from ``aof_last_write_status``. A
+    failed snapshot loses nothing the log holds.
 
     A failed sync (:meth:`sync_failed`) leaves the log's unsynced bytes in
     doubt: after an ``fsync`` error Linux may drop the dirty pages and report
@@ -312,6 +326,8 @@ class ShardDurability:
         self.sync_failures = 0
         self.resaved_failures = 0
         self.suspect_marks: list[tuple[int, int]] = []
+        self.snapshot_status: SnapshotStatus | None = None
+        self.snapshot_error: str | None = None
 
     @property
     def resave_pending(self) -> bool:
@@ -467,6 +483,21 @@ class ShardDurability:
             self.health = Health.OK
             self.error = None
 
+    def snapshot_written(self) -> None:
+        """The last snapshot tried is written (its status OK; the log's health is not touched)."""
+        self.snapshot_status = SnapshotStatus.OK
+        self.snapshot_error = None
+
+    def snapshot_failed(self, reason: str) -> None:
+        """The last snapshot tried failed, for ``reason`` (its status ERR, until one is written).
+
+        The log's health is not touched: a failure of the log itself (an
+        append or sync the snapshot made) is recorded by :meth:`failed` or
+        :meth:`sync_failed` as well.
+        """
+        self.snapshot_status = SnapshotStatus.ERR
+        self.snapshot_error = reason
+
     def log_size(self) -> int:
         return 0 if self.log is None else self.log.size()
 
@@ -483,6 +514,10 @@ class ShardDurability:
             "last_save": self.last_save,
             "last_snapshot_pause_ms": self.last_snapshot_pause_ms,
             "resave_pending": self.resave_pending,
+            "last_snapshot_status": (
+                None if self.snapshot_status is None else self.snapshot_status.value
+            ),
+            "snapshot_error": self.snapshot_error,
         }
 
 

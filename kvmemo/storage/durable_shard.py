@@ -111,7 +111,8 @@ class PersistenceConfig:
         appendfsync: ``always``, ``everysec`` or ``no``.
         repair: start despite a corrupt log, keeping every valid record.
         segment_bytes: log segment size.
-        snapshot_bytes: log size of a shard that triggers its snapshot.
+        snapshot_bytes: log size of a shard that triggers its snapshot (0:
+            never by size; ``save``, ``bgsave`` and a graceful stop still do).
         sync_coordinator: runs the log syncs of every shard given this
             config in shared worker-thread rounds (cross-shard group commit,
             see :mod:`.sync_coordinator`). One per config, and one config
@@ -368,7 +369,7 @@ class DurableShardActor(ShardActor):
                 return self._io_error(exc)
             # Only an earlier batch's carried records failed again: this
             # batch wrote nothing (reads keep working on a full disk).
-        if dur.unsaved > dur.snapshot_bytes and not dur.saving:
+        if dur.snapshot_bytes and dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
         return error
 
@@ -397,7 +398,7 @@ class DurableShardActor(ShardActor):
             return batch_error
         if error is not None and own:
             return error
-        if dur.unsaved > dur.snapshot_bytes and not dur.saving:
+        if dur.snapshot_bytes and dur.unsaved > dur.snapshot_bytes and not dur.saving:
             self._start_snapshot()
         self._gather = written > 0
         return None
@@ -565,6 +566,7 @@ class DurableShardActor(ShardActor):
         if dur.log is None:
             why = f": {dur.error}" if dur.error else ""
             ticket.error = PersistenceIOError(f"the log is not open{why}", applied=False)
+            dur.snapshot_failed(str(ticket.error))
             ticket.done.set()
             return ticket
         started = time.perf_counter()
@@ -590,8 +592,9 @@ class DurableShardActor(ShardActor):
             if head:
                 dur.appended(dur.log.append_encoded(head), journal=False)
         except OSError as exc:
-            dur.failed(exc)
+            dur.failed(exc)  # the log's own append or rotation failed
             ticket.error = self._io_error(exc)
+            dur.snapshot_failed(str(dur.error))
             ticket.done.set()
             return ticket
         data = store.data.copy()
@@ -606,6 +609,8 @@ class DurableShardActor(ShardActor):
             self._jobs_send.send_nowait(job)
         except trio.WouldBlock:
             dur.saving = False
+            # Refused, not failed (the status stays that of the last one
+            # written or tried, as Redis's for a BGSAVE already in progress).
             ticket.error = PersistenceIOError("too many snapshots queued", applied=False)
             ticket.done.set()
         return ticket
@@ -646,7 +651,11 @@ class DurableShardActor(ShardActor):
             await self._write(job, ticket)
 
     async def _write(self, job: _Job, ticket: SaveTicket) -> None:
-        """Write one snapshot in a worker thread, then drop the segments it covers."""
+        """Write one snapshot in a worker thread, then drop the segments it covers.
+
+        Its outcome is the snapshot's status (``ShardDurability.snapshot_status``);
+        only a failed sync of the log changes the log's health.
+        """
         dur = self.dur
         try:
             # The new segment's head mark must be durable before the snapshot
@@ -658,6 +667,7 @@ class DurableShardActor(ShardActor):
                 # Recorded already (sync_failed): recording it again as a new
                 # failure would nest its message in itself.
                 ticket.error = PersistenceIOError(f"snapshot failed: {error}", applied=False)
+                dur.snapshot_failed(str(error))
                 return
             await trio.to_thread.run_sync(
                 lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
@@ -666,10 +676,15 @@ class DurableShardActor(ShardActor):
                 dur.log.remove_through(job.covers)
             dur.last_save = time.time()
             dur.resaved(job.failures)
+            dur.snapshot_written()
         except (OSError, ValueError) as exc:
-            if isinstance(exc, OSError):
-                dur.failed(exc)
+            # The snapshot's own file (or the removal of the segments it
+            # covers): the log, and every write it holds, is intact.
             ticket.error = PersistenceIOError(f"snapshot failed: {exc}", applied=False)
+            if isinstance(exc, OSError):
+                dur.snapshot_failed(f"{exc.strerror or exc}: {exc.filename or dur.directory}")
+            else:
+                dur.snapshot_failed(str(exc))
         finally:
             dur.saving = False
             ticket.done.set()
@@ -834,6 +849,7 @@ async def prepare_stores(
 
     Raises:
         CorruptLog, CorruptSnapshot: damage without ``repair`` (names file and offset).
+        NewerVersion: a newer KVMemo wrote a data file (with ``repair`` too).
         OSError: the data directory cannot be used.
     """
     now_ms = int(time.time() * 1000)
