@@ -870,6 +870,10 @@ class KVEngine:
             # A write needed memory: make room, then resubmit it and the rest in order.
             last = answers[-1]
             assert isinstance(last, NeedMemory)
+            # Not its answer: it is resent (or gets OOM) below. Left pending,
+            # a timeout meanwhile makes it TIMEOUT (the resend may yet run),
+            # never the NeedMemory of its first try (OOM: certainly not applied).
+            results[items[done - 1][0]] = _PENDING
             if done > 1 or budget is None:
                 budget = _RoomBudget()  # a later operation than last time: a fresh budget
             if await self._make_room(last.nbytes, budget):
@@ -2031,7 +2035,10 @@ class KVEngine:
         for slot in slots:
             try:
                 n, more = slot.result() if slot.done else await slot.wait()
-            except (ActorCrashed, ActorStopped):
+            except (ActorCrashed, ActorStopped, PersistenceIOError):
+                # IO: the sweep ran, but a write of its batch could not be
+                # logged and the shard failed every reply of the batch (see
+                # _finish_batch); how many it removed is not known.
                 continue
             removed += n
             backlog = backlog or more
@@ -2046,8 +2053,8 @@ class KVEngine:
                     repaired += bool(
                         await ref.ask(Reconcile(), timeout=self.config.request_timeout)
                     )
-                except (ActorCrashed, ActorStopped, AskTimeout):
-                    continue
+                except (ActorCrashed, ActorStopped, AskTimeout, PersistenceIOError):
+                    continue  # IO: as in process_expired
         return repaired
 
     async def gather_candidates(self, sample: int) -> list[Candidate]:
@@ -2064,8 +2071,8 @@ class KVEngine:
         for i, slot in slots:
             try:
                 found = slot.result() if slot.done else await slot.wait()
-            except (ActorCrashed, ActorStopped):
-                continue
+            except (ActorCrashed, ActorStopped, PersistenceIOError):
+                continue  # IO: as in process_expired (its candidates went with the reply)
             out.extend((score, i, key, size) for score, key, size in found)
         return out
 
@@ -2079,7 +2086,11 @@ class KVEngine:
             ref = self._shards[shard]
             try:
                 _, nbytes = await ref.ask(Evict(keys), timeout=self.config.request_timeout)
-            except (ActorCrashed, ActorStopped, AskTimeout):
+            except (ActorCrashed, ActorStopped, AskTimeout, PersistenceIOError):
+                # IO: the victims are gone from memory (their deletes wait in
+                # the journal for the disk): how many bytes that freed is not
+                # known, so this round counts none; a writer that waits for
+                # room sees the tracker (see _make_room).
                 continue
             freed += nbytes
         return freed

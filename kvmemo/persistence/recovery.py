@@ -52,14 +52,25 @@ anywhere in a segment: see :mod:`.records`) is not damage: it stops the
 start with :class:`~.records.NewerVersion`, with or without ``repair``, and
 the file is neither truncated nor moved aside (an older build started on a
 newer one's data must not throw any of it away).
+
+Changes last. :func:`recover` can leave the changes it makes to files (a
+truncation, a repair, a temporary file removed) to its caller
+(``changes``), to be made once every file the start reads has been read: a
+store's start reads every shard and then the intent log, and a newer
+version (or damage without ``repair``) found in any of them must stop it
+before any file is changed. A repair's snapshot replaces a shard's segments
+and with them its round marks (:mod:`.intents`): made at a start that then
+stops, the next start would redo the rounds still in the intent log over
+that shard's later writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -70,9 +81,13 @@ from .snapshot import (
     CorruptSnapshot,
     list_snapshots,
     load_snapshot_into,
+    snapshot_name,
     write_snapshot,
 )
 from .wal import fsync_directory, list_segments, segment_name
+
+Changes = list[Callable[[], None]]
+"""File changes :func:`recover` found to make, in order (see "Changes last" above)."""
 
 
 class CorruptLog(PersistenceError):
@@ -144,7 +159,7 @@ def _missing(present: set[int], first: int, last: int) -> list[int]:
 
 
 def _choose_base(
-    directory: Path, present: set[int], repair: bool, warnings: list[str]
+    directory: Path, present: set[int], repair: bool, warnings: list[str], changes: Changes
 ) -> tuple[_Base, bool]:
     """The snapshot to start from, and whether a repair lost part of one.
 
@@ -176,7 +191,7 @@ def _choose_base(
         raise error
     assert partial.path is not None
     aside = partial.path.with_name(f"{partial.path.name}.corrupt-{error.offset}")
-    os.replace(partial.path, aside)
+    changes.append(functools.partial(os.replace, partial.path, aside))
     partial.count = len(partial.data)
     warnings.append(
         f"repair: kept the {partial.count} entries of {partial.path.name} before offset "
@@ -186,10 +201,10 @@ def _choose_base(
     return partial, True
 
 
-def _remove_temp_files(directory: Path, warnings: list[str]) -> None:
+def _remove_temp_files(directory: Path, warnings: list[str], changes: Changes) -> None:
     for path in directory.iterdir():
         if path.name.startswith("snap-") and path.name.endswith(TEMP_SUFFIX):
-            path.unlink()
+            changes.append(functools.partial(path.unlink, missing_ok=True))
             warnings.append(f"removed {path.name}, a snapshot a crash left unfinished")
 
 
@@ -200,10 +215,11 @@ def _replay_segment(
     repair: bool,
     warnings: list[str],
     marks: dict[int, bool],
+    changes: Changes,
     acked_end: int | None = None,
     after_cut: bool = False,
 ) -> tuple[int, bool]:
-    """Apply the records of segment ``path``; deal with a damaged tail.
+    """Apply the records of segment ``path``; deal with a damaged tail (in ``changes``).
 
     ``acked_end``: where the segment's acknowledged bytes end, if known
     (see :func:`recover`). ``after_cut``: an earlier segment lost its tail;
@@ -237,21 +253,21 @@ def _replay_segment(
         raise problem.error(path)  # before any truncation or repair: nothing is changed
     offset = problem.offset
     if isinstance(problem, Corrupt) and acked_end is not None and offset >= acked_end:
-        _truncate(path, offset)
+        changes.append(functools.partial(_truncate, path, offset))
         warnings.append(
             f"{path}: truncated {size - offset} bytes from offset {offset} ({problem.reason}): "
             f"past the last acknowledged byte ({acked_end}), left by a power loss"
         )
         return result.count, True
     if zeros:
-        _truncate(path, offset)
+        changes.append(functools.partial(_truncate, path, offset))
         warnings.append(
             f"{path}: truncated {size - offset} zero bytes at offset {offset} (the end of an "
             "append cut off by a power loss)"
         )
         return result.count, True
     if isinstance(problem, Torn):
-        _truncate(path, offset)
+        changes.append(functools.partial(_truncate, path, offset))
         warnings.append(
             f"{path}: truncated a torn record at offset {offset} ({size - offset} bytes, "
             "left by a crash during an append)"
@@ -260,15 +276,7 @@ def _replay_segment(
     if not repair:
         raise CorruptLog(path, offset, problem.reason)
     aside = path.with_name(f"{path.name}.corrupt-{offset}")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(remainder)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _truncate(path, offset)
+    changes.append(functools.partial(_move_aside, path, aside, offset, remainder))
     warnings.append(
         f"repair: {path}: {problem.reason} at offset {offset}; kept the {result.count} records "
         f"before it and moved the remaining {size - offset} bytes to {aside.name}"
@@ -286,6 +294,48 @@ def _untrusted_head(buf: mmap.mmap, marks: dict[int, bool]) -> int:
     return 0
 
 
+def _move_aside(path: Path, aside: Path, offset: int, remainder: bytes) -> None:
+    """Move the bytes of segment ``path`` from ``offset`` on (``remainder``) to file ``aside``."""
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(remainder)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _truncate(path, offset)
+
+
+def _rebase(
+    directory: Path,
+    data: dict[bytes, bytes],
+    expires: dict[bytes, int],
+    last: int,
+    segments: list[tuple[int, Path]],
+) -> None:
+    """Write a snapshot of the recovered state covering ``last``; delete the segments it covers."""
+    write_snapshot(
+        directory, ((key, value, expires.get(key)) for key, value in data.items()), covers=last
+    )
+    for n, path in segments:
+        if n <= last:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    fsync_directory(directory)
+
+
+def make_changes(changes: Changes) -> None:
+    """Make the file changes :func:`recover` left in ``changes``, in order (blocking).
+
+    Raises:
+        OSError: a change failed (the ones before it are made).
+    """
+    for change in changes:
+        change()
+    changes.clear()
+
+
 def _truncate(path: Path, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -301,6 +351,7 @@ def recover(
     now_ms: int,
     repair: bool = False,
     acked: Mapping[int, int] | None = None,
+    changes: Changes | None = None,
 ) -> Recovered:
     """Rebuild a shard's state from its snapshot and log in ``directory``.
 
@@ -318,6 +369,12 @@ def recover(
             needs (an append cut off by a power loss, its pages written back
             in any order). A segment numbered after all of them counts as
             acknowledged up to offset 0.
+        changes: None: make the changes to files as they are found (a
+            shard rebuilt at runtime). A list: append them to it instead, in
+            order, for the caller to make (:func:`make_changes`) once every
+            file it must read has been read (see "Changes last" above); the
+            returned state is the one they lead to, and must not change
+            before they are made (a repair's snapshot is written from it).
 
     Raises:
         CorruptLog: a corrupt record or a missing segment (not with ``repair``).
@@ -330,10 +387,11 @@ def recover(
     warnings: list[str] = []
     if not directory.exists():
         return Recovered({}, {}, warnings, 0, 0, 0, 0, None)
-    _remove_temp_files(directory, warnings)
+    found: Changes = []
+    _remove_temp_files(directory, warnings, found)
     segments = list_segments(directory)
     present = {n for n, _ in segments}
-    base, rebase = _choose_base(directory, present, repair, warnings)
+    base, rebase = _choose_base(directory, present, repair, warnings, found)
     after = [(n, path) for n, path in segments if n > base.covers]
     last = max([base.covers, *present, *(covers for covers, _ in list_snapshots(directory))])
     if after:
@@ -359,7 +417,9 @@ def recover(
             # is known acknowledged (a frame would name it; a sync of its
             # own would have kept them whole).
             end = 0
-        count, was_cut = _replay_segment(path, data, expires, repair, warnings, marks, end, cut)
+        count, was_cut = _replay_segment(
+            path, data, expires, repair, warnings, marks, found, end, cut
+        )
         replayed += count
         cut = cut or was_cut
     expired = [key for key, at in expires.items() if at <= now_ms]
@@ -368,18 +428,16 @@ def recover(
         del expires[key]
     snapshot = base.path
     if rebase:
-        snapshot = write_snapshot(
-            directory, ((key, value, expires.get(key)) for key, value in data.items()), covers=last
-        )
-        for n, path in segments:
-            if n <= last:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        fsync_directory(directory)
+        snapshot = directory / snapshot_name(last)
+        found.append(functools.partial(_rebase, directory, data, expires, last, segments))
         warnings.append(
             f"repair: wrote {snapshot.name} of the recovered state and removed the segments "
             "it covers, so the next start needs no repair"
         )
+    if changes is None:
+        make_changes(found)
+    else:
+        changes += found
     return Recovered(
         data,
         expires,

@@ -68,6 +68,7 @@ from ..persistence.commitlog import drop as drop_commit_log
 from ..persistence.commitlog import redo as redo_commit_log
 from ..persistence.intents import (
     IntentLog,
+    IntentScan,
     ShardMarks,
     plan_redo,
     read_intents,
@@ -75,6 +76,7 @@ from ..persistence.intents import (
     write_redo,
 )
 from ..persistence.records import replay
+from ..persistence.recovery import Changes, make_changes
 from .durability import Health, LogBatch, ShardDurability, wall_offset
 from .shard import Hold, ShardActor
 from .store import SCAN_SNAPSHOTS, ShardStore
@@ -843,9 +845,12 @@ async def prepare_stores(
 
     What a power loss took from the shard logs is put back from the commit
     log before anything is read (:func:`kvmemo.persistence.commitlog.redo`);
-    the multi-shard write a crash cut off is redone next (see
-    :func:`_redo_intents`); the intent log returned is open, for the
-    engine, which closes it.
+    every shard and then the intent log are read before recovery changes any
+    file (a truncation, a repair: see ``recovery.recover``'s ``changes``), so
+    that a newer format version or damage found in any of them stops the
+    start with nothing changed; the multi-shard write a crash cut off is
+    redone next (see :func:`_redo_intents`); the intent log returned is
+    open, for the engine, which closes it.
 
     Raises:
         CorruptLog, CorruptSnapshot: damage without ``repair`` (names file and offset).
@@ -859,6 +864,7 @@ async def prepare_stores(
         functools.partial(redo_commit_log, config.directory, repair=config.repair)
     )
     warnings = [f"commit log: {w}" for w in redone.warnings]
+    changes: Changes = []  # to files, made once every file has been read
     for shard in range(shards):
         recovered[shard] = got = await trio.to_thread.run_sync(
             functools.partial(
@@ -867,12 +873,15 @@ async def prepare_stores(
                 now_ms=now_ms,
                 repair=config.repair,
                 acked=redone.acked_in(config.shard_dir(shard)),
+                changes=changes,
             )
         )
         warnings += [f"shard-{shard}: {w}" for w in got.warnings]
+    scan = await trio.to_thread.run_sync(read_intents, config.directory)
+    await trio.to_thread.run_sync(make_changes, changes)
     unlogged: dict[int, list[tuple[int, bytes]]] = {}
     intents = await trio.to_thread.run_sync(
-        lambda: _redo_intents(config, recovered, now_ms, warnings, unlogged)
+        lambda: _redo_intents(config, scan, recovered, now_ms, warnings, unlogged)
     )
     # Only now: a crash before this point redoes the commit log again, and
     # its ends still tell the torn tails recovery cut off from damage.
@@ -896,6 +905,7 @@ async def prepare_stores(
 
 def _redo_intents(
     config: PersistenceConfig,
+    scan: IntentScan,
     recovered: dict[int, Recovered],
     now_ms: int,
     warnings: list[str],
@@ -909,8 +919,8 @@ def _redo_intents(
     txid reached (so txids keep increasing across restarts) and drops the
     older ones; a redo that could not be logged goes to ``unlogged`` (for
     the shard's journal) and the older segments are kept until it is.
+    ``scan``: the intent log as :func:`read_intents` read it.
     """
-    scan = read_intents(config.directory)
     warnings += [f"intents: {w}" for w in scan.warnings]
     marks = {s: ShardMarks(r.marks, r.last_txid) for s, r in recovered.items()}
     plan = plan_redo(scan, marks)
