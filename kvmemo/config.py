@@ -143,9 +143,9 @@ class StoreConfig:
             have waiting (not yet written to it); a publish past it ends the
             subscriber (its connection is closed), as Redis's
             ``client-output-buffer-limit pubsub`` hard limit does.
-        pubsub_max_subscriptions: channels plus patterns one subscriber may
-            have (each costs about 400 bytes, outside ``maxmemory``); a
-            subscribe past it is refused with TOO_LARGE.
+        pubsub_max_subscriptions: channels, patterns and shard channels one
+            subscriber may have together (each costs about 400 bytes, outside
+            ``maxmemory``); a subscribe past it is refused with TOO_LARGE.
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)

@@ -380,7 +380,7 @@ SETTINGS: list[Setting] = [
         "store",
         "pubsub_max_subscriptions",
         _int,
-        "channels plus patterns one subscriber may have (100000)",
+        "channels, patterns and shard channels one subscriber may have (100000)",
         table="limits",
     ),
     Setting(

@@ -397,7 +397,10 @@ def shaped_calls(draw: st.DrawFn) -> tuple[Any, ...]:
         elif kind == "n":
             args.append(draw(small_numbers))
         elif kind == "d":
-            payload = dump_payload(encode_arg(draw(values)))
+            value = draw(values)  # an edge value (a sentinel) dumps as EDGE_CAP bytes
+            payload = dump_payload(
+                b"V" * EDGE_CAP if isinstance(value, Edge) else encode_arg(value)
+            )
             cut = draw(st.integers(0, len(payload)))
             args.append(payload if draw(st.booleans()) else payload[:cut] + payload[cut + 1 :])
         elif kind == "c":

@@ -342,6 +342,17 @@ def _bgsave(args: Sequence[bytes], ctx: ParseContext) -> ServerCall:
     return ServerCall("bgsave", tuple(args))
 
 
+# Redis's AOF rewrite: KVMemo compacts each shard's log with a snapshot (the engine's).
+command(
+    "bgrewriteaof",
+    1,
+    "admin",
+    NOKEYS,
+    "compact every shard's log with a snapshot, answer at once",
+    "1.5",
+)(_server("bgrewriteaof"))
+
+
 @command("dbsize", 1, "readonly fast", NOKEYS, "number of live keys")
 def _dbsize(args: Sequence[bytes], ctx: ParseContext) -> ops.DbSize:
     return ops.DbSize()
@@ -752,5 +763,5 @@ from . import (  # noqa: E402
     bits,  # noqa: F401 - GETBIT, SETBIT, BITCOUNT, BITPOS, BITFIELD(_RO), BITOP, LCS, RANDOMKEY
     dump,  # noqa: F401 - DUMP, RESTORE
     introspect,  # noqa: F401 - OBJECT, MEMORY, LASTSAVE
-    pubsub,  # noqa: F401 - PUBLISH, PUBSUB
+    pubsub,  # noqa: F401 - PUBLISH, SPUBLISH, PUBSUB
 )

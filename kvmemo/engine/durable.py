@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from actors import ActorCrashed, ActorRef, ActorState, ActorStopped, AskTimeout
 
 from ..config import StoreConfig
@@ -92,6 +94,55 @@ async def recover_all(
 
 
 BGSAVE_IN_PROGRESS = "Background save already in progress"
+# Redis's words for BGREWRITEAOF, and for a BGSAVE while a rewrite runs.
+REWRITE_IN_PROGRESS = "Background append only file rewriting already in progress"
+BGSAVE_WHILE_REWRITING = (
+    "Another child process is active (AOF?): can't BGSAVE right now."
+    " Use BGSAVE SCHEDULE in order to schedule a BGSAVE whenever possible."
+)
+
+
+@attrs.define
+class Rewrite:
+    """The last BGREWRITEAOF: KVMemo's AOF rewrite is a snapshot of every shard.
+
+    Redis rewrites its append-only file to compact it; a KVMemo shard's log
+    is compacted by a snapshot (the segments it covers are removed), so
+    BGREWRITEAOF asks every shard for one, as BGSAVE does, and keeps its
+    own tickets and status (Redis's ``aof_rewrite_in_progress``,
+    ``aof_rewrite_scheduled``, ``aof_last_bgrewrite_status``, apart from
+    the RDB's). Started while a BGSAVE runs, its snapshots queue behind the
+    BGSAVE's in each shard and it is *scheduled* (Redis starts the rewrite
+    once the BGSAVE's child is done) until every one of those is durable.
+
+    Invariant: ``after`` is empty or the BGSAVE tickets that were running
+    when ``tickets`` were asked for.
+    """
+
+    tickets: list[SaveTicket] = attrs.Factory(list)
+    after: list[SaveTicket] = attrs.Factory(list)
+    previous_status: str | None = None  # the outcome of the one before, if it finished
+
+    @property
+    def scheduled(self) -> bool:
+        """Asked for, waiting behind a BGSAVE's snapshots."""
+        return saves_running(self.tickets) and saves_running(self.after)
+
+    @property
+    def in_progress(self) -> bool:
+        """Being written (and no longer waiting behind a BGSAVE)."""
+        return saves_running(self.tickets) and not saves_running(self.after)
+
+    @property
+    def status(self) -> str | None:
+        """The last finished rewrite's outcome (``"ok"``, ``"err"``), None before any."""
+        return saves_status(self.tickets) or self.previous_status
+
+    def started(self, tickets: list[SaveTicket], after: list[SaveTicket]) -> None:
+        """Record a new rewrite's tickets (queued behind ``after``, if running)."""
+        self.previous_status = self.status
+        self.tickets = tickets
+        self.after = after if saves_running(after) else []
 
 
 async def start_saves(
@@ -166,14 +217,17 @@ async def info(
     timeout: float,
     intents: IntentLog | None = None,
     bgsave: list[SaveTicket] | None = None,
+    rewrite: Rewrite | None = None,
 ) -> dict[str, Any]:
     """The ``persistence`` section of ``info``.
 
     ``intents``: the engine's intent log, for its figures (its size, the
     newest txid, and the shard parts recovery redid at start). ``bgsave``:
-    the tickets of the last BGSAVE (none yet: an empty list).
+    the tickets of the last BGSAVE (none yet: an empty list); ``rewrite``:
+    the last BGREWRITEAOF.
     """
     bgsave = bgsave or []
+    rewrite = rewrite or Rewrite()
     if persistence is None:
         return {"enabled": False}
     per_shard = []
@@ -221,6 +275,9 @@ async def info(
         "intents_redone_at_start": intents.redone if intents is not None else 0,
         "bgsave_in_progress": saves_running(bgsave),
         "last_bgsave_status": saves_status(bgsave),
+        "bgrewriteaof_in_progress": rewrite.in_progress,
+        "bgrewriteaof_scheduled": rewrite.scheduled,
+        "last_bgrewriteaof_status": rewrite.status,
         "last_snapshot_status": snapshot_status,
         "snapshot_errors": [
             f"{s['shard']}: {s['snapshot_error']}" for s in per_shard if s.get("snapshot_error")

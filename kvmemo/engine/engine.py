@@ -210,6 +210,7 @@ class KVEngine:
         self._started_at = time.time()
         # The tickets of the last BGSAVE (see _bgsave_start); none before one.
         self._bgsave: list[SaveTicket] = []
+        self._rewrite = durable.Rewrite()  # the last BGREWRITEAOF (see _bgrewriteaof_start)
         # Reused by every parse, restarted per command or batch (see ParseContext).
         self._parse_context = ParseContext(self._read_clock, config.max_value_size)
         self._policy_name = type(make_policy(config.eviction_policy)).name
@@ -1805,6 +1806,12 @@ class KVEngine:
             return [x for pair in self.pubsub.numsub(args) for x in pair]  # an array in RESP3 too
         if name == "pubsub|numpat":
             return self.pubsub.numpat()
+        if name == "spublish":
+            return self.pubsub.spublish(args[0], args[1])
+        if name == "pubsub|shardchannels":
+            return self.pubsub.shardchannels(args[0] if args else None)
+        if name == "pubsub|shardnumsub":
+            return [x for pair in self.pubsub.shardnumsub(args) for x in pair]  # idem
         if name == "ping":
             return args[0] if args else "PONG"
         if name == "echo":
@@ -1823,6 +1830,8 @@ class KVEngine:
             return await durable.save(self._shards, self.persistence, self.config.request_timeout)
         if name == "bgsave":
             return await self._bgsave_start(scheduled=bool(args))
+        if name == "bgrewriteaof":
+            return await self._bgrewriteaof_start()
         if name == "debug.actors":
             return self.actors()
         if name == "debug.kill":
@@ -1857,11 +1866,50 @@ class KVEngine:
         running = durable.saves_running(self._bgsave)
         if running and not scheduled:
             raise CommandSyntaxError(durable.BGSAVE_IN_PROGRESS)
+        # A BGREWRITEAOF being written is Redis's other child: BGSAVE waits for
+        # it only when told to (SCHEDULE); its snapshots then queue behind.
+        rewriting = self._rewrite.in_progress
+        if rewriting and not scheduled:
+            raise CommandSyntaxError(durable.BGSAVE_WHILE_REWRITING)
         tickets = await durable.start_saves(
             self._shards, self.persistence, self.config.request_timeout
         )
         self._bgsave = tickets
-        return "Background saving scheduled" if running else "Background saving started"
+        if running or rewriting:
+            return "Background saving scheduled"
+        return "Background saving started"
+
+    async def _bgrewriteaof_start(self) -> str:
+        """BGREWRITEAOF: compact every shard's log with a snapshot; answer at once.
+
+        KVMemo's log plays the AOF's part and a snapshot compacts it (see
+        :class:`durable.Rewrite`), so this is BGSAVE's work under Redis's
+        rules for an AOF rewrite: refused while one is being written
+        (``REWRITE_IN_PROGRESS``); while a BGSAVE runs, its snapshots queue
+        behind the BGSAVE's and it answers *scheduled*, as Redis does (a
+        second one meanwhile also answers *scheduled* and asks for nothing
+        more).
+
+        Raises:
+            DisabledError: persistence is off: there is no log to compact.
+            CommandSyntaxError: a rewrite is being written.
+            UnavailableError, PersistenceIOError: as :func:`durable.start_saves`.
+        """
+        if self.persistence is None:
+            raise DisabledError("persistence is not enabled on this server")
+        rewrite = self._rewrite
+        if rewrite.in_progress:
+            raise CommandSyntaxError(durable.REWRITE_IN_PROGRESS)
+        if rewrite.scheduled:
+            return "Background append only file rewriting scheduled"
+        behind = self._bgsave if durable.saves_running(self._bgsave) else []
+        tickets = await durable.start_saves(
+            self._shards, self.persistence, self.config.request_timeout
+        )
+        rewrite.started(tickets, behind)
+        if behind:
+            return "Background append only file rewriting scheduled"
+        return "Background append only file rewriting started"
 
     async def _scan(self, args: tuple[bytes, ...]) -> list[Any]:
         """One SCAN call: walk the shards in order from the cursor's position.
@@ -1986,6 +2034,7 @@ class KVEngine:
                 self.config.request_timeout,
                 self._intents,
                 self._bgsave,
+                self._rewrite,
             ),
         }
         if section is None or section in ("all", "everything", "default"):

@@ -1,10 +1,16 @@
-"""Publish/subscribe: channels, patterns, and a bounded outbox per subscriber.
+"""Publish/subscribe: channels, patterns, shard channels, and a bounded outbox per subscriber.
 
 Design. A message published on a channel goes to every subscriber of that
 channel and of every pattern matching it at the moment of the publish, as in
 Redis: fire and forget, nothing is kept for later subscribers, and pub/sub is
 apart from the keyspace (no shard takes part, and a database flush does not
-touch it). :meth:`PubSubHub.publish` is synchronous: it appends the message
+touch it). *Shard channels* (Redis 7's sharded pub/sub: SSUBSCRIBE,
+SPUBLISH) are a namespace of their own beside the channels: a message
+published there reaches the subscribers of that shard channel only (no
+ordinary subscriber of the same name, no pattern), as on one Redis Cluster
+node. KVMemo is one node, so every shard channel is on it: channels of any
+hash slots may be mixed in one subscriber, as Redis allows outside cluster
+mode. :meth:`PubSubHub.publish` is synchronous: it appends the message
 to each receiver's outbox and wakes the receiver; the front end that owns a
 :class:`Subscriber` (a Redis connection, a WebSocket session, an embedded
 subscriber) takes the messages out and writes them in its own task. A slow
@@ -21,8 +27,8 @@ owner ends it (the Redis port and the WebSocket server close the
 connection, as Redis closes a client past ``client-output-buffer-limit
 pubsub``; the embedded subscriber raises :class:`~kvmemo.errors.OverloadedError`).
 Nothing else is affected: the publisher's count includes it, as Redis's does.
-A subscriber has at most ``max_subscriptions`` channels and patterns
-(about 400 bytes each); a subscribe past it is refused whole
+A subscriber has at most ``max_subscriptions`` channels, patterns and shard
+channels together (about 400 bytes each); a subscribe past it is refused whole
 (:class:`~kvmemo.errors.TooLargeError`), changing nothing.
 
 Order. Messages published on one channel reach each of its subscribers in
@@ -46,14 +52,18 @@ and ``hub._matchers`` has exactly the keys of ``hub._patterns``); a
 subscriber's ``_bytes`` is the sum of its queued messages' sizes, and
 ``_bytes + _held`` never exceeds its limit; its ``count`` never exceeds the
 hub's ``max_subscriptions``; its ``_ready`` event is set whenever it has
-queued messages or is ended (closed or overflowed).
+queued messages or is ended (closed or overflowed). The same holds for
+``hub._shard_channels`` and the subscribers' ``shard_channels``, and its
+``total`` never exceeds the hub's ``max_subscriptions``.
 """
 
 from __future__ import annotations
 
+import enum
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Final
 
 import attrs
 import trio
@@ -63,7 +73,20 @@ from ..errors import OverloadedError, TooLargeError, UnavailableError
 
 MESSAGE_OVERHEAD = 64  # bytes counted per queued message besides its byte strings
 DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes: Redis's hard client-output-buffer-limit for pubsub
-DEFAULT_MAX_SUBSCRIPTIONS = 100_000  # channels plus patterns per subscriber
+DEFAULT_MAX_SUBSCRIPTIONS = 100_000  # channels, patterns and shard channels per subscriber
+
+
+class _Kind(enum.Enum):
+    """What a subscription names: a channel, a glob pattern, or a shard channel."""
+
+    CHANNEL = "channel"
+    PATTERN = "pattern"
+    SHARD = "shard"
+
+
+CHANNEL: Final = _Kind.CHANNEL
+PATTERN: Final = _Kind.PATTERN
+SHARD: Final = _Kind.SHARD
 
 
 @attrs.frozen
@@ -77,10 +100,13 @@ class Message:
     channel: bytes
     data: bytes
     pattern: bytes | None = None
+    shard: bool = False  # published on a shard channel (SPUBLISH): an ``smessage``
 
     @property
     def kind(self) -> str:
-        """``"message"`` or ``"pmessage"``, Redis's name for the delivery."""
+        """``"message"``, ``"pmessage"`` or ``"smessage"``, Redis's name for the delivery."""
+        if self.shard:
+            return "smessage"
         return "message" if self.pattern is None else "pmessage"
 
 
@@ -99,6 +125,7 @@ class Subscriber:
         self._on_end = on_end  # called (synchronously, once) when the hub ends it: overflow
         self.channels: dict[bytes, None] = {}  # in subscription order
         self.patterns: dict[bytes, None] = {}
+        self.shard_channels: dict[bytes, None] = {}
         self._queue: deque[tuple[Message, int]] = deque()
         self._bytes = 0
         self._held = 0  # taken by the owner, not yet delivered (see hold)
@@ -112,8 +139,20 @@ class Subscriber:
 
     @property
     def count(self) -> int:
-        """Channels plus patterns subscribed: Redis's subscription count."""
+        """Channels plus patterns subscribed: Redis's subscription count, the one
+        (P)(UN)SUBSCRIBE confirmations give (shard channels not counted)."""
         return len(self.channels) + len(self.patterns)
+
+    @property
+    def shard_count(self) -> int:
+        """Shard channels subscribed: the count S(UN)SUBSCRIBE confirmations give."""
+        return len(self.shard_channels)
+
+    @property
+    def total(self) -> int:
+        """Every subscription of any kind: what ``max_subscriptions`` bounds, and
+        whether the subscriber is subscribed at all (Redis's subscribed mode)."""
+        return len(self.channels) + len(self.patterns) + len(self.shard_channels)
 
     @property
     def pending_bytes(self) -> int:
@@ -129,11 +168,15 @@ class Subscriber:
 
     def subscribe(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
         """Subscribe to each channel (again is a no-op); (channel, count after it) for each."""
-        return self._hub._add(self, channels, pattern=False)
+        return self._hub._add(self, channels, CHANNEL)
 
     def psubscribe(self, patterns: Iterable[bytes]) -> list[tuple[bytes, int]]:
         """Subscribe to each glob pattern (Redis's KEYS syntax); (pattern, count) for each."""
-        return self._hub._add(self, patterns, pattern=True)
+        return self._hub._add(self, patterns, PATTERN)
+
+    def ssubscribe(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """Subscribe to each shard channel; (channel, shard channels after it) for each."""
+        return self._hub._add(self, channels, SHARD)
 
     def unsubscribe(self, channels: Iterable[bytes] = ()) -> list[tuple[bytes | None, int]]:
         """Leave each channel, or every channel when none is named; (channel, count) for each.
@@ -141,27 +184,35 @@ class Subscriber:
         With no channel named and none subscribed: ``[(None, count)]``, as
         Redis answers ``unsubscribe``, nil, count.
         """
-        return self._hub._remove(self, channels, pattern=False)
+        return self._hub._remove(self, channels, CHANNEL)
 
     def punsubscribe(self, patterns: Iterable[bytes] = ()) -> list[tuple[bytes | None, int]]:
         """:meth:`unsubscribe` for patterns."""
-        return self._hub._remove(self, patterns, pattern=True)
+        return self._hub._remove(self, patterns, PATTERN)
+
+    def sunsubscribe(self, channels: Iterable[bytes] = ()) -> list[tuple[bytes | None, int]]:
+        """:meth:`unsubscribe` for shard channels; the counts are of shard channels."""
+        return self._hub._remove(self, channels, SHARD)
 
     def change(self, kind: str, names: Iterable[bytes]) -> list[tuple[bytes | None, int]]:
         """The (un)subscribe method named ``kind`` (``"psubscribe"``, ...), for a front end
         that dispatches on a command's name.
 
         Raises:
-            ValueError: ``kind`` is not one of the four.
+            ValueError: ``kind`` is not one of the six.
         """
         if kind == "subscribe":
             return list(self.subscribe(names))
         if kind == "psubscribe":
             return list(self.psubscribe(names))
+        if kind == "ssubscribe":
+            return list(self.ssubscribe(names))
         if kind == "unsubscribe":
             return self.unsubscribe(names)
         if kind == "punsubscribe":
             return self.punsubscribe(names)
+        if kind == "sunsubscribe":
+            return self.sunsubscribe(names)
         raise ValueError(f"not a subscription command: {kind!r}")
 
     # -- the outbox ------------------------------------------------------------------------
@@ -278,6 +329,7 @@ class PubSubHub:
         self.max_subscriptions = max_subscriptions
         self._channels: dict[bytes, dict[Subscriber, None]] = {}
         self._patterns: dict[bytes, dict[Subscriber, None]] = {}
+        self._shard_channels: dict[bytes, dict[Subscriber, None]] = {}
         # Each pattern's matcher, compiled once while it has a subscriber
         # (glob_match's shared cache would thrash past a few hundred patterns).
         self._matchers: dict[bytes, Callable[[bytes], bool]] = {}
@@ -347,6 +399,20 @@ class PubSubHub:
                     receivers += len(targets)
         return receivers
 
+    def spublish(self, channel: bytes, data: bytes) -> int:
+        """Deliver ``data`` on shard channel ``channel`` (an ``smessage``) to its subscribers
+        alone; how many (Redis's SPUBLISH reply). Patterns and ordinary channels of the
+        same name do not receive it."""
+        self.messages_published += 1
+        subscribers = self._shard_channels.get(channel)
+        if not subscribers:
+            return 0
+        message = Message(channel, data, shard=True)
+        targets = list(subscribers)  # one may overflow (and leave) during the loop
+        for subscriber in targets:
+            subscriber._deliver(message)
+        return len(targets)
+
     def channels(self, pattern: bytes | None = None) -> list[bytes]:
         """Active channels (one subscriber at least), those matching ``pattern`` if given."""
         if pattern is None:
@@ -361,31 +427,54 @@ class PubSubHub:
         """Patterns with a subscriber: PUBSUB NUMPAT."""
         return len(self._patterns)
 
+    def shardchannels(self, pattern: bytes | None = None) -> list[bytes]:
+        """Active shard channels, those matching ``pattern`` if given: PUBSUB SHARDCHANNELS."""
+        if pattern is None:
+            return list(self._shard_channels)
+        return [c for c in self._shard_channels if glob_match(pattern, c)]
+
+    def shardnumsub(self, channels: Iterable[bytes]) -> list[tuple[bytes, int]]:
+        """(shard channel, its subscribers) for each: PUBSUB SHARDNUMSUB."""
+        return [(c, len(self._shard_channels.get(c, ()))) for c in channels]
+
     def stats(self) -> dict[str, int]:
         """Figures for ``info``: active channels and patterns, totals since the start."""
         return {
             "pubsub_channels": len(self._channels),
             "pubsub_patterns": len(self._patterns),
+            "pubsubshard_channels": len(self._shard_channels),  # Redis's INFO name
             "pubsub_messages_published": self.messages_published,
             "pubsub_overflows": self.overflows,
         }
 
     # -- the subscribers' side ----------------------------------------------------------------
 
-    def _table(self, pattern: bool) -> dict[bytes, dict[Subscriber, None]]:
-        return self._patterns if pattern else self._channels
+    def _tables(
+        self, subscriber: Subscriber, kind: _Kind
+    ) -> tuple[dict[bytes, dict[Subscriber, None]], dict[bytes, None]]:
+        """The hub's table of ``kind`` and the subscriber's own names of that kind."""
+        if kind is PATTERN:
+            return self._patterns, subscriber.patterns
+        if kind is SHARD:
+            return self._shard_channels, subscriber.shard_channels
+        return self._channels, subscriber.channels
+
+    @staticmethod
+    def _reply_count(subscriber: Subscriber, kind: _Kind) -> int:
+        """The count a confirmation of ``kind`` gives, as Redis 7.0 counts: shard
+        channels apart, channels and patterns together."""
+        return subscriber.shard_count if kind is SHARD else subscriber.count
 
     def _add(
-        self, subscriber: Subscriber, names: Iterable[bytes], *, pattern: bool
+        self, subscriber: Subscriber, names: Iterable[bytes], kind: _Kind
     ) -> list[tuple[bytes, int]]:
-        table = self._table(pattern)
-        own = subscriber.patterns if pattern else subscriber.channels
+        table, own = self._tables(subscriber, kind)
         names = list(names)
         new = {name for name in names if name not in own}
-        if subscriber.count + len(new) > self.max_subscriptions and not subscriber.ended:
+        if subscriber.total + len(new) > self.max_subscriptions and not subscriber.ended:
             raise TooLargeError(
                 f"subscribing to {len(new)} more would pass pubsub_max_subscriptions"
-                f" ({self.max_subscriptions}); the subscriber has {subscriber.count}"
+                f" ({self.max_subscriptions}); the subscriber has {subscriber.total}"
             )
         replies = []
         for name in names:
@@ -394,25 +483,24 @@ class PubSubHub:
                 members = table.get(name)
                 if members is None:
                     members = table[name] = {}
-                    if pattern:
+                    if kind is PATTERN:
                         self._matchers[name] = compile_glob(name)
                 members[subscriber] = None
-            replies.append((name, subscriber.count))
+            replies.append((name, self._reply_count(subscriber, kind)))
         return replies
 
     def _remove(
-        self, subscriber: Subscriber, names: Iterable[bytes], *, pattern: bool
+        self, subscriber: Subscriber, names: Iterable[bytes], kind: _Kind
     ) -> list[tuple[bytes | None, int]]:
-        table = self._table(pattern)
-        own = subscriber.patterns if pattern else subscriber.channels
+        table, own = self._tables(subscriber, kind)
         chosen = list(names) or list(own)
         replies: list[tuple[bytes | None, int]] = []
         for name in chosen:
             if own.pop(name, 0) is None:
                 self._leave(table, name, subscriber)
-            replies.append((name, subscriber.count))
+            replies.append((name, self._reply_count(subscriber, kind)))
         if not replies:
-            replies.append((None, subscriber.count))
+            replies.append((None, self._reply_count(subscriber, kind)))
         return replies
 
     def _leave(
@@ -431,8 +519,11 @@ class PubSubHub:
             self._leave(self._channels, name, subscriber)
         for name in subscriber.patterns:
             self._leave(self._patterns, name, subscriber)
+        for name in subscriber.shard_channels:
+            self._leave(self._shard_channels, name, subscriber)
         subscriber.channels.clear()
         subscriber.patterns.clear()
+        subscriber.shard_channels.clear()
 
     def _overflow(self, subscriber: Subscriber) -> None:
         self.overflows += 1

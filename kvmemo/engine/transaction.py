@@ -52,7 +52,18 @@ from ..errors import CommandSyntaxError, KVMemoError
 from ..storage.store import NeedMemory, ShardStore
 
 SERVER_CALLS = frozenset(
-    {"ping", "echo", "time", "publish", "pubsub|channels", "pubsub|numsub", "pubsub|numpat"}
+    {
+        "ping",
+        "echo",
+        "time",
+        "publish",
+        "spublish",
+        "pubsub|channels",
+        "pubsub|numsub",
+        "pubsub|numpat",
+        "pubsub|shardchannels",
+        "pubsub|shardnumsub",
+    }
 )
 """Engine-answered commands a transaction may hold (answered when it runs)."""
 

@@ -79,9 +79,9 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   an EXEC's transaction) as a whole, logged as one entry naming its first
   command and how many more ran with it. Cost when nothing is slow: two reads
   of ``time.perf_counter_ns`` and one comparison per engine call.
-* **Pub/sub.** ``SUBSCRIBE``, ``PSUBSCRIBE`` and their ``UN`` forms are
-  connection commands on a :class:`~kvmemo.engine.pubsub.Subscriber` of the
-  engine's hub, made on the first subscribe; so is the task that writes the
+* **Pub/sub.** ``SUBSCRIBE``, ``PSUBSCRIBE``, ``SSUBSCRIBE`` and their ``UN``
+  forms are connection commands on a :class:`~kvmemo.engine.pubsub.Subscriber`
+  of the engine's hub, made on the first subscribe; so is the task that writes the
   messages (the *pusher*), started then in the connection's nursery, so it
   ends with the connection, whose end (QUIT, EOF, CLIENT KILL, a crash)
   also closes the subscriber. A confirmation is staged by its command with
@@ -94,10 +94,18 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   the messages queued before it are staged first (waiting for room as the
   pusher does), as Redis writes a message when it is published: a
   connection's ``PUBLISH`` to a channel it listens to gets the message, then
-  the count. RESP2 clients with a subscription may only run
-  (P)(UN)SUBSCRIBE, PING (``pong`` array), QUIT and RESET, as in Redis;
-  RESP3 clients run anything. A connection that never subscribed pays one
-  attribute test on the lone-command path.
+  the count (``SPUBLISH`` likewise). RESP2 clients with a subscription of
+  any kind may only run (P|S)(UN)SUBSCRIBE, PING (``pong`` array), QUIT and
+  RESET, as in Redis; RESP3 clients run anything. A connection that never
+  subscribed pays one attribute test on the lone-command path.
+* **Sharded pub/sub.** Shard channels (``SSUBSCRIBE``, ``SUNSUBSCRIBE``,
+  ``SPUBLISH``, ``PUBSUB SHARDCHANNELS | SHARDNUMSUB``) are the hub's own
+  namespace, as on one Redis Cluster node: messages arrive as ``smessage``,
+  and the S(UN)SUBSCRIBE confirmations count shard channels only (Redis
+  7.0's counts). KVMemo is one node holding every slot, so one SSUBSCRIBE may
+  name channels of different slots, as Redis allows outside cluster mode
+  (no ``CROSSSLOT``). They count against ``pubsub_max_subscriptions`` and
+  their messages against ``pubsub_buffer_limit`` like the others.
 * **Operations.** ``SHUTDOWN`` asks the program to stop through the owner's
   callback (``serve_resp(shutdown=...)``, or the node's stop request:
   ``kvmemo serve`` exits 0) and closes the connection without a reply;
@@ -106,11 +114,15 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   ``databases 1``.
 
 Deliberate differences from Redis: one database (``SELECT 0`` only); no
-``AUTH``/``HELLO``/``CLIENT REPLY`` nor (P)(UN)SUBSCRIBE inside ``MULTI``
-(Redis 7.0 queues the latter and EXEC's array then miscounts its elements,
-redis#12207); no sharded pub/sub (``SSUBSCRIBE``, ``SPUBLISH``: a Redis
-Cluster feature), scripting or ACL users (the only user is ``default``,
-whose passwords are the server's tokens); ``INFO`` adds a ``# Actors``
+``AUTH``/``HELLO``/``CLIENT REPLY`` nor (P|S)UNSUBSCRIBE, SUBSCRIBE and
+PSUBSCRIBE inside ``MULTI`` (Redis 7.0 queues them and EXEC's array then
+miscounts its elements, redis#12207; SSUBSCRIBE is queued and refused by
+EXEC, as in Redis); no scripting nor ACL users (the only user is
+``default``, whose passwords are the server's tokens: ``ACL WHOAMI`` and
+``ACL USERS`` answer it, other ACL subcommands are unknown); no latency
+monitor (``LATENCY`` answers as Redis does when no event was recorded, and
+says why); ``BGREWRITEAOF`` compacts the shards' logs with a snapshot (and,
+without persistence, is refused as BGSAVE is); ``INFO`` adds a ``# Actors``
 section; ``WAIT`` answers 0 at once (no replicas; Redis would block until its
 timeout); the slow log holds data commands only (see above).
 """
@@ -799,15 +811,17 @@ class _Connection:
 
     @property
     def subscribed(self) -> bool:
-        """Subscribed to a channel or pattern: Redis's pubsub client flag (``P``)."""
-        return self.subscriber is not None and self.subscriber.count > 0
+        """Subscribed to a channel, pattern or shard channel: Redis's pubsub client
+        flag (``P``), and RESP2 subscribed mode."""
+        return self.subscriber is not None and self.subscriber.total > 0
 
     async def change_subscriptions(self, kind: str, names: Sequence[bytes]) -> object:
-        """(P)(UN)SUBSCRIBE: change the subscriptions, stage one confirmation per name.
+        """(P|S)(UN)SUBSCRIBE: change the subscriptions, stage one confirmation per name.
 
         Each confirmation is a push (``kind``, the name, the subscription
-        count after it; ``kind``, nil, the count when an UNSUBSCRIBE of
-        everything finds nothing), staged as any reply is (waiting for room
+        count after it: channels and patterns, or for S(UN)SUBSCRIBE shard
+        channels, as Redis 7.0 counts; ``kind``, nil, the count when an
+        UNSUBSCRIBE of everything finds nothing), staged as any reply is (waiting for room
         under the output limit), with the pusher held back meanwhile, so no
         message of a channel just subscribed can come before it; the
         messages queued before the command are staged first. Confirmations
@@ -826,7 +840,7 @@ class _Connection:
     async def _change_subscriptions(self, kind: str, names: Sequence[bytes]) -> object:
         subscriber = self.subscriber
         made = False
-        if subscriber is None and kind in ("subscribe", "psubscribe"):
+        if subscriber is None and kind in _SUBSCRIBES:
             # on_end: an overflow wakes a wait for room (_wait_push_room) at once.
             subscriber = self.subscriber = self.server.engine.pubsub.subscriber(
                 on_end=self._wake_waiters
@@ -1103,7 +1117,7 @@ class _Connection:
                     early.append(
                         (len(calls) + len(early), self._encode(self._queue_call(name, argv)))
                     )
-                elif name == "publish" and self.subscriber is not None:
+                elif name in _PUBLISHES and self.subscriber is not None:
                     # Run by itself: a message it sends this connection goes after
                     # the replies before it and before its own, as Redis writes it.
                     await self._run_calls(calls, early)
@@ -1136,6 +1150,8 @@ class _Connection:
                 if name in _NO_MULTI or (name == "client" and argv[1].lower() == b"reply"):
                     reply: object = NOT_IN_MULTI
                     self.multi_dirty = True
+                elif name == "ssubscribe":  # queued; EXEC answers Redis 7.0's refusal
+                    reply = self._queue_local(name, argv, _ssubscribe_in_exec)
                 else:
                     reply = self._queue_local(name, argv, conn_command.handler)
                 early.append((len(calls) + len(early), self._encode(reply)))
@@ -1356,12 +1372,13 @@ class _Connection:
         now = trio.current_time()
         fd = self.stream.socket.fileno()
         subscriber = self.subscriber
-        sub = psub = 0
+        sub = psub = ssub = 0
         if subscriber is not None:
             sub, psub = len(subscriber.channels), len(subscriber.patterns)
+            ssub = subscriber.shard_count
         # Redis's letters in its order: P (pubsub), x (MULTI), e (no-evict); N for none.
         flags = (
-            ("P" if sub or psub else "")
+            ("P" if sub or psub or ssub else "")
             + ("x" if self.multi is not None else "")
             + ("e" if self.no_evict else "")
         )
@@ -1369,7 +1386,8 @@ class _Connection:
             f"id={self.id} addr={self.addr} laddr={self.laddr} fd={fd} name={_text(self.name)}"
             f" age={int(now - self.created)} idle={int(now - self.last_activity)}"
             f" flags={flags or 'N'} db=0"
-            f" sub={sub} psub={psub} ssub=0 multi={-1 if self.multi is None else len(self.multi)}"
+            f" sub={sub} psub={psub} ssub={ssub}"
+            f" multi={-1 if self.multi is None else len(self.multi)}"
             f" qbuf={self.query_buffered} qbuf-free=0"
             f" argv-mem=0 multi-mem=0 rbs={RECEIVE_SIZE} rbp=0 obl=0 oll={len(self._queue)}"
             f" omem={self.pending} tot-mem={self.pending + self.query_buffered} events=r"
@@ -1567,6 +1585,7 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         await conn._pump(subscriber, wait=True)  # what was published before goes first
         subscriber.unsubscribe()
         subscriber.punsubscribe()
+        subscriber.sunsubscribe()
     conn.end_transaction()
     conn.protocol = 2
     conn.name = b""
@@ -1578,11 +1597,25 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return NO_REPLY if skip else "RESET"
 
 
-# -- pub/sub: SUBSCRIBE, UNSUBSCRIBE, PSUBSCRIBE, PUNSUBSCRIBE --------------------------------
+# -- pub/sub: (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE --------------------------------------------------
 
+# The commands that may make a connection's subscriber (the first subscribe).
+_SUBSCRIBES: Final = frozenset({"subscribe", "psubscribe", "ssubscribe"})
+# The table's publishing commands: run by themselves on a subscribed connection.
+_PUBLISHES: Final = frozenset({"publish", "spublish"})
 # What a RESP2 client with a subscription may run (Redis's processCommand).
 _PUBSUB_CONTEXT: Final = frozenset(
-    {"subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ping", "quit", "reset"}
+    {
+        "subscribe",
+        "unsubscribe",
+        "psubscribe",
+        "punsubscribe",
+        "ssubscribe",
+        "sunsubscribe",
+        "ping",
+        "quit",
+        "reset",
+    }
 )
 
 
@@ -1620,8 +1653,11 @@ def _pubsub_ping(argv: tuple[bytes, ...]) -> object:
 
 
 def _message_frame(message: Message, resp3: bool) -> bytes:
-    """A delivered message as Redis pushes it: ``message ch data`` or ``pmessage pat ch data``."""
+    """A delivered message as Redis pushes it: ``message ch data``, ``smessage ch data``
+    or ``pmessage pat ch data``."""
     protocol = 3 if resp3 else 2
+    if message.shard:
+        return encode_push((b"smessage", message.channel, message.data), protocol=protocol)
     if message.pattern is None:
         return encode_push((b"message", message.channel, message.data), protocol=protocol)
     return encode_push(
@@ -1638,8 +1674,20 @@ for _name, _arity, _summary in (
     ("unsubscribe", -1, "stop listening to the given channels (every channel without one)"),
     ("psubscribe", -2, "listen for messages published to channels matching the patterns"),
     ("punsubscribe", -1, "stop listening to the given patterns (every pattern without one)"),
+    ("ssubscribe", -2, "listen for messages published to the given shard channels"),
+    (
+        "sunsubscribe",
+        -1,
+        "stop listening to the given shard channels (every shard channel without one)",
+    ),
 ):
     _connection_command(_name, _arity, "pubsub noscript loading stale", _summary)(_subscription)
+
+
+async def _ssubscribe_in_exec(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """SSUBSCRIBE queued in MULTI, answered by EXEC as Redis 7.0 answers it there (its
+    MULTI client is "deny blocking"; SUBSCRIBE is exempted, SSUBSCRIBE is not)."""
+    return ErrorReply("ERR SSUBSCRIBE isn't allowed for a DENY BLOCKING client")
 
 
 # -- transactions: MULTI, EXEC, DISCARD, WATCH, UNWATCH -------------------------------------
@@ -1647,10 +1695,21 @@ for _name, _arity, _summary in (
 # What a client in MULTI runs at once instead of queueing (as Redis).
 _TRANSACTION_CONTROL: Final = frozenset({"multi", "exec", "discard", "watch", "quit", "reset"})
 # Refused inside MULTI (and the transaction is then discarded).
-# (P)(UN)SUBSCRIBE too: Redis 7.0 queues them, and EXEC's array then counts
-# one element for each while it holds one per channel (redis#12207).
+# (P)(UN)SUBSCRIBE and SUNSUBSCRIBE too: Redis 7.0 queues them, and EXEC's
+# array then counts one element for each while it holds one per channel
+# (redis#12207). SSUBSCRIBE is queued: Redis's EXEC refuses it (see
+# _ssubscribe_in_exec), so its array counts right.
 _NO_MULTI: Final = frozenset(
-    {"auth", "hello", "shutdown", "subscribe", "unsubscribe", "psubscribe", "punsubscribe"}
+    {
+        "auth",
+        "hello",
+        "shutdown",
+        "subscribe",
+        "unsubscribe",
+        "psubscribe",
+        "punsubscribe",
+        "sunsubscribe",
+    }
 )
 
 
@@ -1940,6 +1999,118 @@ _connection_command("slowlog", -2, "admin noscript loading stale", "the slow log
             "len": _SubCommand(2, _slowlog_len),
             "reset": _SubCommand(2, _slowlog_reset),
             "help": _SubCommand(2, _slowlog_help),
+        }
+    )
+)
+
+
+# LATENCY ----------------------------------------------------------------------------------
+#
+# KVMemo has no latency monitor (Redis's ``latency-monitor-threshold``: events
+# such as a slow fork or fsync, sampled with their times). LATENCY answers as
+# Redis answers when no event was ever recorded, which is always true here,
+# and DOCTOR and HELP say so and where the latencies KVMemo does measure are.
+
+_LATENCY_DOCTOR: Final = (
+    "KVMemo has no latency monitor: it records no latency events, so LATENCY LATEST and"
+    " LATENCY HISTORY are always empty and there is nothing to analyse. What it measures:"
+    " each command's engine latency, as the kvmemo_command_duration_seconds histograms of"
+    " GET /metrics on the HTTP port, and the slow calls, in SLOWLOG GET.\n"
+)
+
+
+async def _latency_latest(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return []  # no event: Redis's empty array
+
+
+async def _latency_history(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return []  # no sample of any event, known to Redis or not
+
+
+async def _latency_reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return 0  # the number of event series reset: there are none
+
+
+async def _latency_graph(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return ErrorReply(f"ERR No samples available for event '{_text(argv[2])}'")
+
+
+async def _latency_doctor(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return Verbatim(_LATENCY_DOCTOR)
+
+
+async def _latency_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    # Redis 7.0's LATENCY HELP, less HISTOGRAM (per-command histograms in Redis's
+    # format: see /metrics), and a word on what KVMemo does not record.
+    return [
+        "LATENCY <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "DOCTOR",
+        "    Return a human readable latency analysis report.",
+        "GRAPH <event>",
+        "    Return an ASCII latency graph for the <event> class.",
+        "HISTORY <event>",
+        "    Return time-latency samples for the <event> class.",
+        "LATEST",
+        "    Return the latest latency samples for all events.",
+        "RESET [<event> ...]",
+        "    Reset latency data of one or more <event> classes.",
+        "    (default: reset all data for all event classes)",
+        "HELP",
+        "    Prints this help.",
+        "KVMemo has no latency monitor: no latency event is ever recorded, so LATEST and",
+        "HISTORY are empty, GRAPH has no samples and RESET resets none (0). Command",
+        "latencies are in GET /metrics (HTTP port) and SLOWLOG.",
+    ]
+
+
+_connection_command("latency", -2, "admin noscript loading stale", "latency diagnostics")(
+    _dispatch(
+        {
+            "doctor": _SubCommand(2, _latency_doctor),
+            "graph": _SubCommand(3, _latency_graph),
+            "history": _SubCommand(3, _latency_history),
+            "latest": _SubCommand(2, _latency_latest),
+            "reset": _SubCommand(-2, _latency_reset),
+            "help": _SubCommand(2, _latency_help),
+        }
+    )
+)
+
+
+# ACL --------------------------------------------------------------------------------------
+#
+# The Redis port has one user, ``default``, whose passwords are the server's
+# tokens (AUTH): WHOAMI and USERS name it; there is nothing else to manage, so
+# the other subcommands are unknown ones, in Redis's words.
+
+
+async def _acl_whoami(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return b"default"
+
+
+async def _acl_users(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    return [b"default"]
+
+
+async def _acl_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    # Redis 7.0's ACL HELP, less what KVMemo does not have (users to manage).
+    return [
+        "ACL <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+        "USERS",
+        "    List all the registered usernames.",
+        "WHOAMI",
+        "    Return the current connection username.",
+        "HELP",
+        "    Prints this help.",
+    ]
+
+
+_connection_command("acl", -2, "noscript loading stale", "the connection's user (ACL)")(
+    _dispatch(
+        {
+            "users": _SubCommand(2, _acl_users),
+            "whoami": _SubCommand(2, _acl_whoami),
+            "help": _SubCommand(2, _acl_help),
         }
     )
 )
@@ -2298,7 +2469,15 @@ _BITMAP: Final = frozenset("getbit setbit bitcount bitpos bitop bitfield bitfiel
 
 
 # The table's pub/sub commands (PUBLISH, PUBSUB ...): Redis's flags for them.
-_PUBSUB_TABLE: Final = frozenset({"publish", "pubsub"})
+_PUBSUB_TABLE: Final = frozenset({"publish", "spublish", "pubsub"})
+# Commands whose shard channels Redis 7 declares as key positions (so cluster
+# clients route them by slot) with a ``not_key`` key spec: COMMAND INFO shows
+# them; they are no keys (GETKEYS finds none, no shard is asked).
+_CHANNEL_KEYS: Final = {
+    "ssubscribe": (1, -1, 1),
+    "sunsubscribe": (1, -1, 1),
+    "spublish": (1, 1, 1),
+}
 
 
 def _flags_of(spec: TableCommand | TableSubcommand, pubsub: bool = False) -> list[str]:
@@ -2373,8 +2552,10 @@ def _command_entry(name: str) -> list[object] | None:
     if conn_command is not None:
         flags = list(conn_command.flags)
         categories = _command_categories(name)
-        first, last, step = _CONNECTION_KEYS.get(name, (0, 0, 0))
+        first, last, step = _CONNECTION_KEYS.get(name) or _CHANNEL_KEYS.get(name, (0, 0, 0))
         access = ["RW"] if "write" in flags else ["RO"]
+        if name in _CHANNEL_KEYS:
+            access = ["not_key"]
         specs = [_key_spec(first, last, step, access)] if first else []
         return [
             name.encode(),
@@ -2429,18 +2610,22 @@ def _entry(name: str, spec: TableCommand | TableSubcommand, group: str) -> list[
     """The COMMAND INFO entry of a plain command or of a subcommand (``object|encoding``)."""
     flags = _flags_of(spec, group == "pubsub")
     key_specs: list[object] = []
+    first, last, step = spec.first_key, spec.last_key, spec.key_step
     if spec.first_key:
         # Redis's spelling; its finer per-command flags (OW, RM, insert,
         # delete, variable_flags) are not modelled.
         access = ["RW", "update"] if "write" in spec.flags else ["RO", "access"]
-        key_specs.append(_key_spec(spec.first_key, spec.last_key, spec.key_step, access))
+        key_specs.append(_key_spec(first, last, step, access))
+    elif name in _CHANNEL_KEYS:  # SPUBLISH's channel: a position, not a key
+        first, last, step = _CHANNEL_KEYS[name]
+        key_specs.append(_key_spec(first, last, step, ["not_key"]))
     return [
         name.encode(),
         spec.arity,
         Set(flags),
-        spec.first_key,
-        spec.last_key,
-        spec.key_step,
+        first,
+        last,
+        step,
         Set(_categories_of(flags, bool(spec.first_key), group)),
         Set(()),  # tips, key specs, subcommands: sets in RESP3, as Redis's
         Set(key_specs),
@@ -2462,12 +2647,26 @@ _CONNECTION_GROUPS: Final = {
         ("command", "config", "info", "debug", "shutdown", "slowlog", "role", "swapdb"), "server"
     ),
     **dict.fromkeys(("wait", "move"), "generic"),
-    **dict.fromkeys(("subscribe", "unsubscribe", "psubscribe", "punsubscribe"), "pubsub"),
+    **dict.fromkeys(("acl", "latency"), "server"),
+    **dict.fromkeys(
+        (
+            "subscribe",
+            "unsubscribe",
+            "psubscribe",
+            "punsubscribe",
+            "ssubscribe",
+            "sunsubscribe",
+        ),
+        "pubsub",
+    ),
 }
 # COMMAND DOCS "since" of the connection commands Redis did not have in 1.0.0.
-_CONNECTION_SINCE: Final = dict.fromkeys(
-    ("subscribe", "unsubscribe", "psubscribe", "punsubscribe"), "2.0.0"
-)
+_CONNECTION_SINCE: Final = {
+    **dict.fromkeys(("subscribe", "unsubscribe", "psubscribe", "punsubscribe"), "2.0.0"),
+    **dict.fromkeys(("ssubscribe", "sunsubscribe"), "7.0.0"),
+    "acl": "6.0.0",
+    "latency": "2.8.13",
+}
 
 
 def _command_doc(name: str) -> dict[bytes, object] | None:
@@ -2678,6 +2877,9 @@ def _persistence_lines(persistence: dict[str, Any], started_at: float) -> list[t
     its last write's status: the logs' ``health`` alone) and its per-shard
     snapshots the RDB's (SAVE, BGSAVE, LASTSAVE; ``rdb_last_bgsave_status``
     is ``err`` while some shard's last snapshot, whatever started it, failed).
+    BGREWRITEAOF, which compacts the logs with the same snapshots, has the
+    AOF rewrite's fields (``aof_rewrite_in_progress``, ``aof_rewrite_scheduled``,
+    ``aof_last_bgrewrite_status``: its own tickets' outcome, ``ok`` before any).
     Each status reflects its own mechanism only, as in Redis. A field KVMemo
     does not measure (Redis's ``rdb_changes_since_last_save``, copy-on-write
     sizes) is left out rather than given a made-up value.
@@ -2693,7 +2895,10 @@ def _persistence_lines(persistence: dict[str, Any], started_at: float) -> list[t
         ("rdb_last_save_time", int(last_save if last_save is not None else started_at)),
         ("rdb_last_bgsave_status", persistence.get("last_snapshot_status") or "ok"),
         ("aof_enabled", int(enabled)),
-        ("aof_rewrite_in_progress", 0),
+        # BGREWRITEAOF: a snapshot of every shard (it compacts the logs), with its own status.
+        ("aof_rewrite_in_progress", int(bool(persistence.get("bgrewriteaof_in_progress")))),
+        ("aof_rewrite_scheduled", int(bool(persistence.get("bgrewriteaof_scheduled")))),
+        ("aof_last_bgrewrite_status", persistence.get("last_bgrewriteaof_status") or "ok"),
         ("aof_last_write_status", "ok" if ok else "err"),
     ]
     if enabled:
@@ -2762,6 +2967,7 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
             ("evicted_keys", stats["evicted_keys"]),
             ("pubsub_channels", stats["pubsub_channels"]),
             ("pubsub_patterns", stats["pubsub_patterns"]),
+            ("pubsubshard_channels", stats["pubsubshard_channels"]),
             ("eviction_manager_running", stats["eviction_manager_running"]),
         ],
         "replication": [
