@@ -234,6 +234,14 @@ SETTINGS: list[Setting] = [
         table="limits",
     ),
     Setting(
+        "pipeline_window",
+        "server",
+        "pipeline_window",
+        _int,
+        "requests a session may have unanswered before it reads no more (1024)",
+        table="limits",
+    ),
+    Setting(
         "max_sessions",
         "server",
         "max_sessions",
@@ -278,7 +286,8 @@ SETTINGS: list[Setting] = [
         "server",
         "max_output_buffer",
         _size("max-output-buffer"),
-        "bytes of responses waiting for a session's socket before it reads no more (64MiB)",
+        "bytes of responses waiting for a session's socket before it reads no more; past it,"
+        " a batch longer than --pipeline-window gets TOO_LARGE for the rest (64MiB)",
         table="limits",
     ),
     Setting(

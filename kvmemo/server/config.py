@@ -99,6 +99,12 @@ class ServerConfig:
         max_message_size: bytes per WebSocket message (over it: close 1009).
         max_batch: requests per JSON-RPC batch (over it: TOO_LARGE).
         max_in_flight: requests one session may have running (over it: OVERLOADED).
+        pipeline_window: requests one session may have unanswered before its
+            reader takes no more messages until some are answered
+            (backpressure, no error; a batch longer than this counts 128
+            and runs in chunks of at most this many): with
+            ``max_output_buffer`` it bounds the responses the session can
+            make the server hold.
         max_sessions: concurrent sessions (over it: close 1008).
         handshake_timeout: seconds to complete the HTTP/WebSocket handshake.
         idle_timeout: seconds without a message before a session is closed
@@ -106,8 +112,11 @@ class ServerConfig:
         shutdown_grace: seconds in-flight requests get on SIGINT/SIGTERM.
         max_http_head: bytes of an HTTP request head.
         max_output_buffer: bytes of responses a session may have waiting for
-            its socket; past it the session reads no more requests until
-            they are under it again.
+            its socket; past it the session reads no more requests and
+            starts none until they are under it again. Also the most the
+            answer of a batch longer than ``pipeline_window`` may hold before
+            its requests not yet started are answered TOO_LARGE (see the
+            session module, "Output and memory").
         output_timeout: seconds a session past ``max_output_buffer`` may go
             without its peer reading anything before it is disconnected.
         resp_limits: the limits of the Redis-protocol port.
@@ -124,6 +133,7 @@ class ServerConfig:
     max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=_at_least_one)
     max_batch: int = attrs.field(default=10_000, validator=_at_least_one)
     max_in_flight: int = attrs.field(default=100_000, validator=_at_least_one)
+    pipeline_window: int = attrs.field(default=1024, validator=_at_least_one)
     max_sessions: int = attrs.field(default=10_000, validator=_at_least_one)
     handshake_timeout: float = attrs.field(default=10.0, validator=_non_negative)
     idle_timeout: float = attrs.field(default=0.0, validator=_non_negative)

@@ -21,15 +21,56 @@ keys never wait for each other.
 Limits: at most ``max_in_flight`` requests dispatched and not finished
 (waiting for their turn counts); more get OVERLOADED, nothing applied.
 Batch length in the codec; message size in the WebSocket layer (close
-1009); idle timeout (close 1008, only when nothing is in flight). Output:
-once the responses not yet taken by the socket pass ``max_output_buffer``
-bytes (UTF-8 bytes, as sent), the reader takes no more messages until they
-are back under it; a peer that takes nothing from the socket for
-``output_timeout`` seconds meanwhile (it does not read its responses,
-whatever the reader is doing) is disconnected, without a close frame (its
-socket is full, and one could land inside a half-written frame), and
-logged, as the Redis port does. Memory per session: that limit, plus the
-responses to the messages read at once before the reader paused.
+1009); idle timeout (close 1008, only when nothing is in flight).
+
+Output and memory. The problem: a response is only known once computed,
+and a peer may send requests faster than it reads their responses (or read
+nothing). Redis bounds a client by its ``client-output-buffer-limit`` and
+runs its commands one after another; here requests run concurrently, so
+the bound is kept in three places:
+
+* The socket. Once the responses not yet taken by the socket pass
+  ``max_output_buffer`` bytes (UTF-8 bytes, as sent), the reader takes no
+  more messages, and no request starts (a task waits before each engine
+  call, :meth:`Session._output_room`), until they are back under it. A
+  peer that takes nothing from the socket for ``output_timeout`` seconds
+  meanwhile (it does not read its responses, whatever the reader is doing)
+  is disconnected, without a close frame (its socket is full, and one could
+  land inside a half-written frame), and logged, as the Redis port does
+  (and as Redis does past its hard limit).
+* The window. The reader dispatches a message only while the unanswered
+  messages weigh at most ``pipeline_window`` with it (a request weighs 1,
+  so a batch up to the window its length; a longer batch the first chunk
+  it computes before it holds the lane, below), or nothing is unanswered;
+  else it starts its current group and waits for answers. So the responses
+  computed and not yet queued (results, then texts) are those of at most
+  ``pipeline_window`` requests, plus the lane's chunk, however many the
+  peer sends; the rest stay in the socket (TCP backpressure, no error).
+* Batches. A batch's answer is one WebSocket message and cannot be sent in
+  parts. A batch up to ``pipeline_window`` runs at once, as pipelined
+  requests do, and is never cut (its answer may pass the limit, as one
+  big response may). A longer batch runs in chunks (one engine call each,
+  in order), one such batch at a time per session (``_lane``): the first
+  of ``BATCH_CHUNK`` requests, each next one as many as the room
+  left under ``max_output_buffer`` holds at the answer's average response
+  size so far, at least ``BATCH_CHUNK`` and at most ``pipeline_window``
+  (:meth:`Session._batch_text`). Once the responses it has written pass
+  ``max_output_buffer``, its requests not yet started are answered
+  ``TOO_LARGE`` (-32004, ``data.applied`` false) and not run, so the
+  client can send them again; its notifications still run (nothing is
+  sent for them). The first chunk always runs, so a batch whose first
+  responses alone are over the limit is answered, as a single request of
+  that size is. A batch holding a session method (``auth``, ``watch``,
+  ...) runs its calls one by one in the reader; when longer than the
+  window it is cut the same way (its first call always runs).
+
+Memory per session, for a peer that reads nothing: ``max_output_buffer`` of
+responses waiting, plus what had started before they passed it: the
+responses of at most ``pipeline_window`` requests (pipelined, or in
+batches up to that length), and one long batch's answer (up to
+``max_output_buffer``, plus one chunk of at most ``pipeline_window``
+responses, plus its ``TOO_LARGE`` answers). A response is one command's:
+an MGET's array, a KEYS's, a transaction's.
 
 Throughput: the reader takes every message already received in one go
 (after one await, and while trio-websocket's reader, which hands over one
@@ -98,6 +139,7 @@ from ..errors import (
     KVMemoError,
     NoAuthError,
     OverloadedError,
+    TooLargeError,
     UnavailableError,
     UnknownCommandError,
 )
@@ -129,6 +171,15 @@ DRAIN_MAX = 256  # messages the reader takes in one go
 # which roughly halved server CPU per message for pipelined single requests.
 DRAIN_IDLE_PASSES = 2  # scheduler passes
 WRITE_PIECE = 64 * 1024  # bytes per socket write of a long answer, so progress shows
+# A batch longer than pipeline_window runs in chunks (one engine call each,
+# in order), the first of this many requests (the blind guess: nothing is
+# known yet of its responses' sizes), each next sized to the room left under
+# the output limit (up to pipeline_window), only once the last is encoded:
+# what a batch holds beyond its answer is one chunk's results. The Redis
+# port's PIPELINE_CHUNK is 128 too; fixed chunks of 128 here halved the
+# throughput of a 5,000-SET batch with appendfsync always (a sync per
+# engine call), and chunking batches of 200 cost a quarter of their CPU.
+BATCH_CHUNK: Final = 128  # requests
 
 
 def _receive_nowait(ws: WebSocketConnection) -> str | bytes | None:
@@ -249,8 +300,11 @@ class Session:
     """State of one WebSocket session.
 
     Invariants: ``in_flight`` counts the requests dispatched and not yet
-    finished; ``_tails[key]`` is the completion event of the last message
-    touching ``key`` that is still unfinished; ``_barrier`` is that of the
+    finished, ``_weight`` their messages' weight (:meth:`_weight_of`), which
+    the reader keeps within ``pipeline_window`` unless one message alone is
+    over it; ``_lane`` is held by the batch running in chunks, if any;
+    ``_tails[key]`` is the completion event of the last message touching
+    ``key`` that is still unfinished; ``_barrier`` is that of the
     last keyspace-wide message, or None; ``_active`` counts the request
     tasks not yet done (their responses queued), plus one while the reader
     holds messages it took and has not dispatched yet, and ``_idle`` is set
@@ -274,6 +328,10 @@ class Session:
         self.id = sid
         self.authed = authed
         self.in_flight = 0
+        self._weight = 0  # of the messages dispatched and unanswered (see the class docstring)
+        self._lane = trio.Lock()  # held by the batch running in chunks (one at a time)
+        self._window = server.config.pipeline_window
+        self._chunk = min(BATCH_CHUNK, self._window)  # a long batch's first chunk
         self.closing = False
         self._tails: dict[bytes, trio.Event] = {}
         self._barrier: trio.Event | None = None
@@ -302,6 +360,7 @@ class Session:
         self._queued_total = 0
         self._written_total = 0
         self._written = trio.Event()  # set (and replaced) after each socket write
+        self._answered = trio.Event()  # set (and replaced) when dispatched requests finish
         self._nursery: trio.Nursery | None = None  # the session's, while it runs
         self.subscriber: Subscriber | None = None  # pub/sub (version 1.4), made on first use
         self._pushing = False  # the pusher task was started
@@ -336,9 +395,11 @@ class Session:
                     await self._read_loop(nursery)
                 except ConnectionClosed:
                     pass
-            if self._close is None:
-                # The peer left: let dispatched requests finish (replies may fail).
-                await self.wait_idle()
+                if self._close is None:
+                    # The peer left: let dispatched requests finish (replies may
+                    # fail). In the reader's scope: a peer that left without
+                    # reading is cut short by the output watchdog.
+                    await self.wait_idle()
             if not self._stalled:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flushed.wait()
@@ -468,7 +529,9 @@ class Session:
         """Handle one message: ordinary ones join the current group (run later, together).
 
         ``closing``: whether the session was draining when the message was taken.
+        Waits first for room (see the module docstring, "Output and memory").
         """
+        await self._room(nursery, 0)
         if isinstance(message, bytes):
             await self._send([jsonrpc.binary_message_response()], is_batch=False)
             return
@@ -495,12 +558,15 @@ class Session:
             self._flush_group(nursery)
             await self._run_inline(calls, errors, is_batch=decoded.is_batch)
             return
+        weight = self._weight_of(len(calls))
+        await self._room(nursery, weight)
         limit = self.server.config.max_in_flight
         if self.in_flight + len(calls) > limit:
             overloaded = OverloadedError(f"more than {limit} requests in flight")
             await self._refuse(calls, errors, overloaded, is_batch=decoded.is_batch)
             return
         self.in_flight += len(calls)  # counted now: the limit sees the whole group
+        self._weight += weight
         if decoded.is_batch:
             # A batch is already a group: it runs on its own, so that quick
             # requests around it are not held back by its work.
@@ -510,12 +576,51 @@ class Session:
             return
         self._group.append(_Unit(calls, errors, decoded.is_batch))
 
+    def _weight_of(self, count: int) -> int:
+        """A message's share of ``pipeline_window``: the results it computes at once.
+
+        A request each; a batch longer than the window, which runs in chunks
+        in the lane, the size of its first chunk.
+        """
+        return count if count <= self._window else self._chunk
+
+    async def _room(self, nursery: trio.Nursery, weight: int) -> None:
+        """Wait until a message of this weight may be dispatched (0: a message run inline).
+
+        That is, once the responses not yet taken by the socket are within
+        ``max_output_buffer``, and the weight of the messages unanswered
+        leaves room for this one in ``pipeline_window`` (or nothing is
+        unanswered). Waiting for the window starts the current group first
+        (its requests are unanswered too).
+        """
+        window = self._window
+        while True:
+            if not self._outbox_space.is_set():
+                await self._outbox_space.wait()  # the output watchdog ends a peer that stalls
+            elif weight and self._weight and self._weight + weight > window:
+                self._flush_group(nursery)
+                await self._answered.wait()
+            else:
+                return
+
+    async def _output_room(self) -> None:
+        """Wait until the responses not yet taken by the socket are within ``max_output_buffer``.
+
+        A request task waits here before each engine call: nothing starts
+        while the session is over its output limit. Ends when the writer
+        makes room or breaks; the output watchdog cancels a stalled peer's
+        wait (see :meth:`_run`).
+        """
+        while not self._outbox_space.is_set():
+            await self._outbox_space.wait()
+
     def _flush_group(self, nursery: trio.Nursery) -> None:
         """Start one task running the calls of the grouped messages, in order."""
         units, self._group = self._group, []
         if not units:
             return
         calls = [c for unit in units for c in unit.calls]
+        weight = sum(self._weight_of(len(unit.calls)) for unit in units)
         keys, barrier = _keys_of(calls)
         if barrier:
             waits = list(self._running)
@@ -530,7 +635,7 @@ class Session:
             self._barrier = done
         self._running.add(done)
         self._task_started()
-        nursery.start_soon(self._execute, units, calls, keys, waits, done)
+        nursery.start_soon(self._execute, units, calls, weight, keys, waits, done)
 
     async def _refuse(
         self,
@@ -549,6 +654,7 @@ class Session:
         self,
         units: list[_Unit],
         calls: list[jsonrpc.Call],
+        weight: int,
         keys: set[bytes],
         waits: list[trio.Event],
         done: trio.Event,
@@ -557,33 +663,98 @@ class Session:
             try:
                 for event in waits:
                     await event.wait()
-                results = await self.server.engine.execute_many([(c.method, c.args) for c in calls])
-            except Exception:  # a bug of ours: INTERNAL for these requests only (logged)
-                log.exception("session %d: request failed", self.id)
-                results = [
-                    InternalError("internal error; see the server log", applied=None) for _ in calls
-                ]
+                if len(calls) > self._window:  # a long batch (it runs alone)
+                    async with self._lane:
+                        messages = [await self._batch_text(units[0])]
+                else:
+                    await self._output_room()
+                    messages = self._texts(units, await self._results(calls))
             finally:
-                self._finished(len(calls), keys, done)
-            messages: list[str | None] = []
-            start = 0
-            response_text = self._response_text
-            for unit in units:
-                end = start + len(unit.calls)
-                texts = [jsonrpc.text_of(error) for error in unit.errors]
-                texts += [
-                    response_text(call, res)
-                    for call, res in zip(unit.calls, results[start:end], strict=True)
-                    if not call.notification
-                ]
-                start = end
-                messages.append(jsonrpc.encode_texts(texts, is_batch=unit.is_batch))
+                self._finished(len(calls), weight, keys, done)
             self._queue(messages)
         finally:
             self._task_done()
 
-    def _finished(self, count: int, keys: set[bytes], done: trio.Event) -> None:
+    async def _results(self, calls: list[jsonrpc.Call]) -> list[Any]:
+        """The engine's result (or error) for each call, in order."""
+        try:
+            return await self.server.engine.execute_many([(c.method, c.args) for c in calls])
+        except Exception:  # a bug of ours: INTERNAL for these requests only (logged)
+            log.exception("session %d: request failed", self.id)
+            return [
+                InternalError("internal error; see the server log", applied=None) for _ in calls
+            ]
+
+    def _texts(self, units: list[_Unit], results: list[Any]) -> list[str | None]:
+        """The answer message of each unit, from the results of all their calls."""
+        messages: list[str | None] = []
+        start = 0
+        response_text = self._response_text
+        for unit in units:
+            end = start + len(unit.calls)
+            texts = [jsonrpc.text_of(error) for error in unit.errors]
+            texts += [
+                response_text(call, res)
+                for call, res in zip(unit.calls, results[start:end], strict=True)
+                if not call.notification
+            ]
+            start = end
+            messages.append(jsonrpc.encode_texts(texts, is_batch=unit.is_batch))
+        return messages
+
+    async def _batch_text(self, unit: _Unit) -> str | None:
+        """Run a batch longer than ``pipeline_window`` in chunks, in order; its answer message.
+
+        The first chunk is ``_chunk`` requests; each next one as many as
+        the room left under ``max_output_buffer`` holds at the answer's
+        average response size so far, at least ``_chunk`` and at most
+        ``pipeline_window``: big responses are computed a few at a time,
+        small ones in a few engine calls (each engine call of durable writes
+        waits for its own sync). Once the responses written pass
+        ``max_output_buffer``, the requests not started are answered
+        ``TOO_LARGE`` and not run; notifications still run (nothing is ever
+        sent for them). The first chunk always runs. Holds at most the
+        answer so far plus one chunk's results. Each chunk starts only
+        within the output limit (:meth:`_output_room`); the caller holds
+        ``_lane``, so one batch at a time builds a long answer.
+        """
+        limit = self.server.config.max_output_buffer
+        window = self._window
+        texts = [jsonrpc.text_of(error) for error in unit.errors]
+        size = sum(map(_utf8_length, texts))
+        answered = 0
+        response_text = self._response_text
+        calls = unit.calls
+        start, count = 0, self._chunk
+        while start < len(calls):
+            chunk = calls[start : start + count]
+            await self._output_room()
+            if start and size > limit:
+                cut = _cut_error(limit)
+                texts += [jsonrpc.error_text(c.id, cut) for c in chunk if not c.notification]
+                notes = [c for c in chunk if c.notification]
+                if notes:
+                    await self._results(notes)
+            else:
+                results = await self._results(chunk)
+                for call, result in zip(chunk, results, strict=True):
+                    if not call.notification:
+                        text = response_text(call, result)
+                        texts.append(text)
+                        size += _utf8_length(text)
+                        answered += 1
+                del results
+            start += len(chunk)
+            count = window
+            if answered and size <= limit:
+                count = min(count, max(self._chunk, (limit - size) * answered // size))
+        return jsonrpc.encode_texts(texts, is_batch=True)
+
+    def _finished(self, count: int, weight: int, keys: set[bytes], done: trio.Event) -> None:
         self.in_flight -= count
+        self._weight -= weight
+        self._answered.set()
+        self._answered = trio.Event()
         done.set()
         self._running.discard(done)
         for key in keys:
@@ -602,16 +773,6 @@ class Session:
             log.exception("session %d: cannot encode the result of %s", self.id, call.method)
             bug = InternalError("internal error; see the server log", applied=None)
             return jsonrpc.error_text(call.id, bug)
-
-    def _response(self, call: jsonrpc.Call, result: Any) -> jsonrpc.Response:
-        try:
-            if isinstance(result, KVMemoError):
-                return jsonrpc.error_response(call.id, result)
-            return jsonrpc.result_response(call.id, result)
-        except (TypeError, ValueError):  # a result JSON cannot hold: our bug
-            log.exception("session %d: cannot encode the result of %s", self.id, call.method)
-            bug = InternalError("internal error; see the server log", applied=None)
-            return jsonrpc.error_response(call.id, bug)
 
     async def _run_inline(
         self, calls: list[jsonrpc.Call], errors: list[jsonrpc.Response], *, is_batch: bool
@@ -633,7 +794,9 @@ class Session:
                 # What was published before goes out before (once the last batch is out).
                 await self._wait_pushes_written(self.subscriber)
                 self._push_now(self.subscriber)
-            await self._send(await self._inline_responses(calls, errors), is_batch=is_batch)
+            texts = await self._inline_texts(calls, errors)
+            self._queue([jsonrpc.encode_texts(texts, is_batch=is_batch)])
+            await trio.lowlevel.checkpoint()
         finally:
             if held:
                 self._push_holds -= 1
@@ -642,12 +805,24 @@ class Session:
                     self._push_released = trio.Event()
             self._task_done()
 
-    async def _inline_responses(
+    async def _inline_texts(
         self, calls: list[jsonrpc.Call], errors: list[jsonrpc.Response]
-    ) -> list[jsonrpc.Response]:
-        responses = list(errors)
-        for call in calls:
+    ) -> list[str]:
+        """Run the calls one by one; the texts of the responses to send.
+
+        As for a batch (:meth:`_batch_text`), in a batch longer than
+        ``pipeline_window``: once the responses pass ``max_output_buffer``,
+        the requests left are answered ``TOO_LARGE`` and not run;
+        notifications still run. The first call always runs.
+        """
+        limit = self.server.config.max_output_buffer if len(calls) > self._window else None
+        texts = [jsonrpc.text_of(error) for error in errors]
+        size = sum(map(_utf8_length, texts))
+        for index, call in enumerate(calls):
             result: Any
+            if limit is not None and index and size > limit and not call.notification:
+                texts.append(jsonrpc.error_text(call.id, _cut_error(limit)))
+                continue
             if call.method == "auth":
                 result = self._auth(call.args)
             elif not self.authed:
@@ -668,8 +843,10 @@ class Session:
                     log.exception("session %d: request failed", self.id)
                     result = InternalError("internal error; see the server log", applied=None)
             if not call.notification:
-                responses.append(self._response(call, result))
-        return responses
+                text = self._response_text(call, result)
+                texts.append(text)
+                size += _utf8_length(text)
+        return texts
 
     async def _transaction_method(self, call: jsonrpc.Call) -> Any:
         """``transaction``, ``watch`` or ``unwatch`` (version 1.2): the result, or the error."""
@@ -901,6 +1078,14 @@ class Session:
             self._written = trio.Event()
             if not self._outbox:
                 self._flushed.set()
+
+
+def _cut_error(limit: int) -> TooLargeError:
+    """The answer to a request of a batch left out once the batch's response passed ``limit``."""
+    return TooLargeError(
+        f"batch response over the output limit ({limit} bytes) before this request: not run",
+        applied=False,
+    )
 
 
 def _push_text(message: Message) -> str:
