@@ -24,8 +24,9 @@ a silent peer still dropped, the setting).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -33,10 +34,11 @@ import trio
 import trio.testing
 from test_cli import resolved
 from test_review_s20 import _request, _slow_session
-from trio_websocket import open_websocket_url
+from trio_websocket import WebSocketConnection, open_websocket_url
 from ws_raw import client_frame
 
 from kvmemo.config import StoreConfig
+from kvmemo.engine.engine import KVEngine
 from kvmemo.node import Node, open_node
 from kvmemo.server import session as session_module
 from kvmemo.server.config import ServerConfig
@@ -56,6 +58,14 @@ def _req(rid: int | None, method: str, *params: str) -> dict[str, Any]:
 def _held(session: Any) -> int:
     """Response bytes the session holds for its peer (queued, or handed to the socket)."""
     return int(session._outbox_bytes + session._sending_bytes)
+
+
+async def _with_big_value(running: Node) -> KVEngine:
+    """The node's engine, once the key ``big`` holds VALUE (the responses the tests weigh)."""
+    engine = running.server.engine
+    assert engine is not None
+    await engine.execute("set", [b"big", VALUE.encode()])
+    return engine
 
 
 def _spy_chunks(monkeypatch: pytest.MonkeyPatch, running: Node) -> list[int]:
@@ -88,9 +98,7 @@ async def test_pipelined_requests_behind_a_slow_one_are_not_read_past_the_window
     window = ServerConfig().pipeline_window
     with trio.fail_after(TEST_TIMEOUT):
         async with _slow_session(65536, 30) as (running, stream, session):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+            engine = await _with_big_value(running)
             gate = trio.Event()
             real = engine.execute_many
             started: list[int] = []
@@ -183,10 +191,15 @@ async def test_error_answers_count_against_the_output_limit_message_by_message(
 # -- batches ---------------------------------------------------------------------------------
 
 
-def _batch_node(limit: int) -> Any:
-    """A node whose sessions have this output limit."""
+@contextlib.asynccontextmanager
+async def _batch_session(limit: int) -> AsyncIterator[tuple[Node, WebSocketConnection]]:
+    """A node whose sessions have this output limit, and a session of it (any answer size)."""
     config = ServerConfig(host="127.0.0.1", port=0, resp=False, max_output_buffer=limit)
-    return open_node(StoreConfig(shards=2), config)
+    async with (
+        open_node(StoreConfig(shards=2), config) as running,
+        open_websocket_url(running.url, max_message_size=64 << 20) as ws,
+    ):
+        yield running, ws
 
 
 async def test_a_batch_whose_response_passes_the_output_limit_is_cut_with_too_large(
@@ -203,13 +216,8 @@ async def test_a_batch_whose_response_passes_the_output_limit_is_cut_with_too_la
     batch = [_req(i, "getrange", "big", "0", "-1") for i in range(2000)]
     batch += [_req(2000, "set", "late", "x"), _req(None, "set", "note", "y")]
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(limit) as running,
-            open_websocket_url(running.url, max_message_size=64 << 20) as ws,
-        ):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+        async with _batch_session(limit) as (running, ws):
+            engine = await _with_big_value(running)
             sizes = _spy_chunks(monkeypatch, running)
             await ws.send_message(json.dumps(batch))
             text = await ws.get_message()
@@ -243,10 +251,7 @@ async def test_a_batch_under_the_output_limit_runs_whole_in_order_across_chunks(
     for i in range(3000):
         batch.append(_req(i, "incr", "n") if i % 2 else _req(i, "set", f"k{i}", "v"))
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(1 << 20) as running,
-            open_websocket_url(running.url) as ws,
-        ):
+        async with _batch_session(1 << 20) as (running, ws):
             sizes = _spy_chunks(monkeypatch, running)
             await ws.send_message(json.dumps(batch))
             answer = {r["id"]: r["result"] for r in json.loads(await ws.get_message())}
@@ -263,10 +268,7 @@ async def test_a_long_batch_of_small_responses_runs_in_few_engine_calls(
     each with appendfsync always), not 24."""
     batch = [_req(i, "set", f"k{i}", "v") for i in range(3000)]
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(64 << 20) as running,
-            open_websocket_url(running.url, max_message_size=64 << 20) as ws,
-        ):
+        async with _batch_session(64 << 20) as (running, ws):
             sizes = _spy_chunks(monkeypatch, running)
             await ws.send_message(json.dumps(batch))
             answer = json.loads(await ws.get_message())
@@ -283,13 +285,8 @@ async def test_the_chunks_of_a_long_batch_shrink_to_the_room_left_under_the_limi
     limit = 3 << 20
     batch = [_req(i, "getrange", "big", "0", "-1") for i in range(2000)]
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(limit) as running,
-            open_websocket_url(running.url, max_message_size=64 << 20) as ws,
-        ):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+        async with _batch_session(limit) as (running, ws):
+            await _with_big_value(running)
             sizes = _spy_chunks(monkeypatch, running)
             await ws.send_message(json.dumps(batch))
             text = await ws.get_message()
@@ -309,13 +306,8 @@ async def test_a_batch_up_to_the_window_runs_at_once_and_whole_even_over_the_lim
     requests do, and is answered whole even when its answer is over the output limit (as a
     single GET of a value bigger than the limit is)."""
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(1000) as running,
-            open_websocket_url(running.url, max_message_size=64 << 20) as ws,
-        ):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+        async with _batch_session(1000) as (running, ws):
+            await _with_big_value(running)
             sizes = _spy_chunks(monkeypatch, running)
             await ws.send_message(json.dumps([_req(i, "get", "big") for i in range(1024)]))
             answer = {r["id"]: r.get("result") for r in json.loads(await ws.get_message())}
@@ -331,13 +323,8 @@ async def test_a_batch_with_a_session_method_is_cut_at_the_output_limit_too() ->
     batch += [_req(i, "getrange", "big", "0", "-1") for i in range(1, 2000)]
     batch += [_req(2000, "set", "late", "x"), _req(None, "set", "note", "y")]
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(limit) as running,
-            open_websocket_url(running.url, max_message_size=64 << 20) as ws,
-        ):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+        async with _batch_session(limit) as (running, ws):
+            engine = await _with_big_value(running)
             await ws.send_message(json.dumps(batch))
             text = await ws.get_message()
             answer = {r["id"]: r for r in json.loads(text)}
@@ -371,9 +358,7 @@ async def test_batches_from_a_peer_that_reads_nothing_hold_about_one_output_limi
     ]
     with trio.fail_after(TEST_TIMEOUT):
         async with _slow_session(limit, 30) as (running, stream, session):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+            engine = await _with_big_value(running)
             gate = trio.Event()
             real = engine.execute_many
 
@@ -401,10 +386,7 @@ async def test_a_quick_request_is_not_held_back_by_long_batches_before_it() -> N
     batches still run (the window counts a long batch as one chunk, not 5,000 requests)."""
     batches = [[_req(b * 10_000 + i, "incr", "n") for i in range(5000)] for b in range(4)]
     with trio.fail_after(TEST_TIMEOUT):
-        async with (
-            _batch_node(64 << 20) as running,
-            open_websocket_url(running.url, max_message_size=64 << 20) as ws,
-        ):
+        async with _batch_session(64 << 20) as (running, ws):
             for batch in batches:
                 await ws.send_message(json.dumps(batch))
             await ws.send_message(json.dumps(_req(-1, "ping")))
@@ -428,9 +410,7 @@ async def test_a_peer_that_half_closes_without_reading_is_still_dropped() -> Non
     batch = client_frame(json.dumps([_req(i, "getrange", "big", "0", "-1") for i in range(1100)]))
     with trio.fail_after(TEST_TIMEOUT):
         async with _slow_session(65536, 0.5) as (running, stream, session):
-            engine = running.server.engine
-            assert engine is not None
-            await engine.execute("set", [b"big", VALUE.encode()])
+            await _with_big_value(running)
             await stream.send_all(batch * 3)
             await trio.testing.wait_all_tasks_blocked()
             await stream.send_eof()
