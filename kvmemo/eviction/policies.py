@@ -52,7 +52,7 @@ import itertools
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Sequence
 from operator import itemgetter
 from typing import ClassVar, Self, TypeVar
 
@@ -158,6 +158,18 @@ class EvictionPolicy(abc.ABC):
                 self.record_insert(key, volatile=False)
             else:
                 self.record_access(key)
+
+    def record_loaded(self, keys: Iterable[bytes], volatile: Container[bytes]) -> None:
+        """Keys of a recovered shard, recorded into this policy, just cleared.
+
+        As ``record_insert(key, volatile=key in volatile)`` for each key, with
+        one liberty: the keys were all stored at one moment, so a policy may
+        give them their places in any order (LRU puts the persistent keys
+        before the volatile ones). A policy may override it to record them
+        all in one call: recovery loads millions.
+        """
+        for key in keys:
+            self.record_insert(key, volatile=key in volatile)
 
     @abc.abstractmethod
     def record_remove(self, key: bytes) -> None:
@@ -342,6 +354,20 @@ class LRUPolicy(EvictionPolicy):
                     continue
             persistent[key] = next(clock)
         self._holes += holes
+
+    def record_loaded(self, keys: Iterable[bytes], volatile: Container[bytes]) -> None:
+        # Each partition is filled by one C-level pass (zip with the clock:
+        # increasing ticks, in the keys' order; keys first, so that the clock
+        # is not advanced past the last key), persistent keys first.
+        assert not self, "record_loaded needs a cleared policy"
+        clock = _CLOCK
+        if not volatile:
+            self._persistent.update(zip(keys, clock, strict=False))
+            return
+        keys = keys if isinstance(keys, Collection) else list(keys)
+        persistent = itertools.filterfalse(volatile.__contains__, keys)
+        self._persistent.update(zip(persistent, clock, strict=False))
+        self._volatile.update(zip(filter(volatile.__contains__, keys), clock, strict=False))
 
     def record_volatile(self, key: bytes, volatile: bool) -> None:
         src, dst = (

@@ -59,7 +59,7 @@ import struct
 import zlib
 from collections.abc import Callable, Generator
 from os import PathLike
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 
@@ -656,6 +656,25 @@ def _apply(
     return None
 
 
+# Whole SET records by (key length, value length), for replay: (key length,
+# value length, payload length, record size, unpacker of every field).
+# Bounded as _SET_PACKERS; shapes past _SET_PACKED_MAX take the general path.
+_SetShape: TypeAlias = tuple[int, int, int, int, Callable[[Buffer, int], tuple[Any, ...]]]
+_SET_SHAPES: dict[tuple[int, int], _SetShape] = {}
+
+
+def _set_shape(klen: int, vlen: int) -> _SetShape:
+    shape = _SET_SHAPES.get((klen, vlen))
+    if shape is None:
+        if len(_SET_SHAPES) >= _SET_PACKERS_MAX:
+            _SET_SHAPES.clear()
+        unpacker = struct.Struct(f"<IBBII{klen}sI{vlen}sBq")
+        plen = MIN_PAYLOAD + klen + vlen
+        assert unpacker.size == HEADER_SIZE + plen
+        shape = _SET_SHAPES[klen, vlen] = (klen, vlen, plen, unpacker.size, unpacker.unpack_from)
+    return shape
+
+
 def replay(
     buf: Buffer,
     data: dict[bytes, bytes],
@@ -700,8 +719,40 @@ def replay(
     expiry = _EXPIRY.unpack_from
     crc32 = zlib.crc32
     problem: Problem | None = None
+    # The shape of the last SET accepted (see _SetShape), in locals: tried
+    # first on the next record, whose every field it unpacks in one call.
+    # Its checks accept exactly what the general path's do (the record's
+    # lengths agree with the shape, so it ends at pos + s_size <= n).
+    s_size = 0  # 0: no shape to try
+    s_klen = s_vlen = s_plen = 0
+    s_unpack: Callable[[Buffer, int], tuple[Any, ...]] = _U32.unpack_from
     with memoryview(buf) as mv:
         while pos < n:
+            if s_size and n - pos >= s_size:
+                crc, version, op, plen, klen, key, vlen, value, flag, exp = s_unpack(buf, pos)
+                end = pos + s_size
+                if (
+                    op == _SET
+                    and version == FORMAT_VERSION
+                    and plen == s_plen
+                    and klen == s_klen
+                    and vlen == s_vlen
+                    and crc32(mv[pos + 4 : end]) == crc
+                ):
+                    if flag == 1 and exp >= 0:
+                        data[key] = value
+                        expires[key] = exp
+                        count += 1
+                        pos = end
+                        continue
+                    if flag == 0 and exp == 0:
+                        data[key] = value
+                        if expires:
+                            expires.pop(key, None)
+                        count += 1
+                        pos = end
+                        continue
+                s_size = 0  # another shape (or damage): the general path decides
             if n - pos >= _HEAD_KLEN_SIZE:
                 crc, version, op, plen, klen = head(buf, pos)
                 end = pos + HEADER_SIZE + plen
@@ -714,7 +765,8 @@ def replay(
                     and crc32(mv[pos + 4 : end]) == crc
                 ):
                     kend = pos + _HEAD_KLEN_SIZE + klen
-                    vend = kend + 4 + u32(buf, kend)[0]
+                    vlen = u32(buf, kend)[0]
+                    vend = kend + 4 + vlen
                     if vend + 9 == end:  # 9: the expiry field
                         flag, exp = expiry(buf, vend)
                         if flag == 1 and exp >= 0:
@@ -723,6 +775,8 @@ def replay(
                             expires[key] = exp
                             count += 1
                             pos = end
+                            if klen + vlen <= _SET_PACKED_MAX:
+                                s_klen, s_vlen, s_plen, s_size, s_unpack = _set_shape(klen, vlen)
                             continue
                         if flag == 0 and exp == 0:
                             key = buf[pos + _HEAD_KLEN_SIZE : kend]
@@ -731,6 +785,8 @@ def replay(
                                 expires.pop(key, None)
                             count += 1
                             pos = end
+                            if klen + vlen <= _SET_PACKED_MAX:
+                                s_klen, s_vlen, s_plen, s_size, s_unpack = _set_shape(klen, vlen)
                             continue
             got = _decode_at(buf, mv, pos, n)
             if not isinstance(got, tuple):

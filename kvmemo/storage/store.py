@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 import attrs
 
 from ..errors import OutOfMemoryError
-from ..eviction.memory import ENTRY_BASE, ROUND_UP, MemoryTracker
+from ..eviction.memory import ENTRY_BASE, ROUND_UP, MemoryTracker, entries_size
 from ..eviction.memory import entry_size as _entry_size
 from ..eviction.policies import EvictionPolicy, NoEvictionPolicy, TickTimes
 from ..expiry.ttl_index import TTLIndex
@@ -922,13 +922,11 @@ class ShardStore:
         self._touch_all()
         self.data.update(data)
         self.expires.update(expires)
-        total = 0
-        expires_get = expires.get
-        record_insert = self.policy.record_insert
-        for key, value in data.items():
-            has_ttl = expires_get(key) is not None
-            record_insert(key, volatile=has_ttl)
-            total += self.entry_size(key, value, has_ttl=has_ttl)
+        # In bulk (recovery loads millions of entries): as record_insert and
+        # entry_size for each entry, in C-level passes where it can.
+        self.policy.record_loaded(data, expires)
+        with_ttl = sum(map(data.__contains__, expires)) if expires else 0
+        total = entries_size(data, with_ttl) + len(data) * self._key_overhead
         self.ttl_index.rebuild(self.expires)
         self.used = total
         self.tracker.reset_shard(self.shard_id, total)
