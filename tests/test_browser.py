@@ -73,7 +73,7 @@ LISTENING = re.compile(r"KVMemo listening on (ws://127\.0\.0\.1:(\d+)/ws)")
 class _SubprocessServer:
     """``python -m kvmemo serve`` in a child process."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, extra_args: tuple[str, ...] = ()) -> None:
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
@@ -89,6 +89,7 @@ class _SubprocessServer:
                 "4",
                 "--log-level",
                 "warning",
+                *extra_args,
             ],
             cwd=ROOT,
             env=env,
@@ -695,3 +696,36 @@ def test_example_page(server: KVServer, page: Page, page_errors: PageErrors) -> 
     assert "publish news  -> 1 subscriber" in text
     assert "message       -> news: fresh" in text
     expect(page.locator("#log .error")).to_have_count(0)
+
+
+def test_example_page_served_from_another_origin(browser: Browser) -> None:
+    # As examples/browser/README.md says: the page served by any web server,
+    # ?ws= naming a KVMemo server that allows the page's origin. The page
+    # imports the client module from that server (cross-origin: it needs the
+    # server's CORS header) and talks to it.
+    import functools
+    import http.server
+
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(EXAMPLE_HTML.parent)
+    )
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{web.server_address[1]}"
+    kv = _SubprocessServer(0, ("--allowed-origin", origin))
+    context = browser.new_context(service_workers="block")
+    try:
+        page = context.new_page()
+        page.goto(f"{origin}/example.html?ws={kv.url}")
+        log = page.locator("#log")
+        expect(log).to_contain_text("closed", timeout=UI_TIMEOUT_MS)
+        text = log.inner_text()
+        assert f"connected to {kv.url}" in text
+        assert 'mget          -> ["hello, world","apple","pear",null]' in text
+        expect(page.locator("#log .error")).to_have_count(0)
+    finally:
+        context.close()
+        kv.stop()
+        web.shutdown()
+        web.server_close()

@@ -252,6 +252,26 @@ async def test_static_files_are_served_with_their_content_type(name: str, ctype:
             assert len(reply.body) > 100
 
 
+async def test_the_client_module_is_importable_from_an_allowed_origin_only() -> None:
+    # A cross-origin <script type="module"> needs CORS: the origins that may
+    # open /ws may import /static/kvmemo.js too (examples/browser/README.md).
+    page = "http://127.0.0.1:8000"
+    with trio.fail_after(TIMEOUT):
+        async with node(allowed_origins=frozenset({page})) as n:
+            allowed = await fetch(n, "/static/kvmemo.js", extra=f"Origin: {page}\r\n")
+            assert allowed.status == 200
+            assert allowed.headers["access-control-allow-origin"] == page
+            assert allowed.headers["vary"] == "Origin"
+            other = await fetch(n, "/static/kvmemo.js", extra="Origin: http://evil.test\r\n")
+            assert other.status == 200  # served, but a browser will not let that page use it
+            assert "access-control-allow-origin" not in other.headers
+            plain = await fetch(n, "/static/kvmemo.js")
+            assert "access-control-allow-origin" not in plain.headers
+            missing = await fetch(n, "/static/nope.js", extra=f"Origin: {page}\r\n")
+            assert missing.status == 404
+            assert "access-control-allow-origin" not in missing.headers
+
+
 @pytest.mark.parametrize(
     "path", ["/nope", "/static/", "/static/nope.js", "/healthz/x", "/metricsx"]
 )

@@ -1,1 +1,1 @@
-"""KVMemo commands layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo commands layer (see docs/design/ARCHITECTURE.md)."""

@@ -1,1 +1,1 @@
-"""KVMemo engine layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo engine layer (see docs/design/ARCHITECTURE.md)."""

@@ -1,1 +1,1 @@
-"""KVMemo eviction layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo eviction layer (see docs/design/ARCHITECTURE.md)."""

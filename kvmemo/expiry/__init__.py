@@ -1,1 +1,1 @@
-"""KVMemo expiry layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo expiry layer (see docs/design/ARCHITECTURE.md)."""

@@ -1,1 +1,1 @@
-"""KVMemo observability layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo observability layer (see docs/design/ARCHITECTURE.md)."""

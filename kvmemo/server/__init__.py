@@ -1,1 +1,1 @@
-"""KVMemo server layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo server layer (see docs/design/ARCHITECTURE.md)."""

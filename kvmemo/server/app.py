@@ -395,8 +395,17 @@ class Server:
             await self._reply(stream, http.response(405, b"method not allowed\n"))
             return
         status, body, ctype = self._http_get(head)
+        extra = None
+        if head.path.startswith("/static/"):
+            # A page of an allowed origin may import the client module (a
+            # cross-origin module script needs CORS), as it may open /ws.
+            extra = [("Vary", "Origin")]
+            origin = head.headers.get("origin")
+            if status == 200 and origin is not None and origin in self.allowed_origins():
+                extra.append(("Access-Control-Allow-Origin", origin))
         await self._reply(
-            stream, http.response(status, body, ctype, head_only=head.method == "HEAD")
+            stream,
+            http.response(status, body, ctype, extra, head_only=head.method == "HEAD"),
         )
 
     def _http_get(self, head: http.RequestHead) -> tuple[int, bytes, str]:

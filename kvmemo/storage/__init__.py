@@ -1,1 +1,1 @@
-"""KVMemo storage layer (see ../shared/ARCHITECTURE.md)."""
+"""KVMemo storage layer (see docs/design/ARCHITECTURE.md)."""
