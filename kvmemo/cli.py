@@ -157,9 +157,10 @@ async def _run_node(resolved: Resolved, signalled: trio.Event, received: list[in
         if node.resp_url is not None:
             print(f"KVMemo listening on {node.resp_url}", flush=True)
         log.info(
-            "started: %s, %d shards, maxmemory %d, policy %s",
+            "started: %s, %d shard%s, maxmemory %d, policy %s",
             node.url,
             store.shards,
+            "" if store.shards == 1 else "s",
             store.maxmemory,
             store.eviction_policy,
         )
