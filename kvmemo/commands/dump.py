@@ -71,7 +71,7 @@ from ..eviction.memory import TTL_OVERHEAD
 from ..storage.store import NeedMemory, ShardStore
 from . import ops
 from .args import MAX_EXPIRE_MS, NO_EXPIRY, SYNTAX, Expiry, ExpiryMode, parse_int, upper
-from .table import KEY1, ParseContext, command
+from .table import KEY1, ParseContext, command, no_touch_variant
 
 RDB_VERSION = 10  # what Redis 7.0 writes; a payload of a later version is refused
 RDB_TYPE_STRING = 0  # the object type byte of a string
@@ -389,6 +389,16 @@ class Dump(ops.ShardOp):
         return None if value is None else dump_payload(value)
 
 
+class PeekDump(ops.ShardOp):
+    """DUMP of a ``CLIENT NO-TOUCH`` client: no access recorded with the policy."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> bytes | None:
+        value = store.peek(self.key, now)
+        return None if value is None else dump_payload(value)
+
+
 class Restore(ops.ShardOp):
     """RESTORE: create the key from a payload decoded when the command was parsed.
 
@@ -494,6 +504,11 @@ def _check_room(store: ShardStore, key: bytes, length: int, has_ttl: bool, now: 
 @command("dump", 2, "readonly", KEY1, "a key's value serialized as Redis's DUMP does", "1.4")
 def _dump(args: Sequence[bytes], ctx: ParseContext) -> Dump:
     return Dump(args[0])
+
+
+@no_touch_variant("dump")
+def _dump_no_touch(args: Sequence[bytes], ctx: ParseContext) -> PeekDump:
+    return PeekDump(args[0])
 
 
 @command(

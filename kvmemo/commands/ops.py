@@ -140,6 +140,15 @@ class Get(ShardOp):
         return store.get(self.key, now)
 
 
+class PeekGet(ShardOp):
+    """GET of a ``CLIENT NO-TOUCH`` client: the value, no access recorded with the policy."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> bytes | None:
+        return store.peek(self.key, now)
+
+
 class PlainSet(ShardOp):
     """SET without options (the commonest write): no condition, no expiry, "OK".
 
@@ -209,10 +218,15 @@ class GetDel(ShardOp):
 
 
 class GetEx(ShardOp):
-    """GETEX. ``error``: the expiry value was bad, which Redis reports only for a live key."""
+    """GETEX. ``error``: the expiry value was bad, which Redis reports only for a live key.
+
+    ``touch``: whether the read records an access with the policy (False for a
+    ``CLIENT NO-TOUCH`` client's, :class:`PeekGetEx`).
+    """
 
     __slots__ = ("error", "expiry")
     write = True
+    touch = True
 
     def __init__(self, key: bytes, expiry: Expiry, *, error: KVMemoError | None = None) -> None:
         self.key = key
@@ -220,7 +234,7 @@ class GetEx(ShardOp):
         self.error = error
 
     def apply(self, store: ShardStore, now: float) -> bytes | None:
-        value = store.get(self.key, now)
+        value = store.get(self.key, now) if self.touch else store.peek(self.key, now)
         if value is None:
             return None
         if self.error is not None:
@@ -236,6 +250,13 @@ class GetEx(ShardOp):
             else:
                 store.set_expiry(self.key, deadline)
         return value
+
+
+class PeekGetEx(GetEx):
+    """GETEX of a ``CLIENT NO-TOUCH`` client: no access recorded with the policy."""
+
+    __slots__ = ()
+    touch = False
 
 
 def _current_int(store: ShardStore, key: bytes, now: float) -> int:
@@ -713,6 +734,23 @@ class MGet(AtomicOp):
             for i, value in zip(where, values, strict=True):
                 out[i] = value
         return out
+
+
+class _MPeekPart(_MGetPart):
+    """One shard's keys of a ``CLIENT NO-TOUCH`` client's MGET: no access recorded."""
+
+    __slots__ = ()
+
+    def apply(self, store: ShardStore, now: float) -> list[bytes | None]:
+        peek = store.peek
+        return [peek(self.keys[i], now) for i in self.positions]
+
+
+class PeekMGet(MGet):
+    """MGET of a ``CLIENT NO-TOUCH`` client: as :class:`MGet`, no access recorded."""
+
+    def read_part(self, positions: list[int]) -> Part:
+        return _MPeekPart(self.keys, positions)
 
 
 # -- keyspace -------------------------------------------------------------------------

@@ -256,13 +256,47 @@ def container(
     return spec
 
 
+# -- CLIENT NO-TOUCH: the reads' variants that record no access -------------------------
+#
+# The reads that record an access with the key's eviction policy (GET, MGET,
+# GETEX, DUMP; TOUCH, whose point it is, has none), each with a variant that
+# records none, for the Redis port's ``CLIENT NO-TOUCH ON`` clients (Redis 7.2:
+# their commands leave a key's LRU/LFU data alone, TOUCH excepted). A variant
+# is its command (the same name, arity, flags, keys and summary, so the same
+# errors and metrics) with another parser. It is found by its variant name
+# only (lookup, parse), never in COMMANDS: no listing shows it and no front
+# end takes it from a client. The port maps only a NO-TOUCH client's calls
+# through NO_TOUCH, so the other clients' calls cost nothing more.
+
+NO_TOUCH: dict[str, str] = {}
+"""Command name -> the name of its variant that records no access (``"get no-touch"``)."""
+_VARIANTS: dict[str, Command] = {}
+
+
+def no_touch_variant(name: str) -> Callable[[Parser], Parser]:
+    """Declare the variant of read ``name`` that records no access (a decorator on its parser)."""
+
+    def register(parse: Parser) -> Parser:
+        variant = f"{name} no-touch"
+        _VARIANTS[variant] = attrs.evolve(COMMANDS[name], parse=parse)
+        NO_TOUCH[name] = variant
+        return parse
+
+    return register
+
+
+def variants() -> dict[str, Command]:
+    """Every variant by its name (a copy): for the front ends that group commands by shape."""
+    return dict(_VARIANTS)
+
+
 def lookup(name: str) -> Command:
-    """The command called ``name`` (case-insensitive).
+    """The command called ``name`` (case-insensitive), or the variant of that name.
 
     Raises:
         UnknownCommandError: no such command.
     """
-    spec = COMMANDS.get(name) or COMMANDS.get(name.lower())
+    spec = COMMANDS.get(name) or COMMANDS.get(name.lower()) or _VARIANTS.get(name)
     if spec is None:
         shown = name if len(name) <= 64 else name[:64] + "..."
         raise UnknownCommandError(f"unknown command '{shown}'")
@@ -402,6 +436,11 @@ def _get(args: Sequence[bytes], ctx: ParseContext) -> ops.Get:
     return ops.Get(args[0])
 
 
+@no_touch_variant("get")
+def _get_no_touch(args: Sequence[bytes], ctx: ParseContext) -> ops.PeekGet:
+    return ops.PeekGet(args[0])
+
+
 _EXPIRY_OPTIONS = frozenset({b"EX", b"PX", b"EXAT", b"PXAT"})
 
 
@@ -516,17 +555,26 @@ def _getdel(args: Sequence[bytes], ctx: ParseContext) -> ops.GetDel:
 
 @command("getex", -2, "write fast", KEY1, "get a value and set or clear its expiry")
 def _getex(args: Sequence[bytes], ctx: ParseContext) -> ops.GetEx:
+    return _getex_op(args, ctx, ops.GetEx)
+
+
+@no_touch_variant("getex")
+def _getex_no_touch(args: Sequence[bytes], ctx: ParseContext) -> ops.GetEx:
+    return _getex_op(args, ctx, ops.PeekGetEx)
+
+
+def _getex_op(args: Sequence[bytes], ctx: ParseContext, kind: type[ops.GetEx]) -> ops.GetEx:
     # As Redis: the options are checked first, the expiry value only once the
     # key is found (GETEX on a missing key answers nil whatever the value).
     option, value, flags = _parse_string_options(args[1:], getex=True)
     if option is None:
         persist = Expiry(ExpiryMode.PERSIST) if flags else NO_EXPIRY
-        return ops.GetEx(args[0], persist)
+        return kind(args[0], persist)
     try:
         expiry = expiry_option(option, value, ctx, "getex")
     except KVMemoError as exc:
-        return ops.GetEx(args[0], NO_EXPIRY, error=exc)
-    return ops.GetEx(args[0], expiry)
+        return kind(args[0], NO_EXPIRY, error=exc)
+    return kind(args[0], expiry)
 
 
 @command("incr", 2, "write fast", KEY1, "add 1 to an integer value")
@@ -591,6 +639,11 @@ def _type(args: Sequence[bytes], ctx: ParseContext) -> ops.Type:
 @command("mget", -2, "readonly fast", ALLKEYS, "the values of several keys")
 def _mget(args: Sequence[bytes], ctx: ParseContext) -> ops.MGet:
     return ops.MGet(args)
+
+
+@no_touch_variant("mget")
+def _mget_no_touch(args: Sequence[bytes], ctx: ParseContext) -> ops.MGet:
+    return ops.PeekMGet(args)
 
 
 @command("mset", -3, "write", PAIRS, "set several keys at once, atomically")

@@ -68,14 +68,17 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ..commands.table import COMMANDS
+from ..commands.table import COMMANDS, variants
 from ..engine.engine import KVEngine
 
 MAX_ROUND_CALLS = 4096  # commands per round; a round past it leaves the rest for the next
 
-# The commands a coalesced batch may hold: those on exactly one key.
+# The commands a coalesced batch may hold: those on exactly one key (and
+# their CLIENT NO-TOUCH variants, by their variant names).
 COALESCED: Final = frozenset(
-    name for name, spec in COMMANDS.items() if spec.first_key == spec.last_key == 1
+    name
+    for name, spec in (*COMMANDS.items(), *variants().items())
+    if spec.first_key == spec.last_key == 1
 )
 
 

@@ -106,6 +106,20 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   name channels of different slots, as Redis allows outside cluster mode
   (no ``CROSSSLOT``). They count against ``pubsub_max_subscriptions`` and
   their messages against ``pubsub_buffer_limit`` like the others.
+* **CLIENT PAUSE.** The pause is the server's state (:class:`_Server`: a
+  :class:`PauseMode` and an end in trio time, no task of its own: it runs out
+  by its end time, and ``CLIENT UNPAUSE`` sets an event). Each command, once
+  its early errors are known not to apply and before it is queued in MULTI
+  (Redis's ``processCommand`` order), is held if the pause holds its kind
+  (:meth:`_Connection._hold_if_paused`): the commands before it run and their
+  replies go out, then the reader waits (cancellable, trio time), so the
+  client's later commands wait behind it and all run in order. Meanwhile the
+  socket is still read (a client that leaves is dropped at once, what it sends
+  is parsed after). The lone-command fast path pays one attribute test for it.
+* **CLIENT NO-TOUCH.** A NO-TOUCH client's data calls go to the engine as the
+  command table's variants of the reads that record no access
+  (``commands.table.NO_TOUCH``), mapped once per engine call; the fast path
+  pays one attribute test, the other clients' calls nothing else.
 * **Operations.** ``SHUTDOWN`` asks the program to stop through the owner's
   callback (``serve_resp(shutdown=...)``, or the node's stop request:
   ``kvmemo serve`` exits 0) and closes the connection without a reply;
@@ -124,11 +138,14 @@ monitor (``LATENCY`` answers as Redis does when no event was recorded, and
 says why); ``BGREWRITEAOF`` compacts the shards' logs with a snapshot (and,
 without persistence, is refused as BGSAVE is); ``INFO`` adds a ``# Actors``
 section; ``WAIT`` answers 0 at once (no replicas; Redis would block until its
-timeout); the slow log holds data commands only (see above).
+timeout); the slow log holds data commands only (see above); ``CLIENT PAUSE``
+holds the clients of this port only (not the WebSocket port's), and keys still
+expire and are evicted during a pause (Redis stops both).
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
 import logging
 import os
@@ -148,7 +165,7 @@ import trio
 from .._version import __version__
 from ..commands.args import arity_ok, parse_int
 from ..commands.glob import glob_match
-from ..commands.table import COMMANDS
+from ..commands.table import COMMANDS, NO_TOUCH
 from ..commands.table import Command as TableCommand
 from ..commands.table import Subcommand as TableSubcommand
 from ..config import parse_size
@@ -261,6 +278,15 @@ class _Overflowed(Exception):
     """The hub ended the client's subscriber (past ``pubsub_buffer_limit``): disconnect it."""
 
 
+class PauseMode(enum.IntEnum):
+    """What CLIENT PAUSE holds back, by increasing strictness: while pauses
+    overlap, the strictest one given holds (as Redis's ``pauseClients``)."""
+
+    NONE = 0
+    WRITE = 1  # the commands that change data or publish (see _pauses_on_write)
+    ALL = 2  # every command
+
+
 @attrs.define(eq=False)
 class _Server:
     """What the connections of one :func:`serve_resp` share."""
@@ -282,10 +308,47 @@ class _Server:
     stop: StopHandler | None = None
     # The connections' pipelines of one scheduler pass run as one engine call.
     coalescer: Coalescer = attrs.Factory(lambda self: Coalescer(self.engine), takes_self=True)
+    # CLIENT PAUSE: what is held back, until when (trio time; past it, nothing
+    # is, whatever ``pause_mode`` still says), how many clients wait for it
+    # (INFO's blocked_clients), and the event CLIENT UNPAUSE sets (then replaced).
+    pause_mode: PauseMode = PauseMode.NONE
+    pause_end: float = 0.0
+    paused_clients: int = 0
+    unpaused: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def auth_required(self) -> bool:
         return bool(self.tokens)
+
+    def pause(self, mode: PauseMode, end: float) -> None:
+        """CLIENT PAUSE: hold back ``mode``'s commands until ``end`` (trio time).
+
+        Over a pause still running, the later end and the stricter mode win,
+        as in Redis (PAUSE ALL for 200 ms then WRITE for 10 ms is ALL for
+        200 ms; WRITE for a minute then ALL for 10 ms is ALL for a minute).
+        """
+        if self.pause_mode and trio.current_time() < self.pause_end:
+            mode = max(mode, self.pause_mode)
+            end = max(end, self.pause_end)
+        self.pause_mode = mode
+        self.pause_end = end
+
+    def unpause(self) -> None:
+        """CLIENT UNPAUSE: end the pause now; the clients it held resume."""
+        self.pause_mode = PauseMode.NONE
+        self.pause_end = 0.0
+        self.unpaused.set()
+        self.unpaused = trio.Event()
+
+    def paused_for(self, write: bool) -> bool:
+        """Whether a command is held back now (``write``: it changes data or publishes)."""
+        mode = self.pause_mode
+        if not mode:
+            return False
+        if trio.current_time() >= self.pause_end:
+            self.pause_mode = PauseMode.NONE  # ran out: the fast path is open again
+            return False
+        return write or mode is PauseMode.ALL
 
     def check_password(self, password: bytes) -> bool:
         """Whether ``password`` is one of the tokens (constant time per token)."""
@@ -314,8 +377,14 @@ class _ConnCommand:
 
 @attrs.frozen
 class _SubCommand:
+    """A container's subcommand: its arity and handler, and for COMMAND INFO and
+    DOCS, Redis's flags for it, a summary and the Redis version that added it."""
+
     arity: int
     handler: Handler
+    flags: str = ""
+    summary: str = ""
+    since: str = ""
 
 
 _CONNECTION_COMMANDS: dict[str, _ConnCommand] = {}
@@ -337,7 +406,8 @@ def _dispatch(subcommands: dict[str, _SubCommand]) -> Handler:
         if sub is None:
             return _unknown_subcommand(argv)
         full = f"{_text(argv[0].lower())}|{_text(argv[1].lower())}"
-        conn.last_cmd = full
+        if conn.executing is None:  # in EXEC, Redis's cmd= stays exec
+            conn.last_cmd = full
         if not arity_ok(sub.arity, len(argv)):
             return _arity_error(full)
         return await sub.handler(conn, argv)
@@ -466,6 +536,16 @@ class _Connection:
         self.muted = False
         self.killed = False  # CLIENT KILL: stop serving at once (its replies dropped)
         self.no_evict = False  # CLIENT NO-EVICT ON: only shown (flag e), as no client is evicted
+        # CLIENT NO-TOUCH ON (flag T): its reads go to the engine as the table's
+        # variants that record no access (commands.table.NO_TOUCH).
+        self.no_touch = False
+        self.paused = False  # held back by CLIENT PAUSE (flag b)
+        # EXEC running its queued commands: how many (CLIENT INFO's multi=, as
+        # Redis shows it then); None otherwise.
+        self.executing: int | None = None
+        # Bytes the client sent while a pause held it were parsed after: parse
+        # again before reading (see _wait_unpaused).
+        self._fed_while_paused = False
         self.subscriber: Subscriber | None = None  # pub/sub: made on the first (P)SUBSCRIBE
         self._nursery: trio.Nursery | None = None  # the reader's, writer's and pusher's
         self._overflow_logged = False
@@ -631,10 +711,15 @@ class _Connection:
                 return True
             parser.feed(data)
             commands, error = parser.next_commands()
-            if commands:
+            while commands:
                 await self._execute(commands)
                 if self.closing:
                     return True
+                if not self._fed_while_paused:
+                    break
+                # What arrived while a pause held the client: its turn now.
+                self._fed_while_paused = False
+                commands, error = parser.next_commands()
             if error is None and not self.authenticated:
                 error = _unauthenticated_limit(parser)
             if error is not None:
@@ -1002,6 +1087,91 @@ class _Connection:
             self.subscriber.limit if self.subscriber is not None else 0,
         )
 
+    # -- CLIENT PAUSE ----------------------------------------------------------------
+
+    async def _hold_if_paused(
+        self,
+        calls: list[tuple[str, Sequence[bytes]]],
+        early: list[tuple[int, bytes]],
+        name: str,
+    ) -> None:
+        """Wait out the CLIENT PAUSE that holds back command ``name``, if one does.
+
+        Called for each command once its early errors (unknown, arity,
+        NOAUTH, RESP2 subscribed mode) are known not to apply, and before it
+        is queued in MULTI, as Redis's ``processCommand`` postpones a client:
+        the commands before it run and their replies go out first; it and
+        the client's later commands wait. WRITE holds back
+        :func:`_pauses_on_write` commands, and an EXEC of a transaction that
+        queued one.
+        """
+        write = _pauses_on_write(name) or (
+            name == "exec"
+            and self.multi is not None
+            and any(_pauses_on_write(queued) for queued, _, _ in self.multi)
+        )
+        if not self.server.paused_for(write):
+            return
+        await self._run_calls(calls, early)
+        await self._wait_unpaused(write)
+
+    async def _wait_unpaused(self, write: bool) -> None:
+        """Wait (trio time, cancellable) until no pause holds back a command of this kind.
+
+        The replies staged so far go out first. Meanwhile the socket is still
+        read, as Redis reads a paused client: what arrives is parsed after
+        the pause (:attr:`_fed_while_paused`), within ``max_query_buffer``
+        (past it the parser fails and the client is closed once the pause
+        ends, as for any overflow); a client that leaves ends its connection
+        at once, and the commands it sent never run (Redis frees it).
+        Nothing is left behind: the count of paused clients is given back
+        however the wait ends.
+        """
+        server = self.server
+        if not server.paused_for(write):
+            return
+        self._flush_stage()
+        self.paused = True
+        server.paused_clients += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_while_paused)
+                while server.paused_for(write):
+                    with trio.move_on_at(server.pause_end):
+                        await server.unpaused.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.paused = False
+            server.paused_clients -= 1
+        self.last_activity = self._clock.current_time()  # a paused client was not idle
+
+    async def _watch_while_paused(self) -> None:
+        """While a pause holds the reader: take what the client sends and see it leave."""
+        raw = self._raw
+        if raw is None:
+            return  # trio's socket layout unknown: everything is read after the pause
+        parser = self._parser
+        while not parser.failed:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                data = raw.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:  # reset: gone as well
+                data = b""
+            if not data:
+                logger.info(
+                    "RESP client id=%d addr=%s left while paused: its held commands dropped",
+                    self.id,
+                    self.addr,
+                )
+                self.killed = True
+                if self._scope is not None:
+                    self._scope.cancel()
+                return
+            parser.feed(data)
+            self._fed_while_paused = True
+
     # -- executing -----------------------------------------------------------------
 
     async def _execute(self, commands: list[tuple[bytes, ...]]) -> None:
@@ -1010,20 +1180,24 @@ class _Connection:
         A lone data command from an authenticated client (one request per
         read, as at ``-P 1``) goes straight to ``engine.execute``; anything
         else goes through :meth:`_execute_batch`. Both give the replies,
-        counters and errors the batch path gives.
+        counters and errors the batch path gives. A CLIENT NO-TOUCH client,
+        and every client while a CLIENT PAUSE is set, take the batch path,
+        which maps the calls to their variants and waits out the pause.
         """
+        server = self.server
         if (
             len(commands) == 1
             and self.authenticated
             and self.multi is None
             and not self.muted
             and self.subscriber is None
+            and not self.no_touch
+            and not server.pause_mode
         ):
             argv = commands[0]
             known = _DATA_NAMES.get(argv[0])
             if known is not None and known[1] <= len(argv) <= known[2]:
                 name = known[0]
-                server = self.server
                 server.total_commands += 1
                 self.last_cmd = name
                 start = _clock_ns()
@@ -1113,18 +1287,21 @@ class _Connection:
                     early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 elif restricted:
                     early.append((len(calls) + len(early), self._encode(_pubsub_only(argv))))
-                elif self.multi is not None:
-                    early.append(
-                        (len(calls) + len(early), self._encode(self._queue_call(name, argv)))
-                    )
-                elif name in _PUBLISHES and self.subscriber is not None:
-                    # Run by itself: a message it sends this connection goes after
-                    # the replies before it and before its own, as Redis writes it.
-                    await self._run_calls(calls, early)
-                    calls.append((name, argv[1:]))
-                    await self._run_calls(calls, early, own_messages_first=True)
                 else:
-                    calls.append((name, argv[1:]))
+                    if server.pause_mode:
+                        await self._hold_if_paused(calls, early, name)
+                    if self.multi is not None:
+                        early.append(
+                            (len(calls) + len(early), self._encode(self._queue_call(name, argv)))
+                        )
+                    elif name in _PUBLISHES and self.subscriber is not None:
+                        # Run by itself: a message it sends this connection goes after
+                        # the replies before it and before its own, as Redis writes it.
+                        await self._run_calls(calls, early)
+                        calls.append((name, argv[1:]))
+                        await self._run_calls(calls, early, own_messages_first=True)
+                    else:
+                        calls.append((name, argv[1:]))
                 continue
             assert conn_command is not None
             self.last_cmd = name
@@ -1145,6 +1322,8 @@ class _Connection:
                 error = self._refuse(name, _pubsub_only(argv))
                 early.append((len(calls) + len(early), self._encode(error)))
                 continue
+            if server.pause_mode:
+                await self._hold_if_paused(calls, early, name)
             if self.multi is not None and name not in _TRANSACTION_CONTROL:
                 # Queued, as Redis queues them; AUTH and HELLO are refused.
                 if name in _NO_MULTI or (name == "client" and argv[1].lower() == b"reply"):
@@ -1266,17 +1445,19 @@ class _Connection:
     ) -> None:
         if calls:
             engine = self.server.engine
+            # CLIENT NO-TOUCH: the reads' variants that record no access.
+            run = _untouched(calls) if self.no_touch else calls
             start = _clock_ns()
-            if len(calls) == 1:
+            if len(run) == 1:
                 try:
-                    result = await engine.execute(*calls[0])
+                    result = await engine.execute(*run[0])
                 except KVMemoError as exc:
                     result = exc
                 results: list[Any] = [result]
-            elif all(name in _COALESCED for name, _ in calls):
-                results = await self.server.coalescer.execute_many(calls)
+            elif all(name in _COALESCED for name, _ in run):
+                results = await self.server.coalescer.execute_many(run)
             else:
-                results = await engine.execute_many(calls)
+                results = await engine.execute_many(run)
             elapsed = _clock_ns() - start
             if elapsed >= self.server.slowlog.threshold_ns:  # the slow log's one comparison
                 self._slow_batch(elapsed, calls)
@@ -1376,18 +1557,24 @@ class _Connection:
         if subscriber is not None:
             sub, psub = len(subscriber.channels), len(subscriber.patterns)
             ssub = subscriber.shard_count
-        # Redis's letters in its order: P (pubsub), x (MULTI), e (no-evict); N for none.
+        # Redis's letters in its order: P (pubsub), x (MULTI, or running EXEC),
+        # b (blocked: CLIENT PAUSE), e (no-evict), T (no-touch); N for none.
+        queued = self.multi
+        executing = self.executing
+        multi = len(queued) if queued is not None else -1 if executing is None else executing
         flags = (
             ("P" if sub or psub or ssub else "")
-            + ("x" if self.multi is not None else "")
+            + ("x" if multi >= 0 else "")
+            + ("b" if self.paused else "")
             + ("e" if self.no_evict else "")
+            + ("T" if self.no_touch else "")
         )
         return (
             f"id={self.id} addr={self.addr} laddr={self.laddr} fd={fd} name={_text(self.name)}"
             f" age={int(now - self.created)} idle={int(now - self.last_activity)}"
             f" flags={flags or 'N'} db=0"
             f" sub={sub} psub={psub} ssub={ssub}"
-            f" multi={-1 if self.multi is None else len(self.multi)}"
+            f" multi={multi}"
             f" qbuf={self.query_buffered} qbuf-free=0"
             f" argv-mem=0 multi-mem=0 rbs={RECEIVE_SIZE} rbp=0 obl=0 oll={len(self._queue)}"
             f" omem={self.pending} tot-mem={self.pending + self.query_buffered} events=r"
@@ -1422,6 +1609,27 @@ def _unauthenticated_limit(parser: RespParser) -> ProtocolError | None:
     if length > UNAUTH_MAX_BULK:
         return ProtocolError(_UNAUTH_BULK)
     return None
+
+
+def _untouched(calls: Sequence[tuple[str, Sequence[bytes]]]) -> list[tuple[str, Sequence[bytes]]]:
+    """A CLIENT NO-TOUCH client's ``calls``: each read that records an access as
+    its variant that records none (``commands.table.NO_TOUCH``; TOUCH stays)."""
+    variant = NO_TOUCH.get
+    return [(variant(name, name), args) for name, args in calls]
+
+
+def _pauses_on_write(name: str) -> bool:
+    """Whether CLIENT PAUSE WRITE holds back command ``name``: Redis's write and
+    may-replicate commands, as KVMemo has them (the table's write commands,
+    PUBLISH and SPUBLISH, and the connection commands flagged write: MOVE,
+    SWAPDB)."""
+    if name in _PUBLISHES:
+        return True
+    conn_command = _CONNECTION_COMMANDS.get(name)
+    if conn_command is not None:
+        return "write" in conn_command.flags
+    spec = COMMANDS.get(name)
+    return spec is not None and "write" in spec.flags
 
 
 def _merge(replies: list[bytes], early: list[tuple[int, bytes]]) -> list[bytes]:
@@ -1589,6 +1797,7 @@ async def _reset(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     conn.end_transaction()
     conn.protocol = 2
     conn.name = b""
+    conn.no_touch = False  # Redis 7.2's RESET clears NO-TOUCH
     # A CLIENT REPLY SKIP before it is spent on RESET's own reply, as in Redis
     # (which clears OFF, and SKIP for the commands after, before it replies).
     skip = conn.skip_reply and not conn.replies_off
@@ -1732,13 +1941,30 @@ async def _exec(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     conn.multi = None
     conn.multi_dirty = False
     conn.watches = []
+    # While the queued commands run, CLIENT INFO / LIST show the transaction
+    # as Redis does inside EXEC: flag x, multi=<queued commands>, cmd=exec.
+    conn.executing = len(queued)
+    try:
+        return await _run_exec(conn, queued, dirty, watches)
+    finally:
+        conn.executing = None
+
+
+async def _run_exec(
+    conn: _Connection,
+    queued: list[tuple[str, tuple[bytes, ...], Handler | None]],
+    dirty: bool,
+    watches: list[tuple[int, bytes, int]],
+) -> object:
     engine = conn.server.engine
     try:
         if dirty:
             return EXECABORT
         data = [(name, argv[1:]) for name, argv, handler in queued if handler is None]
         start = _clock_ns()
-        results = await engine.execute_transaction(data, watches)
+        results = await engine.execute_transaction(
+            _untouched(data) if conn.no_touch else data, watches
+        )
         elapsed = _clock_ns() - start
         if data and elapsed >= conn.server.slowlog.threshold_ns:
             first = next(argv for _, argv, handler in queued if handler is None)
@@ -1947,6 +2173,13 @@ async def _wait(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 # SLOWLOG ----------------------------------------------------------------------------------
 
+# Redis's flags for the subcommands of its containers (COMMAND INFO), as most have them.
+_ADMIN: Final = "admin loading stale"
+_ADMIN_NOSCRIPT: Final = "admin noscript loading stale"
+_NOSCRIPT: Final = "noscript loading stale"
+_HELP: Final = "loading stale"
+_HELP_SUMMARY: Final = "what the subcommands do"
+
 _SLOWLOG_COUNT: Final = ErrorReply("ERR count should be greater than or equal to -1")
 
 
@@ -1995,10 +2228,10 @@ async def _slowlog_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 _connection_command("slowlog", -2, "admin noscript loading stale", "the slow log")(
     _dispatch(
         {
-            "get": _SubCommand(-2, _slowlog_get),
-            "len": _SubCommand(2, _slowlog_len),
-            "reset": _SubCommand(2, _slowlog_reset),
-            "help": _SubCommand(2, _slowlog_help),
+            "get": _SubCommand(-2, _slowlog_get, _ADMIN, "the newest entries", "2.2.12"),
+            "len": _SubCommand(2, _slowlog_len, _ADMIN, "the number of entries", "2.2.12"),
+            "reset": _SubCommand(2, _slowlog_reset, _ADMIN, "forget every entry", "2.2.12"),
+            "help": _SubCommand(2, _slowlog_help, _HELP, _HELP_SUMMARY, "6.2.0"),
         }
     )
 )
@@ -2066,12 +2299,22 @@ async def _latency_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 _connection_command("latency", -2, "admin noscript loading stale", "latency diagnostics")(
     _dispatch(
         {
-            "doctor": _SubCommand(2, _latency_doctor),
-            "graph": _SubCommand(3, _latency_graph),
-            "history": _SubCommand(3, _latency_history),
-            "latest": _SubCommand(2, _latency_latest),
-            "reset": _SubCommand(-2, _latency_reset),
-            "help": _SubCommand(2, _latency_help),
+            "doctor": _SubCommand(
+                2, _latency_doctor, _ADMIN_NOSCRIPT, "why there is nothing to analyse", "2.8.13"
+            ),
+            "graph": _SubCommand(
+                3, _latency_graph, _ADMIN_NOSCRIPT, "an event's graph (none)", "2.8.13"
+            ),
+            "history": _SubCommand(
+                3, _latency_history, _ADMIN_NOSCRIPT, "an event's samples (none)", "2.8.13"
+            ),
+            "latest": _SubCommand(
+                2, _latency_latest, _ADMIN_NOSCRIPT, "every event's latest sample (none)", "2.8.13"
+            ),
+            "reset": _SubCommand(
+                -2, _latency_reset, _ADMIN_NOSCRIPT, "reset events' samples (none)", "2.8.13"
+            ),
+            "help": _SubCommand(2, _latency_help, _HELP, _HELP_SUMMARY, "2.8.13"),
         }
     )
 )
@@ -2108,9 +2351,9 @@ async def _acl_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 _connection_command("acl", -2, "noscript loading stale", "the connection's user (ACL)")(
     _dispatch(
         {
-            "users": _SubCommand(2, _acl_users),
-            "whoami": _SubCommand(2, _acl_whoami),
-            "help": _SubCommand(2, _acl_help),
+            "users": _SubCommand(2, _acl_users, _ADMIN_NOSCRIPT, "the user names", "6.0.0"),
+            "whoami": _SubCommand(2, _acl_whoami, _NOSCRIPT, "the connection's user", "6.0.0"),
+            "help": _SubCommand(2, _acl_help, _HELP, _HELP_SUMMARY, "6.0.0"),
         }
     )
 )
@@ -2178,10 +2421,62 @@ async def _client_setinfo(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     return "OK"
 
 
-async def _client_ok(conn: _Connection, argv: tuple[bytes, ...]) -> object:
-    """CLIENT NO-TOUCH ON|OFF: accepted and ignored (see CLIENT HELP)."""
-    if argv[2].upper() not in (b"ON", b"OFF"):
+async def _client_no_touch(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT NO-TOUCH ON|OFF (Redis 7.2): with ON, the client's reads (GET, MGET,
+    GETEX, DUMP) leave the keys' LRU/LFU data as it was (OBJECT IDLETIME and FREQ
+    do not change); TOUCH still touches. Flag ``T`` in CLIENT LIST; RESET turns it off."""
+    mode = argv[2].upper()
+    if mode not in (b"ON", b"OFF"):
         return SYNTAX_ERROR
+    conn.no_touch = mode == b"ON"
+    return "OK"
+
+
+_PAUSE_MODES: Final = {b"WRITE": PauseMode.WRITE, b"ALL": PauseMode.ALL}
+
+
+async def _client_pause(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT PAUSE timeout [WRITE|ALL]: hold back the commands of every client of
+    this port (the caller's included, after this reply) for ``timeout`` ms.
+
+    ALL (the default) holds every command; WRITE those that change data or
+    publish (:func:`_pauses_on_write`), and EXEC of a transaction that
+    queued one; reads go on. A held command waits, with the client's later
+    commands behind it, and runs when the pause ends (its timeout, or
+    CLIENT UNPAUSE): never refused, never lost. Over a pause still running,
+    the later end and the stricter mode win. Redis's checks in its order:
+    the argument count, the mode, then the timeout (Redis 7.2's words; 0
+    pauses nothing new).
+    """
+    if len(argv) > 4:
+        return ErrorReply(
+            f"ERR unknown subcommand or wrong number of arguments for '{_text(argv[1])}'."
+            " Try CLIENT HELP."
+        )
+    mode = PauseMode.ALL
+    if len(argv) == 4:
+        found = _PAUSE_MODES.get(argv[3].upper())
+        if found is None:
+            return ErrorReply("ERR CLIENT PAUSE mode must be WRITE or ALL")
+        mode = found
+    timeout = _int_or(argv[2], ErrorReply("ERR timeout is not an integer or out of range"))
+    if isinstance(timeout, ErrorReply):
+        return timeout
+    if timeout < 0:
+        return ErrorReply("ERR timeout is negative")
+    if timeout > LLONG_MAX - int(time.time() * 1000):  # Redis's end time would overflow
+        return ErrorReply("ERR timeout is out of range")
+    # 0 ends now: nothing is held back, but a pause running may turn ALL (as Redis).
+    conn.server.pause(mode, trio.current_time() + timeout / 1000)
+    return "OK"
+
+
+async def _client_unpause(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CLIENT UNPAUSE: end the pause now; the commands it held run, each client's in order.
+
+    Under PAUSE ALL it is held back itself, as in Redis (the pause then ends
+    at its timeout)."""
+    conn.server.unpause()
     return "OK"
 
 
@@ -2376,7 +2671,7 @@ def _kill(conn: _Connection, target: _Connection) -> None:
 
 async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
     """CLIENT HELP: Redis 7.0's text, for the subcommands KVMemo has (7.2's
-    SETINFO and NO-TOUCH added; PAUSE and UNPAUSE left out: not implemented)."""
+    SETINFO and NO-TOUCH added)."""
     return [
         "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
         "CACHING (YES|NO)",
@@ -2411,6 +2706,10 @@ async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "      Return clients of specified type.",
         "    * ID <id> [<id> ...]",
         "      Return clients of specified IDs only.",
+        "UNPAUSE",
+        "    Stop the current client pause, resuming traffic.",
+        "PAUSE <timeout> [WRITE|ALL]",
+        "    Suspend all, or just write, clients for <timeout> milliseconds.",
         "REPLY (ON|OFF|SKIP)",
         "    Control the replies sent to the current connection.",
         "SETNAME <name>",
@@ -2427,7 +2726,7 @@ async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "NO-EVICT (ON|OFF)",
         "    Protect current client connection from eviction (clients are never evicted).",
         "NO-TOUCH (ON|OFF)",
-        "    Accepted and ignored.",
+        "    Will not touch LRU/LFU stats when this mode is on.",
         "HELP",
         "    Prints this help.",
     ]
@@ -2436,22 +2735,50 @@ async def _client_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 _connection_command("client", -2, "noscript loading stale", "the connection's client")(
     _dispatch(
         {
-            "id": _SubCommand(2, _client_id),
-            "setname": _SubCommand(3, _client_setname),
-            "getname": _SubCommand(2, _client_getname),
-            "list": _SubCommand(-2, _client_list),
-            "info": _SubCommand(2, _client_info),
-            "kill": _SubCommand(-3, _client_kill),
-            "setinfo": _SubCommand(4, _client_setinfo),
-            "reply": _SubCommand(3, _client_reply),
-            "no-evict": _SubCommand(3, _client_no_evict),
-            "no-touch": _SubCommand(3, _client_ok),
-            "tracking": _SubCommand(-3, _client_tracking),
-            "caching": _SubCommand(3, _client_caching),
-            "getredir": _SubCommand(2, _client_getredir),
-            "trackinginfo": _SubCommand(2, _client_trackinginfo),
-            "unblock": _SubCommand(-3, _client_unblock),
-            "help": _SubCommand(2, _client_help),
+            "id": _SubCommand(2, _client_id, _NOSCRIPT, "the connection's id", "5.0.0"),
+            "setname": _SubCommand(3, _client_setname, _NOSCRIPT, "name the connection", "2.6.9"),
+            "getname": _SubCommand(2, _client_getname, _NOSCRIPT, "the connection's name", "2.6.9"),
+            "list": _SubCommand(
+                -2, _client_list, _ADMIN_NOSCRIPT, "the connected clients", "2.4.0"
+            ),
+            "info": _SubCommand(2, _client_info, _NOSCRIPT, "this connection", "6.2.0"),
+            "kill": _SubCommand(
+                -3, _client_kill, _ADMIN_NOSCRIPT, "close clients' connections", "2.4.0"
+            ),
+            "setinfo": _SubCommand(
+                4, _client_setinfo, _NOSCRIPT, "the client library's name or version", "7.2.0"
+            ),
+            "reply": _SubCommand(
+                3, _client_reply, _NOSCRIPT, "whether the server replies", "3.2.0"
+            ),
+            "no-evict": _SubCommand(
+                3, _client_no_evict, _ADMIN_NOSCRIPT, "exempt from client eviction", "7.0.0"
+            ),
+            "no-touch": _SubCommand(
+                3, _client_no_touch, _NOSCRIPT, "whether reads record key access", "7.2.0"
+            ),
+            "pause": _SubCommand(
+                -3, _client_pause, _ADMIN_NOSCRIPT, "hold clients' commands back", "2.9.50"
+            ),
+            "unpause": _SubCommand(
+                2, _client_unpause, _ADMIN_NOSCRIPT, "end CLIENT PAUSE", "6.2.0"
+            ),
+            "tracking": _SubCommand(
+                -3, _client_tracking, _NOSCRIPT, "client-side caching (refused)", "6.0.0"
+            ),
+            "caching": _SubCommand(
+                3, _client_caching, _NOSCRIPT, "client-side caching (refused)", "6.0.0"
+            ),
+            "getredir": _SubCommand(
+                2, _client_getredir, _NOSCRIPT, "the tracking redirection (-1)", "6.0.0"
+            ),
+            "trackinginfo": _SubCommand(
+                2, _client_trackinginfo, _NOSCRIPT, "the tracking status (off)", "6.2.0"
+            ),
+            "unblock": _SubCommand(
+                -3, _client_unblock, _ADMIN_NOSCRIPT, "unblock a client (none blocks)", "5.0.0"
+            ),
+            "help": _SubCommand(2, _client_help, _HELP, _HELP_SUMMARY, "5.0.0"),
         }
     )
 )
@@ -2494,24 +2821,30 @@ def _flags_of(spec: TableCommand | TableSubcommand, pubsub: bool = False) -> lis
 
 
 def _categories_of(flags: Sequence[str], keyed: bool, group: str) -> list[str]:
-    out = []
+    """The ACL categories of a command with ``flags`` in ``group``, in Redis's order."""
+    out = set()
     if "write" in flags:
-        out.append("@write")
+        out.add("@write")
     if "readonly" in flags:
-        out.append("@read")
+        out.add("@read")
     if keyed and group in _KEY_CATEGORY:  # MEMORY USAGE's key gives no category
-        out.append(_KEY_CATEGORY[group])
+        out.add(_KEY_CATEGORY[group])
     if "admin" in flags:
-        out += ["@admin", "@dangerous"]
+        out |= {"@admin", "@dangerous"}
     if "pubsub" in flags:
-        out.append("@pubsub")
-    out.append("@fast" if "fast" in flags else "@slow")
+        out.add("@pubsub")
+    out.add("@fast" if "fast" in flags else "@slow")
     if group in ("connection", "transaction"):
-        out.append("@" + group)
-    return out
+        out.add("@" + group)
+    return [category for category in _CATEGORY_ORDER if category in out]
 
 
 _KEY_CATEGORY: Final = {"generic": "@keyspace", "string": "@string", "bitmap": "@bitmap"}
+# Redis's order of the categories (ACL CAT), those KVMemo's commands have.
+_CATEGORY_ORDER: Final = (
+    "@keyspace @read @write @string @bitmap @pubsub @admin @fast @slow @dangerous"
+    " @connection @transaction"
+).split()
 
 
 def _group_of(spec: TableCommand) -> str:
@@ -2546,11 +2879,76 @@ def _key_spec(first: int, last: int, step: int, flags: Sequence[str]) -> dict[by
     }
 
 
+def _conn_subcommands(name: str) -> dict[str, _SubCommand] | None:
+    """The subcommands of connection command ``name`` when Redis 7 lists it as a
+    container (CLIENT, CONFIG, COMMAND, ACL, LATENCY, SLOWLOG), else None.
+
+    DEBUG is no container in Redis (one command), so none of its
+    subcommands (KVMemo's own) are listed either.
+    """
+    conn_command = _CONNECTION_COMMANDS.get(name)
+    if conn_command is None or name in _NOT_REDIS_CONTAINERS:
+        return None
+    return _DISPATCHED.get(conn_command.handler)
+
+
+# Connection commands with subcommands that Redis has as one command.
+_NOT_REDIS_CONTAINERS: Final = frozenset({"debug"})
+# The category group of the subcommands of the connection containers (the
+# others: "server", no @connection), as Redis files them.
+_CONNECTION_SUBCOMMANDS: Final = frozenset({"client", "command"})
+
+
+def _conn_subcommand(full: str) -> tuple[str, _SubCommand] | None:
+    """The connection container and subcommand that ``container|sub`` names, if any."""
+    name, _, wanted = full.partition("|")
+    subcommands = _conn_subcommands(name)
+    if subcommands is None or wanted not in subcommands:
+        return None
+    return name, subcommands[wanted]
+
+
+def _conn_sub_flags(sub: _SubCommand) -> list[str]:
+    return sub.flags.split()
+
+
+def _conn_sub_categories(container: str, sub: _SubCommand) -> list[str]:
+    group = "connection" if container in _CONNECTION_SUBCOMMANDS else "server"
+    return _categories_of(_conn_sub_flags(sub), False, group)
+
+
+def _conn_sub_entry(container: str, name: str, sub: _SubCommand) -> list[object]:
+    """The COMMAND INFO entry of a connection container's subcommand (``client|info``)."""
+    return [
+        f"{container}|{name}".encode(),
+        sub.arity,
+        Set(_conn_sub_flags(sub)),
+        0,
+        0,
+        0,
+        Set(_conn_sub_categories(container, sub)),
+        Set(()),  # tips, key specs, subcommands: sets in RESP3, as Redis's
+        Set(()),
+        Set(()),
+    ]
+
+
 def _command_entry(name: str) -> list[object] | None:
     """One COMMAND INFO entry, in Redis 7's ten-field layout."""
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
-        flags = list(conn_command.flags)
+        subcommands = _conn_subcommands(name)
+        subs: object = Set(())
+        if subcommands is not None:
+            # Its subcommands' entries in the tenth field (an array, not a
+            # set, in RESP3 too, as Redis's).
+            subs = [_conn_sub_entry(name, sub, spec) for sub, spec in subcommands.items()]
+            if conn_command.arity == -2:
+                # Only subcommands (CLIENT, CONFIG, ...): as Redis 7 lists a
+                # container, no flags nor keys of its own.
+                return [name.encode(), -2, Set(()), 0, 0, 0, Set(["@slow"]), Set(()), Set(()), subs]
+        # Redis's COMMAND INFO never names its sentinel flag.
+        flags = [flag for flag in conn_command.flags if flag != "sentinel"]
         categories = _command_categories(name)
         first, last, step = _CONNECTION_KEYS.get(name) or _CHANNEL_KEYS.get(name, (0, 0, 0))
         access = ["RW"] if "write" in flags else ["RO"]
@@ -2567,9 +2965,13 @@ def _command_entry(name: str) -> list[object] | None:
             Set(categories),
             Set(()),  # tips, key specs, subcommands: sets in RESP3, as Redis's
             Set(specs),
-            Set(()),
+            subs,
         ]
     if "|" in name:
+        conn_sub = _conn_subcommand(name)
+        if conn_sub is not None:
+            container, sub = conn_sub
+            return _conn_sub_entry(container, name.partition("|")[2], sub)
         found = _subcommand(name)
         return None if found is None else _entry(name, found[1], _group_of(found[0]))
     spec = COMMANDS.get(name)
@@ -2596,14 +2998,18 @@ def _subcommand(full: str) -> tuple[TableCommand, TableSubcommand] | None:
 
 
 def _subcommand_names() -> list[str]:
-    """The table's subcommands as Redis names them (``object|encoding``): COMMAND LIST
-    lists them after the commands, as Redis 7 does."""
-    return sorted(
+    """The subcommands as Redis names them (``object|encoding``, ``client|info``):
+    COMMAND LIST lists them after the commands, as Redis 7 does."""
+    table = [
         f"{name}|{sub.name}"
         for name, spec in COMMANDS.items()
         if "." not in name
         for sub in spec.subcommands
-    )
+    ]
+    connection = [
+        f"{name}|{sub}" for name in _CONNECTION_COMMANDS for sub in _conn_subcommands(name) or ()
+    ]
+    return sorted(table + connection)
 
 
 def _entry(name: str, spec: TableCommand | TableSubcommand, group: str) -> list[object]:
@@ -2666,14 +3072,34 @@ _CONNECTION_SINCE: Final = {
     **dict.fromkeys(("ssubscribe", "sunsubscribe"), "7.0.0"),
     "acl": "6.0.0",
     "latency": "2.8.13",
+    "client": "2.4.0",
+    "config": "2.0.0",
+    "slowlog": "2.2.12",
+    "command": "2.8.13",
 }
 
 
 def _command_doc(name: str) -> dict[bytes, object] | None:
     conn_command = _CONNECTION_COMMANDS.get(name)
+    conn_sub = _conn_subcommand(name) if "|" in name else None
     if conn_command is not None:
         summary, since = conn_command.summary, _CONNECTION_SINCE.get(name, "1.0.0")
         group = _CONNECTION_GROUPS.get(name, "connection")
+        subcommands = _conn_subcommands(name)
+        if subcommands is not None:
+            # A container: its subcommands' docs in a map, as Redis 7 gives them.
+            return {
+                b"summary": summary.encode(),
+                b"since": since.encode(),
+                b"group": group.encode(),
+                b"subcommands": {
+                    f"{name}|{sub}".encode(): _conn_sub_doc(group, spec)
+                    for sub, spec in subcommands.items()
+                },
+            }
+    elif conn_sub is not None:
+        holder, held = conn_sub
+        return _conn_sub_doc(_CONNECTION_GROUPS.get(holder, "connection"), held)
     elif "|" in name:
         found = _subcommand(name)
         if found is None:
@@ -2702,6 +3128,14 @@ def _command_doc(name: str) -> dict[bytes, object] | None:
                 },
             }
     return {b"summary": summary.encode(), b"since": since.encode(), b"group": group.encode()}
+
+
+def _conn_sub_doc(group: str, sub: _SubCommand) -> dict[bytes, object]:
+    return {
+        b"summary": sub.summary.encode(),
+        b"since": sub.since.encode(),
+        b"group": group.encode(),
+    }
 
 
 async def _command_all(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -2734,11 +3168,16 @@ def _command_categories(name: str) -> list[str]:
     """The ACL categories of a known command (as in its COMMAND INFO entry)."""
     conn_command = _CONNECTION_COMMANDS.get(name)
     if conn_command is not None:
+        if conn_command.arity == -2 and _conn_subcommands(name) is not None:
+            return ["@slow"]  # a container's own entry, as Redis 7's
         docs_group = _CONNECTION_GROUPS.get(name)
         group = "transaction" if docs_group == "transactions" else "connection"
         if docs_group == "pubsub":
             group = "pubsub"
         return _categories_of(conn_command.flags, False, group)
+    conn_sub = _conn_subcommand(name) if "|" in name else None
+    if conn_sub is not None:
+        return _conn_sub_categories(*conn_sub)
     found = _subcommand(name) if "|" in name else None
     if found is not None:
         container, sub = found
@@ -2816,12 +3255,13 @@ async def _command_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 
 _COMMAND_SUBCOMMANDS: Final = {
-    "count": _SubCommand(2, _command_count),
-    "list": _SubCommand(-2, _command_list),
-    "info": _SubCommand(-2, _command_info),
-    "docs": _SubCommand(-2, _command_docs),
-    "getkeys": _SubCommand(-4, _command_getkeys),  # Redis 7.0's: a command and an argument
-    "help": _SubCommand(2, _command_help),
+    "count": _SubCommand(2, _command_count, _HELP, "the number of commands", "2.8.13"),
+    "list": _SubCommand(-2, _command_list, _HELP, "the command names", "7.0.0"),
+    "info": _SubCommand(-2, _command_info, _HELP, "commands' details", "2.8.13"),
+    "docs": _SubCommand(-2, _command_docs, _HELP, "commands' documentation", "7.0.0"),
+    # Redis 7.0's arity: a command and an argument.
+    "getkeys": _SubCommand(-4, _command_getkeys, _HELP, "a command's keys", "2.8.13"),
+    "help": _SubCommand(2, _command_help, _HELP, _HELP_SUMMARY, "5.0.0"),
 }
 _command_dispatch = _dispatch(_COMMAND_SUBCOMMANDS)
 
@@ -2944,7 +3384,7 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
         "clients": [
             ("connected_clients", len(server.clients)),
             ("maxclients", server.limits.max_clients),
-            ("blocked_clients", 0),
+            ("blocked_clients", server.paused_clients),  # as Redis counts postponed ones
             ("tracking_clients", 0),
         ],
         "memory": [
@@ -3199,11 +3639,15 @@ async def _config_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 _connection_command("config", -2, "admin noscript loading stale", "get or set settings")(
     _dispatch(
         {
-            "get": _SubCommand(-3, _config_get),
-            "set": _SubCommand(-4, _config_set),
-            "resetstat": _SubCommand(2, _config_resetstat),
-            "rewrite": _SubCommand(2, _config_rewrite),
-            "help": _SubCommand(2, _config_help),
+            "get": _SubCommand(-3, _config_get, _ADMIN_NOSCRIPT, "settings' values", "2.0.0"),
+            "set": _SubCommand(-4, _config_set, _ADMIN_NOSCRIPT, "change settings", "2.0.0"),
+            "resetstat": _SubCommand(
+                2, _config_resetstat, _ADMIN_NOSCRIPT, "reset INFO's counters", "2.0.0"
+            ),
+            "rewrite": _SubCommand(
+                2, _config_rewrite, _ADMIN_NOSCRIPT, "write the config file (none)", "2.8.0"
+            ),
+            "help": _SubCommand(2, _config_help, _HELP, _HELP_SUMMARY, "5.0.0"),
         }
     )
 )
