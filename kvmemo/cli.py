@@ -15,6 +15,7 @@ running is logged and exits 1.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import logging
@@ -45,7 +46,20 @@ for _name in ("repl", "loadgen", "chaos"):
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with KVMemo's error line, and a suggestion for a misspelt flag."""
+
+    flags: frozenset[str] = frozenset()  # every flag of every subcommand (set by build_parser)
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                if not flag.startswith("--"):
+                    continue
+                close = difflib.get_close_matches(flag, sorted(self.flags), n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
         self.exit(2, f"kvmemo: error: {message}\n")
 
 
@@ -81,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(serve)
     for module in TOOLS:
         module.add_parser(sub)
+    parser.flags = frozenset(
+        flag
+        for command in sub.choices.values()
+        for flag in command._option_string_actions
+        if flag.startswith("--")
+    )
     return parser
 
 

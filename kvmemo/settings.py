@@ -654,7 +654,9 @@ def _from_toml(path: str) -> dict[str, Any]:
     for table, key, _ in items:
         if key.replace("-", "_") not in by_name:
             shown = key if table is None else f"{table}.{key}"
-            raise ValueError(f"config file {path}: unknown setting {shown!r}")
+            closest = _suggest(key.replace("-", "_"), by_name)
+            hint = f" (did you mean {closest!r}?)" if closest is not None else ""
+            raise ValueError(f"config file {path}: unknown setting {shown!r}{hint}")
     flat: dict[str, Any] = {}
     for table, key, inner in items:
         name = key.replace("-", "_")

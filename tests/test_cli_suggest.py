@@ -1,0 +1,38 @@
+"""A misspelt flag or TOML key is refused with the closest known name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmemo.cli import main
+
+
+def test_a_misspelt_flag_names_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--maxmemry", "1MiB"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "kvmemo: error: unrecognized arguments: --maxmemry 1MiB (did you mean --maxmemory?)"
+    )
+
+
+def test_a_flag_like_no_other_gets_no_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--zzzzzzzz=1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "kvmemo: error: unrecognized arguments: --zzzzzzzz=1"
+
+
+def test_a_misspelt_toml_key_names_the_closest_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "kvmemo.toml"
+    config.write_text('[store]\nmaxmemry = "1MiB"\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kvmemo: error: config file {config}: unknown setting 'store.maxmemry'"
+        " (did you mean 'maxmemory'?)"
+    )
