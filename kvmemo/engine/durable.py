@@ -282,5 +282,11 @@ async def info(
         "snapshot_errors": [
             f"{s['shard']}: {s['snapshot_error']}" for s in per_shard if s.get("snapshot_error")
         ],
+        # Log segments a written snapshot covers that could not be removed
+        # (retried): no failure of the snapshot, nor of the log.
+        "leftover_segments": sum(int(s.get("leftover_segments") or 0) for s in per_shard),
+        "leftover_errors": [
+            f"{s['shard']}: {s['leftover_error']}" for s in per_shard if s.get("leftover_error")
+        ],
         "shards": per_shard,
     }

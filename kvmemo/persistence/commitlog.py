@@ -57,9 +57,10 @@ segment (or a failed append or sync, after which the next frame goes to a
 new segment), so none of its batches was acknowledged; it is ignored, with a
 warning. It is a frame whose valid header says it goes past the end of its
 segment, a frame with a valid header but a damaged payload and only zero
-bytes after it, or a damaged header with no valid frame anywhere after it
-(its pages may reach the disk in any order). Any other damage stops the
-start with
+bytes after it, or a damaged header with no whole frame anywhere after it
+(its pages may reach the disk in any order): a frame numbered later, of
+any version, however many frames the damage spans (see ``_frame_after``).
+Any other damage stops the start with
 :class:`~.recovery.CorruptLog` naming the file and offset, unless
 ``repair``: then the frames before it are redone, and that segment and
 every later one are moved aside (``.corrupt-<offset>``), with a warning.
@@ -69,7 +70,9 @@ CRC of bytes 4 to 16 first, the version at offset 4), so a frame whose
 header CRC holds and whose version is above :data:`FRAME_VERSION` is known
 to come from a newer KVMemo: the start is refused
 (:class:`~.records.NewerVersion`), with or without ``repair``, and nothing
-of the commit log is redone, ignored as torn, moved aside or deleted.
+of the commit log is redone, ignored as torn, moved aside or deleted. So
+is one after damage: after a damaged frame, or in a later segment (a
+repair would move them aside).
 
 Threads. :class:`CommitLog` is used by one thread at a time: the sync
 coordinator's round (rounds never overlap), and ``close`` once no round
@@ -111,6 +114,11 @@ _WAL_RE = re.compile(r"wal-(\d{8,})\.log")  # a shard log segment's name (wal.se
 # fsync. Keeps every length field far from its 32-bit limit.
 MAX_ENTRY_BYTES = 256 * 1024 * 1024
 MAX_FRAME_BYTES = 1024 * 1024 * 1024  # payload of one frame; a round may write several
+# Frame numbers after a damaged frame searched for a frame of any version (a
+# newer build's): damage spanning more frames hides a newer one. Frames of
+# this build's version are found after any number (see _frame_after).
+FOLLOW_SPAN = 8
+_ZEROS = bytes(64 * 1024)  # compared a chunk at a time to skip a segment's trailing zeros
 
 
 class CommitLogError(OSError):
@@ -205,31 +213,102 @@ def list_commit_segments(data_dir: Path) -> list[tuple[int, Path]]:
     return list_segments(directory, _SEGMENT_RE)
 
 
-def _frame_follows(data: bytes, start: int, seq: int) -> bool:
-    """Whether frame number ``seq`` (header and payload CRCs right) begins at or after ``start``.
+def _frame_at(data: bytes, pos: int, damaged: int, seq: int) -> int | None:
+    """The version of the whole frame at ``pos``, if it can follow the damaged frame ``seq``.
 
-    The number must match: bytes inside the damaged frame's own payload (a
-    stored value may hold anything) could pass for some frame, but not for
-    the one due next in this segment by chance. Only offsets holding the
-    version byte are tried, so the search costs about one CRC of a header
-    per such byte: a damage path, run once.
+    Whole: its header and payload CRCs hold and it ends within ``data``. Its
+    number must be later than ``seq``, by no more frames than fit between
+    (a damage may span several frames: a lost sector holds many small ones).
     """
+    if pos <= damaged or pos + _HEADER.size > len(data):
+        return None
+    crc, version, length, payload_crc, number = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    if (
+        version >= FRAME_VERSION
+        and seq < number
+        and (number - seq) * _HEADER.size <= pos - damaged  # any version's frame has one
+        and end <= len(data)
+        and zlib.crc32(data[pos + 4 : pos + _HEADER.size]) == crc
+        and zlib.crc32(data[pos + _HEADER.size : end]) == payload_crc
+    ):
+        return int(version)
+    return None
+
+
+def _nonzero_end(data: bytes) -> int:
+    """``len(data)`` less the zero bytes it ends with (no frame's header lies among them)."""
+    end = len(data)
+    while end >= len(_ZEROS) and data[end - len(_ZEROS) : end] == _ZEROS:
+        end -= len(_ZEROS)
+    last = data[max(0, end - len(_ZEROS)) : end]
+    return end - (len(last) - len(last.rstrip(b"\0")))
+
+
+def _frame_after(data: bytes, damaged: int, seq: int) -> tuple[int, int] | None:
+    """``(offset, version)`` of the first whole frame after frame ``seq``, damaged at ``damaged``.
+
+    None: nothing after it is a frame, so it is the segment's torn last one.
+    Candidates are the offsets holding this build's version byte (any later
+    frame number), and those holding one of the next ``FOLLOW_SPAN`` frame
+    numbers (any version: a newer build's frame is found too), each checked
+    by :func:`_frame_at`. Bytes of the damaged frame's payload (a stored
+    value may hold anything) pass for a whole frame, both CRCs holding, only
+    if put there on purpose. The trailing zeros of the segment are skipped.
+    The search costs a CRC of a header or less per candidate and
+    ``FOLLOW_SPAN`` passes of ``bytes.find``: a damage path, run once.
+    """
+    limit = _nonzero_end(data)
+    found = []
     version = bytes([FRAME_VERSION])
-    at = data.find(version, start + 4)
+    at = data.find(version, damaged + 5, limit)
     while at >= 0:
-        pos = at - 4
-        if pos + _HEADER.size <= len(data):
-            crc, _, length, payload_crc, number = _HEADER.unpack_from(data, pos)
-            end = pos + _HEADER.size + length
-            if (
-                zlib.crc32(data[pos + 4 : pos + _HEADER.size]) == crc
-                and number == seq
-                and end <= len(data)
-                and zlib.crc32(data[pos + _HEADER.size : end]) == payload_crc
-            ):
-                return True
-        at = data.find(version, at + 1)
-    return False
+        got = _frame_at(data, at - 4, damaged, seq)
+        if got is not None:
+            found.append((at - 4, got))
+            break
+        at = data.find(version, at + 1, limit)
+    stop = min(len(data), limit + _HEADER.size - 4)  # a header's version byte is before limit
+    for number in range(seq + 1, seq + 1 + FOLLOW_SPAN):
+        needle = _COUNT.pack(number)
+        at = data.find(needle, damaged + _HEADER.size - 4, stop)
+        while at >= 0:
+            got = _frame_at(data, at - (_HEADER.size - 4), damaged, seq)
+            if got is not None:
+                found.append((at - (_HEADER.size - 4), got))
+                break
+            at = data.find(needle, at + 1, stop)
+    return min(found, default=None)
+
+
+def _newer_frame(data: bytes, pos: int) -> tuple[int, int] | None:
+    """``(offset, version)`` of a frame of a newer version among the frames from ``pos`` on.
+
+    The frames are walked by their headers' lengths, up to the first header
+    whose CRC fails (nothing after it is known to be a frame).
+    """
+    while pos + _HEADER.size <= len(data):
+        crc, version, length, _, _ = _HEADER.unpack_from(data, pos)
+        if zlib.crc32(data[pos + 4 : pos + _HEADER.size]) != crc:
+            return None
+        if version > FRAME_VERSION:
+            return pos, int(version)
+        pos += _HEADER.size + length
+    return None
+
+
+def _refuse_newer(path: Path, data: bytes, resume: int | None, later: list[Path]) -> None:
+    """Raise :class:`NewerVersion` for a frame of a newer version after damage in ``path``.
+
+    ``resume``: where the frames after the damage start, if known; ``later``:
+    the later segments. Damage does not make a newer build's frames damage:
+    they are refused, with or without repair, and none is moved aside.
+    """
+    places = [(path, data, resume)] + [(p, p.read_bytes(), 0) for p in later]
+    for where, contents, start in places:
+        if start is not None and (newer := _newer_frame(contents, start)) is not None:
+            offset, version = newer
+            raise NewerVersion(where, version, FRAME_VERSION, offset=offset, kind="commit frame")
 
 
 def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
@@ -243,7 +322,7 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
     segments = list_commit_segments(data_dir)
     frames: list[list[Entry]] = []
     warnings: list[str] = []
-    for _, path in segments:
+    for index, (_, path) in enumerate(segments):
         data = path.read_bytes()
         pos = 0
         seq = 0  # the number the next frame of this segment must carry
@@ -283,14 +362,22 @@ def read_frames(data_dir: Path, *, repair: bool = False) -> Frames:
                     pos = end
                     seq += 1
                     continue
+            resume: int | None = None  # where the frames after the damage start, if known
             if problem in ("frame header cut short", "frame cut short"):
                 torn = True
             elif end <= len(data):  # a valid header: torn if only zeros follow the frame
                 torn = not data[end:].strip(b"\0")
+                resume = pos  # its header is valid: the walk starts with it
             else:
                 # A damaged header: a crash tears the last frame only, so it
-                # is torn unless a valid frame follows it somewhere.
-                torn = not _frame_follows(data, pos + 1, seq + 1)
+                # is torn unless a whole frame follows it somewhere (its
+                # number later than this one's; a newer build's is refused).
+                after = _frame_after(data, pos, seq)
+                torn = after is None
+                if after is not None:
+                    resume = after[0]
+            if not torn:
+                _refuse_newer(path, data, resume, [p for _, p in segments[index + 1 :]])
             if torn:
                 warnings.append(
                     f"{path}: ignored a torn commit frame at offset {pos} ({problem}); "

@@ -35,10 +35,14 @@ Damage comes in two kinds, which :class:`Scanner` and :func:`replay` tell apart:
 
 A damaged length field cannot pass for a torn tail: the payload length is
 checked against the key and value lengths as soon as they are present, and in
-a complete record they all are. (It would take two length fields damaged so
-as to agree with each other.) No forward search for the next valid record is
-ever made: it would cost time in proportion to the size of a torn value, and
-a value may contain anything, encoded records included.
+a complete record they all are, and against the op's shape (a DEL has no
+value, a GROUP no key, ...). Two length fields damaged together (a burst of
+bad bytes over both) can agree only in a SET whose key runs past the end of
+the data: then, and only then, the bytes after are searched for a whole
+record (see ``_whole_record_after``: they are fewer than the torn key
+would hold); finding one, it is damage. No other forward search for the
+next valid record is ever made: it would cost time in proportion to the size
+of a torn value, and a value may contain anything, encoded records included.
 
 Versions. Every later format version keeps the first 10 bytes as they are
 (a CRC32 of bytes 4 to the end of the payload, the version, one byte whose
@@ -509,10 +513,15 @@ def _decode_at(
             (klen,) = _U32.unpack_from(data, pos + HEADER_SIZE)
             if MIN_PAYLOAD + klen > plen:
                 return f"key length {klen} does not fit payload length {plen}"
+            reason = _torn_shape_error(op, klen, plen)
+            if reason is not None:
+                return reason
             if kstart + klen + 4 <= n:
                 (vlen,) = _U32.unpack_from(data, kstart + klen)
                 if MIN_PAYLOAD + klen + vlen != plen:
                     return _mismatch(klen, vlen, plen)
+            elif op == _SET and _whole_record_after(data, mv, pos + HEADER_SIZE + MIN_PAYLOAD, n):
+                return f"key length {klen} runs past the end, but a whole record follows"
         return None
     if zlib.crc32(mv[pos + 4 : end]) != crc:
         return "CRC mismatch"
@@ -539,6 +548,47 @@ def _decode_at(
         if reason is not None:
             return reason
     return end, (op, key, value, expires_ms)
+
+
+def _torn_shape_error(op: int, klen: int, plen: int) -> str | None:
+    """Why a record cut short, of ``op`` and these lengths, cannot be a valid one (or None).
+
+    The shape rules that lengths alone can break: a FLUSH or GROUP has no
+    key, a TXN or INTENT an 8-byte one, a DEL or EXPIRE no value.
+    """
+    if op in (_FLUSH, _GROUP) and klen != 0:
+        return f"a {Op(op).name} record with a key length of {klen}"
+    if op in (_TXN, _INTENT) and klen != 8:
+        return f"a {Op(op).name} record with a key length of {klen}"
+    if op in (_DEL, _EXPIRE) and plen != MIN_PAYLOAD + klen:
+        return _mismatch(klen, plen - MIN_PAYLOAD - klen, plen)
+    return None
+
+
+def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> bool:
+    """Whether a whole, valid record of this version begins at or after ``start`` in ``data[:n]``.
+
+    The one forward search the decoder makes, for the one torn record whose
+    lengths cannot be checked against each other: a SET whose key runs past
+    the end of the data. Two length fields damaged together (a burst of bad
+    bytes) make that shape too, and the records after them would be cut off
+    as a torn tail. Searched: the bytes after the key's start, fewer than the
+    key would hold, so the search costs no more than a torn key is long.
+    A key holding a whole encoded record by design would make a torn tail
+    look damaged: the start is refused, and repair loses nothing.
+    """
+    version = bytes([FORMAT_VERSION])
+    at = data.find(version, start + 4, n)
+    while at >= 0:
+        pos = at - 4
+        if n - pos >= HEADER_SIZE and data[at + 1] in _OPS:
+            (plen,) = _U32.unpack_from(data, pos + 6)
+            if MIN_PAYLOAD <= plen <= n - pos - HEADER_SIZE and isinstance(
+                _decode_at(data, mv, pos, n), tuple
+            ):
+                return True
+        at = data.find(version, at + 1, n)
+    return False
 
 
 class Scanner:

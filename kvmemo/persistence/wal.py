@@ -650,6 +650,11 @@ class SegmentedLog:
         with self._lock:
             return sum(self._sizes.values())
 
+    def count_through(self, number: int) -> int:
+        """How many segments numbered <= ``number`` are on disk (as far as this log knows)."""
+        with self._lock:
+            return sum(1 for n in self._sizes if n <= number)
+
     def remove_through(self, number: int) -> None:
         """Delete every segment numbered <= ``number`` (a snapshot covers them).
 

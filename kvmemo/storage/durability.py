@@ -284,7 +284,11 @@ class ShardDurability:
     (``snapshot_status``, None before the first snapshot tried, and
     ``snapshot_error`` while it is ERR), as Redis keeps
     ``rdb_last_bgsave_status`` apart from ``aof_last_write_status``. A
-    failed snapshot loses nothing the log holds.
+    failed snapshot loses nothing the log holds. A snapshot written whose
+    covered log segments could not be deleted is a good snapshot (recovery
+    never reads a segment a snapshot covers): the segments left are
+    counted apart (``leftover_segments``, ``leftover_error``) and their
+    removal is tried again (see ``DurableShardActor``).
 
     A failed sync (:meth:`sync_failed`) leaves the log's unsynced bytes in
     doubt: after an ``fsync`` error Linux may drop the dirty pages and report
@@ -328,6 +332,9 @@ class ShardDurability:
         self.suspect_marks: list[tuple[int, int]] = []
         self.snapshot_status: SnapshotStatus | None = None
         self.snapshot_error: str | None = None
+        self.covered_through = 0  # the newest segment a written snapshot covers
+        self.leftover_segments = 0  # segments up to it still on disk, not yet removed
+        self.leftover_error: str | None = None  # why they could not be removed
 
     @property
     def resave_pending(self) -> bool:
@@ -498,6 +505,18 @@ class ShardDurability:
         self.snapshot_status = SnapshotStatus.ERR
         self.snapshot_error = reason
 
+    def leftover(self, count: int, error: OSError | None) -> None:
+        """``count`` segments a written snapshot covers are still on disk; ``error``: why.
+
+        Neither the log's health nor the snapshot's status changes: the
+        data is in the snapshot, and the next removal tries again.
+        """
+        self.leftover_segments = count
+        if count == 0:
+            self.leftover_error = None
+        elif error is not None:
+            self.leftover_error = f"{error.strerror or error}: {error.filename or self.directory}"
+
     def log_size(self) -> int:
         return 0 if self.log is None else self.log.size()
 
@@ -518,6 +537,8 @@ class ShardDurability:
                 None if self.snapshot_status is None else self.snapshot_status.value
             ),
             "snapshot_error": self.snapshot_error,
+            "leftover_segments": self.leftover_segments,
+            "leftover_error": self.leftover_error,
         }
 
 

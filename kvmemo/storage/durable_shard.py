@@ -632,6 +632,8 @@ class DurableShardActor(ShardActor):
                 await trio.sleep(SYNC_INTERVAL)
                 if dur.fsync is AppendFsync.EVERYSEC:
                     await self._sync()
+                if dur.leftover_segments and not dur.saving:
+                    self._remove_covered()
                 failure = self.config.sync_coordinator.checkpoint_failure(dur.directory)
                 if failure is not None:
                     # The commit log could not make this log durable: as a
@@ -674,14 +676,13 @@ class DurableShardActor(ShardActor):
             await trio.to_thread.run_sync(
                 lambda: write_snapshot(dur.directory, job.entries(), covers=job.covers)
             )
-            if dur.log is not None:
-                dur.log.remove_through(job.covers)
             dur.last_save = time.time()
             dur.resaved(job.failures)
             dur.snapshot_written()
+            dur.covered_through = max(dur.covered_through, job.covers)
+            self._remove_covered()
         except (OSError, ValueError) as exc:
-            # The snapshot's own file (or the removal of the segments it
-            # covers): the log, and every write it holds, is intact.
+            # The snapshot's own file: the log, and every write it holds, is intact.
             ticket.error = PersistenceIOError(f"snapshot failed: {exc}", applied=False)
             if isinstance(exc, OSError):
                 dur.snapshot_failed(f"{exc.strerror or exc}: {exc.filename or dur.directory}")
@@ -690,6 +691,34 @@ class DurableShardActor(ShardActor):
         finally:
             dur.saving = False
             ticket.done.set()
+
+    def _remove_covered(self) -> None:
+        """Delete the log segments the written snapshots cover; report those left.
+
+        The snapshot is good whether or not they go (recovery never reads a
+        segment a snapshot covers, so none is applied twice): a failure is
+        counted apart from its status (``leftover_segments``), logged once,
+        and tried again each second (``background``) and by the next snapshot.
+        """
+        dur = self.dur
+        segments = dur.log
+        if segments is None or not dur.covered_through:
+            return
+        error = None
+        try:
+            segments.remove_through(dur.covered_through)
+        except OSError as exc:
+            error = exc
+        first = dur.leftover_error is None
+        dur.leftover(segments.count_through(dur.covered_through), error)
+        if error is not None and first:
+            log.warning(
+                "shard-%d: the snapshot is written, but %d log segment(s) it covers could "
+                "not be removed (tried again each second): %s",
+                self.store.shard_id,
+                dur.leftover_segments,
+                dur.leftover_error,
+            )
 
     async def on_stop(self) -> None:
         # Graceful stop: make everything durable, then snapshot (bounded by
