@@ -4,25 +4,39 @@ Runs the :mod:`~kvmemo.chaos.workload` against an embedded store (default)
 or a running server started with ``--chaos`` (``--url``), kills actors at a
 given rate through the target's own chaos API, then checks the recorded
 history with :mod:`~kvmemo.chaos.history`. The exit status is 0 only when
-no violation was found.
+no violation was found and, when kills were asked for, actors were killed.
+
+Against a server, the run first makes sure it can do what it is asked:
+that the server accepts ``debug.kill`` (it was started with ``--chaos``),
+and that none of the run's keys (``chaos:RUN:*``, RUN a random id) exists.
+It deletes its keys at the end unless asked to keep them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
 import random
 import sys
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from ..client import check_url
+from ..errors import (
+    CommandSyntaxError,
+    KVMemoError,
+    OverloadedError,
+    RequestTimeoutError,
+    UnavailableError,
+    UnknownCommandError,
+)
 from ..storage.slots import SlotMap
 from .history import Op, Outcome, Violation, check
 from .workload import KillLog, Recorder, WorkloadConfig, killer, now, worker
@@ -34,6 +48,20 @@ NAME = "chaos"
 DISTURBED = 1.5
 SETTLE = 5.0  # seconds allowed for every actor to be running again at the end
 SESSION_ERRORS = frozenset({"DISCONNECTED"})  # failures caused by dropping the client's session
+KEYS_PER_CALL = 256  # keys per EXISTS or DEL of the run's keys: far under any request limit
+RETRY_PAUSE = 0.05  # seconds between tries of a call a restarting shard refused
+# The actor the kill probe names: no actor has this name, so a server with
+# chaos on answers "no actor named ..." and kills nothing.
+PROBE_ACTOR = "chaos-probe-no-such-actor"
+RETRYABLE = (KVMemoError, ConnectionError, OSError, trio.BrokenResourceError)
+# What a shard says while it restarts: the call is tried again (see _retry).
+TRANSIENT = (UnavailableError, OverloadedError, RequestTimeoutError)
+
+T = TypeVar("T")
+
+
+class ChaosSetupError(Exception):
+    """The target cannot take this run (a configuration problem): nothing was written."""
 
 
 @attrs.frozen
@@ -50,6 +78,15 @@ class Report:
     p99_ms_chaos: float | None
     violations: list[Violation]
     notes: list[str] = attrs.Factory(list)  # about the setup (see restart_room_note)
+    kill_failures: dict[str, int] = attrs.Factory(dict)  # failed kill attempts by error kind
+    problems: list[str] = attrs.Factory(list)  # what, besides violations, fails the run
+    run_id: str = ""
+    keys: str = ""  # what became of the run's keys
+
+    @property
+    def passed(self) -> bool:
+        """No violation, and nothing else that makes the run fail."""
+        return not self.violations and not self.problems
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +100,11 @@ class Report:
             "p99_ms_chaos": self.p99_ms_chaos,
             "violations": [v.describe() for v in self.violations],
             "notes": self.notes,
+            "kill_failures": self.kill_failures,
+            "problems": self.problems,
+            "run_id": self.run_id,
+            "keys": self.keys,
+            "passed": self.passed,
         }
 
     def render(self) -> str:
@@ -72,6 +114,12 @@ class Report:
             f"operations: {ops['total']} ({ops['ok']} ok, {ops['failed']} failed,"
             f" {ops['unknown']} unknown) by kind {ops['by_kind']}",
             f"kills: {sum(self.kills.values())} {self.kills}",
+        ]
+        if self.kill_failures:
+            lines.append(
+                f"failed kill attempts: {sum(self.kill_failures.values())} {self.kill_failures}"
+            )
+        lines += [
             f"restarts seen: {self.restarts}",
             f"errors: {self.errors or 'none'}",
             "availability of untouched shards: "
@@ -85,11 +133,24 @@ class Report:
             f"violations: {len(self.violations)} (target 0)",
         ]
         lines += [v.describe() for v in self.violations]
+        if self.keys:
+            lines.append(f"keys: {self.keys}")
         lines += [f"note: {note}" for note in self.notes]
+        if self.passed:
+            lines.append("result: pass")
+        else:
+            why = [f"{len(self.violations)} violations"] if self.violations else []
+            lines.append("result: FAIL: " + "; ".join(why + self.problems))
         return "\n".join(lines)
 
 
-def restart_room_note(kill_rate: float, max_restarts: int, restart_period: float) -> str | None:
+def restart_room_note(
+    kill_rate: float,
+    max_restarts: int,
+    restart_period: float,
+    *,
+    chaos_seconds: float = math.inf,
+) -> str | None:
     """A warning when kills may come faster than a supervisor allows restarts, else None.
 
     Past ``max_restarts`` restarts within ``restart_period`` seconds a
@@ -99,9 +160,10 @@ def restart_room_note(kill_rate: float, max_restarts: int, restart_period: float
     settings. Kills come at random (about a Poisson process), so over a run's
     many windows the busiest one holds far more than the average: the note
     is given when the average plus four standard deviations reaches the
-    limit, and it suggests twice that.
+    limit, and it suggests twice that. A run whose kills last
+    ``chaos_seconds``, less than the period, has only that long a window.
     """
-    mean = kill_rate * restart_period
+    mean = kill_rate * min(restart_period, chaos_seconds)
     busiest = math.ceil(mean + 4 * math.sqrt(mean))
     if busiest < max_restarts:
         return None
@@ -124,8 +186,17 @@ def _p99(durations: list[float]) -> float | None:
     return round(durations[min(len(durations) - 1, math.ceil(0.99 * len(durations)) - 1)] * 1000, 3)
 
 
-def counter_violations(ops: list[Op], finals: dict[str, int | None]) -> list[Violation]:
-    """INCR: every acknowledged increment counted, none invented."""
+def counter_violations(
+    ops: list[Op], finals: dict[str, int | None], initial: dict[str, int] | None = None
+) -> list[Violation]:
+    """INCR: every acknowledged increment counted, none invented.
+
+    Args:
+        ops: the history.
+        finals: each counter's value after the run (None: missing).
+        initial: each counter's value before the run (missing: 0).
+    """
+    initial = initial or {}
     out = []
     for key, final in finals.items():
         incrs = [o for o in ops if o.kind == "incr" and o.keys[0] == key]
@@ -137,13 +208,15 @@ def counter_violations(ops: list[Op], finals: dict[str, int | None]) -> list[Vio
                 Violation("counter", key, "two INCRs returned the same value", tuple(acked[:10]))
             )
         value = final or 0
-        if not len(acked) <= value <= len(acked) + len(maybe):
+        low = initial.get(key, 0) + len(acked)
+        if not low <= value <= low + len(maybe):
             out.append(
                 Violation(
                     "counter",
                     key,
-                    f"final value {value}, expected {len(acked)}..{len(acked) + len(maybe)}"
-                    f" ({len(acked)} acknowledged, {len(maybe)} unknown increments)",
+                    f"final value {value}, expected {low}..{low + len(maybe)}"
+                    + (f" ({initial[key]} before the run, " if initial.get(key) else " (")
+                    + f"{len(acked)} acknowledged, {len(maybe)} unknown increments)",
                     tuple(acked[-3:]),
                 )
             )
@@ -200,7 +273,104 @@ def summarize(
         p99_ms_baseline=_p99(base),
         p99_ms_chaos=_p99(during),
         violations=violations,
+        kill_failures=dict(kills.failures),
     )
+
+
+def kill_problems(kills: KillLog, kill_rate: float) -> list[str]:
+    """Why a run that was asked to kill did not test anything, if it did not.
+
+    A run with a kill rate that killed no actor must never read as a pass,
+    whatever its history says: the failed kill attempts say why.
+    """
+    if kill_rate <= 0 or kills.actor_kills > 0:
+        return []
+    if kills.failures:
+        why = "; ".join(
+            f"{n} x {kind}: {kills.first_failure[kind]}" for kind, n in kills.failures.items()
+        )
+        reason = f"every kill attempt failed ({why})"
+    elif kills.not_running:
+        reason = f"every kill attempt ({kills.not_running}) found its actor already down"
+    else:
+        reason = "no kill was attempted (the run ended first)"
+    return [f"kills were asked for ({kill_rate:g}/s) but no actor was killed: {reason}"]
+
+
+async def _retry(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` until it succeeds: a shard may still be restarting after a kill.
+
+    Raises:
+        trio.TooSlowError: it did not succeed within ``SETTLE`` seconds.
+        KVMemoError: an error that is not one of :data:`TRANSIENT`.
+    """
+    with trio.fail_after(SETTLE):
+        while True:
+            try:
+                return await call()
+            except TRANSIENT:
+                await trio.sleep(RETRY_PAUSE)
+
+
+def _chunks(keys: list[str]) -> list[list[str]]:
+    return [keys[i : i + KEYS_PER_CALL] for i in range(0, len(keys), KEYS_PER_CALL)]
+
+
+async def check_kill_api(kv: Any, url: str) -> None:
+    """Make sure the server at ``url`` lets this run kill actors.
+
+    Asks ``debug.kill`` to kill an actor no server has (:data:`PROBE_ACTOR`):
+    a server with chaos on answers that there is no such actor, and kills
+    nothing.
+
+    Raises:
+        ChaosSetupError: the server refuses ``debug.kill``: it was not started
+            with ``--chaos``, or refuses the command for another reason.
+    """
+    try:
+        await kv.kill_actor(PROBE_ACTOR)
+    except CommandSyntaxError:
+        return  # "no actor named ...": the chaos API is there
+    except UnknownCommandError:
+        raise ChaosSetupError(
+            f"the server at {url} was not started with --chaos (it refuses debug.kill):"
+            " restart it with `kvmemo serve --chaos`, or give --kill-rate 0"
+        ) from None
+    except KVMemoError as exc:
+        raise ChaosSetupError(
+            f"the server at {url} refuses debug.kill ({exc.kind}: {exc})"
+        ) from None
+
+
+async def claim_keys(kv: Any, cfg: WorkloadConfig, url: str) -> None:
+    """Make sure none of the run's keys exists: a run overwrites no one's data.
+
+    Raises:
+        ChaosSetupError: some do (nothing was written).
+        trio.TooSlowError: the store did not answer within ``SETTLE`` seconds.
+        KVMemoError: the store refused EXISTS.
+    """
+    found = 0
+    for chunk in _chunks(cfg.all_keys()):
+        found += int(await _retry(functools.partial(kv.execute, "exists", *chunk)))
+    if found:
+        raise ChaosSetupError(
+            f"{found} keys of this run ({cfg.prefix}*) already exist on the server at {url};"
+            " the run would overwrite them, nothing was written"
+        )
+
+
+async def delete_keys(kv: Any, cfg: WorkloadConfig) -> str:
+    """Delete the run's keys; say what became of them (for the report)."""
+    pattern = f"{cfg.prefix}*"
+    try:
+        for chunk in _chunks(cfg.all_keys()):
+            await _retry(functools.partial(kv.execute, "del", *chunk))
+    except trio.TooSlowError:
+        return f"{pattern} NOT all deleted (the store did not answer within {SETTLE:g} s)"
+    except RETRYABLE as exc:
+        return f"{pattern} NOT all deleted ({' '.join(str(exc).split())})"
+    return f"{pattern} deleted (--keep-keys keeps them)"
 
 
 async def _progress(end: float, start: float, rec: Recorder, kills: KillLog) -> None:
@@ -250,7 +420,10 @@ async def run_embedded(cfg: WorkloadConfig, *, shards: int = 4, progress: bool =
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(kv, cfg)
         restarts = sum(a["restarts"] for a in kv.actors())
-    return _report(rec, kills, restarts, finals, shards, chaos_start, cfg)
+    return attrs.evolve(
+        _report(rec, kills, restarts, finals, shards, chaos_start, cfg),
+        keys=f"{cfg.prefix}* (in the embedded store, gone with it)",
+    )
 
 
 def _report(
@@ -264,7 +437,7 @@ def _report(
 ) -> Report:
     """Check the recorded history and summarise the run."""
     violations = check(rec.ops) + counter_violations(rec.ops, finals)
-    return summarize(
+    report = summarize(
         rec.ops,
         kills,
         restarts,
@@ -273,18 +446,19 @@ def _report(
         chaos_start=chaos_start,
         duration=cfg.duration,
     )
+    return attrs.evolve(report, problems=kill_problems(kills, cfg.kill_rate), run_id=cfg.run_id)
 
 
 async def _settle_and_read_counters(kv: Any, cfg: WorkloadConfig) -> dict[str, int | None]:
     finals: dict[str, int | None] = {}
     with trio.move_on_after(SETTLE):
         for i in range(cfg.counters):
-            key = f"ctr:{i}"
+            key = cfg.counter(i)
             while True:
                 try:
                     value = await kv.execute("get", key)
-                except Exception:  # noqa: BLE001 - retried until the shard is back
-                    await trio.sleep(0.05)
+                except RETRYABLE:  # retried until the shard is back
+                    await trio.sleep(RETRY_PAUSE)
                     continue
                 finals[key] = None if value is None else int(value)
                 break
@@ -292,9 +466,24 @@ async def _settle_and_read_counters(kv: Any, cfg: WorkloadConfig) -> dict[str, i
 
 
 async def run_remote(
-    cfg: WorkloadConfig, url: str, *, token: str | None = None, progress: bool = False
+    cfg: WorkloadConfig,
+    url: str,
+    *,
+    token: str | None = None,
+    progress: bool = False,
+    keep_keys: bool = False,
 ) -> Report:
-    """A chaos run against a running server started with ``--chaos``."""
+    """A chaos run against a running server started with ``--chaos``.
+
+    Before any load it checks that the server accepts ``debug.kill`` (when
+    ``cfg.kill_rate`` is above 0) and that none of the run's keys exists; it
+    deletes them at the end unless ``keep_keys``.
+
+    Raises:
+        ChaosSetupError: the server was not started with ``--chaos``, or some
+            of the run's keys exist (nothing was written).
+        KVMemoError: the server cannot be reached, or refused the token.
+    """
     from ..client import connect
 
     rng = random.Random(cfg.seed)
@@ -303,12 +492,21 @@ async def run_remote(
     async with connect(url, token=token) as admin:
         info = await admin.info("server")
         shards = int(info["server"]["shards"])
+        if cfg.kill_rate > 0:
+            await check_kill_api(admin, url)
+        try:
+            await claim_keys(admin, cfg, url)
+        except trio.TooSlowError:
+            raise UnavailableError(
+                f"the server at {url} did not answer EXISTS within {SETTLE:g} s"
+            ) from None
         notes = []
         if "max_restarts" in info["server"]:  # servers of before 2026-11 do not say
             note = restart_room_note(
                 cfg.kill_rate,
                 int(info["server"]["max_restarts"]),
                 float(info["server"]["restart_period"]),
+                chaos_seconds=cfg.duration * (1 - cfg.baseline),
             )
             if note is not None:
                 notes.append(note)
@@ -346,8 +544,14 @@ async def run_remote(
                 nursery.start_soon(_progress, end, start, rec, kills)
         finals = await _settle_and_read_counters(admin, cfg)
         restarts = sum(a["restarts"] for a in await admin.actors())
+        if keep_keys:
+            keys = f"{cfg.prefix}* kept (--keep-keys)"
+        else:
+            keys = await delete_keys(admin, cfg)
+    if kills.actor_kills == 0:
+        notes = []  # advice on the restart intensity means nothing without kills
     return attrs.evolve(
-        _report(rec, kills, restarts, finals, shards, chaos_start, cfg), notes=notes
+        _report(rec, kills, restarts, finals, shards, chaos_start, cfg), notes=notes, keys=keys
     )
 
 
@@ -391,9 +595,26 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--keys", type=int, default=20, help="register keys (20)")
     p.add_argument("--kill-rate", type=float, default=2.0, help="kills per second (2)")
     p.add_argument("--shards", type=int, default=4, help="shards of the embedded store (4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the workload's random choices (default 0); the timing of a run,"
+        " and so its history, still differ from run to run",
+    )
+    p.add_argument(
+        "--keep-keys",
+        action="store_true",
+        help="with --url: keep the run's keys (chaos:RUN:*) at the end, for inspection"
+        " (default: delete them)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal and not --json)",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -418,10 +639,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``kvmemo chaos``: 0 without violations, 1 with some or a failed
-    connection, 2 on bad flags (one ``kvmemo: error:`` line on stderr)."""
-    from ..errors import KVMemoError
+    """Run ``kvmemo chaos``.
 
+    Returns:
+        0 when the run passed; 1 with a violation, a run that was asked to
+        kill and killed no actor, or a failed connection; 2 on bad flags or a
+        target that cannot take the run (a server without ``--chaos``, keys of
+        the run that exist): each error is one ``kvmemo: error:`` line on stderr.
+    """
     try:
         _check_args(args)
     except ValueError as exc:
@@ -434,12 +659,16 @@ def run(args: argparse.Namespace) -> int:
         kill_rate=args.kill_rate,
         seed=args.seed,
     )
-    progress = not args.no_progress and not args.json
+    progress = args.progress
+    if progress is None:
+        progress = sys.stderr.isatty() and not args.json
     runner: Callable[[], Any]
     if args.url:
 
         def runner() -> Any:
-            return run_remote(cfg, args.url, token=args.token, progress=progress)
+            return run_remote(
+                cfg, args.url, token=args.token, progress=progress, keep_keys=args.keep_keys
+            )
     else:
 
         def runner() -> Any:
@@ -447,6 +676,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         report: Report = trio.run(runner)
+    except ChaosSetupError as exc:
+        print(f"kvmemo: error: {exc}", file=sys.stderr)
+        return 2
     except (KVMemoError, ValueError) as exc:  # cannot connect, a refused token, a bad URL
         print(f"kvmemo: error: {exc}", file=sys.stderr)
         return 1
@@ -454,4 +686,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json()))
     else:
         print(report.render())
-    return 0 if not report.violations else 1
+    return 0 if report.passed else 1

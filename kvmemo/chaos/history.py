@@ -30,6 +30,18 @@ changed value, but is never required to be seen.
 
 The checker is sound (every violation it reports is a real one); it is the
 polynomial check for unique-value registers, not a full search.
+
+**A store that was not empty.** By default the checker assumes the run's
+keys did not exist before its first operation. When they did, pass their
+values as ``initial``: each is taken as a write that was acknowledged before
+the run began, with an unknown TTL (so it may vanish at any time). It may
+then be read until a write of the run is acknowledged (after that it is
+stale), it is older than every value the run writes, and an MGET of a group
+may see it only together with the group's other initial values. A value
+that is both an initial value and one the run wrote cannot tell which one a
+read saw: reads of it are not judged (no false violation). The runners
+never need this: every key of a run holds its random run id, and a run
+refuses to start on a key that exists (see :func:`kvmemo.chaos.claim_keys`).
 """
 
 from __future__ import annotations
@@ -38,12 +50,13 @@ import bisect
 import enum
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 CLOCK_SLACK = 0.002  # seconds of tolerance for expiry deadlines (clocks of two processes)
+INITIAL = "initial"  # the kind of the pseudo-operation that wrote a key's value before the run
 
 
 class Outcome(enum.Enum):
@@ -61,7 +74,9 @@ class Op:
     Attributes:
         id: unique, in invocation order.
         client: the worker that ran it.
-        kind: ``set``, ``get``, ``del``, ``expire``, ``incr``, ``mset``, ``mget``.
+        kind: ``set``, ``get``, ``del``, ``expire``, ``incr``, ``mset``, ``mget``
+            (and ``initial``: a value the key held before the run, see
+            :func:`check`).
         keys: the keys it touched (one, or an MSET/MGET group).
         values: for writes, the values written (unique); for reads, the values
             returned (None: missing).
@@ -123,7 +138,8 @@ class _Write:
 def _writes_by_key(ops: Sequence[Op]) -> dict[str, list[_Write]]:
     by_key: dict[str, list[_Write]] = defaultdict(list)
     for op in ops:
-        if not op.is_write or op.outcome is Outcome.FAILED or op.kind in ("expire", "incr"):
+        value_write = op.is_write and op.kind not in ("expire", "incr")
+        if op.kind != INITIAL and (not value_write or op.outcome is Outcome.FAILED):
             continue
         end = op.complete if op.outcome is Outcome.OK else math.inf
         for key, value in zip(op.keys, op.values, strict=True):
@@ -217,7 +233,17 @@ class _KeyIndex:
         return latest
 
 
-def check(ops: Iterable[Op], *, eviction: bool = False) -> list[Violation]:
+def initial_ops(initial: Mapping[str, str]) -> list[Op]:
+    """Pseudo-writes for the values keys held before the run: done before it began."""
+    return [
+        Op(0, -1, INITIAL, (key,), (value,), -math.inf, -math.inf, Outcome.OK)
+        for key, value in initial.items()
+    ]
+
+
+def check(
+    ops: Iterable[Op], *, eviction: bool = False, initial: Mapping[str, str] | None = None
+) -> list[Violation]:
     """Check a whole history; return every violation found.
 
     Cost: O(n log n) in the number of operations, so hours of history check
@@ -227,30 +253,39 @@ def check(ops: Iterable[Op], *, eviction: bool = False) -> list[Violation]:
         ops: the recorded operations.
         eviction: whether keys may have been evicted (a missing value is then
             always explainable).
+        initial: the values the run's keys held before its first operation
+            (a key not in it did not exist). None: none existed.
     """
-    ops = list(ops)
+    initial = dict(initial or {})
+    ops = initial_ops(initial) + list(ops)
     writes = _writes_by_key(ops)
     expires_by_key: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
         if op.kind == "expire" and op.outcome is not Outcome.FAILED:
             expires_by_key[op.keys[0]].append(op)
     by_value: dict[tuple[str, str], _Write] = {}
+    ambiguous: set[tuple[str, str]] = set()  # initial values the run wrote again
     for key, ws in writes.items():
         for w in ws:
             if w.value is not None:
+                if (key, w.value) in by_value:
+                    ambiguous.add((key, w.value))
                 by_value[(key, w.value)] = w
+    for pair in ambiguous:
+        del by_value[pair]
     violations: list[Violation] = []
     reads_by_key: dict[str, list[tuple[Op, str | None]]] = defaultdict(list)
     for op in ops:
         if op.kind in ("get", "mget") and op.outcome is Outcome.OK:
             for key, value in zip(op.keys, op.values, strict=True):
-                reads_by_key[key].append((op, value))
+                if value is None or (key, value) not in ambiguous:
+                    reads_by_key[key].append((op, value))
     for key, reads in reads_by_key.items():
         index = _KeyIndex(writes.get(key, []), expires_by_key.get(key, []))
         for read, value in reads:
             violations.extend(_check_read(key, read, value, index, by_value, eviction))
         violations.extend(_check_read_order(key, reads, by_value))
-    violations.extend(_check_msets(ops))
+    violations.extend(_check_msets(ops, initial, ambiguous))
     return violations
 
 
@@ -314,7 +349,8 @@ def _check_read(
     if found is None:
         return out
     latest: _Write = found[1]
-    explained = _may_vanish(latest, read)
+    # A value from before the run has an unknown TTL: it may vanish at any time.
+    explained = latest.op.kind == INITIAL or _may_vanish(latest, read)
     if not explained:
         # A delete that may come after `latest` and before the read ended.
         delete = index.deletes.best_before(read.complete)
@@ -374,8 +410,18 @@ def _check_read_order(
     return out
 
 
-def _check_msets(ops: Sequence[Op]) -> list[Violation]:
-    """Rule 5: an MGET of a group sees one MSET, never parts of two."""
+def _check_msets(
+    ops: Sequence[Op], initial: Mapping[str, str], ambiguous: set[tuple[str, str]]
+) -> list[Violation]:
+    """Rule 5: an MGET of a group sees one MSET, never parts of two.
+
+    Each value an MGET returns comes from an MSET, or from the state before
+    the run (the key's initial value, or nil for a key that did not exist);
+    nil for a key that held a value before the run comes from neither. All
+    of them must come from one source. Values whose source is unknown (a
+    phantom, reported by the per-key rules, or an ambiguous initial value)
+    are left out.
+    """
     out = []
     mset_of: dict[tuple[str, str], Op] = {}
     for op in ops:
@@ -383,16 +429,21 @@ def _check_msets(ops: Sequence[Op]) -> list[Violation]:
             for key, value in zip(op.keys, op.values, strict=True):
                 if value is not None:
                     mset_of[(key, value)] = op
+    before = "before the run"
     for op in ops:
         if op.kind != "mget" or op.outcome is not Outcome.OK or len(op.keys) < 2:
             continue
-        sources = {
-            mset_of[(k, v)].id if (k, v) in mset_of else None
-            for k, v in zip(op.keys, op.values, strict=True)
-            if v is not None
-        }
-        missing = any(v is None for v in op.values)
-        if len(sources) > 1 or (missing and sources):
+        sources: set[int | str] = set()
+        for k, v in zip(op.keys, op.values, strict=True):
+            if v is not None and (k, v) in ambiguous:
+                continue
+            if v is not None and (k, v) in mset_of:
+                sources.add(mset_of[(k, v)].id)
+            elif v == initial.get(k):  # nil for a key that did not exist, too
+                sources.add(before)
+            elif v is None:
+                sources.add("deleted")
+        if len(sources) > 1:
             parts = tuple(
                 mset_of[(k, v)]
                 for k, v in zip(op.keys, op.values, strict=True)
