@@ -105,11 +105,12 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import random
 import re
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar, NoReturn
 
@@ -117,6 +118,8 @@ import attrs
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -135,7 +138,9 @@ from .errors import (
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "DEFAULT_URL",
     "SUBPROTOCOL",
+    "URL_VARIABLE",
     "Backoff",
     "Client",
     "ClientStatistics",
@@ -145,13 +150,17 @@ __all__ = [
     "Subscription",
     "check_url",
     "connect",
+    "connect_failure",
     "decode_result",
     "encode_params",
     "error_class",
     "error_from_payload",
+    "session_url",
 ]
 
 SUBPROTOCOL = "kvmemo.v1"
+DEFAULT_URL = "ws://127.0.0.1:7070/ws"  # the server's default WebSocket port and path
+URL_VARIABLE = "KVMEMO_URL"  # the environment variable of the tools' default URL
 
 DEFAULT_MAX_BATCH = 1000  # requests per message; the server's default limit is 10_000
 OUTBOX_SIZE = 10_000  # requests queued for the sender; more callers wait (backpressure)
@@ -1112,7 +1121,8 @@ class Client(Commands):
             # (Only a HandshakeError is documented; a stream broken in the
             # middle of the handshake is a failed attempt all the same.)
             if not link.opened:  # else the closing handshake timed out: closed all the same
-                failure = DisconnectedError(f"cannot connect to {self.url}: {_describe(exc)}")
+                why = connect_failure(exc, timeout=self._open_timeout())
+                failure = DisconnectedError(f"cannot connect to {self.url}: {why}")
         finally:
             self._dial_scope = None
         if link.opened:
@@ -1580,12 +1590,79 @@ def _closed_reason(url: str, exc: ConnectionClosed) -> str:
     return f"connection to {url} lost: close code {reason.code} {reason.name}{detail}"
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    cause = exc.__cause__
-    if not text and cause is not None:
-        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-    return text or type(exc).__name__
+def connect_failure(exc: BaseException, *, timeout: float | None = None) -> str:
+    """Why a WebSocket connection could not be opened, in a few words for people.
+
+    The one translation of a failed dial for every tool (``kvmemo cli``,
+    ``bench``, ``chaos``) and for :func:`connect`'s :class:`DisconnectedError`
+    (``cannot connect to URL: <this>``):
+
+    - an HTTP answer instead of the handshake (a page, a wrong path):
+      ``the server answered HTTP 200, not a WebSocket handshake (is the path /ws?)``;
+      a 403 (a refused ``Origin`` or ``?token=``) says so with the server's
+      one-line reason: ``the server refused the WebSocket handshake: HTTP 403 (invalid token)``;
+    - a socket error, wherever trio and trio-websocket wrapped it (a
+      ``HandshakeError`` caused by ``OSError("all attempts to connect ...
+      failed")`` caused by a group of the real errors): the first one's
+      ``strerror``, as ``Connection refused`` or ``Name or service not known``;
+    - no handshake in time: ``no WebSocket handshake within 10 s``;
+    - a connection closed during the handshake: ``the connection was closed (...)``.
+
+    Args:
+        exc: what the dial raised.
+        timeout: the handshake's deadline in seconds, named by a timeout.
+    """
+    if isinstance(exc, ConnectionRejected):
+        return _rejection(exc)
+    if isinstance(exc, ConnectionTimeout):
+        within = f" within {timeout:g} s" if timeout is not None else " in time"
+        return f"no WebSocket handshake{within}"
+    if isinstance(exc, ConnectionClosed):
+        return f"the connection was closed ({exc.reason})"
+    for error in _causes(exc):
+        if isinstance(error, OSError):
+            if error.errno is not None and error.errno > 0:  # "Connection refused"
+                return os.strerror(error.errno)
+            if error.strerror:  # a gaierror's "Name or service not known"
+                return error.strerror
+    for error in _causes(exc):
+        if str(error):
+            return str(error)
+    return type(exc).__name__
+
+
+REJECTION_REASON_LIMIT = 200  # characters of an HTTP refusal's body quoted as its reason
+
+
+def _rejection(exc: ConnectionRejected) -> str:
+    """An HTTP answer to the handshake, for people (never its headers or its page)."""
+    if exc.status_code != 403:
+        return (
+            f"the server answered HTTP {exc.status_code}, not a WebSocket handshake"
+            " (is the path /ws?)"
+        )
+    text = (exc.body or b"").decode("utf-8", "replace").strip()
+    shown = len(text) <= REJECTION_REASON_LIMIT and text.isprintable()
+    reason = f" ({text})" if text and shown else ""
+    return f"the server refused the WebSocket handshake: HTTP 403{reason}"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from, and the members of any group, depth first."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        nested: list[BaseException] = []
+        if isinstance(error, BaseExceptionGroup):
+            nested += error.exceptions
+        if error.__cause__ is not None:
+            nested.append(error.__cause__)
+        stack += reversed(nested)
 
 
 def _reraise(exc: BaseException) -> NoReturn:
@@ -1636,7 +1713,9 @@ async def connect(
     Raises:
         ValueError: ``max_batch`` below 1, ``timeout`` not positive, or a bad URL.
         TypeError: ``reconnect`` neither a bool nor a :class:`Backoff`.
-        DisconnectedError: the connection could not be opened.
+        DisconnectedError: the connection could not be opened; its message
+            says why (``cannot connect to URL: Connection refused``; see
+            :func:`connect_failure`).
         NoAuthError: the token was refused.
     """
     if max_batch < 1:
@@ -1667,6 +1746,37 @@ async def connect(
         if len(group.exceptions) == 1:
             _reraise(group.exceptions[0])
         raise
+
+
+def session_url(
+    url: str | None = None, *, environ: Mapping[str, str] | None = None, flag: str = "--url"
+) -> str:
+    """The session URL a tool connects to: ``url``, else ``$KVMEMO_URL``, else the default.
+
+    An explicit URL (a ``--url`` flag) wins over the environment variable
+    :data:`URL_VARIABLE`, which wins over :data:`DEFAULT_URL`. A variable
+    that is set is used even when empty (an empty one is refused: a script's
+    unset ``$URL`` should not silently reach the default server).
+
+    Args:
+        url: the URL given explicitly, or None.
+        environ: the environment (``os.environ``).
+        flag: how the explicit URL is named in an error (``--url``).
+
+    Raises:
+        ValueError: the URL chosen is not one a connection could be made to
+            (:func:`check_url`); the message names where it came from
+            (``flag`` or ``KVMEMO_URL``).
+    """
+    if url is not None:
+        check_url(url, flag)
+        return url
+    environ = os.environ if environ is None else environ
+    from_environment = environ.get(URL_VARIABLE)
+    if from_environment is None:
+        return DEFAULT_URL
+    check_url(from_environment, URL_VARIABLE)
+    return from_environment
 
 
 def check_url(url: str, name: str = "url") -> None:

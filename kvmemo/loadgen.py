@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -56,13 +55,13 @@ import attrs
 import trio
 from trio_websocket import (
     ConnectionClosed,
-    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     connect_websocket_url,
 )
 
-from .client import check_url
+from .client import check_url, connect_failure
+from .tooling import add_url_flag, quiet_on_broken_pipe, url_of
 
 NAME = "bench"
 
@@ -216,7 +215,8 @@ class LoadResult:
         client_cpu: CPU seconds the load generator's process used in the
             window (close to ``duration`` means the client itself is saturated).
         connect_error: why the first session that could not connect could
-            not (``Connection refused``, ``the server answered HTTP 404 ...``,
+            not (:func:`kvmemo.client.connect_failure`: ``Connection refused``,
+            ``the server answered HTTP 404 ...``,
             ``NOAUTH ...``); None when every session connected.
     """
 
@@ -302,30 +302,6 @@ def _check(name: str, value: float, low: float, high: float = math.inf) -> None:
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
-def _connect_failure(exc: BaseException) -> str:
-    """Why a session could not connect, in a few words for the operator."""
-    if isinstance(exc, ConnectionRejected):
-        return (
-            f"the server answered HTTP {exc.status_code}, not a WebSocket handshake"
-            " (is the path /ws?)"
-        )
-    if isinstance(exc, OSError):
-        # trio's "all attempts to connect to HOST:PORT failed" has the reason in its cause.
-        cause = exc.__cause__
-        errors = cause.exceptions if isinstance(cause, BaseExceptionGroup) else [cause]
-        for error in [exc, *errors]:
-            if not isinstance(error, OSError):
-                continue
-            if error.errno is not None and error.errno > 0:  # "Connection refused"
-                return os.strerror(error.errno)
-            if error.strerror:  # a gaierror's "Name or service not known"
-                return error.strerror
-        return str(exc) or type(exc).__name__
-    if isinstance(exc, ConnectionClosed):
-        return f"the connection was closed ({exc.reason})"
-    return str(exc) or type(exc).__name__
-
-
 def _error_text(response: Any) -> str:
     """The first error of a JSON-RPC response (object or array): ``KIND message``."""
     for item in response if isinstance(response, list) else [response]:
@@ -409,7 +385,7 @@ class _Run:
                         if failure is not None:
                             ws, why = None, failure
                     except (OSError, ValueError, HandshakeError, ConnectionClosed) as exc:
-                        ws, why = None, _connect_failure(exc)
+                        ws, why = None, connect_failure(exc, timeout=CONNECT_TIMEOUT)
                 if ws is None:
                     failed = True
                     self._failed_to_connect(why)
@@ -435,7 +411,9 @@ class _Run:
             if ready:  # cannot happen after the handshake; never swallowed
                 raise
             if not failed:  # (else counted already, as a timeout)
-                self._failed_to_connect(_connect_failure(group.exceptions[0]))
+                self._failed_to_connect(
+                    connect_failure(group.exceptions[0], timeout=CONNECT_TIMEOUT)
+                )
         finally:
             if not ready:
                 self._mark_ready()
@@ -684,7 +662,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         NAME, help="load-test a running server over WebSocket"
     )
-    parser.add_argument("--url", default="ws://127.0.0.1:7070/ws", help="server session URL")
+    add_url_flag(parser)
     parser.add_argument("--token", default=None, help="auth token (sent with auth first)")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions (4)")
     parser.add_argument("--pipeline", type=int, default=32, help="messages in flight (32)")
@@ -767,11 +745,18 @@ def format_result(result: LoadResult) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``kvmemo bench``; 0 when commands were answered, 1 when none, 2 on bad flags.
 
-    A URL that is no WebSocket URL is a bad flag (one error line, 2); one that
-    no session could connect to is one error line saying why, and 1.
+    The URL is ``--url``, else ``KVMEMO_URL``, else the default; one that is
+    no WebSocket URL is a bad flag (one error line naming where it came from,
+    2); one that no session could connect to is one error line saying why,
+    and 1. A reader of the output that went away (``| head``) ends it
+    silently with 141.
     """
+    return quiet_on_broken_pipe(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        check_url(args.url, "--url")
+        url = url_of(args)
     except ValueError as exc:
         print(f"kvmemo: error: {exc}", file=sys.stderr)
         return 2
@@ -780,7 +765,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trio.run(
             lambda: run_load(
-                args.url,
+                url,
                 sessions=args.sessions,
                 pipeline=args.pipeline,
                 batch=args.batch,
@@ -802,9 +787,7 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if result.connected == 0:
-        print(
-            f"kvmemo: error: cannot connect to {args.url}: {result.connect_error}", file=sys.stderr
-        )
+        print(f"kvmemo: error: cannot connect to {url}: {result.connect_error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result.to_json()))

@@ -14,6 +14,12 @@
     $ kvmemo cli -c "INCR visits"
     (integer) 1
 
+Without ``--url`` it connects to ``$KVMEMO_URL``, else ``ws://127.0.0.1:7070/ws``
+(:mod:`kvmemo.tooling`). Replies go to standard output, a connection that
+fails to standard error. ``help`` covers the command table and
+:data:`PROMPT_COMMANDS`, the table by which the prompt dispatches its own
+words (MULTI, SUBSCRIBE, quit, ...) and the session's methods (WATCH, ...).
+
 The parts are pure functions, tested without a server or an event loop:
 :func:`tokenize` (a line into arguments) and :func:`format_reply` /
 :func:`format_error` (a result into redis-cli's text). :func:`main_async` glues
@@ -29,6 +35,7 @@ available (best effort: an unreadable or unwritable file is ignored).
 from __future__ import annotations
 
 import argparse
+import enum
 import functools
 import json
 import sys
@@ -40,20 +47,21 @@ from typing import Any
 import attrs
 import trio
 
-from .client import Backoff, ConnectionState, DisconnectedError, check_url, connect
+from .client import Backoff, ConnectionState, DisconnectedError, connect
+from .commands.args import arity_ok
 from .commands.table import COMMANDS
 from .errors import KVMemoError
+from .tooling import EXIT_BROKEN_PIPE as EXIT_BROKEN_PIPE  # 141: the output's reader went away
+from .tooling import add_url_flag, quiet_on_broken_pipe, url_of
 
 NAME = "cli"
-DEFAULT_URL = "ws://127.0.0.1:7070/ws"
 HISTORY_FILE = Path("~/.kvmemo_history")
 HISTORY_LENGTH = 1000  # lines kept in the history file
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # an error reply (with -c), or the connection failed or was lost
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
-
-QUIT_WORDS = frozenset({"quit", "exit"})
+EXIT_BAD_URL = 2  # a malformed --url or KVMEMO_URL
 
 # Where -c/--command is stored: ``kvmemo``'s own parser keeps the subcommand's
 # name in ``args.command``, so the one-shot line needs another attribute.
@@ -332,22 +340,147 @@ class LineResult:
     quit: bool = False
 
 
+class Handler(enum.Enum):
+    """Who answers a word of the prompt's own table (:data:`PROMPT_COMMANDS`)."""
+
+    HELP = "help"  # the prompt: this help
+    QUIT = "quit"  # the prompt: leave
+    TRANSACTION = "transaction"  # the prompt's MULTI/EXEC/DISCARD (:class:`Transaction`)
+    SUBSCRIBE = "subscribe"  # the prompt's subscribe mode: messages until Ctrl-C
+    SESSION = "session"  # sent to the server: a method of the session, not of the command table
+    REFUSED = "refused"  # a protocol method the prompt spells another way
+
+
+@attrs.frozen
+class PromptCommand:
+    """A word the prompt knows beside the command table's commands.
+
+    Attributes:
+        name: lower-case name.
+        usage: its arguments as ``help`` shows them (``""``: none).
+        summary: one line for ``help``.
+        handler: who answers it (a SESSION word goes to the server as typed).
+        arity: Redis arity counting the name (negative: at least ``-arity``);
+            the prompt checks it for the words it answers itself, the server
+            for SESSION ones.
+        since: the protocol version of a method of the server's session.
+    """
+
+    name: str
+    usage: str
+    summary: str
+    handler: Handler
+    arity: int
+    since: str | None = None
+
+
+def _prompt_commands(*commands: PromptCommand) -> dict[str, PromptCommand]:
+    return {command.name: command for command in commands}
+
+
+# Everything the prompt accepts that the command table (COMMANDS) does not hold:
+# the prompt dispatches these words by this table, and ``help`` shows it, so
+# the two cannot disagree. (The server's own methods outside the table --
+# OWN_METHODS of kvmemo.server.session -- are all here.)
+PROMPT_COMMANDS = _prompt_commands(
+    PromptCommand("help", "[command]", "describe one command, or list them all", Handler.HELP, -1),
+    PromptCommand("quit", "", "leave the prompt (so does Ctrl-D)", Handler.QUIT, 1),
+    PromptCommand("exit", "", "leave the prompt (so does Ctrl-D)", Handler.QUIT, 1),
+    PromptCommand("multi", "", "queue the commands that follow until EXEC", Handler.TRANSACTION, 1),
+    PromptCommand("exec", "", "run the queued commands as one transaction", Handler.TRANSACTION, 1),
+    PromptCommand(
+        "discard", "", "drop the queued commands and every watch", Handler.TRANSACTION, 1
+    ),
+    PromptCommand(
+        "watch",
+        "key [key ...]",
+        "make EXEC run nothing, answering (nil), if a key is written first",
+        Handler.SESSION,
+        -2,
+        "1.2",
+    ),
+    PromptCommand("unwatch", "", "forget every watched key", Handler.SESSION, 1, "1.2"),
+    PromptCommand(
+        "subscribe",
+        "channel [channel ...]",
+        "print every message published on the channels, until Ctrl-C",
+        Handler.SUBSCRIBE,
+        -2,
+        "1.4",
+    ),
+    PromptCommand(
+        "psubscribe",
+        "pattern [pattern ...]",
+        "print every message on channels matching the patterns, until Ctrl-C",
+        Handler.SUBSCRIBE,
+        -2,
+        "1.4",
+    ),
+    PromptCommand(
+        "unsubscribe",
+        "[channel ...]",
+        "leave channels (at this prompt SUBSCRIBE ends with Ctrl-C)",
+        Handler.SESSION,
+        -1,
+        "1.4",
+    ),
+    PromptCommand(
+        "punsubscribe",
+        "[pattern ...]",
+        "leave patterns (at this prompt PSUBSCRIBE ends with Ctrl-C)",
+        Handler.SESSION,
+        -1,
+        "1.4",
+    ),
+    PromptCommand(
+        "transaction",
+        "",
+        "the protocol's transaction: at this prompt, MULTI ... EXEC",
+        Handler.REFUSED,
+        -1,
+        "1.2",
+    ),
+)
+
+
+def _arguments(arity: int) -> str:
+    count = abs(arity) - 1
+    text = f"{count} argument{'s' if count != 1 else ''}"
+    return f"at least {text}" if arity < 0 else f"exactly {text}"
+
+
 def help_text(topic: str | None = None) -> str:
-    """The text of ``help`` (``topic``: one command's name)."""
+    """The text of ``help`` (``topic``: one command's name, any case).
+
+    Covers every word the prompt accepts: the command table's commands and
+    :data:`PROMPT_COMMANDS` (the prompt's own words and the server's
+    session methods).
+    """
     if topic is not None:
-        spec = COMMANDS.get(topic.lower())
+        word = topic.lower()
+        own = PROMPT_COMMANDS.get(word)
+        if own is not None:
+            usage = f" {own.usage}" if own.usage else ""
+            where = (
+                "the server (a session method)" if own.handler is Handler.SESSION else "this prompt"
+            )
+            lines = [f"{own.name.upper()}{usage}: {own.summary}", f"  answered by: {where}"]
+            if own.since is not None:
+                lines.append(f"  since: protocol {own.since}")
+            return "\n".join(lines)
+        spec = COMMANDS.get(word)
         if spec is None:
             return f"no command named {topic!r}; type help for the list"
-        count = abs(spec.arity) - 1
-        arity = f"{count} argument{'s' if count != 1 else ''}"
-        arity = f"at least {arity}" if spec.arity < 0 else f"exactly {arity}"
         flags = ", ".join(sorted(spec.flags))
         return (
             f"{spec.name.upper()}: {spec.summary}\n"
-            f"  arguments: {arity}\n  flags: {flags}\n  since: protocol {spec.since}"
+            f"  arguments: {_arguments(spec.arity)}\n"
+            f"  flags: {flags}\n  since: protocol {spec.since}"
         )
-    names = sorted(COMMANDS)
-    width = max(len(name) for name in names)
+    own_lines = [
+        (f"{c.name.upper()} {c.usage}".rstrip(), c.summary) for c in PROMPT_COMMANDS.values()
+    ]
+    table_lines = [(name.upper(), COMMANDS[name].summary) for name in sorted(COMMANDS)]
     lines = [
         'Type a command as in redis-cli:  SET greeting "hello world" EX 60',
         "Quote arguments with spaces (\"...\" with \\n \\t \\xHH escapes, '...' literal).",
@@ -355,9 +488,17 @@ def help_text(topic: str | None = None) -> str:
         "MULTI queues commands until EXEC runs them as one transaction (DISCARD drops them);",
         "WATCH key ... before MULTI makes EXEC answer (nil) if one of the keys changed.",
         "",
+        "The prompt's and the session's commands:",
     ]
-    lines += [f"  {name.upper().ljust(width)}  {COMMANDS[name].summary}" for name in names]
+    lines += _columns(own_lines)
+    lines += ["", "Commands:"]
+    lines += _columns(table_lines)
     return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(left) for left, _ in rows)
+    return [f"  {left.ljust(width)}  {right}" for left, right in rows]
 
 
 class Transaction:
@@ -402,6 +543,11 @@ class Transaction:
         if word == "unwatch" and len(tokens) == 1:
             self.queued.append(None)
             return LineResult("QUEUED")
+        if word in PROMPT_COMMANDS:  # a session method: no call of a transaction
+            self.dirty = True
+            return LineResult(
+                f"(error) SYNTAX {word.upper()} inside MULTI is not allowed", failed=True
+            )
         spec = COMMANDS.get(word)
         if spec is None or word in _SESSION_WORDS:
             self.dirty = True
@@ -458,9 +604,12 @@ def _format_result(result: Any) -> str:
 async def execute_line(kv: Any, line: str, transaction: Transaction | None = None) -> LineResult:
     """Run one input line against ``kv`` (a :class:`kvmemo.api.Commands`).
 
+    The words of :data:`PROMPT_COMMANDS` are dispatched by that table:
     ``help [command]``, ``quit`` and ``exit`` are answered here; with a
     ``transaction``, so are MULTI, EXEC and DISCARD (and commands between
-    MULTI and EXEC are queued); anything else is a command and its arguments.
+    MULTI and EXEC are queued). SUBSCRIBE and PSUBSCRIBE are the callers'
+    (:func:`subscribe_mode`, which prints until Ctrl-C); here they are
+    refused. Anything else is a command and its arguments, for the server.
 
     Raises:
         DisconnectedError: the connection is lost (the prompt cannot go on).
@@ -473,16 +622,11 @@ async def execute_line(kv: Any, line: str, transaction: Transaction | None = Non
         return LineResult(None)
     name = tokens[0].decode("utf-8", "replace")
     word = name.lower()
-    if word in QUIT_WORDS and len(tokens) == 1:
-        return LineResult(None, quit=True)
-    if word == "help":
-        topic = tokens[1].decode("utf-8", "replace") if len(tokens) > 1 else None
-        return LineResult(help_text(topic))
-    if transaction is None and word in ("multi", "exec", "discard"):
-        return LineResult(
-            f"(error) SYNTAX {word.upper()} works at the interactive prompt (kvmemo cli)",
-            failed=True,
-        )
+    own = PROMPT_COMMANDS.get(word)
+    if own is not None and own.handler is not Handler.SESSION:
+        answer = _answer_here(own, tokens, transaction)
+        if answer is not None:
+            return answer
     try:
         if transaction is not None:
             answered = await transaction.handle(kv, word, tokens)
@@ -498,12 +642,76 @@ async def execute_line(kv: Any, line: str, transaction: Transaction | None = Non
     return LineResult(format_reply(result, word))
 
 
-SUBSCRIBE_WORDS = frozenset({"subscribe", "psubscribe"})
+def _answer_here(
+    own: PromptCommand, tokens: list[bytes], transaction: Transaction | None
+) -> LineResult | None:
+    """The answer to a word the prompt answers itself; None for MULTI, EXEC and
+    DISCARD at the interactive prompt (the ``transaction``'s to answer)."""
+    queuing = transaction is not None and transaction.queued is not None
+    if not arity_ok(own.arity, len(tokens)):
+        if transaction is not None and queuing:
+            transaction.dirty = True
+        return LineResult(
+            f"(error) ARITY wrong number of arguments for '{own.name}' command", failed=True
+        )
+    if own.handler is Handler.QUIT:
+        return LineResult(None, quit=True)
+    if own.handler is Handler.HELP:
+        topic = tokens[1].decode("utf-8", "replace") if len(tokens) > 1 else None
+        return LineResult(help_text(topic))
+    if own.handler is Handler.TRANSACTION:
+        if transaction is None:
+            return LineResult(
+                f"(error) SYNTAX {own.name.upper()} works at the interactive prompt (kvmemo cli)",
+                failed=True,
+            )
+        return None
+    if transaction is not None and queuing:
+        transaction.dirty = True
+        return LineResult(
+            f"(error) SYNTAX {own.name.upper()} inside MULTI is not allowed", failed=True
+        )
+    if own.handler is Handler.SUBSCRIBE:
+        return LineResult(
+            f"(error) SYNTAX {own.name.upper()} prints messages until Ctrl-C: type it at the "
+            "prompt or give it to -c",
+            failed=True,
+        )
+    return LineResult(
+        f"(error) SYNTAX {own.name.upper()} takes arrays of calls; at this prompt type MULTI, "
+        "the commands, then EXEC",
+        failed=True,
+    )
 
 
-async def subscribe_mode(kv: Any, word: str, tokens: list[bytes], write: Writer) -> int:
+def subscribe_request(line: str) -> tuple[str, list[bytes]] | None:
+    """``(word, tokens)`` when ``line`` is SUBSCRIBE or PSUBSCRIBE (any case) with
+    at least one name, else None (without one, :func:`execute_line` answers the
+    arity error and the prompt goes on).
+
+    Raises:
+        ValueError: such a line whose quotes are not balanced.
+    """
+    words = line.split(maxsplit=1)
+    if not words:
+        return None
+    own = PROMPT_COMMANDS.get(words[0].lower())
+    if own is None or own.handler is not Handler.SUBSCRIBE:
+        return None
+    tokens = tokenize(line)
+    if not arity_ok(own.arity, len(tokens)):
+        return None
+    return own.name, tokens
+
+
+async def subscribe_mode(
+    kv: Any, word: str, tokens: list[bytes], write: Writer, write_error: Writer | None = None
+) -> int:
     """SUBSCRIBE / PSUBSCRIBE as redis-cli runs them: print each confirmation, then
     every message, until interrupted (Ctrl-C) or the connection is lost.
+
+    A lost connection is reported with ``write_error`` (``write`` when None);
+    a refusal (a limit, NOAUTH) is a reply, printed with ``write``.
 
     Returns:
         The exit status when it ends by itself: 1 (arity, refusal, lost connection).
@@ -523,7 +731,9 @@ async def subscribe_mode(kv: Any, word: str, tokens: list[bytes], write: Writer)
                     write(_format([b"message", message.channel, message.data]))
                 else:
                     write(_format([b"pmessage", message.pattern, message.channel, message.data]))
-    except KVMemoError as exc:  # refused (a limit, NOAUTH), or the connection is lost
+    except DisconnectedError as exc:
+        (write_error or write)(format_error(exc))
+    except KVMemoError as exc:  # refused (a limit, NOAUTH)
         write(format_error(exc))
     return EXIT_ERROR
 
@@ -543,14 +753,21 @@ def prompt_for(url: str) -> str:
 
 
 async def interact(
-    kv: Any, *, prompt: str, read_line: Reader, write: Writer, reconnecting: bool = False
+    kv: Any,
+    *,
+    prompt: str,
+    read_line: Reader,
+    write: Writer,
+    reconnecting: bool = False,
+    write_error: Writer | None = None,
 ) -> int:
     """Read, run and print lines until ``quit``, ``exit`` or end of input.
 
     Lines are read in a worker thread so the event loop keeps running.
     ``reconnecting``: ``kv`` is a client that reconnects (see
     :data:`CLI_RECONNECT`); a command lost with its connection is reported
-    and the prompt goes on, until the client gives up.
+    (with ``write_error``; ``write`` when None) and the prompt goes on,
+    until the client gives up.
 
     Returns:
         The exit status: 0, or 1 when the connection was lost (for good).
@@ -564,18 +781,18 @@ async def interact(
             if prompt:
                 write("")  # end the prompt's line
             return EXIT_OK
-        words = line.split(maxsplit=1)
-        if words and words[0].lower() in SUBSCRIBE_WORDS and transaction.queued is None:
+        if transaction.queued is None:
             try:
-                tokens = tokenize(line)
+                request = subscribe_request(line)
             except ValueError as exc:
                 write(f"(error) SYNTAX {exc}")
                 continue
-            return await subscribe_mode(kv, words[0].lower(), tokens, write)
+            if request is not None:
+                return await subscribe_mode(kv, *request, write, write_error)
         try:
             result = await execute_line(kv, line, transaction)
         except DisconnectedError as exc:
-            write(format_error(exc))
+            (write_error or write)(format_error(exc))
             if reconnecting and kv.state is not ConnectionState.CLOSED:
                 continue  # the next command waits for the connection
             return EXIT_ERROR
@@ -611,6 +828,10 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
+def _print_error(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 async def main_async(
     args: argparse.Namespace,
     *,
@@ -618,6 +839,7 @@ async def main_async(
     write: Writer = _print,
     history: Path | None = None,
     show_prompt: bool = True,
+    write_error: Writer | None = None,
 ) -> int:
     """The ``cli`` subcommand inside a running trio loop.
 
@@ -625,10 +847,13 @@ async def main_async(
         args: ``url``, ``token`` and ``one_command`` (the ``-c`` line, or
             ``None`` for the interactive prompt), as :func:`add_parser` defines them.
         read_line: reads a line after a prompt (``input``).
-        write: prints a block of output.
+        write: prints a block of output (replies, error replies included).
         history: the readline history file of the interactive prompt
             (``None``: no history).
         show_prompt: show the ``host:port>`` prompt (not when input is piped).
+        write_error: prints a failure of the connection itself (cannot
+            connect, token refused, connection lost); ``write`` when None.
+            :func:`run` gives standard error.
 
     Returns:
         The exit status: 0; 1 for an error reply to ``-c``, a connection
@@ -640,14 +865,13 @@ async def main_async(
     reconnect: Backoff | bool = CLI_RECONNECT if line is None and show_prompt else False
     try:
         async with connect(args.url, token=args.token, reconnect=reconnect) as kv:
-            words = line.split(maxsplit=1) if line is not None else []
-            if words and words[0].lower() in SUBSCRIBE_WORDS:
-                try:
-                    tokens = tokenize(line)
-                except ValueError as exc:
-                    write(f"(error) SYNTAX {exc}")
-                    return EXIT_ERROR
-                return await subscribe_mode(kv, words[0].lower(), tokens, write)
+            try:
+                request = subscribe_request(line) if line is not None else None
+            except ValueError as exc:
+                write(f"(error) SYNTAX {exc}")
+                return EXIT_ERROR
+            if request is not None:
+                return await subscribe_mode(kv, *request, write, write_error)
             if line is not None:
                 result = await execute_line(kv, line)
                 if result.output is not None:
@@ -662,12 +886,13 @@ async def main_async(
                     read_line=read_line,
                     write=write,
                     reconnecting=reconnect is not False,
+                    write_error=write_error,
                 )
             finally:
                 if save_history is not None:
                     save_history()
-    except KVMemoError as exc:  # could not connect, or the token was refused
-        write(format_error(exc))
+    except KVMemoError as exc:  # could not connect, the token was refused, or -c lost it
+        (write_error or write)(format_error(exc))
         return EXIT_ERROR
 
 
@@ -682,7 +907,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="interactive prompt against a running server (like redis-cli)",
         description="Send commands to a running KVMemo server over its WebSocket port.",
     )
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"session URL (default {DEFAULT_URL})")
+    add_url_flag(parser)
     parser.add_argument("--token", default=None, help="auth token, sent before anything else")
     parser.add_argument(
         "-c",
@@ -696,19 +921,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``kvmemo cli``; returns the process exit status (2: a malformed ``--url``)."""
+    """Run ``kvmemo cli``; returns the process exit status.
+
+    0, or 1 (an error reply to ``-c``, a connection that failed); 2 for a
+    malformed ``--url`` or ``KVMEMO_URL`` (one ``kvmemo: error:`` line on
+    standard error); 130 after Ctrl-C; 141, silently, when the reader of the
+    output went away (``kvmemo cli -c "KEYS *" | head -5``). Failures of the
+    connection are printed on standard error, replies on standard output.
+    """
     try:
-        check_url(args.url, "--url")
+        url = url_of(args)
     except ValueError as exc:
         print(f"kvmemo: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_URL
+    args = argparse.Namespace(**{**vars(args), "url": url})
     tty = getattr(args, COMMAND_DEST) is None and sys.stdin.isatty()
     main = functools.partial(
-        main_async, args, history=HISTORY_FILE if tty else None, show_prompt=tty
+        main_async,
+        args,
+        history=HISTORY_FILE if tty else None,
+        show_prompt=tty,
+        write_error=_print_error,
     )
-    try:
-        status: int = trio.run(main)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return status
+
+    def session() -> int:
+        try:
+            status: int = trio.run(main)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return status
+
+    return quiet_on_broken_pipe(session)

@@ -98,7 +98,7 @@ import json
 import json.encoder
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, TypeAlias
 
 import attrs
@@ -127,6 +127,7 @@ __all__ = [
     "result_response",
     "text_of",
     "to_json_result",
+    "unknown_method_message",
 ]
 
 JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
@@ -319,6 +320,24 @@ def error_response(id: RequestId, error: KVMemoError) -> Response:
     """
     data = {key: value for key, value in error.data.items() if key != "kind"}
     return error_response_for(id, error.code, error.kind, error.message, **data)
+
+
+def unknown_method_message(method: str, is_method: Callable[[str], bool], where: str = "") -> str:
+    """The message of ``-32601 UNKNOWN_METHOD`` for ``method``.
+
+    Methods are lower case and case-sensitive on this port; when the name
+    in lower case is a method (``is_method``), the message says so:
+    ``unknown method 'GET' (methods are lower case: 'get')``. The error's
+    code and kind stay those of any unknown method.
+
+    Args:
+        method: the name as sent.
+        is_method: whether a name is a method where this one was sent.
+        where: words after the name (``" in a transaction"``).
+    """
+    lower = method.lower()
+    hint = f" (methods are lower case: '{lower}')" if lower != method and is_method(lower) else ""
+    return f"unknown method '{method}'{where}{hint}"
 
 
 def binary_message_response() -> Response:

@@ -182,6 +182,16 @@ WRITE_PIECE = 64 * 1024  # bytes per socket write of a long answer, so progress 
 BATCH_CHUNK: Final = 128  # requests
 
 
+def _is_method(name: str) -> bool:
+    """Whether ``name`` is a method of this port."""
+    return name in COMMANDS or name in OWN_METHODS
+
+
+def _is_transaction_method(name: str) -> bool:
+    """Whether ``name`` may be a call of a transaction."""
+    return name in COMMANDS and name not in SESSION_METHODS
+
+
 def _receive_nowait(ws: WebSocketConnection) -> str | bytes | None:
     """A message already received, without waiting; None if there is none."""
     channel = getattr(ws, "_recv_channel", None)
@@ -544,7 +554,9 @@ class Session:
             elif not call.notification:
                 # Method names are lower case and case-sensitive on this port
                 # (the engine itself also accepts Redis's any-case names).
-                unknown = UnknownCommandError(f"unknown method '{call.method}'")
+                unknown = UnknownCommandError(
+                    jsonrpc.unknown_method_message(call.method, _is_method)
+                )
                 errors.append(jsonrpc.error_response(call.id, unknown))
         if not calls:
             await self._send(errors, is_batch=decoded.is_batch)
@@ -891,7 +903,10 @@ class Session:
         for index, (method, _) in enumerate(calls):
             if method not in COMMANDS or method in SESSION_METHODS:
                 raise UnknownCommandError(
-                    f"unknown method '{method}' in a transaction", index=index
+                    jsonrpc.unknown_method_message(
+                        method, _is_transaction_method, " in a transaction"
+                    ),
+                    index=index,
                 )
         engine.check_transaction(calls)
         results = await engine.execute_transaction(calls, watches)
