@@ -36,3 +36,12 @@ def test_a_misspelt_toml_key_names_the_closest_setting(
         f"kvmemo: error: config file {config}: unknown setting 'store.maxmemry'"
         " (did you mean 'maxmemory'?)"
     )
+
+
+async def test_chaos_output_into_a_closed_pipe_ends_silently_with_141() -> None:
+    # `kvmemo chaos | head`: the report's writer gone, no traceback.
+    from test_repl_s22 import run_into_a_closed_pipe
+
+    argv = ["chaos", "--duration", "0.3", "--shards", "1", "--kill-rate", "0", "--no-progress"]
+    status, stderr = await run_into_a_closed_pipe(argv)
+    assert (status, stderr) == (141, b"")

@@ -38,6 +38,7 @@ from ..errors import (
     UnknownCommandError,
 )
 from ..storage.slots import SlotMap
+from ..tooling import quiet_on_broken_pipe
 from .history import Op, Outcome, Violation, check
 from .workload import KillLog, Recorder, WorkloadConfig, killer, now, worker
 
@@ -682,8 +683,9 @@ def run(args: argparse.Namespace) -> int:
     except (KVMemoError, ValueError) as exc:  # cannot connect, a refused token, a bad URL
         print(f"kvmemo: error: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report.to_json()))
-    else:
-        print(report.render())
-    return 0 if report.passed else 1
+
+    def show() -> int:
+        print(json.dumps(report.to_json()) if args.json else report.render())
+        return 0 if report.passed else 1
+
+    return quiet_on_broken_pipe(show)  # `kvmemo chaos | head`: no traceback
