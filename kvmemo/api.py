@@ -365,7 +365,8 @@ class Commands:
                 ``absttl`` a Unix time in ms (already past: nothing is created,
                 and with ``replace`` the key is deleted).
             replace: overwrite an existing key (else ``BusyKeyError``).
-            idletime: seconds; validated, not applied (see ``commands.dump``).
+            idletime: seconds since the key's last access, under a non-LFU
+                policy (``object_idletime`` counts from there; LRU evicts by it).
             freq: 0-255; the key's access count under an LFU policy.
 
         Raises:

@@ -14,7 +14,7 @@ own their nursery.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,11 @@ class Store(Commands):
 
     Errors raise subclasses of :class:`kvmemo.KVMemoError` whose ``kind`` is
     the protocol's error kind.
+
+    A store belongs to the trio run that opened it: called from another
+    (a second ``trio.run``, another thread, asyncio), it raises
+    ``RuntimeError`` and changes nothing; once closed, it refuses every call
+    as closed (``UnavailableError``), from any run.
     """
 
     def __init__(self, engine: KVEngine, system: ActorSystem, scope: trio.CancelScope) -> None:
@@ -99,6 +104,7 @@ class Store(Commands):
                 (``data["index"]`` names it); or it failed as a whole
                 (``UNAVAILABLE``, ``OOM``, ``TIMEOUT``: nothing ran, or maybe).
         """
+        self.engine.check_run()  # before _checked: its parse touches the engine
         results = await self.engine.execute_transaction(_checked(self.engine, calls))
         assert results is not None  # only watches abort a transaction
         return results
@@ -137,7 +143,8 @@ class Store(Commands):
         and iterating raises ``OverloadedError``, as Redis drops a subscriber
         that does not keep up).
         """
-        subscription = Subscription(self.engine.pubsub.subscriber())
+        self.engine.check_run()
+        subscription = Subscription(self.engine.pubsub.subscriber(), self.engine.check_run)
         try:
             if channels:
                 await subscription.subscribe(*channels)
@@ -165,8 +172,15 @@ class Store(Commands):
 
         Only the store stops: the code that called it (an ``open_store``
         block included) carries on, and ``serve``'s nursery no longer waits
-        for the store.
+        for the store. Closing a closed store does nothing.
+
+        Raises:
+            RuntimeError: called from another trio run than the store's
+                (it stays open).
         """
+        if self.engine.closed:
+            return
+        self.engine.check_run()
         self.engine.stop_accepting()
         self._scope.cancel()
 
@@ -180,8 +194,10 @@ class Subscription:
     WebSocket client.
     """
 
-    def __init__(self, subscriber: Subscriber) -> None:
+    def __init__(self, subscriber: Subscriber, check_run: Callable[[], None]) -> None:
         self._subscriber = subscriber
+        # The store's KVEngine.check_run: its hub wakes tasks of the store's run only.
+        self._check_run = check_run
 
     @property
     def channels(self) -> list[bytes]:
@@ -195,18 +211,22 @@ class Subscription:
 
     async def subscribe(self, *channels: Arg) -> int:
         """Subscribe to more channels; the subscription count after it."""
+        self._check_run()
         return self._last(self._subscriber.subscribe(encode_args(channels)))
 
     async def psubscribe(self, *patterns: Arg) -> int:
         """Subscribe to more glob patterns (KEYS syntax); the subscription count after it."""
+        self._check_run()
         return self._last(self._subscriber.psubscribe(encode_args(patterns)))
 
     async def unsubscribe(self, *channels: Arg) -> int:
         """Leave ``channels`` (every channel if none named); the subscription count after it."""
+        self._check_run()
         return self._last(self._subscriber.unsubscribe(encode_args(channels)))
 
     async def punsubscribe(self, *patterns: Arg) -> int:
         """Leave ``patterns`` (every pattern if none named); the subscription count after it."""
+        self._check_run()
         return self._last(self._subscriber.punsubscribe(encode_args(patterns)))
 
     def _last(self, replies: Sequence[tuple[bytes | None, int]]) -> int:
@@ -219,13 +239,16 @@ class Subscription:
             OverloadedError: messages came faster than they were taken, past
                 ``pubsub_buffer_limit``: the subscription ended.
             trio.EndOfChannel: the subscription's block has ended.
+            RuntimeError: called from another trio run than the store's.
         """
+        self._check_run()
         return await self._subscriber.get()
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        self._check_run()
         try:
             return await self._subscriber.get()
         except trio.EndOfChannel:
@@ -250,6 +273,7 @@ class Watch:
             A result for each command, or None: a watched key changed (a
             write, a delete, an expiry, an eviction) and nothing ran.
         """
+        self._engine.check_run()  # before _checked: its parse touches the engine
         return await self._engine.execute_transaction(_checked(self._engine, calls), self._watches)
 
 

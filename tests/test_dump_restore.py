@@ -365,13 +365,13 @@ async def test_checks_run_in_redis_order_and_a_refused_restore_changes_nothing()
         assert (await kv.info("memory"))["memory"]["used_memory"] == used
 
 
-async def test_freq_sets_the_lfu_count_and_idletime_is_only_validated() -> None:
+async def test_freq_sets_the_lfu_count_and_idletime_the_lru_idle_time() -> None:
     payload = dump_payload(b"v")
     async with kvmemo.open_store(shards=2, eviction_policy="allkeys-lfu") as kv:
         assert await kv.restore("f7", 0, payload, freq=7) == "OK"
         assert await kv.object_freq("f7") == 7
         assert await kv.restore("f0", 0, payload, freq=0) == "OK"
-        assert await kv.object_freq("f0") == 1  # KVMemo counts from 1 at insertion
+        assert await kv.object_freq("f0") == 0  # as Redis (a plain insert counts 1)
         assert await kv.restore("plain", 0, payload) == "OK"
         assert await kv.object_freq("plain") == 1
         for _ in range(5):
@@ -383,7 +383,7 @@ async def test_freq_sets_the_lfu_count_and_idletime_is_only_validated() -> None:
     async with kvmemo.open_store(shards=2, eviction_policy="lru") as kv:
         assert await kv.restore("k", 0, payload, freq=9, replace=True) == "OK"  # ignored
         assert await kv.restore("j", 0, payload, idletime=50) == "OK"
-        assert await kv.object_idletime("j") == 0  # not applied: see commands.dump
+        assert await kv.object_idletime("j") == 50  # as Redis: see commands.dump
 
 
 async def test_restore_is_charged_to_the_memory_tracker_like_set() -> None:

@@ -417,15 +417,18 @@ class Restore(ops.ShardOp):
     or, for a deadline already past, only checked. So a small payload that
     declares a huge value costs memory only when the value may be kept.
 
-    ``freq``: under an LFU policy the key's access count becomes ``freq``
-    (at least 1, KVMemo's count at insertion; the policy's own ``record_*``
-    calls, so it still tracks exactly the store's keys), as Redis sets its
-    LFU counter. ``IDLETIME`` is validated by the parser and not applied: an
-    LRU policy keeps its keys in touch order and has no way to place one in
-    the past, so a restored key counts as just touched.
+    As Redis's ``objectSetLRUOrLFU``: under an LFU policy, ``freq`` becomes
+    the key's access count (0 included; ``idletime`` is ignored); under the
+    others, ``idletime`` (seconds) is how long ago the key was last touched
+    (``freq`` is ignored): ``OBJECT IDLETIME`` counts from there, and an LRU
+    policy ranks it for eviction as touched then (``EvictionPolicy.record_aged``).
+    KVMemo's fifo, random and noeviction policies keep no access times, so
+    there it changes nothing observable (their ``OBJECT IDLETIME`` is an
+    error). Redis's 24-bit LRU clock wraps an idle time past 2**24 s (194
+    days); KVMemo keeps it as given.
     """
 
-    __slots__ = ("error", "expiry", "freq", "replace", "value")
+    __slots__ = ("error", "expiry", "freq", "idletime", "replace", "value")
     write = True
 
     def __init__(
@@ -436,6 +439,7 @@ class Restore(ops.ShardOp):
         *,
         replace: bool,
         freq: int | None = None,
+        idletime: int | None = None,
         error: KVMemoError | None = None,
     ) -> None:
         self.key = key
@@ -443,6 +447,7 @@ class Restore(ops.ShardOp):
         self.expiry = expiry
         self.replace = replace
         self.freq = freq
+        self.idletime = idletime
         self.error = error
 
     def apply(self, store: ShardStore, now: float) -> str:
@@ -468,12 +473,15 @@ class Restore(ops.ShardOp):
         assert type(value) is bytes
         store.put(key, value, now, expires_at=deadline)
         policy = store.policy
+        volatile = deadline is not None
         if policy.lfu:
             # A new object to Redis: its count starts again, at FREQ if given.
-            policy.record_remove(key)
-            policy.record_insert(key, volatile=deadline is not None)
-            for _ in range((self.freq or 1) - 1):
-                policy.record_access(key)
+            freq = 1 if self.freq is None else self.freq
+            policy.record_frequency(key, freq, volatile=volatile)
+        elif self.idletime:  # IDLETIME 0: touched now, as the put recorded it
+            since = now - self.idletime
+            tick = store.tick_times.tick_at(since)
+            policy.record_aged(key, volatile=volatile, tick=tick, since=since)
         return ops.OK
 
     @property
@@ -563,4 +571,6 @@ def _restore(args: Sequence[bytes], ctx: ParseContext) -> Restore:
             expiry = Expiry(ExpiryMode.RELATIVE, ttl / 1000)
     except KVMemoError as exc:
         error = exc
-    return Restore(args[0], value, expiry, replace=replace, freq=freq, error=error)
+    return Restore(
+        args[0], value, expiry, replace=replace, freq=freq, idletime=idletime, error=error
+    )

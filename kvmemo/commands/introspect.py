@@ -148,7 +148,9 @@ class ObjectIdleTime(ops.ShardOp):
     of the marks (about 1 s, more for a key idle a long time), as Redis's own
     1 s LRU clock rounds. Before the first sweep (which runs as the node
     starts) it is 0. A policy switch, or a shard rebuilt after corruption,
-    counts as a touch of every key (the new policy learns them afresh).
+    counts as a touch of every key (the new policy learns them afresh). A
+    key restored with ``IDLETIME`` and untouched since reads its own time
+    (``EvictionPolicy.aged_since``), exactly, as Redis answers it.
 
     Under an LFU policy: Redis's error. Under ``fifo``, ``random``,
     ``volatile-random`` and ``noeviction``, which keep no access time (Redis
@@ -167,6 +169,11 @@ class ObjectIdleTime(ops.ShardOp):
             raise DisabledError(LFU_SELECTED)
         if not policy.keeps_access_ticks:
             raise DisabledError(NO_ACCESS_TIMES.format(policy=policy.name))
+        since = policy.aged_since(self.key)
+        if since is not None:
+            # Restored with IDLETIME and untouched since: its own time, to
+            # the ms (so that IDLETIME 1000 reads 1000 at once, not 999.999...).
+            return max(0, int(round(now - since, 3)))
         tick = policy.last_access(self.key)
         # An untracked key (the policy learns it at its next touch) reads as
         # older than every mark.

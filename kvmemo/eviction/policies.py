@@ -211,8 +211,31 @@ class EvictionPolicy(abc.ABC):
         """How many times ``key`` was touched, for an :attr:`lfu` policy (read only).
 
         Returns:
-            The count (1 at insertion), or None when the policy counts no
-            accesses or does not track ``key``.
+            The count (1 at insertion, or what :meth:`record_frequency` set),
+            or None when the policy counts no accesses or does not track ``key``.
+        """
+        return None
+
+    def record_aged(self, key: bytes, *, volatile: bool, tick: int, since: float) -> None:
+        """``key``, just stored, was last touched at ``tick``, time ``since``.
+
+        For RESTORE ... IDLETIME; call after the key's insert. ``tick`` is a
+        tick no later than the touches made after ``since`` (see
+        :meth:`TickTimes.tick_at`), ``since`` an opaque time the policy gives
+        back (:meth:`aged_since`). A policy that keeps no access times (and
+        LFU, as Redis's) ignores it: the key stays as its insert recorded it.
+        """
+        return None
+
+    def aged_since(self, key: bytes) -> float | None:
+        """The ``since`` of :meth:`record_aged` while ``key`` is untouched since, else None."""
+        return None
+
+    def record_frequency(self, key: bytes, freq: int, *, volatile: bool) -> None:
+        """``key``, just stored, has been touched ``freq`` times (>= 0; RESTORE ... FREQ).
+
+        Call after the key's insert. Only an :attr:`lfu` policy counts
+        touches; the others ignore it, as Redis does.
         """
         return None
 
@@ -297,8 +320,21 @@ class LRUPolicy(EvictionPolicy):
       and once that debt exceeds what a rebuild costs, the next scan rebuilds
       first. A store that never evicts never copies; touches only count.
 
-    Invariant: every tracked key is in exactly one partition, and the ticks of
-    each partition increase from front to back.
+    Aged keys (:meth:`record_aged`: RESTORE ... IDLETIME) were last touched
+    in the past, so their place is inside an order that only appends: they
+    wait in ``_aged`` instead, key -> (seq, tick, since, volatile), ranked by
+    a heap per partition of (tick, seq, key) until their next touch moves
+    them to the end of a partition like any key. The heaps are pruned
+    lazily: an entry whose seq is not its key's current one is stale, dropped
+    when it reaches the top, and the heaps are rebuilt once stale entries
+    outnumber live ones (plus ``COMPACT_SLACK``). A store that restores no
+    aged key pays one empty-dict check on the rare paths (a key not found in
+    either partition) and nothing else. An aged key's own bookkeeping (its
+    entry and heap item, about 150 B more) is not in ``key_overhead``.
+
+    Invariant: every tracked key is in exactly one partition or in ``_aged``
+    (with a live entry in the heap of its volatility), and the ticks of each
+    partition increase from front to back.
     """
 
     name = "lru"
@@ -316,12 +352,21 @@ class LRUPolicy(EvictionPolicy):
         self._volatile_front = _Front()
         self._holes = 0  # pops since the partitions were last rebuilt
         self._scan_debt = 0  # sum of _holes over the scans since then
+        # Keys placed in the past by record_aged, untouched since (see the class docstring).
+        self._aged: dict[bytes, tuple[int, int, float, bool]] = {}  # (seq, tick, since, volatile)
+        self._aged_heaps: tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]] = (
+            [],  # persistent: (tick, seq, key)
+            [],  # volatile
+        )
+        self._aged_seq = 0
 
     def record_insert(self, key: bytes, *, volatile: bool) -> None:
         # A re-insert is an access plus a flag change: both move the key to
         # the most-recent end, so one pop and one insert do both.
         if self._persistent.pop(key, None) is not None or self._volatile.pop(key, None) is not None:
             self._holes += 1
+        elif self._aged:
+            self._pop_aged(key)
         (self._volatile if volatile else self._persistent)[key] = next(_CLOCK)
 
     def record_access(self, key: bytes) -> None:
@@ -331,7 +376,59 @@ class LRUPolicy(EvictionPolicy):
         elif self._volatile.pop(key, None) is not None:
             self._holes += 1
             order = self._volatile
+        elif self._aged and self._pop_aged(key):
+            order = self._volatile
         order[key] = next(_CLOCK)
+
+    def record_aged(self, key: bytes, *, volatile: bool, tick: int, since: float) -> None:
+        if self._persistent.pop(key, None) is not None or self._volatile.pop(key, None) is not None:
+            self._holes += 1
+        self._aged_seq = seq = self._aged_seq + 1
+        self._aged[key] = (seq, tick, since, volatile)  # an entry it replaces goes stale
+        heapq.heappush(self._aged_heaps[volatile], (tick, seq, key))
+        self._prune_aged()
+
+    def aged_since(self, key: bytes) -> float | None:
+        entry = self._aged.get(key)
+        return None if entry is None else entry[2]
+
+    def _pop_aged(self, key: bytes) -> bool | None:
+        """Forget ``key``'s aged entry: its volatility, or None when it had none."""
+        entry = self._aged.pop(key, None)
+        if entry is None:
+            return None
+        self._prune_aged()
+        return entry[3]
+
+    def _prune_aged(self) -> None:
+        """Rebuild the aged heaps once their stale entries outnumber the live ones."""
+        heaps = self._aged_heaps
+        if len(heaps[0]) + len(heaps[1]) <= 2 * len(self._aged) + self.COMPACT_SLACK:
+            return
+        rebuilt: tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]] = ([], [])
+        for key, (seq, tick, _, volatile) in self._aged.items():
+            rebuilt[volatile].append((tick, seq, key))
+        for heap in rebuilt:
+            heapq.heapify(heap)
+        self._aged_heaps = rebuilt
+
+    def _oldest_aged(self, volatile: bool, count: int) -> list[tuple[int, bytes]]:
+        """The ``count`` oldest aged ``(tick, key)`` of one volatility, oldest first.
+
+        O((count + stale entries met) * log n): the live entries popped are
+        pushed back, the stale ones dropped for good.
+        """
+        heap = self._aged_heaps[volatile]
+        aged = self._aged
+        taken: list[tuple[int, int, bytes]] = []
+        while heap and len(taken) < count:
+            item = heapq.heappop(heap)
+            entry = aged.get(item[2])
+            if entry is not None and entry[0] == item[1]:
+                taken.append(item)
+        for item in taken:
+            heapq.heappush(heap, item)
+        return [(tick, key) for tick, _, key in taken]
 
     def record_writes(self, keys: Sequence[bytes], olds: Sequence[bytes | None]) -> None:
         # record_insert(key, volatile=False) or record_access(key) for each
@@ -341,6 +438,7 @@ class LRUPolicy(EvictionPolicy):
         # of a volatile key back at the end of the volatile one.
         persistent = self._persistent
         volatile = self._volatile
+        aged = self._aged
         pop = persistent.pop
         clock = _CLOCK
         holes = 0
@@ -352,6 +450,9 @@ class LRUPolicy(EvictionPolicy):
                 if old is not None:
                     volatile[key] = next(clock)
                     continue
+            elif aged and self._pop_aged(key) and old is not None:
+                volatile[key] = next(clock)  # an aged volatile key, overwritten: stays volatile
+                continue
             persistent[key] = next(clock)
         self._holes += holes
 
@@ -377,24 +478,45 @@ class LRUPolicy(EvictionPolicy):
             return
         if src.pop(key, None) is not None:
             self._holes += 1
+        elif self._aged:
+            entry = self._aged.get(key)
+            if entry is not None and entry[3] == volatile:
+                return  # the flag it has: a no-op
+            self._pop_aged(key)
         dst[key] = next(_CLOCK)
 
     def record_remove(self, key: bytes) -> None:
         if self._persistent.pop(key, None) is not None or self._volatile.pop(key, None) is not None:
             self._holes += 1
+        elif self._aged:
+            self._pop_aged(key)
 
     def last_access(self, key: bytes) -> int | None:
         tick = self._persistent.get(key)
-        return tick if tick is not None else self._volatile.get(key)
+        if tick is None:
+            tick = self._volatile.get(key)
+            if tick is None and self._aged:
+                entry = self._aged.get(key)
+                tick = None if entry is None else entry[1]
+        return tick
 
     def candidates(self, count: int) -> list[tuple[int, bytes]]:
         _check_count(count)
         if not count:
             return []
         volatile = self._oldest(False, count) if self._volatile else []
+        aged = self._aged
+        if aged:
+            volatile = list(
+                itertools.islice(heapq.merge(self._oldest_aged(True, count), volatile), count)
+            )
         if self.volatile_only:
             return volatile
         persistent = self._oldest(True, count) if self._persistent else []
+        if aged:
+            persistent = list(
+                itertools.islice(heapq.merge(self._oldest_aged(False, count), persistent), count)
+            )
         if not volatile:
             return persistent
         return list(itertools.islice(heapq.merge(persistent, volatile), count))
@@ -442,9 +564,11 @@ class LRUPolicy(EvictionPolicy):
         self._persistent_front = _Front()
         self._volatile_front = _Front()
         self._holes = self._scan_debt = 0
+        self._aged.clear()
+        self._aged_heaps = ([], [])
 
     def __len__(self) -> int:
-        return len(self._persistent) + len(self._volatile)
+        return len(self._persistent) + len(self._volatile) + len(self._aged)
 
 
 class VolatileLRUPolicy(LRUPolicy):
@@ -526,7 +650,8 @@ class LFUPolicy(EvictionPolicy):
     the walk from the head yields candidates in score order,
     ``score = freq << LFU_TICK_BITS | tick``.
 
-    Frequencies count accesses in this shard since insertion (1 on insert) and
+    Frequencies count accesses in this shard since insertion (1 on insert, or
+    what :meth:`record_frequency` set: RESTORE ... FREQ, 0 included) and
     never decay: a key that was hot long ago stays protected. Cost of
     ``candidates``: O(count) for ``lfu``; ``volatile-lfu`` also steps over
     buckets holding no volatile key, at most the number of distinct
@@ -558,6 +683,9 @@ class LFUPolicy(EvictionPolicy):
 
     def _insert_new(self, key: bytes, volatile: bool) -> None:
         head = self._head
+        if head is not None and head.freq == 0:  # keys restored with FREQ 0 come first
+            self._place(key, volatile, 1)
+            return
         if head is None or head.freq != 1:
             head = _FreqBucket(1, None, head)
             if head.next is not None:
@@ -565,6 +693,31 @@ class LFUPolicy(EvictionPolicy):
             self._head = head
         (head.volatile if volatile else head.persistent)[key] = next(_CLOCK)
         self._where[key] = head
+
+    def _place(self, key: bytes, volatile: bool, freq: int) -> None:
+        """Put untracked ``key`` in the bucket of ``freq``, linked in order if new.
+
+        O(buckets before it): for the rare paths (RESTORE ... FREQ, and an
+        insert while a bucket of 0 leads).
+        """
+        prev, bucket = None, self._head
+        while bucket is not None and bucket.freq < freq:
+            prev, bucket = bucket, bucket.next
+        if bucket is None or bucket.freq != freq:
+            bucket = _FreqBucket(freq, prev, bucket)
+            if bucket.next is not None:
+                bucket.next.prev = bucket
+            if prev is None:
+                self._head = bucket
+            else:
+                prev.next = bucket
+        (bucket.volatile if volatile else bucket.persistent)[key] = next(_CLOCK)
+        self._where[key] = bucket
+
+    def record_frequency(self, key: bytes, freq: int, *, volatile: bool) -> None:
+        # A new object to Redis: its count starts again, at ``freq``, touched now.
+        self.record_remove(key)
+        self._place(key, volatile, freq)
 
     def record_insert(self, key: bytes, *, volatile: bool) -> None:
         if key in self._where:
@@ -869,6 +1022,18 @@ class TickTimes:
             return None
         i = bisect.bisect_left(self._ticks, tick)
         return times[i - 1] if i else times[0]
+
+    def tick_at(self, when: float) -> int:
+        """A tick for a touch at time ``when`` in the past (RESTORE ... IDLETIME).
+
+        Returns:
+            The tick of the last mark taken at or before ``when``: below the
+            ticks of every touch after that mark, above those before it (so
+            placed within one mark spacing of its time); 0, below every
+            tick, when ``when`` is older than every mark.
+        """
+        i = bisect.bisect_right(self._times, when)
+        return self._ticks[i - 1] if i else 0
 
     def consistent(self) -> bool:
         """Whether the invariant holds (checked before a restarted shard reuses it)."""
