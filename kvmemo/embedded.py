@@ -14,10 +14,12 @@ own their nursery.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
 from actors import ActorSystem
@@ -26,6 +28,7 @@ from .api import Arg, Commands, encode_arg, encode_args
 from .config import StoreConfig
 from .engine.engine import KVEngine
 from .engine.pubsub import Message, Subscriber
+from .settings import SETTINGS
 
 
 class Store(Commands):
@@ -314,6 +317,14 @@ def _config(config: StoreConfig | None, settings: dict[str, Any]) -> StoreConfig
         ValueError: an invalid setting (the message names it).
     """
     if config is None:
+        known = attrs.fields_dict(StoreConfig)
+        for name in settings:
+            if name not in known:
+                # A flag's name (dir for data_dir), else the closest field's.
+                flag = {x.name: x.field for x in SETTINGS if x.target == "store"}.get(name)
+                close = [flag] if flag else difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"unknown store setting {name!r}{hint}")
         return StoreConfig(**settings)
     if settings:
         raise TypeError(

@@ -45,3 +45,21 @@ async def test_chaos_output_into_a_closed_pipe_ends_silently_with_141() -> None:
     argv = ["chaos", "--duration", "0.3", "--shards", "1", "--kill-rate", "0", "--no-progress"]
     status, stderr = await run_into_a_closed_pipe(argv)
     assert (status, stderr) == (141, b"")
+
+
+async def test_a_misspelt_store_setting_names_the_closest_one() -> None:
+    import kvmemo
+
+    with pytest.raises(
+        TypeError, match=r"^unknown store setting 'maxmemry' \(did you mean 'maxmemory'\?\)$"
+    ):
+        async with kvmemo.open_store(maxmemry="1MiB"):
+            pass
+    with pytest.raises(
+        TypeError, match=r"^unknown store setting 'dir' \(did you mean 'data_dir'\?\)$"
+    ):
+        async with kvmemo.open_store(dir="data"):
+            pass
+    with pytest.raises(TypeError, match=r"^unknown store setting 'zzzzzz'$"):
+        async with kvmemo.open_store(zzzzzz=1):
+            pass
