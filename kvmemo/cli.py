@@ -90,8 +90,15 @@ def _setup_logging(level: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvmemo", description="KVMemo: an in-memory key-value store on trio.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    serve = sub.add_parser("serve", help="run a server (WebSocket JSON-RPC + HTTP + Redis)")
-    serve.add_argument("--config", help="TOML configuration file")
+    serve = sub.add_parser(
+        "serve",
+        help="run a server (WebSocket JSON-RPC + HTTP + Redis)",
+        usage="%(prog)s [-h] [--config FILE] [FLAG VALUE ...]  (flags by section below)",
+        description="Run a KVMemo server. Every flag is also a TOML key of its section"
+        " (--config) and a KVMEMO_* environment variable; a flag wins over the variable,"
+        " the variable over the file.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     add_flags(serve)
     for module in TOOLS:
         module.add_parser(sub)

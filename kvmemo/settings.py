@@ -311,7 +311,8 @@ SETTINGS: list[Setting] = [
         "store",
         "eviction_policy",
         _str,
-        "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, volatile-random",
+        "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, volatile-random"
+        " (or Redis's allkeys-lru, allkeys-lfu, allkeys-random) (lru)",
     ),
     Setting(
         "eviction_watermark",
@@ -550,15 +551,26 @@ SERVE_DEFAULTS: dict[str, Any] = {"maxmemory": 256 * 1024 * 1024}
 store has no memory limit unless given one)."""
 
 
+# The sections of ``kvmemo serve --help``: one per TOML table (the README's).
+_FLAG_GROUPS = {
+    "server": "server (listeners, TLS, auth, logging)",
+    "store": "store (shards, memory, eviction, expiry, supervision)",
+    "limits": "limits (sizes, counts and times; the Redis port's too)",
+    "persistence": "persistence (off unless --dir is given)",
+}
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting (all default to None: 'not given')."""
+    """Add one flag per setting (all default to None: 'not given'), grouped by TOML table."""
+    groups = {table: parser.add_argument_group(title) for table, title in _FLAG_GROUPS.items()}
     for s in SETTINGS:
+        group = groups[s.table]
         if s.parse is _bool:
-            parser.add_argument(
+            group.add_argument(
                 s.flag, dest=s.name, action="store_const", const=True, default=None, help=s.help
             )
             if s.name == "resp":
-                parser.add_argument(
+                group.add_argument(
                     "--no-resp",
                     dest="resp",
                     action="store_const",
@@ -566,9 +578,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                     help="do not serve the Redis protocol",
                 )
         elif s.repeat:
-            parser.add_argument(s.flag, dest=s.name, action="append", default=None, help=s.help)
+            group.add_argument(s.flag, dest=s.name, action="append", default=None, help=s.help)
         else:
-            parser.add_argument(s.flag, dest=s.name, default=None, help=s.help)
+            group.add_argument(s.flag, dest=s.name, default=None, help=s.help)
 
 
 TOML_TABLES = frozenset({"server", "store", "limits", "persistence"})

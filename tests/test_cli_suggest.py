@@ -63,3 +63,23 @@ async def test_a_misspelt_store_setting_names_the_closest_one() -> None:
     with pytest.raises(TypeError, match=r"^unknown store setting 'zzzzzz'$"):
         async with kvmemo.open_store(zzzzzz=1):
             pass
+
+
+def test_serve_help_lists_each_flag_under_its_toml_section(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvmemo.settings import SETTINGS
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    sections: dict[str, str] = {}
+    current = ""
+    for line in out.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = line.split(" ", 1)[0].rstrip(":")
+        elif line.startswith("  --"):
+            sections[line.split()[0]] = current
+    for s in SETTINGS:
+        assert sections[s.flag] == s.table, s.flag
+    assert "(lru)" in out  # the default eviction policy is shown

@@ -26,7 +26,8 @@ POLICIES = "lru, lfu, fifo, random, noeviction, volatile-lru, volatile-lfu, vola
         ({"maxmemory": True}, r"^maxmemory must be a size like 64MiB, got True$"),
         (
             {"eviction_policy": "mru"},
-            rf"^unknown eviction policy 'mru'; expected one of {POLICIES}$",
+            rf"^unknown eviction policy 'mru'; expected one of {POLICIES}"
+            r" \(or Redis's allkeys-lru, allkeys-lfu, allkeys-random\)$",
         ),
         ({"eviction_watermark": 0}, r"^eviction_watermark must be in \(0, 1\], got 0$"),
         ({"eviction_watermark": 1.5}, r"^eviction_watermark must be in \(0, 1\], got 1.5$"),

@@ -379,7 +379,8 @@ def test_every_make_policy_call_builds_a_fresh_instance() -> None:
 def test_make_policy_rejects_an_unknown_name_listing_the_choices() -> None:
     expected = (
         r"^unknown eviction policy 'mru'; expected one of lru, lfu, fifo, random, "
-        r"noeviction, volatile-lru, volatile-lfu, volatile-random$"
+        r"noeviction, volatile-lru, volatile-lfu, volatile-random "
+        r"\(or Redis's allkeys-lru, allkeys-lfu, allkeys-random\)$"
     )
     with pytest.raises(ValueError, match=expected):
         make_policy("mru")

@@ -1123,7 +1123,9 @@ def make_policy(name: str, *, rng: random.Random | None = None) -> EvictionPolic
     wanted = name.lower()
     cls = _REGISTRY.get(_ALIASES.get(wanted, wanted))
     if cls is None:
+        aliases = ", ".join(_ALIASES)
         raise ValueError(
             f"unknown eviction policy {name!r}; expected one of {', '.join(POLICY_NAMES)}"
+            f" (or Redis's {aliases})"
         )
     return cls.create(rng=rng)
