@@ -252,6 +252,25 @@ async def test_static_files_are_served_with_their_content_type(name: str, ctype:
             assert len(reply.body) > 100
 
 
+async def test_metrics_need_a_token_when_the_server_has_tokens_and_healthz_does_not() -> None:
+    # Was: /metrics answered anyone although sessions had to auth first.
+    with trio.fail_after(TIMEOUT):
+        async with node(tokens=frozenset({"s3cret"})) as n:
+            refused = await fetch(n, "/metrics")
+            assert refused.status == 401
+            assert refused.headers["www-authenticate"] == 'Bearer realm="kvmemo"'
+            assert b"kvmemo_" not in refused.body
+            wrong = await fetch(n, "/metrics", extra="Authorization: Bearer nope\r\n")
+            assert wrong.status == 401
+            bearer = await fetch(n, "/metrics", extra="Authorization: Bearer s3cret\r\n")
+            assert bearer.status == 200
+            assert b"kvmemo_" in bearer.body
+            assert (await fetch(n, "/metrics?token=s3cret")).status == 200
+            assert (await fetch(n, "/healthz")).status == 200
+        async with node() as open_node_:
+            assert (await fetch(open_node_, "/metrics")).status == 200
+
+
 async def test_the_client_module_is_importable_from_an_allowed_origin_only() -> None:
     # A cross-origin <script type="module"> needs CORS: the origins that may
     # open /ws may import /static/kvmemo.js too (examples/browser/README.md).

@@ -69,6 +69,7 @@ GC_GEN0_THRESHOLD = 20_000  # allocations between young collections (CPython: 70
 # accept(2) errors of an overloaded system (out of descriptors or memory): retried.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY = 0.1  # seconds between accept attempts while one of them lasts
+_TEXT = "text/plain; charset=utf-8"
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -396,6 +397,8 @@ class Server:
             return
         status, body, ctype = self._http_get(head)
         extra = None
+        if status == 401:
+            extra = [("WWW-Authenticate", 'Bearer realm="kvmemo"')]
         if head.path.startswith("/static/"):
             # A page of an allowed origin may import the client module (a
             # cross-origin module script needs CORS), as it may open /ws.
@@ -413,6 +416,8 @@ class Server:
         if path == "/healthz":
             return self._healthz()
         if path == "/metrics":
+            if not self._metrics_allowed(head):
+                return 401, b"a token is required: Authorization: Bearer TOKEN\n", _TEXT
             self.engine.refresh_actor_metrics()
             body = self.metrics.render_prometheus().encode()
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
@@ -424,7 +429,24 @@ class Server:
             if content is not None and "/" not in name:
                 ext = name[name.rfind(".") :]
                 return 200, content, STATIC_TYPES.get(ext, "application/octet-stream")
-        return 404, b"not found\n", "text/plain; charset=utf-8"
+        return 404, b"not found\n", _TEXT
+
+    def _metrics_allowed(self, head: http.RequestHead) -> bool:
+        """Whether ``/metrics`` may be read: always without tokens, else with one.
+
+        The token comes as ``Authorization: Bearer TOKEN`` (what Prometheus's
+        ``authorization`` scrape setting sends) or ``?token=TOKEN``, as for
+        ``/ws``. ``/healthz`` stays open: a load balancer's probe carries no
+        token, and it tells only whether the node is healthy.
+        """
+        tokens = self.config.tokens
+        if not tokens:
+            return True
+        token = head.query.get("token")
+        scheme, _, credentials = head.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
+        return token is not None and check_token(token, tokens)
 
     def _healthz(self) -> tuple[int, bytes, str]:
         system = self.engine.system

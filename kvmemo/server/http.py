@@ -66,6 +66,7 @@ def parse_head(data: bytes) -> RequestHead:
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
