@@ -565,6 +565,13 @@ def _torn_shape_error(op: int, klen: int, plen: int) -> str | None:
     return None
 
 
+# The torn-key search's bounds (see _whole_record_after): candidates looked at
+# (a record begins at a version byte: random data has one every 256 bytes, so
+# this covers about 64 MiB after the key's start), and CRC bytes, at most the
+# bytes searched. Past either, the search gives up: torn, as without it.
+WHOLE_RECORD_CANDIDATES = 1 << 18
+
+
 def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> bool:
     """Whether a whole, valid record of this version begins at or after ``start`` in ``data[:n]``.
 
@@ -572,21 +579,35 @@ def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> boo
     lengths cannot be checked against each other: a SET whose key runs past
     the end of the data. Two length fields damaged together (a burst of bad
     bytes) make that shape too, and the records after them would be cut off
-    as a torn tail. Searched: the bytes after the key's start, fewer than the
-    key would hold, so the search costs no more than a torn key is long.
-    A key holding a whole encoded record by design would make a torn tail
-    look damaged: the start is refused, and repair loses nothing.
+    as a torn tail; the first of them begins where the damaged record really
+    ended, near ``start``.
+
+    Cost, linear whatever the bytes: a candidate's CRC is computed only once
+    its length fields agree with each other and with the data's end (O(1)
+    checks), the CRC'd bytes are capped at the bytes searched, and at most
+    ``WHOLE_RECORD_CANDIDATES`` candidates are looked at; past a cap the
+    answer is False (a torn tail, as before the search existed). A key
+    holding a whole encoded record by design would make a torn tail look
+    damaged: the start is refused, and repair loses nothing.
     """
     version = bytes([FORMAT_VERSION])
+    budget = n - start  # CRC bytes left
+    candidates = WHOLE_RECORD_CANDIDATES
     at = data.find(version, start + 4, n)
-    while at >= 0:
+    while at >= 0 and candidates:
+        candidates -= 1
         pos = at - 4
-        if n - pos >= HEADER_SIZE and data[at + 1] in _OPS:
-            (plen,) = _U32.unpack_from(data, pos + 6)
-            if MIN_PAYLOAD <= plen <= n - pos - HEADER_SIZE and isinstance(
-                _decode_at(data, mv, pos, n), tuple
-            ):
-                return True
+        if n - pos >= _HEAD_KLEN_SIZE and data[at + 1] in _OPS:
+            _, _, _, plen, klen = _HEAD_KLEN.unpack_from(data, pos)
+            if MIN_PAYLOAD + klen <= plen <= n - pos - HEADER_SIZE:
+                # plen fits, so the value length field lies inside the data.
+                (vlen,) = _U32.unpack_from(data, pos + _HEAD_KLEN_SIZE + klen)
+                if MIN_PAYLOAD + klen + vlen == plen:
+                    budget -= plen
+                    if budget < 0:
+                        return False
+                    if isinstance(_decode_at(data, mv, pos, n), tuple):
+                        return True
         at = data.find(version, at + 1, n)
     return False
 

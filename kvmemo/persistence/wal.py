@@ -661,7 +661,9 @@ class SegmentedLog:
         Raises:
             ValueError: ``number`` is the current segment or later, or the
                 log is closed.
-            OSError: a segment cannot be deleted (those before it are gone).
+            OSError: a segment cannot be deleted (the first such error; every
+                other segment that could be deleted is gone: one undeletable
+                segment does not keep the later ones).
         """
         with self._lock:
             self._check_open()
@@ -669,12 +671,21 @@ class SegmentedLog:
                 raise ValueError(
                     f"number must be < the current segment {self._number}, got {number}"
                 )
+            error: OSError | None = None
             for n in sorted(k for k in self._sizes if k <= number):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path(n))
-                del self._sizes[n]
+                # Covered: its bytes (synced or not) no longer matter, even
+                # while it cannot be deleted (it then stays in _sizes, counted
+                # as left over, and is tried again by the next call).
                 self._uncovered.pop(n, None)
                 self.failed_syncs.discard(n)
+                try:
+                    os.unlink(self.path(n))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    error = error or exc
+                    continue
+                del self._sizes[n]
             keep = []
             for n, fd in self._retired:
                 if n <= number:
@@ -689,6 +700,8 @@ class SegmentedLog:
                     self._abandoned.clear()
                 finally:
                     self._sync_lock.release()
+            if error is not None:
+                raise error
 
     def close(self) -> None:
         """Close every descriptor, without syncing (call :meth:`sync` first).
