@@ -17,7 +17,7 @@ async def allow(kv: kvmemo.Store, user: str, limit: int, window: int) -> bool:
     """
     key = f"rate:{user}"
     count, _ = await kv.transaction(("INCR", key), ("EXPIRE", key, window, "NX"))
-    return count <= limit
+    return int(count) <= limit
 
 
 async def transfer(kv: kvmemo.Store, src: str, dst: str, amount: int) -> bool:

@@ -11,6 +11,26 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+__all__ = [
+    "ERROR_KINDS",
+    "ArityError",
+    "BusyKeyError",
+    "CommandSyntaxError",
+    "DisabledError",
+    "InternalError",
+    "KVMemoError",
+    "NoAuthError",
+    "NotIntegerError",
+    "OutOfMemoryError",
+    "OverloadedError",
+    "PersistenceIOError",
+    "RequestTimeoutError",
+    "TooLargeError",
+    "UnavailableError",
+    "UnknownCommandError",
+    "WrongTypeError",
+]
+
 
 class KVMemoError(Exception):
     """Base class of every error a KVMemo command can report.
