@@ -1,4 +1,4 @@
-"""Review of the torn-tail checks: bounded cost, and acknowledged bytes never cut as torn."""
+"""Review of the torn-tail checks: a bounded search; covered segments removed past a stuck one."""
 
 from __future__ import annotations
 
@@ -83,50 +83,6 @@ def _segment(tmp_path: Path, body: bytes) -> Path:
     return shard
 
 
-def test_a_torn_record_below_the_acknowledged_end_is_damage(tmp_path: Path) -> None:
-    # Was: truncated as 'left by a crash during an append' although the
-    # commit log said its bytes were acknowledged.
-    from kvmemo.persistence.recovery import CorruptLog, recover
-
-    good = encode_set(b"k1", b"v1") + encode_set(b"k2", b"v2")
-    last = bytearray(encode_set(b"acked", b"value"))
-    last[8:12] = bytes.fromhex("30004000")
-    shard = _segment(tmp_path, good + bytes(last))
-    with pytest.raises(CorruptLog) as caught:
-        recover(shard, now_ms=0, acked={1: len(good) + len(last)}, changes=[])
-    assert caught.value.offset == len(good)
-    assert (shard / "wal-00000001.log").stat().st_size == len(good) + len(last)  # untouched
-    # Without the commit log's word (everysec, no commit log) it is a torn tail.
-    got = recover(shard, now_ms=0, acked=None, changes=[])
-    assert got.data == {b"k1": b"v1", b"k2": b"v2"}
-
-
-def test_a_segment_shorter_than_its_acknowledged_end_is_damage(tmp_path: Path) -> None:
-    from kvmemo.persistence.recovery import CorruptLog, recover
-
-    body = encode_set(b"k1", b"v1")
-    shard = _segment(tmp_path, body)
-    with pytest.raises(CorruptLog) as caught:
-        recover(shard, now_ms=0, acked={1: len(body) + 100}, changes=[])
-    assert caught.value.offset == len(body)
-    got = recover(shard, now_ms=0, acked={1: len(body) + 100}, changes=[], repair=True)
-    assert got.data == {b"k1": b"v1"}
-    assert any("acknowledged" in w for w in got.warnings)
-
-
-def test_zeros_below_the_acknowledged_end_are_damage(tmp_path: Path) -> None:
-    from kvmemo.persistence.recovery import CorruptLog, recover
-
-    body = encode_set(b"k1", b"v1")
-    shard = _segment(tmp_path, body + b"\0" * 64)
-    with pytest.raises(CorruptLog):
-        recover(shard, now_ms=0, acked={1: len(body) + 64}, changes=[])
-    # Past the acknowledged end, zeros are a power loss's: truncated.
-    got = recover(shard, now_ms=0, acked={1: len(body)}, changes=[])
-    assert got.data == {b"k1": b"v1"}
-    assert os.path.exists(shard / "wal-00000001.log")
-
-
 def test_one_undeletable_covered_segment_does_not_keep_the_later_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,3 +116,17 @@ def test_one_undeletable_covered_segment_does_not_keep_the_later_ones(
         log.remove_through(numbers[-1])
         assert not stuck.exists()
         assert log.count_through(numbers[-1]) == 0
+
+
+def test_a_burst_before_a_long_run_of_version_bytes_is_still_found() -> None:
+    # A SET whose value is 300 KiB of 0x01 (a bitmap), both its length fields
+    # hit, then a whole record: the search must reach it (a cap of 2**18
+    # candidates, counted from the damaged key, did not).
+    first = encode_set(b"k1", b"v1")
+    hit = bytearray(encode_set(b"k2", b"\x01" * (300 << 10)))
+    hit[6:14] = struct.pack("<II", 0x00400030, 0x00400000)
+    after = encode_set(b"k3", b"v3")
+    result = decode_stream(first + bytes(hit) + after)
+    assert not isinstance(result.problem, Torn)
+    assert result.problem is not None
+    assert result.problem.offset == len(first)

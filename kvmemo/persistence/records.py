@@ -567,9 +567,11 @@ def _torn_shape_error(op: int, klen: int, plen: int) -> str | None:
 
 # The torn-key search's bounds (see _whole_record_after): candidates looked at
 # (a record begins at a version byte: random data has one every 256 bytes, so
-# this covers about 64 MiB after the key's start), and CRC bytes, at most the
-# bytes searched. Past either, the search gives up: torn, as without it.
-WHOLE_RECORD_CANDIDATES = 1 << 18
+# this covers about 256 MiB after the key's start, and a value that is a long
+# run of 0x01 bytes 1 MiB; each costs about a microsecond), and CRC bytes, at
+# most the bytes searched. Past either, the search gives up: torn, as it was
+# before the search existed.
+WHOLE_RECORD_CANDIDATES = 1 << 20
 
 
 def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> bool:

@@ -246,23 +246,12 @@ def _replay_segment(
             # file's size reached the disk and before its data did (an
             # append that was never acknowledged, or it would be durable).
             zeros = isinstance(problem, Corrupt) and not buf[problem.offset :].strip(b"\0")
-            remainder = buf[result.end :] if problem is not None and repair else b""
+            remainder = buf[result.end :] if isinstance(problem, Corrupt) and repair else b""
     if problem is None:
-        if acked_end is None or size >= acked_end:
-            return result.count, False
-        # Acknowledged bytes missing at the end (the commit log put back
-        # what a power loss took before this ran): damage, never torn.
-        reason = f"the segment ends before its last acknowledged byte ({acked_end})"
-        if not repair:
-            raise CorruptLog(path, size, reason)
-        warnings.append(f"repair: {path}: {reason}; kept its {result.count} records")
-        return result.count, True
+        return result.count, False
     if isinstance(problem, Newer):
         raise problem.error(path)  # before any truncation or repair: nothing is changed
     offset = problem.offset
-    # Below the last acknowledged byte nothing is a crash's or a power
-    # loss's leftover: a torn record or zeros there are damage.
-    below_acked = acked_end is not None and offset < acked_end
     if isinstance(problem, Corrupt) and acked_end is not None and offset >= acked_end:
         changes.append(functools.partial(_truncate, path, offset))
         warnings.append(
@@ -270,33 +259,26 @@ def _replay_segment(
             f"past the last acknowledged byte ({acked_end}), left by a power loss"
         )
         return result.count, True
-    if zeros and not below_acked:
+    if zeros:
         changes.append(functools.partial(_truncate, path, offset))
         warnings.append(
             f"{path}: truncated {size - offset} zero bytes at offset {offset} (the end of an "
             "append cut off by a power loss)"
         )
         return result.count, True
-    if isinstance(problem, Torn) and not below_acked:
+    if isinstance(problem, Torn):
         changes.append(functools.partial(_truncate, path, offset))
         warnings.append(
             f"{path}: truncated a torn record at offset {offset} ({size - offset} bytes, "
             "left by a crash during an append)"
         )
         return result.count, True
-    reason = (
-        f"a record cut short before the last acknowledged byte ({acked_end})"
-        if isinstance(problem, Torn)
-        else f"{problem.reason} (before the last acknowledged byte, {acked_end})"
-        if zeros
-        else problem.reason
-    )
     if not repair:
-        raise CorruptLog(path, offset, reason)
+        raise CorruptLog(path, offset, problem.reason)
     aside = path.with_name(f"{path.name}.corrupt-{offset}")
     changes.append(functools.partial(_move_aside, path, aside, offset, remainder))
     warnings.append(
-        f"repair: {path}: {reason} at offset {offset}; kept the {result.count} records "
+        f"repair: {path}: {problem.reason} at offset {offset}; kept the {result.count} records "
         f"before it and moved the remaining {size - offset} bytes to {aside.name}"
     )
     return result.count, True
