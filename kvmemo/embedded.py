@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import attrs
@@ -41,12 +42,30 @@ class Store(Commands):
     (a second ``trio.run``, another thread, asyncio), it raises
     ``RuntimeError`` and changes nothing; once closed, it refuses every call
     as closed (``UnavailableError``), from any run.
+
+    Every async method is a trio checkpoint, as trio's own primitives are:
+    called in a cancelled scope it raises ``trio.Cancelled`` and does
+    nothing; it always lets other tasks run (a loop of ``publish`` does not
+    starve a subscriber). A call cancelled while it waits may or may not
+    have been applied, as any request whose answer never came.
+
+    A store of :func:`serve` is an async context manager (trio's
+    ``AsyncResource``): ``async with await kvmemo.serve(nursery) as kv:``
+    ends with :meth:`aclose`.
     """
 
-    def __init__(self, engine: KVEngine, system: ActorSystem, scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        engine: KVEngine,
+        system: ActorSystem,
+        scope: trio.CancelScope,
+        stopped: trio.Event | None = None,
+    ) -> None:
         self.engine = engine
         self.system = system
         self._scope = scope
+        # Set once the tree has stopped and the engine released what it held.
+        self._stopped = stopped if stopped is not None else trio.Event()
 
     async def execute(self, command: str, *args: Arg) -> Any:
         return await self.engine.execute(command, encode_args(args))
@@ -122,12 +141,15 @@ class Store(Commands):
                 balance = int(await kv.get("balance") or 0)
                 done = await w.transaction(("SET", "balance", balance - 10))
             if done is None: ...  # "balance" changed meanwhile: nothing ran; retry
+
+        As Redis's EXEC, the block's first transaction ends the watch,
+        whatever its outcome: a second one in the same block runs unwatched.
         """
-        watches = await self.engine.watch(encode_args(keys))
+        watch = Watch(self.engine, await self.engine.watch(encode_args(keys)))
         try:
-            yield Watch(self.engine, watches)
+            yield watch
         finally:
-            self.engine.unwatch(watches)  # synchronous: safe when cancelled
+            watch._end()  # synchronous: safe when cancelled
 
     @asynccontextmanager
     async def subscribe(
@@ -147,12 +169,15 @@ class Store(Commands):
         that does not keep up).
         """
         self.engine.check_run()
+        await trio.lowlevel.checkpoint_if_cancelled()
         subscription = Subscription(self.engine.pubsub.subscriber(), self.engine.check_run)
         try:
             if channels:
                 await subscription.subscribe(*channels)
             if patterns:
                 await subscription.psubscribe(*patterns)
+            if not (channels or patterns):
+                await trio.lowlevel.cancel_shielded_checkpoint()
             yield subscription
         finally:
             subscription.close()  # synchronous: safe when cancelled
@@ -175,7 +200,9 @@ class Store(Commands):
 
         Only the store stops: the code that called it (an ``open_store``
         block included) carries on, and ``serve``'s nursery no longer waits
-        for the store. Closing a closed store does nothing.
+        for the store. Closing a closed store does nothing. It returns before
+        the actors have stopped: :meth:`aclose` waits for that (and for the
+        data directory to be released).
 
         Raises:
             RuntimeError: called from another trio run than the store's
@@ -186,6 +213,34 @@ class Store(Commands):
         self.engine.check_run()
         self.engine.stop_accepting()
         self._scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop the store and wait until it has stopped: every actor has ended and
+        the data directory is released (a new store may open it at once).
+
+        :meth:`close`, then the wait. Closing a closed store only waits (if
+        it is still stopping); it may be called in ``open_store``'s block
+        too. Cancelled while it waits, the store still stops (as trio's
+        ``aclose`` does, forcefully), without the wait.
+
+        Raises:
+            RuntimeError: called from another trio run than the store's
+                (it stays open).
+        """
+        self.close()
+        await self._stopped.wait()  # a checkpoint, set or not
+
+    async def __aenter__(self) -> Store:
+        await trio.lowlevel.checkpoint()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 class Subscription:
@@ -212,31 +267,51 @@ class Subscription:
         """The patterns subscribed, in subscription order."""
         return list(self._subscriber.patterns)
 
+    # Each method is a checkpoint, as trio's primitives are: a cancellation
+    # check first (cancelled: nothing changes), the change (synchronous), then
+    # a schedule point that cannot be cancelled (the change is not lost).
+
     async def subscribe(self, *channels: Arg) -> int:
         """Subscribe to more channels; the subscription count after it."""
         self._check_run()
-        return self._last(self._subscriber.subscribe(encode_args(channels)))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        count = self._last(self._subscriber.subscribe(encode_args(channels)))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return count
 
     async def psubscribe(self, *patterns: Arg) -> int:
         """Subscribe to more glob patterns (KEYS syntax); the subscription count after it."""
         self._check_run()
-        return self._last(self._subscriber.psubscribe(encode_args(patterns)))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        count = self._last(self._subscriber.psubscribe(encode_args(patterns)))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return count
 
     async def unsubscribe(self, *channels: Arg) -> int:
         """Leave ``channels`` (every channel if none named); the subscription count after it."""
         self._check_run()
-        return self._last(self._subscriber.unsubscribe(encode_args(channels)))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        count = self._last(self._subscriber.unsubscribe(encode_args(channels)))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return count
 
     async def punsubscribe(self, *patterns: Arg) -> int:
         """Leave ``patterns`` (every pattern if none named); the subscription count after it."""
         self._check_run()
-        return self._last(self._subscriber.punsubscribe(encode_args(patterns)))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        count = self._last(self._subscriber.punsubscribe(encode_args(patterns)))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return count
 
     def _last(self, replies: Sequence[tuple[bytes | None, int]]) -> int:
         return replies[-1][1] if replies else self._subscriber.count
 
     async def get(self) -> Message:
         """The next message, waiting for one.
+
+        A checkpoint, as trio's ``MemoryReceiveChannel.receive``: in a
+        cancelled scope it raises ``trio.Cancelled`` and the message waiting
+        stays for the next call.
 
         Raises:
             OverloadedError: messages came faster than they were taken, past
@@ -245,15 +320,20 @@ class Subscription:
             RuntimeError: called from another trio run than the store's.
         """
         self._check_run()
-        return await self._subscriber.get()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            message = self._subscriber.get_nowait()
+        except trio.WouldBlock:
+            return await self._subscriber.get()  # waits: a checkpoint
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return message
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Message:
-        self._check_run()
         try:
-            return await self._subscriber.get()
+            return await self.get()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -268,16 +348,42 @@ class Watch:
     def __init__(self, engine: KVEngine, watches: list[tuple[int, bytes, int]]) -> None:
         self._engine = engine
         self._watches = watches
+        self._ended = False  # the block has ended
 
     async def transaction(self, *calls: tuple[Arg, ...]) -> list[Any] | None:
         """:meth:`Store.transaction`, unless a watched key was written since the block began.
 
+        The first transaction ends the watch, whatever its outcome (as
+        Redis's EXEC unwatches every key): a second one in the same block
+        runs unwatched, and gives results.
+
         Returns:
             A result for each command, or None: a watched key changed (a
             write, a delete, an expiry, an eviction) and nothing ran.
+
+        Raises:
+            RuntimeError: the watch's block has ended (its keys are no longer
+                watched: None could never be told from a conflict), or the
+                call comes from another trio run.
         """
+        if self._ended:
+            raise RuntimeError("this watch's block has ended")
         self._engine.check_run()  # before _checked: its parse touches the engine
-        return await self._engine.execute_transaction(_checked(self._engine, calls), self._watches)
+        await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: the keys stay watched
+        watches = self._watches
+        try:
+            return await self._engine.execute_transaction(_checked(self._engine, calls), watches)
+        finally:
+            if watches:
+                # As EXEC, run or refused (EXECABORT): the keys are unwatched.
+                self._watches = []
+                self._engine.unwatch(watches)
+
+    def _end(self) -> None:
+        """The block ended: unwatch what is still watched; transactions now refuse."""
+        self._ended = True
+        watches, self._watches = self._watches, []
+        self._engine.unwatch(watches)
 
 
 def _checked(
@@ -358,13 +464,15 @@ async def _run_tree(engine: KVEngine, *, task_status: trio.TaskStatus[Store]) ->
     else (an ``open_store`` block that calls it carries on, and its calls
     are refused as closed).
     """
+    stopped = trio.Event()
     try:
         async with trio.open_nursery() as inner:
             system: ActorSystem = await inner.start(engine.supervisor().run)
             engine.attach(system)
-            task_status.started(Store(engine, system, inner.cancel_scope))
+            task_status.started(Store(engine, system, inner.cancel_scope, stopped))
     finally:
         engine.close()  # the intent log, once the tree has stopped
+        stopped.set()  # Store.aclose returns
 
 
 @asynccontextmanager

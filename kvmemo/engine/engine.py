@@ -130,7 +130,15 @@ from ..storage.sync_coordinator import LogWrite
 from . import durable
 from .locks import RWLock
 from .pubsub import PubSubHub
-from .transaction import WATCH_CHANGED, Plan, TxnPart, UnwatchKeys, WatchKeys, cross_shard_refusal
+from .transaction import (
+    WATCH_CHANGED,
+    Plan,
+    TxnPart,
+    UnwatchKeys,
+    WatchKeys,
+    cross_shard_refusal,
+    out_of_memory,
+)
 
 TTL_MANAGER = "ttl-manager"
 EVICTION_MANAGER = "eviction-manager"
@@ -173,6 +181,14 @@ _PENDING: Any = object()  # execute_many: a call not answered yet (None is a res
 _FEW_ARGS = 3  # parse: up to this many arguments, lengths are checked by a loop
 _RUNNING = ActorState.RUNNING
 _current_time = trio.current_time
+# Trio's checkpoint convention, as its own primitives keep it: every async entry
+# point first checks for cancellation (so that a call made in a cancelled scope
+# raises Cancelled and does nothing), then has a schedule point (waiting for a
+# shard is one; a reply the engine gives itself needs cancel_shielded_checkpoint).
+# The check costs a coroutine await (~0.3 us, 1% of a GET); the public
+# alternative, ``current_effective_deadline() == -inf``, costs ~1.2 us.
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 _current_token = trio.lowlevel.current_trio_token
 _GET = COMMANDS["get"]
 _SET = COMMANDS["set"]
@@ -550,6 +566,10 @@ class KVEngine:
     async def execute(self, name: str, args: Sequence[bytes]) -> Any:
         """Run one command by name and return its protocol result.
 
+        A checkpoint, as every async entry point of the engine: in a cancelled
+        scope it raises ``trio.Cancelled`` and runs nothing; cancelled while
+        it waits, the command may or may not have been applied.
+
         Raises:
             KVMemoError: the protocol error for whatever went wrong.
         """
@@ -557,12 +577,18 @@ class KVEngine:
         try:
             if _current_token() is not self._token:
                 raise self._outside_run()
+            await _checkpoint_if_cancelled()  # cancelled: raises, and nothing is done
             self._parse_context.restart()
             spec, op = self._parse(name, args)
             if isinstance(op, ops.ShardOp):
-                result = await self._run_single(op)
+                result = await self._run_single(op)  # waits for its shard: a schedule point
             else:
                 result = await self._run(op)
+                if isinstance(op, ServerCall):
+                    # PING, ECHO, PUBLISH, ... are answered without waiting:
+                    # a schedule point all the same, so that a loop of them
+                    # lets other tasks (a subscriber) run.
+                    await _cancel_shielded_checkpoint()
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
             if exc.kind == "UNAVAILABLE":
@@ -586,6 +612,7 @@ class KVEngine:
         try:
             if _current_token() is not self._token:
                 raise self._outside_run()
+            await _checkpoint_if_cancelled()  # cancelled: raises, nothing asked
             if len(key) > self._small_size_limit:
                 self._check_sizes(_GET, (key,))
             # _run_single inlined (one coroutine frame less on every call and
@@ -616,6 +643,7 @@ class KVEngine:
         try:
             if _current_token() is not self._token:
                 raise self._outside_run()
+            await _checkpoint_if_cancelled()  # cancelled: raises, nothing written
             limit = self._small_size_limit
             if len(key) > limit or len(value) > limit:
                 self._check_sizes(_SET, (key, value))
@@ -656,6 +684,8 @@ class KVEngine:
         """
         if _current_token() is not self._token and not self._closed:
             raise self._outside_run()  # closed: each call gets "the store is closed", below
+        await _checkpoint_if_cancelled()  # cancelled: raises, and nothing runs
+        waited = False  # a schedule point was had (a shard was waited for)
         started = _perf_counter()
         results: list[Any] = [_PENDING] * len(calls)
         names: list[str | None] = [None] * len(calls)
@@ -663,7 +693,9 @@ class KVEngine:
         segment: list[tuple[int, Any]] = []
 
         async def run_segment() -> None:
-            await self._run_segment(segment, results)
+            nonlocal waited
+            if await self._run_segment(segment, results):
+                waited = True
             now = _perf_counter()
             for i, _ in segment:
                 finished[i] = now
@@ -690,12 +722,17 @@ class KVEngine:
                 segment = []
             try:
                 results[i] = await self._run(op)
+                waited = waited or not isinstance(op, ServerCall)
             except KVMemoError as exc:
                 results[i] = exc
             finished[i] = _perf_counter()
             self._parse_context.restart()  # time passed: the calls after read it again
         if segment:
             await run_segment()
+        if not waited:
+            # Only calls the engine answers itself (PUBLISH, PING), or calls
+            # refused at once: still a schedule point (see execute).
+            await _cancel_shielded_checkpoint()
         # Latencies: a run of calls of one command that ended together (a
         # pipeline of GETs: one segment) is one observe_many.
         latency_of = self._latency_by_name
@@ -862,7 +899,7 @@ class KVEngine:
         budget = _RoomBudget()
         while True:
             if not await self._make_room(nbytes, budget):
-                raise OutOfMemoryError(OOM_MESSAGE)
+                raise out_of_memory(self.tracker)
             try:
                 return await ref.ask(op, timeout=timeout)
             except NeedMemory as exc:
@@ -870,8 +907,13 @@ class KVEngine:
             except (ActorCrashed, ActorStopped, AskTimeout) as exc:
                 raise self._translate(exc, ref) from None
 
-    async def _run_segment(self, segment: list[tuple[int, Any]], results: list[Any]) -> None:
-        """Run single-key operations grouped per shard, in order per shard."""
+    async def _run_segment(self, segment: list[tuple[int, Any]], results: list[Any]) -> bool:
+        """Run single-key operations grouped per shard, in order per shard.
+
+        Returns:
+            Whether a shard was sent a part (and so waited for: a schedule
+            point); False when every shard refused at once.
+        """
         groups: dict[int, list[tuple[int, Any]]] = {}
         shard_of = self.slots.shard_of
         for item in segment:
@@ -896,7 +938,7 @@ class KVEngine:
             for ref, items, batch, slot in pending:
                 await self._finish_batch(ref, items, batch, slot, results)
             self._maybe_wake_eviction()  # a no-op unless over the watermark: no write check
-            return
+            return bool(pending)
         # Timed out, waiting for some shard: the replies that came meanwhile
         # from the others are still theirs (a write there was applied), not
         # TIMEOUT. What a shard had not answered may or may not have run.
@@ -915,6 +957,7 @@ class KVEngine:
         for i, _ in segment:
             if results[i] is _PENDING:
                 results[i] = RequestTimeoutError("the command did not finish in time", applied=None)
+        return True
 
     # The batch paths send every part first, then read the replies with
     # ``slot.result() if slot.done else await slot.wait()``: a reply already
@@ -971,7 +1014,7 @@ class KVEngine:
             if await self._make_room(last.nbytes, budget):
                 items = items[done - 1 :]
             else:
-                results[items[done - 1][0]] = OutOfMemoryError(OOM_MESSAGE)
+                results[items[done - 1][0]] = out_of_memory(self.tracker)
                 items = items[done:]
                 budget = None
             if not items:
@@ -1076,7 +1119,7 @@ class KVEngine:
             need = [v for v in votes if isinstance(v, NeedMemory)]
             if need:
                 if not await self._make_room(sum(v.nbytes for v in need), budget):
-                    raise OutOfMemoryError(OOM_MESSAGE)
+                    raise out_of_memory(self.tracker)
                 continue
             if not committed and all(v is True or v is None for v in votes):
                 # No shard refused, yet the write was aborted: a shard's hold
@@ -1731,6 +1774,7 @@ class KVEngine:
             raise _store_closed()
         if _current_token() is not self._token:
             raise self._outside_run()
+        await _checkpoint_if_cancelled()  # cancelled: raises, and nothing runs
         started = _perf_counter()
         self._parse_context.restart()
         plan = Plan(len(calls))
@@ -1767,6 +1811,10 @@ class KVEngine:
         results = plan.results(answers)
         for i, call in plan.server_calls.items():
             results[i] = await self._run_server(call)
+        if not shards:
+            await (
+                _cancel_shielded_checkpoint()
+            )  # no shard waited for: a schedule point all the same
         self._maybe_wake_eviction()
         elapsed = _perf_counter() - started
         for i, result in enumerate(results):
@@ -1808,7 +1856,7 @@ class KVEngine:
                     # gave theirs back with the abort, and need it again.
                     wanted = sum(part.wanted for part in parts if isinstance(part, TxnPart))
                     if not await self._make_room(wanted, budget):
-                        raise OutOfMemoryError(OOM_MESSAGE)
+                        raise out_of_memory(self.tracker)
                     continue
                 if not committed:
                     raise RequestTimeoutError(
@@ -1830,6 +1878,11 @@ class KVEngine:
         """
         if _current_token() is not self._token:
             raise self._outside_run()
+        await _checkpoint_if_cancelled()  # cancelled: raises, and nothing is watched
+        if not keys:
+            await (
+                _cancel_shielded_checkpoint()
+            )  # no shard to wait for: a schedule point all the same
         self._send_unwatch_backlog()
         out: list[tuple[int, bytes, int]] = []
         try:

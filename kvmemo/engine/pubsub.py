@@ -277,18 +277,31 @@ class Subscriber:
             trio.EndOfChannel: the subscriber is closed and nothing is queued.
         """
         while True:
-            if self.overflowed:
-                raise self._overflow_error()
-            if self._queue:
-                message, size = self._queue.popleft()
-                self._bytes -= size
-                self.taken += 1
-                if not self._queue and not self.closed and self._ready.is_set():
-                    self._ready = trio.Event()
-                return message
-            if self.closed:
-                raise trio.EndOfChannel
-            await self._ready.wait()
+            try:
+                return self.get_nowait()
+            except trio.WouldBlock:
+                await self._ready.wait()
+
+    def get_nowait(self) -> Message:
+        """The next message, if one is queued.
+
+        Raises:
+            trio.WouldBlock: nothing is queued (and the subscriber is open).
+            OverloadedError: the subscriber overflowed its limit.
+            trio.EndOfChannel: the subscriber is closed and nothing is queued.
+        """
+        if self.overflowed:
+            raise self._overflow_error()
+        if self._queue:
+            message, size = self._queue.popleft()
+            self._bytes -= size
+            self.taken += 1
+            if not self._queue and not self.closed and self._ready.is_set():
+                self._ready = trio.Event()
+            return message
+        if self.closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
 
     def close(self) -> None:
         """Leave every channel and pattern and drop the outbox (idempotent)."""

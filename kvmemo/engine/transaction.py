@@ -48,7 +48,8 @@ from typing import Any
 
 from ..commands import ops
 from ..commands.table import FixedReply, ServerCall
-from ..errors import CommandSyntaxError, KVMemoError
+from ..errors import CommandSyntaxError, KVMemoError, OutOfMemoryError
+from ..eviction.memory import MemoryTracker
 from ..storage.store import NeedMemory, ShardStore
 
 SERVER_CALLS = frozenset(
@@ -208,9 +209,18 @@ class TxnPart(ops.AtomicPart):
         with store.one_record():  # this shard's part: all of it, or none, after a crash
             for step in self.steps:
                 try:
-                    results.append(step.run(store, at))
+                    result = step.run(store, at)
+                except NeedMemory:
+                    # The shard's internal "make room and ask again": nothing
+                    # can be evicted while the shards are held, so it is the
+                    # caller's OOM, the public error execute_many gives.
+                    result = out_of_memory(store.tracker)
                 except KVMemoError as exc:
-                    results.append(exc)
+                    result = exc
+                else:
+                    if isinstance(result, NeedMemory):  # a step may return it too
+                        result = out_of_memory(store.tracker)
+                results.append(result)
         return results
 
     def abort(self, store: ShardStore) -> None:
@@ -218,6 +228,18 @@ class TxnPart(ops.AtomicPart):
             store.tracker.release(store.shard_id, step.reserved)
             step.reserved = 0
         self.reserved = []
+
+
+def out_of_memory(tracker: MemoryTracker) -> OutOfMemoryError:
+    """The public ``OOM`` of a write that found no room, with the tracker's figures.
+
+    ``data``: ``used`` and ``maxmemory`` (bytes) when it was refused.
+    """
+    return OutOfMemoryError(
+        "command not allowed when used memory > 'maxmemory'",
+        used=tracker.used,
+        maxmemory=tracker.maxmemory,
+    )
 
 
 def cross_shard_refusal(op: object, shards: int) -> CommandSyntaxError | None:
