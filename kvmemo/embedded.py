@@ -77,7 +77,10 @@ class Store(Commands):
     # override; an argument of the wrong type raises TypeError at the call.
 
     def get(self, key: Arg) -> Coroutine[Any, Any, bytes | None]:
-        """GET, through the engine's fast path (no command-table parse)."""
+        """GET: the value of ``key``, or None if it is missing (or expired).
+
+        (Through the engine's fast path: no command-table parse.)
+        """
         return self.engine.get(key if key.__class__ is bytes else encode_arg(key))
 
     def set(
@@ -94,7 +97,17 @@ class Store(Commands):
         xx: bool = False,
         get: bool = False,
     ) -> Coroutine[Any, Any, Any]:
-        """SET; without options, through the engine's fast path (no command-table parse)."""
+        """SET ``key`` to ``value``: "OK", or None when ``nx``/``xx`` is not met.
+
+        With ``get``: the old value (or None) instead of "OK". The key's TTL is
+        dropped unless ``keepttl``; ``ex``/``px``/``exat``/``pxat`` set a new
+        one (at most one of them). Without options the call takes the
+        engine's fast path (no command-table parse).
+
+        Raises:
+            CommandSyntaxError: options that conflict, or an expiry <= 0.
+            OutOfMemoryError: over ``maxmemory`` and nothing could be evicted.
+        """
         if ex is px is exat is pxat is None and not (keepttl or nx or xx or get):
             return self.engine.set(
                 key if key.__class__ is bytes else encode_arg(key),

@@ -237,7 +237,7 @@ async def test_a_watched_key_written_by_anyone_aborts_the_transaction(
         assert await watched_keys(kv.engine) == 0
 
 
-async def test_an_untouched_watch_lets_the_transaction_run_once_per_block(
+async def test_an_untouched_watch_lets_the_first_transaction_run_and_ends_the_watch(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with kvmemo.open_store(shards=4) as kv:

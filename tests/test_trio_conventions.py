@@ -385,3 +385,22 @@ async def test_cancelled_watch_transaction_keeps_the_watch() -> None:
             await kv.set("k", "changed")
             assert await w.transaction(("SET", "k", "1")) is None
         assert await kv.get("k") == b"changed"
+
+
+async def test_calls_right_after_close_are_refused_with_no_checkpoint_between() -> None:
+    # Was: until the actors had stopped (a checkpoint or more later), the fast
+    # paths still served the store: get, set (a write!) and execute succeeded.
+    async with trio.open_nursery() as nursery:
+        kv = await kvmemo.serve(nursery, shards=2)
+        await kv.set("a", "1")
+        kv.close()
+        for call in (
+            lambda: kv.get("a"),
+            lambda: kv.set("a", "2"),
+            lambda: kv.execute("get", "a"),
+            lambda: kv.mget("a"),
+        ):
+            with pytest.raises(kvmemo.UnavailableError, match="^the store is closed$"):
+                await call()
+        results = await kv.execute_many(("get", "a"))
+        assert isinstance(results[0], kvmemo.UnavailableError)

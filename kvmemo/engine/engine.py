@@ -190,6 +190,8 @@ _current_time = trio.current_time
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 _current_token = trio.lowlevel.current_trio_token
+# A closed engine's token: no caller's is it (see KVEngine.stop_accepting).
+_CLOSED_TOKEN: Any = object()
 _GET = COMMANDS["get"]
 _SET = COMMANDS["set"]
 _perf_counter = time.perf_counter
@@ -682,8 +684,14 @@ class KVEngine:
         kind, a success in its command's latency (from the start of the
         batch to the end of the part that ran it).
         """
-        if _current_token() is not self._token and not self._closed:
-            raise self._outside_run()  # closed: each call gets "the store is closed", below
+        if self._closed:  # each call gets "the store is closed", none runs
+            await trio.lowlevel.checkpoint()
+            refused: list[Any] = [_store_closed() for _ in calls]
+            if refused:
+                self._errors.labels("UNAVAILABLE").inc(len(refused))
+            return refused
+        if _current_token() is not self._token:
+            raise self._outside_run()
         await _checkpoint_if_cancelled()  # cancelled: raises, and nothing runs
         waited = False  # a schedule point was had (a shard was waited for)
         started = _perf_counter()
@@ -1679,8 +1687,14 @@ class KVEngine:
         stops are not told that a shard "is restarting"; :meth:`close`
         releases the rest once it has stopped. Calls already running finish
         or fail as the shards stop.
+
+        The run's token is dropped too: the entry points' one identity check
+        (see the module docstring) then fails for every caller and goes to
+        :meth:`_outside_run`, which answers "the store is closed", so the
+        fast paths refuse at once at no cost of their own.
         """
         self._closed = True
+        self._token = _CLOSED_TOKEN
 
     def close(self) -> None:
         """Release what the engine holds open (intent and commit logs); after the tree stopped.
@@ -1689,6 +1703,7 @@ class KVEngine:
         closed" (a closed store never comes back).
         """
         self._closed = True
+        self._token = _CLOSED_TOKEN  # see stop_accepting
         self.pubsub.close()  # subscribers waiting for a message get EndOfChannel
         if self._intents is not None:
             self._intents.close()
