@@ -245,9 +245,9 @@ def test_the_prompt_table_holds_every_method_outside_the_command_table() -> None
     assert not set(repl.PROMPT_COMMANDS) & set(COMMANDS)
 
 
-async def test_subscribe_without_a_channel_at_the_prompt_does_not_end_it() -> None:
-    # Was: the arity error ended the prompt with status 1.
-    lines = iter(["subscribe", "transaction get k", "ping"])
+async def _prompt_session(typed: list[str]) -> tuple[int, list[str]]:
+    """Type ``typed`` at the interactive prompt of a fresh node: (status, lines written)."""
+    lines = iter(typed)
 
     def read_line(prompt: str) -> str:
         line = next(lines, None)
@@ -261,6 +261,12 @@ async def test_subscribe_without_a_channel_at_the_prompt_does_not_end_it() -> No
         status = await repl.main_async(
             args, read_line=read_line, write=out.append, show_prompt=False
         )
+    return status, out
+
+
+async def test_subscribe_without_a_channel_at_the_prompt_does_not_end_it() -> None:
+    # Was: the arity error ended the prompt with status 1.
+    status, out = await _prompt_session(["subscribe", "transaction get k", "ping"])
     assert status == 0
     assert out == [
         "(error) ARITY wrong number of arguments for 'subscribe' command",
@@ -271,20 +277,9 @@ async def test_subscribe_without_a_channel_at_the_prompt_does_not_end_it() -> No
 
 
 async def test_inside_multi_the_prompts_own_words_are_refused_and_abort_exec() -> None:
-    lines = iter(["multi", "subscribe news", "unsubscribe", "set k v", "exec", "get k"])
-
-    def read_line(prompt: str) -> str:
-        line = next(lines, None)
-        if line is None:
-            raise EOFError
-        return line
-
-    out: list[str] = []
-    async with node() as n:
-        args = argparse.Namespace(url=n.url, token=None, one_command=None)
-        status = await repl.main_async(
-            args, read_line=read_line, write=out.append, show_prompt=False
-        )
+    status, out = await _prompt_session(
+        ["multi", "subscribe news", "unsubscribe", "set k v", "exec", "get k"]
+    )
     assert status == 0
     assert out == [
         "OK",
