@@ -23,6 +23,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from test_chaos_history import op
 from test_cli import run_main
 
 from kvmemo import cli
@@ -35,7 +36,7 @@ from kvmemo.chaos import (
     run_remote,
     summarize,
 )
-from kvmemo.chaos.history import Op, Outcome, check
+from kvmemo.chaos.history import check
 from kvmemo.chaos.workload import KillLog, Recorder, WorkloadConfig, killer, worker
 from kvmemo.client import connect
 from kvmemo.config import StoreConfig
@@ -213,31 +214,17 @@ async def test_every_key_of_a_run_holds_its_run_id_and_no_hash_tag() -> None:
         WorkloadConfig(run_id="{x}")
 
 
-def _op(
-    i: int,
-    kind: str,
-    keys: tuple[str, ...],
-    values: tuple[str | None, ...],
-    t0: float,
-    t1: float,
-    outcome: Outcome = Outcome.OK,
-    result: int | None = None,
-    ttl: float | None = None,
-) -> Op:
-    return Op(i, 0, kind, keys, values, t0, t1, outcome, ttl, None, result)
-
-
 def test_the_checker_accepts_the_values_keys_held_before_the_run() -> None:
     initial = {"r": "old", "g:a": "c1-149:a", "gone": "x"}
     history = [
-        _op(1, "get", ("r",), ("old",), 1.0, 2.0),  # before any write: the old value
-        _op(2, "get", ("gone",), (None,), 1.0, 2.0),  # it may have had a TTL
+        op(1, "get", ("r",), ("old",), 1.0, 2.0),  # before any write: the old value
+        op(2, "get", ("gone",), (None,), 1.0, 2.0),  # it may have had a TTL
         # A group of which one key existed: the state before the run, read whole.
-        _op(3, "mget", ("g:a", "g:b", "g:c"), ("c1-149:a", None, None), 1.0, 2.0),
-        _op(4, "set", ("r",), ("c0-1",), 3.0, 4.0),
-        _op(5, "get", ("r",), ("c0-1",), 5.0, 6.0),
-        _op(6, "mset", ("g:a", "g:b", "g:c"), ("c0-2:a", "c0-2:b", "c0-2:c"), 3.0, 4.0),
-        _op(7, "mget", ("g:a", "g:b", "g:c"), ("c0-2:a", "c0-2:b", "c0-2:c"), 5.0, 6.0),
+        op(3, "mget", ("g:a", "g:b", "g:c"), ("c1-149:a", None, None), 1.0, 2.0),
+        op(4, "set", ("r",), ("c0-1",), 3.0, 4.0),
+        op(5, "get", ("r",), ("c0-1",), 5.0, 6.0),
+        op(6, "mset", ("g:a", "g:b", "g:c"), ("c0-2:a", "c0-2:b", "c0-2:c"), 3.0, 4.0),
+        op(7, "mget", ("g:a", "g:b", "g:c"), ("c0-2:a", "c0-2:b", "c0-2:c"), 5.0, 6.0),
     ]
     assert check(history, initial=initial) == []
     # Without being told, the same history shows phantoms (the old failure mode).
@@ -246,18 +233,18 @@ def test_the_checker_accepts_the_values_keys_held_before_the_run() -> None:
 
 def test_the_checker_still_finds_real_violations_on_a_store_that_was_not_empty() -> None:
     initial = {"r": "old", "g:a": "x:a", "g:b": "x:b", "g:c": "x:c"}
-    write = _op(1, "set", ("r",), ("c0-1",), 1.0, 2.0)
-    stale = _op(2, "get", ("r",), ("old",), 3.0, 4.0)  # overwritten before it began
+    write = op(1, "set", ("r",), ("c0-1",), 1.0, 2.0)
+    stale = op(2, "get", ("r",), ("old",), 3.0, 4.0)  # overwritten before it began
     assert [v.rule for v in check([write, stale], initial=initial)] == ["stale-read"]
-    newer = _op(3, "get", ("r",), ("c0-1",), 1.5, 2.5)  # saw the write while it ran
-    older = _op(4, "get", ("r",), ("old",), 2.6, 2.7)
+    newer = op(3, "get", ("r",), ("c0-1",), 1.5, 2.5)  # saw the write while it ran
+    older = op(4, "get", ("r",), ("old",), 2.6, 2.7)
     older_only = [write, newer, older]
     assert "read-order" in {v.rule for v in check(older_only, initial=initial)}
-    mset = _op(5, "mset", ("g:a", "g:b", "g:c"), ("c0-2:a", "c0-2:b", "c0-2:c"), 1.0, 2.0)
-    torn = _op(6, "mget", ("g:a", "g:b", "g:c"), ("x:a", "c0-2:b", "c0-2:c"), 1.5, 2.5)
+    mset = op(5, "mset", ("g:a", "g:b", "g:c"), ("c0-2:a", "c0-2:b", "c0-2:c"), 1.0, 2.0)
+    torn = op(6, "mget", ("g:a", "g:b", "g:c"), ("x:a", "c0-2:b", "c0-2:c"), 1.5, 2.5)
     assert [v.rule for v in check([mset, torn], initial=initial)] == ["torn-mset"]
-    expire = _op(7, "expire", ("r",), (None,), 0.1, 0.2, result=1, ttl=0.5)
-    late = _op(8, "get", ("r",), ("old",), 3.0, 4.0)
+    expire = op(7, "expire", ("r",), (None,), 0.1, 0.2, result=1, ttl=0.5)
+    late = op(8, "get", ("r",), ("old",), 3.0, 4.0)
     assert [v.rule for v in check([expire, late], initial=initial)] == ["expired-read"]
 
 
@@ -265,15 +252,15 @@ def test_a_value_both_held_before_and_written_by_the_run_is_not_judged() -> None
     # The earlier run wrote 'c4-191' too: which one a read saw is unknown.
     initial = {"r": "c4-191"}
     history = [
-        _op(1, "get", ("r",), ("c4-191",), 1.0, 2.0),  # before this run's c4-191 began
-        _op(2, "set", ("r",), ("c4-191",), 3.0, 4.0),
-        _op(3, "get", ("r",), ("c4-191",), 5.0, 6.0),
+        op(1, "get", ("r",), ("c4-191",), 1.0, 2.0),  # before this run's c4-191 began
+        op(2, "set", ("r",), ("c4-191",), 3.0, 4.0),
+        op(3, "get", ("r",), ("c4-191",), 5.0, 6.0),
     ]
     assert check(history, initial=initial) == []
 
 
 def test_counters_count_from_their_value_before_the_run() -> None:
-    incrs = [_op(i, "incr", ("c",), (None,), i, i + 0.5, result=40 + i) for i in (1, 2)]
+    incrs = [op(i, "incr", ("c",), (None,), i, i + 0.5, result=40 + i) for i in (1, 2)]
     assert counter_violations(incrs, {"c": 42}, {"c": 40}) == []
     (violation,) = counter_violations(incrs, {"c": 2}, {"c": 40})
     assert violation.message == (
