@@ -56,8 +56,10 @@ Other points of the reading:
   as their digits, never converted, and are invalid as an ``id``.
 - JSON nested too deeply for the parser is answered with ``-32700``.
 - A message that is neither an object nor an array, an empty batch, and a
-  batch longer than ``max_batch`` (``-32004 TOO_LARGE``, no call runs) are each
-  answered with one error *object*, not an array, as the specification
+  batch longer than ``max_batch`` (``-32004 TOO_LARGE``, no call runs; its
+  ``data`` has ``length``, the batch's, and ``limit``, ``max_batch``, so that
+  a client with several batches unanswered knows which one it answers) are
+  each answered with one error *object*, not an array, as the specification
   answers ``[]``; :attr:`Decoded.is_batch` is ``False`` for them.
 - A batch's responses hold one response for every item except valid
   Notifications; a batch with no such item is answered with nothing at all.
@@ -554,8 +556,12 @@ def decode_message(text: str, *, max_batch: int) -> Decoded:
     if not document:
         return _single_error(_invalid(None, "empty batch"))
     if len(document) > max_batch:
+        # data.length tells a client which of its unanswered batches this
+        # error (id null) answers; data.limit how to split the next ones.
         too_large = TooLargeError(
-            f"batch of {len(document)} requests is over the limit of {max_batch}"
+            f"batch of {len(document)} requests is over the limit of {max_batch}",
+            length=len(document),
+            limit=max_batch,
         )
         return _single_error(error_response(None, too_large))
     return _decode_items(document, is_batch=True, max_batch=max_batch)

@@ -4,14 +4,17 @@
  * Three panels over one KVMemoClient connected to ws(s)://<this host>/ws:
  *   - Commands: a Redis-like command line (tokenized as redis-cli does) whose
  *     first word, lower-cased, is the method and whose other words are sent
- *     as string params; every result or error is appended to #output.
+ *     as string params; every result or error is appended to #output, and so
+ *     is every message of what was SUBSCRIBEd (or PSUBSCRIBEd) there, also
+ *     after a reconnection (the client subscribes again).
  *   - Keys: a full SCAN (COUNT 100, capped at MAX_KEYS keys) listed in #keys;
  *     clicking a key shows its value (GET) and TTL.
  *   - Metrics: INFO (and DBSIZE, in the same batch) every second while
  *     connected. Every field is read defensively: missing means "n/a".
  *
- * A token can be given in the page's query string (/?token=...); it is then
- * sent with `auth` on every connection.
+ * A token can be given in the page's query string (/?token=...), or typed as
+ * `AUTH token`; it is then sent with `auth` on every connection. AUTH lines
+ * are kept out of the command history.
  */
 
 import {KVMemoClient, tokenize} from "/static/kvmemo.js";
@@ -199,10 +202,24 @@ async function runLine(line) {
   const [name, ...params] = words;
   const entry = appendEntry(line);
   try {
-    entry.ok(await client.call(name.toLowerCase(), ...params));
+    entry.ok(await runMethod(name.toLowerCase(), params));
   } catch (error) {
     entry.fail(error);
   }
+}
+
+// SUBSCRIBE and PSUBSCRIBE go through the client's own methods, so that it
+// subscribes again after a reconnection (the messages show through its
+// "message" event, below); UNSUBSCRIBE and PUNSUBSCRIBE too, so that it then
+// forgets them. Without a name SUBSCRIBE goes as typed: the server says why not.
+function runMethod(method, params) {
+  // AUTH too: the client then authenticates its later connections with that token.
+  if (method === "auth" && params.length === 1) return client.auth(params[0]);
+  if ((method === "subscribe" || method === "psubscribe") && params.length > 0) {
+    return client[method](params, () => {});
+  }
+  if (method === "unsubscribe" || method === "punsubscribe") return client[method](...params);
+  return client.call(method, ...params);
 }
 
 // History: index === history.length means "the line being typed" (kept in draft).
@@ -219,7 +236,22 @@ function loadHistory() {
   }
 }
 
+// A line holding a secret is not kept in the history (localStorage outlives the
+// page), as redis-cli keeps no AUTH in its history file.
+function isSecret(line) {
+  try {
+    return tokenize(line)[0]?.toLowerCase() === "auth";
+  } catch {
+    return /^\s*["']?auth\b/i.test(line); // unterminated quote: judged by its start
+  }
+}
+
 function remember(line) {
+  if (isSecret(line)) {
+    historyIndex = history.length;
+    draft = "";
+    return;
+  }
   if (history[history.length - 1] !== line) history.push(line);
   if (history.length > MAX_HISTORY) history.splice(0, history.length - MAX_HISTORY);
   historyIndex = history.length;

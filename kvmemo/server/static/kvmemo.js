@@ -45,15 +45,22 @@
  * server restart do not reconnect in lock step; the delay is capped at
  * `maxMs`. The attempt count resets after a connection succeeds. A failed
  * first connection is retried the same way; `ready` resolves on the first
- * success. With a `token`, `auth` is the first request of every socket and the
+ * success. A browser tells a page nothing of why a socket failed (a server
+ * down, a wrong path, an origin or a URL token refused: all close code 1006),
+ * so by default the client tries forever; with `backoff.maxAttempts` it gives
+ * up after that many attempts in a row: it closes for good, and `ready` (if it
+ * never opened) and every waiting call reject with kind "DISCONNECTED". With a `token`, `auth` is the first request of every socket and the
  * outbox is held until it succeeds; a NOAUTH reply is permanent (a wrong token
  * stays wrong) and closes the client.
  *
  * Whole-message errors. The server answers a message it cannot split into
  * requests (a batch over its length limit, say) with one error whose id is
- * null. Such an error is given to the calls of the single message of which no
- * reply has arrived yet, when exactly one such message exists; otherwise it is
- * reported as an "error" event only.
+ * null. Such an error is given to the calls of one message of which no reply
+ * has arrived yet: when the error says the length of the batch it answers
+ * (`data.length`, as a batch over the server's limit does), the first such
+ * message of that length (several of one length are all over the limit, and
+ * the server answers them in sending order); else the only such message,
+ * when exactly one exists. Otherwise it is reported as an "error" event only.
  *
  * Publish/subscribe (version 1.4). The server pushes each message as a
  * JSON-RPC notification (an object with "method" and no "id"):
@@ -64,8 +71,9 @@
  * (`pattern` null for a channel's own message) and dispatches a "message"
  * event. A subscribed session keeps running every other call. Subscriptions
  * belong to the server session, so after a reconnection the client subscribes
- * again to every channel and pattern that has a callback (messages published
- * while it was away are lost, as pub/sub keeps nothing). A server that finds
+ * again to every channel and pattern that has a callback, before the calls
+ * that waited for the connection (messages published while it was away are
+ * lost, as pub/sub keeps nothing). A server that finds
  * the client too slow to read its messages closes the socket with 1008
  * (reconnection then subscribes again).
  *
@@ -90,6 +98,13 @@ export const DEFAULT_SUBPROTOCOL = "kvmemo.v1";
 /** Calls that may wait for a connection; bounds memory while the server is away. */
 export const DEFAULT_QUEUE_LIMIT = 1000; // calls
 
+/**
+ * Requests per batch message at most: the server's default `--max-batch`. A
+ * longer batch would be refused whole (TOO_LARGE), so a busier turn leaves as
+ * several messages.
+ */
+export const DEFAULT_MAX_BATCH = 10000; // requests
+
 /** Reconnection delays: milliseconds, growth factor, and ± jitter fraction. */
 export const DEFAULT_BACKOFF = Object.freeze({initialMs: 100, maxMs: 5000, factor: 2, jitter: 0.2});
 
@@ -98,7 +113,8 @@ export const ClientState = Object.freeze({
   CONNECTING: "connecting", // first socket being opened (or authenticated)
   OPEN: "open", // connected and authenticated; calls are sent as made
   RECONNECTING: "reconnecting", // waiting for, or opening, a later socket
-  CLOSED: "closed", // for good: close() was called, or the connection ended with reconnect off
+  CLOSED: "closed", // for good: close() was called, the connection ended with reconnect off, or
+  // backoff.maxAttempts attempts in a row failed
 });
 
 /** Error kinds of errors made by the client itself (their `code` is null). */
@@ -317,6 +333,43 @@ function transactionCall(call, index) {
   ];
 }
 
+// The params of `call` and `notify`, checked as a transaction call's are
+// (strings and finite numbers; a BigInt becomes its decimal text): JSON would
+// silently turn NaN, Infinity, undefined or a function into null, and refuse a
+// BigInt with a message that names no param. A transaction's params are calls.
+function requestParams(method, params) {
+  if (method === "transaction") return params.map((call, i) => transactionCall(call, i));
+  return params.map((x, i) => {
+    if (typeof x === "string" || (typeof x === "number" && Number.isFinite(x))) return x;
+    if (typeof x === "bigint") return String(x);
+    const got = x === null ? "null" : Array.isArray(x) ? "an array" : typeof x === "number" ? String(x) : typeof x;
+    throw new TypeError(`'${method}': param ${i + 1} must be a string or a finite number, got ${got}`);
+  });
+}
+
+// mset's and msetnx's arguments: key, value, ... or one {key: value} object or Map.
+function pairWords(kv) {
+  let flat = kv;
+  if (kv.length === 1 && (kv[0] instanceof Map || isPlainObject(kv[0]))) {
+    const entries = kv[0] instanceof Map ? [...kv[0]] : Object.entries(kv[0]);
+    flat = entries.flat();
+  }
+  return flat.map((x, i) => asString(i % 2 === 0 ? "key" : "value", x));
+}
+
+// {ex: 10} -> ["EX", 10]; {persist: true} -> ["PERSIST"] (GETEX's options).
+function getexOptionWords(options) {
+  const words = [];
+  for (const name of Object.keys(options)) {
+    if (!SET_VALUE_OPTIONS.includes(name) && name !== "persist") throw new TypeError(`unknown GETEX option '${name}'`);
+  }
+  for (const name of SET_VALUE_OPTIONS) {
+    if (options[name] !== undefined && options[name] !== null) words.push(name.toUpperCase(), asNumberArg(options[name]));
+  }
+  if (options.persist) words.push("PERSIST");
+  return words;
+}
+
 function isPlainObject(x) {
   return x !== null && typeof x === "object" && !Array.isArray(x) && Object.getPrototypeOf(x) === Object.prototype;
 }
@@ -351,6 +404,7 @@ export class KVMemoClient extends EventTarget {
   #subprotocol;
   #reconnect;
   #backoff;
+  #maxAttempts;
   #token;
   #queueLimit;
   #maxBatch;
@@ -365,7 +419,12 @@ export class KVMemoClient extends EventTarget {
   #flushScheduled = false;
   /** @type {Map<number, {method: string, resolve: Function, reject: Function, seq: number}>} */
   #inflight = new Map();
-  /** @type {Map<number, {size: number, remaining: number}>} sent messages with replies outstanding */
+  /**
+   * Sent messages with replies outstanding, in sending order: `size` calls
+   * await a reply, `remaining` still do; `length` is the number of requests
+   * (notifications too) the message held.
+   * @type {Map<number, {size: number, remaining: number, length: number}>}
+   */
   #messages = new Map();
   #attempt = 0;
   #reconnectTimer = null;
@@ -387,11 +446,14 @@ export class KVMemoClient extends EventTarget {
    * @param {object} [options]
    * @param {string | null} [options.subprotocol="kvmemo.v1"] null to ask for none
    * @param {boolean} [options.reconnect=true]
-   * @param {{initialMs?: number, maxMs?: number, factor?: number, jitter?: number}} [options.backoff]
+   * @param {{initialMs?: number, maxMs?: number, factor?: number, jitter?: number,
+   *   maxAttempts?: number}} [options.backoff] delays, and the reconnection attempts in a row
+   *   before the client gives up and closes (default Infinity: never)
    * @param {string | null} [options.token=null] sent with `auth` first on every socket
    * @param {number} [options.queueLimit=1000] calls that may wait for a connection
-   * @param {number} [options.maxBatch=Infinity] longest batch sent; set it to the server's limit
-   *   to split the calls of a very busy turn into several messages
+   * @param {number} [options.maxBatch=10000] longest batch sent (Infinity: no limit): the
+   *   calls of a busier turn leave as several messages; the server's default `--max-batch`,
+   *   so set it to that server's limit when it was given another
    * @param {Function} [options.WebSocketImpl=globalThis.WebSocket] a WebSocket constructor
    * @throws {TypeError|RangeError} on a bad option
    */
@@ -403,7 +465,7 @@ export class KVMemoClient extends EventTarget {
       backoff = {},
       token = null,
       queueLimit = DEFAULT_QUEUE_LIMIT,
-      maxBatch = Infinity,
+      maxBatch = DEFAULT_MAX_BATCH,
       WebSocketImpl = globalThis.WebSocket,
     } = options;
     if (typeof WebSocketImpl !== "function") {
@@ -415,7 +477,11 @@ export class KVMemoClient extends EventTarget {
     if (!(maxBatch === Infinity || (Number.isInteger(maxBatch) && maxBatch >= 1))) {
       throw new RangeError(`maxBatch must be an integer >= 1, got ${maxBatch}`);
     }
-    const merged = {...DEFAULT_BACKOFF, ...backoff};
+    const {maxAttempts = Infinity, ...delays} = backoff ?? {};
+    if (!(maxAttempts === Infinity || (Number.isInteger(maxAttempts) && maxAttempts >= 1))) {
+      throw new RangeError(`backoff.maxAttempts must be an integer >= 1 or Infinity, got ${maxAttempts}`);
+    }
+    const merged = {...DEFAULT_BACKOFF, ...delays};
     for (const [name, value] of Object.entries(merged)) {
       if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
         throw new RangeError(`backoff.${name} must be a finite number >= 0, got ${value}`);
@@ -428,6 +494,7 @@ export class KVMemoClient extends EventTarget {
     this.#subprotocol = subprotocol;
     this.#reconnect = Boolean(reconnect);
     this.#backoff = Object.freeze(merged);
+    this.#maxAttempts = maxAttempts;
     this.#token = token;
     this.#queueLimit = queueLimit;
     this.#maxBatch = maxBatch;
@@ -475,10 +542,12 @@ export class KVMemoClient extends EventTarget {
    * Calls `method` with positional `params` (PROTOCOL.md, "Commands").
    *
    * @param {string} method lower-case command name, e.g. "set"
-   * @param {...any} params JSON values: strings, integers
+   * @param {...(string|number|bigint)} params strings and finite numbers (a
+   *   BigInt is sent as its decimal text); for "transaction", the calls
    * @returns {Promise<any>} the `result`
    * @throws {KVMemoError} (as a rejection) a server error, or DISCONNECTED,
-   *   CLOSED, QUEUE_FULL; TypeError for params that are not JSON
+   *   CLOSED, QUEUE_FULL; TypeError for any other param (null, undefined,
+   *   NaN, Infinity, a boolean, an object), before anything is sent
    */
   call(method, ...params) {
     return new Promise((resolve, reject) => {
@@ -491,7 +560,8 @@ export class KVMemoClient extends EventTarget {
    * Sends a notification: the server runs it and replies nothing, not even
    * an error. Queued like a call while disconnected.
    *
-   * @throws {KVMemoError} CLOSED or QUEUE_FULL, synchronously; TypeError for bad params
+   * @throws {KVMemoError} CLOSED or QUEUE_FULL, synchronously; TypeError for bad
+   *   params (as `call`), synchronously, and nothing is sent
    */
   notify(method, ...params) {
     this.#enqueue(method, params, undefined, null, (error) => {
@@ -530,7 +600,9 @@ export class KVMemoClient extends EventTarget {
 
   /** `PING [message]` → "PONG" or the message. */
   ping(message) {
-    return message === undefined ? this.call("ping") : this.call("ping", asString("message", message));
+    return this.#try(() =>
+      message === undefined ? this.call("ping") : this.call("ping", asString("message", message)),
+    );
   }
 
   /** `GET key` → value or null. */
@@ -571,14 +643,65 @@ export class KVMemoClient extends EventTarget {
    * Also `mset({a: "1", b: "2"})` or `mset(new Map(...))`.
    */
   mset(...kv) {
+    return this.#try(() => this.call("mset", ...pairWords(kv)));
+  }
+
+  /**
+   * `MSETNX key value [key value ...]` → 1 if every key was set, 0 if none was
+   * (one of them existed). Takes what `mset` takes.
+   */
+  msetnx(...kv) {
+    return this.#try(() => this.call("msetnx", ...pairWords(kv)));
+  }
+
+  /** `GETDEL key` → the value (the key is deleted), or null. */
+  getdel(key) {
+    return this.#try(() => this.call("getdel", asString("key", key)));
+  }
+
+  /**
+   * `GETEX key [EX s | PX ms | EXAT ts | PXAT ms-ts | PERSIST]` → value or null.
+   * Options as words (`getex(k, "EX", 10)`) or one object (`getex(k, {ex: 10})`,
+   * `getex(k, {persist: true})`; keys ex px exat pxat persist).
+   */
+  getex(key, ...options) {
     return this.#try(() => {
-      let flat = kv;
-      if (kv.length === 1 && (kv[0] instanceof Map || isPlainObject(kv[0]))) {
-        const entries = kv[0] instanceof Map ? [...kv[0]] : Object.entries(kv[0]);
-        flat = entries.flat();
-      }
-      return this.call("mset", ...flat.map((x, i) => asString(i % 2 === 0 ? "key" : "value", x)));
+      const words =
+        options.length === 1 && isPlainObject(options[0]) ? getexOptionWords(options[0]) : options.map(asNumberArg);
+      return this.call("getex", asString("key", key), ...words);
     });
+  }
+
+  /** `APPEND key value` → the new length, in bytes (UTF-8), not JS characters. */
+  append(key, value) {
+    return this.#try(() => this.call("append", asString("key", key), asString("value", value)));
+  }
+
+  /** `STRLEN key` → the value's length in bytes (UTF-8), 0 if missing. */
+  strlen(key) {
+    return this.#try(() => this.call("strlen", asString("key", key)));
+  }
+
+  /** `TYPE key` → "string" or "none". */
+  type(key) {
+    return this.#try(() => this.call("type", asString("key", key)));
+  }
+
+  /** `KEYS pattern` → every matching key (one reply: prefer `scanIter` on a big keyspace). */
+  keys(pattern) {
+    return this.#try(() => this.call("keys", asString("pattern", pattern)));
+  }
+
+  /** `FLUSHALL [ASYNC|SYNC]` → "OK": deletes every key. */
+  flushall(mode) {
+    return this.#try(() =>
+      mode === undefined || mode === null ? this.call("flushall") : this.call("flushall", asString("mode", mode)),
+    );
+  }
+
+  /** `SAVE` → "OK" once every shard wrote a snapshot; DISABLED without persistence. */
+  save() {
+    return this.call("save");
   }
 
   /** `INCR key` → the new value. */
@@ -589,6 +712,11 @@ export class KVMemoClient extends EventTarget {
   /** `DECR key` → the new value. */
   decr(key) {
     return this.#try(() => this.call("decr", asString("key", key)));
+  }
+
+  /** `DECRBY key delta` → the new value. */
+  decrby(key, delta) {
+    return this.#try(() => this.call("decrby", asString("key", key), asNumberArg(delta)));
   }
 
   /** `INCRBY key delta` → the new value. */
@@ -604,6 +732,16 @@ export class KVMemoClient extends EventTarget {
   /** `PEXPIRE key ms [NX|XX|GT|LT]` → 1 or 0. */
   pexpire(key, ms, ...options) {
     return this.#try(() => this.call("pexpire", asString("key", key), asNumberArg(ms), ...options));
+  }
+
+  /** `EXPIREAT key unix-seconds [NX|XX|GT|LT]` → 1 or 0. */
+  expireat(key, unixSeconds, ...options) {
+    return this.#try(() => this.call("expireat", asString("key", key), asNumberArg(unixSeconds), ...options));
+  }
+
+  /** `PEXPIREAT key unix-ms [NX|XX|GT|LT]` → 1 or 0 (`Date.now() + ms` fits here). */
+  pexpireat(key, unixMs, ...options) {
+    return this.#try(() => this.call("pexpireat", asString("key", key), asNumberArg(unixMs), ...options));
   }
 
   /** `TTL key` → seconds; -1 no timeout; -2 no such key. */
@@ -660,9 +798,19 @@ export class KVMemoClient extends EventTarget {
     return section === undefined || section === null ? this.call("info") : this.#try(() => this.call("info", asString("section", section)));
   }
 
-  /** `AUTH token` → "OK" (the `token` option does this on every connection). */
+  /**
+   * `AUTH token` → "OK". The token accepted is then sent first on every later
+   * connection too, as the `token` option's is, so a reconnection stays
+   * authenticated (a refused one changes nothing).
+   */
   auth(token) {
-    return this.#try(() => this.call("auth", asString("token", token)));
+    return this.#try(() => {
+      const text = asString("token", token);
+      return this.call("auth", text).then((result) => {
+        this.#token = text;
+        return result;
+      });
+    });
   }
 
   // ---- transactions (version 1.2) ----
@@ -859,8 +1007,12 @@ export class KVMemoClient extends EventTarget {
     this.#emit("message", {channel, data, pattern});
   }
 
-  // After a reconnection: the new session subscribes to what has a callback.
+  // After a reconnection: the new session subscribes to what has a callback,
+  // before the calls that waited for the connection run (a publish made while
+  // disconnected, say, is heard by this session as it would have been).
   #resubscribe() {
+    const waiting = this.#outbox;
+    this.#outbox = [];
     for (const [method, handlers] of [
       ["subscribe", this.#channelHandlers],
       ["psubscribe", this.#patternHandlers],
@@ -876,6 +1028,7 @@ export class KVMemoClient extends EventTarget {
         });
       });
     }
+    this.#outbox.push(...waiting);
   }
 
   // ---- internals ----
@@ -910,10 +1063,12 @@ export class KVMemoClient extends EventTarget {
     }
     let text;
     try {
-      const request = id === undefined ? {jsonrpc: "2.0", method, params} : {jsonrpc: "2.0", id, method, params};
+      const checked = requestParams(method, params);
+      const request =
+        id === undefined ? {jsonrpc: "2.0", method, params: checked} : {jsonrpc: "2.0", id, method, params: checked};
       text = JSON.stringify(request);
     } catch (err) {
-      fail(new TypeError(`params of '${method}' are not JSON: ${err.message}`));
+      fail(err instanceof TypeError ? err : new TypeError(`params of '${method}' are not JSON: ${err.message}`));
       return;
     }
     this.#outbox.push({text, entry: entry === null ? null : {...entry, id}});
@@ -952,7 +1107,7 @@ export class KVMemoClient extends EventTarget {
       const entries = chunk.filter((item) => item.entry !== null).map((item) => item.entry);
       if (entries.length > 0) {
         const seq = this.#nextSeq++;
-        this.#messages.set(seq, {size: entries.length, remaining: entries.length});
+        this.#messages.set(seq, {size: entries.length, remaining: entries.length, length: chunk.length});
         for (const entry of entries) {
           entry.seq = seq;
           this.#inflight.set(entry.id, entry);
@@ -992,7 +1147,7 @@ export class KVMemoClient extends EventTarget {
     // auth goes first, on its own, and the outbox waits for its reply.
     const id = this.#nextId++;
     const seq = this.#nextSeq++;
-    this.#messages.set(seq, {size: 1, remaining: 1});
+    this.#messages.set(seq, {size: 1, remaining: 1, length: 1});
     this.#inflight.set(id, {
       id,
       seq,
@@ -1098,7 +1253,14 @@ export class KVMemoClient extends EventTarget {
   // An error with id null answers a whole message (see "Whole-message errors").
   #onOrphanError(response) {
     const error = KVMemoError.fromWire(response.error);
-    const untouched = [...this.#messages].filter(([, m]) => m.remaining === m.size);
+    let untouched = [...this.#messages].filter(([, m]) => m.remaining === m.size);
+    const length = error.data !== null && typeof error.data === "object" ? error.data.length : undefined;
+    if (Number.isInteger(length)) {
+      // Several batches may await their replies (pipelined turns, maxBatch
+      // chunks): the error names the length of the one it answers. Batches of
+      // one length are all over the limit alike; the first sent is answered first.
+      untouched = untouched.filter(([, m]) => m.length === length).slice(0, 1);
+    }
     if (untouched.length === 1) {
       const [seq] = untouched[0];
       this.#messages.delete(seq);
@@ -1144,6 +1306,17 @@ export class KVMemoClient extends EventTarget {
         new KVMemoError(`connection closed (close code ${code}) and reconnect is off`, {
           kind: ClientErrorKind.DISCONNECTED,
         }),
+      );
+      this.#emit("close", {code, reason, wasClean, willReconnect: false});
+      this.#settleClosedWaiters();
+      return;
+    }
+    if (this.#attempt >= this.#maxAttempts) {
+      this.#shutdown(
+        new KVMemoError(
+          `gave up connecting to ${this.#url} after ${this.#attempt} attempts in a row (last close code ${code})`,
+          {kind: ClientErrorKind.DISCONNECTED},
+        ),
       );
       this.#emit("close", {code, reason, wasClean, willReconnect: false});
       this.#settleClosedWaiters();
