@@ -1,7 +1,8 @@
 """Persistence: the write-ahead log, snapshots and recovery of each shard.
 
 The bottom layer: it knows records of bytes, nothing of shards' internals,
-and imports neither trio nor the rest of KVMemo. Every blocking call here
+and imports neither trio nor the rest of KVMemo (but the leaf
+``kvmemo.errors``, whose ``KVMemoError`` its errors subclass). Every blocking call here
 (``SegmentedLog.sync``, ``write_snapshot``, ``recover``) is meant to run in
 a worker thread (``trio.to_thread.run_sync``).
 """

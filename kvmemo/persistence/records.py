@@ -67,6 +67,8 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from ..errors import KVMemoError
+
 FORMAT_VERSION = 1  # the version byte of every record this module writes
 
 HEADER = struct.Struct("<IBBI")  # crc32, version, op, payload length
@@ -91,8 +93,19 @@ def max_entry_bytes() -> int:
     return MAX_PAYLOAD - MIN_PAYLOAD
 
 
-class PersistenceError(Exception):
-    """Base class of the errors of the persistence layer (other than OSError)."""
+class PersistenceError(KVMemoError):
+    """Base class of the errors of the persistence layer (other than OSError).
+
+    A :class:`~kvmemo.errors.KVMemoError` (kind ``IO``), so that an embedded
+    caller's ``except kvmemo.KVMemoError`` around ``open_store`` also catches
+    a start refused by its data directory (in use, damaged, written with
+    another shard count or by a newer KVMemo); each keeps its own class
+    (``kvmemo.DirectoryInUse``, ``CorruptLog``, ...) for a narrower ``except``.
+    Only the leaf module ``kvmemo.errors`` is imported for it.
+    """
+
+    kind = "IO"
+    code = -32008
 
 
 class NewerVersion(PersistenceError):
@@ -106,7 +119,8 @@ class NewerVersion(PersistenceError):
         version: the version found.
         supported: the newest version of that format this build reads.
         offset: where in the file (0: its header, or its first record).
-        kind: which format (``record``, ``snapshot``, ``commit frame``).
+        file_format: which format (``record``, ``snapshot``, ``commit frame``;
+            the ``kind`` argument: ``kind`` itself is the error's kind, ``IO``).
     """
 
     def __init__(
@@ -128,7 +142,7 @@ class NewerVersion(PersistenceError):
         self.version = version
         self.supported = supported
         self.offset = offset
-        self.kind = kind
+        self.file_format = kind
 
 
 class Op(enum.IntEnum):
