@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -32,6 +34,7 @@ from .settings import Resolved, add_flags, resolve_all
 
 if TYPE_CHECKING:
     from .server.app import Server, StopRequest
+    from .server.config import ServerConfig
 
 TOOLS: list[Any] = []
 """Modules adding subcommands beside ``serve``: each has ``NAME``,
@@ -180,9 +183,7 @@ async def _run_node(resolved: Resolved, signalled: trio.Event, received: list[in
                 where = f": {exc.filename}" if exc.filename is not None else ""
                 return f"{exc.strerror}{where}"
             return str(exc)
-        print(f"KVMemo listening on {node.url}", flush=True)
-        if node.resp_url is not None:
-            print(f"KVMemo listening on {node.resp_url}", flush=True)
+        _announce(node.url, node.resp_url)
         log.info(
             "started: %s, %d shard%s, maxmemory %d, policy %s",
             node.url,
@@ -191,6 +192,18 @@ async def _run_node(resolved: Resolved, signalled: trio.Event, received: list[in
             store.maxmemory,
             store.eviction_policy,
         )
+        exposed = exposure_warning(resolved.server)
+        if exposed is not None:
+            log.warning("%s", exposed)
+        problems = node.server.engine.persistence_problems()
+        if problems:
+            # A data directory that cannot be written (read-only, full) is
+            # served anyway, reads only: say so now, not at the first write.
+            log.warning(
+                "persistence is failing at start: writes get IO errors and /healthz"
+                " answers 503 while it lasts: %s",
+                "; ".join(problems),
+            )
         why = await _stop_reason(node.server, signalled, received)
         log.info("%s: shutting down", why)
         request = node.server.stop_requested
@@ -199,6 +212,71 @@ async def _run_node(resolved: Resolved, signalled: trio.Event, received: list[in
         await node.server.drain()
     log.info("stopped")
     return None
+
+
+def exposure_warning(server: ServerConfig) -> str | None:
+    """The warning for ports open beyond this machine to anyone, or None.
+
+    Without ``--auth-token`` every client that reaches the ports may read and
+    write every key, and stop the server (``SHUTDOWN`` on the Redis port):
+    safe on a loopback address (the default), worth a word on any other
+    (``0.0.0.0``, an interface's address, a host name other than
+    ``localhost``), as Redis's protected mode does.
+    """
+    if server.tokens:
+        return None
+    host = server.host
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        loopback = host.lower() == "localhost"
+    if loopback:
+        return None
+    return (
+        f"listening on {host} without --auth-token: any client that reaches it can read and"
+        " write every key and stop the server (SHUTDOWN on the Redis port)"
+    )
+
+
+def _announce(url: str, resp_url: str | None) -> None:
+    """Print the ``KVMemo listening on ...`` lines; a standard output nobody reads is no failure.
+
+    The lines are for whoever started the server: a reader gone already (a
+    closed pipe, ``kvmemo serve | head -0``) or a full device must not stop
+    a node that is serving. Such an error is logged once as a warning and
+    standard output is pointed at ``/dev/null`` (as Python's documentation
+    advises for a broken pipe), so that nothing written or flushed to it
+    later (at exit too) fails again. Was: the node "failed" with a
+    traceback and exit code 1 once it had started.
+    """
+    lines = [f"KVMemo listening on {url}"]
+    if resp_url is not None:
+        lines.append(f"KVMemo listening on {resp_url}")
+    try:
+        for line in lines:
+            print(line, flush=True)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        logging.getLogger("kvmemo").warning(
+            "standard output cannot be written (%s): the 'KVMemo listening on' lines were"
+            " not printed; serving on %s",
+            why,
+            ", ".join(line.rsplit(" ", 1)[1] for line in lines),
+        )
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at ``/dev/null`` (what is still buffered is then dropped)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced, or not a real file
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 async def _stop_reason(server: Server, signalled: trio.Event, received: list[int]) -> str:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,14 +20,24 @@ from typing import Any
 import attrs
 import trio
 
-from actors import ActorSystem, ChildSpec
+from actors import (
+    ActorKilled,
+    ActorSystem,
+    ChildSpec,
+    EventKind,
+    InjectedFault,
+    LifecycleEvent,
+)
 
+from ._version import __version__
 from .config import StoreConfig
 from .engine.engine import KVEngine
 from .server.app import Server, ServerActor
 from .server.config import ServerConfig
 
 SERVER = "server"
+
+lifecycle_log = logging.getLogger("kvmemo.actors")
 
 
 @attrs.define
@@ -54,6 +66,7 @@ def build(
 ) -> tuple[KVEngine, Server, list[ChildSpec], dict[str, Any]]:
     """The engine, the server and the server's child spec for the root supervisor."""
     engine = KVEngine(store)
+    _node_metrics(engine)
     server = Server(engine, server_config)
     bound: dict[str, Any] = {}
     extra = []
@@ -85,6 +98,75 @@ def build(
         extra.append(run_resp)
     spec = ChildSpec(SERVER, start=lambda ctx: ServerActor(server, extra))
     return engine, server, [spec], bound
+
+
+def _node_metrics(engine: KVEngine) -> None:
+    """Register what ``/metrics`` says of the node as a whole (read at each scrape).
+
+    - ``kvmemo_build_info{version}``: always 1 (Prometheus's ``_info`` idiom);
+    - ``kvmemo_start_time_seconds``: when the node started (Unix time), so a
+      restart shows as a step;
+    - ``kvmemo_persistence_problems``: what ``/healthz`` reports of
+      persistence (a shard whose log cannot be written, or whose last
+      snapshot failed: one each); 0 without persistence. Alert on it > 0.
+    """
+    m = engine.metrics
+    m.gauge("kvmemo_build_info", "KVMemo's version (always 1)", ["version"]).labels(
+        __version__
+    ).set(1)
+    m.gauge("kvmemo_start_time_seconds", "When the node started, in Unix time").set(time.time())
+    m.gauge(
+        "kvmemo_persistence_problems",
+        "Shards whose log cannot be written or whose last snapshot failed (as /healthz)",
+    ).set_function(lambda: float(len(engine.persistence_problems())))
+
+
+async def _log_lifecycle(system: ActorSystem) -> None:
+    """Log the actors' lifecycle events while the node runs (see :func:`log_event`)."""
+    async with system.events.subscribe() as events:
+        async for event in events:
+            log_event(event)
+
+
+def log_event(event: LifecycleEvent) -> None:
+    """One lifecycle event as the operator wants it in the log.
+
+    A crash is a warning (with its traceback, unless it is a chaos kill or an
+    injected fault: those say so in one line), a restart is info, a state
+    that failed its checks and was rebuilt is a warning, a supervisor that
+    gave up is an error (its parent restarts its subtree, or the node stops);
+    starts and clean stops are debug (every actor has them, at every start
+    and stop). Without these lines a crash showed only as a restart count
+    in ``/metrics``.
+    """
+    name, error = event.actor, event.error
+    if event.kind is EventKind.CRASHED:
+        if isinstance(error, ActorKilled | InjectedFault):
+            lifecycle_log.warning("%s crashed (chaos: %s)", name, _describe(error))
+        elif error is not None:
+            lifecycle_log.warning(
+                "%s crashed: %s",
+                name,
+                _describe(error),
+                exc_info=(type(error), error, error.__traceback__),
+            )
+        else:
+            lifecycle_log.warning("%s crashed", name)
+    elif event.kind is EventKind.RESTARTED:
+        lifecycle_log.info("%s restarted", name)
+    elif event.kind is EventKind.STATE_REBUILT:
+        lifecycle_log.warning("%s: its state failed its checks and was rebuilt", name)
+    elif event.kind is EventKind.GAVE_UP:
+        lifecycle_log.error("%s gave up: %s", name, _describe(error))
+    else:
+        lifecycle_log.debug("%s %s", name, event.kind.value)
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no error recorded"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _Recorder:
@@ -132,6 +214,7 @@ async def open_node(
     try:
         async with trio.open_nursery() as nursery:
             system: ActorSystem = await nursery.start(engine.supervisor(extra).run)
+            nursery.start_soon(_log_lifecycle, system)
             await server.ready.wait()  # every listener bound (the Redis port too)
             start_error = server.start_error
             if start_error is not None:
