@@ -86,6 +86,7 @@ class ChildCell:
         self.done = trio.Event()
         self.kill_requested = False
         self.stop_requested = False
+        self.hard_stop = False  # stopped by its supervisor without a graceful stop
         self.ignore_exit_of = 0  # incarnation whose exit the supervisor caused itself
         self.fault: BaseException | None = None
         self.current: ReplySlot | None = None
@@ -118,6 +119,18 @@ class ChildCell:
     def is_supervisor(self) -> bool:
         return self.spec.supervisor is not None
 
+    @property
+    def ending_hard(self) -> bool:
+        """Whether the running incarnation is being ended without a graceful stop.
+
+        A kill, or a stop with ``graceful=False`` (a restart of its group, its
+        supervisor giving up). A supervisor ending so stops its own children
+        the same way, as OTP's ``kill`` reaches them through their links: a
+        killed storage supervisor must not make every shard write a final
+        snapshot, one after the other, before any of them restarts.
+        """
+        return self.kill_requested or self.hard_stop
+
     def mailbox_depth(self) -> int:
         return self.receive.statistics().current_buffer_used
 
@@ -144,6 +157,7 @@ class ChildCell:
         self.last_start = trio.current_time()  # an attempt, successful or not (backoff)
         self.kill_requested = False
         self.stop_requested = False
+        self.hard_stop = False
         self.done = trio.Event()
         reason = ExitReason.NORMAL
         error: BaseException | None = None
@@ -380,6 +394,8 @@ class ChildCell:
         if scope is None:
             return
         self.ignore_exit_of = self.incarnation
+        if not graceful:
+            self.hard_stop = True
         if graceful and not self.is_supervisor:
             scope.deadline = min(scope.deadline, trio.current_time() + self.spec.shutdown_timeout)
             try:

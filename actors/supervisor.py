@@ -18,7 +18,10 @@ classifies it (normal, crashed, killed) and applies, in this order:
 Shutdown (the owner cancels the scope around :meth:`Supervisor.run`) stops the
 children in reverse start order, each gracefully within its
 ``shutdown_timeout``. A root supervisor then closes every mailbox, failing the
-asks still queued, so no caller is left hanging.
+asks still queued, so no caller is left hanging. A nested supervisor that is
+killed, or stopped hard by its parent (a group restart, the parent giving
+up), stops its children hard, as one that gives up does: as OTP's ``kill``
+reaches the children through their links, not as a shutdown.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class Supervisor:
     _closing: bool = attrs.field(default=False, init=False)
     _exits: trio.MemorySendChannel[_Exit] | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    # The cell this supervisor runs as, when nested (None for a root).
+    _own_cell: ChildCell | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         names = [spec.name for spec in self.children]
@@ -111,6 +116,7 @@ class Supervisor:
     async def run_as_child(self, cell: ChildCell, report_started: Callable[[], None]) -> None:
         """Run as the child ``cell`` of a parent supervisor (a nested supervisor)."""
         self._attach(cell.system)
+        self._own_cell = cell
         await self._run(report_started)
 
     def _attach(self, system: ActorSystem) -> None:
@@ -148,10 +154,14 @@ class Supervisor:
                 gave_up = await self._control_loop(nursery, receive)
             finally:
                 self._closing = True
+                # Graceful only for a shutdown: given up, killed or stopped
+                # hard itself, this supervisor stops its children hard.
+                own = self._own_cell
+                graceful = gave_up is None and not (own is not None and own.ending_hard)
                 with trio.CancelScope(shield=True):
                     for cell in reversed(self._cells):
                         if cell.scope is not None:
-                            await cell.stop(graceful=gave_up is None)
+                            await cell.stop(graceful=graceful)
                             self.system.events.emit(cell.name, EventKind.STOPPED)
                 nursery.cancel_scope.cancel()
         if gave_up is not None:
