@@ -57,7 +57,7 @@ from typing import Any
 import attrs
 import trio
 
-from actors import DEFER, ActorContext, ActorStopped, MailboxFull
+from actors import DEFER, ActorContext, ActorState, ActorStopped, MailboxFull
 
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
@@ -278,6 +278,12 @@ class DurableShardActor(ShardActor):
         self._jobs_send, self._jobs = trio.open_memory_channel[tuple[Any, SaveTicket]](
             SNAPSHOT_QUEUE
         )
+        # Snapshots taken off the queue but not written: the writer's, cut off
+        # by a cancellation (a kill, a stop), and those a graceful stop found
+        # queued. A graceful stop's own snapshot supersedes them; otherwise
+        # this incarnation's end fails them (see _fail_unwritten).
+        self._unwritten: list[tuple[Any, SaveTicket]] = []
+        self._watching_jobs = False  # _fail_unwritten is registered as a monitor
 
     async def on_start(self) -> None:
         store = self.store
@@ -615,7 +621,39 @@ class DurableShardActor(ShardActor):
             # written or tried, as Redis's for a BGSAVE already in progress).
             ticket.error = PersistenceIOError("too many snapshots queued", applied=False)
             ticket.done.set()
+            return ticket
+        if not self._watching_jobs and self._self.state is ActorState.RUNNING:
+            # The queue dies with this incarnation: its end must answer every
+            # ticket not written (a SAVE waiting, a BGSAVE in progress forever).
+            self._watching_jobs = True
+            self._self.monitor(self._fail_unwritten)
         return ticket
+
+    def _fail_unwritten(self, _: object = None) -> None:
+        """Monitor of the incarnation: fail the tickets of the snapshots it did not write.
+
+        Killed, crashed or stopped by force, the shard leaves its queued
+        snapshots (and the one its writer was cut off in) unwritten: their
+        tickets fail, so that a SAVE waiting gets ``IO`` at once and a BGSAVE
+        is no longer in progress (it would refuse every SAVE and BGSAVE
+        after it). A graceful stop answered them all already (``on_stop``).
+        """
+        unwritten, self._unwritten = self._unwritten, []
+        while True:
+            try:
+                unwritten.append(self._jobs.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        tickets = [ticket for _, ticket in unwritten if not ticket.done.is_set()]
+        if not tickets:
+            return
+        dur = self.dur
+        dur.saving = False  # no writer is left to clear it: the restart may snapshot again
+        why = f"shard-{self.store.shard_id} stopped before writing its snapshot"
+        dur.snapshot_failed(why)
+        for ticket in tickets:
+            ticket.error = PersistenceIOError(f"snapshot failed: {why}", applied=False)
+            ticket.done.set()
 
     async def background(self) -> None:
         """The snapshot writer, and a loop once a second: ``everysec``'s sync and the re-save.
@@ -661,6 +699,7 @@ class DurableShardActor(ShardActor):
         only a failed sync of the log changes the log's health.
         """
         dur = self.dur
+        finished = False
         try:
             # The new segment's head mark must be durable before the snapshot
             # is: once it is, recovery reads no segment it covers, so without
@@ -681,6 +720,7 @@ class DurableShardActor(ShardActor):
             dur.snapshot_written()
             dur.covered_through = max(dur.covered_through, job.covers)
             self._remove_covered()
+            finished = True
         except (OSError, ValueError) as exc:
             # The snapshot's own file: the log, and every write it holds, is intact.
             ticket.error = PersistenceIOError(f"snapshot failed: {exc}", applied=False)
@@ -690,7 +730,13 @@ class DurableShardActor(ShardActor):
                 dur.snapshot_failed(str(exc))
         finally:
             dur.saving = False
-            ticket.done.set()
+            if finished or ticket.error is not None:
+                ticket.done.set()
+            else:
+                # Cancelled (a kill, a stop) before the snapshot was written:
+                # not a success. A graceful stop's snapshot supersedes it;
+                # any other end of the incarnation fails it (_fail_unwritten).
+                self._unwritten.append((job, ticket))
 
     def _remove_covered(self) -> None:
         """Delete the log segments the written snapshots cover; report those left.
@@ -727,17 +773,19 @@ class DurableShardActor(ShardActor):
         # restart opens a new segment in on_start).
         await self.commit()
         await self._sync()
-        # Snapshots still queued for the (cancelled) background writer are
-        # superseded by the last one, which covers more: only it is written.
-        superseded = []
+        # Snapshots still queued for the (cancelled) background writer, or
+        # cut off in it, are superseded by the last one, which covers more:
+        # only it is written. Kept in _unwritten until answered, so that a
+        # stop cut short (its timeout) still fails them (_fail_unwritten).
         while True:
             try:
-                superseded.append(self._jobs.receive_nowait()[1])
+                self._unwritten.append(self._jobs.receive_nowait())
             except trio.WouldBlock:
                 break
         if not self.config.stop.snapshot:
             dropped = PersistenceIOError("the server shut down without saving (SHUTDOWN NOSAVE)")
-            for older in superseded:
+            superseded, self._unwritten = self._unwritten, []
+            for _, older in superseded:
                 older.error = dropped
                 older.done.set()
             self._report_stop()
@@ -747,7 +795,8 @@ class DurableShardActor(ShardActor):
         if not ticket.done.is_set():
             job, _ = self._jobs.receive_nowait()
             await self._write(job, ticket)
-        for older in superseded:
+        superseded, self._unwritten = self._unwritten, []
+        for _, older in superseded:
             older.error = ticket.error
             older.done.set()
         await self._sync()  # the new segment's head mark, once the snapshot is written
