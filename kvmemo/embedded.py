@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from actors import ActorSystem
+from actors import ActorSystem, SupervisorGaveUp
 
 from .api import Arg, Commands, encode_arg, encode_args
 from .config import StoreConfig
@@ -456,7 +456,9 @@ async def serve(nursery: trio.Nursery, config: StoreConfig | None = None, **sett
     """Start a store in ``nursery`` and return it once every actor is running.
 
     Settings are :class:`StoreConfig` fields (``shards=4``, ``maxmemory="64MiB"``).
-    ``store.close()`` (or cancelling the nursery) stops it.
+    ``store.close()`` (or cancelling the nursery) stops it. A store whose
+    root supervisor gives up fails the nursery with
+    :class:`actors.SupervisorGaveUp` (see :func:`open_store`).
     """
     cfg = _config(config, settings)
     engine = KVEngine(cfg)
@@ -483,9 +485,51 @@ async def _run_tree(engine: KVEngine, *, task_status: trio.TaskStatus[Store]) ->
             system: ActorSystem = await inner.start(engine.supervisor().run)
             engine.attach(system)
             task_status.started(Store(engine, system, inner.cancel_scope, stopped))
+    except BaseExceptionGroup as group:
+        # The root supervisor gave up (restart intensity exceeded): the
+        # store failed, and says so as itself, not in a group of one.
+        gave_up = _gave_up(group)
+        if gave_up is None:
+            raise
+        raise gave_up from gave_up.__cause__
     finally:
+        _close_shard_logs(engine)
         engine.close()  # the intent log, once the tree has stopped
         stopped.set()  # Store.aclose returns
+
+
+def _close_shard_logs(engine: KVEngine) -> None:
+    """Close the shard logs left open once the tree has stopped.
+
+    A shard's graceful stop closes its log (``on_stop``); one stopped hard
+    (its supervisor gave up, or its stop outran ``shutdown_timeout``) leaves
+    it open, and nothing would close its descriptors: one leaked per shard
+    each time. No sync: what was appended is in the OS's hands, as after a
+    kill. No shard task is left to use them (a running sync or snapshot
+    thread is always waited for).
+    """
+    for durability in engine._durabilities:
+        log, durability.log = durability.log, None
+        if log is not None:
+            log.close()
+
+
+def _gave_up(group: BaseExceptionGroup) -> SupervisorGaveUp | None:
+    """The root supervisor's give-up, when it is what ``group`` holds (besides ``Cancelled``)."""
+    gave_up, rest = group.split(SupervisorGaveUp)
+    if gave_up is None or (rest is not None and rest.split(trio.Cancelled)[1] is not None):
+        return None
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [gave_up]
+    while todo:
+        exc = todo.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            todo.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) != 1 or not isinstance(leaves[0], SupervisorGaveUp):
+        return None
+    return leaves[0]
 
 
 @asynccontextmanager
@@ -495,6 +539,14 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
     An exception raised by the block reaches the caller unchanged (not
     wrapped in an ``ExceptionGroup``): a ``KeyboardInterrupt``, or the
     ``Cancelled`` of an enclosing scope, too.
+
+    A store whose root supervisor gives up (its restart intensity,
+    ``max_restarts`` within ``restart_period``, exceeded: actors killed or
+    crashing faster than that) fails: the block is cancelled, as trio cancels
+    a nursery's body when one of its tasks fails, the store closes (acknowledged
+    writes stay on disk, the data directory is released) and the block ends
+    with :class:`actors.SupervisorGaveUp`, unwrapped, whose ``__cause__`` is
+    the last failure.
 
     Raises:
         ValueError: invalid settings (exact message naming the setting).
@@ -523,10 +575,16 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
         # Under an enclosing cancellation the store's tasks end Cancelled and
         # the nursery raises them for that scope to catch; it would catch
         # the block's own error with them. That error goes first, as it
-        # would without the store. (Anything else, a crash of the tree, stays.)
+        # would without the store. The store's failure (its root supervisor
+        # gave up) comes out as itself when the block only saw it as its
+        # cancellation. (Anything else, a crash of the tree, stays.)
+        gave_up = _gave_up(group)
+        if gave_up is not None and (error is None or isinstance(error, trio.Cancelled)):
+            raise gave_up from gave_up.__cause__
         if error is None or group.split(trio.Cancelled)[1] is not None:
             raise
     finally:
+        _close_shard_logs(engine)
         engine.close()  # the intent log, once the tree has stopped
     if error is not None:
         raise error
