@@ -1219,7 +1219,14 @@ class KVEngine:
             # is over (at most that long).
             until = max(d for _, _, d in batch)
             outcomes: list[tuple[bool, Any]] | None = None
-            with trio.move_on_at(until):
+            # Shielded when the round carries other callers' MSETs: the
+            # leader's own cancellation must not cut it off (they would fail
+            # as interrupted, their scopes never cancelled); it is delivered
+            # at the leader's next checkpoint, after the round (bounded by
+            # ``until``), as to any call cancelled in flight that may have
+            # applied. A round of the leader's MSET alone is cancelled at once
+            # (its holds released: nobody else waits for it).
+            with trio.CancelScope(deadline=until, shield=len(batch) > 1):
                 try:
                     outcomes = await self._mset_round([o for o, _, _ in batch])
                 except BaseException:
