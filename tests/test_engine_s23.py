@@ -6,6 +6,7 @@ import pytest
 import trio
 
 import kvmemo
+from actors import ActorCrashed, ActorStopped
 
 PASSES = range(14)  # scheduler passes after the leader starts: covers gather, hold, commit
 
@@ -40,3 +41,16 @@ async def test_cancelling_the_leader_of_a_grouped_mset_round_fails_no_other_mset
         values = await kv.mget("a", "b", "c", "d")
         assert len(set(values)) == 1  # each MSET whole: all of one or all of the other
         assert values[0] in (b"1", b"2")
+
+
+async def test_a_command_cut_off_by_a_stop_of_its_shard_is_not_called_a_crash() -> None:
+    """A supervisor that stops a shard hard (gave up, or was killed) is no crash of it."""
+    async with kvmemo.open_store(shards=2) as kv:
+        ref = kv.system.ref("shard-0")
+        stopped = ActorCrashed("shard-0", ActorStopped("shard-0"), handler_started=True)
+        error = kv.engine._translate(stopped, ref)
+        assert error.kind == "INTERNAL"
+        assert error.data["applied"] is None
+        assert str(error) == (
+            "shard-0 was stopped while handling the command; it may or may not have been applied"
+        )

@@ -875,6 +875,12 @@ class KVEngine:
                     "it may or may not have been applied",
                     applied=None,
                 )
+            if isinstance(exc.cause, ActorStopped):  # stopped by its supervisor, not a crash
+                return InternalError(
+                    f"{ref.name} was stopped while handling the command; "
+                    "it may or may not have been applied",
+                    applied=None,
+                )
             return InternalError(f"{ref.name} crashed handling the command", applied=None)
         if isinstance(exc, ActorStopped):
             return UnavailableError(f"{ref.name} is stopped", retry_after_ms=1000)
