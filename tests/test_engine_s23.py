@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 import kvmemo
 from actors import ActorCrashed, ActorStopped
@@ -54,3 +55,17 @@ async def test_a_command_cut_off_by_a_stop_of_its_shard_is_not_called_a_crash() 
         assert str(error) == (
             "shard-0 was stopped while handling the command; it may or may not have been applied"
         )
+
+
+async def test_info_metrics_show_each_actors_restarts_and_mailbox_depth(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """They were refreshed only before a /metrics scrape: info showed them empty."""
+    async with kvmemo.open_store(shards=2) as kv:
+        kv.kill_actor("shard-0")
+        while next(a for a in kv.actors() if a["name"] == "shard-0")["restarts"] < 1:
+            await trio.sleep(0.001)  # the restart's backoff (5 ms), on trio's clock
+        metrics = (await kv.info())["stats"]["metrics"]
+        assert metrics["kvmemo_actor_restarts"]["shard-0"] == 1
+        assert metrics["kvmemo_actor_restarts"]["shard-1"] == 0
+        assert set(metrics["kvmemo_actor_mailbox_depth"]) >= {"shard-0", "shard-1", "ttl-manager"}

@@ -507,7 +507,7 @@ class KVEngine:
         )
 
     def refresh_actor_metrics(self) -> None:
-        """Copy restart counts and mailbox depths into their gauges (before a scrape)."""
+        """Copy restart counts and mailbox depths into their gauges (before a scrape or ``info``)."""
         if self.system is None:
             return
         for info in self.system.actors():
@@ -2179,6 +2179,7 @@ class KVEngine:
         """The ``info`` sections as a JSON-ready dict (one section, or all)."""
         stats = await self._shard_stats()
         keys = sum(s["keys"] for s in stats)
+        self.refresh_actor_metrics()  # the restart and mailbox gauges, as a scrape reads them
         sections: dict[str, Any] = {
             "server": {
                 "version": __version__,
