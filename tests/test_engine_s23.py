@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 import kvmemo
-from actors import ActorCrashed, ActorStopped
+from actors import ActorCrashed, ActorStopped, EventKind
 
 PASSES = range(14)  # scheduler passes after the leader starts: covers gather, hold, commit
 
@@ -62,9 +62,11 @@ async def test_info_metrics_show_each_actors_restarts_and_mailbox_depth(
 ) -> None:
     """They were refreshed only before a /metrics scrape: info showed them empty."""
     async with kvmemo.open_store(shards=2) as kv:
-        kv.kill_actor("shard-0")
-        while next(a for a in kv.actors() if a["name"] == "shard-0")["restarts"] < 1:
-            await trio.sleep(0.001)  # the restart's backoff (5 ms), on trio's clock
+        async with kv.system.events.subscribe() as events:
+            kv.kill_actor("shard-0")
+            async for event in events:
+                if event.actor == "shard-0" and event.kind is EventKind.RESTARTED:
+                    break
         metrics = (await kv.info())["stats"]["metrics"]
         assert metrics["kvmemo_actor_restarts"]["shard-0"] == 1
         assert metrics["kvmemo_actor_restarts"]["shard-1"] == 0

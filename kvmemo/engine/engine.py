@@ -507,7 +507,7 @@ class KVEngine:
         )
 
     def refresh_actor_metrics(self) -> None:
-        """Copy restart counts and mailbox depths into their gauges (before a scrape or ``info``)."""
+        """Copy restart counts and mailbox depths into their gauges (for a scrape, ``info``)."""
         if self.system is None:
             return
         for info in self.system.actors():
