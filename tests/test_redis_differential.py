@@ -2572,6 +2572,29 @@ OWN_POLICIES = (
     "KVMemo's eviction policies (README): no volatile-ttl; its own fifo; its own names "
     "lru/lfu/random alongside Redis's allkeys-* ones"
 )
+GLOB_EMPTY_KEY = (
+    "KVMemo's glob matches the empty key with any pattern of stars ('**'): Redis's "
+    "stringmatchlen never enters its loop for an empty subject, so only its KEYS * and SCAN "
+    "fast paths list that key (kvmemo.commands.glob)"
+)
+GLOB_NO_NESTING_LIMIT = (
+    "Redis gives up (no match) past 1000 nested stars; KVMemo's glob compiles to a "
+    "non-backtracking regex and has no such limit (kvmemo.commands.glob)"
+)
+OWN_CURSORS = (
+    "A SCAN cursor names KVMemo's shard and position: one this server could not have "
+    "returned (past its shards, or written with a sign) is 'invalid cursor', where Redis "
+    "reads any unsigned long (undefined behaviour by Redis's documentation)"
+)
+LCS_LIMITS = (
+    "KVMemo's LCS refuses inputs over 10**8 table cells or 200000 bytes together "
+    "(kvmemo.commands.bits); Redis's bound is the table's 4-byte cells against "
+    "proto-max-bulk-len"
+)
+ONE_SHARD_IN_MULTI = (
+    "RENAME, RENAMENX, COPY, MSETNX and BITOP inside MULTI need their keys on one shard "
+    "(README: a hash tag); 'a' and 'b' are on two of the test server's four"
+)
 FIXED_AT_START = "KVMemo's connection limits are fixed at start (README, options table)"
 OWN_SIZES = "KVMemo's sizes also take KiB/MiB/GiB, as its --maxmemory option does (README)"
 _POLICY_CHOICES_KVMEMO = (
@@ -2834,6 +2857,63 @@ DELIBERATE: list[Difference] = [
         ("BITPOS", "nokey", "0", "0", "1", "BIT", "x"),
         b":0\r\n",
         b"-ERR syntax error\r\n",
+    ),
+    Difference(
+        "keys-empty-key-double-star",
+        GLOB_EMPTY_KEY,
+        (("SET", "", "1"),),
+        ("KEYS", "**"),
+        b"*0\r\n",
+        b"*1\r\n$0\r\n\r\n",
+    ),
+    Difference(
+        "scan-empty-key-double-star",
+        GLOB_EMPTY_KEY,
+        (("SET", "", "1"),),
+        ("SCAN", "0", "MATCH", "**"),
+        b"*2\r\n$1\r\n0\r\n*0\r\n",
+        b"*2\r\n$1\r\n0\r\n*1\r\n$0\r\n\r\n",
+    ),
+    Difference(
+        "keys-over-1000-stars",
+        GLOB_NO_NESTING_LIMIT,
+        (("SET", "a" * 1001, "1"),),
+        ("KEYS", "*a" * 1001),
+        b"*0\r\n",
+        b"*1\r\n$1001\r\n" + b"a" * 1001 + b"\r\n",
+    ),
+    Difference(
+        "scan-cursor-never-returned",
+        OWN_CURSORS,
+        (),
+        ("SCAN", "18446744073709551615"),
+        b"*2\r\n$1\r\n0\r\n*0\r\n",
+        b"-ERR invalid cursor\r\n",
+    ),
+    Difference(
+        "scan-cursor-signed",
+        OWN_CURSORS,
+        (),
+        ("SCAN", "-1"),
+        b"*2\r\n$1\r\n0\r\n*0\r\n",
+        b"-ERR invalid cursor\r\n",
+    ),
+    Difference(
+        "lcs-input-limit",
+        LCS_LIMITS,
+        (("SET", "a", "x" * 200_000), ("SET", "b", "x")),
+        ("LCS", "a", "b", "LEN"),
+        b":1\r\n",
+        b"-ERR LCS input too large\r\n",
+    ),
+    Difference(
+        "rename-across-shards-in-multi",
+        ONE_SHARD_IN_MULTI,
+        (("SET", "a", "1"), ("MULTI",)),
+        ("RENAME", "a", "b"),
+        b"+QUEUED\r\n",
+        b"-ERR RENAME in a transaction needs all its keys on one shard (give them one "
+        b"{hash tag}, as Redis Cluster asks)\r\n",
     ),
 ]
 
