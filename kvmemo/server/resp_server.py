@@ -2807,10 +2807,33 @@ _CHANNEL_KEYS: Final = {
 }
 
 
+# Write commands that never need memory, which Redis does not flag ``denyoom``
+# (they remove keys or TTLs, or rename a key): a client routing on the flag
+# must not refuse them under memory pressure. (KVMemo refuses only a first TTL
+# that does not fit under noeviction: see the README's deliberate differences.)
+_NOT_DENYOOM: Final = frozenset(
+    {
+        "del",
+        "unlink",
+        "expire",
+        "pexpire",
+        "expireat",
+        "pexpireat",
+        "persist",
+        "getdel",
+        "getex",
+        "rename",
+        "renamenx",
+        "flushall",
+        "flushdb",
+    }
+)
+
+
 def _flags_of(spec: TableCommand | TableSubcommand, pubsub: bool = False) -> list[str]:
     flags = ["pubsub", "loading", "stale"] if pubsub and spec.name != "help" else []
     if "write" in spec.flags:
-        flags += ["write", "denyoom"]
+        flags += ["write"] if spec.name in _NOT_DENYOOM else ["write", "denyoom"]
     if "readonly" in spec.flags:
         flags.append("readonly")
     if "admin" in spec.flags:
