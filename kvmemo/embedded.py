@@ -493,25 +493,8 @@ async def _run_tree(engine: KVEngine, *, task_status: trio.TaskStatus[Store]) ->
             raise
         raise gave_up from gave_up.__cause__
     finally:
-        _close_shard_logs(engine)
-        engine.close()  # the intent log, once the tree has stopped
+        engine.close()  # the logs, once the tree has stopped
         stopped.set()  # Store.aclose returns
-
-
-def _close_shard_logs(engine: KVEngine) -> None:
-    """Close the shard logs left open once the tree has stopped.
-
-    A shard's graceful stop closes its log (``on_stop``); one stopped hard
-    (its supervisor gave up, or its stop outran ``shutdown_timeout``) leaves
-    it open, and nothing would close its descriptors: one leaked per shard
-    each time. No sync: what was appended is in the OS's hands, as after a
-    kill. No shard task is left to use them (a running sync or snapshot
-    thread is always waited for).
-    """
-    for durability in engine._durabilities:
-        log, durability.log = durability.log, None
-        if log is not None:
-            log.close()
 
 
 def _gave_up(group: BaseExceptionGroup) -> SupervisorGaveUp | None:
@@ -546,7 +529,9 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
     a nursery's body when one of its tasks fails, the store closes (acknowledged
     writes stay on disk, the data directory is released) and the block ends
     with :class:`actors.SupervisorGaveUp`, unwrapped, whose ``__cause__`` is
-    the last failure.
+    the last failure; unless the block raised an error of its own meanwhile
+    (a ``KeyboardInterrupt``, an error of its cleanup): that error comes out,
+    unchanged but for a note naming the store's failure.
 
     Raises:
         ValueError: invalid settings (exact message naming the setting).
@@ -577,14 +562,18 @@ async def open_store(config: StoreConfig | None = None, **settings: Any) -> Asyn
         # the block's own error with them. That error goes first, as it
         # would without the store. The store's failure (its root supervisor
         # gave up) comes out as itself when the block only saw it as its
-        # cancellation. (Anything else, a crash of the tree, stays.)
+        # cancellation; when the block failed too (a KeyboardInterrupt, its
+        # cleanup's own error), the block's error goes first, unchanged but
+        # for a note naming the store's failure: neither is lost. (Anything
+        # else, a crash of the tree, stays.)
         gave_up = _gave_up(group)
-        if gave_up is not None and (error is None or isinstance(error, trio.Cancelled)):
-            raise gave_up from gave_up.__cause__
-        if error is None or group.split(trio.Cancelled)[1] is not None:
+        if gave_up is not None:
+            if error is None or isinstance(error, trio.Cancelled):
+                raise gave_up from gave_up.__cause__
+            error.add_note(f"meanwhile the store failed: {gave_up}")
+        elif error is None or group.split(trio.Cancelled)[1] is not None:
             raise
     finally:
-        _close_shard_logs(engine)
-        engine.close()  # the intent log, once the tree has stopped
+        engine.close()  # the logs, once the tree has stopped
     if error is not None:
         raise error

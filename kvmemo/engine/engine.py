@@ -1710,13 +1710,25 @@ class KVEngine:
         self._token = _CLOSED_TOKEN
 
     def close(self) -> None:
-        """Release what the engine holds open (intent and commit logs); after the tree stopped.
+        """Release what the engine holds open (shard, intent, commit logs); after the tree stopped.
 
         From then on every command is refused with UNAVAILABLE "the store is
-        closed" (a closed store never comes back).
+        closed" (a closed store never comes back). Idempotent.
+
+        A shard's graceful stop closes its log (``on_stop``); one stopped hard
+        (its supervisor gave up or was killed, or its stop outran
+        ``shutdown_timeout``) leaves it open: it is closed here, whatever
+        ran the tree (``open_store``, ``serve``, ``open_node``), or one
+        descriptor per shard would leak at each such stop. No sync: what was
+        appended is in the OS's hands, as after a kill. No shard task is left
+        to use the logs (a running sync or snapshot thread is always waited for).
         """
         self._closed = True
         self._token = _CLOSED_TOKEN  # see stop_accepting
+        for durability in self._durabilities:
+            log, durability.log = durability.log, None
+            if log is not None:
+                log.close()
         self.pubsub.close()  # subscribers waiting for a message get EndOfChannel
         if self._intents is not None:
             self._intents.close()
