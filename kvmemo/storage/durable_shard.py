@@ -299,16 +299,25 @@ class DurableShardActor(ShardActor):
             await recover_store(store, self.config, repair=True)
             store.needs_recovery = False
         dur.journal.offset = None  # read again at the first expiry (see Journal.offset)
+        # A read-only or full directory: serve reads anyway; every write fails
+        # with IO until the log can open (commit retries the open, and so does
+        # the background loop each second, see _reopen).
+        await self._open_log()
+
+    async def _open_log(self) -> bool:
+        """Open the log if it is not open; whether it is open now.
+
+        A new segment opens with the newest round mark (a repair may have
+        compacted the marks away), synced; a rebuild's redo follows, from
+        the journal. A failure is recorded (health FAILING, its error).
+        """
+        dur = self.dur
         opened = dur.log is None
         try:
             dur.open()
         except OSError as exc:
-            # A read-only or full directory: serve reads anyway; every write
-            # fails with IO (commit retries the open) until the log can open.
             dur.failed(exc)
-            return
-        # A new segment opens with the newest round mark (a repair may have
-        # compacted the marks away); a rebuild's redo follows, from the journal.
+            return False
         head = dur.journal.head() if opened else b""
         if head:
             assert dur.log is not None
@@ -316,10 +325,34 @@ class DurableShardActor(ShardActor):
                 dur.appended(dur.log.append_encoded(head), journal=False)
             except OSError as exc:
                 dur.failed(exc)
-                return
+                return False
             # Durable now: a repair's snapshot may cover every segment that
             # held the marks (see _write), and a rebuild's may soon.
             await self._sync()
+        return True
+
+    async def _reopen(self) -> None:
+        """The log could not be opened (read-only or full directory): try again.
+
+        Called each second by the background loop, so that a shard nobody
+        writes to recovers once its directory is usable again; before, only
+        its next write retried, and its health (``/healthz``: 503) stayed
+        failing until then, however long. Opened, with nothing owed (no
+        re-save, no failed batch's records waiting in the journal), the
+        shard is healthy; records waiting are appended by the mailbox loop
+        (sent :class:`Resave` to wake it; it appends at its commit) and made
+        durable as any write, which settles the health.
+        """
+        dur = self.dur
+        if not await self._open_log():
+            return
+        journal = dur.journal
+        if journal.records or journal.taken:
+            with contextlib.suppress(MailboxFull, ActorStopped):
+                self._self.tell_nowait(RESAVE)
+        elif not dur.resave_pending and dur.health is Health.FAILING:
+            dur.health = Health.OK
+            dur.error = None
 
     def handle_nowait(self, message: Any) -> Any:
         """:meth:`handle` without a coroutine, for every message that needs no await."""
@@ -668,6 +701,8 @@ class DurableShardActor(ShardActor):
             nursery.start_soon(self._snapshot_writer)
             while True:
                 await trio.sleep(SYNC_INTERVAL)
+                if dur.log is None and dur.health is Health.FAILING:
+                    await self._reopen()
                 if dur.fsync is AppendFsync.EVERYSEC:
                     await self._sync()
                 if dur.leftover_segments and not dur.saving:
