@@ -134,6 +134,7 @@ from .errors import (
     NoAuthError,
     OverloadedError,
     RequestTimeoutError,
+    TooLargeError,
 )
 
 __all__ = [
@@ -484,6 +485,9 @@ class _Link:
     reason: str | None = None
     opened: bool = False
     close_code: int | None = None  # to close with after a protocol error (1002)
+    # The batches sent on it that may still be unanswered, oldest first (see
+    # Client._refused_batch); pruned as their requests are answered.
+    batches: deque[list[_Request]] = attrs.Factory(deque)
 
 
 @attrs.frozen(eq=False)
@@ -1263,6 +1267,8 @@ class Client(Commands):
                 if request.slot is not None:
                     request.slot.sent = True
             document: Any = live[0].payload if len(live) == 1 else [r.payload for r in live]
+            if len(live) > 1:
+                _track_batch(link.batches, live)
             try:
                 await link.ws.send_message(_dumps(document))
             except ConnectionClosed as exc:
@@ -1281,13 +1287,13 @@ class Client(Commands):
                 self._drop(link, _closed_reason(self.url, exc))
                 return
             self._messages_received += 1
-            problem = self._on_message(message)
+            problem = self._on_message(message, link)
             if problem is not None:
                 link.close_code = 1002
                 self._drop(link, f"connection to {self.url} closed: {problem}")
                 return
 
-    def _on_message(self, message: str | bytes) -> str | None:
+    def _on_message(self, message: str | bytes, link: _Link) -> str | None:
         """Resolve the slots answered by one message; the problem, if it breaks the protocol.
 
         Synchronous: slots are resolved atomically with respect to cancellation.
@@ -1309,8 +1315,10 @@ class Client(Commands):
                 continue
             request_id = response.get("id")
             if request_id is None:
-                # An error the server could not attach to a request (a whole
-                # batch refused, say): its requests would never be answered.
+                if self._refused_batch(link, response):
+                    continue
+                # An error the server could not attach to a request: its
+                # requests would never be answered.
                 error = error_from_payload(response.get("error"))
                 return f"the server refused a message: {error.kind} {error.message}"
             slot = self._pending.get(request_id) if isinstance(request_id, int) else None
@@ -1319,6 +1327,36 @@ class Client(Commands):
             slot.response = response
             slot.done.set()
         return None
+
+    def _refused_batch(self, link: _Link, response: dict[str, Any]) -> bool:
+        """Fail the calls of the batch an id-less ``TOO_LARGE`` answers; whether it did.
+
+        The server refuses a batch over its ``max_batch`` whole (none of its
+        calls ran) with one error whose ``data.length`` is the batch's length
+        (docs/protocol.md): it answers the oldest batch of that length still
+        unanswered, whose calls fail with that error; the connection and the
+        other calls go on. ``max_batch`` above the server's is the cause.
+        """
+        error = response.get("error")
+        if not isinstance(error, dict) or error.get("code") != TooLargeError.code:
+            return False
+        data = error.get("data")
+        length = data.get("length") if isinstance(data, dict) else None
+        if not isinstance(length, int):
+            return False
+        for batch in link.batches:
+            if len(batch) == length and all(_unanswered(r) for r in batch):
+                link.batches.remove(batch)
+                for request in batch:
+                    if request.slot is not None:
+                        request.slot.response = {
+                            "jsonrpc": _JSONRPC,
+                            "id": request.id,
+                            "error": error,
+                        }
+                        request.slot.done.set()
+                return True
+        return False
 
     def _on_push(self, push: dict[str, Any]) -> str | None:
         """Hand a pushed message to the open subscription; the problem, if it is malformed.
@@ -1347,6 +1385,17 @@ class Client(Commands):
             else:
                 subscription._deliver(Message(raw[1], raw[2], raw[0]))
         return None
+
+
+def _unanswered(request: _Request) -> bool:
+    return request.slot is not None and not request.slot.done.is_set()
+
+
+def _track_batch(batches: deque[list[_Request]], batch: list[_Request]) -> None:
+    """Remember a batch sent, first forgetting the oldest ones fully answered."""
+    while batches and not any(_unanswered(r) for r in batches[0]):
+        batches.popleft()
+    batches.append(batch)
 
 
 class Subscription:
