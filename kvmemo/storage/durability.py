@@ -68,16 +68,20 @@ class Journal:
     both clocks; the shard resets it to None after each batch (a clock that
     jumps between batches, as trio's MockClock does, is read again).
     ``last_txid`` / ``last_committed``: the newest multi-shard round this
-    shard resolved (see :mod:`kvmemo.persistence.intents`), 0 if none; a
-    snapshot's rotation repeats it at the head of the new segment
-    (:meth:`head`), so a log compacted into a snapshot still tells recovery
-    which rounds it holds.
+    shard resolved (see :mod:`kvmemo.persistence.intents`), 0 if none;
+    ``logged_txid`` / ``logged_committed``: the newest whose mark is in the
+    log (appended), which a new segment repeats at its head (:meth:`head`),
+    so a log compacted into a snapshot still tells recovery which rounds it
+    holds. Not ``last_txid``: a mark still waiting here (a redo, a failed
+    batch's round) must not reach the log before its round's records.
     """
 
     __slots__ = (
         "carried",
         "last_committed",
         "last_txid",
+        "logged_committed",
+        "logged_txid",
         "marks",
         "offset",
         "own",
@@ -93,6 +97,8 @@ class Journal:
         self.offset: float | None = None
         self.last_txid = 0
         self.last_committed = True
+        self.logged_txid = 0
+        self.logged_committed = True
         # The round marks among ``records`` as (txid, committed, record), and
         # those of the last take with its bytes (until it is written).
         self.marks: list[tuple[int, bool, bytes]] = []
@@ -115,15 +121,19 @@ class Journal:
         """Journal rounds recovery redid (records, then a committed mark each).
 
         For a redo not yet in the log: the next append logs it first, and
-        meanwhile its marks keep the engine's intents.
+        meanwhile its marks keep the engine's intents. Carried (see ``own``):
+        no batch's own, so a read does not fail while the log cannot take it.
         """
         for txid, records in rounds:
             self.records.append(records)
             self.mark(txid, True)
+            self.carried += len(records) + len(self.records[-1])
 
     def written(self) -> list[tuple[int, bool, bytes]]:
         """The last take is in the log: forget its bytes; its marks, for the caller."""
         taken, self.taken, self.taken_data = self.taken, [], b""
+        if taken:
+            self.logged_txid, self.logged_committed, _ = taken[-1]
         return taken
 
     def requeue_taken(self, limit: int) -> None:
@@ -153,8 +163,8 @@ class Journal:
         self.taken, self.taken_data = [], b""
 
     def head(self) -> bytes:
-        """The mark of the newest round resolved, to open a new segment with (b"" if none)."""
-        return encode_txn(self.last_txid, self.last_committed) if self.last_txid else b""
+        """The mark of the newest round logged, to open a new segment with (b"" if none)."""
+        return encode_txn(self.logged_txid, self.logged_committed) if self.logged_txid else b""
 
     def unix_ms(self, expires_at: float | None) -> int | None:
         """``expires_at`` (trio time) as Unix ms, by the batch's wall-clock offset."""

@@ -26,8 +26,9 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
   ~11).
 - **A log that cannot be opened** (a read-only or full directory at start)
   does not stop the shard: it serves reads, reports the failure in ``info
-  persistence``, and fails every write with ``IO``; each commit tries to
-  open the log again, so writes resume once the directory is usable.
+  persistence``, and fails every write with ``IO``; each commit, and the
+  background loop each second, tries to open the log again, so writes
+  resume, and an idle shard's health clears, once the directory is usable.
 - **everysec / no.** A background loop syncs a dirty log at least once a
   second (``everysec``); ``no`` leaves it to the OS.
 - **Snapshots without a global pause.** ``Save`` rotates the log, copies the
@@ -183,6 +184,7 @@ async def recover_store(store: ShardStore, config: PersistenceConfig, *, repair:
     store.load(recovered.data, _to_monotonic(recovered.expires))
     _take_marks(store, recovered.marks)
     journal.records.clear()
+    journal.carried = 0  # of the records dropped: a batch's own would not fail with them
     journal.marks.clear()  # of records the rebuild dropped: resolved above from the log
     journal.redo(rounds)
     return warnings
@@ -195,11 +197,11 @@ def _drop_expired(recovered: Recovered, now_ms: int) -> None:
 
 
 def _take_marks(store: ShardStore, marks: dict[int, bool]) -> None:
-    """Set the store's newest round mark to what its log (and any redo) holds."""
+    """Set the store's newest round mark to what its log holds (a redo journals newer ones)."""
     journal = store.journal
     if journal is not None:
-        journal.last_txid = max(marks, default=0)
-        journal.last_committed = marks.get(journal.last_txid, True)
+        journal.last_txid = journal.logged_txid = max(marks, default=0)
+        journal.last_committed = journal.logged_committed = marks.get(journal.last_txid, True)
 
 
 @attrs.define
@@ -307,9 +309,10 @@ class DurableShardActor(ShardActor):
     async def _open_log(self) -> bool:
         """Open the log if it is not open; whether it is open now.
 
-        A new segment opens with the newest round mark (a repair may have
-        compacted the marks away), synced; a rebuild's redo follows, from
-        the journal. A failure is recorded (health FAILING, its error).
+        A new segment opens with the newest round mark the log holds (a
+        repair may have compacted the marks away), synced; a rebuild's redo
+        follows, from the journal, with its own marks (``Journal.head``). A
+        failure is recorded (health FAILING, its error).
         """
         dur = self.dur
         opened = dur.log is None
@@ -324,11 +327,25 @@ class DurableShardActor(ShardActor):
             try:
                 dur.appended(dur.log.append_encoded(head), journal=False)
             except OSError as exc:
+                # A full disk (an empty segment needed no space): not left open
+                # headless, which no try would mend (they retry a log not open);
+                # nothing has seen it. The next try opens a new segment.
+                fresh, dur.log = dur.log, None
+                fresh.close()
+                with contextlib.suppress(OSError):
+                    fresh.path(fresh.current).unlink()
                 dur.failed(exc)
                 return False
             # Durable now: a repair's snapshot may cover every segment that
             # held the marks (see _write), and a rebuild's may soon.
             await self._sync()
+        elif dur.health is Health.FAILING and dur.dirty and not dur.resave_pending:
+            # Open already, failing, not synced: an earlier incarnation was cut
+            # off (a kill) in this sync. Nothing else would sync an idle
+            # ``always`` log, nor retry a log that is open: it stayed failing.
+            # (Records waiting in the journal: the next batch's commit syncs.)
+            if not dur.journal.records:
+                await self._sync()
         return True
 
     async def _reopen(self) -> None:
@@ -1009,9 +1026,11 @@ async def prepare_stores(
         )
         store = make()
         store.load(recovered[shard].data, _to_monotonic(recovered[shard].expires))
-        _take_marks(store, recovered[shard].marks)
+        redo = unlogged.get(shard, [])  # a redo not logged at start: its marks are not either
+        not_logged = {txid for txid, _ in redo}
+        _take_marks(store, {t: c for t, c in recovered[shard].marks.items() if t not in not_logged})
         assert store.journal is not None
-        store.journal.redo(unlogged.get(shard, []))  # a redo not logged at start
+        store.journal.redo(redo)
         stores[shard] = store
     return stores, warnings, intents
 
