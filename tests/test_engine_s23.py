@@ -8,6 +8,7 @@ import trio.testing
 
 import kvmemo
 from actors import ActorCrashed, ActorStopped, EventKind
+from kvmemo.engine import engine as engine_module
 
 PASSES = range(14)  # scheduler passes after the leader starts: covers gather, hold, commit
 
@@ -71,3 +72,26 @@ async def test_info_metrics_show_each_actors_restarts_and_mailbox_depth(
         assert metrics["kvmemo_actor_restarts"]["shard-0"] == 1
         assert metrics["kvmemo_actor_restarts"]["shard-1"] == 0
         assert set(metrics["kvmemo_actor_mailbox_depth"]) >= {"shard-0", "shard-1", "ttl-manager"}
+
+
+async def test_a_commands_clocks_are_read_close_together(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A pause (preemption, under load) while reading the two clocks skewed a command's
+    conversion of absolute times by its length: PEXPIRETIME then disagreed with
+    PEXPIREAT by milliseconds (a test flaked on it under load)."""
+    base = 1_800_000_000.0
+    paused = []
+
+    def wall() -> float:
+        if not paused:  # the first read is held up 5 ms before it returns
+            paused.append(True)
+            autojump_clock.jump(0.005)
+        return base + trio.current_time()
+
+    async with kvmemo.open_store(shards=1) as kv:
+        monkeypatch.setattr(engine_module.time, "time", wall)
+        clock = kv.engine._read_clock()
+        monkeypatch.undo()
+    assert paused
+    assert abs((clock.wall_now - clock.mono_now) - base) < 1e-4
