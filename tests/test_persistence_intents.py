@@ -17,6 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kvmemo
+from kvmemo.eviction.memory import MemoryTracker
+from kvmemo.eviction.policies import make_policy
 from kvmemo.persistence import Op, Scanner, SegmentedLog, encode_fields, encode_set, replay
 from kvmemo.persistence.intents import (
     INTENT_DIR,
@@ -27,7 +29,9 @@ from kvmemo.persistence.intents import (
     read_intents,
 )
 from kvmemo.persistence.records import encode_intent, encode_txn, intent_sections
+from kvmemo.storage.durable_shard import PersistenceConfig, durable_state_factory, recover_store
 from kvmemo.storage.slots import SlotMap
+from kvmemo.storage.store import ShardStore
 
 SHARDS = 2
 
@@ -372,12 +376,11 @@ def test_the_log_keeps_every_intent_not_yet_settled_across_rotations(tmp_path: P
         log.close()
 
 
-async def test_a_rebuilt_shard_redoes_its_part_of_a_retained_round(tmp_path: Path) -> None:
-    """A runtime rebuild (memory not trusted) reloads from disk and redoes what its log lacks."""
-    from kvmemo.eviction.memory import MemoryTracker
-    from kvmemo.eviction.policies import make_policy
-    from kvmemo.storage.durable_shard import PersistenceConfig, durable_state_factory, recover_store
+def rebuilt_after_round_7(tmp_path: Path) -> tuple[ShardStore, PersistenceConfig]:
+    """Shard 0 about to be rebuilt after round 7: shard 1's log holds its part, shard 0 none.
 
+    Its journal, dropped by the rebuild, held its part; the round's mark is kept.
+    """
     crash_state(
         tmp_path,
         shard0=b"",  # the rebuild dropped its journal: its part never reached the log
@@ -391,6 +394,12 @@ async def test_a_rebuilt_shard_redoes_its_part_of_a_retained_round(tmp_path: Pat
     store = initial()
     assert store.journal is not None
     store.journal.mark(7, True)  # kept by the rebuild: its part was dropped with the journal
+    return store, config
+
+
+async def test_a_rebuilt_shard_redoes_its_part_of_a_retained_round(tmp_path: Path) -> None:
+    """A runtime rebuild (memory not trusted) reloads from disk and redoes what its log lacks."""
+    store, config = rebuilt_after_round_7(tmp_path)
     warnings = await recover_store(store, config, repair=True)
     assert store.get(K0, trio.current_time()) == b"new"
     assert store.journal.last_txid == 7

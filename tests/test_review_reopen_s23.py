@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from test_engine_atomic import wait_running
 from test_persistence_disk import remount, tmpfs  # noqa: F401 (fixture)
-from test_persistence_intents import K0, K1, ROUND_7, crash_state
+from test_persistence_intents import K0, K1, ROUND_7, crash_state, rebuilt_after_round_7
 from test_persistence_s23 import _health, _until_healthy
 
 import kvmemo
@@ -122,20 +122,9 @@ async def test_a_rebuilt_shard_heads_its_new_segment_with_its_logs_mark_not_its_
     7's records waited for the shard's next batch: a crash meanwhile left a
     log claiming round 7, which recovery then did not redo.
     """
-    crash_state(
-        tmp_path,
-        shard0=b"",  # the rebuild dropped its journal: its part never reached the log
-        shard1=encode_set(K1, b"new") + encode_txn(7, True),
-        intents=encode_intent(7, ROUND_7),
-    )
-    config = PersistenceConfig(tmp_path)
-    initial, _, _ = durable_state_factory(
-        0, MemoryTracker(0, 1), lambda: make_policy("lru"), config, {}
-    )
-    store = initial()
-    assert store.journal is not None
-    store.journal.mark(7, True)  # kept by the rebuild: its part was dropped with the journal
+    store, config = rebuilt_after_round_7(tmp_path)
     await recover_store(store, config, repair=True)
+    assert store.journal is not None
     assert store.journal.last_txid == 7  # resolved here: the redo waits in the journal
     assert store.journal.head() == b""  # the log holds no mark yet
     store.journal.take()
