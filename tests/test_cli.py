@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def env(**extra: str) -> dict[str, str]:
 
 def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "kvmemo", "serve", *args]
+
+
+def finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
+    """Wait for ``process`` to exit: its exit code, and the rest of its piped output.
+
+    For a process whose pipes were read with ``readline()``: not
+    ``communicate(timeout=...)``, which reads the raw descriptors and so loses
+    what the text wrapper had buffered already (lines that came in the same
+    read as the one returned). Killed if it outlives ``timeout`` seconds.
+    """
+    pipes = (process.stdout, process.stderr)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reads = [pool.submit(p.read) if p and not p.closed else None for p in pipes]
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()  # ends the reads too, or leaving the pool would wait on them
+            raise
+        out, err = (r.result() if r is not None else "" for r in reads)
+    return code, out, err
 
 
 # -- configuration, in-process ---------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from test_cli import (  # the same in-process helpers
+    finish,
     keep_logging,  # noqa: F401 - a fixture, used by name
     resolved,
     run_main,
@@ -292,13 +293,13 @@ def test_a_second_signal_during_shutdown_changes_nothing(tmp_path: Path, second:
                 first_lines.append(line)
             first_lines.append(line)
         process.send_signal(second)  # the node is still stopping
-        out, err = process.communicate(timeout=TEST_TIMEOUT)
+        code, out, err = finish(process, TEST_TIMEOUT)
         err = "".join(first_lines) + err
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 0, err
+    assert code == 0, err
     assert "Traceback" not in err
     messages = [json.loads(line)["msg"] for line in err.splitlines()]
     assert "SIGINT: shutting down" in messages
