@@ -2,7 +2,8 @@
 
 ``kvmemo serve`` prints ``KVMemo listening on ws://HOST:PORT/ws`` as its
 first stdout line (then the Redis URL, when that port is on), logs JSON
-lines on stderr, and on SIGINT or SIGTERM drains the server (in-flight
+lines on stderr, and on SIGINT, SIGTERM or SIGHUP (unless started with
+SIGHUP ignored, as ``nohup`` does) drains the server (in-flight
 requests finish within ``shutdown_grace``, sessions are closed with 1001)
 and exits 0; a Redis client's ``SHUTDOWN`` (on the Redis port, authenticated
 when tokens are set) stops it the same way. A configuration that cannot
@@ -124,21 +125,25 @@ async def _serve(resolved: Resolved, process: bool = False) -> int:
     Signals are taken for the whole run: a second SIGINT or SIGTERM while the
     node stops (an impatient Ctrl-C, a supervisor's follow-up) is logged and
     changes nothing, so the drain and the final snapshot finish and the exit
-    code stays 0. With ``process`` (the ``kvmemo`` process itself, not a
-    caller of :func:`main` in its own process), both are ignored outside the
-    receiver's time: from the node's stop to the exit, which then has
-    nothing left to do (and for the instant before the receiver opens).
+    code stays 0. SIGHUP (the terminal closed) stops it the same way, with
+    the final snapshot; not when it was ignored at start (``nohup``), which
+    asks for it to outlive the terminal. With ``process`` (the ``kvmemo``
+    process itself, not a caller of :func:`main` in its own process), they
+    are ignored outside the receiver's time: from the node's stop to the
+    exit, which then has nothing left to do (and for the instant before the
+    receiver opens).
 
     Raises:
         StartError: the node could not start (one line for the operator).
     """
+    stopping = _stop_signals()
     if process:
         # What the receiver gives back when it closes, and redelivers a
         # signal it still holds to: a signal as the node finishes stopping,
         # or after, changes nothing either.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        for signum in stopping:
+            signal.signal(signum, signal.SIG_IGN)
+    with trio.open_signal_receiver(*stopping) as signals:
         first = trio.Event()
         received: list[int] = []
         async with trio.open_nursery() as nursery:
@@ -152,10 +157,20 @@ async def _serve(resolved: Resolved, process: bool = False) -> int:
     return 0
 
 
+def _stop_signals() -> list[int]:
+    """The signals that stop the node gracefully: SIGINT, SIGTERM, and SIGHUP
+    where there is one, unless it is ignored already (``nohup``)."""
+    stopping: list[int] = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        stopping.append(hangup)
+    return stopping
+
+
 async def _take_signals(
     signals: AsyncIterator[int], first: trio.Event, received: list[int]
 ) -> None:
-    """Record every SIGINT/SIGTERM; the first sets ``first``, later ones are logged only."""
+    """Record every stop signal; the first sets ``first``, later ones are logged only."""
     async for signum in signals:
         received.append(signum)
         if first.is_set():
@@ -280,7 +295,7 @@ def _silence_stdout() -> None:
 
 
 async def _stop_reason(server: Server, signalled: trio.Event, received: list[int]) -> str:
-    """Wait for SIGINT/SIGTERM (``signalled``) or a client's stop request (``SHUTDOWN``); say which.
+    """Wait for a stop signal (``signalled``) or a client's stop request (``SHUTDOWN``); say which.
 
     The stop request comes through ``server.on_stop`` (see
     :meth:`kvmemo.server.app.Server.request_stop`), set here for the time the
