@@ -126,8 +126,8 @@ def test_a_corrupt_record_stops_the_start_naming_the_file_and_offset(tmp_path: P
     path, offset, _ = corrupt_second_record(tmp_path)
     before = sorted(os.listdir(tmp_path))
     message = (
-        f"{path}: corrupt write-ahead log at offset {offset}: CRC mismatch (start with repair "
-        "to keep the records before it and move the rest aside)"
+        f"{path}: corrupt write-ahead log at offset {offset}: CRC mismatch (start with --repair, "
+        "or open_store(repair=True), to keep the records before it and move the rest aside)"
     )
     with pytest.raises(CorruptLog, match=f"^{re.escape(message)}$") as info:
         recover(tmp_path, now_ms=NOW_MS)

@@ -102,7 +102,8 @@ class CorruptLog(PersistenceError):
     def __init__(self, path: Path, offset: int, reason: str) -> None:
         super().__init__(
             f"{path}: corrupt write-ahead log at offset {offset}: {reason} "
-            "(start with repair to keep the records before it and move the rest aside)"
+            "(start with --repair, or open_store(repair=True), to keep the records before it"
+            " and move the rest aside)"
         )
         self.path = path
         self.offset = offset
