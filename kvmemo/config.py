@@ -146,6 +146,10 @@ class StoreConfig:
         pubsub_max_subscriptions: channels, patterns and shard channels one
             subscriber may have together (each costs about 400 bytes, outside
             ``maxmemory``); a subscribe past it is refused with TOO_LARGE.
+        lcs_max_cells, lcs_max_length: LCS's bounds: the product and the sum
+            of its two values' lengths. LCS runs in the caller's task, without
+            a checkpoint: these bound the time it holds the whole trio run (at
+            the defaults, up to a few tenths of a second); past either, TOO_LARGE.
     """
 
     shards: int = attrs.field(default=16, validator=_at_least_one)
@@ -176,6 +180,8 @@ class StoreConfig:
     fsync_method: str = "commitlog"
     pubsub_buffer_limit: int = attrs.field(default=32 * 1024 * 1024, converter=_pubsub_limit)
     pubsub_max_subscriptions: int = attrs.field(default=100_000, validator=_at_least_one)
+    lcs_max_cells: int = attrs.field(default=10**8, validator=_at_least_one)
+    lcs_max_length: int = attrs.field(default=200_000, validator=_at_least_one)
 
     def __attrs_post_init__(self) -> None:
         if self.shards > 16384:

@@ -394,6 +394,22 @@ SETTINGS: list[Setting] = [
         table="limits",
     ),
     Setting(
+        "lcs_max_cells",
+        "store",
+        "lcs_max_cells",
+        _int,
+        "LCS: the product of its two values' lengths, at most (100000000)",
+        table="limits",
+    ),
+    Setting(
+        "lcs_max_length",
+        "store",
+        "lcs_max_length",
+        _int,
+        "LCS: the sum of its two values' lengths, at most (200000)",
+        table="limits",
+    ),
+    Setting(
         "scan_snapshots",
         "store",
         "scan_snapshots",

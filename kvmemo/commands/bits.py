@@ -21,7 +21,7 @@ from ..storage.store import NeedMemory, ShardStore
 from . import ops
 from .args import SYNTAX, parse_int, upper
 from .replies import FieldList
-from .table import ParseContext, command
+from .table import LCS_MAX_CELLS, LCS_MAX_LENGTH, ParseContext, command
 
 KEY1 = (1, 1, 1)
 KEY2 = (1, 2, 1)
@@ -32,11 +32,10 @@ MAX_BIT_OFFSET = (1 << 32) - 1  # Redis: (offset >> 3) < proto-max-bulk-len (512
 BIT_OFFSET_ERROR = "bit offset is not an integer or out of range"
 BIT_VALUE_ERROR = "bit is not an integer or out of range"
 
-# LCS bounds (Redis caps the table at proto-max-bulk-len bytes instead). The
-# table is computed bit-parallel (one Python big-int row per byte of the first
-# string), so cells are cheap; the Python-level loops run len(a) + len(b) times.
-LCS_MAX_CELLS = 10**8
-LCS_MAX_LENGTH = 200_000
+# LCS bounds (Redis caps the table at proto-max-bulk-len bytes instead):
+# ParseContext's, from StoreConfig. The table is computed bit-parallel (one
+# Python big-int row per byte of the first string), so cells are cheap; the
+# Python-level loops run len(a) + len(b) times.
 LCS_TOO_LARGE = "LCS input too large"
 LCS_LEN_AND_IDX = "If you want both the length and indexes, please just use IDX."
 
@@ -786,18 +785,27 @@ def _lcs_at(row: int, j: int) -> int:
 
 
 def lcs(
-    a: bytes, b: bytes, *, want_string: bool, minmatchlen: int, withmatchlen: bool
+    a: bytes,
+    b: bytes,
+    *,
+    want_string: bool,
+    minmatchlen: int,
+    withmatchlen: bool,
+    max_cells: int = LCS_MAX_CELLS,
+    max_length: int = LCS_MAX_LENGTH,
 ) -> tuple[int, bytes, list[list[Any]]]:
     """The LCS length, string and match ranges, walked back exactly as Redis does.
 
     Ranges (``[[a_start, a_end], [b_start, b_end](, length)]``) come last match
     first, as Redis emits them; the string and ranges are only computed when
-    ``want_string`` (LEN alone needs neither).
+    ``want_string`` (LEN alone needs neither). Two non-empty values whose
+    lengths multiply past ``max_cells`` or add up past ``max_length`` raise
+    TooLargeError, before any work.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
         return 0, b"", []
-    if n * m > LCS_MAX_CELLS or n + m > LCS_MAX_LENGTH:
+    if n * m > max_cells or n + m > max_length:
         raise TooLargeError(LCS_TOO_LARGE)
     rows = _lcs_rows(a, b)
     length = _lcs_at(rows[n], m)
@@ -875,12 +883,16 @@ class Lcs(ops.MGet):
         get_idx: bool,
         minmatchlen: int,
         withmatchlen: bool,
+        max_cells: int,
+        max_length: int,
     ) -> None:
         super().__init__(keys)
         self.get_len = get_len
         self.get_idx = get_idx
         self.minmatchlen = minmatchlen
         self.withmatchlen = withmatchlen
+        self.max_cells = max_cells
+        self.max_length = max_length
 
     def combine(self, results: list[Any], positions: list[list[int]], committed: bool) -> Any:
         a, b = (v or b"" for v in super().combine(results, positions, committed))
@@ -890,6 +902,8 @@ class Lcs(ops.MGet):
             want_string=self.get_idx or not self.get_len,
             minmatchlen=self.minmatchlen,
             withmatchlen=self.withmatchlen,
+            max_cells=self.max_cells,
+            max_length=self.max_length,
         )
         if self.get_idx:
             # Redis replies with bulk strings for the labels (a map in RESP3).
@@ -926,6 +940,8 @@ def _lcs(args: Sequence[bytes], ctx: ParseContext) -> Lcs:
         get_idx=get_idx,
         minmatchlen=minmatchlen,
         withmatchlen=withmatchlen,
+        max_cells=ctx.lcs_max_cells,
+        max_length=ctx.lcs_max_length,
     )
 
 

@@ -60,6 +60,11 @@ class FixedReply(ServerCall):
     value: Any = None
 
 
+# LCS's default bounds (StoreConfig's lcs_max_cells and lcs_max_length).
+LCS_MAX_CELLS = 10**8
+LCS_MAX_LENGTH = 200_000
+
+
 class ParseContext:
     """What a parser may need from the edge: the clock and the size limits.
 
@@ -75,14 +80,25 @@ class ParseContext:
         read_clock: makes a :class:`Clock` of the present moment.
         max_value_size: bytes; the limit of a value a command builds (APPEND,
             SETRANGE, SETBIT, the INCR family).
+        lcs_max_cells, lcs_max_length: LCS's bounds on the product and the
+            sum of its values' lengths (see ``StoreConfig``).
     """
 
-    __slots__ = ("_clock", "_read_clock", "max_value_size")
+    __slots__ = ("_clock", "_read_clock", "lcs_max_cells", "lcs_max_length", "max_value_size")
 
-    def __init__(self, read_clock: Callable[[], Clock], max_value_size: int) -> None:
+    def __init__(
+        self,
+        read_clock: Callable[[], Clock],
+        max_value_size: int,
+        *,
+        lcs_max_cells: int = LCS_MAX_CELLS,
+        lcs_max_length: int = LCS_MAX_LENGTH,
+    ) -> None:
         self._read_clock = read_clock
         self._clock: Clock | None = None
         self.max_value_size = max_value_size
+        self.lcs_max_cells = lcs_max_cells
+        self.lcs_max_length = lcs_max_length
 
     @property
     def clock(self) -> Clock:

@@ -253,7 +253,12 @@ class KVEngine:
         self._bgsave: list[SaveTicket] = []
         self._rewrite = durable.Rewrite()  # the last BGREWRITEAOF (see _bgrewriteaof_start)
         # Reused by every parse, restarted per command or batch (see ParseContext).
-        self._parse_context = ParseContext(self._read_clock, config.max_value_size)
+        self._parse_context = ParseContext(
+            self._read_clock,
+            config.max_value_size,
+            lcs_max_cells=config.lcs_max_cells,
+            lcs_max_length=config.lcs_max_length,
+        )
         self._policy_name = type(make_policy(config.eviction_policy)).name
         self._small_size_limit = min(config.max_key_size, config.max_value_size)
         self._init_metrics()
