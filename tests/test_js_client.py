@@ -118,3 +118,45 @@ async def test_a_subscribe_round_trip_against_a_real_server(node: Node) -> None:
     assert out["get"] is None
     await trio.testing.wait_all_tasks_blocked()  # the server saw the close (loopback, in-process)
     assert node.engine.pubsub.numsub([b"news"]) == [(b"news", 0)]
+
+
+# ---- the idle close (tests/js/test_idle_s24.mjs) ----
+
+IDLE_SCRIPT = Path(__file__).parent / "js" / "test_idle_s24.mjs"
+IDLE_TIMEOUT = 0.3  # seconds: the server's real idle timer; the script waits on events, not time
+IDLE_TOKEN = "idle-s24-token"
+
+
+def test_idle_close_unit_tests_pass_under_node() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("KVMEMO_URL", "KVMEMO_AUTH_TOKEN")}
+    done = subprocess.run(
+        [node, str(IDLE_SCRIPT)], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 failed" in done.stdout
+
+
+async def test_an_idle_client_reconnects_only_when_called_against_a_real_server() -> None:
+    command = _node_with_websocket()
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        resp=False,
+        idle_timeout=IDLE_TIMEOUT,
+        tokens=frozenset({IDLE_TOKEN}),
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_node(StoreConfig(shards=2), config) as running:
+            done = await trio.run_process(
+                [*command, "--no-warnings", str(IDLE_SCRIPT)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env={**os.environ, "KVMEMO_URL": running.url, "KVMEMO_AUTH_TOKEN": IDLE_TOKEN},
+            )
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, out
+    assert "3 passed, 0 failed" in out

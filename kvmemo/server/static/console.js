@@ -12,6 +12,12 @@
  *   - Metrics: INFO (and DBSIZE, in the same batch) every second while
  *     connected. Every field is read defensively: missing means "n/a".
  *
+ * The status badge shows the client's state: "connected", "reconnecting",
+ * "idle" or "disconnected". Idle: the server (started with an --idle-timeout
+ * shorter than the metrics period) closed the unused session; the page then
+ * polls nothing and opens no socket until the next command or key click,
+ * which reconnects (see "Idle close" in kvmemo.js).
+ *
  * A token can be given in the page's query string (/?token=...), or typed as
  * `AUTH token`; it is then sent with `auth` on every connection. AUTH lines
  * are kept out of the command history.
@@ -63,10 +69,13 @@ const client = new KVMemoClient(wsUrl, {token: token || null});
 dom.serverUrl.textContent = wsUrl;
 
 function showStatus() {
-  const text = {open: "connected", reconnecting: "reconnecting"}[client.state] ?? "disconnected";
+  const text = {open: "connected", reconnecting: "reconnecting", idle: "idle"}[client.state] ?? "disconnected";
   dom.status.textContent = text;
   dom.status.dataset.state = text;
-  dom.status.title = `client state: ${client.state}`;
+  dom.status.title =
+    client.state === "idle"
+      ? "idle: the server closed the unused connection; the next command reconnects"
+      : `client state: ${client.state}`;
 }
 
 client.addEventListener("open", () => {

@@ -35,11 +35,13 @@
  * the reply rejects with kind "DISCONNECTED" (code null): it may or may not
  * have been applied, so it is never resent. A call that was not sent yet (made
  * while connecting, reconnecting, or in the turn the socket died) waits in the
- * outbox — at most `queueLimit` of them, more reject with kind "QUEUE_FULL" —
+ * outbox — at most `queueLimit` of them, more reject with kind "QUEUE_FULL"
+ * (calls made while "idle" are not counted, see "Idle close") —
  * and leaves in the first batch after the next successful (re)connection.
  *
  * Reconnection. When the socket closes without `close()` having been called,
- * and `reconnect` is true, a new socket is opened after
+ * and `reconnect` is true, a new socket is opened (unless the close is the
+ * server's idle close, see "Idle close") after
  * `min(maxMs, initialMs * factor ** (attempt - 1))` milliseconds, spread by
  * ±`jitter` (a fraction; 0.2 = ±20 %) so that many browsers restarted by one
  * server restart do not reconnect in lock step; the delay is capped at
@@ -49,9 +51,34 @@
  * down, a wrong path, an origin or a URL token refused: all close code 1006),
  * so by default the client tries forever; with `backoff.maxAttempts` it gives
  * up after that many attempts in a row: it closes for good, and `ready` (if it
- * never opened) and every waiting call reject with kind "DISCONNECTED". With a `token`, `auth` is the first request of every socket and the
- * outbox is held until it succeeds; a NOAUTH reply is permanent (a wrong token
- * stays wrong) and closes the client.
+ * never opened) and every waiting call reject with kind "DISCONNECTED". With
+ * a `token`, `auth` is the first request of every socket and the outbox is
+ * held until it succeeds; a NOAUTH reply is permanent (a wrong token stays
+ * wrong) and closes the client.
+ *
+ * Idle close. A server started with `--idle-timeout` closes a session that
+ * sent nothing for that long, with code 1008 and reason "idle timeout"
+ * (`IDLE_CLOSE`), unless a request is running or the session is subscribed.
+ * Reconnecting at once would only start the next idle period (a page left
+ * open would reconnect every period, forever, and the timeout would free
+ * nothing), so when that close comes while nothing is in flight, nothing is
+ * queued and nothing is subscribed (no channel nor pattern has a callback),
+ * the client goes to state "idle": no socket and no timer. It dispatches
+ * "close" with `idle: true` and `willReconnect: true`, and no "reconnecting".
+ * The next call (or notification) opens a new socket lazily: in the flush of
+ * the turn that made it, the client enters "reconnecting", dispatches
+ * "reconnecting" {attempt: 1, delayMs: 0} and opens the socket; it then goes
+ * as any reconnection does (auth first with a token, "open" with
+ * `reconnected: true`, the calls of that turn in one batch; a failure is
+ * retried with backoff as attempt 2, ... and counts toward maxAttempts). The
+ * calls made while idle, or while that socket opens, are not held to
+ * `queueLimit`: the server was not lost, it only closed an unused socket (the
+ * limit applies again once that socket fails). An idle close that races with a
+ * call (a call sent as the server closed, or queued in that turn) or that
+ * comes to a subscribed client is a loss like any other: the client
+ * reconnects at once, as described above. With `reconnect` off, the idle
+ * close closes the client like any close. `close()` from "idle" settles at
+ * once (there is no socket).
  *
  * Whole-message errors. The server answers a message it cannot split into
  * requests (a batch over its length limit, say) with one error whose id is
@@ -83,8 +110,13 @@
  *
  * Events (an EventTarget; each also calls the `on<type>` property if set):
  *   "open"          {reconnected}                a socket is ready (after auth)
- *   "close"         {code, reason, wasClean, willReconnect}
+ *   "close"         {code, reason, wasClean, willReconnect, idle}
+ *                                                a socket closed; willReconnect
+ *                                                false: the client is closed for
+ *                                                good; idle true: it went "idle"
+ *                                                and reconnects on the next call
  *   "reconnecting"  {attempt, delayMs}           a reconnection is scheduled
+ *                                                (delayMs 0: opening now)
  *   "error"         {error}                      something went wrong that
  *                                                no call can be told about
  *   "message"       {channel, data, pattern}     a published message arrived
@@ -108,11 +140,19 @@ export const DEFAULT_MAX_BATCH = 10000; // requests
 /** Reconnection delays: milliseconds, growth factor, and ± jitter fraction. */
 export const DEFAULT_BACKOFF = Object.freeze({initialMs: 100, maxMs: 5000, factor: 2, jitter: 0.2});
 
+/**
+ * The close a server gives a session idle for `--idle-timeout` (kvmemo/server/session.py):
+ * code 1008 (policy) with this reason. See "Idle close" above.
+ */
+export const IDLE_CLOSE = Object.freeze({code: 1008, reason: "idle timeout"});
+
 /** The states of a client, in `client.state`. */
 export const ClientState = Object.freeze({
   CONNECTING: "connecting", // first socket being opened (or authenticated)
   OPEN: "open", // connected and authenticated; calls are sent as made
   RECONNECTING: "reconnecting", // waiting for, or opening, a later socket
+  IDLE: "idle", // the server closed the unused connection (idle timeout): no socket, no
+  // timer; the next call opens a socket (see "Idle close")
   CLOSED: "closed", // for good: close() was called, the connection ended with reconnect off, or
   // backoff.maxAttempts attempts in a row failed
 });
@@ -428,6 +468,8 @@ export class KVMemoClient extends EventTarget {
   #messages = new Map();
   #attempt = 0;
   #reconnectTimer = null;
+  /** True from an idle client's next call until that socket opens or fails. */
+  #waking = false;
   #everOpened = false;
   #closeError = null;
   #resolveReady;
@@ -575,7 +617,8 @@ export class KVMemoClient extends EventTarget {
    *
    * @param {number} [code=1000]
    * @param {string} [reason]
-   * @returns {Promise<void>} resolves when the socket is closed
+   * @returns {Promise<void>} resolves when the socket is closed (at once when there is
+   *   none, as in state "idle" or while waiting to reconnect)
    */
   close(code = 1000, reason = "client closed") {
     const closed = new Promise((resolve) => this.#closedWaiters.push(resolve));
@@ -1053,7 +1096,11 @@ export class KVMemoClient extends EventTarget {
       fail(this.#closedError());
       return;
     }
-    if (this.#state !== ClientState.OPEN && this.#outbox.length >= this.#queueLimit) {
+    // An idle client, and one opening a socket for the calls made while idle,
+    // counts as connected: the server was not lost (see "Idle close").
+    const waiting =
+      this.#state !== ClientState.OPEN && this.#state !== ClientState.IDLE && !this.#waking;
+    if (waiting && this.#outbox.length >= this.#queueLimit) {
       fail(
         new KVMemoError(`'${method}' not sent: ${this.#outbox.length} requests already wait for a connection`, {
           kind: ClientErrorKind.QUEUE_FULL,
@@ -1090,8 +1137,13 @@ export class KVMemoClient extends EventTarget {
     });
   }
 
-  // Sends the whole outbox if the connection is ready; otherwise leaves it.
+  // Sends the whole outbox if the connection is ready; otherwise leaves it
+  // (an idle client opens a socket for it).
   #flush() {
+    if (this.#state === ClientState.IDLE) {
+      if (this.#outbox.length > 0) this.#wake();
+      return;
+    }
     const ws = this.#ws;
     if (this.#state !== ClientState.OPEN || ws === null || ws.readyState !== WS_OPEN) return;
     while (this.#outbox.length > 0) {
@@ -1114,6 +1166,15 @@ export class KVMemoClient extends EventTarget {
         }
       }
     }
+  }
+
+  // The first call after an idle close: a reconnection now, without a delay.
+  #wake() {
+    this.#state = ClientState.RECONNECTING;
+    this.#waking = true;
+    this.#attempt = 1;
+    this.#open();
+    if (this.#state === ClientState.RECONNECTING) this.#emit("reconnecting", {attempt: 1, delayMs: 0});
   }
 
   #open() {
@@ -1181,6 +1242,7 @@ export class KVMemoClient extends EventTarget {
   #markOpen() {
     const reconnected = this.#everOpened;
     this.#state = ClientState.OPEN;
+    this.#waking = false;
     this.#everOpened = true;
     this.#attempt = 0;
     this.#resolveReady(this);
@@ -1289,6 +1351,16 @@ export class KVMemoClient extends EventTarget {
     const code = ev && typeof ev.code === "number" ? ev.code : 1006;
     const reason = ev && typeof ev.reason === "string" ? ev.reason : "";
     const wasClean = Boolean(ev && ev.wasClean);
+    this.#waking = false;
+    // The server's idle close with nothing at stake: reconnect when needed, not now.
+    const idle =
+      this.#state === ClientState.OPEN &&
+      code === IDLE_CLOSE.code &&
+      reason === IDLE_CLOSE.reason &&
+      this.#inflight.size === 0 &&
+      this.#outbox.length === 0 &&
+      this.#channelHandlers.size === 0 &&
+      this.#patternHandlers.size === 0;
     this.#rejectInflight(
       (method) =>
         new KVMemoError(
@@ -1297,7 +1369,7 @@ export class KVMemoClient extends EventTarget {
         ),
     );
     if (this.#state === ClientState.CLOSED) {
-      this.#emit("close", {code, reason, wasClean, willReconnect: false});
+      this.#emit("close", {code, reason, wasClean, willReconnect: false, idle: false});
       this.#settleClosedWaiters();
       return;
     }
@@ -1307,8 +1379,13 @@ export class KVMemoClient extends EventTarget {
           kind: ClientErrorKind.DISCONNECTED,
         }),
       );
-      this.#emit("close", {code, reason, wasClean, willReconnect: false});
+      this.#emit("close", {code, reason, wasClean, willReconnect: false, idle: false});
       this.#settleClosedWaiters();
+      return;
+    }
+    if (idle) {
+      this.#state = ClientState.IDLE;
+      this.#emit("close", {code, reason, wasClean, willReconnect: true, idle: true});
       return;
     }
     if (this.#attempt >= this.#maxAttempts) {
@@ -1318,7 +1395,7 @@ export class KVMemoClient extends EventTarget {
           {kind: ClientErrorKind.DISCONNECTED},
         ),
       );
-      this.#emit("close", {code, reason, wasClean, willReconnect: false});
+      this.#emit("close", {code, reason, wasClean, willReconnect: false, idle: false});
       this.#settleClosedWaiters();
       return;
     }
@@ -1327,7 +1404,7 @@ export class KVMemoClient extends EventTarget {
     const attempt = this.#attempt;
     const delayMs = backoffDelay(attempt, this.#backoff);
     this.#reconnectTimer = setTimeout(() => this.#open(), delayMs);
-    this.#emit("close", {code, reason, wasClean, willReconnect: true});
+    this.#emit("close", {code, reason, wasClean, willReconnect: true, idle: false});
     if (this.#state === ClientState.RECONNECTING) this.#emit("reconnecting", {attempt, delayMs});
   }
 
@@ -1342,6 +1419,7 @@ export class KVMemoClient extends EventTarget {
   #shutdown(error) {
     if (this.#state === ClientState.CLOSED) return;
     this.#state = ClientState.CLOSED;
+    this.#waking = false;
     this.#closeError = error;
     if (this.#reconnectTimer !== null) {
       clearTimeout(this.#reconnectTimer);
