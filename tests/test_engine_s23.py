@@ -69,8 +69,8 @@ async def test_info_metrics_show_each_actors_restarts_and_mailbox_depth(
                 if event.actor == "shard-0" and event.kind is EventKind.RESTARTED:
                     break
         metrics = (await kv.info())["stats"]["metrics"]
-        assert metrics["kvmemo_actor_restarts"]["shard-0"] == 1
-        assert metrics["kvmemo_actor_restarts"]["shard-1"] == 0
+        assert metrics["kvmemo_actor_restarts_total"]["shard-0"] == 1
+        assert metrics["kvmemo_actor_restarts_total"]["shard-1"] == 0
         assert set(metrics["kvmemo_actor_mailbox_depth"]) >= {"shard-0", "shard-1", "ttl-manager"}
 
 

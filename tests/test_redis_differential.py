@@ -509,12 +509,14 @@ def assert_same(
 # fields. Values are never compared (they are each server's own), except the
 # Keyspace lines, which both derive from the same data.
 KVMEMO_INFO_SECTIONS = {"Server", "Clients", "Memory", "Persistence", "Stats", "Replication",
-                        "CPU", "Keyspace"}  # fmt: skip
+                        "CPU", "Commandstats", "Errorstats", "Keyspace"}  # fmt: skip
 KVMEMO_ONLY_INFO = {
     "Actors": None,  # the whole section: KVMemo's actors (README)
     "Server": {"kvmemo_version", "python_version", "shards"},
     "Memory": {"eviction_watermark", "oom_refusals"},
     "Stats": {"eviction_manager_running"},
+    # A data command's subcommands count under its name (Redis: object|encoding, ...).
+    "Commandstats": {"cmdstat_object", "cmdstat_memory", "cmdstat_pubsub"},
 }
 
 

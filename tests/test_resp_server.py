@@ -663,7 +663,7 @@ async def test_info_is_redis_text_with_the_sections_tools_read() -> None:
             headers = re.findall(r"^# (\w+)\r$", text, re.MULTILINE)
             assert headers == [
                 "Server", "Clients", "Memory", "Persistence", "Stats", "Replication", "CPU",
-                "Actors", "Keyspace",
+                "Errorstats", "Actors", "Keyspace",
             ]  # fmt: skip
             fields = dict(
                 line.split(":", 1) for line in text.split("\r\n") if line and line[0] != "#"

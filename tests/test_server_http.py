@@ -199,7 +199,7 @@ async def test_metrics_is_valid_prometheus_text_with_the_promised_families() -> 
     assert types["kvmemo_command_duration_seconds"] == "histogram"
     assert types["kvmemo_memory_used_bytes"] == "gauge"
     assert types["kvmemo_actor_mailbox_depth"] == "gauge"
-    assert "kvmemo_actor_restarts" in types
+    assert types["kvmemo_actor_restarts_total"] == "counter"
     assert "kvmemo_ws_sessions" in types
     buckets = set_buckets(samples)
     assert buckets[-1][0] == math.inf
@@ -210,8 +210,8 @@ async def test_metrics_is_valid_prometheus_text_with_the_promised_families() -> 
     assert value_of(samples, "kvmemo_command_duration_seconds_sum", command="set") > 0
     assert value_of(samples, "kvmemo_memory_used_bytes") > 0
     assert value_of(samples, "kvmemo_actor_mailbox_depth", actor="shard-0") >= 0
-    assert value_of(samples, "kvmemo_actor_restarts", actor="shard-1") == 1
-    assert value_of(samples, "kvmemo_actor_restarts", actor="shard-0") == 0
+    assert value_of(samples, "kvmemo_actor_restarts_total", actor="shard-1") == 1
+    assert value_of(samples, "kvmemo_actor_restarts_total", actor="shard-0") == 0
     assert value_of(samples, "kvmemo_ws_messages_received_total") == 3
 
 

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from actors import (
@@ -103,7 +104,12 @@ from ..persistence.layout import release_directory
 from ..persistence.records import MAX_PAYLOAD, intent_payload
 from ..persistence.wal import SegmentedLog
 from ..storage.durability import Health, ShardDurability, SnapshotStatus
-from ..storage.durable_shard import DurableShardActor, SaveTicket, durable_state_factory
+from ..storage.durable_shard import (
+    DurableShardActor,
+    SaveTicket,
+    SyncMetrics,
+    durable_state_factory,
+)
 from ..storage.shard import (
     ABORTED,
     Barrier,
@@ -164,6 +170,58 @@ FOREIGN_RUN = (
     " opened it (open one store per trio.run)"
 )
 NOT_STARTED = "the store has not started: attach() it to its running actor system first"
+# Error kinds that refuse a call before it runs, nothing applied: Redis's
+# rejected_calls (its processCommand's rejectCommand: arity, NOAUTH, OOM of a
+# denyoom command, a cluster TRYAGAIN; ours adds the size limits and
+# OVERLOADED). Any other error of a command counts as a failed call (Redis's
+# failed_calls: the command ran and answered an error): SYNTAX, NOT_INTEGER,
+# WRONGTYPE, TIMEOUT, IO, ...
+REJECTED_KINDS = frozenset({"ARITY", "NOAUTH", "OOM", "UNAVAILABLE", "OVERLOADED", "TOO_LARGE"})
+
+
+@attrs.frozen
+class CommandStats:
+    """One command's counts (INFO commandstats; ``info`` stats' ``commands``).
+
+    Attributes:
+        calls: calls that ran: those that succeeded and those that failed
+            (Redis's ``calls``; rejected calls never ran, so are not in it).
+        seconds: the time of the calls that succeeded (a failed call's is
+            not measured).
+        failed: calls that ran and answered an error.
+        rejected: calls refused before they ran.
+    """
+
+    calls: int
+    seconds: float
+    failed: int
+    rejected: int
+
+    def since(self, base: CommandStats | None) -> CommandStats:
+        """The counts made after ``base`` (an earlier read of the same command's)."""
+        if base is None:
+            return self
+        return CommandStats(
+            self.calls - base.calls,
+            self.seconds - base.seconds,
+            self.failed - base.failed,
+            self.rejected - base.rejected,
+        )
+
+    def fields(self) -> dict[str, int | float]:
+        """Redis's commandstats fields: calls, usec, usec_per_call, rejected_calls, failed_calls.
+
+        ``usec`` is ``seconds`` in whole microseconds; ``usec_per_call`` is
+        ``usec / calls`` (0 without calls), as Redis computes it.
+        """
+        usec = max(0, round(self.seconds * 1e6))
+        return {
+            "calls": self.calls,
+            "usec": usec,
+            "usec_per_call": usec / self.calls if self.calls else 0.0,
+            "rejected_calls": self.rejected,
+            "failed_calls": self.failed,
+        }
 
 
 async def _checkpoint() -> None:
@@ -272,10 +330,11 @@ class KVEngine:
         intensity = Intensity(cfg.max_restarts, cfg.restart_period)
         shard_specs = []
         persistence = self.persistence
+        sync_metrics = self._sync_metrics
 
         def start_shard(ctx: ActorContext) -> ShardActor:
             if persistence is not None:
-                return DurableShardActor(ctx, cfg.hold_timeout, persistence)
+                return DurableShardActor(ctx, cfg.hold_timeout, persistence, sync_metrics)
             return ShardActor(ctx, cfg.hold_timeout)
 
         policy = self._make_policy  # the current policy (CONFIG SET may change it)
@@ -476,12 +535,27 @@ class KVEngine:
     def _init_metrics(self) -> None:
         m = self.metrics
         self._latency = m.histogram(
-            "kvmemo_command_duration_seconds", "Command latency in the engine", ["command"]
+            "kvmemo_command_duration_seconds",
+            "Latency of the calls that succeeded, by command (the engine's, and the Redis"
+            " port's own: PING, CLIENT, EXEC, ...)",
+            ["command"],
         )
         self._latency_by_name = {name: self._latency.labels(name) for name in COMMANDS}
         self._get_latency = self._latency_by_name["get"]
         self._set_latency = self._latency_by_name["set"]
         self._errors = m.counter("kvmemo_command_errors_total", "Commands failed", ["kind"])
+        # Children made on first use: only the commands that ever failed show.
+        self._failed = m.counter(
+            "kvmemo_command_failed_total",
+            "Calls that ran and answered an error, by command (Redis's failed_calls)",
+            ["command"],
+        )
+        self._rejected = m.counter(
+            "kvmemo_command_rejected_total",
+            "Calls refused before they ran (arity, NOAUTH, OOM, UNAVAILABLE, TOO_LARGE),"
+            " by command (Redis's rejected_calls)",
+            ["command"],
+        )
         transactions = m.counter(
             "kvmemo_transactions_total",
             "Transactions (MULTI/EXEC) by outcome: run, watch (a watched key changed), failed",
@@ -508,18 +582,100 @@ class KVEngine:
         m.gauge("kvmemo_memory_max_bytes", "maxmemory (0: no limit)").set_function(
             lambda: float(self.tracker.maxmemory)
         )
-        self._restarts_gauge = m.gauge("kvmemo_actor_restarts", "Restarts per actor", ["actor"])
+        self._restarts = m.counter(
+            "kvmemo_actor_restarts_total", "Restarts per actor, since the start", ["actor"]
+        )
         self._mailbox_gauge = m.gauge(
             "kvmemo_actor_mailbox_depth", "Messages queued per actor", ["actor"]
         )
+        # The shards' log syncs (persistence on): latency and failures per shard.
+        self._sync_metrics = (
+            SyncMetrics.register(m, self.config.shards) if self.persistence is not None else None
+        )
 
     def refresh_actor_metrics(self) -> None:
-        """Copy restart counts and mailbox depths into their gauges (for a scrape, ``info``)."""
+        """Bring restart counts and mailbox depths up to date (for a scrape, ``info``).
+
+        A restart count only grows (the supervisor's count per child, kept
+        across its restarts), so it is a counter: it is advanced by what the
+        count grew since the last refresh, and never goes down.
+        """
         if self.system is None:
             return
         for info in self.system.actors():
-            self._restarts_gauge.labels(info.name).set(info.restarts)
+            restarts = self._restarts.labels(info.name)
+            if info.restarts > restarts.value:
+                restarts.inc(info.restarts - restarts.value)
             self._mailbox_gauge.labels(info.name).set(info.mailbox)
+
+    def _count_failure(self, name: str, kind: str) -> None:
+        """Count a call of ``name`` (any spelling) that ended with an error of ``kind``.
+
+        Rejected (:data:`REJECTED_KINDS`: refused before it ran) or failed
+        (it ran and answered the error), as Redis's commandstats count them.
+        A name that is no command is not counted (its error kind is). The
+        error path only: a lookup and a child's dict lookup.
+        """
+        try:
+            command = lookup(name).name
+        except UnknownCommandError:
+            return
+        family = self._rejected if kind in REJECTED_KINDS else self._failed
+        family.labels(command).inc()
+
+    def count_rejected(self, name: str) -> None:
+        """Count a call a front end refused before it reached the engine.
+
+        The Redis port's own refusals (wrong number of arguments, NOAUTH, a
+        command not allowed in subscribed mode, an error found when MULTI
+        queues it), so that ``rejected_calls`` counts them as Redis does.
+
+        Args:
+            name: a command of the table, or one of the front end's own
+                (``client|list``): a bounded set of names.
+        """
+        self._rejected.labels(name).inc()
+
+    def record_call(self, name: str, seconds: float, *, failed: bool = False) -> None:
+        """Count a call a front end ran itself (the Redis port's PING, CLIENT, EXEC, ...).
+
+        As the engine counts its own: a success in the command's latency
+        histogram, a failure (an error reply) in ``kvmemo_command_failed_total``.
+
+        Args:
+            name: the front end's name for it (``ping``, ``client|list``): a
+                bounded set of names.
+            seconds: how long it took.
+            failed: it answered an error.
+        """
+        if failed:
+            self._failed.labels(name).inc()
+            return
+        hist = self._latency_by_name.get(name)
+        if hist is None:
+            hist = self._latency_by_name[name] = self._latency.labels(name)
+        hist.observe(seconds)
+
+    def command_stats(self) -> dict[str, CommandStats]:
+        """Every command's counts since the start, by name (Redis's commandstats).
+
+        Store-wide: the calls of every front end (both ports, the embedded
+        API), and the Redis port's own commands (see :meth:`record_call`).
+        Only commands with a call, a failure or a rejection are listed.
+        """
+        failed = {values[0]: int(c.value) for values, c in self._failed.children()}
+        rejected = {values[0]: int(c.value) for values, c in self._rejected.children()}
+        out: dict[str, CommandStats] = {}
+        for (name,), hist in self._latency.children():
+            ok = hist.count
+            f, r = failed.pop(name, 0), rejected.pop(name, 0)
+            if ok or f or r:
+                out[name] = CommandStats(ok + f, hist.sum if ok else 0.0, f, r)
+        for name in failed.keys() | rejected.keys():  # no latency child (yet)
+            f, r = failed.get(name, 0), rejected.get(name, 0)
+            if f or r:
+                out[name] = CommandStats(f, 0.0, f, r)
+        return out
 
     def _record_eviction(self, keys: int, freed: int) -> None:
         self._evicted_keys.inc(keys)
@@ -620,6 +776,7 @@ class KVEngine:
                     await _cancel_shielded_checkpoint()
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
+            self._count_failure(name, exc.kind)
             if exc.kind == "UNAVAILABLE":
                 await _checkpoint()  # see _checkpoint: a refusal must not starve the restart
                 if self._closed and exc.data:  # a shard stopped under the call (see _closing)
@@ -658,6 +815,7 @@ class KVEngine:
                 raise self._translate(exc, ref) from None
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
+            self._count_failure("get", exc.kind)
             if exc.kind == "UNAVAILABLE":
                 await _checkpoint()  # see _checkpoint: a refusal must not starve the restart
                 if self._closed and exc.data:  # a shard stopped under the call (see _closing)
@@ -693,6 +851,7 @@ class KVEngine:
             self._maybe_wake_eviction()
         except KVMemoError as exc:
             self._errors.labels(exc.kind).inc()
+            self._count_failure("set", exc.kind)
             if exc.kind == "UNAVAILABLE":
                 await _checkpoint()  # see _checkpoint: a refusal must not starve the restart
                 if self._closed and exc.data:  # a shard stopped under the call (see _closing)
@@ -716,6 +875,8 @@ class KVEngine:
             refused: list[Any] = [_store_closed() for _ in calls]
             if refused:
                 self._errors.labels("UNAVAILABLE").inc(len(refused))
+                for name, _ in calls:
+                    self._count_failure(name, "UNAVAILABLE")
             return refused
         if _current_token() is not self._token:
             raise self._outside_run()
@@ -780,6 +941,7 @@ class KVEngine:
                 if closed:
                     results[i] = self._closing(result)
                 self._errors.labels(result.kind).inc()
+                self._count_failure(names[i] or calls[i][0], result.kind)
                 continue
             command = names[i]
             assert command is not None  # it parsed, or it would be an error
@@ -1888,6 +2050,7 @@ class KVEngine:
             if isinstance(result, KVMemoError):
                 results[i] = self._closing(result)
                 self._errors.labels(result.kind).inc()
+                self._count_failure(names[i] or calls[i][0], result.kind)
                 continue
             hist = self._latency_by_name.get(names[i] or "")
             if hist is not None:
@@ -2245,6 +2408,11 @@ class KVEngine:
                 "evicted_keys": sum(s["evicted_keys"] for s in stats),
                 "eviction_manager_running": self._eviction_running(),
                 **self.pubsub.stats(),
+                # Per command: calls, usec, usec_per_call, rejected_calls,
+                # failed_calls (Redis's INFO commandstats), since the start.
+                "commands": {
+                    name: counts.fields() for name, counts in sorted(self.command_stats().items())
+                },
                 "metrics": self.metrics.to_dict(),
             },
             "keyspace": {

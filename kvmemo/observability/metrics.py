@@ -162,6 +162,14 @@ class _Metric:
     def _new_child(self, values: tuple[str, ...]) -> Self:
         raise NotImplementedError
 
+    def children(self) -> list[tuple[tuple[str, ...], Self]]:
+        """Every child made so far, as ``(label values, child)``, in creation order.
+
+        For read-outs that need the values per label (INFO's commandstats);
+        empty for a metric without labels.
+        """
+        return list(self._children.items())
+
     def _series(self) -> Iterator[tuple[tuple[str, ...], Self]]:
         """Yield ``(label values, holder)`` for every series this metric exposes."""
         if self.labelnames:

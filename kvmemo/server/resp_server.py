@@ -79,6 +79,21 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   an EXEC's transaction) as a whole, logged as one entry naming its first
   command and how many more ran with it. Cost when nothing is slow: two reads
   of ``time.perf_counter_ns`` and one comparison per engine call.
+* **INFO commandstats and errorstats.** Commandstats are read from the
+  engine's counters (:meth:`KVEngine.command_stats`): the latency histogram
+  per command counts the calls that succeeded, and the failed and rejected
+  counters the others, for every front end (a data command costs this port
+  nothing more). What the engine never sees is counted into the same
+  counters here: this port's own refusals before a call reaches the engine
+  (arity, NOAUTH, subscribed mode, MULTI's queueing: ``engine.count_rejected``)
+  and its connection commands (``engine.record_call``: two clock reads
+  around the handler, under Redis's names, ``client|list``). Errorstats count
+  the error replies this port sends, by their first word, where they are
+  made: ``_Connection._encode`` (early errors, connection commands' replies),
+  the engine results' conversion (:meth:`_Server.reply_of`, error path only)
+  and EXEC's array. ``CONFIG RESETSTAT`` clears errorstats and keeps the
+  engine's counts of that moment as commandstats' base (the counters
+  themselves never go back: Prometheus reads them too).
 * **Pub/sub.** ``SUBSCRIBE``, ``PSUBSCRIBE``, ``SSUBSCRIBE`` and their ``UN``
   forms are connection commands on a :class:`~kvmemo.engine.pubsub.Subscriber`
   of the engine's hub, made on the first subscribe; so is the task that writes the
@@ -140,7 +155,10 @@ without persistence, is refused as BGSAVE is); ``INFO`` adds a ``# Actors``
 section; ``WAIT`` answers 0 at once (no replicas; Redis would block until its
 timeout); the slow log holds data commands only (see above); ``CLIENT PAUSE``
 holds the clients of this port only (not the WebSocket port's), and keys still
-expire and are evicted during a pause (Redis stops both).
+expire and are evicted during a pause (Redis stops both); INFO commandstats
+counts the whole store's calls (both ports), its ``usec`` the calls that
+succeeded, and the subcommands of OBJECT, MEMORY and PUBSUB under the
+command's name (``cmdstat_object``).
 """
 
 from __future__ import annotations
@@ -169,7 +187,7 @@ from ..commands.table import COMMANDS, NO_TOUCH
 from ..commands.table import Command as TableCommand
 from ..commands.table import Subcommand as TableSubcommand
 from ..config import parse_size
-from ..engine.engine import KVEngine
+from ..engine.engine import CommandStats, KVEngine
 from ..engine.pubsub import Message, Subscriber
 from ..errors import BusyKeyError, KVMemoError
 from ..eviction.policies import POLICY_NAMES, make_policy
@@ -315,10 +333,44 @@ class _Server:
     pause_end: float = 0.0
     paused_clients: int = 0
     unpaused: trio.Event = attrs.Factory(trio.Event)
+    # INFO errorstats: the error replies sent, by their first word (Redis's
+    # error code, "ERR" when there is none), since the start or CONFIG
+    # RESETSTAT. The words are KVMemo's own (a fixed set), so unlike Redis
+    # (128 codes at most) no bound is needed.
+    error_replies: dict[str, int] = attrs.Factory(dict)
+    # INFO commandstats: the engine's counts (store-wide, never reset: they
+    # are Prometheus counters too) at the last CONFIG RESETSTAT; INFO shows
+    # what was counted since.
+    commandstats_base: dict[str, CommandStats] = attrs.Factory(dict)
 
     @property
     def auth_required(self) -> bool:
         return bool(self.tokens)
+
+    def count_error(self, message: str) -> None:
+        """Count one error reply in INFO errorstats, as Redis's ``afterErrorReply``:
+        by the word before the first space (within Redis's 32 bytes of
+        ``-``-prefixed error), else as ``ERR``."""
+        end = message.find(" ", 0, 31)
+        code = message[:end] if end >= 0 else "ERR"
+        self.error_replies[code] = self.error_replies.get(code, 0) + 1
+
+    def error_reply(self, exc: KVMemoError) -> ErrorReply:
+        """:func:`redis_error`, counted in INFO errorstats (an engine error about to be sent)."""
+        reply = redis_error(exc)
+        self.count_error(reply.message)
+        return reply
+
+    def reply_of(self, value: object) -> object:
+        """An engine result as a reply: a :class:`KVMemoError` becomes Redis's error,
+        counted in errorstats (the engine counted it already in commandstats)."""
+        if isinstance(value, KVMemoError):
+            return self.error_reply(value)
+        return value
+
+    def reject(self, name: str) -> None:
+        """Count a call of ``name`` refused before it ran (Redis's ``rejected_calls``)."""
+        self.engine.count_rejected(name)
 
     def pause(self, mode: PauseMode, end: float) -> None:
         """CLIENT PAUSE: hold back ``mode``'s commands until ``end`` (trio time).
@@ -436,14 +488,20 @@ def _subcommand_error(
     return None
 
 
+def _stat_name(name: str, handler: Handler, argv: Sequence[bytes]) -> str | None:
+    """A connection command's name in INFO commandstats, as Redis names it: a
+    container's subcommand is ``client|list``; None for an unknown subcommand
+    (Redis counts it in errorstats only, as an unknown command)."""
+    subcommands = _DISPATCHED.get(handler)
+    if subcommands is None or len(argv) < 2:
+        return name
+    sub = _text(argv[1].lower())
+    return f"{name}|{sub}" if sub in subcommands else None
+
+
 def _arity_range(arity: int) -> tuple[int, int]:
     """The fewest and most arguments ``arity`` allows: ``lo <= argc <= hi`` is ``arity_ok``."""
     return (arity, arity) if arity > 0 else (-arity, _NO_MOST)
-
-
-def _to_reply(value: object) -> object:
-    """An engine result as a reply: a :class:`KVMemoError` becomes Redis's error."""
-    return redis_error(value) if isinstance(value, KVMemoError) else value
 
 
 def _arity_error(name: str) -> ErrorReply:
@@ -888,8 +946,11 @@ class _Connection:
         self._data.unpark_all()
 
     def _encode(self, value: object) -> bytes:
+        """One reply's bytes; an error reply (or engine error) is counted in errorstats."""
         if isinstance(value, KVMemoError):
             value = redis_error(value)
+        if type(value) is ErrorReply:
+            self.server.count_error(value.message)
         return encode_reply(value, protocol=self.protocol)
 
     # -- pub/sub ---------------------------------------------------------------------
@@ -1204,12 +1265,12 @@ class _Connection:
                 if name in _COALESCED:
                     (result,) = await server.coalescer.execute_many([(name, argv[1:])])
                     if isinstance(result, KVMemoError):
-                        result = redis_error(result)
+                        result = server.error_reply(result)
                 else:
                     try:
                         result = await server.engine.execute(name, argv[1:])
                     except KVMemoError as exc:
-                        result = redis_error(exc)
+                        result = server.error_reply(exc)
                 elapsed = _clock_ns() - start
                 if elapsed >= server.slowlog.threshold_ns:  # the slow log's one comparison
                     self._slow(elapsed, argv)
@@ -1280,12 +1341,15 @@ class _Connection:
                 name, least, most = known
                 self.last_cmd = name
                 if not least <= len(argv) <= most:
+                    server.reject(name)
                     early.append((len(calls) + len(early), self._encode(_arity_error(name))))
                     if self.multi is not None:
                         self.multi_dirty = True
                 elif not authenticated:
+                    server.reject(name)
                     early.append((len(calls) + len(early), self._encode(NOAUTH)))
                 elif restricted:
+                    server.reject(name)
                     early.append((len(calls) + len(early), self._encode(_pubsub_only(argv))))
                 else:
                     if server.pause_mode:
@@ -1305,20 +1369,28 @@ class _Connection:
                 continue
             assert conn_command is not None
             self.last_cmd = name
+            # Its name in INFO commandstats: client|list; None: an unknown subcommand.
+            stat = _stat_name(name, conn_command.handler, argv)
             error: ErrorReply | None
             if not arity_ok(conn_command.arity, len(argv)):
+                server.reject(name)
                 error = self._refuse(name, _arity_error(name))
             else:
                 error = _subcommand_error(name, conn_command, argv)
+                if error is not None and stat is not None:  # the subcommand's arity
+                    server.reject(stat)
             if error is not None:
                 early.append((len(calls) + len(early), self._encode(error)))
                 if self.multi is not None:
                     self.multi_dirty = True
                 continue
+            stat = stat or name  # known from here on (else refused above)
             if not authenticated and not conn_command.no_auth:
+                server.reject(stat)
                 early.append((len(calls) + len(early), self._encode(self._refuse(name, NOAUTH))))
                 continue
             if restricted and name not in _PUBSUB_CONTEXT:
+                server.reject(stat)
                 error = self._refuse(name, _pubsub_only(argv))
                 early.append((len(calls) + len(early), self._encode(error)))
                 continue
@@ -1329,6 +1401,7 @@ class _Connection:
                 if name in _NO_MULTI or (name == "client" and argv[1].lower() == b"reply"):
                     reply: object = NOT_IN_MULTI
                     self.multi_dirty = True
+                    server.reject(stat)
                 elif name == "ssubscribe":  # queued; EXEC answers Redis 7.0's refusal
                     reply = self._queue_local(name, argv, _ssubscribe_in_exec)
                 else:
@@ -1336,20 +1409,26 @@ class _Connection:
                 early.append((len(calls) + len(early), self._encode(reply)))
                 continue
             if name == "ping":  # no effect to keep in order: answer in place
+                started = _clock_ns()
                 pong = _pubsub_ping(argv) if restricted else _ping(argv)
+                self._ran("ping", started, pong)
                 early.append((len(calls) + len(early), self._encode(pong)))
                 continue
             await self._run_calls(calls, early)
             subscriber = self.subscriber
             if subscriber is None:
+                started = _clock_ns()
                 reply = await conn_command.handler(self, argv)
+                self._ran(stat, started, reply)
                 if reply is not NO_REPLY:
                     await self._deliver([self._encode(reply)])
             else:  # its reply before any message published after it ran (EXEC's too)
                 mark = subscriber.delivered
                 self._push_holds += 1
                 try:
+                    started = _clock_ns()
                     reply = await conn_command.handler(self, argv)
+                    self._ran(stat, started, reply)
                     if reply is not NO_REPLY:
                         await self._deliver([self._encode(reply)], upto=mark)
                 finally:
@@ -1359,6 +1438,13 @@ class _Connection:
             authenticated = self.authenticated
             restricted = self.protocol == 2 and self.subscribed
         await self._run_calls(calls, early)
+
+    def _ran(self, stat: str, started_ns: int, reply: object) -> None:
+        """Count a connection command that ran, in INFO commandstats (and the
+        engine's metrics): its time since ``started_ns``, or, when it answered
+        an error, a failed call (as Redis's ``call`` counts them)."""
+        elapsed = (_clock_ns() - started_ns) * 1e-9
+        self.server.engine.record_call(stat, elapsed, failed=type(reply) is ErrorReply)
 
     def _refuse(self, name: str, error: ErrorReply) -> ErrorReply:
         """The reply to connection command ``name`` refused before it ran (Redis's
@@ -1373,15 +1459,18 @@ class _Connection:
         )
 
     def _queue_call(self, name: str, argv: tuple[bytes, ...]) -> object:
-        """Queue a data command of the open transaction: QUEUED, or its error (EXEC will abort)."""
+        """Queue a data command of the open transaction: QUEUED, or its error (EXEC will
+        abort; the call counts as rejected, as Redis counts a call refused there)."""
         assert self.multi is not None
         full = self._queue_full()
         if full is not None:
+            self.server.reject(name)
             return full
         try:
             self.server.engine.check_transaction_call(name, argv[1:])
         except KVMemoError as exc:
             self.multi_dirty = True
+            self.server.reject(name)
             return redis_error(exc)
         self.multi.append((name, argv, None))
         return QUEUED
@@ -1391,6 +1480,7 @@ class _Connection:
         assert self.multi is not None
         full = self._queue_full()
         if full is not None:
+            self.server.reject(_stat_name(name, handler, argv) or name)
             return full
         self.multi.append((name, argv, handler))
         return QUEUED
@@ -1467,7 +1557,7 @@ class _Connection:
             ):
                 await self._deliver_each(results, early, mark)
                 return
-            replies = encode_replies(results, protocol=self.protocol, convert=_to_reply)
+            replies = encode_replies(results, protocol=self.protocol, convert=self.server.reply_of)
             if early:
                 replies = _merge(replies, early)
         elif early:
@@ -1492,6 +1582,7 @@ class _Connection:
         ``PIPELINE_CHUNK`` commands per engine call for that. Empties ``early``.
         """
         protocol = self.protocol
+        reply_of = self.server.reply_of
         place = 0
         waiting = deque(early)
         early.clear()
@@ -1499,7 +1590,7 @@ class _Connection:
             while waiting and waiting[0][0] == place:
                 await self._deliver([waiting.popleft()[1]], upto=mark)
                 place += 1
-            await self._deliver([encode_reply(_to_reply(result), protocol=protocol)], upto=mark)
+            await self._deliver([encode_reply(reply_of(result), protocol=protocol)], upto=mark)
             place += 1
         for _, reply in waiting:
             await self._deliver([reply], upto=mark)
@@ -1979,11 +2070,17 @@ async def _run_exec(
     # Connection commands run now, in their places among the replies.
     answers = iter(results)
     replies: list[object] = []
-    for _, args, handler in queued:
+    server = conn.server
+    for name, args, handler in queued:
         if handler is None:
-            replies.append(_to_reply(next(answers)))
+            replies.append(server.reply_of(next(answers)))  # counted by the engine
         else:
-            replies.append(await handler(conn, args))
+            started = _clock_ns()
+            reply = await handler(conn, args)
+            conn._ran(_stat_name(name, handler, args) or name, started, reply)
+            if type(reply) is ErrorReply:  # inside EXEC's array: not seen by _encode
+                server.count_error(reply.message)
+            replies.append(reply)
     return replies
 
 
@@ -3301,7 +3398,7 @@ _DISPATCHED[_command] = _COMMAND_SUBCOMMANDS  # COMMAND alone is all of them
 
 # INFO -----------------------------------------------------------------------------------
 
-# Section name -> its title, in INFO's order.
+# Section name -> its title, in INFO's order (Redis's, with Actors, ours, before Keyspace).
 _SECTIONS: Final = {
     "server": "Server",
     "clients": "Clients",
@@ -3310,9 +3407,16 @@ _SECTIONS: Final = {
     "stats": "Stats",
     "replication": "Replication",
     "cpu": "CPU",
+    "commandstats": "Commandstats",
+    "errorstats": "Errorstats",
     "actors": "Actors",
     "keyspace": "Keyspace",
 }
+# INFO with no section, or ``default``: every section but commandstats (as Redis,
+# whose default leaves out commandstats and latencystats); ``all`` and
+# ``everything`` give every one.
+_DEFAULT_SECTIONS: Final = frozenset(_SECTIONS) - {"commandstats"}
+_ALL_SECTIONS: Final = frozenset(_SECTIONS)
 
 
 def _human(nbytes: int) -> str:
@@ -3369,16 +3473,48 @@ def _persistence_lines(persistence: dict[str, Any], started_at: float) -> list[t
     return lines
 
 
+def _commandstats_lines(server: _Server) -> list[tuple[str, object]]:
+    """INFO commandstats, in Redis's format, by command name (Redis lists them in
+    its hash table's order): what the engine counted since CONFIG RESETSTAT.
+
+    Store-wide: every call the store ran, from either port or the embedded
+    API, and this port's own commands (``ping``, ``client|list``, ...). A
+    data command's subcommands count under its name (``object``). ``usec``
+    is the time of the calls that succeeded (a failed call's is not measured).
+    """
+    base = server.commandstats_base
+    lines: list[tuple[str, object]] = []
+    for name, counts in sorted(server.engine.command_stats().items()):
+        counts = counts.since(base.get(name))
+        if not (counts.calls or counts.failed or counts.rejected):
+            continue
+        f = counts.fields()
+        lines.append(
+            (
+                f"cmdstat_{name}",
+                f"calls={f['calls']},usec={f['usec']},usec_per_call={f['usec_per_call']:.2f}"
+                f",rejected_calls={f['rejected_calls']},failed_calls={f['failed_calls']}",
+            )
+        )
+    return lines
+
+
 async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
     """INFO's text: ``# Section`` headers and ``key:value`` lines, CRLF, as Redis.
 
     Args:
-        sections: lower-case names; empty, ``default``, ``all`` or
-            ``everything`` for every section. Unknown names are ignored.
+        sections: lower-case names; empty or ``default`` for every section
+            but commandstats, ``all`` or ``everything`` for every one. Unknown
+            names are ignored.
     """
-    wanted = set(sections)
-    if not wanted or wanted & {"default", "all", "everything"}:
-        wanted = set(_SECTIONS)
+    wanted: set[str] = set()
+    for section in sections or ("default",):
+        if section == "default":
+            wanted |= _DEFAULT_SECTIONS
+        elif section in ("all", "everything"):
+            wanted |= _ALL_SECTIONS
+        else:
+            wanted.add(section)
     engine = server.engine
     info = await engine.info()
     now = time.time()
@@ -3431,6 +3567,7 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
             ("pubsub_channels", stats["pubsub_channels"]),
             ("pubsub_patterns", stats["pubsub_patterns"]),
             ("pubsubshard_channels", stats["pubsubshard_channels"]),
+            ("total_error_replies", sum(server.error_replies.values())),
             ("eviction_manager_running", stats["eviction_manager_running"]),
         ],
         "replication": [
@@ -3442,6 +3579,11 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
         "cpu": [
             ("used_cpu_sys", f"{cpu.system:.6f}"),
             ("used_cpu_user", f"{cpu.user:.6f}"),
+        ],
+        "commandstats": _commandstats_lines(server) if "commandstats" in wanted else [],
+        "errorstats": [
+            (f"errorstat_{code}", f"count={count}")
+            for code, count in sorted(server.error_replies.items())
         ],
         "actors": [
             (a["name"], f"state={a['state']},restarts={a['restarts']},mailbox={a['mailbox']}")
@@ -3633,10 +3775,15 @@ async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 
 async def _config_resetstat(conn: _Connection, argv: tuple[bytes, ...]) -> object:
+    """CONFIG RESETSTAT: INFO's counters start again from 0, commandstats and
+    errorstats included (the engine's counters, which are Prometheus's too,
+    go on: commandstats shows what was counted after this point)."""
     server = conn.server
     server.total_commands = 0
     server.total_connections = 0
     server.rejected_connections = 0
+    server.error_replies.clear()
+    server.commandstats_base = server.engine.command_stats()
     return "OK"
 
 

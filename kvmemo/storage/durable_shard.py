@@ -37,6 +37,13 @@ Design (see :mod:`kvmemo.storage.durability` for the journal):
   and renamed in a worker thread while the shard keeps serving, then the
   log segments it covers are removed. Only this shard pauses, only for the
   copy. Triggered by the ``save`` command, by log size, and on graceful stop.
+- **Sync metrics.** Each sync of a shard's log, the commit's of an
+  ``always`` batch and every other (``everysec``'s, a snapshot's), is timed
+  around its wait for the sync round, from the event loop (the round's
+  worker thread records nothing), into ``kvmemo_fsync_duration_seconds
+  {shard}``; a failed one also counts in ``kvmemo_fsync_failures_total
+  {shard}`` (:class:`SyncMetrics`). Observation only: no sync does anything
+  else for it.
 - **Recovery.** Before the tree starts, every shard's directory is
   recovered in a worker thread (newest valid snapshot, then the log); a
   restarted shard whose in-memory state fails its invariant check reloads
@@ -63,6 +70,7 @@ from actors import DEFER, ActorContext, ActorState, ActorStopped, MailboxFull
 from ..errors import PersistenceIOError
 from ..eviction.memory import MemoryTracker
 from ..eviction.policies import EvictionPolicy
+from ..observability.metrics import Counter, Histogram, MetricsRegistry
 from ..persistence import AppendFsync, Recovered, SegmentedLog, recover, write_snapshot
 from ..persistence.commitlog import CommitLogError
 from ..persistence.commitlog import drop as drop_commit_log
@@ -90,6 +98,40 @@ SYNC_INTERVAL = 1.0  # seconds between background syncs of a dirty log (everysec
 # each time, up to this: every try rotates the log and copies the shard.
 RESAVE_BACKOFF_MAX = 60.0  # seconds
 SNAPSHOT_QUEUE = 2  # snapshots a shard may have waiting for its writer
+FSYNC_SECONDS = "kvmemo_fsync_duration_seconds"
+FSYNC_FAILURES = "kvmemo_fsync_failures_total"
+_perf_counter = time.perf_counter
+
+
+@attrs.frozen
+class SyncMetrics:
+    """Where the shards of one store record their log syncs, by shard.
+
+    ``seconds``: how long each sync of a shard's log took, from the shard's
+    request to its outcome (its wait for the sync round included: what a
+    write under ``appendfsync always`` waits for; with ``always`` the
+    batch's append is in it too), failed ones included. ``failures``: the
+    syncs of a shard's log that failed (the append of an ``always`` batch
+    included, and a commit log checkpoint that could not sync the log).
+    Recording is observation only: it never changes what a sync does.
+    """
+
+    seconds: Histogram
+    failures: Counter
+
+    @classmethod
+    def register(cls, registry: MetricsRegistry, shards: int) -> SyncMetrics:
+        """Register (or find) the two families in ``registry``, each shard's series at 0."""
+        seconds = registry.histogram(
+            FSYNC_SECONDS,
+            "Time to make a shard's log durable (its fsync, in a sync round), failed syncs too",
+            ["shard"],
+        )
+        failures = registry.counter(FSYNC_FAILURES, "Syncs of a shard's log that failed", ["shard"])
+        for shard in range(shards):
+            seconds.labels(str(shard))
+            failures.labels(str(shard))
+        return cls(seconds, failures)
 
 
 @attrs.define
@@ -258,11 +300,23 @@ class DurableShardActor(ShardActor):
 
     group_commit = True
 
-    def __init__(self, ctx: ActorContext, hold_timeout: float, config: PersistenceConfig) -> None:
+    def __init__(
+        self,
+        ctx: ActorContext,
+        hold_timeout: float,
+        config: PersistenceConfig,
+        sync_metrics: SyncMetrics | None = None,
+    ) -> None:
         super().__init__(ctx, hold_timeout)
         assert self.store.durability is not None
         self.dur: ShardDurability = self.store.durability
         self.config = config
+        # This shard's series (a private registry's when none is given).
+        metrics = sync_metrics
+        if metrics is None:
+            metrics = SyncMetrics.register(MetricsRegistry(), 0)
+        self._sync_seconds = metrics.seconds.labels(str(self.store.shard_id))
+        self._sync_failures = metrics.failures.labels(str(self.store.shard_id))
         # A semaphore of one, not a trio.Lock: the same exclusion for less
         # (no owner to track and no parking-lot breaker), taken once per
         # ``always`` batch. Held across a sync round only, by this actor's tasks.
@@ -498,12 +552,15 @@ class DurableShardActor(ShardActor):
                 raise
         try:
             started = time.time()
+            began = _perf_counter()
             try:
                 await self.config.sync_coordinator.sync(batch)
             except trio.Cancelled:
                 self._record_killed_batch(batch, started)
                 raise
             except (OSError, RoundIncompleteError) as exc:
+                self._sync_seconds.observe(_perf_counter() - began)
+                self._sync_failures.inc()
                 # RoundIncompleteError: the round itself failed (a thread did
                 # not start); the batch may or may not be in the log.
                 error = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
@@ -518,6 +575,7 @@ class DurableShardActor(ShardActor):
                     dur.requeue()
                     dur.failed(error)
                 return len(data), self._io_error(error)
+            self._sync_seconds.observe(_perf_counter() - began)
             dur.appended(len(data))
             dur.synced(dur.appends, started)
         finally:
@@ -543,6 +601,7 @@ class DurableShardActor(ShardActor):
             else:
                 dur.requeue()
             if batch.error is not None:
+                self._sync_failures.inc()
                 if (
                     batch.appended
                     and not batch.synced
@@ -582,18 +641,27 @@ class DurableShardActor(ShardActor):
         try:
             appends, started = dur.appends, time.time()
             call = _RecordedSync(log)
+            began = _perf_counter()
             try:
                 await self.config.sync_coordinator.sync(call)
             except OSError as exc:
+                self._sync_seconds.observe(_perf_counter() - began)
+                self._sync_failures.inc()
                 dur.sync_failed(exc)
                 return self._io_error(exc)
+            except RoundIncompleteError:
+                self._sync_seconds.observe(_perf_counter() - began)
+                self._sync_failures.inc()
+                raise
             except trio.Cancelled:
                 # Killed while the round ran this sync: the coordinator waited
                 # for it and raises Cancelled, not its error; a failure must
                 # still be owed a re-save (the log forgets it at its next append).
                 if call.error is not None:
+                    self._sync_failures.inc()
                     dur.sync_failed(call.error)
                 raise
+            self._sync_seconds.observe(_perf_counter() - began)
             dur.synced(appends, started)
         finally:
             lock.release()
@@ -729,6 +797,7 @@ class DurableShardActor(ShardActor):
                     # The commit log could not make this log durable: as a
                     # failed sync of its own, its bytes are in doubt until a
                     # re-save (the commit log keeps them meanwhile).
+                    self._sync_failures.inc()
                     dur.sync_failed(failure)
                 if not dur.resave_pending:
                     self._resave_wait = SYNC_INTERVAL
