@@ -85,6 +85,7 @@ def build(
                     tokens=server_config.tokens,
                     limits=server_config.resp_limits,
                     shutdown=server.request_stop,
+                    config_file=server_config.config_file,
                     task_status=recorder,
                 )
             except OSError as exc:

@@ -747,8 +747,9 @@ def resolve_all(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         limits = RespLimits(**parsed["resp"])
     except (ValueError, TypeError) as exc:
         raise ValueError(_named(str(exc), "resp")) from None
+    named_file = os.path.abspath(config_file) if config_file else None
     try:
-        server = ServerConfig(**parsed["server"], resp_limits=limits)
+        server = ServerConfig(**parsed["server"], resp_limits=limits, config_file=named_file)
     except (ValueError, TypeError) as exc:
         raise ValueError(_named(str(exc), "server")) from None
     return Resolved(store, server, parsed["cli"].get("log_level", "info"))

@@ -2597,7 +2597,6 @@ ONE_SHARD_IN_MULTI = (
     "RENAME, RENAMENX, COPY, MSETNX and BITOP inside MULTI need their keys on one shard "
     "(README: a hash tag); 'a' and 'b' are on two of the test server's four"
 )
-FIXED_AT_START = "KVMemo's connection limits are fixed at start (README, options table)"
 OWN_SIZES = "KVMemo's sizes also take KiB/MiB/GiB, as its --maxmemory option does (README)"
 _POLICY_CHOICES_KVMEMO = (
     "allkeys-lfu, allkeys-lru, allkeys-random, fifo, noeviction, volatile-lfu, volatile-lru, "
@@ -2737,14 +2736,6 @@ DELIBERATE: list[Difference] = [
             "maxmemory-policy",
             f"argument(s) must be one of the following: {_POLICY_CHOICES_KVMEMO}",
         ),
-    ),
-    Difference(
-        "config-set-timeout",
-        FIXED_AT_START,
-        (),
-        ("CONFIG", "SET", "timeout", "0"),
-        b"+OK\r\n",
-        _config_failed("timeout", "can't set immutable config"),
     ),
     Difference(
         "config-set-maxmemory-kib",

@@ -49,9 +49,15 @@ class RespLimits:
         output_timeout: seconds a client over ``max_output_buffer`` may go
             without reading anything before it is disconnected.
         max_clients: most connections at once (``maxclients``); one more gets
-            ``-ERR max number of clients reached`` and is closed.
+            ``-ERR max number of clients reached`` and is closed. ``CONFIG SET
+            maxclients`` changes it while the port runs (for the connections
+            accepted after; those open stay open, as in Redis).
         idle_timeout: seconds without traffic before a client is closed
-            (Redis's ``timeout``); 0 means never.
+            (Redis's ``timeout``); 0 means never. A client waiting for its
+            next request is closed once it was silent this long; one that is
+            subscribed, paused or running a command is not (as Redis exempts
+            pub/sub and blocked clients). ``CONFIG SET timeout`` changes it
+            while the port runs, for the clients already open too.
         max_transaction_commands: most commands one MULTI may queue; one more
             gets an error and EXEC then answers ``EXECABORT`` (an EXEC holds
             its shards while all of them run).
@@ -120,6 +126,10 @@ class ServerConfig:
         output_timeout: seconds a session past ``max_output_buffer`` may go
             without its peer reading anything before it is disconnected.
         resp_limits: the limits of the Redis-protocol port.
+        config_file: the TOML file the settings were read from (``--config``
+            or ``KVMEMO_CONFIG``), as an absolute path; None without one. Only
+            named (INFO's ``config_file``, ``CONFIG REWRITE``'s answer): it is
+            read once, at start, and never written.
     """
 
     host: str = "127.0.0.1"
@@ -142,6 +152,7 @@ class ServerConfig:
     max_output_buffer: int = attrs.field(default=64 * 1024 * 1024, validator=_at_least_one)
     output_timeout: float = attrs.field(default=10.0, validator=_positive)
     resp_limits: RespLimits = attrs.field(factory=RespLimits)
+    config_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -135,6 +135,24 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   command table's variants of the reads that record no access
   (``commands.table.NO_TOUCH``), mapped once per engine call; the fast path
   pays one attribute test, the other clients' calls nothing else.
+* **Idle clients and runtime limits.** Redis's ``timeout`` is
+  ``RespLimits.idle_timeout`` and is checked as Redis's ``clientsCron`` does:
+  not by a deadline on each read (a cancel scope per wait costs more than a
+  scheduler pass, on every request of ``-P 1``) but by one task of the
+  port's nursery, the idle sweep (:func:`_sweep_idle`), which closes each
+  client that waits for its next request (``reading``) and whose last
+  traffic (``last_activity``: a read, or reply bytes the socket took) is
+  ``timeout`` seconds old; subscribed clients, and clients whose command
+  runs, that a pause holds or that wait for room for their replies, are not
+  idle (Redis spares pub/sub and blocked clients). The sweep sleeps until
+  the first client may be due (at most ``IDLE_SWEEP_PERIOD`` late), and
+  ``CONFIG SET timeout`` wakes it, so a new timeout applies at once to the
+  clients already open: a lower one closes those silent for longer, 0 spares
+  them all. A reader whose wait ends as the sweep closes it runs nothing of
+  what it read. ``CONFIG SET maxclients`` counts from the next accepted
+  connection; those open stay open, as in Redis. Both change this port's
+  limits only: the WebSocket port's ``--idle-timeout`` and
+  ``--max-sessions`` are separate settings, fixed at start.
 * **Operations.** ``SHUTDOWN`` asks the program to stop through the owner's
   callback (``serve_resp(shutdown=...)``, or the node's stop request:
   ``kvmemo serve`` exits 0) and closes the connection without a reply;
@@ -153,12 +171,13 @@ monitor (``LATENCY`` answers as Redis does when no event was recorded, and
 says why); ``BGREWRITEAOF`` compacts the shards' logs with a snapshot (and,
 without persistence, is refused as BGSAVE is); ``INFO`` adds a ``# Actors``
 section; ``WAIT`` answers 0 at once (no replicas; Redis would block until its
-timeout); the slow log holds data commands only (see above); ``CLIENT PAUSE``
-holds the clients of this port only (not the WebSocket port's), and keys still
-expire and are evicted during a pause (Redis stops both); INFO commandstats
-counts the whole store's calls (both ports), its ``usec`` the calls that
-succeeded, and the subcommands of OBJECT, MEMORY and PUBSUB under the
-command's name (``cmdstat_object``).
+timeout); ``CONFIG REWRITE`` is refused, naming the TOML file the node was
+started with and why (see :func:`_config_rewrite`); the slow log holds data
+commands only (see above); ``CLIENT PAUSE`` holds the clients of this port
+only (not the WebSocket port's), and keys still expire and are evicted during
+a pause (Redis stops both); INFO commandstats counts the whole store's calls
+(both ports), its ``usec`` the calls that succeeded, and the subcommands of
+OBJECT, MEMORY and PUBSUB under the command's name (``cmdstat_object``).
 """
 
 from __future__ import annotations
@@ -166,6 +185,7 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
+import math
 import os
 import platform
 import secrets
@@ -231,6 +251,13 @@ CLOSE_DRAIN_TIMEOUT: Final = 10.0  # seconds to send the last replies before a c
 REJECT_TIMEOUT: Final = 1.0  # seconds to tell a client over max_clients why it is refused
 UNAUTH_MAX_ARGS: Final = 10  # Redis's limit on multibulk requests of unauthenticated clients
 UNAUTH_MAX_BULK: Final = 16 * 1024  # bytes; idem, per argument
+# Idle clients (``timeout``): the longest time between two passes over the
+# clients that close the idle ones, each pass O(clients) (Redis's clientsCron
+# visits each client about once a second too). A pass runs when the first
+# client may be due, but never sooner than this (or the timeout, if shorter)
+# after the one before: a client is closed between ``timeout`` and ``timeout
+# + min(IDLE_SWEEP_PERIOD, timeout)`` seconds after its last traffic.
+IDLE_SWEEP_PERIOD: Final = 1.0  # seconds
 # Pub/sub messages are taken from the hub's outbox only while fewer reply bytes
 # than this are pending (not yet taken by the kernel): enough for a socket
 # write's worth, small enough that a slow reader's backlog stays in the
@@ -342,6 +369,10 @@ class _Server:
     # are Prometheus counters too) at the last CONFIG RESETSTAT; INFO shows
     # what was counted since.
     commandstats_base: dict[str, CommandStats] = attrs.Factory(dict)
+    # The TOML file the node's settings came from (INFO, CONFIG REWRITE); None: none.
+    config_file: str | None = None
+    # Set (then replaced) when ``limits.idle_timeout`` changes: the idle sweep looks again.
+    idle_changed: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def auth_required(self) -> bool:
@@ -371,6 +402,59 @@ class _Server:
     def reject(self, name: str) -> None:
         """Count a call of ``name`` refused before it ran (Redis's ``rejected_calls``)."""
         self.engine.count_rejected(name)
+
+    def set_limits(
+        self, *, idle_timeout: float | None = None, max_clients: int | None = None
+    ) -> None:
+        """CONFIG SET timeout / maxclients: the port's new limits, from now on.
+
+        ``max_clients`` counts at the next accepted connection (those open
+        stay open, as in Redis); a new ``idle_timeout`` wakes the idle sweep
+        (:func:`_sweep_idle`), which applies it to every client at once, those
+        open included: one silent for longer is closed at its next pass.
+
+        Raises:
+            ValueError: a value :class:`RespLimits` refuses (nothing changed).
+        """
+        limits = self.limits
+        if max_clients is not None:
+            limits = attrs.evolve(limits, max_clients=max_clients)
+        if idle_timeout is not None:
+            limits = attrs.evolve(limits, idle_timeout=idle_timeout)
+        changed = limits.idle_timeout != self.limits.idle_timeout
+        self.limits = limits
+        if changed:
+            self.idle_changed.set()
+            self.idle_changed = trio.Event()
+
+    def close_idle_clients(self, now: float) -> float:
+        """One pass of the idle sweep: close every client idle for ``timeout`` seconds
+        at ``now``; return when the next pass is due (trio time; ``inf``: only
+        when the timeout changes).
+
+        Only a client waiting for its next request (:attr:`_Connection.reading`)
+        and not subscribed is closed, as Redis's ``clientsCronHandleTimeout``
+        spares pub/sub and blocked clients: a client whose command runs, that
+        CLIENT PAUSE holds, or that waits for room in its output buffer is
+        never dropped here, and is looked at again at the next pass.
+
+        Invariant: every client's ``last_activity`` only grows, and one accepted
+        after this pass has it past ``now``, so none is due before the time
+        returned but those this pass saw (at most ``now + timeout``).
+        """
+        idle = self.limits.idle_timeout
+        if not idle:
+            return math.inf
+        wake = now + idle
+        for conn in list(self.clients.values()):
+            due = conn.last_activity + idle
+            if due > now:
+                wake = min(wake, due)
+            elif conn.reading and not conn.subscribed:
+                conn.close_idle(now)
+            elif not conn.subscribed:  # busy: look again at the next pass
+                wake = now
+        return max(wake, now + min(IDLE_SWEEP_PERIOD, idle))
 
     def pause(self, mode: PauseMode, end: float) -> None:
         """CLIENT PAUSE: hold back ``mode``'s commands until ``end`` (trio time).
@@ -569,7 +653,12 @@ class _Connection:
         self.addr = _address(stream, peer=True)
         self.laddr = _address(stream, peer=False)
         self.created = trio.current_time()
+        # When the client last sent bytes or took reply bytes (trio time): its
+        # idle time (CLIENT LIST's idle=, the idle sweep) counts from here.
         self.last_activity = self.created
+        # The reader waits for the client's next bytes (in _receive): only
+        # then may the idle sweep close it (see _Server.close_idle_clients).
+        self.reading = False
         self.name = b""
         self.lib_name = b""
         self.lib_ver = b""
@@ -698,37 +787,37 @@ class _Connection:
             nursery.cancel_scope.cancel()
 
     async def _receive(self) -> bytes | None:
-        """Wait for the next bytes; ``b""`` at end of stream, None when idle for too long.
+        """Wait for the next bytes; ``b""`` at end of stream, None when the client
+        was closed (idle, CLIENT KILL) as its wait ended: what it read is dropped.
 
-        Without an idle timeout the reader first takes the bytes already
-        waiting from the stdlib socket itself (see :meth:`_reader`), and
-        calls this only when there were none: it then waits for readability
-        first and receives after, rather than trying a ``recv`` it knows
-        would fail. Otherwise it is ``receive_some`` (which makes a
-        scheduler pass even when bytes are waiting), under the idle timeout
-        if there is one.
+        The reader first takes the bytes already waiting from the stdlib
+        socket itself (see :meth:`_reader`), and calls this only when there
+        were none: it then waits for readability first and receives after,
+        rather than trying a ``recv`` it knows would fail (``receive_some``
+        on a trio socket whose layout is unknown). No deadline here: the
+        idle timeout is the idle sweep's (:meth:`_Server.close_idle_clients`),
+        which closes the client only while it waits here (:attr:`reading`).
         """
-        idle = self.server.limits.idle_timeout
         raw = self._raw
-        if not idle and raw is not None:
-            while True:
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    return raw.recv(RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:  # as trio's SocketStream words it
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if not idle:
-            return await self.stream.receive_some(RECEIVE_SIZE)
-        while True:
-            deadline = self.last_activity + idle
-            with trio.move_on_at(deadline):
+        self.reading = True
+        try:
+            if raw is None:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.last_activity = self._clock.current_time()
-                return data
-            if self._clock.current_time() >= self.last_activity + idle:
-                return None
+            else:
+                while True:
+                    await trio.lowlevel.wait_readable(raw)
+                    try:
+                        data = raw.recv(RECEIVE_SIZE)
+                        break
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:  # as trio's SocketStream words it
+                        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        finally:
+            self.reading = False
+        # Closed while its wait ended (the cancellation lands at the next
+        # checkpoint): none of the commands read now may run.
+        return None if self.killed else data
 
     async def _reader(self) -> bool:
         """Read, parse and execute until the end; return whether to drain replies.
@@ -739,7 +828,8 @@ class _Connection:
         of its own beyond the fairness rule below.
         """
         parser = self._parser
-        direct = self._raw if not self.server.limits.idle_timeout else None
+        direct = self._raw
+        clock = self._clock
         task = trio.lowlevel.current_task()
         points = _schedule_points(task)  # so that the first read yields too
         while True:
@@ -762,9 +852,9 @@ class _Connection:
                     raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             else:
                 data = await self._receive()
-            if data is None:
-                logger.info("closing idle RESP client id=%d addr=%s", self.id, self.addr)
+            if data is None:  # closed by the idle sweep or CLIENT KILL
                 return False
+            self.last_activity = clock.current_time()
             if not data:
                 return True
             parser.feed(data)
@@ -1627,6 +1717,17 @@ class _Connection:
                 argv = request
                 break
         self._slow(elapsed_ns, argv, len(calls) - 1)
+
+    def close_idle(self, now: float) -> None:
+        """The idle sweep's close of a client that waits for its next request
+        (:attr:`reading`): as :meth:`kill`, logged."""
+        logger.info(
+            "closing idle RESP client id=%d addr=%s (silent for %.1f s)",
+            self.id,
+            self.addr,
+            now - self.last_activity,
+        )
+        self.kill()
 
     def kill(self) -> None:
         """CLIENT KILL of another client: stop serving it now; pending replies are
@@ -3538,6 +3639,7 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
             ("server_time_usec", int(now * 1_000_000)),
             ("uptime_in_seconds", uptime),
             ("uptime_in_days", uptime // 86400),
+            ("config_file", server.config_file or ""),
             ("shards", engine.config.shards),
         ],
         "clients": [
@@ -3622,7 +3724,7 @@ def _config_values(server: _Server) -> dict[str, str]:
         "maxmemory-policy": _redis_policy(engine.eviction_policy),
         "maxmemory-samples": str(engine.config.eviction_sample),
         "maxclients": str(limits.max_clients),
-        "timeout": str(int(limits.idle_timeout)),
+        "timeout": _seconds(limits.idle_timeout),
         "proto-max-bulk-len": str(limits.max_bulk_len),
         "client-query-buffer-limit": str(limits.max_query_buffer),
         "save": "",
@@ -3638,6 +3740,13 @@ def _config_values(server: _Server) -> dict[str, str]:
         "slowlog-log-slower-than": str(server.slowlog.slower_than),
         "slowlog-max-len": str(server.slowlog.max_len),
     }
+
+
+def _seconds(value: float) -> str:
+    """Seconds as CONFIG GET shows them: whole ones as an integer (Redis's
+    ``timeout`` is one), a fraction (``--resp-idle-timeout 0.5``) as it is,
+    never rounded to 0, which would read as "never"."""
+    return str(int(value)) if value == int(value) else str(value)
 
 
 async def _config_get(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -3671,14 +3780,14 @@ def _config_check_one(server: _Server, name: str, raw: bytes) -> str | None:
             return None
     except ValueError:  # UnicodeDecodeError included
         return _config_set_reason(name)
-    if name in _SLOWLOG_SETTINGS:
-        lowest = _SLOWLOG_SETTINGS[name]
+    if name in _INTEGER_SETTINGS:
+        lowest, highest = _INTEGER_SETTINGS[name]
         try:
             value = parse_int(raw)
         except KVMemoError:
             return "argument couldn't be parsed into an integer"
-        if value < lowest:
-            return f"argument must be between {lowest} and {LLONG_MAX} inclusive"
+        if not lowest <= value <= highest:
+            return f"argument must be between {lowest} and {highest} inclusive"
         return None
     current = _config_values(server).get(name)
     if name in ("save", "appendonly", "appendfsync", "dir"):
@@ -3688,8 +3797,16 @@ def _config_check_one(server: _Server, name: str, raw: bytes) -> str | None:
     return "can't set immutable config"
 
 
-# The slow log's settings, with the lowest value each takes (the highest: LLONG_MAX).
-_SLOWLOG_SETTINGS: Final = {"slowlog-log-slower-than": -1, "slowlog-max-len": 0}
+# The integer settings CONFIG SET changes, with the lowest and highest value
+# each takes: Redis 7's ranges (its config.c), whose words it answers outside them.
+INT_MAX: Final = (1 << 31) - 1
+UINT_MAX: Final = (1 << 32) - 1
+_INTEGER_SETTINGS: Final = {
+    "slowlog-log-slower-than": (-1, LLONG_MAX),
+    "slowlog-max-len": (0, LLONG_MAX),
+    "timeout": (0, INT_MAX),  # seconds; 0: never
+    "maxclients": (1, UINT_MAX),
+}
 
 
 def _config_set_reason(name: str) -> str:
@@ -3702,9 +3819,10 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
     """Apply one CONFIG SET pair that :func:`_config_check_one` accepted; the reason
     it still failed (the shards did not take the new policy), or None.
 
-    Only ``maxmemory``, ``maxmemory-policy`` and the slow log's two settings
-    change anything: the others pass the check only when given their current
-    values.
+    Only ``maxmemory``, ``maxmemory-policy``, ``timeout``, ``maxclients`` and
+    the slow log's two settings change anything: the others pass the check
+    only when given their current values. ``timeout`` takes a fraction too
+    (``--resp-idle-timeout 0.5``, given back when a later pair fails).
     """
     engine = server.engine
     if name == "maxmemory":
@@ -3719,6 +3837,10 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
         server.slowlog.configure(slower_than=parse_int(raw))
     elif name == "slowlog-max-len":
         server.slowlog.configure(max_len=parse_int(raw))
+    elif name == "timeout":
+        server.set_limits(idle_timeout=float(raw))
+    elif name == "maxclients":
+        server.set_limits(max_clients=int(raw))
     return None
 
 
@@ -3788,7 +3910,25 @@ async def _config_resetstat(conn: _Connection, argv: tuple[bytes, ...]) -> objec
 
 
 async def _config_rewrite(conn: _Connection, argv: tuple[bytes, ...]) -> object:
-    return ErrorReply("ERR The server is running without a config file")
+    """CONFIG REWRITE: refused, naming the config file and why.
+
+    Redis rewrites its ``redis.conf`` in place, keeping its comments and
+    lines. KVMemo's file is TOML (tables, comments, dotted keys, inline
+    tables), which the standard library reads but cannot write back; it is
+    one of three sources (flags and ``KVMEMO_*`` variables override it, and
+    writing their values, tokens included, into it would move secrets into
+    a file); and the slow log's settings have no key in it. A rewrite could
+    not be both faithful and safe, so none is made: the operator edits it.
+    """
+    path = conn.server.config_file
+    if path is None:
+        return ErrorReply("ERR The server is running without a config file")
+    return ErrorReply(
+        f"ERR CONFIG REWRITE is not supported: the config file '{path}' is TOML that"
+        " KVMemo reads at start and never writes (a rewrite would lose its comments"
+        " and layout, and flags and KVMEMO_* variables override it); put the settings"
+        " changed by CONFIG SET in it yourself"
+    )
 
 
 async def _config_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
@@ -3798,9 +3938,11 @@ async def _config_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "    Return parameters matching the glob-like <pattern> and their values.",
         "SET <directive> <value>",
         "    Set the configuration <directive> to <value> (maxmemory, maxmemory-policy,",
-        "    slowlog-log-slower-than, slowlog-max-len).",
+        "    timeout, maxclients, slowlog-log-slower-than, slowlog-max-len).",
         "RESETSTAT",
         "    Reset statistics reported by the INFO command.",
+        "REWRITE",
+        "    Refused: KVMemo never writes its TOML config file (the error says why).",
         "HELP",
         "    Print this help.",
     ]
@@ -3815,7 +3957,11 @@ _connection_command("config", -2, "admin noscript loading stale", "get or set se
                 2, _config_resetstat, _ADMIN_NOSCRIPT, "reset INFO's counters", "2.0.0"
             ),
             "rewrite": _SubCommand(
-                2, _config_rewrite, _ADMIN_NOSCRIPT, "write the config file (none)", "2.8.0"
+                2,
+                _config_rewrite,
+                _ADMIN_NOSCRIPT,
+                "refused: the config file is read-only",
+                "2.8.0",
             ),
             "help": _SubCommand(2, _config_help, _HELP, _HELP_SUMMARY, "5.0.0"),
         }
@@ -3893,6 +4039,20 @@ async def _handle(server: _Server, stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
+async def _sweep_idle(server: _Server) -> None:
+    """Close the idle clients while the port runs (:meth:`_Server.close_idle_clients`).
+
+    Sleeps until the next pass is due, or until ``CONFIG SET timeout``
+    changes the timeout (then passes at once, so a lower timeout closes the
+    clients already silent for longer, and a timeout turned off lets them be).
+    """
+    while True:
+        changed = server.idle_changed
+        wake = server.close_idle_clients(trio.current_time())
+        with trio.move_on_at(wake):
+            await changed.wait()
+
+
 async def serve_resp(
     engine: KVEngine,
     *,
@@ -3901,6 +4061,7 @@ async def serve_resp(
     tokens: frozenset[str] = frozenset(),
     limits: RespLimits = DEFAULT_LIMITS,
     shutdown: StopHandler | None = None,
+    config_file: str | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the Redis protocol for ``engine`` until cancelled.
@@ -3922,15 +4083,20 @@ async def serve_resp(
             passes its server's stop request (``kvmemo serve`` stops, an
             ``open_node`` without an owner's callback refuses); None:
             ``SHUTDOWN`` is refused with a clear error.
+        config_file: the TOML file the settings came from, if any: INFO's
+            ``config_file`` and ``CONFIG REWRITE``'s answer name it (it is
+            never written).
 
     Raises:
         OSError: the address cannot be bound.
     """
     server = _Server(engine, tuple(t.encode("utf-8") for t in sorted(tokens)), limits)
     server.stop = shutdown
+    server.config_file = config_file
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sweep_idle, server)
             await nursery.start(
                 partial(
                     trio.serve_listeners,
