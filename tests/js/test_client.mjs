@@ -8,61 +8,8 @@ import {
   backoffDelay,
   tokenize,
 } from "../../kvmemo/server/static/kvmemo.js";
+import {FakeWebSocket, run, tick} from "./harness.mjs";
 
-// ---- a scriptable WebSocket ----
-
-class FakeWebSocket {
-  static instances = [];
-  static throwOnConstruct = null;
-
-  constructor(url, protocols) {
-    if (FakeWebSocket.throwOnConstruct) throw FakeWebSocket.throwOnConstruct;
-    this.url = url;
-    this.protocols = protocols;
-    this.readyState = 0;
-    this.sent = [];
-    this.onopen = this.onmessage = this.onerror = this.onclose = null;
-    FakeWebSocket.instances.push(this);
-  }
-
-  send(text) {
-    if (this.readyState !== 1) throw new Error("InvalidStateError");
-    this.sent.push(JSON.parse(text));
-  }
-
-  close(code = 1000, reason = "") {
-    if (this.readyState >= 2) return;
-    this.readyState = 2;
-    setTimeout(() => this.serverClose(code, reason, true), 0);
-  }
-
-  // -- the test plays the server --
-  serverOpen() {
-    this.readyState = 1;
-    this.onopen?.({type: "open"});
-  }
-
-  serverSend(message) {
-    this.onmessage?.({type: "message", data: typeof message === "string" ? message : JSON.stringify(message)});
-  }
-
-  serverClose(code = 1006, reason = "", wasClean = false) {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    this.onclose?.({type: "close", code, reason, wasClean});
-  }
-
-  /** Answers every request of the last message sent with fn(request) as result. */
-  replyAll(fn, {reverse = false} = {}) {
-    const last = this.sent[this.sent.length - 1];
-    const requests = (Array.isArray(last) ? last : [last]).filter((r) => "id" in r);
-    const responses = requests.map((r) => ({jsonrpc: "2.0", id: r.id, result: fn(r)}));
-    if (reverse) responses.reverse();
-    this.serverSend(Array.isArray(last) ? responses : responses[0]);
-  }
-}
-
-const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const lastSocket = () => FakeWebSocket.instances[FakeWebSocket.instances.length - 1];
 const FAST = {initialMs: 5, maxMs: 20, factor: 2, jitter: 0};
@@ -666,31 +613,4 @@ test("publish sends its channel and message", async () => {
 
 // ---- runner ----
 
-const TEST_TIMEOUT_MS = 2000; // a test that hangs (a promise never settled) fails
-
-let failed = 0;
-let stray = [];
-process.on("unhandledRejection", (error) => stray.push(error));
-for (const {name, fn} of tests) {
-  FakeWebSocket.instances = [];
-  stray = [];
-  let timer;
-  try {
-    await Promise.race([
-      fn(),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${TEST_TIMEOUT_MS} ms`)), TEST_TIMEOUT_MS);
-      }),
-    ]);
-    await tick();
-    if (stray.length) throw stray[0];
-    console.log(`ok    ${name}`);
-  } catch (error) {
-    failed++;
-    console.log(`FAIL  ${name}\n      ${String(error.stack ?? error).split("\n").join("\n      ")}`);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-console.log(`\n${tests.length - failed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+await run(tests, 2000); // ms: a test that hangs (a promise never settled) fails

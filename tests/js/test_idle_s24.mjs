@@ -13,8 +13,8 @@
 
 import assert from "node:assert/strict";
 import {ClientState, IDLE_CLOSE, KVMemoClient} from "../../kvmemo/server/static/kvmemo.js";
+import {FakeWebSocket, run, tick} from "./harness.mjs";
 
-const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
 const once = (target, type) => new Promise((resolve) => target.addEventListener(type, (ev) => resolve(ev.detail), {once: true}));
 
 function record(client) {
@@ -32,59 +32,6 @@ function settled(promise) {
     (error) => Object.assign(box, {done: true, error}),
   );
   return box;
-}
-
-// ---- a scriptable WebSocket (the test plays the server) ----
-
-class FakeWebSocket {
-  static instances = [];
-
-  constructor(url, protocols) {
-    this.url = url;
-    this.protocols = protocols;
-    this.readyState = 0;
-    this.sent = [];
-    this.onopen = this.onmessage = this.onerror = this.onclose = null;
-    FakeWebSocket.instances.push(this);
-  }
-
-  send(text) {
-    if (this.readyState !== 1) throw new Error("InvalidStateError");
-    this.sent.push(JSON.parse(text));
-  }
-
-  close(code = 1000, reason = "") {
-    if (this.readyState >= 2) return;
-    this.readyState = 2;
-    setTimeout(() => this.serverClose(code, reason, true), 0);
-  }
-
-  serverOpen() {
-    this.readyState = 1;
-    this.onopen?.({type: "open"});
-  }
-
-  serverSend(message) {
-    this.onmessage?.({type: "message", data: JSON.stringify(message)});
-  }
-
-  serverClose(code = 1006, reason = "", wasClean = false) {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    this.onclose?.({type: "close", code, reason, wasClean});
-  }
-
-  idleClose() {
-    this.serverClose(IDLE_CLOSE.code, IDLE_CLOSE.reason, true);
-  }
-
-  /** Answers every request of the last message sent with fn(request) as result. */
-  replyAll(fn) {
-    const last = this.sent[this.sent.length - 1];
-    const requests = (Array.isArray(last) ? last : [last]).filter((r) => "id" in r);
-    const responses = requests.map((r) => ({jsonrpc: "2.0", id: r.id, result: fn(r)}));
-    this.serverSend(Array.isArray(last) ? responses : responses[0]);
-  }
 }
 
 const sockets = () => FakeWebSocket.instances;
@@ -380,32 +327,4 @@ liveTest("close() from the idle state settles, and the client opens nothing more
 
 // ---- runner ----
 
-const TEST_TIMEOUT_MS = 5000; // a test that hangs (a promise never settled) fails
-
-const tests = URL ? live : unit;
-let failed = 0;
-let stray = [];
-process.on("unhandledRejection", (error) => stray.push(error));
-for (const {name, fn} of tests) {
-  FakeWebSocket.instances = [];
-  stray = [];
-  let timer;
-  try {
-    await Promise.race([
-      fn(),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${TEST_TIMEOUT_MS} ms`)), TEST_TIMEOUT_MS);
-      }),
-    ]);
-    await tick();
-    if (stray.length) throw stray[0];
-    console.log(`ok    ${name}`);
-  } catch (error) {
-    failed++;
-    console.log(`FAIL  ${name}\n      ${String(error.stack ?? error).split("\n").join("\n      ")}`);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-console.log(`\n${tests.length - failed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+await run(URL ? live : unit, 5000); // ms: a test that hangs (a promise never settled) fails
