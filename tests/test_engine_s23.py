@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from test_engine_failures import wait_restarted
 
 import kvmemo
-from actors import ActorCrashed, ActorStopped, EventKind
+from actors import ActorCrashed, ActorStopped
 from kvmemo.engine import engine as engine_module
 
 PASSES = range(14)  # scheduler passes after the leader starts: covers gather, hold, commit
@@ -63,11 +64,8 @@ async def test_info_metrics_show_each_actors_restarts_and_mailbox_depth(
 ) -> None:
     """They were refreshed only before a /metrics scrape: info showed them empty."""
     async with kvmemo.open_store(shards=2) as kv:
-        async with kv.system.events.subscribe() as events:
-            kv.kill_actor("shard-0")
-            async for event in events:
-                if event.actor == "shard-0" and event.kind is EventKind.RESTARTED:
-                    break
+        kv.kill_actor("shard-0")
+        await wait_restarted(kv.system, "shard-0")
         metrics = (await kv.info())["stats"]["metrics"]
         assert metrics["kvmemo_actor_restarts_total"]["shard-0"] == 1
         assert metrics["kvmemo_actor_restarts_total"]["shard-1"] == 0

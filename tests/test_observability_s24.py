@@ -27,12 +27,12 @@ import pytest
 import trio
 import trio.testing
 from test_audit_ops_s23 import strict_exposition_problems
+from test_engine_failures import wait_restarted
 from test_persistence_groupsync import fail_next_sync_of, key_on_shard
 from test_redis_differential import REDIS_SERVER, RespConnection, redis_and_kvmemo
 from test_resp_server import Client, running
 
 import kvmemo
-from actors import EventKind
 from kvmemo.config import StoreConfig
 from kvmemo.node import open_node
 from kvmemo.server.config import ServerConfig
@@ -392,11 +392,8 @@ async def test_actor_restarts_are_a_counter_that_only_grows(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with kvmemo.open_store(shards=2) as kv:
-        async with kv.system.events.subscribe() as events:
-            kv.kill_actor("shard-0")
-            async for event in events:
-                if event.actor == "shard-0" and event.kind is EventKind.RESTARTED:
-                    break
+        kv.kill_actor("shard-0")
+        await wait_restarted(kv.system, "shard-0")
         engine = kv.engine
         engine.refresh_actor_metrics()
         engine.refresh_actor_metrics()  # a second read adds nothing
