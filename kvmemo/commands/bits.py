@@ -96,17 +96,20 @@ class SetBit(ops.ShardOp):
         byte = self.offset >> 3
         if byte >= len(old) and byte + 1 > self.max_size:
             raise TooLargeError(ops.STRING_TOO_LONG)
-        buf = bytearray(old)
-        if byte >= len(buf):
-            buf.extend(bytes(byte + 1 - len(buf)))
+        current = old[byte] if byte < len(old) else 0
         shift = 7 - (self.offset & 7)
-        previous = (buf[byte] >> shift) & 1
-        if self.bit:
-            buf[byte] |= 1 << shift
-        else:
-            buf[byte] &= ~(1 << shift) & 0xFF
+        previous = (current >> shift) & 1
+        changed = current | (1 << shift) if self.bit else current & ~(1 << shift) & 0xFF
+        # The new value in one copy of the old (a bitmap may be megabytes: a
+        # bytearray of it and bytes of that were two copies, each an allocation
+        # the kernel zero-fills).
+        with memoryview(old) as view:
+            if byte < len(old):
+                new = b"".join((view[:byte], changed.to_bytes(1, "big"), view[byte + 1 :]))
+            else:
+                new = b"".join((view, bytes(byte - len(old)), changed.to_bytes(1, "big")))
         # Like Redis, the key is written (created if absent) even when no bit changes.
-        store.put(self.key, bytes(buf), now, expires_at=None, keep_ttl=True)
+        store.put(self.key, new, now, expires_at=None, keep_ttl=True)
         return previous
 
 

@@ -395,9 +395,14 @@ class SetRange(ShardOp):
         if self.offset + len(self.value) > self.max_size:
             raise TooLargeError(STRING_TOO_LONG)
         base = old or b""
-        if len(base) < self.offset:
-            base = base + b"\x00" * (self.offset - len(base))
-        new = base[: self.offset] + self.value + base[self.offset + len(self.value) :]
+        offset, end = self.offset, self.offset + len(self.value)
+        # The new value in one copy of the old (slices and concatenations of
+        # a long value were three; see SetBit).
+        with memoryview(base) as view:
+            if len(base) < offset:
+                new = b"".join((view, bytes(offset - len(base)), self.value))
+            else:
+                new = b"".join((view[:offset], self.value, view[end:]))
         store.put(self.key, new, now, expires_at=None, keep_ttl=True)
         return len(new)
 
