@@ -71,7 +71,11 @@ def build(
     bound: dict[str, Any] = {}
     extra = []
     if server_config.resp:
-        from .server.resp_server import serve_resp
+        from .server.resp_server import RespSettings, serve_resp
+
+        # CONFIG SET's changes (timeout, maxclients, the slow log) outlive the
+        # server actor's restarts, as the port number does.
+        settings = RespSettings(server_config.resp_limits)
 
         async def run_resp(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             # Keep the port across restarts of the server actor (port 0 included).
@@ -86,6 +90,7 @@ def build(
                     limits=server_config.resp_limits,
                     shutdown=server.request_stop,
                     config_file=server_config.config_file,
+                    settings=settings,
                     task_status=recorder,
                 )
             except OSError as exc:

@@ -228,7 +228,7 @@ from .resp import (
 )
 from .slowlog import LLONG_MAX, SlowLog
 
-__all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "serve_resp"]
+__all__ = ["DEFAULT_PORT", "REDIS_VERSION", "RespLimits", "RespSettings", "serve_resp"]
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +333,21 @@ class PauseMode(enum.IntEnum):
 
 
 @attrs.define(eq=False)
+class RespSettings:
+    """What CONFIG SET changes on the Redis port, kept across its restarts.
+
+    Owned by whoever runs :func:`serve_resp` again after a failure (the node,
+    for the server actor's restarts): the port reads it at each start and
+    writes to it at each CONFIG SET of ``timeout`` or ``maxclients``; the slow
+    log (its two settings and its entries) is this one object. Without it, a
+    restarted port went back to the start values, silently.
+    """
+
+    limits: RespLimits
+    slowlog: SlowLog = attrs.Factory(SlowLog)
+
+
+@attrs.define(eq=False)
 class _Server:
     """What the connections of one :func:`serve_resp` share."""
 
@@ -349,6 +364,10 @@ class _Server:
     started_at: float = attrs.Factory(time.time)
     run_id: str = attrs.Factory(lambda: secrets.token_hex(20))
     slowlog: SlowLog = attrs.Factory(SlowLog)
+    # What outlives this port's restarts (see RespSettings; its own when none is given).
+    settings: RespSettings = attrs.Factory(
+        lambda self: RespSettings(self.limits, self.slowlog), takes_self=True
+    )
     # How SHUTDOWN asks the process to stop (None: it is refused); see serve_resp.
     stop: StopHandler | None = None
     # The connections' pipelines of one scheduler pass run as one engine call.
@@ -422,7 +441,7 @@ class _Server:
         if idle_timeout is not None:
             limits = attrs.evolve(limits, idle_timeout=idle_timeout)
         changed = limits.idle_timeout != self.limits.idle_timeout
-        self.limits = limits
+        self.limits = self.settings.limits = limits
         if changed:
             self.idle_changed.set()
             self.idle_changed = trio.Event()
@@ -4062,6 +4081,7 @@ async def serve_resp(
     limits: RespLimits = DEFAULT_LIMITS,
     shutdown: StopHandler | None = None,
     config_file: str | None = None,
+    settings: RespSettings | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the Redis protocol for ``engine`` until cancelled.
@@ -4086,11 +4106,20 @@ async def serve_resp(
         config_file: the TOML file the settings came from, if any: INFO's
             ``config_file`` and ``CONFIG REWRITE``'s answer name it (it is
             never written).
+        settings: what CONFIG SET changed in an earlier run of this port
+            (its limits, its slow log), to start from instead of ``limits``
+            and an empty slow log, and to keep what it changes in; None:
+            this run's own.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    server = _Server(engine, tuple(t.encode("utf-8") for t in sorted(tokens)), limits)
+    passwords = tuple(t.encode("utf-8") for t in sorted(tokens))
+    if settings is None:
+        server = _Server(engine, passwords, limits)
+    else:
+        server = _Server(engine, passwords, settings.limits, slowlog=settings.slowlog)
+        server.settings = settings
     server.stop = shutdown
     server.config_file = config_file
     listeners = await trio.open_tcp_listeners(port, host=host)
