@@ -62,6 +62,16 @@ export class FakeWebSocket {
 
 export const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
 
+/** A box that says whether `promise` settled yet, and with what (`value` or `error`). */
+export function settled(promise) {
+  const box = {done: false};
+  promise.then(
+    (value) => Object.assign(box, {done: true, value}),
+    (error) => Object.assign(box, {done: true, error}),
+  );
+  return box;
+}
+
 /**
  * Runs `tests` ({name, fn} each) in order, each within `timeoutMs` (a test that
  * hangs on a promise never settled fails) and failing on an unhandled rejection

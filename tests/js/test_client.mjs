@@ -8,7 +8,7 @@ import {
   backoffDelay,
   tokenize,
 } from "../../kvmemo/server/static/kvmemo.js";
-import {FakeWebSocket, run, tick} from "./harness.mjs";
+import {FakeWebSocket, run, settled, tick} from "./harness.mjs";
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const lastSocket = () => FakeWebSocket.instances[FakeWebSocket.instances.length - 1];
@@ -23,15 +23,6 @@ async function openClient(options) {
   lastSocket().serverOpen();
   await client.ready;
   return client;
-}
-
-function settled(promise) {
-  const box = {done: false};
-  promise.then(
-    (value) => Object.assign(box, {done: true, value}),
-    (error) => Object.assign(box, {done: true, error}),
-  );
-  return box;
 }
 
 // ---- tests ----

@@ -13,7 +13,7 @@
 
 import assert from "node:assert/strict";
 import {ClientState, IDLE_CLOSE, KVMemoClient} from "../../kvmemo/server/static/kvmemo.js";
-import {FakeWebSocket, run, tick} from "./harness.mjs";
+import {FakeWebSocket, run, settled, tick} from "./harness.mjs";
 
 const once = (target, type) => new Promise((resolve) => target.addEventListener(type, (ev) => resolve(ev.detail), {once: true}));
 
@@ -23,15 +23,6 @@ function record(client) {
     client.addEventListener(type, (ev) => events.push({type, ...ev.detail}));
   }
   return events;
-}
-
-function settled(promise) {
-  const box = {done: false};
-  promise.then(
-    (value) => Object.assign(box, {done: true, value}),
-    (error) => Object.assign(box, {done: true, error}),
-  );
-  return box;
 }
 
 const sockets = () => FakeWebSocket.instances;
