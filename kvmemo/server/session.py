@@ -122,7 +122,7 @@ from __future__ import annotations
 import hmac
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -146,6 +146,7 @@ from ..errors import (
 from . import jsonrpc
 
 if TYPE_CHECKING:
+    from ..engine.engine import KVEngine
     from .app import Server
 
 log = logging.getLogger("kvmemo.session")
@@ -657,6 +658,10 @@ class Session:
         *,
         is_batch: bool,
     ) -> None:
+        """Answer every call of a message with ``error``, none run (shutting down,
+        OVERLOADED): each is a rejected call in commandstats, as the Redis port
+        counts its own refusals."""
+        _count_rejected(self.server.engine, calls)
         responses = errors + [
             jsonrpc.error_response(c.id, error) for c in calls if not c.notification
         ]
@@ -839,6 +844,7 @@ class Session:
                 result = self._auth(call.args)
             elif not self.authed:
                 result = NoAuthError("authentication required: send auth first")
+                _count_rejected(self.server.engine, (call,))
             elif call.method in TRANSACTION_METHODS:
                 result = await self._transaction_method(call)
             elif call.method in PUBSUB_METHODS:
@@ -1142,3 +1148,12 @@ def check_token(token: str, tokens: frozenset[str]) -> bool:
     for candidate in tokens:
         ok |= hmac.compare_digest(token.encode(), candidate.encode())
     return ok
+
+
+def _count_rejected(engine: KVEngine, calls: Iterable[jsonrpc.Call]) -> None:
+    """Count the calls of commands among ``calls`` as rejected (INFO commandstats'
+    ``rejected_calls``): refused before they reached the engine. Other methods
+    (the session's own, unknown ones) are not commands: not counted."""
+    for call in calls:
+        if call.method in COMMANDS:
+            engine.count_rejected(call.method)
