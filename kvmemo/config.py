@@ -11,6 +11,7 @@ import re
 
 import attrs
 
+from .commands.table import LCS_MAX_CELLS, LCS_MAX_LENGTH
 from .eviction.policies import POLICY_NAMES, make_policy
 from .persistence import records
 from .persistence.wal import syncfs_supported
@@ -180,8 +181,8 @@ class StoreConfig:
     fsync_method: str = "commitlog"
     pubsub_buffer_limit: int = attrs.field(default=32 * 1024 * 1024, converter=_pubsub_limit)
     pubsub_max_subscriptions: int = attrs.field(default=100_000, validator=_at_least_one)
-    lcs_max_cells: int = attrs.field(default=10**8, validator=_at_least_one)
-    lcs_max_length: int = attrs.field(default=200_000, validator=_at_least_one)
+    lcs_max_cells: int = attrs.field(default=LCS_MAX_CELLS, validator=_at_least_one)
+    lcs_max_length: int = attrs.field(default=LCS_MAX_LENGTH, validator=_at_least_one)
 
     def __attrs_post_init__(self) -> None:
         if self.shards > 16384:

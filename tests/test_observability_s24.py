@@ -305,12 +305,13 @@ _SEQUENCE: list[tuple[str, ...]] = [
 ]
 
 
-def _run_on(port: int, sequence: Sequence[tuple[str, ...]], first: Sequence[str] = ()) -> str:
+def _run_on(port: int, sequence: Sequence[tuple[str, ...]], *, reset: bool = True) -> str:
+    """``sequence`` on one connection to ``port`` (after CONFIG RESETSTAT, with
+    ``reset``), then its INFO commandstats and errorstats, header line cut."""
     conn = RespConnection(port)
     try:
-        if first:
-            conn.call(*first)
-        assert conn.call("CONFIG", "RESETSTAT")[0] == b"+OK\r\n"
+        if reset:
+            assert conn.call("CONFIG", "RESETSTAT")[0] == b"+OK\r\n"
         for argv in sequence:
             conn.call(*argv)
         raw, _ = conn.call("INFO", "commandstats", "errorstats")
@@ -331,22 +332,17 @@ def test_commandstats_and_errorstats_match_a_real_redis_server(tmp_path: Path) -
 
 @needs_redis
 def test_noauth_refusals_match_a_real_redis_server(tmp_path: Path) -> None:
-    sequence = [("AUTH", "pw"), ("GET", "k"), ("AUTH", "wrong"), ("CLIENT", "ID")]
-
-    def run(port: int) -> str:
-        conn = RespConnection(port)
-        try:
-            conn.call("GET", "k")  # NOAUTH: rejected
-            conn.call("PING")
-            for argv in sequence:
-                conn.call(*argv)
-            raw, _ = conn.call("INFO", "commandstats", "errorstats")
-        finally:
-            conn.close()
-        return raw.split(b"\r\n", 1)[1].decode()
-
+    sequence = [
+        ("GET", "k"),  # NOAUTH: rejected
+        ("PING",),
+        ("AUTH", "pw"),
+        ("GET", "k"),
+        ("AUTH", "wrong"),
+        ("CLIENT", "ID"),
+    ]
+    # No CONFIG RESETSTAT first: it would be refused too (NOAUTH).
     with redis_and_kvmemo(tmp_path, ("--requirepass", "pw"), frozenset({"pw"})) as ports:
-        redis_text, kvmemo_text = run(ports[0]), run(ports[1])
+        redis_text, kvmemo_text = (_run_on(port, sequence, reset=False) for port in ports)
     assert commandstats(kvmemo_text) == commandstats(redis_text)
     assert errorstats(kvmemo_text) == errorstats(redis_text)
     assert errorstats(kvmemo_text) == {"NOAUTH": 2, "WRONGPASS": 1}

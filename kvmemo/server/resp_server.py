@@ -364,10 +364,9 @@ class _Server:
     started_at: float = attrs.Factory(time.time)
     run_id: str = attrs.Factory(lambda: secrets.token_hex(20))
     slowlog: SlowLog = attrs.Factory(SlowLog)
-    # What outlives this port's restarts (see RespSettings; its own when none is given).
-    settings: RespSettings = attrs.Factory(
-        lambda self: RespSettings(self.limits, self.slowlog), takes_self=True
-    )
+    # What outlives this port's restarts (see RespSettings): ``limits`` and
+    # ``slowlog`` are its, kept here too for the hot path's one attribute read.
+    settings: RespSettings = attrs.field(kw_only=True)
     # How SHUTDOWN asks the process to stop (None: it is refused); see serve_resp.
     stop: StopHandler | None = None
     # The connections' pipelines of one scheduler pass run as one engine call.
@@ -4116,10 +4115,10 @@ async def serve_resp(
     """
     passwords = tuple(t.encode("utf-8") for t in sorted(tokens))
     if settings is None:
-        server = _Server(engine, passwords, limits)
-    else:
-        server = _Server(engine, passwords, settings.limits, slowlog=settings.slowlog)
-        server.settings = settings
+        settings = RespSettings(limits)
+    server = _Server(
+        engine, passwords, settings.limits, slowlog=settings.slowlog, settings=settings
+    )
     server.stop = shutdown
     server.config_file = config_file
     listeners = await trio.open_tcp_listeners(port, host=host)
