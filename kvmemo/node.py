@@ -71,11 +71,15 @@ def build(
     bound: dict[str, Any] = {}
     extra = []
     if server_config.resp:
+        from .server.openfiles import OpenFiles, reserved_fds
         from .server.resp_server import RespSettings, serve_resp
 
         # CONFIG SET's changes (timeout, maxclients, the slow log) outlive the
-        # server actor's restarts, as the port number does.
-        settings = RespSettings(server_config.resp_limits)
+        # server actor's restarts, as the port number does. maxclients stays
+        # within what the process's open-file limit allows (server.openfiles).
+        reserved = reserved_fds(store.shards, persistent=store.data_dir is not None)
+        settings = RespSettings(server_config.resp_limits, open_files=OpenFiles(reserved))
+        settings.clients_allowed()  # a limit that leaves no client fails before any port opens
 
         async def run_resp(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             # Keep the port across restarts of the server actor (port 0 included).
@@ -201,7 +205,8 @@ async def open_node(
     the block comes out as itself, not wrapped in an exception group.
 
     Raises:
-        OSError: an address cannot be bound.
+        OSError: an address cannot be bound, or the open-file limit (``ulimit
+            -n``) leaves the Redis port no client (see ``server.openfiles``).
     """
     store = store if store is not None else StoreConfig()
     server_config = server_config if server_config is not None else ServerConfig()

@@ -99,7 +99,9 @@ def test_a_write_the_tracker_refuses_changes_nothing() -> None:
         store.put(b"b", b"2", 0.0, expires_at=None)
     assert caught.value.nbytes == store.entry_size(b"b", b"2")
     with pytest.raises(NeedMemory):
-        store.set_expiry(b"a", 5.0)  # an expiry costs bytes too
+        # An expiry costs bytes too (SET EX); EXPIRE's set_expiry is never refused (see
+        # test_redis_limits_s25: Redis does not flag it denyoom).
+        store.put(b"a", b"1", 0.0, expires_at=5.0)
     assert (dict(store.data), store.used, store.tracker.used) == before
     assert store.expiry_of(b"a") is None
     assert store.tracker.refused == 2

@@ -989,10 +989,10 @@ class _MovePart(AtomicPart):
                 has_ttl = store.expiry_of(op.dst) is not None
                 self.old_size = store.entry_size(op.dst, old, has_ttl=has_ttl)
             delta = store.entry_size_of(op.dst, rnd.bound) + TTL_OVERHEAD - self.old_size
-            if op.kind == "rename" and delta > 0:
+            if op.kind != "copy" and delta > 0:
                 # The source's deletion frees about as much: never refused (as in
-                # Redis, whose RENAME is not denyoom); over the limit by one entry
-                # at most, until the source's shard commits.
+                # Redis, whose RENAME and RENAMENX are not denyoom); over the limit
+                # by one entry at most, until the source's shard commits.
                 store.tracker.reserve(store.shard_id, delta)
             elif not store.tracker.try_reserve(store.shard_id, delta):
                 return NeedMemory(delta)

@@ -94,7 +94,7 @@ from ..errors import (
     UnknownCommandError,
 )
 from ..eviction.manager import Candidate, EvictionManager, EvictNow, Wake
-from ..eviction.memory import MemoryTracker
+from ..eviction.memory import MemoryTracker, entry_size_bound
 from ..eviction.policies import EvictionPolicy, make_policy
 from ..expiry.ttl_manager import TTLManager
 from ..observability.metrics import MetricsRegistry
@@ -284,6 +284,8 @@ class KVEngine:
             watermark=config.eviction_watermark,
             target=config.eviction_target,
         )
+        # What a first expiry may take past the limit: one maximum-size entry.
+        self.tracker.overdraft = entry_size_bound(config.max_key_size, config.max_value_size)
         self.metrics = metrics if metrics is not None else MetricsRegistry()
         self.system: ActorSystem | None = None
         self._shards: list[ActorRef] = []

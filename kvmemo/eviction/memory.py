@@ -37,10 +37,22 @@ every figure above; ``tests/test_memory.py`` holds every policy within
 ±20 % at 10^5 entries.
 
 Invariant: ``used == sum(shard usage)``, and when ``maxmemory`` is set,
-``used <= maxmemory`` after any successful reservation. ``peak`` is the
-highest ``used`` ever reached (for ``MEMORY STATS``): it is recorded where
-usage *falls* (a release, a shrinking write, a reset), never on the growing
-path, so a write that adds bytes pays nothing for it.
+``used <= maxmemory`` after any successful :meth:`MemoryTracker.try_reserve`.
+Only two reservations go past the limit, for what Redis never refuses for
+memory (commands not flagged ``denyoom``), each by at most one
+maximum-size entry: :meth:`MemoryTracker.reserve`, for RENAME's and
+RENAMENX's target (one entry in flight, freed again by the source's
+deletion), and :meth:`MemoryTracker.overdraw`, for a key's first expiry
+(``TTL_OVERHEAD``, for as long as the key keeps it), granted while ``used``
+stays within ``overdraft`` (one maximum-size entry, set by the engine) of
+the limit and refused past it. So ``used`` exceeds ``maxmemory`` by one
+maximum-size entry at most, two for as long as a RENAME is in flight over
+an overdraft in use; every write that adds bytes is refused while ``used``
+is over the limit.
+
+``peak`` is the highest ``used`` ever reached (for ``MEMORY STATS``): it is
+recorded where usage *falls* (a release, a shrinking write, a reset), never
+on the growing path, so a write that adds bytes pays nothing for it.
 """
 
 from __future__ import annotations
@@ -65,6 +77,16 @@ def entry_size(key: bytes, value: bytes, *, has_ttl: bool = False) -> int:
     """Estimated bytes one entry costs in memory, including bookkeeping."""
     size = ENTRY_BASE + ((len(key) + ROUND_UP) & ~15) + ((len(value) + ROUND_UP) & ~15)
     return size + TTL_OVERHEAD if has_ttl else size
+
+
+def entry_size_bound(key_length: int, value_length: int) -> int:
+    """:func:`entry_size` of a key and value of these lengths, with an expiry."""
+    return (
+        ENTRY_BASE
+        + ((key_length + ROUND_UP) & ~15)
+        + ((value_length + ROUND_UP) & ~15)
+        + TTL_OVERHEAD
+    )
 
 
 def entries_size(data: Mapping[bytes, bytes], with_ttl: int) -> int:
@@ -113,6 +135,8 @@ class MemoryTracker:
         self._peak = 0
         self._per_shard = [0] * shards
         self.refused = 0  # reservations refused at the hard limit
+        # Bytes past maxmemory that overdraw() may grant (see the module docstring).
+        self.overdraft = 0
 
     def set_limit(self, maxmemory: int) -> None:
         """Change the hard limit (CONFIG SET maxmemory); usage is untouched."""
@@ -140,13 +164,28 @@ class MemoryTracker:
         self._per_shard[shard] += nbytes
         return True
 
+    def overdraw(self, shard: int, nbytes: int) -> bool:
+        """:meth:`try_reserve` of ``nbytes`` (> 0) with ``overdraft`` bytes past the limit.
+
+        For a key's first expiry: EXPIRE and its kin, GETEX, which Redis
+        never refuses for memory. Granted past ``maxmemory`` (a client that
+        gives a key a timeout at the limit means to free it), but never by
+        more than ``overdraft``: ``OOM`` then, as for any write.
+        """
+        if self.maxmemory and self.used + nbytes > self.maxmemory + self.overdraft:
+            self.refused += 1
+            return False
+        self.used += nbytes
+        self._per_shard[shard] += nbytes
+        return True
+
     def reserve(self, shard: int, nbytes: int) -> None:
         """Account ``nbytes`` more for ``shard`` whatever the limit (``nbytes`` >= 0).
 
         For a write that frees as much as it takes, whose bytes are charged
-        before the others are released (RENAME: the target is written before
-        the source's shard deletes it; Redis never refuses RENAME for memory).
-        The excess is bounded by that one entry.
+        before the others are released (RENAME, RENAMENX, which Redis never
+        refuses for memory: the target is written before the source's shard
+        deletes it; the excess is bounded by that one entry).
         """
         self.used += nbytes
         self._per_shard[shard] += nbytes

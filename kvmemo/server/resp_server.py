@@ -150,7 +150,10 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   clients already open: a lower one closes those silent for longer, 0 spares
   them all. A reader whose wait ends as the sweep closes it runs nothing of
   what it read. ``CONFIG SET maxclients`` counts from the next accepted
-  connection; those open stay open, as in Redis. Both change this port's
+  connection; those open stay open, as in Redis. With an open-file budget
+  (:mod:`kvmemo.server.openfiles`, the node's), ``maxclients`` never exceeds
+  what the process's ``ulimit -n`` allows: lowered at start with a warning,
+  refused by CONFIG SET with Redis's words. Both change this port's
   limits only: the WebSocket port's ``--idle-timeout`` and
   ``--max-sessions`` are separate settings, fixed at start.
 * **Operations.** ``SHUTDOWN`` asks the program to stop through the owner's
@@ -183,6 +186,7 @@ OBJECT, MEMORY and PUBSUB under the command's name (``cmdstat_object``).
 from __future__ import annotations
 
 import enum
+import errno
 import hmac
 import logging
 import math
@@ -214,6 +218,7 @@ from ..eviction.policies import POLICY_NAMES, make_policy
 from .app import StopHandler, StopRequest
 from .coalesce import COALESCED, Coalescer
 from .config import RespLimits as RespLimits
+from .openfiles import OpenFiles, too_many_clients
 from .resp import (
     NULL_ARRAY,
     ErrorReply,
@@ -341,10 +346,48 @@ class RespSettings:
     writes to it at each CONFIG SET of ``timeout`` or ``maxclients``; the slow
     log (its two settings and its entries) is this one object. Without it, a
     restarted port went back to the start values, silently.
+
+    ``open_files``: the descriptors the port's clients may hold (the node
+    gives the process's ``ulimit -n``); ``maxclients`` is kept within it
+    (:mod:`kvmemo.server.openfiles`). None: unchecked.
     """
 
     limits: RespLimits
     slowlog: SlowLog = attrs.Factory(SlowLog)
+    open_files: OpenFiles | None = None
+
+    def clients_allowed(self) -> int | None:
+        """The most clients the open-file budget allows now; None: no budget, or no limit.
+
+        Raises:
+            OSError: ``EMFILE``, the budget leaves no client at all (Redis
+                exits then too).
+        """
+        budget = self.open_files
+        allowed = None if budget is None else budget.clients_allowed()
+        if budget is not None and allowed is not None and allowed < 1:
+            raise OSError(
+                errno.EMFILE,
+                f"the open-file limit (ulimit -n) of {allowed + budget.reserved} leaves no"
+                f" descriptor for Redis clients ({budget.reserved} are kept for the"
+                f" process): raise it to at least {budget.reserved + self.limits.max_clients}",
+            )
+        return allowed
+
+    def fit_open_files(self) -> str | None:
+        """Lower ``maxclients`` to what the open-file budget allows now; the
+        warning to log when it did (None: it fitted, or there is no budget).
+
+        Raises:
+            OSError: as :meth:`clients_allowed`; nothing changed.
+        """
+        allowed = self.clients_allowed()
+        if allowed is None or self.limits.max_clients <= allowed:
+            return None
+        assert self.open_files is not None
+        wanted = self.limits.max_clients
+        self.limits = attrs.evolve(self.limits, max_clients=allowed)
+        return self.open_files.lowered(wanted, allowed)
 
 
 @attrs.define(eq=False)
@@ -3023,10 +3066,12 @@ _CHANNEL_KEYS: Final = {
 }
 
 
-# Write commands that never need memory, which Redis does not flag ``denyoom``
-# (they remove keys or TTLs, or rename a key): a client routing on the flag
-# must not refuse them under memory pressure. (KVMemo refuses only a first TTL
-# that does not fit under noeviction: see the README's deliberate differences.)
+# Write commands Redis does not flag ``denyoom`` (they remove keys, set or
+# remove TTLs, or rename a key): Redis runs them even over maxmemory, a client
+# routing on the flag does not refuse them under memory pressure, and KVMemo
+# does not either: a RENAME's target is reserved past the limit
+# (MemoryTracker.reserve), a first TTL's few bytes within an overdraft of one
+# maximum-size entry past it (MemoryTracker.overdraw; OOM beyond).
 _NOT_DENYOOM: Final = frozenset(
     {
         "del",
@@ -3806,6 +3851,12 @@ def _config_check_one(server: _Server, name: str, raw: bytes) -> str | None:
             return "argument couldn't be parsed into an integer"
         if not lowest <= value <= highest:
             return f"argument must be between {lowest} and {highest} inclusive"
+        budget = server.settings.open_files
+        if name == "maxclients" and budget is not None:
+            # Redis's updateMaxclients: more than the open-file limit allows fails.
+            allowed = budget.clients_allowed()
+            if allowed is not None and value > allowed:
+                return too_many_clients(allowed)
         return None
     current = _config_values(server).get(name)
     if name in ("save", "appendonly", "appendfsync", "dir"):
@@ -4108,14 +4159,17 @@ async def serve_resp(
         settings: what CONFIG SET changed in an earlier run of this port
             (its limits, its slow log), to start from instead of ``limits``
             and an empty slow log, and to keep what it changes in; None:
-            this run's own.
+            this run's own. With an open-file budget, a ``maxclients`` above
+            it is lowered to it first, and a warning logged once bound.
 
     Raises:
-        OSError: the address cannot be bound.
+        OSError: the address cannot be bound, or the open-file budget
+            leaves no client (``EMFILE``).
     """
     passwords = tuple(t.encode("utf-8") for t in sorted(tokens))
     if settings is None:
         settings = RespSettings(limits)
+    lowered = settings.fit_open_files()
     server = _Server(
         engine, passwords, settings.limits, slowlog=settings.slowlog, settings=settings
     )
@@ -4136,6 +4190,8 @@ async def serve_resp(
             bound = listeners[0].socket.getsockname()
             server.host, server.port = bound[0], bound[1]
             logger.info("RESP port listening on %s:%d", server.host, server.port)
+            if lowered is not None:
+                logger.warning("%s", lowered)
             task_status.started((server.host, server.port))
     finally:
         for listener in listeners:

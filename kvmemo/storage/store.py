@@ -526,8 +526,16 @@ class ShardStore:
     def set_expiry(self, key: bytes, expires_at: float | None) -> bool:
         """Give a live ``key`` a new expiry (None removes it).
 
+        Redis never refuses the commands that call it for memory (EXPIRE and
+        its kin, GETEX, PERSIST: not ``denyoom``): a key's first expiry costs
+        ``TTL_OVERHEAD`` bytes, granted past ``maxmemory`` within the
+        tracker's overdraft (:meth:`MemoryTracker.overdraw`: one
+        maximum-size entry). Refusing it at the limit would keep for ever a
+        key its client meant to free; granted, the bytes come back when the
+        key expires.
+
         Raises:
-            NeedMemory: gaining an expiry costs bytes the tracker refused.
+            NeedMemory: the overdraft is spent too; nothing changed.
         """
         value = self.data[key]
         old_exp = self.expires.get(key)
@@ -537,8 +545,11 @@ class ShardStore:
             delta = self.entry_size(key, value, has_ttl=expires_at is not None) - self.entry_size(
                 key, value, has_ttl=old_exp is not None
             )
-            if not self.tracker.try_reserve(self.shard_id, delta):
-                raise NeedMemory(delta)
+            if delta > 0:
+                if not self.tracker.overdraw(self.shard_id, delta):
+                    raise NeedMemory(delta)
+            else:
+                self.tracker.release(self.shard_id, -delta)
             self.used += delta
             self.policy.record_volatile(key, expires_at is not None)
         if old_exp is not None:
