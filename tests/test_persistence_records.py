@@ -178,8 +178,10 @@ def test_a_flipped_byte_anywhere_in_a_record_is_corrupt_never_torn(last: bool) -
     ("data", "reason"),
     [
         (bytes(40), "unknown format version 0"),
-        (b"\x00\x00\x00\x00\x02\x01", "unknown format version 2"),
+        (b"\x00\x00\x00\x00\x03\x01", "unknown format version 3"),
         (b"\x00\x00\x00\x00\x01\x09", "unknown op 9"),
+        (b"\x00\x00\x00\x00\x01\x08", "unknown op 8"),  # a PATCH is version 2's
+        (b"\x00\x00\x00\x00\x02\x09", "unknown op 9"),
         (b"\x00" * 4 + b"\x01\x01" + (5).to_bytes(4, "little"), "impossible payload length 5"),
     ],
 )

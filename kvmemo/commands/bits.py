@@ -109,7 +109,8 @@ class SetBit(ops.ShardOp):
             else:
                 new = b"".join((view, bytes(byte - len(old)), changed.to_bytes(1, "big")))
         # Like Redis, the key is written (created if absent) even when no bit changes.
-        store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+        edit = (byte, changed.to_bytes(1, "big"))
+        store.put(self.key, new, now, expires_at=None, keep_ttl=True, edit=edit)
         return previous
 
 
@@ -398,17 +399,18 @@ class BitField(ops.ShardOp):
     limit; KVMemo holds BITFIELD to the limit SETBIT and SETRANGE obey).
     """
 
-    __slots__ = ("fields", "max_size", "size")
+    __slots__ = ("fields", "first", "max_size", "size")
     write = True
 
     def __init__(self, key: bytes, fields: Sequence[FieldOp], max_size: int) -> None:
         self.key = key
         self.fields = tuple(fields)
         self.max_size = max_size
-        # Bytes the value must have for the farthest bit a SET or INCRBY reaches.
-        self.size = max(
-            ((f.offset + f.bits - 1) >> 3) + 1 for f in fields if f.action is not FieldAction.GET
-        )
+        writes = [f for f in fields if f.action is not FieldAction.GET]
+        # Bytes the value must have for the farthest bit a SET or INCRBY reaches,
+        # and the first byte one may change: no byte outside them changes.
+        self.size = max(((f.offset + f.bits - 1) >> 3) + 1 for f in writes)
+        self.first = min(f.offset >> 3 for f in writes)
 
     def apply(self, store: ShardStore, now: float) -> list[int | None]:
         old = store.peek(self.key, now)
@@ -433,7 +435,8 @@ class BitField(ops.ShardOp):
             replies.append(current if f.action is FieldAction.SET else stored)
         new = bytes(buf)
         if new != old:  # created (even if every write failed), grown, or changed
-            store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+            edit = (self.first, new[self.first : self.size])
+            store.put(self.key, new, now, expires_at=None, keep_ttl=True, edit=edit)
         return replies
 
 

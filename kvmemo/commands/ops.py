@@ -335,7 +335,8 @@ class Append(ShardOp):
         if old is not None and len(old) + len(self.value) > self.max_size:
             raise TooLargeError(STRING_TOO_LONG)
         new = self.value if old is None else old + self.value
-        store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+        edit = (0 if old is None else len(old), self.value)
+        store.put(self.key, new, now, expires_at=None, keep_ttl=True, edit=edit)
         return len(new)
 
 
@@ -403,7 +404,8 @@ class SetRange(ShardOp):
                 new = b"".join((view, bytes(offset - len(base)), self.value))
             else:
                 new = b"".join((view[:offset], self.value, view[end:]))
-        store.put(self.key, new, now, expires_at=None, keep_ttl=True)
+        edit = (offset, self.value)
+        store.put(self.key, new, now, expires_at=None, keep_ttl=True, edit=edit)
         return len(new)
 
 

@@ -1,18 +1,30 @@
 """The record format of the write-ahead log and of snapshots: a pure codec (no I/O).
 
 Design. A record is the *effect* of one write on one shard, never the command
-that caused it: ``APPEND`` and ``INCR`` are logged as a ``SET`` of the full new
-value, a relative ``EXPIRE`` as an absolute Unix time in milliseconds,
-``RENAME`` as a ``DEL`` and a ``SET``. Every record is therefore self-contained,
-so replay is deterministic and does not depend on the clock or on any earlier
-record being present (recovery relies on this when it keeps the records of a
-later segment after damage in an earlier one).
+that caused it: ``INCR`` is logged as a ``SET`` of the full new value, a
+relative ``EXPIRE`` as an absolute Unix time in milliseconds, ``RENAME`` as a
+``DEL`` and a ``SET``. Replay is therefore deterministic and does not depend on
+the clock. Every record but a ``PATCH`` is self-contained too: it does not
+depend on any earlier record being present (recovery relies on this when it
+keeps the records of a later segment after damage in an earlier one). A
+``PATCH`` (an in-place edit of a long value: ``SETBIT``, ``SETRANGE``,
+``APPEND``, ``BITFIELD``) sets bytes of the value the key held, so that the
+record is the size of the edit, not of the value (a ``SET`` of a 12 MB bitmap
+per ``SETBIT`` made the log 30,000 times the size of Redis's AOF). It names
+its *base*: the record that gave the key the value it edits (that record's
+CRC, and the value's length), a *base* ``SET`` (one of version 2) or a
+``PATCH``, and replay applies it only to that value (see :class:`Chains`).
+So whatever records were lost (a power loss's tail, even one that left no
+damage to see; a repair's; a batch the log dropped), a ``PATCH`` never
+makes a value its key never held: one whose base is not the value replay
+holds is skipped, with every later ``PATCH`` of its key until the key is
+written whole again.
 
 Layout of one record, little-endian::
 
     offset  size  field
     0       4     CRC32 of every byte from offset 4 to the end of the payload
-    4       1     format version (FORMAT_VERSION)
+    4       1     format version (1; 2 for a PATCH, see Versions)
     5       1     op (:class:`Op`)
     6       4     payload length P
     10      P     payload: key length u32, key, value length u32, value,
@@ -37,8 +49,9 @@ A damaged length field cannot pass for a torn tail: the payload length is
 checked against the key and value lengths as soon as they are present, and in
 a complete record they all are, and against the op's shape (a DEL has no
 value, a GROUP no key, ...). Two length fields damaged together (a burst of
-bad bytes over both) can agree only in a SET whose key runs past the end of
-the data: then, and only then, the bytes after are searched for a whole
+bad bytes over both) can agree only in a SET or a PATCH (the two ops whose
+key and value lengths are both free) whose key runs past the end of the
+data: then, and only then, the bytes after are searched for a whole
 record (see ``_whole_record_after``: they are fewer than the torn key
 would hold); finding one, it is damage. No other forward search for the
 next valid record is ever made: it would cost time in proportion to the size
@@ -53,6 +66,14 @@ of a newer version from damage: a complete record whose version is above
 raise :class:`NewerVersion`: the start is refused). A flipped version byte
 fails the CRC and stays corrupt; so does a torn record of an unknown
 version, whose CRC cannot be checked.
+
+Version 2 added the ``PATCH`` op, and the *base* ``SET`` (a ``SET`` of
+version 2: one a ``PATCH`` may name as its base), and changed nothing else:
+every other record is still written as version 1, so a log of no in-place
+edits stays readable by a build of version 1, and one that holds some is
+refused by it as newer (never repaired away). This build reads both; a
+version-1 ``PATCH``, and a version-2 record of any op but these two, are
+damage.
 """
 
 from __future__ import annotations
@@ -63,13 +84,14 @@ import struct
 import zlib
 from collections.abc import Callable, Generator
 from os import PathLike
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import attrs
 
 from ..errors import KVMemoError
 
-FORMAT_VERSION = 1  # the version byte of every record this module writes
+FORMAT_VERSION = 2  # the newest record format this build reads (and a PATCH's version byte)
+_V1 = 1  # the version byte of every other record (their layout is version 1's)
 
 HEADER = struct.Struct("<IBBI")  # crc32, version, op, payload length
 HEADER_SIZE = HEADER.size  # 10 bytes
@@ -169,13 +191,31 @@ class Op(enum.IntEnum):
     # :func:`encode_group`): its CRC covers them all, so a torn or damaged
     # group is applied not in part but not at all.
     GROUP = 7
+    # Bytes of key's value from ``offset`` := ``data``, the value first
+    # zero-filled up to ``offset`` if shorter; the expiry is unchanged. Value:
+    # offset u64, the base's record CRC u32 and value length u64, then data;
+    # no expiry. Applied only to its base (see Chains): the value given by a
+    # base SET (a SET of version 2, outside a GROUP) or by a PATCH. Never
+    # inside a GROUP. Format version 2 (see Versions).
+    PATCH = 8
 
 
 _SET, _DEL, _EXPIRE, _FLUSH = int(Op.SET), int(Op.DEL), int(Op.EXPIRE), int(Op.FLUSH)
 _TXN, _INTENT, _GROUP = int(Op.TXN), int(Op.INTENT), int(Op.GROUP)
+_PATCH = int(Op.PATCH)
 _U64 = struct.Struct("<Q")
+_CRC_VERSION = struct.Struct("<IB")
+_PATCH_HEAD = struct.Struct("<QIQ")  # a PATCH's value: offset, base CRC, base length
 _SECTION = struct.Struct("<II")  # shard number, length of its effect records
 _OPS = frozenset(int(op) for op in Op)
+_VERSIONS = frozenset({_V1, FORMAT_VERSION})
+_V1_BYTE, _V2_BYTE = bytes([_V1]), bytes([FORMAT_VERSION])
+# The ops a record of each version may hold (a version-1 PATCH is damage, and
+# so is a version-2 record of any op but a SET, a base SET, and a PATCH).
+_OPS_OF = {_V1: _OPS - {_PATCH}, FORMAT_VERSION: frozenset({_SET, _PATCH})}
+# The ops whose key and value lengths are both free: a torn one whose key runs
+# past the end has no length to check the others against (see _whole_record_after).
+_FREE_KEY = (_SET, _PATCH)
 
 Buffer: TypeAlias = bytes | mmap.mmap
 """What the decoder reads: slicing either gives ``bytes``."""
@@ -276,13 +316,27 @@ def _shape_error(op: int, key: bytes, value: bytes, expires_ms: int | None) -> s
     elif op == _GROUP:
         if key or not value or expires_ms is not None:
             return "a GROUP record has no key, some records and no expiry"
+    elif op == _PATCH:
+        if len(value) < _PATCH_HEAD.size or expires_ms is not None:
+            return f"a PATCH record has a {_PATCH_HEAD.size}-byte head and no expiry"
+        offset, _, base_len = _PATCH_HEAD.unpack_from(value)
+        end = offset + len(value) - _PATCH_HEAD.size
+        if base_len > MAX_PAYLOAD:
+            return f"a PATCH record of a base of {base_len} bytes, past {MAX_PAYLOAD}"
+        if end > MAX_PAYLOAD:
+            return f"a PATCH record ending at byte {end} of its value, past {MAX_PAYLOAD}"
     else:
         return f"unknown op {op}"
     return None
 
 
-def encode_fields(op: int, key: bytes, value: bytes = b"", expires_ms: int | None = None) -> bytes:
+def encode_fields(
+    op: int, key: bytes, value: bytes = b"", expires_ms: int | None = None, version: int = _V1
+) -> bytes:
     """Encode one record from its fields (the allocation-free form of :func:`encode`).
+
+    ``version``: a PATCH is always version 2; a SET may be (a base SET, see
+    :func:`encode_base`); any other op is version 1.
 
     Raises:
         ValueError: the fields break a shape rule of :class:`Record`, or the
@@ -298,7 +352,7 @@ def encode_fields(op: int, key: bytes, value: bytes = b"", expires_ms: int | Non
     tail = _NO_EXPIRY if expires_ms is None else _EXPIRY.pack(1, expires_ms)
     body = b"".join(
         (
-            _VOP_LEN_KLEN.pack(FORMAT_VERSION, op, plen, len(key)),
+            _VOP_LEN_KLEN.pack(FORMAT_VERSION if op == _PATCH else version, op, plen, len(key)),
             key,
             _U32.pack(len(value)),
             value,
@@ -344,16 +398,14 @@ def encode_set(key: bytes, value: bytes) -> bytes:
         packers = _SET_PACKERS.get((klen, vlen))
         if packers is None:
             packers = _set_packers(klen, vlen)
-        body = packers[0](
-            FORMAT_VERSION, _SET, MIN_PAYLOAD + klen + vlen, klen, key, vlen, value, _NO_EXPIRY
-        )
+        body = packers[0](_V1, _SET, MIN_PAYLOAD + klen + vlen, klen, key, vlen, value, _NO_EXPIRY)
         return packers[1](zlib.crc32(body), body)
     plen = MIN_PAYLOAD + klen + vlen
     if plen > MAX_PAYLOAD:
         raise ValueError(f"record payload must be <= {MAX_PAYLOAD} bytes, got {plen}")
     body = b"".join(
         (
-            _VOP_LEN_KLEN.pack(FORMAT_VERSION, _SET, plen, klen),
+            _VOP_LEN_KLEN.pack(_V1, _SET, plen, klen),
             key,
             _U32.pack(vlen),
             value,
@@ -361,6 +413,33 @@ def encode_set(key: bytes, value: bytes) -> bytes:
         )
     )
     return _U32.pack(zlib.crc32(body)) + body
+
+
+def encode_patch(key: bytes, offset: int, data: bytes, base: tuple[int, int]) -> bytes:
+    """A ``PATCH`` record: bytes ``offset`` onwards of ``key``'s value := ``data``.
+
+    ``base``: the :func:`record_crc` of the record that gave the key the
+    value edited (a :func:`encode_base` record, or a PATCH), and that
+    value's length.
+
+    Raises:
+        ValueError: the edit ends past :data:`MAX_PAYLOAD` bytes, or the
+            payload would.
+    """
+    return encode_fields(_PATCH, key, _PATCH_HEAD.pack(offset, *base) + data)
+
+
+def encode_base(key: bytes, value: bytes, expires_ms: int | None) -> bytes:
+    """A *base* ``SET`` record: a ``SET`` that later PATCHes of ``key`` may name.
+
+    A SET in every way, of format version 2 (see :class:`Chains`).
+    """
+    return encode_fields(_SET, key, value, expires_ms, version=FORMAT_VERSION)
+
+
+def record_crc(record: bytes) -> int:
+    """The CRC field of an encoded ``record``: what a ``PATCH`` names its base by."""
+    return int.from_bytes(record[:4], "little")
 
 
 def encode_txn(txid: int, committed: bool) -> bytes:
@@ -424,7 +503,7 @@ def _group_problem(value: bytes) -> str | Newer | None:
     """
     scanner = Scanner(value)
     for op, *_ in scanner:
-        if op in (_TXN, _INTENT, _GROUP):
+        if op in (_TXN, _INTENT, _GROUP, _PATCH):
             return f"a {Op(op).name} record inside a GROUP record"
     if isinstance(scanner.problem, Newer):
         return scanner.problem
@@ -461,7 +540,7 @@ def intent_sections(value: bytes) -> dict[int, bytes]:
         records = value[pos : pos + size]
         scanner = Scanner(records)
         for op, _, group, _ in scanner:
-            if op in (_TXN, _INTENT):
+            if op in (_TXN, _INTENT, _PATCH):  # a round's part is whole records
                 raise ValueError(f"a {Op(op).name} record in an intent section")
             if op == _GROUP and (reason := _group_problem(group)) is not None:
                 if isinstance(reason, Newer):
@@ -503,20 +582,20 @@ def _decode_at(
     """
     avail = n - pos
     if avail < HEADER_SIZE:
-        if avail > 4 and data[pos + 4] != FORMAT_VERSION:
+        if avail > 4 and data[pos + 4] not in _VERSIONS:
             return f"unknown format version {data[pos + 4]}"
-        if avail > 5 and data[pos + 5] not in _OPS:
+        if avail > 5 and data[pos + 5] not in _OPS_OF[data[pos + 4]]:
             return f"unknown op {data[pos + 5]}"
         return None
     crc, version, op, plen = HEADER.unpack_from(data, pos)
-    if version != FORMAT_VERSION:
+    if version not in _VERSIONS:
         # Only the first 10 bytes keep their meaning across versions (see the
         # module docstring): the CRC tells a newer record from damage.
         end = pos + HEADER_SIZE + plen
         if version > FORMAT_VERSION and end <= n and zlib.crc32(mv[pos + 4 : end]) == crc:
             return Newer.at(pos, version)
         return f"unknown format version {version}"
-    if op not in _OPS:
+    if op not in _OPS_OF[version]:
         return f"unknown op {op}"
     if not MIN_PAYLOAD <= plen <= MAX_PAYLOAD:
         return f"impossible payload length {plen}"
@@ -534,7 +613,9 @@ def _decode_at(
                 (vlen,) = _U32.unpack_from(data, kstart + klen)
                 if MIN_PAYLOAD + klen + vlen != plen:
                     return _mismatch(klen, vlen, plen)
-            elif op == _SET and _whole_record_after(data, mv, pos + HEADER_SIZE + MIN_PAYLOAD, n):
+            elif op in _FREE_KEY and _whole_record_after(
+                data, mv, pos + HEADER_SIZE + MIN_PAYLOAD, n
+            ):
                 return f"key length {klen} runs past the end, but a whole record follows"
         return None
     if zlib.crc32(mv[pos + 4 : end]) != crc:
@@ -568,7 +649,8 @@ def _torn_shape_error(op: int, klen: int, plen: int) -> str | None:
     """Why a record cut short, of ``op`` and these lengths, cannot be a valid one (or None).
 
     The shape rules that lengths alone can break: a FLUSH or GROUP has no
-    key, a TXN or INTENT an 8-byte one, a DEL or EXPIRE no value.
+    key, a TXN or INTENT an 8-byte one, a DEL or EXPIRE no value, a PATCH
+    at least an 8-byte one.
     """
     if op in (_FLUSH, _GROUP) and klen != 0:
         return f"a {Op(op).name} record with a key length of {klen}"
@@ -576,13 +658,15 @@ def _torn_shape_error(op: int, klen: int, plen: int) -> str | None:
         return f"a {Op(op).name} record with a key length of {klen}"
     if op in (_DEL, _EXPIRE) and plen != MIN_PAYLOAD + klen:
         return _mismatch(klen, plen - MIN_PAYLOAD - klen, plen)
+    if op == _PATCH and plen < MIN_PAYLOAD + klen + _PATCH_HEAD.size:
+        return f"a PATCH record with no room for its head (payload length {plen})"
     return None
 
 
 # The torn-key search's bounds (see _whole_record_after): candidates looked at
-# (a record begins at a version byte: random data has one every 256 bytes, so
-# this covers about 256 MiB after the key's start, and a value that is a long
-# run of 0x01 bytes 1 MiB; each costs about a microsecond), and CRC bytes, at
+# (a record begins at a version byte, 1 or 2: random data has one every 128
+# bytes, so this covers about 128 MiB after the key's start, and a value that
+# is a long run of 0x01 bytes 1 MiB; each costs about a microsecond), and CRC bytes, at
 # most the bytes searched. Past either, the search gives up: torn, as it was
 # before the search existed.
 WHOLE_RECORD_CANDIDATES = 1 << 20
@@ -592,10 +676,10 @@ def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> boo
     """Whether a whole, valid record of this version begins at or after ``start`` in ``data[:n]``.
 
     The one forward search the decoder makes, for the one torn record whose
-    lengths cannot be checked against each other: a SET whose key runs past
-    the end of the data. Two length fields damaged together (a burst of bad
-    bytes) make that shape too, and the records after them would be cut off
-    as a torn tail; the first of them begins where the damaged record really
+    lengths cannot be checked against each other: a SET or PATCH whose key
+    runs past the end of the data. Two length fields damaged together (a
+    burst of bad bytes) make that shape too, and the records after them
+    would be cut off as a torn tail; the first of them begins where the damaged record really
     ended, near ``start``.
 
     Cost, linear whatever the bytes: a candidate's CRC is computed only once
@@ -606,14 +690,19 @@ def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> boo
     holding a whole encoded record by design would make a torn tail look
     damaged: the start is refused, and repair loses nothing.
     """
-    version = bytes([FORMAT_VERSION])
     budget = n - start  # CRC bytes left
     candidates = WHOLE_RECORD_CANDIDATES
-    at = data.find(version, start + 4, n)
-    while at >= 0 and candidates:
+    # The next version byte of each version (-1: none left), the nearer first.
+    v1 = data.find(_V1_BYTE, start + 4, n)
+    v2 = data.find(_V2_BYTE, start + 4, n)
+    while (v1 >= 0 or v2 >= 0) and candidates:
+        if v2 < 0 or 0 <= v1 < v2:
+            at, v1 = v1, data.find(_V1_BYTE, v1 + 1, n)
+        else:
+            at, v2 = v2, data.find(_V2_BYTE, v2 + 1, n)
         candidates -= 1
         pos = at - 4
-        if n - pos >= _HEAD_KLEN_SIZE and data[at + 1] in _OPS:
+        if n - pos >= _HEAD_KLEN_SIZE and data[at + 1] in _OPS_OF[data[at]]:
             _, _, _, plen, klen = _HEAD_KLEN.unpack_from(data, pos)
             if MIN_PAYLOAD + klen <= plen <= n - pos - HEADER_SIZE:
                 # plen fits, so the value length field lies inside the data.
@@ -624,7 +713,6 @@ def _whole_record_after(data: Buffer, mv: memoryview, start: int, n: int) -> boo
                         return False
                     if isinstance(_decode_at(data, mv, pos, n), tuple):
                         return True
-        at = data.find(version, at + 1, n)
     return False
 
 
@@ -674,6 +762,37 @@ def _problem(pos: int, got: str | Newer | None) -> Problem:
     return Corrupt(pos, got)
 
 
+@attrs.define
+class Chains:
+    """What lets a replay check each ``PATCH``'s base (see :func:`replay`).
+
+    A PATCH edits the value its key held when the edit was made, and names
+    it: the CRC of the record that gave the key that value (a *base* SET,
+    one of format version 2 outside a ``GROUP``, or a ``PATCH``) and the
+    value's length. ``bases`` maps each key to the CRC of the record of
+    that kind that last gave it its value in this replay; any other change
+    of the value (a version-1 or grouped ``SET``, a ``DEL``, a ``FLUSH``)
+    removes the key, and an ``EXPIRE`` changes no value. Only the keys
+    edited in place are in it: the writer logs an edit whose base it does
+    not know as a base SET, and only those.
+
+    So a PATCH applies when ``bases`` names its base and the value has the
+    base's length: the value is then the one the edit was made to (the
+    records between were replayed, or none changed the key's value; a CRC
+    collision, one in 2**32, is the exception). Any other PATCH is skipped
+    and counted in ``skipped``: records were lost before it (a power loss's
+    tail, a repair's, a batch the log dropped, a snapshot's entries), and
+    applying it would make a value the key never held (an APPEND after a
+    lost APPEND, replayed with zero bytes in its place). Its key leaves
+    ``bases``, so every later PATCH of it is skipped too, until the key is
+    written whole. The writer keeps the same map (``Journal.bases``, which
+    it may empty at any time, never the reverse).
+    """
+
+    bases: dict[bytes, int] = attrs.field(factory=dict)
+    skipped: int = 0
+
+
 @attrs.frozen
 class ReplayResult:
     """What :func:`replay` did: ``count`` records applied, ending at ``end``.
@@ -687,11 +806,25 @@ class ReplayResult:
 
 
 def _apply(
-    fields: Fields, data: dict[bytes, bytes], expires: dict[bytes, int], sets_only: bool
+    fields: Fields,
+    crc: int,
+    base: bool,
+    data: dict[bytes, bytes],
+    expires: dict[bytes, int],
+    sets_only: bool,
+    patched: set[bytes],
+    chains: Chains | None = None,
 ) -> str | Newer | None:
-    """Apply one decoded record to ``data`` and ``expires``; a reason if it is refused.
+    """Apply one decoded record, whose CRC is ``crc``, to ``data`` and ``expires``;
+    a reason if it is refused. ``base``: the record is of version 2 (a SET
+    of it is a base SET, see :class:`Chains`).
 
     A :class:`Newer`: a group holding a record of a newer format version.
+    A PATCH edits a ``bytearray`` copy of the value in place (one copy for
+    a run of edits, not one each), and adds its key to ``patched``: the
+    caller makes those values ``bytes`` again (see :func:`replay`).
+    ``chains``: see :class:`Chains`; None refuses a PATCH (a snapshot's,
+    an intent's records are whole).
     """
     op, key, value, exp = fields
     if op == _SET:
@@ -700,11 +833,18 @@ def _apply(
             expires.pop(key, None)
         else:
             expires[key] = exp
+        if chains is not None:
+            if base:
+                chains.bases[key] = crc
+            else:
+                chains.bases.pop(key, None)
     elif sets_only:
         return f"a {Op(op).name} record where only SET records may be"
     elif op == _DEL:
         data.pop(key, None)
         expires.pop(key, None)
+        if chains is not None:
+            chains.bases.pop(key, None)
     elif op == _EXPIRE:
         if key in data:
             if exp is None:
@@ -714,6 +854,28 @@ def _apply(
     elif op == _FLUSH:
         data.clear()
         expires.clear()
+        if chains is not None:
+            chains.bases.clear()
+    elif op == _PATCH:
+        if chains is None:
+            return "a PATCH record where only whole records may be"
+        offset, base_crc, base_len = _PATCH_HEAD.unpack_from(value)
+        old: object = data.get(key)
+        if chains.bases.get(key) != base_crc or old is None or len(cast(bytes, old)) != base_len:
+            chains.bases.pop(key, None)
+            chains.skipped += 1
+            return None
+        chains.bases[key] = crc
+        if isinstance(old, bytearray):
+            current = old
+        else:
+            current = bytearray(cast(bytes, old))
+            data[key] = cast(bytes, current)  # until the end of replay()
+            patched.add(key)
+        if len(current) < offset:
+            current.extend(bytes(offset - len(current)))
+        with memoryview(value) as edit:
+            current[offset : offset + len(edit) - _PATCH_HEAD.size] = edit[_PATCH_HEAD.size :]
     elif op == _INTENT:
         return "an INTENT record where only a shard's records may be"
     elif op == _GROUP:
@@ -729,16 +891,25 @@ def _apply(
                     expires.pop(key, None)
             data.update(group_data)
             expires.update(group_expires)
+            if chains is not None and chains.bases:
+                for key in group_data:  # a grouped SET is no PATCH's base
+                    chains.bases.pop(key, None)
             return None
         del group_data, group_expires  # the copies go before the next pass makes its own
         # Anything else (a DEL, EXPIRE or FLUSH among them; damage, which
         # only a bug writes, since the group's CRC held): checked whole before
-        # any of it is applied. No group inside, so what follows refuses nothing.
+        # any of it is applied. No group or PATCH inside, so what follows
+        # refuses nothing.
         reason = _group_problem(value)
         if reason is not None:
             return reason
         for fields_ in Scanner(value):
-            _apply(fields_, data, expires, sets_only)
+            _apply(fields_, 0, False, data, expires, sets_only, patched)
+            if chains is not None:
+                if fields_[0] == _FLUSH:
+                    chains.bases.clear()
+                elif fields_[0] != _EXPIRE:  # an EXPIRE changes no value
+                    chains.bases.pop(fields_[1], None)  # a grouped SET is no PATCH's base
     # _TXN: a mark, no change to the keys (replay reports it to its caller)
     return None
 
@@ -770,6 +941,7 @@ def replay(
     start: int = 0,
     sets_only: bool = False,
     marks: dict[int, bool] | None = None,
+    chains: Chains | None = None,
 ) -> ReplayResult:
     """Apply the records of ``buf`` in order to a shard's ``data`` and ``expires``.
 
@@ -793,6 +965,8 @@ def replay(
         sets_only: refuse every op but ``SET`` (snapshots hold only SETs).
         marks: where each ``TXN`` record goes, as txid -> committed (the
             last mark of a txid wins); None ignores them.
+        chains: the bases of the PATCHes to apply, updated (see
+            :class:`Chains`); None refuses every PATCH.
 
     Returns:
         How many records were applied and where and why the replay stopped.
@@ -806,6 +980,12 @@ def replay(
     expiry = _EXPIRY.unpack_from
     crc32 = zlib.crc32
     problem: Problem | None = None
+    patched: set[bytes] = set()  # keys a PATCH left a bytearray (see _apply)
+    # Chains.bases, kept by the inline SET paths too: a base SET (of version 2)
+    # puts its key's CRC in, a version-1 SET takes it out. Without chains, a
+    # throwaway (a base SET is then a SET, as everywhere but in a log's replay).
+    bases: dict[bytes, int] = {} if chains is None else chains.bases
+    v2 = FORMAT_VERSION
     # The shape of the last SET accepted (see _SetShape), in locals: tried
     # first on the next record, whose every field it unpacks in one call.
     # Its checks accept exactly what the general path's do (the record's
@@ -820,7 +1000,7 @@ def replay(
                 end = pos + s_size
                 if (
                     op == _SET
-                    and version == FORMAT_VERSION
+                    and (version == _V1 or version == v2)
                     and plen == s_plen
                     and klen == s_klen
                     and vlen == s_vlen
@@ -829,6 +1009,10 @@ def replay(
                     if flag == 1 and exp >= 0:
                         data[key] = value
                         expires[key] = exp
+                        if version == v2:  # a base SET
+                            bases[key] = crc
+                        elif bases:  # a SET of version 1 is no PATCH's base
+                            bases.pop(key, None)
                         count += 1
                         pos = end
                         continue
@@ -836,6 +1020,10 @@ def replay(
                         data[key] = value
                         if expires:
                             expires.pop(key, None)
+                        if version == v2:
+                            bases[key] = crc
+                        elif bases:
+                            bases.pop(key, None)
                         count += 1
                         pos = end
                         continue
@@ -845,7 +1033,7 @@ def replay(
                 end = pos + HEADER_SIZE + plen
                 if (
                     op == _SET
-                    and version == FORMAT_VERSION
+                    and (version == _V1 or version == v2)
                     and MIN_PAYLOAD <= plen <= MAX_PAYLOAD
                     and end <= n
                     and MIN_PAYLOAD + klen <= plen
@@ -856,20 +1044,17 @@ def replay(
                     vend = kend + 4 + vlen
                     if vend + 9 == end:  # 9: the expiry field
                         flag, exp = expiry(buf, vend)
-                        if flag == 1 and exp >= 0:
+                        if (flag == 1 and exp >= 0) or (flag == 0 and exp == 0):
                             key = buf[pos + _HEAD_KLEN_SIZE : kend]
                             data[key] = buf[kend + 4 : vend]
-                            expires[key] = exp
-                            count += 1
-                            pos = end
-                            if klen + vlen <= _SET_PACKED_MAX:
-                                s_klen, s_vlen, s_plen, s_size, s_unpack = _set_shape(klen, vlen)
-                            continue
-                        if flag == 0 and exp == 0:
-                            key = buf[pos + _HEAD_KLEN_SIZE : kend]
-                            data[key] = buf[kend + 4 : vend]
-                            if expires:
+                            if flag:
+                                expires[key] = exp
+                            elif expires:
                                 expires.pop(key, None)
+                            if version == v2:  # a base SET
+                                bases[key] = crc
+                            elif bases:  # a SET of version 1 is no PATCH's base
+                                bases.pop(key, None)
                             count += 1
                             pos = end
                             if klen + vlen <= _SET_PACKED_MAX:
@@ -880,7 +1065,10 @@ def replay(
                 problem = _problem(pos, got)
                 break
             end, fields = got
-            refused = _apply(fields, data, expires, sets_only)
+            crc, version = _CRC_VERSION.unpack_from(buf, pos)
+            refused = _apply(
+                fields, crc, version == FORMAT_VERSION, data, expires, sets_only, patched, chains
+            )
             if refused is not None:
                 problem = _problem(pos, refused)
                 break
@@ -888,6 +1076,10 @@ def replay(
                 marks[_U64.unpack(fields[1])[0]] = fields[2] == b"\x01"
             count += 1
             pos = end
+    for key in patched:
+        edited: object = data.get(key)
+        if isinstance(edited, bytearray):
+            data[key] = bytes(edited)
     return ReplayResult(count, pos, problem)
 
 

@@ -21,19 +21,31 @@ What recovery does about damage:
   repeated at the head of a segment when it starts) is trusted only if the
   round it names was marked in what was replayed: the power loss may have
   kept the head mark and lost the tail holding that round's part.
+- A ``PATCH`` (an in-place edit, see :mod:`.records`) whose *base* is not
+  the value replay gives its key (the record that gave the key the value
+  it edits was lost, or a later one that changed it was) is skipped, with
+  a warning, and so is every later ``PATCH`` of its key until the key is
+  written whole (see :class:`~.records.Chains`): applied, it would make a
+  value the key never held. This needs no damage to see: a power loss that
+  cleanly lost the tail of a segment other than the last (``everysec``),
+  or a batch the log dropped, shows only here. What the skipped edits
+  changed was then in the same lost second (``everysec``) or after a loss.
 - A **corrupt record** (CRC mismatch, garbage, impossible lengths) stops the
   start with :class:`CorruptLog`, naming the file and offset, unless
   ``repair`` is given: then the records before the damage are kept, the rest
   of that segment is moved aside to ``<segment>.corrupt-<offset>`` (nothing
   is ever deleted), and the later segments are replayed. Keeping later
-  segments is sound because every record is self-contained: a ``SET``
-  carries the full value and absolute expiry, so no later record depends on
-  a lost one. The state is then the true state minus the lost records'
-  effects (a lost ``DEL`` lets an old value reappear; an ``EXPIRE`` of a key
-  whose ``SET`` was lost does nothing). Records after the damage *in the same
-  segment* are not searched for: once a length is damaged there is no
-  trustworthy record boundary, and a value may contain bytes that look like
-  records; they stay in the ``.corrupt`` file for an operator.
+  segments is sound because every record but a ``PATCH`` is self-contained:
+  a ``SET`` carries the full value and absolute expiry, so no later record
+  depends on a lost one; a later ``PATCH`` whose base was lost is skipped,
+  as above (and so after a missing segment, or the lost entries of a
+  damaged snapshot). The state is then the true
+  state minus the lost records' effects (a lost ``DEL`` lets an old value
+  reappear; an ``EXPIRE`` of a key whose ``SET`` was lost does nothing).
+  Records after the damage *in the same segment* are not searched for:
+  once a length is damaged there is no trustworthy record boundary, and a
+  value may contain bytes that look like records; they stay in the
+  ``.corrupt`` file for an operator.
 - A **damaged snapshot** is skipped for an older valid one (or none) when the
   log segments that one needs are all still there: nothing is lost, so a
   warning says so and no repair is needed. Otherwise it stops the start with
@@ -43,9 +55,14 @@ What recovery does about damage:
   start with :class:`CorruptLog`, unless ``repair``: then the segments
   present are replayed.
 
-After a repair that lost a snapshot's or a missing segment's part, recovery
-writes a fresh snapshot of what it recovered, covering every segment, and
-deletes those segments, so that the next start needs no repair.
+After a repair that lost a snapshot's or a missing segment's part, and
+after skipping a ``PATCH``, recovery writes a fresh snapshot of what it
+recovered, covering every segment, and deletes those segments, so that the
+next start needs no repair and applies no ``PATCH`` skipped. No segment is
+truncated first (a start cut off before the snapshot is written must find
+the same loss again), and the newest round mark goes first to a segment of
+its own (a start cut off after it must not redo the rounds the deleted
+segments marked).
 
 A **newer format version** (a snapshot, or a whole record whose CRC holds,
 anywhere in a segment: see :mod:`.records`) is not damage: it stops the
@@ -75,7 +92,18 @@ from pathlib import Path
 
 import attrs
 
-from .records import Corrupt, Newer, Op, PersistenceError, Scanner, Torn, replay, txid_of
+from .records import (
+    Chains,
+    Corrupt,
+    Newer,
+    Op,
+    PersistenceError,
+    Scanner,
+    Torn,
+    encode_txn,
+    replay,
+    txid_of,
+)
 from .snapshot import (
     TEMP_SUFFIX,
     CorruptSnapshot,
@@ -84,7 +112,7 @@ from .snapshot import (
     snapshot_name,
     write_snapshot,
 )
-from .wal import fsync_directory, list_segments, segment_name
+from .wal import fsync_directory, list_segments, segment_name, write_all
 
 Changes = list[Callable[[], None]]
 """File changes :func:`recover` found to make, in order (see "Changes last" above)."""
@@ -217,15 +245,21 @@ def _replay_segment(
     warnings: list[str],
     marks: dict[int, bool],
     changes: Changes,
+    cuts: list[tuple[Path, int]],
     acked_end: int | None = None,
     after_cut: bool = False,
+    chains: Chains | None = None,
 ) -> tuple[int, bool]:
-    """Apply the records of segment ``path``; deal with a damaged tail (in ``changes``).
+    """Apply the records of segment ``path``; deal with a damaged tail.
 
-    ``acked_end``: where the segment's acknowledged bytes end, if known
-    (see :func:`recover`). ``after_cut``: an earlier segment lost its tail;
-    a head mark (a ``TXN`` record opening the segment) of a round no
-    replayed record marked is then not trusted (see the module docstring).
+    The truncation that cuts it off goes to ``cuts`` (see :func:`recover`:
+    not made when a rebase deletes the segment), a repair's copy of the
+    bytes moved aside to ``changes``. ``acked_end``: where the segment's
+    acknowledged bytes end, if known (see :func:`recover`). ``after_cut``:
+    an earlier segment lost its tail; a head mark (a ``TXN`` record opening
+    the segment) of a round no replayed record marked is then not trusted
+    (see the module docstring). ``chains``: the bases of the PATCHes
+    to apply (see :class:`~.records.Chains`), from the segments before.
 
     Returns:
         The records applied, and whether the segment's tail was cut off.
@@ -241,7 +275,7 @@ def _replay_segment(
                     f"{path}: ignored its head mark: the round it names was in an earlier "
                     "segment's tail, lost to a power loss"
                 )
-            result = replay(buf, data, expires, marks=marks, start=start)
+            result = replay(buf, data, expires, marks=marks, start=start, chains=chains)
             problem = result.problem
             # Nothing but zero bytes from the damage on: a power loss after the
             # file's size reached the disk and before its data did (an
@@ -254,21 +288,21 @@ def _replay_segment(
         raise problem.error(path)  # before any truncation or repair: nothing is changed
     offset = problem.offset
     if isinstance(problem, Corrupt) and acked_end is not None and offset >= acked_end:
-        changes.append(functools.partial(_truncate, path, offset))
+        cuts.append((path, offset))
         warnings.append(
             f"{path}: truncated {size - offset} bytes from offset {offset} ({problem.reason}): "
             f"past the last acknowledged byte ({acked_end}), left by a power loss"
         )
         return result.count, True
     if zeros:
-        changes.append(functools.partial(_truncate, path, offset))
+        cuts.append((path, offset))
         warnings.append(
             f"{path}: truncated {size - offset} zero bytes at offset {offset} (the end of an "
             "append cut off by a power loss)"
         )
         return result.count, True
     if isinstance(problem, Torn):
-        changes.append(functools.partial(_truncate, path, offset))
+        cuts.append((path, offset))
         warnings.append(
             f"{path}: truncated a torn record at offset {offset} ({size - offset} bytes, "
             "left by a crash during an append)"
@@ -277,7 +311,8 @@ def _replay_segment(
     if not repair:
         raise CorruptLog(path, offset, problem.reason)
     aside = path.with_name(f"{path.name}.corrupt-{offset}")
-    changes.append(functools.partial(_move_aside, path, aside, offset, remainder))
+    changes.append(functools.partial(_write_aside, aside, remainder))
+    cuts.append((path, offset))
     warnings.append(
         f"repair: {path}: {problem.reason} at offset {offset}; kept the {result.count} records "
         f"before it and moved the remaining {size - offset} bytes to {aside.name}"
@@ -295,8 +330,11 @@ def _untrusted_head(buf: mmap.mmap, marks: dict[int, bool]) -> int:
     return 0
 
 
-def _move_aside(path: Path, aside: Path, offset: int, remainder: bytes) -> None:
-    """Move the bytes of segment ``path`` from ``offset`` on (``remainder``) to file ``aside``."""
+def _write_aside(aside: Path, remainder: bytes) -> None:
+    """Copy the bytes a repair moves out of a segment (``remainder``) to file ``aside``.
+
+    Before the segment is truncated (or deleted by a rebase), so that they are never lost.
+    """
     fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(remainder)
@@ -305,7 +343,6 @@ def _move_aside(path: Path, aside: Path, offset: int, remainder: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _truncate(path, offset)
 
 
 def _rebase(
@@ -314,8 +351,28 @@ def _rebase(
     expires: dict[bytes, int],
     last: int,
     segments: list[tuple[int, Path]],
+    head: bytes,
 ) -> None:
-    """Write a snapshot of the recovered state covering ``last``; delete the segments it covers."""
+    """Write a snapshot of the recovered state covering ``last``; delete the segments it covers.
+
+    ``head``: the newest round mark replayed (b"" if none), written first as
+    segment ``last + 1``, synced: the segments deleted held the shard's
+    round marks, and a start cut off before the shard's log opens (and
+    repeats the mark at its head) would otherwise find none, and redo the
+    rounds still in the intent log over this shard's later writes.
+    """
+    if head:
+        fd = os.open(
+            directory / segment_name(last + 1),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            0o644,
+        )
+        try:
+            write_all(fd, head)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_directory(directory)
     write_snapshot(
         directory, ((key, value, expires.get(key)) for key, value in data.items()), covers=last
     )
@@ -410,6 +467,11 @@ def recover(
     replayed = 0
     marks: dict[int, bool] = {}
     cut = False
+    # A snapshot gives no PATCH's base (the log's writer logs each key's first
+    # edit after its snapshot's copy whole): the chains start empty.
+    chains = Chains()
+    skipped = False  # some were
+    cuts: list[tuple[Path, int]] = []  # truncations: made unless a rebase deletes the segments
     newest_named = max(acked, default=None) if acked else None
     for n, path in after:
         end = None if acked is None else acked.get(n)
@@ -419,8 +481,18 @@ def recover(
             # own would have kept them whole).
             end = 0
         count, was_cut = _replay_segment(
-            path, data, expires, repair, warnings, marks, found, end, cut
+            path, data, expires, repair, warnings, marks, found, cuts, end, cut, chains
         )
+        if chains.skipped:
+            warnings.append(
+                f"{path}: skipped {chains.skipped} PATCH record(s) (in-place edits) whose "
+                "base, the value they edited, is not the one replayed: records before "
+                "them were lost"
+            )
+            chains.skipped = 0
+            # Every start would skip them again, and warn: a snapshot of this
+            # state covers them.
+            rebase = skipped = True
         replayed += count
         cut = cut or was_cut
     expired = [key for key, at in expires.items() if at <= now_ms]
@@ -428,13 +500,21 @@ def recover(
         del data[key]
         del expires[key]
     snapshot = base.path
+    newest = max(marks, default=0)
     if rebase:
+        # No segment is truncated first: the rebase deletes them all, and a
+        # start cut off between a truncation and the rebase must find the
+        # same loss again (a repair's, for one).
         snapshot = directory / snapshot_name(last)
-        found.append(functools.partial(_rebase, directory, data, expires, last, segments))
+        head = encode_txn(newest, marks[newest]) if newest else b""
+        found.append(functools.partial(_rebase, directory, data, expires, last, segments, head))
         warnings.append(
-            f"repair: wrote {snapshot.name} of the recovered state and removed the segments "
-            "it covers, so the next start needs no repair"
+            f"{'' if skipped and not repair else 'repair: '}wrote {snapshot.name} of the"
+            " recovered state and removed the segments it covers, so the next start"
+            f" {'replays no skipped PATCH' if skipped and not repair else 'needs no repair'}"
         )
+    else:
+        found += [functools.partial(_truncate, path, offset) for path, offset in cuts]
     if changes is None:
         make_changes(found)
     else:
@@ -443,7 +523,7 @@ def recover(
         data,
         expires,
         warnings,
-        last,
+        last + 1 if rebase and newest else last,  # the rebase's head segment
         replayed,
         base.count,
         len(expired),

@@ -34,13 +34,26 @@ from ..persistence import AppendFsync, Op, SegmentedLog, encode_fields, encode_s
 from ..persistence.records import (
     MAX_PAYLOAD,
     MIN_PAYLOAD,
+    encode_base,
     encode_group,
+    encode_patch,
     encode_txn,
     group_contents,
+    record_crc,
 )
 from .sync_coordinator import CommitWrite
 
 GROUP_OVERHEAD = MIN_PAYLOAD  # a GROUP record's payload beyond the records it holds
+# An in-place edit (SETBIT, SETRANGE, APPEND, BITFIELD) is logged as a PATCH
+# of the bytes it changed when its value is at least this long and the edit
+# at most a quarter of it; else as a SET of the whole value, self-contained
+# (see kvmemo.persistence.records), which costs no more.
+PATCH_MIN_VALUE = 256  # bytes
+# Keys a journal keeps the base of (see Journal.bases): past it, the oldest
+# goes, and its next edit is logged whole. Bounds the memory bases cost (about
+# 140 bytes each, not counted in maxmemory: at most 140 KiB a shard) whatever
+# the number of keys edited or created by edits.
+BASES_MAX = 1024
 
 # Appended to the error of a shard that owes a re-save (see ShardDurability).
 RESAVE_NOTE = "; a sync failed: a snapshot will re-save what the log held"
@@ -74,10 +87,35 @@ class Journal:
     so a log compacted into a snapshot still tells recovery which rounds it
     holds. Not ``last_txid``: a mark still waiting here (a redo, a failed
     batch's round) must not reach the log before its round's records.
+
+    ``gaps`` counts the times the log lost sight of what the memory holds:
+    a failed batch's effects dropped (see :meth:`requeue_taken`), a sync
+    that failed (the bytes it was to make durable are in doubt); and
+    ``gaps_saved`` how many of them a written snapshot (a copy of the memory
+    taken after them) has covered. While one is not covered, and while
+    ``whole`` is set (a multi-shard round's part, whose records its intent
+    holds too), an in-place edit is journalled as a ``SET`` of the whole
+    value, never as a ``PATCH`` (:meth:`edit_record`): replay would skip a
+    ``PATCH`` whose base the log lost, and the edit, acknowledged, with it.
+
+    ``bases``: per key edited in place, the CRC of the record journalled
+    last for it, a base SET or a PATCH, and the value it gave the key (the
+    very object the store holds, while it does): what the key's next edit
+    names as its base (see :class:`~kvmemo.persistence.records.Chains`,
+    which replay keeps the same way). Any other write of the key removes it
+    (the store calls :meth:`forget`), and so does a snapshot's copy (a
+    snapshot's entries are no PATCH's base); an edit of a key not in it, or
+    whose value is no longer that object, is journalled as a base SET. Its
+    values are the store's own, so it costs only its entries (about 140
+    bytes each, not counted in ``maxmemory``), at most ``BASES_MAX`` (the
+    oldest key goes first).
     """
 
     __slots__ = (
+        "bases",
         "carried",
+        "gaps",
+        "gaps_saved",
         "last_committed",
         "last_txid",
         "logged_committed",
@@ -88,6 +126,7 @@ class Journal:
         "records",
         "taken",
         "taken_data",
+        "whole",
     )
 
     def __init__(self) -> None:
@@ -108,6 +147,10 @@ class Journal:
         # and whether the last take held records of its own batch besides.
         self.carried = 0
         self.own = False
+        self.gaps = 0
+        self.gaps_saved = 0
+        self.whole = False
+        self.bases: dict[bytes, tuple[int, bytes]] = {}
 
     def mark(self, txid: int, committed: bool) -> None:
         """Journal that this shard committed (or aborted) multi-shard round ``txid``."""
@@ -150,6 +193,8 @@ class Journal:
         batch does not fail for them (see ``own``).
         """
         if not self.taken:
+            if self.taken_data:
+                self.gaps += 1  # its effects are in memory, not in the log
             self.taken_data = b""  # no round in it: dropped, as any failed batch
             return
         waiting = sum(map(len, self.records))
@@ -157,6 +202,7 @@ class Journal:
             carry = [self.taken_data]
         else:
             carry = [record for _, _, record in self.taken]
+            self.gaps += 1  # the effects are dropped, their marks kept
         self.records[:0] = carry
         self.carried = sum(map(len, carry))
         self.marks[:0] = self.taken
@@ -199,6 +245,65 @@ class Journal:
             return encode_fields(Op.SET, key, value, self.unix_ms(expires_at))
         except ValueError as exc:
             raise record_too_large(exc) from None
+
+    def edit_record(
+        self,
+        key: bytes,
+        value: bytes,
+        expires_at: float | None,
+        offset: int,
+        data: bytes,
+        old: bytes | None,
+    ) -> tuple[bytes, bool]:
+        """:meth:`set_record` of ``value`` (with the expiry the key keeps, ``expires_at``),
+        made by editing the key's live value ``old`` (None: none): its bytes
+        from ``offset`` replaced with ``data``, zero-filled up to ``offset``
+        first if shorter.
+
+        A PATCH of the edit, naming its base (see ``bases``), when that is
+        much shorter than the value (see ``PATCH_MIN_VALUE``); else a SET of
+        the value: a base SET if the next edit may be a PATCH of it, a plain
+        one while ``whole`` is set or a gap is not covered (see the class
+        docstring). The caller journals the record, then calls
+        :meth:`wrote` with the flag returned.
+
+        Returns:
+            The record, and whether it is a PATCH's base (a PATCH or a base SET).
+
+        Raises:
+            TooLargeError: as :meth:`set_record`.
+        """
+        if len(value) < PATCH_MIN_VALUE or self.whole or self.gaps != self.gaps_saved:
+            return self.set_record(key, value, expires_at), False
+        try:
+            base = self.bases.get(key)
+            if base is None or base[1] is not old or old is None or 4 * len(data) > len(value):
+                return encode_base(key, value, self.unix_ms(expires_at)), True
+            return encode_patch(key, offset, data, (base[0], len(old))), True
+        except ValueError as exc:
+            raise record_too_large(exc) from None
+
+    def wrote(self, key: bytes, value: bytes, record: bytes, base: bool) -> None:
+        """The store journalled ``record``, which gave ``key`` ``value``.
+
+        ``base``: as :meth:`edit_record` returned; False for any other write.
+        """
+        bases = self.bases
+        if base:
+            if len(bases) >= BASES_MAX and key not in bases:
+                del bases[next(iter(bases))]  # the oldest: its next edit is a base SET
+            bases[key] = (record_crc(record), value)
+        elif bases:
+            bases.pop(key, None)
+
+    def forget(self, key: bytes) -> None:
+        """``key`` was written, removed or renamed: it has no base (see ``bases``)."""
+        if self.bases:
+            self.bases.pop(key, None)
+
+    def saved(self, gaps: int) -> None:
+        """A snapshot of the memory, copied when ``gaps`` gaps had been counted, is written."""
+        self.gaps_saved = max(self.gaps_saved, gaps)
 
     def set_many(self, items: list[tuple[bytes, bytes]], encoded: bytes | None = None) -> None:
         """SETs without expiry of one command (an MSET's part), as one ``GROUP`` record.
@@ -407,7 +512,11 @@ class ShardDurability:
             data = b"".join(records)
             records.clear()
             journal.own = True
-            log.append_encoded(data)
+            try:
+                log.append_encoded(data)
+            except BaseException:
+                journal.gaps += 1  # dropped, as requeue_taken drops it
+                raise
             size = len(data)
             self.dirty = True
             self.appends += 1
@@ -480,6 +589,7 @@ class ShardDurability:
         The marks that waited for it become suspect (see the class docstring).
         """
         self.sync_failures += 1
+        self.journal.gaps += 1  # the log may have lost what the memory holds
         number = self.sync_failures
         self.suspect_marks += [(t, number) for t, _ in self.unsynced_marks]
         self.unsynced_marks = []

@@ -725,12 +725,15 @@ class DurableShardActor(ShardActor):
             return ticket
         data = store.data.copy()
         expires = store.expires.copy()
+        # The snapshot's entries are no PATCH's base (replay starts its
+        # chains empty after a snapshot): each key's next edit is a base SET.
+        dur.journal.bases.clear()
         offset = wall_offset()
         ticket.pause_ms = round((time.perf_counter() - started) * 1000, 3)
         ticket.entries = len(data)
         dur.last_snapshot_pause_ms = ticket.pause_ms
         dur.saving = True
-        job = (_Job(data, expires, offset, covers, dur.sync_failures), ticket)
+        job = (_Job(data, expires, offset, covers, dur.sync_failures, dur.journal.gaps), ticket)
         try:
             self._jobs_send.send_nowait(job)
         except trio.WouldBlock:
@@ -838,6 +841,7 @@ class DurableShardActor(ShardActor):
             )
             dur.last_save = time.time()
             dur.resaved(job.failures)
+            dur.journal.saved(job.gaps)
             dur.snapshot_written()
             dur.covered_through = max(dur.covered_through, job.covers)
             self._remove_covered()
@@ -975,6 +979,7 @@ class _Job:
     offset: float
     covers: int
     failures: int  # the shard's failed syncs when the copy was taken (all covered by it)
+    gaps: int  # the journal's gaps when the copy was taken (all covered by it)
 
     def entries(self) -> Iterator[tuple[bytes, bytes, int | None]]:
         expires_get = self.expires.get
@@ -1025,6 +1030,7 @@ def durable_state_factory(
             # stay reported (the engine keeps those intents) until on_start
             # has redone the rounds from the intents.
             fresh.journal.records.clear()
+            fresh.journal.bases.clear()  # of the untrusted state's values
         fresh.needs_recovery = True
         tracker.reset_shard(shard_id, 0)
         return fresh

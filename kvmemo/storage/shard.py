@@ -393,7 +393,14 @@ class ShardActor(Actor):
         barrier = message.barrier
         assert barrier.logged is not None
         before = len(journal.records)
-        result = message.part.commit(self.store, self._now())
+        # Self-contained records (no PATCH): a redo applies them at the end
+        # of the shard's log, which may lack this batch's earlier writes,
+        # the ones the part's edits were made after.
+        whole, journal.whole = journal.whole, True
+        try:
+            result = message.part.commit(self.store, self._now())
+        finally:
+            journal.whole = whole
         records = journal.records[before:]
         del journal.records[before:]
         barrier.hand(message.index, b"".join(records))

@@ -268,6 +268,7 @@ class ShardStore:
         expires_at: float | None,
         keep_ttl: bool = False,
         charge: bool = True,
+        edit: tuple[int, bytes] | None = None,
     ) -> None:
         """Store ``value`` under ``key``, replacing any old entry.
 
@@ -276,6 +277,12 @@ class ShardStore:
             keep_ttl: keep the old entry's expiry instead (``expires_at`` ignored).
             charge: reserve the bytes with the tracker; False when the caller
                 already reserved exactly :meth:`put_delta` for this write.
+            edit: ``(offset, data)``, with ``keep_ttl``: ``value`` is the live
+                value's bytes from ``offset`` replaced with ``data`` (the value
+                zero-filled up to ``offset`` first if shorter; with no live
+                value, of an empty one). The journal may then hold the edit
+                instead of the value (a PATCH, see :meth:`Journal.edit_record`).
+                The caller vouches for the equation.
 
         Raises:
             NeedMemory: the tracker refused the extra bytes; nothing changed.
@@ -292,7 +299,13 @@ class ShardStore:
         # Encoded before anything changes: a record the log cannot hold refuses
         # the write (TooLargeError) instead of failing half-way through it.
         journal = self.journal
-        record = b"" if journal is None else journal.set_record(key, value, expires_at)
+        base = False  # the record is a base SET or a PATCH (see Journal.bases)
+        if journal is None:
+            record = b""
+        elif edit is not None and keep_ttl:
+            record, base = journal.edit_record(key, value, expires_at, edit[0], edit[1], old)
+        else:
+            record = journal.set_record(key, value, expires_at)
         # The policy's bookkeeping per key (entry_size) cancels out on an overwrite.
         delta = _entry_size(key, value, has_ttl=expires_at is not None)
         if old is not None:
@@ -320,6 +333,8 @@ class ShardStore:
                 self.ttl_index.add(key, expires_at)
         if journal is not None:
             journal.records.append(record)
+            if base or journal.bases:
+                journal.wrote(key, value, record, base)
 
     def put_plain(self, key: bytes, value: bytes, now: float) -> None:
         """:meth:`put` without expiry, charged: the plain SET, the commonest write.
@@ -365,6 +380,8 @@ class ShardStore:
             self.policy.record_access(key)
         if journal is not None:
             journal.records.append(record)
+            if journal.bases:
+                journal.bases.pop(key, None)  # journal.forget(key), inlined
 
     def put_delta(self, items: list[tuple[bytes, bytes]], now: float) -> int:
         """Bytes that :meth:`put_many` of ``items`` (without expiry) would add.
@@ -436,7 +453,13 @@ class ShardStore:
             yield
             return
         mark = len(journal.records)
-        yield
+        # No PATCH in a GROUP (see kvmemo.persistence.records.Chains): the
+        # block's edits are journalled whole.
+        whole, journal.whole = journal.whole, True
+        try:
+            yield
+        finally:
+            journal.whole = whole
         journal.group_since(mark)
 
     def put_many(
@@ -471,6 +494,9 @@ class ShardStore:
             finally:
                 self.journal = own
             own.set_many(items, encoded)
+            if own.bases:
+                for key, _ in items:
+                    own.bases.pop(key, None)  # a grouped SET is no PATCH's base
             return
         if plan is not None and plan.olds is not None and own is None:
             self.data.update(items)
@@ -511,6 +537,7 @@ class ShardStore:
                 record_access(key)
             if journal is not None:
                 journal.set(key, value, None)
+                journal.forget(key)
         self.used += delta
 
     def peek_raw(self, key: bytes, now: float) -> bytes | None:
@@ -583,6 +610,9 @@ class ShardStore:
         exp = self.expires.pop(key, None)
         if exp is not None:
             self.ttl_index.discard(key, exp)
+        journal = self.journal
+        if journal is not None and journal.bases:
+            journal.bases.pop(key, None)  # journal.forget(key), inlined
         size = self.entry_size(key, value, has_ttl=exp is not None)
         self.used -= size
         self.tracker.release(self.shard_id, size)
@@ -649,6 +679,7 @@ class ShardStore:
         journal = self.journal
         if journal is not None:
             journal.flush()
+            journal.bases.clear()
         return count
 
     # -- expiry and eviction -------------------------------------------------------------
@@ -916,6 +947,8 @@ class ShardStore:
         fresh.evicted_count = self.evicted_count
         fresh.durability = self.durability
         fresh.journal = self.journal
+        if self.journal is not None:
+            self.journal.bases.clear()  # the values kept are no PATCH's bases
         self.tracker.reset_shard(self.shard_id, total)
         return fresh
 
@@ -931,6 +964,8 @@ class ShardStore:
         self.policy.clear()
         self._scans.clear()
         self._touch_all()
+        if self.journal is not None:
+            self.journal.bases.clear()  # recovered values are no PATCH's bases
         self.data.update(data)
         self.expires.update(expires)
         # In bulk (recovery loads millions of entries): as record_insert and
