@@ -34,6 +34,11 @@ machines even though the absolute numbers do not:
   keys, once holding only the log (a copy taken before the save) and once
   the snapshot; the time from ``open_store`` to the first command is divided
   into the keys recovered.
+- **In-place edits.** ``EDITS`` SETBITs spread over a ``BITMAP_BYTES``
+  bitmap (one shard, ``everysec``): the log bytes and the time per edit,
+  logged as PATCH records, against the same edits logged as a SET of the
+  whole value each (as before PATCH records; ``PATCH_MIN_VALUE`` raised past
+  the bitmap for that run), then the bitmap's recovery from that log.
 
 Targets are printed next to the figures and never asserted: a slow machine
 or a busy CI runner must not fail the build.
@@ -62,7 +67,7 @@ import kvmemo
 from kvmemo.persistence import SegmentedLog
 from kvmemo.persistence.commitlog import CommitLog, Entry
 from kvmemo.persistence.wal import syncfs_supported
-from kvmemo.storage import sync_coordinator
+from kvmemo.storage import durability, sync_coordinator
 from kvmemo.storage.durable_shard import SyncNow
 
 from ._util import Round, best, fmt_rate, fmt_us, load_average, percentile
@@ -81,6 +86,8 @@ DEFAULT_SHARDS = 16  # the default config's shard count
 ALWAYS_SHARDS = (4, 1)  # extra ``always`` measurements with fewer shards
 CPU_SHARED = 0.85  # CPU / wall time under which a measurement is flagged as contended
 SEED = 2024
+BITMAP_BYTES = 1_250_000  # the in-place edits' bitmap (SETBIT at offset 10^7)
+EDITS = 200
 
 
 @attrs.frozen
@@ -336,6 +343,47 @@ async def _recover(data_dir: Path, keys: int) -> float:
     return elapsed
 
 
+# -- in-place edits ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EditFigures:
+    log_bytes: int  # added by the edits
+    seconds: float  # per edit
+    recovery: float  # seconds, open_store until the first reply
+
+
+async def _edits(data_dir: Path, whole: bool) -> EditFigures:
+    """``EDITS`` SETBITs on a ``BITMAP_BYTES`` bitmap; ``whole``: logged as whole SETs."""
+    saved = durability.PATCH_MIN_VALUE
+    if whole:
+        durability.PATCH_MIN_VALUE = 1 << 62  # no value is long enough: every edit whole
+    try:
+        async with kvmemo.open_store(shards=1, data_dir=str(data_dir)) as kv:
+            await kv.execute("SETBIT", "bitmap", str(8 * BITMAP_BYTES - 1), "1")
+            created = _log_bytes(data_dir)
+            step = (8 * BITMAP_BYTES - 1) // EDITS
+            started = time.perf_counter()
+            for i in range(EDITS):
+                await kv.execute("SETBIT", "bitmap", str(i * step), "1")
+            seconds = (time.perf_counter() - started) / EDITS
+            grown = _log_bytes(data_dir) - created
+            value = await kv.get("bitmap")
+            kv.engine.skip_final_snapshot()  # recovery replays the edits
+    finally:
+        durability.PATCH_MIN_VALUE = saved
+    started = time.perf_counter()
+    async with kvmemo.open_store(shards=1, data_dir=str(data_dir)) as kv:
+        if await kv.get("bitmap") != value:
+            raise RuntimeError("the bitmap recovered is not the one written")
+        recovery = time.perf_counter() - started
+    return EditFigures(grown, seconds, recovery)
+
+
+def _log_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for p in data_dir.rglob("wal-*.log"))
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -459,6 +507,23 @@ def main(argv: list[str] | None = None) -> None:
             f"  {name:<9} {seconds:6.2f} s  {fmt_rate(rate):>7} keys/s  "
             f">= {fmt_rate(TARGET_RECOVERY)} {verdict}"
         )
+
+    with tempfile.TemporaryDirectory(prefix="kvmemo-bench-") as tmp:
+        patched = _timed("edits", lambda: trio.run(_edits, Path(tmp) / "patch", False))
+        whole = trio.run(_edits, Path(tmp) / "whole", True)
+    print(
+        f"\n{EDITS} SETBITs on a {BITMAP_BYTES / 1e6:.2f} MB bitmap (everysec), logged as "
+        "PATCH records against whole SETs (as before):"
+    )
+    for name, f in (("PATCH", patched), ("whole SET", whole)):
+        print(
+            f"  {name:<9} log {f.log_bytes / EDITS:>11,.0f} B/edit  {f.seconds * 1e6:>7.0f} µs/edit"
+            f"  recovery {f.recovery * 1000:6.1f} ms"
+        )
+    print(
+        f"  ratio     log {whole.log_bytes / patched.log_bytes:,.0f}x smaller, "
+        f"{whole.seconds / patched.seconds:.1f}x faster per edit"
+    )
     print(f"\ntotal {time.perf_counter() - run_started:.1f} s, load average {load_average()}")
 
 
