@@ -225,9 +225,9 @@ async def test_info_default_leaves_out_commandstats_and_all_gives_it() -> None:
             client = await Client.connect(server)
             everything = [
                 "Server", "Clients", "Memory", "Persistence", "Stats", "Replication",
-                "CPU", "Commandstats", "Errorstats", "Actors", "Keyspace",
+                "CPU", "Commandstats", "Errorstats", "Latencystats", "Actors", "Keyspace",
             ]  # fmt: skip
-            default = [t for t in everything if t != "Commandstats"]
+            default = [t for t in everything if t not in ("Commandstats", "Latencystats")]
             assert titles(await info(client)) == default
             assert titles(await info(client, "default")) == default
             assert titles(await info(client, "all")) == everything
@@ -237,7 +237,9 @@ async def test_info_default_leaves_out_commandstats_and_all_gives_it() -> None:
                 "Server",
                 "Commandstats",
             ]
-            assert titles(await info(client, "default", "commandstats")) == everything
+            assert titles(await info(client, "default", "commandstats")) == [
+                t for t in everything if t != "Latencystats"
+            ]
 
 
 async def test_config_resetstat_zeroes_commandstats_and_errorstats() -> None:

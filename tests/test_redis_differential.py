@@ -509,7 +509,8 @@ def assert_same(
 # fields. Values are never compared (they are each server's own), except the
 # Keyspace lines, which both derive from the same data.
 KVMEMO_INFO_SECTIONS = {"Server", "Clients", "Memory", "Persistence", "Stats", "Replication",
-                        "CPU", "Commandstats", "Errorstats", "Keyspace"}  # fmt: skip
+                        "CPU", "Commandstats", "Errorstats", "Latencystats",
+                        "Keyspace"}  # fmt: skip
 KVMEMO_ONLY_INFO = {
     "Actors": None,  # the whole section: KVMemo's actors (README)
     "Server": {"kvmemo_version", "python_version", "shards"},
@@ -517,6 +518,11 @@ KVMEMO_ONLY_INFO = {
     "Stats": {"eviction_manager_running"},
     # A data command's subcommands count under its name (Redis: object|encoding, ...).
     "Commandstats": {"cmdstat_object", "cmdstat_memory", "cmdstat_pubsub"},
+    "Latencystats": {
+        "latency_percentiles_usec_object",
+        "latency_percentiles_usec_memory",
+        "latency_percentiles_usec_pubsub",
+    },
 }
 
 

@@ -17,7 +17,9 @@ the C locale (decimal, hexadecimal with an optional binary exponent,
 ``inf``/``infinity``), the whole argument consumed (a NUL byte included), no
 leading space, no NaN, no overflow, and no underflow
 to zero. ``inf`` itself is a valid operand: the sum is then infinite, which
-INCRBYFLOAT refuses with its own error, as Redis does.
+INCRBYFLOAT refuses with its own error, as Redis does. :func:`parse_double`
+reads the same grammar as Redis's ``string2d`` (``strtod``: the range of a
+``double``, rounded once), for the settings Redis reads that way.
 
 Costs: parsing and formatting are linear in the number's digits (at most
 :data:`MAX_CHARS`), so a few microseconds for everyday values and a
@@ -167,6 +169,43 @@ def parse_long_double(raw: bytes) -> LongDouble:
     rounded = round_to_long_double(value)
     if isinstance(rounded, float) or (rounded == 0 and value != 0):
         raise NotIntegerError(NOT_A_FLOAT)  # strtold's ERANGE: overflow, or underflow to zero
+    return rounded
+
+
+def parse_double(raw: bytes) -> float:
+    """An argument as Redis's ``string2d`` reads it: ``strtod``'s grammar (that of
+    :func:`parse_long_double`), the exact value rounded once to a ``double``.
+
+    As ``string2d``: no leading space, all of it consumed, no NaN, no
+    overflow and no underflow to zero (a subnormal is kept); ``inf`` is a
+    value. Redis 7 reads ``latency-tracking-info-percentiles`` so.
+
+    Raises:
+        NotIntegerError: ``value is not a valid float`` for anything
+            ``string2d`` refuses.
+    """
+    if not raw or raw[:1].isspace():
+        raise NotIntegerError(NOT_A_FLOAT)
+    value: Fraction | None
+    match = _DECIMAL.fullmatch(raw)
+    if match is not None and (match[2] or match[3]):
+        value = _decimal(match[1], match[2], match[3] or b"", match[4] or b"")
+    elif (match := _HEX.fullmatch(raw)) is not None and (match[2] or match[3]):
+        value = _hexadecimal(match[1], match[2], match[3] or b"", match[4] or b"")
+    elif (match := _INFINITY.fullmatch(raw)) is not None:
+        return -_INF if match[1] == b"-" else _INF
+    else:
+        raise NotIntegerError(NOT_A_FLOAT)
+    if value is None:  # far past a long double's range, so past a double's too
+        raise NotIntegerError(NOT_A_FLOAT)
+    try:
+        rounded = float(value)  # correctly rounded, ties to even, as strtod
+    except OverflowError:
+        raise NotIntegerError(NOT_A_FLOAT) from None
+    if rounded == 0 and value != 0:
+        raise NotIntegerError(NOT_A_FLOAT)  # strtod's ERANGE: underflow to zero
+    if rounded == 0 and raw[:1] == b"-":
+        return -0.0  # strtod keeps the sign of a zero
     return rounded
 
 

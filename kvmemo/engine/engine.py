@@ -95,9 +95,9 @@ from ..errors import (
 )
 from ..eviction.manager import Candidate, EvictionManager, EvictNow, Wake
 from ..eviction.memory import MemoryTracker, entry_size_bound
-from ..eviction.policies import EvictionPolicy, make_policy
+from ..eviction.policies import EvictionPolicy, NoEvictionPolicy, make_policy
 from ..expiry.ttl_manager import TTLManager
-from ..observability.metrics import MetricsRegistry
+from ..observability.metrics import BucketCounts, MetricsRegistry
 from ..persistence import AppendFsync
 from ..persistence.intents import IntentLog
 from ..persistence.layout import release_directory
@@ -678,6 +678,19 @@ class KVEngine:
             if f or r:
                 out[name] = CommandStats(f, 0.0, f, r)
         return out
+
+    def command_latencies(self) -> dict[str, BucketCounts]:
+        """Every command's latency histogram, frozen, by name (Redis's latencystats).
+
+        The calls counted in :meth:`command_stats`' time: those that
+        succeeded, of every front end, and the Redis port's own commands (a
+        failed call's time is not measured). Only commands with at least one
+        such call are listed; the buckets are the ``kvmemo_command_duration_seconds``
+        histograms' (:data:`~kvmemo.observability.metrics.DEFAULT_LATENCY_BUCKETS`).
+        """
+        return {
+            name: hist.bucket_counts() for (name,), hist in self._latency.children() if hist.count
+        }
 
     def _record_eviction(self, keys: int, freed: int) -> None:
         self._evicted_keys.inc(keys)
@@ -2554,6 +2567,40 @@ class KVEngine:
             self._eviction.tell_nowait(Wake())
         except (MailboxFull, ActorStopped):
             pass
+
+    async def out_of_memory(self) -> bool:
+        """Whether usage stays over ``maxmemory`` once eviction had its chance.
+
+        Redis's ``performEvictions() == EVICT_FAIL``, which its
+        ``processCommand`` asks before it queues a command in MULTI, or runs
+        an EXEC that queued a ``denyoom`` one: under ``noeviction``, or with
+        the eviction manager down, the answer is at once the tracker's
+        :attr:`~kvmemo.eviction.memory.MemoryTracker.over_limit`; under an
+        evicting policy, eviction is asked to bring usage under the limit
+        first, as a write that needs memory asks it (:meth:`_make_room`:
+        at most ``MAKE_ROOM_ROUNDS`` rounds within ``oom_wait``), and the
+        answer is whether usage is still over the limit. Unlike Redis, whose
+        used memory includes the process's own, only the tracked bytes
+        count: evicting every key always ends it.
+
+        Raises:
+            RuntimeError: the call comes from another trio run (see :meth:`check_run`).
+        """
+        if _current_token() is not self._token:
+            raise self._outside_run()
+        await _checkpoint_if_cancelled()  # cancelled: raises, and nothing is evicted
+        tracker = self.tracker
+        if not tracker.over_limit:
+            await _cancel_shielded_checkpoint()  # nothing to wait for: a schedule point
+            return False
+        if self._policy_name == NoEvictionPolicy.name or not self._eviction_running():
+            await _cancel_shielded_checkpoint()
+            return True
+        budget = _RoomBudget()
+        # One byte more than fits while over: _make_room says no once a round frees nothing.
+        while tracker.over_limit and await self._make_room(1, budget):
+            pass
+        return tracker.over_limit
 
     async def _make_room(self, nbytes: int, budget: _RoomBudget) -> bool:
         """Ask eviction for ``nbytes``; tell whether retrying the write may succeed.

@@ -218,6 +218,16 @@ class MemoryTracker:
         return nbytes <= 0 or not self.maxmemory or self.used + nbytes <= self.maxmemory
 
     @property
+    def over_limit(self) -> bool:
+        """Whether usage is past the hard limit (``used > maxmemory``; never without one).
+
+        Redis's ``getMaxmemoryState`` test: its processCommand refuses
+        commands queued in MULTI, and an EXEC holding a ``denyoom`` one,
+        while this holds and eviction cannot end it.
+        """
+        return bool(self.maxmemory) and self.used > self.maxmemory
+
+    @property
     def over_watermark(self) -> bool:
         """Whether eviction should run now (``used`` reached ``wake_at``)."""
         return self.used >= self.wake_at

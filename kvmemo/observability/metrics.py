@@ -23,6 +23,15 @@ Time: this module reads no clock. Callers time work with their own clock
 (``trio.current_time()`` at the edge, STYLE.md rule 9) and pass durations, in
 seconds, to ``observe``.
 
+Percentiles as HdrHistogram gives them (Redis's ``INFO latencystats``):
+:meth:`Histogram.bucket_counts` freezes a histogram's per-bucket counts in a
+:class:`BucketCounts`, which subtracts an earlier read (a reset's base) and
+answers ``value_at_percentile`` with a *bucket bound*, not an interpolation:
+the bound that the percentile's rank is known to be under, as HdrHistogram's
+``hdr_value_at_percentile`` answers the highest value equivalent to its
+sub-bucket. Its precision is the buckets' (1-2-5 steps for latencies: the
+true value is above the bound below), not HdrHistogram's 2 significant digits.
+
 Staleness: values are read when a read-out is made. A gauge computed by
 :meth:`Gauge.set_function` (memory use, mailbox depths) is called at read time
 and may be as stale as its source. Quantiles are *estimates* from the buckets:
@@ -49,6 +58,7 @@ import attrs
 
 __all__ = [
     "DEFAULT_LATENCY_BUCKETS",
+    "BucketCounts",
     "Counter",
     "Gauge",
     "Histogram",
@@ -354,6 +364,97 @@ def _bucket_quantile(bounds: tuple[float, ...], cumulative: Sequence[int], q: fl
     return min(max(estimate, start), end)
 
 
+@attrs.frozen
+class BucketCounts:
+    """A histogram's per-bucket counts at one moment (not cumulative).
+
+    Two reads of the same histogram subtract (:meth:`since`: what was
+    observed between them, as INFO's counters since ``CONFIG RESETSTAT``)
+    and add (:meth:`plus`), and a read gives percentiles as HdrHistogram
+    does (:meth:`value_at_percentile`).
+
+    Attributes:
+        bounds: the finite upper bounds (``le``), strictly increasing.
+        counts: ``len(bounds) + 1`` observation counts, each of one bucket
+            alone, the last for ``+Inf``.
+
+    Invariant: every count is >= 0 when both reads came from one histogram,
+    the later one first in :meth:`since` (its counts only grow).
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        """The number of observations."""
+        return sum(self.counts)
+
+    def since(self, base: BucketCounts | None) -> BucketCounts:
+        """The observations made after ``base`` (an earlier read of the same histogram).
+
+        Raises:
+            ValueError: ``base`` has other bounds.
+        """
+        if base is None:
+            return self
+        self._check_bounds(base)
+        return BucketCounts(
+            self.bounds, tuple(a - b for a, b in zip(self.counts, base.counts, strict=True))
+        )
+
+    def plus(self, other: BucketCounts | None) -> BucketCounts:
+        """These observations and ``other``'s together.
+
+        Raises:
+            ValueError: ``other`` has other bounds.
+        """
+        if other is None:
+            return self
+        self._check_bounds(other)
+        return BucketCounts(
+            self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        )
+
+    def _check_bounds(self, other: BucketCounts) -> None:
+        if other.bounds != self.bounds:
+            raise ValueError("bucket counts of histograms with other buckets do not combine")
+
+    def value_at_percentile(self, percentile: float) -> float:
+        """The ``percentile`` (0 to 100) as HdrHistogram's ``hdr_value_at_percentile``,
+        over these buckets.
+
+        The rank is ``int(percentile / 100 * total + 0.5)``, at least 1 (a
+        percentile over 100 counts as 100); the answer is the upper bound of
+        the first bucket whose cumulative count reaches it, or for
+        ``percentile == 0`` that bucket's lower bound (the bound before it,
+        0 for the first), as HdrHistogram gives the highest (lowest for 0)
+        value equivalent to the sub-bucket holding the rank. So the true
+        value at that rank is at most the answer and above the bound below
+        it: precise to a bucket (a factor of 2.5 at most with
+        :data:`DEFAULT_LATENCY_BUCKETS`), never interpolated. A rank in the
+        ``+Inf`` bucket gives the highest finite bound: the true value is
+        *above* it then (HdrHistogram, in Redis, likewise clamps values at its
+        highest trackable one, 1 s).
+
+        Args:
+            percentile: in [0, 100] (checked by the caller; over 100 reads as 100).
+
+        Returns:
+            The bound, in the histogram's unit; NaN when there are no observations.
+        """
+        total = self.total
+        if not total:
+            return math.nan
+        requested = percentile if percentile < 100.0 else 100.0
+        rank = max(1, int(requested / 100 * total + 0.5))
+        index = bisect_left(list(accumulate(self.counts)), rank)  # rank <= total: found
+        bounds = self.bounds
+        if percentile == 0.0:
+            return bounds[index - 1] if index else 0.0
+        return bounds[index] if index < len(bounds) else bounds[-1]
+
+
 @attrs.define(eq=False)
 class Histogram(_Metric):
     """Observations counted into fixed buckets: latencies, batch sizes.
@@ -430,6 +531,16 @@ class Histogram(_Metric):
         if self.labelnames:
             raise self._labelled_error()
         return list(accumulate(self._counts))
+
+    def bucket_counts(self) -> BucketCounts:
+        """The observations per bucket, frozen (see :class:`BucketCounts`).
+
+        Raises:
+            ValueError: this is a labelled family.
+        """
+        if self.labelnames:
+            raise self._labelled_error()
+        return BucketCounts(self.buckets, tuple(self._counts))
 
     def quantile(self, q: float) -> float:
         """Estimate the ``q`` quantile from the buckets.

@@ -94,6 +94,27 @@ nursery it owns, by a :class:`_Connection` that glues the sans-IO codec
   and EXEC's array. ``CONFIG RESETSTAT`` clears errorstats and keeps the
   engine's counts of that moment as commandstats' base (the counters
   themselves never go back: Prometheus reads them too).
+* **INFO latencystats.** The same design: the engine's latency histograms
+  per command (:meth:`KVEngine.command_latencies`, the calls that succeeded)
+  less a base per command, read at ``CONFIG RESETSTAT``; ``CONFIG SET
+  latency-tracking no`` reads them again and ``yes`` adds what they counted
+  meanwhile to the base (Redis records nothing while it is off). The
+  percentiles (``latency-tracking-info-percentiles``, parsed as Redis's
+  ``string2d``) are HdrHistogram's rule over the histograms' buckets
+  (:meth:`~kvmemo.observability.metrics.BucketCounts.value_at_percentile`):
+  the upper bound of the bucket holding the rank, precise to a 1-2-5 bucket,
+  not to Redis's 2 significant digits. Both settings live in
+  :class:`RespSettings`. Cost: nothing per command; a read-out is one pass
+  over the commands' buckets.
+* **MULTI over maxmemory.** As Redis's ``processCommand``: while the
+  tracker's usage is over ``maxmemory`` and eviction cannot end it
+  (:meth:`KVEngine.out_of_memory`), a client in MULTI gets ``OOM`` for any
+  command but EXEC, DISCARD, QUIT and RESET (after the unknown, arity,
+  NOAUTH and ``no_multi`` checks, before a pause holds it), which marks the
+  transaction for EXECABORT; an EXEC whose transaction queued a ``denyoom``
+  command is refused then too, discarding it (``EXECABORT Transaction
+  discarded because of: OOM ...``). Cost under the limit: one comparison
+  per command queued (:attr:`MemoryTracker.over_limit`).
 * **Pub/sub.** ``SUBSCRIBE``, ``PSUBSCRIBE``, ``SSUBSCRIBE`` and their ``UN``
   forms are connection commands on a :class:`~kvmemo.engine.pubsub.Subscriber`
   of the engine's hub, made on the first subscribe; so is the task that writes the
@@ -180,7 +201,10 @@ commands only (see above); ``CLIENT PAUSE`` holds the clients of this port
 only (not the WebSocket port's), and keys still expire and are evicted during
 a pause (Redis stops both); INFO commandstats counts the whole store's calls
 (both ports), its ``usec`` the calls that succeeded, and the subcommands of
-OBJECT, MEMORY and PUBSUB under the command's name (``cmdstat_object``).
+OBJECT, MEMORY and PUBSUB under the command's name (``cmdstat_object``);
+INFO latencystats likewise, its values bucket bounds (see above); over
+maxmemory, KVMemo's used memory is the tracked bytes of the data, so
+evicting every key always ends it (Redis's includes the process's own).
 """
 
 from __future__ import annotations
@@ -207,6 +231,7 @@ import trio
 from .._version import __version__
 from ..commands.args import arity_ok, parse_int
 from ..commands.glob import glob_match
+from ..commands.longdouble import parse_double
 from ..commands.table import COMMANDS, NO_TOUCH
 from ..commands.table import Command as TableCommand
 from ..commands.table import Subcommand as TableSubcommand
@@ -215,6 +240,7 @@ from ..engine.engine import CommandStats, KVEngine
 from ..engine.pubsub import Message, Subscriber
 from ..errors import BusyKeyError, KVMemoError
 from ..eviction.policies import POLICY_NAMES, make_policy
+from ..observability.metrics import BucketCounts
 from .app import StopHandler, StopRequest
 from .coalesce import COALESCED, Coalescer
 from .config import RespLimits as RespLimits
@@ -254,6 +280,8 @@ WRITE_PIECE: Final = 256 * 1024  # bytes per send_all, the unit of observable pr
 PIPELINE_CHUNK: Final = 128  # requests
 CLOSE_DRAIN_TIMEOUT: Final = 10.0  # seconds to send the last replies before a close
 REJECT_TIMEOUT: Final = 1.0  # seconds to tell a client over max_clients why it is refused
+# Redis 7's latency-tracking-info-percentiles: INFO latencystats' p50, p99, p99.9.
+DEFAULT_LATENCY_PERCENTILES: Final = (50.0, 99.0, 99.9)
 UNAUTH_MAX_ARGS: Final = 10  # Redis's limit on multibulk requests of unauthenticated clients
 UNAUTH_MAX_BULK: Final = 16 * 1024  # bytes; idem, per argument
 # Idle clients (``timeout``): the longest time between two passes over the
@@ -343,7 +371,8 @@ class RespSettings:
 
     Owned by whoever runs :func:`serve_resp` again after a failure (the node,
     for the server actor's restarts): the port reads it at each start and
-    writes to it at each CONFIG SET of ``timeout`` or ``maxclients``; the slow
+    writes to it at each CONFIG SET of ``timeout``, ``maxclients``,
+    ``latency-tracking`` or ``latency-tracking-info-percentiles``; the slow
     log (its two settings and its entries) is this one object. Without it, a
     restarted port went back to the start values, silently.
 
@@ -355,6 +384,10 @@ class RespSettings:
     limits: RespLimits
     slowlog: SlowLog = attrs.Factory(SlowLog)
     open_files: OpenFiles | None = None
+    # INFO latencystats: Redis's ``latency-tracking`` and
+    # ``latency-tracking-info-percentiles`` (0 to 100, in the order given).
+    latency_tracking: bool = True
+    latency_percentiles: tuple[float, ...] = DEFAULT_LATENCY_PERCENTILES
 
     def clients_allowed(self) -> int | None:
         """The most clients the open-file budget allows now; None: no budget, or no limit.
@@ -430,6 +463,13 @@ class _Server:
     # are Prometheus counters too) at the last CONFIG RESETSTAT; INFO shows
     # what was counted since.
     commandstats_base: dict[str, CommandStats] = attrs.Factory(dict)
+    # INFO latencystats, the same way: the engine's latency histograms (never
+    # reset) less this base, per command; the base is their read at the last
+    # CONFIG RESETSTAT, plus what they counted while latency-tracking was off
+    # (Redis records nothing then). ``latency_off_since``: their read when it
+    # was turned off (None while it is on).
+    latencystats_base: dict[str, BucketCounts] = attrs.Factory(dict)
+    latency_off_since: dict[str, BucketCounts] | None = None
     # The TOML file the node's settings came from (INFO, CONFIG REWRITE); None: none.
     config_file: str | None = None
     # Set (then replaced) when ``limits.idle_timeout`` changes: the idle sweep looks again.
@@ -463,6 +503,42 @@ class _Server:
     def reject(self, name: str) -> None:
         """Count a call of ``name`` refused before it ran (Redis's ``rejected_calls``)."""
         self.engine.count_rejected(name)
+
+    def set_latency_tracking(self, on: bool) -> None:
+        """CONFIG SET latency-tracking: INFO latencystats counts calls again, or stops.
+
+        The engine's histograms go on (Prometheus reads them), so turning it
+        off reads them (``latency_off_since``) and turning it on adds what
+        they counted meanwhile to ``latencystats_base``: INFO then shows
+        what was counted while it was on, as Redis, which records nothing
+        while it is off and shows its histograms again once it is back on.
+        """
+        settings = self.settings
+        if on == settings.latency_tracking:
+            return
+        now = self.engine.command_latencies()
+        if on:
+            off = self.latency_off_since or {}
+            base = dict(self.latencystats_base)
+            for name, counts in now.items():
+                base[name] = counts.since(off.get(name)).plus(base.get(name))
+            self.latencystats_base = base
+            self.latency_off_since = None
+        else:
+            self.latency_off_since = now
+        settings.latency_tracking = on
+
+    def reset_stats(self) -> None:
+        """CONFIG RESETSTAT: INFO's counters, commandstats, errorstats and
+        latencystats start again from 0 (the engine's own counters go on)."""
+        self.total_commands = 0
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.error_replies.clear()
+        self.commandstats_base = self.engine.command_stats()
+        self.latencystats_base = self.engine.command_latencies()
+        if self.latency_off_since is not None:
+            self.latency_off_since = self.latencystats_base
 
     def set_limits(
         self, *, idle_timeout: float | None = None, max_clients: int | None = None
@@ -1502,6 +1578,10 @@ class _Connection:
                 elif restricted:
                     server.reject(name)
                     early.append((len(calls) + len(early), self._encode(_pubsub_only(argv))))
+                elif self.multi is not None and await self._refused_for_memory(name):
+                    server.reject(name)
+                    self.multi_dirty = True
+                    early.append((len(calls) + len(early), self._encode(OOM)))
                 else:
                     if server.pause_mode:
                         await self._hold_if_paused(calls, early, name)
@@ -1544,6 +1624,19 @@ class _Connection:
                 server.reject(stat)
                 error = self._refuse(name, _pubsub_only(argv))
                 early.append((len(calls) + len(early), self._encode(error)))
+                continue
+            if (
+                self.multi is not None
+                and name not in _REDIS_NO_MULTI
+                and await self._refused_for_memory(name)
+            ):
+                server.reject(stat)
+                refusal = OOM
+                if name == "exec":  # the transaction is discarded, watches too
+                    refusal = self._refuse(name, OOM)
+                else:
+                    self.multi_dirty = True
+                early.append((len(calls) + len(early), self._encode(refusal)))
                 continue
             if server.pause_mode:
                 await self._hold_if_paused(calls, early, name)
@@ -1608,6 +1701,30 @@ class _Connection:
         return ErrorReply(
             "EXECABORT Transaction discarded because of: " + error.message.removeprefix("ERR ")
         )
+
+    async def _refused_for_memory(self, name: str) -> bool:
+        """Whether command ``name``, sent in MULTI, is refused with ``OOM`` (Redis's
+        ``processCommand``, before it queues a command).
+
+        Redis refuses any command of a client in MULTI while used memory is
+        over ``maxmemory`` and eviction cannot bring it back (queueing takes
+        memory too), not only ``denyoom`` ones, except EXEC, DISCARD, QUIT and
+        RESET; and an EXEC whose transaction queued a ``denyoom`` command, at
+        EXEC's time (then the transaction is discarded). The same test here:
+        :attr:`MemoryTracker.over_limit` (one comparison, all a client pays
+        while under the limit), then :meth:`KVEngine.out_of_memory` (under an
+        evicting policy, eviction runs first). The caller answers ``OOM`` and
+        marks the transaction for EXECABORT, as Redis's ``rejectCommand``.
+        """
+        assert self.multi is not None
+        engine = self.server.engine
+        if not engine.tracker.over_limit:
+            return False
+        if name in _RUN_OVER_MEMORY and (
+            name != "exec" or not any(queued in _DENYOOM for queued, _, _ in self.multi)
+        ):
+            return False
+        return await engine.out_of_memory()
 
     def _queue_call(self, name: str, argv: tuple[bytes, ...]) -> object:
         """Queue a data command of the open transaction: QUEUED, or its error (EXEC will
@@ -2173,6 +2290,13 @@ _NO_MULTI: Final = frozenset(
         "sunsubscribe",
     }
 )
+# Of those, what Redis itself refuses in MULTI (its ``no_multi`` flag), before
+# its memory check: over maxmemory, Redis answers OOM to the others (it would
+# queue them), and so does KVMemo.
+_REDIS_NO_MULTI: Final = frozenset({"shutdown"})
+# What a client in MULTI may send over maxmemory (Redis's processCommand):
+# EXEC only when its transaction queued no denyoom command.
+_RUN_OVER_MEMORY: Final = frozenset({"exec", "discard", "quit", "reset"})
 
 
 @_connection_command("multi", 1, "noscript loading stale fast allow_busy", "start a transaction")
@@ -3091,6 +3215,13 @@ _NOT_DENYOOM: Final = frozenset(
 )
 
 
+# The commands Redis flags ``denyoom``: the writes of the table but those above.
+# Over maxmemory, an EXEC whose transaction queued one is refused (as Redis).
+_DENYOOM: Final = frozenset(
+    name for name, spec in COMMANDS.items() if "write" in spec.flags and name not in _NOT_DENYOOM
+)
+
+
 def _flags_of(spec: TableCommand | TableSubcommand, pubsub: bool = False) -> list[str]:
     flags = ["pubsub", "loading", "stale"] if pubsub and spec.name != "help" else []
     if "write" in spec.flags:
@@ -3573,13 +3704,13 @@ _SECTIONS: Final = {
     "cpu": "CPU",
     "commandstats": "Commandstats",
     "errorstats": "Errorstats",
+    "latencystats": "Latencystats",
     "actors": "Actors",
     "keyspace": "Keyspace",
 }
-# INFO with no section, or ``default``: every section but commandstats (as Redis,
-# whose default leaves out commandstats and latencystats); ``all`` and
-# ``everything`` give every one.
-_DEFAULT_SECTIONS: Final = frozenset(_SECTIONS) - {"commandstats"}
+# INFO with no section, or ``default``: every section but commandstats and
+# latencystats (as Redis); ``all`` and ``everything`` give every one.
+_DEFAULT_SECTIONS: Final = frozenset(_SECTIONS) - {"commandstats", "latencystats"}
 _ALL_SECTIONS: Final = frozenset(_SECTIONS)
 
 
@@ -3663,13 +3794,77 @@ def _commandstats_lines(server: _Server) -> list[tuple[str, object]]:
     return lines
 
 
+def _percentile_name(percentile: float) -> str:
+    """A percentile as Redis writes it (INFO latencystats' ``p99.9``, CONFIG GET):
+    ``"%f"``, then trailing zeros and a trailing point dropped (``trimDoubleString``)."""
+    text = f"{percentile:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _parse_percentiles(raw: bytes) -> tuple[float, ...]:
+    """``latency-tracking-info-percentiles`` as Redis 7 reads it: split at each
+    single space (an empty value is no percentile; two spaces make an empty
+    one, refused), each read by ``string2d`` (:func:`parse_double`: ``1e1``,
+    ``0x10``), in [0, 100].
+
+    Raises:
+        ValueError: Redis's reason, for CONFIG SET's error.
+    """
+    percentiles = []
+    for part in raw.split(b" ") if raw else ():
+        try:
+            value = parse_double(part)
+        except KVMemoError:
+            raise ValueError("Invalid latency-tracking-info-percentiles parameters") from None
+        if not 0.0 <= value <= 100.0:
+            raise ValueError(
+                "latency-tracking-info-percentiles parameters should sit between [0.0,100.0]"
+            )
+        percentiles.append(value)
+    return tuple(percentiles)
+
+
+def _latencystats_lines(server: _Server) -> list[tuple[str, object]]:
+    """INFO latencystats, in Redis's format, by command name: the
+    ``latency-tracking-info-percentiles`` of each command's latency since
+    CONFIG RESETSTAT, in microseconds with 3 decimals
+    (``latency_percentiles_usec_get:p50=5.000,p99=10.000,p99.9=10.000``);
+    nothing while ``latency-tracking`` is off, as Redis.
+
+    Read from the engine's histograms (the calls counted in commandstats'
+    ``usec``: those that succeeded, of the whole store), whose buckets are
+    :data:`~kvmemo.observability.metrics.DEFAULT_LATENCY_BUCKETS` (1-2-5
+    steps from 5 µs to 10 s): each value is the upper bound of the bucket
+    that holds the percentile's rank (:meth:`BucketCounts.value_at_percentile`,
+    HdrHistogram's rule), so the true latency is at most it and above the
+    bucket's lower bound; the 3 decimals are Redis's format, not precision
+    (Redis's HdrHistogram keeps 2 significant digits). Past 10 s: 10 s.
+    A command with no such call since the reset has no line.
+    """
+    settings = server.settings
+    if not settings.latency_tracking:
+        return []
+    percentiles = [(_percentile_name(p), p) for p in settings.latency_percentiles]
+    base = server.latencystats_base
+    lines: list[tuple[str, object]] = []
+    for name, counts in sorted(server.engine.command_latencies().items()):
+        counts = counts.since(base.get(name))
+        if not counts.total:
+            continue
+        values = ",".join(
+            f"p{label}={counts.value_at_percentile(p) * 1e6:.3f}" for label, p in percentiles
+        )
+        lines.append((f"latency_percentiles_usec_{name}", values))
+    return lines
+
+
 async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
     """INFO's text: ``# Section`` headers and ``key:value`` lines, CRLF, as Redis.
 
     Args:
         sections: lower-case names; empty or ``default`` for every section
-            but commandstats, ``all`` or ``everything`` for every one. Unknown
-            names are ignored.
+            but commandstats and latencystats, ``all`` or ``everything`` for
+            every one. Unknown names are ignored.
     """
     wanted: set[str] = set()
     for section in sections or ("default",):
@@ -3750,6 +3945,7 @@ async def info_text(server: _Server, sections: Sequence[str] = ()) -> str:
             (f"errorstat_{code}", f"count={count}")
             for code, count in sorted(server.error_replies.items())
         ],
+        "latencystats": _latencystats_lines(server) if "latencystats" in wanted else [],
         "actors": [
             (a["name"], f"state={a['state']},restarts={a['restarts']},mailbox={a['mailbox']}")
             for a in info["actors"]
@@ -3802,6 +3998,10 @@ def _config_values(server: _Server) -> dict[str, str]:
         "cluster-enabled": "no",
         "slowlog-log-slower-than": str(server.slowlog.slower_than),
         "slowlog-max-len": str(server.slowlog.max_len),
+        "latency-tracking": "yes" if server.settings.latency_tracking else "no",
+        "latency-tracking-info-percentiles": " ".join(
+            _percentile_name(p) for p in server.settings.latency_percentiles
+        ),
     }
 
 
@@ -3843,6 +4043,14 @@ def _config_check_one(server: _Server, name: str, raw: bytes) -> str | None:
             return None
     except ValueError:  # UnicodeDecodeError included
         return _config_set_reason(name)
+    if name == "latency-tracking":
+        return None if raw.lower() in (b"yes", b"no") else "argument must be 'yes' or 'no'"
+    if name == "latency-tracking-info-percentiles":
+        try:
+            _parse_percentiles(raw)
+        except ValueError as exc:
+            return str(exc)
+        return None
     if name in _INTEGER_SETTINGS:
         lowest, highest = _INTEGER_SETTINGS[name]
         try:
@@ -3888,10 +4096,11 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
     """Apply one CONFIG SET pair that :func:`_config_check_one` accepted; the reason
     it still failed (the shards did not take the new policy), or None.
 
-    Only ``maxmemory``, ``maxmemory-policy``, ``timeout``, ``maxclients`` and
-    the slow log's two settings change anything: the others pass the check
-    only when given their current values. ``timeout`` takes a fraction too
-    (``--resp-idle-timeout 0.5``, given back when a later pair fails).
+    Only ``maxmemory``, ``maxmemory-policy``, ``timeout``, ``maxclients``,
+    the slow log's two settings and latency tracking's two change anything:
+    the others pass the check only when given their current values.
+    ``timeout`` takes a fraction too (``--resp-idle-timeout 0.5``, given
+    back when a later pair fails).
     """
     engine = server.engine
     if name == "maxmemory":
@@ -3910,6 +4119,10 @@ async def _config_set_one(server: _Server, name: str, raw: bytes) -> str | None:
         server.set_limits(idle_timeout=float(raw))
     elif name == "maxclients":
         server.set_limits(max_clients=int(raw))
+    elif name == "latency-tracking":
+        server.set_latency_tracking(raw.lower() == b"yes")
+    elif name == "latency-tracking-info-percentiles":
+        server.settings.latency_percentiles = _parse_percentiles(raw)
     return None
 
 
@@ -3966,15 +4179,11 @@ async def _config_set(conn: _Connection, argv: tuple[bytes, ...]) -> object:
 
 
 async def _config_resetstat(conn: _Connection, argv: tuple[bytes, ...]) -> object:
-    """CONFIG RESETSTAT: INFO's counters start again from 0, commandstats and
-    errorstats included (the engine's counters, which are Prometheus's too,
-    go on: commandstats shows what was counted after this point)."""
-    server = conn.server
-    server.total_commands = 0
-    server.total_connections = 0
-    server.rejected_connections = 0
-    server.error_replies.clear()
-    server.commandstats_base = server.engine.command_stats()
+    """CONFIG RESETSTAT: INFO's counters start again from 0, commandstats,
+    errorstats and latencystats included (the engine's counters, which are
+    Prometheus's too, go on: commandstats and latencystats show what was
+    counted after this point)."""
+    conn.server.reset_stats()
     return "OK"
 
 
@@ -4007,7 +4216,8 @@ async def _config_help(conn: _Connection, argv: tuple[bytes, ...]) -> object:
         "    Return parameters matching the glob-like <pattern> and their values.",
         "SET <directive> <value>",
         "    Set the configuration <directive> to <value> (maxmemory, maxmemory-policy,",
-        "    timeout, maxclients, slowlog-log-slower-than, slowlog-max-len).",
+        "    timeout, maxclients, slowlog-log-slower-than, slowlog-max-len,",
+        "    latency-tracking, latency-tracking-info-percentiles).",
         "RESETSTAT",
         "    Reset statistics reported by the INFO command.",
         "REWRITE",
@@ -4175,6 +4385,8 @@ async def serve_resp(
     )
     server.stop = shutdown
     server.config_file = config_file
+    if not settings.latency_tracking:  # off since an earlier run: what comes now is not shown
+        server.latency_off_since = engine.command_latencies()
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
         async with trio.open_nursery() as nursery:
