@@ -22,12 +22,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+from test_patch_records import journalled_store
 
 import kvmemo
 from kvmemo.commands.bits import SetBit
 from kvmemo.commands.ops import Append
-from kvmemo.eviction.memory import MemoryTracker
-from kvmemo.eviction.policies import make_policy
 from kvmemo.persistence.records import (
     Chains,
     Corrupt,
@@ -43,8 +42,6 @@ from kvmemo.persistence.records import (
 )
 from kvmemo.persistence.recovery import recover
 from kvmemo.storage import durability
-from kvmemo.storage.durability import ShardDurability
-from kvmemo.storage.store import ShardStore
 
 BIG = b"v" * 1000
 
@@ -81,18 +78,6 @@ def test_a_lost_base_skips_its_patches_whatever_the_key_held_before(tmp_path: Pa
     (tmp_path / "wal-00000002.log").write_bytes(patch_after(lost_base, b"k", 0, b"N", 1000))
     recovered = recover(tmp_path, now_ms=0)
     assert recovered.data == {b"k": BIG}  # not b"N" + b"v" * 999
-
-
-def journalled_store() -> ShardStore:
-    store = ShardStore(0, make_policy("lru"), MemoryTracker(0, 1))
-    store.durability = ShardDurability(
-        Path("/nonexistent"),
-        kvmemo.persistence.AppendFsync.EVERYSEC,
-        segment_bytes=1 << 20,
-        snapshot_bytes=0,
-    )
-    store.journal = store.durability.journal
-    return store
 
 
 def test_a_patch_journalled_after_records_the_log_lost_is_skipped_not_misapplied() -> None:

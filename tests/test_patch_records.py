@@ -414,9 +414,10 @@ def command() -> st.SearchStrategy[list[bytes]]:
     ).map(list)
 
 
-async def state(kv: kvmemo.Store) -> dict[bytes, tuple[bytes, bool]]:
+async def state(kv: kvmemo.Store, keys: list[bytes] = KEYS) -> dict[bytes, tuple[bytes, bool]]:
+    """Each key's value, and whether it has a TTL."""
     out = {}
-    for key in KEYS:
+    for key in keys:
         value = await kv.execute("GET", key)
         if value is not None:
             out[key] = (value, await kv.execute("TTL", key) > 0)
@@ -450,6 +451,8 @@ async def run_and_reopen(directory: str, script: list[list[bytes]], transaction:
 
 
 class Warned(logging.Handler):
+    """Collects the warnings of a logger."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []

@@ -48,6 +48,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_patch_records import Warned, state
 from test_persistence_powerloss import QUIESCE, Durable, install
 
 import kvmemo
@@ -107,27 +108,6 @@ def install_failures(mp: pytest.MonkeyPatch) -> None:
 
     mp.setattr(SegmentedLog, "_append_locked", failing_append)
     mp.setattr(os, "fsync", failing_fsync)
-
-
-class Warned(logging.Handler):
-    """Collects the warnings of a logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-async def state(kv: kvmemo.Store) -> dict[bytes, tuple[bytes, bool]]:
-    """Each key's value, and whether it has a TTL."""
-    out = {}
-    for key in KEYS:
-        value = await kv.execute("GET", key)
-        if value is not None:
-            out[key] = (value, await kv.execute("TTL", key) > 0)
-    return out
 
 
 async def settle(kv: kvmemo.Store) -> None:
@@ -192,7 +172,7 @@ async def run(
                         final = s[1]
                         if not final:
                             kv.engine.skip_final_snapshot()
-                        expected = await state(kv)
+                        expected = await state(kv, KEYS)
                         break
                     if name in ("FAILAPPEND", "FAILSYNC"):
                         ARMED[name, s[1]] = True
@@ -223,13 +203,13 @@ async def run(
                             pass
                 else:
                     kv.engine.skip_final_snapshot()
-                    expected = await state(kv)
+                    expected = await state(kv, KEYS)
                     i += 1
             saved = not any("no snapshot at stop" in m for m in warned.messages)
             ARMED.clear()
             async with kvmemo.open_store(**settings_) as kv:
                 if not lossy or (final and saved):
-                    assert await state(kv) == expected
+                    assert await state(kv, KEYS) == expected
                 kv.engine.skip_final_snapshot()
             skipped = [m for m in warned.messages if "PATCH" in m or "skipped" in m]
             assert skipped == [], skipped
